@@ -1,0 +1,50 @@
+# The two commands: `make run` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Worker counts for this machine (default: one media worker per core, two executors).
+PBX_MEDIA_WORKERS ?= $(shell nproc)
+PBX_IVR_EXECUTORS ?= 2
+export PBX_MEDIA_WORKERS PBX_IVR_EXECUTORS
+
+.PHONY: run test install tools lint sounds clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed run/workers.conf
+
+# supervisord cannot default a count, so the per-machine part of its config is generated.
+run/workers.conf: $(VENV)/.installed
+	$(BIN)/python -m pbx.supervisor_conf --media-workers $(PBX_MEDIA_WORKERS) --executors $(PBX_IVR_EXECUTORS) --out $@
+
+# Debian tools the tests use: sipp (sip-tester), sox and espeak-ng.
+tools:
+	@missing=""; \
+	command -v sipp >/dev/null || missing="$$missing sip-tester"; \
+	command -v sox >/dev/null || missing="$$missing sox"; \
+	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+run: install
+	mkdir -p logs
+	$(BIN)/supervisord -n -c supervisord.conf
+
+test: install tools
+	$(BIN)/ruff check pbx workers media tests perf examples
+	$(BIN)/python -m pytest
+
+sounds: tools
+	bash sounds/make_sounds.sh
+
+clean:
+	rm -rf $(VENV) run logs

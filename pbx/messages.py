@@ -1,0 +1,375 @@
+"""Messages on the two ZeroMQ planes, shared by every process.
+
+One pydantic model per message, tagged by `kind`, serialised with orjson.
+`PROTOCOL_VERSION` travels in every message (`v`); a peer speaking another
+version is refused at decode time with `MessageError`.
+
+Media plane (front ROUTER  <->  media worker DEALER):
+    worker -> front : MediaReady, MediaHeartbeat, MediaAllocated, MediaEvent, MediaReleased
+    front -> worker : MediaAllocate, MediaRemote, MediaPlay, MediaStop, MediaTimer,
+                      MediaBridge, MediaDtmfInfo, MediaRelease
+
+IVR plane (front ROUTER  <->  executor DEALER):
+    executor -> front : IvrReady, IvrHeartbeat, IvrReply
+    front -> executor : IvrEvent
+
+An IVR executor keeps no session state: `IvrEvent.state` carries the state the
+last reply returned (None on session start) and `IvrReply.state` the new one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from pbx.config import IvrAppParams
+
+PROTOCOL_VERSION = 1
+
+
+class MessageError(Exception):
+    """A frame that is not a valid message of this protocol version."""
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: Literal[1] = PROTOCOL_VERSION
+
+
+# ---------------------------------------------------------------- media plane
+
+
+class MediaReady(_Msg):
+    kind: Literal["media_ready"] = "media_ready"
+    worker_id: str
+    capacity: int
+    calls: int = 0
+
+
+class MediaHeartbeat(_Msg):
+    kind: Literal["media_heartbeat"] = "media_heartbeat"
+    worker_id: str
+    calls: int
+    capacity: int
+    # How late the worker's 20 ms tick ran, worst over the last period.
+    tick_late_ms_max: float = 0.0
+
+
+class MediaAllocate(_Msg):
+    """Open an RTP port for a call leg; answered by MediaAllocated."""
+
+    kind: Literal["media_allocate"] = "media_allocate"
+    call_id: str
+    inband_dtmf: bool = True
+
+
+class MediaAllocated(_Msg):
+    kind: Literal["media_allocated"] = "media_allocated"
+    call_id: str
+    rtp_ip: str = ""
+    rtp_port: int = 0
+    error: str | None = None
+
+
+class MediaRemote(_Msg):
+    """Where to send RTP and in which format (from the negotiated SDP)."""
+
+    kind: Literal["media_remote"] = "media_remote"
+    call_id: str
+    remote_ip: str
+    remote_port: int
+    payload_type: int  # 0 PCMU, 8 PCMA
+    codec: Literal["PCMU", "PCMA"]
+    dtmf_payload_type: int | None = None
+    ptime_ms: int = 20
+
+
+class MediaPlay(_Msg):
+    """Play a prompt (a path inside the sounds directory). Replaces any playing prompt.
+
+    With `interruptible`, a digit stops the prompt at once and the digit's
+    MediaEvent carries `stopped_play_id`; no AudioComplete follows. Without it,
+    digits are reported and the prompt plays to its end.
+    """
+
+    kind: Literal["media_play"] = "media_play"
+    call_id: str
+    play_id: int
+    file: str
+    interruptible: bool = False
+    loop: bool = False
+
+
+class MediaStop(_Msg):
+    """Stop playback (no AudioComplete for the stopped prompt)."""
+
+    kind: Literal["media_stop"] = "media_stop"
+    call_id: str
+
+
+class MediaTimer(_Msg):
+    """Arm a one-shot timer for the call, replacing the call's previous one; delay 0 cancels."""
+
+    kind: Literal["media_timer"] = "media_timer"
+    call_id: str
+    timer_id: int
+    delay_ms: int
+
+
+class MediaBridge(_Msg):
+    """Bridge two legs on this worker: audio (transcoded if codecs differ) and DTMF both ways."""
+
+    kind: Literal["media_bridge"] = "media_bridge"
+    call_id: str
+    peer_call_id: str
+
+
+class MediaDtmfInfo(_Msg):
+    """A digit the front received as SIP INFO, so the worker reports each key once."""
+
+    kind: Literal["media_dtmf_info"] = "media_dtmf_info"
+    call_id: str
+    digit: str
+    duration_ms: int = 100
+
+
+class MediaRelease(_Msg):
+    """Stop everything for the leg and free its port; answered by MediaReleased."""
+
+    kind: Literal["media_release"] = "media_release"
+    call_id: str
+
+
+class AudioComplete(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["audio_complete"] = "audio_complete"
+    play_id: int
+
+
+class DtmfDigit(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["dtmf"] = "dtmf"
+    digit: str
+    source: Literal["rfc4733", "info", "inband"] = "rfc4733"
+    # Set when this digit stopped an interruptible prompt.
+    stopped_play_id: int | None = None
+
+
+class TimerFired(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["timer"] = "timer"
+    timer_id: int
+
+
+class MediaFailure(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["media_error"] = "media_error"
+    reason: str
+    play_id: int | None = None
+
+
+MediaEventBody = Annotated[
+    AudioComplete | DtmfDigit | TimerFired | MediaFailure, Field(discriminator="type")
+]
+
+
+class MediaEvent(_Msg):
+    kind: Literal["media_event"] = "media_event"
+    call_id: str
+    event: MediaEventBody
+
+
+class MediaReleased(_Msg):
+    kind: Literal["media_released"] = "media_released"
+    call_id: str
+    packets_sent: int = 0
+    packets_received: int = 0
+
+
+# ---------------------------------------------------------------- IVR plane
+
+
+class CallInfo(BaseModel):
+    """What the executor knows of the call when its IVR session starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    call_id: str
+    session_id: str
+    caller: str
+    callee: str
+    direction: Literal["inbound", "outbound"] = "inbound"
+    route_name: str
+    params: IvrAppParams
+    # INVITE headers, exposed to the provider as sip_<Header> variables.
+    sip_headers: dict[str, str] = Field(default_factory=dict)
+    # Variables set before the session starts (e.g. jump_ivr params, queue return).
+    variables: dict[str, str] = Field(default_factory=dict)
+
+
+class SessionStartInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["start"] = "start"
+    call: CallInfo
+
+
+class MediaInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["media"] = "media"
+    event: MediaEventBody
+
+
+class CallEndedInput(BaseModel):
+    """The caller hung up (or the call failed) while the IVR ran."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["call_ended"] = "call_ended"
+    reason: str = "Hangup"
+
+
+IvrInput = Annotated[
+    SessionStartInput | MediaInput | CallEndedInput, Field(discriminator="type")
+]
+
+
+class PlayCommand(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["play"] = "play"
+    play_id: int
+    file: str
+    interruptible: bool = False
+
+
+class StopCommand(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["stop"] = "stop"
+
+
+class TimerCommand(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["timer"] = "timer"
+    timer_id: int
+    delay_ms: int
+
+
+class HangupCommand(BaseModel):
+    """End the call. `code` is the SIP status for an unanswered (early media) call,
+    or goes in the BYE's Reason header after answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["hangup"] = "hangup"
+    code: int | None = None
+    reason: str = "Normal"
+
+
+class TransferCommand(BaseModel):
+    """Leave the IVR and bridge the caller to `target` (extension, route user or SIP URI)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["transfer"] = "transfer"
+    target: str
+
+
+CallCommand = Annotated[
+    PlayCommand | StopCommand | TimerCommand | HangupCommand | TransferCommand,
+    Field(discriminator="type"),
+]
+
+
+class StepTrace(BaseModel):
+    """One `ivr_step_trace` (DESIGN §3 Traces)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    call_id: str
+    session_id: str
+    step_index: int
+    trigger: str
+    action_type: str | None = None
+    action: dict[str, Any] | None = None
+    request: dict[str, Any] | None = None
+    duration_ms: float = 0.0
+    error: str | None = None
+    step_id: str | None = None
+    step_name: str | None = None
+    extra: dict[str, Any] | None = None
+    end_reason: str | None = None
+    at: float = 0.0  # wall-clock time of the step, seconds since the epoch
+
+
+class IvrReady(_Msg):
+    kind: Literal["ivr_ready"] = "ivr_ready"
+    executor_id: str
+    capacity: int
+
+
+class IvrHeartbeat(_Msg):
+    kind: Literal["ivr_heartbeat"] = "ivr_heartbeat"
+    executor_id: str
+    busy: int
+    capacity: int
+
+
+class IvrEvent(_Msg):
+    kind: Literal["ivr_event"] = "ivr_event"
+    session_id: str
+    seq: int
+    state: dict[str, Any] | None = None
+    input: IvrInput
+
+
+class IvrReply(_Msg):
+    """The executor's answer to IvrEvent `seq`: commands in order, the new state,
+    and `done` when the session has ended (no further events wanted)."""
+
+    kind: Literal["ivr_reply"] = "ivr_reply"
+    session_id: str
+    seq: int
+    state: dict[str, Any]
+    commands: list[CallCommand] = Field(default_factory=list)
+    traces: list[StepTrace] = Field(default_factory=list)
+    done: bool = False
+
+
+Message = Annotated[
+    MediaReady
+    | MediaHeartbeat
+    | MediaAllocate
+    | MediaAllocated
+    | MediaRemote
+    | MediaPlay
+    | MediaStop
+    | MediaTimer
+    | MediaBridge
+    | MediaDtmfInfo
+    | MediaRelease
+    | MediaEvent
+    | MediaReleased
+    | IvrReady
+    | IvrHeartbeat
+    | IvrEvent
+    | IvrReply,
+    Field(discriminator="kind"),
+]
+
+_adapter: TypeAdapter[Any] = TypeAdapter(Message)
+
+
+def encode(msg: _Msg) -> bytes:
+    return orjson.dumps(msg.model_dump(mode="json"))
+
+
+def decode(frame: bytes) -> Any:
+    """Bytes -> one of the message models; MessageError on anything else."""
+    try:
+        data = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MessageError("not a JSON object")
+    if data.get("v") != PROTOCOL_VERSION:
+        raise MessageError(f"protocol version {data.get('v')!r}, expected {PROTOCOL_VERSION}")
+    try:
+        return _adapter.validate_python(data)
+    except ValidationError as exc:
+        raise MessageError(f"invalid {data.get('kind')!r} message: {exc.errors()[0]}") from None
