@@ -1,0 +1,415 @@
+"""The media engine: every call leg of one worker, sans-IO.
+
+The worker shell feeds it front commands (`add_leg`, `set_remote`, `play`, ...),
+received datagrams (`receive_rtp`) and a 20 ms `tick`, always passing `now`
+(seconds on a monotonic clock); the engine returns the datagrams to send, as
+`(call_id of the sending leg, bytes, (ip, port))`, and the `MediaEvent`s for
+the front. No socket, no clock, no asyncio here.
+
+Playback is paced from a fixed origin per prompt (frame k is due at
+`origin + k * ptime`), so it never drifts whatever the tick jitter. The origin
+is the first tick after `play`, so frames sit on the tick grid (the shell
+passes the nominal tick time as `now`) and frame 0 leaves at that tick. Prompts are G.711-encoded once when
+loaded (`media.prompts`), so a tick only slices the encoded prompt and packs
+12-byte headers. Sequence numbers and timestamps belong to the leg and
+continue across prompts and forwarded audio (RFC 3550 §5.1); a new prompt
+sets the marker bit and its timestamp advances by the wall-clock gap
+since the leg's last packet.
+
+Bridged legs forward audio to each other with the receiving side's SSRC,
+sequence and a timestamp offset fixed at the start of each talk spurt,
+transcoding PCMU <-> PCMA when their codecs differ; RFC 4733 packets are
+forwarded with the peer's telephone-event payload type. A leg playing a prompt
+does not take forwarded audio meanwhile.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from media import g711
+from media.dtmf import EVENT_DIGITS, Rfc4733Detector
+from media.prompts import PromptCache, PromptError
+from media.rtp import RtpError, build_header, parse_event, parse_rtp, ts_add
+from pbx.messages import (
+    AudioComplete,
+    DtmfDigit,
+    MediaDtmfInfo,
+    MediaEvent,
+    MediaFailure,
+    MediaPlay,
+    MediaReleased,
+    MediaRemote,
+    MediaTimer,
+    TimerFired,
+)
+
+SAMPLE_RATE = 8000
+DEFAULT_PTIME_MS = 20
+# At most this many frames of one prompt go out in one tick; a tick later than
+# that slides the prompt's origin instead of bursting (the prompt ends later).
+MAX_BURST_FRAMES = 5
+# Frame due times are compared with this slack so float rounding of
+# origin + k * ptime never pushes a frame to the next tick.
+_EPS = 1e-7
+
+STATIC_PAYLOAD_CODECS = {0: "PCMU", 8: "PCMA"}
+
+Packet = tuple[str, bytes, tuple[str, int]]
+DigitSource = Literal["rfc4733", "info", "inband"]
+
+
+class EngineError(Exception):
+    """A command for a leg this engine does not have, or otherwise unusable."""
+
+
+@dataclass(slots=True)
+class _Playback:
+    play_id: int
+    file: str
+    codes: np.ndarray
+    interruptible: bool
+    loop: bool
+    origin: float | None = None  # set by the first tick after play
+    frames_done: int = 0
+    marked: bool = False
+
+
+@dataclass(slots=True)
+class Leg:
+    call_id: str
+    local_port: int
+    inband_dtmf: bool
+    ssrc: int
+    seq: int  # next sequence number to send
+    ts: int  # next timestamp to send
+    remote: tuple[str, int] | None = None
+    payload_type: int = 0
+    codec: str = "PCMU"
+    dtmf_payload_type: int | None = None
+    ptime_ms: int = DEFAULT_PTIME_MS
+    # Nominal time at which the last packet sent ends (its start + its duration).
+    sent_until: float | None = None
+    play: _Playback | None = None
+    timer_id: int = 0
+    timer_at: float | None = None
+    peer: str | None = None
+    # Forwarded-audio timestamp offset into this leg's timeline (None: resync).
+    fwd_offset: int | None = None
+    detector: Rfc4733Detector = field(default_factory=Rfc4733Detector)
+    packets_sent: int = 0
+    packets_received: int = 0
+
+    @property
+    def samples_per_frame(self) -> int:
+        return SAMPLE_RATE * self.ptime_ms // 1000
+
+
+class MediaEngine:
+    """All legs of one worker. Every method is synchronous and takes `now` where time matters."""
+
+    def __init__(self, prompts: PromptCache, rng: random.Random | None = None) -> None:
+        self.prompts = prompts
+        self._rng = rng or random.Random()
+        self.legs: dict[str, Leg] = {}
+        self._playing: dict[str, Leg] = {}
+        self._timed: dict[str, Leg] = {}
+
+    # ------------------------------------------------------------ commands
+
+    def __len__(self) -> int:
+        return len(self.legs)
+
+    def _leg(self, call_id: str) -> Leg:
+        try:
+            return self.legs[call_id]
+        except KeyError:
+            raise EngineError(f"unknown call {call_id!r}") from None
+
+    def add_leg(self, call_id: str, local_port: int, inband_dtmf: bool = True) -> Leg:
+        if call_id in self.legs:
+            raise EngineError(f"call {call_id!r} already has a leg")
+        rng = self._rng
+        leg = Leg(
+            call_id=call_id,
+            local_port=local_port,
+            inband_dtmf=inband_dtmf,
+            # RFC 3550 §5.1: random initial SSRC, sequence number and timestamp.
+            ssrc=rng.getrandbits(32),
+            seq=rng.getrandbits(16),
+            ts=rng.getrandbits(32),
+        )
+        self.legs[call_id] = leg
+        return leg
+
+    def set_remote(self, msg: MediaRemote) -> None:
+        leg = self._leg(msg.call_id)
+        if msg.ptime_ms <= 0 or (SAMPLE_RATE * msg.ptime_ms) % 1000:
+            raise EngineError(f"call {msg.call_id!r}: unusable ptime {msg.ptime_ms} ms")
+        leg.remote = (msg.remote_ip, msg.remote_port)
+        leg.payload_type = msg.payload_type
+        leg.dtmf_payload_type = msg.dtmf_payload_type
+        leg.ptime_ms = msg.ptime_ms
+        if msg.codec != leg.codec:
+            old, leg.codec = leg.codec, msg.codec
+            leg.fwd_offset = None
+            play = leg.play
+            if play is not None:
+                try:
+                    play.codes = self.prompts.encoded(play.file, leg.codec)
+                except PromptError:  # the file went away since: convert what we have
+                    play.codes = g711.transcode(play.codes, old, leg.codec)
+
+    def play(self, msg: MediaPlay, now: float) -> list[MediaEvent]:
+        leg = self.legs.get(msg.call_id)
+        if leg is None:
+            return [_failure(msg.call_id, f"unknown call {msg.call_id!r}", msg.play_id)]
+        self._stop(leg)
+        try:
+            codes = self.prompts.encoded(msg.file, leg.codec)
+        except PromptError as exc:
+            return [_failure(msg.call_id, str(exc), msg.play_id)]
+        leg.play = _Playback(
+            play_id=msg.play_id,
+            file=msg.file,
+            codes=codes,
+            interruptible=msg.interruptible,
+            loop=msg.loop and codes.size > 0,
+        )
+        self._playing[leg.call_id] = leg
+        return []
+
+    def stop(self, call_id: str) -> None:
+        self._stop(self._leg(call_id))
+
+    def _stop(self, leg: Leg) -> _Playback | None:
+        play, leg.play = leg.play, None
+        self._playing.pop(leg.call_id, None)
+        return play
+
+    def set_timer(self, msg: MediaTimer, now: float) -> None:
+        leg = self._leg(msg.call_id)
+        if msg.delay_ms <= 0:
+            leg.timer_at = None
+            self._timed.pop(leg.call_id, None)
+            return
+        leg.timer_id = msg.timer_id
+        leg.timer_at = now + msg.delay_ms / 1000.0
+        self._timed[leg.call_id] = leg
+
+    def bridge(self, call_id: str, peer_call_id: str) -> None:
+        if call_id == peer_call_id:
+            raise EngineError(f"cannot bridge call {call_id!r} to itself")
+        a, b = self._leg(call_id), self._leg(peer_call_id)
+        for leg in (a, b):
+            if leg.peer is not None and leg.peer in self.legs:
+                self.legs[leg.peer].peer = None
+            self._stop(leg)
+            leg.fwd_offset = None
+        a.peer, b.peer = b.call_id, a.call_id
+
+    def dtmf_info(self, msg: MediaDtmfInfo, now: float) -> list[MediaEvent]:
+        leg = self.legs.get(msg.call_id)
+        if leg is None:
+            return [_failure(msg.call_id, f"unknown call {msg.call_id!r}")]
+        digit = msg.digit.strip().upper()
+        if len(digit) != 1 or digit not in EVENT_DIGITS:
+            return [_failure(msg.call_id, f"invalid DTMF digit {msg.digit!r}")]
+        return [self._digit(leg, digit, "info")]
+
+    def remove_leg(self, call_id: str) -> MediaReleased:
+        leg = self.legs.pop(call_id, None)
+        if leg is None:
+            return MediaReleased(call_id=call_id)
+        self._playing.pop(call_id, None)
+        self._timed.pop(call_id, None)
+        if leg.peer is not None and leg.peer in self.legs:
+            self.legs[leg.peer].peer = None
+        return MediaReleased(
+            call_id=call_id,
+            packets_sent=leg.packets_sent,
+            packets_received=leg.packets_received,
+        )
+
+    # ------------------------------------------------------------ RTP in
+
+    def receive_rtp(
+        self, call_id: str, data: bytes, addr: tuple[str, int], now: float
+    ) -> tuple[list[Packet], list[MediaEvent]]:
+        packets: list[Packet] = []
+        events: list[MediaEvent] = []
+        leg = self.legs.get(call_id)
+        if leg is None:
+            return packets, events
+        try:
+            pkt = parse_rtp(data)
+        except RtpError:
+            return packets, events
+        leg.packets_received += 1
+        peer = self.legs.get(leg.peer) if leg.peer is not None else None
+        pt = pkt.payload_type
+        if leg.dtmf_payload_type is not None and pt == leg.dtmf_payload_type:
+            try:
+                ev = parse_event(pkt.payload)
+            except RtpError:
+                return packets, events
+            for digit in leg.detector.feed(pkt.timestamp, ev):
+                events.append(self._digit(leg, digit, "rfc4733"))
+            if peer is not None and peer.dtmf_payload_type is not None:
+                self._forward(
+                    peer,
+                    peer.dtmf_payload_type,
+                    pkt.timestamp,
+                    pkt.marker,
+                    pkt.payload,
+                    0,
+                    now,
+                    packets,
+                )
+            return packets, events
+        if peer is None:
+            return packets, events
+        codec = STATIC_PAYLOAD_CODECS.get(pt) or (leg.codec if pt == leg.payload_type else None)
+        if codec is None or not pkt.payload:
+            return packets, events
+        payload = pkt.payload
+        if codec != peer.codec:
+            codes = np.frombuffer(payload, dtype=np.uint8)
+            payload = g711.transcode(codes, codec, peer.codec).tobytes()
+        self._forward(
+            peer, peer.payload_type, pkt.timestamp, pkt.marker, payload, len(payload), now, packets
+        )
+        return packets, events
+
+    def _forward(
+        self,
+        to: Leg,
+        pt: int,
+        src_ts: int,
+        marker: bool,
+        payload: bytes,
+        samples: int,
+        now: float,
+        out: list[Packet],
+    ) -> None:
+        """Send one packet from the peer into `to`'s RTP stream (its SSRC, seq, timeline)."""
+        if to.remote is None or to.play is not None:
+            return
+        if to.fwd_offset is None:
+            # A new talk spurt in `to`'s stream: continue its timeline, mark it.
+            to.fwd_offset = (self._spurt_ts(to, now) - src_ts) % (1 << 32)
+            marker = True
+        ts = ts_add(src_ts, to.fwd_offset)
+        out.append((to.call_id, build_header(pt, to.seq, ts, to.ssrc, marker) + payload, to.remote))
+        to.seq = (to.seq + 1) & 0xFFFF
+        to.packets_sent += 1
+        if samples:
+            to.ts = ts_add(ts, samples)
+            to.sent_until = now + samples / SAMPLE_RATE
+
+    def _spurt_ts(self, leg: Leg, at: float) -> int:
+        """Timestamp for a packet starting at `at` after a pause (RFC 3550 §5.1: the
+        timestamp follows the sampling clock, so it advances over the silence)."""
+        if leg.sent_until is None:
+            return leg.ts
+        gap = max(0, round((at - leg.sent_until) * SAMPLE_RATE))
+        return ts_add(leg.ts, gap)
+
+    def _digit(self, leg: Leg, digit: str, source: DigitSource) -> MediaEvent:
+        stopped: int | None = None
+        if leg.play is not None and leg.play.interruptible:
+            play = self._stop(leg)
+            stopped = play.play_id if play is not None else None
+        return MediaEvent(
+            call_id=leg.call_id,
+            event=DtmfDigit(digit=digit, source=source, stopped_play_id=stopped),
+        )
+
+    # ------------------------------------------------------------ tick
+
+    def tick(self, now: float) -> tuple[list[Packet], list[MediaEvent]]:
+        """Everything due at `now`: prompt frames of every playing leg, ends, timers."""
+        packets: list[Packet] = []
+        events: list[MediaEvent] = []
+        finished: list[Leg] = []
+        for leg in self._playing.values():
+            if self._pump(leg, now, packets):
+                finished.append(leg)
+        for leg in finished:
+            play = self._stop(leg)
+            if play is not None:
+                events.append(
+                    MediaEvent(call_id=leg.call_id, event=AudioComplete(play_id=play.play_id))
+                )
+        if self._timed:
+            fired = [
+                leg
+                for leg in self._timed.values()
+                if leg.timer_at is not None and leg.timer_at <= now + _EPS
+            ]
+            for leg in fired:
+                leg.timer_at = None
+                del self._timed[leg.call_id]
+                events.append(
+                    MediaEvent(call_id=leg.call_id, event=TimerFired(timer_id=leg.timer_id))
+                )
+        return packets, events
+
+    def _pump(self, leg: Leg, now: float, out: list[Packet]) -> bool:
+        """Emit the frames of `leg`'s prompt due by `now`; True when the prompt has ended."""
+        play = leg.play
+        assert play is not None
+        ptime = leg.ptime_ms / 1000.0
+        spf = leg.samples_per_frame
+        codes = play.codes
+        total = math.ceil(codes.size / spf)
+        if play.origin is None:
+            play.origin = now
+        due = math.floor((now - play.origin) / ptime + _EPS) + 1  # frames 0..due-1 are due
+        if due - play.frames_done > MAX_BURST_FRAMES:
+            slip = due - play.frames_done - MAX_BURST_FRAMES
+            play.origin += slip * ptime
+            due -= slip
+        while play.frames_done < due:
+            k = play.frames_done
+            if k >= total:
+                if not play.loop:
+                    break
+                play.origin += total * ptime
+                due -= total
+                play.frames_done = 0
+                continue
+            play.frames_done = k + 1
+            if leg.remote is None:
+                continue  # the prompt's clock runs, but there is nowhere to send
+            at = play.origin + k * ptime
+            marker = not play.marked
+            if marker:
+                play.marked = True
+                leg.ts = self._spurt_ts(leg, at)
+                leg.fwd_offset = None
+            frame = codes[k * spf : (k + 1) * spf]
+            payload = frame.tobytes()
+            if frame.size < spf:
+                payload += bytes([g711.SILENCE[leg.codec]]) * (spf - frame.size)
+            out.append(
+                (
+                    leg.call_id,
+                    build_header(leg.payload_type, leg.seq, leg.ts, leg.ssrc, marker) + payload,
+                    leg.remote,
+                )
+            )
+            leg.seq = (leg.seq + 1) & 0xFFFF
+            leg.ts = ts_add(leg.ts, spf)
+            leg.sent_until = at + ptime
+            leg.packets_sent += 1
+        return not play.loop and due > total
+
+
+def _failure(call_id: str, reason: str, play_id: int | None = None) -> MediaEvent:
+    return MediaEvent(call_id=call_id, event=MediaFailure(reason=reason, play_id=play_id))

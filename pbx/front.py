@@ -1,0 +1,925 @@
+"""The front: SIP user agent core, call table and B2BUA legs, and the broker's policy.
+
+Layers stack as STYLE.md says: `pbx.sip.message` parses, `pbx.sip.transaction`
+runs transactions (sans-IO), and this module is the transaction user: dialogs,
+calls, routing, IVR sessions and media legs. Its I/O is confined to three
+callables handed in by `pbx.app` (send a datagram, send on a ZeroMQ plane,
+publish an event), plus `await` on a media worker's allocation reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from pbx import messages as m
+from pbx.config import RouteSettings, Settings
+from pbx.registry import WorkerRegistry
+from pbx.routing import CallAddress, Router
+from pbx.sip import sdp
+from pbx.sip.errors import SipError
+from pbx.sip.message import (
+    Headers,
+    SipRequest,
+    SipResponse,
+    make_cancel,
+    make_response,
+    new_branch,
+    new_call_id,
+    new_tag,
+    parse_message,
+    parse_name_addr,
+    parse_uri,
+)
+from pbx.sip.transaction import (
+    AckTimeout,
+    RequestReceived,
+    ResponseReceived,
+    SendBytes,
+    TransactionKey,
+    TransactionLayer,
+    TransactionTimeout,
+    Uas2xxRetransmitter,
+)
+
+log = logging.getLogger("pbx.front")
+
+Addr = tuple[str, int]
+ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO"
+USER_AGENT = "pbx/0.1"
+MEDIA_ALLOCATE_TIMEOUT_S = 2.0
+TRACE_STORE_SESSIONS = 1000
+# DTMF-relay INFO bodies (application/dtmf-relay: "Signal=5"; application/dtmf: "5").
+DTMF_KEYS = set("0123456789*#ABCD")
+
+
+@dataclass
+class Leg:
+    """One SIP dialog of a call, and its RTP port on a media worker."""
+
+    call: Call
+    sip_call_id: str
+    local_tag: str
+    media_id: str
+    outbound: bool
+    addr: Addr  # where requests to the remote party go
+    local_party: str = ""  # our From/To header value, with our tag
+    remote_party: str = ""  # theirs
+    remote_target: str = ""  # their Contact URI
+    local_cseq: int = 0
+    remote_tag: str | None = None
+    invite: SipRequest | None = None
+    invite_key: TransactionKey | None = None
+    state: str = "early"  # early | confirmed | terminated
+    worker: bytes | None = None
+    rtp_port: int = 0
+    negotiated: sdp.Negotiated | None = None
+    answer_sdp: bytes = b""
+    ring_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def dialog_key(self) -> tuple[str, str]:
+        return (self.sip_call_id, self.local_tag)
+
+
+@dataclass
+class Session:
+    """The front's side of an IVR session: event queue, in-flight event, latest state."""
+
+    session_id: str
+    call: Call
+    info: m.CallInfo
+    seq: int = 0
+    state: dict[str, Any] | None = None
+    queue: deque[Any] = field(default_factory=deque)
+    in_flight: m.IvrEvent | None = None
+    executor: bytes | None = None
+    done: bool = False
+
+
+@dataclass
+class Call:
+    call_id: str  # our id for the call (records, traces)
+    route: RouteSettings | None
+    caller: str
+    callee: str
+    started_at: float
+    a: Leg | None = None
+    b: Leg | None = None
+    session: Session | None = None
+    answered_at: float | None = None
+    ended: bool = False
+    end_reason: str = ""
+    end_code: int | None = None
+    transfer_target: str | None = None
+
+
+class Front:
+    def __init__(
+        self,
+        settings: Settings,
+        send_datagram: Callable[[bytes, Addr], None],
+        send_media: Callable[[bytes, Any], bool],
+        send_ivr: Callable[[bytes, Any], bool],
+        publish: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.settings = settings
+        self.send_datagram = send_datagram
+        self.send_media = send_media
+        self.send_ivr = send_ivr
+        self.publish = publish
+        self.router = Router(settings.routes)
+        self.transactions = TransactionLayer()
+        self.retransmitter = Uas2xxRetransmitter()
+        self.media_workers = WorkerRegistry(settings.media.expiry_ms / 1000)
+        self.executors = WorkerRegistry(settings.ivr.expiry_ms / 1000)
+        host, port = settings.sip.advertised_host_port
+        self.host, self.port = host, port
+        self.calls: dict[str, Call] = {}
+        self.dialogs: dict[tuple[str, str], Leg] = {}
+        self.pending_invites: dict[TransactionKey, Leg] = {}
+        self.client_txns: dict[TransactionKey, Leg] = {}
+        self.legs_by_media: dict[str, Leg] = {}
+        self.sessions: dict[str, Session] = {}
+        self.waiting_sessions: deque[Session] = deque()
+        self.allocations: dict[str, asyncio.Future[m.MediaAllocated]] = {}
+        self.traces: dict[str, list[dict[str, Any]]] = {}
+        self.stats = {"calls_total": 0, "calls_failed": 0, "sip_malformed": 0}
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._session_counter = 0
+
+    # ------------------------------------------------------------ plumbing
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("call task failed", exc_info=task.exception())
+
+    def _emit(self, events: list[Any]) -> None:
+        for ev in events:
+            if isinstance(ev, SendBytes):
+                self.send_datagram(ev.data, ev.addr)
+            elif isinstance(ev, RequestReceived):
+                self._on_request(ev)
+            elif isinstance(ev, ResponseReceived):
+                self._on_response(ev.response, ev.key)
+            elif isinstance(ev, TransactionTimeout):
+                self._on_client_timeout(ev.key)
+            elif isinstance(ev, AckTimeout):
+                self._on_ack_timeout(ev.dialog_key)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadlines = [
+            d
+            for d in (self.transactions.get_timer(), self.retransmitter.get_timer())
+            if d is not None
+        ]
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadlines:
+            self._timer = self.loop.call_at(min(deadlines), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self.now()
+        events: list[Any] = self.transactions.handle_timer(now)
+        events += self.retransmitter.handle_timer(now)
+        self._emit(events)
+
+    # ------------------------------------------------------------ SIP in
+
+    def datagram_received(self, data: bytes, addr: Addr) -> None:
+
+        if not data.strip():
+            return  # keep-alive (RFC 5626 §3.5.1)
+        try:
+            msg = parse_message(data)
+        except SipError as exc:
+            self.stats["sip_malformed"] += 1
+            self._reject_malformed(data, addr, exc)
+            return
+        self._emit(self.transactions.receive(msg, addr, self.now()))
+
+    def _reject_malformed(self, data: bytes, addr: Addr, exc: SipError) -> None:
+        """400 when the request is readable enough to answer (RFC 3261 §8.2), else drop."""
+        log.info("malformed SIP from %s:%d: %s", addr[0], addr[1], exc)
+        text = data.decode("utf-8", "replace")
+        head = text.split("\r\n\r\n", 1)[0].split("\n\n", 1)[0]
+        lines = [ln.rstrip("\r") for ln in head.split("\n")]
+        if not lines or lines[0].upper().startswith("SIP/") or lines[0].startswith("ACK "):
+            return  # a response or an ACK is never answered
+        wanted = {"via": "Via", "v": "Via", "from": "From", "f": "From", "to": "To", "t": "To",
+                  "call-id": "Call-ID", "i": "Call-ID", "cseq": "CSeq"}
+        headers = Headers()
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            key = name.strip().lower()
+            if colon and key in wanted:
+                headers.add(wanted[key], value.strip())
+        if not all(h in headers for h in ("Via", "From", "To", "Call-ID", "CSeq")):
+            return
+        reason = str(exc).replace("\r", " ").replace("\n", " ")[:100]
+        request = SipRequest("UNKNOWN", "sip:invalid", headers)
+        response = make_response(request, exc.status, f"Bad Request ({reason})"
+                                 if exc.status == 400 else None)
+        response.headers.add("Server", USER_AGENT)
+        self.send_datagram(response.serialize(), addr)
+
+    def _respond(self, key: TransactionKey, request: SipRequest, status: int,
+                 reason: str | None = None, *, to_tag: str | None = None,
+                 headers: list[tuple[str, str]] | None = None, body: bytes = b"") -> SipResponse:
+        hdrs = [("Server", USER_AGENT)] + (headers or [])
+        response = make_response(request, status, reason, to_tag=to_tag, headers=hdrs, body=body)
+        self._emit(list(self.transactions.respond(key, response, self.now())))
+        return response
+
+    def _on_request(self, ev: RequestReceived) -> None:
+        req, key = ev.request, ev.key
+        method = req.method
+        try:
+            if method == "ACK":
+                self._on_ack(req)
+            elif method == "INVITE" and req.to_tag is None:
+                self._on_initial_invite(req, ev.addr, key)
+            elif method == "CANCEL":
+                self._on_cancel(req, key)
+            elif method == "OPTIONS" and req.to_tag is None:
+                self._respond(key, req, 200, headers=[("Allow", ALLOW), ("Accept", "application/sdp")])
+            elif req.to_tag is not None:
+                self._on_in_dialog(req, ev.addr, key)
+            elif method in ("BYE", "INFO"):
+                self._respond(key, req, 481)
+            elif method in ("REGISTER",):
+                self._respond(key, req, 501, "Registrar Not Enabled")
+            else:
+                self._respond(key, req, 501, headers=[("Allow", ALLOW)])
+        except SipError as exc:
+            if method != "ACK":
+                self._respond(key, req, exc.status, str(exc)[:100])
+
+    # ------------------------------------------------------------ incoming calls
+
+    def _on_initial_invite(self, req: SipRequest, addr: Addr, key: TransactionKey) -> None:
+        to = parse_name_addr(req.headers.get("To") or "")
+        frm = parse_name_addr(req.headers.get("From") or "")
+        ruri = parse_uri(req.uri)
+        address = CallAddress(
+            to_user=to.uri.user or "", to_host=to.uri.host,
+            from_user=frm.uri.user or "", from_host=frm.uri.host,
+            request_uri_user=ruri.user or "",
+        )
+        self.stats["calls_total"] += 1
+        route = self.router.match(address)
+        if route is None:
+            self.stats["calls_failed"] += 1
+            self._respond(key, req, 404, to_tag=new_tag())
+            return
+        call = Call(
+            call_id=secrets.token_hex(8), route=route, caller=address.from_user,
+            callee=address.to_user, started_at=time.time(),
+        )
+        leg = Leg(
+            call=call, sip_call_id=req.call_id, local_tag=new_tag(),
+            media_id=f"{call.call_id}-a", outbound=False, addr=self._response_addr(req, addr),
+        )
+        leg.invite, leg.invite_key = req, key
+        leg.remote_tag = req.from_tag
+        leg.remote_party = req.headers.get("From") or ""
+        leg.local_party = f"{req.headers.get('To') or ''};tag={leg.local_tag}"
+        contact = req.headers.get("Contact")
+        leg.remote_target = str(parse_name_addr(contact).uri) if contact else str(frm.uri)
+        call.a = leg
+        self.calls[call.call_id] = call
+        self.pending_invites[key] = leg
+        self._publish_call(call, "started")
+        self._spawn(self._answer_incoming(call, leg, req, key))
+
+    def _response_addr(self, req: SipRequest, addr: Addr) -> Addr:
+        """Where in-dialog requests to this peer go: its Contact, else its source."""
+        contact = req.headers.get("Contact")
+        if contact:
+            try:
+                uri = parse_name_addr(contact).uri
+                return (uri.host.strip("[]"), uri.port or 5060)
+            except SipError:
+                pass
+        return addr
+
+    async def _answer_incoming(self, call: Call, leg: Leg, req: SipRequest,
+                               key: TransactionKey) -> None:
+        route = call.route
+        assert route is not None
+        if not req.body:
+            self._fail_invite(leg, 488, "No SDP Offer")
+            return
+        allocated = await self._allocate(leg, route.inband_dtmf)
+        if leg.state == "terminated":  # cancelled while we waited
+            self._release_media(leg)
+            return
+        if allocated is None:
+            self._fail_invite(leg, 503, "No Media Worker", [("Retry-After", "5")])
+            return
+        try:
+            negotiated, answer = sdp.answer_offer(
+                req.body, allocated.rtp_ip, allocated.rtp_port, int(time.time())
+            )
+        except SipError as exc:
+            self._release_media(leg)
+            self._fail_invite(leg, exc.status, str(exc)[:80])
+            return
+        leg.negotiated, leg.answer_sdp = negotiated, answer
+        self._send_remote(leg)
+        self.pending_invites.pop(key, None)
+        response = self._respond(
+            key, req, 200, to_tag=leg.local_tag, body=answer,
+            headers=[("Contact", self._contact()), ("Allow", ALLOW)],
+        )
+        leg.state = "confirmed"
+        self.dialogs[leg.dialog_key] = leg
+        self.retransmitter.start(self._dkey(leg), response.serialize(),
+                                 self._source_addr(req, leg), self.now())
+        self._arm_timer()
+        call.answered_at = time.time()
+        self._publish_call(call, "answered")
+        self._start_session(call, req)
+
+    def _source_addr(self, req: SipRequest, leg: Leg) -> Addr:
+        txn_addr = leg.addr
+        via = req.via
+        host = via.received or via.host
+        port = via.rport or via.port or 5060
+        return (host, port) if host else txn_addr
+
+    def _fail_invite(self, leg: Leg, status: int, reason: str,
+                     headers: list[tuple[str, str]] | None = None) -> None:
+        assert leg.invite is not None and leg.invite_key is not None
+        self.pending_invites.pop(leg.invite_key, None)
+        self._respond(leg.invite_key, leg.invite, status, reason, to_tag=leg.local_tag,
+                      headers=headers)
+        leg.state = "terminated"
+        self.stats["calls_failed"] += 1
+        self._end_call(leg.call, f"Rejected({status})", status)
+
+    def _contact(self) -> str:
+        return f"<sip:pbx@{self.host}:{self.port}>"
+
+    @staticmethod
+    def _dkey(leg: Leg) -> str:
+        return f"{leg.sip_call_id}|{leg.local_tag}"
+
+    def _on_ack(self, req: SipRequest) -> None:
+        leg = self.dialogs.get((req.call_id, req.to_tag or ""))
+        if leg is not None:
+            self.retransmitter.ack(self._dkey(leg))
+            self._arm_timer()
+
+    def _on_ack_timeout(self, dialog_key: str) -> None:
+        call_id, _, tag = dialog_key.partition("|")
+        leg = self.dialogs.get((call_id, tag))
+        if leg is not None:
+            log.info("no ACK for 200 on %s: ending the call", call_id)
+            self._hangup_call(leg.call, "NoAck", None)
+
+    def _on_cancel(self, req: SipRequest, key: TransactionKey) -> None:
+        invite_key = self.transactions.find_invite_server(req)
+        leg = self.pending_invites.get(invite_key) if invite_key else None
+        if leg is None or invite_key is None:
+            self._respond(key, req, 481)
+            return
+        self._respond(key, req, 200)
+        self.pending_invites.pop(invite_key, None)
+        assert leg.invite is not None
+        self._respond(invite_key, leg.invite, 487, to_tag=leg.local_tag)
+        leg.state = "terminated"
+        self._release_media(leg)
+        self._end_call(leg.call, "Cancelled", 487)
+
+    # ------------------------------------------------------------ in-dialog requests
+
+    def _on_in_dialog(self, req: SipRequest, addr: Addr, key: TransactionKey) -> None:
+        leg = self.dialogs.get((req.call_id, req.to_tag or ""))
+        if leg is None:
+            self._respond(key, req, 481)
+            return
+        if req.method == "BYE":
+            self._respond(key, req, 200)
+            leg.state = "terminated"
+            self._hangup_call(leg.call, "Hangup" if leg is leg.call.a else "CalleeHangup",
+                              None, except_leg=leg)
+        elif req.method == "INVITE":
+            # Re-INVITE (refresh, hold): answer with our current SDP (full handling: later).
+            self._respond(key, req, 200, body=leg.answer_sdp,
+                          headers=[("Contact", self._contact())])
+        elif req.method == "INFO":
+            self._on_info(leg, req, key)
+        elif req.method == "OPTIONS":
+            self._respond(key, req, 200, headers=[("Allow", ALLOW)])
+        else:
+            self._respond(key, req, 501, headers=[("Allow", ALLOW)])
+
+    def _on_info(self, leg: Leg, req: SipRequest, key: TransactionKey) -> None:
+        ctype = (req.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        digit: str | None = None
+        duration_ms = 100
+        if ctype == "application/dtmf-relay":
+            for line in req.body.decode("utf-8", "replace").splitlines():
+                name, _, value = line.partition("=")
+                if name.strip().lower() == "signal":
+                    digit = value.strip().upper()
+                elif name.strip().lower() == "duration" and value.strip().isdigit():
+                    duration_ms = int(value.strip())
+        elif ctype == "application/dtmf":
+            digit = req.body.decode("utf-8", "replace").strip().upper()
+        else:
+            self._respond(key, req, 415, headers=[("Accept", "application/dtmf-relay, application/dtmf")])
+            return
+        if digit not in DTMF_KEYS:
+            self._respond(key, req, 400, "Bad DTMF Digit")
+            return
+        self._respond(key, req, 200)
+        if leg.worker is not None:
+            self.send_media(leg.worker, m.MediaDtmfInfo(
+                call_id=leg.media_id, digit=digit, duration_ms=duration_ms))
+
+    # ------------------------------------------------------------ our requests
+
+    def _new_request(self, leg: Leg, method: str, extra: list[tuple[str, str]] | None = None,
+                     body: bytes = b"", content_type: str | None = None) -> SipRequest:
+        leg.local_cseq += 1
+        h = Headers()
+        h.add("Via", f"SIP/2.0/UDP {self.host}:{self.port};branch={new_branch()};rport")
+        h.add("Max-Forwards", "70")
+        h.add("From", leg.local_party)
+        h.add("To", leg.remote_party)
+        h.add("Call-ID", leg.sip_call_id)
+        h.add("CSeq", f"{leg.local_cseq} {method}")
+        h.add("Contact", self._contact())
+        h.add("User-Agent", USER_AGENT)
+        for name, value in extra or []:
+            h.add(name, value)
+        if body:
+            h.add("Content-Type", content_type or "application/sdp")
+        return SipRequest(method, leg.remote_target, h, body)
+
+    def _send_bye(self, leg: Leg, code: int | None = None, text: str = "") -> None:
+        if leg.state != "confirmed":
+            return
+        extra = []
+        if code is not None:
+            extra.append(("Reason", f'SIP;cause={code};text="{text or "Call ended"}"'))
+        req = self._new_request(leg, "BYE", extra)
+        leg.state = "terminated"
+        key, sends = self.transactions.send_request(req, leg.addr, self.now())
+        self._emit(list(sends))
+
+    # ------------------------------------------------------------ outbound legs (B2BUA)
+
+    def _resolve_target(self, target: str) -> tuple[str, Addr] | None:
+        """An extension with a static contact, or a SIP URI → (Request-URI, address)."""
+        uri_text: str | None = None
+        user = self.settings.users.get(target)
+        if user is not None and user.contact:
+            uri_text = user.contact
+        elif target.startswith(("sip:", "sips:")):
+            uri_text = target
+        if uri_text is None:
+            return None
+        try:
+            uri = parse_uri(uri_text)
+        except SipError:
+            return None
+        return uri_text, (uri.host.strip("[]"), uri.port or 5060)
+
+    def _transfer(self, call: Call, target: str) -> None:
+        a = call.a
+        if a is None or a.state != "confirmed":
+            return
+        call.transfer_target = target
+        resolved = self._resolve_target(target)
+        if resolved is None:
+            log.info("call %s: transfer target %r not found", call.call_id, target)
+            self._hangup_call(call, f"TransferFailed({target})", 404)
+            return
+        ruri, addr = resolved
+        b = Leg(
+            call=call, sip_call_id=new_call_id(self.host), local_tag=new_tag(),
+            media_id=f"{call.call_id}-b", outbound=True, addr=addr,
+        )
+        b.local_party = f"<sip:{call.caller or 'pbx'}@{self.host}:{self.port}>;tag={b.local_tag}"
+        b.remote_party = f"<{ruri}>"
+        b.remote_target = ruri
+        call.b = b
+        self._spawn(self._call_out(call, b))
+
+    async def _call_out(self, call: Call, b: Leg) -> None:
+        a = call.a
+        assert a is not None
+        allocated = await self._allocate(b, inband_dtmf=False, worker=a.worker)
+        if allocated is None:
+            self._hangup_call(call, "TransferFailed(media)", 503)
+            return
+        if call.ended:
+            self._release_media(b)
+            return
+        offer = sdp.make_offer(allocated.rtp_ip, allocated.rtp_port, int(time.time()))
+        req = self._new_request(b, "INVITE", body=offer)
+        b.invite = req
+        key, sends = self.transactions.send_request(req, b.addr, self.now())
+        b.invite_key = key
+        self.client_txns[key] = b
+        self.dialogs[b.dialog_key] = b
+        self._emit(list(sends))
+        b.ring_timer = self.loop.call_later(
+            self.settings.sip.ring_timeout_ms / 1000, self._ring_timeout, b
+        )
+
+    def _ring_timeout(self, b: Leg) -> None:
+        b.ring_timer = None
+        if b.state == "early" and b.invite is not None:
+
+            cancel = make_cancel(b.invite)
+            _, sends = self.transactions.send_request(cancel, b.addr, self.now())
+            self._emit(list(sends))
+            self._outbound_failed(b, 408)
+
+    def _on_response(self, resp: SipResponse, key: TransactionKey) -> None:
+        leg = self.client_txns.get(key)
+        if leg is None:
+            return
+        method = resp.cseq[1]
+        if method != "INVITE":
+            if resp.status >= 200:
+                self.client_txns.pop(key, None)
+            return
+        if resp.status < 200:
+            return
+        if 200 <= resp.status < 300:
+            self._ack_2xx(leg, resp)
+            if leg.state == "early":
+                self._outbound_answered(leg, resp)
+            return
+        self.client_txns.pop(key, None)
+        if leg.state == "early":
+            self._outbound_failed(leg, resp.status)
+
+    def _ack_2xx(self, leg: Leg, resp: SipResponse) -> None:
+        """ACK for a 2xx is the TU's, end to end (RFC 3261 §13.2.2.4); re-sent per retransmission."""
+        leg.remote_tag = resp.to_tag
+        leg.remote_party = resp.headers.get("To") or leg.remote_party
+        contact = resp.headers.get("Contact")
+        if contact:
+            try:
+                uri = parse_name_addr(contact).uri
+                leg.remote_target = str(uri)
+                leg.addr = (uri.host.strip("[]"), uri.port or 5060)
+            except SipError:
+                pass
+        h = Headers()
+        h.add("Via", f"SIP/2.0/UDP {self.host}:{self.port};branch={new_branch()};rport")
+        h.add("Max-Forwards", "70")
+        h.add("From", leg.local_party)
+        h.add("To", leg.remote_party)
+        h.add("Call-ID", leg.sip_call_id)
+        assert leg.invite is not None
+        h.add("CSeq", f"{leg.invite.cseq[0]} ACK")
+        ack = SipRequest("ACK", leg.remote_target, h)
+        self._emit(list(self.transactions.send_stateless(ack, leg.addr)))
+
+    def _outbound_answered(self, b: Leg, resp: SipResponse) -> None:
+        if b.ring_timer is not None:
+            b.ring_timer.cancel()
+            b.ring_timer = None
+        b.state = "confirmed"
+        call = b.call
+        a = call.a
+        if call.ended or a is None or a.state != "confirmed":
+            self._send_bye(b)
+            self._release_media(b)
+            return
+        try:
+            b.negotiated = sdp.parse_answer(resp.body)
+        except SipError as exc:
+            log.info("call %s: bad SDP answer from %s: %s", call.call_id, b.remote_target, exc)
+            self._send_bye(b)
+            self._hangup_call(call, "TransferFailed(sdp)", 488)
+            return
+        self._send_remote(b)
+        if a.worker is not None:
+            self.send_media(a.worker, m.MediaStop(call_id=a.media_id))
+            self.send_media(a.worker, m.MediaBridge(call_id=a.media_id, peer_call_id=b.media_id))
+        self._publish_call(call, "bridged")
+
+    def _outbound_failed(self, b: Leg, status: int) -> None:
+        if b.ring_timer is not None:
+            b.ring_timer.cancel()
+            b.ring_timer = None
+        b.state = "terminated"
+        self.dialogs.pop(b.dialog_key, None)
+        self._release_media(b)
+        call = b.call
+        log.info("call %s: transfer to %s failed with %d", call.call_id, call.transfer_target,
+                 status)
+        self._hangup_call(call, f"TransferFailed({status})", status)
+
+    def _on_client_timeout(self, key: TransactionKey) -> None:
+        leg = self.client_txns.pop(key, None)
+        if leg is not None and key.method == "INVITE" and leg.state == "early":
+            self._outbound_failed(leg, 408)
+
+    # ------------------------------------------------------------ call teardown
+
+    def _hangup_call(self, call: Call, reason: str, code: int | None,
+                     except_leg: Leg | None = None) -> None:
+        """End every leg of the call (BYE where confirmed, CANCEL where ringing)."""
+        for leg in (call.a, call.b):
+            if leg is None or leg is except_leg:
+                continue
+            if leg.state == "confirmed":
+                self._send_bye(leg, code if leg is call.a else None, reason)
+            elif leg.state == "early" and leg.outbound and leg.invite is not None:
+
+                _, sends = self.transactions.send_request(make_cancel(leg.invite), leg.addr,
+                                                          self.now())
+                self._emit(list(sends))
+                leg.state = "terminated"
+            elif leg.state == "early" and not leg.outbound and leg.invite_key is not None:
+                assert leg.invite is not None
+                self.pending_invites.pop(leg.invite_key, None)
+                self._respond(leg.invite_key, leg.invite, code or 480, to_tag=leg.local_tag)
+                leg.state = "terminated"
+        self._end_call(call, reason, code)
+
+    def _end_call(self, call: Call, reason: str, code: int | None) -> None:
+        if call.ended:
+            return
+        call.ended = True
+        call.end_reason, call.end_code = reason, code
+        for leg in (call.a, call.b):
+            if leg is None:
+                continue
+            if leg.ring_timer is not None:
+                leg.ring_timer.cancel()
+            self.retransmitter.ack(self._dkey(leg))
+            self._release_media(leg)
+            # Keep the dialog briefly so retransmitted BYEs still match (then 481 is fine).
+            self.loop.call_later(32, self.dialogs.pop, leg.dialog_key, None)
+        session = call.session
+        if session is not None and not session.done:
+            self._session_input(session, m.CallEndedInput(reason="Hangup"))
+        self.calls.pop(call.call_id, None)
+        self._publish_call(call, "ended")
+
+    # ------------------------------------------------------------ media plane
+
+    async def _allocate(self, leg: Leg, inband_dtmf: bool,
+                        worker: bytes | None = None) -> m.MediaAllocated | None:
+        now = self.now()
+        if worker is None or worker not in self.media_workers:
+            worker = self.media_workers.choose(now)
+        if worker is None:
+            return None
+        fut: asyncio.Future[m.MediaAllocated] = self.loop.create_future()
+        self.allocations[leg.media_id] = fut
+        leg.worker = worker
+        self.legs_by_media[leg.media_id] = leg
+        if not self.send_media(worker, m.MediaAllocate(call_id=leg.media_id,
+                                                       inband_dtmf=inband_dtmf)):
+            self.allocations.pop(leg.media_id, None)
+            return None
+        try:
+            allocated = await asyncio.wait_for(fut, MEDIA_ALLOCATE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("media worker %r did not allocate %s in time", worker, leg.media_id)
+            self._release_media(leg)
+            return None
+        finally:
+            self.allocations.pop(leg.media_id, None)
+        if allocated.error:
+            log.warning("media worker %r: %s", worker, allocated.error)
+            self.legs_by_media.pop(leg.media_id, None)
+            self.media_workers.release(worker)
+            leg.worker = None
+            return None
+        leg.rtp_port = allocated.rtp_port
+        return allocated
+
+    def _send_remote(self, leg: Leg) -> None:
+        n = leg.negotiated
+        if n is None or leg.worker is None:
+            return
+        self.send_media(leg.worker, m.MediaRemote(
+            call_id=leg.media_id, remote_ip=n.remote_ip, remote_port=n.remote_port,
+            payload_type=n.payload_type, codec=n.codec,  # type: ignore[arg-type]
+            dtmf_payload_type=n.dtmf_payload_type, ptime_ms=n.ptime_ms,
+        ))
+
+    def _release_media(self, leg: Leg) -> None:
+        if leg.worker is None:
+            return
+        self.send_media(leg.worker, m.MediaRelease(call_id=leg.media_id))
+        self.media_workers.release(leg.worker)
+        leg.worker = None
+        # The leg stays known until MediaReleased arrives, for its statistics.
+
+    def on_media_message(self, identity: bytes, msg: Any) -> None:
+        now = self.now()
+        if isinstance(msg, m.MediaReady | m.MediaHeartbeat):
+            if self.media_workers.ready(identity, msg.capacity, msg.calls, now):
+                log.info("media worker %s joined (capacity %d)", msg.worker_id, msg.capacity)
+            return
+        if not self.media_workers.seen(identity, now):
+            log.info("message from unknown media worker %r; ignored until it says ready",
+                     identity)
+            return
+        if isinstance(msg, m.MediaAllocated):
+            fut = self.allocations.get(msg.call_id)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            elif not msg.error:
+                # Too late: nobody waits for this port any more.
+                self.send_media(identity, m.MediaRelease(call_id=msg.call_id))
+        elif isinstance(msg, m.MediaEvent):
+            leg = self.legs_by_media.get(msg.call_id)
+            if leg is None or leg.worker is None:
+                return
+            session = leg.call.session
+            if session is not None and not session.done and leg is leg.call.a:
+                self._session_input(session, m.MediaInput(event=msg.event))
+        elif isinstance(msg, m.MediaReleased):
+            self.legs_by_media.pop(msg.call_id, None)
+
+    def expire_workers(self) -> None:
+        """Drop silent workers; end the calls on a dead media worker; re-send IVR events."""
+        now = self.now()
+        for identity in self.media_workers.expire(now):
+            log.warning("media worker %r stopped heartbeating: ending its calls", identity)
+            for leg in [lg for lg in self.legs_by_media.values() if lg.worker == identity]:
+                leg.worker = None
+                self._hangup_call(leg.call, "MediaWorkerLost", 503)
+        for identity in self.executors.expire(now):
+            log.warning("IVR executor %r stopped heartbeating: re-sending its events", identity)
+            for session in self.sessions.values():
+                if session.executor == identity and session.in_flight is not None:
+                    session.executor = None
+                    self._dispatch(session, resend=True)
+
+    # ------------------------------------------------------------ IVR plane
+
+    def _start_session(self, call: Call, req: SipRequest) -> None:
+        route = call.route
+        assert route is not None
+        self._session_counter += 1
+        session_id = f"{call.call_id}"
+        headers = {name: value for name, value in req.headers.items()
+                   if name not in ("Via", "Content-Length")}
+        info = m.CallInfo(
+            call_id=call.call_id, session_id=session_id, caller=call.caller,
+            callee=call.callee, route_name=route.name, params=route.app_params,
+            sip_headers=headers,
+        )
+        session = Session(session_id=session_id, call=call, info=info)
+        call.session = session
+        self.sessions[session_id] = session
+        self._session_input(session, m.SessionStartInput(call=info))
+
+    def _session_input(self, session: Session, item: Any) -> None:
+        session.queue.append(item)
+        self._dispatch(session)
+
+    def _dispatch(self, session: Session, resend: bool = False) -> None:
+        """Send the session's next event, one in flight at a time (DESIGN §1)."""
+        if session.in_flight is None:
+            if not session.queue:
+                return
+            session.seq += 1
+            session.in_flight = m.IvrEvent(
+                session_id=session.session_id, seq=session.seq, state=session.state,
+                input=session.queue.popleft(),
+            )
+        elif not resend:
+            return
+        executor = self.executors.choose(self.now())
+        if executor is None:
+            if session not in self.waiting_sessions:
+                self.waiting_sessions.append(session)
+            return
+        session.executor = executor
+        if not self.send_ivr(executor, session.in_flight):
+            self.executors.remove(executor)
+            session.executor = None
+            self._dispatch(session, resend=True)
+
+    def on_ivr_message(self, identity: bytes, msg: Any) -> None:
+        now = self.now()
+        if isinstance(msg, m.IvrReady | m.IvrHeartbeat):
+            load = 0 if isinstance(msg, m.IvrReady) else msg.busy
+            if self.executors.ready(identity, msg.capacity, load, now):
+                log.info("IVR executor %s joined", msg.executor_id)
+            while self.waiting_sessions:
+                session = self.waiting_sessions.popleft()
+                if not session.done:
+                    self._dispatch(session, resend=True)
+            return
+        if not self.executors.seen(identity, now):
+            return
+        if isinstance(msg, m.IvrReply):
+            self._on_ivr_reply(identity, msg)
+
+    def _on_ivr_reply(self, identity: bytes, reply: m.IvrReply) -> None:
+        session = self.sessions.get(reply.session_id)
+        if session is None or session.in_flight is None or reply.seq != session.in_flight.seq:
+            return  # a late answer from an executor we gave up on
+        self.executors.release(identity)
+        session.in_flight = None
+        session.executor = None
+        session.state = reply.state
+        for trace in reply.traces:
+            self._record_trace(trace)
+        call = session.call
+        for command in reply.commands:
+            self._apply_command(call, command)
+        if reply.done:
+            session.done = True
+            session.queue.clear()
+            self.sessions.pop(session.session_id, None)
+            return
+        self._dispatch(session)
+
+    def _apply_command(self, call: Call, command: Any) -> None:
+        a = call.a
+        if call.ended or a is None:
+            return
+        worker = a.worker
+        if isinstance(command, m.PlayCommand):
+            if worker is not None:
+                self.send_media(worker, m.MediaPlay(
+                    call_id=a.media_id, play_id=command.play_id, file=command.file,
+                    interruptible=command.interruptible))
+        elif isinstance(command, m.StopCommand):
+            if worker is not None:
+                self.send_media(worker, m.MediaStop(call_id=a.media_id))
+        elif isinstance(command, m.TimerCommand):
+            if worker is not None:
+                self.send_media(worker, m.MediaTimer(
+                    call_id=a.media_id, timer_id=command.timer_id, delay_ms=command.delay_ms))
+        elif isinstance(command, m.HangupCommand):
+            self._hangup_call(call, command.reason, command.code)
+        elif isinstance(command, m.TransferCommand):
+            self._transfer(call, command.target)
+
+    def _record_trace(self, trace: m.StepTrace) -> None:
+        data = trace.model_dump(mode="json")
+        store = self.traces.setdefault(trace.session_id, [])
+        store.append(data)
+        while len(self.traces) > TRACE_STORE_SESSIONS:
+            self.traces.pop(next(iter(self.traces)))
+        self.publish({"type": "ivr_step_trace", **data})
+
+    # ------------------------------------------------------------ records
+
+    def _publish_call(self, call: Call, event: str) -> None:
+        record: dict[str, Any] = {
+            "type": "call", "event": event, "call_id": call.call_id,
+            "route": call.route.name if call.route else None,
+            "caller": call.caller, "callee": call.callee, "started_at": call.started_at,
+            "answered_at": call.answered_at,
+        }
+        if event == "ended":
+            record.update(end_reason=call.end_reason, end_code=call.end_code,
+                          ended_at=time.time(), transfer_target=call.transfer_target)
+            log.info("call %s ended: %s", call.call_id, orjson.dumps(record).decode())
+        self.publish(record)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "calls": len(self.calls),
+            "sessions": len(self.sessions),
+            "media_workers": len(self.media_workers),
+            "executors": len(self.executors),
+            "media_legs": len(self.legs_by_media),
+            "transactions": len(self.transactions),
+            **self.stats,
+        }

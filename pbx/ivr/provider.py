@@ -1,0 +1,162 @@
+"""HTTP client for the step-mode provider (spec §6, §8; DESIGN §3 "Provider calls").
+
+A shell around the machine's `ProviderRequest`s: one `aiohttp.ClientSession` per
+executor (connection pooling), bodies encoded with orjson, the route's configured
+headers plus `Content-Type: application/json` on every call.
+
+* `step()` — the retry policy: per-request timeout `retry.timeout_ms`; retry on
+  timeout, connection error and 5xx, up to `retry.max_retries` retries, 100 ms apart;
+  a 4xx (or any other non-2xx) is final. Gives a `ProviderResult`: `ok` with the
+  decoded JSON, `fallback` when the provider could not answer, `invalid` when the
+  answer is not JSON.
+* `notify()` — `/start`, `/end`, `/dtmf-match`: a background task with its own short
+  timeout, no retry, response ignored, failures logged at debug. Never awaited by the
+  step path; `close()` waits (bounded) for the ones still pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+import orjson
+
+from pbx.config import IvrAppParams
+from pbx.ivr.models import ProviderRequest, ProviderResult
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAY_MS = 100
+NOTIFY_TIMEOUT_MS = 500
+
+
+class ProviderClient:
+    def __init__(
+        self,
+        *,
+        retry_delay_ms: int = RETRY_DELAY_MS,
+        notify_timeout_ms: int = NOTIFY_TIMEOUT_MS,
+        # 0: no pool limit; waiting for a pooled connection would eat the step timeout.
+        connection_limit: int = 0,
+    ) -> None:
+        self.retry_delay_ms = retry_delay_ms
+        self.notify_timeout_ms = notify_timeout_ms
+        self._connection_limit = connection_limit
+        self._session: aiohttp.ClientSession | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> ProviderClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        # Created lazily, inside the running loop.
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self._connection_limit)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    @property
+    def pending_notifications(self) -> int:
+        return len(self._pending)
+
+    @staticmethod
+    def _headers(params: IvrAppParams) -> dict[str, str]:
+        headers = dict(params.headers)
+        headers["Content-Type"] = "application/json"
+        return headers
+
+    async def step(self, params: IvrAppParams, body: dict[str, Any]) -> ProviderResult:
+        """POST `body` to `params.url` under the retry policy of spec §8."""
+        data = orjson.dumps(body)
+        headers = self._headers(params)
+        timeout = aiohttp.ClientTimeout(total=params.retry.timeout_ms / 1000.0)
+        attempts = 1 + params.retry.max_retries
+        reason = ""
+        status: int | None = None
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                await asyncio.sleep(self.retry_delay_ms / 1000.0)
+            try:
+                async with self.session.post(
+                    params.url, data=data, headers=headers, timeout=timeout
+                ) as resp:
+                    status = resp.status
+                    payload = await resp.read()
+            except TimeoutError:
+                reason = f"timeout after {params.retry.timeout_ms} ms"
+                status = None
+                log.debug("provider %s: attempt %d: %s", params.url, attempt, reason)
+                continue
+            except aiohttp.ClientError as exc:
+                reason = f"connection error: {exc.__class__.__name__}: {exc}"
+                status = None
+                log.debug("provider %s: attempt %d: %s", params.url, attempt, reason)
+                continue
+            if status >= 500:
+                reason = f"HTTP {status}"
+                log.debug("provider %s: attempt %d: %s", params.url, attempt, reason)
+                continue
+            if not 200 <= status < 300:
+                # 4xx (and anything else unexpected) is final: no retry.
+                return ProviderResult(
+                    "fallback", reason=f"HTTP {status}", status=status, attempts=attempt
+                )
+            try:
+                decoded = orjson.loads(payload)
+            except orjson.JSONDecodeError as exc:
+                return ProviderResult(
+                    "invalid",
+                    body=payload[:200].decode("utf-8", "replace"),
+                    reason=f"not JSON: {exc}",
+                    status=status,
+                    attempts=attempt,
+                )
+            return ProviderResult("ok", body=decoded, status=status, attempts=attempt)
+        return ProviderResult(
+            "fallback",
+            reason=f"{reason}; gave up after {attempts} attempt(s)",
+            status=status,
+            attempts=attempts,
+        )
+
+    def notify(self, url: str, body: dict[str, Any], params: IvrAppParams) -> asyncio.Task[None]:
+        """Fire-and-forget POST; returns the task (kept here until it finishes)."""
+        task = asyncio.get_running_loop().create_task(self._notify(url, body, params))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    def send(self, request: ProviderRequest) -> asyncio.Task[None]:
+        """A notification request from the machine (`start`, `end`, `dtmf_match`)."""
+        return self.notify(request.url, request.body, request.params)
+
+    async def _notify(self, url: str, body: dict[str, Any], params: IvrAppParams) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.notify_timeout_ms / 1000.0)
+        try:
+            async with self.session.post(
+                url, data=orjson.dumps(body), headers=self._headers(params), timeout=timeout
+            ) as resp:
+                await resp.read()
+                log.debug("notify %s: HTTP %d", url, resp.status)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # response ignored, whatever happened
+            log.debug("notify %s failed: %s: %s", url, exc.__class__.__name__, exc)
+
+    async def close(self, wait_s: float = 1.0) -> None:
+        """Wait (bounded) for pending notifications, then close the HTTP session."""
+        if self._pending:
+            _, not_done = await asyncio.wait(set(self._pending), timeout=wait_s)
+            for task in not_done:
+                task.cancel()
+            if not_done:
+                await asyncio.gather(*not_done, return_exceptions=True)
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None

@@ -1,0 +1,561 @@
+"""The SIP transaction layer (RFC 3261 §17), sans-IO.
+
+Theory of operation
+-------------------
+The shell parses a datagram and hands the message to `receive(msg, addr,
+now)`; the TU (dialog/call layer) calls `respond()`, `send_request()` and
+`send_stateless()`. Every entry point returns events: `SendBytes` for the
+shell to put on the wire, `RequestReceived` / `ResponseReceived` /
+`TransactionTimeout` for the TU. Time comes in as `now` (seconds, any
+monotonic origin); `get_timer()` is the earliest deadline and the shell calls
+`handle_timer(now)` when it passes.
+
+Timers are deadline fields named as in the RFC (`timer_a` ... `timer_m`, the
+last two from RFC 6026). A reliable transport arms no retransmission timer
+(A, E, G) and makes the wait timers (D, I, J, K) zero, so the transaction
+ends at once.
+
+States and transitions, server side (RFC 3261 §17.2, RFC 6026 §7.1):
+
+    INVITE      Proceeding --1xx--> Proceeding
+                Proceeding --2xx--> Accepted (Timer L; INVITE retransmissions
+                                    absorbed, ACKs passed to the TU)
+                Proceeding --3xx-6xx--> Completed (Timer G resend, Timer H)
+                Completed --ACK--> Confirmed (Timer I)
+                Accepted/Confirmed/Completed --L/I/H--> Terminated
+    non-INVITE  Trying --1xx--> Proceeding --final--> Completed (Timer J)
+
+client side (§17.1, RFC 6026 §7.2):
+
+    INVITE      Calling (Timer A resend, Timer B) --1xx--> Proceeding
+                Calling/Proceeding --2xx--> Accepted (Timer M; every 2xx to the TU)
+                Calling/Proceeding --3xx-6xx--> Completed (ACK sent, Timer D)
+    non-INVITE  Trying (Timer E resend, Timer F) --1xx--> Proceeding
+                Trying/Proceeding --final--> Completed (Timer K)
+
+A transaction is removed from its table as soon as it terminates, so the
+tables hold only live transactions. The 2xx to an INVITE is retransmitted by
+the TU (RFC 3261 §13.3.1.4) with `Uas2xxRetransmitter`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass
+from enum import Enum
+
+from pbx.sip.errors import SipError
+from pbx.sip.message import (
+    MAGIC_COOKIE,
+    SipRequest,
+    SipResponse,
+    make_ack,
+    make_response,
+)
+
+T1 = 0.5  # RTT estimate, seconds (RFC 3261 §17.1.1.1)
+T2 = 4.0  # maximum retransmit interval for non-INVITE requests and INVITE responses
+T4 = 5.0  # maximum duration a message remains in the network
+TIMER_D_UNRELIABLE = 32.0  # RFC 3261 §17.1.1.2: at least 32 s for unreliable transports
+
+Addr = tuple[str, int]
+
+
+class TxState(Enum):
+    CALLING = "Calling"
+    TRYING = "Trying"
+    PROCEEDING = "Proceeding"
+    COMPLETED = "Completed"
+    CONFIRMED = "Confirmed"
+    ACCEPTED = "Accepted"
+    TERMINATED = "Terminated"
+
+
+@dataclass(frozen=True)
+class TransactionKey:
+    """Identifies a transaction: top Via branch, method (INVITE for an ACK that
+    matches one), sent-by for server transactions (RFC 3261 §17.2.3, §17.1.3)."""
+
+    branch: str
+    method: str
+    sent_by: str = ""
+    client: bool = False
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class RequestReceived:
+    """A new request for the TU (ACK to a 2xx too, with a key of its own)."""
+
+    request: SipRequest
+    addr: Addr
+    key: TransactionKey
+
+
+@dataclass(frozen=True)
+class ResponseReceived:
+    """A response for a client transaction."""
+
+    response: SipResponse
+    key: TransactionKey
+
+
+@dataclass(frozen=True)
+class TransactionTimeout:
+    """Timer B or F fired: the TU treats it as a 408 (RFC 3261 §8.1.3.1)."""
+
+    key: TransactionKey
+
+
+@dataclass(frozen=True)
+class SendBytes:
+    data: bytes
+    addr: Addr
+
+
+@dataclass(frozen=True)
+class AckTimeout:
+    """No ACK for a 2xx within 64*T1: the TU ends the dialog (RFC 3261 §13.3.1.4)."""
+
+    dialog_key: str
+
+
+TransactionEvent = RequestReceived | ResponseReceived | TransactionTimeout | SendBytes
+
+
+# --------------------------------------------------------------------------- transactions
+
+
+@dataclass(eq=False)
+class _ServerTransaction:
+    key: TransactionKey
+    invite: bool
+    request: SipRequest
+    addr: Addr
+    reliable: bool
+    state: TxState
+    last_response: bytes | None = None
+    timer_g: float | None = None
+    timer_g_interval: float = T1
+    timer_h: float | None = None
+    timer_i: float | None = None
+    timer_j: float | None = None
+    timer_l: float | None = None
+
+    def next_deadline(self) -> float | None:
+        timers = [self.timer_g, self.timer_h, self.timer_i, self.timer_j, self.timer_l]
+        return min((t for t in timers if t is not None), default=None)
+
+
+@dataclass(eq=False)
+class _ClientTransaction:
+    key: TransactionKey
+    invite: bool
+    request: SipRequest
+    data: bytes
+    addr: Addr
+    reliable: bool
+    state: TxState
+    ack: bytes | None = None
+    timer_a: float | None = None
+    timer_a_interval: float = T1
+    timer_b: float | None = None
+    timer_d: float | None = None
+    timer_e: float | None = None
+    timer_e_interval: float = T1
+    timer_f: float | None = None
+    timer_k: float | None = None
+    timer_m: float | None = None
+
+    def next_deadline(self) -> float | None:
+        timers = [
+            self.timer_a, self.timer_b, self.timer_d, self.timer_e,
+            self.timer_f, self.timer_k, self.timer_m,
+        ]
+        return min((t for t in timers if t is not None), default=None)
+
+
+_Transaction = _ServerTransaction | _ClientTransaction
+
+
+def _is_due(deadline: float | None, now: float) -> bool:
+    return deadline is not None and deadline <= now
+
+
+class TransactionLayer:
+    """Client and server transactions for one SIP endpoint.
+
+    `send_trying`: an INVITE server transaction answers 100 Trying at once
+    (RFC 3261 §17.2.1), so the TU need not.
+    """
+
+    def __init__(self, *, send_trying: bool = True) -> None:
+        self.send_trying = send_trying
+        self._server: dict[TransactionKey, _ServerTransaction] = {}
+        self._client: dict[TransactionKey, _ClientTransaction] = {}
+        self._heap: list[tuple[float, int, _Transaction]] = []
+        self._seq = itertools.count()
+
+    # ----------------------------------------------------------------- queries
+
+    def __len__(self) -> int:
+        return len(self._server) + len(self._client)
+
+    @property
+    def server_count(self) -> int:
+        return len(self._server)
+
+    @property
+    def client_count(self) -> int:
+        return len(self._client)
+
+    def state_of(self, key: TransactionKey) -> TxState | None:
+        """The state of a live transaction, None once it is gone."""
+        txn = (self._client if key.client else self._server).get(key)
+        return txn.state if txn is not None else None
+
+    def find_invite_server(self, cancel: SipRequest) -> TransactionKey | None:
+        """The INVITE server transaction a CANCEL cancels (RFC 3261 §9.2), if live."""
+        key = self._server_key(cancel, "INVITE")
+        txn = self._server.get(key)
+        return key if txn is not None and txn.invite else None
+
+    # ----------------------------------------------------------------- keys
+
+    @staticmethod
+    def _server_key(request: SipRequest, method: str | None = None) -> TransactionKey:
+        via = request.via
+        if method is None:
+            method = "INVITE" if request.method == "ACK" else request.method
+        branch = via.branch
+        if not branch.startswith(MAGIC_COOKIE):
+            # RFC 2543 peer (§17.2.3): match on Request-URI, From tag, Call-ID,
+            # CSeq number and the top Via (the To tag is left out: an ACK carries
+            # ours, the INVITE did not).
+            branch = "|".join(
+                ["rfc2543", request.uri, request.from_tag or "", request.call_id,
+                 str(request.cseq[0]), str(via)]
+            )
+        return TransactionKey(branch, method, via.sent_by)
+
+    # ----------------------------------------------------------------- receive
+
+    def receive(
+        self, msg: SipRequest | SipResponse, addr: Addr, now: float, *, reliable: bool = False
+    ) -> list[TransactionEvent]:
+        """Feed one parsed message from the network."""
+        if isinstance(msg, SipRequest):
+            return self._receive_request(msg, addr, now, reliable)
+        return self._receive_response(msg, now)
+
+    def _receive_request(
+        self, request: SipRequest, addr: Addr, now: float, reliable: bool
+    ) -> list[TransactionEvent]:
+        key = self._server_key(request)
+        txn = self._server.get(key)
+        if request.method == "ACK":
+            if txn is not None and txn.invite:
+                if txn.state is TxState.COMPLETED:
+                    # ACK for our non-2xx final: absorbed (RFC 3261 §17.2.1)
+                    txn.state = TxState.CONFIRMED
+                    txn.timer_g = None
+                    txn.timer_h = None
+                    txn.timer_i = now + (0.0 if reliable or txn.reliable else T4)
+                    self._schedule(txn)
+                    return []
+                if txn.state is TxState.CONFIRMED:
+                    return []
+            # ACK for a 2xx (or stray): the TU's, as a request of its own
+            ack_key = TransactionKey(key.branch, "ACK", key.sent_by)
+            return [RequestReceived(request, addr, ack_key)]
+        if txn is not None:
+            # a retransmission: absorbed, the last response re-sent (§17.2.1, §17.2.2)
+            if txn.last_response is not None and txn.state in (
+                TxState.PROCEEDING,
+                TxState.COMPLETED,
+            ):
+                return [SendBytes(txn.last_response, txn.addr)]
+            return []
+        invite = request.method == "INVITE"
+        txn = _ServerTransaction(
+            key, invite, request, addr, reliable,
+            TxState.PROCEEDING if invite else TxState.TRYING,
+        )
+        self._server[key] = txn
+        events: list[TransactionEvent] = []
+        if invite and self.send_trying:
+            txn.last_response = make_response(request, 100).serialize()
+            events.append(SendBytes(txn.last_response, addr))
+        events.append(RequestReceived(request, addr, key))
+        return events
+
+    def _receive_response(self, response: SipResponse, now: float) -> list[TransactionEvent]:
+        key = TransactionKey(response.branch, response.cseq[1], "", True)
+        txn = self._client.get(key)
+        if txn is None:
+            return []  # matches no transaction: discarded (RFC 3261 §18.1.2)
+        status = response.status
+        state = txn.state
+        if txn.invite:
+            if state in (TxState.CALLING, TxState.PROCEEDING):
+                txn.timer_a = None
+                txn.timer_b = None
+                if status < 200:
+                    txn.state = TxState.PROCEEDING
+                    return [ResponseReceived(response, key)]
+                if status < 300:
+                    txn.state = TxState.ACCEPTED
+                    txn.timer_m = now + 64 * T1
+                    self._schedule(txn)
+                    return [ResponseReceived(response, key)]
+                txn.ack = make_ack(txn.request, response).serialize()
+                txn.state = TxState.COMPLETED
+                events: list[TransactionEvent] = [
+                    SendBytes(txn.ack, txn.addr),
+                    ResponseReceived(response, key),
+                ]
+                if txn.reliable:
+                    self._terminate(txn)
+                else:
+                    txn.timer_d = now + TIMER_D_UNRELIABLE
+                    self._schedule(txn)
+                return events
+            if state is TxState.ACCEPTED and 200 <= status < 300:
+                return [ResponseReceived(response, key)]  # the TU re-ACKs each 2xx
+            if state is TxState.COMPLETED and status >= 300 and txn.ack is not None:
+                return [SendBytes(txn.ack, txn.addr)]
+            return []
+        if state in (TxState.TRYING, TxState.PROCEEDING):
+            if status < 200:
+                txn.state = TxState.PROCEEDING
+                return [ResponseReceived(response, key)]
+            txn.state = TxState.COMPLETED
+            txn.timer_e = None
+            txn.timer_f = None
+            if txn.reliable:
+                self._terminate(txn)
+            else:
+                txn.timer_k = now + T4
+                self._schedule(txn)
+            return [ResponseReceived(response, key)]
+        return []  # retransmitted final in Completed: absorbed
+
+    # ----------------------------------------------------------------- TU side
+
+    def respond(self, key: TransactionKey, response: SipResponse, now: float) -> list[SendBytes]:
+        """Send a response in a server transaction, to the address the request came from.
+
+        A key that is gone, or a final response after the final one (e.g. a 487
+        racing a 200), gives [] - except further 2xx in Accepted, which are sent.
+        """
+        txn = self._server.get(key)
+        if txn is None:
+            return []
+        data = response.serialize()
+        status = response.status
+        send = [SendBytes(data, txn.addr)]
+        if txn.invite:
+            if txn.state is TxState.PROCEEDING:
+                if status < 200:
+                    txn.last_response = data
+                elif status < 300:
+                    txn.state = TxState.ACCEPTED
+                    txn.last_response = None
+                    txn.timer_l = now + 64 * T1
+                    self._schedule(txn)
+                else:
+                    txn.state = TxState.COMPLETED
+                    txn.last_response = data
+                    txn.timer_h = now + 64 * T1
+                    if not txn.reliable:
+                        txn.timer_g = now + T1
+                        txn.timer_g_interval = T1
+                    self._schedule(txn)
+                return send
+            if txn.state is TxState.ACCEPTED and 200 <= status < 300:
+                return send
+            return []
+        if txn.state in (TxState.TRYING, TxState.PROCEEDING):
+            txn.last_response = data
+            if status < 200:
+                txn.state = TxState.PROCEEDING
+            else:
+                txn.state = TxState.COMPLETED
+                if txn.reliable:
+                    self._terminate(txn)
+                else:
+                    txn.timer_j = now + 64 * T1
+                    self._schedule(txn)
+            return send
+        return []
+
+    def send_request(
+        self, request: SipRequest, addr: Addr, now: float, *, reliable: bool = False
+    ) -> tuple[TransactionKey, list[SendBytes]]:
+        """Start a client transaction; the request's top Via must carry a fresh branch."""
+        if request.method == "ACK":
+            raise SipError("ACK has no client transaction: use send_stateless", 500)
+        branch = request.branch
+        if not branch:
+            raise SipError("request to send has no Via branch", 500)
+        key = TransactionKey(branch, request.method, "", True)
+        if key in self._client:
+            raise SipError(f"client transaction {branch} {request.method} exists", 500)
+        data = request.serialize()
+        invite = request.method == "INVITE"
+        txn = _ClientTransaction(
+            key, invite, request, data, addr, reliable,
+            TxState.CALLING if invite else TxState.TRYING,
+        )
+        if invite:
+            txn.timer_b = now + 64 * T1
+            if not reliable:
+                txn.timer_a = now + T1
+        else:
+            txn.timer_f = now + 64 * T1
+            if not reliable:
+                txn.timer_e = now + T1
+        self._client[key] = txn
+        self._schedule(txn)
+        return key, [SendBytes(data, addr)]
+
+    @staticmethod
+    def send_stateless(msg: SipRequest | SipResponse, addr: Addr) -> list[SendBytes]:
+        """Send outside any transaction (ACK for a 2xx, 2xx retransmissions)."""
+        return [SendBytes(msg.serialize(), addr)]
+
+    # ----------------------------------------------------------------- timers
+
+    def get_timer(self) -> float | None:
+        heap = self._heap
+        while heap:
+            deadline, _, txn = heap[0]
+            current = txn.next_deadline() if self._is_live(txn) else None
+            if current is None or current > deadline:
+                heapq.heappop(heap)  # stale entry
+                continue
+            return deadline
+        return None
+
+    def handle_timer(self, now: float) -> list[TransactionEvent]:
+        events: list[TransactionEvent] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, txn = heapq.heappop(heap)
+            if not self._is_live(txn) or not _is_due(txn.next_deadline(), now):
+                continue
+            if isinstance(txn, _ServerTransaction):
+                events.extend(self._server_timers(txn, now))
+            else:
+                events.extend(self._client_timers(txn, now))
+        return events
+
+    def _server_timers(self, txn: _ServerTransaction, now: float) -> list[TransactionEvent]:
+        if (
+            _is_due(txn.timer_h, now)
+            or _is_due(txn.timer_i, now)
+            or _is_due(txn.timer_j, now)
+            or _is_due(txn.timer_l, now)
+        ):
+            # H: no ACK came (§17.2.1); I, J, L: absorbing time is over
+            self._terminate(txn)
+            return []
+        events: list[TransactionEvent] = []
+        if _is_due(txn.timer_g, now) and txn.last_response is not None:
+            events.append(SendBytes(txn.last_response, txn.addr))
+            txn.timer_g_interval = min(2 * txn.timer_g_interval, T2)
+            txn.timer_g = now + txn.timer_g_interval
+        self._schedule(txn)
+        return events
+
+    def _client_timers(self, txn: _ClientTransaction, now: float) -> list[TransactionEvent]:
+        if _is_due(txn.timer_b, now) or _is_due(txn.timer_f, now):
+            self._terminate(txn)
+            return [TransactionTimeout(txn.key)]
+        if _is_due(txn.timer_d, now) or _is_due(txn.timer_k, now) or _is_due(txn.timer_m, now):
+            self._terminate(txn)
+            return []
+        events: list[TransactionEvent] = []
+        if _is_due(txn.timer_a, now):
+            events.append(SendBytes(txn.data, txn.addr))
+            txn.timer_a_interval *= 2  # INVITE: doubles without cap (§17.1.1.2)
+            txn.timer_a = now + txn.timer_a_interval
+        if _is_due(txn.timer_e, now):
+            events.append(SendBytes(txn.data, txn.addr))
+            if txn.state is TxState.TRYING:
+                txn.timer_e_interval = min(2 * txn.timer_e_interval, T2)
+            else:
+                txn.timer_e_interval = T2  # Proceeding: every T2 (§17.1.2.2)
+            txn.timer_e = now + txn.timer_e_interval
+        self._schedule(txn)
+        return events
+
+    # ----------------------------------------------------------------- bookkeeping
+
+    def _is_live(self, txn: _Transaction) -> bool:
+        if isinstance(txn, _ServerTransaction):
+            return self._server.get(txn.key) is txn
+        return self._client.get(txn.key) is txn
+
+    def _schedule(self, txn: _Transaction) -> None:
+        deadline = txn.next_deadline()
+        if deadline is not None:
+            heapq.heappush(self._heap, (deadline, next(self._seq), txn))
+
+    def _terminate(self, txn: _Transaction) -> None:
+        txn.state = TxState.TERMINATED
+        if isinstance(txn, _ServerTransaction):
+            if self._server.get(txn.key) is txn:
+                del self._server[txn.key]
+        elif self._client.get(txn.key) is txn:
+            del self._client[txn.key]
+
+
+# --------------------------------------------------------------------------- 2xx retransmission
+
+
+@dataclass
+class _Pending2xx:
+    data: bytes
+    addr: Addr
+    interval: float
+    next_send: float
+    give_up: float
+
+
+class Uas2xxRetransmitter:
+    """Retransmits a UAS's 2xx to INVITE until the ACK (RFC 3261 §13.3.1.4):
+    at T1, then doubling up to T2, giving up after 64*T1 with `AckTimeout`."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, _Pending2xx] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def start(self, dialog_key: str, data: bytes, addr: Addr, now: float) -> None:
+        self._pending[dialog_key] = _Pending2xx(data, addr, T1, now + T1, now + 64 * T1)
+
+    def ack(self, dialog_key: str) -> bool:
+        """Stop retransmitting; False if nothing was pending for this dialog."""
+        return self._pending.pop(dialog_key, None) is not None
+
+    def get_timer(self) -> float | None:
+        return min(
+            (min(p.next_send, p.give_up) for p in self._pending.values()), default=None
+        )
+
+    def handle_timer(self, now: float) -> list[SendBytes | AckTimeout]:
+        events: list[SendBytes | AckTimeout] = []
+        for dialog_key, p in list(self._pending.items()):
+            if p.give_up <= now:
+                del self._pending[dialog_key]
+                events.append(AckTimeout(dialog_key))
+            elif p.next_send <= now:
+                events.append(SendBytes(p.data, p.addr))
+                p.interval = min(2 * p.interval, T2)
+                p.next_send = now + p.interval
+        return events

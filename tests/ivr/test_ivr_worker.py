@@ -1,0 +1,231 @@
+"""workers/ivr.py: in-process error handling, and the real process over ZeroMQ + HTTP.
+
+Loopback only, every wait bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zmq
+import zmq.asyncio
+from aiohttp import web
+
+from pbx.config import IvrAppParams
+from pbx.ivr.provider import ProviderClient
+from pbx.messages import (
+    CallInfo,
+    DtmfDigit,
+    HangupCommand,
+    IvrEvent,
+    IvrHeartbeat,
+    IvrReady,
+    IvrReply,
+    MediaInput,
+    PlayCommand,
+    SessionStartInput,
+    TransferCommand,
+    decode,
+    encode,
+)
+from workers.ivr import handle_event
+
+ROOT = Path(__file__).resolve().parents[2]
+
+WELCOME_MENU = {
+    "type": "prompt",
+    "file": "sounds/ivr/welcome.wav",
+    "interruptible": True,
+    "next": {
+        "type": "dtmf_menu",
+        "greeting": "sounds/ivr/menu.wav",
+        "entries": {"1": {"type": "transfer", "target": "2001"}},
+    },
+}
+
+
+def run(coro: Any, timeout_s: float = 30.0) -> Any:
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, timeout_s)
+
+    return asyncio.run(bounded())
+
+
+def test_internal_error_is_answered_with_hangup() -> None:
+    # A media event without a state cannot be handled: the reply still comes, with a
+    # hang-up, instead of an exception.
+    event = IvrEvent(
+        session_id="s1", seq=7, state=None, input=MediaInput(event=DtmfDigit(digit="1"))
+    )
+
+    async def main() -> IvrReply:
+        async with ProviderClient() as client:
+            return await handle_event(event, client, lambda: 1.0)
+
+    reply = run(main())
+    assert reply.seq == 7 and reply.done
+    assert len(reply.commands) == 1 and isinstance(reply.commands[0], HangupCommand)
+
+
+class Provider:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        self.seen.append((request.path, body))
+        answer: dict[str, Any] = {"status": "ok"}
+        if request.path == "/ivr/step":
+            answer = (
+                WELCOME_MENU if body["event"]["type"] == "session_start" else {"type": "hangup"}
+            )
+        return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("POST", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/ivr/step"
+
+    async def stop(self) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.seen]
+
+    async def wait_for(self, path: str, timeout_s: float = 5.0) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            for p, body in self.seen:
+                if p == path:
+                    return body
+            assert asyncio.get_running_loop().time() < deadline, f"{path} not seen: {self.paths()}"
+            await asyncio.sleep(0.02)
+
+
+async def recv(
+    router: zmq.asyncio.Socket, kind: type, timeout_s: float = 10.0
+) -> tuple[bytes, Any]:
+    """Next message of `kind` from the executor (others, e.g. heartbeats, skipped)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        remaining = deadline - asyncio.get_running_loop().time()
+        assert remaining > 0, f"no {kind.__name__} within {timeout_s} s"
+        if await router.poll(timeout=int(remaining * 1000)) == 0:
+            continue
+        identity, *frames = await router.recv_multipart()
+        msg = decode(frames[-1])
+        if isinstance(msg, kind):
+            return identity, msg
+
+
+def test_executor_process_answers_session_start(tmp_path: Path) -> None:
+    async def main() -> None:
+        provider = Provider()
+        await provider.start()
+        ctx = zmq.asyncio.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        config = tmp_path / "pbx.toml"
+        config.write_text(
+            f'[zmq]\nivr_endpoint = "tcp://127.0.0.1:{port}"\n'
+            '[ivr]\nheartbeat_ms = 100\ncapacity = 7\n[logging]\nlevel = "DEBUG"\n'
+        )
+        stderr = open(tmp_path / "stderr.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.ivr"],
+            cwd=ROOT,
+            env={**os.environ, "PBX_CONFIG": str(config)},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            identity, ready = await recv(router, IvrReady)
+            assert ready.capacity == 7
+            assert identity.decode() == ready.executor_id
+            assert ready.executor_id.startswith("ivr-") and ready.executor_id.endswith(
+                f"-{proc.pid}"
+            )
+            _, beat = await recv(router, IvrHeartbeat)
+            assert beat.busy == 0 and beat.capacity == 7
+
+            # A bad frame is dropped; the process carries on.
+            await router.send_multipart([identity, b"not json"])
+
+            call = CallInfo(
+                call_id="c1",
+                session_id="s1",
+                caller="1001",
+                callee="*99",
+                route_name="step_ivr",
+                params=IvrAppParams(url=provider.url),
+            )
+            start = IvrEvent(session_id="s1", seq=1, input=SessionStartInput(call=call))
+            await router.send_multipart([identity, encode(start)])
+            _, reply = await recv(router, IvrReply)
+            assert reply.seq == 1 and not reply.done
+            assert reply.commands == [
+                PlayCommand(play_id=1, file="sounds/ivr/welcome.wav", interruptible=True)
+            ]
+            assert reply.traces and reply.traces[0].trigger == "session_start"
+            step = await provider.wait_for("/ivr/step")
+            assert step["event"] == {"type": "session_start"}
+            assert (await provider.wait_for("/ivr/step/start"))["session_id"] == "s1"
+
+            # The state came back with the reply; the next event carries it.
+            digit = IvrEvent(
+                session_id="s1",
+                seq=2,
+                state=reply.state,
+                input=MediaInput(event=DtmfDigit(digit="1", stopped_play_id=1)),
+            )
+            await router.send_multipart([identity, encode(digit)])
+            _, reply2 = await recv(router, IvrReply)
+            assert reply2.seq == 2 and reply2.done
+            assert reply2.commands == [TransferCommand(target="2001")]
+            assert (await provider.wait_for("/ivr/step/dtmf-match"))["digit"] == "1"
+            assert (await provider.wait_for("/ivr/step/end"))["reason"] == "Transfer(2001)"
+            assert provider.paths().count("/ivr/step") == 1
+
+            proc.send_signal(signal.SIGTERM)
+            rc = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 10)
+            assert rc == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            stderr.close()
+            router.close()
+            ctx.term()
+            await provider.stop()
+        log = (tmp_path / "stderr.log").read_text()
+        assert "dropping bad frame" in log
+        assert "Traceback" not in log
+
+    run(main(), timeout_s=40.0)
+
+
+def test_executor_bad_config_exits_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers.ivr"],
+        cwd=ROOT,
+        env={**os.environ, "PBX_CONFIG": str(tmp_path / "missing.toml")},
+        capture_output=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert b"missing.toml" in proc.stderr and b"cannot read" in proc.stderr

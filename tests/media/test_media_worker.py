@@ -1,0 +1,220 @@
+"""The media worker process end to end: ZeroMQ ROUTER in the test, RTP on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from media.rtp import RtpPacket, build_event, build_rtp, parse_rtp
+from pbx.messages import (
+    AudioComplete,
+    DtmfDigit,
+    MediaAllocate,
+    MediaAllocated,
+    MediaEvent,
+    MediaHeartbeat,
+    MediaPlay,
+    MediaReady,
+    MediaRelease,
+    MediaReleased,
+    MediaRemote,
+    decode,
+    encode,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT_S = 60.0  # a cold numba cache compiles the kernels first
+TIMEOUT_S = 5.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_wav(path: Path, seconds: float) -> None:
+    t = np.arange(int(8000 * seconds)) / 8000.0
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes((np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes())
+
+
+class Front:
+    """The test's stand-in for the front's media ROUTER."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(endpoint)
+        self.identity = b""
+
+    def recv(self, timeout_s: float = TIMEOUT_S) -> Any:
+        if not self.sock.poll(int(timeout_s * 1000)):
+            raise TimeoutError("no message from the media worker")
+        identity, frame = self.sock.recv_multipart()
+        self.identity = identity
+        return decode(frame)
+
+    def recv_kind(self, kind: type, timeout_s: float = TIMEOUT_S) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            msg = self.recv(max(0.01, deadline - time.monotonic()))
+            if isinstance(msg, kind):
+                return msg
+            if not isinstance(msg, MediaHeartbeat):
+                raise AssertionError(f"expected {kind.__name__}, got {msg!r}")
+
+    def send(self, msg: Any) -> None:
+        self.sock.send_multipart([self.identity, encode(msg)])
+
+    def send_raw(self, frame: bytes) -> None:
+        self.sock.send_multipart([self.identity, frame])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[tuple[Front, subprocess.Popen[bytes]]]:
+    sounds = tmp_path / "sounds"
+    sounds.mkdir()
+    write_wav(sounds / "half.wav", 0.5)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    low = 30000 + 2 * (os.getpid() % 5000)
+    config = tmp_path / "pbx.toml"
+    config.write_text(
+        f'[zmq]\nmedia_endpoint = "{endpoint}"\n\n'
+        f'[media]\nrtp_ip = "127.0.0.1"\nrtp_ports = "{low}-{low + 99}"\n'
+        f'sounds_dir = "{sounds}"\nheartbeat_ms = 200\n',
+        encoding="utf-8",
+    )
+    front = Front(endpoint)
+    env = {**os.environ, "PBX_CONFIG": str(config)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.media"], cwd=ROOT, env=env, stderr=subprocess.PIPE
+    )
+    try:
+        yield front, proc
+    finally:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        front.close()
+        sys.stderr.write(err.decode(errors="replace"))
+
+
+def test_worker_plays_reports_dtmf_and_releases(
+    worker: tuple[Front, subprocess.Popen[bytes]],
+) -> None:
+    front, proc = worker
+    ready = front.recv(READY_TIMEOUT_S)
+    assert isinstance(ready, MediaReady) and ready.worker_id.startswith("media-")
+    assert ready.worker_id.endswith(f"-{proc.pid}") and front.identity == ready.worker_id.encode()
+    hb = front.recv_kind(MediaHeartbeat, 2.0)
+    assert hb.calls == 0
+
+    front.send_raw(b"this is not a message")  # logged and ignored
+    front.send(MediaAllocate(call_id="call-1"))
+    allocated = front.recv_kind(MediaAllocated)
+    assert allocated.error is None and allocated.rtp_ip == "127.0.0.1"
+    assert allocated.rtp_port % 2 == 0
+    worker_addr = (allocated.rtp_ip, allocated.rtp_port)
+
+    phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    phone.bind(("127.0.0.1", 0))
+    phone.settimeout(TIMEOUT_S)
+    try:
+        front.send(
+            MediaRemote(
+                call_id="call-1",
+                remote_ip="127.0.0.1",
+                remote_port=phone.getsockname()[1],
+                payload_type=0,
+                codec="PCMU",
+                dtmf_payload_type=101,
+            )
+        )
+        front.send(MediaPlay(call_id="call-1", play_id=7, file="sounds/half.wav"))
+        packets: list[RtpPacket] = []
+        arrivals: list[float] = []
+        while len(packets) < 25:
+            data, addr = phone.recvfrom(2048)
+            arrivals.append(time.monotonic())
+            packets.append(parse_rtp(data))
+            assert addr == worker_addr
+        assert packets[0].marker and all(len(p.payload) == 160 for p in packets)
+        assert [p.sequence for p in packets] == [
+            (packets[0].sequence + i) % 65536 for i in range(25)
+        ]
+        # paced, not burst: 25 frames of 20 ms take about 480 ms
+        assert 0.35 < arrivals[-1] - arrivals[0] < 0.8
+        done = front.recv_kind(MediaEvent)
+        assert done == MediaEvent(call_id="call-1", event=AudioComplete(play_id=7))
+
+        for end in (False, True, True, True):
+            phone.sendto(
+                build_rtp(RtpPacket(101, 1, 1234, 0x55, build_event(9, end, 10, 800))), worker_addr
+            )
+        digit = front.recv_kind(MediaEvent)
+        assert digit == MediaEvent(call_id="call-1", event=DtmfDigit(digit="9"))
+
+        front.send(MediaRelease(call_id="call-1"))
+        released = front.recv_kind(MediaReleased)
+        assert released.call_id == "call-1"
+        assert released.packets_sent == 25 and released.packets_received == 4
+        # the port is closed: a new allocation still works and nothing else arrived
+        front.send(MediaAllocate(call_id="call-2"))
+        assert front.recv_kind(MediaAllocated).error is None
+        assert proc.poll() is None
+    finally:
+        phone.close()
+
+
+def test_bad_config_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[media]\nrtp_ports = "9-1"\n', encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers.media"],
+        cwd=ROOT,
+        env={**os.environ, "PBX_CONFIG": str(config)},
+        capture_output=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert b"rtp_ports" in proc.stderr and b"bad.toml" in proc.stderr
+
+
+def test_bind_rtp_socket_skips_taken_ports() -> None:
+    from workers.media import bind_rtp_socket
+
+    low = 40000 + 2 * (os.getpid() % 2000)
+    taken = bind_rtp_socket("127.0.0.1", low, low + 2)
+    assert taken is not None
+    try:
+        port = taken.getsockname()[1]
+        assert port in (low, low + 2)
+        other = bind_rtp_socket("127.0.0.1", low, low + 3)
+        assert other is not None and other.getsockname()[1] == ({low, low + 2} - {port}).pop()
+        assert bind_rtp_socket("127.0.0.1", low, low + 3) is None  # both even ports taken
+        other.close()
+    finally:
+        taken.close()

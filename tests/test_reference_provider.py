@@ -1,0 +1,191 @@
+"""The reference provider (examples/step_ivr_provider.py), run as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "examples" / "step_ivr_provider.py"
+TIMEOUT = 5.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("provider") / "stderr.log"
+    log = open(log_path, "wb")  # a file, not a pipe: the provider never blocks on logging
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"provider did not start: {log_path.read_text(errors='replace')}"
+                    ) from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/ivr/step"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()
+
+
+def _post(url: str, body: bytes | dict) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, json.loads(err.read())
+
+
+def _step(base: str, sid: str, event: dict) -> dict:
+    status, node = _post(
+        base, {"session_id": sid, "caller": "1001", "callee": "*99", "event": event}
+    )
+    assert status == 200
+    assert isinstance(node.get("step_id"), str) and node["step_id"]
+    assert isinstance(node.get("step_name"), str) and node["step_name"]
+    assert node["extra"]["flow"] == "reference"
+    return node
+
+
+def _health(base: str) -> dict:
+    root = base.split("/ivr/")[0] + "/health"
+    with urllib.request.urlopen(root, timeout=TIMEOUT) as resp:
+        return json.loads(resp.read())
+
+
+MENU_ENTRIES = {
+    "1": {"type": "transfer", "target": "2001"},
+    "2": {"type": "queue", "target": "support"},
+    "0": {"type": "transfer", "target": "operator"},
+}
+
+
+def _assert_menu(node: dict) -> None:
+    assert node["type"] == "dtmf_menu"
+    assert node["greeting"] == "sounds/menu.wav"
+    assert node["timeout_ms"] == 5000
+    assert node["entries"] == MENU_ENTRIES
+    assert "invalid_action" not in node and "timeout_action" not in node
+
+
+def test_full_session_three_strikes(base_url):
+    sid = "t-three-strikes"
+    assert _post(base_url + "/start", {"session_id": sid, "caller": "1001", "callee": "*99"}) == (
+        200,
+        {"status": "ok"},
+    )
+    sessions_before = _health(base_url)["sessions"]
+
+    node = _step(base_url, sid, {"type": "session_start"})
+    assert node["type"] == "prompt"
+    assert node["file"] == "sounds/welcome.wav"
+    assert node["interruptible"] is True
+    _assert_menu(node["next"])
+    assert node["extra"]["failures"] == 0
+
+    node = _step(base_url, sid, {"type": "dtmf_menu_invalid", "digit": "7"})
+    assert node["type"] == "prompt" and node["file"] == "sounds/invalid.wav"
+    _assert_menu(node["next"])
+    assert node["extra"]["failures"] == 1
+
+    node = _step(base_url, sid, {"type": "dtmf_menu_invalid", "digit": "8"})
+    assert node["type"] == "prompt" and node["file"] == "sounds/invalid.wav"
+    _assert_menu(node["next"])
+    assert node["extra"]["failures"] == 2
+
+    node = _step(base_url, sid, {"type": "dtmf_menu_invalid", "digit": "9"})
+    assert node["type"] == "hangup" and node["prompt"] == "sounds/goodbye.wav"
+    assert node["extra"]["failures"] == 3
+    assert "next" not in node
+
+    assert _post(base_url + "/end", {"session_id": sid, "reason": "Hangup"}) == (
+        200,
+        {"status": "ok"},
+    )
+    assert _health(base_url)["sessions"] == sessions_before - 1
+
+
+def test_timeout_then_digits_and_other_events(base_url):
+    sid = "t-timeout"
+    _post(base_url + "/start", {"session_id": sid})
+    _step(base_url, sid, {"type": "session_start"})
+
+    node = _step(base_url, sid, {"type": "dtmf_menu_timeout"})
+    assert node["type"] == "prompt" and node["file"] == "sounds/timeout.wav"
+    _assert_menu(node["next"])
+
+    _assert_menu(_step(base_url, sid, {"type": "audio_complete", "interrupted": False}))
+
+    for digit, action in MENU_ENTRIES.items():
+        node = _step(base_url, sid, {"type": "dtmf", "digit": digit})
+        assert {k: node[k] for k in ("type", "target")} == action
+
+    node = _step(base_url, sid, {"type": "dtmf", "digit": "5"})  # second failure
+    assert node["type"] == "prompt" and node["file"] == "sounds/invalid.wav"
+    node = _step(base_url, sid, {"type": "dtmf_menu_timeout"})  # third
+    assert node == {**node, "type": "hangup", "prompt": "sounds/goodbye.wav"}
+
+    node = _step(base_url, sid, {"type": "error", "reason": "TTS service not available"})
+    assert node["type"] == "hangup" and node["prompt"] == "sounds/error.wav"
+    assert _step(base_url, sid, {"type": "no_such_event"})["type"] == "hangup"
+    assert _step(base_url, sid, {})["type"] == "hangup"
+
+    assert _post(base_url + "/dtmf-match", {"digit": "1", "action": MENU_ENTRIES["1"]}) == (
+        200,
+        {"status": "ok"},
+    )
+    assert _post(base_url + "/end", {"session_id": sid, "reason": "Normal"})[0] == 200
+
+
+def test_step_without_start_creates_session(base_url):
+    node = _step(base_url, "t-no-start", {"type": "session_start"})
+    assert node["type"] == "prompt"
+    _post(base_url + "/end", {"session_id": "t-no-start"})
+
+
+def test_bad_input_is_400_json(base_url):
+    status, body = _post(base_url, b"{not json")
+    assert status == 400 and "error" in body
+    status, body = _post(base_url, b"[1, 2]")
+    assert status == 400 and "error" in body
+    status, body = _post(base_url, {"event": {"type": "session_start"}})
+    assert status == 400 and "error" in body
+    status, body = _post(base_url + "/start", b"\xff\xfe")
+    assert status == 400 and "error" in body
+    # still serving afterwards
+    assert _step(base_url, "t-after-bad", {"type": "session_start"})["type"] == "prompt"

@@ -1,0 +1,249 @@
+"""IVR executor process (`pbx-ivr`): a thin asyncio shell around `pbx.ivr.machine`.
+
+A zmq DEALER (identity `ivr-<hostname>-<pid>`) connects to the front's IVR ROUTER
+(`[zmq] ivr_endpoint`), announces itself with `IvrReady` and sends `IvrHeartbeat`
+every `[ivr] heartbeat_ms` with the number of sessions it is working on. Each
+`IvrEvent` is handled in its own task: the machine runs, its provider requests are
+performed (step requests awaited under the retry policy, notifications in the
+background), and one `IvrReply` with the same `seq` goes back. Messages are sent as
+a single frame; on receipt the last frame is the message (an optional empty
+delimiter frame is tolerated).
+
+The executor keeps no session state: the state comes with the event and leaves with
+the reply. A bad frame is logged and dropped; an exception while handling one
+session is logged and answered with the error prompt and a hang-up, and the process
+carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvloop
+import zmq
+import zmq.asyncio
+
+from pbx.config import ConfigError, Settings, load_config
+from pbx.ivr import machine
+from pbx.ivr.provider import ProviderClient
+from pbx.logs import setup_logging
+from pbx.messages import (
+    CallCommand,
+    HangupCommand,
+    IvrEvent,
+    IvrHeartbeat,
+    IvrReady,
+    IvrReply,
+    MessageError,
+    SessionStartInput,
+    StepTrace,
+    decode,
+    encode,
+)
+
+log = logging.getLogger("pbx.ivr.executor")
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class _Progress:
+    """What one event's handling produced so far (kept for the error path)."""
+
+    state: dict[str, Any] | None
+    commands: list[CallCommand] = field(default_factory=list)
+    traces: list[StepTrace] = field(default_factory=list)
+    done: bool = False
+
+    def add(self, step: machine.Step, client: ProviderClient) -> None:
+        self.state = step.state
+        self.commands.extend(step.commands)
+        self.traces.extend(step.traces)
+        self.done = step.done
+        for request in step.requests:
+            if request.kind != "step":
+                client.send(request)
+
+
+async def process_event(
+    event: IvrEvent, client: ProviderClient, clock: Clock, progress: _Progress | None = None
+) -> IvrReply:
+    """Run the machine for one event until it waits for the next call event."""
+    progress = progress if progress is not None else _Progress(state=event.state)
+    inp = event.input
+    if isinstance(inp, SessionStartInput):
+        step = machine.start(inp.call, clock())
+    elif event.state is None:
+        raise ValueError(f"{inp.type} event without a session state")
+    else:
+        step = machine.handle(event.state, inp, clock())
+    progress.add(step, client)
+    while (request := step.step_request) is not None:
+        result = await client.step(request.params, request.body)
+        step = machine.provider_result(step.state, result, clock())
+        progress.add(step, client)
+    return IvrReply(
+        session_id=event.session_id,
+        seq=event.seq,
+        state=step.state,
+        commands=progress.commands,
+        traces=progress.traces,
+        done=step.done,
+    )
+
+
+async def handle_event(event: IvrEvent, client: ProviderClient, clock: Clock) -> IvrReply:
+    """`process_event`, but an internal error becomes error prompt + hang-up."""
+    progress = _Progress(state=event.state)
+    try:
+        return await process_event(event, client, clock, progress)
+    except Exception as exc:
+        log.exception("session %s seq %d: internal error", event.session_id, event.seq)
+        reason = f"internal error: {exc.__class__.__name__}"
+        call = event.input.call if isinstance(event.input, SessionStartInput) else None
+        try:
+            step = machine.abort(progress.state, call, reason, clock())
+            progress.add(step, client)
+            state, done = step.state, step.done
+        except Exception:
+            log.exception("session %s: abort failed", event.session_id)
+            progress.commands.append(HangupCommand(reason=f"Error({reason})"))
+            state, done = progress.state or {}, True
+        return IvrReply(
+            session_id=event.session_id,
+            seq=event.seq,
+            state=state,
+            commands=progress.commands,
+            traces=progress.traces,
+            done=done,
+        )
+
+
+class Executor:
+    """The process: one DEALER socket, one provider client, one task per event."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ctx: zmq.asyncio.Context,
+        client: ProviderClient,
+        executor_id: str,
+        clock: Clock = time.time,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.executor_id = executor_id
+        self.clock = clock
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, executor_id.encode())
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self._send_lock = asyncio.Lock()
+        self._sessions: set[asyncio.Task[None]] = set()
+
+    @property
+    def busy(self) -> int:
+        return len(self._sessions)
+
+    async def send(self, msg: IvrReady | IvrHeartbeat | IvrReply) -> None:
+        async with self._send_lock:
+            await self.sock.send(encode(msg))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        endpoint = self.settings.zmq.ivr_endpoint
+        self.sock.connect(endpoint)
+        log.info("executor %s connected to %s", self.executor_id, endpoint)
+        await self.send(IvrReady(executor_id=self.executor_id, capacity=self.settings.ivr.capacity))
+        workers = [
+            asyncio.create_task(self._heartbeats(), name="heartbeat"),
+            asyncio.create_task(self._receive(), name="receive"),
+        ]
+        stopped = asyncio.create_task(stop.wait(), name="stop")
+        done, _ = await asyncio.wait([stopped, *workers], return_when=asyncio.FIRST_COMPLETED)
+        for task in [stopped, *workers]:
+            task.cancel()
+        await asyncio.gather(stopped, *workers, return_exceptions=True)
+        for task in done:
+            if task is not stopped and not task.cancelled() and task.exception() is not None:
+                log.error("executor loop failed: %r", task.exception())
+        if self._sessions:
+            log.info("waiting for %d session(s) in progress", len(self._sessions))
+            await asyncio.wait(set(self._sessions), timeout=5.0)
+        self.sock.close()
+
+    async def _heartbeats(self) -> None:
+        period_s = self.settings.ivr.heartbeat_ms / 1000.0
+        while True:
+            await asyncio.sleep(period_s)
+            await self.send(
+                IvrHeartbeat(
+                    executor_id=self.executor_id,
+                    busy=self.busy,
+                    capacity=self.settings.ivr.capacity,
+                )
+            )
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            if not frames:
+                continue
+            try:
+                msg = decode(frames[-1])
+            except MessageError as exc:
+                log.warning("dropping bad frame: %s", exc)
+                continue
+            if not isinstance(msg, IvrEvent):
+                log.warning("dropping unexpected %s message", getattr(msg, "kind", "?"))
+                continue
+            task = asyncio.create_task(self._session(msg))
+            self._sessions.add(task)
+            task.add_done_callback(self._sessions.discard)
+
+    async def _session(self, event: IvrEvent) -> None:
+        reply = await handle_event(event, self.client, self.clock)
+        try:
+            await self.send(reply)
+        except Exception:
+            log.exception("session %s seq %d: cannot send reply", event.session_id, event.seq)
+
+
+def executor_id() -> str:
+    return f"ivr-{socket.gethostname()}-{os.getpid()}"
+
+
+async def serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ctx = zmq.asyncio.Context()
+    client = ProviderClient()
+    try:
+        await Executor(settings, ctx, client, executor_id()).run(stop)
+    finally:
+        await client.close()
+        ctx.term()
+    log.info("executor stopped")
+
+
+def main() -> None:
+    try:
+        settings = load_config()
+    except ConfigError as exc:
+        print(f"pbx-ivr: {exc}", file=sys.stderr)
+        sys.exit(2)
+    setup_logging(settings, "pbx-ivr")
+    uvloop.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()
