@@ -1,0 +1,434 @@
+"""End-to-end harness: the real system under a real supervisord, a scripted provider,
+sipp as the third-party UA, and plain sockets standing in for phones' RTP ports.
+
+Everything listens on 127.0.0.1 on ports picked free at start; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+SIPP_PCAPS = Path("/usr/share/sip-tester")
+
+
+def free_port(kind: int = socket.SOCK_DGRAM, even: bool = False) -> int:
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if even and port % 2:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t, \
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                t.bind(("127.0.0.1", port))
+                u.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
+
+
+# ---------------------------------------------------------------- provider
+
+
+@dataclass
+class ProviderRequest:
+    path: str
+    body: Any
+    headers: dict[str, str]
+    at: float
+
+
+Reply = tuple[int, bytes, float]  # status, body, delay before answering (s)
+
+
+class ScriptedProvider:
+    """An HTTP provider in the test process that records every request.
+
+    `script(path, body)` returns (status, body bytes, delay seconds); the default
+    answers /start, /end and /dtmf-match with 200 and step requests with hang-up.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[ProviderRequest] = []
+        self.lock = threading.Lock()
+        self.script: Callable[[str, Any], Reply] = self.default_script
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = raw.decode("utf-8", "replace")
+                with provider.lock:
+                    provider.requests.append(ProviderRequest(
+                        self.path, body, dict(self.headers.items()), time.monotonic()))
+                status, data, delay = provider.script(self.path, body)
+                if delay:
+                    time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client gave up (timeout): that is the point of some tests
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def default_script(path: str, body: Any) -> Reply:
+        if path.endswith(("/start", "/end", "/dtmf-match")):
+            return 200, b'{"status":"ok"}', 0.0
+        return 200, json.dumps({"type": "hangup"}).encode(), 0.0
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def seen(self, path_prefix: str = "") -> list[ProviderRequest]:
+        with self.lock:
+            return [r for r in self.requests if r.path.startswith(path_prefix)]
+
+    def for_session(self, session_id: str) -> list[ProviderRequest]:
+        with self.lock:
+            return [r for r in self.requests
+                    if isinstance(r.body, dict) and r.body.get("session_id") == session_id]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ---------------------------------------------------------------- RTP
+
+
+@dataclass
+class RtpPacket:
+    at: float
+    src: tuple[str, int]
+    payload_type: int
+    marker: bool
+    seq: int
+    timestamp: int
+    ssrc: int
+    payload: bytes
+
+
+class RtpEndpoint:
+    """A phone's RTP port: records what arrives, sends what the test asks."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", free_port(even=True)))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.packets: list[RtpPacket] = []
+        self._stop = threading.Event()
+        self._seq = 1000
+        self._ts = 160000
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, src = self.sock.recvfrom(2048)
+            except (TimeoutError, OSError):
+                continue
+            if len(data) < 12 or data[0] >> 6 != 2:
+                continue
+            b1 = data[1]
+            seq, ts, ssrc = struct.unpack("!HII", data[2:12])
+            cc = data[0] & 0x0F
+            self.packets.append(RtpPacket(time.monotonic(), src, b1 & 0x7F, bool(b1 & 0x80),
+                                          seq, ts, ssrc, data[12 + 4 * cc:]))
+
+    def audio(self, payload_type: int = 0) -> list[RtpPacket]:
+        return [p for p in list(self.packets) if p.payload_type == payload_type]
+
+    def send(self, dest: tuple[str, int], payload: bytes, payload_type: int = 0,
+             marker: bool = False) -> None:
+        self._seq = (self._seq + 1) & 0xFFFF
+        self._ts = (self._ts + 160) & 0xFFFFFFFF
+        header = struct.pack("!BBHII", 0x80, (0x80 if marker else 0) | payload_type,
+                             self._seq, self._ts, 0x1234ABCD)
+        self.sock.sendto(header + payload, dest)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(1)
+        self.sock.close()
+
+
+# ---------------------------------------------------------------- sipp
+
+
+@dataclass
+class Sipp:
+    """A sipp process; `wait()` returns its exit code (0: every call succeeded)."""
+
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+    name: str
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"sipp {self.name} still running after {timeout} s:\n"
+                                 + self.logs()) from None
+
+    def logs(self) -> str:
+        out = []
+        for f in sorted(self.workdir.glob("*")):
+            if f.suffix in (".log", ".txt") or f.name.endswith("_errors.log"):
+                text = f.read_text(errors="replace")
+                out.append(f"--- {f.name}\n{text[-4000:]}")
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_sipp(name: str, args: list[str], workdir: Path) -> Sipp:
+    sipp = shutil.which("sipp")
+    assert sipp, "sipp is not installed (make test installs Debian's sip-tester)"
+    workdir.mkdir(parents=True, exist_ok=True)
+    # sipp's screen goes to a file: a pipe nobody reads would block it.
+    out = (workdir / "stdout.txt").open("wb")
+    proc = subprocess.Popen(
+        [sipp, *args, "-nostdin", "-trace_err", "-trace_msg"],
+        cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+    )
+    out.close()
+    return Sipp(proc, workdir, name)
+
+
+# ---------------------------------------------------------------- the system
+
+
+@dataclass
+class PbxSystem:
+    root: Path
+    sip_port: int
+    admin_port: int
+    provider: ScriptedProvider
+    extension_ports: dict[str, int]
+    proc: subprocess.Popen[bytes] | None = None
+    conf_path: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sip_addr(self) -> str:
+        return f"127.0.0.1:{self.sip_port}"
+
+    def admin(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
+            return json.loads(r.read())
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics",
+                                    timeout=5) as r:
+            text = r.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.partition(" ")
+                values[name] = float(value)
+        return values
+
+    def supervisorctl(self, *args: str) -> str:
+        assert self.conf_path is not None
+        out = subprocess.run([str(VENV_BIN / "supervisorctl"), "-c", str(self.conf_path), *args],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout + out.stderr
+
+    def log(self, name: str) -> str:
+        path = self.root / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+ROUTES = """
+[[routes]]
+name = "main"
+priority = 10
+match = {{ "to.user" = '^\\*99$' }}
+app = "ivr"
+app_params = {{ mode = "step", url = "{url}/ivr/step", name = "test-ivr", ivr_id = "ivr-e2e", tenant_id = "tenant-e2e", headers = {{ Authorization = "Bearer e2e" }}, retry = {{ max_retries = 2, timeout_ms = 600 }} }}
+
+[[routes]]
+name = "short-form"
+to_user = "*98"
+app = "ivr"
+app_params = {{ mode = "step", url = "{url}/short", retry = {{ max_retries = 2, timeout_ms = 600 }} }}
+"""
+
+
+def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int = 2,
+                 executors: int = 2, extensions: tuple[str, ...] = ("2001",)) -> PbxSystem:
+    """Write a config and a supervisord.conf under `root` and start supervisord."""
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    (root / "recordings").mkdir(exist_ok=True)
+    sip_port, admin_port = free_port(), free_port(socket.SOCK_STREAM)
+    zmq_ports = [free_port(socket.SOCK_STREAM) for _ in range(3)]
+    rtp_low = 30000 + (os.getpid() % 200) * 100
+    ext_ports = {ext: free_port() for ext in extensions}
+    users = "".join(
+        f'\n[users."{ext}"]\ncontact = "sip:{ext}@127.0.0.1:{port}"\n'
+        for ext, port in ext_ports.items()
+    )
+    config = f"""
+[sip]
+listen = "127.0.0.1:{sip_port}"
+ring_timeout_ms = 8000
+
+[media]
+rtp_ip = "127.0.0.1"
+rtp_ports = "{rtp_low}-{rtp_low + 99}"
+sounds_dir = "{ROOT / 'sounds'}"
+recordings_dir = "{root / 'recordings'}"
+heartbeat_ms = 200
+expiry_ms = 1500
+
+[ivr]
+heartbeat_ms = 200
+expiry_ms = 1500
+
+[zmq]
+media_endpoint = "tcp://127.0.0.1:{zmq_ports[0]}"
+ivr_endpoint = "tcp://127.0.0.1:{zmq_ports[1]}"
+events_endpoint = "tcp://127.0.0.1:{zmq_ports[2]}"
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[logging]
+dir = "{root / 'logs'}"
+level = "DEBUG"
+{users}
+{ROUTES.format(url=provider.url(''))}
+"""
+    config_path = root / "pbx.toml"
+    config_path.write_text(config)
+
+    def program(name: str, command: str, numprocs: int = 1) -> str:
+        procname = f"{name}-%(process_num)02d" if numprocs > 1 else name
+        return f"""
+[program:{name}]
+command={command}
+process_name={procname}
+numprocs={numprocs}
+directory={ROOT}
+autorestart=true
+startsecs=1
+startretries=20
+stopwaitsecs=5
+stopasgroup=true
+killasgroup=true
+redirect_stderr=true
+stdout_logfile={root}/logs/{procname}.log
+environment=PBX_CONFIG="{config_path}"
+"""
+
+    conf = f"""
+[supervisord]
+logfile={root}/logs/supervisord.log
+pidfile={root}/supervisord.pid
+childlogdir={root}/logs
+directory={ROOT}
+
+[unix_http_server]
+file={root}/supervisor.sock
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://{root}/supervisor.sock
+""" + program("front", f"{VENV_BIN}/pbx-front") + program(
+        "media", f"{VENV_BIN}/pbx-media", media_workers) + program(
+        "ivr", f"{VENV_BIN}/pbx-ivr", executors)
+    conf_path = root / "supervisord.conf"
+    conf_path.write_text(conf)
+    system = PbxSystem(root, sip_port, admin_port, provider, ext_ports, conf_path=conf_path)
+    system.proc = subprocess.Popen(
+        [str(VENV_BIN / "supervisord"), "-n", "-c", str(conf_path)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+    def ready() -> bool:
+        try:
+            m = system.metrics()
+        except OSError:
+            return False
+        return (m.get("pbx_media_workers", 0) >= media_workers
+                and m.get("pbx_executors", 0) >= executors)
+
+    try:
+        wait_until(ready, 60, "the system to come up")
+    except AssertionError:
+        logs = "\n".join(f"{p.name}:\n{p.read_text(errors='replace')[-2000:]}"
+                         for p in sorted((root / "logs").glob("*.log")))
+        system.stop()
+        raise AssertionError(f"system did not come up:\n{logs}") from None
+    return system
