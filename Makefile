@@ -24,9 +24,11 @@ install: $(VENV)/.installed run/workers.conf
 run/workers.conf: $(VENV)/.installed
 	$(BIN)/python -m pbx.supervisor_conf --media-workers $(PBX_MEDIA_WORKERS) --executors $(PBX_IVR_EXECUTORS) --out $@
 
-# Debian tools the tests use: sipp (sip-tester), sox and espeak-ng.
+# Debian tools the tests use: sipp (sip-tester), sox and espeak-ng; and venv support
+# for Debian's own python3.
 tools:
 	@missing=""; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	command -v sipp >/dev/null || missing="$$missing sip-tester"; \
 	command -v sox >/dev/null || missing="$$missing sox"; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
@@ -39,8 +41,9 @@ run: install
 	mkdir -p logs
 	$(BIN)/supervisord -n -c supervisord.conf
 
-test: install tools
+test: tools install
 	$(BIN)/ruff check pbx workers media tests perf examples
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 sounds: tools

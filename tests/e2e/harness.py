@@ -308,6 +308,13 @@ class PbxSystem:
                 self.proc.wait(5)
 
 
+# A TCP port bound but never listening: connecting to it is refused (ECONNREFUSED), and
+# holding the socket keeps anything else from taking the port while the tests run.
+_REFUSING_SOCKET = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+_REFUSING_SOCKET.bind(("127.0.0.1", 0))
+REFUSED_PORT: int = _REFUSING_SOCKET.getsockname()[1]
+REFUSED_URL = f"http://127.0.0.1:{REFUSED_PORT}/x"
+
 ROUTES = """
 [[routes]]
 name = "main"
@@ -321,7 +328,13 @@ name = "short-form"
 to_user = "*98"
 app = "ivr"
 app_params = {{ mode = "step", url = "{url}/short", retry = {{ max_retries = 2, timeout_ms = 600 }} }}
-"""
+
+[[routes]]
+name = "refused"
+to_user = "*97"
+app = "ivr"
+app_params = {{ mode = "step", url = "REFUSED_URL", retry = {{ max_retries = 2, timeout_ms = 600 }} }}
+""".replace("REFUSED_URL", REFUSED_URL)
 
 
 def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int = 2,

@@ -1,0 +1,186 @@
+"""pbx.messages: every message kind survives encode/decode; bad frames raise MessageError."""
+
+from __future__ import annotations
+
+import typing
+
+import orjson
+import pytest
+
+from pbx import messages as m
+from pbx.config import IvrAppParams
+
+PARAMS = IvrAppParams(url="http://127.0.0.1:8080/ivr/step", headers={"X-Key": "k"})
+CALL = m.CallInfo(
+    call_id="c1",
+    session_id="s1",
+    caller="1001",
+    callee="*99",
+    route_name="step_ivr",
+    params=PARAMS,
+    sip_headers={"User-Agent": "phone"},
+    variables={"transferred_from": "queue"},
+)
+TRACE = m.StepTrace(
+    call_id="c1",
+    session_id="s1",
+    step_index=0,
+    trigger="session_start",
+    action_type="play",
+    action={"type": "play", "prompt": "sounds/welcome.wav"},
+    duration_ms=12.5,
+    extra={"k": [1, 2]},
+    at=1700000000.0,
+)
+
+SAMPLES: list[m._Msg] = [
+    m.MediaReady(worker_id="w1", capacity=100, calls=2),
+    m.MediaHeartbeat(worker_id="w1", calls=3, capacity=100, tick_late_ms_max=1.5),
+    m.MediaAllocate(call_id="c1", inband_dtmf=False),
+    m.MediaAllocated(call_id="c1", rtp_ip="127.0.0.1", rtp_port=20000),
+    m.MediaAllocated(call_id="c1", error="no ports"),
+    m.MediaRemote(
+        call_id="c1",
+        remote_ip="10.0.0.1",
+        remote_port=4000,
+        payload_type=8,
+        codec="PCMA",
+        dtmf_payload_type=101,
+    ),
+    m.MediaPlay(call_id="c1", play_id=7, file="sounds/a.wav", interruptible=True, loop=True),
+    m.MediaStop(call_id="c1"),
+    m.MediaTimer(call_id="c1", timer_id=3, delay_ms=5000),
+    m.MediaBridge(call_id="c1", peer_call_id="c2"),
+    m.MediaDtmfInfo(call_id="c1", digit="5", duration_ms=160),
+    m.MediaRelease(call_id="c1"),
+    m.MediaEvent(call_id="c1", event=m.AudioComplete(play_id=7)),
+    m.MediaEvent(call_id="c1", event=m.DtmfDigit(digit="#", source="inband", stopped_play_id=7)),
+    m.MediaEvent(call_id="c1", event=m.TimerFired(timer_id=3)),
+    m.MediaEvent(call_id="c1", event=m.MediaFailure(reason="file not found", play_id=7)),
+    m.MediaReleased(call_id="c1", packets_sent=10, packets_received=9),
+    m.IvrReady(executor_id="e1", capacity=50),
+    m.IvrHeartbeat(executor_id="e1", busy=1, capacity=50),
+    m.IvrEvent(session_id="s1", seq=0, input=m.SessionStartInput(call=CALL)),
+    m.IvrEvent(
+        session_id="s1",
+        seq=1,
+        state={"step": 1, "vars": {"a": "b"}},
+        input=m.MediaInput(event=m.DtmfDigit(digit="1")),
+    ),
+    m.IvrEvent(session_id="s1", seq=2, state={}, input=m.CallEndedInput(reason="Bye")),
+    m.IvrReply(
+        session_id="s1",
+        seq=1,
+        state={"step": 2},
+        commands=[
+            m.PlayCommand(play_id=1, file="sounds/a.wav", interruptible=True),
+            m.StopCommand(),
+            m.TimerCommand(timer_id=1, delay_ms=3000),
+            m.TransferCommand(target="2001"),
+            m.HangupCommand(code=486, reason="Busy"),
+        ],
+        traces=[TRACE],
+        done=True,
+    ),
+]
+
+
+def _kinds_in_union() -> set[str]:
+    union = typing.get_args(m.Message)[0]
+    return {cls.model_fields["kind"].default for cls in typing.get_args(union)}
+
+
+def test_samples_cover_every_kind() -> None:
+    assert {s.kind for s in SAMPLES} == _kinds_in_union()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda s: s.kind)  # type: ignore[attr-defined]
+def test_round_trip(msg: m._Msg) -> None:
+    frame = m.encode(msg)
+    assert isinstance(frame, bytes)
+    back = m.decode(frame)
+    assert type(back) is type(msg)
+    assert back == msg
+    assert m.encode(back) == frame
+
+
+def test_version_travels_in_every_frame() -> None:
+    for msg in SAMPLES:
+        assert orjson.loads(m.encode(msg))["v"] == m.PROTOCOL_VERSION
+
+
+def _frame(**changes: object) -> bytes:
+    data = orjson.loads(m.encode(m.MediaStop(call_id="c1")))
+    data.update(changes)
+    return orjson.dumps(data)
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None])
+def test_wrong_version(version: object) -> None:
+    with pytest.raises(m.MessageError, match="protocol version"):
+        m.decode(_frame(v=version))
+
+
+def test_missing_version() -> None:
+    with pytest.raises(m.MessageError, match="protocol version"):
+        m.decode(orjson.dumps({"kind": "media_stop", "call_id": "c1"}))
+
+
+@pytest.mark.parametrize("frame", [b"", b"not json", b"{", b"\xff\xfe", b'{"v":1,'])
+def test_not_json(frame: bytes) -> None:
+    with pytest.raises(m.MessageError, match="not JSON"):
+        m.decode(frame)
+
+
+@pytest.mark.parametrize("frame", [b"[]", b"1", b'"media_stop"', b"null"])
+def test_not_an_object(frame: bytes) -> None:
+    with pytest.raises(m.MessageError):
+        m.decode(frame)
+
+
+def test_unknown_kind() -> None:
+    with pytest.raises(m.MessageError):
+        m.decode(_frame(kind="media_explode"))
+
+
+def test_missing_kind() -> None:
+    with pytest.raises(m.MessageError):
+        m.decode(orjson.dumps({"v": 1, "call_id": "c1"}))
+
+
+def test_missing_field() -> None:
+    data = orjson.loads(m.encode(m.MediaStop(call_id="c1")))
+    del data["call_id"]
+    with pytest.raises(m.MessageError, match="media_stop"):
+        m.decode(orjson.dumps(data))
+
+
+def test_missing_nested_field() -> None:
+    data = orjson.loads(m.encode(m.MediaEvent(call_id="c1", event=m.TimerFired(timer_id=1))))
+    del data["event"]["timer_id"]
+    with pytest.raises(m.MessageError):
+        m.decode(orjson.dumps(data))
+
+
+def test_unknown_extra_field_refused() -> None:
+    with pytest.raises(m.MessageError):
+        m.decode(_frame(surprise=True))
+
+
+def test_wrong_field_type() -> None:
+    frame = orjson.dumps({"v": 1, "kind": "media_timer", "call_id": "c1", "timer_id": "x", "delay_ms": 1})
+    with pytest.raises(m.MessageError):
+        m.decode(frame)
+
+
+def test_unknown_command_in_reply() -> None:
+    data = orjson.loads(m.encode(m.IvrReply(session_id="s", seq=0, state={})))
+    data["commands"] = [{"type": "dance"}]
+    with pytest.raises(m.MessageError):
+        m.decode(orjson.dumps(data))
+
+
+def test_messages_are_frozen() -> None:
+    msg = m.MediaStop(call_id="c1")
+    with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError
+        msg.call_id = "c2"  # type: ignore[misc]
