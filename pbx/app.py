@@ -30,6 +30,8 @@ class SipUdpProtocol(asyncio.DatagramProtocol):
         self.front_ref = front_ref
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        if not self.front_ref:
+            return  # still starting: the sender retransmits
         try:
             self.front_ref[0].datagram_received(data, addr[:2])
         except Exception:
@@ -80,7 +82,11 @@ async def run(settings: Settings) -> None:
     )
 
     def send_datagram(data: bytes, addr: tuple[str, int]) -> None:
-        transport.sendto(data, addr)
+        try:
+            transport.sendto(data, addr)
+        except (OSError, ValueError) as exc:
+            # An unusable destination (a host name, a closed port) costs that message only.
+            log.warning("cannot send SIP to %s: %s", addr, exc)
 
     front = Front(settings, send_datagram, broker.send_media, broker.send_ivr, broker.publish)
     front_ref.append(front)
@@ -101,7 +107,11 @@ async def run(settings: Settings) -> None:
                 await asyncio.wait_for(stop.wait(), EXPIRY_CHECK_S)
             except TimeoutError:
                 pass
-            front.expire_workers()
+            try:
+                front.expire_workers()
+            except Exception:
+                log.exception("worker expiry check failed")
+        await front.shutdown()
     finally:
         transport.close()
         await runner.cleanup()

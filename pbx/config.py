@@ -207,6 +207,9 @@ class Settings(_Section):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     users: dict[str, UserSettings] = Field(default_factory=dict)
     routes: list[RouteSettings] = Field(default_factory=list)
+    # Named step-mode IVRs a `jump_ivr` action can go to (`[ivrs.<route_point>]`, same
+    # keys as a route's `app_params`). Optional: no section, no jump targets.
+    ivrs: dict[str, IvrAppParams] = Field(default_factory=dict)
     source_path: str = Field(default="", exclude=True)
 
     def sorted_routes(self) -> list[RouteSettings]:

@@ -10,8 +10,10 @@ publish an event), plus `await` on a media worker's allocation reply.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -57,8 +59,29 @@ ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO"
 USER_AGENT = "pbx/0.1"
 MEDIA_ALLOCATE_TIMEOUT_S = 2.0
 TRACE_STORE_SESSIONS = 1000
+TRACE_STEPS_PER_SESSION = 500
+# How long an IVR event may stay unanswered beyond the provider's own retry budget
+# before it is re-sent once to another executor, and then the call is given up.
+IVR_REPLY_MARGIN_S = 15.0
+# How long a session may wait for any executor at all.
+IVR_NO_EXECUTOR_S = 10.0
+# RFC 3261 §17.1.1.2 Timer B/F: how long we keep a client transaction's owner around.
+CLIENT_TXN_LINGER_S = 32.0
 # DTMF-relay INFO bodies (application/dtmf-relay: "Signal=5"; application/dtmf: "5").
 DTMF_KEYS = set("0123456789*#ABCD")
+
+
+def _reason_phrase(text: str, limit: int = 100) -> str:
+    """Text safe for a status line or a quoted header value: one line, no quotes."""
+    return " ".join(text.replace('"', "'").split())[:limit]
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -84,6 +107,11 @@ class Leg:
     negotiated: sdp.Negotiated | None = None
     answer_sdp: bytes = b""
     ring_timer: asyncio.TimerHandle | None = None
+    source: Addr | None = None  # where the initial INVITE came from (2xx retransmissions)
+    route_set: list[str] = field(default_factory=list)  # Route header values, in order
+    provisional_seen: bool = False  # RFC 3261 §9.1: CANCEL only after a 1xx
+    cancel_pending: bool = False
+    late_bye_sent: bool = False
 
     @property
     def dialog_key(self) -> tuple[str, str]:
@@ -103,6 +131,9 @@ class Session:
     in_flight: m.IvrEvent | None = None
     executor: bytes | None = None
     done: bool = False
+    sent_at: float = 0.0
+    attempts: int = 0
+    waiting_since: float | None = None
 
 
 @dataclass
@@ -166,15 +197,21 @@ class Front:
     def now(self) -> float:
         return self.loop.time()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any, call: Call) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda t: self._task_done(t, call))
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
+    def _task_done(self, task: asyncio.Task[Any], call: Call) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("call task failed", exc_info=task.exception())
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("call %s: task failed", call.call_id, exc_info=task.exception())
+        # A bug must end the call cleanly, never leave the caller ringing or in silence.
+        try:
+            self._hangup_call(call, "InternalError", 500)
+        except Exception:
+            log.exception("call %s: could not end the call after a failure", call.call_id)
 
     def _emit(self, events: list[Any]) -> None:
         for ev in events:
@@ -205,9 +242,12 @@ class Front:
     def _on_timer(self) -> None:
         self._timer = None
         now = self.now()
-        events: list[Any] = self.transactions.handle_timer(now)
-        events += self.retransmitter.handle_timer(now)
-        self._emit(events)
+        try:
+            events: list[Any] = self.transactions.handle_timer(now)
+            events += self.retransmitter.handle_timer(now)
+            self._emit(events)
+        finally:
+            self._arm_timer()  # whatever happened, SIP timers keep running
 
     # ------------------------------------------------------------ SIP in
 
@@ -278,7 +318,11 @@ class Front:
                 self._respond(key, req, 501, headers=[("Allow", ALLOW)])
         except SipError as exc:
             if method != "ACK":
-                self._respond(key, req, exc.status, str(exc)[:100])
+                self._respond(key, req, exc.status, _reason_phrase(str(exc)))
+        except Exception:
+            log.exception("error handling %s %s", method, req.call_id)
+            if method != "ACK":
+                self._respond(key, req, 500, "Server Internal Error")
 
     # ------------------------------------------------------------ incoming calls
 
@@ -303,7 +347,7 @@ class Front:
         )
         leg = Leg(
             call=call, sip_call_id=req.call_id, local_tag=new_tag(),
-            media_id=f"{call.call_id}-a", outbound=False, addr=self._response_addr(req, addr),
+            media_id=f"{call.call_id}-a", outbound=False, addr=addr, source=addr,
         )
         leg.invite, leg.invite_key = req, key
         leg.remote_tag = req.from_tag
@@ -311,27 +355,38 @@ class Front:
         leg.local_party = f"{req.headers.get('To') or ''};tag={leg.local_tag}"
         contact = req.headers.get("Contact")
         leg.remote_target = str(parse_name_addr(contact).uri) if contact else str(frm.uri)
+        # RFC 3261 §12.1.1: the UAS route set is the Record-Route list, in order.
+        leg.route_set = req.headers.get_all("Record-Route")
+        leg.addr = self._next_hop(leg, fallback=addr)
         call.a = leg
         self.calls[call.call_id] = call
         self.pending_invites[key] = leg
         self._publish_call(call, "started")
-        self._spawn(self._answer_incoming(call, leg, req, key))
+        self._spawn(self._answer_incoming(call, leg, req, key), call)
 
-    def _response_addr(self, req: SipRequest, addr: Addr) -> Addr:
-        """Where in-dialog requests to this peer go: its Contact, else its source."""
-        contact = req.headers.get("Contact")
-        if contact:
+    def _next_hop(self, leg: Leg, fallback: Addr) -> Addr:
+        """Where in-dialog requests go: the first Route, else the remote target (RFC 3261
+        §12.2.1.1, loose routing). A target we cannot send to directly (a host name, no
+        DNS on this path) falls back to where the peer's packets came from."""
+        target = leg.remote_target
+        if leg.route_set:
             try:
-                uri = parse_name_addr(contact).uri
-                return (uri.host.strip("[]"), uri.port or 5060)
+                target = str(parse_name_addr(leg.route_set[0]).uri)
             except SipError:
-                pass
-        return addr
+                return fallback
+        try:
+            uri = parse_uri(target)
+        except SipError:
+            return fallback
+        host = uri.host.strip("[]")
+        return (host, uri.port or 5060) if _is_ip(host) else fallback
 
     async def _answer_incoming(self, call: Call, leg: Leg, req: SipRequest,
                                key: TransactionKey) -> None:
         route = call.route
         assert route is not None
+        if leg.state == "terminated":  # cancelled before this task ran
+            return
         if not req.body:
             self._fail_invite(leg, 488, "No SDP Offer")
             return
@@ -348,30 +403,38 @@ class Front:
             )
         except SipError as exc:
             self._release_media(leg)
-            self._fail_invite(leg, exc.status, str(exc)[:80])
+            self._fail_invite(leg, exc.status, _reason_phrase(str(exc), 80))
             return
         leg.negotiated, leg.answer_sdp = negotiated, answer
         self._send_remote(leg)
-        self.pending_invites.pop(key, None)
-        response = self._respond(
-            key, req, 200, to_tag=leg.local_tag, body=answer,
-            headers=[("Contact", self._contact()), ("Allow", ALLOW)],
-        )
-        leg.state = "confirmed"
         self.dialogs[leg.dialog_key] = leg
-        self.retransmitter.start(self._dkey(leg), response.serialize(),
-                                 self._source_addr(req, leg), self.now())
-        self._arm_timer()
-        call.answered_at = time.time()
-        self._publish_call(call, "answered")
+        if route.answer == "early_media":
+            # 183 with the SDP answer: the IVR plays before any final response, so a
+            # play_and_hangup code can still be the final status (DESIGN §3).
+            self._respond(key, req, 183, to_tag=leg.local_tag, body=answer,
+                          headers=self._dialog_headers(leg))
+        else:
+            self._answer_leg(leg)
         self._start_session(call, req)
 
-    def _source_addr(self, req: SipRequest, leg: Leg) -> Addr:
-        txn_addr = leg.addr
-        via = req.via
-        host = via.received or via.host
-        port = via.rport or via.port or 5060
-        return (host, port) if host else txn_addr
+    def _dialog_headers(self, leg: Leg) -> list[tuple[str, str]]:
+        headers = [("Contact", self._contact()), ("Allow", ALLOW)]
+        headers += [("Record-Route", rr) for rr in leg.route_set]
+        return headers
+
+    def _answer_leg(self, leg: Leg) -> None:
+        """200 OK for an inbound leg's INVITE, retransmitted until the ACK (§13.3.1.4)."""
+        assert leg.invite is not None and leg.invite_key is not None
+        self.pending_invites.pop(leg.invite_key, None)
+        response = self._respond(leg.invite_key, leg.invite, 200, to_tag=leg.local_tag,
+                                 body=leg.answer_sdp, headers=self._dialog_headers(leg))
+        leg.state = "confirmed"
+        self.retransmitter.start(self._dkey(leg), response.serialize(),
+                                 leg.source or leg.addr, self.now())
+        self._arm_timer()
+        call = leg.call
+        call.answered_at = time.time()
+        self._publish_call(call, "answered")
 
     def _fail_invite(self, leg: Leg, status: int, reason: str,
                      headers: list[tuple[str, str]] | None = None) -> None:
@@ -405,16 +468,18 @@ class Front:
 
     def _on_cancel(self, req: SipRequest, key: TransactionKey) -> None:
         invite_key = self.transactions.find_invite_server(req)
-        leg = self.pending_invites.get(invite_key) if invite_key else None
-        if leg is None or invite_key is None:
+        if invite_key is None:
             self._respond(key, req, 481)
             return
-        self._respond(key, req, 200)
-        self.pending_invites.pop(invite_key, None)
+        leg = self.pending_invites.pop(invite_key, None)
+        if leg is None:
+            # RFC 3261 §9.2: the INVITE was already answered; the CANCEL itself succeeds.
+            self._respond(key, req, 200)
+            return
+        self._respond(key, req, 200, to_tag=leg.local_tag)
         assert leg.invite is not None
         self._respond(invite_key, leg.invite, 487, to_tag=leg.local_tag)
         leg.state = "terminated"
-        self._release_media(leg)
         self._end_call(leg.call, "Cancelled", 487)
 
     # ------------------------------------------------------------ in-dialog requests
@@ -426,13 +491,23 @@ class Front:
             return
         if req.method == "BYE":
             self._respond(key, req, 200)
+            if leg.state == "early" and not leg.outbound and leg.invite_key is not None:
+                # A BYE on an early dialog (RFC 3261 §15) ends the INVITE too.
+                assert leg.invite is not None
+                self.pending_invites.pop(leg.invite_key, None)
+                self._respond(leg.invite_key, leg.invite, 487, to_tag=leg.local_tag)
             leg.state = "terminated"
             self._hangup_call(leg.call, "Hangup" if leg is leg.call.a else "CalleeHangup",
                               None, except_leg=leg)
         elif req.method == "INVITE":
-            # Re-INVITE (refresh, hold): answer with our current SDP (full handling: later).
-            self._respond(key, req, 200, body=leg.answer_sdp,
-                          headers=[("Contact", self._contact())])
+            # Re-INVITE (refresh, hold): answer with our current SDP; the 2xx is
+            # retransmitted until its ACK like the first one. Applying a changed offer
+            # (hold, new address) comes with the full re-INVITE support.
+            response = self._respond(key, req, 200, body=leg.answer_sdp,
+                                     headers=self._dialog_headers(leg))
+            self.retransmitter.start(self._dkey(leg), response.serialize(),
+                                     addr, self.now())
+            self._arm_timer()
         elif req.method == "INFO":
             self._on_info(leg, req, key)
         elif req.method == "OPTIONS":
@@ -476,6 +551,8 @@ class Front:
         h.add("To", leg.remote_party)
         h.add("Call-ID", leg.sip_call_id)
         h.add("CSeq", f"{leg.local_cseq} {method}")
+        for route in leg.route_set:
+            h.add("Route", route)
         h.add("Contact", self._contact())
         h.add("User-Agent", USER_AGENT)
         for name, value in extra or []:
@@ -489,7 +566,8 @@ class Front:
             return
         extra = []
         if code is not None:
-            extra.append(("Reason", f'SIP;cause={code};text="{text or "Call ended"}"'))
+            # RFC 3326 Reason; the text comes from the provider's side: keep it one safe line.
+            extra.append(("Reason", f'SIP;cause={code};text="{_reason_phrase(text) or "Call ended"}"'))
         req = self._new_request(leg, "BYE", extra)
         leg.state = "terminated"
         key, sends = self.transactions.send_request(req, leg.addr, self.now())
@@ -497,8 +575,8 @@ class Front:
 
     # ------------------------------------------------------------ outbound legs (B2BUA)
 
-    def _resolve_target(self, target: str) -> tuple[str, Addr] | None:
-        """An extension with a static contact, or a SIP URI → (Request-URI, address)."""
+    def _resolve_target(self, target: str) -> tuple[str, str, int] | None:
+        """An extension with a static contact, or a SIP URI → (Request-URI, host, port)."""
         uri_text: str | None = None
         user = self.settings.users.get(target)
         if user is not None and user.contact:
@@ -511,11 +589,15 @@ class Front:
             uri = parse_uri(uri_text)
         except SipError:
             return None
-        return uri_text, (uri.host.strip("[]"), uri.port or 5060)
+        return uri_text, uri.host.strip("[]"), uri.port or 5060
 
     def _transfer(self, call: Call, target: str) -> None:
         a = call.a
-        if a is None or a.state != "confirmed":
+        if a is None or a.state == "terminated":
+            return
+        if call.b is not None and call.b.state != "terminated":
+            log.warning("call %s: a second transfer while one is running; ignored",
+                        call.call_id)
             return
         call.transfer_target = target
         resolved = self._resolve_target(target)
@@ -523,20 +605,32 @@ class Front:
             log.info("call %s: transfer target %r not found", call.call_id, target)
             self._hangup_call(call, f"TransferFailed({target})", 404)
             return
-        ruri, addr = resolved
+        ruri, host, port = resolved
         b = Leg(
             call=call, sip_call_id=new_call_id(self.host), local_tag=new_tag(),
-            media_id=f"{call.call_id}-b", outbound=True, addr=addr,
+            media_id=f"{call.call_id}-b", outbound=True, addr=(host, port),
         )
         b.local_party = f"<sip:{call.caller or 'pbx'}@{self.host}:{self.port}>;tag={b.local_tag}"
         b.remote_party = f"<{ruri}>"
         b.remote_target = ruri
         call.b = b
-        self._spawn(self._call_out(call, b))
+        self._spawn(self._call_out(call, b), call)
 
     async def _call_out(self, call: Call, b: Leg) -> None:
         a = call.a
         assert a is not None
+        host, port = b.addr
+        if not _is_ip(host):
+            try:
+                infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+                b.addr = (str(infos[0][4][0]), port)
+            except (OSError, IndexError):
+                self._hangup_call(call, f"TransferFailed({call.transfer_target})", 404)
+                return
+        # Both legs must be on one worker: the bridge is local to it.
+        if a.worker is None:
+            self._hangup_call(call, "TransferFailed(media)", 503)
+            return
         allocated = await self._allocate(b, inband_dtmf=False, worker=a.worker)
         if allocated is None:
             self._hangup_call(call, "TransferFailed(media)", 503)
@@ -545,6 +639,7 @@ class Front:
             self._release_media(b)
             return
         offer = sdp.make_offer(allocated.rtp_ip, allocated.rtp_port, int(time.time()))
+        b.answer_sdp = offer  # what we answer a re-INVITE on this leg with
         req = self._new_request(b, "INVITE", body=offer)
         b.invite = req
         key, sends = self.transactions.send_request(req, b.addr, self.now())
@@ -558,55 +653,101 @@ class Front:
 
     def _ring_timeout(self, b: Leg) -> None:
         b.ring_timer = None
-        if b.state == "early" and b.invite is not None:
-
-            cancel = make_cancel(b.invite)
-            _, sends = self.transactions.send_request(cancel, b.addr, self.now())
-            self._emit(list(sends))
+        if b.state == "early":
+            self._cancel_outbound(b)
             self._outbound_failed(b, 408)
+
+    def _cancel_outbound(self, b: Leg) -> None:
+        """CANCEL a ringing outbound leg; before any 1xx it waits for one (RFC 3261 §9.1)."""
+        if b.invite is None or b.invite_key is None:
+            return
+        if not b.provisional_seen:
+            b.cancel_pending = True
+            return
+        b.cancel_pending = False
+        _, sends = self.transactions.send_request(make_cancel(b.invite), b.addr, self.now())
+        self._emit(list(sends))
+        # Timer C's role: if no final response ever comes, forget the INVITE's owner.
+        self.loop.call_later(CLIENT_TXN_LINGER_S, self.client_txns.pop, b.invite_key, None)
 
     def _on_response(self, resp: SipResponse, key: TransactionKey) -> None:
         leg = self.client_txns.get(key)
         if leg is None:
             return
-        method = resp.cseq[1]
-        if method != "INVITE":
+        if resp.cseq[1] != "INVITE":
             if resp.status >= 200:
                 self.client_txns.pop(key, None)
             return
         if resp.status < 200:
+            leg.provisional_seen = True
+            if leg.cancel_pending:
+                self._cancel_outbound(leg)
             return
-        if 200 <= resp.status < 300:
-            self._ack_2xx(leg, resp)
+        if resp.status >= 300:
+            self.client_txns.pop(key, None)
             if leg.state == "early":
-                self._outbound_answered(leg, resp)
+                self._outbound_failed(leg, resp.status)
             return
-        self.client_txns.pop(key, None)
-        if leg.state == "early":
-            self._outbound_failed(leg, resp.status)
+        # 2xx: ACK every one (retransmissions included, RFC 3261 §13.2.2.4).
+        if leg.remote_tag is not None and resp.to_tag != leg.remote_tag:
+            self._end_stray_dialog(leg, resp)  # a second fork answered
+            return
+        if leg.remote_tag is None:
+            self.loop.call_later(CLIENT_TXN_LINGER_S, self.client_txns.pop, key, None)
+            self._learn_dialog(leg, resp)
+        self._send_ack(leg, leg.remote_party, leg.remote_target, leg.addr)
+        if leg.state == "early" and not leg.cancel_pending:
+            self._outbound_answered(leg, resp)
+        elif leg.state != "confirmed" and not leg.late_bye_sent:
+            # Answered after we gave up on it (ring timeout, caller gone): RFC 3261 §15.
+            leg.late_bye_sent = True
+            leg.state = "confirmed"
+            self._send_bye(leg)
 
-    def _ack_2xx(self, leg: Leg, resp: SipResponse) -> None:
-        """ACK for a 2xx is the TU's, end to end (RFC 3261 §13.2.2.4); re-sent per retransmission."""
+    def _learn_dialog(self, leg: Leg, resp: SipResponse) -> None:
+        """The dialog state a 2xx establishes on our outbound leg (RFC 3261 §12.1.2)."""
         leg.remote_tag = resp.to_tag
         leg.remote_party = resp.headers.get("To") or leg.remote_party
+        # The UAC route set is the Record-Route list in reverse.
+        leg.route_set = list(reversed(resp.headers.get_all("Record-Route")))
         contact = resp.headers.get("Contact")
         if contact:
             try:
-                uri = parse_name_addr(contact).uri
-                leg.remote_target = str(uri)
-                leg.addr = (uri.host.strip("[]"), uri.port or 5060)
+                leg.remote_target = str(parse_name_addr(contact).uri)
             except SipError:
                 pass
+        leg.addr = self._next_hop(leg, fallback=leg.addr)
+
+    def _send_ack(self, leg: Leg, to: str, target: str, addr: Addr) -> None:
+        assert leg.invite is not None
         h = Headers()
         h.add("Via", f"SIP/2.0/UDP {self.host}:{self.port};branch={new_branch()};rport")
         h.add("Max-Forwards", "70")
         h.add("From", leg.local_party)
-        h.add("To", leg.remote_party)
+        h.add("To", to)
         h.add("Call-ID", leg.sip_call_id)
-        assert leg.invite is not None
         h.add("CSeq", f"{leg.invite.cseq[0]} ACK")
-        ack = SipRequest("ACK", leg.remote_target, h)
-        self._emit(list(self.transactions.send_stateless(ack, leg.addr)))
+        for route in leg.route_set:
+            h.add("Route", route)
+        ack = SipRequest("ACK", target, h)
+        self._emit(list(self.transactions.send_stateless(ack, addr)))
+
+    def _end_stray_dialog(self, leg: Leg, resp: SipResponse) -> None:
+        """ACK and BYE a 2xx from another fork than the one we kept (RFC 3261 §13.2.2.4)."""
+        to = resp.headers.get("To") or leg.remote_party
+        target = leg.remote_target
+        contact = resp.headers.get("Contact")
+        if contact:
+            try:
+                target = str(parse_name_addr(contact).uri)
+            except SipError:
+                pass
+        self._send_ack(leg, to, target, leg.addr)
+        stray = Leg(call=leg.call, sip_call_id=leg.sip_call_id, local_tag=leg.local_tag,
+                    media_id="", outbound=True, addr=leg.addr, local_party=leg.local_party,
+                    remote_party=to, remote_target=target, local_cseq=leg.local_cseq + 100,
+                    state="confirmed")
+        self._send_bye(stray)
 
     def _outbound_answered(self, b: Leg, resp: SipResponse) -> None:
         if b.ring_timer is not None:
@@ -615,7 +756,7 @@ class Front:
         b.state = "confirmed"
         call = b.call
         a = call.a
-        if call.ended or a is None or a.state != "confirmed":
+        if call.ended or a is None or a.state == "terminated":
             self._send_bye(b)
             self._release_media(b)
             return
@@ -626,6 +767,8 @@ class Front:
             self._send_bye(b)
             self._hangup_call(call, "TransferFailed(sdp)", 488)
             return
+        if a.state == "early":
+            self._answer_leg(a)  # early-media call: answered when the transfer is
         self._send_remote(b)
         if a.worker is not None:
             self.send_media(a.worker, m.MediaStop(call_id=a.media_id))
@@ -637,7 +780,6 @@ class Front:
             b.ring_timer.cancel()
             b.ring_timer = None
         b.state = "terminated"
-        self.dialogs.pop(b.dialog_key, None)
         self._release_media(b)
         call = b.call
         log.info("call %s: transfer to %s failed with %d", call.call_id, call.transfer_target,
@@ -653,22 +795,21 @@ class Front:
 
     def _hangup_call(self, call: Call, reason: str, code: int | None,
                      except_leg: Leg | None = None) -> None:
-        """End every leg of the call (BYE where confirmed, CANCEL where ringing)."""
+        """End every leg of the call: BYE where confirmed, CANCEL where ringing out, a
+        final response where an inbound INVITE is unanswered (early media)."""
         for leg in (call.a, call.b):
             if leg is None or leg is except_leg:
                 continue
             if leg.state == "confirmed":
                 self._send_bye(leg, code if leg is call.a else None, reason)
-            elif leg.state == "early" and leg.outbound and leg.invite is not None:
-
-                _, sends = self.transactions.send_request(make_cancel(leg.invite), leg.addr,
-                                                          self.now())
-                self._emit(list(sends))
+            elif leg.state == "early" and leg.outbound:
+                self._cancel_outbound(leg)
                 leg.state = "terminated"
-            elif leg.state == "early" and not leg.outbound and leg.invite_key is not None:
+            elif leg.state == "early" and leg.invite_key is not None:
                 assert leg.invite is not None
                 self.pending_invites.pop(leg.invite_key, None)
-                self._respond(leg.invite_key, leg.invite, code or 480, to_tag=leg.local_tag)
+                final = code if code is not None and 300 <= code <= 699 else 480
+                self._respond(leg.invite_key, leg.invite, final, to_tag=leg.local_tag)
                 leg.state = "terminated"
         self._end_call(call, reason, code)
 
@@ -682,34 +823,48 @@ class Front:
                 continue
             if leg.ring_timer is not None:
                 leg.ring_timer.cancel()
+                leg.ring_timer = None
             self.retransmitter.ack(self._dkey(leg))
             self._release_media(leg)
-            # Keep the dialog briefly so retransmitted BYEs still match (then 481 is fine).
-            self.loop.call_later(32, self.dialogs.pop, leg.dialog_key, None)
+            # Keep the dialog a while so retransmitted BYEs still match (then 481 is fine).
+            self.loop.call_later(CLIENT_TXN_LINGER_S, self.dialogs.pop, leg.dialog_key, None)
         session = call.session
         if session is not None and not session.done:
             self._session_input(session, m.CallEndedInput(reason="Hangup"))
         self.calls.pop(call.call_id, None)
         self._publish_call(call, "ended")
 
+    async def shutdown(self) -> None:
+        """On SIGTERM: end every call properly so phones are not left in dead calls."""
+        for call in list(self.calls.values()):
+            try:
+                self._hangup_call(call, "Shutdown", 503)
+            except Exception:
+                log.exception("call %s: could not end it at shutdown", call.call_id)
+        await asyncio.sleep(0.2)  # let the BYEs and final responses leave
+
     # ------------------------------------------------------------ media plane
 
     async def _allocate(self, leg: Leg, inband_dtmf: bool,
                         worker: bytes | None = None) -> m.MediaAllocated | None:
+        """An RTP port for the leg: on `worker` if given (it must be alive), else on the
+        least-loaded live worker."""
         now = self.now()
-        if worker is None or worker not in self.media_workers:
+        if worker is None:
             worker = self.media_workers.choose(now)
+        elif not self.media_workers.assign(worker, now):
+            worker = None
         if worker is None:
             return None
-        fut: asyncio.Future[m.MediaAllocated] = self.loop.create_future()
-        self.allocations[leg.media_id] = fut
         leg.worker = worker
         self.legs_by_media[leg.media_id] = leg
-        if not self.send_media(worker, m.MediaAllocate(call_id=leg.media_id,
-                                                       inband_dtmf=inband_dtmf)):
-            self.allocations.pop(leg.media_id, None)
-            return None
+        fut: asyncio.Future[m.MediaAllocated] = self.loop.create_future()
+        self.allocations[leg.media_id] = fut
         try:
+            if not self.send_media(worker, m.MediaAllocate(call_id=leg.media_id,
+                                                           inband_dtmf=inband_dtmf)):
+                self._forget_media(leg)
+                return None
             allocated = await asyncio.wait_for(fut, MEDIA_ALLOCATE_TIMEOUT_S)
         except TimeoutError:
             log.warning("media worker %r did not allocate %s in time", worker, leg.media_id)
@@ -719,9 +874,7 @@ class Front:
             self.allocations.pop(leg.media_id, None)
         if allocated.error:
             log.warning("media worker %r: %s", worker, allocated.error)
-            self.legs_by_media.pop(leg.media_id, None)
-            self.media_workers.release(worker)
-            leg.worker = None
+            self._forget_media(leg)
             return None
         leg.rtp_port = allocated.rtp_port
         return allocated
@@ -736,13 +889,18 @@ class Front:
             dtmf_payload_type=n.dtmf_payload_type, ptime_ms=n.ptime_ms,
         ))
 
+    def _forget_media(self, leg: Leg) -> None:
+        """Drop our record of the leg's port (and the load it counted) without a release."""
+        if leg.worker is not None:
+            self.media_workers.release(leg.worker)
+        leg.worker = None
+        self.legs_by_media.pop(leg.media_id, None)
+
     def _release_media(self, leg: Leg) -> None:
         if leg.worker is None:
             return
         self.send_media(leg.worker, m.MediaRelease(call_id=leg.media_id))
-        self.media_workers.release(leg.worker)
-        leg.worker = None
-        # The leg stays known until MediaReleased arrives, for its statistics.
+        self._forget_media(leg)
 
     def on_media_message(self, identity: bytes, msg: Any) -> None:
         now = self.now()
@@ -763,28 +921,31 @@ class Front:
                 self.send_media(identity, m.MediaRelease(call_id=msg.call_id))
         elif isinstance(msg, m.MediaEvent):
             leg = self.legs_by_media.get(msg.call_id)
-            if leg is None or leg.worker is None:
+            if leg is None or leg.worker != identity:
                 return
             session = leg.call.session
             if session is not None and not session.done and leg is leg.call.a:
                 self._session_input(session, m.MediaInput(event=msg.event))
         elif isinstance(msg, m.MediaReleased):
-            self.legs_by_media.pop(msg.call_id, None)
+            log.debug("leg %s released: %d packets sent, %d received", msg.call_id,
+                      msg.packets_sent, msg.packets_received)
 
     def expire_workers(self) -> None:
-        """Drop silent workers; end the calls on a dead media worker; re-send IVR events."""
+        """Drop silent workers, end the calls of a dead media worker, re-send the events of
+        a dead executor, and give up on IVR events nobody answers."""
         now = self.now()
         for identity in self.media_workers.expire(now):
             log.warning("media worker %r stopped heartbeating: ending its calls", identity)
             for leg in [lg for lg in self.legs_by_media.values() if lg.worker == identity]:
-                leg.worker = None
-                self._hangup_call(leg.call, "MediaWorkerLost", 503)
+                self._forget_media(leg)
+                try:
+                    self._hangup_call(leg.call, "MediaWorkerLost", 503)
+                except Exception:
+                    log.exception("call %s: could not end it", leg.call.call_id)
         for identity in self.executors.expire(now):
             log.warning("IVR executor %r stopped heartbeating: re-sending its events", identity)
-            for session in self.sessions.values():
-                if session.executor == identity and session.in_flight is not None:
-                    session.executor = None
-                    self._dispatch(session, resend=True)
+            self._executor_lost(identity)
+        self._check_sessions(now)
 
     # ------------------------------------------------------------ IVR plane
 
@@ -809,28 +970,84 @@ class Front:
         session.queue.append(item)
         self._dispatch(session)
 
-    def _dispatch(self, session: Session, resend: bool = False) -> None:
+    def _dispatch(self, session: Session, resend: bool = False,
+                  exclude: frozenset[bytes] = frozenset()) -> None:
         """Send the session's next event, one in flight at a time (DESIGN §1)."""
+        now = self.now()
         if session.in_flight is None:
             if not session.queue:
                 return
             session.seq += 1
+            session.attempts = 0
             session.in_flight = m.IvrEvent(
                 session_id=session.session_id, seq=session.seq, state=session.state,
                 input=session.queue.popleft(),
             )
         elif not resend:
             return
-        executor = self.executors.choose(self.now())
-        if executor is None:
-            if session not in self.waiting_sessions:
-                self.waiting_sessions.append(session)
-            return
-        session.executor = executor
-        if not self.send_ivr(executor, session.in_flight):
-            self.executors.remove(executor)
-            session.executor = None
-            self._dispatch(session, resend=True)
+        while True:
+            executor = self.executors.choose(now, exclude)
+            if executor is None:
+                if session.waiting_since is None:
+                    session.waiting_since = now
+                    self.waiting_sessions.append(session)
+                return
+            session.executor = executor
+            session.sent_at = now
+            session.attempts += 1
+            session.waiting_since = None
+            if self.send_ivr(executor, session.in_flight):
+                return
+            # Its queue is full or it is gone: try the others for this event.
+            self.executors.release(executor)
+            exclude = exclude | {executor}
+
+    def _executor_lost(self, identity: bytes) -> None:
+        for session in list(self.sessions.values()):
+            if session.executor == identity and session.in_flight is not None:
+                session.executor = None
+                self._dispatch(session, resend=True, exclude=frozenset({identity}))
+
+    def _reply_deadline_s(self, session: Session) -> float:
+        retry = session.info.params.retry
+        budget = (retry.max_retries + 1) * (retry.timeout_ms / 1000 + 0.1)
+        return budget + IVR_REPLY_MARGIN_S
+
+    def _check_sessions(self, now: float) -> None:
+        """An event nobody answers is re-sent once to another executor; then the call
+        ends. A session no executor can take for IVR_NO_EXECUTOR_S ends too."""
+        for session in list(self.sessions.values()):
+            if session.done or session.in_flight is None:
+                continue
+            if session.executor is None:
+                if session.waiting_since is not None and (
+                        now - session.waiting_since > IVR_NO_EXECUTOR_S):
+                    log.warning("session %s: no IVR executor available; ending the call",
+                                session.session_id)
+                    self._abandon_session(session, "NoExecutor")
+                continue
+            if now - session.sent_at < self._reply_deadline_s(session):
+                continue
+            stuck = session.executor
+            if session.attempts < 2:
+                log.warning("session %s: no reply from %r; re-sending", session.session_id,
+                            stuck)
+                self.executors.release(stuck)
+                session.executor = None
+                self._dispatch(session, resend=True, exclude=frozenset({stuck}))
+            else:
+                log.warning("session %s: no reply after %d attempts; ending the call",
+                            session.session_id, session.attempts)
+                self.executors.release(stuck)
+                self._abandon_session(session, "IvrTimeout")
+
+    def _abandon_session(self, session: Session, reason: str) -> None:
+        session.done = True
+        session.in_flight = None
+        session.executor = None
+        session.queue.clear()
+        self.sessions.pop(session.session_id, None)
+        self._hangup_call(session.call, reason, 500)
 
     def on_ivr_message(self, identity: bytes, msg: Any) -> None:
         now = self.now()
@@ -838,8 +1055,10 @@ class Front:
             load = 0 if isinstance(msg, m.IvrReady) else msg.busy
             if self.executors.ready(identity, msg.capacity, load, now):
                 log.info("IVR executor %s joined", msg.executor_id)
-            while self.waiting_sessions:
-                session = self.waiting_sessions.popleft()
+            # Take the queue as it is: sessions that still find no room queue up again.
+            waiting, self.waiting_sessions = self.waiting_sessions, deque()
+            for session in waiting:
+                session.waiting_since = None
                 if not session.done:
                     self._dispatch(session, resend=True)
             return
@@ -861,7 +1080,7 @@ class Front:
         call = session.call
         for command in reply.commands:
             self._apply_command(call, command)
-        if reply.done:
+        if reply.done or (call.ended and not session.queue):
             session.done = True
             session.queue.clear()
             self.sessions.pop(session.session_id, None)
@@ -893,7 +1112,8 @@ class Front:
     def _record_trace(self, trace: m.StepTrace) -> None:
         data = trace.model_dump(mode="json")
         store = self.traces.setdefault(trace.session_id, [])
-        store.append(data)
+        if len(store) < TRACE_STEPS_PER_SESSION:
+            store.append(data)
         while len(self.traces) > TRACE_STORE_SESSIONS:
             self.traces.pop(next(iter(self.traces)))
         self.publish({"type": "ivr_step_trace", **data})

@@ -86,6 +86,15 @@ class WorkerRegistry:
         best.last_assigned_at = now
         return best.identity
 
+    def assign(self, identity: bytes, now: float) -> bool:
+        """Count one more unit of load on a given live worker (e.g. a call's second leg)."""
+        info = self._workers.get(identity)
+        if info is None or info.expires_at <= now:
+            return False
+        info.load += 1
+        info.last_assigned_at = now
+        return True
+
     def release(self, identity: bytes) -> None:
         info = self._workers.get(identity)
         if info is not None and info.load > 0:

@@ -177,7 +177,11 @@ class MediaWorker:
         for call_id, data, addr in packets:
             transport = transports.get(call_id)
             if transport is not None:
-                transport.sendto(data, addr)
+                try:
+                    transport.sendto(data, addr)
+                except (OSError, ValueError) as exc:
+                    # One bad destination must not cost the other calls their packets.
+                    log.debug("RTP send for %s to %s failed: %s", call_id, addr, exc)
 
     async def tick_loop(self) -> None:
         loop = self.loop

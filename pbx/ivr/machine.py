@@ -4,20 +4,26 @@ Theory of operation
 -------------------
 One IVR session is a `SessionState` (a pydantic model, JSON-able) that travels with
 every `IvrEvent` and comes back in every `IvrReply`; nothing is kept between calls.
-Three entry points take the dumped state, one input and the current time `now`
+The entry points take the dumped state, one input and the current time `now`
 (wall-clock seconds; tests pass a virtual clock) and return a `Step`:
 
     start(call, now)                    SessionStartInput   -> Step
     handle(state, input, now)           MediaInput / CallEndedInput (and a restart)
     provider_result(state, result, now) the answer to the Step's `step` request
+    api_result(state, result, now)      the answer to the Step's `api` request
     abort(state, call, reason, now)     the shell's last resort after an internal error
+
+`handle`, `provider_result` and `api_result` also take `ivrs`, the configured
+`[ivrs.<route_point>]` table a `jump_ivr` action looks its target up in (data passed
+in like the clock, so the machine stays pure).
 
 A `Step` holds the new state, call commands for the media worker / front (in order),
 HTTP requests for the shell, traces, and two flags. When `waiting_for_provider` is
-set the last request is a `step` request: the shell performs it (retry policy in
-`pbx.ivr.provider`) and feeds the `ProviderResult` to `provider_result`, and so on
-until the machine waits for a call event again; then the shell replies. The other
-requests (`start`, `end`, `dtmf_match`) are fire-and-forget notifications.
+set the last request is a `step` request or an `api` request: the shell performs it
+(`step` under the retry policy in `pbx.ivr.provider`) and feeds the `ProviderResult`
+to `provider_result` (or the `ApiResult` to `api_result`), and so on until the
+machine waits for a call event again; then the shell replies. The other requests
+(`start`, `end`, `dtmf_match`) are fire-and-forget notifications.
 
 Phases (`Phase`) and which inputs each accepts are one table, `_TABLE`, at the end
 of this file. Media events that belong to a prompt or timer that is no longer the
@@ -32,24 +38,35 @@ a choice open, the choice is said in a comment where it is made.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from pbx.config import IvrAppParams
 from pbx.ivr.models import (
     NESTED_ACTION_FIELDS,
     ActionError,
     ActionNode,
+    ApiAction,
+    ApiResponseEvent,
+    ApiResult,
     AudioCompleteEvent,
+    CollectDtmfAction,
     DtmfEvent,
     DtmfMenuAction,
     DtmfMenuInvalidEvent,
     DtmfMenuTimeoutEvent,
+    DtmfTimeoutEvent,
     ErrorEvent,
     HangupAction,
+    InputPhoneAction,
     InputVoiceAction,
+    JumpIvrAction,
+    PhoneCollectedEvent,
     PlayAndHangupAction,
     PromptAction,
     ProviderContext,
@@ -84,9 +101,14 @@ from pbx.messages import (
 ERROR_PROMPT = "sounds/error.wav"
 TTS_UNAVAILABLE = "TTS service not available"
 ASR_UNAVAILABLE = "ASR service not available"
-# Provider steps allowed in a row without a call event in between: a provider that
-# answers every `error` with another failing action would otherwise loop forever.
+# Provider steps (and `api` calls) allowed in a row without a call event in between: a
+# provider that answers every `error` with another failing action, or an `api` whose
+# dynamic tree is another `api`, would otherwise loop forever.
 MAX_CHAINED_STEPS = 16
+# Methods whose `api` variables go in the query string; the others send a JSON body.
+QUERY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+Ivrs = Mapping[str, IvrAppParams]
 STATE_VERSION = 1
 
 
@@ -100,6 +122,9 @@ class Phase(StrEnum):
     MENU_GREETING = "menu_greeting"  # a `dtmf_menu` greeting is playing (interruptible)
     MENU_NOTICE = "menu_notice"  # invalid/timeout notice playing; the greeting repeats after
     MENU_WAIT = "menu_wait"  # greeting over, the menu's timeout timer is armed
+    COLLECT_PROMPT = "collect_prompt"  # collect_dtmf / input_phone prompt (interruptible)
+    COLLECT_WAIT = "collect_wait"  # collecting digits; the (inter-digit) timer is armed
+    WAIT_API = "wait_api"  # an `api` request is out; only its result is accepted
     CLOSING = "closing"  # last prompt before the hang-up (hangup, play_and_hangup, error)
     DONE = "done"
 
@@ -111,10 +136,11 @@ class InputKind(StrEnum):
     MEDIA_FAILURE = "media_error"
     CALL_ENDED = "call_ended"
     PROVIDER_RESULT = "provider_result"
+    API_RESULT = "api_result"
 
 
 class PendingStep(BaseModel):
-    """The step request in flight: what the trace of its answer needs."""
+    """The step (or api) request in flight: what the trace of its answer needs."""
 
     model_config = ConfigDict(extra="forbid")
     trigger: str
@@ -137,6 +163,7 @@ class SessionState(BaseModel):
     active_play: int | None = None  # the prompt whose end or failure is awaited
     active_timer: int | None = None  # the timer whose firing is awaited
     digits: list[str] = Field(default_factory=list)  # type-ahead, for a digit-taking action
+    collected: str = ""  # digits of the current collect_dtmf / input_phone so far
     menu_attempts: int = 0  # invalid/timeout attempts of the current dtmf_menu
     notice_interruptible: bool = False
     hangup_code: int | None = None
@@ -152,7 +179,7 @@ class SessionState(BaseModel):
 @dataclass
 class Step:
     """What one entry point produced. `requests` are in the order to send them; when
-    `waiting_for_provider` is set the last one is the `step` request to answer."""
+    `waiting_for_provider` is set the last one is the `step` or `api` request to answer."""
 
     state: dict[str, Any]
     commands: list[CallCommand] = field(default_factory=list)
@@ -162,10 +189,24 @@ class Step:
     done: bool = False
 
     @property
-    def step_request(self) -> ProviderRequest | None:
-        if self.waiting_for_provider and self.requests and self.requests[-1].kind == "step":
+    def pending_request(self) -> ProviderRequest | None:
+        """The `step` or `api` request whose result the session waits for, if any."""
+        if self.waiting_for_provider and self.requests and self.requests[-1].kind in (
+            "step",
+            "api",
+        ):
             return self.requests[-1]
         return None
+
+    @property
+    def step_request(self) -> ProviderRequest | None:
+        request = self.pending_request
+        return request if request is not None and request.kind == "step" else None
+
+    @property
+    def api_request(self) -> ProviderRequest | None:
+        request = self.pending_request
+        return request if request is not None and request.kind == "api" else None
 
 
 # ---------------------------------------------------------------- variables (spec §7)
@@ -227,34 +268,38 @@ def start(call: CallInfo, now: float) -> Step:
         now,
         trigger="session_start",
     )
-    ctx = SessionContext(
-        session_id=call.session_id,
-        caller=call.caller,
-        callee=call.callee,
-        direction=call.direction,
-        tenant_id=call.params.tenant_id,
-        ivr_id=call.params.ivr_id,
-    )
-    session.notify("start", ctx.model_dump(mode="json"))
-    session.ask(SessionStartEvent())
+    session.begin()
     return session.finish()
 
 
 def handle(
-    state: dict[str, Any], inp: SessionStartInput | MediaInput | CallEndedInput, now: float
+    state: dict[str, Any],
+    inp: SessionStartInput | MediaInput | CallEndedInput,
+    now: float,
+    ivrs: Ivrs | None = None,
 ) -> Step:
     """A call event: a media event (digit, prompt end, timer, media failure) or hang-up."""
     if isinstance(inp, SessionStartInput):
         # A new session on the same call (e.g. back from a queue): start afresh.
         return start(inp.call, now)
-    session = _Session.load(state, now, trigger=_input_name(inp))
+    session = _Session.load(state, now, trigger=_input_name(inp), ivrs=ivrs)
     return session.feed(inp)
 
 
-def provider_result(state: dict[str, Any], result: ProviderResult, now: float) -> Step:
+def provider_result(
+    state: dict[str, Any], result: ProviderResult, now: float, ivrs: Ivrs | None = None
+) -> Step:
     """The answer (after the retry policy) to the step request the last Step asked for."""
-    session = _Session.load(state, now, trigger="provider")
+    session = _Session.load(state, now, trigger="provider", ivrs=ivrs)
     return session.dispatch(InputKind.PROVIDER_RESULT, result)
+
+
+def api_result(
+    state: dict[str, Any], result: ApiResult, now: float, ivrs: Ivrs | None = None
+) -> Step:
+    """The outcome of the `api` request the last Step asked for."""
+    session = _Session.load(state, now, trigger="api", ivrs=ivrs)
+    return session.dispatch(InputKind.API_RESULT, result)
 
 
 def abort(state: dict[str, Any] | None, call: CallInfo | None, reason: str, now: float) -> Step:
@@ -294,19 +339,39 @@ def _input_name(inp: MediaInput | CallEndedInput) -> str:
 class _Session:
     """One entry point's work on a loaded state; collects commands, requests, traces."""
 
-    def __init__(self, state: SessionState, now: float, trigger: str) -> None:
+    def __init__(
+        self, state: SessionState, now: float, trigger: str, ivrs: Ivrs | None = None
+    ) -> None:
         self.s = state
         self.now = now
         self.trigger = trigger
+        self.ivrs: Ivrs = ivrs if ivrs is not None else {}
         self.commands: list[CallCommand] = []
         self.requests: list[ProviderRequest] = []
         self.errors: list[str] = []
         self.provider_trace: dict[str, Any] | None = None
         self.ended = False
+        self.end_reason: str | None = None  # for the trace; survives a jump_ivr restart
 
     @classmethod
-    def load(cls, state: dict[str, Any], now: float, trigger: str) -> _Session:
-        return cls(SessionState.model_validate(state), now, trigger)
+    def load(
+        cls, state: dict[str, Any], now: float, trigger: str, ivrs: Ivrs | None = None
+    ) -> _Session:
+        return cls(SessionState.model_validate(state), now, trigger, ivrs)
+
+    def begin(self) -> None:
+        """A (new) provider session: `/start` notification, then `session_start`."""
+        call = self.s.call
+        ctx = SessionContext(
+            session_id=call.session_id,
+            caller=call.caller,
+            callee=call.callee,
+            direction=call.direction,
+            tenant_id=call.params.tenant_id,
+            ivr_id=call.params.ivr_id,
+        )
+        self.notify("start", ctx.model_dump(mode="json"))
+        self.ask(SessionStartEvent())
 
     # ------------------------------------------------------------ dispatch
 
@@ -386,9 +451,11 @@ class _Session:
         self.s.active_play = None
 
     def arm_timer(self, delay_ms: int) -> None:
+        """Arm the call's media-worker timer (replacing any previous one). A delay of 0
+        means "cancel" to the worker, so 0 is armed as 1 ms."""
         self.s.timer_id += 1
         self.s.active_timer = self.s.timer_id
-        self.commands.append(TimerCommand(timer_id=self.s.timer_id, delay_ms=delay_ms))
+        self.commands.append(TimerCommand(timer_id=self.s.timer_id, delay_ms=max(1, delay_ms)))
 
     def cancel_timer(self) -> None:
         if self.s.active_timer is not None:
@@ -403,6 +470,7 @@ class _Session:
         self.s.active_timer = None
         self.s.pending = None
         self.ended = True
+        self.end_reason = reason
         self.notify("end", {"reason": reason, "session_id": self.s.call.session_id})
 
     def hangup_now(self) -> None:
@@ -491,6 +559,200 @@ class _Session:
         assert isinstance(action, InputVoiceAction)
         # No ASR yet: DESIGN §3 "ASR" — the provider gets error{reason}.
         self.ask(ErrorEvent(reason=ASR_UNAVAILABLE))
+
+    def exec_jump(self, action: ActionNode) -> None:
+        """jump_ivr: end this provider session (`/end` with `Jump(<route_point>)`), then
+        start the `[ivrs.<route_point>]` IVR on the same call as if it had just entered:
+        `/start`, `session_start`, fresh variables plus `params`.
+
+        Kept across the jump: the call, the play/timer id counters (late events of the
+        old session stay stale), the trace step index and passthrough fields, and the
+        chained-step count (so IVRs jumping to each other cannot loop without bound)."""
+        assert isinstance(action, JumpIvrAction)
+        params = self.ivrs.get(action.route_point)
+        if params is None:
+            self.fail(f"jump_ivr: unknown route point {action.route_point!r}")
+            return
+        old = self.s
+        self.end(f"Jump({action.route_point})")
+        call = old.call.model_copy(
+            update={"params": params, "route_name": action.route_point, "variables": {}}
+        )
+        variables = initial_variables(call)
+        variables.update(action.params)
+        self.s = SessionState(
+            phase=Phase.WAIT_PROVIDER,
+            call=call,
+            variables=variables,
+            # The jump stays the session's last action until the new IVR answers (the
+            # trace of a jump taken locally, e.g. from a menu entry, names it).
+            node=old.node,
+            play_id=old.play_id,
+            timer_id=old.timer_id,
+            step_index=old.step_index,
+            chained_steps=old.chained_steps,
+            # Spec §4 passthrough until the new IVR's provider replaces them.
+            step_id=old.step_id,
+            step_name=old.step_name,
+            extra=old.extra,
+        )
+        self.begin()
+
+    # ------------------------------------------------------------ collect_dtmf, input_phone
+
+    def collector(self) -> CollectDtmfAction | InputPhoneAction:
+        node = self.s.node
+        assert isinstance(node, CollectDtmfAction | InputPhoneAction)
+        return node
+
+    def exec_collect(self, action: ActionNode) -> None:
+        """DESIGN §3: optional interruptible prompt, then digits until `max_digits`, the
+        terminator or the (inter-digit) timeout. Type-ahead digits (kept from a
+        non-interruptible prompt, or the digit that interrupted a prompt whose `next`
+        this is) are taken first; then the prompt is skipped, as the first of them
+        would have stopped it."""
+        assert isinstance(action, CollectDtmfAction | InputPhoneAction)
+        self.s.collected = ""
+        typed, self.s.digits = self.s.digits, []
+        for i, digit in enumerate(typed):
+            if self.collect_take(digit):
+                # Choice: digits past the end of the collection stay type-ahead for the
+                # next action that takes digits (like a non-interruptible prompt's).
+                self.s.digits = typed[i + 1 :]
+                self.collect_end()
+                return
+        if not typed and action.prompt:
+            self.play(action.prompt, interruptible=True)
+            self.s.phase = Phase.COLLECT_PROMPT
+        else:
+            self.collect_arm()
+
+    def collect_take(self, digit: str) -> bool:
+        """Add one digit; True when it ends the collection (terminator or max_digits)."""
+        node = self.collector()
+        if node.terminator and digit == node.terminator:
+            return True  # not stored
+        self.s.collected += digit
+        return len(self.s.collected) >= node.max_digits
+
+    def collect_arm(self) -> None:
+        """(Re-)arm the timeout: when the prompt ends, and again after every digit."""
+        self.arm_timer(self.collector().timeout_ms)
+        self.s.phase = Phase.COLLECT_WAIT
+
+    def collect_prompt_done(self, ev: AudioComplete) -> None:
+        self.s.active_play = None
+        self.collect_arm()
+
+    def collect_digit(self, ev: DtmfDigit) -> None:
+        self.stop_play(ev.stopped_play_id)  # the prompt, if still playing
+        if self.collect_take(ev.digit):
+            self.cancel_timer()
+            self.collect_end()
+        else:
+            self.collect_arm()  # inter-digit timeout; replaces the running timer
+
+    def collect_timeout(self, ev: TimerFired) -> None:
+        self.s.active_timer = None
+        self.collect_end()
+
+    def collect_end(self) -> None:
+        """The collection is over: the value (even partial) goes in the variable; with at
+        least `min_digits` the result goes to the provider (or `next` is followed), with
+        fewer the provider gets `dtmf_timeout`."""
+        node = self.collector()
+        value, self.s.collected = self.s.collected, ""
+        phone = isinstance(node, InputPhoneAction)
+        self.s.variables["phone_number" if phone else "dtmf_input"] = value
+        if len(value) < node.min_digits:
+            # Choice: a `next` is not followed on a failed collection (the provider
+            # decides what to do about it).
+            self.ask(DtmfTimeoutEvent())
+        elif node.next is not None:
+            # DESIGN §3 "next": a local collection result continues without a provider
+            # call; `next` reads the value from the variable.
+            self.execute(node.next, self.s.digits)
+        elif phone:
+            self.ask(PhoneCollectedEvent(number=value))
+        else:
+            self.ask(DtmfEvent(digit=value))
+
+    # ------------------------------------------------------------ api
+
+    def exec_api(self, action: ActionNode) -> None:
+        """Ask the shell for the HTTP call; its outcome comes back to `on_api_result`."""
+        assert isinstance(action, ApiAction)
+        self.s.chained_steps += 1
+        if self.s.chained_steps > MAX_CHAINED_STEPS:
+            self.fail(f"more than {MAX_CHAINED_STEPS} provider steps without a call event")
+            return
+        method = action.method.strip().upper() or "GET"
+        names = action.variables.split(",") if isinstance(action.variables, str) else []
+        # Choice: names of variables that are not set are left out.
+        values = {
+            name: self.s.variables[name]
+            for name in (n.strip() for n in names)
+            if name and name in self.s.variables
+        }
+        query = values if method in QUERY_METHODS else None
+        body = {} if query is not None else values
+        described: dict[str, Any] = {"method": method, "url": action.url}
+        # Headers are not traced (they tend to carry credentials).
+        described["query" if query is not None else "body"] = values
+        self.s.pending = PendingStep(trigger="api", request=described, sent_at=self.now)
+        self.s.phase = Phase.WAIT_API
+        self.requests.append(
+            ProviderRequest(
+                "api",
+                action.url,
+                body,
+                self.s.call.params,
+                method=method,
+                headers=dict(action.headers),
+                query=query,
+                timeout_s=float(action.timeout),
+            )
+        )
+
+    def on_api_result(self, result: ApiResult) -> None:
+        node = self.s.node
+        pending = self.s.pending
+        assert isinstance(node, ApiAction) and pending is not None
+        self.s.pending = None
+        self.s.variables["api_status"] = str(result.status)
+        self.s.variables["api_result"] = orjson.dumps(result.body).decode()
+        trace: dict[str, Any] = {
+            "trigger": "api_response",
+            "request": pending.request,
+            "duration_ms": max(0.0, (self.now - pending.sent_at) * 1000.0),
+            "action": action_json(node),
+            "action_type": node.type,
+        }
+        self.provider_trace = trace
+        if node.get_dynamic_tree:
+            # The body is the next action (DESIGN §3); `next` of the api node is not
+            # followed, the tree carries its own.
+            body = result.body
+            trace["action"] = body if isinstance(body, dict) else None
+            if not 200 <= result.status < 300:
+                error = body.get("error") if isinstance(body, dict) else None
+                self.fail(f"api: dynamic tree not fetched: {error or f'HTTP {result.status}'}")
+                return
+            try:
+                action = parse_action(body)
+            except ActionError as exc:
+                if isinstance(body, dict) and isinstance(body.get("type"), str):
+                    trace["action_type"] = body["type"]
+                self.fail(f"api: dynamic tree: {exc.reason}")
+                return
+            trace["action_type"] = action.type
+            self.take(action)
+        elif node.next is not None:
+            # DESIGN §3 "next": followed without a provider call; `api_status` and
+            # `api_result` tell it how the call went.
+            self.execute(node.next, self.s.digits)
+        else:
+            self.ask(ApiResponseEvent(status=result.status, body=result.body))
 
     # ------------------------------------------------------------ prompt
 
@@ -663,6 +925,10 @@ class _Session:
             self.fail(exc.reason)
             return
         trace["action_type"] = action.type
+        self.take(action)
+
+    def take(self, action: ActionNode) -> None:
+        """Execute an action the provider (or an api's dynamic tree) answered with."""
         # Spec §4 passthrough: step_id/step_name of the latest provider answer, and the
         # latest `extra` until the provider replaces it.
         self.s.step_id = action.step_id
@@ -676,7 +942,7 @@ class _Session:
     def finish(self) -> Step:
         traces: list[StepTrace] = []
         error = "; ".join(self.errors) or None
-        end_reason = self.s.end_reason if self.ended else None
+        end_reason = self.end_reason if self.ended else None
         node = self.s.node
         if self.provider_trace is not None:
             traces.append(self.trace(error=error, end_reason=end_reason, **self.provider_trace))
@@ -692,7 +958,7 @@ class _Session:
                     end_reason=end_reason,
                 )
             )
-        waiting = self.s.phase is Phase.WAIT_PROVIDER
+        waiting = self.s.phase in (Phase.WAIT_PROVIDER, Phase.WAIT_API)
         return Step(
             state=self.s.model_dump(mode="json"),
             commands=self.commands,
@@ -725,9 +991,12 @@ _EXECUTORS: dict[str, _Handler] = {
     "play_and_hangup": _Session.exec_play_and_hangup,
     "transfer": _Session.exec_transfer,
     "input_voice": _Session.exec_input_voice,
+    "collect_dtmf": _Session.exec_collect,
+    "input_phone": _Session.exec_collect,
+    "api": _Session.exec_api,
+    "jump_ivr": _Session.exec_jump,
     # Documented but not executed yet (a trace error "not implemented yet", error.wav,
-    # hang-up): queue, voicemail, jump_ivr, route_to_agent, voip_bridge, collect_dtmf,
-    # input_phone, api, torecord.
+    # hang-up): queue, voicemail, route_to_agent, voip_bridge, torecord.
 }
 
 # The transition table: (phase, input) -> handler. Anything absent raises IvrStateError.
@@ -744,6 +1013,12 @@ _TABLE: dict[tuple[Phase, InputKind], _Handler] = {
     (Phase.MENU_NOTICE, InputKind.MEDIA_FAILURE): _Session.notice_done,
     (Phase.MENU_WAIT, InputKind.DIGIT): _Session.menu_digit,
     (Phase.MENU_WAIT, InputKind.TIMER): _Session.menu_timeout,
+    (Phase.COLLECT_PROMPT, InputKind.DIGIT): _Session.collect_digit,
+    (Phase.COLLECT_PROMPT, InputKind.AUDIO_COMPLETE): _Session.collect_prompt_done,
+    (Phase.COLLECT_PROMPT, InputKind.MEDIA_FAILURE): _Session.play_failed,
+    (Phase.COLLECT_WAIT, InputKind.DIGIT): _Session.collect_digit,
+    (Phase.COLLECT_WAIT, InputKind.TIMER): _Session.collect_timeout,
+    (Phase.WAIT_API, InputKind.API_RESULT): _Session.on_api_result,
     (Phase.CLOSING, InputKind.DIGIT): _Session.ignore,
     (Phase.CLOSING, InputKind.AUDIO_COMPLETE): _Session.closing_done,
     (Phase.CLOSING, InputKind.MEDIA_FAILURE): _Session.closing_done,

@@ -270,6 +270,11 @@ class InputPhoneAction(_Action):
     prompt: str | None = None
     min_digits: int = Field(default=11, ge=0)
     max_digits: int = Field(default=11, ge=1)
+    # Not in the spec's table; `collect_dtmf`'s default (DESIGN §3: same mechanics).
+    timeout_ms: int = Field(default=5000, ge=0)
+
+    # Not in the spec's table either: `#` ends the number early (not stored).
+    terminator: str | None = "#"
 
 
 class InputVoiceAction(_Action):
@@ -399,7 +404,7 @@ def action_json(action: _Action) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- machine <-> HTTP shell
 
-RequestKind = Literal["step", "start", "end", "dtmf_match"]
+RequestKind = Literal["step", "start", "end", "dtmf_match", "api"]
 
 
 @dataclass(frozen=True)
@@ -407,14 +412,24 @@ class ProviderRequest:
     """An HTTP call the machine asks for.
 
     `step` requests expect a `ProviderResult` fed back through
-    `machine.provider_result` before the session continues; the others are
+    `machine.provider_result` before the session continues; `api` requests (the `api`
+    action) an `ApiResult` fed back through `machine.api_result`; the others are
     fire-and-forget notifications (`/start`, `/end`, `/dtmf-match`).
+
+    `method`, `headers`, `query` and `timeout_s` are for `api` requests only: the
+    request goes with exactly `headers`, and with `query` as the query string and no
+    body when `query` is set, else with `body` as its JSON body. The other kinds are
+    POSTs of `body` with `params.headers` under the provider's own timeouts.
     """
 
     kind: RequestKind
     url: str
     body: dict[str, Any]
     params: IvrAppParams
+    method: str = "POST"
+    headers: dict[str, str] | None = None
+    query: dict[str, str] | None = None
+    timeout_s: float | None = None
 
 
 ResultOutcome = Literal["ok", "fallback", "invalid"]
@@ -434,3 +449,12 @@ class ProviderResult:
     reason: str = ""
     status: int | None = None
     attempts: int = 1
+
+
+@dataclass(frozen=True)
+class ApiResult:
+    """Outcome of an `api` request: the HTTP status and the body (decoded JSON, else the
+    raw text); status 0 and `{"error": "..."}` when no HTTP answer came (DESIGN §3)."""
+
+    status: int
+    body: Any = None

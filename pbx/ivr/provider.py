@@ -12,6 +12,10 @@ headers plus `Content-Type: application/json` on every call.
 * `notify()` — `/start`, `/end`, `/dtmf-match`: a background task with its own short
   timeout, no retry, response ignored, failures logged at debug. Never awaited by the
   step path; `close()` waits (bounded) for the ones still pending.
+* `api()` — the `api` action's HTTP call (DESIGN §3 "api"), on the same session: any
+  method, the action's own headers and timeout, no retry. Gives an `ApiResult`: the
+  status and the body decoded as JSON (the raw text when it is not JSON); status 0
+  and `{"error": "..."}` when no HTTP answer came.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import aiohttp
 import orjson
 
 from pbx.config import IvrAppParams
-from pbx.ivr.models import ProviderRequest, ProviderResult
+from pbx.ivr.models import ApiResult, ProviderRequest, ProviderResult
 
 log = logging.getLogger(__name__)
 
 RETRY_DELAY_MS = 100
 NOTIFY_TIMEOUT_MS = 500
+API_TIMEOUT_S = 10.0
 
 
 class ProviderClient:
@@ -125,6 +130,51 @@ class ProviderClient:
             attempts=attempts,
         )
 
+    async def api(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+        query: dict[str, str] | None = None,
+        timeout_s: float = API_TIMEOUT_S,
+    ) -> ApiResult:
+        """One HTTP call for the `api` action: `query` as the query string, or `body` as
+        a JSON body (when `query` is None). Never raises for a failed call."""
+        send_headers = dict(headers or {})
+        data: bytes | None = None
+        if query is None and body is not None:
+            data = orjson.dumps(body)
+            if not any(name.lower() == "content-type" for name in send_headers):
+                send_headers["Content-Type"] = "application/json"
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        try:
+            async with self.session.request(
+                method, url, params=query, data=data, headers=send_headers, timeout=timeout
+            ) as resp:
+                status = resp.status
+                payload = await resp.read()
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            return ApiResult(0, {"error": f"timeout after {timeout_s:g} s"})
+        except Exception as exc:  # connection refused, DNS, bad URL, ...
+            log.debug("api %s %s failed: %s: %s", method, url, exc.__class__.__name__, exc)
+            return ApiResult(0, {"error": f"{exc.__class__.__name__}: {exc}"})
+        return ApiResult(status, _decode_body(payload))
+
+    async def perform_api(self, request: ProviderRequest) -> ApiResult:
+        """An `api` request from the machine."""
+        return await self.api(
+            request.method,
+            request.url,
+            headers=request.headers,
+            body=request.body,
+            query=request.query,
+            timeout_s=request.timeout_s or API_TIMEOUT_S,
+        )
+
     def notify(self, url: str, body: dict[str, Any], params: IvrAppParams) -> asyncio.Task[None]:
         """Fire-and-forget POST; returns the task (kept here until it finishes)."""
         task = asyncio.get_running_loop().create_task(self._notify(url, body, params))
@@ -160,3 +210,13 @@ class ProviderClient:
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
+
+
+def _decode_body(payload: bytes) -> Any:
+    """An api response body: its JSON value, else its text (None when empty)."""
+    if not payload.strip():
+        return None
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return payload.decode("utf-8", "replace")

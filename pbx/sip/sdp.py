@@ -10,6 +10,7 @@ the peer does not.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -235,6 +236,12 @@ def _remote_ip(sd: SessionDescription, md: MediaDescription) -> str:
     ip = md.connection or sd.connection
     if not ip:
         raise SdpError("no connection address for the audio stream", 488)
+    # Media goes straight to this address: only an IP literal is usable (no DNS on the
+    # media path, and a bad value must be refused here, not fail every packet later).
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise SdpError(f"connection address {ip[:60]!r} is not an IP address", 488) from None
     return ip
 
 

@@ -1,0 +1,360 @@
+"""Registrar: REGISTER processing (RFC 3261 §10.3) and contact lookup, sans-IO.
+
+Theory of operation
+-------------------
+`handle_register(request, source_addr, now)` takes one REGISTER that the
+transaction layer has delivered and returns the final response to send; it
+never raises for bad input. The steps follow RFC 3261 §10.3:
+
+1. (Request-URI domain) not checked: the PBX serves whatever domain it is
+   reached by.
+2. A `Require` header naming any extension → 420 Bad Extension with
+   `Unsupported` (we support none for REGISTER).
+3. Authentication (`DigestAuthenticator.verify`). No or bad credentials →
+   401 with a fresh challenge, `stale=true` for a stale nonce; malformed
+   credentials or a digest-uri that is not the Request-URI → 400. An unknown
+   username and a wrong password get the *same* 401: the client sees its
+   credentials were refused (RFC 3261 §22.2: a 401 to a request that carried
+   credentials) and a scanner cannot enumerate extensions. 403 is kept for
+   what a password cannot fix (step 4). Users from the config without a
+   password cannot register (they can still have a static contact).
+4./5. The address-of-record is the To URI's user part. An AOR that is not a
+   configured user → 404 (step 5); an authenticated user registering someone
+   else's AOR → 403 (step 4). We check 404 first: the RFC's order would make
+   404 unreachable (nobody is authorised for a non-existent AOR), and only a
+   client holding valid credentials ever sees the difference.
+6. Contacts. `*` must be alone and come with `Expires: 0` (else 400) and
+   removes every binding. Otherwise each Contact's lifetime is its `expires`
+   parameter, else the `Expires` header, else `default_expires`; 0 removes the
+   binding, a lifetime below `min_expires` → 423 Interval Too Brief with
+   `Min-Expires` (the whole request is refused), above `max_expires` it is
+   shortened. Contacts are compared by URI (scheme, user, password, host
+   case-insensitively, port and URI parameters, a stricter form of §19.1.4).
+7. For a contact already bound with the same Call-ID, the request's CSeq must
+   be higher than the stored one, else the whole update is aborted with 500
+   (no binding changes). This also refuses a replayed REGISTER (see
+   `pbx.sip.auth` on nonce replay).
+8. 200 OK listing every current binding of the AOR with its remaining
+   lifetime (`;expires=N`). No `Date` header: the registrar has no wall clock.
+
+A request without Contact is a query and gets the same 200.
+
+Each binding keeps the address the REGISTER came from and the Via transport,
+so the front can send requests for the binding to that address (a phone
+behind NAT cannot be reached at its Contact's private address).
+
+`lookup(user, now)` gives the contacts to try for a user: the static
+`contact` from the config first (it always resolves), then the registered
+bindings by descending `q`, the most recent registration first among equals.
+
+Bindings expire on the registrar's clock: `get_timer()` is the next expiry,
+`expire(now)` (alias `handle_timer`) removes the due ones and returns them;
+`lookup` and the 200 never show an expired binding even before `expire` ran.
+`now` is the front's clock (monotonic is fine). The authenticator's nonces
+need a clock shared by all front instances, so `handle_register` takes it
+separately as `auth_now` (default: `now`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from pbx.config import UserSettings
+from pbx.sip.auth import DigestAuthenticator
+from pbx.sip.errors import SipError
+from pbx.sip.message import (
+    SipRequest,
+    SipResponse,
+    SipUri,
+    format_params,
+    make_response,
+    new_tag,
+    parse_name_addr,
+)
+
+Addr = tuple[str, int]
+ContactKey = tuple[object, ...]
+
+MAX_DELTA_SECONDS = 2**32 - 1  # RFC 3261 §20.19: larger values are taken as this
+_DIGITS_RE = re.compile(r"\d+")
+_Q_RE = re.compile(r"0(\.\d{0,3})?|1(\.0{0,3})?")
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One contact of an address-of-record.
+
+    `uri` is the Contact URI as sent; `params` the Contact header parameters
+    other than `expires` (`q`, `+sip.instance`, `reg-id`...). `source` and
+    `transport` are where the REGISTER came from (None for a static contact
+    from the config, which never expires).
+    """
+
+    aor: str
+    uri: str
+    expires_at: float
+    call_id: str = ""
+    cseq: int = 0
+    source: Addr | None = None
+    transport: str | None = None
+    q: float = 1.0
+    params: dict[str, str | None] = field(default_factory=dict)
+    registered_at: float = 0.0
+    static: bool = False
+
+    def remaining_s(self, now: float) -> int:
+        """Whole seconds left (what a 200 reports in `;expires=`)."""
+        if math.isinf(self.expires_at):
+            return MAX_DELTA_SECONDS
+        return max(0, round(self.expires_at - now))
+
+    def contact_value(self, now: float) -> str:
+        """`<uri>;params;expires=N` for the Contact header of a 200 to REGISTER."""
+        return f"<{self.uri}>{format_params(self.params)};expires={self.remaining_s(now)}"
+
+
+def _contact_key(uri: SipUri) -> ContactKey:
+    params = tuple(sorted((k, v.lower() if v is not None else None)
+                          for k, v in uri.params.items()))
+    return (uri.scheme, unquote(uri.user) if uri.user is not None else None, uri.password,
+            uri.host.lower(), uri.port, params)
+
+
+def _delta_seconds(text: str, what: str) -> int:
+    text = text.strip()
+    if not _DIGITS_RE.fullmatch(text):
+        raise SipError(f"bad {what} {text[:40]!r}")
+    return min(int(text), MAX_DELTA_SECONDS)
+
+
+@dataclass(frozen=True)
+class _Update:
+    key: ContactKey
+    uri: str
+    expires_s: int
+    q: float
+    params: dict[str, str | None]
+
+
+class _Abort(Exception):
+    """Stops REGISTER processing with a response (internal to handle_register)."""
+
+    def __init__(self, status: int, reason: str | None = None,
+                 headers: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(reason or str(status))
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+
+class Registrar:
+    """Bindings of address-of-records to contacts; see the module docstring."""
+
+    def __init__(
+        self,
+        users: Mapping[str, UserSettings],
+        authenticator: DigestAuthenticator,
+        min_expires: int = 60,
+        max_expires: int = 3600,
+        default_expires: int = 3600,
+    ) -> None:
+        if not 0 < min_expires <= max_expires:
+            raise ValueError("need 0 < min_expires <= max_expires")
+        self.users = users
+        self.authenticator = authenticator
+        self.min_expires = min_expires
+        self.max_expires = max_expires
+        self.default_expires = min(max(default_expires, min_expires), max_expires)
+        self._bindings: dict[str, dict[ContactKey, Binding]] = {}
+        # (expires_at, seq, aor, key); entries whose binding changed are skipped lazily.
+        self._heap: list[tuple[float, int, str, ContactKey]] = []
+        self._seq = 0
+
+    # ------------------------------------------------------------ REGISTER
+
+    def password_of(self, username: str) -> str | None:
+        user = self.users.get(username)
+        return user.password if user is not None else None
+
+    def handle_register(
+        self,
+        request: SipRequest,
+        source_addr: Addr,
+        now: float,
+        *,
+        auth_now: float | None = None,
+    ) -> SipResponse:
+        """The final response to a REGISTER (RFC 3261 §10.3); bindings updated on 200."""
+        to_tag = new_tag()
+        try:
+            headers = self._register(request, source_addr, now,
+                                     now if auth_now is None else auth_now)
+        except _Abort as abort:
+            return make_response(request, abort.status, abort.reason, to_tag=to_tag,
+                                 headers=abort.headers)
+        except SipError as exc:
+            return make_response(request, exc.status, None, to_tag=to_tag)
+        return make_response(request, 200, to_tag=to_tag, headers=headers)
+
+    def _register(self, request: SipRequest, source_addr: Addr, now: float,
+                  auth_now: float) -> list[tuple[str, str]]:
+        if request.method != "REGISTER":
+            raise _Abort(405, headers=[("Allow", "REGISTER")])
+        # Step 2: no extension is supported for REGISTER.
+        required = [t for t in request.headers.get_all("Require") if t]
+        if required:
+            raise _Abort(420, headers=[("Unsupported", ", ".join(required))])
+
+        # Step 3: authenticate.
+        auth = self.authenticator.verify(request, self.password_of, auth_now)
+        if not auth.ok:
+            if auth.status == 400:
+                raise _Abort(400, f"Bad Request ({auth.reason.value if auth.reason else ''})")
+            raise _Abort(401, headers=self.authenticator.challenge(auth_now, stale=auth.stale))
+
+        # Steps 5 and 4: the AOR must exist and belong to the authenticated user.
+        to = parse_name_addr(request.headers.get("To") or "")
+        aor = unquote(to.uri.user) if to.uri.user is not None else None
+        if aor is None or aor not in self.users:
+            raise _Abort(404)
+        if aor != auth.username:
+            raise _Abort(403, "Forbidden (not your address-of-record)")
+
+        # Step 6: the requested changes, all validated before anything is applied.
+        call_id, cseq = request.call_id, request.cseq[0]
+        expires_header = request.headers.get("Expires")
+        header_expires = (_delta_seconds(expires_header, "Expires")
+                          if expires_header is not None else None)
+        contacts = request.headers.get_all("Contact")
+        stored = {k: b for k, b in self._bindings.get(aor, {}).items() if b.expires_at > now}
+        staged = dict(stored)
+
+        if any(c.strip() == "*" for c in contacts):
+            if len(contacts) != 1 or header_expires != 0:
+                raise _Abort(400, "Bad Request (Contact * needs Expires: 0 and no other Contact)")
+            for b in stored.values():
+                self._check_order(b, call_id, cseq)
+            staged.clear()
+        else:
+            updates = [self._parse_contact(c, header_expires) for c in contacts]
+            if any(0 < u.expires_s < self.min_expires for u in updates):
+                raise _Abort(423, headers=[("Min-Expires", str(self.min_expires))])
+            # Step 7: Call-ID/CSeq ordering, against the bindings before this request.
+            for u in updates:
+                if u.key in stored:
+                    self._check_order(stored[u.key], call_id, cseq)
+            via = request.via
+            for u in updates:
+                if u.expires_s == 0:
+                    staged.pop(u.key, None)
+                    continue
+                staged[u.key] = Binding(
+                    aor=aor, uri=u.uri, expires_at=now + min(u.expires_s, self.max_expires),
+                    call_id=call_id, cseq=cseq, source=source_addr, transport=via.transport,
+                    q=u.q, params=u.params, registered_at=now,
+                )
+
+        # Apply.
+        if staged:
+            self._bindings[aor] = staged
+        else:
+            self._bindings.pop(aor, None)
+        for key, b in staged.items():
+            if stored.get(key) is not b:
+                self._push(b.expires_at, aor, key)
+        # Step 8: every current binding.
+        return [("Contact", b.contact_value(now)) for b in self._ordered(staged.values())]
+
+    @staticmethod
+    def _check_order(binding: Binding, call_id: str, cseq: int) -> None:
+        if binding.call_id == call_id and cseq <= binding.cseq:
+            raise _Abort(500, "Server Internal Error (out-of-order REGISTER)")
+
+    def _parse_contact(self, value: str, header_expires: int | None) -> _Update:
+        addr = parse_name_addr(value)
+        if not addr.uri.is_sip:
+            raise SipError(f"Contact {value[:60]!r} is not a SIP URI")
+        params = dict(addr.params)
+        expires_param = params.pop("expires", None)
+        if expires_param is not None:
+            expires_s = _delta_seconds(expires_param, "Contact expires")
+        elif header_expires is not None:
+            expires_s = header_expires
+        else:
+            expires_s = self.default_expires
+        q = 1.0
+        q_text = params.get("q")
+        if q_text is not None:
+            if not _Q_RE.fullmatch(q_text):
+                raise SipError(f"bad q value {q_text!r}")
+            q = float(q_text)
+        return _Update(_contact_key(addr.uri), str(addr.uri), expires_s, q, params)
+
+    # ------------------------------------------------------------ lookup
+
+    @staticmethod
+    def _ordered(bindings: Iterable[Binding]) -> list[Binding]:
+        return sorted(bindings, key=lambda b: (-b.q, -b.registered_at))
+
+    def bindings(self, aor: str, now: float) -> list[Binding]:
+        """The registered (not static) live bindings of `aor`, best first."""
+        live = [b for b in self._bindings.get(aor, {}).values() if b.expires_at > now]
+        return self._ordered(live)
+
+    def lookup(self, user: str, now: float) -> list[Binding]:
+        """Where to reach `user`: the static contact from the config first, then the
+        registered bindings by descending q, most recent first. [] if unknown."""
+        settings = self.users.get(user)
+        if settings is None:
+            return []
+        out: list[Binding] = []
+        if settings.contact:
+            out.append(Binding(aor=user, uri=settings.contact, expires_at=math.inf,
+                               static=True))
+        out.extend(self.bindings(user, now))
+        return out
+
+    def aors(self) -> list[str]:
+        """AORs holding at least one registered binding (some may be due to expire)."""
+        return list(self._bindings)
+
+    # ------------------------------------------------------------ timers
+
+    def _push(self, expires_at: float, aor: str, key: ContactKey) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (expires_at, self._seq, aor, key))
+
+    def _is_current(self, expires_at: float, aor: str, key: ContactKey) -> bool:
+        b = self._bindings.get(aor, {}).get(key)
+        return b is not None and b.expires_at == expires_at
+
+    def get_timer(self) -> float | None:
+        """When the next binding expires, or None."""
+        heap = self._heap
+        while heap:
+            expires_at, _, aor, key = heap[0]
+            if self._is_current(expires_at, aor, key):
+                return expires_at
+            heapq.heappop(heap)
+        return None
+
+    def expire(self, now: float) -> list[Binding]:
+        """Remove the bindings whose lifetime has run out; return them."""
+        removed: list[Binding] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            expires_at, _, aor, key = heapq.heappop(heap)
+            if not self._is_current(expires_at, aor, key):
+                continue
+            bindings = self._bindings[aor]
+            removed.append(bindings.pop(key))
+            if not bindings:
+                del self._bindings[aor]
+        return removed
+
+    handle_timer = expire
