@@ -46,6 +46,16 @@ class SipSettings(_Section):
     advertised: str | None = None
     # How long an outbound leg (transfer) may ring before it is given up.
     ring_timeout_ms: int = Field(default=30000, gt=0)
+    # Digest authentication (REGISTER). Nonces are HMACs under `auth_secret`, so every
+    # front sharing the secret accepts them; unset, a random secret per start is used.
+    realm: str = "pbx"
+    auth_secret: str | None = None
+    # Challenges offered, in order. Many UAs (sipp, older phones) only answer the first
+    # challenge and only know MD5, so MD5 leads by default; list "SHA-256" first (or
+    # alone) where every UA supports RFC 8760.
+    digest_algorithms: list[Literal["MD5", "SHA-256"]] = Field(
+        default_factory=lambda: ["MD5", "SHA-256"], min_length=1
+    )
 
     @field_validator("listen", "advertised")
     @classmethod

@@ -24,9 +24,11 @@ import orjson
 
 from pbx import messages as m
 from pbx.config import RouteSettings, Settings
+from pbx.registrar import Registrar
 from pbx.registry import WorkerRegistry
 from pbx.routing import CallAddress, Router
 from pbx.sip import sdp
+from pbx.sip.auth import DigestAuthenticator
 from pbx.sip.errors import SipError
 from pbx.sip.message import (
     Headers,
@@ -151,6 +153,7 @@ class Call:
     end_reason: str = ""
     end_code: int | None = None
     transfer_target: str | None = None
+    extension: str | None = None  # set for a direct call to a user (no IVR)
 
 
 class Front:
@@ -170,6 +173,12 @@ class Front:
         self.router = Router(settings.routes)
         self.transactions = TransactionLayer()
         self.retransmitter = Uas2xxRetransmitter()
+        secret = (settings.sip.auth_secret or secrets.token_hex(32)).encode()
+        self.registrar = Registrar(
+            settings.users,
+            DigestAuthenticator(settings.sip.realm, secret,
+                                algorithms=tuple(settings.sip.digest_algorithms)),
+        )
         self.media_workers = WorkerRegistry(settings.media.expiry_ms / 1000)
         self.executors = WorkerRegistry(settings.ivr.expiry_ms / 1000)
         host, port = settings.sip.advertised_host_port
@@ -186,7 +195,6 @@ class Front:
         self.stats = {"calls_total": 0, "calls_failed": 0, "sip_malformed": 0}
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._session_counter = 0
 
     # ------------------------------------------------------------ plumbing
 
@@ -230,7 +238,8 @@ class Front:
     def _arm_timer(self) -> None:
         deadlines = [
             d
-            for d in (self.transactions.get_timer(), self.retransmitter.get_timer())
+            for d in (self.transactions.get_timer(), self.retransmitter.get_timer(),
+                      self.registrar.get_timer())
             if d is not None
         ]
         if self._timer is not None:
@@ -245,6 +254,7 @@ class Front:
         try:
             events: list[Any] = self.transactions.handle_timer(now)
             events += self.retransmitter.handle_timer(now)
+            self.registrar.expire(now)
             self._emit(events)
         finally:
             self._arm_timer()  # whatever happened, SIP timers keep running
@@ -312,8 +322,8 @@ class Front:
                 self._on_in_dialog(req, ev.addr, key)
             elif method in ("BYE", "INFO"):
                 self._respond(key, req, 481)
-            elif method in ("REGISTER",):
-                self._respond(key, req, 501, "Registrar Not Enabled")
+            elif method == "REGISTER":
+                self._on_register(req, ev.addr, key)
             else:
                 self._respond(key, req, 501, headers=[("Allow", ALLOW)])
         except SipError as exc:
@@ -323,6 +333,13 @@ class Front:
             log.exception("error handling %s %s", method, req.call_id)
             if method != "ACK":
                 self._respond(key, req, 500, "Server Internal Error")
+
+    def _on_register(self, req: SipRequest, addr: Addr, key: TransactionKey) -> None:
+        # Two clocks: bindings expire on the loop's clock, nonces carry wall-clock time
+        # so that they stay valid across a restart and between fronts.
+        response = self.registrar.handle_register(req, addr, self.now(), auth_now=time.time())
+        response.headers.add("Server", USER_AGENT)
+        self._emit(list(self.transactions.respond(key, response, self.now())))
 
     # ------------------------------------------------------------ incoming calls
 
@@ -337,13 +354,17 @@ class Front:
         )
         self.stats["calls_total"] += 1
         route = self.router.match(address)
+        extension: str | None = None
         if route is None:
-            self.stats["calls_failed"] += 1
-            self._respond(key, req, 404, to_tag=new_tag())
-            return
+            if self.registrar.lookup(address.to_user, self.now()):
+                extension = address.to_user  # a call to a user: bridged, no IVR
+            else:
+                self.stats["calls_failed"] += 1
+                self._respond(key, req, 404, to_tag=new_tag())
+                return
         call = Call(
             call_id=secrets.token_hex(8), route=route, caller=address.from_user,
-            callee=address.to_user, started_at=time.time(),
+            callee=address.to_user, started_at=time.time(), extension=extension,
         )
         leg = Leg(
             call=call, sip_call_id=req.call_id, local_tag=new_tag(),
@@ -384,13 +405,12 @@ class Front:
     async def _answer_incoming(self, call: Call, leg: Leg, req: SipRequest,
                                key: TransactionKey) -> None:
         route = call.route
-        assert route is not None
         if leg.state == "terminated":  # cancelled before this task ran
             return
         if not req.body:
             self._fail_invite(leg, 488, "No SDP Offer")
             return
-        allocated = await self._allocate(leg, route.inband_dtmf)
+        allocated = await self._allocate(leg, route.inband_dtmf if route else False)
         if leg.state == "terminated":  # cancelled while we waited
             self._release_media(leg)
             return
@@ -408,6 +428,11 @@ class Front:
         leg.negotiated, leg.answer_sdp = negotiated, answer
         self._send_remote(leg)
         self.dialogs[leg.dialog_key] = leg
+        if route is None:
+            # Direct call to a user: the caller is answered when the callee answers.
+            assert call.extension is not None
+            self._transfer(call, call.extension)
+            return
         if route.answer == "early_media":
             # 183 with the SDP answer: the IVR plays before any final response, so a
             # play_and_hangup code can still be the final status (DESIGN §3).
@@ -576,11 +601,14 @@ class Front:
     # ------------------------------------------------------------ outbound legs (B2BUA)
 
     def _resolve_target(self, target: str) -> tuple[str, str, int] | None:
-        """An extension with a static contact, or a SIP URI → (Request-URI, host, port)."""
+        """An extension (static contact first, then its registered contacts) or a SIP URI
+        → (Request-URI, host, port). A registered phone is reached where its REGISTER
+        came from (it may be behind NAT)."""
         uri_text: str | None = None
-        user = self.settings.users.get(target)
-        if user is not None and user.contact:
-            uri_text = user.contact
+        source: Addr | None = None
+        bindings = self.registrar.lookup(target, self.now())
+        if bindings:
+            uri_text, source = bindings[0].uri, bindings[0].source
         elif target.startswith(("sip:", "sips:")):
             uri_text = target
         if uri_text is None:
@@ -589,6 +617,8 @@ class Front:
             uri = parse_uri(uri_text)
         except SipError:
             return None
+        if source is not None:
+            return uri_text, source[0], source[1]
         return uri_text, uri.host.strip("[]"), uri.port or 5060
 
     def _transfer(self, call: Call, target: str) -> None:
@@ -682,6 +712,8 @@ class Front:
             leg.provisional_seen = True
             if leg.cancel_pending:
                 self._cancel_outbound(leg)
+            elif resp.status in (180, 183):
+                self._relay_ringing(leg.call)
             return
         if resp.status >= 300:
             self.client_txns.pop(key, None)
@@ -703,6 +735,15 @@ class Front:
             leg.late_bye_sent = True
             leg.state = "confirmed"
             self._send_bye(leg)
+
+    def _relay_ringing(self, call: Call) -> None:
+        """Tell a still-unanswered caller that the callee rings (no IVR media to relay)."""
+        a = call.a
+        if (a is None or a.state != "early" or a.invite is None or a.invite_key is None
+                or call.session is not None):
+            return
+        self._respond(a.invite_key, a.invite, 180, to_tag=a.local_tag,
+                      headers=self._dialog_headers(a))
 
     def _learn_dialog(self, leg: Leg, resp: SipResponse) -> None:
         """The dialog state a 2xx establishes on our outbound leg (RFC 3261 §12.1.2)."""
@@ -952,7 +993,6 @@ class Front:
     def _start_session(self, call: Call, req: SipRequest) -> None:
         route = call.route
         assert route is not None
-        self._session_counter += 1
         session_id = f"{call.call_id}"
         headers = {name: value for name, value in req.headers.items()
                    if name not in ("Via", "Content-Length")}

@@ -9,6 +9,9 @@ background), and one `IvrReply` with the same `seq` goes back. Messages are sent
 a single frame; on receipt the last frame is the message (an optional empty
 delimiter frame is tolerated).
 
+`api` actions' HTTP calls are performed here too (same aiohttp session), and the
+`[ivrs.<route_point>]` table loaded at start is handed to the machine for `jump_ivr`.
+
 The executor keeps no session state: the state comes with the event and leaves with
 the reply. A bad frame is logged and dropped; an exception while handling one
 session is logged and answered with the error prompt and a hang-up, and the process
@@ -24,7 +27,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +35,7 @@ import uvloop
 import zmq
 import zmq.asyncio
 
-from pbx.config import ConfigError, Settings, load_config
+from pbx.config import ConfigError, IvrAppParams, Settings, load_config
 from pbx.ivr import machine
 from pbx.ivr.provider import ProviderClient
 from pbx.logs import setup_logging
@@ -53,6 +56,7 @@ from pbx.messages import (
 log = logging.getLogger("pbx.ivr.executor")
 
 Clock = Callable[[], float]
+Ivrs = Mapping[str, IvrAppParams]
 
 
 @dataclass
@@ -70,12 +74,16 @@ class _Progress:
         self.traces.extend(step.traces)
         self.done = step.done
         for request in step.requests:
-            if request.kind != "step":
-                client.send(request)
+            if request.kind not in ("step", "api"):
+                client.send(request)  # fire-and-forget notifications
 
 
 async def process_event(
-    event: IvrEvent, client: ProviderClient, clock: Clock, progress: _Progress | None = None
+    event: IvrEvent,
+    client: ProviderClient,
+    clock: Clock,
+    progress: _Progress | None = None,
+    ivrs: Ivrs | None = None,
 ) -> IvrReply:
     """Run the machine for one event until it waits for the next call event."""
     progress = progress if progress is not None else _Progress(state=event.state)
@@ -85,11 +93,15 @@ async def process_event(
     elif event.state is None:
         raise ValueError(f"{inp.type} event without a session state")
     else:
-        step = machine.handle(event.state, inp, clock())
+        step = machine.handle(event.state, inp, clock(), ivrs=ivrs)
     progress.add(step, client)
-    while (request := step.step_request) is not None:
-        result = await client.step(request.params, request.body)
-        step = machine.provider_result(step.state, result, clock())
+    while (request := step.pending_request) is not None:
+        if request.kind == "api":
+            api = await client.perform_api(request)
+            step = machine.api_result(step.state, api, clock(), ivrs=ivrs)
+        else:
+            result = await client.step(request.params, request.body)
+            step = machine.provider_result(step.state, result, clock(), ivrs=ivrs)
         progress.add(step, client)
     return IvrReply(
         session_id=event.session_id,
@@ -101,11 +113,13 @@ async def process_event(
     )
 
 
-async def handle_event(event: IvrEvent, client: ProviderClient, clock: Clock) -> IvrReply:
+async def handle_event(
+    event: IvrEvent, client: ProviderClient, clock: Clock, ivrs: Ivrs | None = None
+) -> IvrReply:
     """`process_event`, but an internal error becomes error prompt + hang-up."""
     progress = _Progress(state=event.state)
     try:
-        return await process_event(event, client, clock, progress)
+        return await process_event(event, client, clock, progress, ivrs)
     except Exception as exc:
         log.exception("session %s seq %d: internal error", event.session_id, event.seq)
         reason = f"internal error: {exc.__class__.__name__}"
@@ -209,7 +223,7 @@ class Executor:
             task.add_done_callback(self._sessions.discard)
 
     async def _session(self, event: IvrEvent) -> None:
-        reply = await handle_event(event, self.client, self.clock)
+        reply = await handle_event(event, self.client, self.clock, self.settings.ivrs)
         try:
             await self.send(reply)
         except Exception:

@@ -191,12 +191,8 @@ class Step:
     @property
     def pending_request(self) -> ProviderRequest | None:
         """The `step` or `api` request whose result the session waits for, if any."""
-        if self.waiting_for_provider and self.requests and self.requests[-1].kind in (
-            "step",
-            "api",
-        ):
-            return self.requests[-1]
-        return None
+        last = self.requests[-1] if self.waiting_for_provider and self.requests else None
+        return last if last is not None and last.kind in ("step", "api") else None
 
     @property
     def step_request(self) -> ProviderRequest | None:

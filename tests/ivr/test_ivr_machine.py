@@ -1,4 +1,4 @@
-"""The step-mode machine on a virtual clock, no I/O.
+"""The step-mode machine on a virtual clock, no I/O (driven by `tests.ivr.sim.Sim`).
 
 Every state crosses an orjson dump/load and every input an IvrEvent encode/decode
 between steps, as they do over ZeroMQ.
@@ -6,149 +6,24 @@ between steps, as they do over ZeroMQ.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
 
-from pbx.config import IvrAppParams
 from pbx.ivr import machine
 from pbx.ivr.models import ProviderResult
 from pbx.messages import (
-    AudioComplete,
     CallEndedInput,
-    CallInfo,
     DtmfDigit,
     HangupCommand,
-    IvrEvent,
     MediaFailure,
     MediaInput,
-    PlayCommand,
-    StepTrace,
     StopCommand,
     TimerCommand,
-    TimerFired,
     TransferCommand,
-    decode,
-    encode,
 )
-
-URL = "http://provider.test/ivr/step"
-
-WELCOME_MENU: dict[str, Any] = {
-    "type": "prompt",
-    "file": "sounds/ivr/welcome.wav",
-    "interruptible": True,
-    "next": {
-        "type": "dtmf_menu",
-        "greeting": "sounds/ivr/menu.wav",
-        "timeout_ms": 5000,
-        "entries": {
-            "1": {"type": "transfer", "target": "2001"},
-            "0": {"type": "transfer", "target": "operator"},
-        },
-    },
-}
-
-
-def make_call(**params: Any) -> CallInfo:
-    return CallInfo(
-        call_id="call-1",
-        session_id="sess-1",
-        caller="1001",
-        callee="*99",
-        route_name="step_ivr",
-        params=IvrAppParams(url=URL, **params),
-        sip_headers={"X-Customer": "gold"},
-    )
-
-
-Answer = dict[str, Any] | ProviderResult
-
-
-class Sim:
-    """Drives the machine like the executor does, with a scripted provider."""
-
-    def __init__(self, answers: list[Answer] | Callable[[dict[str, Any]], Answer], **params: Any):
-        self.call = make_call(**params)
-        self.now = 1000.0
-        self.state: dict[str, Any] | None = None
-        self.seq = 0
-        self.answers = answers
-        self.sent: list[dict[str, Any]] = []  # step request bodies
-        self.notified: list[tuple[str, str, dict[str, Any]]] = []  # (kind, url, body)
-        self.traces: list[StepTrace] = []
-        self.done = False
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        return [body["event"] for body in self.sent]
-
-    def answer(self, body: dict[str, Any]) -> ProviderResult:
-        if callable(self.answers):
-            a = self.answers(body)
-        else:
-            assert self.answers, f"unexpected provider call with {body['event']}"
-            a = self.answers.pop(0)
-        return a if isinstance(a, ProviderResult) else ProviderResult("ok", body=a, status=200)
-
-    def run(self, step: machine.Step) -> list[Any]:
-        commands: list[Any] = []
-        while True:
-            # The state travels as JSON.
-            self.state = orjson.loads(orjson.dumps(step.state))
-            commands.extend(step.commands)
-            self.traces.extend(step.traces)
-            self.done = step.done
-            for r in step.requests:
-                if r.kind != "step":
-                    self.notified.append((r.kind, r.url, r.body))
-            request = step.step_request
-            if request is None:
-                return commands
-            assert request.url == URL
-            self.sent.append(orjson.loads(orjson.dumps(request.body)))
-            result = self.answer(request.body)
-            self.now += 0.040
-            step = machine.provider_result(self.state, result, self.now)
-
-    def start(self) -> list[Any]:
-        return self.run(machine.start(self.call, self.now))
-
-    def send(self, inp: MediaInput | CallEndedInput) -> list[Any]:
-        assert self.state is not None
-        self.seq += 1
-        event = decode(
-            encode(IvrEvent(session_id="sess-1", seq=self.seq, state=self.state, input=inp))
-        )
-        self.now += 0.5
-        return self.run(machine.handle(event.state, event.input, self.now))
-
-    def media(self, ev: Any) -> list[Any]:
-        return self.send(MediaInput(event=ev))
-
-    def digit(self, d: str, stopped: int | None = None) -> list[Any]:
-        return self.media(DtmfDigit(digit=d, stopped_play_id=stopped))
-
-    def audio_done(self, play_id: int) -> list[Any]:
-        return self.media(AudioComplete(play_id=play_id))
-
-    def timer(self, timer_id: int) -> list[Any]:
-        return self.media(TimerFired(timer_id=timer_id))
-
-    def kinds(self) -> list[str]:
-        return [kind for kind, _, _ in self.notified]
-
-    def notified_body(self, kind: str) -> dict[str, Any]:
-        bodies = [body for k, _, body in self.notified if k == kind]
-        assert len(bodies) == 1, self.notified
-        return bodies[0]
-
-
-def play(play_id: int, file: str, interruptible: bool = False) -> PlayCommand:
-    return PlayCommand(play_id=play_id, file=file, interruptible=interruptible)
-
+from tests.ivr.sim import URL, WELCOME_MENU, Answer, Sim, play
 
 # ---------------------------------------------------------------- start, happy path
 
@@ -482,7 +357,7 @@ def assert_error_hangup(sim: Sim, commands: list[Any], fragment: str, play_id: i
         ),
         ({"type": "prompt"}, "prompt: missing required field 'file'"),
         ({"type": "queue", "target": "support"}, "queue: not implemented yet"),
-        ({"type": "collect_dtmf"}, "collect_dtmf: not implemented yet"),
+        ({"type": "torecord"}, "torecord: not implemented yet"),
     ],
 )
 def test_bad_action_plays_error_and_hangs_up(answer: Any, fragment: str) -> None:

@@ -13,6 +13,7 @@ from pbx.ivr.models import (
     CollectDtmfAction,
     DtmfMenuAction,
     HangupAction,
+    InputPhoneAction,
     PromptAction,
     ProviderContext,
     ProviderEvent,
@@ -35,6 +36,14 @@ def test_documented_defaults() -> None:
     assert isinstance(api, ApiAction)
     assert (api.method, api.timeout, api.variables) == ("GET", 10, "a,b")
     assert isinstance(parse_action({"type": "hangup"}), HangupAction)
+    phone = parse_action({"type": "input_phone"})
+    assert isinstance(phone, InputPhoneAction)
+    assert (phone.min_digits, phone.max_digits, phone.timeout_ms, phone.terminator) == (
+        11,
+        11,
+        5000,
+        "#",
+    )
 
 
 def test_unknown_fields_ignored_numbers_accepted_nested_parsed() -> None:
