@@ -54,7 +54,7 @@ class SipSettings(_Section):
     # challenge and only know MD5, so MD5 leads by default; list "SHA-256" first (or
     # alone) where every UA supports RFC 8760.
     digest_algorithms: list[Literal["MD5", "SHA-256"]] = Field(
-        default_factory=lambda: ["MD5", "SHA-256"], min_length=1
+        default=["MD5", "SHA-256"], min_length=1
     )
 
     @field_validator("listen", "advertised")

@@ -1048,6 +1048,22 @@ class Front:
                 session.executor = None
                 self._dispatch(session, resend=True, exclude=frozenset({identity}))
 
+    def _refresh_in_flight(self, identity: bytes, working: dict[str, int], now: float) -> None:
+        """An executor's heartbeat lists what it works on: those events stay alive however
+        long they take; one it should have but does not list was lost on the way."""
+        grace_s = 2 * self.settings.ivr.heartbeat_ms / 1000 + 1.0
+        for session in list(self.sessions.values()):
+            if session.executor != identity or session.in_flight is None:
+                continue
+            if working.get(session.session_id) == session.in_flight.seq:
+                session.sent_at = now
+            elif now - session.sent_at > grace_s:
+                log.warning("session %s: event %d lost on the way to %r; re-sending",
+                            session.session_id, session.in_flight.seq, identity)
+                self.executors.release(identity)
+                session.executor = None
+                self._dispatch(session, resend=True)
+
     def _reply_deadline_s(self, session: Session) -> float:
         retry = session.info.params.retry
         budget = (retry.max_retries + 1) * (retry.timeout_ms / 1000 + 0.1)
@@ -1095,6 +1111,8 @@ class Front:
             load = 0 if isinstance(msg, m.IvrReady) else msg.busy
             if self.executors.ready(identity, msg.capacity, load, now):
                 log.info("IVR executor %s joined", msg.executor_id)
+            if isinstance(msg, m.IvrHeartbeat):
+                self._refresh_in_flight(identity, msg.working, now)
             # Take the queue as it is: sessions that still find no room queue up again.
             waiting, self.waiting_sessions = self.waiting_sessions, deque()
             for session in waiting:

@@ -308,6 +308,9 @@ class IvrHeartbeat(_Msg):
     executor_id: str
     busy: int
     capacity: int
+    # The events it is working on (session_id -> seq): the front keeps their deadline
+    # alive (an api call may take long) and re-sends an event missing from here.
+    working: dict[str, int] = Field(default_factory=dict)
 
 
 class IvrEvent(_Msg):

@@ -162,6 +162,7 @@ class Executor:
         self.sock.setsockopt(zmq.LINGER, 1000)
         self._send_lock = asyncio.Lock()
         self._sessions: set[asyncio.Task[None]] = set()
+        self._working: dict[str, int] = {}
 
     @property
     def busy(self) -> int:
@@ -202,6 +203,7 @@ class Executor:
                     executor_id=self.executor_id,
                     busy=self.busy,
                     capacity=self.settings.ivr.capacity,
+                    working=dict(self._working),
                 )
             )
 
@@ -223,11 +225,15 @@ class Executor:
             task.add_done_callback(self._sessions.discard)
 
     async def _session(self, event: IvrEvent) -> None:
-        reply = await handle_event(event, self.client, self.clock, self.settings.ivrs)
+        self._working[event.session_id] = event.seq
         try:
+            reply = await handle_event(event, self.client, self.clock, self.settings.ivrs)
             await self.send(reply)
         except Exception:
             log.exception("session %s seq %d: cannot send reply", event.session_id, event.seq)
+        finally:
+            if self._working.get(event.session_id) == event.seq:
+                del self._working[event.session_id]
 
 
 def executor_id() -> str:
