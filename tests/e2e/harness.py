@@ -315,6 +315,9 @@ _REFUSING_SOCKET.bind(("127.0.0.1", 0))
 REFUSED_PORT: int = _REFUSING_SOCKET.getsockname()[1]
 REFUSED_URL = f"http://127.0.0.1:{REFUSED_PORT}/x"
 
+# Users without a static contact: they register (digest auth) to be reachable.
+REGISTERING_USERS = {"1001": "pw-1001", "1002": "pw-1002"}
+
 ROUTES = """
 [[routes]]
 name = "main"
@@ -334,6 +337,13 @@ name = "refused"
 to_user = "*97"
 app = "ivr"
 app_params = {{ mode = "step", url = "REFUSED_URL", retry = {{ max_retries = 2, timeout_ms = 600 }} }}
+
+[[routes]]
+name = "early"
+to_user = "*96"
+answer = "early_media"
+app = "ivr"
+app_params = {{ mode = "step", url = "{url}/early", retry = {{ max_retries = 2, timeout_ms = 600 }} }}
 """.replace("REFUSED_URL", REFUSED_URL)
 
 
@@ -349,6 +359,9 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
     users = "".join(
         f'\n[users."{ext}"]\ncontact = "sip:{ext}@127.0.0.1:{port}"\n'
         for ext, port in ext_ports.items()
+    ) + "".join(
+        f'\n[users."{user}"]\npassword = "{password}"\n'
+        for user, password in REGISTERING_USERS.items()
     )
     config = f"""
 [sip]

@@ -1,0 +1,173 @@
+"""Early media (183 + IVR before the final response, CANCEL, a play_and_hangup code as the
+final status) and registration with digest auth followed by a call to the registered
+phone, transcoded PCMU <-> PCMA through the media worker."""
+
+from __future__ import annotations
+
+import audioop
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.harness import (
+    REGISTERING_USERS,
+    SCENARIOS,
+    PbxSystem,
+    Reply,
+    RtpEndpoint,
+    free_port,
+    start_sipp,
+    wait_until,
+)
+
+
+def notifications_ok(path: str) -> Reply | None:
+    if path.endswith(("/start", "/end", "/dtmf-match")):
+        return 200, b'{"status":"ok"}', 0.0
+    return None
+
+
+def answer(action: dict[str, Any]) -> Any:
+    def script(path: str, body: Any) -> Reply:
+        return notifications_ok(path) or (200, json.dumps(action).encode(), 0.0)
+    return script
+
+
+def wait_idle(system: PbxSystem) -> None:
+    wait_until(lambda: system.metrics()["pbx_calls"] == 0
+               and system.metrics()["pbx_media_legs"] == 0, 5, "the PBX to be idle")
+
+
+def test_early_media_then_cancel(system: PbxSystem, workdir: Path) -> None:
+    system.provider.script = answer({"type": "prompt", "file": "sounds/menu.wav"})
+    rtp = RtpEndpoint()
+    caller = start_sipp("early-cancel", [
+        "-sf", str(SCENARIOS / "uac_early_cancel.xml"), "-s", "*96", system.sip_addr,
+        "-i", "127.0.0.1", "-p", str(free_port()), "-key", "rtp_port", str(rtp.port),
+        "-m", "1", "-l", "1",
+    ], workdir)
+    try:
+        assert caller.wait(20) == 0, caller.logs()
+    finally:
+        caller.stop()
+        rtp.close()
+    # The prompt played during the 1.5 s of early media, before any final response.
+    assert len(rtp.audio(0)) >= 40, len(rtp.audio(0))
+    starts = system.provider.seen("/early/start")
+    assert starts
+    session_id = starts[-1].body["session_id"]
+    end = wait_until(lambda: [r for r in system.provider.for_session(session_id)
+                              if r.path == "/early/end"], 5, "/end")
+    assert end[0].body["reason"] == "Hangup"
+    wait_idle(system)
+
+
+def test_early_media_play_and_hangup_code_is_the_final_response(
+        system: PbxSystem, workdir: Path) -> None:
+    system.provider.script = answer(
+        {"type": "play_and_hangup", "prompt": "sounds/beep.wav", "code": 486})
+    rtp = RtpEndpoint()
+    caller = start_sipp("early-486", [
+        "-sf", str(SCENARIOS / "uac_early_final.xml"), "-s", "*96", system.sip_addr,
+        "-i", "127.0.0.1", "-p", str(free_port()), "-key", "rtp_port", str(rtp.port),
+        "-m", "1", "-l", "1",
+    ], workdir)
+    try:
+        assert caller.wait(20) == 0, caller.logs()
+    finally:
+        caller.stop()
+        rtp.close()
+    # The caller offered PCMA first: the beep came as PCMA before the 486.
+    beep = rtp.audio(8)
+    assert 8 <= len(beep) <= 30, len(beep)
+    wait_idle(system)
+
+
+def test_register_with_digest_then_call_the_phone(system: PbxSystem, workdir: Path) -> None:
+    user = "1001"
+    # A wrong password is refused (a fresh 401), and leaves no binding.
+    wrong = start_sipp("register-wrong", [
+        "-sf", str(SCENARIOS / "uac_register_wrong.xml"), "-s", user, system.sip_addr,
+        "-i", "127.0.0.1", "-p", str(free_port()), "-au", user, "-ap", "not-the-password",
+        "-m", "1", "-l", "1",
+    ], workdir / "wrong")
+    try:
+        assert wrong.wait(15) == 0, wrong.logs()
+    finally:
+        wrong.stop()
+
+    sip_port = free_port()
+    register = start_sipp("register-1001", [
+        "-sf", str(SCENARIOS / "uac_register.xml"), "-s", user, system.sip_addr,
+        "-i", "127.0.0.1", "-p", str(sip_port), "-au", user, "-ap", REGISTERING_USERS[user],
+        "-m", "1", "-l", "1",
+    ], workdir / "register")
+    try:
+        assert register.wait(15) == 0, register.logs()
+    finally:
+        register.stop()
+    # The phone answers on the port it registered from.
+    phone = start_sipp("phone-1001", [
+        "-sf", str(SCENARIOS / "uas_answer_pcma.xml"), "-s", user,
+        "-i", "127.0.0.1", "-p", str(sip_port), "-mi", "127.0.0.1",
+        "-mp", str(free_port(even=True)), "-rtp_echo", "-m", "1",
+    ], workdir / "phone")
+    caller_rtp = RtpEndpoint()
+    caller = None
+    try:
+        caller = start_sipp("caller", [
+            "-sf", str(SCENARIOS / "uac_ivr.xml"), "-s", user, system.sip_addr,
+            "-i", "127.0.0.1", "-p", str(free_port()), "-mi", "127.0.0.1",
+            "-mp", str(free_port(even=True)), "-key", "rtp_port", str(caller_rtp.port),
+            "-d", "1000", "-m", "1", "-l", "1",
+        ], workdir / "caller")
+        # The caller (PCMU) talks to the phone (PCMA only): the worker transcodes both ways
+        # and the phone's RTP echo brings the caller's audio back.
+        wait_until(lambda: "ACK" in _messages(phone.workdir).split("INVITE sip:", 1)[-1], 10,
+                   "the phone to answer")
+        media_addr = wait_until(lambda: _media_address(caller.workdir), 5,
+                                "the caller's SDP answer")
+        tone = audioop.lin2ulaw(b"".join(
+            int(6000 * ((i // 10) % 2 * 2 - 1)).to_bytes(2, "little", signed=True)
+            for i in range(160)), 2)
+        sent_at = time.monotonic()
+        for _ in range(60):
+            caller_rtp.send(media_addr, tone)
+            time.sleep(0.02)
+        echoed = wait_until(lambda: [p for p in caller_rtp.audio(0)
+                                     if p.at >= sent_at and len(p.payload) == 160], 5,
+                            "the caller's audio echoed back by the phone")
+        assert len(echoed) >= 40, len(echoed)
+        sent_level = audioop.rms(audioop.ulaw2lin(tone, 2), 2)
+        back_level = audioop.rms(audioop.ulaw2lin(echoed[len(echoed) // 2].payload, 2), 2)
+        assert abs(back_level - sent_level) / sent_level < 0.1, (sent_level, back_level)
+        assert caller.wait(20) == 0, caller.logs()
+        assert phone.wait(15) == 0, phone.logs()
+    finally:
+        if caller is not None:
+            caller.stop()
+        phone.stop()
+        caller_rtp.close()
+    wait_idle(system)
+
+
+def _messages(workdir: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in workdir.glob("*_messages.log"))
+
+
+def _media_address(workdir: Path) -> tuple[str, int] | None:
+    """The PBX's RTP address from the 200 OK's SDP, as the caller's sipp logged it."""
+    text = _messages(workdir)
+    head, sep, rest = text.partition("SIP/2.0 200 OK")
+    if not sep:
+        return None
+    ip = port = None
+    for line in rest.splitlines():
+        if line.startswith("c=IN IP4 ") and ip is None:
+            ip = line.split()[-1]
+        elif line.startswith("m=audio ") and port is None:
+            port = int(line.split()[1])
+        if ip and port:
+            return ip, port
+    return None
