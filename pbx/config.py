@@ -78,6 +78,7 @@ class MediaSettings(_Section):
     rtp_ports: str = "20000-29999"
     sounds_dir: str = "sounds"
     recordings_dir: str = "recordings"
+    voicemail_dir: str = "voicemail"
     # Calls one worker accepts before the front stops choosing it.
     capacity: int = Field(default=2000, gt=0)
     heartbeat_ms: int = Field(default=500, gt=0)
@@ -208,6 +209,35 @@ class UserSettings(_Section):
         return v
 
 
+class QueueSettings(_Section):
+    """`[queues.<name>]` (and `[skill_groups.<name>]`): who is rung, in which order."""
+
+    members: list[str] = Field(min_length=1)  # extensions or SIP URIs
+    # ring_all: every member at once; round_robin: one at a time, starting after the
+    # last one tried; longest_idle: one at a time, the member idle longest first.
+    strategy: Literal["ring_all", "round_robin", "longest_idle"] = "ring_all"
+    hold_music: str = "sounds/hold.wav"
+    timeout_ms: int = Field(default=30_000, gt=0)  # the whole queue wait
+    member_ring_ms: int = Field(default=15_000, gt=0)  # one member's turn (one at a time)
+
+
+class TtsSettings(_Section):
+    """Text to speech for `tts_text`: an HTTP service if `url` is set, else local
+    espeak-ng when installed, else the provider gets an `error` event."""
+
+    url: str | None = None
+    voice: str = "en-us"
+    timeout_ms: int = Field(default=5_000, gt=0)
+    cache_dir: str = "sounds/.tts"
+
+
+class AsrSettings(_Section):
+    """Speech recognition for `input_voice`: none configured → `error` event."""
+
+    url: str | None = None
+    timeout_ms: int = Field(default=8_000, gt=0)
+
+
 class Settings(_Section):
     sip: SipSettings = Field(default_factory=SipSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
@@ -220,6 +250,10 @@ class Settings(_Section):
     # Named step-mode IVRs a `jump_ivr` action can go to (`[ivrs.<route_point>]`, same
     # keys as a route's `app_params`). Optional: no section, no jump targets.
     ivrs: dict[str, IvrAppParams] = Field(default_factory=dict)
+    queues: dict[str, QueueSettings] = Field(default_factory=dict)
+    skill_groups: dict[str, QueueSettings] = Field(default_factory=dict)
+    tts: TtsSettings = Field(default_factory=TtsSettings)
+    asr: AsrSettings = Field(default_factory=AsrSettings)
     source_path: str = Field(default="", exclude=True)
 
     def sorted_routes(self) -> list[RouteSettings]:

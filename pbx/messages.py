@@ -7,7 +7,8 @@ version is refused at decode time with `MessageError`.
 Media plane (front ROUTER  <->  media worker DEALER):
     worker -> front : MediaReady, MediaHeartbeat, MediaAllocated, MediaEvent, MediaReleased
     front -> worker : MediaAllocate, MediaRemote, MediaPlay, MediaStop, MediaTimer,
-                      MediaBridge, MediaDtmfInfo, MediaRelease
+                      MediaBridge, MediaDtmfInfo, MediaRecord, MediaRecordStop,
+                      MediaWsBridge, MediaRelease
 
 IVR plane (front ROUTER  <->  executor DEALER):
     executor -> front : IvrReady, IvrHeartbeat, IvrReply
@@ -135,6 +136,46 @@ class MediaDtmfInfo(_Msg):
     duration_ms: int = 100
 
 
+class MediaRecord(_Msg):
+    """Record the leg to a WAV file (8 kHz, 16-bit), written as it goes so a killed worker
+    leaves a playable file. Mono: the caller; stereo: caller left, what the caller hears
+    right. `path` is relative to the `area` directory (`[media] recordings_dir` or
+    `voicemail_dir`); one that escapes it is refused with a MediaFailure. Ends on a digit
+    in `stop_digits` (not recorded), at `max_duration_ms`, on MediaRecordStop, or when the
+    leg is released; then a RecordingFinished event (none after a release). With
+    `metadata`, a JSON file `<path>.json` holding it plus the duration is written at the
+    end (voicemail records). With `beep`, a short tone is played first.
+    """
+
+    kind: Literal["media_record"] = "media_record"
+    call_id: str
+    record_id: int
+    path: str
+    area: Literal["recordings", "voicemail"] = "recordings"
+    max_duration_ms: int = 120_000
+    stereo: bool = False
+    stop_digits: str = "#"
+    beep: bool = False
+    metadata: dict[str, Any] | None = None
+
+
+class MediaRecordStop(_Msg):
+    kind: Literal["media_record_stop"] = "media_record_stop"
+    call_id: str
+
+
+class MediaWsBridge(_Msg):
+    """Bridge the leg's audio to a WebSocket (`voip_bridge`): caller audio goes out as
+    binary PCM16 LE 8 kHz frames, frames that come back are played. Either side closing
+    ends it with a WsBridgeEnded event; `timeout_ms` bounds the connect."""
+
+    kind: Literal["media_ws_bridge"] = "media_ws_bridge"
+    call_id: str
+    uri: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_ms: int = 30_000
+
+
 class MediaRelease(_Msg):
     """Stop everything for the leg and free its port; answered by MediaReleased."""
 
@@ -170,8 +211,25 @@ class MediaFailure(BaseModel):
     play_id: int | None = None
 
 
+class RecordingFinished(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["recording_finished"] = "recording_finished"
+    record_id: int
+    path: str  # as given in MediaRecord
+    duration_ms: int
+    reason: Literal["dtmf", "max_duration", "stopped", "error"]
+
+
+class WsBridgeEnded(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["ws_bridge_ended"] = "ws_bridge_ended"
+    reason: str  # "closed by peer", "connect failed: ...", "timeout"
+
+
 MediaEventBody = Annotated[
-    AudioComplete | DtmfDigit | TimerFired | MediaFailure, Field(discriminator="type")
+    AudioComplete | DtmfDigit | TimerFired | MediaFailure | RecordingFinished
+    | WsBridgeEnded,
+    Field(discriminator="type"),
 ]
 
 
@@ -271,8 +329,59 @@ class TransferCommand(BaseModel):
     target: str
 
 
+class RecordCommand(BaseModel):
+    """Start recording the caller (forwarded as MediaRecord; see there)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["record"] = "record"
+    record_id: int
+    path: str
+    area: Literal["recordings", "voicemail"] = "recordings"
+    max_duration_ms: int = 120_000
+    stereo: bool = False
+    stop_digits: str = "#"
+    beep: bool = False
+    metadata: dict[str, Any] | None = None
+
+
+class StopRecordCommand(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["stop_record"] = "stop_record"
+
+
+class QueueCommand(BaseModel):
+    """Leave the IVR for the `[queues.<target>]` queue. With `return_to_ivr` and nobody
+    answering, the front starts the route's IVR again (session_start, variables
+    transferred_from=queue, return_reason=no_answer)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["queue"] = "queue"
+    target: str
+    return_to_ivr: bool = False
+
+
+class AgentCommand(BaseModel):
+    """Ring the agent's extension, falling back to `[skill_groups.<skill_group_id>]`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["route_to_agent"] = "route_to_agent"
+    target: str
+    skill_group_id: str | None = None
+
+
+class WsBridgeCommand(BaseModel):
+    """Leave the IVR for a WebSocket audio bridge (forwarded as MediaWsBridge)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["voip_bridge"] = "voip_bridge"
+    uri: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_ms: int = 30_000
+
+
 CallCommand = Annotated[
-    PlayCommand | StopCommand | TimerCommand | HangupCommand | TransferCommand,
+    PlayCommand | StopCommand | TimerCommand | HangupCommand | TransferCommand
+    | RecordCommand | StopRecordCommand | QueueCommand | AgentCommand | WsBridgeCommand,
     Field(discriminator="type"),
 ]
 
@@ -345,6 +454,9 @@ Message = Annotated[
     | MediaTimer
     | MediaBridge
     | MediaDtmfInfo
+    | MediaRecord
+    | MediaRecordStop
+    | MediaWsBridge
     | MediaRelease
     | MediaEvent
     | MediaReleased
