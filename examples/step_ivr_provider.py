@@ -12,11 +12,15 @@ base path, e.g. ``http://127.0.0.1:8080/ivr/step``:
 * ``POST <base>/dtmf-match`` noted, answers ``{"status": "ok"}``
 
 The flow: welcome prompt chained into a DTMF menu (1 → transfer 2001,
-2 → queue support, 0 → transfer operator). The menu has no
+2 → the ``support`` queue of ``[queues.support]`` in config/pbx.toml, 0 → transfer
+operator). The menu has no
 ``invalid_action``/``timeout_action``, so the PBX reports a wrong key
 (``dtmf_menu_invalid``) or silence (``dtmf_menu_timeout``) here; the provider
 plays a notice and the menu again, and hangs up with a goodbye on the third
 failure. Only step-mode actions are used (no tree-only ``repeat``).
+
+``examples/balance_provider.py`` is a second example that uses text to speech,
+``collect_dtmf``, ``api``, ``torecord`` and ``queue``.
 """
 
 from __future__ import annotations

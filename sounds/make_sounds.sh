@@ -37,6 +37,7 @@ speak invalid "That is not a valid choice."
 speak timeout "We did not receive your choice."
 speak error   "Sorry, something went wrong. Goodbye."
 speak goodbye "Thank you for calling. Goodbye."
+speak voicemail_greeting "Please leave a message after the tone. Press the pound key when you are done."
 
 # Beep: 0.25 s, 1000 Hz sine at -6 dBFS, 5 ms fades against clicks.
 sox -n "${fmt[@]}" "$here/beep.wav" synth 0.25 sine 1000 fade 0.005 0.25 0.005 gain -n -6
@@ -54,6 +55,6 @@ chord "$tmp/c3.wav" 174.61 220.00 261.63
 chord "$tmp/c4.wav" 196.00 246.94 293.66
 sox "$tmp/c1.wav" "$tmp/c2.wav" "$tmp/c3.wav" "$tmp/c4.wav" "${fmt[@]}" "$here/hold.wav" gain -n -18
 
-for f in welcome menu invalid timeout error goodbye beep hold; do
-    printf '%-12s %6.2f s\n' "$f.wav" "$(soxi -D "$here/$f.wav")"
+for f in welcome menu invalid timeout error goodbye voicemail_greeting beep hold; do
+    printf '%-24s %6.2f s\n' "$f.wav" "$(soxi -D "$here/$f.wav")"
 done

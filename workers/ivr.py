@@ -9,7 +9,9 @@ background), and one `IvrReply` with the same `seq` goes back. Messages are sent
 a single frame; on receipt the last frame is the message (an optional empty
 delimiter frame is tolerated).
 
-`api` actions' HTTP calls are performed here too (same aiohttp session), and the
+`api` actions' HTTP calls are performed here too (same aiohttp session), text to
+speech (`tts` requests: `tts_text`, `greeting_text`) is synthesised into the prompt
+cache by `pbx.tts.TtsEngine` before the reply goes out, and the
 `[ivrs.<route_point>]` table loaded at start is handed to the machine for `jump_ivr`.
 
 The executor keeps no session state: the state comes with the event and leaves with
@@ -37,6 +39,7 @@ import zmq.asyncio
 
 from pbx.config import ConfigError, IvrAppParams, Settings, load_config
 from pbx.ivr import machine
+from pbx.ivr.models import TtsResult
 from pbx.ivr.provider import ProviderClient
 from pbx.logs import setup_logging
 from pbx.messages import (
@@ -52,6 +55,7 @@ from pbx.messages import (
     decode,
     encode,
 )
+from pbx.tts import TTS_UNAVAILABLE, TtsEngine
 
 log = logging.getLogger("pbx.ivr.executor")
 
@@ -74,7 +78,7 @@ class _Progress:
         self.traces.extend(step.traces)
         self.done = step.done
         for request in step.requests:
-            if request.kind not in ("step", "api"):
+            if request.kind not in ("step", "api", "tts"):
                 client.send(request)  # fire-and-forget notifications
 
 
@@ -84,8 +88,10 @@ async def process_event(
     clock: Clock,
     progress: _Progress | None = None,
     ivrs: Ivrs | None = None,
+    tts: TtsEngine | None = None,
 ) -> IvrReply:
-    """Run the machine for one event until it waits for the next call event."""
+    """Run the machine for one event until it waits for the next call event. Without
+    `tts`, text to speech is unavailable (the provider gets an `error` event)."""
     progress = progress if progress is not None else _Progress(state=event.state)
     inp = event.input
     if isinstance(inp, SessionStartInput):
@@ -99,6 +105,13 @@ async def process_event(
         if request.kind == "api":
             api = await client.perform_api(request)
             step = machine.api_result(step.state, api, clock(), ivrs=ivrs)
+        elif request.kind == "tts":
+            spoken = (
+                await tts.perform(request) if tts is not None else TtsResult(error=TTS_UNAVAILABLE)
+            )
+            if spoken.error is not None:
+                log.info("session %s: tts: %s", event.session_id, spoken.error)
+            step = machine.tts_result(step.state, spoken, clock(), ivrs=ivrs)
         else:
             result = await client.step(request.params, request.body)
             step = machine.provider_result(step.state, result, clock(), ivrs=ivrs)
@@ -114,12 +127,16 @@ async def process_event(
 
 
 async def handle_event(
-    event: IvrEvent, client: ProviderClient, clock: Clock, ivrs: Ivrs | None = None
+    event: IvrEvent,
+    client: ProviderClient,
+    clock: Clock,
+    ivrs: Ivrs | None = None,
+    tts: TtsEngine | None = None,
 ) -> IvrReply:
     """`process_event`, but an internal error becomes error prompt + hang-up."""
     progress = _Progress(state=event.state)
     try:
-        return await process_event(event, client, clock, progress, ivrs)
+        return await process_event(event, client, clock, progress, ivrs, tts)
     except Exception as exc:
         log.exception("session %s seq %d: internal error", event.session_id, event.seq)
         reason = f"internal error: {exc.__class__.__name__}"
@@ -152,9 +169,13 @@ class Executor:
         client: ProviderClient,
         executor_id: str,
         clock: Clock = time.time,
+        tts: TtsEngine | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
+        self.tts = tts or TtsEngine(
+            settings.tts, settings.media.sounds_dir, http=lambda: client.session
+        )
         self.executor_id = executor_id
         self.clock = clock
         self.sock = ctx.socket(zmq.DEALER)
@@ -176,6 +197,16 @@ class Executor:
         endpoint = self.settings.zmq.ivr_endpoint
         self.sock.connect(endpoint)
         log.info("executor %s connected to %s", self.executor_id, endpoint)
+        tts = self.tts
+        log.info(
+            "text to speech: %s",
+            tts.problem
+            or ", then ".join(
+                [f"service {tts.settings.url}"] * bool(tts.settings.url)
+                + [f"espeak-ng ({tts.espeak})"] * (tts.espeak is not None)
+            )
+            or "not available (no [tts] url, no espeak-ng)",
+        )
         await self.send(IvrReady(executor_id=self.executor_id, capacity=self.settings.ivr.capacity))
         workers = [
             asyncio.create_task(self._heartbeats(), name="heartbeat"),
@@ -227,7 +258,9 @@ class Executor:
     async def _session(self, event: IvrEvent) -> None:
         self._working[event.session_id] = event.seq
         try:
-            reply = await handle_event(event, self.client, self.clock, self.settings.ivrs)
+            reply = await handle_event(
+                event, self.client, self.clock, self.settings.ivrs, self.tts
+            )
             await self.send(reply)
         except Exception:
             log.exception("session %s seq %d: cannot send reply", event.session_id, event.seq)

@@ -11,25 +11,32 @@ The entry points take the dumped state, one input and the current time `now`
     handle(state, input, now)           MediaInput / CallEndedInput (and a restart)
     provider_result(state, result, now) the answer to the Step's `step` request
     api_result(state, result, now)      the answer to the Step's `api` request
+    tts_result(state, result, now)      the answer to the Step's `tts` request
     abort(state, call, reason, now)     the shell's last resort after an internal error
 
-`handle`, `provider_result` and `api_result` also take `ivrs`, the configured
+`handle`, `provider_result`, `api_result` and `tts_result` also take `ivrs`, the configured
 `[ivrs.<route_point>]` table a `jump_ivr` action looks its target up in (data passed
 in like the clock, so the machine stays pure).
 
 A `Step` holds the new state, call commands for the media worker / front (in order),
 HTTP requests for the shell, traces, and two flags. When `waiting_for_provider` is
-set the last request is a `step` request or an `api` request: the shell performs it
-(`step` under the retry policy in `pbx.ivr.provider`) and feeds the `ProviderResult`
-to `provider_result` (or the `ApiResult` to `api_result`), and so on until the
-machine waits for a call event again; then the shell replies. The other requests
+set the last request is a `step`, `api` or `tts` request: the shell performs it
+(`step` under the retry policy in `pbx.ivr.provider`, `tts` with `pbx.tts`) and feeds
+the `ProviderResult` to `provider_result` (the `ApiResult` to `api_result`, the
+`TtsResult` to `tts_result`), and so on until the machine waits for a call event
+again; then the shell replies. The other requests
 (`start`, `end`, `dtmf_match`) are fire-and-forget notifications.
 
 Phases (`Phase`) and which inputs each accepts are one table, `_TABLE`, at the end
-of this file. Media events that belong to a prompt or timer that is no longer the
-current one (play_id / timer_id older than `active_play` / `active_timer`) are stale
-and ignored before the table is consulted; inputs after the session is done are
-ignored; any other input a phase does not list raises `IvrStateError`.
+of this file. Media events that belong to a prompt, timer or recording that is no
+longer the current one (play_id / timer_id / record_id other than `active_play` /
+`active_timer` / `active_record`) are stale and ignored before the table is
+consulted, and so is `ws_bridge_ended` (voip_bridge is terminal: the front handles
+its end); inputs after the session is done are ignored; any other input a phase does
+not list raises `IvrStateError`.
+
+Recording and voicemail file names carry the time of `now` in UTC
+(`YYYYmmdd_HHMMSS`), so they too are a pure function of the inputs.
 
 Protocol decisions followed here are DESIGN §3's; where the brief or DESIGN left
 a choice open, the choice is said in a comment where it is made.
@@ -38,6 +45,7 @@ a choice open, the choice is said in a comment where it is made.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -73,14 +81,22 @@ from pbx.ivr.models import (
     ProviderEvent,
     ProviderRequest,
     ProviderResult,
+    QueueAction,
+    RecordingCompleteEvent,
     RequestKind,
+    RouteToAgentAction,
     SessionContext,
     SessionStartEvent,
+    ToRecordAction,
     TransferAction,
+    TtsResult,
+    VoicemailAction,
+    VoipBridgeAction,
     action_json,
     parse_action,
 )
 from pbx.messages import (
+    AgentCommand,
     AudioComplete,
     CallCommand,
     CallEndedInput,
@@ -90,15 +106,34 @@ from pbx.messages import (
     MediaFailure,
     MediaInput,
     PlayCommand,
+    QueueCommand,
+    RecordCommand,
+    RecordingFinished,
     SessionStartInput,
     StepTrace,
     StopCommand,
+    StopRecordCommand,
     TimerCommand,
     TimerFired,
     TransferCommand,
+    WsBridgeCommand,
+    WsBridgeEnded,
 )
 
 ERROR_PROMPT = "sounds/error.wav"
+# Voicemail: greeting (a missing greeting file leaves the beep only), goodbye after the
+# message. A `voicemail` action may name its own greeting (`greeting`, an extension).
+VOICEMAIL_GREETING = "sounds/voicemail_greeting.wav"
+VOICEMAIL_GOODBYE = "sounds/goodbye.wav"
+# Recording length when `max_duration_secs` is unset (or not positive), and the most
+# a provider may ask for.
+DEFAULT_RECORD_SECS = 120
+MAX_RECORD_SECS = 3600
+VOICEMAIL_MAX_SECS = 120
+RECORD_STOP_DIGITS = "#"
+# A media failure while recording is either a refused start (nothing follows) or a
+# write error (its RecordingFinished follows on the same tick): wait this long for it.
+RECORD_FAILURE_GRACE_MS = 1000
 TTS_UNAVAILABLE = "TTS service not available"
 ASR_UNAVAILABLE = "ASR service not available"
 # Provider steps (and `api` calls) allowed in a row without a call event in between: a
@@ -125,6 +160,10 @@ class Phase(StrEnum):
     COLLECT_PROMPT = "collect_prompt"  # collect_dtmf / input_phone prompt (interruptible)
     COLLECT_WAIT = "collect_wait"  # collecting digits; the (inter-digit) timer is armed
     WAIT_API = "wait_api"  # an `api` request is out; only its result is accepted
+    WAIT_TTS = "wait_tts"  # a `tts` request is out; only its result is accepted
+    RECORD_PROMPT = "record_prompt"  # torecord's prompt is playing; recording follows
+    RECORDING = "recording"  # torecord / voicemail: the media worker is recording
+    VM_GREETING = "vm_greeting"  # voicemail greeting playing; beep and recording follow
     CLOSING = "closing"  # last prompt before the hang-up (hangup, play_and_hangup, error)
     DONE = "done"
 
@@ -137,6 +176,8 @@ class InputKind(StrEnum):
     CALL_ENDED = "call_ended"
     PROVIDER_RESULT = "provider_result"
     API_RESULT = "api_result"
+    TTS_RESULT = "tts_result"
+    RECORDING_FINISHED = "recording_finished"
 
 
 class PendingStep(BaseModel):
@@ -162,6 +203,13 @@ class SessionState(BaseModel):
     timer_id: int = 0  # last timer_id issued
     active_play: int | None = None  # the prompt whose end or failure is awaited
     active_timer: int | None = None  # the timer whose firing is awaited
+    record_id: int = 0  # last record_id issued
+    active_record: int | None = None  # the recording whose end is awaited
+    last_record_path: str | None = None  # so two recordings in one second do not collide
+    record_failure: str | None = None  # a media failure reported while recording
+    # What a `tts` request in flight is for: a prompt, a menu greeting or a menu notice.
+    tts_for: Literal["prompt", "greeting", "notice"] | None = None
+    tts_greeting: str | None = None  # the current menu's synthesised greeting_text
     digits: list[str] = Field(default_factory=list)  # type-ahead, for a digit-taking action
     collected: str = ""  # digits of the current collect_dtmf / input_phone so far
     menu_attempts: int = 0  # invalid/timeout attempts of the current dtmf_menu
@@ -179,7 +227,8 @@ class SessionState(BaseModel):
 @dataclass
 class Step:
     """What one entry point produced. `requests` are in the order to send them; when
-    `waiting_for_provider` is set the last one is the `step` or `api` request to answer."""
+    `waiting_for_provider` is set the last one is the `step`, `api` or `tts` request to
+    answer."""
 
     state: dict[str, Any]
     commands: list[CallCommand] = field(default_factory=list)
@@ -190,9 +239,9 @@ class Step:
 
     @property
     def pending_request(self) -> ProviderRequest | None:
-        """The `step` or `api` request whose result the session waits for, if any."""
+        """The `step`, `api` or `tts` request whose result the session waits for, if any."""
         last = self.requests[-1] if self.waiting_for_provider and self.requests else None
-        return last if last is not None and last.kind in ("step", "api") else None
+        return last if last is not None and last.kind in ("step", "api", "tts") else None
 
     @property
     def step_request(self) -> ProviderRequest | None:
@@ -203,6 +252,11 @@ class Step:
     def api_request(self) -> ProviderRequest | None:
         request = self.pending_request
         return request if request is not None and request.kind == "api" else None
+
+    @property
+    def tts_request(self) -> ProviderRequest | None:
+        request = self.pending_request
+        return request if request is not None and request.kind == "tts" else None
 
 
 # ---------------------------------------------------------------- variables (spec §7)
@@ -236,6 +290,16 @@ def substitute(action: ActionNode, variables: dict[str, str]) -> ActionNode:
         if name not in _NOT_SUBSTITUTED
     }
     return action.model_copy(update=updates)
+
+
+_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_.@+\-]")
+
+
+def safe_name(text: str) -> str:
+    """One path component from provider or SIP data (a mailbox, a session id): characters
+    other than letters, digits and `_.@+-` become `_`, and it never starts with a dot."""
+    name = _UNSAFE_RE.sub("_", text)[:128]
+    return f"_{name}" if not name or name.startswith(".") else name
 
 
 def initial_variables(call: CallInfo) -> dict[str, str]:
@@ -296,6 +360,14 @@ def api_result(
     """The outcome of the `api` request the last Step asked for."""
     session = _Session.load(state, now, trigger="api", ivrs=ivrs)
     return session.dispatch(InputKind.API_RESULT, result)
+
+
+def tts_result(
+    state: dict[str, Any], result: TtsResult, now: float, ivrs: Ivrs | None = None
+) -> Step:
+    """The outcome of the `tts` request the last Step asked for."""
+    session = _Session.load(state, now, trigger="tts", ivrs=ivrs)
+    return session.dispatch(InputKind.TTS_RESULT, result)
 
 
 def abort(state: dict[str, Any] | None, call: CallInfo | None, reason: str, now: float) -> Step:
@@ -389,9 +461,18 @@ class _Session:
                 return self.finish()  # stale: a cancelled or replaced timer
             return self.dispatch(InputKind.TIMER, ev)
         if isinstance(ev, MediaFailure):
-            if self.s.active_play is None or ev.play_id not in (None, self.s.active_play):
+            if ev.play_id is not None:
+                if ev.play_id != self.s.active_play:
+                    return self.finish()  # about a prompt we no longer wait for
+            elif self.s.active_play is None and self.s.active_record is None:
                 return self.finish()  # about nothing we still wait for
             return self.dispatch(InputKind.MEDIA_FAILURE, ev)
+        if isinstance(ev, RecordingFinished):
+            if ev.record_id != self.s.active_record:
+                return self.finish()  # stale: a stopped recording
+            return self.dispatch(InputKind.RECORDING_FINISHED, ev)
+        if isinstance(ev, WsBridgeEnded):
+            return self.finish()  # voip_bridge is terminal: the front handles its end
         raise IvrStateError(f"unknown media event {ev!r}")
 
     def dispatch(self, kind: InputKind, payload: Any) -> Step:
@@ -458,6 +539,21 @@ class _Session:
             self.commands.append(TimerCommand(timer_id=self.s.active_timer, delay_ms=0))
             self.s.active_timer = None
 
+    def stop_record(self) -> None:
+        """Stop a recording in progress (its RecordingFinished is then stale)."""
+        if self.s.active_record is not None:
+            self.commands.append(StopRecordCommand())
+            self.s.active_record = None
+
+    def synthesize(
+        self, text: str, voice: str | None, purpose: Literal["prompt", "greeting", "notice"]
+    ) -> None:
+        """Ask the shell for text to speech; the file comes back to `on_tts_result`."""
+        self.s.tts_for = purpose
+        self.s.phase = Phase.WAIT_TTS
+        body = {"text": text, "voice": voice}
+        self.requests.append(ProviderRequest("tts", "", body, self.s.call.params))
+
     def end(self, reason: str) -> None:
         """The session is over: `/end` notification, no further events wanted."""
         self.s.end_reason = reason
@@ -477,6 +573,7 @@ class _Session:
     def close(self, prompt: str | None, code: int | None, reason: str) -> None:
         """hangup / play_and_hangup: play the prompt, then hang up, no provider call."""
         self.cancel_timer()
+        self.stop_record()
         self.s.hangup_code = code
         self.s.end_reason = reason
         if prompt:
@@ -513,6 +610,7 @@ class _Session:
         self.s.node = action
         self.s.digits = list(digits) if action.takes_digits else []
         self.s.menu_attempts = 0
+        self.s.tts_greeting = None
         executor = _EXECUTORS.get(action.type)
         if executor is None:
             self.fail(f"{action.type}: not implemented yet")
@@ -525,8 +623,8 @@ class _Session:
             self.play(action.file, action.interruptible)
             self.s.phase = Phase.PROMPT
         elif action.tts_text:
-            # No TTS yet: DESIGN §3 "TTS" — the provider gets error{reason}.
-            self.ask(ErrorEvent(reason=TTS_UNAVAILABLE))
+            # DESIGN §3 "TTS": synthesised by the shell, then played (or error{reason}).
+            self.synthesize(action.tts_text, action.tts_voice, "prompt")
         else:
             self.fail("prompt: missing required field 'file' (or 'tts_text')")
 
@@ -550,6 +648,29 @@ class _Session:
         assert isinstance(action, TransferAction)
         self.commands.append(TransferCommand(target=action.target))
         self.end(f"Transfer({action.target})")
+
+    def exec_queue(self, action: ActionNode) -> None:
+        assert isinstance(action, QueueAction)
+        self.commands.append(QueueCommand(target=action.target, return_to_ivr=action.return_to_ivr))
+        self.end(f"Queue({action.target})")
+
+    def exec_route_to_agent(self, action: ActionNode) -> None:
+        assert isinstance(action, RouteToAgentAction)
+        self.commands.append(
+            AgentCommand(target=action.target, skill_group_id=action.skill_group_id or None)
+        )
+        self.end(f"Agent({action.target})")
+
+    def exec_voip_bridge(self, action: ActionNode) -> None:
+        assert isinstance(action, VoipBridgeAction)
+        # Choice: a timeout that is not positive means the default.
+        timeout_ms = action.timeout_ms if action.timeout_ms > 0 else 30_000
+        self.commands.append(
+            WsBridgeCommand(
+                uri=action.create_room_uri, headers=dict(action.headers), timeout_ms=timeout_ms
+            )
+        )
+        self.end("VoipBridge")
 
     def exec_input_voice(self, action: ActionNode) -> None:
         assert isinstance(action, InputVoiceAction)
@@ -790,11 +911,13 @@ class _Session:
 
     def menu_greet(self) -> None:
         menu = self.menu()
-        if menu.greeting:
-            self.play(menu.greeting, interruptible=True)  # DESIGN §3: always interruptible
+        greeting = menu.greeting or self.s.tts_greeting
+        if greeting:
+            self.play(greeting, interruptible=True)  # DESIGN §3: always interruptible
             self.s.phase = Phase.MENU_GREETING
         elif menu.greeting_text:
-            self.ask(ErrorEvent(reason=TTS_UNAVAILABLE))
+            # Synthesised once per menu; the repeats play the same file.
+            self.synthesize(menu.greeting_text, None, "greeting")
         else:
             self.menu_arm()
 
@@ -857,10 +980,12 @@ class _Session:
             return
         notice = self.prepare(action)
         assert isinstance(notice, PromptAction)
+        self.s.notice_interruptible = notice.interruptible
         if notice.file:
             self.play(notice.file, notice.interruptible)
-            self.s.notice_interruptible = notice.interruptible
             self.s.phase = Phase.MENU_NOTICE
+        elif notice.tts_text:
+            self.synthesize(notice.tts_text, notice.tts_voice, "notice")
         else:
             self.menu_greet()
 
@@ -888,8 +1013,150 @@ class _Session:
         pass
 
     def call_ended(self, ev: CallEndedInput) -> None:
-        # The caller is gone: no commands, just `/end` (reason "Hangup" by default).
-        self.end(ev.reason)
+        # The caller is gone: no commands, just `/end` (reason "Hangup" by default). A
+        # caller hanging up is how most voicemail messages end: the reason stays
+        # `Voicemail(<target>)` (or the Error(...) of a failed one).
+        reason = ev.reason
+        if isinstance(self.s.node, VoicemailAction) and self.s.end_reason:
+            reason = self.s.end_reason
+        self.end(reason)
+
+    # ------------------------------------------------------------ text to speech
+
+    def on_tts_result(self, result: TtsResult) -> None:
+        purpose, self.s.tts_for = self.s.tts_for, None
+        if result.file is None:
+            reason = result.error or TTS_UNAVAILABLE
+            self.errors.append(f"tts: {reason}")
+            # Spec §8 "TTS Audio Fallback": the provider gets error{reason} and decides.
+            self.ask(ErrorEvent(reason=reason))
+            return
+        if purpose == "prompt":
+            node = self.s.node
+            assert isinstance(node, PromptAction)
+            self.play(result.file, node.interruptible)
+            self.s.phase = Phase.PROMPT
+        elif purpose == "greeting":
+            self.s.tts_greeting = result.file
+            self.menu_greet()
+        else:
+            self.play(result.file, self.s.notice_interruptible)
+            self.s.phase = Phase.MENU_NOTICE
+
+    # ------------------------------------------------------------ torecord, voicemail
+
+    def exec_torecord(self, action: ActionNode) -> None:
+        """DESIGN §3 "torecord": prompt, optional beep, then record until `#`, hang-up or
+        `max_duration_secs`. Choice: the prompt is not interruptible and digits pressed
+        before the recording starts are dropped (a `#` must not end it at once)."""
+        assert isinstance(action, ToRecordAction)
+        if action.prompt:
+            self.play(action.prompt, interruptible=False)
+            self.s.phase = Phase.RECORD_PROMPT
+        else:
+            self.record_start()
+
+    def exec_voicemail(self, action: ActionNode) -> None:
+        """DESIGN §3 "voicemail": greeting, beep, message in the target's mailbox (the
+        media worker writes the JSON record with the length), goodbye, hang-up. A
+        greeting that cannot be played (no such file) leaves the beep only."""
+        assert isinstance(action, VoicemailAction)
+        self.s.end_reason = f"Voicemail({action.target})"
+        self.play(action.greeting or VOICEMAIL_GREETING, interruptible=False)
+        self.s.phase = Phase.VM_GREETING
+
+    def record_prompt_done(self, ev: AudioComplete) -> None:
+        self.s.active_play = None
+        self.record_start()
+
+    def greeting_done(self, ev: AudioComplete | MediaFailure) -> None:
+        self.s.active_play = None
+        self.record_start()
+
+    def record_start(self) -> None:
+        node = self.s.node
+        call = self.s.call
+        stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime(self.now))
+        metadata: dict[str, Any] | None = None
+        if isinstance(node, VoicemailAction):
+            area: Literal["recordings", "voicemail"] = "voicemail"
+            path = f"{safe_name(node.target)}/{stamp}_{safe_name(call.session_id)}"
+            beep = True
+            max_secs = VOICEMAIL_MAX_SECS
+            metadata = {
+                "caller": call.caller,
+                "callee": call.callee,
+                "target": node.target,
+                "session_id": call.session_id,
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.now)),
+            }
+        else:
+            assert isinstance(node, ToRecordAction)
+            area = "recordings"
+            path = f"{safe_name(call.session_id)}/{stamp}"
+            beep = node.beep
+            secs = node.max_duration_secs
+            max_secs = min(secs, MAX_RECORD_SECS) if secs and secs > 0 else DEFAULT_RECORD_SECS
+        # Two recordings of one session within a second would share a name.
+        if self.s.last_record_path is not None and self.s.last_record_path.startswith(path):
+            path = f"{path}_{self.s.record_id + 1}"
+        path += ".wav"
+        self.s.last_record_path = path
+        self.s.record_id += 1
+        self.s.active_record = self.s.record_id
+        self.s.record_failure = None
+        self.commands.append(
+            RecordCommand(
+                record_id=self.s.record_id,
+                path=path,
+                area=area,
+                max_duration_ms=max_secs * 1000,
+                stop_digits=RECORD_STOP_DIGITS,
+                beep=beep,
+                metadata=metadata,
+            )
+        )
+        self.s.phase = Phase.RECORDING
+
+    def record_finished(self, ev: RecordingFinished) -> None:
+        """The recording ended (`#`, max length, stop, or a write error after part of it
+        was written): DESIGN §3, recording_complete in every case while the call is up."""
+        self.s.active_record = None
+        self.s.record_failure = None
+        self.cancel_timer()  # the grace timer of a media failure, if any
+        node = self.s.node
+        if isinstance(node, VoicemailAction):
+            self.close(VOICEMAIL_GOODBYE, None, f"Voicemail({node.target})")
+            return
+        assert isinstance(node, ToRecordAction)
+        # DESIGN §2: recordings/{session_id}/{YYYYmmdd_HHMMSS}.wav, whatever the
+        # configured directory is called.
+        url = f"recordings/{ev.path}"
+        secs = (ev.duration_ms + 500) // 1000
+        self.s.variables["recording_url"] = url
+        self.s.variables["recording_duration"] = str(secs)
+        if node.next is not None:
+            self.execute(node.next, [])
+        else:
+            self.ask(RecordingCompleteEvent(url=url, duration_secs=secs))
+
+    def record_trouble(self, ev: MediaFailure) -> None:
+        """A media failure while recording: a write error is followed by its
+        RecordingFinished, a refused start by nothing. Wait a little to tell which."""
+        self.errors.append(f"recording: {ev.reason}")
+        if self.s.record_failure is None:
+            self.s.record_failure = ev.reason
+            self.arm_timer(RECORD_FAILURE_GRACE_MS)
+
+    def record_failed(self, ev: TimerFired) -> None:
+        """No recording came of it (refused by the media worker)."""
+        self.s.active_timer = None
+        self.s.active_record = None
+        reason, self.s.record_failure = self.s.record_failure or "no recording", None
+        if isinstance(self.s.node, VoicemailAction):
+            self.fail(f"voicemail: recording failed: {reason}")
+        else:
+            self.ask(ErrorEvent(reason=f"recording failed: {reason}"))
 
     # ------------------------------------------------------------ provider answers
 
@@ -954,7 +1221,7 @@ class _Session:
                     end_reason=end_reason,
                 )
             )
-        waiting = self.s.phase in (Phase.WAIT_PROVIDER, Phase.WAIT_API)
+        waiting = self.s.phase in (Phase.WAIT_PROVIDER, Phase.WAIT_API, Phase.WAIT_TTS)
         return Step(
             state=self.s.model_dump(mode="json"),
             commands=self.commands,
@@ -991,8 +1258,11 @@ _EXECUTORS: dict[str, _Handler] = {
     "input_phone": _Session.exec_collect,
     "api": _Session.exec_api,
     "jump_ivr": _Session.exec_jump,
-    # Documented but not executed yet (a trace error "not implemented yet", error.wav,
-    # hang-up): queue, voicemail, route_to_agent, voip_bridge, torecord.
+    "queue": _Session.exec_queue,
+    "route_to_agent": _Session.exec_route_to_agent,
+    "voip_bridge": _Session.exec_voip_bridge,
+    "voicemail": _Session.exec_voicemail,
+    "torecord": _Session.exec_torecord,
 }
 
 # The transition table: (phase, input) -> handler. Anything absent raises IvrStateError.
@@ -1015,6 +1285,18 @@ _TABLE: dict[tuple[Phase, InputKind], _Handler] = {
     (Phase.COLLECT_WAIT, InputKind.DIGIT): _Session.collect_digit,
     (Phase.COLLECT_WAIT, InputKind.TIMER): _Session.collect_timeout,
     (Phase.WAIT_API, InputKind.API_RESULT): _Session.on_api_result,
+    (Phase.WAIT_TTS, InputKind.TTS_RESULT): _Session.on_tts_result,
+    (Phase.RECORD_PROMPT, InputKind.DIGIT): _Session.ignore,
+    (Phase.RECORD_PROMPT, InputKind.AUDIO_COMPLETE): _Session.record_prompt_done,
+    (Phase.RECORD_PROMPT, InputKind.MEDIA_FAILURE): _Session.play_failed,
+    (Phase.VM_GREETING, InputKind.DIGIT): _Session.ignore,
+    (Phase.VM_GREETING, InputKind.AUDIO_COMPLETE): _Session.greeting_done,
+    (Phase.VM_GREETING, InputKind.MEDIA_FAILURE): _Session.greeting_done,
+    # The stop digit (and any other) is the media worker's business while recording.
+    (Phase.RECORDING, InputKind.DIGIT): _Session.ignore,
+    (Phase.RECORDING, InputKind.RECORDING_FINISHED): _Session.record_finished,
+    (Phase.RECORDING, InputKind.MEDIA_FAILURE): _Session.record_trouble,
+    (Phase.RECORDING, InputKind.TIMER): _Session.record_failed,
     (Phase.CLOSING, InputKind.DIGIT): _Session.ignore,
     (Phase.CLOSING, InputKind.AUDIO_COMPLETE): _Session.closing_done,
     (Phase.CLOSING, InputKind.MEDIA_FAILURE): _Session.closing_done,

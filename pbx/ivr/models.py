@@ -204,6 +204,9 @@ class QueueAction(_Action):
 class VoicemailAction(_Action):
     type: Literal["voicemail"] = "voicemail"
     target: str = Field(min_length=1)
+    # Not in the spec's table: the greeting played before the beep (a prompt inside the
+    # sounds directory); the machine's default when unset.
+    greeting: str | None = None
 
 
 class PlayAndHangupAction(_Action):
@@ -404,7 +407,7 @@ def action_json(action: _Action) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- machine <-> HTTP shell
 
-RequestKind = Literal["step", "start", "end", "dtmf_match", "api"]
+RequestKind = Literal["step", "start", "end", "dtmf_match", "api", "tts"]
 
 
 @dataclass(frozen=True)
@@ -413,8 +416,11 @@ class ProviderRequest:
 
     `step` requests expect a `ProviderResult` fed back through
     `machine.provider_result` before the session continues; `api` requests (the `api`
-    action) an `ApiResult` fed back through `machine.api_result`; the others are
-    fire-and-forget notifications (`/start`, `/end`, `/dtmf-match`).
+    action) an `ApiResult` fed back through `machine.api_result`; `tts` requests (text
+    to speech, no HTTP of the provider's: `body` is `{"text", "voice"}`, `url` empty,
+    `voice` None for the configured default) a `TtsResult` fed back through
+    `machine.tts_result`; the others are fire-and-forget notifications (`/start`,
+    `/end`, `/dtmf-match`).
 
     `method`, `headers`, `query` and `timeout_s` are for `api` requests only: the
     request goes with exactly `headers`, and with `query` as the query string and no
@@ -458,3 +464,14 @@ class ApiResult:
 
     status: int
     body: Any = None
+
+
+@dataclass(frozen=True)
+class TtsResult:
+    """Outcome of a `tts` request: `file`, the synthesised prompt as a path inside the
+    sounds directory (e.g. `.tts/<hash>.wav`), or `error`, the reason the provider is
+    given in an `error` event (DESIGN §3 "TTS")."""
+
+    file: str | None = None
+    error: str | None = None
+    source: str = ""  # "cache", "http", "espeak-ng": for logs and tests

@@ -7,13 +7,13 @@ between steps, as they do over ZeroMQ.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
 from pbx.config import IvrAppParams
 from pbx.ivr import machine
-from pbx.ivr.models import ApiResult, ProviderRequest, ProviderResult
+from pbx.ivr.models import ApiResult, ProviderRequest, ProviderResult, TtsResult
 from pbx.messages import (
     AudioComplete,
     CallEndedInput,
@@ -22,6 +22,8 @@ from pbx.messages import (
     IvrEvent,
     MediaInput,
     PlayCommand,
+    RecordingFinished,
+    SessionStartInput,
     StepTrace,
     TimerFired,
     decode,
@@ -60,6 +62,17 @@ def make_call(**params: Any) -> CallInfo:
 
 Answer = dict[str, Any] | ProviderResult
 Answers = list[Answer] | Callable[[dict[str, Any]], Answer]
+# Text to speech: (text, voice) -> result. None: no TTS configured.
+Tts = Callable[[str, str | None], TtsResult]
+
+
+def no_tts(text: str, voice: str | None) -> TtsResult:
+    return TtsResult(error=machine.TTS_UNAVAILABLE)
+
+
+def fake_tts(text: str, voice: str | None) -> TtsResult:
+    """A TTS that always works: `.tts/<text>|<voice>.wav`, so tests can read it back."""
+    return TtsResult(file=f".tts/{text}|{voice or 'default'}.wav", source="fake")
 
 
 class Sim:
@@ -73,6 +86,7 @@ class Sim:
         api_answers: list[ApiResult] | None = None,
         ivrs: Mapping[str, IvrAppParams] | None = None,
         urls: Mapping[str, Answers] | None = None,
+        tts: Tts | None = None,
         **params: Any,
     ):
         self.call = make_call(**params)
@@ -87,6 +101,8 @@ class Sim:
         self.sent: list[dict[str, Any]] = []  # step request bodies
         self.sent_urls: list[str] = []  # their URLs
         self.api_sent: list[ProviderRequest] = []
+        self.tts = tts or no_tts
+        self.tts_sent: list[tuple[str, str | None]] = []  # (text, voice) asked for
         self.notified: list[tuple[str, str, dict[str, Any]]] = []  # (kind, url, body)
         self.traces: list[StepTrace] = []
         self.done = False
@@ -113,12 +129,18 @@ class Sim:
             self.traces.extend(step.traces)
             self.done = step.done
             for r in step.requests:
-                if r.kind not in ("step", "api"):
+                if r.kind not in ("step", "api", "tts"):
                     self.notified.append((r.kind, r.url, r.body))
             request = step.pending_request
             if request is None:
                 return commands
             self.now += 0.040
+            if request.kind == "tts":
+                text, voice = request.body["text"], request.body["voice"]
+                self.tts_sent.append((text, voice))
+                spoken = self.tts(text, voice)
+                step = machine.tts_result(self.state, spoken, self.now, ivrs=self.ivrs)
+                continue
             if request.kind == "api":
                 self.api_sent.append(request)
                 assert self.api_answers, f"unexpected api call {request}"
@@ -134,7 +156,7 @@ class Sim:
     def start(self) -> list[Any]:
         return self.run(machine.start(self.call, self.now))
 
-    def send(self, inp: MediaInput | CallEndedInput) -> list[Any]:
+    def send(self, inp: MediaInput | CallEndedInput | SessionStartInput) -> list[Any]:
         assert self.state is not None
         self.seq += 1
         event = decode(
@@ -161,6 +183,22 @@ class Sim:
 
     def timer(self, timer_id: int) -> list[Any]:
         return self.media(TimerFired(timer_id=timer_id))
+
+    def recorded(
+        self,
+        record_id: int,
+        path: str,
+        duration_ms: int,
+        reason: Literal["dtmf", "max_duration", "stopped", "error"] = "dtmf",
+    ) -> list[Any]:
+        return self.media(
+            RecordingFinished(
+                record_id=record_id, path=path, duration_ms=duration_ms, reason=reason
+            )
+        )
+
+    def hang_up(self) -> list[Any]:
+        return self.send(CallEndedInput())
 
     def kinds(self) -> list[str]:
         return [kind for kind, _, _ in self.notified]

@@ -356,8 +356,6 @@ def assert_error_hangup(sim: Sim, commands: list[Any], fragment: str, play_id: i
             "'repeat' is not supported in step mode (at prompt.next)",
         ),
         ({"type": "prompt"}, "prompt: missing required field 'file'"),
-        ({"type": "queue", "target": "support"}, "queue: not implemented yet"),
-        ({"type": "torecord"}, "torecord: not implemented yet"),
     ],
 )
 def test_bad_action_plays_error_and_hangs_up(answer: Any, fragment: str) -> None:
@@ -373,12 +371,13 @@ def test_invalid_json_from_provider_plays_error_and_hangs_up() -> None:
     assert_error_hangup(sim, commands, "invalid provider response")
 
 
-def test_not_implemented_entry_of_menu_is_an_error() -> None:
+def test_voicemail_entry_of_menu_runs_locally() -> None:
     sim = Sim([menu(entries={"2": {"type": "voicemail", "target": "1001"}})])
     sim.start()
     commands = sim.digit("2", stopped=1)
     assert sim.notified_body("dtmf_match")["action"]["type"] == "voicemail"
-    assert_error_hangup(sim, commands, "voicemail: not implemented yet", play_id=2)
+    assert commands == [play(2, machine.VOICEMAIL_GREETING)]
+    assert len(sim.sent) == 1 and sim.phase == "vm_greeting"
 
 
 def test_provider_failure_executes_default_fallback() -> None:
@@ -402,6 +401,7 @@ def test_tts_prompt_without_tts_sends_error_event() -> None:
     sim = Sim([{"type": "prompt", "tts_text": "hello"}, {"type": "hangup"}])
     assert sim.start() == [HangupCommand(reason="Normal")]
     assert sim.events[-1] == {"type": "error", "reason": machine.TTS_UNAVAILABLE}
+    assert sim.tts_sent == [("hello", None)]
 
 
 def test_playback_failure_sends_error_event() -> None:
