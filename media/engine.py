@@ -25,6 +25,7 @@ does not take forwarded audio meanwhile.
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from dataclasses import dataclass, field
@@ -33,9 +34,16 @@ from typing import Literal
 import numpy as np
 
 from media import g711
-from media.dtmf import EVENT_DIGITS, Rfc4733Detector
+from media.dtmf import EVENT_DIGITS, Rfc4733Detector, event_digit
+from media.dtmfpress import PressDedupe
+from media.inband import InbandDetector
 from media.prompts import PromptCache, PromptError
+from media.recorder import BEEP_PLAY_ID, Recorder, Recording
+from media.rtcp import REPORT_INTERVAL_S, ReceiveStats, ReportBlock, RtcpError, build_report
+from media.rtcp import parse_compound as parse_rtcp
 from media.rtp import RtpError, build_header, parse_event, parse_rtp, ts_add
+from media.rxaudio import RxAudio
+from media.wsbridge import WsBridges, WsLeg
 from pbx.messages import (
     AudioComplete,
     DtmfDigit,
@@ -43,10 +51,12 @@ from pbx.messages import (
     MediaEvent,
     MediaFailure,
     MediaPlay,
+    MediaRecord,
     MediaReleased,
     MediaRemote,
     MediaTimer,
     TimerFired,
+    WsBridgeEnded,
 )
 
 SAMPLE_RATE = 8000
@@ -104,6 +114,23 @@ class Leg:
     detector: Rfc4733Detector = field(default_factory=Rfc4733Detector)
     packets_sent: int = 0
     packets_received: int = 0
+    rec: Recording | None = None  # media.recorder
+    ws: WsLeg | None = None  # media.wsbridge
+    # Symmetric RTP (RFC 4961; "latching"): once the first valid packet arrives, send
+    # to where it came from (a phone behind NAT is not where its SDP says).
+    sdp_remote: tuple[str, int] | None = None
+    latched: bool = False
+    rtcp_remote: tuple[str, int] | None = None  # RFC 3550 §11: RTP port + 1 unless latched
+    rtcp_latched: bool = False
+    rx_stats: ReceiveStats = field(default_factory=ReceiveStats)
+    rx_slot: int | None = None  # row in the engine's RxAudio (in-band detection)
+    inband_slot: int | None = None  # row in the engine's InbandDetector
+    presses: PressDedupe = field(default_factory=PressDedupe)
+    octets_sent: int = 0
+    sr_packets: int = -1  # packets_sent at the last RTCP report (SR only if more since)
+    rtcp_sent: int = 0
+    rtcp_received: int = 0
+    remote_report: ReportBlock | None = None
 
     @property
     def samples_per_frame(self) -> int:
@@ -113,12 +140,31 @@ class Leg:
 class MediaEngine:
     """All legs of one worker. Every method is synchronous and takes `now` where time matters."""
 
-    def __init__(self, prompts: PromptCache, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        prompts: PromptCache,
+        rng: random.Random | None = None,
+        recorder: Recorder | None = None,
+    ) -> None:
         self.prompts = prompts
+        self.recorder = recorder if recorder is not None else Recorder()
+        self.ws = WsBridges()
         self._rng = rng or random.Random()
         self.legs: dict[str, Leg] = {}
         self._playing: dict[str, Leg] = {}
         self._timed: dict[str, Leg] = {}
+        # In-band DTMF: the received audio of every leg with detection on, read once per
+        # tick into one calls x 160 batch (media.rxaudio) for one detector call.
+        self.rx = RxAudio()
+        self.inband = InbandDetector()
+        self._inband_legs: dict[str, Leg] = {}
+        self._inband_batch: tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, Leg]] | None = None
+        # RTCP (RFC 3550 §6): legs by next report time; new legs wait for their first.
+        self._rtcp_heap: list[tuple[float, int, Leg]] = []
+        self._rtcp_new: list[Leg] = []
+        self._rtcp_seq = 0
+        self.wall_offset = 0.0  # wall clock - `now`, set by the shell, for SR NTP timestamps
+        self.cname = "pbx-media"
 
     # ------------------------------------------------------------ commands
 
@@ -145,19 +191,32 @@ class MediaEngine:
             ts=rng.getrandbits(32),
         )
         self.legs[call_id] = leg
+        if inband_dtmf:
+            leg.rx_slot = self.rx.add(g711.SILENCE[leg.codec])
+            leg.inband_slot = self.inband.add()
+            self._inband_legs[call_id] = leg
+            self._inband_batch = None
+        self._rtcp_new.append(leg)
         return leg
 
     def set_remote(self, msg: MediaRemote) -> None:
         leg = self._leg(msg.call_id)
         if msg.ptime_ms <= 0 or (SAMPLE_RATE * msg.ptime_ms) % 1000:
             raise EngineError(f"call {msg.call_id!r}: unusable ptime {msg.ptime_ms} ms")
-        leg.remote = (msg.remote_ip, msg.remote_port)
+        sdp_remote = (msg.remote_ip, msg.remote_port)
+        if sdp_remote != leg.sdp_remote:  # a new address (not a repeated offer): latch again
+            leg.sdp_remote = leg.remote = sdp_remote
+            leg.rtcp_remote = (msg.remote_ip, msg.remote_port + 1)
+            leg.latched = leg.rtcp_latched = False
         leg.payload_type = msg.payload_type
         leg.dtmf_payload_type = msg.dtmf_payload_type
         leg.ptime_ms = msg.ptime_ms
         if msg.codec != leg.codec:
             old, leg.codec = leg.codec, msg.codec
             leg.fwd_offset = None
+            if leg.rx_slot is not None:
+                self.rx.set_silence(leg.rx_slot, g711.SILENCE[leg.codec])
+                self._inband_batch = None
             play = leg.play
             if play is not None:
                 try:
@@ -220,20 +279,91 @@ class MediaEngine:
         digit = msg.digit.strip().upper()
         if len(digit) != 1 or digit not in EVENT_DIGITS:
             return [_failure(msg.call_id, f"invalid DTMF digit {msg.digit!r}")]
-        return [self._digit(leg, digit, "info")]
+        # INFO gives only its arrival (and a Duration): the press is [now, now + duration].
+        ev = self._press(leg, digit, "info", now, now + msg.duration_ms / 1000.0)
+        return [] if ev is None else [ev]
 
-    def remove_leg(self, call_id: str) -> MediaReleased:
+    # ------------------------------------------------------------ recording, WebSocket
+
+    def record(self, msg: MediaRecord, now: float) -> list[MediaEvent]:
+        """Start recording the leg (`media.recorder`); with `beep`, the beep plays first."""
+        leg = self.legs.get(msg.call_id)
+        if leg is None:
+            return [_failure(msg.call_id, f"unknown call {msg.call_id!r}")]
+        events = self.recorder.start(leg, msg, now)
+        if msg.beep and leg.rec is not None:
+            self._stop(leg)
+            leg.play = _Playback(BEEP_PLAY_ID, "", self.prompts.beep(leg.codec), False, False)
+            self._playing[leg.call_id] = leg
+        return events
+
+    def record_stop(self, call_id: str, now: float) -> list[MediaEvent]:
+        leg = self.legs.get(call_id)
+        return [] if leg is None else self.recorder.stop(leg, now)
+
+    def ws_start(self, call_id: str) -> None:
+        """The shell has connected the leg's WebSocket: exchange audio (`media.wsbridge`)."""
+        self.ws.start(self._leg(call_id))
+
+    def ws_audio(self, call_id: str, data: bytes) -> None:
+        """A binary frame (PCM16 LE 8 kHz) from the leg's WebSocket, to play to the caller."""
+        leg = self.legs.get(call_id)
+        if leg is not None and leg.ws is not None:
+            leg.ws.feed(data)
+
+    def ws_room(self, call_id: str) -> bool:
+        """False while the leg's WebSocket playout buffer is full (stop reading the socket)."""
+        leg = self.legs.get(call_id)
+        return leg is None or leg.ws is None or leg.ws.room()
+
+    def ws_closed(self, call_id: str, reason: str) -> list[MediaEvent]:
+        """The leg's WebSocket closed or never connected: the WsBridgeEnded event."""
+        leg = self.legs.get(call_id)
+        if leg is None:
+            return []  # released: no event
+        self.ws.end(leg)
+        return [MediaEvent(call_id=call_id, event=WsBridgeEnded(reason=reason))]
+
+    def forward_frame(
+        self, leg: Leg, src_ts: int, payload: bytes, at: float, out: list[Packet]
+    ) -> None:
+        """One audio frame from outside (the WebSocket) into the leg's stream, sent at `at`."""
+        self._forward(leg, leg.payload_type, src_ts, False, payload, len(payload), at, out)
+
+    def remove_leg(self, call_id: str, now: float | None = None) -> MediaReleased:
         leg = self.legs.pop(call_id, None)
         if leg is None:
             return MediaReleased(call_id=call_id)
+        if leg.rec is not None:
+            self.recorder.release(leg, now)  # the file is finished, no event
+        if leg.ws is not None:
+            self.ws.end(leg)
         self._playing.pop(call_id, None)
         self._timed.pop(call_id, None)
         if leg.peer is not None and leg.peer in self.legs:
             self.legs[leg.peer].peer = None
+        late = 0
+        if leg.rx_slot is not None:
+            late = self.rx.late[leg.rx_slot]
+            self.rx.remove(leg.rx_slot)
+        if leg.inband_slot is not None:
+            self.inband.remove(leg.inband_slot)
+            del self._inband_legs[call_id]
+            self._inband_batch = None
+        report = leg.remote_report
         return MediaReleased(
             call_id=call_id,
             packets_sent=leg.packets_sent,
             packets_received=leg.packets_received,
+            packets_lost=max(0, leg.rx_stats.lost),
+            jitter_ms=round(leg.rx_stats.jitter / SAMPLE_RATE * 1000.0, 3),
+            packets_late=late,
+            remote_packets_lost=None if report is None else report.cumulative_lost,
+            remote_jitter_ms=(
+                None if report is None else round(report.jitter / SAMPLE_RATE * 1000.0, 3)
+            ),
+            rtcp_sent=leg.rtcp_sent,
+            rtcp_received=leg.rtcp_received,
         )
 
     # ------------------------------------------------------------ RTP in
@@ -251,6 +381,12 @@ class MediaEngine:
         except RtpError:
             return packets, events
         leg.packets_received += 1
+        # Port 0 cannot be sent to (some senders, e.g. sipp's pcap replay through a raw
+        # socket, use it): such a source is no address to latch onto.
+        if not leg.latched and addr[1] != 0:
+            leg.latched = True
+            leg.remote = (addr[0], addr[1])
+        leg.rx_stats.update(pkt.sequence, pkt.ssrc, now)
         peer = self.legs.get(leg.peer) if leg.peer is not None else None
         pt = pkt.payload_type
         if leg.dtmf_payload_type is not None and pt == leg.dtmf_payload_type:
@@ -258,8 +394,18 @@ class MediaEngine:
                 ev = parse_event(pkt.payload)
             except RtpError:
                 return packets, events
+            if leg.rec is not None:
+                leg.rec.event(pkt.ssrc, pkt.timestamp, now)
             for digit in leg.detector.feed(pkt.timestamp, ev):
-                events.append(self._digit(leg, digit, "rfc4733"))
+                # This event's interval from its duration; an older one whose end packets
+                # were lost (reported because a newer one started) ended a while ago.
+                if ev.end and digit == event_digit(ev.event):
+                    start, end = now - ev.duration / SAMPLE_RATE, now
+                else:
+                    start, end = now - 0.25, now - 0.05
+                press = self._press(leg, digit, "rfc4733", start, end)
+                if press is not None:
+                    events.append(press)
             if peer is not None and peer.dtmf_payload_type is not None:
                 self._forward(
                     peer,
@@ -272,10 +418,17 @@ class MediaEngine:
                     packets,
                 )
             return packets, events
-        if peer is None:
-            return packets, events
         codec = STATIC_PAYLOAD_CODECS.get(pt) or (leg.codec if pt == leg.payload_type else None)
         if codec is None or not pkt.payload:
+            return packets, events
+        leg.rx_stats.update_jitter(pkt.timestamp, now)
+        if leg.rx_slot is not None and codec == leg.codec:
+            self.rx.put(leg.rx_slot, pkt.timestamp, pkt.payload, now)
+        if leg.rec is not None:
+            leg.rec.caller(pkt.ssrc, pkt.timestamp, pkt.payload, codec, now)
+        if leg.ws is not None:
+            leg.ws.caller(pkt.payload, codec)
+        if peer is None:
             return packets, events
         payload = pkt.payload
         if codec != peer.codec:
@@ -306,8 +459,11 @@ class MediaEngine:
             marker = True
         ts = ts_add(src_ts, to.fwd_offset)
         out.append((to.call_id, build_header(pt, to.seq, ts, to.ssrc, marker) + payload, to.remote))
+        if samples and to.rec is not None:
+            to.rec.heard(ts, payload, to.codec, now)
         to.seq = (to.seq + 1) & 0xFFFF
         to.packets_sent += 1
+        to.octets_sent += len(payload)
         if samples:
             to.ts = ts_add(ts, samples)
             to.sent_until = now + samples / SAMPLE_RATE
@@ -320,7 +476,18 @@ class MediaEngine:
         gap = max(0, round((at - leg.sent_until) * SAMPLE_RATE))
         return ts_add(leg.ts, gap)
 
+    def _press(
+        self, leg: Leg, digit: str, source: DigitSource, start: float, end: float
+    ) -> MediaEvent | None:
+        """A source reports a press over [start, end]: its event, or None when another
+        source already reported the same press (`media.dtmfpress`)."""
+        if not leg.presses.report(digit, source, start, end):
+            return None
+        return self._digit(leg, digit, source)
+
     def _digit(self, leg: Leg, digit: str, source: DigitSource) -> MediaEvent:
+        if leg.rec is not None:
+            leg.rec.digit(digit)  # a stop digit ends the recording at the next tick
         stopped: int | None = None
         if leg.play is not None and leg.play.interruptible:
             play = self._stop(leg)
@@ -342,7 +509,7 @@ class MediaEngine:
                 finished.append(leg)
         for leg in finished:
             play = self._stop(leg)
-            if play is not None:
+            if play is not None and play.play_id != BEEP_PLAY_ID:
                 events.append(
                     MediaEvent(call_id=leg.call_id, event=AudioComplete(play_id=play.play_id))
                 )
@@ -358,7 +525,100 @@ class MediaEngine:
                 events.append(
                     MediaEvent(call_id=leg.call_id, event=TimerFired(timer_id=leg.timer_id))
                 )
+        if self.ws.legs:
+            self.ws.tick(self, now, packets)
+        if self.recorder.active:
+            events += self.recorder.tick(now)
+        if self._inband_legs:
+            self._detect_inband(now, events)
         return packets, events
+
+    def _detect_inband(self, now: float, events: list[MediaEvent]) -> None:
+        """One detector call for every leg with in-band DTMF on (this tick's 160 samples each)."""
+        batch = self._inband_batch
+        if batch is None:
+            legs = list(self._inband_legs.values())
+            batch = self._inband_batch = (
+                np.array([leg.rx_slot for leg in legs], dtype=np.int64),
+                np.array([leg.inband_slot for leg in legs], dtype=np.int64),
+                np.array([leg.codec == "PCMA" for leg in legs], dtype=bool),
+                {leg.inband_slot: leg for leg in legs if leg.inband_slot is not None},
+            )
+        rx_slots, det_slots, alaw, by_slot = batch
+        codes = self.rx.read(rx_slots)
+        samples = g711.decode(codes, "PCMU")
+        if alaw.any():
+            samples[alaw] = g711.decode(codes[alaw], "PCMA")
+        for found in self.inband.process(samples, det_slots):
+            leg = by_slot[found.slot]
+            slot = leg.rx_slot
+            assert slot is not None
+            # The frame just read began at read_ts - 160; map its samples to arrival times.
+            frame_ts = int(self.rx.read_ts[slot]) - 160
+            start = self.rx.time_of(slot, frame_ts + found.offset)
+            end = self.rx.time_of(slot, frame_ts + 160)
+            press = self._press(leg, found.digit, "inband", start, end)
+            if press is not None:
+                events.append(press)
+
+    # ------------------------------------------------------------ RTCP
+
+    def receive_rtcp(self, call_id: str, data: bytes, addr: tuple[str, int], now: float) -> None:
+        """An RTCP datagram on the leg's RTCP port: latch its source, keep LSR and the
+        far end's report about our stream."""
+        leg = self.legs.get(call_id)
+        if leg is None:
+            return
+        try:
+            reports = parse_rtcp(data)
+        except RtcpError:
+            return
+        leg.rtcp_received += 1
+        if not leg.rtcp_latched and addr[1] != 0:
+            leg.rtcp_latched = True
+            leg.rtcp_remote = (addr[0], addr[1])
+        for report in reports:
+            if report.sender is not None:
+                msw, lsw = report.sender[0], report.sender[1]
+                # RFC 3550 §6.4.1 LSR: the middle 32 bits of the SR's NTP timestamp.
+                leg.rx_stats.lsr = ((msw & 0xFFFF) << 16) | (lsw >> 16)
+                leg.rx_stats.lsr_at = now
+            for block in report.blocks:
+                if block.ssrc == leg.ssrc:
+                    leg.remote_report = block
+
+    def rtcp_due(self, now: float) -> list[Packet]:
+        """RTCP reports due by `now`, as (call_id, datagram, RTCP address): SR when the
+        leg sent RTP since its last report, else RR; every ~5 s per leg (RFC 3550 §6.2,
+        randomised over [0.5, 1.5] of it, A.7)."""
+        out: list[Packet] = []
+        heap = self._rtcp_heap
+        if self._rtcp_new:
+            for leg in self._rtcp_new:
+                self._schedule_rtcp(leg, now)
+            self._rtcp_new.clear()
+        while heap and heap[0][0] <= now + _EPS:
+            _, _, leg = heapq.heappop(heap)
+            if self.legs.get(leg.call_id) is not leg:
+                continue  # released
+            self._schedule_rtcp(leg, now)
+            if leg.rtcp_remote is None:
+                continue
+            sender = None
+            if leg.packets_sent > max(leg.sr_packets, 0):
+                sender = (self._spurt_ts(leg, now), leg.packets_sent, leg.octets_sent)
+            leg.sr_packets = leg.packets_sent
+            data = build_report(
+                leg.ssrc, self.cname, now, now + self.wall_offset, leg.rx_stats, sender
+            )
+            leg.rtcp_sent += 1
+            out.append((leg.call_id, data, leg.rtcp_remote))
+        return out
+
+    def _schedule_rtcp(self, leg: Leg, now: float) -> None:
+        self._rtcp_seq += 1
+        due = now + REPORT_INTERVAL_S * (0.5 + self._rng.random())
+        heapq.heappush(self._rtcp_heap, (due, self._rtcp_seq, leg))
 
     def _pump(self, leg: Leg, now: float, out: list[Packet]) -> bool:
         """Emit the frames of `leg`'s prompt due by `now`; True when the prompt has ended."""
@@ -397,6 +657,8 @@ class MediaEngine:
             payload = frame.tobytes()
             if frame.size < spf:
                 payload += bytes([g711.SILENCE[leg.codec]]) * (spf - frame.size)
+            if leg.rec is not None:
+                leg.rec.heard(leg.ts, payload, leg.codec, at)
             out.append(
                 (
                     leg.call_id,
@@ -408,6 +670,7 @@ class MediaEngine:
             leg.ts = ts_add(leg.ts, spf)
             leg.sent_until = at + ptime
             leg.packets_sent += 1
+            leg.octets_sent += spf
         return not play.loop and due > total
 
 

@@ -10,6 +10,8 @@ from pbx.config import Settings
 
 
 def setup_logging(settings: Settings, process: str) -> None:
+    # numba logs its compiler passes at DEBUG: never useful here, and very long.
+    logging.getLogger("numba").setLevel(logging.WARNING)
     logging.basicConfig(
         stream=sys.stderr,
         level=getattr(logging, settings.logging.level),

@@ -56,6 +56,13 @@ class MediaHeartbeat(_Msg):
     capacity: int
     # How late the worker's 20 ms tick ran, worst over the last period.
     tick_late_ms_max: float = 0.0
+    # Over the same period: lateness percentiles, how long a tick's work took
+    # (p99), and ticks skipped because one ran more than a tick late.
+    tick_late_ms_p50: float = 0.0
+    tick_late_ms_p99: float = 0.0
+    tick_busy_ms_p99: float = 0.0
+    ticks: int = 0
+    ticks_skipped: int = 0
 
 
 class MediaAllocate(_Msg):
@@ -244,6 +251,16 @@ class MediaReleased(_Msg):
     call_id: str
     packets_sent: int = 0
     packets_received: int = 0
+    # RFC 3550 receive statistics of the leg's source (A.3 cumulative lost,
+    # A.8 interarrival jitter) and audio packets that came too late to be used.
+    packets_lost: int = 0
+    jitter_ms: float = 0.0
+    packets_late: int = 0
+    # What the far end reported about our stream in its last RTCP report block.
+    remote_packets_lost: int | None = None
+    remote_jitter_ms: float | None = None
+    rtcp_sent: int = 0
+    rtcp_received: int = 0
 
 
 # ---------------------------------------------------------------- IVR plane

@@ -9,6 +9,15 @@ on an even port of `[media] rtp_ports` (a random start, so several workers
 sharing the range rarely collide; a taken port is skipped). One tick loop
 runs every 20 ms from a fixed origin and hands the engine the nominal tick
 time; a late tick skips ahead instead of running the missed ones back to back.
+
+Recordings (MediaRecord) are written by the engine's recorder in batches during
+the tick; every file error comes back as a MediaFailure event. A WebSocket
+bridge (MediaWsBridge) is one task per leg here: it connects with aiohttp
+(`timeout_ms` bounds the connect), hands binary frames to the engine (and
+stops reading while the engine's playout buffer is full), and a sender task
+per socket writes the caller-audio frames the engine queued during the tick.
+Either side closing, or a failed connect, sends WsBridgeEnded; a release
+closes the socket without an event.
 """
 
 from __future__ import annotations
@@ -20,15 +29,19 @@ import random
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
+import aiohttp
 import zmq
 import zmq.asyncio
 
-from media import g711
+from media import g711, inband
 from media.engine import EngineError, MediaEngine, Packet
 from media.prompts import PromptCache
+from media.recorder import Recorder
 from pbx.config import ConfigError, Settings, load_config
+from pbx.logs import setup_logging
 from pbx.messages import (
     MediaAllocate,
     MediaAllocated,
@@ -38,18 +51,27 @@ from pbx.messages import (
     MediaHeartbeat,
     MediaPlay,
     MediaReady,
+    MediaRecord,
+    MediaRecordStop,
     MediaRelease,
     MediaRemote,
     MediaStop,
     MediaTimer,
+    MediaWsBridge,
     MessageError,
     decode,
     encode,
 )
+from workers import rtpio
 
 log = logging.getLogger("pbx.media")
 
 TICK_SECONDS = 0.020
+# RTP sockets are polled this often (every other poll runs the tick): a received
+# RFC 4733 end packet waits at most this long before its digit goes out.
+POLL_SECONDS = 0.010
+# Caller-audio frames waiting for a slow WebSocket; more are dropped (0.5 s at 20 ms).
+WS_SEND_QUEUE = 25
 
 
 class _RtpProtocol(asyncio.DatagramProtocol):
@@ -65,13 +87,38 @@ class _RtpProtocol(asyncio.DatagramProtocol):
         log.debug("call %s: RTP socket error: %s", self.call_id, exc)
 
 
+class _RtcpProtocol(asyncio.DatagramProtocol):
+    """RTCP (rtp_port + 1) stays on asyncio: one datagram per leg every ~5 s."""
+
+    def __init__(self, worker: MediaWorker, call_id: str) -> None:
+        self.worker = worker
+        self.call_id = call_id
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        self.worker.engine.receive_rtcp(self.call_id, data, addr, time.monotonic())
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("call %s: RTCP socket error: %s", self.call_id, exc)
+
+
 class MediaWorker:
     def __init__(self, settings: Settings, worker_id: str) -> None:
         self.settings = settings
         self.worker_id = worker_id
-        self.engine = MediaEngine(PromptCache(settings.media.sounds_dir))
+        media = settings.media
+        recorder = Recorder({"recordings": media.recordings_dir, "voicemail": media.voicemail_dir})
+        self.engine = MediaEngine(PromptCache(media.sounds_dir), recorder=recorder)
+        # RTP: IPv4 sockets polled in batches (workers.rtpio); IPv6 on asyncio endpoints.
+        self.rtp = rtpio.RtpSockets()
         self.transports: dict[str, asyncio.DatagramTransport] = {}
+        self.rtcp_transports: dict[str, asyncio.DatagramTransport] = {}
+        self.ws_tasks: dict[str, asyncio.Task[None]] = {}
+        self.ws_queues: dict[str, asyncio.Queue[bytes]] = {}
+        self._http: aiohttp.ClientSession | None = None
         self.tick_late_max = 0.0
+        self.tick_late: list[float] = []  # seconds, each tick since the last heartbeat
+        self.tick_busy: list[float] = []
+        self.ticks_skipped = 0
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
@@ -107,7 +154,7 @@ class MediaWorker:
                 log.exception("error handling %s", type(msg).__name__)
 
     async def handle(self, msg: Any) -> None:
-        now = self.loop.time()
+        now = time.monotonic()
         engine = self.engine
         if isinstance(msg, MediaAllocate):
             self.allocate(msg)
@@ -123,11 +170,16 @@ class MediaWorker:
             engine.bridge(msg.call_id, msg.peer_call_id)
         elif isinstance(msg, MediaDtmfInfo):
             self.send_events(engine.dtmf_info(msg, now))
+        elif isinstance(msg, MediaRecord):
+            self.send_events(engine.record(msg, now))
+        elif isinstance(msg, MediaRecordStop):
+            self.send_events(engine.record_stop(msg.call_id, now))
+        elif isinstance(msg, MediaWsBridge):
+            self.start_ws(msg)
         elif isinstance(msg, MediaRelease):
-            released = engine.remove_leg(msg.call_id)
-            transport = self.transports.pop(msg.call_id, None)
-            if transport is not None:
-                transport.close()
+            self.stop_ws(msg.call_id)
+            released = engine.remove_leg(msg.call_id, now)
+            self.close_leg(msg.call_id)
             self.send(released)
         else:
             log.warning("ignoring %s: not for a media worker", type(msg).__name__)
@@ -143,69 +195,216 @@ class MediaWorker:
         if len(self.engine) >= media.capacity:
             self.send(MediaAllocated(call_id=msg.call_id, error="worker at capacity"))
             return
-        sock = bind_rtp_socket(media.rtp_ip, *media.port_range)
-        if sock is None:
+        pair = bind_rtp_pair(media.rtp_ip, *media.port_range)
+        if pair is None:
             self.send(
                 MediaAllocated(call_id=msg.call_id, error=f"no free RTP port in {media.rtp_ports}")
             )
             return
+        sock, rtcp_sock = pair
         port = sock.getsockname()[1]
         self.engine.add_leg(msg.call_id, port, msg.inband_dtmf)
-        # The socket is bound, so the endpoint is created without awaiting a bind.
-        task = self.loop.create_task(self._open_endpoint(msg.call_id, sock))
+        if sock.family == socket.AF_INET:
+            self.rtp.add(msg.call_id, sock)
+        else:
+            task = self.loop.create_task(self._open_endpoint(msg.call_id, sock, _RtpProtocol))
+            task.add_done_callback(_log_task_error)
+        # The sockets are bound, so the endpoints are created without awaiting a bind.
+        task = self.loop.create_task(self._open_endpoint(msg.call_id, rtcp_sock, _RtcpProtocol))
         task.add_done_callback(_log_task_error)
         self.send(MediaAllocated(call_id=msg.call_id, rtp_ip=media.rtp_ip, rtp_port=port))
 
-    async def _open_endpoint(self, call_id: str, sock: socket.socket) -> None:
+    async def _open_endpoint(
+        self,
+        call_id: str,
+        sock: socket.socket,
+        protocol: type[_RtpProtocol] | type[_RtcpProtocol],
+    ) -> None:
         transport, _ = await self.loop.create_datagram_endpoint(
-            lambda: _RtpProtocol(self, call_id), sock=sock
+            lambda: protocol(self, call_id), sock=sock
         )
         if call_id not in self.engine.legs:  # released before the endpoint was up
             transport.close()
             return
-        self.transports[call_id] = transport
+        table = self.rtcp_transports if protocol is _RtcpProtocol else self.transports
+        table[call_id] = transport
+
+    def close_leg(self, call_id: str) -> None:
+        """Close the leg's RTP and RTCP sockets."""
+        sock = self.rtp.remove(call_id)
+        if sock is not None:
+            sock.close()
+        for table in (self.transports, self.rtcp_transports):
+            transport = table.pop(call_id, None)
+            if transport is not None:
+                transport.close()
+
+    # ------------------------------------------------------------ WebSocket bridge
+
+    def start_ws(self, msg: MediaWsBridge) -> None:
+        if msg.call_id not in self.engine.legs:
+            log.warning("MediaWsBridge for unknown call %s", msg.call_id)
+            return
+        if msg.call_id in self.ws_tasks:  # a new bridge replaces the old one, silently
+            self.stop_ws(msg.call_id)
+            self.engine.ws_closed(msg.call_id, "replaced")
+        task = self.loop.create_task(self._ws_bridge(msg))
+        task.add_done_callback(_log_task_error)
+        self.ws_tasks[msg.call_id] = task
+
+    def stop_ws(self, call_id: str) -> None:
+        task = self.ws_tasks.pop(call_id, None)
+        if task is not None:
+            task.cancel()
+
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        return self._http
+
+    async def _ws_bridge(self, msg: MediaWsBridge) -> None:
+        call_id = msg.call_id
+        me = asyncio.current_task()
+        reason = "closed by peer"
+        ws: aiohttp.ClientWebSocketResponse | None = None
+        sender: asyncio.Task[None] | None = None
+        try:
+            try:
+                async with asyncio.timeout(msg.timeout_ms / 1000.0):
+                    ws = await self.http().ws_connect(msg.uri, headers=msg.headers)
+            except TimeoutError:
+                reason = "timeout"
+                return
+            except (aiohttp.ClientError, OSError, ValueError) as exc:
+                reason = f"connect failed: {exc}"
+                return
+            if self.ws_tasks.get(call_id) is not me or call_id not in self.engine.legs:
+                return
+            queue: asyncio.Queue[bytes] = asyncio.Queue(WS_SEND_QUEUE)
+            self.ws_queues[call_id] = queue
+            sender = self.loop.create_task(_ws_send(ws, queue))
+            self.engine.ws_start(call_id)
+            async for frame in ws:
+                if frame.type == aiohttp.WSMsgType.BINARY:
+                    self.engine.ws_audio(call_id, frame.data)
+                    while not self.engine.ws_room(call_id):
+                        await asyncio.sleep(TICK_SECONDS)  # backpressure on the peer
+                elif frame.type == aiohttp.WSMsgType.ERROR:
+                    reason = f"error: {ws.exception()}"
+                    break
+            if sender.done() and not sender.cancelled() and sender.exception() is not None:
+                reason = f"error: {sender.exception()}"
+        finally:
+            if sender is not None:
+                sender.cancel()
+            if self.ws_queues.get(call_id) is not None and self.ws_tasks.get(call_id) is me:
+                del self.ws_queues[call_id]
+            if ws is not None and not ws.closed:
+                try:
+                    await asyncio.shield(ws.close())
+                except (Exception, asyncio.CancelledError):
+                    pass
+            if self.ws_tasks.get(call_id) is me:  # not released or replaced meanwhile
+                del self.ws_tasks[call_id]
+                self.send_events(self.engine.ws_closed(call_id, reason))
+
+    def send_ws(self, frames: list[tuple[str, bytes]]) -> None:
+        queues = self.ws_queues
+        for call_id, data in frames:
+            queue = queues.get(call_id)
+            if queue is not None and not queue.full():
+                queue.put_nowait(data)
 
     # ------------------------------------------------------------ RTP plane
 
     def on_rtp(self, call_id: str, data: bytes, addr: tuple[str, int]) -> None:
-        packets, events = self.engine.receive_rtp(call_id, data, addr, self.loop.time())
+        packets, events = self.engine.receive_rtp(call_id, data, addr, time.monotonic())
+        self.send_packets(packets)
+        self.send_events(events)
+
+    def poll_rtp(self) -> None:
+        """Every datagram waiting on the legs' RTP sockets, through the engine."""
+        received = self.rtp.poll()
+        if not received:
+            return
+        now = time.monotonic()
+        receive = self.engine.receive_rtp
+        packets: list[Packet] = []
+        events: list[MediaEvent] = []
+        for call_id, data, addr in received:
+            p, e = receive(call_id, data, addr, now)
+            if p:
+                packets += p
+            if e:
+                events += e
         self.send_packets(packets)
         self.send_events(events)
 
     def send_packets(self, packets: list[Packet]) -> None:
+        get = self.rtp.get
         transports = self.transports
         for call_id, data, addr in packets:
-            transport = transports.get(call_id)
+            sock = get(call_id)
+            try:
+                if sock is not None:
+                    sock.sendto(data, addr)
+                else:
+                    transport = transports.get(call_id)
+                    if transport is not None:
+                        transport.sendto(data, addr)
+            except (OSError, ValueError) as exc:
+                # One bad destination (or a full buffer) must not cost the other calls.
+                log.debug("RTP send for %s to %s failed: %s", call_id, addr, exc)
+
+    def send_rtcp(self, packets: list[Packet]) -> None:
+        for call_id, data, addr in packets:
+            transport = self.rtcp_transports.get(call_id)
             if transport is not None:
                 try:
                     transport.sendto(data, addr)
                 except (OSError, ValueError) as exc:
-                    # One bad destination must not cost the other calls their packets.
-                    log.debug("RTP send for %s to %s failed: %s", call_id, addr, exc)
+                    log.debug("RTCP send for %s to %s failed: %s", call_id, addr, exc)
 
     async def tick_loop(self) -> None:
-        loop = self.loop
-        origin = loop.time()
+        """One clock for every leg: polls at POLL_SECONDS from a fixed origin; every
+        TICK_SECONDS one engine tick (playback, detection, recording, RTCP) for all legs."""
+        # time.monotonic(), not loop.time(): uvloop's clock has 1 ms steps.
+        origin = time.monotonic()
+        self.engine.wall_offset = time.time() - origin
+        per_tick = round(TICK_SECONDS / POLL_SECONDS)
         k = 0
         while True:
             k += 1
-            target = origin + k * TICK_SECONDS
-            delay = target - loop.time()
+            target = origin + k * POLL_SECONDS
+            delay = target - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            now = loop.time()
+            try:
+                self.poll_rtp()
+            except Exception:
+                log.exception("RTP poll failed")
+            if k % per_tick:
+                continue
+            now = time.monotonic()
             late = now - target
             if late > TICK_SECONDS:
                 # Skip the missed ticks: the engine's fixed-origin pacing catches up.
-                k = int((now - origin) / TICK_SECONDS)
-                target = origin + k * TICK_SECONDS
+                skip_to = int((now - origin) / TICK_SECONDS) * per_tick
+                self.ticks_skipped += (skip_to - k) // per_tick
+                k = skip_to
+                target = origin + k * POLL_SECONDS
             self.tick_late_max = max(self.tick_late_max, late)
+            self.tick_late.append(late)
             try:
                 packets, events = self.engine.tick(target)
                 self.send_packets(packets)
                 self.send_events(events)
+                if self.engine.ws.outgoing:
+                    self.send_ws(self.engine.ws.drain())
+                self.send_rtcp(self.engine.rtcp_due(target))
             except Exception:
                 log.exception("tick failed")
+            self.tick_busy.append(time.monotonic() - now)
 
     async def heartbeat_loop(self) -> None:
         media = self.settings.media
@@ -217,9 +416,27 @@ class MediaWorker:
                     calls=len(self.engine),
                     capacity=media.capacity,
                     tick_late_ms_max=round(self.tick_late_max * 1000.0, 3),
+                    **self.tick_stats(),
                 )
             )
             self.tick_late_max = 0.0
+
+    def tick_stats(self) -> dict[str, Any]:
+        """Tick lateness / work percentiles since the last call (for the heartbeat)."""
+        late, busy = sorted(self.tick_late), sorted(self.tick_busy)
+        self.tick_late, self.tick_busy = [], []
+        skipped, self.ticks_skipped = self.ticks_skipped, 0
+
+        def pct(xs: list[float], q: float) -> float:
+            return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000.0, 3) if xs else 0.0
+
+        return {
+            "tick_late_ms_p50": pct(late, 0.50),
+            "tick_late_ms_p99": pct(late, 0.99),
+            "tick_busy_ms_p99": pct(busy, 0.99),
+            "ticks": len(late),
+            "ticks_skipped": skipped,
+        }
 
     async def run(self) -> None:
         endpoint = self.settings.zmq.media_endpoint
@@ -241,11 +458,45 @@ class MediaWorker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for transport in self.transports.values():
+        for call_id in list(self.engine.legs):
+            self.stop_ws(call_id)
+            self.engine.remove_leg(call_id, time.monotonic())  # finishes recordings
+        if self._http is not None:
+            await self._http.close()
+        for transport in [*self.transports.values(), *self.rtcp_transports.values()]:
             transport.close()
+        self.rtp.close()
         self.sock.close()
         self.ctx.term()
         log.info("media worker %s stopped", self.worker_id)
+
+
+def bind_rtp_pair(
+    ip: str, low: int, high: int, rng: random.Random | None = None
+) -> tuple[socket.socket, socket.socket] | None:
+    """Non-blocking UDP sockets on a free even port in [low, high] (RTP) and the odd
+    port above it (RTCP, RFC 3550 §11), or None when no pair is free."""
+    first = low + (low & 1)
+    evens = list(range(first, high, 2))  # port + 1 must be in the range too
+    if not evens:
+        return None
+    start = (rng or random).randrange(len(evens))
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    for i in range(len(evens)):
+        port = evens[(start + i) % len(evens)]
+        rtp = socket.socket(family, socket.SOCK_DGRAM)
+        rtcp = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            rtp.bind((ip, port))
+            rtcp.bind((ip, port + 1))
+        except OSError:
+            rtp.close()
+            rtcp.close()
+            continue
+        rtp.setblocking(False)
+        rtcp.setblocking(False)
+        return rtp, rtcp
+    return None
 
 
 def bind_rtp_socket(
@@ -271,6 +522,12 @@ def bind_rtp_socket(
     return None
 
 
+async def _ws_send(ws: aiohttp.ClientWebSocketResponse, queue: asyncio.Queue[bytes]) -> None:
+    while True:
+        data = await queue.get()
+        await ws.send_bytes(data)
+
+
 def _log_send_error(fut: Any) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("send to the front failed: %s", fut.exception())
@@ -292,12 +549,10 @@ def main() -> None:
     except ConfigError as exc:
         print(f"pbx-media: {exc}", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(
-        level=settings.logging.level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
+    setup_logging(settings, "pbx-media")
     g711.warm()
+    inband.warm()
+    rtpio.warm()
     import uvloop
 
     uvloop.run(_amain(settings))

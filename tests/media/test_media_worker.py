@@ -218,3 +218,100 @@ def test_bind_rtp_socket_skips_taken_ports() -> None:
         other.close()
     finally:
         taken.close()
+
+
+def _dtmf_frames(digit_freqs: tuple[int, int], frames: int) -> list[bytes]:
+    from media import g711
+
+    t = np.arange(160 * frames) / 8000.0
+    x = 9000 * (np.sin(2 * np.pi * digit_freqs[0] * t) + np.sin(2 * np.pi * digit_freqs[1] * t))
+    codes = g711.encode(x.astype(np.int16), "PCMU")
+    return [codes[160 * k : 160 * (k + 1)].tobytes() for k in range(frames)]
+
+
+def test_worker_inband_and_rfc4733_one_press_rtcp_and_latching(
+    worker: tuple[Front, subprocess.Popen[bytes]],
+) -> None:
+    """A phone behind NAT (its packets come from another port than its SDP says) presses
+    5 as RFC 4733 and in-band at once: one DtmfDigit; the prompt follows the phone's real
+    address; the worker's RTCP port is rtp_port + 1 and answers with reports."""
+    front, _ = worker
+    assert isinstance(front.recv(READY_TIMEOUT_S), MediaReady)
+    front.send(MediaAllocate(call_id="c", inband_dtmf=True))
+    allocated = front.recv_kind(MediaAllocated)
+    assert allocated.error is None
+    worker_addr = (allocated.rtp_ip, allocated.rtp_port)
+    sdp_phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # what the SDP says
+    nat_phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # where packets come from
+    rtcp_peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for s in (sdp_phone, nat_phone, rtcp_peer):
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(TIMEOUT_S)
+    try:
+        front.send(
+            MediaRemote(
+                call_id="c",
+                remote_ip="127.0.0.1",
+                remote_port=sdp_phone.getsockname()[1],
+                payload_type=0,
+                codec="PCMU",
+                dtmf_payload_type=101,
+            )
+        )
+        front.send(MediaPlay(call_id="c", play_id=1, file="half.wav"))
+        first, addr = sdp_phone.recvfrom(2048)  # before any packet from the phone: SDP address
+        assert addr == worker_addr and parse_rtp(first).marker
+
+        silence = bytes([0xFF]) * 160
+        tone = _dtmf_frames((770, 1336), 6)  # '5', 120 ms
+        seq, ts = 100, 8000
+        for k in range(40):
+            if 10 <= k < 16:
+                payload = tone[k - 10]
+            else:
+                payload = silence
+            nat_phone.sendto(build_rtp(RtpPacket(0, seq, ts, 0x77, payload)), worker_addr)
+            seq += 1
+            if 10 <= k < 16:  # the same press as RFC 4733 (start ts = the tone's first frame)
+                end = k == 15
+                for _ in range(3 if end else 1):
+                    ev = build_event(5, end, 10, (k - 9) * 160)
+                    pkt = RtpPacket(101, seq, 8000 + 10 * 160, 0x77, ev, marker=k == 10)
+                    nat_phone.sendto(build_rtp(pkt), worker_addr)
+                    seq += 1
+            ts += 160
+            time.sleep(0.02)
+        digits = []
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                msg = front.recv_kind(MediaEvent, 0.3)
+            except TimeoutError:
+                break
+            if isinstance(msg.event, DtmfDigit):
+                digits.append(msg.event)
+        assert [d.digit for d in digits] == ["5"], digits
+        # latched: the prompt now goes to where the phone's packets come from
+        nat_phone.settimeout(1.0)
+        data, addr = nat_phone.recvfrom(2048)
+        assert addr == worker_addr and len(parse_rtp(data).payload) == 160
+
+        # RTCP on rtp_port + 1: an RR from the peer is taken (and latched)
+        from media.rtcp import ReceiveStats, build_report, parse_compound
+
+        rr = build_report(0x77, "phone", 0.0, 0.0, ReceiveStats(), None)
+        rtcp_peer.sendto(rr, (allocated.rtp_ip, allocated.rtp_port + 1))
+        rtcp_peer.settimeout(8.0)  # the first report comes within 0.5-1.5 x 5 s
+        data, addr = rtcp_peer.recvfrom(2048)
+        assert addr == (allocated.rtp_ip, allocated.rtp_port + 1)
+        (report,) = parse_compound(data)
+        assert report.sender is not None  # we sent RTP: an SR
+        assert report.blocks and report.blocks[0].ssrc == 0x77
+
+        front.send(MediaRelease(call_id="c"))
+        released = front.recv_kind(MediaReleased)
+        assert released.packets_lost == 0 and released.rtcp_received == 1
+        assert released.rtcp_sent >= 1
+    finally:
+        for s in (sdp_phone, nat_phone, rtcp_peer):
+            s.close()

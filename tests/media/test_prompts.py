@@ -95,16 +95,15 @@ def test_changed_file_reloaded(sounds: Path) -> None:
 
 
 def test_bad_files(sounds: Path) -> None:
-    write_wav(sounds / "cd.wav", tone(0.1), rate=44100)
-    write_wav(sounds / "stereo.wav", tone(0.1), channels=2)
+    adpcm = bytearray((sounds / "hello.wav").read_bytes())
+    adpcm[20:22] = (0x0011).to_bytes(2, "little")  # IMA ADPCM: not supported
+    (sounds / "adpcm.wav").write_bytes(bytes(adpcm))
     (sounds / "junk.wav").write_bytes(b"not a wav at all")
     (sounds / "dir.wav").mkdir()
     cache = PromptCache(sounds)
-    with pytest.raises(PromptError, match="only 8000 Hz mono 16-bit"):
-        cache.encoded("cd.wav", "PCMU")
-    with pytest.raises(PromptError, match="only 8000 Hz mono 16-bit"):
-        cache.encoded("stereo.wav", "PCMU")
-    with pytest.raises(PromptError, match="not a PCM WAV"):
+    with pytest.raises(PromptError, match="format tag 0x0011 is not supported"):
+        cache.encoded("adpcm.wav", "PCMU")
+    with pytest.raises(PromptError, match="not a usable WAV"):
         cache.encoded("junk.wav", "PCMU")
     with pytest.raises(PromptError, match="no such prompt"):
         cache.encoded("missing.wav", "PCMU")

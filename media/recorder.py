@@ -1,0 +1,488 @@
+"""Recording call legs to WAV files (MediaRecord), written as the call goes.
+
+Timeline. A recording's sample position p covers wall-clock time
+`t0 + p / 8000`, `t0` being the moment it started (the MediaRecord, or the end
+of the beep). Audio is placed on that timeline by RTP timestamp: each stream
+(the caller's received packets; what the caller hears, i.e. this leg's own
+sent prompt frames, forwarded peer audio and WebSocket audio) is anchored at
+its first packet to the wall-clock position, and later packets land at
+`anchor + (timestamp − anchor timestamp)` (RFC 3550 §5.1: the timestamp runs
+with the sampling clock, also across silence). So lost packets and stretches
+without RTP (silence suppression, hold) stay silent and the file lasts as long
+as the call did; a stream that jumps more than a second away from the wall
+clock (new SSRC, a sender restart) is anchored again.
+
+Buffering. Each recording holds `BUF_SAMPLES` G.711 codes per channel (the law
+of the leg when it started; packets in the other law are transcoded). Every
+tick the samples older than `HOLD_SAMPLES` (room for late packets) are written
+about every `FLUSH_SAMPLES` (200 ms): decoded in one call, interleaved,
+one `write(2)`; the header sizes are patched about once a second
+(`PATCH_SAMPLES`) and at the end (`media.wav.WavWriter`), so a killed worker
+leaves a playable file missing at most the last fraction of a second.
+The tick visits the recordings in `FLUSH_PHASES` groups, one group per tick
+(round robin by start order), so even recordings started on the same tick
+write on different ticks, and a tick's cost is a tenth of the recordings.
+
+Ends (RecordingFinished.reason): a digit in `stop_digits` ("dtmf": the file is
+cut where the digit began — the RFC 4733 event's start timestamp, or
+`DTMF_TRIM_SAMPLES` (100 ms) before the digit was reported, which covers an
+in-band tone's detection delay), `max_duration_ms` ("max_duration"),
+MediaRecordStop ("stopped"), a write error ("error", after a MediaFailure with
+the OS error). A released leg's file is finished the same way without an
+event. With `metadata`, `<path>.json` gets the metadata plus `duration_ms`
+and `finished_at` (ISO 8601 UTC), written to a temporary name and renamed.
+
+This module does file I/O (through `WavWriter`) but no sockets and reads no
+clock except the injected `wall_clock` used for `finished_at`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import orjson
+
+from media import g711
+from media.rtp import ts_diff
+from media.wav import WavWriter
+from pbx.messages import MediaEvent, MediaFailure, MediaRecord, RecordingFinished
+
+SAMPLE_RATE = 8000
+FLUSH_SAMPLES = 1600  # write every 200 ms
+# Recordings are visited round robin, one group per tick, each every FLUSH_PHASES ticks.
+FLUSH_PHASES = 10
+MIN_FLUSH_SAMPLES = 800
+HOLD_SAMPLES = 480  # keep the newest 60 ms in memory for packets that arrive late
+PATCH_SAMPLES = 8000  # patch the header sizes about once a second
+BUF_SAMPLES = 4096  # per channel: FLUSH + HOLD + a tick, plus room for early packets
+REANCHOR_SAMPLES = 8000  # a stream more than 1 s away from the wall clock is re-anchored
+DTMF_TRIM_SAMPLES = 800  # 100 ms
+# An RFC 4733 event seen this recently (in samples) is the one a stop digit came from.
+_EVENT_FRESH_SAMPLES = 640
+# Play id of the recording beep; the engine sends no AudioComplete for it.
+BEEP_PLAY_ID = -1
+
+WriterFactory = Callable[[Path, int], WavWriter]
+
+
+class RecordError(Exception):
+    """A recording that cannot start; the text says why (becomes a MediaFailure)."""
+
+
+def resolve_target(root: str | os.PathLike[str], name: str) -> Path:
+    """A recording path relative to its area -> an absolute path inside `root`.
+
+    RecordError for absolute paths, `..`, NUL bytes, an empty name, or a path
+    whose existing directories lead out of `root` through a symlink.
+    """
+    if not name or "\x00" in name:
+        raise RecordError(f"invalid recording path {name!r}")
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts:
+        raise RecordError(f"recording path {name!r} is outside the recordings directory")
+    base = Path(root).resolve()
+    path = base.joinpath(*pure.parts)
+    if not path.resolve().is_relative_to(base) or path.resolve() == base:
+        raise RecordError(f"recording path {name!r} is outside the recordings directory")
+    return path
+
+
+class _Track:
+    """Maps one RTP timestamp stream onto recording positions."""
+
+    __slots__ = ("ssrc", "ts", "pos")
+
+    def __init__(self) -> None:
+        self.ssrc = -1
+        self.ts = 0
+        self.pos = 0
+
+    def place(self, ssrc: int, ts: int, wall: int) -> int:
+        """Position of a packet with timestamp `ts` that `wall` says starts at `wall`."""
+        if ssrc == self.ssrc:
+            pos = self.pos + ts_diff(ts, self.ts)
+            if abs(pos - wall) <= REANCHOR_SAMPLES:
+                return pos
+        self.ssrc, self.ts, self.pos = ssrc, ts, wall
+        return wall
+
+
+class Recording:
+    """One leg's recording: the buffer, the file and the end conditions."""
+
+    __slots__ = (
+        "record_id",
+        "name",
+        "path",
+        "stop_digits",
+        "max_samples",
+        "channels",
+        "codec",
+        "metadata",
+        "writer",
+        "t0",
+        "buf",
+        "written",
+        "patched",
+        "caller_track",
+        "heard_track",
+        "stop_reason",
+        "event_pos",
+        "event_wall",
+        "last_wall",
+        "error",
+        "wake",
+    )
+
+    def __init__(
+        self,
+        msg: MediaRecord,
+        path: Path,
+        writer: WavWriter,
+        codec: str,
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.record_id = msg.record_id
+        self.name = msg.path
+        self.path = path
+        self.stop_digits = msg.stop_digits.upper()
+        self.max_samples = max(0, msg.max_duration_ms) * SAMPLE_RATE // 1000
+        self.channels = 2 if msg.stereo else 1
+        self.codec = codec
+        self.metadata = msg.metadata
+        self.writer = writer
+        self.t0: float | None = None  # None while the beep plays
+        self.buf = np.full((self.channels, BUF_SAMPLES), g711.SILENCE[codec], dtype=np.uint8)
+        self.written = 0  # samples per channel already in the file
+        self.patched = 0
+        self.caller_track = _Track()
+        self.heard_track = _Track()
+        self.stop_reason: str | None = None  # "dtmf" once a stop digit came
+        self.event_pos: int | None = None
+        self.event_wall = 0
+        self.last_wall = 0
+        self.error: OSError | None = None  # a write that failed outside the tick
+        self.wake = wake  # asks the recorder to look at this recording on the next tick
+
+    # ---------------------------------------------------------------- timeline
+
+    def wall(self, now: float) -> int:
+        """The recording position of time `now` (0 before the start)."""
+        if self.t0 is None:
+            return 0
+        return max(0, round((now - self.t0) * SAMPLE_RATE))
+
+    def _put(self, channel: int, pos: int, payload: bytes, codec: str) -> None:
+        n = len(payload)
+        end = min(pos + n, self.max_samples)
+        start = max(pos, self.written)
+        if start >= end:
+            return  # too late (already written) or beyond the maximum length
+        if end > self.written + BUF_SAMPLES:
+            # Ticks fell behind (a stalled worker): write the oldest samples to make room.
+            try:
+                self._flush(end - BUF_SAMPLES)
+            except OSError as exc:  # reported by the next tick
+                self.error = exc
+                self.stop_reason = "error"
+                self.wake()
+                return
+            start = max(pos, self.written)
+        codes = np.frombuffer(payload, dtype=np.uint8)[start - pos : end - pos]
+        if codec != self.codec:
+            codes = g711.transcode(codes, codec, self.codec)
+        w = self.written
+        self.buf[channel, start - w : end - w] = codes
+
+    def caller(self, ssrc: int, ts: int, payload: bytes, codec: str, now: float) -> None:
+        """A received audio packet (G.711 codes in `codec`) from the caller."""
+        if self.t0 is None or self.stop_reason is not None:
+            return
+        # It arrived at `now`, so it ends about now.
+        pos = self.caller_track.place(ssrc, ts, self.wall(now) - len(payload))
+        self._put(0, pos, payload, codec)
+
+    def heard(self, ts: int, payload: bytes, codec: str, at: float) -> None:
+        """A frame sent to the caller (its outgoing timestamp), starting to play at `at`."""
+        if self.channels == 1 or self.t0 is None or self.stop_reason is not None:
+            return
+        pos = self.heard_track.place(0, ts, self.wall(at))
+        self._put(1, pos, payload, codec)
+
+    def event(self, ssrc: int, ts: int, now: float) -> None:
+        """An RFC 4733 packet from the caller: remember where its event began."""
+        if self.t0 is None or self.stop_reason is not None:
+            return
+        track = self.caller_track
+        wall = self.wall(now)
+        if track.ssrc == ssrc:
+            self.event_pos = track.pos + ts_diff(ts, track.ts)
+        else:
+            self.event_pos = wall
+        self.event_wall = wall
+
+    def digit(self, digit: str) -> bool:
+        """A digit from the caller; True (and the recording closes) if it is a stop digit."""
+        if self.stop_reason is None and digit.upper() in self.stop_digits:
+            self.stop_reason = "dtmf"
+            self.wake()
+            return True
+        return False
+
+    def dtmf_end(self, now: float) -> int:
+        """Where to cut the file for a stop digit reported just before `now`."""
+        wall = self.wall(now)
+        end = wall - DTMF_TRIM_SAMPLES
+        if self.event_pos is not None and wall - self.event_wall <= _EVENT_FRESH_SAMPLES:
+            end = min(end, self.event_pos)
+        return max(0, end)
+
+    # ---------------------------------------------------------------- file
+
+    def _flush(self, upto: int) -> None:
+        """Write samples [written, upto) (silence where nothing arrived)."""
+        n = upto - self.written
+        if n <= 0:
+            return
+        take = min(n, BUF_SAMPLES)
+        pcm = g711.decode(self.buf[:, :take], self.codec)  # (channels, take) int16
+        if take < n:
+            pcm = np.concatenate([pcm, np.zeros((self.channels, n - take), np.int16)], axis=1)
+        frames = pcm[0] if self.channels == 1 else pcm.T  # interleave L, R
+        self.writer.append(np.ascontiguousarray(frames, dtype="<i2").tobytes())
+        buf = self.buf
+        if take < BUF_SAMPLES:
+            buf[:, : BUF_SAMPLES - take] = buf[:, take:]
+        buf[:, BUF_SAMPLES - take :] = g711.SILENCE[self.codec]
+        self.written = upto
+
+    def pump(self, now: float) -> None:
+        """Per-tick work: write what is old enough, patch the header now and then."""
+        wall = self.wall(now)
+        self.last_wall = wall
+        ready = min(wall - HOLD_SAMPLES, self.max_samples)
+        if ready - self.written >= MIN_FLUSH_SAMPLES:
+            self._flush(ready)
+            if self.written - self.patched >= PATCH_SAMPLES:
+                self.writer.patch()
+                self.patched = self.written
+
+    def finish(self, end: int) -> int:
+        """Write up to `end`, cut anything after it, close; the length in samples."""
+        end = max(0, min(end, self.max_samples))
+        if self.writer.closed:  # finished already
+            return min(end, self.written)
+        try:
+            if end > self.written:
+                self._flush(end)
+            elif end < self.written:
+                self.writer.truncate(end)
+                self.written = end
+        finally:
+            self.writer.close()
+        return end
+
+
+class Recorder:
+    """The recordings of one engine. Areas map `MediaRecord.area` to a directory."""
+
+    def __init__(
+        self,
+        areas: dict[str, str | os.PathLike[str]] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        open_writer: WriterFactory | None = None,
+    ) -> None:
+        self.areas = {k: Path(v) for k, v in (areas or {}).items()}
+        self.wall_clock = wall_clock
+        self.open_writer: WriterFactory = open_writer or (lambda p, ch: WavWriter(p, ch))
+        self.active: dict[str, tuple[Any, Recording]] = {}  # call_id -> (leg, recording)
+        # Each recording sits in one group; a tick visits one group (FLUSH_PHASES ticks
+        # apart) plus the urgent ones: a beep playing, a stop digit, the end near.
+        self._groups: list[dict[str, tuple[Any, Recording]]] = [{} for _ in range(FLUSH_PHASES)]
+        self._group_of: dict[str, int] = {}
+        self._urgent: set[str] = set()
+        self._started = 0
+        self._ticks = 0
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    def start(self, leg: Any, msg: MediaRecord, now: float) -> list[MediaEvent]:
+        """Open the file and attach a Recording to `leg` (armed, if `beep`, until the beep ends)."""
+        events: list[MediaEvent] = []
+        if leg.rec is not None:
+            events += self.stop(leg, now, "stopped")
+        root = self.areas.get(msg.area)
+        if root is None:
+            return [*events, _failure(leg.call_id, f"no directory for {msg.area} recordings")]
+        try:
+            path = resolve_target(root, msg.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.parent.resolve().is_relative_to(root.resolve()):
+                raise RecordError(
+                    f"recording path {msg.path!r} is outside the recordings directory"
+                )
+            writer = self.open_writer(path, 2 if msg.stereo else 1)
+        except RecordError as exc:
+            return [*events, _failure(leg.call_id, str(exc))]
+        except OSError as exc:
+            return [
+                *events,
+                _failure(leg.call_id, f"{msg.path}: cannot write: {exc.strerror or exc}"),
+            ]
+        call_id = leg.call_id
+        urgent = self._urgent
+        rec = Recording(msg, path, writer, leg.codec, lambda: urgent.add(call_id))
+        group = self._started % FLUSH_PHASES
+        self._started += 1
+        self._groups[group][call_id] = (leg, rec)
+        self._group_of[call_id] = group
+        urgent.add(call_id)  # looked at on the next tick (a beep, a short maximum)
+        if not msg.beep:
+            rec.t0 = now
+        leg.rec = rec
+        self.active[leg.call_id] = (leg, rec)
+        return events
+
+    def stop(self, leg: Any, now: float, reason: str = "stopped") -> list[MediaEvent]:
+        """MediaRecordStop (or a new MediaRecord): end the leg's recording with an event."""
+        rec: Recording | None = leg.rec
+        if rec is None:
+            return []
+        return self._end(leg, rec, rec.wall(now), reason, emit=True)
+
+    def release(self, leg: Any, now: float | None) -> None:
+        """The leg is going away: finish its file, no event."""
+        rec: Recording | None = leg.rec
+        if rec is not None:
+            end = rec.wall(now) if now is not None else rec.last_wall
+            self._end(leg, rec, end, "stopped", emit=False)
+
+    def tick(self, now: float) -> list[MediaEvent]:
+        """Start recordings whose beep ended, end those due, write what is ready.
+
+        Visits only this tick's group and the urgent recordings, so a tick costs
+        about 1/FLUSH_PHASES of the recordings, and writes are spread over the ticks.
+        """
+        events: list[MediaEvent] = []
+        if not self.active:
+            return events
+        self._ticks += 1
+        group = self._groups[self._ticks % FLUSH_PHASES]
+        urgent = list(self._urgent)
+        for cid in urgent:
+            if cid in self.active:
+                leg, rec = self.active[cid]
+                events += self._visit(leg, rec, now, cid in group)
+        seen = set(urgent)
+        for cid, (leg, rec) in list(group.items()):
+            if cid not in seen and cid in group:
+                events += self._visit(leg, rec, now, True)
+        return events
+
+    def _visit(self, leg: Any, rec: Recording, now: float, write: bool) -> list[MediaEvent]:
+        call_id = leg.call_id
+        if rec.t0 is None:
+            play = leg.play
+            if play is not None and play.play_id == BEEP_PLAY_ID and rec.stop_reason is None:
+                return []  # still beeping
+            rec.t0 = now
+        if rec.error is not None:
+            return self._fail(leg, rec, rec.error)
+        if rec.stop_reason is not None:
+            return self._end(leg, rec, rec.dtmf_end(now), rec.stop_reason, emit=True)
+        wall = rec.wall(now)
+        if wall >= rec.max_samples:
+            return self._end(leg, rec, rec.max_samples, "max_duration", emit=True)
+        if write:
+            try:
+                rec.pump(now)
+            except (OSError, ValueError) as exc:
+                return self._fail(leg, rec, exc)
+        # Close to the maximum length: look every tick so the end is on time.
+        if wall + (FLUSH_PHASES + 1) * SAMPLE_RATE // 50 >= rec.max_samples:
+            self._urgent.add(call_id)
+        else:
+            self._urgent.discard(call_id)
+        return []
+
+    # ---------------------------------------------------------------- ends
+
+    def _detach(self, leg: Any, rec: Recording) -> None:
+        if leg.rec is rec:
+            leg.rec = None
+        call_id = leg.call_id
+        if self.active.get(call_id, (None, None))[1] is rec:
+            del self.active[call_id]
+            self._groups[self._group_of.pop(call_id)].pop(call_id, None)
+            self._urgent.discard(call_id)
+
+    def _fail(self, leg: Any, rec: Recording, exc: Exception) -> list[MediaEvent]:
+        self._detach(leg, rec)
+        try:
+            rec.writer.close()
+        except OSError:
+            pass
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return [
+            _failure(leg.call_id, f"{rec.name}: write failed: {reason}"),
+            MediaEvent(
+                call_id=leg.call_id,
+                event=RecordingFinished(
+                    record_id=rec.record_id,
+                    path=rec.name,
+                    duration_ms=rec.written * 1000 // SAMPLE_RATE,
+                    reason="error",
+                ),
+            ),
+        ]
+
+    def _end(self, leg: Any, rec: Recording, end: int, reason: str, emit: bool) -> list[MediaEvent]:
+        try:
+            samples = rec.finish(end)
+        except (OSError, ValueError) as exc:
+            failed = self._fail(leg, rec, exc)
+            return failed if emit else []
+        self._detach(leg, rec)
+        duration_ms = samples * 1000 // SAMPLE_RATE
+        events: list[MediaEvent] = []
+        if rec.metadata is not None:
+            try:
+                self._write_metadata(rec, duration_ms)
+            except (OSError, TypeError) as exc:
+                events.append(_failure(leg.call_id, f"{rec.name}.json: cannot write: {exc}"))
+        if emit:
+            events.append(
+                MediaEvent(
+                    call_id=leg.call_id,
+                    event=RecordingFinished(
+                        record_id=rec.record_id,
+                        path=rec.name,
+                        duration_ms=duration_ms,
+                        reason=reason,  # type: ignore[arg-type]
+                    ),
+                )
+            )
+        return events
+
+    def _write_metadata(self, rec: Recording, duration_ms: int) -> None:
+        finished = datetime.datetime.fromtimestamp(self.wall_clock(), datetime.UTC)
+        doc = {
+            **(rec.metadata or {}),
+            "duration_ms": duration_ms,
+            "finished_at": finished.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        }
+        final = rec.path.with_name(rec.path.name + ".json")
+        tmp = rec.path.with_name(rec.path.name + ".json.tmp")
+        tmp.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+        os.replace(tmp, final)
+
+
+def _failure(call_id: str, reason: str) -> MediaEvent:
+    return MediaEvent(call_id=call_id, event=MediaFailure(reason=reason))

@@ -1,0 +1,171 @@
+"""Received audio of every leg, re-timed onto the worker's 20 ms tick: one ring per leg.
+
+In-band DTMF detection (and recording) want 160 decoded samples per leg per
+tick, but RTP arrives whenever the network delivers it, in packets of 10-60 ms
+(the offer's ptime), sometimes reordered or lost. So each leg's G.711 codes are
+written into a ring at the position their RTP timestamp gives (RFC 3550 §5.1:
+the timestamp is the sampling instant), and each tick reads the next 160
+samples of every leg at once, a fixed playout delay behind the first packet:
+
+* reordering up to the delay is absorbed (the late packet still lands in its
+  place before it is read) — the delay is one tick plus two packets, so a
+  3-packet reorder window at any ptime;
+* a lost packet leaves silence in its place (the ring is refilled with the
+  leg's silence code as it is read);
+* packets too late to be read (behind the read position) are dropped and
+  counted; a run of them, or a timestamp jump beyond the ring (a new source, a
+  sender whose clock ran away), re-anchors the leg's read position.
+
+All legs' rings are rows of one array, so the tick's read is a single gather
+over `calls × 160`. Codes stay G.711 here; the caller decodes the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TICK_SAMPLES = 160
+RING_SAMPLES = 2048  # 256 ms at 8 kHz; a power of two dividing 2**32 (timestamp wrap)
+_MASK = RING_SAMPLES - 1
+_TS_MOD = 1 << 32
+_HALF = 1 << 31
+LATE_RUN_RESYNC = 3
+_COLS = np.arange(TICK_SAMPLES, dtype=np.int64)
+
+
+class RxAudio:
+    """The receive rings of up to `capacity` legs (grows on demand)."""
+
+    __slots__ = (
+        "ring",
+        "read_ts",
+        "started",
+        "silence",
+        "anchor_ts",
+        "anchor_t",
+        "_late_run",
+        "late",
+        "resyncs",
+        "_free",
+        "_grow_by",
+    )
+
+    def __init__(self, capacity: int = 64, grow_by: int = 256) -> None:
+        self._grow_by = grow_by
+        self.ring = np.zeros((0, RING_SAMPLES), dtype=np.uint8)
+        self.read_ts = np.zeros(0, dtype=np.int64)  # timestamp of the next sample to read
+        self.started = np.zeros(0, dtype=bool)
+        self.silence = np.zeros(0, dtype=np.uint8)
+        # The newest sample received (its timestamp + 1) and when: maps timestamps to time.
+        self.anchor_ts = np.zeros(0, dtype=np.int64)
+        self.anchor_t = np.zeros(0, dtype=np.float64)
+        self._late_run: list[int] = []
+        self.late: list[int] = []
+        self.resyncs: list[int] = []
+        self._free: list[int] = []
+        self._grow(capacity)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.read_ts.shape[0])
+
+    def _grow(self, by: int) -> None:
+        old = self.capacity
+        new = old + by
+        ring = np.zeros((new, RING_SAMPLES), dtype=np.uint8)
+        ring[:old] = self.ring
+        self.ring = ring
+        for name, dtype in (
+            ("read_ts", np.int64),
+            ("started", bool),
+            ("silence", np.uint8),
+            ("anchor_ts", np.int64),
+            ("anchor_t", np.float64),
+        ):
+            arr = np.zeros(new, dtype=dtype)
+            arr[:old] = getattr(self, name)
+            setattr(self, name, arr)
+        self._late_run += [0] * by
+        self.late += [0] * by
+        self.resyncs += [0] * by
+        self._free.extend(range(new - 1, old - 1, -1))
+
+    def add(self, silence_code: int) -> int:
+        """A slot for a new leg whose silence is `silence_code` (G.711 0xFF / 0xD5)."""
+        if not self._free:
+            self._grow(self._grow_by)
+        slot = self._free.pop()
+        self.ring[slot] = silence_code
+        self.silence[slot] = silence_code
+        self.started[slot] = False
+        self._late_run[slot] = 0
+        self.late[slot] = 0
+        self.resyncs[slot] = 0
+        return slot
+
+    def remove(self, slot: int) -> None:
+        self.started[slot] = False
+        self._free.append(slot)
+
+    def set_silence(self, slot: int, silence_code: int) -> None:
+        """The leg's codec changed: forget its audio, fill with the new silence."""
+        self.silence[slot] = silence_code
+        self.ring[slot] = silence_code
+        self.started[slot] = False
+
+    def put(self, slot: int, timestamp: int, payload: bytes, now: float) -> None:
+        """One received packet's G.711 codes at its RTP timestamp."""
+        n = len(payload)
+        if n == 0 or n > RING_SAMPLES // 4:
+            return
+        if not self.started[slot]:
+            self._resync(slot, timestamp, n)
+        d = (timestamp - int(self.read_ts[slot]) + _HALF) % _TS_MOD - _HALF
+        if d < 0:
+            self._late_run[slot] += 1
+            if d > -_HALF // 2 and self._late_run[slot] < LATE_RUN_RESYNC:
+                self.late[slot] += 1
+                return
+            self._resync(slot, timestamp, n)
+        elif d + n > RING_SAMPLES - TICK_SAMPLES:
+            self._resync(slot, timestamp, n)
+        else:
+            self._late_run[slot] = 0
+        pos = timestamp & _MASK
+        codes = np.frombuffer(payload, dtype=np.uint8)
+        row = self.ring[slot]
+        if pos + n <= RING_SAMPLES:
+            row[pos : pos + n] = codes
+        else:
+            k = RING_SAMPLES - pos
+            row[pos:] = codes[:k]
+            row[: n - k] = codes[k:]
+        end = (timestamp + n) % _TS_MOD
+        if (end - int(self.anchor_ts[slot]) + _HALF) % _TS_MOD - _HALF > 0:
+            self.anchor_ts[slot] = end
+            self.anchor_t[slot] = now
+
+    def _resync(self, slot: int, timestamp: int, n: int) -> None:
+        # Read one tick plus two packets behind this packet: room for 3 packets' reordering.
+        self.ring[slot] = self.silence[slot]
+        self.read_ts[slot] = (timestamp - TICK_SAMPLES - 2 * n) % _TS_MOD
+        self.anchor_ts[slot] = timestamp
+        self.anchor_t[slot] = 0.0
+        self.started[slot] = True
+        self._late_run[slot] = 0
+        self.resyncs[slot] += 1
+
+    def read(self, slots: np.ndarray) -> np.ndarray:
+        """The next 160 codes of each slot, uint8[len(slots), 160]; those samples become silence."""
+        rts = self.read_ts[slots]
+        rows = slots[:, None]
+        cols = (rts[:, None] + _COLS) & _MASK
+        out = self.ring[rows, cols]
+        self.ring[rows, cols] = self.silence[slots][:, None]
+        self.read_ts[slots] = (rts + TICK_SAMPLES) % _TS_MOD
+        return out
+
+    def time_of(self, slot: int, timestamp: int) -> float:
+        """When the sample with this timestamp arrived (estimated from the newest packet)."""
+        d = (timestamp - int(self.anchor_ts[slot]) + _HALF) % _TS_MOD - _HALF
+        return float(self.anchor_t[slot]) + d / 8000.0

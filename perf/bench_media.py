@@ -1,0 +1,564 @@
+"""One media worker under N concurrent IVR calls: CPU, memory, tick lateness, prompt timing.
+
+    .venv/bin/python perf/bench_media.py                       # 100, 250, 500, 1000 calls
+    .venv/bin/python perf/bench_media.py -n 1000 --measure 30 --json perf/results/x.json
+
+No SIP and no front: the script is the front (a ZeroMQ ROUTER, like
+`tests/media/test_media_worker.py`) and every phone at once. For each N it
+starts a fresh `workers.media` process, allocates N legs, points each leg's
+MediaRemote at one of its UDP sockets (one per 256 legs), and has every leg
+play a looping prompt (non-interruptible) with in-band detection on. Every
+20 ms the generator sends each leg one G.711 frame (low-level noise, or a
+100 ms DTMF tone when the leg presses a key) with `sendmmsg`, and every leg
+presses a key every `--press-every` seconds: the tone in-band *and* RFC 4733
+events for the same press (start, updates, end ×3), as phones do — so each
+press must be reported exactly once. Received prompt packets are drained with
+`recvmmsg` and timed by the kernel (SO_TIMESTAMPNS).
+
+After `--warmup` seconds, over `--measure` seconds:
+
+* CPU per call: the worker's utime+stime from /proc/<pid>/stat, % of one core / N;
+* memory per call: (RSS with the calls − RSS once ready) / N;
+* tick lateness: the worst `tick_late_ms_max` of the worker's heartbeats (and
+  its percentiles when the heartbeat carries them);
+* the callers' view of the prompt: per leg, |arrival interval − 20 ms| (p50,
+  p99, max), packets later than 20 ms against the leg's fixed-origin schedule,
+  and packets lost (sequence gaps);
+* digits: presses sent, DtmfDigit events received (by source), duplicates, missed.
+
+Prints a table next to the DESIGN §4 targets and writes JSON
+(default perf/results/bench_media-<ts>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from media import g711  # noqa: E402
+from pbx.messages import (  # noqa: E402
+    DtmfDigit,
+    MediaAllocate,
+    MediaAllocated,
+    MediaEvent,
+    MediaHeartbeat,
+    MediaPlay,
+    MediaReady,
+    MediaRelease,
+    MediaReleased,
+    MediaRemote,
+    decode,
+    encode,
+)
+from workers.udpbatch import RecvBatch, SendBatch, enable_timestamps, ip_to_u32  # noqa: E402
+
+TICK_S = 0.020
+SPF = 160  # samples per 20 ms frame
+PKT = 12 + SPF
+LEGS_PER_SOCKET = 256
+DTMF_PT = 101
+PRESS_TICKS = 5  # 100 ms of tone
+TARGETS = {
+    "cpu_pct_per_call": 0.05,
+    "ipd_p99_ms": 5.0,
+    "late_pct": 0.1,
+    "lost": 0,
+    "kb_per_call": 64.0,
+}
+DTMF_FREQS = {
+    "1": (697, 1209), "2": (697, 1336), "3": (697, 1477), "4": (770, 1209),
+    "5": (770, 1336), "6": (770, 1477), "7": (852, 1209), "8": (852, 1336),
+    "9": (852, 1477), "0": (941, 1336),
+}  # fmt: skip
+DIGITS = "1234567890"
+EVENT_CODE = {d: (10 if d == "*" else 11 if d == "#" else int(d)) for d in DIGITS}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def write_prompt(path: Path, seconds: float) -> None:
+    t = np.arange(int(8000 * seconds)) / 8000.0
+    x = 6000 * np.sin(2 * np.pi * 300 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(x.astype("<i2").tobytes())
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pct(x: np.ndarray, q: float) -> float:
+    return float(np.percentile(x, q)) if x.size else 0.0
+
+
+class Front:
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock.bind(endpoint)
+        self.identity = b""
+
+    def recv(self, timeout_s: float) -> Any | None:
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return None
+        identity, frame = self.sock.recv_multipart()
+        self.identity = identity
+        return decode(frame)
+
+    def send(self, msg: Any) -> None:
+        self.sock.send_multipart([self.identity, encode(msg)])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+def tone_frames() -> np.ndarray:
+    """uint8[10 digits, PRESS_TICKS, 160] µ-law frames of each digit's tone (-7 dBm0 per tone)."""
+    n = PRESS_TICKS * SPF
+    t = np.arange(n) / 8000.0
+    amp = 22651 * 10 ** (-7 / 20)
+    out = np.zeros((len(DIGITS), PRESS_TICKS, SPF), dtype=np.uint8)
+    for i, d in enumerate(DIGITS):
+        lo, hi = DTMF_FREQS[d]
+        x = amp * (np.sin(2 * np.pi * lo * t) + np.sin(2 * np.pi * hi * t))
+        out[i] = g711.encode(x.astype(np.int16), "PCMU").reshape(PRESS_TICKS, SPF)
+    return out
+
+
+def noise_frames(count: int, rng: np.random.Generator) -> np.ndarray:
+    x = rng.normal(0, 200, size=(count, SPF)).astype(np.int16)
+    return np.asarray(g711.encode(x, "PCMU"))
+
+
+def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
+    rng = np.random.default_rng(n_calls)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_media-"))
+    sounds = tmp / "sounds"
+    sounds.mkdir()
+    write_prompt(sounds / "loop.wav", 3.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        zport = s.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{zport}"
+    (tmp / "pbx.toml").write_text(
+        f'[zmq]\nmedia_endpoint = "{endpoint}"\n\n'
+        f'[media]\nrtp_ip = "127.0.0.1"\nrtp_ports = "{args.rtp_ports}"\n'
+        f'sounds_dir = "{sounds}"\nheartbeat_ms = 500\ncapacity = {max(2000, n_calls)}\n'
+        '\n[logging]\nlevel = "WARNING"\n',
+        encoding="utf-8",
+    )
+    front = Front(endpoint)
+    env = {**os.environ, "PBX_CONFIG": str(tmp / "pbx.toml")}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "workers.media"], cwd=ROOT, env=env, stderr=subprocess.PIPE
+    )
+    socks: list[socket.socket] = []
+    try:
+        ready = front.recv(120.0)
+        if not isinstance(ready, MediaReady):
+            raise RuntimeError(f"worker did not get ready: {ready!r}")
+        time.sleep(1.0)
+        rss0 = proc_rss_kb(worker.pid)
+        log(f"N={n_calls}: worker {worker.pid} ready, RSS {rss0} kB; allocating legs")
+
+        # ---- generator sockets: one per 256 legs
+        n_socks = (n_calls + LEGS_PER_SOCKET - 1) // LEGS_PER_SOCKET
+        for _ in range(n_socks):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
+                try:  # SO_RCVBUFFORCE / SO_SNDBUFFORCE pass rmem_max (root only)
+                    s.setsockopt(socket.SOL_SOCKET, force, 8 << 20)
+                except OSError:
+                    s.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+            enable_timestamps(s)
+            socks.append(s)
+        leg_sock = np.arange(n_calls) // LEGS_PER_SOCKET
+        leg_row = np.arange(n_calls) % LEGS_PER_SOCKET
+        call_ids = [f"bench-{i}" for i in range(n_calls)]
+        index = {c: i for i, c in enumerate(call_ids)}
+
+        for c in call_ids:
+            front.send(MediaAllocate(call_id=c, inband_dtmf=True))
+        worker_port = np.zeros(n_calls, dtype=np.int64)
+        got = 0
+        heartbeats: list[MediaHeartbeat] = []
+        while got < n_calls:
+            msg = front.recv(10.0)
+            if msg is None:
+                raise RuntimeError(f"only {got} of {n_calls} legs allocated")
+            if isinstance(msg, MediaAllocated):
+                if msg.error:
+                    raise RuntimeError(f"allocation failed: {msg.error}")
+                worker_port[index[msg.call_id]] = msg.rtp_port
+                got += 1
+        port_to_leg = np.full(65536, -1, dtype=np.int64)
+        port_to_leg[worker_port] = np.arange(n_calls)
+
+        for i, c in enumerate(call_ids):
+            front.send(
+                MediaRemote(
+                    call_id=c,
+                    remote_ip="127.0.0.1",
+                    remote_port=socks[leg_sock[i]].getsockname()[1],
+                    payload_type=0,
+                    codec="PCMU",
+                    dtmf_payload_type=DTMF_PT,
+                    ptime_ms=20,
+                )
+            )
+            front.send(MediaPlay(call_id=c, play_id=1, file="loop.wav", loop=True))
+
+        # ---- per-socket send batches (audio rows fixed per leg; events separate)
+        audio_tx: list[SendBatch] = []
+        event_tx: list[SendBatch] = []
+        for k in range(n_socks):
+            legs = np.nonzero(leg_sock == k)[0]
+            tx = SendBatch(vlen=LEGS_PER_SOCKET, size=PKT)
+            tx.set_addresses(np.full(legs.size, ip_to_u32("127.0.0.1")), worker_port[legs])
+            tx.lengths[:] = PKT
+            tx.data[:, 0] = 0x80
+            tx.data[:, 1] = 0
+            tx.data[:, 8:12].view(">u4")[:, 0] = 0x10000 + np.arange(LEGS_PER_SOCKET) + k * 1000
+            audio_tx.append(tx)
+            etx = SendBatch(vlen=4 * LEGS_PER_SOCKET, size=16)
+            etx.data[:, 0] = 0x80
+            event_tx.append(etx)
+        rx = RecvBatch(vlen=512, size=256, timestamps=True)
+        seq = rng.integers(0, 65536, n_calls).astype(np.int64)
+        ts = rng.integers(0, 1 << 32, n_calls).astype(np.int64)
+        tones = tone_frames()
+        noise = noise_frames(64, rng)
+        press_period = max(1, round(args.press_every / TICK_S))
+        phase = (np.arange(n_calls) * 7919) % press_period
+        press_start_ts = np.zeros(n_calls, dtype=np.int64)
+        press_digit = np.zeros(n_calls, dtype=np.int64)
+        presses = np.zeros(n_calls, dtype=np.int64)  # every press of the run, warm-up included
+
+        total_ticks = round((args.warmup + args.measure) / TICK_S)
+        warm_ticks = round(args.warmup / TICK_S)
+        cap = int(n_calls * (args.measure / TICK_S) * 1.2) + 1024
+        rec_leg = np.empty(cap, dtype=np.int64)
+        rec_seq = np.empty(cap, dtype=np.int64)
+        rec_t = np.empty(cap, dtype=np.int64)
+        nrec = 0
+        digits_got = np.zeros(n_calls, dtype=np.int64)
+        by_source: dict[str, int] = {}
+        sent_packets = 0
+        cpu0 = cpu1 = 0.0
+        rss1 = 0
+        gen_cpu0 = 0.0
+        measuring = False
+        fds = [s.fileno() for s in socks]
+        origin = time.monotonic() + 0.05
+        last_progress = time.monotonic()
+        log(f"N={n_calls}: legs playing; warm-up {args.warmup} s, measuring {args.measure} s")
+        for tick in range(total_ticks):
+            if tick == warm_ticks:
+                measuring = True
+                cpu0 = proc_cpu_s(worker.pid)
+                gen_cpu0 = time.process_time()
+                t_meas0 = time.monotonic()
+                heartbeats.clear()
+            # ---- send this tick's audio (and RFC 4733 events) for every leg
+            k_in_press = (tick - phase) % press_period
+            pressing = (k_in_press < PRESS_TICKS) & (tick - k_in_press >= 0)  # begun in this run
+            starting = k_in_press == 0
+            if tick >= total_ticks - 2 * PRESS_TICKS:  # no press left unfinished at the end
+                pressing &= ~((tick - k_in_press) >= total_ticks - 2 * PRESS_TICKS)
+                starting[:] = False
+            press_start_ts[starting] = ts[starting]
+            press_digit[starting] = presses[starting] % len(DIGITS)
+            presses[starting] += 1
+            for k in range(n_socks):
+                legs = np.nonzero(leg_sock == k)[0]
+                tx = audio_tx[k]
+                m_legs = legs.size  # a socket's legs are rows 0..m-1, in order
+                tx.data[:m_legs, 2:4].view(">u2")[:, 0] = seq[legs] & 0xFFFF
+                tx.data[:m_legs, 4:8].view(">u4")[:, 0] = ts[legs] & 0xFFFFFFFF
+                payload = noise[(tick + legs) % noise.shape[0]]
+                pl = pressing[legs]
+                if pl.any():
+                    payload[pl] = tones[press_digit[legs[pl]], k_in_press[legs[pl]]]
+                tx.data[:m_legs, 12:PKT] = payload
+                sent_packets += tx.send(fds[k], legs.size)
+                # RFC 4733: one packet per tick while pressed, the end packet three times
+                pl_legs = legs[pl]
+                if pl_legs.size and not args.no_rfc4733:
+                    kk = k_in_press[pl_legs]
+                    end = kk == PRESS_TICKS - 1
+                    reps = np.where(end, 3, 1)
+                    e_legs = np.repeat(pl_legs, reps)
+                    e_k = np.repeat(kk, reps)
+                    e_end = np.repeat(end, reps)
+                    m = e_legs.size
+                    etx = event_tx[k]
+                    etx.set_addresses(np.full(m, ip_to_u32("127.0.0.1")), worker_port[e_legs])
+                    d = etx.data
+                    d[:m, 1] = DTMF_PT | np.where(e_k == 0, 0x80, 0)
+                    # sequence numbers: continue the leg's stream after this tick's audio packet
+                    offs = np.concatenate([np.arange(r) for r in reps])
+                    ev_seq = seq[e_legs] + 1 + offs
+                    d[:m, 2:4].view(">u2")[:, 0] = ev_seq & 0xFFFF
+                    d[:m, 4:8].view(">u4")[:, 0] = press_start_ts[e_legs] & 0xFFFFFFFF
+                    d[:m, 8:12].view(">u4")[:, 0] = 0x10000 + leg_row[e_legs] + k * 1000
+                    d[:m, 12] = np.array([EVENT_CODE[DIGITS[i]] for i in range(10)])[
+                        press_digit[e_legs]
+                    ]
+                    d[:m, 13] = np.where(e_end, 0x80, 0) | 10
+                    d[:m, 14:16].view(">u2")[:, 0] = (e_k + 1) * SPF
+                    etx.lengths[:m] = 16
+                    sent_packets += etx.send(fds[k], m)
+                    seq[pl_legs] += reps
+            seq += 1
+            seq &= 0xFFFF
+            ts += SPF
+            # ---- drain until the next tick
+            deadline = origin + (tick + 1) * TICK_S
+            while True:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                r, _, _ = select.select(fds + [front.sock.getsockopt(zmq.FD)], [], [], timeout)
+                for fd in r:
+                    if fd not in fds:
+                        continue
+                    while True:
+                        n = rx.recv(fd)
+                        if n == 0:
+                            break
+                        if not measuring:
+                            continue
+                        lens = rx.msg_lengths[:n]
+                        ok = lens >= 12
+                        legs = port_to_leg[rx.ports[:n]][ok]
+                        m = legs.size
+                        if nrec + m > cap:
+                            continue
+                        rec_leg[nrec : nrec + m] = legs
+                        rec_seq[nrec : nrec + m] = rx.data[:n, 2:4].view(">u2")[:, 0][ok]
+                        rec_t[nrec : nrec + m] = rx.times_ns[:n][ok]
+                        nrec += m
+                while front.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    msg = front.recv(0)
+                    if isinstance(msg, MediaEvent) and isinstance(msg.event, DtmfDigit):
+                        digits_got[index[msg.call_id]] += 1
+                        src = msg.event.source
+                        by_source[src] = by_source.get(src, 0) + 1
+                    elif isinstance(msg, MediaHeartbeat):
+                        heartbeats.append(msg)
+            if time.monotonic() - last_progress >= 1.0:
+                last_progress = time.monotonic()
+                log(f"N={n_calls}: t={tick * TICK_S:5.1f} s, {nrec} prompt packets recorded")
+        cpu1 = proc_cpu_s(worker.pid)
+        t_meas = time.monotonic() - t_meas0
+        gen_cpu = time.process_time() - gen_cpu0
+        rss1 = proc_rss_kb(worker.pid)
+
+        # ---- release, collecting the worker's per-leg statistics
+        for c in call_ids:
+            front.send(MediaRelease(call_id=c))
+        released: list[MediaReleased] = []
+        deadline_r = time.monotonic() + 20.0
+        while len(released) < n_calls and time.monotonic() < deadline_r:
+            msg = front.recv(1.0)
+            if isinstance(msg, MediaReleased):
+                released.append(msg)
+            elif isinstance(msg, MediaEvent) and isinstance(msg.event, DtmfDigit):
+                # reports of the last presses of the window arrive just after it
+                digits_got[index[msg.call_id]] += 1
+                src = msg.event.source
+                by_source[src] = by_source.get(src, 0) + 1
+    finally:
+        worker.terminate()
+        try:
+            _, err = worker.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            _, err = worker.communicate()
+        for s in socks:
+            s.close()
+        front.close()
+    errors = [ln for ln in err.decode(errors="replace").splitlines() if "ERROR" in ln]
+
+    # ---- the callers' view
+    leg = rec_leg[:nrec]
+    sq = rec_seq[:nrec]
+    tt = rec_t[:nrec]
+    order = np.lexsort((tt, leg))
+    leg, sq, tt = leg[order], sq[order], tt[order]
+    same = leg[1:] == leg[:-1]
+    dseq = (sq[1:] - sq[:-1]) & 0xFFFF
+    dt_ms = (tt[1:] - tt[:-1]) / 1e6
+    consecutive = same & (dseq == 1)
+    ipd_dev = np.abs(dt_ms[consecutive] - TICK_S * 1000)
+    # packet index along each leg's stream (seq unwrapped), lateness vs the leg's best offset
+    step = np.where(same, dseq, 0)
+    starts = np.concatenate([[True], ~same])
+    idx = np.cumsum(np.concatenate([[0], step]))
+    first_idx = np.maximum.accumulate(np.where(starts, idx, 0))
+    k_in_leg = idx - first_idx
+    offset_ms = tt / 1e6 - k_in_leg * TICK_S * 1000
+    leg_ids, leg_start = np.unique(leg, return_index=True)
+    best = np.minimum.reduceat(offset_ms, leg_start) if leg.size else np.zeros(0)
+    late_ms = offset_ms - np.repeat(best, np.diff(np.append(leg_start, leg.size)))
+    expected = 0
+    if leg.size:
+        last_k = np.maximum.reduceat(k_in_leg, leg_start)
+        expected = int((last_k + 1).sum())
+    lost = expected - int(leg.size)
+    cpu_pct = 100.0 * (cpu1 - cpu0) / t_meas
+    hb_late = [h.tick_late_ms_max for h in heartbeats]
+    hb_p99 = [h.tick_late_ms_p99 for h in heartbeats if h.ticks]
+    hb_busy = [h.tick_busy_ms_p99 for h in heartbeats if h.ticks]
+    presses_total = int(presses.sum())
+    got_total = int(digits_got.sum())
+    result = {
+        "calls": n_calls,
+        "measure_s": round(t_meas, 2),
+        "worker_cpu_pct_core": round(cpu_pct, 2),
+        "cpu_pct_per_call": round(cpu_pct / n_calls, 4),
+        "rss_ready_kb": rss0,
+        "rss_loaded_kb": rss1,
+        "kb_per_call": round((rss1 - rss0) / n_calls, 1),
+        "tick_late_ms_max": round(max(hb_late), 3) if hb_late else None,
+        # worst per-heartbeat p99 (0 when the worker does not report percentiles)
+        "tick_late_ms_p99": round(max(hb_p99), 3) if hb_p99 else None,
+        "tick_busy_ms_p99": round(max(hb_busy), 3) if hb_busy else None,
+        "ticks_skipped": sum(h.ticks_skipped for h in heartbeats),
+        "heartbeats": [h.model_dump() for h in heartbeats[-3:]],
+        "prompt_packets": int(leg.size),
+        "legs_heard": int(leg_ids.size),
+        "ipd_dev_ms": {
+            "p50": round(pct(ipd_dev, 50), 3),
+            "p99": round(pct(ipd_dev, 99), 3),
+            "max": round(float(ipd_dev.max()) if ipd_dev.size else 0.0, 3),
+        },
+        "late_ms": {"p99": round(pct(late_ms, 99), 3), "max": round(pct(late_ms, 100), 3)},
+        "late_gt_20ms": int((late_ms > 20).sum()),
+        "late_pct": round(100.0 * float((late_ms > 20).sum()) / max(1, leg.size), 4),
+        "lost": lost,
+        "generator_cpu_pct_core": round(100.0 * gen_cpu / t_meas, 1),
+        "generator_packets_sent": sent_packets,
+        "digits": {
+            "presses": presses_total,
+            "reported": got_total,
+            "by_source": by_source,
+            "legs_with_duplicates": int((digits_got > presses).sum()),
+            "legs_with_missing": int((digits_got < presses).sum()),
+        },
+        "released": {
+            "legs": len(released),
+            "packets_received": int(sum(r.packets_received for r in released)),
+            "packets_sent": int(sum(r.packets_sent for r in released)),
+            "packets_lost": int(sum(r.packets_lost for r in released)),
+            "packets_late": int(sum(r.packets_late for r in released)),
+            "jitter_ms_max": max((r.jitter_ms for r in released), default=0.0),
+            "rtcp_sent": int(sum(r.rtcp_sent for r in released)),
+        },
+        "worker_errors": errors[:10],
+    }
+    return result
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    hdr = (
+        f"{'calls':>6} {'CPU %core':>9} {'%/call':>7} {'KB/call':>8} {'tick late p99/max':>17} "
+        f"{'IPD p99':>8} {'late>20':>8} {'lost':>6} {'digits sent/rep':>16} {'gen CPU':>8}"
+    )
+    print(hdr)
+    for r in results:
+        d = r["digits"]
+        print(
+            f"{r['calls']:>6} {r['worker_cpu_pct_core']:>9.1f} {r['cpu_pct_per_call']:>7.4f} "
+            f"{r['kb_per_call']:>8.1f} {r['tick_late_ms_p99'] or 0:>7.2f}/"
+            f"{r['tick_late_ms_max'] or 0:<7.2f}ms "
+            f"{r['ipd_dev_ms']['p99']:>6.2f}ms {r['late_pct']:>7.3f}% {r['lost']:>6} "
+            f"{d['presses']:>7}/{d['reported']:<8} {r['generator_cpu_pct_core']:>7.1f}%"
+        )
+    t = TARGETS
+    print(
+        f"{'target':>6} {'':>9} {t['cpu_pct_per_call']:>7.4f} {t['kb_per_call']:>8.1f} "
+        f"{'':>17} {t['ipd_p99_ms']:>6.2f}ms {t['late_pct']:>7.3f}% {t['lost']:>6}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("-n", type=int, nargs="*", default=[100, 250, 500, 1000], help="call counts")
+    ap.add_argument("--warmup", type=float, default=5.0)
+    ap.add_argument("--measure", type=float, default=20.0)
+    ap.add_argument("--press-every", type=float, default=5.0, help="seconds between key presses")
+    ap.add_argument("--rtp-ports", default="20000-29999")
+    ap.add_argument("--no-rfc4733", action="store_true", help="presses in-band only")
+    ap.add_argument("--label", default="", help="free text stored in the JSON")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    results = []
+    for n in args.n:
+        r = run_one(n, args)
+        results.append(r)
+        log(
+            f"N={n}: worker {r['worker_cpu_pct_core']}% of a core = "
+            f"{r['cpu_pct_per_call']}%/call, {r['kb_per_call']} KB/call, "
+            f"IPD p99 {r['ipd_dev_ms']['p99']} ms, late {r['late_pct']}%, lost {r['lost']}, "
+            f"digits {r['digits']}"
+        )
+    print()
+    print_table(results)
+    out = Path(
+        args.json or ROOT / "perf" / "results" / f"bench_media-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "tool": "bench_media",
+                "label": args.label,
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "config": vars(args),
+                "targets": TARGETS,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+    print(f"\nJSON: {out}")
+
+
+if __name__ == "__main__":
+    main()

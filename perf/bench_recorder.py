@@ -1,0 +1,165 @@
+"""Recording cost in the media engine: CPU per recorded call, tick time, memory per leg.
+
+    python perf/bench_recorder.py [--calls 1000] [--seconds 10] [--stereo] [--out result.json]
+
+Runs the sans-IO engine on a virtual clock (no sockets): every call receives one
+20 ms PCMU packet per tick from its caller and is recorded to a WAV file in a
+temporary directory (so the page cache, not the disk, is measured — as in a
+worker whose disk keeps up). Reports the tick time with and without recording,
+the slowest tick, the cost of one batched write, and the memory a recording
+adds to a leg (tracemalloc, numpy buffers included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+from media import g711
+from media.engine import MediaEngine
+from media.prompts import PromptCache
+from media.recorder import Recorder, Recording
+from media.rtp import RtpPacket, build_rtp
+from pbx.messages import MediaRecord, MediaRemote
+
+TICK = 0.020
+
+
+def setup(calls: int, root: Path) -> tuple[MediaEngine, list[bytes]]:
+    engine = MediaEngine(
+        PromptCache(root), random.Random(1), recorder=Recorder({"recordings": root / "rec"})
+    )
+    t = np.arange(160) / 8000.0
+    payload = g711.encode((np.sin(2 * np.pi * 1000 * t) * 8000).astype(np.int16), "PCMU")
+    pkts = []
+    for i in range(calls):
+        cid = f"c{i}"
+        engine.add_leg(cid, 20000 + 2 * i)
+        engine.set_remote(
+            MediaRemote(
+                call_id=cid, remote_ip="127.0.0.1", remote_port=40000, payload_type=0, codec="PCMU"
+            )
+        )
+        pkts.append(build_rtp(RtpPacket(0, 0, 0, 7, payload.tobytes())))
+    return engine, pkts
+
+
+def run(
+    engine: MediaEngine, pkts: list[bytes], seconds: float, k0: int
+) -> tuple[list[float], list[float], list[float]]:
+    """Per tick: engine.tick time, the recorder's share of it, the RTP receive time."""
+    ticks: list[float] = []
+    rec_ticks: list[float] = []
+    rx: list[float] = []
+    recorder = engine.recorder
+    orig_tick = recorder.tick
+
+    def timed_tick(now: float) -> list:  # type: ignore[type-arg]
+        t0 = time.perf_counter()
+        out = orig_tick(now)
+        rec_ticks.append(time.perf_counter() - t0)
+        return out
+
+    recorder.tick = timed_tick  # type: ignore[method-assign]
+    addr = ("127.0.0.1", 40000)
+    n = int(seconds / TICK)
+    ids = list(engine.legs)
+    for k in range(k0, k0 + n):
+        now = k * TICK
+        t_rx = time.perf_counter()
+        for i, cid in enumerate(ids):
+            # one packet per call per tick, with advancing seq/timestamp
+            p = bytearray(pkts[i])
+            p[2:4] = (k & 0xFFFF).to_bytes(2, "big")
+            p[4:8] = ((160 * k) & 0xFFFFFFFF).to_bytes(4, "big")
+            engine.receive_rtp(cid, bytes(p), addr, now - 0.001)
+        t0 = time.perf_counter()
+        rx.append(t0 - t_rx)
+        engine.tick(now)
+        ticks.append(time.perf_counter() - t0)
+    del recorder.tick
+    return ticks, rec_ticks, rx
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--stereo", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    g711.warm()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        engine, pkts = setup(args.calls, root)
+        print(f"{args.calls} calls, {args.seconds} s, {'stereo' if args.stereo else 'mono'}")
+        base, _, base_rx = run(engine, pkts, 2.0, 1)
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        k0 = len(base) + 1
+        for i, cid in enumerate(engine.legs):
+            engine.record(
+                MediaRecord(call_id=cid, record_id=i, path=f"r/{cid}.wav", stereo=args.stereo),
+                k0 * TICK,
+            )
+        per_leg = (tracemalloc.get_traced_memory()[0] - before) / args.calls
+        tracemalloc.stop()
+        # time the batched writes themselves
+        flush_times: list[float] = []
+        orig = Recording._flush
+
+        def timed(self: Recording, upto: int) -> None:
+            t0 = time.perf_counter()
+            orig(self, upto)
+            flush_times.append(time.perf_counter() - t0)
+
+        Recording._flush = timed  # type: ignore[method-assign]
+        rec, rec_ticks, rec_rx = run(engine, pkts, args.seconds, k0)
+        Recording._flush = orig  # type: ignore[method-assign]
+        t0 = time.perf_counter()
+        for cid in list(engine.legs):
+            engine.remove_leg(cid, (k0 + len(rec)) * TICK)
+        finish = time.perf_counter() - t0
+        written = sum(p.stat().st_size for p in (root / "rec" / "r").iterdir())
+    ms = 1000.0
+    result = {
+        "calls": args.calls,
+        "stereo": args.stereo,
+        "tick_ms_mean_without_recording": float(np.mean(base)) * ms,
+        "tick_ms_mean_recording": float(np.mean(rec)) * ms,
+        "tick_ms_p99_recording": float(np.percentile(rec, 99)) * ms,
+        "tick_ms_max_recording": float(np.max(rec)) * ms,
+        "recorder_tick_ms_mean": float(np.mean(rec_ticks)) * ms,
+        "recorder_tick_ms_p99": float(np.percentile(rec_ticks, 99)) * ms,
+        "recorder_tick_ms_max": float(np.max(rec_ticks)) * ms,
+        "rtp_receive_us_per_packet_without": float(np.mean(base_rx)) / args.calls * 1e6,
+        "rtp_receive_us_per_packet_recording": float(np.mean(rec_rx)) / args.calls * 1e6,
+        # recorder tick + the extra receive cost, per call per second of audio
+        "recording_cpu_us_per_call_per_second": (
+            float(np.mean(rec_ticks)) + float(np.mean(rec_rx)) - float(np.mean(base_rx))
+        )
+        / TICK
+        / args.calls
+        * 1e6,
+        "flush_us_mean": float(np.mean(flush_times)) * 1e6,
+        "flush_us_p99": float(np.percentile(flush_times, 99)) * 1e6,
+        "flushes": len(flush_times),
+        "finish_us_per_recording": finish / args.calls * 1e6,
+        "memory_bytes_per_recording_leg": per_leg,
+        "bytes_written": written,
+    }
+    for key, value in result.items():
+        print(f"  {key:42s} {value:,.2f}" if isinstance(value, float) else f"  {key:42s} {value}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
