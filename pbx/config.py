@@ -8,6 +8,7 @@ under supervisord (DESIGN §2 "paths").
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -56,6 +57,22 @@ class SipSettings(_Section):
     digest_algorithms: list[Literal["MD5", "SHA-256"]] = Field(
         default=["MD5", "SHA-256"], min_length=1
     )
+    # TCP (RFC 3261 §18): connections with no traffic for this long are closed.
+    tcp_idle_s: float = Field(default=120.0, gt=0)
+    # Largest message accepted on TCP (UDP datagrams cannot exceed 64 KB anyway).
+    max_message_bytes: int = Field(default=65536, ge=1024, le=1048576)
+    # Per-source-IP token bucket on incoming messages; excess is dropped (0 disables).
+    rate_limit_per_s: float = Field(default=200.0, ge=0)
+    rate_limit_burst: float = Field(default=400.0, ge=1)
+    # Sources (IP networks) the limit does not apply to: trunks, load generators.
+    rate_limit_exempt: list[str] = Field(default_factory=list)
+
+    @field_validator("rate_limit_exempt")
+    @classmethod
+    def _check_networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            ipaddress.ip_network(net, strict=False)
+        return v
 
     @field_validator("listen", "advertised")
     @classmethod

@@ -18,18 +18,23 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import orjson
 
 from pbx import messages as m
 from pbx.config import RouteSettings, Settings
+from pbx.jsonl import JsonLinesLog
+from pbx.queue_calls import QueueCalls
+from pbx.records import CallRecords, call_record
 from pbx.registrar import Registrar
 from pbx.registry import WorkerRegistry
 from pbx.routing import CallAddress, Router
 from pbx.sip import sdp
 from pbx.sip.auth import DigestAuthenticator
 from pbx.sip.errors import SipError
+from pbx.sip.framing import FramingError
 from pbx.sip.message import (
     Headers,
     SipRequest,
@@ -42,6 +47,7 @@ from pbx.sip.message import (
     parse_message,
     parse_name_addr,
     parse_uri,
+    stamp_via,
 )
 from pbx.sip.transaction import (
     AckTimeout,
@@ -53,6 +59,7 @@ from pbx.sip.transaction import (
     TransactionTimeout,
     Uas2xxRetransmitter,
 )
+from pbx.traces import TraceStore
 
 log = logging.getLogger("pbx.front")
 
@@ -71,11 +78,27 @@ IVR_NO_EXECUTOR_S = 10.0
 CLIENT_TXN_LINGER_S = 32.0
 # DTMF-relay INFO bodies (application/dtmf-relay: "Signal=5"; application/dtmf: "5").
 DTMF_KEYS = set("0123456789*#ABCD")
+# Requests the UAS checks of RFC 3261 §8.2.2 apply to (the others get 501 first).
+UAS_CHECKED_METHODS = frozenset({"INVITE", "OPTIONS", "BYE", "INFO", "REGISTER"})
+
+
+class SendFn(Protocol):
+    """The transport's send: UDP, or with `reliable` the peer's TCP connection."""
+
+    def __call__(self, data: bytes, addr: Addr, reliable: bool = False) -> None: ...
 
 
 def _reason_phrase(text: str, limit: int = 100) -> str:
     """Text safe for a status line or a quoted header value: one line, no quotes."""
     return " ".join(text.replace('"', "'").split())[:limit]
+
+
+def _wants_tcp(uri_text: str) -> bool:
+    """A SIP URI that asks for TCP (`;transport=tcp`, RFC 3261 §19.1.1)."""
+    try:
+        return (parse_uri(uri_text).params.get("transport") or "").lower() == "tcp"
+    except SipError:
+        return False
 
 
 def _is_ip(host: str) -> bool:
@@ -114,6 +137,8 @@ class Leg:
     provisional_seen: bool = False  # RFC 3261 §9.1: CANCEL only after a 1xx
     cancel_pending: bool = False
     late_bye_sent: bool = False
+    reliable: bool = False  # the dialog runs over TCP (no retransmissions, RFC 3261 §18)
+    member: str | None = None  # the queue member (or agent) this leg rings
 
     @property
     def dialog_key(self) -> tuple[str, str]:
@@ -154,13 +179,28 @@ class Call:
     end_code: int | None = None
     transfer_target: str | None = None
     extension: str | None = None  # set for a direct call to a user (no IVR)
+    # Queue / route_to_agent (pbx.queue_calls): candidates ringing, and the wait itself.
+    # The member who answers becomes `b`.
+    ringing: list[Leg] = field(default_factory=list)
+    queue_run: Any = None  # pbx.queue_calls.QueueRun while the caller waits
+    queue_name: str | None = None
+    queue_member: str | None = None
+    agent: str | None = None
+    ws_bridge: str | None = None
+    bridged_at: float | None = None
+    ended_at: float | None = None
+    recordings: list[dict[str, Any]] = field(default_factory=list)
+    session_ids: list[str] = field(default_factory=list)
+
+    def legs(self) -> list[Leg]:
+        return [leg for leg in (self.a, self.b, *self.ringing) if leg is not None]
 
 
 class Front:
     def __init__(
         self,
         settings: Settings,
-        send_datagram: Callable[[bytes, Addr], None],
+        send_datagram: SendFn,
         send_media: Callable[[bytes, Any], bool],
         send_ivr: Callable[[bytes, Any], bool],
         publish: Callable[[dict[str, Any]], None],
@@ -191,7 +231,13 @@ class Front:
         self.sessions: dict[str, Session] = {}
         self.waiting_sessions: deque[Session] = deque()
         self.allocations: dict[str, asyncio.Future[m.MediaAllocated]] = {}
-        self.traces: dict[str, list[dict[str, Any]]] = {}
+        logs_dir = Path(settings.logging.dir)
+        self.traces = TraceStore(TRACE_STORE_SESSIONS, TRACE_STEPS_PER_SESSION,
+                                 JsonLinesLog(logs_dir / "traces.jsonl"))
+        self.records = CallRecords(JsonLinesLog(logs_dir / "calls.jsonl"))
+        self.queue_calls = QueueCalls(self)
+        # In-process subscribers to every published event (the admin's /ws/events).
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.stats = {"calls_total": 0, "calls_failed": 0, "sip_malformed": 0}
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -224,7 +270,7 @@ class Front:
     def _emit(self, events: list[Any]) -> None:
         for ev in events:
             if isinstance(ev, SendBytes):
-                self.send_datagram(ev.data, ev.addr)
+                self.send_datagram(ev.data, ev.addr, ev.reliable)
             elif isinstance(ev, RequestReceived):
                 self._on_request(ev)
             elif isinstance(ev, ResponseReceived):
@@ -239,7 +285,7 @@ class Front:
         deadlines = [
             d
             for d in (self.transactions.get_timer(), self.retransmitter.get_timer(),
-                      self.registrar.get_timer())
+                      self.registrar.get_timer(), self.records.get_timer())
             if d is not None
         ]
         if self._timer is not None:
@@ -255,25 +301,39 @@ class Front:
             events: list[Any] = self.transactions.handle_timer(now)
             events += self.retransmitter.handle_timer(now)
             self.registrar.expire(now)
+            self.records.handle_timer(now)
             self._emit(events)
         finally:
             self._arm_timer()  # whatever happened, SIP timers keep running
 
     # ------------------------------------------------------------ SIP in
 
-    def datagram_received(self, data: bytes, addr: Addr) -> None:
-
+    def message_received(self, data: bytes, addr: Addr, *, reliable: bool = False) -> None:
+        """One message from the transport: a UDP datagram, or one framed off a TCP
+        stream (`reliable`, RFC 3261 §18: no retransmissions on it)."""
         if not data.strip():
             return  # keep-alive (RFC 5626 §3.5.1)
         try:
             msg = parse_message(data)
         except SipError as exc:
             self.stats["sip_malformed"] += 1
-            self._reject_malformed(data, addr, exc)
+            self._reject_malformed(data, addr, exc, reliable=reliable)
             return
-        self._emit(self.transactions.receive(msg, addr, self.now()))
+        if isinstance(msg, SipRequest):
+            stamp_via(msg, addr[0], addr[1])  # RFC 3581; responses go to the source anyway
+        self._emit(self.transactions.receive(msg, addr, self.now(), reliable=reliable))
 
-    def _reject_malformed(self, data: bytes, addr: Addr, exc: SipError) -> None:
+    def datagram_received(self, data: bytes, addr: Addr) -> None:
+        self.message_received(data, addr)
+
+    def stream_unframed(self, head: bytes, addr: Addr, error: FramingError) -> None:
+        """A TCP stream that cannot be framed: answer the request whose head we have
+        (400, or 413 when too large); the transport then closes the connection."""
+        self.stats["sip_malformed"] += 1
+        self._reject_malformed(head + b"\r\n\r\n", addr, error, reliable=True)
+
+    def _reject_malformed(self, data: bytes, addr: Addr, exc: SipError, *,
+                          reliable: bool = False) -> None:
         """400 when the request is readable enough to answer (RFC 3261 §8.2), else drop."""
         log.info("malformed SIP from %s:%d: %s", addr[0], addr[1], exc)
         text = data.decode("utf-8", "replace")
@@ -289,14 +349,14 @@ class Front:
             key = name.strip().lower()
             if colon and key in wanted:
                 headers.add(wanted[key], value.strip())
-        if not all(h in headers for h in ("Via", "From", "To", "Call-ID", "CSeq")):
-            return
+        if "Via" not in headers:
+            return  # nowhere a response could be matched (RFC 3261 §8.2.6.2)
         reason = str(exc).replace("\r", " ").replace("\n", " ")[:100]
         request = SipRequest("UNKNOWN", "sip:invalid", headers)
         response = make_response(request, exc.status, f"Bad Request ({reason})"
                                  if exc.status == 400 else None)
         response.headers.add("Server", USER_AGENT)
-        self.send_datagram(response.serialize(), addr)
+        self.send_datagram(response.serialize(), addr, reliable)
 
     def _respond(self, key: TransactionKey, request: SipRequest, status: int,
                  reason: str | None = None, *, to_tag: str | None = None,
@@ -312,8 +372,10 @@ class Front:
         try:
             if method == "ACK":
                 self._on_ack(req)
+            elif self._refused_by_uas_checks(req, key):
+                pass
             elif method == "INVITE" and req.to_tag is None:
-                self._on_initial_invite(req, ev.addr, key)
+                self._on_initial_invite(req, ev.addr, key, reliable=ev.reliable)
             elif method == "CANCEL":
                 self._on_cancel(req, key)
             elif method == "OPTIONS" and req.to_tag is None:
@@ -334,6 +396,41 @@ class Front:
             if method != "ACK":
                 self._respond(key, req, 500, "Server Internal Error")
 
+    def _refused_by_uas_checks(self, req: SipRequest, key: TransactionKey) -> bool:
+        """RFC 3261 §8.2.2-8.2.3, in the RFC's order, for the methods we implement
+        (others get 501 from the dispatch): Request-URI scheme (416), Require (420),
+        body type (415), Accept (406); and a REGISTER's To must be a SIP URI (§10.3)."""
+        method = req.method
+        if method not in UAS_CHECKED_METHODS:
+            return False
+        status, reason, headers = 0, "", []
+        scheme = req.uri.partition(":")[0].lower()
+        required = [t.strip() for v in req.headers.get_all("Require") for t in v.split(",")
+                    if t.strip()]
+        ctype = (req.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        accept = [a.split(";")[0].strip().lower() for v in req.headers.get_all("Accept")
+                  for a in v.split(",")]
+        if scheme not in ("sip", "sips", "tel"):
+            status, reason = 416, "Unsupported URI Scheme"
+        elif required:
+            status, reason = 420, "Bad Extension"
+            headers = [("Unsupported", ", ".join(required))]
+        elif method == "INVITE" and req.body and ctype != "application/sdp":
+            status, reason = 415, "Unsupported Media Type"
+            headers = [("Accept", "application/sdp")]
+        elif (method == "INVITE" and "Accept" in req.headers and not
+              {"application/sdp", "application/*", "*/*"} & set(accept)):
+            status, reason = 406, "Not Acceptable"
+            headers = [("Warning", f'399 {self.host} "only application/sdp bodies"')]
+        elif method == "REGISTER":
+            to_uri = parse_name_addr(req.headers.get("To") or "").uri
+            if to_uri.scheme not in ("sip", "sips"):
+                status, reason = 400, "To of a REGISTER must be a SIP URI"
+        if not status:
+            return False
+        self._respond(key, req, status, reason, to_tag=new_tag(), headers=headers)
+        return True
+
     def _on_register(self, req: SipRequest, addr: Addr, key: TransactionKey) -> None:
         # Two clocks: bindings expire on the loop's clock, nonces carry wall-clock time
         # so that they stay valid across a restart and between fronts.
@@ -343,7 +440,8 @@ class Front:
 
     # ------------------------------------------------------------ incoming calls
 
-    def _on_initial_invite(self, req: SipRequest, addr: Addr, key: TransactionKey) -> None:
+    def _on_initial_invite(self, req: SipRequest, addr: Addr, key: TransactionKey, *,
+                           reliable: bool = False) -> None:
         to = parse_name_addr(req.headers.get("To") or "")
         frm = parse_name_addr(req.headers.get("From") or "")
         ruri = parse_uri(req.uri)
@@ -369,6 +467,7 @@ class Front:
         leg = Leg(
             call=call, sip_call_id=req.call_id, local_tag=new_tag(),
             media_id=f"{call.call_id}-a", outbound=False, addr=addr, source=addr,
+            reliable=reliable,
         )
         leg.invite, leg.invite_key = req, key
         leg.remote_tag = req.from_tag
@@ -378,7 +477,9 @@ class Front:
         leg.remote_target = str(parse_name_addr(contact).uri) if contact else str(frm.uri)
         # RFC 3261 §12.1.1: the UAS route set is the Record-Route list, in order.
         leg.route_set = req.headers.get_all("Record-Route")
-        leg.addr = self._next_hop(leg, fallback=addr)
+        # Over TCP, in-dialog requests reuse the caller's connection (RFC 3261 §18.1.1;
+        # a phone behind NAT cannot take a new one); over UDP they follow the route set.
+        leg.addr = addr if reliable else self._next_hop(leg, fallback=addr)
         call.a = leg
         self.calls[call.call_id] = call
         self.pending_invites[key] = leg
@@ -443,7 +544,7 @@ class Front:
         self._start_session(call, req)
 
     def _dialog_headers(self, leg: Leg) -> list[tuple[str, str]]:
-        headers = [("Contact", self._contact()), ("Allow", ALLOW)]
+        headers = [("Contact", self._contact(leg.reliable)), ("Allow", ALLOW)]
         headers += [("Record-Route", rr) for rr in leg.route_set]
         return headers
 
@@ -454,9 +555,10 @@ class Front:
         response = self._respond(leg.invite_key, leg.invite, 200, to_tag=leg.local_tag,
                                  body=leg.answer_sdp, headers=self._dialog_headers(leg))
         leg.state = "confirmed"
-        self.retransmitter.start(self._dkey(leg), response.serialize(),
-                                 leg.source or leg.addr, self.now())
-        self._arm_timer()
+        if not leg.reliable:  # a stream delivers the 2xx; only UDP retransmits it
+            self.retransmitter.start(self._dkey(leg), response.serialize(),
+                                     leg.source or leg.addr, self.now())
+            self._arm_timer()
         call = leg.call
         call.answered_at = time.time()
         self._publish_call(call, "answered")
@@ -471,8 +573,9 @@ class Front:
         self.stats["calls_failed"] += 1
         self._end_call(leg.call, f"Rejected({status})", status)
 
-    def _contact(self) -> str:
-        return f"<sip:pbx@{self.host}:{self.port}>"
+    def _contact(self, reliable: bool = False) -> str:
+        transport = ";transport=tcp" if reliable else ""
+        return f"<sip:pbx@{self.host}:{self.port}{transport}>"
 
     @staticmethod
     def _dkey(leg: Leg) -> str:
@@ -530,9 +633,10 @@ class Front:
             # (hold, new address) comes with the full re-INVITE support.
             response = self._respond(key, req, 200, body=leg.answer_sdp,
                                      headers=self._dialog_headers(leg))
-            self.retransmitter.start(self._dkey(leg), response.serialize(),
-                                     addr, self.now())
-            self._arm_timer()
+            if not leg.reliable:
+                self.retransmitter.start(self._dkey(leg), response.serialize(),
+                                         addr, self.now())
+                self._arm_timer()
         elif req.method == "INFO":
             self._on_info(leg, req, key)
         elif req.method == "OPTIONS":
@@ -566,11 +670,15 @@ class Front:
 
     # ------------------------------------------------------------ our requests
 
+    def _via(self, reliable: bool) -> str:
+        transport = "TCP" if reliable else "UDP"
+        return f"SIP/2.0/{transport} {self.host}:{self.port};branch={new_branch()};rport"
+
     def _new_request(self, leg: Leg, method: str, extra: list[tuple[str, str]] | None = None,
                      body: bytes = b"", content_type: str | None = None) -> SipRequest:
         leg.local_cseq += 1
         h = Headers()
-        h.add("Via", f"SIP/2.0/UDP {self.host}:{self.port};branch={new_branch()};rport")
+        h.add("Via", self._via(leg.reliable))
         h.add("Max-Forwards", "70")
         h.add("From", leg.local_party)
         h.add("To", leg.remote_party)
@@ -578,7 +686,7 @@ class Front:
         h.add("CSeq", f"{leg.local_cseq} {method}")
         for route in leg.route_set:
             h.add("Route", route)
-        h.add("Contact", self._contact())
+        h.add("Contact", self._contact(leg.reliable))
         h.add("User-Agent", USER_AGENT)
         for name, value in extra or []:
             h.add(name, value)
@@ -595,7 +703,8 @@ class Front:
             extra.append(("Reason", f'SIP;cause={code};text="{_reason_phrase(text) or "Call ended"}"'))
         req = self._new_request(leg, "BYE", extra)
         leg.state = "terminated"
-        key, sends = self.transactions.send_request(req, leg.addr, self.now())
+        key, sends = self.transactions.send_request(req, leg.addr, self.now(),
+                                                    reliable=leg.reliable)
         self._emit(list(sends))
 
     # ------------------------------------------------------------ outbound legs (B2BUA)
@@ -635,16 +744,21 @@ class Front:
             log.info("call %s: transfer target %r not found", call.call_id, target)
             self._hangup_call(call, f"TransferFailed({target})", 404)
             return
+        call.b = self._out_leg(call, resolved, f"{call.call_id}-b")
+        self._spawn(self._call_out(call, call.b), call)
+
+    def _out_leg(self, call: Call, resolved: tuple[str, str, int], media_id: str) -> Leg:
+        """A new outbound leg of the call (not yet sent: `_call_out` does that)."""
         ruri, host, port = resolved
         b = Leg(
             call=call, sip_call_id=new_call_id(self.host), local_tag=new_tag(),
-            media_id=f"{call.call_id}-b", outbound=True, addr=(host, port),
+            media_id=media_id, outbound=True, addr=(host, port),
+            reliable=_wants_tcp(ruri),
         )
         b.local_party = f"<sip:{call.caller or 'pbx'}@{self.host}:{self.port}>;tag={b.local_tag}"
         b.remote_party = f"<{ruri}>"
         b.remote_target = ruri
-        call.b = b
-        self._spawn(self._call_out(call, b), call)
+        return b
 
     async def _call_out(self, call: Call, b: Leg) -> None:
         a = call.a
@@ -655,31 +769,41 @@ class Front:
                 infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
                 b.addr = (str(infos[0][4][0]), port)
             except (OSError, IndexError):
-                self._hangup_call(call, f"TransferFailed({call.transfer_target})", 404)
+                self._setup_failed(b, f"TransferFailed({call.transfer_target})", 404)
                 return
         # Both legs must be on one worker: the bridge is local to it.
         if a.worker is None:
-            self._hangup_call(call, "TransferFailed(media)", 503)
+            self._setup_failed(b, "TransferFailed(media)", 503)
             return
         allocated = await self._allocate(b, inband_dtmf=False, worker=a.worker)
         if allocated is None:
-            self._hangup_call(call, "TransferFailed(media)", 503)
+            self._setup_failed(b, "TransferFailed(media)", 503)
             return
-        if call.ended:
+        if call.ended or b.state == "terminated":  # the caller left, or a queue moved on
             self._release_media(b)
             return
         offer = sdp.make_offer(allocated.rtp_ip, allocated.rtp_port, int(time.time()))
         b.answer_sdp = offer  # what we answer a re-INVITE on this leg with
         req = self._new_request(b, "INVITE", body=offer)
         b.invite = req
-        key, sends = self.transactions.send_request(req, b.addr, self.now())
+        key, sends = self.transactions.send_request(req, b.addr, self.now(),
+                                                    reliable=b.reliable)
         b.invite_key = key
         self.client_txns[key] = b
         self.dialogs[b.dialog_key] = b
         self._emit(list(sends))
-        b.ring_timer = self.loop.call_later(
-            self.settings.sip.ring_timeout_ms / 1000, self._ring_timeout, b
-        )
+        if b.member is None:  # a queue member rings as long as its queue wait says
+            b.ring_timer = self.loop.call_later(
+                self.settings.sip.ring_timeout_ms / 1000, self._ring_timeout, b
+            )
+
+    def _setup_failed(self, b: Leg, reason: str, code: int) -> None:
+        """An outbound leg could not even be sent: a queue tries its next member, a
+        transfer ends the call."""
+        if b.member is not None:
+            self._outbound_failed(b, code)
+        else:
+            self._hangup_call(b.call, reason, code)
 
     def _ring_timeout(self, b: Leg) -> None:
         b.ring_timer = None
@@ -695,7 +819,8 @@ class Front:
             b.cancel_pending = True
             return
         b.cancel_pending = False
-        _, sends = self.transactions.send_request(make_cancel(b.invite), b.addr, self.now())
+        _, sends = self.transactions.send_request(make_cancel(b.invite), b.addr, self.now(),
+                                                  reliable=b.reliable)
         self._emit(list(sends))
         # Timer C's role: if no final response ever comes, forget the INVITE's owner.
         self.loop.call_later(CLIENT_TXN_LINGER_S, self.client_txns.pop, b.invite_key, None)
@@ -757,12 +882,13 @@ class Front:
                 leg.remote_target = str(parse_name_addr(contact).uri)
             except SipError:
                 pass
-        leg.addr = self._next_hop(leg, fallback=leg.addr)
+        if not leg.reliable:  # over TCP the connection we opened carries the dialog
+            leg.addr = self._next_hop(leg, fallback=leg.addr)
 
     def _send_ack(self, leg: Leg, to: str, target: str, addr: Addr) -> None:
         assert leg.invite is not None
         h = Headers()
-        h.add("Via", f"SIP/2.0/UDP {self.host}:{self.port};branch={new_branch()};rport")
+        h.add("Via", self._via(leg.reliable))
         h.add("Max-Forwards", "70")
         h.add("From", leg.local_party)
         h.add("To", to)
@@ -771,7 +897,7 @@ class Front:
         for route in leg.route_set:
             h.add("Route", route)
         ack = SipRequest("ACK", target, h)
-        self._emit(list(self.transactions.send_stateless(ack, addr)))
+        self._emit(list(self.transactions.send_stateless(ack, addr, reliable=leg.reliable)))
 
     def _end_stray_dialog(self, leg: Leg, resp: SipResponse) -> None:
         """ACK and BYE a 2xx from another fork than the one we kept (RFC 3261 §13.2.2.4)."""
@@ -787,7 +913,7 @@ class Front:
         stray = Leg(call=leg.call, sip_call_id=leg.sip_call_id, local_tag=leg.local_tag,
                     media_id="", outbound=True, addr=leg.addr, local_party=leg.local_party,
                     remote_party=to, remote_target=target, local_cseq=leg.local_cseq + 100,
-                    state="confirmed")
+                    state="confirmed", reliable=leg.reliable)
         self._send_bye(stray)
 
     def _outbound_answered(self, b: Leg, resp: SipResponse) -> None:
@@ -806,7 +932,14 @@ class Front:
         except SipError as exc:
             log.info("call %s: bad SDP answer from %s: %s", call.call_id, b.remote_target, exc)
             self._send_bye(b)
-            self._hangup_call(call, "TransferFailed(sdp)", 488)
+            if b.member is not None:
+                self._outbound_failed(b, 488)  # the queue tries someone else
+            else:
+                self._hangup_call(call, "TransferFailed(sdp)", 488)
+            return
+        if b.member is not None and not self.queue_calls.member_answered(b):
+            self._send_bye(b)  # another member was quicker, or the wait is over
+            self._release_media(b)
             return
         if a.state == "early":
             self._answer_leg(a)  # early-media call: answered when the transfer is
@@ -814,6 +947,7 @@ class Front:
         if a.worker is not None:
             self.send_media(a.worker, m.MediaStop(call_id=a.media_id))
             self.send_media(a.worker, m.MediaBridge(call_id=a.media_id, peer_call_id=b.media_id))
+        call.bridged_at = time.time()
         self._publish_call(call, "bridged")
 
     def _outbound_failed(self, b: Leg, status: int) -> None:
@@ -823,6 +957,9 @@ class Front:
         b.state = "terminated"
         self._release_media(b)
         call = b.call
+        if b.member is not None:
+            self.queue_calls.member_failed(b, status)
+            return
         log.info("call %s: transfer to %s failed with %d", call.call_id, call.transfer_target,
                  status)
         self._hangup_call(call, f"TransferFailed({status})", status)
@@ -838,8 +975,8 @@ class Front:
                      except_leg: Leg | None = None) -> None:
         """End every leg of the call: BYE where confirmed, CANCEL where ringing out, a
         final response where an inbound INVITE is unanswered (early media)."""
-        for leg in (call.a, call.b):
-            if leg is None or leg is except_leg:
+        for leg in call.legs():
+            if leg is except_leg:
                 continue
             if leg.state == "confirmed":
                 self._send_bye(leg, code if leg is call.a else None, reason)
@@ -859,9 +996,11 @@ class Front:
             return
         call.ended = True
         call.end_reason, call.end_code = reason, code
-        for leg in (call.a, call.b):
-            if leg is None:
-                continue
+        call.ended_at = time.time()
+        # Legs whose RTP statistics (MediaReleased) the call record waits for.
+        stats_legs = {leg.media_id: name for name, leg in (("a", call.a), ("b", call.b))
+                      if leg is not None and leg.worker is not None}
+        for leg in call.legs():
             if leg.ring_timer is not None:
                 leg.ring_timer.cancel()
                 leg.ring_timer = None
@@ -872,8 +1011,11 @@ class Front:
         session = call.session
         if session is not None and not session.done:
             self._session_input(session, m.CallEndedInput(reason="Hangup"))
+        self.queue_calls.call_ended(call)
         self.calls.pop(call.call_id, None)
         self._publish_call(call, "ended")
+        self.records.finish(call_record(call), stats_legs, self.now())
+        self._arm_timer()
 
     async def shutdown(self) -> None:
         """On SIGTERM: end every call properly so phones are not left in dead calls."""
@@ -883,6 +1025,7 @@ class Front:
             except Exception:
                 log.exception("call %s: could not end it at shutdown", call.call_id)
         await asyncio.sleep(0.2)  # let the BYEs and final responses leave
+        self.records.flush_all()
 
     # ------------------------------------------------------------ media plane
 
@@ -964,12 +1107,13 @@ class Front:
             leg = self.legs_by_media.get(msg.call_id)
             if leg is None or leg.worker != identity:
                 return
-            session = leg.call.session
-            if session is not None and not session.done and leg is leg.call.a:
-                self._session_input(session, m.MediaInput(event=msg.event))
+            if leg is leg.call.a:
+                self._on_leg_media_event(leg.call, msg.event)
         elif isinstance(msg, m.MediaReleased):
             log.debug("leg %s released: %d packets sent, %d received", msg.call_id,
                       msg.packets_sent, msg.packets_received)
+            self.records.media_released(msg.call_id, msg.model_dump(
+                mode="json", exclude={"v", "kind", "call_id"}))
 
     def expire_workers(self) -> None:
         """Drop silent workers, end the calls of a dead media worker, re-send the events of
@@ -1001,10 +1145,29 @@ class Front:
             callee=call.callee, route_name=route.name, params=route.app_params,
             sip_headers=headers,
         )
-        session = Session(session_id=session_id, call=call, info=info)
+        self._open_session(call, info)
+
+    def _open_session(self, call: Call, info: m.CallInfo) -> None:
+        session = Session(session_id=info.session_id, call=call, info=info)
         call.session = session
-        self.sessions[session_id] = session
+        call.session_ids.append(info.session_id)
+        self.sessions[info.session_id] = session
         self._session_input(session, m.SessionStartInput(call=info))
+
+    def _restart_session(self, call: Call, variables: dict[str, str]) -> None:
+        """Start the route's IVR again on the call (back from a queue): a new session
+        (`<call id>-<n>`) with the first one's call info and these variables."""
+        old = call.session
+        if call.ended or old is None:
+            return
+        if not old.done:  # cannot happen after a queue command; never run two sessions
+            log.warning("call %s: session %s still running; not restarting", call.call_id,
+                        old.session_id)
+            return
+        session_id = f"{call.call_id}-{len(call.session_ids) + 1}"
+        info = old.info.model_copy(update={"session_id": session_id,
+                                           "variables": dict(variables)})
+        self._open_session(call, info)
 
     def _session_input(self, session: Session, item: Any) -> None:
         session.queue.append(item)
@@ -1166,15 +1329,70 @@ class Front:
             self._hangup_call(call, command.reason, command.code)
         elif isinstance(command, m.TransferCommand):
             self._transfer(call, command.target)
+        elif isinstance(command, m.RecordCommand):
+            if worker is not None:
+                self.send_media(worker, m.MediaRecord(
+                    call_id=a.media_id, **command.model_dump(exclude={"type"})))
+                area_dir = (self.settings.media.recordings_dir if command.area == "recordings"
+                            else self.settings.media.voicemail_dir)
+                # Completed by the RecordingFinished event; one the call's end cut short
+                # keeps reason null (the file is there, written as it went).
+                call.recordings.append({
+                    "record_id": command.record_id, "path": command.path,
+                    "area": command.area, "file": str(Path(area_dir) / command.path),
+                    "duration_ms": None, "reason": None})
+        elif isinstance(command, m.StopRecordCommand):
+            if worker is not None:
+                self.send_media(worker, m.MediaRecordStop(call_id=a.media_id))
+        elif isinstance(command, m.WsBridgeCommand):
+            # The IVR ends here; the bridge's end (WsBridgeEnded) ends the call.
+            call.ws_bridge = command.uri
+            if worker is None:
+                self._hangup_call(call, "WsBridgeFailed(media)", 503)
+                return
+            self.send_media(worker, m.MediaStop(call_id=a.media_id))
+            self.send_media(worker, m.MediaWsBridge(
+                call_id=a.media_id, uri=command.uri, headers=command.headers,
+                timeout_ms=command.timeout_ms))
+            self._publish_call(call, "ws_bridged")
+        elif isinstance(command, m.QueueCommand):
+            self.queue_calls.start_queue(call, command)
+        elif isinstance(command, m.AgentCommand):
+            self.queue_calls.start_agent(call, command)
+
+    def _on_leg_media_event(self, call: Call, event: Any) -> None:
+        """A media event of the caller's leg: to the IVR session while it runs; a
+        recording's end goes in the call record; the WebSocket bridge's end, once the
+        IVR has handed the call to it, ends the call."""
+        if isinstance(event, m.RecordingFinished):
+            for rec in call.recordings:
+                if rec["record_id"] == event.record_id and rec["path"] == event.path:
+                    rec.update(duration_ms=event.duration_ms, reason=event.reason)
+                    break
+            else:
+                call.recordings.append({"record_id": event.record_id, "path": event.path,
+                                        "duration_ms": event.duration_ms,
+                                        "reason": event.reason})
+        session = call.session
+        if session is not None and not session.done:
+            self._session_input(session, m.MediaInput(event=event))
+        elif isinstance(event, m.WsBridgeEnded) and call.ws_bridge is not None:
+            log.info("call %s: WebSocket bridge ended: %s", call.call_id, event.reason)
+            self._hangup_call(call, "WsBridgeEnded", None)
 
     def _record_trace(self, trace: m.StepTrace) -> None:
         data = trace.model_dump(mode="json")
-        store = self.traces.setdefault(trace.session_id, [])
-        if len(store) < TRACE_STEPS_PER_SESSION:
-            store.append(data)
-        while len(self.traces) > TRACE_STORE_SESSIONS:
-            self.traces.pop(next(iter(self.traces)))
-        self.publish({"type": "ivr_step_trace", **data})
+        self.traces.add(data)  # bounded store + logs/traces.jsonl
+        self._publish({"type": "ivr_step_trace", **data})
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        """To the ZeroMQ PUB socket and to in-process listeners (the admin WebSocket)."""
+        self.publish(event)
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed")
 
     # ------------------------------------------------------------ records
 
@@ -1185,11 +1403,15 @@ class Front:
             "caller": call.caller, "callee": call.callee, "started_at": call.started_at,
             "answered_at": call.answered_at,
         }
+        if call.queue_name is not None or call.agent is not None:
+            record.update(queue=call.queue_name, agent=call.agent,
+                          queue_member=call.queue_member)
         if event == "ended":
             record.update(end_reason=call.end_reason, end_code=call.end_code,
-                          ended_at=time.time(), transfer_target=call.transfer_target)
+                          ended_at=call.ended_at or time.time(),
+                          transfer_target=call.transfer_target)
             log.info("call %s ended: %s", call.call_id, orjson.dumps(record).decode())
-        self.publish(record)
+        self._publish(record)
 
     def snapshot(self) -> dict[str, Any]:
         return {

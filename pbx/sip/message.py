@@ -561,6 +561,28 @@ class Via:
         return f"SIP/2.0/{self.transport} {hostport}{format_params(self.params)}"
 
 
+def stamp_via(request: SipRequest, source_ip: str, source_port: int) -> None:
+    """Record where a request really came from in its top Via (RFC 3261 §18.2.1,
+    RFC 3581 §4): `received=` when the sent-by host is not the source IP (or the
+    client asked for rport), and `rport=` filled with the source port when asked.
+    Responses then go to the source, which is what the front does anyway."""
+    items = request.headers._items
+    for i, (key, name, raw) in enumerate(items):
+        if key != "via":
+            continue
+        values = split_header_values(raw)
+        via = parse_via(values[0])
+        params = dict(via.params)
+        if via.host.strip("[]").lower() != source_ip.lower() or via.wants_rport:
+            params["received"] = source_ip
+        if via.wants_rport:
+            params["rport"] = str(source_port)
+        if params != via.params:
+            values[0] = str(Via(via.transport, via.host, via.port, params))
+            items[i] = (key, name, ", ".join(values))
+        return
+
+
 def parse_via(value: str) -> Via:
     if not isinstance(value, str):
         raise SipError("Via must be text")

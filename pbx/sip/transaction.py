@@ -88,11 +88,13 @@ class TransactionKey:
 
 @dataclass(frozen=True)
 class RequestReceived:
-    """A new request for the TU (ACK to a 2xx too, with a key of its own)."""
+    """A new request for the TU (ACK to a 2xx too, with a key of its own); `reliable`
+    when it came on a stream (TCP)."""
 
     request: SipRequest
     addr: Addr
     key: TransactionKey
+    reliable: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,11 @@ class TransactionTimeout:
 
 @dataclass(frozen=True)
 class SendBytes:
+    """Bytes for the wire; `reliable` sends them on the peer's TCP connection."""
+
     data: bytes
     addr: Addr
+    reliable: bool = False
 
 
 @dataclass(frozen=True)
@@ -270,14 +275,14 @@ class TransactionLayer:
                     return []
             # ACK for a 2xx (or stray): the TU's, as a request of its own
             ack_key = TransactionKey(key.branch, "ACK", key.sent_by)
-            return [RequestReceived(request, addr, ack_key)]
+            return [RequestReceived(request, addr, ack_key, reliable)]
         if txn is not None:
             # a retransmission: absorbed, the last response re-sent (§17.2.1, §17.2.2)
             if txn.last_response is not None and txn.state in (
                 TxState.PROCEEDING,
                 TxState.COMPLETED,
             ):
-                return [SendBytes(txn.last_response, txn.addr)]
+                return [SendBytes(txn.last_response, txn.addr, txn.reliable)]
             return []
         invite = request.method == "INVITE"
         txn = _ServerTransaction(
@@ -288,8 +293,8 @@ class TransactionLayer:
         events: list[TransactionEvent] = []
         if invite and self.send_trying:
             txn.last_response = make_response(request, 100).serialize()
-            events.append(SendBytes(txn.last_response, addr))
-        events.append(RequestReceived(request, addr, key))
+            events.append(SendBytes(txn.last_response, addr, reliable))
+        events.append(RequestReceived(request, addr, key, reliable))
         return events
 
     def _receive_response(self, response: SipResponse, now: float) -> list[TransactionEvent]:
@@ -314,7 +319,7 @@ class TransactionLayer:
                 txn.ack = make_ack(txn.request, response).serialize()
                 txn.state = TxState.COMPLETED
                 events: list[TransactionEvent] = [
-                    SendBytes(txn.ack, txn.addr),
+                    SendBytes(txn.ack, txn.addr, txn.reliable),
                     ResponseReceived(response, key),
                 ]
                 if txn.reliable:
@@ -326,7 +331,7 @@ class TransactionLayer:
             if state is TxState.ACCEPTED and 200 <= status < 300:
                 return [ResponseReceived(response, key)]  # the TU re-ACKs each 2xx
             if state is TxState.COMPLETED and status >= 300 and txn.ack is not None:
-                return [SendBytes(txn.ack, txn.addr)]
+                return [SendBytes(txn.ack, txn.addr, txn.reliable)]
             return []
         if state in (TxState.TRYING, TxState.PROCEEDING):
             if status < 200:
@@ -356,7 +361,7 @@ class TransactionLayer:
             return []
         data = response.serialize()
         status = response.status
-        send = [SendBytes(data, txn.addr)]
+        send = [SendBytes(data, txn.addr, txn.reliable)]
         if txn.invite:
             if txn.state is TxState.PROCEEDING:
                 if status < 200:
@@ -420,12 +425,13 @@ class TransactionLayer:
                 txn.timer_e = now + T1
         self._client[key] = txn
         self._schedule(txn)
-        return key, [SendBytes(data, addr)]
+        return key, [SendBytes(data, addr, reliable)]
 
     @staticmethod
-    def send_stateless(msg: SipRequest | SipResponse, addr: Addr) -> list[SendBytes]:
+    def send_stateless(msg: SipRequest | SipResponse, addr: Addr, *,
+                       reliable: bool = False) -> list[SendBytes]:
         """Send outside any transaction (ACK for a 2xx, 2xx retransmissions)."""
-        return [SendBytes(msg.serialize(), addr)]
+        return [SendBytes(msg.serialize(), addr, reliable)]
 
     # ----------------------------------------------------------------- timers
 
@@ -465,7 +471,7 @@ class TransactionLayer:
             return []
         events: list[TransactionEvent] = []
         if _is_due(txn.timer_g, now) and txn.last_response is not None:
-            events.append(SendBytes(txn.last_response, txn.addr))
+            events.append(SendBytes(txn.last_response, txn.addr, txn.reliable))
             txn.timer_g_interval = min(2 * txn.timer_g_interval, T2)
             txn.timer_g = now + txn.timer_g_interval
         self._schedule(txn)
@@ -480,11 +486,11 @@ class TransactionLayer:
             return []
         events: list[TransactionEvent] = []
         if _is_due(txn.timer_a, now):
-            events.append(SendBytes(txn.data, txn.addr))
+            events.append(SendBytes(txn.data, txn.addr, txn.reliable))
             txn.timer_a_interval *= 2  # INVITE: doubles without cap (§17.1.1.2)
             txn.timer_a = now + txn.timer_a_interval
         if _is_due(txn.timer_e, now):
-            events.append(SendBytes(txn.data, txn.addr))
+            events.append(SendBytes(txn.data, txn.addr, txn.reliable))
             if txn.state is TxState.TRYING:
                 txn.timer_e_interval = min(2 * txn.timer_e_interval, T2)
             else:

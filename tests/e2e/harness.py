@@ -347,9 +347,43 @@ app_params = {{ mode = "step", url = "{url}/early", retry = {{ max_retries = 2, 
 """.replace("REFUSED_URL", REFUSED_URL)
 
 
+# A UDP port bound but never read: INVITEs sent there are never answered (a member
+# who never picks up, without even a 100 Trying).
+_SILENT_SOCKET = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+_SILENT_SOCKET.bind(("127.0.0.1", 0))
+SILENT_URI = f"sip:nobody@127.0.0.1:{_SILENT_SOCKET.getsockname()[1]}"
+
+# `[queues.*]` of the default system: one answered by extension 2001 (a sipp UAS the
+# test starts), one whose only member never answers.
+E2E_QUEUES: dict[str, dict[str, Any]] = {
+    "e2e-one": {"members": ["2001"], "strategy": "ring_all",
+                "hold_music": "sounds/hold.wav", "timeout_ms": 10_000},
+    "e2e-nobody": {"members": [SILENT_URI], "strategy": "round_robin",
+                   "hold_music": "sounds/hold.wav", "timeout_ms": 2_500,
+                   "member_ring_ms": 1_000},
+}
+
+
+def toml_tables(prefix: str, tables: dict[str, dict[str, Any]]) -> str:
+    """`{"q": {"members": [...], ...}}` -> `[prefix."q"]` sections (JSON scalars and
+    lists of strings are valid TOML values)."""
+    out = []
+    for name, values in tables.items():
+        out.append(f'\n[{prefix}."{name}"]')
+        for key, value in values.items():
+            out.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(out) + "\n"
+
+
 def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int = 2,
-                 executors: int = 2, extensions: tuple[str, ...] = ("2001",)) -> PbxSystem:
-    """Write a config and a supervisord.conf under `root` and start supervisord."""
+                 executors: int = 2, extensions: tuple[str, ...] = ("2001",),
+                 media_capacity: int = 2000, sip_extra: str = "",
+                 queues: dict[str, dict[str, Any]] | None = None) -> PbxSystem:
+    """Write a config and a supervisord.conf under `root` and start supervisord.
+
+    `media_capacity` is `[media] capacity` (legs per worker); `sip_extra` adds lines
+    to the `[sip]` section; `queues` are the `[queues.*]` sections (default
+    `E2E_QUEUES`)."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
     (root / "recordings").mkdir(exist_ok=True)
     sip_port, admin_port = free_port(), free_port(socket.SOCK_STREAM)
@@ -367,6 +401,7 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
 [sip]
 listen = "127.0.0.1:{sip_port}"
 ring_timeout_ms = 8000
+{sip_extra}
 
 [media]
 rtp_ip = "127.0.0.1"
@@ -375,6 +410,7 @@ sounds_dir = "{ROOT / 'sounds'}"
 recordings_dir = "{root / 'recordings'}"
 heartbeat_ms = 200
 expiry_ms = 1500
+capacity = {media_capacity}
 
 [ivr]
 heartbeat_ms = 200
@@ -393,6 +429,7 @@ dir = "{root / 'logs'}"
 level = "DEBUG"
 {users}
 {ROUTES.format(url=provider.url(''))}
+{toml_tables("queues", E2E_QUEUES if queues is None else queues)}
 """
     config_path = root / "pbx.toml"
     config_path.write_text(config)
@@ -413,7 +450,7 @@ stopasgroup=true
 killasgroup=true
 redirect_stderr=true
 stdout_logfile={root}/logs/{procname}.log
-environment=PBX_CONFIG="{config_path}"
+environment=PBX_CONFIG="{config_path}",PYTHONPATH="{ROOT}"
 """
 
     conf = f"""
@@ -458,3 +495,81 @@ serverurl=unix://{root}/supervisor.sock
         system.stop()
         raise AssertionError(f"system did not come up:\n{logs}") from None
     return system
+
+
+# ---------------------------------------------------------------- wire observation
+
+
+class LoopbackSniffer:
+    """Every RTP-looking UDP datagram on the loopback interface, as the wire carries it.
+
+    The media worker latches onto where a caller's RTP comes from (symmetric RTP), which
+    with sipp is its own media port, not the test's socket; watching the interface sees
+    what the PBX sends wherever it goes. AF_PACKET needs root (tests and CI run as root).
+    """
+
+    PACKET_HOST = 0  # the receiving copy (loopback shows each packet going out and in)
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+        self.sock.bind(("lo", 0))
+        self.sock.settimeout(0.1)
+        self.packets: list[tuple[tuple[str, int], RtpPacket]] = []  # (destination, packet)
+        self.limit = limit
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, meta = self.sock.recvfrom(65535)
+            except (TimeoutError, OSError):
+                continue
+            if meta[2] != self.PACKET_HOST or len(data) < 40 or data[9] != 17:
+                continue
+            ihl = (data[0] & 0x0F) * 4
+            src_ip = socket.inet_ntoa(data[12:16])
+            dst_ip = socket.inet_ntoa(data[16:20])
+            sport, dport = struct.unpack("!HH", data[ihl:ihl + 4])
+            rtp = data[ihl + 8:]
+            if len(rtp) < 12 or rtp[0] >> 6 != 2 or len(self.packets) >= self.limit:
+                continue
+            b1 = rtp[1]
+            seq, ts, ssrc = struct.unpack("!HII", rtp[2:12])
+            cc = rtp[0] & 0x0F
+            self.packets.append(((dst_ip, dport), RtpPacket(
+                time.monotonic(), (src_ip, sport), b1 & 0x7F, bool(b1 & 0x80), seq, ts,
+                ssrc, rtp[12 + 4 * cc:])))
+
+    def sent_by(self, src: tuple[str, int], payload_type: int | None = None
+                ) -> list[RtpPacket]:
+        return [p for _, p in list(self.packets)
+                if p.src == src and (payload_type is None or p.payload_type == payload_type)]
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(1)
+        self.sock.close()
+
+
+def sipp_messages(workdir: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in workdir.glob("*_messages.log"))
+
+
+def media_address_from_sipp(workdir: Path, status: str = "SIP/2.0 200 OK"
+                            ) -> tuple[str, int] | None:
+    """The PBX's RTP address from the SDP of the response sipp logged (default 200 OK)."""
+    _, sep, rest = sipp_messages(workdir).partition(status)
+    if not sep:
+        return None
+    ip: str | None = None
+    port: int | None = None
+    for line in rest.splitlines():
+        if line.startswith("c=IN IP4 ") and ip is None:
+            ip = line.split()[-1]
+        elif line.startswith("m=audio ") and port is None:
+            port = int(line.split()[1])
+        if ip and port:
+            return ip, port
+    return None

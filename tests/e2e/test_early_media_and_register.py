@@ -13,10 +13,13 @@ from typing import Any
 from tests.e2e.harness import (
     REGISTERING_USERS,
     SCENARIOS,
+    LoopbackSniffer,
     PbxSystem,
     Reply,
     RtpEndpoint,
     free_port,
+    media_address_from_sipp,
+    sipp_messages,
     start_sipp,
     wait_until,
 )
@@ -114,6 +117,7 @@ def test_register_with_digest_then_call_the_phone(system: PbxSystem, workdir: Pa
         "-mp", str(free_port(even=True)), "-rtp_echo", "-m", "1",
     ], workdir / "phone")
     caller_rtp = RtpEndpoint()
+    wire = LoopbackSniffer()
     caller = None
     try:
         caller = start_sipp("caller", [
@@ -124,9 +128,9 @@ def test_register_with_digest_then_call_the_phone(system: PbxSystem, workdir: Pa
         ], workdir / "caller")
         # The caller (PCMU) talks to the phone (PCMA only): the worker transcodes both ways
         # and the phone's RTP echo brings the caller's audio back.
-        wait_until(lambda: "ACK" in _messages(phone.workdir).split("INVITE sip:", 1)[-1], 10,
-                   "the phone to answer")
-        media_addr = wait_until(lambda: _media_address(caller.workdir), 5,
+        wait_until(lambda: "ACK" in sipp_messages(phone.workdir).split("INVITE sip:", 1)[-1],
+                   10, "the phone to answer")
+        media_addr = wait_until(lambda: media_address_from_sipp(caller.workdir), 5,
                                 "the caller's SDP answer")
         tone = audioop.lin2ulaw(b"".join(
             int(6000 * ((i // 10) % 2 * 2 - 1)).to_bytes(2, "little", signed=True)
@@ -135,7 +139,8 @@ def test_register_with_digest_then_call_the_phone(system: PbxSystem, workdir: Pa
         for _ in range(60):
             caller_rtp.send(media_addr, tone)
             time.sleep(0.02)
-        echoed = wait_until(lambda: [p for p in caller_rtp.audio(0)
+        # Sent back wherever the caller's RTP came from (symmetric RTP): watch the wire.
+        echoed = wait_until(lambda: [p for p in wire.sent_by(media_addr, 0)
                                      if p.at >= sent_at and len(p.payload) == 160], 5,
                             "the caller's audio echoed back by the phone")
         assert len(echoed) >= 40, len(echoed)
@@ -149,25 +154,6 @@ def test_register_with_digest_then_call_the_phone(system: PbxSystem, workdir: Pa
             caller.stop()
         phone.stop()
         caller_rtp.close()
+        wire.close()
     wait_idle(system)
 
-
-def _messages(workdir: Path) -> str:
-    return "".join(p.read_text(errors="replace") for p in workdir.glob("*_messages.log"))
-
-
-def _media_address(workdir: Path) -> tuple[str, int] | None:
-    """The PBX's RTP address from the 200 OK's SDP, as the caller's sipp logged it."""
-    text = _messages(workdir)
-    head, sep, rest = text.partition("SIP/2.0 200 OK")
-    if not sep:
-        return None
-    ip = port = None
-    for line in rest.splitlines():
-        if line.startswith("c=IN IP4 ") and ip is None:
-            ip = line.split()[-1]
-        elif line.startswith("m=audio ") and port is None:
-            port = int(line.split()[1])
-        if ip and port:
-            return ip, port
-    return None

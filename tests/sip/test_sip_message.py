@@ -380,3 +380,29 @@ def test_random_ids() -> None:
     assert b1.startswith("z9hG4bK") and b1 != b2
     assert new_tag() != new_tag()
     assert new_call_id("pbx.example.com").endswith("@pbx.example.com")
+
+
+def test_stamp_via_received_and_rport() -> None:
+    """RFC 3581 §4 / RFC 3261 §18.2.1: only the top Via is stamped."""
+    from pbx.sip.message import stamp_via
+
+    def req(via: str) -> SipRequest:
+        msg = parse_message(
+            ("OPTIONS sip:x@h SIP/2.0\r\nVia: " + via + "\r\nVia: SIP/2.0/UDP 10.9.9.9;rport\r\n"
+             "From: <sip:a@h>;tag=1\r\nTo: <sip:x@h>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\n"
+             "Content-Length: 0\r\n\r\n").encode())
+        assert isinstance(msg, SipRequest)
+        return msg
+
+    r = req("SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK1;rport")
+    stamp_via(r, "192.0.2.7", 40000)
+    assert r.via.received == "192.0.2.7" and r.via.rport == 40000
+    assert r.headers.get_all("Via")[1] == "SIP/2.0/UDP 10.9.9.9;rport"
+    r = req("SIP/2.0/TCP 192.0.2.7:5060;branch=z9hG4bK1")
+    before = r.serialize()
+    stamp_via(r, "192.0.2.7", 40000)
+    assert r.serialize() == before  # same host, no rport: untouched
+    r = req("SIP/2.0/UDP host.example.com;branch=z9hG4bK1, SIP/2.0/UDP 10.1.1.1")
+    stamp_via(r, "192.0.2.7", 5060)
+    assert r.via.received == "192.0.2.7" and r.via.rport is None
+    assert r.headers.get_all("Via")[1] == "SIP/2.0/UDP 10.1.1.1"

@@ -398,3 +398,29 @@ def test_uas_2xx_retransmitter_ack_stops() -> None:
     assert r.get_timer() == 0.75 + 2 * T1
     assert r.ack("d2") and r.get_timer() is None
     assert min(2 * 2 * 2 * T1, T2) == T2
+
+
+# ------------------------------------------------------------------ reliable transports
+
+
+def test_reliable_sends_are_marked_for_the_stream() -> None:
+    """Everything a transaction on a reliable transport sends goes back on the stream
+    (RFC 3261 §18.2.2: responses on the connection the request came on)."""
+    layer = TransactionLayer()
+    inv = request(branch="z9hG4bKr1")
+    events = layer.receive(inv, PEER, 0.0, reliable=True)
+    assert [e.reliable for e in sends(events)] == [True]  # 100 Trying
+    key = events[-1].key
+    assert [e.reliable for e in layer.respond(key, reply(inv, 486), 0.0)] == [True]
+    bye = request("BYE", branch="z9hG4bKr2")
+    _, out = layer.send_request(bye, PEER, 0.0, reliable=True)
+    assert [e.reliable for e in out] == [True]
+    assert layer.handle_timer(10.0) == []  # no Timer E retransmission
+    inv2 = request(branch="z9hG4bKr3")
+    layer.send_request(inv2, PEER, 0.0, reliable=True)
+    (ack, _) = layer.receive(reply(inv2, 404), PEER, 0.1)
+    assert isinstance(ack, SendBytes) and ack.reliable
+    ack2 = request("ACK", branch="z9hG4bKa2", to_tag="x")
+    assert TransactionLayer.send_stateless(ack2, PEER, reliable=True)[0].reliable
+    # an unreliable transaction's sends are not marked
+    assert not sends(layer.receive(request(branch="z9hG4bKu"), PEER, 0.0))[0].reliable

@@ -1,0 +1,146 @@
+"""The front's admin web app (DESIGN §2 "admin"): metrics, calls, traces, live events.
+
+    /metrics                  Prometheus text
+    /api/calls                calls in progress
+    /api/traces               recent IVR sessions (summaries, newest first; ?limit=N)
+    /api/traces/{session_id}  every kept step of one session
+    /ws/events                WebSocket: every `ivr_step_trace` and call event as a JSON
+                              text frame (?session_id=… or ?call_id=… to filter,
+                              ?type=ivr_step_trace or call)
+    /debug                    a self-contained trace viewer using the two above
+
+A shell: the data comes from the `Front`; events reach WebSocket clients through an
+`EventHub`, whose bounded per-client queues make a slow client lose events rather
+than delay the front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from pbx.debug_page import DEBUG_HTML
+from pbx.queues import WaitState
+
+if TYPE_CHECKING:
+    from pbx.front import Front
+
+log = logging.getLogger("pbx.admin")
+
+CLIENT_QUEUE_EVENTS = 2000
+WS_HEARTBEAT_S = 20.0
+
+
+class EventHub:
+    """Fan-out of front events to WebSocket clients."""
+
+    def __init__(self, max_queue: int = CLIENT_QUEUE_EVENTS) -> None:
+        self.max_queue = max_queue
+        self.clients: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.dropped = 0
+
+    def publish(self, event: dict[str, Any]) -> None:
+        for queue in self.clients:
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self.dropped += 1
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self.max_queue)
+        self.clients.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        self.clients.discard(queue)
+
+
+def _wanted(event: dict[str, Any], filters: dict[str, str]) -> bool:
+    return all(str(event.get(key)) == value for key, value in filters.items())
+
+
+def admin_app(front: Front, transport: Any = None) -> web.Application:
+    hub = EventHub()
+    front.listeners.append(hub.publish)
+
+    async def metrics(_: web.Request) -> web.Response:
+        lines = []
+        values = dict(front.snapshot())
+        if transport is not None:
+            values.update(transport.stats)
+        values["queue_waiting"] = sum(
+            1 for c in front.calls.values()
+            if c.queue_run is not None and c.queue_run.wait.state is WaitState.RINGING)
+        values["records_pending"] = len(front.records.pending)
+        values["trace_sessions"] = len(front.traces)
+        values["ws_clients"] = len(hub.clients)
+        values["ws_events_dropped"] = hub.dropped
+        for name, value in values.items():
+            lines.append(f"# TYPE pbx_{name} gauge")
+            lines.append(f"pbx_{name} {value}")
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def calls(_: web.Request) -> web.Response:
+        return web.json_response([
+            {"call_id": c.call_id, "caller": c.caller, "callee": c.callee,
+             "route": c.route.name if c.route else None, "started_at": c.started_at,
+             "answered_at": c.answered_at, "ivr": c.session is not None and not c.session.done,
+             "session_id": c.session.session_id if c.session is not None else None,
+             "bridged_to": c.transfer_target, "queue": c.queue_name, "agent": c.agent}
+            for c in front.calls.values()
+        ])
+
+    async def recent_traces(request: web.Request) -> web.Response:
+        try:
+            limit = max(1, min(1000, int(request.query.get("limit", "100"))))
+        except ValueError:
+            return web.json_response({"error": "limit must be a number"}, status=400)
+        return web.json_response(front.traces.recent(limit))
+
+    async def traces(request: web.Request) -> web.Response:
+        steps = front.traces.get(request.match_info["session_id"])
+        if steps is None:
+            return web.json_response({"error": "unknown session"}, status=404)
+        return web.json_response(steps)
+
+    async def events(request: web.Request) -> web.WebSocketResponse:
+        filters = {k: v for k, v in request.query.items()
+                   if k in ("session_id", "call_id", "type")}
+        ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S)
+        await ws.prepare(request)
+        queue = hub.subscribe()
+
+        async def forward() -> None:
+            while True:
+                event = await queue.get()
+                if _wanted(event, filters):
+                    await ws.send_str(orjson.dumps(event, default=str).decode())
+
+        sender = asyncio.create_task(forward())
+        try:
+            async for msg in ws:  # clients have nothing to say; this waits for the close
+                if msg.type == WSMsgType.ERROR:
+                    break
+        finally:
+            hub.unsubscribe(queue)
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
+                await sender
+        return ws
+
+    async def debug(_: web.Request) -> web.Response:
+        return web.Response(text=DEBUG_HTML, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/calls", calls)
+    app.router.add_get("/api/traces", recent_traces)
+    app.router.add_get("/api/traces/{session_id}", traces)
+    app.router.add_get("/ws/events", events)
+    app.router.add_get("/debug", debug)
+    return app
