@@ -34,7 +34,8 @@ async def run(settings: Settings) -> None:
     host, port = settings.sip.host_port
     transport = SipTransport(settings.sip)
     await transport.start(host, port)
-    front = Front(settings, transport.send, broker.send_media, broker.send_ivr, broker.publish)
+    front = Front(settings, transport.send, broker.send_media, broker.send_ivr, broker.publish,
+                  is_connected=transport.is_connected)
     transport.handler = front
     broker.start(front.on_media_message, front.on_ivr_message)
 

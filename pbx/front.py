@@ -101,6 +101,12 @@ def _wants_tcp(uri_text: str) -> bool:
         return False
 
 
+def _with_tcp(uri_text: str) -> str:
+    """The URI with `;transport=tcp` (before any `?headers`)."""
+    base, sep, headers = uri_text.partition("?")
+    return f"{base};transport=tcp{sep}{headers}"
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -204,8 +210,11 @@ class Front:
         send_media: Callable[[bytes, Any], bool],
         send_ivr: Callable[[bytes, Any], bool],
         publish: Callable[[dict[str, Any]], None],
+        is_connected: Callable[[Addr], bool] = lambda addr: False,
     ) -> None:
         self.settings = settings
+        # Whether a TCP connection to the address is open (a phone's registration flow).
+        self.is_connected = is_connected
         self.send_datagram = send_datagram
         self.send_media = send_media
         self.send_ivr = send_ivr
@@ -711,13 +720,21 @@ class Front:
 
     def _resolve_target(self, target: str) -> tuple[str, str, int] | None:
         """An extension (static contact first, then its registered contacts) or a SIP URI
-        → (Request-URI, host, port). A registered phone is reached where its REGISTER
-        came from (it may be behind NAT)."""
+        → (Request-URI, host, port). A phone registered over UDP is reached where its
+        REGISTER came from (it may be behind NAT); over TCP, on its registration
+        connection while that is open (RFC 5626 §5.3 flow reuse), else at its Contact with
+        `;transport=tcp`."""
         uri_text: str | None = None
         source: Addr | None = None
         bindings = self.registrar.lookup(target, self.now())
         if bindings:
-            uri_text, source = bindings[0].uri, bindings[0].source
+            binding = bindings[0]
+            uri_text, source = binding.uri, binding.source
+            if (binding.transport or "").upper() == "TCP":
+                if not _wants_tcp(uri_text):
+                    uri_text = _with_tcp(uri_text)
+                if source is not None and not self.is_connected(source):
+                    source = None
         elif target.startswith(("sip:", "sips:")):
             uri_text = target
         if uri_text is None:

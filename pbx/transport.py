@@ -215,6 +215,10 @@ class SipTransport:
 
     # ------------------------------------------------------------ out
 
+    def is_connected(self, addr: Addr) -> bool:
+        conn = self.connections.get(addr)
+        return conn is not None and not conn.closing
+
     def send(self, data: bytes, addr: Addr, reliable: bool = False) -> None:
         if not reliable:
             if self._udp is None:

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.e2e.harness import (
     REGISTERING_USERS,
     SCENARIOS,
@@ -87,11 +89,15 @@ def test_early_media_play_and_hangup_code_is_the_final_response(
     wait_idle(system)
 
 
-def test_register_with_digest_then_call_the_phone(system: PbxSystem, workdir: Path) -> None:
-    user = "1001"
+@pytest.mark.parametrize("transport", ["u1", "t1"], ids=["udp", "tcp"])
+def test_register_with_digest_then_call_the_phone(system: PbxSystem, workdir: Path,
+                                                   transport: str) -> None:
+    """The phone registers (and answers) over UDP, then over TCP."""
+    user = "1001" if transport == "u1" else "1002"
     # A wrong password is refused (a fresh 401), and leaves no binding.
     wrong = start_sipp("register-wrong", [
         "-sf", str(SCENARIOS / "uac_register_wrong.xml"), "-s", user, system.sip_addr,
+        "-t", transport,
         "-i", "127.0.0.1", "-p", str(free_port()), "-au", user, "-ap", "not-the-password",
         "-m", "1", "-l", "1",
     ], workdir / "wrong")
@@ -103,7 +109,8 @@ def test_register_with_digest_then_call_the_phone(system: PbxSystem, workdir: Pa
     sip_port = free_port()
     register = start_sipp("register-1001", [
         "-sf", str(SCENARIOS / "uac_register.xml"), "-s", user, system.sip_addr,
-        "-i", "127.0.0.1", "-p", str(sip_port), "-au", user, "-ap", REGISTERING_USERS[user],
+        "-t", transport, "-i", "127.0.0.1", "-p", str(sip_port), "-au", user,
+        "-ap", REGISTERING_USERS[user],
         "-m", "1", "-l", "1",
     ], workdir / "register")
     try:
@@ -112,7 +119,7 @@ def test_register_with_digest_then_call_the_phone(system: PbxSystem, workdir: Pa
         register.stop()
     # The phone answers on the port it registered from.
     phone = start_sipp("phone-1001", [
-        "-sf", str(SCENARIOS / "uas_answer_pcma.xml"), "-s", user,
+        "-sf", str(SCENARIOS / "uas_answer_pcma.xml"), "-s", user, "-t", transport,
         "-i", "127.0.0.1", "-p", str(sip_port), "-mi", "127.0.0.1",
         "-mp", str(free_port(even=True)), "-rtp_echo", "-m", "1",
     ], workdir / "phone")
