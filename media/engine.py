@@ -16,6 +16,14 @@ continue across prompts and forwarded audio (RFC 3550 §5.1); a new prompt
 sets the marker bit and its timestamp advances by the wall-clock gap
 since the leg's last packet.
 
+The per-packet work runs in batches (`media.kernels.rtpbatch` over the arrays
+of `media.legtable`): `receive_batch` takes a whole poll of datagrams through
+one compiled pass (header, RFC 3550 statistics, latching, jitter, the receive
+ring) and hands Python only the packets that need it (RFC 4733, bridged,
+recorded and WebSocket legs); `tick_batch` builds every playing leg's prompt
+frames into one buffer (`tx`) that the shell sends with one compiled loop.
+`receive_rtp` and `tick` are the same per packet / as a list of datagrams.
+
 Bridged legs forward audio to each other with the receiving side's SSRC,
 sequence and a timestamp offset fixed at the start of each talk spurt,
 transcoding PCMU <-> PCMA when their codecs differ; RFC 4733 packets are
@@ -37,11 +45,13 @@ from media import g711
 from media.dtmf import EVENT_DIGITS, Rfc4733Detector, event_digit
 from media.dtmfpress import PressDedupe
 from media.inband import InbandDetector
+from media.kernels import rtpbatch as _k
+from media.legtable import LegTable, PromptArena, TxBatch, ipv4_int, ipv4_str
 from media.prompts import PromptCache, PromptError
 from media.recorder import BEEP_PLAY_ID, Recorder, Recording
 from media.rtcp import REPORT_INTERVAL_S, ReceiveStats, ReportBlock, RtcpError, build_report
 from media.rtcp import parse_compound as parse_rtcp
-from media.rtp import RtpError, build_header, parse_event, parse_rtp, ts_add
+from media.rtp import RtpError, RtpPacket, build_header, parse_event, parse_rtp, ts_add
 from media.rxaudio import RxAudio
 from media.wsbridge import WsBridges, WsLeg
 from pbx.messages import (
@@ -63,7 +73,7 @@ SAMPLE_RATE = 8000
 DEFAULT_PTIME_MS = 20
 # At most this many frames of one prompt go out in one tick; a tick later than
 # that slides the prompt's origin instead of bursting (the prompt ends later).
-MAX_BURST_FRAMES = 5
+MAX_BURST_FRAMES = _k.MAX_BURST_FRAMES
 # Frame due times are compared with this slack so float rounding of
 # origin + k * ptime never pushes a frame to the next tick.
 _EPS = 1e-7
@@ -90,51 +100,114 @@ class _Playback:
     marked: bool = False
 
 
-@dataclass(slots=True)
+def _int_col(col: int, doc: str) -> property:
+    def get(self: Leg) -> int:
+        return int(self.tab.i[self.row, col])
+
+    def put(self: Leg, value: int) -> None:
+        self.tab.i[self.row, col] = value
+
+    return property(get, put, doc=doc)
+
+
+@dataclass(slots=True, eq=False)
 class Leg:
+    """One call leg. The state the batch kernels share (what it sends, what it received,
+    the latch, its prompt's progress) lives in its row of the engine's `LegTable`."""
+
     call_id: str
     local_port: int
     inband_dtmf: bool
-    ssrc: int
-    seq: int  # next sequence number to send
-    ts: int  # next timestamp to send
-    remote: tuple[str, int] | None = None
+    tab: LegTable
+    row: int
+    _remote: tuple[str, int] | None = None
     payload_type: int = 0
     codec: str = "PCMU"
     dtmf_payload_type: int | None = None
     ptime_ms: int = DEFAULT_PTIME_MS
-    # Nominal time at which the last packet sent ends (its start + its duration).
-    sent_until: float | None = None
     play: _Playback | None = None
     timer_id: int = 0
     timer_at: float | None = None
     peer: str | None = None
-    # Forwarded-audio timestamp offset into this leg's timeline (None: resync).
-    fwd_offset: int | None = None
     detector: Rfc4733Detector = field(default_factory=Rfc4733Detector)
-    packets_sent: int = 0
-    packets_received: int = 0
     rec: Recording | None = None  # media.recorder
     ws: WsLeg | None = None  # media.wsbridge
     # Symmetric RTP (RFC 4961; "latching"): once the first valid packet arrives, send
     # to where it came from (a phone behind NAT is not where its SDP says).
     sdp_remote: tuple[str, int] | None = None
-    latched: bool = False
     rtcp_remote: tuple[str, int] | None = None  # RFC 3550 §11: RTP port + 1 unless latched
     rtcp_latched: bool = False
     rx_stats: ReceiveStats = field(default_factory=ReceiveStats)
     rx_slot: int | None = None  # row in the engine's RxAudio (in-band detection)
     inband_slot: int | None = None  # row in the engine's InbandDetector
     presses: PressDedupe = field(default_factory=PressDedupe)
-    octets_sent: int = 0
     sr_packets: int = -1  # packets_sent at the last RTCP report (SR only if more since)
     rtcp_sent: int = 0
     rtcp_received: int = 0
     remote_report: ReportBlock | None = None
 
+    seq = _int_col(_k.L_SEQ, "next sequence number to send")
+    ts = _int_col(_k.L_TS, "next timestamp to send")
+    ssrc = _int_col(_k.L_SSRC, "our SSRC")
+    packets_sent = _int_col(_k.L_SENT, "RTP packets sent")
+    octets_sent = _int_col(_k.L_OCTETS, "RTP payload octets sent")
+    packets_received = _int_col(_k.L_RECEIVED, "valid RTP packets received")
+
     @property
     def samples_per_frame(self) -> int:
         return SAMPLE_RATE * self.ptime_ms // 1000
+
+    @property
+    def remote(self) -> tuple[str, int] | None:
+        """Where RTP goes: the SDP address, or the latched source."""
+        return self._remote
+
+    @remote.setter
+    def remote(self, addr: tuple[str, int] | None) -> None:
+        self._remote = addr
+        i = self.tab.i
+        i[self.row, _k.L_HAS_REMOTE] = addr is not None
+        i[self.row, _k.L_REMOTE_IP] = 0 if addr is None else ipv4_int(addr[0])
+        i[self.row, _k.L_REMOTE_PORT] = 0 if addr is None else addr[1]
+
+    @property
+    def latched(self) -> bool:
+        return bool(self.tab.i[self.row, _k.L_LATCHED])
+
+    @latched.setter
+    def latched(self, value: bool) -> None:
+        self.tab.i[self.row, _k.L_LATCHED] = value
+
+    @property
+    def sent_until(self) -> float | None:
+        """Nominal time at which the last packet sent ends (its start + its duration)."""
+        v = float(self.tab.f[self.row, _k.F_SENT_UNTIL])
+        return None if math.isnan(v) else v
+
+    @sent_until.setter
+    def sent_until(self, value: float | None) -> None:
+        self.tab.f[self.row, _k.F_SENT_UNTIL] = math.nan if value is None else value
+
+    @property
+    def fwd_offset(self) -> int | None:
+        """Forwarded-audio timestamp offset into this leg's timeline (None: resync)."""
+        v = int(self.tab.i[self.row, _k.L_FWD_OFFSET])
+        return None if v < 0 else v
+
+    @fwd_offset.setter
+    def fwd_offset(self, value: int | None) -> None:
+        self.tab.i[self.row, _k.L_FWD_OFFSET] = -1 if value is None else value
+
+    def sync_tx(self) -> None:
+        """Mirror the Python-side send settings into the leg's row."""
+        i = self.tab.i
+        r = self.row
+        i[r, _k.L_PT] = self.payload_type
+        i[r, _k.L_DTMF_PT] = -1 if self.dtmf_payload_type is None else self.dtmf_payload_type
+        i[r, _k.L_CODEC] = 1 if self.codec == "PCMA" else 0
+        i[r, _k.L_SILENCE] = g711.SILENCE[self.codec]
+        i[r, _k.L_SPF] = self.samples_per_frame
+        self.tab.f[r, _k.F_PTIME] = self.ptime_ms / 1000.0
 
 
 class MediaEngine:
@@ -163,6 +236,13 @@ class MediaEngine:
         self._rtcp_heap: list[tuple[float, int, Leg]] = []
         self._rtcp_new: list[Leg] = []
         self._rtcp_seq = 0
+        # The batch kernels' state (media.legtable): one row per leg.
+        self.tab = LegTable()
+        self.arena = PromptArena()
+        self.tx = TxBatch()  # the last tick's prompt packets (tick_batch)
+        self._by_row: dict[int, Leg] = {}
+        self._action = np.zeros(0, dtype=np.int8)
+        self.kernels = True  # False: the Python twins (tests)
         self.wall_offset = 0.0  # wall clock - `now`, set by the shell, for SR NTP timestamps
         self.cname = "pbx-media"
 
@@ -170,6 +250,11 @@ class MediaEngine:
 
     def __len__(self) -> int:
         return len(self.legs)
+
+    @property
+    def legs_by_row(self) -> dict[int, Leg]:
+        """Legs by their `Leg.row` (the shell maps sockets and packets to rows)."""
+        return self._by_row
 
     def _leg(self, call_id: str) -> Leg:
         try:
@@ -181,18 +266,27 @@ class MediaEngine:
         if call_id in self.legs:
             raise EngineError(f"call {call_id!r} already has a leg")
         rng = self._rng
+        row = self.tab.add()
         leg = Leg(
             call_id=call_id,
             local_port=local_port,
             inband_dtmf=inband_dtmf,
-            # RFC 3550 §5.1: random initial SSRC, sequence number and timestamp.
-            ssrc=rng.getrandbits(32),
-            seq=rng.getrandbits(16),
-            ts=rng.getrandbits(32),
+            tab=self.tab,
+            row=row,
+            rx_stats=ReceiveStats(self.tab.stats, row),
         )
+        # RFC 3550 §5.1: random initial SSRC, sequence number and timestamp.
+        leg.ssrc = rng.getrandbits(32)
+        leg.seq = rng.getrandbits(16)
+        leg.ts = rng.getrandbits(32)
+        self.tab.i[row, _k.L_ALIVE] = 1
+        self.tab.i[row, _k.L_FAST] = 1
+        leg.sync_tx()
         self.legs[call_id] = leg
+        self._by_row[row] = leg
         if inband_dtmf:
             leg.rx_slot = self.rx.add(g711.SILENCE[leg.codec])
+            self.tab.i[row, _k.L_RX_SLOT] = leg.rx_slot
             leg.inband_slot = self.inband.add()
             self._inband_legs[call_id] = leg
             self._inband_batch = None
@@ -220,9 +314,22 @@ class MediaEngine:
             play = leg.play
             if play is not None:
                 try:
-                    play.codes = self.prompts.encoded(play.file, leg.codec)
+                    codes = self.prompts.encoded(play.file, leg.codec)
                 except PromptError:  # the file went away since: convert what we have
-                    play.codes = g711.transcode(play.codes, old, leg.codec)
+                    codes = g711.transcode(play.codes, old, leg.codec)
+                self._set_codes(leg, play, codes)
+        leg.sync_tx()
+
+    def _set_codes(self, leg: Leg, play: _Playback, codes: np.ndarray) -> None:
+        """The prompt's codes (new, or in another codec), where the pump reads them."""
+        i = self.tab.i
+        r = leg.row
+        if i[r, _k.L_PLAYING]:
+            self.arena.release(play.codes, i, _k.L_PLAYING, _k.L_PLAY_OFF)
+        play.codes = codes
+        i[r, _k.L_PLAY_OFF] = self.arena.acquire(codes)
+        i[r, _k.L_PLAY_LEN] = codes.size
+        i[r, _k.L_PLAYING] = 1
 
     def play(self, msg: MediaPlay, now: float) -> list[MediaEvent]:
         leg = self.legs.get(msg.call_id)
@@ -233,15 +340,29 @@ class MediaEngine:
             codes = self.prompts.encoded(msg.file, leg.codec)
         except PromptError as exc:
             return [_failure(msg.call_id, str(exc), msg.play_id)]
-        leg.play = _Playback(
-            play_id=msg.play_id,
-            file=msg.file,
-            codes=codes,
-            interruptible=msg.interruptible,
-            loop=msg.loop and codes.size > 0,
+        self._start(
+            leg,
+            _Playback(
+                play_id=msg.play_id,
+                file=msg.file,
+                codes=codes,
+                interruptible=msg.interruptible,
+                loop=msg.loop and codes.size > 0,
+            ),
         )
-        self._playing[leg.call_id] = leg
         return []
+
+    def _start(self, leg: Leg, play: _Playback) -> None:
+        leg.play = play
+        self._playing[leg.call_id] = leg
+        i = self.tab.i
+        r = leg.row
+        self._set_codes(leg, play, play.codes)
+        i[r, _k.L_PLAY_LOOP] = play.loop
+        i[r, _k.L_PLAY_DONE] = 0
+        i[r, _k.L_PLAY_MARKED] = 0
+        i[r, _k.L_PLAY_FIN] = 0
+        self.tab.f[r, _k.F_PLAY_ORIGIN] = math.nan
 
     def stop(self, call_id: str) -> None:
         self._stop(self._leg(call_id))
@@ -249,6 +370,11 @@ class MediaEngine:
     def _stop(self, leg: Leg) -> _Playback | None:
         play, leg.play = leg.play, None
         self._playing.pop(leg.call_id, None)
+        i = self.tab.i
+        if play is not None and i[leg.row, _k.L_PLAYING]:
+            self.arena.release(play.codes, i, _k.L_PLAYING, _k.L_PLAY_OFF)
+        i[leg.row, _k.L_PLAYING] = 0
+        i[leg.row, _k.L_PLAY_FIN] = 0
         return play
 
     def set_timer(self, msg: MediaTimer, now: float) -> None:
@@ -271,6 +397,13 @@ class MediaEngine:
             self._stop(leg)
             leg.fwd_offset = None
         a.peer, b.peer = b.call_id, a.call_id
+        self._slow(a)
+        self._slow(b)
+
+    def _slow(self, leg: Leg) -> None:
+        """Every packet of the leg takes the Python path (it is bridged, recorded or on a
+        WebSocket); `_rx_handle` puts it back on the kernel's path when none is left."""
+        self.tab.i[leg.row, _k.L_FAST] = 0
 
     def dtmf_info(self, msg: MediaDtmfInfo, now: float) -> list[MediaEvent]:
         leg = self.legs.get(msg.call_id)
@@ -291,10 +424,13 @@ class MediaEngine:
         if leg is None:
             return [_failure(msg.call_id, f"unknown call {msg.call_id!r}")]
         events = self.recorder.start(leg, msg, now)
+        if leg.rec is not None:
+            self._slow(leg)
         if msg.beep and leg.rec is not None:
             self._stop(leg)
-            leg.play = _Playback(BEEP_PLAY_ID, "", self.prompts.beep(leg.codec), False, False)
-            self._playing[leg.call_id] = leg
+            self._start(
+                leg, _Playback(BEEP_PLAY_ID, "", self.prompts.beep(leg.codec), False, False)
+            )
         return events
 
     def record_stop(self, call_id: str, now: float) -> list[MediaEvent]:
@@ -303,7 +439,9 @@ class MediaEngine:
 
     def ws_start(self, call_id: str) -> None:
         """The shell has connected the leg's WebSocket: exchange audio (`media.wsbridge`)."""
-        self.ws.start(self._leg(call_id))
+        leg = self._leg(call_id)
+        self.ws.start(leg)
+        self._slow(leg)
 
     def ws_audio(self, call_id: str, data: bytes) -> None:
         """A binary frame (PCM16 LE 8 kHz) from the leg's WebSocket, to play to the caller."""
@@ -338,25 +476,29 @@ class MediaEngine:
             self.recorder.release(leg, now)  # the file is finished, no event
         if leg.ws is not None:
             self.ws.end(leg)
-        self._playing.pop(call_id, None)
+        self._stop(leg)
         self._timed.pop(call_id, None)
         if leg.peer is not None and leg.peer in self.legs:
             self.legs[leg.peer].peer = None
         late = 0
         if leg.rx_slot is not None:
-            late = self.rx.late[leg.rx_slot]
+            late = int(self.rx.late[leg.rx_slot])
             self.rx.remove(leg.rx_slot)
         if leg.inband_slot is not None:
             self.inband.remove(leg.inband_slot)
             del self._inband_legs[call_id]
             self._inband_batch = None
         report = leg.remote_report
+        packets_sent, packets_received = leg.packets_sent, leg.packets_received
+        lost, jitter = leg.rx_stats.lost, leg.rx_stats.jitter
+        self.tab.remove(leg.row)
+        del self._by_row[leg.row]
         return MediaReleased(
             call_id=call_id,
-            packets_sent=leg.packets_sent,
-            packets_received=leg.packets_received,
-            packets_lost=max(0, leg.rx_stats.lost),
-            jitter_ms=round(leg.rx_stats.jitter / SAMPLE_RATE * 1000.0, 3),
+            packets_sent=packets_sent,
+            packets_received=packets_received,
+            packets_lost=max(0, lost),
+            jitter_ms=round(jitter / SAMPLE_RATE * 1000.0, 3),
             packets_late=late,
             remote_packets_lost=None if report is None else report.cumulative_lost,
             remote_jitter_ms=(
@@ -371,6 +513,7 @@ class MediaEngine:
     def receive_rtp(
         self, call_id: str, data: bytes, addr: tuple[str, int], now: float
     ) -> tuple[list[Packet], list[MediaEvent]]:
+        """One datagram for the leg (the per-packet path; `receive_batch` does many)."""
         packets: list[Packet] = []
         events: list[MediaEvent] = []
         leg = self.legs.get(call_id)
@@ -387,13 +530,68 @@ class MediaEngine:
             leg.latched = True
             leg.remote = (addr[0], addr[1])
         leg.rx_stats.update(pkt.sequence, pkt.ssrc, now)
+        self._rx_handle(leg, pkt, now, packets, events)
+        return packets, events
+
+    def receive_batch(
+        self,
+        buf: np.ndarray,
+        lens: np.ndarray,
+        names: np.ndarray,
+        rows: np.ndarray,
+        n: int,
+        now: float,
+    ) -> tuple[list[Packet], list[MediaEvent]]:
+        """`n` datagrams at once: `buf[k, :lens[k]]` from the `sockaddr_in` `names[k]` for
+        the leg in row `rows[k]` (`Leg.row`; -1: none). One kernel pass does the common
+        work (`media.kernels.rtpbatch`); the packets it flags go through `_rx_handle`."""
+        packets: list[Packet] = []
+        events: list[MediaEvent] = []
+        if n <= 0:
+            return packets, events
+        if self._action.shape[0] < n:
+            self._action = np.zeros(max(n, 2 * self._action.shape[0]), dtype=np.int8)
+        action = self._action
+        kernel = _k.rx_batch if self.kernels else _k.rx_batch_py
+        flagged = kernel(
+            buf, lens, names, rows, n, now, self.tab.i, self.tab.stats.i, self.tab.stats.f,
+            *self.rx.arrays(), action,
+        )  # fmt: skip
+        if not flagged:
+            return packets, events
+        by_row = self._by_row
+        for k in np.flatnonzero(action[:n]).tolist():
+            leg = by_row.get(int(rows[k]))
+            if leg is None:
+                continue
+            act = int(action[k])
+            if act & _k.ACT_LATCHED:
+                i = self.tab.i[leg.row]
+                leg.remote = (ipv4_str(int(i[_k.L_REMOTE_IP])), int(i[_k.L_REMOTE_PORT]))
+            if act & _k.ACT_PYTHON:
+                pkt = parse_rtp(buf[k, : lens[k]].tobytes())  # the kernel parsed it: valid
+                self._rx_handle(leg, pkt, now, packets, events)
+        return packets, events
+
+    def _rx_handle(
+        self,
+        leg: Leg,
+        pkt: RtpPacket,
+        now: float,
+        packets: list[Packet],
+        events: list[MediaEvent],
+    ) -> None:
+        """A packet already counted (statistics, latch): RFC 4733, recording, WebSocket,
+        forwarding to the peer, and the receive ring."""
         peer = self.legs.get(leg.peer) if leg.peer is not None else None
+        if peer is None and leg.rec is None and leg.ws is None:
+            self.tab.i[leg.row, _k.L_FAST] = 1  # nothing left for Python: back to the kernel
         pt = pkt.payload_type
         if leg.dtmf_payload_type is not None and pt == leg.dtmf_payload_type:
             try:
                 ev = parse_event(pkt.payload)
             except RtpError:
-                return packets, events
+                return
             if leg.rec is not None:
                 leg.rec.event(pkt.ssrc, pkt.timestamp, now)
             for digit in leg.detector.feed(pkt.timestamp, ev):
@@ -417,10 +615,10 @@ class MediaEngine:
                     now,
                     packets,
                 )
-            return packets, events
+            return
         codec = STATIC_PAYLOAD_CODECS.get(pt) or (leg.codec if pt == leg.payload_type else None)
         if codec is None or not pkt.payload:
-            return packets, events
+            return
         leg.rx_stats.update_jitter(pkt.timestamp, now)
         if leg.rx_slot is not None and codec == leg.codec:
             self.rx.put(leg.rx_slot, pkt.timestamp, pkt.payload, now)
@@ -429,7 +627,7 @@ class MediaEngine:
         if leg.ws is not None:
             leg.ws.caller(pkt.payload, codec)
         if peer is None:
-            return packets, events
+            return
         payload = pkt.payload
         if codec != peer.codec:
             codes = np.frombuffer(payload, dtype=np.uint8)
@@ -437,7 +635,6 @@ class MediaEngine:
         self._forward(
             peer, peer.payload_type, pkt.timestamp, pkt.marker, payload, len(payload), now, packets
         )
-        return packets, events
 
     def _forward(
         self,
@@ -501,18 +698,22 @@ class MediaEngine:
 
     def tick(self, now: float) -> tuple[list[Packet], list[MediaEvent]]:
         """Everything due at `now`: prompt frames of every playing leg, ends, timers."""
+        packets, events = self.tick_batch(now)
+        tx = self.tx
+        by_row = self._by_row
+        prompt: list[Packet] = []
+        for k in range(tx.n):
+            leg = by_row[int(tx.rows[k])]
+            assert leg.remote is not None
+            prompt.append((leg.call_id, tx.packet(k), leg.remote))
+        return prompt + packets, events
+
+    def tick_batch(self, now: float) -> tuple[list[Packet], list[MediaEvent]]:
+        """As `tick`, but the prompt frames stay in `self.tx` (rows 0..tx.n-1) for the
+        shell to send in one go; the other packets (WebSocket audio) come back as a list."""
         packets: list[Packet] = []
         events: list[MediaEvent] = []
-        finished: list[Leg] = []
-        for leg in self._playing.values():
-            if self._pump(leg, now, packets):
-                finished.append(leg)
-        for leg in finished:
-            play = self._stop(leg)
-            if play is not None and play.play_id != BEEP_PLAY_ID:
-                events.append(
-                    MediaEvent(call_id=leg.call_id, event=AudioComplete(play_id=play.play_id))
-                )
+        self._pump_all(now, events)
         if self._timed:
             fired = [
                 leg
@@ -620,58 +821,43 @@ class MediaEngine:
         due = now + REPORT_INTERVAL_S * (0.5 + self._rng.random())
         heapq.heappush(self._rtcp_heap, (due, self._rtcp_seq, leg))
 
-    def _pump(self, leg: Leg, now: float, out: list[Packet]) -> bool:
-        """Emit the frames of `leg`'s prompt due by `now`; True when the prompt has ended."""
-        play = leg.play
-        assert play is not None
-        ptime = leg.ptime_ms / 1000.0
-        spf = leg.samples_per_frame
-        codes = play.codes
-        total = math.ceil(codes.size / spf)
-        if play.origin is None:
-            play.origin = now
-        due = math.floor((now - play.origin) / ptime + _EPS) + 1  # frames 0..due-1 are due
-        if due - play.frames_done > MAX_BURST_FRAMES:
-            slip = due - play.frames_done - MAX_BURST_FRAMES
-            play.origin += slip * ptime
-            due -= slip
-        while play.frames_done < due:
-            k = play.frames_done
-            if k >= total:
-                if not play.loop:
-                    break
-                play.origin += total * ptime
-                due -= total
-                play.frames_done = 0
-                continue
-            play.frames_done = k + 1
-            if leg.remote is None:
-                continue  # the prompt's clock runs, but there is nowhere to send
-            at = play.origin + k * ptime
-            marker = not play.marked
-            if marker:
-                play.marked = True
-                leg.ts = self._spurt_ts(leg, at)
-                leg.fwd_offset = None
-            frame = codes[k * spf : (k + 1) * spf]
-            payload = frame.tobytes()
-            if frame.size < spf:
-                payload += bytes([g711.SILENCE[leg.codec]]) * (spf - frame.size)
-            if leg.rec is not None:
-                leg.rec.heard(leg.ts, payload, leg.codec, at)
-            out.append(
-                (
-                    leg.call_id,
-                    build_header(leg.payload_type, leg.seq, leg.ts, leg.ssrc, marker) + payload,
-                    leg.remote,
-                )
-            )
-            leg.seq = (leg.seq + 1) & 0xFFFF
-            leg.ts = ts_add(leg.ts, spf)
-            leg.sent_until = at + ptime
-            leg.packets_sent += 1
-            leg.octets_sent += spf
-        return not play.loop and due > total
+    def _pump_all(self, now: float, events: list[MediaEvent]) -> None:
+        """Every playing leg's prompt frames due by `now` into `self.tx`, in one kernel call
+        (`media.kernels.rtpbatch.pump_tick`); prompts that ended give AudioComplete."""
+        tx = self.tx
+        tx.n = 0
+        if not self._playing:
+            return
+        i, f = self.tab.i, self.tab.f
+        kernel = _k.pump_tick if self.kernels else _k.pump_tick_py
+        n, ended = 0, 0
+        while True:
+            n, full, more = kernel(
+                now, i, f, self.arena.data, n, tx.data, tx.lens, tx.rows, tx.ts, tx.at,
+                tx.ips, tx.ports,
+            )  # fmt: skip
+            ended += more
+            tx.n = n
+            if not full:
+                break
+            tx.grow(_k.HEADER_SIZE + int(i[:, _k.L_SPF].max()))
+        if self.recorder.active:
+            for k in range(n):
+                leg = self._by_row[int(tx.rows[k])]
+                if leg.rec is not None:
+                    leg.rec.heard(
+                        int(tx.ts[k]), tx.data[k, 12 : tx.lens[k]].tobytes(), leg.codec,
+                        float(tx.at[k]),
+                    )  # fmt: skip
+        if ended:
+            by_row = self._by_row
+            for r in np.flatnonzero(i[:, _k.L_PLAY_FIN]).tolist():
+                leg = by_row[r]
+                play = self._stop(leg)
+                if play is not None and play.play_id != BEEP_PLAY_ID:
+                    events.append(
+                        MediaEvent(call_id=leg.call_id, event=AudioComplete(play_id=play.play_id))
+                    )
 
 
 def _failure(call_id: str, reason: str, play_id: int | None = None) -> MediaEvent:

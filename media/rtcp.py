@@ -12,8 +12,13 @@ for LSR/DLSR, report blocks about our stream).
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
+
+import numpy as np
+
+from media.kernels import rtpbatch as _k
 
 RTCP_SR = 200
 RTCP_RR = 201
@@ -39,23 +44,102 @@ class RtcpError(ValueError):
     """A datagram that is not a usable RTCP compound packet."""
 
 
-@dataclass(slots=True)
-class ReceiveStats:
-    """RFC 3550 A.1/A.3/A.8 state for the one source a leg receives from."""
+class StatsTable:
+    """`ReceiveStats` state of many sources, one row each (int64 and float64 columns of
+    `media.kernels.rtpbatch`), so that a kernel can update every leg's row in one pass."""
 
-    ssrc: int | None = None
-    base_seq: int = 0
-    max_seq: int = 0
-    cycles: int = 0  # count of sequence-number wraps, times 2**16
-    bad_seq: int = SEQ_MOD + 1
-    received: int = 0
-    expected_prior: int = 0
-    received_prior: int = 0
-    transit: float | None = None  # last (arrival - timestamp), in timestamp units
-    jitter: float = 0.0  # in timestamp units (A.8)
-    # From the last SR received: middle 32 bits of its NTP timestamp and when it came.
-    lsr: int = 0
-    lsr_at: float | None = None
+    __slots__ = ("i", "f")
+
+    def __init__(self, capacity: int = 1) -> None:
+        self.i = np.zeros((capacity, _k.S_COLS), dtype=np.int64)
+        self.f = np.zeros((capacity, _k.SF_COLS), dtype=np.float64)
+        self.i[:, _k.S_SSRC] = -1
+        self.i[:, _k.S_BAD] = SEQ_MOD + 1
+        self.f[:, _k.SF_TRANSIT] = np.nan
+
+    @classmethod
+    def over(cls, i: np.ndarray, f: np.ndarray) -> StatsTable:
+        table = cls.__new__(cls)
+        table.i, table.f = i, f
+        return table
+
+    @property
+    def capacity(self) -> int:
+        return int(self.i.shape[0])
+
+    def grow(self, capacity: int) -> None:
+        old = StatsTable.over(self.i, self.f)
+        fresh = StatsTable(capacity)
+        fresh.i[: old.capacity] = old.i
+        fresh.f[: old.capacity] = old.f
+        self.i, self.f = fresh.i, fresh.f
+
+    def reset(self, row: int) -> None:
+        self.i[row] = 0
+        self.i[row, _k.S_SSRC] = -1
+        self.i[row, _k.S_BAD] = SEQ_MOD + 1
+        self.f[row, _k.SF_JITTER] = 0.0
+        self.f[row, _k.SF_TRANSIT] = np.nan
+
+
+def _icol(col: int, doc: str) -> property:
+    def get(self: ReceiveStats) -> int:
+        return int(self._t.i[self._row, col])
+
+    def put(self: ReceiveStats, value: int) -> None:
+        self._t.i[self._row, col] = value
+
+    return property(get, put, doc=doc)
+
+
+class ReceiveStats:
+    """RFC 3550 A.1/A.3/A.8 state for the one source a leg receives from: a row of a
+    `StatsTable` (its own one-row table when made alone)."""
+
+    __slots__ = ("_t", "_row", "lsr", "lsr_at")
+
+    def __init__(self, table: StatsTable | None = None, row: int = 0) -> None:
+        self._t = table if table is not None else StatsTable(1)
+        self._row = row
+        # From the last SR received: middle 32 bits of its NTP timestamp and when it came.
+        self.lsr = 0
+        self.lsr_at: float | None = None
+
+    base_seq = _icol(_k.S_BASE, "first sequence number of the source")
+    max_seq = _icol(_k.S_MAX, "highest sequence number seen")
+    cycles = _icol(_k.S_CYCLES, "count of sequence-number wraps, times 2**16")
+    bad_seq = _icol(_k.S_BAD, "the packet that would confirm a large jump")
+    received = _icol(_k.S_RECEIVED, "packets received")
+    expected_prior = _icol(_k.S_EXP_PRIOR, "expected at the last report")
+    received_prior = _icol(_k.S_RECV_PRIOR, "received at the last report")
+
+    @property
+    def ssrc(self) -> int | None:
+        v = int(self._t.i[self._row, _k.S_SSRC])
+        return None if v < 0 else v
+
+    @ssrc.setter
+    def ssrc(self, value: int | None) -> None:
+        self._t.i[self._row, _k.S_SSRC] = -1 if value is None else value
+
+    @property
+    def transit(self) -> float | None:
+        """Last (arrival - timestamp), in timestamp units."""
+        v = float(self._t.f[self._row, _k.SF_TRANSIT])
+        return None if math.isnan(v) else v
+
+    @transit.setter
+    def transit(self, value: float | None) -> None:
+        self._t.f[self._row, _k.SF_TRANSIT] = math.nan if value is None else value
+
+    @property
+    def jitter(self) -> float:
+        """In timestamp units (A.8)."""
+        return float(self._t.f[self._row, _k.SF_JITTER])
+
+    @jitter.setter
+    def jitter(self, value: float) -> None:
+        self._t.f[self._row, _k.SF_JITTER] = value
 
     def update(self, seq: int, ssrc: int, now: float) -> None:
         """Count one packet (A.1 `update_seq`, without the probation of new sources)."""

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
-TICK_SAMPLES = 160
-RING_SAMPLES = 2048  # 256 ms at 8 kHz; a power of two dividing 2**32 (timestamp wrap)
+from media.kernels import rtpbatch as _k
+
+TICK_SAMPLES = _k.TICK_SAMPLES
+RING_SAMPLES = _k.RING_SAMPLES  # 256 ms at 8 kHz; a power of two dividing 2**32 (timestamp wrap)
 _MASK = RING_SAMPLES - 1
 _TS_MOD = 1 << 32
 _HALF = 1 << 31
@@ -43,7 +45,7 @@ class RxAudio:
         "silence",
         "anchor_ts",
         "anchor_t",
-        "_late_run",
+        "late_run",
         "late",
         "resyncs",
         "_free",
@@ -59,11 +61,37 @@ class RxAudio:
         # The newest sample received (its timestamp + 1) and when: maps timestamps to time.
         self.anchor_ts = np.zeros(0, dtype=np.int64)
         self.anchor_t = np.zeros(0, dtype=np.float64)
-        self._late_run: list[int] = []
-        self.late: list[int] = []
-        self.resyncs: list[int] = []
+        self.late_run = np.zeros(0, dtype=np.int64)  # late packets in a row
+        self.late = np.zeros(0, dtype=np.int64)  # packets dropped as too late
+        self.resyncs = np.zeros(0, dtype=np.int64)
         self._free: list[int] = []
         self._grow(capacity)
+
+    @classmethod
+    def over(
+        cls, ring: np.ndarray, read_ts: np.ndarray, started: np.ndarray, silence: np.ndarray,
+        anchor_ts: np.ndarray, anchor_t: np.ndarray, late_run: np.ndarray, late: np.ndarray,
+        resyncs: np.ndarray,
+    ) -> RxAudio:  # fmt: skip
+        """An RxAudio working on these arrays (the receive kernel's twin uses it)."""
+        rx = cls.__new__(cls)
+        rx.ring, rx.read_ts, rx.started, rx.silence = ring, read_ts, started, silence
+        rx.anchor_ts, rx.anchor_t = anchor_ts, anchor_t
+        rx.late_run, rx.late, rx.resyncs = late_run, late, resyncs
+        rx._free, rx._grow_by = [], 0
+        return rx
+
+    def arrays(
+        self,
+    ) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+        np.ndarray, np.ndarray,
+    ]:  # fmt: skip
+        """The arrays `over` takes, in its order (for the receive kernel)."""
+        return (
+            self.ring, self.read_ts, self.started, self.silence, self.anchor_ts, self.anchor_t,
+            self.late_run, self.late, self.resyncs,
+        )  # fmt: skip
 
     @property
     def capacity(self) -> int:
@@ -81,13 +109,13 @@ class RxAudio:
             ("silence", np.uint8),
             ("anchor_ts", np.int64),
             ("anchor_t", np.float64),
+            ("late_run", np.int64),
+            ("late", np.int64),
+            ("resyncs", np.int64),
         ):
             arr = np.zeros(new, dtype=dtype)
             arr[:old] = getattr(self, name)
             setattr(self, name, arr)
-        self._late_run += [0] * by
-        self.late += [0] * by
-        self.resyncs += [0] * by
         self._free.extend(range(new - 1, old - 1, -1))
 
     def add(self, silence_code: int) -> int:
@@ -98,7 +126,7 @@ class RxAudio:
         self.ring[slot] = silence_code
         self.silence[slot] = silence_code
         self.started[slot] = False
-        self._late_run[slot] = 0
+        self.late_run[slot] = 0
         self.late[slot] = 0
         self.resyncs[slot] = 0
         return slot
@@ -122,15 +150,15 @@ class RxAudio:
             self._resync(slot, timestamp, n)
         d = (timestamp - int(self.read_ts[slot]) + _HALF) % _TS_MOD - _HALF
         if d < 0:
-            self._late_run[slot] += 1
-            if d > -_HALF // 2 and self._late_run[slot] < LATE_RUN_RESYNC:
+            self.late_run[slot] += 1
+            if d > -_HALF // 2 and self.late_run[slot] < LATE_RUN_RESYNC:
                 self.late[slot] += 1
                 return
             self._resync(slot, timestamp, n)
         elif d + n > RING_SAMPLES - TICK_SAMPLES:
             self._resync(slot, timestamp, n)
         else:
-            self._late_run[slot] = 0
+            self.late_run[slot] = 0
         pos = timestamp & _MASK
         codes = np.frombuffer(payload, dtype=np.uint8)
         row = self.ring[slot]
@@ -152,11 +180,19 @@ class RxAudio:
         self.anchor_ts[slot] = timestamp
         self.anchor_t[slot] = 0.0
         self.started[slot] = True
-        self._late_run[slot] = 0
+        self.late_run[slot] = 0
         self.resyncs[slot] += 1
 
     def read(self, slots: np.ndarray) -> np.ndarray:
         """The next 160 codes of each slot, uint8[len(slots), 160]; those samples become silence."""
+        out = np.empty((slots.shape[0], TICK_SAMPLES), dtype=np.uint8)
+        _k.ring_read(
+            np.ascontiguousarray(slots, dtype=np.int64), self.ring, self.read_ts, self.silence, out
+        )
+        return out
+
+    def read_py(self, slots: np.ndarray) -> np.ndarray:
+        """`read` as one numpy gather (the kernel's twin)."""
         rts = self.read_ts[slots]
         rows = slots[:, None]
         cols = (rts[:, None] + _COLS) & _MASK

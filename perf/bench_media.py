@@ -23,7 +23,9 @@ After `--warmup` seconds, over `--measure` seconds:
   its percentiles when the heartbeat carries them);
 * the callers' view of the prompt: per leg, |arrival interval − 20 ms| (p50,
   p99, max), packets later than 20 ms against the leg's fixed-origin schedule,
-  and packets lost (sequence gaps);
+  and packets lost (sequence gaps) — with the machine's UDP receive-buffer
+  drops over the window (`udp_rcvbuf_errors`: a starved generator's own drops
+  show up there);
 * digits: presses sent, DtmfDigit events received (by source), duplicates, missed.
 
 Prints a table next to the DESIGN §4 targets and writes JSON
@@ -114,6 +116,16 @@ def proc_rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def udp_rcvbuf_errors() -> int:
+    """Datagrams the kernel dropped for a full receive buffer, machine-wide (/proc/net/snmp):
+    tells a starved generator's drops from packets the worker never sent."""
+    lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()
+             if ln.startswith("Udp:")]  # fmt: skip
+    if len(lines) < 2 or "RcvbufErrors" not in lines[0]:
+        return 0
+    return int(lines[1][lines[0].index("RcvbufErrors")])
 
 
 def pct(x: np.ndarray, q: float) -> float:
@@ -280,6 +292,7 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         by_source: dict[str, int] = {}
         sent_packets = 0
         cpu0 = cpu1 = 0.0
+        drops0 = 0
         rss1 = 0
         gen_cpu0 = 0.0
         measuring = False
@@ -291,6 +304,7 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
             if tick == warm_ticks:
                 measuring = True
                 cpu0 = proc_cpu_s(worker.pid)
+                drops0 = udp_rcvbuf_errors()
                 gen_cpu0 = time.process_time()
                 t_meas0 = time.monotonic()
                 heartbeats.clear()
@@ -385,6 +399,7 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
                 last_progress = time.monotonic()
                 log(f"N={n_calls}: t={tick * TICK_S:5.1f} s, {nrec} prompt packets recorded")
         cpu1 = proc_cpu_s(worker.pid)
+        drops = udp_rcvbuf_errors() - drops0
         t_meas = time.monotonic() - t_meas0
         gen_cpu = time.process_time() - gen_cpu0
         rss1 = proc_rss_kb(worker.pid)
@@ -472,6 +487,7 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         "late_gt_20ms": int((late_ms > 20).sum()),
         "late_pct": round(100.0 * float((late_ms > 20).sum()) / max(1, leg.size), 4),
         "lost": lost,
+        "udp_rcvbuf_errors": drops,
         "generator_cpu_pct_core": round(100.0 * gen_cpu / t_meas, 1),
         "generator_packets_sent": sent_packets,
         "digits": {

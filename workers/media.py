@@ -38,6 +38,7 @@ import zmq.asyncio
 
 from media import g711, inband
 from media.engine import EngineError, MediaEngine, Packet
+from media.kernels import rtpbatch
 from media.prompts import PromptCache
 from media.recorder import Recorder
 from pbx.config import ConfigError, Settings, load_config
@@ -203,9 +204,9 @@ class MediaWorker:
             return
         sock, rtcp_sock = pair
         port = sock.getsockname()[1]
-        self.engine.add_leg(msg.call_id, port, msg.inband_dtmf)
+        leg = self.engine.add_leg(msg.call_id, port, msg.inband_dtmf)
         if sock.family == socket.AF_INET:
-            self.rtp.add(msg.call_id, sock)
+            self.rtp.add(msg.call_id, sock, leg.row)
         else:
             task = self.loop.create_task(self._open_endpoint(msg.call_id, sock, _RtpProtocol))
             task.add_done_callback(_log_task_error)
@@ -323,22 +324,42 @@ class MediaWorker:
         self.send_events(events)
 
     def poll_rtp(self) -> None:
-        """Every datagram waiting on the legs' RTP sockets, through the engine."""
-        received = self.rtp.poll()
-        if not received:
+        """Every datagram waiting on the legs' RTP sockets, through the engine a buffer
+        at a time (`MediaEngine.receive_batch`: one kernel pass, Python only for the
+        packets that need it)."""
+        rtp = self.rtp
+        start = 0
+        while True:
+            n = rtp.recv(start)
+            if n == 0:
+                return
+            packets, events = self.engine.receive_batch(
+                rtp.buf, rtp.lens, rtp.names, rtp.rows, n, time.monotonic()
+            )
+            if packets:
+                self.send_packets(packets)
+            if events:
+                self.send_events(events)
+            if n < rtp.buf.shape[0]:
+                return
+            start = rtp.next_start(n)  # the buffer filled up: go on from that socket
+
+    def send_tx(self) -> None:
+        """The tick's prompt packets (`engine.tx`), each from its leg's socket, in one
+        compiled sendto loop; legs on asyncio endpoints (IPv6) the per-packet way."""
+        tx = self.engine.tx
+        if tx.n == 0:
             return
-        now = time.monotonic()
-        receive = self.engine.receive_rtp
+        unsent = self.rtp.send(tx.data, tx.lens, tx.rows, tx.ips, tx.ports, tx.n)
+        if unsent.size == 0:
+            return
+        by_row = self.engine.legs_by_row
         packets: list[Packet] = []
-        events: list[MediaEvent] = []
-        for call_id, data, addr in received:
-            p, e = receive(call_id, data, addr, now)
-            if p:
-                packets += p
-            if e:
-                events += e
+        for k in unsent.tolist():
+            leg = by_row.get(int(tx.rows[k]))
+            if leg is not None and leg.call_id in self.transports and leg.remote is not None:
+                packets.append((leg.call_id, tx.packet(k), leg.remote))
         self.send_packets(packets)
-        self.send_events(events)
 
     def send_packets(self, packets: list[Packet]) -> None:
         get = self.rtp.get
@@ -396,7 +417,8 @@ class MediaWorker:
             self.tick_late_max = max(self.tick_late_max, late)
             self.tick_late.append(late)
             try:
-                packets, events = self.engine.tick(target)
+                packets, events = self.engine.tick_batch(target)
+                self.send_tx()
                 self.send_packets(packets)
                 self.send_events(events)
                 if self.engine.ws.outgoing:
@@ -552,6 +574,7 @@ def main() -> None:
     setup_logging(settings, "pbx-media")
     g711.warm()
     inband.warm()
+    rtpbatch.warm()
     rtpio.warm()
     import uvloop
 

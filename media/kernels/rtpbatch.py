@@ -1,0 +1,586 @@
+"""The per-packet RTP work of a media worker as two batch kernels: receive and prompt pump.
+
+Theory of operation
+-------------------
+
+**Receive** (`rx_batch`). The worker's socket loop leaves one poll's datagrams
+in a `packets × 2048` buffer with each one's length, source `sockaddr_in` and
+the row of the leg it arrived for. One pass over the batch does, per packet,
+what `MediaEngine.receive_rtp` does in Python for the common case:
+
+1. parse the RTP header exactly as `media.rtp.parse_rtp` (version 2, CSRCs,
+   header extension, padding; anything unusable is dropped uncounted);
+2. count it, and latch the leg's remote address onto its source (RFC 4961
+   symmetric RTP: the first valid packet whose source port is not 0);
+3. RFC 3550 A.1 sequence tracking (wrap, dropout, misorder, the two-packet
+   resync of a large jump, a new SSRC restarting) — the same state as
+   `media.rtcp.ReceiveStats`, one row per leg of a `StatsTable`;
+4. for audio (payload type 0, 8 or the leg's own, with a payload) on a leg
+   with nothing but detection to feed: A.8 interarrival jitter, and the codes
+   written into the leg's receive ring at their timestamp, as
+   `media.rxaudio.RxAudio.put` does.
+
+Everything else is *flagged* for Python (`ACT_PYTHON`), after steps 1-3 have
+been done here, so the order of the statistics is the order of arrival:
+RFC 4733 events (the leg's telephone-event payload type) and every packet of
+a leg that is bridged, recorded or WebSocket-bridged (`L_FAST` = 0: those
+paths forward, transcode and record per packet). A packet that latched its
+leg is marked `ACT_LATCHED` so the engine can update the leg's Python-side
+address. Packets with an unknown payload type, or none, are counted and go no
+further, as in Python.
+
+**Pump** (`pump_tick`). Every playing leg's prompt frames due by `now`, from
+a fixed origin per prompt (frame k at `origin + k·ptime`), at most
+`MAX_BURST_FRAMES` per tick (a later tick slides the origin), looping or
+ending, as `MediaEngine` always did — but into one `packets × (12 + spf)`
+buffer: the 12-byte header (RFC 3550 §5.1; marker on a prompt's first packet,
+its timestamp advanced over the silence since the leg's last packet), the
+frame's codes from the prompt arena, padded with the codec's silence. The
+worker then sends the whole buffer with one compiled `sendto` loop.
+
+Each kernel has a pure-Python twin with the same arguments (`rx_batch_py`,
+`pump_tick_py`), built from the reference code (`parse_rtp`,
+`ReceiveStats`, `RxAudio.put`; the engine's former per-leg pump), which the
+tests cross-check. `media/legtable.py` holds the arrays; the engine calls these.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+# ------------------------------------------------------------ leg table columns (int64)
+
+L_ALIVE = 0  # 1 while the row is a leg
+L_FAST = 1  # 1: the kernel may finish this leg's audio (no bridge, recording, WebSocket)
+L_PT = 2  # the leg's audio payload type
+L_DTMF_PT = 3  # telephone-event payload type, -1 none
+L_CODEC = 4  # 0 PCMU, 1 PCMA
+L_RX_SLOT = 5  # row in RxAudio, -1 none (no in-band detection)
+L_LATCHED = 6
+L_RECEIVED = 7  # packets received (valid RTP)
+L_HAS_REMOTE = 8
+L_REMOTE_IP = 9  # IPv4 as an integer (network order read big-endian); 0 for IPv6
+L_REMOTE_PORT = 10
+L_SEQ = 11  # next sequence number to send
+L_TS = 12  # next timestamp to send
+L_SSRC = 13
+L_SPF = 14  # samples per frame
+L_SILENCE = 15  # the codec's silence code
+L_SENT = 16  # packets sent
+L_OCTETS = 17  # payload octets sent
+L_FWD_OFFSET = 18  # forwarded-audio timestamp offset, -1: resync at the next packet
+L_PLAYING = 19
+L_PLAY_OFF = 20  # the prompt's offset in the arena
+L_PLAY_LEN = 21  # its length in samples
+L_PLAY_LOOP = 22
+L_PLAY_DONE = 23  # frames done
+L_PLAY_MARKED = 24
+L_PLAY_FIN = 25  # set by the pump when the prompt has ended
+L_COLS = 26
+
+# float64 columns
+F_PTIME = 0  # seconds
+F_SENT_UNTIL = 1  # nominal end of the last packet sent, NaN: none yet
+F_PLAY_ORIGIN = 2  # NaN until the first tick after play
+F_COLS = 3
+
+# StatsTable columns (media.rtcp): int64 then float64
+S_SSRC = 0  # -1: no source yet
+S_BASE = 1
+S_MAX = 2
+S_CYCLES = 3
+S_BAD = 4
+S_RECEIVED = 5
+S_EXP_PRIOR = 6
+S_RECV_PRIOR = 7
+S_COLS = 8
+SF_TRANSIT = 0  # NaN: none yet
+SF_JITTER = 1
+SF_COLS = 2
+
+ACT_PYTHON = 1
+ACT_LATCHED = 2
+
+HEADER_SIZE = 12
+SEQ_MOD = 1 << 16
+TS_MOD = 1 << 32
+HALF = 1 << 31
+MAX_DROPOUT = 3000
+MAX_MISORDER = 100
+CLOCK_RATE = 8000
+RING_SAMPLES = 2048
+RING_MASK = RING_SAMPLES - 1
+TICK_SAMPLES = 160
+LATE_RUN_RESYNC = 3
+MAX_BURST_FRAMES = 5
+EPS = 1e-7
+
+
+# ------------------------------------------------------------ receive: numba
+
+
+@njit(cache=True, inline="always")
+def _init_seq(si: np.ndarray, r: int, seq: int) -> None:
+    si[r, S_BASE] = seq
+    si[r, S_MAX] = seq
+    si[r, S_BAD] = SEQ_MOD + 1
+    si[r, S_CYCLES] = 0
+    si[r, S_RECEIVED] = 0
+    si[r, S_RECV_PRIOR] = 0
+    si[r, S_EXP_PRIOR] = 0
+
+
+@njit(cache=True)
+def _stats_update(si: np.ndarray, sf: np.ndarray, r: int, seq: int, ssrc: int) -> None:
+    if si[r, S_SSRC] != ssrc:
+        si[r, S_SSRC] = ssrc
+        _init_seq(si, r, seq)
+        si[r, S_RECEIVED] = 1
+        si[r, S_EXP_PRIOR] = 0
+        si[r, S_RECV_PRIOR] = 0
+        sf[r, SF_TRANSIT] = np.nan
+        sf[r, SF_JITTER] = 0.0
+        return
+    max_seq = si[r, S_MAX]
+    udelta = (seq - max_seq) % SEQ_MOD
+    if udelta < MAX_DROPOUT:
+        if seq < max_seq:
+            si[r, S_CYCLES] += SEQ_MOD
+        si[r, S_MAX] = seq
+    elif udelta <= SEQ_MOD - MAX_MISORDER:
+        if seq == si[r, S_BAD]:
+            _init_seq(si, r, seq)
+        else:
+            si[r, S_BAD] = (seq + 1) % SEQ_MOD
+            return
+    si[r, S_RECEIVED] += 1
+
+
+@njit(cache=True)
+def _ring_resync(
+    slot: int, ts: int, n: int, ring: np.ndarray, read_ts: np.ndarray, started: np.ndarray,
+    silence: np.ndarray, anchor_ts: np.ndarray, anchor_t: np.ndarray, late_run: np.ndarray,
+    resyncs: np.ndarray,
+) -> None:  # fmt: skip
+    ring[slot, :] = silence[slot]
+    read_ts[slot] = (ts - TICK_SAMPLES - 2 * n) % TS_MOD
+    anchor_ts[slot] = ts
+    anchor_t[slot] = 0.0
+    started[slot] = True
+    late_run[slot] = 0
+    resyncs[slot] += 1
+
+
+@njit(cache=True)
+def _ring_put(
+    slot: int, ts: int, buf: np.ndarray, i: int, start: int, n: int, now: float,
+    ring: np.ndarray, read_ts: np.ndarray, started: np.ndarray, silence: np.ndarray,
+    anchor_ts: np.ndarray, anchor_t: np.ndarray, late_run: np.ndarray, late: np.ndarray,
+    resyncs: np.ndarray,
+) -> None:  # fmt: skip
+    if n == 0 or n > RING_SAMPLES // 4:
+        return
+    if not started[slot]:
+        _ring_resync(slot, ts, n, ring, read_ts, started, silence, anchor_ts, anchor_t,
+                     late_run, resyncs)  # fmt: skip
+    d = (ts - read_ts[slot] + HALF) % TS_MOD - HALF
+    if d < 0:
+        late_run[slot] += 1
+        if d > -(HALF // 2) and late_run[slot] < LATE_RUN_RESYNC:
+            late[slot] += 1
+            return
+        _ring_resync(slot, ts, n, ring, read_ts, started, silence, anchor_ts, anchor_t,
+                     late_run, resyncs)  # fmt: skip
+    elif d + n > RING_SAMPLES - TICK_SAMPLES:
+        _ring_resync(slot, ts, n, ring, read_ts, started, silence, anchor_ts, anchor_t,
+                     late_run, resyncs)  # fmt: skip
+    else:
+        late_run[slot] = 0
+    pos = ts & RING_MASK
+    for j in range(n):
+        ring[slot, (pos + j) & RING_MASK] = buf[i, start + j]
+    end = (ts + n) % TS_MOD
+    if (end - anchor_ts[slot] + HALF) % TS_MOD - HALF > 0:
+        anchor_ts[slot] = end
+        anchor_t[slot] = now
+
+
+@njit(cache=True)
+def rx_batch(
+    buf: np.ndarray, lens: np.ndarray, names: np.ndarray, rows: np.ndarray, n: int, now: float,
+    li: np.ndarray, si: np.ndarray, sf: np.ndarray,
+    ring: np.ndarray, read_ts: np.ndarray, started: np.ndarray, silence: np.ndarray,
+    anchor_ts: np.ndarray, anchor_t: np.ndarray, late_run: np.ndarray, late: np.ndarray,
+    resyncs: np.ndarray, action: np.ndarray,
+) -> int:  # fmt: skip
+    """Receive `n` datagrams (see the module docstring); action[i] gets ACT_* bits.
+    Returns how many packets have a non-zero action."""
+    flagged = 0
+    for i in range(n):
+        action[i] = 0
+        r = rows[i]
+        if r < 0 or li[r, L_ALIVE] == 0:
+            continue
+        size = lens[i]
+        if size < HEADER_SIZE:
+            continue
+        b0 = buf[i, 0]
+        if b0 >> 6 != 2:
+            continue
+        cc = b0 & 0x0F
+        off = HEADER_SIZE + 4 * cc
+        if size < off:
+            continue
+        if b0 & 0x10:
+            if size < off + 4:
+                continue
+            words = (np.int64(buf[i, off + 2]) << 8) | buf[i, off + 3]
+            ext_end = off + 4 + 4 * words
+            if size < ext_end:
+                continue
+            off = ext_end
+        end = size
+        if b0 & 0x20:
+            pad = np.int64(buf[i, size - 1])
+            if pad == 0 or off + pad > end:
+                continue
+            end -= pad
+        b1 = buf[i, 1]
+        pt = np.int64(b1 & 0x7F)
+        seq = (np.int64(buf[i, 2]) << 8) | buf[i, 3]
+        ts = (
+            (np.int64(buf[i, 4]) << 24) | (np.int64(buf[i, 5]) << 16)
+            | (np.int64(buf[i, 6]) << 8) | buf[i, 7]
+        )  # fmt: skip
+        ssrc = (
+            (np.int64(buf[i, 8]) << 24) | (np.int64(buf[i, 9]) << 16)
+            | (np.int64(buf[i, 10]) << 8) | buf[i, 11]
+        )  # fmt: skip
+        li[r, L_RECEIVED] += 1
+        act = 0
+        port = (np.int64(names[i, 2]) << 8) | names[i, 3]
+        if li[r, L_LATCHED] == 0 and port != 0:
+            li[r, L_LATCHED] = 1
+            li[r, L_HAS_REMOTE] = 1
+            li[r, L_REMOTE_IP] = (
+                (np.int64(names[i, 4]) << 24) | (np.int64(names[i, 5]) << 16)
+                | (np.int64(names[i, 6]) << 8) | names[i, 7]
+            )  # fmt: skip
+            li[r, L_REMOTE_PORT] = port
+            act = ACT_LATCHED
+        _stats_update(si, sf, r, seq, ssrc)
+        if li[r, L_FAST] == 0 or pt == li[r, L_DTMF_PT]:
+            act |= ACT_PYTHON
+        else:
+            leg_codec = li[r, L_CODEC]
+            codec = -1
+            if pt == 0:
+                codec = 0
+            elif pt == 8:
+                codec = 1
+            elif pt == li[r, L_PT]:
+                codec = leg_codec
+            if codec >= 0 and end > off:
+                transit = now * CLOCK_RATE - ts
+                prev = sf[r, SF_TRANSIT]
+                if not math.isnan(prev):
+                    d = abs(transit - prev)
+                    if d < 1 << 30:
+                        sf[r, SF_JITTER] += (d - sf[r, SF_JITTER]) / 16.0
+                sf[r, SF_TRANSIT] = transit
+                slot = li[r, L_RX_SLOT]
+                if slot >= 0 and codec == leg_codec:
+                    _ring_put(slot, ts, buf, i, off, end - off, now, ring, read_ts, started,
+                              silence, anchor_ts, anchor_t, late_run, late, resyncs)  # fmt: skip
+        action[i] = act
+        if act:
+            flagged += 1
+    return flagged
+
+
+# ------------------------------------------------------------ receive: the Python twin
+
+
+def rx_batch_py(
+    buf: np.ndarray, lens: np.ndarray, names: np.ndarray, rows: np.ndarray, n: int, now: float,
+    li: np.ndarray, si: np.ndarray, sf: np.ndarray,
+    ring: np.ndarray, read_ts: np.ndarray, started: np.ndarray, silence: np.ndarray,
+    anchor_ts: np.ndarray, anchor_t: np.ndarray, late_run: np.ndarray, late: np.ndarray,
+    resyncs: np.ndarray, action: np.ndarray,
+) -> int:  # fmt: skip
+    """`rx_batch` from the reference code: parse_rtp, ReceiveStats, RxAudio.put."""
+    from media.rtcp import ReceiveStats, StatsTable
+    from media.rtp import RtpError, parse_rtp
+    from media.rxaudio import RxAudio
+
+    stats = StatsTable.over(si, sf)
+    rx = RxAudio.over(ring, read_ts, started, silence, anchor_ts, anchor_t, late_run, late,
+                      resyncs)  # fmt: skip
+    flagged = 0
+    for i in range(n):
+        action[i] = 0
+        r = int(rows[i])
+        if r < 0 or li[r, L_ALIVE] == 0:
+            continue
+        try:
+            pkt = parse_rtp(buf[i, : lens[i]].tobytes())
+        except RtpError:
+            continue
+        li[r, L_RECEIVED] += 1
+        act = 0
+        port = int(names[i, 2]) << 8 | int(names[i, 3])
+        if not li[r, L_LATCHED] and port != 0:
+            li[r, L_LATCHED] = li[r, L_HAS_REMOTE] = 1
+            li[r, L_REMOTE_IP] = int.from_bytes(names[i, 4:8].tobytes(), "big")
+            li[r, L_REMOTE_PORT] = port
+            act = ACT_LATCHED
+        st = ReceiveStats(stats, r)
+        st.update(pkt.sequence, pkt.ssrc, now)
+        pt = pkt.payload_type
+        if not li[r, L_FAST] or pt == li[r, L_DTMF_PT]:
+            act |= ACT_PYTHON
+        else:
+            leg_codec = int(li[r, L_CODEC])
+            codec = {0: 0, 8: 1}.get(pt, leg_codec if pt == li[r, L_PT] else -1)
+            if codec >= 0 and pkt.payload:
+                st.update_jitter(pkt.timestamp, now)
+                if li[r, L_RX_SLOT] >= 0 and codec == leg_codec:
+                    rx.put(int(li[r, L_RX_SLOT]), pkt.timestamp, pkt.payload, now)
+        action[i] = act
+        flagged += act != 0
+    return flagged
+
+
+# ------------------------------------------------------------ pump: numba
+
+
+@njit(cache=True, inline="always")
+def _spurt_ts(li: np.ndarray, lf: np.ndarray, r: int, at: float) -> int:
+    until = lf[r, F_SENT_UNTIL]
+    if math.isnan(until):
+        return li[r, L_TS]
+    gap = max(0, round((at - until) * CLOCK_RATE))
+    return (li[r, L_TS] + gap) % TS_MOD
+
+
+@njit(cache=True)
+def pump_tick(
+    now: float, li: np.ndarray, lf: np.ndarray, arena: np.ndarray, start: int,
+    data: np.ndarray, lens: np.ndarray, prow: np.ndarray, pts: np.ndarray, pat: np.ndarray,
+    pip: np.ndarray, pport: np.ndarray,
+) -> tuple[int, bool, int]:  # fmt: skip
+    """Prompt frames of every playing leg due by `now`, into rows start.. of `data`.
+    Returns (packets written so far, True when `data` filled up — call again from there
+    with a bigger buffer —, prompts that ended: their rows have L_PLAY_FIN set)."""
+    p = start
+    cap = data.shape[0]
+    width = data.shape[1]
+    ended = 0
+    for r in range(li.shape[0]):
+        if li[r, L_PLAYING] == 0 or li[r, L_PLAY_FIN] != 0:
+            continue
+        ptime = lf[r, F_PTIME]
+        spf = li[r, L_SPF]
+        size = li[r, L_PLAY_LEN]
+        total = (size + spf - 1) // spf
+        loop = li[r, L_PLAY_LOOP] != 0
+        origin = lf[r, F_PLAY_ORIGIN]
+        if math.isnan(origin):
+            origin = now
+        due = math.floor((now - origin) / ptime + EPS) + 1
+        done = li[r, L_PLAY_DONE]
+        if due - done > MAX_BURST_FRAMES:
+            slip = due - done - MAX_BURST_FRAMES
+            origin += slip * ptime
+            due -= slip
+        full = False
+        while done < due:
+            k = done
+            if k >= total:
+                if not loop:
+                    break
+                origin += total * ptime
+                due -= total
+                done = 0
+                continue
+            if li[r, L_HAS_REMOTE] == 0:
+                done = k + 1
+                continue  # the prompt's clock runs, but there is nowhere to send
+            if p >= cap or HEADER_SIZE + spf > width:
+                full = True
+                break
+            done = k + 1
+            at = origin + k * ptime
+            marker = li[r, L_PLAY_MARKED] == 0
+            if marker:
+                li[r, L_PLAY_MARKED] = 1
+                li[r, L_TS] = _spurt_ts(li, lf, r, at)
+                li[r, L_FWD_OFFSET] = -1
+            seq = li[r, L_SEQ]
+            ts = li[r, L_TS]
+            ssrc = li[r, L_SSRC]
+            data[p, 0] = 0x80
+            data[p, 1] = (0x80 if marker else 0) | (li[r, L_PT] & 0x7F)
+            data[p, 2] = (seq >> 8) & 0xFF
+            data[p, 3] = seq & 0xFF
+            data[p, 4] = (ts >> 24) & 0xFF
+            data[p, 5] = (ts >> 16) & 0xFF
+            data[p, 6] = (ts >> 8) & 0xFF
+            data[p, 7] = ts & 0xFF
+            data[p, 8] = (ssrc >> 24) & 0xFF
+            data[p, 9] = (ssrc >> 16) & 0xFF
+            data[p, 10] = (ssrc >> 8) & 0xFF
+            data[p, 11] = ssrc & 0xFF
+            base = li[r, L_PLAY_OFF] + k * spf
+            have = min(spf, size - k * spf)
+            for j in range(have):
+                data[p, HEADER_SIZE + j] = arena[base + j]
+            fill = li[r, L_SILENCE]
+            for j in range(have, spf):
+                data[p, HEADER_SIZE + j] = fill
+            lens[p] = HEADER_SIZE + spf
+            prow[p] = r
+            pts[p] = ts
+            pat[p] = at
+            pip[p] = li[r, L_REMOTE_IP]
+            pport[p] = li[r, L_REMOTE_PORT]
+            p += 1
+            li[r, L_SEQ] = (seq + 1) & 0xFFFF
+            li[r, L_TS] = (ts + spf) % TS_MOD
+            lf[r, F_SENT_UNTIL] = at + ptime
+            li[r, L_SENT] += 1
+            li[r, L_OCTETS] += spf
+        lf[r, F_PLAY_ORIGIN] = origin
+        li[r, L_PLAY_DONE] = done
+        if full:
+            return p, True, ended
+        if not loop and due > total:
+            li[r, L_PLAY_FIN] = 1
+            ended += 1
+    return p, False, ended
+
+
+# ------------------------------------------------------------ pump: the Python twin
+
+
+def pump_tick_py(
+    now: float, li: np.ndarray, lf: np.ndarray, arena: np.ndarray, start: int,
+    data: np.ndarray, lens: np.ndarray, prow: np.ndarray, pts: np.ndarray, pat: np.ndarray,
+    pip: np.ndarray, pport: np.ndarray,
+) -> tuple[int, bool, int]:  # fmt: skip
+    """`pump_tick` as the engine's per-leg pump did it: bytes from `build_header`."""
+    from media.rtp import build_header, ts_add
+
+    p, cap, width, ended = start, data.shape[0], data.shape[1], 0
+    for r in range(li.shape[0]):
+        row, frow = li[r], lf[r]
+        if not row[L_PLAYING] or row[L_PLAY_FIN]:
+            continue
+        ptime, spf, size = float(frow[F_PTIME]), int(row[L_SPF]), int(row[L_PLAY_LEN])
+        codes = arena[row[L_PLAY_OFF] : row[L_PLAY_OFF] + size]
+        total = math.ceil(size / spf)
+        loop = bool(row[L_PLAY_LOOP])
+        origin = now if math.isnan(frow[F_PLAY_ORIGIN]) else float(frow[F_PLAY_ORIGIN])
+        due = math.floor((now - origin) / ptime + EPS) + 1
+        done = int(row[L_PLAY_DONE])
+        if due - done > MAX_BURST_FRAMES:
+            slip = due - done - MAX_BURST_FRAMES
+            origin += slip * ptime
+            due -= slip
+        full = False
+        while done < due:
+            k = done
+            if k >= total:
+                if not loop:
+                    break
+                origin += total * ptime
+                due -= total
+                done = 0
+                continue
+            if not row[L_HAS_REMOTE]:
+                done = k + 1
+                continue
+            if p >= cap or HEADER_SIZE + spf > width:
+                full = True
+                break
+            done = k + 1
+            at = origin + k * ptime
+            marker = not row[L_PLAY_MARKED]
+            if marker:
+                row[L_PLAY_MARKED] = 1
+                if not math.isnan(frow[F_SENT_UNTIL]):  # over the silence since then
+                    gap = max(0, round((at - frow[F_SENT_UNTIL]) * CLOCK_RATE))
+                    row[L_TS] = ts_add(int(row[L_TS]), gap)
+                row[L_FWD_OFFSET] = -1
+            payload = codes[k * spf : (k + 1) * spf].tobytes()
+            payload += bytes([int(row[L_SILENCE])]) * (spf - len(payload))
+            pkt = build_header(int(row[L_PT]), int(row[L_SEQ]), int(row[L_TS]), int(row[L_SSRC]),
+                               marker) + payload  # fmt: skip
+            data[p, : len(pkt)] = np.frombuffer(pkt, dtype=np.uint8)
+            lens[p], prow[p], pts[p], pat[p] = len(pkt), r, row[L_TS], at
+            pip[p], pport[p] = row[L_REMOTE_IP], row[L_REMOTE_PORT]
+            p += 1
+            row[L_SEQ] = (row[L_SEQ] + 1) & 0xFFFF
+            row[L_TS] = ts_add(int(row[L_TS]), spf)
+            frow[F_SENT_UNTIL] = at + ptime
+            row[L_SENT] += 1
+            row[L_OCTETS] += spf
+        frow[F_PLAY_ORIGIN] = origin
+        row[L_PLAY_DONE] = done
+        if full:
+            return p, True, ended
+        if not loop and due > total:
+            row[L_PLAY_FIN] = 1
+            ended += 1
+    return p, False, ended
+
+
+# ------------------------------------------------------------ receive ring: the tick's read
+
+
+@njit(cache=True)
+def ring_read(
+    slots: np.ndarray, ring: np.ndarray, read_ts: np.ndarray, silence: np.ndarray,
+    out: np.ndarray,
+) -> None:  # fmt: skip
+    """The next TICK_SAMPLES codes of each slot into out[k]; they become silence in the ring
+    and the slot's read position moves on (`media.rxaudio.RxAudio.read`, whose numpy
+    gather is the twin)."""
+    for k in range(slots.shape[0]):
+        s = slots[k]
+        rts = read_ts[s]
+        fill = silence[s]
+        for j in range(TICK_SAMPLES):
+            pos = (rts + j) & RING_MASK
+            out[k, j] = ring[s, pos]
+            ring[s, pos] = fill
+        read_ts[s] = (rts + TICK_SAMPLES) % TS_MOD
+
+
+def warm() -> None:
+    """Compile (or load from the on-disk cache) the kernels before the worker reports ready."""
+    li = np.zeros((1, L_COLS), dtype=np.int64)
+    lf = np.zeros((1, F_COLS), dtype=np.float64)
+    li[0, L_ALIVE] = li[0, L_FAST] = li[0, L_PLAYING] = li[0, L_HAS_REMOTE] = 1
+    li[0, L_SPF] = TICK_SAMPLES
+    li[0, L_PLAY_LEN] = TICK_SAMPLES
+    li[0, L_DTMF_PT] = -1
+    lf[0, F_PTIME] = 0.02
+    lf[0, F_SENT_UNTIL] = lf[0, F_PLAY_ORIGIN] = np.nan
+    data = np.zeros((2, HEADER_SIZE + TICK_SAMPLES), dtype=np.uint8)
+    i64 = np.zeros(2, dtype=np.int64)
+    pump_tick(0.0, li, lf, np.zeros(TICK_SAMPLES, dtype=np.uint8), 0, data, i64.copy(),
+              i64.copy(), i64.copy(), np.zeros(2), i64.copy(), i64.copy())  # fmt: skip
+    si = np.zeros((1, S_COLS), dtype=np.int64)
+    sf = np.zeros((1, SF_COLS), dtype=np.float64)
+    ring = np.zeros((1, RING_SAMPLES), dtype=np.uint8)
+    one = np.zeros(1, dtype=np.int64)
+    rx_batch(data, np.full(2, data.shape[1], dtype=np.int64), np.zeros((2, 16), dtype=np.uint8),
+             np.zeros(2, dtype=np.int64), 2, 0.0, li, si, sf, ring, one.copy(),
+             np.zeros(1, dtype=np.bool_), np.zeros(1, dtype=np.uint8), one.copy(), np.zeros(1),
+             one.copy(), one.copy(), one.copy(), np.zeros(2, dtype=np.int8))  # fmt: skip
+    ring_read(one.copy(), ring, one.copy(), np.zeros(1, dtype=np.uint8),
+              np.zeros((1, TICK_SAMPLES), dtype=np.uint8))  # fmt: skip
