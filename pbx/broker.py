@@ -70,11 +70,20 @@ class Broker:
 
     def _send(self, sock: zmq.asyncio.Socket, identity: bytes, msg: Any) -> bool:
         try:
-            sock.send_multipart([identity, messages.encode(msg)], flags=zmq.NOBLOCK)
-            return True
+            sent = sock.send_multipart([identity, messages.encode(msg)], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("cannot send %s to %r: %s", msg.kind, identity, exc)
             return False
+        # A zmq.asyncio socket does not raise: a send that failed at once (EHOSTUNREACH
+        # for a worker that has gone, under ROUTER_MANDATORY; EAGAIN for a full queue)
+        # is the exception of the Future it returns, which must be looked at here.
+        if isinstance(sent, asyncio.Future):
+            if not sent.done():
+                sent.add_done_callback(lambda f: _late_failure(f, msg.kind, identity))
+            elif not sent.cancelled() and sent.exception() is not None:
+                log.warning("cannot send %s to %r: %s", msg.kind, identity, sent.exception())
+                return False
+        return True
 
     def send_media(self, identity: bytes, msg: Any) -> bool:
         return self._send(self.media, identity, msg)
@@ -93,3 +102,9 @@ class Broker:
             task.cancel()
         for sock in (self.media, self.ivr, self.events):
             sock.close(0)
+
+
+def _late_failure(sent: asyncio.Future[Any], kind: str, identity: bytes) -> None:
+    """A queued send that failed later: logged (the Future's exception is retrieved)."""
+    if not sent.cancelled() and sent.exception() is not None:
+        log.warning("cannot send %s to %r: %s", kind, identity, sent.exception())

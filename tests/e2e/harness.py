@@ -408,6 +408,7 @@ rtp_ip = "127.0.0.1"
 rtp_ports = "{rtp_low}-{rtp_low + 99}"
 sounds_dir = "{ROOT / 'sounds'}"
 recordings_dir = "{root / 'recordings'}"
+voicemail_dir = "{root / 'voicemail'}"
 heartbeat_ms = 200
 expiry_ms = 1500
 capacity = {media_capacity}
@@ -429,6 +430,11 @@ dir = "{root / 'logs'}"
 level = "DEBUG"
 {users}
 {ROUTES.format(url=provider.url(''))}
+
+[ivrs.second]
+url = "{provider.url('/second')}"
+ivr_id = "ivr-second"
+retry = {{ max_retries = 2, timeout_ms = 600 }}
 {toml_tables("queues", E2E_QUEUES if queues is None else queues)}
 """
     config_path = root / "pbx.toml"
