@@ -397,6 +397,8 @@ class Call:
         self.ssrc = random.randrange(1 << 32)
         self.media_t0 = 0.0
         self.in_event = False
+        # --mix: this call's digits, drawn from the weighted choices; else --digits
+        self.digits = load.pick_digits()
         self.digits_sent = ""
         # results
         self.started_at: float | None = None
@@ -584,7 +586,7 @@ class Call:
     async def send_digits(self) -> None:
         await asyncio.sleep(self.a.digit_after)
         pt = self.answer.dtmf_pt if self.answer and self.answer.dtmf_pt is not None else 101
-        for i, digit in enumerate(self.a.digits):
+        for i, digit in enumerate(self.digits):
             if i:
                 await asyncio.sleep(self.a.digit_gap)
             event = DTMF_EVENTS[digit.upper()]
@@ -686,7 +688,7 @@ class Call:
             self.problems.append("no_sdp_answer")
         self.media_t0 = now
         tasks = []
-        if self.answer is not None and a.digits:
+        if self.answer is not None and self.digits:
             tasks.append(asyncio.ensure_future(self.send_digits()))
         if self.answer is not None and a.send_audio:
             tasks.append(asyncio.ensure_future(self.send_audio()))
@@ -764,6 +766,7 @@ class Call:
             "rtp_source": self.rtp_source,
             "remote_rtp": f"{self.answer.ip}:{self.answer.port}" if self.answer else "",
             "dtmf_pt": self.answer.dtmf_pt if self.answer else None,
+            "digits": self.digits,
             "digits_sent": self.digits_sent,
             "duration_s": _r(
                 self.ended_at - self.started_at if self.ended_at and self.started_at else None, 3
@@ -800,6 +803,16 @@ class Load:
         self.started = self.answered = self.ended = self.failed = 0
         self.rtp_total = self.rtp_sent = 0
         self.stats: Counter[str] = Counter()
+        self.call_class: type[Call] = Call  # a subclass may drive other call flows
+        self.mix = parse_mix(args.mix) if getattr(args, "mix", "") else []
+        self.rng = random.Random(getattr(args, "seed", None))
+
+    def pick_digits(self) -> str:
+        """One call's digits: a weighted draw from --mix, else --digits."""
+        if not self.mix:
+            return self.args.digits
+        choices, weights = zip(*self.mix, strict=True)
+        return self.rng.choices(choices, weights)[0]
 
     async def open(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -822,14 +835,15 @@ class Load:
         t0 = time.perf_counter()
         print(
             f"callload: {a.n} calls at {a.r}/s to sip:{a.target}@{a.pbx} from "
-            f"{a.local_ip}:{self.sip_port}, hold {a.hold}s, digits {a.digits!r} "
+            f"{a.local_ip}:{self.sip_port}, hold {a.hold}s, "
+            f"digits {('mix ' + a.mix) if self.mix else repr(a.digits)} "
             f"after {a.digit_after}s",
             flush=True,
         )
 
         async def place(i: int) -> None:
             await _sleep_until(t0 + i / a.r)  # paced from a fixed origin
-            call = Call(self, i)
+            call = self.call_class(self, i)
             self.calls[call.call_id] = call
             self.call_list.append(call)
             await call.run()
@@ -904,6 +918,8 @@ class Load:
                 "pbx": a.pbx,
                 "local_ip": a.local_ip,
                 "digits": a.digits,
+                "mix": a.mix,
+                "seed": a.seed,
                 "digit_after_s": a.digit_after,
                 "digit_ms": a.digit_ms,
                 "digit_gap_s": a.digit_gap,
@@ -938,8 +954,52 @@ class Load:
                 "bye_retransmissions": sum(max(0, c.bye_sent - 1) for c in calls),
                 **dict(self.stats),
             },
+            "by_digits": by_digits(records) if self.mix else {},
             "per_call": records,
         }
+
+
+def parse_mix(text: str) -> list[tuple[str, float]]:
+    """`"9:50,1:25,2:25"` -> [("9", 50.0), ("1", 25.0), ("2", 25.0)]: each call's digits
+    (a digit string, '' for none) drawn with these weights."""
+    out: list[tuple[str, float]] = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        digits, sep, weight = item.strip().rpartition(":")
+        if not sep:
+            raise ValueError(f"--mix: {item!r} is not DIGITS:WEIGHT")
+        bad = [d for d in digits if d.upper() not in DTMF_EVENTS]
+        if bad:
+            raise ValueError(f"--mix: not DTMF digits: {''.join(bad)}")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(f"--mix: weight {weight!r} is not a number") from None
+        if w < 0:
+            raise ValueError(f"--mix: negative weight {weight!r}")
+        out.append((digits, w))
+    if not out or sum(w for _, w in out) <= 0:
+        raise ValueError("--mix: no choice with a positive weight")
+    return out
+
+
+def by_digits(records: list[dict]) -> dict:
+    """Outcomes per --mix choice: calls, ok, ended_by_pbx, failed (by reason)."""
+    out: dict[str, dict] = {}
+    for r in records:
+        entry = out.setdefault(
+            r["digits"], {"calls": 0, "ok": 0, "ended_by_pbx": 0, "failed": 0, "failures": {}}
+        )
+        entry["calls"] += 1
+        if r["outcome"] == "failed":
+            entry["failed"] += 1
+            entry["failures"][r["reason"]] = entry["failures"].get(r["reason"], 0) + 1
+        else:
+            entry["ok"] += 1
+            if r["outcome"] == "ended_by_pbx":
+                entry["ended_by_pbx"] += 1
+    return dict(sorted(out.items()))
 
 
 def print_summary(s: dict) -> None:
@@ -962,6 +1022,13 @@ def print_summary(s: dict) -> None:
         f"(rx {rtp['total_received']}, tx {rtp['total_sent']}, "
         f"payload types {rtp['payload_types']})"
     )
+    for digits, e in s.get("by_digits", {}).items():
+        fails = ", ".join(f"{k}={v}" for k, v in e["failures"].items())
+        print(
+            f"mix {digits or '-':>5}: {e['calls']} calls, {e['ok']} ok "
+            f"({e['ended_by_pbx']} ended by pbx), {e['failed']} failed"
+            + (f" ({fails})" if fails else "")
+        )
     sip = s["sip"]
     print(
         f"SIP       : INVITE retransmissions {sip['invite_retransmissions']}, "
@@ -986,6 +1053,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local-ip", default="127.0.0.1", help="local address for SIP and RTP")
     p.add_argument("--sip-port", type=int, default=0, help="local SIP port (default: any)")
     p.add_argument("--digits", default="9", help="RFC 4733 digits to send ('' for none)")
+    p.add_argument(
+        "--mix",
+        default="",
+        help="each call's digits drawn from weighted choices, e.g. '9:50,1:25,2:25' "
+        "(overrides --digits)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="random seed for --mix")
     p.add_argument("--digit-after", type=float, default=2.5, help="seconds after answer")
     p.add_argument("--digit-ms", type=int, default=100, help="event length before the end packets")
     p.add_argument("--digit-gap", type=float, default=0.2, help="seconds between digits")
@@ -1007,6 +1081,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [d for d in args.digits if d.upper() not in DTMF_EVENTS]
     if bad:
         p.error(f"--digits: not DTMF digits: {''.join(bad)}")
+    if args.mix:
+        try:
+            parse_mix(args.mix)
+        except ValueError as exc:
+            p.error(str(exc))
     return args
 
 

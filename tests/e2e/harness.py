@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -270,6 +271,13 @@ class PbxSystem:
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
+    def rtp_ports(self) -> tuple[int, int]:
+        """The system's RTP port range, and the RTCP port above its last port."""
+        low, _, high = tomllib.loads((self.root / "pbx.toml").read_text())["media"][
+            "rtp_ports"].partition("-")
+        return int(low), int(high) + 1
+
+    @property
     def sip_addr(self) -> str:
         return f"127.0.0.1:{self.sip_port}"
 
@@ -515,9 +523,15 @@ class LoopbackSniffer:
     """
 
     PACKET_HOST = 0  # the receiving copy (loopback shows each packet going out and in)
+    SO_RCVBUFFORCE = 33  # Linux; root may exceed rmem_max (tests run as root)
 
-    def __init__(self, limit: int = 200_000) -> None:
+    def __init__(self, ports: tuple[int, int] | None = None, limit: int = 200_000) -> None:
+        """`ports`: keep only datagrams from or to this range (a system's RTP ports), so
+        other suites' and benchmarks' RTP on the loopback neither fills the packet limit
+        nor overflows the buffer."""
+        self.ports = ports
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+        self.sock.setsockopt(socket.SOL_SOCKET, self.SO_RCVBUFFORCE, 16 << 20)
         self.sock.bind(("lo", 0))
         self.sock.settimeout(0.1)
         self.packets: list[tuple[tuple[str, int], RtpPacket]] = []  # (destination, packet)
@@ -538,6 +552,10 @@ class LoopbackSniffer:
             src_ip = socket.inet_ntoa(data[12:16])
             dst_ip = socket.inet_ntoa(data[16:20])
             sport, dport = struct.unpack("!HH", data[ihl:ihl + 4])
+            if self.ports is not None:
+                low, high = self.ports
+                if not (low <= sport <= high or low <= dport <= high):
+                    continue
             rtp = data[ihl + 8:]
             if len(rtp) < 12 or rtp[0] >> 6 != 2 or len(self.packets) >= self.limit:
                 continue

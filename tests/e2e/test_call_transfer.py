@@ -46,7 +46,7 @@ def ivr_script(path: str, body: Any) -> Reply:
 
 def test_ivr_call_transferred_to_extension(system: PbxSystem, workdir: Path) -> None:
     system.provider.script = ivr_script
-    wire = LoopbackSniffer()
+    wire = LoopbackSniffer(system.rtp_ports)
     caller_rtp = RtpEndpoint()
     callee = start_sipp("callee-2001", [
         "-sn", "uas", "-i", "127.0.0.1", "-p", str(system.extension_ports["2001"]),

@@ -124,7 +124,7 @@ def test_register_with_digest_then_call_the_phone(system: PbxSystem, workdir: Pa
         "-mp", str(free_port(even=True)), "-rtp_echo", "-m", "1",
     ], workdir / "phone")
     caller_rtp = RtpEndpoint()
-    wire = LoopbackSniffer()
+    wire = LoopbackSniffer(system.rtp_ports)
     caller = None
     try:
         caller = start_sipp("caller", [
