@@ -193,6 +193,9 @@ class RouteSettings(_Section):
     app_params: IvrAppParams
     # "early_media" answers with 183 and plays before the final response.
     answer: Literal["answer", "early_media"] = "answer"
+    # Reachable from unknown sources (trunks, the public IVR). A route with
+    # public = false takes only calls from authenticated extensions.
+    public: bool = True
     inband_dtmf: bool = True
 
     @field_validator("match")

@@ -36,6 +36,7 @@ from pbx.sip.auth import DigestAuthenticator
 from pbx.sip.errors import SipError
 from pbx.sip.framing import FramingError
 from pbx.sip.message import (
+    REASON_PHRASES,
     Headers,
     SipRequest,
     SipResponse,
@@ -64,7 +65,8 @@ from pbx.traces import TraceStore
 log = logging.getLogger("pbx.front")
 
 Addr = tuple[str, int]
-ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO"
+ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, UPDATE, REFER"
+SUPPORTED = "timer"
 USER_AGENT = "pbx/0.1"
 MEDIA_ALLOCATE_TIMEOUT_S = 2.0
 TRACE_STORE_SESSIONS = 1000
@@ -79,7 +81,16 @@ CLIENT_TXN_LINGER_S = 32.0
 # DTMF-relay INFO bodies (application/dtmf-relay: "Signal=5"; application/dtmf: "5").
 DTMF_KEYS = set("0123456789*#ABCD")
 # Requests the UAS checks of RFC 3261 §8.2.2 apply to (the others get 501 first).
-UAS_CHECKED_METHODS = frozenset({"INVITE", "OPTIONS", "BYE", "INFO", "REGISTER"})
+UAS_CHECKED_METHODS = frozenset({"INVITE", "OPTIONS", "BYE", "INFO", "REGISTER", "UPDATE",
+                                 "REFER"})
+# Option tags a request may require of us (RFC 3261 §8.2.2.3).
+SUPPORTED_TAGS = frozenset({"timer"})
+# RFC 4028: the smallest session interval we accept (its §4 floor), and how long before
+# the session's expiry the side that does not refresh gives up on it (§10).
+MIN_SE_S = 90
+SESSION_EXPIRY_MARGIN_S = 32
+# RFC 3515 §2.4.4: how long the implicit subscription of a REFER lives.
+REFER_SUBSCRIPTION_S = 60
 
 
 class SendFn(Protocol):
@@ -145,6 +156,13 @@ class Leg:
     late_bye_sent: bool = False
     reliable: bool = False  # the dialog runs over TCP (no retransmissions, RFC 3261 §18)
     member: str | None = None  # the queue member (or agent) this leg rings
+    rtp_ip: str = ""  # our RTP address on the media worker
+    # A 2xx to an INVITE in the dialog awaits its ACK (a second one gets 491, §14.2),
+    # and whether that 2xx carried our offer (an offerless re-INVITE: the ACK answers).
+    reinvite_unacked: bool = False
+    offer_in_2xx: bool = False
+    session_timer: asyncio.TimerHandle | None = None  # RFC 4028 refresh or expiry
+    peer_allows_update: bool = False
 
     @property
     def dialog_key(self) -> tuple[str, str]:
@@ -167,6 +185,7 @@ class Session:
     sent_at: float = 0.0
     attempts: int = 0
     waiting_since: float | None = None
+    closing: bool = False  # the call left the IVR (a REFER): its commands are ignored
 
 
 @dataclass
@@ -197,9 +216,15 @@ class Call:
     ended_at: float | None = None
     recordings: list[dict[str, Any]] = field(default_factory=list)
     session_ids: list[str] = field(default_factory=list)
+    # REFER (RFC 3515): the leg that asked, whose implicit subscription gets the NOTIFYs;
+    # `detached` holds a referrer no longer part of the bridge (released once notified).
+    referrer: Leg | None = None
+    refer_event: str = "refer"
+    detached: list[Leg] = field(default_factory=list)
 
     def legs(self) -> list[Leg]:
-        return [leg for leg in (self.a, self.b, *self.ringing) if leg is not None]
+        return [leg for leg in (self.a, self.b, *self.ringing, *self.detached)
+                if leg is not None]
 
 
 class Front:
@@ -391,7 +416,7 @@ class Front:
                 self._respond(key, req, 200, headers=[("Allow", ALLOW), ("Accept", "application/sdp")])
             elif req.to_tag is not None:
                 self._on_in_dialog(req, ev.addr, key)
-            elif method in ("BYE", "INFO"):
+            elif method in ("BYE", "INFO", "UPDATE", "REFER"):
                 self._respond(key, req, 481)
             elif method == "REGISTER":
                 self._on_register(req, ev.addr, key)
@@ -415,7 +440,7 @@ class Front:
         status, reason, headers = 0, "", []
         scheme = req.uri.partition(":")[0].lower()
         required = [t.strip() for v in req.headers.get_all("Require") for t in v.split(",")
-                    if t.strip()]
+                    if t.strip() and t.strip().lower() not in SUPPORTED_TAGS]
         ctype = (req.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         accept = [a.split(";")[0].strip().lower() for v in req.headers.get_all("Accept")
                   for a in v.split(",")]
@@ -424,7 +449,7 @@ class Front:
         elif required:
             status, reason = 420, "Bad Extension"
             headers = [("Unsupported", ", ".join(required))]
-        elif method == "INVITE" and req.body and ctype != "application/sdp":
+        elif method in ("INVITE", "UPDATE") and req.body and ctype != "application/sdp":
             status, reason = 415, "Unsupported Media Type"
             headers = [("Accept", "application/sdp")]
         elif (method == "INVITE" and "Accept" in req.headers and not
@@ -451,6 +476,8 @@ class Front:
 
     def _on_initial_invite(self, req: SipRequest, addr: Addr, key: TransactionKey, *,
                            reliable: bool = False) -> None:
+        if self._session_interval_too_small(req, key):
+            return
         to = parse_name_addr(req.headers.get("To") or "")
         frm = parse_name_addr(req.headers.get("From") or "")
         ruri = parse_uri(req.uri)
@@ -460,6 +487,9 @@ class Front:
             request_uri_user=ruri.user or "",
         )
         self.stats["calls_total"] += 1
+        authenticated = self._authenticate_caller(req, key, address.from_user)
+        if authenticated is None:
+            return  # challenged or refused
         route = self.router.match(address)
         extension: str | None = None
         if route is None:
@@ -469,6 +499,11 @@ class Front:
                 self.stats["calls_failed"] += 1
                 self._respond(key, req, 404, to_tag=new_tag())
                 return
+        # Unknown sources reach only public routes; calling a user needs an extension.
+        if not authenticated and (extension is not None or not (route and route.public)):
+            self.stats["calls_failed"] += 1
+            self._respond(key, req, 403, "Forbidden (not a public route)", to_tag=new_tag())
+            return
         call = Call(
             call_id=secrets.token_hex(8), route=route, caller=address.from_user,
             callee=address.to_user, started_at=time.time(), extension=extension,
@@ -494,6 +529,31 @@ class Front:
         self.pending_invites[key] = leg
         self._publish_call(call, "started")
         self._spawn(self._answer_incoming(call, leg, req, key), call)
+
+    def _authenticate_caller(self, req: SipRequest, key: TransactionKey,
+                             from_user: str) -> bool | None:
+        """An INVITE from one of our extensions (a user with a password) must carry its
+        digest credentials (RFC 3261 §22.3, as a proxy: 407): True once verified, False
+        for a caller that is not an extension (an unknown source), None when the request
+        was challenged or refused here."""
+        user = self.settings.users.get(from_user)
+        if user is None or not user.password:
+            return False
+        result = self.registrar.authenticator.verify(
+            req, self.registrar.password_of, time.time(), proxy=True)
+        if result.ok and result.username == from_user:
+            return True
+        if result.ok:  # valid credentials of another extension: no impersonation
+            self._respond(key, req, 403, "Forbidden (From is not the authenticated user)",
+                          to_tag=new_tag())
+        elif result.status == 400:
+            self._respond(key, req, 400, _reason_phrase(f"Bad Credentials ({result.detail})"),
+                          to_tag=new_tag())
+        else:
+            self._respond(key, req, 407, to_tag=new_tag(),
+                          headers=self.registrar.authenticator.challenge(
+                              time.time(), stale=result.stale, proxy=True))
+        return None
 
     def _next_hop(self, leg: Leg, fallback: Addr) -> Addr:
         """Where in-dialog requests go: the first Route, else the remote target (RFC 3261
@@ -553,7 +613,8 @@ class Front:
         self._start_session(call, req)
 
     def _dialog_headers(self, leg: Leg) -> list[tuple[str, str]]:
-        headers = [("Contact", self._contact(leg.reliable)), ("Allow", ALLOW)]
+        headers = [("Contact", self._contact(leg.reliable)), ("Allow", ALLOW),
+                   ("Supported", SUPPORTED)]
         headers += [("Record-Route", rr) for rr in leg.route_set]
         return headers
 
@@ -561,8 +622,9 @@ class Front:
         """200 OK for an inbound leg's INVITE, retransmitted until the ACK (§13.3.1.4)."""
         assert leg.invite is not None and leg.invite_key is not None
         self.pending_invites.pop(leg.invite_key, None)
+        headers = self._dialog_headers(leg) + self._session_timer(leg, leg.invite)
         response = self._respond(leg.invite_key, leg.invite, 200, to_tag=leg.local_tag,
-                                 body=leg.answer_sdp, headers=self._dialog_headers(leg))
+                                 body=leg.answer_sdp, headers=headers)
         leg.state = "confirmed"
         if not leg.reliable:  # a stream delivers the 2xx; only UDP retransmits it
             self.retransmitter.start(self._dkey(leg), response.serialize(),
@@ -595,6 +657,17 @@ class Front:
         if leg is not None:
             self.retransmitter.ack(self._dkey(leg))
             self._arm_timer()
+            leg.reinvite_unacked = False
+            if leg.offer_in_2xx:
+                # The answer to the offer our 2xx made (an offerless re-INVITE).
+                leg.offer_in_2xx = False
+                try:
+                    leg.negotiated = sdp.parse_answer(req.body)
+                except SipError as exc:
+                    log.info("call %s: no usable SDP answer in the ACK: %s",
+                             leg.call.call_id, exc)
+                    return
+                self._send_remote(leg)
 
     def _on_ack_timeout(self, dialog_key: str) -> None:
         call_id, _, tag = dialog_key.partition("|")
@@ -626,7 +699,10 @@ class Front:
         if leg is None:
             self._respond(key, req, 481)
             return
-        if req.method == "BYE":
+        if req.method == "BYE" and leg in leg.call.detached:
+            self._respond(key, req, 200)  # a referrer leaving before its final NOTIFY
+            self._drop_detached(leg)
+        elif req.method == "BYE":
             self._respond(key, req, 200)
             if leg.state == "early" and not leg.outbound and leg.invite_key is not None:
                 # A BYE on an early dialog (RFC 3261 §15) ends the INVITE too.
@@ -637,15 +713,11 @@ class Front:
             self._hangup_call(leg.call, "Hangup" if leg is leg.call.a else "CalleeHangup",
                               None, except_leg=leg)
         elif req.method == "INVITE":
-            # Re-INVITE (refresh, hold): answer with our current SDP; the 2xx is
-            # retransmitted until its ACK like the first one. Applying a changed offer
-            # (hold, new address) comes with the full re-INVITE support.
-            response = self._respond(key, req, 200, body=leg.answer_sdp,
-                                     headers=self._dialog_headers(leg))
-            if not leg.reliable:
-                self.retransmitter.start(self._dkey(leg), response.serialize(),
-                                         addr, self.now())
-                self._arm_timer()
+            self._on_reinvite(leg, req, addr, key)
+        elif req.method == "UPDATE":
+            self._on_update(leg, req, key)
+        elif req.method == "REFER":
+            self._on_refer(leg, req, key)
         elif req.method == "INFO":
             self._on_info(leg, req, key)
         elif req.method == "OPTIONS":
@@ -676,6 +748,237 @@ class Front:
         if leg.worker is not None:
             self.send_media(leg.worker, m.MediaDtmfInfo(
                 call_id=leg.media_id, digit=digit, duration_ms=duration_ms))
+
+    # ------------------------------------------------------------ re-INVITE, UPDATE
+
+    def _on_reinvite(self, leg: Leg, req: SipRequest, addr: Addr, key: TransactionKey) -> None:
+        """A re-INVITE (RFC 3261 §14.2, RFC 3264 §8): hold, resume, a new address or codec,
+        a session refresh; offerless, our 2xx makes the offer and the ACK answers it."""
+        if leg.state != "confirmed":
+            # The dialog's first INVITE is still unanswered (§14.2: 500 + Retry-After).
+            self._respond(key, req, 500, "Previous INVITE Pending",
+                          headers=[("Retry-After", str(secrets.randbelow(10) + 1))])
+            return
+        if leg.reinvite_unacked or leg.offer_in_2xx:
+            self._respond(key, req, 491)  # its 2xx awaits the ACK: overlapping (§14.2)
+            return
+        if self._session_interval_too_small(req, key):
+            return
+        body = self._renegotiate(leg, req.body) if req.body else leg.answer_sdp
+        headers = self._dialog_headers(leg) + self._session_timer(leg, req)
+        response = self._respond(key, req, 200, body=body, headers=headers)
+        leg.reinvite_unacked = True
+        leg.offer_in_2xx = not req.body
+        if not leg.reliable:
+            self.retransmitter.start(self._dkey(leg), response.serialize(), addr, self.now())
+            self._arm_timer()
+
+    def _on_update(self, leg: Leg, req: SipRequest, key: TransactionKey) -> None:
+        """UPDATE (RFC 3311): a new offer, or a session refresh, in any dialog state."""
+        if req.body and leg.offer_in_2xx:
+            self._respond(key, req, 491)  # our offer is still unanswered (RFC 3311 §5.2)
+            return
+        if self._session_interval_too_small(req, key):
+            return
+        body = self._renegotiate(leg, req.body) if req.body else b""
+        headers = [("Contact", self._contact(leg.reliable)), ("Supported", SUPPORTED)]
+        self._respond(key, req, 200, body=body, headers=headers + self._session_timer(leg, req))
+
+    def _renegotiate(self, leg: Leg, offer: bytes) -> bytes:
+        """Answer a new offer in the dialog and apply it to the leg's media. An offer that
+        changes nothing (a refresh) gets our previous SDP back, same o= version; a changed
+        answer takes the next version (RFC 3264 §8). SdpError (488) leaves all as it was."""
+        if not leg.rtp_ip or leg.worker is None:
+            raise SipError("no media for this dialog", 488)
+        origin = sdp.origin_of(leg.answer_sdp) or (int(time.time()),) * 2
+        negotiated, answer = sdp.answer_offer(offer, leg.rtp_ip, leg.rtp_port, origin[0],
+                                              version=origin[1])
+        if sdp.without_origin(answer) == sdp.without_origin(leg.answer_sdp):
+            answer = leg.answer_sdp
+        else:
+            negotiated, answer = sdp.answer_offer(offer, leg.rtp_ip, leg.rtp_port, origin[0],
+                                                  version=origin[1] + 1)
+        changed = negotiated != leg.negotiated
+        leg.negotiated, leg.answer_sdp = negotiated, answer
+        if changed:
+            log.info("call %s: leg %s now %s %s:%d %s", leg.call.call_id, leg.media_id,
+                     negotiated.codec, negotiated.remote_ip, negotiated.remote_port,
+                     negotiated.direction)
+            self._send_remote(leg)
+        return answer
+
+    # ------------------------------------------------------------ session timers (RFC 4028)
+
+    @staticmethod
+    def _session_expires(req: SipRequest) -> tuple[int, str | None] | None:
+        """(interval, refresher) of the request's Session-Expires; SipError 400 if bad."""
+        text = req.headers.get("Session-Expires")
+        if text is None:
+            return None
+        value, *params = [p.strip() for p in text.split(";")]
+        if not value.isdigit() or len(value) > 10:
+            raise SipError(f"bad Session-Expires {text[:40]!r}", 400)
+        refresher = None
+        for param in params:
+            name, _, arg = param.partition("=")
+            if name.strip().lower() == "refresher":
+                refresher = arg.strip().lower()
+        return int(value), refresher
+
+    def _session_interval_too_small(self, req: SipRequest, key: TransactionKey) -> bool:
+        """RFC 4028 §8.1: 422 with our Min-SE for an interval below it."""
+        se = self._session_expires(req)
+        if se is None or se[0] >= MIN_SE_S:
+            return False
+        self._respond(key, req, 422, "Session Interval Too Small",
+                      to_tag=None if req.to_tag else new_tag(),
+                      headers=[("Min-SE", str(MIN_SE_S))])
+        return True
+
+    def _session_timer(self, leg: Leg, req: SipRequest) -> list[tuple[str, str]]:
+        """The 2xx's session-timer headers for a session-refresh request (INVITE or UPDATE,
+        RFC 4028 §9), and the leg's timer re-armed: without Session-Expires there is none;
+        with it, the refresher is as requested (else the UAC), or us when the UAC does not
+        support the extension."""
+        self._stop_session_timer(leg)
+        allow = [a.strip().upper() for a in req.headers.get_all("Allow")]
+        leg.peer_allows_update = "UPDATE" in allow
+        se = self._session_expires(req)
+        if se is None:
+            return []
+        interval, refresher = se
+        supported = any(t.strip().lower() == "timer" for name in ("Supported", "Require")
+                        for t in req.headers.get_all(name))
+        if not supported:
+            refresher = "uas"
+        elif refresher not in ("uac", "uas"):
+            refresher = "uac"
+        headers = [("Session-Expires", f"{interval};refresher={refresher}")]
+        if supported:
+            headers.append(("Require", "timer"))
+        if refresher == "uas":
+            leg.session_timer = self.loop.call_later(interval / 2, self._refresh_session,
+                                                     leg, interval)
+        else:
+            wait = interval - min(SESSION_EXPIRY_MARGIN_S, interval / 3)
+            leg.session_timer = self.loop.call_later(wait, self._session_expired, leg)
+        return headers
+
+    def _stop_session_timer(self, leg: Leg) -> None:
+        if leg.session_timer is not None:
+            leg.session_timer.cancel()
+            leg.session_timer = None
+
+    def _refresh_session(self, leg: Leg, interval: int) -> None:
+        """We are the refresher: an UPDATE without SDP at half the interval (RFC 4028 §7.4);
+        a peer that does not allow UPDATE is not refreshed (we send no re-INVITEs yet)."""
+        leg.session_timer = None
+        if leg.state != "confirmed" or leg.call.ended:
+            return
+        if leg.peer_allows_update:
+            req = self._new_request(leg, "UPDATE", [
+                ("Session-Expires", f"{interval};refresher=uac"), ("Supported", SUPPORTED)])
+            _, sends = self.transactions.send_request(req, leg.addr, self.now(),
+                                                      reliable=leg.reliable)
+            self._emit(list(sends))
+        leg.session_timer = self.loop.call_later(interval / 2, self._refresh_session,
+                                                 leg, interval)
+
+    def _session_expired(self, leg: Leg) -> None:
+        """No refresh came in the interval (RFC 4028 §10): end the call with BYE."""
+        leg.session_timer = None
+        if leg.state == "confirmed" and not leg.call.ended:
+            log.info("call %s: session timer of %s expired", leg.call.call_id, leg.media_id)
+            self._hangup_call(leg.call, "SessionExpired", 408)
+
+    # ------------------------------------------------------------ REFER (RFC 3515)
+
+    def _on_refer(self, leg: Leg, req: SipRequest, key: TransactionKey) -> None:
+        """A blind transfer asked by a party: on an IVR call the caller is connected to the
+        target (the IVR ends with `Transfer(<target>)`); in a bridge the referrer's peer is,
+        and the referrer is released once told. The referrer hears how it went in NOTIFYs
+        of its implicit subscription (`message/sipfrag`)."""
+        call = leg.call
+        refer_to = req.headers.get("Refer-To")
+        if leg.state != "confirmed" or call.ended:
+            self._respond(key, req, 403, "REFER Outside A Confirmed Dialog")
+            return
+        if not refer_to:
+            self._respond(key, req, 400, "Missing Refer-To")
+            return
+        uri = parse_name_addr(refer_to).uri
+        if "replaces" in str(uri).lower():
+            self._respond(key, req, 501, "Attended Transfer Not Supported")
+            return
+        target = self._refer_target(uri)
+        bridged = (call.a is not None and call.b is not None and leg in (call.a, call.b)
+                   and call.a.state == call.b.state == "confirmed" and call.bridged_at)
+        ivr = (leg is call.a and call.b is None and not call.ringing
+               and call.queue_run is None and call.ws_bridge is None)
+        if call.referrer is not None or not (bridged or ivr):
+            self._respond(key, req, 403, "Transfer Not Possible Now")
+            return
+        self._respond(key, req, 202, headers=[("Contact", self._contact(leg.reliable))])
+        call.referrer = leg
+        call.refer_event = f"refer;id={req.cseq[0]}"  # RFC 3515 §2.4.6
+        self._notify_refer(leg, call.refer_event, "100 Trying", final=False)
+        log.info("call %s: REFER from %s to %s", call.call_id, leg.media_id, target)
+        session = call.session
+        if session is not None and not session.done:
+            session.closing = True
+            self._session_input(session, m.CallEndedInput(reason=f"Transfer({target})"))
+        if ivr:
+            if leg.worker is not None:
+                self.send_media(leg.worker, m.MediaStop(call_id=leg.media_id))
+        else:
+            # The referrer leaves the bridge; its peer becomes the call's caller side.
+            other = call.b if leg is call.a else call.a
+            call.a, call.b = other, None
+            call.detached.append(leg)
+        self._transfer(call, target)
+
+    def _refer_target(self, uri: Any) -> str:
+        """A Refer-To URI as a transfer target: a user of ours (registered or static), or
+        any address on this PBX, by extension; anything else as the URI itself."""
+        user = uri.user or ""
+        ours = uri.host.strip("[]") in (self.host, "127.0.0.1", "localhost") and (
+            (uri.port or 5060) == self.port)
+        if user and (ours or self.registrar.lookup(user, self.now())):
+            return str(user)
+        return f"{uri.scheme}:{user + '@' if user else ''}{uri.host}" + (
+            f":{uri.port}" if uri.port else "")
+
+    def _notify_refer(self, leg: Leg, event: str, status_line: str, *, final: bool) -> None:
+        state = ("terminated;reason=noresource" if final
+                 else f"active;expires={REFER_SUBSCRIPTION_S}")
+        req = self._new_request(leg, "NOTIFY", [("Event", event), ("Subscription-State", state)],
+                                body=f"SIP/2.0 {status_line}\r\n".encode(),
+                                content_type="message/sipfrag;version=2.0")
+        _, sends = self.transactions.send_request(req, leg.addr, self.now(),
+                                                  reliable=leg.reliable)
+        self._emit(list(sends))
+
+    def _refer_result(self, call: Call, status: int, reason: str) -> None:
+        """The transfer a REFER asked for succeeded (200) or failed: the final NOTIFY; a
+        referrer detached from its bridge is then released."""
+        leg, call.referrer = call.referrer, None
+        if leg is None or leg.state != "confirmed":
+            return
+        reason = reason or REASON_PHRASES.get(status, "Failed")
+        self._notify_refer(leg, call.refer_event, f"{status} {reason}", final=True)
+        if leg in call.detached and status < 300:
+            self._send_bye(leg)
+            self._drop_detached(leg)
+
+    def _drop_detached(self, leg: Leg) -> None:
+        call = leg.call
+        leg.state = "terminated"
+        self._stop_session_timer(leg)
+        self.retransmitter.ack(self._dkey(leg))
+        self._release_media(leg)
+        if leg in call.detached:
+            call.detached.remove(leg)
+        self.loop.call_later(CLIENT_TXN_LINGER_S, self.dialogs.pop, leg.dialog_key, None)
 
     # ------------------------------------------------------------ our requests
 
@@ -966,6 +1269,7 @@ class Front:
             self.send_media(a.worker, m.MediaBridge(call_id=a.media_id, peer_call_id=b.media_id))
         call.bridged_at = time.time()
         self._publish_call(call, "bridged")
+        self._refer_result(call, 200, "OK")
 
     def _outbound_failed(self, b: Leg, status: int) -> None:
         if b.ring_timer is not None:
@@ -992,6 +1296,9 @@ class Front:
                      except_leg: Leg | None = None) -> None:
         """End every leg of the call: BYE where confirmed, CANCEL where ringing out, a
         final response where an inbound INVITE is unanswered (early media)."""
+        if call.referrer is not None:
+            status = code if code is not None and 300 <= code <= 699 else 487
+            self._refer_result(call, status, "Request Terminated" if status == 487 else "")
         for leg in call.legs():
             if leg is except_leg:
                 continue
@@ -1021,6 +1328,7 @@ class Front:
             if leg.ring_timer is not None:
                 leg.ring_timer.cancel()
                 leg.ring_timer = None
+            self._stop_session_timer(leg)
             self.retransmitter.ack(self._dkey(leg))
             self._release_media(leg)
             # Keep the dialog a while so retransmitted BYEs still match (then 481 is fine).
@@ -1077,13 +1385,13 @@ class Front:
             log.warning("media worker %r: %s", worker, allocated.error)
             self._forget_media(leg)
             return None
-        leg.rtp_port = allocated.rtp_port
+        leg.rtp_port, leg.rtp_ip = allocated.rtp_port, allocated.rtp_ip
         return allocated
 
     def _send_remote(self, leg: Leg) -> None:
         n = leg.negotiated
-        if n is None or leg.worker is None:
-            return
+        if n is None or leg.worker is None or n.remote_ip in ("0.0.0.0", "::"):
+            return  # c=0.0.0.0 is RFC 2543 hold: nowhere to send, keep what we had
         self.send_media(leg.worker, m.MediaRemote(
             call_id=leg.media_id, remote_ip=n.remote_ip, remote_port=n.remote_port,
             payload_type=n.payload_type, codec=n.codec,  # type: ignore[arg-type]
@@ -1316,7 +1624,7 @@ class Front:
         for trace in reply.traces:
             self._record_trace(trace)
         call = session.call
-        for command in reply.commands:
+        for command in reply.commands if not session.closing else ():
             self._apply_command(call, command)
         if reply.done or (call.ended and not session.queue):
             session.done = True

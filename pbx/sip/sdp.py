@@ -251,9 +251,12 @@ def answer_offer(
     local_port: int,
     session_id: int,
     supported: tuple[str, ...] = ("PCMU", "PCMA"),
+    version: int | None = None,
 ) -> tuple[Negotiated, bytes]:
     """Answer an SDP offer (RFC 3264 §6): first offered codec we support, plus
-    telephone-event with the offerer's payload type when offered."""
+    telephone-event with the offerer's payload type when offered. `version` is the
+    o= version (RFC 3264 §8: one more than our previous SDP's in a dialog's new answer);
+    it defaults to the session id."""
     sd = parse_sdp(offer)
     audio = _audio_stream(sd)
     codec, pt = _pick_codec(audio, supported)
@@ -263,7 +266,7 @@ def answer_offer(
     negotiated = Negotiated(
         codec, pt, dtmf_pt, ptime_ms, _remote_ip(sd, audio), audio.port, direction
     )
-    lines = _sdp_head(local_ip, session_id, session_id)
+    lines = _sdp_head(local_ip, session_id, session_id if version is None else version)
     for md in sd.media:
         if md is audio:
             lines += _audio_lines(
@@ -316,3 +319,20 @@ def parse_answer(
         audio.port,
         ANSWER_DIRECTION[audio.direction],  # their sendonly is our recvonly
     )
+
+
+def origin_of(body: bytes) -> tuple[int, int] | None:
+    """(session id, version) of an SDP's o= line, or None when it has none usable."""
+    try:
+        origin = parse_sdp(body).origin
+    except SdpError:
+        return None
+    parts = (origin or "").split()
+    if len(parts) < 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return int(parts[1]), int(parts[2])
+
+
+def without_origin(body: bytes) -> bytes:
+    """The SDP without its o= line: two of ours compare equal when only it differs."""
+    return b"\r\n".join(ln for ln in body.split(b"\r\n") if not ln.startswith(b"o="))

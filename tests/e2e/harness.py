@@ -324,7 +324,7 @@ REFUSED_PORT: int = _REFUSING_SOCKET.getsockname()[1]
 REFUSED_URL = f"http://127.0.0.1:{REFUSED_PORT}/x"
 
 # Users without a static contact: they register (digest auth) to be reachable.
-REGISTERING_USERS = {"1001": "pw-1001", "1002": "pw-1002"}
+REGISTERING_USERS = {"3001": "pw-3001", "3002": "pw-3002", "3003": "pw-3003"}
 
 ROUTES = """
 [[routes]]
@@ -345,6 +345,13 @@ name = "refused"
 to_user = "*97"
 app = "ivr"
 app_params = {{ mode = "step", url = "REFUSED_URL", retry = {{ max_retries = 2, timeout_ms = 600 }} }}
+
+[[routes]]
+name = "internal"
+to_user = "*95"
+public = false
+app = "ivr"
+app_params = {{ mode = "step", url = "{url}/internal", retry = {{ max_retries = 2, timeout_ms = 600 }} }}
 
 [[routes]]
 name = "early"
@@ -383,6 +390,9 @@ def toml_tables(prefix: str, tables: dict[str, dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
+_SYSTEMS_STARTED = 0
+
+
 def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int = 2,
                  executors: int = 2, extensions: tuple[str, ...] = ("2001",),
                  media_capacity: int = 2000, sip_extra: str = "",
@@ -396,7 +406,12 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
     (root / "recordings").mkdir(exist_ok=True)
     sip_port, admin_port = free_port(), free_port(socket.SOCK_STREAM)
     zmq_ports = [free_port(socket.SOCK_STREAM) for _ in range(3)]
-    rtp_low = 30000 + (os.getpid() % 200) * 100
+    # Below the kernel's ephemeral range (32768-60999 by default), so no port that
+    # free_port(), sipp or a client socket picks can be one of the workers' RTP ports;
+    # a second system in the same run (test_overload_failover) gets its own range.
+    global _SYSTEMS_STARTED
+    rtp_low = 20000 + ((os.getpid() % 40) * 3 + _SYSTEMS_STARTED % 3) * 100
+    _SYSTEMS_STARTED += 1
     ext_ports = {ext: free_port() for ext in extensions}
     users = "".join(
         f'\n[users."{ext}"]\ncontact = "sip:{ext}@127.0.0.1:{port}"\n'

@@ -113,6 +113,15 @@ def test_invite_without_route_gets_404(system: PbxSystem, workdir: Path) -> None
     assert system.provider.requests[mark:] == [], "no route: the provider is not asked"
 
 
+def test_unknown_source_cannot_reach_a_route_that_is_not_public(
+        system: PbxSystem, workdir: Path) -> None:
+    mark = len(system.provider.requests)
+    sipp = run_sipp(system, workdir, "uac_invite_403.xml", "*95")
+    finals = [s for s in received_statuses(sipp) if not s.startswith("SIP/2.0 1")]
+    assert finals == ["SIP/2.0 403 Forbidden (not a public route)"], finals
+    assert system.provider.requests[mark:] == [], "refused: the provider is not asked"
+
+
 def test_unknown_method_gets_501(system: PbxSystem, workdir: Path) -> None:
     sipp = run_sipp(system, workdir, "uac_unknown_method.xml", "pbx")
     assert [s.split(" ")[1] for s in received_statuses(sipp)] == ["501"]

@@ -1,0 +1,74 @@
+"""In-dialog requests end to end: hold and resume by re-INVITE, an UPDATE, session
+timers in the 200, and a REFER from an IVR caller that sends it to extension 2001."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.harness import (
+    SCENARIOS,
+    PbxSystem,
+    Reply,
+    RtpEndpoint,
+    free_port,
+    sipp_messages,
+    start_sipp,
+    wait_until,
+)
+
+
+def prompt_forever(path: str, body: Any) -> Reply:
+    if path.endswith(("/start", "/end", "/dtmf-match")):
+        return 200, b'{"status":"ok"}', 0.0
+    action = {"type": "prompt", "file": "sounds/menu.wav"}
+    return 200, json.dumps(action).encode(), 0.0
+
+
+def wait_idle(system: PbxSystem) -> None:
+    wait_until(lambda: system.metrics()["pbx_calls"] == 0
+               and system.metrics()["pbx_media_legs"] == 0, 5, "the PBX to be idle")
+
+
+def test_hold_resume_update_and_session_timer(system: PbxSystem, workdir: Path) -> None:
+    system.provider.script = prompt_forever
+    rtp = RtpEndpoint()
+    caller = start_sipp("reinvite", [
+        "-sf", str(SCENARIOS / "uac_reinvite_hold.xml"), "-s", "*99", system.sip_addr,
+        "-i", "127.0.0.1", "-p", str(free_port()), "-key", "rtp_port", str(rtp.port),
+        "-m", "1", "-l", "1",
+    ], workdir)
+    try:
+        assert caller.wait(20) == 0, caller.logs()
+    finally:
+        caller.stop()
+        rtp.close()
+    wait_idle(system)
+
+
+def test_refer_on_an_ivr_call_reaches_the_target(system: PbxSystem, workdir: Path) -> None:
+    system.provider.script = prompt_forever
+    rtp = RtpEndpoint()
+    callee = start_sipp("callee-2001", [
+        "-sn", "uas", "-i", "127.0.0.1", "-p", str(system.extension_ports["2001"]),
+        "-mi", "127.0.0.1", "-mp", str(free_port(even=True)), "-m", "1",
+    ], workdir / "callee")
+    caller = start_sipp("refer", [
+        "-sf", str(SCENARIOS / "uac_refer.xml"), "-s", "*99", system.sip_addr,
+        "-i", "127.0.0.1", "-p", str(free_port()), "-key", "rtp_port", str(rtp.port),
+        "-m", "1", "-l", "1",
+    ], workdir / "caller")
+    try:
+        assert caller.wait(30) == 0, caller.logs()
+        assert callee.wait(15) == 0, callee.logs()
+        assert "INVITE sip:2001" in sipp_messages(callee.workdir)
+    finally:
+        caller.stop()
+        callee.stop()
+        rtp.close()
+    start = system.provider.seen("/ivr/step/start")[-1]
+    end = wait_until(lambda: [r for r in system.provider.for_session(start.body["session_id"])
+                              if r.path == "/ivr/step/end"], 5, "/end")
+    assert end[0].body["reason"] == "Transfer(2001)"
+    wait_idle(system)
