@@ -9,6 +9,10 @@ on an even port of `[media] rtp_ports` (a random start, so several workers
 sharing the range rarely collide; a taken port is skipped). One tick loop
 runs every 20 ms from a fixed origin and hands the engine the nominal tick
 time; a late tick skips ahead instead of running the missed ones back to back.
+The legs' RTP sockets are read when data arrives: the event loop watches the
+epoll set of all of them (`workers.rtpio`), and a wake-up reads only the ready
+sockets — at once if the last read was POLL_SECONDS ago or more, otherwise when
+that interval is over, so a busy worker reads its packets in batches.
 
 Recordings (MediaRecord) are written by the engine's recorder in batches during
 the tick; every file error comes back as a MediaFailure event. A WebSocket
@@ -68,9 +72,10 @@ from workers import rtpio
 log = logging.getLogger("pbx.media")
 
 TICK_SECONDS = 0.020
-# RTP sockets are polled this often (every other poll runs the tick): a received
-# RFC 4733 end packet waits at most this long before its digit goes out.
-POLL_SECONDS = 0.010
+# The legs' RTP sockets are read at most this often (on a wake-up from their epoll
+# set, and before every tick): a received RFC 4733 end packet waits at most this
+# long before its digit goes out, and a burst of packets is read in one batch.
+POLL_SECONDS = 0.002
 # Caller-audio frames waiting for a slow WebSocket; more are dropped (0.5 s at 20 ms).
 WS_SEND_QUEUE = 25
 
@@ -116,6 +121,9 @@ class MediaWorker:
         self.ws_tasks: dict[str, asyncio.Task[None]] = {}
         self.ws_queues: dict[str, asyncio.Queue[bytes]] = {}
         self._http: aiohttp.ClientSession | None = None
+        self._last_poll = 0.0  # time.monotonic() of the last read of the RTP sockets
+        self._poll_timer: asyncio.TimerHandle | None = None
+        self._watching = False  # the loop watches the RTP sockets' epoll fd
         self.tick_late_max = 0.0
         self.tick_late: list[float] = []  # seconds, each tick since the last heartbeat
         self.tick_busy: list[float] = []
@@ -323,14 +331,51 @@ class MediaWorker:
         self.send_packets(packets)
         self.send_events(events)
 
+    def watch_rtp(self) -> None:
+        """Read the RTP sockets whenever one has data (see `_rtp_ready`)."""
+        if not self._watching:
+            self.loop.add_reader(self.rtp.fileno(), self._rtp_ready)
+            self._watching = True
+
+    def unwatch_rtp(self) -> None:
+        if self._watching:
+            self.loop.remove_reader(self.rtp.fileno())
+            self._watching = False
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+            self._poll_timer = None
+
+    def _rtp_ready(self) -> None:
+        """A leg's socket has data: read the ready sockets now if the last read was at
+        least POLL_SECONDS ago; otherwise stop watching until that interval is over, so
+        the packets arriving meanwhile are read together."""
+        wait = self._last_poll + POLL_SECONDS - time.monotonic()
+        if wait <= 0:
+            self._poll_safe()
+            return
+        self.unwatch_rtp()
+        self._poll_timer = self.loop.call_later(wait, self._poll_due)
+
+    def _poll_due(self) -> None:
+        self._poll_timer = None
+        self._poll_safe()
+        self.watch_rtp()
+
+    def _poll_safe(self) -> None:
+        try:
+            self.poll_rtp()
+        except Exception:
+            log.exception("RTP poll failed")
+
     def poll_rtp(self) -> None:
-        """Every datagram waiting on the legs' RTP sockets, through the engine a buffer
-        at a time (`MediaEngine.receive_batch`: one kernel pass, Python only for the
-        packets that need it)."""
+        """Every datagram waiting on the legs' RTP sockets (only those the epoll set
+        reports ready), through the engine a buffer at a time
+        (`MediaEngine.receive_batch`: one kernel pass, Python only for the packets that
+        need it)."""
         rtp = self.rtp
-        start = 0
+        self._last_poll = time.monotonic()
         while True:
-            n = rtp.recv(start)
+            n = rtp.recv()
             if n == 0:
                 return
             packets, events = self.engine.receive_batch(
@@ -342,7 +387,6 @@ class MediaWorker:
                 self.send_events(events)
             if n < rtp.buf.shape[0]:
                 return
-            start = rtp.next_start(n)  # the buffer filled up: go on from that socket
 
     def send_tx(self) -> None:
         """The tick's prompt packets (`engine.tx`), each from its leg's socket, in one
@@ -387,33 +431,28 @@ class MediaWorker:
                     log.debug("RTCP send for %s to %s failed: %s", call_id, addr, exc)
 
     async def tick_loop(self) -> None:
-        """One clock for every leg: polls at POLL_SECONDS from a fixed origin; every
-        TICK_SECONDS one engine tick (playback, detection, recording, RTCP) for all legs."""
+        """One clock for every leg: every TICK_SECONDS from a fixed origin, a read of the
+        RTP sockets, then one engine tick (playback, detection, recording, RTCP) for all
+        legs. Between ticks the sockets are read on readiness (`watch_rtp`)."""
         # time.monotonic(), not loop.time(): uvloop's clock has 1 ms steps.
         origin = time.monotonic()
         self.engine.wall_offset = time.time() - origin
-        per_tick = round(TICK_SECONDS / POLL_SECONDS)
         k = 0
         while True:
             k += 1
-            target = origin + k * POLL_SECONDS
+            target = origin + k * TICK_SECONDS
             delay = target - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            try:
-                self.poll_rtp()
-            except Exception:
-                log.exception("RTP poll failed")
-            if k % per_tick:
-                continue
+            self._poll_safe()
             now = time.monotonic()
             late = now - target
             if late > TICK_SECONDS:
                 # Skip the missed ticks: the engine's fixed-origin pacing catches up.
-                skip_to = int((now - origin) / TICK_SECONDS) * per_tick
-                self.ticks_skipped += (skip_to - k) // per_tick
+                skip_to = int((now - origin) / TICK_SECONDS)
+                self.ticks_skipped += skip_to - k
                 k = skip_to
-                target = origin + k * POLL_SECONDS
+                target = origin + k * TICK_SECONDS
             self.tick_late_max = max(self.tick_late_max, late)
             self.tick_late.append(late)
             try:
@@ -467,6 +506,7 @@ class MediaWorker:
         self.send(MediaReady(worker_id=self.worker_id, capacity=self.settings.media.capacity))
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._stopping.set)
+        self.watch_rtp()
         tasks = [
             asyncio.create_task(self.recv_loop()),
             asyncio.create_task(self.tick_loop()),
@@ -480,6 +520,7 @@ class MediaWorker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.unwatch_rtp()
         for call_id in list(self.engine.legs):
             self.stop_ws(call_id)
             self.engine.remove_leg(call_id, time.monotonic())  # finishes recordings

@@ -2,12 +2,18 @@
 
 Each leg keeps its own UDP socket (its SDP port, the source port phones and NATs
 expect), but asyncio's one-callback-per-datagram costs several µs of Python per
-packet. Instead the worker polls all RTP sockets once per poll interval: one
-compiled loop calls `recvfrom(MSG_DONTWAIT)` on every socket until it would
-block, into one preallocated `packets × 2048` buffer (1,024 packets, 2 MB; a
+packet. Instead the worker reads all RTP sockets in one go: one compiled loop
+calls `recvfrom(MSG_DONTWAIT)` on the ready sockets (below), into one
+preallocated `packets × 2048` buffer (1,024 packets, 2 MB; a
 fuller poll takes several fills), with each packet's length, source address and
-the engine row of its leg — what `MediaEngine.receive_batch` takes. An idle
-socket costs one ~0.4 µs system call.
+the engine row of its leg — what `MediaEngine.receive_batch` takes.
+
+Only ready sockets are read: every leg's socket is in one epoll set (its index
+in `fds` as the event data), and the loop first asks `epoll_wait` (timeout 0)
+which have data, then calls `recvfrom` once on each, and asks again until none is
+left — an idle leg costs nothing per poll, and no call is spent finding a socket
+empty. The epoll fd itself (`RtpSockets.fileno()`) becomes readable
+when any leg socket is, so the worker can wait on it in its event loop.
 
 Sending is the mirror image: the engine's tick leaves every prompt packet in
 one buffer (`MediaEngine.tx`) and one compiled loop calls `sendto` for each
@@ -24,6 +30,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import platform
+import select
 import socket
 
 import numpy as np
@@ -50,43 +59,84 @@ _sendto.argtypes = [
     ctypes.c_uint32,
 ]
 _sendto.restype = ctypes.c_ssize_t
+_epoll_ctl = _libc.epoll_ctl
+_epoll_ctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+_epoll_ctl.restype = ctypes.c_int
+_epoll_wait = _libc.epoll_wait
+_epoll_wait.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+_epoll_wait.restype = ctypes.c_int
+_EPOLL_CTL_ADD = 1
+_EPOLL_CTL_DEL = 2
+_EPOLLIN = 0x001
+# struct epoll_event {uint32_t events; uint64_t data;}: packed on x86-64 (12 bytes),
+# naturally aligned elsewhere (16). Read as uint32 words: the data's low word (the
+# socket index; little-endian) is word 1 or 2 of each event.
+_EV_PACKED = platform.machine() in ("x86_64", "AMD64", "i386", "i686")
+EV_WORDS = 3 if _EV_PACKED else 4
+EV_DATA = 1 if _EV_PACKED else 2
+
+
+if _EV_PACKED:
+
+    class _EpollEvent(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+
+else:
+
+    class _EpollEvent(ctypes.Structure):  # type: ignore[no-redef]
+        _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+
+
 _MSG_DONTWAIT = 0x40
 MAX_DATAGRAM = 2048
 SOCKADDR_IN = 16
 
 
 @njit(cache=False)
-def _recv_all(
+def _recv_ready(
+    epfd: int,
+    events: np.ndarray,
     fds: np.ndarray,
     buf: np.ndarray,
     lens: np.ndarray,
     names: np.ndarray,
     namelens: np.ndarray,
     owner: np.ndarray,
-    start: int,
 ) -> int:
-    """Drain every socket in fds (from index `start` on) into buf; returns packets read.
-    Stops early when buf is full: the caller calls again from the returned owner on."""
+    """Read the sockets epoll reports ready (index into fds as the event data) into
+    buf, one datagram per ready socket per round, rounds until epoll reports none:
+    no `recvfrom` is spent finding a socket empty (EAGAIN), and a socket holding a
+    burst is read in as many rounds. Returns the packets read; stops early when buf
+    is full (epoll is level-triggered: the next call finds the rest). Indexes whose
+    fd is -1 (removed legs) are never read."""
     n = 0
     cap = buf.shape[0]
     size = buf.shape[1]
-    for i in range(start, fds.shape[0]):
-        fd = fds[i]
-        if fd < 0:
-            continue
-        while True:
-            if n >= cap:
-                return n
+    maxev = events.shape[0] // EV_WORDS
+    while n < cap:
+        nev = _epoll_wait(epfd, events.ctypes.data, maxev, 0)
+        if nev <= 0:
+            return n
+        before = n
+        for e in range(nev):
+            i = events[e * EV_WORDS + EV_DATA]
+            if i >= fds.shape[0]:
+                continue
+            fd = fds[i]
+            if fd < 0 or n >= cap:
+                continue
             namelens[n] = SOCKADDR_IN
             r = _recvfrom(
                 fd, buf[n].ctypes.data, size, _MSG_DONTWAIT, names[n].ctypes.data,
                 namelens[n:].ctypes.data,
             )  # fmt: skip
-            if r < 0:
-                break
-            lens[n] = r
-            owner[n] = i
-            n += 1
+            if r >= 0:
+                lens[n] = r
+                owner[n] = i
+                n += 1
+        if n == before:  # ready but nothing read (a pending socket error, now cleared)
+            return n
     return n
 
 
@@ -132,10 +182,13 @@ def _send_all(
 
 
 class RtpSockets:
-    """The RTP sockets of every leg, polled together."""
+    """The RTP sockets of every leg, polled together: one epoll set says which to read."""
 
     def __init__(self, batch: int = 1024) -> None:
         self.fds = np.zeros(0, dtype=np.int32)
+        self._epoll = select.epoll()  # owns the fd (closed with it); driven through libc
+        self.epfd = self._epoll.fileno()
+        self.events = np.zeros(16 * EV_WORDS, dtype=np.uint32)  # ≥ one event per socket
         self.call_ids: list[str | None] = []
         self.socks: list[socket.socket | None] = []
         self._index: dict[str, int] = {}
@@ -156,12 +209,29 @@ class RtpSockets:
     def __len__(self) -> int:
         return len(self._index)
 
+    def fileno(self) -> int:
+        """The epoll fd: readable while any leg's socket has a datagram waiting."""
+        return self.epfd
+
+    def ready(self) -> list[int]:
+        """The socket indexes the epoll set reports readable now (for tests and checks;
+        `recv` asks the kernel itself, from compiled code)."""
+        return sorted(i for i, _ in self._epoll.poll(0))  # Python reports data as "fd"
+
+    def _ctl(self, op: int, fd: int, i: int) -> None:
+        ev = _EpollEvent(_EPOLLIN, i)
+        if _epoll_ctl(self.epfd, op, fd, ctypes.byref(ev)) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
     def add(self, call_id: str, sock: socket.socket, row: int = -1) -> None:
         """The leg's socket; `row` is the leg's engine row (`Leg.row`) for `recv`/`send`."""
         if call_id in self._index:
             raise ValueError(f"call {call_id!r} already has an RTP socket")
+        i = self._free[-1] if self._free else len(self.call_ids)
+        self._ctl(_EPOLL_CTL_ADD, sock.fileno(), i)  # first: a failure changes nothing
         if self._free:
-            i = self._free.pop()
+            self._free.pop()
             self.call_ids[i] = call_id
             self.socks[i] = sock
         else:
@@ -171,6 +241,8 @@ class RtpSockets:
             fds = np.full(max(16, 2 * i), -1, dtype=np.int32) if i >= self.fds.size else self.fds
             fds[: self.fds.size] = self.fds
             self.fds = fds
+            if self.events.size < fds.size * EV_WORDS:
+                self.events = np.zeros(fds.size * EV_WORDS, dtype=np.uint32)
         if self.sock_rows.size < self.fds.size:
             rows = np.full(self.fds.size, -1, dtype=np.int64)
             rows[: self.sock_rows.size] = self.sock_rows
@@ -194,6 +266,10 @@ class RtpSockets:
         if i is None:
             return None
         sock = self.socks[i]
+        try:
+            self._ctl(_EPOLL_CTL_DEL, int(self.fds[i]), i)
+        except OSError:
+            pass  # already closed by the caller: the kernel dropped it from the set
         self.fds[i] = -1
         row = int(self.sock_rows[i])
         if 0 <= row < self.row_fd.size:
@@ -204,19 +280,17 @@ class RtpSockets:
         self._free.append(i)
         return sock
 
-    def recv(self, start: int = 0) -> int:
-        """One fill of the buffer from socket index `start` on: returns n, with
-        `buf[:n]`, `lens[:n]`, `names[:n]` and each packet's engine row in `rows[:n]`.
-        When n == len(buf) call again from `next_start()`."""
+    def recv(self) -> int:
+        """One fill of the buffer from the ready sockets: returns n, with `buf[:n]`,
+        `lens[:n]`, `names[:n]` and each packet's engine row in `rows[:n]`. When
+        n == len(buf) there may be more: call again."""
         n = int(
-            _recv_all(self.fds, self.buf, self.lens, self.names, self.namelens, self.owner, start)
-        )
+            _recv_ready(self.epfd, self.events, self.fds, self.buf, self.lens, self.names,
+                        self.namelens, self.owner)
+        )  # fmt: skip
         if n:
             np.take(self.sock_rows, self.owner[:n], out=self.rows[:n])
         return n
-
-    def next_start(self, n: int) -> int:
-        return int(self.owner[n - 1])
 
     def send(self, data: np.ndarray, lens: np.ndarray, rows: np.ndarray, ips: np.ndarray,
              ports: np.ndarray, n: int) -> np.ndarray:  # fmt: skip
@@ -233,12 +307,12 @@ class RtpSockets:
     def poll(self) -> list[tuple[str, bytes, tuple[str, int]]]:
         """Every datagram waiting on any leg's socket: (call_id, data, source address)."""
         out: list[tuple[str, bytes, tuple[str, int]]] = []
-        start = 0
         cache = self._addr_cache
         while True:
-            n = _recv_all(
-                self.fds, self.buf, self.lens, self.names, self.namelens, self.owner, start
-            )
+            n = _recv_ready(
+                self.epfd, self.events, self.fds, self.buf, self.lens, self.names,
+                self.namelens, self.owner,
+            )  # fmt: skip
             if n == 0:
                 return out
             buf, lens, names, owner, call_ids = (
@@ -256,12 +330,13 @@ class RtpSockets:
                     out.append((call_id, buf[i, : lens[i]].tobytes(), addr))
             if n < buf.shape[0]:
                 return out
-            start = int(owner[n - 1])  # the buffer filled up: go on from that socket
 
     def close(self) -> None:
         for sock in self.socks:
             if sock is not None:
                 sock.close()
+        self._epoll.close()
+        self.epfd = -1
         self.socks = []
         self.call_ids = []
         self._index.clear()
@@ -286,5 +361,6 @@ def warm() -> None:
                 port * one, 1)  # fmt: skip
         rs.recv()
         rs.remove("warm")
+        rs.close()
     finally:
         a.close()

@@ -1,0 +1,165 @@
+"""workers.rtpio: the legs' sockets in one epoll set; only ready sockets are read."""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from workers.rtpio import RtpSockets
+
+
+@pytest.fixture
+def socks() -> Iterator[list[socket.socket]]:
+    out = []
+    for _ in range(4):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+        out.append(s)
+    yield out
+    for s in out:
+        s.close()
+
+
+def readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def drain(rs: RtpSockets) -> list[tuple[int, int, bytes]]:
+    """(socket index, engine row, payload) of every packet recv() returns."""
+    out = []
+    while True:
+        n = rs.recv()
+        out += [(int(rs.owner[k]), int(rs.rows[k]), rs.buf[k, : rs.lens[k]].tobytes())
+                for k in range(n)]  # fmt: skip
+        if n < rs.buf.shape[0]:
+            return out
+
+
+def test_only_ready_sockets_are_read(socks: list[socket.socket]) -> None:
+    rs = RtpSockets(batch=4)
+    phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for k, s in enumerate(socks):
+            rs.add(f"c{k}", s, 10 + k)
+        assert rs.ready() == [] and not readable(rs.fileno())
+        assert rs.recv() == 0
+        phone.sendto(b"a0", socks[0].getsockname())
+        phone.sendto(b"a2", socks[2].getsockname())
+        phone.sendto(b"b2", socks[2].getsockname())
+        assert rs.ready() == [0, 2] and readable(rs.fileno())
+        assert sorted(drain(rs)) == [(0, 10, b"a0"), (2, 12, b"a2"), (2, 12, b"b2")]
+        assert rs.ready() == [] and not readable(rs.fileno())
+        # a burst larger than the buffer: read over several fills, none lost
+        for j in range(10):
+            phone.sendto(b"x%d" % j, socks[1].getsockname())
+        got = drain(rs)
+        assert [p for _, _, p in got] == [b"x%d" % j for j in range(10)]
+        assert {(i, r) for i, r, _ in got} == {(1, 11)}
+        # the compatibility path returns call ids and source addresses
+        phone.sendto(b"p3", socks[3].getsockname())
+        assert rs.poll() == [("c3", b"p3", ("127.0.0.1", phone.getsockname()[1]))]
+    finally:
+        phone.close()
+        rs.close()
+
+
+def test_removed_legs_are_never_read_and_slots_are_reused(socks: list[socket.socket]) -> None:
+    rs = RtpSockets(batch=8)
+    phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for k, s in enumerate(socks[:3]):
+            rs.add(f"c{k}", s, k)
+        phone.sendto(b"early", socks[1].getsockname())
+        assert rs.remove("c1") is socks[1]
+        assert len(rs) == 2 and rs.ready() == [] and not readable(rs.fileno())
+        phone.sendto(b"late", socks[1].getsockname())
+        phone.sendto(b"c0", socks[0].getsockname())
+        assert drain(rs) == [(0, 0, b"c0")]
+        # the removed leg's datagrams are still in its socket: nobody read them
+        assert socks[1].recv(100) == b"early" and socks[1].recv(100) == b"late"
+        # a new leg takes the free slot and is read from there
+        rs.add("c3", socks[3], 7)
+        assert rs.call_ids[1] == "c3"
+        phone.sendto(b"new", socks[3].getsockname())
+        assert rs.ready() == [1]
+        assert drain(rs) == [(1, 7, b"new")]
+        with pytest.raises(ValueError):
+            rs.add("c3", socks[1], 8)
+        # a socket closed by its owner before remove() leaves the set too
+        socks[0].close()
+        assert rs.remove("c0") is not None
+        phone.sendto(b"c2", socks[2].getsockname())
+        assert drain(rs) == [(2, 2, b"c2")]
+    finally:
+        phone.close()
+        rs.close()
+
+
+class _Engine:
+    """Stands in for MediaEngine: records what each read of the sockets handed it."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[float, list[bytes]]] = []
+
+    def receive_batch(self, buf, lens, names, rows, n, now):  # type: ignore[no-untyped-def]
+        self.batches.append((now, [buf[k, : lens[k]].tobytes() for k in range(n)]))
+        return [], []
+
+
+def test_worker_reads_on_readiness_and_coalesces(socks: list[socket.socket]) -> None:
+    """No tick loop runs here: every read comes from the epoll fd waking the loop."""
+    from workers import media
+
+    async def scenario() -> None:
+        w = media.MediaWorker.__new__(media.MediaWorker)
+        w.loop = asyncio.get_running_loop()
+        w.rtp = RtpSockets(batch=16)
+        w.engine = _Engine()  # type: ignore[assignment]
+        w._last_poll, w._poll_timer, w._watching = 0.0, None, False
+        phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        batches = w.engine.batches  # type: ignore[attr-defined]
+
+        async def until(count: int, timeout: float = 2.0) -> None:
+            deadline = time.monotonic() + timeout
+            while len(batches) < count and time.monotonic() < deadline:
+                await asyncio.sleep(0.0005)
+
+        try:
+            for k, s in enumerate(socks[:2]):
+                w.rtp.add(f"c{k}", s, k)
+            w.watch_rtp()
+            phone.sendto(b"one", socks[0].getsockname())
+            await until(1)
+            assert [p for _, p in batches] == [[b"one"]]
+            # right after a read: the next wake waits out POLL_SECONDS, then reads all
+            first = batches[0][0]
+            for p in (b"a", b"b", b"c"):
+                phone.sendto(p, socks[1].getsockname())
+            await until(2)
+            assert sorted(batches[1][1]) == [b"a", b"b", b"c"]
+            assert batches[1][0] >= first + media.POLL_SECONDS - 1e-4
+            # a removed leg is never read; an unwatched set is not read at all
+            w.rtp.remove("c0")
+            phone.sendto(b"gone", socks[0].getsockname())
+            await asyncio.sleep(0.02)
+            assert len(batches) == 2
+            w.unwatch_rtp()
+            phone.sendto(b"later", socks[1].getsockname())
+            await asyncio.sleep(0.02)
+            assert len(batches) == 2
+            w.watch_rtp()
+            await until(3)
+            assert batches[2][1] == [b"later"]
+            assert socks[0].recv(100) == b"gone"
+        finally:
+            w.unwatch_rtp()
+            phone.close()
+            w.rtp._epoll.close()
+
+    asyncio.run(scenario())
