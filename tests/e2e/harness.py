@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import struct
@@ -29,14 +30,43 @@ SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 SIPP_PCAPS = Path("/usr/share/sip-tester")
 
 
+# Media ports (`even=True`) come from here: below the e2e systems' RTP ranges
+# (start_system) and the kernel's ephemeral range, so no socket bound to port 0 and no
+# worker can take one between the pick and its use.
+MEDIA_PORTS = range(10000, 19996, 2)
+
+
+def _udp_ports_free(ports: range) -> bool:
+    socks = []
+    try:
+        for port in ports:
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(u)
+            u.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for u in socks:
+            u.close()
+
+
 def free_port(kind: int = socket.SOCK_DGRAM, even: bool = False) -> int:
-    """A port free for both UDP and TCP on 127.0.0.1."""
+    """A port free for both UDP and TCP on 127.0.0.1.
+
+    `even=True`: an even UDP port for media whose next three ports are free too: sipp's
+    `-mp port` binds port (audio RTP), +1 (RTCP) and +2, +3 (video RTP and RTCP), and
+    fails the whole run if one of them is taken."""
+    if even:
+        for _ in range(200):
+            port = random.choice(MEDIA_PORTS)
+            if _udp_ports_free(range(port, port + 4)):
+                return port
+        raise RuntimeError("no free media port")
     for _ in range(200):
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if even and port % 2:
-            continue
         try:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t, \
                     socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:

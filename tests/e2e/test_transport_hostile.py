@@ -33,7 +33,8 @@ from tests.e2e.harness import (
 )
 from tests.e2e.uac import Uac
 
-CORPUS = Path("/work/shared/conformance/rfc4475")
+# The RFC 4475 torture messages, vendored with their README and licence.
+CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "rfc4475"
 EXPECTED: dict[str, Any] = (
     json.loads((CORPUS / "expected.json").read_text()) if CORPUS.is_dir() else {})
 FILES = sorted(EXPECTED)
@@ -45,7 +46,6 @@ OK = (200, b'{"status":"ok"}', 0.0)
 # "REGISTER succeeds" assumes one that does not, so a 401 is the right answer here.
 DEVIATIONS = {name: [200, 401] for name in ("cparam01.dat", "cparam02.dat", "regescrt.dat")}
 
-pytestmark = pytest.mark.skipif(not CORPUS.is_dir(), reason="RFC 4475 corpus not present")
 
 
 def hold_script(path: str, body: Any) -> Reply:
@@ -328,14 +328,35 @@ def test_tcp_unframeable_and_oversized_input_is_refused(system: PbxSystem) -> No
     assert_clean_log(system)
 
 
+SO_RCVBUFFORCE = 33  # Linux
+
+
+def udp_drops(port: int) -> int:
+    """Datagrams the kernel dropped for the UDP socket(s) bound to 127.0.0.1:`port`
+    (a full receive buffer: the process did not read fast enough)."""
+    local = f"0100007F:{port:04X}"
+    total = 0
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 12 and fields[1] == local:
+            total += int(fields[-1])
+    return total
+
+
 def test_flood_from_one_source_is_rate_limited_silently(system: PbxSystem) -> None:
     """1,000 OPTIONS at once from one address: about the burst (400) are answered, the
     rest dropped without an answer and counted; other work goes on."""
     before = system.metrics().get("pbx_sip_rate_limited", 0)
+    kernel_before = udp_drops(system.sip_port)
     answered = 0
+    last_answer_at = t0 = time.monotonic()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        try:  # past net.core.rmem_max (a default machine caps SO_RCVBUF near 400 KB)
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 22)
+        except OSError:
+            pass  # not root: the answers this socket dropped are counted below
         port = s.getsockname()[1]
         for i in range(1000):
             if i % 50 == 0:
@@ -350,13 +371,24 @@ def test_flood_from_one_source_is_rate_limited_silently(system: PbxSystem) -> No
             while True:
                 s.recvfrom(65535)
                 answered += 1
+                last_answer_at = time.monotonic()
         except TimeoutError:
             pass
+        answers_dropped = udp_drops(port)  # answers this test's socket had no room for
     limited = system.metrics()["pbx_sip_rate_limited"] - before
+    # Datagrams the kernel dropped because the front was not scheduled in time (a loaded
+    # machine) never reached it: not the front's doing, and nothing to answer or count.
+    kernel_dropped = udp_drops(system.sip_port) - kernel_before
     assert limited > 0, (answered, system.metrics())
-    # 400 at once, then 200/s for about a second
-    assert answered + limited >= 990, (answered, limited)  # a few lost on loopback at most
-    assert 300 <= limited <= 600 and answered < 700, (answered, limited)
+    assert answered + answers_dropped + limited + kernel_dropped >= 990, (
+        answered, answers_dropped, limited, kernel_dropped)
+    # The burst (400) at once, then 200/s: every answer went out between the first send
+    # and the last answer, so at most 400 + 200/s over that span (about 1 s when the
+    # machine is idle, longer when the sender or the front is slowed down: the bound
+    # follows the time actually taken instead of assuming one second).
+    span = last_answer_at - t0
+    assert answered + answers_dropped <= 400 + 200 * span + 20, (answered, limited, span)
+    assert limited <= 600, (answered, limited, span)  # the burst was served
     time.sleep(2.5)  # the bucket refills (200/s): this source is served again
     assert exchange_udp(system, (
         b"OPTIONS sip:pbx@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bKafter\r\n"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 import subprocess
 import tempfile
@@ -538,13 +539,15 @@ def speech() -> list[tuple[str, np.ndarray]]:
         key = hashlib.sha256(f"{voice}|{wpm}|{text}".encode()).hexdigest()[:16]
         wav8k = cache / f"{key}.wav"
         if not wav8k.exists():
-            raw = cache / f"{key}.raw.wav"
+            # Per-process names: two runs sharing the temp dir (CI and a developer, or
+            # two checkouts) may generate the same file at once; the rename is atomic.
+            raw = cache / f"{key}.{os.getpid()}.raw.wav"
             subprocess.run(
                 ["espeak-ng", "-v", voice, "-s", str(wpm), "-w", str(raw), text],
                 check=True,
                 capture_output=True,
             )
-            tmp = cache / f"{key}.tmp.wav"
+            tmp = cache / f"{key}.{os.getpid()}.tmp.wav"
             subprocess.run(
                 ["sox", str(raw), "-r", str(FS), "-c", "1", "-b", "16", str(tmp)],
                 check=True,

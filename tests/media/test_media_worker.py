@@ -96,7 +96,9 @@ def worker(tmp_path: Path) -> Iterator[tuple[Front, subprocess.Popen[bytes]]]:
     sounds.mkdir()
     write_wav(sounds / "half.wav", 0.5)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    low = 30000 + 2 * (os.getpid() % 5000)
+    # Above the kernel's ephemeral range (32768-60999): no client socket of the test
+    # (free_port) can take one of the worker's RTP ports meanwhile.
+    low = 61000 + 2 * (os.getpid() % 1000)
     config = tmp_path / "pbx.toml"
     config.write_text(
         f'[zmq]\nmedia_endpoint = "{endpoint}"\n\n'
@@ -165,8 +167,12 @@ def test_worker_plays_reports_dtmf_and_releases(
         assert [p.sequence for p in packets] == [
             (packets[0].sequence + i) % 65536 for i in range(25)
         ]
-        # paced, not burst: 25 frames of 20 ms take about 480 ms
-        assert 0.35 < arrivals[-1] - arrivals[0] < 0.8
+        # paced, not burst: 25 frames of 20 ms take about 480 ms, and frames come 20 ms
+        # apart (the median gap: a worker descheduled once on a loaded machine sends
+        # late, and a span bound alone would fail on that)
+        gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+        assert arrivals[-1] - arrivals[0] > 0.35, arrivals
+        assert 0.015 < gaps[len(gaps) // 2] < 0.025, gaps
         done = front.recv_kind(MediaEvent)
         assert done == MediaEvent(call_id="call-1", event=AudioComplete(play_id=7))
 
@@ -281,15 +287,21 @@ def test_worker_inband_and_rfc4733_one_press_rtcp_and_latching(
                     seq += 1
             ts += 160
             time.sleep(0.02)
-        digits = []
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
-            try:
-                msg = front.recv_kind(MediaEvent, 0.3)
-            except TimeoutError:
-                break
-            if isinstance(msg.event, DtmfDigit):
-                digits.append(msg.event)
+        def next_digit(timeout_s: float) -> DtmfDigit:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                msg = front.recv_kind(MediaEvent, max(0.01, deadline - time.monotonic()))
+                if isinstance(msg.event, DtmfDigit):
+                    return msg.event
+
+        # The first report may take a while on a loaded machine; after it, every packet
+        # of the press has long been sent, so a second report would follow it closely.
+        digits = [next_digit(TIMEOUT_S)]
+        try:
+            while True:
+                digits.append(next_digit(0.5))
+        except TimeoutError:
+            pass
         assert [d.digit for d in digits] == ["5"], digits
         # latched: the prompt now goes to where the phone's packets come from
         nat_phone.settimeout(1.0)

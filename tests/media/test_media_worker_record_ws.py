@@ -45,7 +45,8 @@ class Worker:
         (tmp / "sounds").mkdir()
         self.rec_dir = tmp / "rec"
         endpoint = f"tcp://127.0.0.1:{free_port()}"
-        low = 34000 + 2 * (os.getpid() % 3000)
+        # Above the kernel's ephemeral range (32768-60999), and not test_media_worker's.
+        low = 63200 + 2 * (os.getpid() % 1000)
         config = tmp / "pbx.toml"
         config.write_text(
             f'[zmq]\nmedia_endpoint = "{endpoint}"\n\n'
@@ -156,9 +157,15 @@ def test_killed_worker_leaves_a_playable_file(worker: Worker) -> None:
     worker.start_call()
     worker.front.send(MediaRecord(call_id="c1", record_id=1, path="crash.wav", stereo=True))
     worker.send_audio(tone(1.5, 700.0))
+    path = worker.rec_dir / "crash.wav"
+    # Killed once the worker has written more than a second (it may lag behind the
+    # sender on a loaded machine), not at a moment that assumes it keeps up.
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline and (
+            not path.exists() or path.stat().st_size - 44 < 4 * 9000):
+        time.sleep(0.02)
     os.kill(worker.proc.pid, signal.SIGKILL)
     worker.proc.wait(TIMEOUT_S)
-    path = worker.rec_dir / "crash.wav"
     with wave.open(str(path)) as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (2, 2, 8000)
         # the header was patched after the first second; the data runs a little further
@@ -180,6 +187,7 @@ class WsServer:
         self.close_after = close_after
         self.headers: dict[str, str] = {}
         self.received = 0
+        self.connected = threading.Event()  # a WebSocket handshake completed
         self.loop = asyncio.new_event_loop()
         self.port = free_port()
         self._ready = threading.Event()
@@ -191,6 +199,7 @@ class WsServer:
         self.headers = dict(request.headers)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
+        self.connected.set()
         async for msg in ws:
             if msg.type == WSMsgType.BINARY:
                 self.received += 1
@@ -253,7 +262,9 @@ def test_ws_echo_caller_hears_itself(worker: Worker, ws_server: WsServer) -> Non
             timeout_ms=3000,
         )
     )
-    time.sleep(0.3)  # the connect
+    # The connect (not a fixed 0.3 s: a loaded machine can take longer, and the frames
+    # sent before the bridge is up are not echoed).
+    assert ws_server.connected.wait(TIMEOUT_S), "the worker did not connect"
     sender = threading.Thread(target=worker.send_audio, args=(tone(1.0, 900.0),))
     sender.start()
     # Until 40 frames came back, bounded: a loaded machine delays but must not lose them.
@@ -277,7 +288,7 @@ def test_ws_peer_close_and_connect_failures(worker: Worker, ws_server: WsServer)
     worker.start_call()
     front = worker.front
     front.send(MediaWsBridge(call_id="c1", uri=f"ws://127.0.0.1:{ws_server.port}/close"))
-    time.sleep(0.2)
+    assert ws_server.connected.wait(TIMEOUT_S), "the worker did not connect"
     worker.send_audio(tone(0.4, 900.0))
     ended = front.recv_kind(MediaEvent)
     assert ended == MediaEvent(call_id="c1", event=WsBridgeEnded(reason="closed by peer"))

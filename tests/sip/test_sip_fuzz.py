@@ -9,7 +9,8 @@ from pathlib import Path
 from pbx.sip.errors import SipError
 from pbx.sip.message import SipRequest, SipResponse, parse_message, parse_name_addr, parse_via
 
-CORPUS = Path("/work/shared/conformance/rfc4475")
+# The RFC 4475 torture messages, vendored with their README and licence.
+CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "rfc4475"
 
 SEEDS = [
     b"INVITE sip:bob@biloxi.example.com SIP/2.0\r\n"
