@@ -29,6 +29,11 @@ sequence and a timestamp offset fixed at the start of each talk spurt,
 transcoding PCMU <-> PCMA when their codecs differ; RFC 4733 packets are
 forwarded with the peer's telephone-event payload type. A leg playing a prompt
 does not take forwarded audio meanwhile.
+
+A leg whose direction (ours, from `MediaRemote`) is recvonly or inactive is on
+hold (RFC 3264 §5.1): it sends no RTP — its prompt's clock still runs, so
+AudioComplete comes on time, while forwarded and WebSocket audio is dropped —
+but it keeps receiving and sending RTCP. Resuming starts a new talk spurt.
 """
 
 from __future__ import annotations
@@ -145,6 +150,7 @@ class Leg:
     rtcp_sent: int = 0
     rtcp_received: int = 0
     remote_report: ReportBlock | None = None
+    direction: str = "sendrecv"  # ours (RFC 3264): recvonly / inactive send no RTP
 
     seq = _int_col(_k.L_SEQ, "next sequence number to send")
     ts = _int_col(_k.L_TS, "next timestamp to send")
@@ -169,6 +175,11 @@ class Leg:
         i[self.row, _k.L_HAS_REMOTE] = addr is not None
         i[self.row, _k.L_REMOTE_IP] = 0 if addr is None else ipv4_int(addr[0])
         i[self.row, _k.L_REMOTE_PORT] = 0 if addr is None else addr[1]
+
+    @property
+    def sending(self) -> bool:
+        """False while on hold (our direction recvonly or inactive): no RTP goes out."""
+        return not self.tab.i[self.row, _k.L_NOSEND]
 
     @property
     def latched(self) -> bool:
@@ -305,6 +316,7 @@ class MediaEngine:
         leg.payload_type = msg.payload_type
         leg.dtmf_payload_type = msg.dtmf_payload_type
         leg.ptime_ms = msg.ptime_ms
+        self._set_direction(leg, msg.direction)
         if msg.codec != leg.codec:
             old, leg.codec = leg.codec, msg.codec
             leg.fwd_offset = None
@@ -319,6 +331,19 @@ class MediaEngine:
                     codes = g711.transcode(play.codes, old, leg.codec)
                 self._set_codes(leg, play, codes)
         leg.sync_tx()
+
+    def _set_direction(self, leg: Leg, direction: str) -> None:
+        """Hold and resume (RFC 3264 §5.1): while our direction is recvonly or inactive
+        the leg sends no RTP (prompts keep their clock, forwarded and WebSocket audio is
+        dropped); RTCP and receiving go on. On resume the next packet starts a talk spurt:
+        marker set, timestamp advanced over the held time, sequence numbers continuing."""
+        held = direction in ("recvonly", "inactive")
+        was_held = not leg.sending
+        leg.direction = direction
+        self.tab.i[leg.row, _k.L_NOSEND] = held
+        if was_held and not held:
+            self.tab.i[leg.row, _k.L_PLAY_MARKED] = 0
+            leg.fwd_offset = None
 
     def _set_codes(self, leg: Leg, play: _Playback, codes: np.ndarray) -> None:
         """The prompt's codes (new, or in another codec), where the pump reads them."""
@@ -648,8 +673,8 @@ class MediaEngine:
         out: list[Packet],
     ) -> None:
         """Send one packet from the peer into `to`'s RTP stream (its SSRC, seq, timeline)."""
-        if to.remote is None or to.play is not None:
-            return
+        if to.remote is None or to.play is not None or not to.sending:
+            return  # nowhere to send, a prompt has the stream, or on hold
         if to.fwd_offset is None:
             # A new talk spurt in `to`'s stream: continue its timeline, mark it.
             to.fwd_offset = (self._spurt_ts(to, now) - src_ts) % (1 << 32)

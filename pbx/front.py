@@ -151,6 +151,7 @@ class Leg:
     ring_timer: asyncio.TimerHandle | None = None
     source: Addr | None = None  # where the initial INVITE came from (2xx retransmissions)
     route_set: list[str] = field(default_factory=list)  # Route header values, in order
+    media_address: Addr | None = None  # where the worker was last told to send RTP
     provisional_seen: bool = False  # RFC 3261 §9.1: CANCEL only after a 1xx
     cancel_pending: bool = False
     late_bye_sent: bool = False
@@ -1390,12 +1391,21 @@ class Front:
 
     def _send_remote(self, leg: Leg) -> None:
         n = leg.negotiated
-        if n is None or leg.worker is None or n.remote_ip in ("0.0.0.0", "::"):
-            return  # c=0.0.0.0 is RFC 2543 hold: nowhere to send, keep what we had
+        if n is None or leg.worker is None:
+            return
+        address, direction = (n.remote_ip, n.remote_port), n.direction
+        if n.remote_ip in ("0.0.0.0", "::"):
+            # RFC 2543 hold (RFC 3264 §8.4): nowhere to send; keep the last address and
+            # stop sending until a new offer resumes.
+            if leg.media_address is None:
+                return
+            address, direction = leg.media_address, "inactive"
+        leg.media_address = address
         self.send_media(leg.worker, m.MediaRemote(
-            call_id=leg.media_id, remote_ip=n.remote_ip, remote_port=n.remote_port,
+            call_id=leg.media_id, remote_ip=address[0], remote_port=address[1],
             payload_type=n.payload_type, codec=n.codec,  # type: ignore[arg-type]
             dtmf_payload_type=n.dtmf_payload_type, ptime_ms=n.ptime_ms,
+            direction=direction,  # type: ignore[arg-type]
         ))
 
     def _forget_media(self, leg: Leg) -> None:

@@ -92,6 +92,9 @@ class MediaRemote(_Msg):
     codec: Literal["PCMU", "PCMA"]
     dtmf_payload_type: int | None = None
     ptime_ms: int = 20
+    # Our side's direction (as `pbx.sip.sdp.Negotiated.direction`, RFC 3264): with
+    # recvonly or inactive (the far end put us on hold) the leg sends no RTP; RTCP goes on.
+    direction: Literal["sendrecv", "sendonly", "recvonly", "inactive"] = "sendrecv"
 
 
 class MediaPlay(_Msg):

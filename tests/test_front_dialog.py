@@ -70,6 +70,10 @@ def test_hold_resume_refresh_and_offerless_reinvite(tmp_path: Path) -> None:
         held = last(rig, 2)
         assert held.status == 200 and b"a=recvonly" in held.body
         assert sdp.origin_of(held.body) == (version[0], version[1] + 1)
+        # The worker is told: our direction recvonly, so it sends the held party nothing.
+        assert rig.of(m.MediaRemote)[remotes - 1].direction == "sendrecv"
+        assert len(rig.of(m.MediaRemote)) > remotes
+        assert rig.of(m.MediaRemote)[-1].direction == "recvonly"
         ack(rig, 2)
         # A second re-INVITE before the first's ACK: 491; after it, fine.
         in_dialog(rig, "INVITE", 3, offer("sendonly"))
@@ -85,16 +89,20 @@ def test_hold_resume_refresh_and_offerless_reinvite(tmp_path: Path) -> None:
         assert sdp.origin_of(resumed.body) == (version[0], version[1] + 2)
         remote = rig.of(m.MediaRemote)[-1]
         assert len(rig.of(m.MediaRemote)) > remotes and remote.remote_port == 41000
+        assert remote.direction == "sendrecv"
         ack(rig, 5)
         # Offerless: our SDP is the offer, the ACK's answer is applied.
         in_dialog(rig, "INVITE", 6)
         assert last(rig, 6).body == resumed.body
         ack(rig, 6, offer(port=42000))
         assert rig.of(m.MediaRemote)[-1].remote_port == 42000
-        # c=0.0.0.0 (RFC 2543 hold): answered, nothing sent to 0.0.0.0.
+        # c=0.0.0.0 (RFC 2543 hold): answered; the worker keeps the last address and
+        # stops sending (inactive), never sends to 0.0.0.0.
         in_dialog(rig, "INVITE", 7, offer(ip="0.0.0.0"))
         assert last(rig, 7).status == 200
-        assert rig.of(m.MediaRemote)[-1].remote_ip != "0.0.0.0"
+        held = rig.of(m.MediaRemote)[-1]
+        assert (held.remote_ip, held.remote_port) == ("127.0.0.1", 42000)
+        assert held.direction == "inactive"
         ack(rig, 7)
         # A bad offer: 488, the session unchanged.
         in_dialog(rig, "INVITE", 8, b"v=0\r\nm=video 1 RTP/AVP 31\r\n")

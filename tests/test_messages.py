@@ -47,6 +47,8 @@ SAMPLES: list[m._Msg] = [
         codec="PCMA",
         dtmf_payload_type=101,
     ),
+    m.MediaRemote(call_id="c1", remote_ip="10.0.0.1", remote_port=4000, payload_type=0,
+                  codec="PCMU", direction="recvonly"),
     m.MediaPlay(call_id="c1", play_id=7, file="sounds/a.wav", interruptible=True, loop=True),
     m.MediaStop(call_id="c1"),
     m.MediaTimer(call_id="c1", timer_id=3, delay_ms=5000),

@@ -32,7 +32,8 @@ further, as in Python.
 **Pump** (`pump_tick`). Every playing leg's prompt frames due by `now`, from
 a fixed origin per prompt (frame k at `origin + k·ptime`), at most
 `MAX_BURST_FRAMES` per tick (a later tick slides the origin), looping or
-ending, as `MediaEngine` always did — but into one `packets × (12 + spf)`
+ending, as `MediaEngine` always did (a leg on hold, `L_NOSEND`, or without
+an address runs its prompt's clock and sends nothing) — but into one `packets × (12 + spf)`
 buffer: the 12-byte header (RFC 3550 §5.1; marker on a prompt's first packet,
 its timestamp advanced over the silence since the leg's last packet), the
 frame's codes from the prompt arena, padded with the codec's silence. The
@@ -79,7 +80,8 @@ L_PLAY_LOOP = 22
 L_PLAY_DONE = 23  # frames done
 L_PLAY_MARKED = 24
 L_PLAY_FIN = 25  # set by the pump when the prompt has ended
-L_COLS = 26
+L_NOSEND = 26  # 1: on hold (our direction recvonly/inactive, RFC 3264): send no RTP
+L_COLS = 27
 
 # float64 columns
 F_PTIME = 0  # seconds
@@ -406,9 +408,9 @@ def pump_tick(
                 due -= total
                 done = 0
                 continue
-            if li[r, L_HAS_REMOTE] == 0:
+            if li[r, L_HAS_REMOTE] == 0 or li[r, L_NOSEND] != 0:
                 done = k + 1
-                continue  # the prompt's clock runs, but there is nowhere to send
+                continue  # the prompt's clock runs, but there is nowhere (or no leave) to send
             if p >= cap or HEADER_SIZE + spf > width:
                 full = True
                 break
@@ -500,7 +502,7 @@ def pump_tick_py(
                 due -= total
                 done = 0
                 continue
-            if not row[L_HAS_REMOTE]:
+            if not row[L_HAS_REMOTE] or row[L_NOSEND]:
                 done = k + 1
                 continue
             if p >= cap or HEADER_SIZE + spf > width:

@@ -427,3 +427,87 @@ def test_unknown_and_duplicate_legs(engine: MediaEngine) -> None:
     with pytest.raises(EngineError):
         engine.set_timer(MediaTimer(call_id="x", timer_id=1, delay_ms=1), 0.0)
     assert engine.receive_rtp("x", b"", PHONE, 0.0) == ([], [])
+
+
+# ------------------------------------------------------------ hold (RFC 3264 direction)
+
+
+def direct(engine: MediaEngine, direction: str, call_id: str = "c1", remote=PHONE) -> None:
+    """A repeated MediaRemote (as after a re-INVITE) with our side's direction."""
+    engine.set_remote(
+        MediaRemote(
+            call_id=call_id,
+            remote_ip=remote[0],
+            remote_port=remote[1],
+            payload_type=0,
+            codec="PCMU",
+            dtmf_payload_type=101,
+            direction=direction,  # type: ignore[arg-type]
+        )
+    )
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("hold", ["recvonly", "inactive"])
+def test_held_leg_sends_no_prompt_but_completes_on_time(
+    engine: MediaEngine, kernels: bool, hold: str
+) -> None:
+    engine.kernels = kernels
+    add(engine, "c1")
+    add(engine, "c2", remote=PEER_PHONE)  # the same prompt, never held: the reference
+    clock = Clock(engine)
+    play(engine, clock.now, call_id="c1")
+    play(engine, clock.now, call_id="c2")
+    clock.run(0.2)
+    before = clock.rtp("c1")
+    assert len(before) == 10
+    direct(engine, hold)
+    assert not engine.legs["c1"].sending
+    mark = len(clock.packets)
+    clock.run(0.3)
+    assert all(p[0] == "c2" for _, p in clock.packets[mark:])  # c1 silent while held
+    direct(engine, "sendrecv")
+    assert engine.legs["c1"].sending
+    clock.run(0.7)
+    after = clock.rtp("c1")[10:]
+    assert len(after) == 50 - 10 - 15  # the held frames were skipped, not delayed
+    # the prompt's clock ran on: the first frame after resume is frame 25
+    codes = engine.prompts.encoded("one_second.wav", "PCMU")
+    assert after[0].payload == codes[25 * 160 : 26 * 160].tobytes()
+    assert after[0].marker and not any(p.marker for p in after[1:])
+    assert seq_diff(after[0].sequence, before[-1].sequence) == 1
+    assert ts_diff(after[0].timestamp, before[-1].timestamp) == 160 * 16  # over the hold
+    assert_continuous(after, 160)
+    done = [(t, e.call_id) for t, e in clock.events if isinstance(e.event, AudioComplete)]
+    assert len(done) == 2 and done[0][0] == done[1][0]  # on time, as the leg never held
+
+
+def test_held_leg_takes_no_forwarded_audio_and_resumes_marked(engine: MediaEngine) -> None:
+    add(engine, "a")
+    add(engine, "b", remote=PEER_PHONE)
+    engine.bridge("a", "b")
+
+    def voice(k: int) -> bytes:
+        return build_rtp(RtpPacket(0, 100 + k, 160 * k, 0xAAAA, b"\x7f" * 160))
+
+    [(_, first, _)] = engine.receive_rtp("a", voice(0), PHONE, 0.0)[0]
+    direct(engine, "recvonly", "b", PEER_PHONE)
+    for k in range(1, 10):
+        assert engine.receive_rtp("a", voice(k), PHONE, 0.02 * k) == ([], [])
+    # RFC 4733 from the peer is not forwarded either, but still reported
+    packets, events = engine.receive_rtp("a", dtmf_packet(4000, 3, True, seq=500), PHONE, 0.2)
+    assert packets == [] and [e.event for e in events] == [DtmfDigit(digit="3")]
+    # the held leg still receives, and its audio still reaches the other side
+    [(call_id, _, _)] = engine.receive_rtp(
+        "b", build_rtp(RtpPacket(0, 1, 1, 0xBBBB, b"\xff" * 160)), PEER_PHONE, 0.2
+    )[0]
+    assert call_id == "a"
+    # RTCP keeps flowing for the held leg
+    engine.rtcp_due(0.2)  # schedules the first reports
+    assert any(c == "b" for c, _, _ in engine.rtcp_due(10.0))
+    direct(engine, "sendrecv", "b", PEER_PHONE)
+    [(call_id, data, dest)] = engine.receive_rtp("a", voice(11), PHONE, 0.22)[0]
+    assert (call_id, dest) == ("b", PEER_PHONE)
+    a, b = parse_rtp(first), parse_rtp(data)
+    assert b.marker and seq_diff(b.sequence, a.sequence) == 1
+    assert ts_diff(b.timestamp, a.timestamp) == 160 * 11  # the timeline ran over the hold

@@ -110,3 +110,24 @@ def test_closed_and_released(engine: MediaEngine) -> None:
     engine.remove_leg("a")
     assert len(engine.ws) == 0
     assert engine.ws_closed("a", "closed by peer") == []  # no event after a release
+
+
+def test_held_leg_drops_socket_audio_and_resumes_marked(engine: MediaEngine) -> None:
+    def direct(direction: str) -> None:
+        engine.set_remote(
+            MediaRemote(
+                call_id="a", remote_ip=PHONE[0], remote_port=PHONE[1], payload_type=8,
+                codec="PCMA", direction=direction,  # type: ignore[arg-type]
+            )
+        )  # fmt: skip
+
+    engine.ws_audio("a", tone(160 * 20).tobytes())
+    pkts = run(engine, 1, 3)
+    assert len(pkts) == 3
+    direct("inactive")
+    assert run(engine, 4, 5) == []  # played out into nothing: the socket's clock runs on
+    direct("sendrecv")
+    more = run(engine, 9, 20)
+    assert len(more) == 20 - 3 - 5 and more[0].marker
+    assert seq_diff(more[0].sequence, pkts[-1].sequence) == 1
+    assert ts_diff(more[0].timestamp, pkts[-1].timestamp) == 160 * 6
