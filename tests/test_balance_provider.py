@@ -187,10 +187,10 @@ def test_balance_api_directly(base_url: str) -> None:
 # ---------------------------------------------------------------- a whole call
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 def test_whole_call_through_the_executor(base_url: str, tmp_path: Path) -> None:
     """session_start → TTS prompt (interrupted) → collect 1234# → api → TTS balance →
     TTS menu → 1 → torecord → recording_complete → TTS thanks → goodbye → hang-up."""
+    assert shutil.which("espeak-ng"), "espeak-ng is not installed (make tools)"
     sounds = tmp_path / "sounds"
     tts = TtsEngine(TtsSettings(cache_dir=str(sounds / ".tts")), sounds, espeak=True)
     call = CallInfo(

@@ -172,8 +172,7 @@ def test_program_exits_2_on_bad_config(
     program: str, text: str, key: str, reason: str, tmp_path: Path
 ) -> None:
     exe = VENV_BIN / program
-    if not exe.exists():
-        pytest.skip(f"{exe} not installed")
+    assert exe.exists(), f"{exe} not installed (make install)"
     path = tmp_path / "bad.toml"
     path.write_text(text)
     env = {**os.environ, CONFIG_ENV: str(path)}
@@ -190,8 +189,7 @@ def test_program_exits_2_on_bad_config(
 @pytest.mark.parametrize("program", ["pbx-front", "pbx-media", "pbx-ivr"])
 def test_program_exits_2_on_missing_config(program: str, tmp_path: Path) -> None:
     exe = VENV_BIN / program
-    if not exe.exists():
-        pytest.skip(f"{exe} not installed")
+    assert exe.exists(), f"{exe} not installed (make install)"
     path = tmp_path / "missing.toml"
     env = {**os.environ, CONFIG_ENV: str(path)}
     proc = subprocess.run(

@@ -17,9 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from pbx.ivr import machine
 from tests.e2e.harness import (
     SCENARIOS,
     PbxSystem,
@@ -28,11 +25,6 @@ from tests.e2e.harness import (
     free_port,
     start_sipp,
     wait_until,
-)
-
-pytestmark = pytest.mark.skipif(
-    "queue" not in getattr(machine, "_EXECUTORS", {}),
-    reason="the IVR executor does not execute the `queue` action yet",
 )
 
 

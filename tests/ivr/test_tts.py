@@ -33,7 +33,13 @@ from tests.ivr.test_ivr_executor_actions import Server, call_info, json_response
 from workers.ivr import handle_event
 
 ESPEAK = shutil.which("espeak-ng")
-needs_espeak = pytest.mark.skipif(ESPEAK is None, reason="espeak-ng not installed")
+# make test installs espeak-ng (make tools): its absence fails these tests, never skips them.
+needs_espeak = pytest.mark.usefixtures("espeak_installed")
+
+
+@pytest.fixture
+def espeak_installed() -> None:
+    assert ESPEAK is not None, "espeak-ng is not installed (make tools)"
 
 
 def tone(freq: float, rate: int, secs: float = 1.0, amp: float = 0.5) -> np.ndarray:
