@@ -89,6 +89,14 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
     raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
 
 
+def wait_idle(system: PbxSystem, media_legs: bool = True, timeout_s: float = 10.0) -> None:
+    """No call (and, unless told otherwise, no media leg) left behind."""
+    wait_until(lambda: system.metrics()["pbx_calls"] == 0, timeout_s, "pbx_calls back to 0")
+    if media_legs:
+        wait_until(lambda: system.metrics()["pbx_media_legs"] == 0, timeout_s,
+                   "pbx_media_legs back to 0")
+
+
 # ---------------------------------------------------------------- provider
 
 

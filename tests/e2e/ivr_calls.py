@@ -53,11 +53,6 @@ def event_type(body: Any) -> str:
     return str(((body or {}).get("event") or {}).get("type", ""))
 
 
-def wait_idle(system: PbxSystem) -> None:
-    """No call and no media leg left behind."""
-    wait_until(lambda: system.metrics()["pbx_calls"] == 0, 10, "pbx_calls back to 0")
-    wait_until(lambda: system.metrics()["pbx_media_legs"] == 0, 10, "pbx_media_legs back to 0")
-
 
 # ---------------------------------------------------------------- the caller
 

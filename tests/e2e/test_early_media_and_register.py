@@ -23,6 +23,7 @@ from tests.e2e.harness import (
     media_address_from_sipp,
     sipp_messages,
     start_sipp,
+    wait_idle,
     wait_until,
 )
 
@@ -38,10 +39,6 @@ def answer(action: dict[str, Any]) -> Any:
         return notifications_ok(path) or (200, json.dumps(action).encode(), 0.0)
     return script
 
-
-def wait_idle(system: PbxSystem) -> None:
-    wait_until(lambda: system.metrics()["pbx_calls"] == 0
-               and system.metrics()["pbx_media_legs"] == 0, 5, "the PBX to be idle")
 
 
 def test_early_media_then_cancel(system: PbxSystem, workdir: Path) -> None:

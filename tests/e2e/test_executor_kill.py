@@ -25,14 +25,13 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import PbxSystem, Reply, wait_until
+from tests.e2e.harness import PbxSystem, Reply, wait_idle, wait_until
 from tests.e2e.ivr_calls import (
     NOTIFY_SUFFIXES,
     OK,
     action,
     call,
     event_type,
-    wait_idle,
 )
 
 EXECUTOR = "ivr:ivr-00"

@@ -21,14 +21,13 @@ from media import g711
 from media.prompts import beep
 from pbx.config import TtsSettings
 from pbx.tts import cache_name
-from tests.e2e.harness import ROOT, PbxSystem, wait_until
+from tests.e2e.harness import ROOT, PbxSystem, wait_idle, wait_until
 from tests.e2e.ivr_calls import (
     TONE_PCM,
     AioServer,
     call,
     event_type,
     script_of,
-    wait_idle,
 )
 
 BEEP_WAV = "sounds/beep.wav"  # 0.25 s

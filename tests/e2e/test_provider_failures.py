@@ -33,6 +33,7 @@ from tests.e2e.harness import (
     Sipp,
     free_port,
     start_sipp,
+    wait_idle,
     wait_until,
 )
 
@@ -99,11 +100,6 @@ def message_time(sipp: Sipp, direction: str, pattern: str) -> float:
     assert found, f"sipp never {direction} {pattern!r}:\n" + sipp.logs()
     return found[0]
 
-
-def wait_idle(system: PbxSystem) -> None:
-    """No call and no media leg left behind."""
-    wait_until(lambda: system.metrics()["pbx_calls"] == 0, 5, "pbx_calls back to 0")
-    wait_until(lambda: system.metrics()["pbx_media_legs"] == 0, 5, "pbx_media_legs back to 0")
 
 
 def start_caller(system: PbxSystem, workdir: Path, service: str, rtp: RtpEndpoint) -> Sipp:

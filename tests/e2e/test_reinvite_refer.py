@@ -15,6 +15,7 @@ from tests.e2e.harness import (
     free_port,
     sipp_messages,
     start_sipp,
+    wait_idle,
     wait_until,
 )
 
@@ -25,10 +26,6 @@ def prompt_forever(path: str, body: Any) -> Reply:
     action = {"type": "prompt", "file": "sounds/menu.wav"}
     return 200, json.dumps(action).encode(), 0.0
 
-
-def wait_idle(system: PbxSystem) -> None:
-    wait_until(lambda: system.metrics()["pbx_calls"] == 0
-               and system.metrics()["pbx_media_legs"] == 0, 5, "the PBX to be idle")
 
 
 def test_hold_resume_update_and_session_timer(system: PbxSystem, workdir: Path) -> None:

@@ -21,6 +21,7 @@ from tests.e2e.harness import (
     Sipp,
     free_port,
     start_sipp,
+    wait_idle,
     wait_until,
 )
 
@@ -79,10 +80,6 @@ def received_statuses(sipp: Sipp) -> list[str]:
                     out.append(first)
     return out
 
-
-def wait_idle(system: PbxSystem) -> None:
-    wait_until(lambda: system.metrics()["pbx_calls"] == 0, 5, "pbx_calls back to 0")
-    wait_until(lambda: system.metrics()["pbx_media_legs"] == 0, 5, "pbx_media_legs back to 0")
 
 
 @pytest.fixture(autouse=True)
