@@ -12,18 +12,30 @@
 A shell: the data comes from the `Front`; events reach WebSocket clients through an
 `EventHub`, whose bounded per-client queues make a slow client lose events rather
 than delay the front.
+
+Access (DESIGN §6): every request's `Host` must name this listener (its address,
+localhost, a loopback address or `[admin] allowed_hosts`), which defeats DNS
+rebinding; a request with an `Origin` (any browser's WebSocket or cross-site
+fetch) must come from such a host too, so a web page elsewhere cannot read
+`/ws/events` through an operator's browser; and with `[admin] token` set (required
+beyond loopback) every request carries it as `Authorization: Bearer <token>` or
+`?token=`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import WSMsgType, web
 
+from pbx.config import AdminSettings, parse_host_port
 from pbx.debug_page import DEBUG_HTML
 from pbx.queues import WaitState
 
@@ -58,6 +70,44 @@ class EventHub:
 
     def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         self.clients.discard(queue)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _host_name(value: str) -> str:
+    """The host of a `Host` header or an origin's netloc, lower-case, without port."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def access_guard(settings: AdminSettings) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """aiohttp middleware enforcing the Host, Origin and token rules of this module."""
+    listen_host, _ = parse_host_port(settings.listen, "listen")
+    allowed = {"localhost", "127.0.0.1", "::1", listen_host.lower().strip("[]"),
+               *(h.lower() for h in settings.allowed_hosts)}
+    token = settings.token.encode() if settings.token else None
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if _host_name(request.headers.get("Host", "")) not in allowed:
+            return web.Response(status=421, text="unknown host\n")
+        origin = request.headers.get("Origin")
+        if origin is not None and _host_name(urlsplit(origin).netloc) not in allowed:
+            return web.Response(status=403, text="cross-origin request refused\n")
+        if token is not None:
+            given = request.query.get("token", "")
+            auth = request.headers.get("Authorization", "")
+            if auth[:7].lower() == "bearer ":
+                given = auth[7:].strip()
+            if not hmac.compare_digest(given.encode(), token):
+                return web.Response(status=401, text="token required\n",
+                                    headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return guard
 
 
 def _wanted(event: dict[str, Any], filters: dict[str, str]) -> bool:
@@ -136,7 +186,7 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
     async def debug(_: web.Request) -> web.Response:
         return web.Response(text=DEBUG_HTML, content_type="text/html")
 
-    app = web.Application()
+    app = web.Application(middlewares=[access_guard(front.settings.admin)])
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/calls", calls)
     app.router.add_get("/api/traces", recent_traces)

@@ -32,7 +32,7 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     broker = Broker(settings.zmq)
     host, port = settings.sip.host_port
-    transport = SipTransport(settings.sip)
+    transport = SipTransport(settings.sip, settings.limits.tcp_connections_per_source)
     await transport.start(host, port)
     front = Front(settings, transport.send, broker.send_media, broker.send_ivr, broker.publish,
                   is_connected=transport.is_connected)

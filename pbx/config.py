@@ -132,14 +132,38 @@ class ZmqSettings(_Section):
     events_endpoint: str = "tcp://127.0.0.1:5572"
 
 
+def is_loopback_host(host: str) -> bool:
+    """A literal loopback address (127.0.0.0/8, ::1) or `localhost`."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class AdminSettings(_Section):
     listen: str = "127.0.0.1:8088"
+    # Bearer token every request must carry (`Authorization: Bearer ...`, or `?token=`
+    # for the /debug page and its WebSocket). Required when `listen` is not loopback.
+    token: str | None = Field(default=None, min_length=16)
+    # Host names the listener answers to besides its listen address, localhost and the
+    # loopback addresses (a DNS-rebinding page names its own host and is refused).
+    allowed_hosts: list[str] = Field(default_factory=list)
 
     @field_validator("listen")
     @classmethod
     def _check_addr(cls, v: str) -> str:
         parse_host_port(v, "listen")
         return v
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> AdminSettings:
+        host, _ = parse_host_port(self.listen, "listen")
+        if self.token is None and not is_loopback_host(host):
+            raise ValueError(f"token is required when listen ({self.listen}) is not a "
+                             "loopback address")
+        return self
 
 
 class LoggingSettings(_Section):
@@ -197,6 +221,9 @@ class RouteSettings(_Section):
     # public = false takes only calls from authenticated extensions.
     public: bool = True
     inband_dtmf: bool = True
+    # RFC 3515 REFER from an unknown (unauthenticated) caller on this route; its target
+    # still passes the same checks as an INVITE from that caller (DESIGN §6).
+    allow_refer: bool = False
 
     @field_validator("match")
     @classmethod
@@ -258,6 +285,65 @@ class AsrSettings(_Section):
     timeout_ms: int = Field(default=8_000, gt=0)
 
 
+class OutboundRule(_Section):
+    """`[[policy.outbound]]`: SIP URIs outside our users and routes that may be called."""
+
+    match: str  # regex, matched against the whole target URI
+    # Who may call what matches: extension, trusted (a trusted network), provider (an
+    # IVR's transfer / route_to_agent), anonymous (an unknown caller's REFER).
+    callers: list[Literal["extension", "trusted", "provider", "anonymous"]] = Field(
+        default=["extension", "provider"], min_length=1)
+
+    @field_validator("match")
+    @classmethod
+    def _check_regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"bad regex {v!r}: {exc}") from exc
+        return v
+
+
+class PolicySettings(_Section):
+    """`[policy]`: who may create a leg or reach a user (pbx.policy, DESIGN §6)."""
+
+    # Sources (IP networks) whose calls count as authenticated (trunks, an SBC).
+    trusted_networks: list[str] = Field(default_factory=list)
+    # Host names that are this PBX besides the realm and the listen/advertised host:
+    # an INVITE whose From claims one of them must authenticate.
+    domains: list[str] = Field(default_factory=list)
+    # Caller ID presented on outbound legs for a caller we could not verify.
+    anonymous_caller_id: str = Field(default="anonymous", pattern=r"^[A-Za-z0-9+*#._-]{1,32}$")
+    # Pass an unverified caller's From user on when it looks like a phone number.
+    pass_untrusted_caller_id: bool = False
+    # In-dialog requests only from the IP the dialog's peer uses ("any": no check).
+    in_dialog_source: Literal["same_ip", "any"] = "same_ip"
+    outbound: list[OutboundRule] = Field(default_factory=list)
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _check_networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            ipaddress.ip_network(net, strict=False)
+        return v
+
+
+class LimitSettings(_Section):
+    """`[limits]`: what one source IP may hold (DESIGN §6 "budgets"). Sources in
+    `[sip] rate_limit_exempt` are exempt."""
+
+    # Inbound calls from one source not yet answered and acknowledged (ACK).
+    setup_calls_per_source: int = Field(default=30, ge=1)
+    # SIP server transactions one source holds (each keeps its request ~32 s).
+    transactions_per_source: int = Field(default=256, ge=1)
+    # Bytes of those transactions' requests and responses.
+    transaction_bytes_per_source: int = Field(default=2_000_000, ge=65536)
+    # Open TCP connections from one source.
+    tcp_connections_per_source: int = Field(default=32, ge=1)
+    # Seconds a client is asked to wait (Retry-After) when a budget is spent.
+    retry_after_s: int = Field(default=5, ge=1)
+
+
 class Settings(_Section):
     sip: SipSettings = Field(default_factory=SipSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
@@ -274,6 +360,8 @@ class Settings(_Section):
     skill_groups: dict[str, QueueSettings] = Field(default_factory=dict)
     tts: TtsSettings = Field(default_factory=TtsSettings)
     asr: AsrSettings = Field(default_factory=AsrSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     source_path: str = Field(default="", exclude=True)
 
     def sorted_routes(self) -> list[RouteSettings]:

@@ -41,8 +41,13 @@ const esc = (v) => String(v ?? "").replace(/[&<>"]/g,
   (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
 const time = (t) => t ? new Date(t * 1000).toLocaleTimeString() : "";
 
+// With `[admin] token` set, the page is opened as /debug?token=...; it passes it on.
+const token = new URLSearchParams(location.search).get("token");
+const withToken = (path) => token ?
+  path + (path.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : path;
+
 async function loadSessions() {
-  const res = await fetch("/api/traces?limit=200");
+  const res = await fetch(withToken("/api/traces?limit=200"));
   const list = await res.json();
   $("sessions").innerHTML = "";
   for (const s of list) addSession(s, false);
@@ -66,7 +71,7 @@ function addSession(s, top) {
 async function showSession(id) {
   current = id;
   for (const el of $("sessions").children) el.className = el.id === "s-" + id ? "sel" : "";
-  const res = await fetch("/api/traces/" + encodeURIComponent(id));
+  const res = await fetch(withToken("/api/traces/" + encodeURIComponent(id)));
   const steps = res.ok ? await res.json() : [];
   $("steps").innerHTML = "<h3>" + esc(id) + "</h3><table><thead><tr><th>#</th><th>time</th>" +
     "<th>trigger</th><th>action</th><th>step</th><th>ms</th><th>error / end</th>" +
@@ -95,7 +100,7 @@ function logLine(text) {
 
 function connect() {
   const proto = location.protocol === "https:" ? "wss://" : "ws://";
-  const ws = new WebSocket(proto + location.host + "/ws/events");
+  const ws = new WebSocket(proto + location.host + withToken("/ws/events"));
   ws.onopen = () => { $("status").textContent = "live"; };
   ws.onclose = () => { $("status").textContent = "disconnected, retrying…";
                        setTimeout(connect, 2000); };

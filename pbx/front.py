@@ -26,7 +26,17 @@ import orjson
 from pbx import messages as m
 from pbx.config import RouteSettings, Settings
 from pbx.jsonl import JsonLinesLog
+from pbx.policy import (
+    PROVIDER,
+    Destination,
+    DestinationKind,
+    Party,
+    PartyKind,
+    Policy,
+    Verdict,
+)
 from pbx.queue_calls import QueueCalls
+from pbx.ratelimit import NetworkSet
 from pbx.records import CallRecords, call_record
 from pbx.registrar import Registrar
 from pbx.registry import WorkerRegistry
@@ -55,6 +65,7 @@ from pbx.sip.transaction import (
     RequestReceived,
     ResponseReceived,
     SendBytes,
+    SourceBudget,
     TransactionKey,
     TransactionLayer,
     TransactionTimeout,
@@ -89,6 +100,8 @@ SUPPORTED_TAGS = frozenset({"timer"})
 # the session's expiry the side that does not refresh gives up on it (§10).
 MIN_SE_S = 90
 SESSION_EXPIRY_MARGIN_S = 32
+# Headers that carry credentials: never passed on to the IVR as sip_* variables.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization"})
 # RFC 3515 §2.4.4: how long the implicit subscription of a REFER lives.
 REFER_SUBSCRIPTION_S = 60
 
@@ -164,6 +177,11 @@ class Leg:
     offer_in_2xx: bool = False
     session_timer: asyncio.TimerHandle | None = None  # RFC 4028 refresh or expiry
     peer_allows_update: bool = False
+    # Who is at the other end (pbx.policy): the caller's party on an inbound leg; on an
+    # outbound leg, the extension we rang, else an anonymous party. REFERs are theirs.
+    peer: Party = field(default_factory=lambda: Party(PartyKind.ANONYMOUS))
+    # The source IP an inbound INVITE spent a set-up budget of, until its ACK.
+    setup_source: str | None = None
 
     @property
     def dialog_key(self) -> tuple[str, str]:
@@ -205,6 +223,7 @@ class Call:
     end_code: int | None = None
     transfer_target: str | None = None
     extension: str | None = None  # set for a direct call to a user (no IVR)
+    party: Party = field(default_factory=lambda: Party(PartyKind.ANONYMOUS))  # the caller
     # Queue / route_to_agent (pbx.queue_calls): candidates ringing, and the wait itself.
     # The member who answers becomes `b`.
     ringing: list[Leg] = field(default_factory=list)
@@ -246,7 +265,15 @@ class Front:
         self.send_ivr = send_ivr
         self.publish = publish
         self.router = Router(settings.routes)
-        self.transactions = TransactionLayer()
+        self.policy = Policy(settings)
+        # Per-source budgets (DESIGN §6); the rate limit's exempt networks skip them.
+        self.budget_exempt = NetworkSet(settings.sip.rate_limit_exempt)
+        self.setup_by_source: dict[str, int] = {}
+        limits = settings.limits
+        self.transactions = TransactionLayer(budget=SourceBudget(
+            max_transactions=limits.transactions_per_source,
+            max_bytes=limits.transaction_bytes_per_source,
+            retry_after_s=limits.retry_after_s, exempt=self.budget_exempt))
         self.retransmitter = Uas2xxRetransmitter()
         secret = (settings.sip.auth_secret or secrets.token_hex(32)).encode()
         self.registrar = Registrar(
@@ -273,7 +300,9 @@ class Front:
         self.queue_calls = QueueCalls(self)
         # In-process subscribers to every published event (the admin's /ws/events).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
-        self.stats = {"calls_total": 0, "calls_failed": 0, "sip_malformed": 0}
+        self.stats = {"calls_total": 0, "calls_failed": 0, "sip_malformed": 0,
+                      "calls_challenged": 0, "calls_forbidden": 0, "setup_budget_refused": 0,
+                      "refers_refused": 0, "transfers_refused": 0, "in_dialog_foreign": 0}
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -356,7 +385,8 @@ class Front:
             return
         if isinstance(msg, SipRequest):
             stamp_via(msg, addr[0], addr[1])  # RFC 3581; responses go to the source anyway
-        self._emit(self.transactions.receive(msg, addr, self.now(), reliable=reliable))
+        self._emit(self.transactions.receive(msg, addr, self.now(), reliable=reliable,
+                                             size=len(data)))
 
     def datagram_received(self, data: bytes, addr: Addr) -> None:
         self.message_received(data, addr)
@@ -488,31 +518,37 @@ class Front:
             request_uri_user=ruri.user or "",
         )
         self.stats["calls_total"] += 1
-        authenticated = self._authenticate_caller(req, key, address.from_user)
-        if authenticated is None:
-            return  # challenged or refused
-        route = self.router.match(address)
-        extension: str | None = None
-        if route is None:
-            if self.registrar.lookup(address.to_user, self.now()):
-                extension = address.to_user  # a call to a user: bridged, no IVR
-            else:
-                self.stats["calls_failed"] += 1
-                self._respond(key, req, 404, to_tag=new_tag())
-                return
-        # Unknown sources reach only public routes; calling a user needs an extension.
-        if not authenticated and (extension is not None or not (route and route.public)):
+        destination = self._invite_destination(address)
+        party = self._invite_party(req, key, addr, frm.uri.host, frm.uri.port,
+                                   address.from_user, destination)
+        if party is None:
             self.stats["calls_failed"] += 1
-            self._respond(key, req, 403, "Forbidden (not a public route)", to_tag=new_tag())
+            return  # challenged or refused
+        decision = self.policy.decide(party, destination)
+        if decision.verdict is Verdict.CHALLENGE:
+            self._challenge_invite(req, key)
             return
+        if not decision.allowed:
+            self.stats["calls_failed"] += 1
+            self.stats["calls_forbidden"] += 1
+            self._respond(key, req, decision.status, decision.reason, to_tag=new_tag())
+            return
+        if not self._take_setup_budget(addr[0]):
+            self.stats["calls_failed"] += 1
+            self.stats["setup_budget_refused"] += 1
+            self._respond(key, req, 503, "Too Many Calls In Set-Up", to_tag=new_tag(),
+                          headers=[("Retry-After", str(self.settings.limits.retry_after_s))])
+            return
+        route = destination.route
+        extension = destination.name if destination.kind is DestinationKind.USER else None
         call = Call(
             call_id=secrets.token_hex(8), route=route, caller=address.from_user,
-            callee=address.to_user, started_at=time.time(), extension=extension,
+            callee=address.to_user, started_at=time.time(), extension=extension, party=party,
         )
         leg = Leg(
             call=call, sip_call_id=req.call_id, local_tag=new_tag(),
             media_id=f"{call.call_id}-a", outbound=False, addr=addr, source=addr,
-            reliable=reliable,
+            reliable=reliable, peer=party, setup_source=addr[0],
         )
         leg.invite, leg.invite_key = req, key
         leg.remote_tag = req.from_tag
@@ -531,30 +567,75 @@ class Front:
         self._publish_call(call, "started")
         self._spawn(self._answer_incoming(call, leg, req, key), call)
 
-    def _authenticate_caller(self, req: SipRequest, key: TransactionKey,
-                             from_user: str) -> bool | None:
-        """An INVITE from one of our extensions (a user with a password) must carry its
-        digest credentials (RFC 3261 §22.3, as a proxy: 407): True once verified, False
-        for a caller that is not an extension (an unknown source), None when the request
-        was challenged or refused here."""
-        user = self.settings.users.get(from_user)
-        if user is None or not user.password:
-            return False
-        result = self.registrar.authenticator.verify(
-            req, self.registrar.password_of, time.time(), proxy=True)
-        if result.ok and result.username == from_user:
+    def _invite_destination(self, address: CallAddress) -> Destination:
+        """What an initial INVITE asks for: a route, else one of our users (bridged, no
+        IVR), else nothing."""
+        route = self.router.match(address)
+        if route is not None:
+            return Destination(DestinationKind.ROUTE, route.name, route)
+        if self.registrar.lookup(address.to_user, self.now()):
+            return Destination(DestinationKind.USER, address.to_user)
+        return Destination(DestinationKind.NONE, address.to_user)
+
+    def _invite_party(self, req: SipRequest, key: TransactionKey, addr: Addr, from_host: str,
+                      from_port: int | None, from_user: str,
+                      destination: Destination) -> Party | None:
+        """Who calls (pbx.policy): an extension once its digest credentials check out
+        (RFC 3261 §22.3, as a proxy: 407), a trusted source, or an anonymous caller. None
+        when the request was answered here (challenged or refused)."""
+        if "Proxy-Authorization" in req.headers:
+            result = self.registrar.authenticator.verify(
+                req, self.registrar.password_of, time.time(), proxy=True)
+            if result.ok and result.username == from_user:
+                return Party(PartyKind.EXTENSION, from_user)
+            if result.ok:  # valid credentials of another extension: no impersonation
+                self._respond(key, req, 403, "Forbidden (From is not the authenticated user)",
+                              to_tag=new_tag())
+            elif result.status == 400:
+                self._respond(key, req, 400,
+                              _reason_phrase(f"Bad Credentials ({result.detail})"),
+                              to_tag=new_tag())
+            else:
+                self._challenge_invite(req, key, stale=result.stale)
+            return None
+        if self.policy.is_trusted_source(addr[0]):
+            return Party(PartyKind.TRUSTED, from_user)
+        if self.policy.must_authenticate(from_host, from_port, destination):
+            self._challenge_invite(req, key)
+            return None
+        return Party(PartyKind.ANONYMOUS, from_user)
+
+    def _challenge_invite(self, req: SipRequest, key: TransactionKey, *,
+                          stale: bool = False) -> None:
+        """The one 407 every unauthorized INVITE gets, whatever it asked for."""
+        self.stats["calls_challenged"] += 1
+        self._respond(key, req, 407, to_tag=new_tag(),
+                      headers=self.registrar.authenticator.challenge(
+                          time.time(), stale=stale, proxy=True))
+
+    # ------------------------------------------------------------ per-source budgets
+
+    def _take_setup_budget(self, source: str) -> bool:
+        """One more inbound call in set-up from `source` (until its ACK), if its budget
+        (`[limits] setup_calls_per_source`) allows."""
+        if source in self.budget_exempt:
             return True
-        if result.ok:  # valid credentials of another extension: no impersonation
-            self._respond(key, req, 403, "Forbidden (From is not the authenticated user)",
-                          to_tag=new_tag())
-        elif result.status == 400:
-            self._respond(key, req, 400, _reason_phrase(f"Bad Credentials ({result.detail})"),
-                          to_tag=new_tag())
+        held = self.setup_by_source.get(source, 0)
+        if held >= self.settings.limits.setup_calls_per_source:
+            return False
+        self.setup_by_source[source] = held + 1
+        return True
+
+    def _end_setup(self, leg: Leg) -> None:
+        """The leg's call is answered and acknowledged, or over: its budget is back."""
+        source, leg.setup_source = leg.setup_source, None
+        if source is None or source in self.budget_exempt:
+            return
+        held = self.setup_by_source.get(source, 0) - 1
+        if held > 0:
+            self.setup_by_source[source] = held
         else:
-            self._respond(key, req, 407, to_tag=new_tag(),
-                          headers=self.registrar.authenticator.challenge(
-                              time.time(), stale=result.stale, proxy=True))
-        return None
+            self.setup_by_source.pop(source, None)
 
     def _next_hop(self, leg: Leg, fallback: Addr) -> Addr:
         """Where in-dialog requests go: the first Route, else the remote target (RFC 3261
@@ -659,6 +740,8 @@ class Front:
             self.retransmitter.ack(self._dkey(leg))
             self._arm_timer()
             leg.reinvite_unacked = False
+            if leg.state == "confirmed":
+                self._end_setup(leg)
             if leg.offer_in_2xx:
                 # The answer to the offer our 2xx made (an offerless re-INVITE).
                 leg.offer_in_2xx = False
@@ -700,6 +783,12 @@ class Front:
         if leg is None:
             self._respond(key, req, 481)
             return
+        if not self.policy.in_dialog_source_ok(self._peer_ip(leg), addr[0]):
+            self.stats["in_dialog_foreign"] += 1
+            log.info("call %s: %s from %s, not the dialog's peer %s; refused",
+                     leg.call.call_id, req.method, addr[0], self._peer_ip(leg))
+            self._respond(key, req, 403, "Forbidden (not the dialog's peer)")
+            return
         if req.method == "BYE" and leg in leg.call.detached:
             self._respond(key, req, 200)  # a referrer leaving before its final NOTIFY
             self._drop_detached(leg)
@@ -725,6 +814,15 @@ class Front:
             self._respond(key, req, 200, headers=[("Allow", ALLOW)])
         else:
             self._respond(key, req, 501, headers=[("Allow", ALLOW)])
+
+    @staticmethod
+    def _peer_ip(leg: Leg) -> str | None:
+        """The IP the dialog's peer sends from: where its INVITE came from (inbound), or
+        where we send it requests (outbound: its contact, registration source or next
+        hop, resolved)."""
+        if leg.source is not None:
+            return leg.source[0]
+        return leg.addr[0] if _is_ip(leg.addr[0]) else None
 
     def _on_info(self, leg: Leg, req: SipRequest, key: TransactionKey) -> None:
         ctype = (req.headers.get("Content-Type") or "").split(";")[0].strip().lower()
@@ -911,7 +1009,22 @@ class Front:
         if "replaces" in str(uri).lower():
             self._respond(key, req, 501, "Attended Transfer Not Supported")
             return
-        target = self._refer_target(uri)
+        # One policy for every leg (DESIGN §6): the referrer may ask for what it could
+        # have called itself, and an unknown caller not at all unless its route says so.
+        if not self.policy.may_refer(leg.peer, call.route):
+            self.stats["refers_refused"] += 1
+            log.info("call %s: REFER from %s party refused", call.call_id, leg.peer.kind.value)
+            self._respond(key, req, 403, "Forbidden (transfer not allowed)")
+            return
+        destination = self._classify_target(self._refer_target(uri))
+        decision = self.policy.decide(leg.peer, destination)
+        if not decision.allowed and decision.status != 404:  # nobody there: NOTIFY 404
+            self.stats["refers_refused"] += 1
+            log.info("call %s: REFER to %r refused for a %s party", call.call_id,
+                     _reason_phrase(destination.name, 80), leg.peer.kind.value)
+            self._respond(key, req, 403, "Forbidden (transfer target not allowed)")
+            return
+        target = destination.name
         bridged = (call.a is not None and call.b is not None and leg in (call.a, call.b)
                    and call.a.state == call.b.state == "confirmed" and call.bridged_at)
         ivr = (leg is call.a and call.b is None and not call.ringing
@@ -938,16 +1051,45 @@ class Front:
             call.detached.append(leg)
         self._transfer(call, target)
 
-    def _refer_target(self, uri: Any) -> str:
-        """A Refer-To URI as a transfer target: a user of ours (registered or static), or
-        any address on this PBX, by extension; anything else as the URI itself."""
+    @staticmethod
+    def _refer_target(uri: Any) -> str:
+        """A Refer-To URI as a transfer target: scheme, user, host and port only (its
+        parameters and headers are the referrer's to set, not ours to dial)."""
         user = uri.user or ""
-        ours = uri.host.strip("[]") in (self.host, "127.0.0.1", "localhost") and (
-            (uri.port or 5060) == self.port)
-        if user and (ours or self.registrar.lookup(user, self.now())):
-            return str(user)
         return f"{uri.scheme}:{user + '@' if user else ''}{uri.host}" + (
             f":{uri.port}" if uri.port else "")
+
+    def _classify_target(self, target: str) -> Destination:
+        """A transfer target (an extension, or a SIP URI, ours or elsewhere) as a policy
+        destination; a URI naming this PBX is the extension of its user part."""
+        user = target
+        if target.lower().startswith(("sip:", "sips:")):
+            try:
+                uri = parse_uri(target)
+            except SipError:
+                return Destination(DestinationKind.NONE, target)
+            if not self.policy.is_local(uri.host, uri.port):
+                return Destination(DestinationKind.URI, target)
+            user = uri.user or ""
+        if user and self.registrar.lookup(user, self.now()):
+            return Destination(DestinationKind.USER, user)
+        return Destination(DestinationKind.NONE, user)
+
+    def _authorized_target(self, call: Call, party: Party, target: str) -> str | None:
+        """The target to dial for a transfer `party` asks for (a URI naming us becomes
+        the extension), or None when the policy refuses it: the call is then ended with
+        `TransferFailed(<target>)` and 403. A target nobody answers to is left to the
+        dialling to find out (404, or a skill group's next member)."""
+        destination = self._classify_target(target)
+        decision = self.policy.decide(party, destination)
+        if decision.allowed or decision.status == 404:
+            return destination.name
+        self.stats["transfers_refused"] += 1
+        shown = _reason_phrase(target, 80)
+        log.info("call %s: transfer to %r refused for a %s party", call.call_id, shown,
+                 party.kind.value)
+        self._hangup_call(call, f"TransferFailed({shown})", 403)
+        return None
 
     def _notify_refer(self, leg: Leg, event: str, status_line: str, *, final: bool) -> None:
         state = ("terminated;reason=noresource" if final
@@ -1065,18 +1207,26 @@ class Front:
             log.info("call %s: transfer target %r not found", call.call_id, target)
             self._hangup_call(call, f"TransferFailed({target})", 404)
             return
-        call.b = self._out_leg(call, resolved, f"{call.call_id}-b")
+        call.b = self._out_leg(call, target, resolved, f"{call.call_id}-b")
         self._spawn(self._call_out(call, call.b), call)
 
-    def _out_leg(self, call: Call, resolved: tuple[str, str, int], media_id: str) -> Leg:
-        """A new outbound leg of the call (not yet sent: `_call_out` does that)."""
+    def _out_leg(self, call: Call, target: str, resolved: tuple[str, str, int],
+                 media_id: str) -> Leg:
+        """A new outbound leg of the call to `target` (an extension or a SIP URI; not
+        yet sent: `_call_out` does that)."""
         ruri, host, port = resolved
+        # The extension we ring is one of ours (its REFERs are an extension's); anyone
+        # else we reach by URI is a stranger to the policy.
+        peer = (Party(PartyKind.EXTENSION, target) if target in self.settings.users
+                else Party(PartyKind.ANONYMOUS))
         b = Leg(
             call=call, sip_call_id=new_call_id(self.host), local_tag=new_tag(),
             media_id=media_id, outbound=True, addr=(host, port),
-            reliable=_wants_tcp(ruri),
+            reliable=_wants_tcp(ruri), peer=peer,
         )
-        b.local_party = f"<sip:{call.caller or 'pbx'}@{self.host}:{self.port}>;tag={b.local_tag}"
+        # Caller ID is policy, never an unverified From copied through (DESIGN §6).
+        caller_id = self.policy.presented_caller_id(call.party)
+        b.local_party = f"<sip:{caller_id}@{self.host}:{self.port}>;tag={b.local_tag}"
         b.remote_party = f"<{ruri}>"
         b.remote_target = ruri
         return b
@@ -1326,6 +1476,7 @@ class Front:
         stats_legs = {leg.media_id: name for name, leg in (("a", call.a), ("b", call.b))
                       if leg is not None and leg.worker is not None}
         for leg in call.legs():
+            self._end_setup(leg)
             if leg.ring_timer is not None:
                 leg.ring_timer.cancel()
                 leg.ring_timer = None
@@ -1473,14 +1624,23 @@ class Front:
         route = call.route
         assert route is not None
         session_id = f"{call.call_id}"
+        # Credentials stay in the front (DESIGN §6): never a sip_* variable.
         headers = {name: value for name, value in req.headers.items()
-                   if name not in ("Via", "Content-Length")}
+                   if name not in ("Via", "Content-Length")
+                   and name.lower() not in CREDENTIAL_HEADERS}
         info = m.CallInfo(
             call_id=call.call_id, session_id=session_id, caller=call.caller,
             callee=call.callee, route_name=route.name, params=route.app_params,
-            sip_headers=headers,
+            sip_headers=headers, variables=self._call_variables(call),
         )
         self._open_session(call, info)
+
+    @staticmethod
+    def _call_variables(call: Call) -> dict[str, str]:
+        """Variables every session of the call starts with: `caller_trust` tells the
+        provider whether `caller` was verified (extension: digest; trusted: a trusted
+        network; anonymous: an unverified From)."""
+        return {"caller_trust": call.party.kind.value}
 
     def _open_session(self, call: Call, info: m.CallInfo) -> None:
         session = Session(session_id=info.session_id, call=call, info=info)
@@ -1500,8 +1660,9 @@ class Front:
                         old.session_id)
             return
         session_id = f"{call.call_id}-{len(call.session_ids) + 1}"
-        info = old.info.model_copy(update={"session_id": session_id,
-                                           "variables": dict(variables)})
+        info = old.info.model_copy(update={
+            "session_id": session_id,
+            "variables": {**self._call_variables(call), **variables}})
         self._open_session(call, info)
 
     def _session_input(self, session: Session, item: Any) -> None:
@@ -1663,7 +1824,9 @@ class Front:
         elif isinstance(command, m.HangupCommand):
             self._hangup_call(call, command.reason, command.code)
         elif isinstance(command, m.TransferCommand):
-            self._transfer(call, command.target)
+            target = self._authorized_target(call, PROVIDER, command.target)
+            if target is not None:
+                self._transfer(call, target)
         elif isinstance(command, m.RecordCommand):
             if worker is not None:
                 self.send_media(worker, m.MediaRecord(
@@ -1756,5 +1919,7 @@ class Front:
             "executors": len(self.executors),
             "media_legs": len(self.legs_by_media),
             "transactions": len(self.transactions),
+            "transactions_over_budget": self.transactions.refused,
+            "sources_in_setup": len(self.setup_by_source),
             **self.stats,
         }

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pbx import messages as m
 from pbx.config import QueueSettings
+from pbx.policy import PROVIDER
 from pbx.queues import Cancel, GiveUp, QueueAction, QueueBook, QueueWait, Ring, WaitState
 
 if TYPE_CHECKING:
@@ -76,18 +77,21 @@ class QueueCalls:
     def start_agent(self, call: Call, command: m.AgentCommand) -> None:
         """The agent's extension; with a known skill group, its members after the agent's
         turn (`member_ring_ms`), else a plain transfer to the agent."""
-        call.agent = command.target
+        target = self.front._authorized_target(call, PROVIDER, command.target)
+        if target is None:
+            return
+        call.agent = target
         group_id = command.skill_group_id
         group = self.front.settings.skill_groups.get(group_id) if group_id else None
         if group is None or group_id is None:
             if group_id:
                 log.warning("call %s: no [skill_groups.%s] section; agent %s only",
-                            call.call_id, group_id, command.target)
-            self.front._transfer(call, command.target)
+                            call.call_id, group_id, target)
+            self.front._transfer(call, target)
             return
         call.queue_name = group_id
         book = self._book("skill_group", group_id, group)
-        wait = QueueWait(group, book, self.front.now(), first=command.target)
+        wait = QueueWait(group, book, self.front.now(), first=target)
         self._run(call, QueueRun("agent", group_id, wait, return_to_ivr=False), group)
 
     def _run(self, call: Call, run: QueueRun, settings: QueueSettings) -> None:
@@ -130,7 +134,7 @@ class QueueCalls:
                      member)
             return False
         run.legs_made += 1
-        leg = front._out_leg(call, resolved, f"{call.call_id}-q{run.legs_made}")
+        leg = front._out_leg(call, member, resolved, f"{call.call_id}-q{run.legs_made}")
         leg.member = member
         call.ringing.append(leg)
         front._spawn(front._call_out(call, leg), call)

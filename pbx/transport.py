@@ -14,7 +14,9 @@ front sends comes back through `send(data, addr, reliable)`:
   go back on the connection the request came on and in-dialog requests to a
   TCP peer reuse its connection (RFC 3261 §18.2.2, §18.1.1); with no
   connection to that address one is opened and the bytes wait for it.
-  Connections idle for `[sip] tcp_idle_s` are closed.
+  Connections idle for `[sip] tcp_idle_s` are closed; one source IP may hold at
+  most `[limits] tcp_connections_per_source` of them (the rate limit's exempt
+  networks aside).
 * Every incoming message (keep-alives aside) takes a token from its source
   IP's bucket (`pbx.ratelimit`); beyond the limit it is dropped unseen and
   counted in `stats` (exported on /metrics).
@@ -116,18 +118,21 @@ class _TcpConnection(asyncio.Protocol):
 class SipTransport:
     """UDP socket, TCP listener and the table of TCP connections."""
 
-    def __init__(self, settings: SipSettings) -> None:
+    def __init__(self, settings: SipSettings, tcp_per_source: int = 32) -> None:
         self.settings = settings
         self.handler: SipHandler | None = None
         self.limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst,
                                    exempt=tuple(settings.rate_limit_exempt))
+        self.tcp_per_source = tcp_per_source
         self.connections: dict[Addr, _TcpConnection] = {}
+        self._per_source: dict[str, int] = {}
         self._connecting: dict[Addr, list[bytes]] = {}
         self._udp: asyncio.DatagramTransport | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stats = {"sip_rate_limited": 0, "sip_oversize": 0, "sip_unframed": 0,
-                      "tcp_connections": 0, "tcp_connections_total": 0}
+                      "tcp_connections": 0, "tcp_connections_total": 0,
+                      "tcp_refused_per_source": 0}
 
     @staticmethod
     def now() -> float:
@@ -193,17 +198,36 @@ class SipTransport:
             log.warning("too many TCP connections; refusing %s:%d", *conn.peer)
             conn.close()
             return
+        ip = conn.peer[0]
+        held = self._per_source.get(ip, 0)
+        if held >= self.tcp_per_source and ip not in self.limiter.exempt:
+            self.stats["tcp_refused_per_source"] += 1
+            log.info("%s holds %d TCP connections already; refusing another", ip, held)
+            conn.close()
+            return
         old = self.connections.get(conn.peer)
         if old is not None and old is not conn:
             old.close()
+            self._forget(old)
         self.connections[conn.peer] = conn
+        self._per_source[ip] = self._per_source.get(ip, 0) + 1
         self.stats["tcp_connections_total"] += 1
         self.stats["tcp_connections"] = len(self.connections)
 
     def _connection_lost(self, conn: _TcpConnection) -> None:
         if self.connections.get(conn.peer) is conn:
             del self.connections[conn.peer]
+            self._forget(conn)
         self.stats["tcp_connections"] = len(self.connections)
+
+    def _forget(self, conn: _TcpConnection) -> None:
+        """`conn` no longer counts against its source's connections."""
+        ip = conn.peer[0]
+        held = self._per_source.get(ip, 0) - 1
+        if held > 0:
+            self._per_source[ip] = held
+        else:
+            self._per_source.pop(ip, None)
 
     def sweep_idle(self) -> None:
         """Close connections that carried nothing for `tcp_idle_s`."""

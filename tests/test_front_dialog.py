@@ -12,6 +12,8 @@ from pbx.sip.message import SipRequest, SipResponse
 from tests.test_front_queue import CALLER, MEMBERS, SDP, Rig, first_then, until
 
 PLAY = [m.PlayCommand(play_id=1, file="sounds/menu.wav")]
+# The caller's source is a trusted network: its REFERs may reach extensions (pbx.policy).
+TRUSTED_CALLER = '\n[policy]\ntrusted_networks = ["127.0.0.1/32"]\n'
 
 
 def offer(direction: str = "sendrecv", port: int = 40000, ip: str = "127.0.0.1",
@@ -174,7 +176,7 @@ def notifies(rig: Rig) -> list[SipRequest]:
 
 def test_refer_on_an_ivr_call_transfers_the_caller(tmp_path: Path) -> None:
     async def main() -> None:
-        rig = Rig(tmp_path, first_then(PLAY))
+        rig = Rig(tmp_path, first_then(PLAY), TRUSTED_CALLER)
         await answered(rig)
         in_dialog(rig, "REFER", 2, headers="Refer-To: <sip:2001@127.0.0.1:5060>\r\n")
         assert last(rig, 2).status == 202
@@ -196,7 +198,7 @@ def test_refer_on_an_ivr_call_transfers_the_caller(tmp_path: Path) -> None:
 def test_refer_in_a_bridge_connects_the_peer_and_releases_the_referrer(
         tmp_path: Path) -> None:
     async def main() -> None:
-        rig = Rig(tmp_path, first_then([m.TransferCommand(target="2001")]))
+        rig = Rig(tmp_path, first_then([m.TransferCommand(target="2001")]), TRUSTED_CALLER)
         rig.call()
         invite = await until(lambda: rig.requests("INVITE", MEMBERS["2001"]))
         rig.answer(invite[0], MEMBERS["2001"], "t1")
@@ -219,7 +221,7 @@ def test_refer_in_a_bridge_connects_the_peer_and_releases_the_referrer(
 
 def test_refer_to_an_unknown_target_notifies_the_failure(tmp_path: Path) -> None:
     async def main() -> None:
-        rig = Rig(tmp_path, first_then(PLAY))
+        rig = Rig(tmp_path, first_then(PLAY), TRUSTED_CALLER)
         await answered(rig)
         in_dialog(rig, "REFER", 2, headers="Refer-To: <sip:9999@127.0.0.1:5060>\r\n")
         assert last(rig, 2).status == 202

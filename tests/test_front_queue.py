@@ -64,10 +64,12 @@ Script = Callable[[m.IvrEvent], list[Any]]
 
 
 class Rig:
-    def __init__(self, tmp: Path, script: Script) -> None:
+    """`extra`: more config (TOML tables) after the test's own."""
+
+    def __init__(self, tmp: Path, script: Script, extra: str = "") -> None:
         users = "\n".join(f'[users."{u}"]\ncontact = "sip:{u}@{h}:{p}"'
                           for u, (h, p) in MEMBERS.items())
-        self.settings = parse_config(CONFIG.format(logs=tmp / "logs", users=users))
+        self.settings = parse_config(CONFIG.format(logs=tmp / "logs", users=users) + extra)
         self.sip: list[tuple[Any, tuple[str, int]]] = []
         self.media: list[Any] = []
         self.events: list[dict[str, Any]] = []
@@ -265,7 +267,8 @@ def test_nobody_answers_with_return_to_ivr_starts_a_new_session(tmp_path: Path) 
         assert second.state is None
         assert second.session_id.endswith("-2")
         assert second.input.call.variables == {"transferred_from": "queue",
-                                               "return_reason": "no_answer"}
+                                               "return_reason": "no_answer",
+                                               "caller_trust": "anonymous"}
         assert len(rig.requests("CANCEL")) == 2
         hold = [i for i, msg in enumerate(rig.media)
                 if isinstance(msg, m.MediaPlay) and msg.play_id == HOLD_PLAY_ID]

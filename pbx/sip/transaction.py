@@ -36,13 +36,22 @@ client side (§17.1, RFC 6026 §7.2):
 A transaction is removed from its table as soon as it terminates, so the
 tables hold only live transactions. The 2xx to an INVITE is retransmitted by
 the TU (RFC 3261 §13.3.1.4) with `Uas2xxRetransmitter`.
+
+Budgets (DESIGN §6): a server transaction keeps its request (and last
+response) for up to 64*T1 after it ends, so one source sending at line rate
+could hold gigabytes. `SourceBudget` caps what one source IP holds: the number
+of server transactions and the bytes of their requests and responses. A new
+request beyond it gets a stateless 503 with Retry-After (RFC 3261 §21.5.4)
+and leaves no state, so an overload answer never retransmits. (An ACK makes
+no transaction, so it always passes.)
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass
+from collections.abc import Container
+from dataclasses import dataclass, field
 from enum import Enum
 
 from pbx.sip.errors import SipError
@@ -131,6 +140,26 @@ class AckTimeout:
 TransactionEvent = RequestReceived | ResponseReceived | TransactionTimeout | SendBytes
 
 
+# --------------------------------------------------------------------------- budgets
+
+
+@dataclass
+class SourceBudget:
+    """What one source IP may hold in server transactions; `exempt` sources (trunks,
+    load generators) are not counted."""
+
+    max_transactions: int = 256
+    max_bytes: int = 2_000_000
+    retry_after_s: int = 5
+    exempt: Container[str] = field(default_factory=frozenset)
+
+
+@dataclass
+class _Held:
+    transactions: int = 0
+    bytes: int = 0
+
+
 # --------------------------------------------------------------------------- transactions
 
 
@@ -143,6 +172,7 @@ class _ServerTransaction:
     reliable: bool
     state: TxState
     last_response: bytes | None = None
+    held_bytes: int = 0  # what it counts against its source's budget (0: exempt)
     timer_g: float | None = None
     timer_g_interval: float = T1
     timer_h: float | None = None
@@ -197,8 +227,11 @@ class TransactionLayer:
     (RFC 3261 §17.2.1), so the TU need not.
     """
 
-    def __init__(self, *, send_trying: bool = True) -> None:
+    def __init__(self, *, send_trying: bool = True, budget: SourceBudget | None = None) -> None:
         self.send_trying = send_trying
+        self.budget = budget or SourceBudget()
+        self._held: dict[str, _Held] = {}
+        self.refused = 0  # requests answered 503 over their source's budget
         self._server: dict[TransactionKey, _ServerTransaction] = {}
         self._client: dict[TransactionKey, _ClientTransaction] = {}
         self._heap: list[tuple[float, int, _Transaction]] = []
@@ -249,15 +282,60 @@ class TransactionLayer:
     # ----------------------------------------------------------------- receive
 
     def receive(
-        self, msg: SipRequest | SipResponse, addr: Addr, now: float, *, reliable: bool = False
+        self, msg: SipRequest | SipResponse, addr: Addr, now: float, *, reliable: bool = False,
+        size: int = 0,
     ) -> list[TransactionEvent]:
-        """Feed one parsed message from the network."""
+        """Feed one parsed message from the network (`size`: its length on the wire)."""
         if isinstance(msg, SipRequest):
-            return self._receive_request(msg, addr, now, reliable)
+            return self._receive_request(msg, addr, now, reliable, size)
         return self._receive_response(msg, now)
 
+    def held_by(self, source_ip: str) -> tuple[int, int]:
+        """(server transactions, bytes) `source_ip` holds against its budget."""
+        held = self._held.get(source_ip)
+        return (held.transactions, held.bytes) if held is not None else (0, 0)
+
+    def _over_budget(self, request: SipRequest, addr: Addr, size: int,
+                     reliable: bool) -> list[TransactionEvent] | None:
+        """None if the source may open one more transaction of `size` bytes, else what
+        to send instead: a stateless 503."""
+        budget = self.budget
+        if addr[0] in budget.exempt:
+            return None
+        held = self._held.get(addr[0])
+        if held is None or (held.transactions < budget.max_transactions
+                            and held.bytes + size <= budget.max_bytes):
+            return None
+        self.refused += 1
+        busy = make_response(request, 503, "Service Unavailable (source over budget)",
+                             headers=[("Retry-After", str(budget.retry_after_s))])
+        return [SendBytes(busy.serialize(), addr, reliable)]
+
+    def _hold(self, txn: _ServerTransaction, size: int) -> None:
+        """Count `size` more bytes (and, the first time, the transaction) for its source."""
+        if txn.addr[0] in self.budget.exempt:
+            return
+        held = self._held.get(txn.addr[0])
+        if held is None:
+            held = self._held[txn.addr[0]] = _Held()
+        if txn.held_bytes == 0:
+            held.transactions += 1
+        held.bytes += size
+        txn.held_bytes += size
+
+    def _release(self, txn: _ServerTransaction) -> None:
+        if txn.held_bytes == 0:
+            return
+        held = self._held.get(txn.addr[0])
+        if held is not None:
+            held.transactions -= 1
+            held.bytes -= txn.held_bytes
+            if held.transactions <= 0:
+                del self._held[txn.addr[0]]
+        txn.held_bytes = 0
+
     def _receive_request(
-        self, request: SipRequest, addr: Addr, now: float, reliable: bool
+        self, request: SipRequest, addr: Addr, now: float, reliable: bool, size: int = 0
     ) -> list[TransactionEvent]:
         key = self._server_key(request)
         txn = self._server.get(key)
@@ -284,15 +362,21 @@ class TransactionLayer:
             ):
                 return [SendBytes(txn.last_response, txn.addr, txn.reliable)]
             return []
+        size = max(size, 1)  # every transaction counts, even one whose size is not told
+        refused = self._over_budget(request, addr, size, reliable)
+        if refused is not None:
+            return refused
         invite = request.method == "INVITE"
         txn = _ServerTransaction(
             key, invite, request, addr, reliable,
             TxState.PROCEEDING if invite else TxState.TRYING,
         )
         self._server[key] = txn
+        self._hold(txn, size)
         events: list[TransactionEvent] = []
         if invite and self.send_trying:
             txn.last_response = make_response(request, 100).serialize()
+            self._hold(txn, len(txn.last_response))
             events.append(SendBytes(txn.last_response, addr, reliable))
         events.append(RequestReceived(request, addr, key, reliable))
         return events
@@ -362,6 +446,7 @@ class TransactionLayer:
         data = response.serialize()
         status = response.status
         send = [SendBytes(data, txn.addr, txn.reliable)]
+        self._hold(txn, len(data))  # a little over-counted: a response replaces the last
         if txn.invite:
             if txn.state is TxState.PROCEEDING:
                 if status < 200:
@@ -516,6 +601,7 @@ class TransactionLayer:
         if isinstance(txn, _ServerTransaction):
             if self._server.get(txn.key) is txn:
                 del self._server[txn.key]
+                self._release(txn)
         elif self._client.get(txn.key) is txn:
             del self._client[txn.key]
 

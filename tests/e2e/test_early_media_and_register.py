@@ -124,9 +124,9 @@ def test_register_with_digest_then_call_the_phone(system: PbxSystem, workdir: Pa
     wire = LoopbackSniffer(system.rtp_ports)
     caller = None
     try:
-        # A caller that is no extension may not call a user directly...
+        # A caller that is no extension may not call a user directly (407)...
         stranger = start_sipp("stranger", [
-            "-sf", str(SCENARIOS / "uac_invite_403.xml"), "-s", user, system.sip_addr,
+            "-sf", str(SCENARIOS / "uac_invite_407.xml"), "-s", user, system.sip_addr,
             "-i", "127.0.0.1", "-p", str(free_port()), "-m", "1", "-l", "1",
         ], workdir / "stranger")
         try:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.harness import (
+    REGISTERING_USERS,
     SCENARIOS,
     PbxSystem,
     Reply,
@@ -54,7 +55,8 @@ def test_refer_on_an_ivr_call_reaches_the_target(system: PbxSystem, workdir: Pat
     caller = start_sipp("refer", [
         "-sf", str(SCENARIOS / "uac_refer.xml"), "-s", "*99", system.sip_addr,
         "-i", "127.0.0.1", "-p", str(free_port()), "-key", "rtp_port", str(rtp.port),
-        "-m", "1", "-l", "1",
+        "-au", "3003", "-ap", REGISTERING_USERS["3003"],
+        "-auth_uri", f"*99@{system.sip_addr}", "-m", "1", "-l", "1",
     ], workdir / "caller")
     try:
         assert caller.wait(30) == 0, caller.logs()

@@ -95,27 +95,24 @@ def test_options_gets_200_with_allow(system: PbxSystem, workdir: Path) -> None:
     assert received_statuses(sipp) == ["SIP/2.0 200 OK"]
 
 
-def test_invite_without_route_gets_404(system: PbxSystem, workdir: Path) -> None:
+def test_unknown_callers_get_one_challenge_whatever_they_ask_for(
+        system: PbxSystem, workdir: Path) -> None:
+    """No route, a user, a non-public route: an unknown caller gets the same 407 for
+    each (pbx.policy), so the answers do not tell which exist; the provider is not
+    asked."""
     before = system.metrics()
     mark = len(system.provider.requests)
-    sipp = run_sipp(system, workdir, "uac_invite_404.xml", "55501")
-    statuses = received_statuses(sipp)
-    finals = [s for s in statuses if not s.startswith("SIP/2.0 1")]
-    # One 404: the ACK stopped the retransmissions (the scenario waits 1.2 s after it,
-    # longer than the first retransmission interval T1 = 0.5 s).
-    assert finals == ["SIP/2.0 404 Not Found"], statuses
+    answers = []
+    for target in ("55501", "2001", "*95"):
+        sipp = run_sipp(system, workdir / target.strip("*"), "uac_invite_407.xml", target)
+        statuses = received_statuses(sipp)
+        # One 407: the ACK stopped the retransmissions (the scenario waits 1.2 s after
+        # it, longer than the first retransmission interval T1 = 0.5 s).
+        answers.append([s for s in statuses if not s.startswith("SIP/2.0 1")])
+    assert answers == [["SIP/2.0 407 Proxy Authentication Required"]] * 3, answers
     after = system.metrics()
-    assert after["pbx_calls_total"] == before["pbx_calls_total"] + 1
-    assert after["pbx_calls_failed"] == before["pbx_calls_failed"] + 1
-    assert system.provider.requests[mark:] == [], "no route: the provider is not asked"
-
-
-def test_unknown_source_cannot_reach_a_route_that_is_not_public(
-        system: PbxSystem, workdir: Path) -> None:
-    mark = len(system.provider.requests)
-    sipp = run_sipp(system, workdir, "uac_invite_403.xml", "*95")
-    finals = [s for s in received_statuses(sipp) if not s.startswith("SIP/2.0 1")]
-    assert finals == ["SIP/2.0 403 Forbidden (not a public route)"], finals
+    assert after["pbx_calls_total"] == before["pbx_calls_total"] + 3
+    assert after["pbx_calls_challenged"] == before["pbx_calls_challenged"] + 3
     assert system.provider.requests[mark:] == [], "refused: the provider is not asked"
 
 

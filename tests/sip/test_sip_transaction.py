@@ -20,6 +20,7 @@ from pbx.sip.transaction import (
     RequestReceived,
     ResponseReceived,
     SendBytes,
+    SourceBudget,
     TransactionKey,
     TransactionLayer,
     TransactionTimeout,
@@ -342,7 +343,7 @@ def test_response_without_transaction_dropped() -> None:
 
 
 def test_thousand_transactions_table_empties() -> None:
-    layer = TransactionLayer()
+    layer = TransactionLayer(budget=SourceBudget(max_transactions=10_000))
     now = 0.0
     for i in range(1000):
         now += 0.01
@@ -424,3 +425,63 @@ def test_reliable_sends_are_marked_for_the_stream() -> None:
     assert TransactionLayer.send_stateless(ack2, PEER, reliable=True)[0].reliable
     # an unreliable transaction's sends are not marked
     assert not sends(layer.receive(request(branch="z9hG4bKu"), PEER, 0.0))[0].reliable
+
+
+# ---------------------------------------------------------------- per-source budgets
+
+
+def test_a_source_over_its_transaction_budget_gets_a_stateless_503() -> None:
+    layer = TransactionLayer(budget=SourceBudget(max_transactions=3, retry_after_s=7))
+    for i in range(3):
+        events = layer.receive(request("OPTIONS", branch=f"z9hG4bKo{i}"), PEER, 0.0, size=300)
+        assert isinstance(events[-1], RequestReceived)
+    assert layer.held_by(PEER[0]) == (3, 900)
+    events = layer.receive(request("INVITE", branch="z9hG4bKx"), PEER, 0.0, size=300)
+    assert len(events) == 1 and isinstance(events[0], SendBytes)
+    busy = parse_message(events[0].data)
+    assert isinstance(busy, SipResponse) and busy.status == 503
+    assert busy.headers.get("Retry-After") == "7"
+    assert len(layer) == 3 and layer.refused == 1 and layer.get_timer() is None
+    # the overload answer is stateless: a retransmission gets the same, nothing is kept
+    assert layer.receive(request("INVITE", branch="z9hG4bKx"), PEER, 0.1, size=300)
+    assert len(layer) == 3
+    # an ACK keeps no state: it still reaches the TU (it may end a call's set-up)
+    assert isinstance(layer.receive(request("ACK", branch="z9hG4bKy"), PEER, 0.1)[-1],
+                      RequestReceived)
+    # another source is not affected
+    other = ("192.0.2.2", 5060)
+    assert isinstance(layer.receive(request("OPTIONS", branch="z9hG4bKz"), other, 0.1)[-1],
+                      RequestReceived)
+
+
+def test_a_source_budget_frees_when_its_transactions_end() -> None:
+    layer = TransactionLayer(budget=SourceBudget(max_transactions=2))
+    keys = []
+    for i in range(2):
+        opt = request("OPTIONS", branch=f"z9hG4bKo{i}")
+        keys.append(layer.receive(opt, PEER, 0.0, size=200)[-1].key)
+        layer.respond(keys[-1], reply(opt, 200), 0.0)
+    assert layer.held_by(PEER[0])[0] == 2
+    run_until(layer, 64 * 0.5 + 1)  # Timer J
+    assert layer.held_by(PEER[0]) == (0, 0) and len(layer) == 0
+    assert isinstance(layer.receive(request("OPTIONS", branch="z9hG4bKn"), PEER, 40.0)[-1],
+                      RequestReceived)
+
+
+def test_a_source_byte_budget_counts_requests_and_responses() -> None:
+    layer = TransactionLayer(budget=SourceBudget(max_transactions=100, max_bytes=10_000))
+    opt = request("OPTIONS", branch="z9hG4bKbig")
+    key = layer.receive(opt, PEER, 0.0, size=9_000)[-1].key
+    layer.respond(key, reply(opt, 200), 0.0)
+    held = layer.held_by(PEER[0])
+    assert held[0] == 1 and held[1] > 9_000
+    events = layer.receive(request("OPTIONS", branch="z9hG4bKmore"), PEER, 0.0, size=2_000)
+    assert len(events) == 1 and isinstance(events[0], SendBytes)
+
+
+def test_exempt_sources_are_not_counted() -> None:
+    layer = TransactionLayer(budget=SourceBudget(max_transactions=1, exempt={PEER[0]}))
+    for i in range(5):
+        assert isinstance(layer.receive(request("OPTIONS", branch=f"z9hG4bKe{i}"), PEER,
+                                        0.0)[-1], RequestReceived)
+    assert layer.held_by(PEER[0]) == (0, 0)
