@@ -233,3 +233,28 @@ def test_refer_to_an_unknown_target_notifies_the_failure(tmp_path: Path) -> None
 
     asyncio.run(main())
 
+
+
+def test_an_in_dialog_request_from_another_ip_is_refused(tmp_path: Path) -> None:
+    """Someone who learned the dialog's tags cannot hang it up, move its media or press
+    its keys from elsewhere ([policy] in_dialog_source = "same_ip", pbx.policy)."""
+    async def main() -> None:
+        rig = Rig(tmp_path, first_then(PLAY))
+        await answered(rig)
+        ok = [r for r in rig.responses(CALLER) if r.status == 200][0]
+        elsewhere = ("198.51.100.66", 5999)
+        bye = (
+            "BYE sip:pbx@127.0.0.1:5060 SIP/2.0\r\n"
+            "Via: SIP/2.0/UDP 198.51.100.66:5999;branch=z9hG4bK-forged-bye\r\n"
+            "Max-Forwards: 70\r\nFrom: <sip:1001@127.0.0.1:5999>;tag=caller\r\n"
+            f"To: {ok.headers.get('To')}\r\nCall-ID: caller-call@127.0.0.1\r\n"
+            "CSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n").encode()
+        rig.front.message_received(bye, elsewhere)
+        forged = [r for r in rig.responses(elsewhere) if r.cseq[1] == "BYE"]
+        assert [r.status for r in forged] == [403]
+        assert rig.front.calls and rig.front.stats["in_dialog_foreign"] == 1
+        in_dialog(rig, "BYE", 6)  # the real caller still can
+        assert last(rig, 6).status == 200
+        await until(lambda: not rig.front.calls)
+
+    asyncio.run(main())
