@@ -71,6 +71,8 @@ class _Progress:
     commands: list[CallCommand] = field(default_factory=list)
     traces: list[StepTrace] = field(default_factory=list)
     done: bool = False
+    # The session's /start while it is on its way: the first step waits for it.
+    start: asyncio.Task[None] | None = None
 
     def add(self, step: machine.Step, client: ProviderClient) -> None:
         self.state = step.state
@@ -79,7 +81,17 @@ class _Progress:
         self.done = step.done
         for request in step.requests:
             if request.kind not in ("step", "api", "tts"):
-                client.send(request)  # fire-and-forget notifications
+                task = client.send(request)  # fire-and-forget notifications
+                if request.kind == "start":
+                    self.start = task
+
+    async def started(self) -> None:
+        """/start has been answered (or given up on: its own short timeout bounds the
+        wait), so a provider that resets a session on /start never sees it after the
+        session's first step (DESIGN §3)."""
+        if self.start is not None:
+            await asyncio.wait({self.start})
+            self.start = None
 
 
 async def process_event(
@@ -113,6 +125,7 @@ async def process_event(
                 log.info("session %s: tts: %s", event.session_id, spoken.error)
             step = machine.tts_result(step.state, spoken, clock(), ivrs=ivrs)
         else:
+            await progress.started()
             result = await client.step(request.params, request.body)
             step = machine.provider_result(step.state, result, clock(), ivrs=ivrs)
         progress.add(step, client)

@@ -116,6 +116,34 @@ class Provider:
             await asyncio.sleep(0.02)
 
 
+def test_start_reaches_the_provider_before_the_first_step() -> None:
+    """A provider that resets its session on /start (the upstream document's skeleton)
+    must never get /start after the session's first step, even when /start is slow."""
+
+    class SlowStart(Provider):
+        async def handle(self, request: web.Request) -> web.Response:
+            if request.path.endswith("/start"):
+                await asyncio.sleep(0.15)  # answered after the step would have been
+            response = await super().handle(request)
+            return response
+
+    async def main() -> None:
+        provider = SlowStart()
+        await provider.start()
+        try:
+            call = CallInfo(call_id="c1", session_id="s1", caller="1001", callee="*99",
+                            route_name="r", params=IvrAppParams(url=provider.url))
+            event = IvrEvent(session_id="s1", seq=1, state=None,
+                             input=SessionStartInput(call=call))
+            async with ProviderClient() as client:
+                await handle_event(event, client, lambda: 1.0)
+            assert provider.paths()[:2] == ["/ivr/step/start", "/ivr/step"], provider.paths()
+        finally:
+            await provider.stop()
+
+    run(main())
+
+
 async def recv(
     router: zmq.asyncio.Socket, kind: type, timeout_s: float = 10.0
 ) -> tuple[bytes, Any]:
