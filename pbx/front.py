@@ -33,6 +33,7 @@ from pbx.registry import WorkerRegistry
 from pbx.routing import CallAddress, Router
 from pbx.sip import sdp
 from pbx.sip.auth import DigestAuthenticator
+from pbx.sip.authguard import AuthGuard
 from pbx.sip.errors import SipError
 from pbx.sip.framing import FramingError
 from pbx.sip.message import (
@@ -249,10 +250,17 @@ class Front:
         self.transactions = TransactionLayer()
         self.retransmitter = Uas2xxRetransmitter()
         secret = (settings.sip.auth_secret or secrets.token_hex(32)).encode()
+        auth = settings.auth
         self.registrar = Registrar(
             settings.users,
-            DigestAuthenticator(settings.sip.realm, secret,
-                                algorithms=tuple(settings.sip.digest_algorithms)),
+            DigestAuthenticator(settings.sip.realm, secret, nonce_ttl_s=auth.nonce_ttl_s,
+                                algorithms=tuple(settings.sip.digest_algorithms),
+                                nonce_table_size=auth.nonce_table_size),
+            guard=AuthGuard(
+                max_failures=auth.max_failures, source_max_failures=auth.source_max_failures,
+                user_max_failures=auth.user_max_failures, backoff_base_s=auth.backoff_base_s,
+                backoff_max_s=auth.backoff_max_s, failure_memory_s=auth.failure_memory_s,
+                known_source_s=auth.known_source_s, table_size=auth.table_size),
         )
         self.media_workers = WorkerRegistry(settings.media.expiry_ms / 1000)
         self.executors = WorkerRegistry(settings.ivr.expiry_ms / 1000)
@@ -1757,4 +1765,5 @@ class Front:
             "media_legs": len(self.legs_by_media),
             "transactions": len(self.transactions),
             **self.stats,
+            **self.registrar.stats,
         }
