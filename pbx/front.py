@@ -475,8 +475,8 @@ class Front:
         return True
 
     def _on_register(self, req: SipRequest, addr: Addr, key: TransactionKey) -> None:
-        # Two clocks: bindings expire on the loop's clock, nonces carry wall-clock time
-        # so that they stay valid across a restart and between fronts.
+        # Two clocks: bindings and lockouts run on the loop's clock, nonces carry
+        # wall-clock time (only the front instance that issued a nonce accepts it).
         response = self.registrar.handle_register(req, addr, self.now(), auth_now=time.time())
         response.headers.add("Server", USER_AGENT)
         self._emit(list(self.transactions.respond(key, response, self.now())))
