@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ REALM = "pbx.test"
 SRC = ("203.0.113.7", 40123)
 
 
-def make_registrar(**kw: int) -> Registrar:
+def make_registrar(**kw: Any) -> Registrar:
     users = {
         "1001": UserSettings(password="secret1"),
         "1002": UserSettings(password="secret2"),
