@@ -24,14 +24,16 @@ install: $(VENV)/.installed run/workers.conf
 run/workers.conf: $(VENV)/.installed
 	$(BIN)/python -m pbx.supervisor_conf --media-workers $(PBX_MEDIA_WORKERS) --executors $(PBX_IVR_EXECUTORS) --out $@
 
-# Debian tools the tests use: sipp (sip-tester), sox and espeak-ng; and venv support
-# for Debian's own python3.
+# Debian tools the tests use: sipp (sip-tester), sox, espeak-ng and sipvicious (the
+# extension scanner and digest cracker the security tests run); and venv support for
+# Debian's own python3.
 tools:
 	@missing=""; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	command -v sipp >/dev/null || missing="$$missing sip-tester"; \
 	command -v sox >/dev/null || missing="$$missing sox"; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
+	command -v svwar >/dev/null || missing="$$missing sipvicious"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

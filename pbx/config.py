@@ -47,15 +47,17 @@ class SipSettings(_Section):
     advertised: str | None = None
     # How long an outbound leg (transfer) may ring before it is given up.
     ring_timeout_ms: int = Field(default=30000, gt=0)
-    # Digest authentication (REGISTER). Nonces are HMACs under `auth_secret`, so every
-    # front sharing the secret accepts them; unset, a random secret per start is used.
+    # Digest authentication (REGISTER, and INVITEs from extensions). Nonces are HMACs
+    # under `auth_secret`: fronts sharing it recognise each other's nonces and answer
+    # them with stale=true (one extra round trip on fail-over); unset, a random secret
+    # per start is used. More in `[auth]`.
     realm: str = "pbx"
     auth_secret: str | None = None
-    # Challenges offered, in order. Many UAs (sipp, older phones) only answer the first
-    # challenge and only know MD5, so MD5 leads by default; list "SHA-256" first (or
-    # alone) where every UA supports RFC 8760.
+    # Challenges offered, in order of preference (RFC 8760 §2.4: SHA-256 first). A UA
+    # that only knows MD5 and only answers the first challenge (sipp 3.6, older phones)
+    # needs ["MD5", "SHA-256"]; ["SHA-256"] alone refuses MD5 altogether.
     digest_algorithms: list[Literal["MD5", "SHA-256"]] = Field(
-        default=["MD5", "SHA-256"], min_length=1
+        default=["SHA-256", "MD5"], min_length=1
     )
     # TCP (RFC 3261 §18): connections with no traffic for this long are closed.
     tcp_idle_s: float = Field(default=120.0, gt=0)
@@ -342,10 +344,44 @@ class LimitSettings(_Section):
     tcp_connections_per_source: int = Field(default=32, ge=1)
     # Seconds a client is asked to wait (Retry-After) when a budget is spent.
     retry_after_s: int = Field(default=5, ge=1)
+class AuthSettings(_Section):
+    """`[auth]`: digest replay protection and failed-login backoff (the policy and its
+    trade-offs: pbx/sip/auth.py and pbx/sip/authguard.py)."""
+
+    # A nonce is accepted this long after it was issued, then re-challenged (stale=true).
+    nonce_ttl_s: float = Field(default=300.0, gt=0, le=3600)
+    # Nonces that authenticated, kept with their last nonce count so that no request is
+    # accepted twice; when full the oldest goes and older nonces are re-challenged.
+    nonce_table_size: int = Field(default=16384, ge=16, le=1_048_576)
+    # Wrong passwords in a row from one source for one username before it backs off.
+    max_failures: int = Field(default=5, ge=1)
+    # Wrong passwords from one source over all usernames before the source backs off.
+    source_max_failures: int = Field(default=20, ge=1)
+    # Wrong passwords for one username from sources not known for it (distributed
+    # guessing); softer, and sources that authenticated as the user are exempt, so
+    # that failing on purpose from elsewhere cannot lock a working phone out.
+    user_max_failures: int = Field(default=30, ge=1)
+    # First lockout (credentials not checked, 403 + Retry-After); each further failure
+    # doubles it, up to backoff_max_s.
+    backoff_base_s: float = Field(default=2.0, gt=0)
+    backoff_max_s: float = Field(default=900.0, gt=0)
+    # A counter with no failure for this long starts again from zero.
+    failure_memory_s: float = Field(default=3600.0, gt=0)
+    # How long a source that authenticated as a user stays known for that user.
+    known_source_s: float = Field(default=86400.0, gt=0)
+    # Entries per table (sources, (source, user) pairs, usernames, known sources).
+    table_size: int = Field(default=16384, ge=16, le=1_048_576)
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> AuthSettings:
+        if self.backoff_base_s > self.backoff_max_s:
+            raise ValueError("backoff_base_s must not exceed backoff_max_s")
+        return self
 
 
 class Settings(_Section):
     sip: SipSettings = Field(default_factory=SipSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
     ivr: IvrSettings = Field(default_factory=IvrSettings)
     zmq: ZmqSettings = Field(default_factory=ZmqSettings)

@@ -43,6 +43,7 @@ from pbx.registry import WorkerRegistry
 from pbx.routing import CallAddress, Router
 from pbx.sip import sdp
 from pbx.sip.auth import DigestAuthenticator
+from pbx.sip.authguard import AuthGuard
 from pbx.sip.errors import SipError
 from pbx.sip.framing import FramingError
 from pbx.sip.message import (
@@ -276,10 +277,17 @@ class Front:
             retry_after_s=limits.retry_after_s, exempt=self.budget_exempt))
         self.retransmitter = Uas2xxRetransmitter()
         secret = (settings.sip.auth_secret or secrets.token_hex(32)).encode()
+        auth = settings.auth
         self.registrar = Registrar(
             settings.users,
-            DigestAuthenticator(settings.sip.realm, secret,
-                                algorithms=tuple(settings.sip.digest_algorithms)),
+            DigestAuthenticator(settings.sip.realm, secret, nonce_ttl_s=auth.nonce_ttl_s,
+                                algorithms=tuple(settings.sip.digest_algorithms),
+                                nonce_table_size=auth.nonce_table_size),
+            guard=AuthGuard(
+                max_failures=auth.max_failures, source_max_failures=auth.source_max_failures,
+                user_max_failures=auth.user_max_failures, backoff_base_s=auth.backoff_base_s,
+                backoff_max_s=auth.backoff_max_s, failure_memory_s=auth.failure_memory_s,
+                known_source_s=auth.known_source_s, table_size=auth.table_size),
         )
         self.media_workers = WorkerRegistry(settings.media.expiry_ms / 1000)
         self.executors = WorkerRegistry(settings.ivr.expiry_ms / 1000)
@@ -497,8 +505,8 @@ class Front:
         return True
 
     def _on_register(self, req: SipRequest, addr: Addr, key: TransactionKey) -> None:
-        # Two clocks: bindings expire on the loop's clock, nonces carry wall-clock time
-        # so that they stay valid across a restart and between fronts.
+        # Two clocks: bindings and lockouts run on the loop's clock, nonces carry
+        # wall-clock time (only the front instance that issued a nonce accepts it).
         response = self.registrar.handle_register(req, addr, self.now(), auth_now=time.time())
         response.headers.add("Server", USER_AGENT)
         self._emit(list(self.transactions.respond(key, response, self.now())))
@@ -584,19 +592,21 @@ class Front:
         (RFC 3261 §22.3, as a proxy: 407), a trusted source, or an anonymous caller. None
         when the request was answered here (challenged or refused)."""
         if "Proxy-Authorization" in req.headers:
-            result = self.registrar.authenticator.verify(
-                req, self.registrar.password_of, time.time(), proxy=True)
-            if result.ok and result.username == from_user:
+            # Verified with replay protection and the failed-login backoff (a locked-out
+            # source or username gets 403 + Retry-After, its credentials unchecked).
+            out = self.registrar.authenticate(req, addr, self.now(), auth_now=time.time(),
+                                              proxy=True)
+            if out.ok and out.username == from_user:
                 return Party(PartyKind.EXTENSION, from_user)
-            if result.ok:  # valid credentials of another extension: no impersonation
+            if out.ok:  # valid credentials of another extension: no impersonation
                 self._respond(key, req, 403, "Forbidden (From is not the authenticated user)",
                               to_tag=new_tag())
-            elif result.status == 400:
-                self._respond(key, req, 400,
-                              _reason_phrase(f"Bad Credentials ({result.detail})"),
-                              to_tag=new_tag())
             else:
-                self._challenge_invite(req, key, stale=result.stale)
+                if out.status == 407:
+                    self.stats["calls_challenged"] += 1
+                self._respond(key, req, out.status,
+                              _reason_phrase(out.reason) if out.reason else None,
+                              to_tag=new_tag(), headers=out.headers)
             return None
         if self.policy.is_trusted_source(addr[0]):
             return Party(PartyKind.TRUSTED, from_user)
@@ -605,13 +615,12 @@ class Front:
             return None
         return Party(PartyKind.ANONYMOUS, from_user)
 
-    def _challenge_invite(self, req: SipRequest, key: TransactionKey, *,
-                          stale: bool = False) -> None:
+    def _challenge_invite(self, req: SipRequest, key: TransactionKey) -> None:
         """The one 407 every unauthorized INVITE gets, whatever it asked for."""
         self.stats["calls_challenged"] += 1
         self._respond(key, req, 407, to_tag=new_tag(),
                       headers=self.registrar.authenticator.challenge(
-                          time.time(), stale=stale, proxy=True))
+                          time.time(), proxy=True, request=req))
 
     # ------------------------------------------------------------ per-source budgets
 
@@ -1922,4 +1931,5 @@ class Front:
             "transactions_over_budget": self.transactions.refused,
             "sources_in_setup": len(self.setup_by_source),
             **self.stats,
+            **self.registrar.stats,
         }

@@ -10,14 +10,18 @@ never raises for bad input. The steps follow RFC 3261 §10.3:
    reached by.
 2. A `Require` header naming any extension → 420 Bad Extension with
    `Unsupported` (we support none for REGISTER).
-3. Authentication (`DigestAuthenticator.verify`). No or bad credentials →
-   401 with a fresh challenge, `stale=true` for a stale nonce; malformed
-   credentials or a digest-uri that is not the Request-URI → 400. An unknown
-   username and a wrong password get the *same* 401: the client sees its
-   credentials were refused (RFC 3261 §22.2: a 401 to a request that carried
-   credentials) and a scanner cannot enumerate extensions. 403 is kept for
-   what a password cannot fix (step 4). Users from the config without a
-   password cannot register (they can still have a static contact).
+3. Authentication (`authenticate`, below). No or bad credentials → 401
+   with a fresh challenge bound to this request, `stale=true` when the
+   password was right but the nonce unusable (expired, issued for another
+   Call-ID or To, by another front, or already used with that nonce count:
+   a replay); malformed credentials or a digest-uri that is not the
+   Request-URI → 400. An unknown username and a wrong password get the *same*
+   401 after the same work: the client sees its credentials were refused
+   (RFC 3261 §22.2: a 401 to a request that carried credentials) and a
+   scanner cannot enumerate extensions. Too many wrong passwords → 403 with
+   `Retry-After` without checking the credentials (`pbx.sip.authguard`).
+   Users from the config without a password cannot register (they can still
+   have a static contact).
 4./5. The address-of-record is the To URI's user part. An AOR that is not a
    configured user → 404 (step 5); an authenticated user registering someone
    else's AOR → 403 (step 4). We check 404 first: the RFC's order would make
@@ -32,8 +36,8 @@ never raises for bad input. The steps follow RFC 3261 §10.3:
    case-insensitively, port and URI parameters, a stricter form of §19.1.4).
 7. For a contact already bound with the same Call-ID, the request's CSeq must
    be higher than the stored one, else the whole update is aborted with 500
-   (no binding changes). This also refuses a replayed REGISTER (see
-   `pbx.sip.auth` on nonce replay).
+   (no binding changes). (A replayed REGISTER never gets this far: its nonce
+   count was used, and its nonce is bound to its Call-ID, see `pbx.sip.auth`.)
 8. 200 OK listing every current binding of the AOR with its remaining
    lifetime (`;expires=N`). No `Date` header: the registrar has no wall clock.
 
@@ -50,14 +54,24 @@ bindings by descending `q`, the most recent registration first among equals.
 Bindings expire on the registrar's clock: `get_timer()` is the next expiry,
 `expire(now)` (alias `handle_timer`) removes the due ones and returns them;
 `lookup` and the 200 never show an expired binding even before `expire` ran.
-`now` is the front's clock (monotonic is fine). The authenticator's nonces
-need a clock shared by all front instances, so `handle_register` takes it
-separately as `auth_now` (default: `now`).
+`now` is the front's clock (monotonic is fine); lockouts run on it too. The
+authenticator's nonces carry `auth_now` (default: `now`; the front passes
+wall-clock time).
+
+Authentication for other requests
+---------------------------------
+`authenticate(request, source, now, proxy=...)` is the one entry point for
+digest credentials, REGISTER (401) and the front's INVITEs from extensions
+(`proxy=True`: 407): lockout check, verification, failure counting, logging
+(INFO: failures, lockouts, replays; the source and a bounded username) and
+the counters in `stats` (exported on /metrics). It returns an `AuthOutcome`
+whose status, reason and headers are the response to send when not `ok`.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -65,7 +79,8 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from pbx.config import UserSettings
-from pbx.sip.auth import DigestAuthenticator
+from pbx.sip.auth import AuthFailure, AuthResult, DigestAuthenticator
+from pbx.sip.authguard import AuthGuard
 from pbx.sip.errors import SipError
 from pbx.sip.message import (
     SipRequest,
@@ -79,6 +94,12 @@ from pbx.sip.message import (
 
 Addr = tuple[str, int]
 ContactKey = tuple[object, ...]
+
+log = logging.getLogger("pbx.auth")
+
+LOCKED_REASON = "Forbidden (too many failed attempts)"
+# Digest results that mean someone replayed (or reused) credentials of a real user.
+_REPLAY_REASONS = frozenset({AuthFailure.NONCE_REUSED, AuthFailure.NONCE_BOUND_ELSEWHERE})
 
 MAX_DELTA_SECONDS = 2**32 - 1  # RFC 3261 §20.19: larger values are taken as this
 _DIGITS_RE = re.compile(r"\d+")
@@ -132,6 +153,32 @@ def _delta_seconds(text: str, what: str) -> int:
     return min(int(text), MAX_DELTA_SECONDS)
 
 
+def _shown(text: str | None) -> str:
+    """A username for a log line: repr'd (no control characters) and cut short."""
+    if text is None:
+        return "-"
+    return repr(text[:32]) + ("..." if len(text) > 32 else "")
+
+
+@dataclass(frozen=True)
+class AuthOutcome:
+    """What `Registrar.authenticate` decided.
+
+    `ok`: the credentials are right for `username`. Otherwise `status`,
+    `reason` (None: the default phrase) and `headers` are the response to send:
+    400 (malformed credentials), 401/407 with a challenge (none, wrong, stale or
+    replayed), or 403 + Retry-After (locked out: not checked). `result` is the
+    authenticator's verdict (None when locked out).
+    """
+
+    ok: bool
+    username: str | None = None
+    status: int = 200
+    reason: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    result: AuthResult | None = None
+
+
 @dataclass(frozen=True)
 class _Update:
     key: ContactKey
@@ -162,11 +209,15 @@ class Registrar:
         min_expires: int = 60,
         max_expires: int = 3600,
         default_expires: int = 3600,
+        guard: AuthGuard | None = None,
     ) -> None:
         if not 0 < min_expires <= max_expires:
             raise ValueError("need 0 < min_expires <= max_expires")
         self.users = users
         self.authenticator = authenticator
+        self.guard = guard if guard is not None else AuthGuard()
+        self._counters = {"auth_ok": 0, "auth_failures": 0, "auth_lockouts": 0,
+                          "auth_locked_refusals": 0, "auth_replays": 0, "auth_stale": 0}
         self.min_expires = min_expires
         self.max_expires = max_expires
         self.default_expires = min(max(default_expires, min_expires), max_expires)
@@ -175,11 +226,69 @@ class Registrar:
         self._heap: list[tuple[float, int, str, ContactKey]] = []
         self._seq = 0
 
-    # ------------------------------------------------------------ REGISTER
+    # ------------------------------------------------------------ authentication
 
     def password_of(self, username: str) -> str | None:
         user = self.users.get(username)
         return user.password if user is not None else None
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Authentication counters and table sizes (for /metrics)."""
+        return {**self._counters,
+                "auth_nonces_tracked": self.authenticator.nonces_tracked,
+                "auth_guard_entries": self.guard.entries()}
+
+    def authenticate(
+        self,
+        request: SipRequest,
+        source: Addr,
+        now: float,
+        *,
+        auth_now: float | None = None,
+        proxy: bool = False,
+    ) -> AuthOutcome:
+        """Check the digest credentials of `request` (sent from `source`) as a registrar
+        (`Authorization`, 401) or as a proxy (`Proxy-Authorization`, 407), with lockout;
+        see the module docstring. `now` runs the lockouts, `auth_now` the nonces."""
+        auth_now = now if auth_now is None else auth_now
+        ip = source[0]
+        claimed = self.authenticator.claimed_username(request, proxy=proxy)
+        if claimed is not None:
+            lock = self.guard.check(ip, claimed, now)
+            if lock is not None:
+                self._counters["auth_locked_refusals"] += 1
+                return AuthOutcome(False, claimed, 403, LOCKED_REASON,
+                                   [("Retry-After", str(lock.retry_after_s(now)))])
+        result = self.authenticator.verify(request, self.password_of, auth_now, proxy=proxy)
+        if result.ok:
+            self._counters["auth_ok"] += 1
+            self.guard.record_success(ip, result.username or "", now)
+            return AuthOutcome(True, result.username, result=result)
+        kind = "REGISTER" if not proxy else request.method
+        if result.is_guess and result.username is not None:
+            self._counters["auth_failures"] += 1
+            log.info("auth failure: %s user %s from %s: %s", kind, _shown(result.username),
+                     ip, result.reason.value if result.reason else "")
+            for lock in self.guard.record_failure(ip, result.username, now):
+                self._counters["auth_lockouts"] += 1
+                log.info("auth lockout: %s user %s from %s: %s locked for %d s", kind,
+                         _shown(result.username), ip, lock.scope, lock.retry_after_s(now))
+        elif result.reason in _REPLAY_REASONS:
+            self._counters["auth_replays"] += 1
+            log.info("auth replay refused: %s user %s from %s: %s", kind,
+                     _shown(result.username), ip, result.detail)
+        elif result.stale:
+            self._counters["auth_stale"] += 1
+        if result.status == 400:
+            return AuthOutcome(False, result.username, 400,
+                               f"Bad Request ({result.reason.value if result.reason else ''})",
+                               result=result)
+        challenge = self.authenticator.challenge(auth_now, stale=result.stale, proxy=proxy,
+                                                 request=request)
+        return AuthOutcome(False, result.username, result.status, None, challenge, result)
+
+    # ------------------------------------------------------------ REGISTER
 
     def handle_register(
         self,
@@ -211,11 +320,9 @@ class Registrar:
             raise _Abort(420, headers=[("Unsupported", ", ".join(required))])
 
         # Step 3: authenticate.
-        auth = self.authenticator.verify(request, self.password_of, auth_now)
+        auth = self.authenticate(request, source_addr, now, auth_now=auth_now)
         if not auth.ok:
-            if auth.status == 400:
-                raise _Abort(400, f"Bad Request ({auth.reason.value if auth.reason else ''})")
-            raise _Abort(401, headers=self.authenticator.challenge(auth_now, stale=auth.stale))
+            raise _Abort(auth.status, auth.reason, headers=auth.headers)
 
         # Steps 5 and 4: the AOR must exist and belong to the authenticated user.
         to = parse_name_addr(request.headers.get("To") or "")

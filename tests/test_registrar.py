@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ REALM = "pbx.test"
 SRC = ("203.0.113.7", 40123)
 
 
-def make_registrar(**kw: int) -> Registrar:
+def make_registrar(**kw: Any) -> Registrar:
     users = {
         "1001": UserSettings(password="secret1"),
         "1002": UserSettings(password="secret2"),
@@ -34,6 +35,9 @@ class Phone:
         self.aor = aor or user
         self.cseq = 0
         self.challenge: str | None = None
+        # A real UA reuses a nonce with the next nonce count (RFC 7616 §3.4).
+        self._counted_challenge: str | None = None
+        self.nc = 0
 
     def request(self, contacts: list[str] | None = None, expires: int | None = None,
                 *, auth: bool = True, extra: str = "", cseq: int | None = None) -> SipRequest:
@@ -53,9 +57,12 @@ class Phone:
         if expires is not None:
             lines.append(f"Expires: {expires}")
         if auth and self.challenge is not None:
+            if self.challenge != self._counted_challenge:
+                self._counted_challenge, self.nc = self.challenge, 0
+            self.nc += 1
             value = client_authorization(challenge=self.challenge, username=self.user,
                                          password=self.password, method="REGISTER",
-                                         uri=f"sip:{REALM}", cnonce="cn")
+                                         uri=f"sip:{REALM}", cnonce="cn", nc=self.nc)
             lines.append(f"Authorization: {value}")
         if extra:
             lines.append(extra)
@@ -102,6 +109,24 @@ def test_401_then_authenticated_register_then_200_with_contact() -> None:
     assert binding.uri == "sip:1001@192.168.1.20:5060"
     assert binding.source == SRC and binding.transport == "UDP"
     assert binding.expires_at == 3601.0 and not binding.static
+
+
+def test_refresh_reuses_the_nonce_with_the_next_nonce_count() -> None:
+    """A phone may keep its nonce for refreshes (same Call-ID, nc + 1): no new 401."""
+    reg = make_registrar()
+    phone = Phone("1001", "secret1")
+    assert phone.register(reg, 0.0, ["<sip:1001@h>"], 600).status == 200
+    for t in (60.0, 120.0):
+        resp = reg.handle_register(phone.request(["<sip:1001@h>"], 600), SRC, t)
+        assert resp.status == 200, resp.status
+    assert phone.nc == 3
+    # The same nonce count again is a replay: a fresh challenge with stale=true.
+    again = reg.handle_register(phone.request(["<sip:1001@h>"], 600), SRC, 130.0)
+    phone.nc -= 2
+    replay = reg.handle_register(phone.request(["<sip:1001@h>"], 600), SRC, 140.0)
+    assert again.status == 200 and replay.status == 401
+    assert parse_challenge(replay.headers.get("WWW-Authenticate") or "").stale
+    assert reg.stats["auth_replays"] == 1 and reg.stats["auth_ok"] == 4
 
 
 def test_md5_challenge_works_too() -> None:

@@ -434,12 +434,16 @@ _SYSTEMS_STARTED = 0
 def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int = 2,
                  executors: int = 2, extensions: tuple[str, ...] = ("2001",),
                  media_capacity: int = 2000, sip_extra: str = "",
-                 queues: dict[str, dict[str, Any]] | None = None) -> PbxSystem:
+                 queues: dict[str, dict[str, Any]] | None = None,
+                 digest_algorithms: tuple[str, ...] | None = ("MD5", "SHA-256"),
+                 auth_extra: str = "") -> PbxSystem:
     """Write a config and a supervisord.conf under `root` and start supervisord.
 
     `media_capacity` is `[media] capacity` (legs per worker); `sip_extra` adds lines
     to the `[sip]` section; `queues` are the `[queues.*]` sections (default
-    `E2E_QUEUES`)."""
+    `E2E_QUEUES`). `digest_algorithms` is `[sip] digest_algorithms`: MD5 first by
+    default because sipp 3.6 only does MD5 and answers only the first challenge
+    (None: the config's default, SHA-256 first); `auth_extra` is the `[auth]` section."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
     (root / "recordings").mkdir(exist_ok=True)
     sip_port, admin_port = free_port(), free_port(socket.SOCK_STREAM)
@@ -458,11 +462,16 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
         f'\n[users."{user}"]\npassword = "{password}"\n'
         for user, password in REGISTERING_USERS.items()
     )
+    algorithms = ("" if digest_algorithms is None
+                  else f"digest_algorithms = {json.dumps(list(digest_algorithms))}")
+    auth_section = f"\n[auth]\n{auth_extra}\n" if auth_extra else ""
     config = f"""
 [sip]
 listen = "127.0.0.1:{sip_port}"
 ring_timeout_ms = 8000
+{algorithms}
 {sip_extra}
+{auth_section}
 
 [media]
 rtp_ip = "127.0.0.1"

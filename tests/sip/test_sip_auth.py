@@ -47,8 +47,12 @@ def make_request(uri: str = "sip:pbx.example.com", method: str = "REGISTER",
 
 def answer(auth: DigestAuthenticator, now: float, *, username: str = "1001",
            password: str = "secret1", algorithm_index: int = 0,
-           uri: str = "sip:pbx.example.com", method: str = "REGISTER", **kw: object) -> str:
-    challenge = auth.challenge(now)[algorithm_index][1]
+           uri: str = "sip:pbx.example.com", method: str = "REGISTER",
+           challenged: SipRequest | None = None, **kw: object) -> str:
+    """Credentials answering a challenge to `challenged` (default: the request that
+    make_request builds, so the nonce is bound to its Call-ID and To)."""
+    challenged = challenged or make_request(method=method)
+    challenge = auth.challenge(now, request=challenged)[algorithm_index][1]
     return client_authorization(challenge=challenge, username=username, password=password,
                                 method=method, uri=uri, **kw)  # type: ignore[arg-type]
 
@@ -185,18 +189,22 @@ def test_verify_accepts_sha256_and_md5(auth: DigestAuthenticator, index: int) ->
     assert result.ok and result.username == "1001" and result.status == 200
 
 
-def test_verify_accepts_rfc2069_credentials_without_qop(auth: DigestAuthenticator) -> None:
-    nonce = auth.make_nonce(T0)
+def test_verify_refuses_rfc2069_credentials_without_qop(auth: DigestAuthenticator) -> None:
+    # RFC 2069 responses carry no nc/cnonce, so they cannot be protected against replay.
+    req = make_request()
+    nonce = auth.make_nonce(T0, req)
     response = digest_response(algorithm="MD5", username="1001", realm=REALM,
                                password="secret1", method="REGISTER",
                                uri="sip:pbx.example.com", nonce=nonce)
     value = (f'Digest username="1001", realm="{REALM}", nonce="{nonce}", '
              f'uri="sip:pbx.example.com", response="{response.upper()}"')
-    assert auth.verify(make_request(authorization=[value]), lookup, T0).ok
+    result = auth.verify(make_request(authorization=[value]), lookup, T0)
+    assert result.reason is AuthFailure.QOP_REQUIRED
+    assert result.status == 401 and not result.stale and not result.is_guess
 
 
 def test_verify_auth_int_and_sess(auth: DigestAuthenticator) -> None:
-    nonce = auth.make_nonce(T0)
+    nonce = auth.make_nonce(T0, make_request(uri="sip:2001@pbx", method="INVITE"))
     response = digest_response(algorithm="SHA-256-sess", username="1001", realm=REALM,
                                password="secret1", method="INVITE", uri="sip:2001@pbx",
                                nonce=nonce, qop="auth-int", nc="00000002", cnonce="cn",
@@ -245,21 +253,28 @@ def test_verify_nonce_from_the_future_or_forged(auth: DigestAuthenticator) -> No
     assert auth.verify(future, lookup, T0).reason is AuthFailure.BAD_NONCE
     value = answer(auth, T0)
     nonce = parse_auth_params(value)[1]["nonce"]
-    issued, salt, mac = nonce.split(".")
-    forged = value.replace(nonce, f"{int(issued, 16) + 1000:x}.{salt}.{mac}")
-    assert auth.verify(make_request(authorization=[forged]), lookup, T0).reason \
-        is AuthFailure.BAD_NONCE
-    garbage = value.replace(nonce, "not-a-nonce")
-    assert auth.verify(make_request(authorization=[garbage]), lookup, T0).reason \
-        is AuthFailure.BAD_NONCE
+    issued, instance, salt, binding, mac = nonce.split(".")
+    for forged_nonce in (f"{int(issued, 16) + 1000:x}.{instance}.{salt}.{binding}.{mac}",
+                         f"{issued}.{instance}.{salt}.x.{mac}",  # unbinding it
+                         "not-a-nonce"):
+        forged = value.replace(nonce, forged_nonce)
+        assert auth.verify(make_request(authorization=[forged]), lookup, T0).reason \
+            is AuthFailure.BAD_NONCE
 
 
-def test_nonce_accepted_by_another_instance_with_the_same_secret(
+def test_nonce_of_another_instance_with_the_same_secret_is_stale(
         auth: DigestAuthenticator) -> None:
+    """Fronts sharing the secret recognise each other's nonces but accept only their own
+    (their replay tables are separate): a right digest gets stale=true, one round trip."""
     req = make_request(authorization=[answer(auth, T0)])
-    assert DigestAuthenticator(REALM, SECRET).verify(req, lookup, T0 + 5).ok
-    other = DigestAuthenticator(REALM, b"another secret").verify(req, lookup, T0 + 5)
-    assert other.reason is AuthFailure.BAD_NONCE
+    other = DigestAuthenticator(REALM, SECRET).verify(req, lookup, T0 + 5)
+    assert other.reason is AuthFailure.FOREIGN_NONCE and other.stale and other.status == 401
+    wrong = make_request(authorization=[answer(auth, T0, password="nope")])
+    assert DigestAuthenticator(REALM, SECRET).verify(wrong, lookup, T0 + 5).reason \
+        is AuthFailure.WRONG_RESPONSE
+    unrelated = DigestAuthenticator(REALM, b"another secret").verify(req, lookup, T0 + 5)
+    assert unrelated.reason is AuthFailure.BAD_NONCE and not unrelated.stale
+    assert auth.verify(req, lookup, T0 + 5).ok
 
 
 def test_verify_realm_mismatch_and_choice_among_several_headers(
@@ -321,7 +336,7 @@ def test_verify_as_proxy(auth: DigestAuthenticator) -> None:
 
 
 def test_verify_username_star(auth: DigestAuthenticator) -> None:
-    ch = parse_challenge(auth.challenge(T0)[0][1])
+    ch = parse_challenge(auth.challenge(T0, request=make_request())[0][1])
     response = digest_response(algorithm="SHA-256", username="1001", realm=REALM,
                                password="secret1", method="REGISTER",
                                uri="sip:pbx.example.com", nonce=ch.nonce, qop="auth",
