@@ -28,8 +28,10 @@ from pbx.config import RouteSettings, Settings
 from pbx.jsonl import JsonLinesLog
 from pbx.queue_calls import QueueCalls
 from pbx.records import CallRecords, call_record
+from pbx.redact import redact
 from pbx.registrar import Registrar
 from pbx.registry import WorkerRegistry
+from pbx.retention import RetentionSweeper
 from pbx.routing import CallAddress, Router
 from pbx.sip import sdp
 from pbx.sip.auth import DigestAuthenticator
@@ -69,8 +71,6 @@ ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, UPDATE, REFER"
 SUPPORTED = "timer"
 USER_AGENT = "pbx/0.1"
 MEDIA_ALLOCATE_TIMEOUT_S = 2.0
-TRACE_STORE_SESSIONS = 1000
-TRACE_STEPS_PER_SESSION = 500
 # How long an IVR event may stay unanswered beyond the provider's own retry budget
 # before it is re-sent once to another executor, and then the call is given up.
 IVR_REPLY_MARGIN_S = 15.0
@@ -267,9 +267,15 @@ class Front:
         self.waiting_sessions: deque[Session] = deque()
         self.allocations: dict[str, asyncio.Future[m.MediaAllocated]] = {}
         logs_dir = Path(settings.logging.dir)
-        self.traces = TraceStore(TRACE_STORE_SESSIONS, TRACE_STEPS_PER_SESSION,
-                                 JsonLinesLog(logs_dir / "traces.jsonl"))
-        self.records = CallRecords(JsonLinesLog(logs_dir / "calls.jsonl"))
+        rotation = (settings.logging.jsonl_max_bytes, settings.logging.jsonl_backups)
+        self.traces_log = JsonLinesLog(logs_dir / "traces.jsonl", *rotation)
+        self.calls_log = JsonLinesLog(logs_dir / "calls.jsonl", *rotation)
+        self.traces = TraceStore(settings.traces.max_sessions, settings.traces.max_steps,
+                                 self.traces_log, max_bytes=settings.traces.max_bytes,
+                                 max_session_bytes=settings.traces.max_session_bytes)
+        self.records = CallRecords(self.calls_log)
+        # Recordings, voicemail and TTS cache retention: run by pbx.app's periodic loop.
+        self.retention = RetentionSweeper.from_settings(settings)
         self.queue_calls = QueueCalls(self)
         # In-process subscribers to every published event (the admin's /ws/events).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -1716,7 +1722,8 @@ class Front:
             self._hangup_call(call, "WsBridgeEnded", None)
 
     def _record_trace(self, trace: m.StepTrace) -> None:
-        data = trace.model_dump(mode="json")
+        # Redacted by the executor already; again here, in case one did not (DESIGN §6).
+        data = redact(trace.model_dump(mode="json"))
         self.traces.add(data)  # bounded store + logs/traces.jsonl
         self._publish({"type": "ivr_step_trace", **data})
 
@@ -1757,4 +1764,8 @@ class Front:
             "media_legs": len(self.legs_by_media),
             "transactions": len(self.transactions),
             **self.stats,
+            **self.traces.stats(),
+            "traces_log_rotations": self.traces_log.rotations,
+            "calls_log_rotations": self.calls_log.rotations,
+            **self.retention.stats,
         }
