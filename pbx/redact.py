@@ -80,6 +80,13 @@ _HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!%*_+`'~.\-]+$")  # RFC 3261 §25.1 to
 _secret: frozenset[str] = frozenset()
 _scrub_re: re.Pattern[str] = re.compile(r"(?!)")
 
+# What `redact` does with the value under a key, by key name (cached: key names repeat;
+# emptied by `configure`).
+_PLAIN, _SECRET, _HEADERS, _URL, _TEXT = range(5)
+_MAX_CACHED_KEYS = 4096
+_key_kinds: dict[str, int] = {}
+_SCALARS = frozenset({int, float, bool})
+
 
 def _names_pattern(names: Iterable[str]) -> str:
     # Longest first, so `Proxy-Authorization` wins over `Authorization`.
@@ -100,6 +107,7 @@ def configure(names: Iterable[str]) -> None:
         if not _HEADER_NAME_RE.match(name):
             raise ValueError(f"not a header name: {name!r}")
     _secret = frozenset(n.lower() for n in all_names)
+    _key_kinds.clear()
     # `Name: value` (a SIP/HTTP header line) or `'name': 'value'` / `"name": "value"` /
     # `name=value` (reprs, JSON, query strings); `sip_` variables too. An unquoted value
     # runs to the end of the line: over-redacting a log line is harmless.
@@ -148,9 +156,18 @@ def redact_url(url: str) -> str:
     return url
 
 
-def _url_key(key: str) -> bool:
-    lowered = key.lower()
-    return lowered.endswith(("url", "uri")) or lowered in _URL_KEYS
+def _key_kind(name: str) -> int:
+    kind = _key_kinds.get(name)
+    if kind is None:
+        lowered = name.lower()
+        kind = (_SECRET if is_secret_variable(name) else
+                _HEADERS if lowered == "headers" else
+                _URL if lowered.endswith(("url", "uri")) or lowered in _URL_KEYS else
+                _TEXT if lowered in _TEXT_KEYS else _PLAIN)
+        if len(_key_kinds) >= _MAX_CACHED_KEYS:
+            _key_kinds.clear()
+        _key_kinds[name] = kind
+    return kind
 
 
 def redact(obj: Any, _depth: int = 0) -> Any:
@@ -161,16 +178,17 @@ def redact(obj: Any, _depth: int = 0) -> Any:
     if isinstance(obj, Mapping):
         out: dict[Any, Any] = {}
         for key, value in obj.items():
-            name = str(key)
-            if value is None:
-                out[key] = None
-            elif is_secret_variable(name):
+            if value is None or value.__class__ in _SCALARS:
+                out[key] = value  # no credential is a number
+                continue
+            kind = _key_kind(key if isinstance(key, str) else str(key))
+            if kind == _SECRET:
                 out[key] = REDACTED
-            elif name.lower() == "headers" and isinstance(value, Mapping):
-                out[key] = redact_headers(value)
             elif isinstance(value, str):
-                out[key] = (redact_url(value) if _url_key(name) else
-                            scrub_text(value) if name in _TEXT_KEYS else value)
+                out[key] = (redact_url(value) if kind == _URL else
+                            scrub_text(value) if kind == _TEXT else value)
+            elif kind == _HEADERS and isinstance(value, Mapping):
+                out[key] = redact_headers(value)
             else:
                 out[key] = redact(value, _depth + 1)
         return out
