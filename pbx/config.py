@@ -313,7 +313,8 @@ class RetentionSettings(_Section):
     """What the front deletes from `[media] recordings_dir`, `[media] voicemail_dir` and
     `[tts] cache_dir` (only the files the PBX writes there: WAV files, their JSON
     records, temporary files; never a file written in the last few minutes or a
-    recording still in progress). Oldest first; 0 keeps forever / has no limit."""
+    recording still in progress). Oldest first; 0 keeps forever / has no limit. The
+    front sweeps the directories as its own host sees them."""
 
     # How often the sweep runs (seconds); 0: never.
     interval_s: float = Field(default=300.0, ge=0)
