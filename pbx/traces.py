@@ -91,7 +91,11 @@ class TraceStore:
 
     def add(self, step: dict[str, Any]) -> None:
         """One step (a `StepTrace` as JSON)."""
-        line = orjson.dumps(step, default=str)
+        try:
+            line = orjson.dumps(step, default=str)
+        except TypeError:  # an integer beyond 64 bits from a provider's `extra`...
+            line = orjson.dumps(_stub(step, 0) | {"error": "trace not serialisable"},
+                                default=str)
         if len(line) > self.max_session_bytes:
             step = _stub(step, len(line))
             line = orjson.dumps(step, default=str)

@@ -435,13 +435,12 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
                  executors: int = 2, extensions: tuple[str, ...] = ("2001",),
                  media_capacity: int = 2000, sip_extra: str = "",
                  queues: dict[str, dict[str, Any]] | None = None,
-                 logging_extra: str = "", extra_config: str = "") -> PbxSystem:
+                 extra_config: str = "") -> PbxSystem:
     """Write a config and a supervisord.conf under `root` and start supervisord.
 
     `media_capacity` is `[media] capacity` (legs per worker); `sip_extra` adds lines
-    to the `[sip]` section, `logging_extra` to the `[logging]` section; `queues` are the
-    `[queues.*]` sections (default `E2E_QUEUES`); `extra_config` is appended (more
-    sections)."""
+    to the `[sip]` section; `queues` are the `[queues.*]` sections (default
+    `E2E_QUEUES`); `extra_config` is appended (more sections)."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
     (root / "recordings").mkdir(exist_ok=True)
     sip_port, admin_port = free_port(), free_port(socket.SOCK_STREAM)
@@ -491,7 +490,6 @@ listen = "127.0.0.1:{admin_port}"
 [logging]
 dir = "{root / 'logs'}"
 level = "DEBUG"
-{logging_extra}
 {users}
 {ROUTES.format(url=provider.url(''))}
 
