@@ -3,7 +3,8 @@ listener.
 
 A thin shell: SIP messages come from `pbx.transport` to `Front.message_received`,
 ZeroMQ frames go to `Front.on_media_message` / `on_ivr_message`; worker expiry and
-the idle-connection sweep run on a short periodic check.
+the idle-connection sweep run on a short periodic check, and so does the retention
+sweep of recordings, voicemail and the TTS cache (`pbx.retention`, in a worker thread).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from typing import Any
 
 import uvloop
@@ -22,10 +24,12 @@ from pbx.broker import Broker
 from pbx.config import ConfigError, Settings, load_config, parse_host_port
 from pbx.front import Front
 from pbx.logs import setup_logging
+from pbx.retention import AreaResult
 from pbx.transport import SipTransport
 
 log = logging.getLogger("pbx.app")
 EXPIRY_CHECK_S = 0.25
+RETENTION_STOP_WAIT_S = 10.0
 
 
 async def run(settings: Settings) -> None:
@@ -49,6 +53,7 @@ async def run(settings: Settings) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    sweep: asyncio.Task[list[AreaResult]] | None = None
     try:
         while not stop.is_set():
             try:
@@ -60,11 +65,38 @@ async def run(settings: Settings) -> None:
                 transport.sweep_idle()
             except Exception:
                 log.exception("worker expiry check failed")
+            sweep = _retention_step(front, sweep, loop.time())
         await front.shutdown()
+        if sweep is not None:
+            await asyncio.wait({sweep}, timeout=RETENTION_STOP_WAIT_S)
     finally:
         transport.close()
         await runner.cleanup()
         broker.close()
+
+
+def recordings_in_progress(front: Front) -> list[str]:
+    """Files the media workers are still writing: recordings of live calls whose
+    RecordingFinished has not come (retention never deletes them)."""
+    return [rec["file"] for call in front.calls.values() for rec in call.recordings
+            if rec.get("reason") is None and rec.get("file")]
+
+
+def _retention_step(front: Front, sweep: asyncio.Task[list[AreaResult]] | None,
+                    now: float) -> asyncio.Task[list[AreaResult]] | None:
+    """Start a retention sweep when one is due (in a worker thread: file system work
+    never blocks the event loop), and count the one that finished."""
+    if sweep is not None:
+        if not sweep.done():
+            return sweep
+        try:
+            front.retention.record(sweep.result())
+        except Exception:
+            log.exception("retention sweep failed")
+    if not front.retention.due(now):
+        return None
+    return asyncio.create_task(asyncio.to_thread(
+        front.retention.sweep, time.time(), recordings_in_progress(front)))
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -38,8 +38,10 @@ from pbx.policy import (
 from pbx.queue_calls import QueueCalls
 from pbx.ratelimit import NetworkSet
 from pbx.records import CallRecords, call_record
+from pbx.redact import is_secret_header, redact
 from pbx.registrar import Registrar
 from pbx.registry import WorkerRegistry
+from pbx.retention import RetentionSweeper
 from pbx.routing import CallAddress, Router
 from pbx.sip import sdp
 from pbx.sip.auth import DigestAuthenticator
@@ -81,8 +83,6 @@ ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, UPDATE, REFER"
 SUPPORTED = "timer"
 USER_AGENT = "pbx/0.1"
 MEDIA_ALLOCATE_TIMEOUT_S = 2.0
-TRACE_STORE_SESSIONS = 1000
-TRACE_STEPS_PER_SESSION = 500
 # How long an IVR event may stay unanswered beyond the provider's own retry budget
 # before it is re-sent once to another executor, and then the call is given up.
 IVR_REPLY_MARGIN_S = 15.0
@@ -101,8 +101,6 @@ SUPPORTED_TAGS = frozenset({"timer"})
 # the session's expiry the side that does not refresh gives up on it (§10).
 MIN_SE_S = 90
 SESSION_EXPIRY_MARGIN_S = 32
-# Headers that carry credentials: never passed on to the IVR as sip_* variables.
-CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization"})
 # RFC 3515 §2.4.4: how long the implicit subscription of a REFER lives.
 REFER_SUBSCRIPTION_S = 60
 
@@ -302,9 +300,15 @@ class Front:
         self.waiting_sessions: deque[Session] = deque()
         self.allocations: dict[str, asyncio.Future[m.MediaAllocated]] = {}
         logs_dir = Path(settings.logging.dir)
-        self.traces = TraceStore(TRACE_STORE_SESSIONS, TRACE_STEPS_PER_SESSION,
-                                 JsonLinesLog(logs_dir / "traces.jsonl"))
-        self.records = CallRecords(JsonLinesLog(logs_dir / "calls.jsonl"))
+        rotation = (settings.logging.jsonl_max_bytes, settings.logging.jsonl_backups)
+        self.traces_log = JsonLinesLog(logs_dir / "traces.jsonl", *rotation)
+        self.calls_log = JsonLinesLog(logs_dir / "calls.jsonl", *rotation)
+        self.traces = TraceStore(settings.traces.max_sessions, settings.traces.max_steps,
+                                 self.traces_log, max_bytes=settings.traces.max_bytes,
+                                 max_session_bytes=settings.traces.max_session_bytes)
+        self.records = CallRecords(self.calls_log)
+        # Recordings, voicemail and TTS cache retention: run by pbx.app's periodic loop.
+        self.retention = RetentionSweeper.from_settings(settings)
         self.queue_calls = QueueCalls(self)
         # In-process subscribers to every published event (the admin's /ws/events).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -1633,10 +1637,11 @@ class Front:
         route = call.route
         assert route is not None
         session_id = f"{call.call_id}"
-        # Credentials stay in the front (DESIGN §6): never a sip_* variable.
+        # Credentials stay in the front (DESIGN §6): no secret header ([privacy]
+        # secret_headers, Authorization and Proxy-Authorization always) is a sip_* variable.
         headers = {name: value for name, value in req.headers.items()
                    if name not in ("Via", "Content-Length")
-                   and name.lower() not in CREDENTIAL_HEADERS}
+                   and not is_secret_header(name)}
         info = m.CallInfo(
             call_id=call.call_id, session_id=session_id, caller=call.caller,
             callee=call.callee, route_name=route.name, params=route.app_params,
@@ -1888,7 +1893,8 @@ class Front:
             self._hangup_call(call, "WsBridgeEnded", None)
 
     def _record_trace(self, trace: m.StepTrace) -> None:
-        data = trace.model_dump(mode="json")
+        # Redacted by the executor already; again here, in case one did not (DESIGN §6).
+        data = redact(trace.model_dump(mode="json"))
         self.traces.add(data)  # bounded store + logs/traces.jsonl
         self._publish({"type": "ivr_step_trace", **data})
 
@@ -1917,6 +1923,7 @@ class Front:
             record.update(end_reason=call.end_reason, end_code=call.end_code,
                           ended_at=call.ended_at or time.time(),
                           transfer_target=call.transfer_target)
+            record = redact(record)  # a transfer target URI may carry a password or token
             log.info("call %s ended: %s", call.call_id, orjson.dumps(record).decode())
         self._publish(record)
 
@@ -1932,4 +1939,8 @@ class Front:
             "sources_in_setup": len(self.setup_by_source),
             **self.stats,
             **self.registrar.stats,
+            **self.traces.stats(),
+            "traces_log_rotations": self.traces_log.rotations,
+            "calls_log_rotations": self.calls_log.rotations,
+            **self.retention.stats,
         }

@@ -20,6 +20,7 @@ Fields (times are wall-clock seconds since the epoch; absent values are null):
     codec           the caller leg's codec; peer_codec the bridged leg's
     transfer_target the transfer target, queue the queue name, queue_member who
                     answered, agent the route_to_agent target, ws_bridge the WebSocket URI
+                    (URIs without passwords or credential query parameters, pbx.redact)
     recordings      [{path, area, duration_ms, reason}] from RecordingFinished events
     rtp             per leg ("a" caller, "b" bridged party), as far as reported: the
                     leg's MediaReleased statistics — packets_sent, packets_received and
@@ -33,6 +34,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+from pbx.redact import redact_url
 
 if TYPE_CHECKING:
     from pbx.front import Call
@@ -68,6 +71,10 @@ def outcome(answered: bool, bridged: bool, end_reason: str) -> str:
     return "completed"
 
 
+def _url(value: str | None) -> str | None:
+    return redact_url(value) if value is not None else None
+
+
 def call_record(call: Call) -> dict[str, Any]:
     """The record of a finished call (without `rtp`, added when it is written)."""
     a, b = call.a, call.b
@@ -84,8 +91,10 @@ def call_record(call: Call) -> dict[str, Any]:
         "end_reason": call.end_reason, "end_code": call.end_code,
         "codec": a.negotiated.codec if a is not None and a.negotiated else None,
         "peer_codec": b.negotiated.codec if b is not None and b.negotiated else None,
-        "transfer_target": call.transfer_target, "queue": call.queue_name,
-        "queue_member": call.queue_member, "agent": call.agent, "ws_bridge": call.ws_bridge,
+        # URIs from the provider or a REFER: no password or token in a record.
+        "transfer_target": _url(call.transfer_target), "queue": call.queue_name,
+        "queue_member": call.queue_member, "agent": call.agent,
+        "ws_bridge": _url(call.ws_bridge),
         "recordings": list(call.recordings),
     }
 

@@ -5,7 +5,8 @@ replies, so the prompt exists when the media worker is told to play it:
 
 1. the cache: `[tts] cache_dir` (default `sounds/.tts`, inside the sounds directory so
    the media worker can play it), one file per text and voice, named by a hash of
-   both (`<sha256[:32]>.wav`), reused as long as it is there;
+   both (`<sha256[:32]>.wav`), reused as long as it is there (each use touches the
+   file; the front deletes the least recently used past `[retention] tts_cache_*`);
 2. `[tts] url` when set: `POST {"text", "voice"}` (JSON) → WAV bytes, any PCM or float
    format, any rate, any number of channels;
 3. local `espeak-ng` when installed (also when the service failed): writes 22050 Hz;
@@ -248,6 +249,12 @@ class TtsEngine:
         name = cache_name(text, voice)
         path = self.cache_dir / name
         if path.is_file() and path.stat().st_size > 44:
+            # Used again: it counts as new for the cache's retention (least recently
+            # used goes first, files touched in the last minutes never, pbx.retention).
+            try:
+                os.utime(path)
+            except OSError:
+                pass
             return TtsResult(file=self.play_name(name), source="cache")
         if not self.available:
             return TtsResult(error=TTS_UNAVAILABLE)

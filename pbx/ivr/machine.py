@@ -119,6 +119,7 @@ from pbx.messages import (
     WsBridgeCommand,
     WsBridgeEnded,
 )
+from pbx.redact import redact
 
 ERROR_PROMPT = "sounds/error.wav"
 # Voicemail: greeting (a missing greeting file leaves the beep only), goodbye after the
@@ -1233,15 +1234,17 @@ class _Session:
 
     def trace(self, **fields: Any) -> StepTrace:
         self.s.step_index += 1
+        # Secrets stay in the front (DESIGN §6): action and provider headers, secret
+        # `sip_*` variables and URL credentials never reach a trace (pbx.redact).
         return StepTrace(
             call_id=self.s.call.call_id,
             session_id=self.s.call.session_id,
             step_index=self.s.step_index,
             step_id=self.s.step_id,
             step_name=self.s.step_name,
-            extra=self.s.extra,
+            extra=redact(self.s.extra),
             at=self.now,
-            **fields,
+            **redact(fields),
         )
 
 

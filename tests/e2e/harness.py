@@ -436,14 +436,15 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
                  media_capacity: int = 2000, sip_extra: str = "",
                  queues: dict[str, dict[str, Any]] | None = None,
                  digest_algorithms: tuple[str, ...] | None = ("MD5", "SHA-256"),
-                 auth_extra: str = "") -> PbxSystem:
+                 auth_extra: str = "", extra_config: str = "") -> PbxSystem:
     """Write a config and a supervisord.conf under `root` and start supervisord.
 
     `media_capacity` is `[media] capacity` (legs per worker); `sip_extra` adds lines
     to the `[sip]` section; `queues` are the `[queues.*]` sections (default
     `E2E_QUEUES`). `digest_algorithms` is `[sip] digest_algorithms`: MD5 first by
     default because sipp 3.6 only does MD5 and answers only the first challenge
-    (None: the config's default, SHA-256 first); `auth_extra` is the `[auth]` section."""
+    (None: the config's default, SHA-256 first); `auth_extra` is the `[auth]` section;
+    `extra_config` is appended (more sections)."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
     (root / "recordings").mkdir(exist_ok=True)
     sip_port, admin_port = free_port(), free_port(socket.SOCK_STREAM)
@@ -506,6 +507,7 @@ url = "{provider.url('/second')}"
 ivr_id = "ivr-second"
 retry = {{ max_retries = 2, timeout_ms = 600 }}
 {toml_tables("queues", E2E_QUEUES if queues is None else queues)}
+{extra_config}
 """
     config_path = root / "pbx.toml"
     config_path.write_text(config)
