@@ -517,6 +517,8 @@ retry = {{ max_retries = 2, timeout_ms = 600 }}
     config_path.write_text(config)
 
     def program(name: str, command: str, numprocs: int = 1) -> str:
+        if numprocs == 0:  # e.g. the test runs the only media worker itself
+            return ""
         procname = f"{name}-%(process_num)02d" if numprocs > 1 else name
         return f"""
 [program:{name}]
