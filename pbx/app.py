@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> Any:
         print(f"pbx-front: cannot start: {exc}", file=sys.stderr)
         return 2
     if planes.secret_readable_by_others(settings):
-        log.warning("%s holds the CURVE server secret key and group or other can read it "
+        log.warning("%s holds a CURVE secret key and group or other can read it "
                     "(chmod 600 it)", settings.source_path)
     uvloop.run(run(settings))
     return 0

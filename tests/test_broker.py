@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from pathlib import Path
 
 import pytest
 import zmq
 import zmq.asyncio
 
 from pbx.broker import Broker
-from pbx.config import ZmqSettings
+from pbx.config import ZmqSettings, parse_config
 from pbx.messages import IvrReady, encode
-from pbx.planes import configure_client, ensure_private_dir
+from pbx.planes import configure_client, prepare
 from tests.e2e.harness import free_port
 
 
@@ -143,12 +144,15 @@ def test_curve_planes_accept_listed_client_keys_only(caplog: pytest.LogCaptureFi
     assert f"client key {stranger[0].decode()} is not accepted on the 'ivr' plane" in caplog.text
 
 
-def test_ipc_planes_in_a_private_directory(tmp_path: pytest.TempPathFactory) -> None:
-    directory = tmp_path / "zmq"  # type: ignore[operator]
-    assert ensure_private_dir(directory) is None
-    settings = ZmqSettings(media_endpoint=f"ipc://{directory}/media",
-                           ivr_endpoint=f"ipc://{directory}/ivr",
-                           events_endpoint=f"ipc://{directory}/events")
+def test_default_planes_are_ipc_in_a_private_directory(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The defaults, from the project root (here a scratch one): run/zmq/, mode 0700."""
+    monkeypatch.chdir(tmp_path)
+    defaults = parse_config("", "pbx.toml")
+    prepare(defaults, "front")
+    directory = tmp_path / "run" / "zmq"
+    assert directory.stat().st_mode & 0o777 == 0o700
+    settings = defaults.zmq
 
     async def run() -> list[bytes]:
         broker = Broker(settings)

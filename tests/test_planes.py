@@ -14,7 +14,7 @@ import zmq
 from zmq.utils import z85
 
 from pbx import keys, planes
-from pbx.config import ConfigError, endpoint_scope, parse_config
+from pbx.config import ConfigError, endpoint_scope, load_config, parse_config
 from pbx.planes import ZapPolicy, ensure_private_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,3 +288,15 @@ def test_key_command_for_a_new_host_of_an_existing_front() -> None:
     assert f'server_public_key = "{server_pub.decode()}"' in text
     assert keys.main(["--server-public-key", "nope", "x"]) == 2
     assert keys.main(["a", "a"]) == 2
+
+
+def test_secret_key_in_a_readable_file_is_noticed(tmp_path: Path) -> None:
+    path = tmp_path / "pbx.toml"
+    path.write_text(toml_zmq(one_file_keys()))
+    path.chmod(0o644)
+    assert planes.secret_readable_by_others(load_config(str(path)))
+    path.chmod(0o600)
+    assert not planes.secret_readable_by_others(load_config(str(path)))
+    path.write_text('[zmq]\nmedia_endpoint = "tcp://127.0.0.1:5570"\n')
+    path.chmod(0o644)
+    assert not planes.secret_readable_by_others(load_config(str(path)))

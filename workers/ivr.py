@@ -303,6 +303,9 @@ def main() -> None:
     except ConfigError as exc:
         print(f"pbx-ivr: cannot start: {exc}", file=sys.stderr)
         sys.exit(2)
+    if planes.secret_readable_by_others(settings):
+        log.warning("%s holds a CURVE secret key and group or other can read it "
+                    "(chmod 600 it)", settings.source_path)
     uvloop.run(serve(settings))
 
 

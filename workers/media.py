@@ -624,6 +624,9 @@ def main() -> None:
     except ConfigError as exc:
         print(f"pbx-media: cannot start: {exc}", file=sys.stderr)
         sys.exit(2)
+    if planes.secret_readable_by_others(settings):
+        log.warning("%s holds a CURVE secret key and group or other can read it "
+                    "(chmod 600 it)", settings.source_path)
     g711.warm()
     inband.warm()
     rtpbatch.warm()
