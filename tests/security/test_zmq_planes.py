@@ -191,11 +191,13 @@ def system(provider: ScriptedProvider) -> Iterator[PbxSystem]:
     # only the planes' own directory keeps other users out.
     root = Path(tempfile.mkdtemp(prefix="pbx-planes-", dir="/tmp"))
     root.chmod(0o755)
-    s = start_system(root, provider, media_workers=1, executors=2)
     try:
-        yield s
+        s = start_system(root, provider, media_workers=1, executors=2)
+        try:
+            yield s
+        finally:
+            s.stop()
     finally:
-        s.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
