@@ -373,10 +373,10 @@ def test_worker_address_other_than_declared_never_reaches_sdp(system: PbxSystem)
         system.provider.script = system.provider.default_script
 
 
-def test_curve_planes_refuse_unknown_keys_and_carry_a_call(tmp_path: Path) -> None:
+def test_curve_planes_refuse_unknown_keys_and_carry_a_call(tmp_path: Path,
+                                                          provider: ScriptedProvider) -> None:
     keys = subprocess.run([sys.executable, "-m", "pbx.keys", "--one-file"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
-    provider = ScriptedProvider()
     provider.script = prompt_then_hangup
     system = start_system(tmp_path / "pbx", provider, media_workers=1, executors=1,
                           zmq_keys=keys.stdout)
@@ -403,7 +403,7 @@ def test_curve_planes_refuse_unknown_keys_and_carry_a_call(tmp_path: Path) -> No
                 p.kill()
                 p.wait(5)
         system.stop()
-        provider.close()
+        provider.script = provider.default_script
     for report in reports:
         assert report["frames"] == {}, (
             f"a client without an accepted key received {report['frames']} frames"
@@ -444,7 +444,8 @@ def other_host() -> Iterator[tuple[str, str, str]]:
 
 
 def test_media_worker_on_another_host_over_tcp_curve(tmp_path: Path,
-                                                     other_host: tuple[str, str, str]) -> None:
+                                                     other_host: tuple[str, str, str],
+                                                     provider: ScriptedProvider) -> None:
     """The multi-host case: the front binds tcp beyond loopback (so CURVE is required),
     a media worker in another network namespace joins with its own key and declares its
     own RTP address, which the front accepts from `worker_rtp_ips` and puts in the SDP."""
@@ -452,7 +453,6 @@ def test_media_worker_on_another_host_over_tcp_curve(tmp_path: Path,
     keys = subprocess.run([sys.executable, "-m", "pbx.keys", "--one-file", "media-host"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     front_part, worker_part = keys.stdout.split("# ---- ")[1:]
-    provider = ScriptedProvider()
     provider.script = prompt_then_hangup
     system = start_system(tmp_path / "pbx", provider, media_workers=0, executors=1,
                           zmq_keys=front_part.split("\n", 1)[1], zmq_host=front_ip,
@@ -503,7 +503,7 @@ def test_media_worker_on_another_host_over_tcp_curve(tmp_path: Path,
             worker.wait(5)
         worker_log.close()
         system.stop()
-        provider.close()
+        provider.script = provider.default_script
     assert f"RTP address {worker_ip}" in system.log("front")
     assert all(ep.startswith(f"tcp://{front_ip}:") for ep in endpoints(system).values())
     assert "(CURVE)" in (tmp_path / "media-host.log").read_text()
