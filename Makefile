@@ -25,11 +25,13 @@ run/workers.conf: $(VENV)/.installed
 	$(BIN)/python -m pbx.supervisor_conf --media-workers $(PBX_MEDIA_WORKERS) --executors $(PBX_IVR_EXECUTORS) --out $@
 
 # Debian tools the tests use: sipp (sip-tester), sox, espeak-ng and sipvicious (the
-# extension scanner and digest cracker the security tests run); and venv support for
-# Debian's own python3.
+# extension scanner and digest cracker the security tests run); venv support for
+# Debian's own python3; and pyzmq for it (tests/security runs a ZeroMQ client as the
+# unprivileged `nobody`, who cannot read the venv's interpreter).
 tools:
 	@missing=""; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	/usr/bin/python3 -c 'import zmq' 2>/dev/null || missing="$$missing python3-zmq"; \
 	command -v sipp >/dev/null || missing="$$missing sip-tester"; \
 	command -v sox >/dev/null || missing="$$missing sox"; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \

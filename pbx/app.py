@@ -19,6 +19,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from pbx import planes
 from pbx.admin import admin_app
 from pbx.broker import Broker
 from pbx.config import ConfigError, Settings, load_config, parse_host_port
@@ -41,7 +42,7 @@ async def run(settings: Settings) -> None:
     front = Front(settings, transport.send, broker.send_media, broker.send_ivr, broker.publish,
                   is_connected=transport.is_connected)
     transport.handler = front
-    broker.start(front.on_media_message, front.on_ivr_message)
+    broker.start(front.on_media_message, front.on_ivr_message, front.stats)
 
     runner = web.AppRunner(admin_app(front, transport), access_log=None)
     await runner.setup()
@@ -106,6 +107,14 @@ def main(argv: list[str] | None = None) -> Any:
         print(f"pbx-front: bad configuration: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings, "front")
+    try:
+        planes.prepare(settings, "front")
+    except ConfigError as exc:
+        print(f"pbx-front: cannot start: {exc}", file=sys.stderr)
+        return 2
+    if planes.secret_readable_by_others(settings):
+        log.warning("%s holds a CURVE secret key and group or other can read it "
+                    "(chmod 600 it)", settings.source_path)
     uvloop.run(run(settings))
     return 0
 

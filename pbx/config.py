@@ -15,7 +15,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pbx.redact import DEFAULT_SECRET_HEADERS
 
@@ -41,6 +49,14 @@ def parse_host_port(value: str, what: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"{what} port {port} is out of range")
     return host, port
+
+
+def _is_network(value: str) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 class SipSettings(_Section):
@@ -95,7 +111,12 @@ class SipSettings(_Section):
 
 
 class MediaSettings(_Section):
+    # The RTP address of this host's media workers (bound, and put in SDP answers).
     rtp_ip: str = "127.0.0.1"
+    # Front: RTP addresses (or networks) media workers on other hosts may declare, in
+    # addition to `rtp_ip`. A worker declaring anything else is refused, and an
+    # allocation whose address differs from its worker's declared one fails the leg.
+    worker_rtp_ips: list[str] = Field(default_factory=list)
     rtp_ports: str = "20000-29999"
     sounds_dir: str = "sounds"
     recordings_dir: str = "recordings"
@@ -122,6 +143,24 @@ class MediaSettings(_Section):
         low, high = (int(p) for p in self.rtp_ports.split("-"))
         return low, high
 
+    @field_validator("worker_rtp_ips")
+    @classmethod
+    def _check_worker_ips(cls, v: list[str]) -> list[str]:
+        for net in v:
+            ipaddress.ip_network(net, strict=False)
+        return v
+
+    def rtp_ip_allowed(self, address: str) -> bool:
+        """Whether a media worker may declare `address` as its RTP address."""
+        if address == self.rtp_ip:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(net, strict=False)
+                   for net in [self.rtp_ip, *self.worker_rtp_ips] if _is_network(net))
+
 
 class IvrSettings(_Section):
     heartbeat_ms: int = Field(default=500, gt=0)
@@ -130,10 +169,127 @@ class IvrSettings(_Section):
     capacity: int = Field(default=1000, gt=0)
 
 
+# A CURVE key in Z85 (ZeroMQ RFC 32): 40 characters for 32 bytes.
+Z85_KEY_RE = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
+# sun_path of a Unix socket holds 108 bytes with the terminating NUL (unix(7)).
+IPC_PATH_MAX_BYTES = 107
+KEY_COMMAND = "python -m pbx.keys"
+
+
+def endpoint_scope(endpoint: str) -> Literal["ipc", "loopback", "network"]:
+    """Where a plane endpoint can be reached from: `ipc` (a Unix socket, guarded by its
+    directory's permissions), `loopback` (tcp on a loopback IP: any local user) or
+    `network` (tcp on any other address, interface name or `*`: needs CURVE).
+    ValueError for endpoints the planes do not support."""
+    transport, sep, address = endpoint.partition("://")
+    if not sep or not address:
+        raise ValueError(f"{endpoint!r} is not 'ipc://path' or 'tcp://host:port'")
+    if transport == "ipc":
+        if address.startswith("@"):
+            # Linux abstract sockets have no file, hence no permissions: anyone can connect.
+            raise ValueError(f"{endpoint!r}: abstract IPC sockets cannot be protected; "
+                             "use a path in a private directory")
+        if address == "*" or "/" not in address or address.endswith("/"):
+            raise ValueError(f"{endpoint!r}: an IPC socket needs a path in its own "
+                             "directory, e.g. 'ipc://run/zmq/media'")
+        if len(address.encode()) > IPC_PATH_MAX_BYTES:
+            raise ValueError(f"{endpoint!r}: the path is longer than a Unix socket allows "
+                             f"({IPC_PATH_MAX_BYTES} bytes)")
+        return "ipc"
+    if transport != "tcp":
+        raise ValueError(f"{endpoint!r}: the planes run over ipc:// or tcp:// only")
+    if ";" in address:
+        raise ValueError(f"{endpoint!r}: source-address endpoints are not supported")
+    host, port = parse_host_port(address, "endpoint")  # refuses a wildcard port too
+    try:
+        return "loopback" if ipaddress.ip_address(host).is_loopback else "network"
+    except ValueError:
+        return "network"  # `*`, an interface name or a host name: beyond loopback
+
+
 class ZmqSettings(_Section):
-    media_endpoint: str = "tcp://127.0.0.1:5570"
-    ivr_endpoint: str = "tcp://127.0.0.1:5571"
-    events_endpoint: str = "tcp://127.0.0.1:5572"
+    """The media and IVR planes (ROUTER) and the events socket (PUB), bound by the front.
+
+    Default: IPC sockets in `run/zmq`, which the front creates mode 0700 and refuses to
+    use when group or other can open it (or another user owns it): only the PBX's user
+    can connect. tcp:// on a loopback address is accepted without keys (any local user
+    can connect: tests, trusted single-user hosts); tcp:// on any other address needs
+    CURVE (ZeroMQ RFC 26), configured by the keys below (`python -m pbx.keys` prints
+    them). With `server_public_key` set, every plane uses CURVE, on any transport.
+    """
+
+    media_endpoint: str = "ipc://run/zmq/media"
+    ivr_endpoint: str = "ipc://run/zmq/ivr"
+    events_endpoint: str = "ipc://run/zmq/events"
+    # The front's CURVE key pair. Every program needs the public key (it turns CURVE
+    # on); only the front's config holds the secret one.
+    server_public_key: str | None = Field(default=None, validate_default=True)
+    server_secret_key: str | None = None
+    # This host's client key pair: media workers, IVR executors (and event subscribers).
+    client_public_key: str | None = None
+    client_secret_key: str | None = None
+    # The front accepts only these client public keys, per plane (the ZAP handler).
+    media_client_keys: list[str] = Field(default_factory=list)
+    ivr_client_keys: list[str] = Field(default_factory=list)
+    events_client_keys: list[str] = Field(default_factory=list)
+
+    @field_validator("media_endpoint", "ivr_endpoint", "events_endpoint")
+    @classmethod
+    def _check_endpoint(cls, v: str) -> str:
+        endpoint_scope(v)
+        return v
+
+    @field_validator("server_secret_key", "client_public_key", "client_secret_key")
+    @classmethod
+    def _check_key(cls, v: str | None) -> str | None:
+        if v is not None and not Z85_KEY_RE.fullmatch(v):
+            raise ValueError(f"not a CURVE key (40 Z85 characters, from `{KEY_COMMAND}`)")
+        return v
+
+    @field_validator("media_client_keys", "ivr_client_keys", "events_client_keys")
+    @classmethod
+    def _check_keys(cls, v: list[str]) -> list[str]:
+        for i, key in enumerate(v):
+            if not Z85_KEY_RE.fullmatch(key):
+                raise ValueError(f"entry {i} is not a CURVE public key (40 Z85 characters, "
+                                 f"from `{KEY_COMMAND}`)")
+        return v
+
+    @field_validator("server_public_key")
+    @classmethod
+    def _curve_where_needed(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            if not Z85_KEY_RE.fullmatch(v):
+                raise ValueError(f"not a CURVE key (40 Z85 characters, from `{KEY_COMMAND}`)")
+            return v
+        for name in ("media_endpoint", "ivr_endpoint", "events_endpoint"):
+            endpoint = info.data.get(name)
+            if endpoint is not None and endpoint_scope(endpoint) == "network":
+                raise ValueError(
+                    f"{name} {endpoint!r} is reachable beyond loopback, so the planes need "
+                    f"CURVE: set server_public_key and the other keys printed by "
+                    f"`{KEY_COMMAND}` (or bind to ipc:// or a loopback address)")
+        return v
+
+    @model_validator(mode="after")
+    def _pairs_complete(self) -> ZmqSettings:
+        if self.server_public_key is None:
+            for name in ("server_secret_key", "client_public_key", "client_secret_key"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is set but server_public_key is not "
+                                     "(it is what turns CURVE on)")
+        if (self.client_public_key is None) != (self.client_secret_key is None):
+            raise ValueError("client_public_key and client_secret_key go together")
+        return self
+
+    @property
+    def curve(self) -> bool:
+        return self.server_public_key is not None
+
+    def endpoints(self) -> dict[str, str]:
+        """Plane name (also its ZAP domain) -> endpoint."""
+        return {"media": self.media_endpoint, "ivr": self.ivr_endpoint,
+                "events": self.events_endpoint}
 
 
 def is_loopback_host(host: str) -> bool:

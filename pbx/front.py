@@ -314,7 +314,12 @@ class Front:
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.stats = {"calls_total": 0, "calls_failed": 0, "sip_malformed": 0,
                       "calls_challenged": 0, "calls_forbidden": 0, "setup_budget_refused": 0,
-                      "refers_refused": 0, "transfers_refused": 0, "in_dialog_foreign": 0}
+                      "refers_refused": 0, "transfers_refused": 0, "in_dialog_foreign": 0,
+                      # The planes (DESIGN §6): refused handshakes (pbx.broker), replies
+                      # not from the executor asked, workers declaring a refused RTP
+                      # address, allocations not at the worker's declared address.
+                      "zmq_auth_rejected": 0, "ivr_replies_rejected": 0,
+                      "media_workers_rejected": 0, "media_allocations_rejected": 0}
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -1550,6 +1555,15 @@ class Front:
             log.warning("media worker %r: %s", worker, allocated.error)
             self._forget_media(leg)
             return None
+        declared = self.media_workers.address_of(worker)
+        if allocated.rtp_ip != declared or not 0 < allocated.rtp_port < 65536:
+            # Never an SDP answer pointing where the worker did not declare itself.
+            self.stats["media_allocations_rejected"] += 1
+            log.warning("media worker %.64r allocated %s at %.64r port %d, not at its declared "
+                        "address %.64r: leg refused", worker, leg.media_id, allocated.rtp_ip,
+                        allocated.rtp_port, declared)
+            self._release_media(leg)
+            return None
         leg.rtp_port, leg.rtp_ip = allocated.rtp_port, allocated.rtp_ip
         return allocated
 
@@ -1588,14 +1602,31 @@ class Front:
     def on_media_message(self, identity: bytes, msg: Any) -> None:
         now = self.now()
         if isinstance(msg, m.MediaReady | m.MediaHeartbeat):
-            if self.media_workers.ready(identity, msg.capacity, msg.calls, now):
-                log.info("media worker %s joined (capacity %d)", msg.worker_id, msg.capacity)
+            declared = self.media_workers.address_of(identity)
+            if not self.settings.media.rtp_ip_allowed(msg.rtp_ip) or declared not in (
+                    None, msg.rtp_ip):
+                self.stats["media_workers_rejected"] += 1
+                log.warning("media worker %.64r declares RTP address %.64r, which is %s: "
+                            "refused", identity, msg.rtp_ip,
+                            f"not the {declared!r} it declared first" if declared is not None
+                            else "not [media] rtp_ip or in worker_rtp_ips")
+                return
+            if self.media_workers.ready(identity, msg.capacity, msg.calls, now, msg.rtp_ip):
+                log.info("media worker %s joined (capacity %d, RTP address %s)",
+                         msg.worker_id, msg.capacity, msg.rtp_ip)
             return
         if not self.media_workers.seen(identity, now):
-            log.info("message from unknown media worker %r; ignored until it says ready",
+            log.info("message from unknown media worker %.64r; ignored until it says ready",
                      identity)
             return
         if isinstance(msg, m.MediaAllocated):
+            asked = self.legs_by_media.get(msg.call_id)
+            if asked is not None and asked.worker != identity:
+                # Only the worker asked answers for a leg (its address was checked).
+                self.stats["media_allocations_rejected"] += 1
+                log.warning("media worker %.64r answered the allocation of %.64s asked of "
+                            "%.64r: ignored", identity, msg.call_id, asked.worker)
+                return
             fut = self.allocations.get(msg.call_id)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
@@ -1800,8 +1831,17 @@ class Front:
 
     def _on_ivr_reply(self, identity: bytes, reply: m.IvrReply) -> None:
         session = self.sessions.get(reply.session_id)
-        if session is None or session.in_flight is None or reply.seq != session.in_flight.seq:
+        if session is None or session.in_flight is None:
             return  # a late answer from an executor we gave up on
+        if identity != session.executor:
+            # Only the executor the event went to may steer the call (DESIGN §6).
+            self.stats["ivr_replies_rejected"] += 1
+            log.warning("session %.64s: reply seq %d from %.64r, but the event went to "
+                        "%.64r: ignored", session.session_id, reply.seq, identity,
+                        session.executor)
+            return
+        if reply.seq != session.in_flight.seq:
+            return  # an answer to an event already answered
         self.executors.release(identity)
         session.in_flight = None
         session.executor = None

@@ -16,6 +16,14 @@ IVR plane (front ROUTER  <->  executor DEALER):
 
 An IVR executor keeps no session state: `IvrEvent.state` carries the state the
 last reply returned (None on session start) and `IvrReply.state` the new one.
+
+Trust (DESIGN §6, `pbx.planes`): the front accepts an `IvrReply` only from the
+executor its event was sent to, and a media worker declares its RTP address in
+`MediaReady` and every `MediaHeartbeat` (`rtp_ip`): the front refuses a worker
+whose address is not allowed by its config, and an allocation whose `rtp_ip` is
+not its worker's declared address.
+
+Versions: 1, the first; 2, `rtp_ip` required in MediaReady and MediaHeartbeat.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from pbx.config import IvrAppParams
 
-PROTOCOL_VERSION: Literal[1] = 1
+PROTOCOL_VERSION: Literal[2] = 2
 
 
 class MessageError(Exception):
@@ -36,7 +44,7 @@ class MessageError(Exception):
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[2] = PROTOCOL_VERSION
 
 
 # ---------------------------------------------------------------- media plane
@@ -46,6 +54,8 @@ class MediaReady(_Msg):
     kind: Literal["media_ready"] = "media_ready"
     worker_id: str
     capacity: int
+    # The worker's RTP address (`[media] rtp_ip`): every MediaAllocated must carry it.
+    rtp_ip: str
     calls: int = 0
 
 
@@ -54,6 +64,7 @@ class MediaHeartbeat(_Msg):
     worker_id: str
     calls: int
     capacity: int
+    rtp_ip: str  # as in MediaReady (a front that restarted learns it from here)
     # How late the worker's 20 ms tick ran, worst over the last period.
     tick_late_ms_max: float = 0.0
     # Over the same period: lateness percentiles, how long a tick's work took

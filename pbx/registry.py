@@ -20,6 +20,9 @@ class WorkerInfo:
     load: int  # calls (media) or sessions in flight (IVR), as last reported plus our own assignments
     expires_at: float
     last_assigned_at: float = 0.0
+    # What the worker declared about itself when it joined (a media worker's RTP
+    # address); fixed for the worker's life in the registry.
+    address: str = ""
 
 
 class WorkerRegistry:
@@ -36,16 +39,24 @@ class WorkerRegistry:
     def workers(self) -> list[WorkerInfo]:
         return list(self._workers.values())
 
-    def ready(self, identity: bytes, capacity: int, load: int, now: float) -> bool:
-        """A worker said ready (or heartbeated). Returns True if it is new to us."""
+    def ready(self, identity: bytes, capacity: int, load: int, now: float,
+              address: str = "") -> bool:
+        """A worker said ready (or heartbeated). Returns True if it is new to us.
+        `address` is kept from the first time (see `address_of`)."""
         info = self._workers.get(identity)
         if info is None:
-            self._workers[identity] = WorkerInfo(identity, capacity, load, now + self.expiry_s)
+            self._workers[identity] = WorkerInfo(identity, capacity, load, now + self.expiry_s,
+                                                 address=address)
             return True
         info.capacity = capacity
         info.load = load
         info.expires_at = now + self.expiry_s
         return False
+
+    def address_of(self, identity: bytes) -> str | None:
+        """The address a worker declared when it joined; None for an unknown worker."""
+        info = self._workers.get(identity)
+        return None if info is None else info.address
 
     def seen(self, identity: bytes, now: float) -> bool:
         """Any frame from a worker refreshes its expiry. False if the worker is unknown."""

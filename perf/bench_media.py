@@ -68,6 +68,7 @@ from pbx.messages import (  # noqa: E402
     decode,
     encode,
 )
+from pbx.planes import ensure_private_dir  # noqa: E402
 from workers.udpbatch import RecvBatch, SendBatch, enable_timestamps, ip_to_u32  # noqa: E402
 
 TICK_S = 0.020
@@ -181,10 +182,11 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
     sounds = tmp / "sounds"
     sounds.mkdir()
     write_prompt(sounds / "loop.wav", 3.0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        zport = s.getsockname()[1]
-    endpoint = f"tcp://127.0.0.1:{zport}"
+    # The planes' single-host default: an IPC socket in a directory only we can open.
+    endpoint = f"ipc://{tmp / 'zmq' / 'media'}"
+    problem = ensure_private_dir(tmp / "zmq")
+    if problem is not None:
+        raise RuntimeError(f"{tmp / 'zmq'} {problem}")
     (tmp / "pbx.toml").write_text(
         f'[zmq]\nmedia_endpoint = "{endpoint}"\n\n'
         f'[media]\nrtp_ip = "127.0.0.1"\nrtp_ports = "{args.rtp_ports}"\n'

@@ -163,7 +163,6 @@ class OwnSystem:
         self.sip_port = free_port()
         self.admin_port = free_port(socket.SOCK_STREAM)
         self.media_workers, self.executors = media_workers, executors
-        zmq = [free_port(socket.SOCK_STREAM) for _ in range(3)]
         (self.root / "logs").mkdir()
         config = f"""
 [sip]
@@ -177,9 +176,10 @@ sounds_dir = "{ROOT / 'sounds'}"
 recordings_dir = "{self.root / 'recordings'}"
 
 [zmq]
-media_endpoint = "tcp://127.0.0.1:{zmq[0]}"
-ivr_endpoint = "tcp://127.0.0.1:{zmq[1]}"
-events_endpoint = "tcp://127.0.0.1:{zmq[2]}"
+# IPC sockets in a directory of this run's own (the front creates it mode 0700).
+media_endpoint = "ipc://{self.root / 'zmq' / 'media'}"
+ivr_endpoint = "ipc://{self.root / 'zmq' / 'ivr'}"
+events_endpoint = "ipc://{self.root / 'zmq' / 'events'}"
 
 [admin]
 listen = "127.0.0.1:{self.admin_port}"

@@ -78,7 +78,8 @@ class Rig:
         self.port = 30000
         self.front = Front(self.settings, self._send_sip, self._send_media, self._send_ivr,
                            self.events.append)
-        self.front.on_media_message(b"w", m.MediaReady(worker_id="w", capacity=100))
+        self.front.on_media_message(b"w", m.MediaReady(worker_id="w", capacity=100,
+                                                       rtp_ip="127.0.0.1"))
         self.front.on_ivr_message(b"e", m.IvrReady(executor_id="e", capacity=10))
 
     # fakes -------------------------------------------------------------

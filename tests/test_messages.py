@@ -34,8 +34,9 @@ TRACE = m.StepTrace(
 )
 
 SAMPLES: list[m._Msg] = [
-    m.MediaReady(worker_id="w1", capacity=100, calls=2),
-    m.MediaHeartbeat(worker_id="w1", calls=3, capacity=100, tick_late_ms_max=1.5),
+    m.MediaReady(worker_id="w1", capacity=100, rtp_ip="127.0.0.1", calls=2),
+    m.MediaHeartbeat(worker_id="w1", calls=3, capacity=100, rtp_ip="127.0.0.1",
+                     tick_late_ms_max=1.5),
     m.MediaAllocate(call_id="c1", inband_dtmf=False),
     m.MediaAllocated(call_id="c1", rtp_ip="127.0.0.1", rtp_port=20000),
     m.MediaAllocated(call_id="c1", error="no ports"),
@@ -129,7 +130,7 @@ def _frame(**changes: object) -> bytes:
     return orjson.dumps(data)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 1, 3, "2", None])
 def test_wrong_version(version: object) -> None:
     with pytest.raises(m.MessageError, match="protocol version"):
         m.decode(_frame(v=version))
@@ -140,7 +141,7 @@ def test_missing_version() -> None:
         m.decode(orjson.dumps({"kind": "media_stop", "call_id": "c1"}))
 
 
-@pytest.mark.parametrize("frame", [b"", b"not json", b"{", b"\xff\xfe", b'{"v":1,'])
+@pytest.mark.parametrize("frame", [b"", b"not json", b"{", b"\xff\xfe", b'{"v":2,'])
 def test_not_json(frame: bytes) -> None:
     with pytest.raises(m.MessageError, match="not JSON"):
         m.decode(frame)
@@ -159,7 +160,7 @@ def test_unknown_kind() -> None:
 
 def test_missing_kind() -> None:
     with pytest.raises(m.MessageError):
-        m.decode(orjson.dumps({"v": 1, "call_id": "c1"}))
+        m.decode(orjson.dumps({"v": m.PROTOCOL_VERSION, "call_id": "c1"}))
 
 
 def test_missing_field() -> None:
@@ -182,7 +183,7 @@ def test_unknown_extra_field_refused() -> None:
 
 
 def test_wrong_field_type() -> None:
-    frame = orjson.dumps({"v": 1, "kind": "media_timer", "call_id": "c1", "timer_id": "x", "delay_ms": 1})
+    frame = orjson.dumps({"v": m.PROTOCOL_VERSION, "kind": "media_timer", "call_id": "c1", "timer_id": "x", "delay_ms": 1})
     with pytest.raises(m.MessageError):
         m.decode(frame)
 

@@ -37,6 +37,7 @@ import uvloop
 import zmq
 import zmq.asyncio
 
+from pbx import planes
 from pbx.config import ConfigError, IvrAppParams, Settings, load_config
 from pbx.ivr import machine
 from pbx.ivr.models import TtsResult
@@ -208,8 +209,10 @@ class Executor:
 
     async def run(self, stop: asyncio.Event) -> None:
         endpoint = self.settings.zmq.ivr_endpoint
+        planes.configure_client(self.sock, self.settings.zmq, endpoint)
         self.sock.connect(endpoint)
-        log.info("executor %s connected to %s", self.executor_id, endpoint)
+        log.info("executor %s connected to %s%s", self.executor_id, endpoint,
+                 " (CURVE)" if self.settings.zmq.curve else "")
         tts = self.tts
         log.info(
             "text to speech: %s",
@@ -308,6 +311,14 @@ def main() -> None:
         print(f"pbx-ivr: {exc}", file=sys.stderr)
         sys.exit(2)
     setup_logging(settings, "pbx-ivr")
+    try:
+        planes.prepare(settings, "client")
+    except ConfigError as exc:
+        print(f"pbx-ivr: cannot start: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if planes.secret_readable_by_others(settings):
+        log.warning("%s holds a CURVE secret key and group or other can read it "
+                    "(chmod 600 it)", settings.source_path)
     uvloop.run(serve(settings))
 
 

@@ -45,6 +45,7 @@ from media.engine import EngineError, MediaEngine, Packet
 from media.kernels import rtpbatch
 from media.prompts import PromptCache
 from media.recorder import Recorder
+from pbx import planes
 from pbx.config import ConfigError, Settings, load_config
 from pbx.logs import setup_logging
 from pbx.messages import (
@@ -476,6 +477,7 @@ class MediaWorker:
                     worker_id=self.worker_id,
                     calls=len(self.engine),
                     capacity=media.capacity,
+                    rtp_ip=media.rtp_ip,
                     tick_late_ms_max=round(self.tick_late_max * 1000.0, 3),
                     **self.tick_stats(),
                 )
@@ -501,9 +503,13 @@ class MediaWorker:
 
     async def run(self) -> None:
         endpoint = self.settings.zmq.media_endpoint
+        planes.configure_client(self.sock, self.settings.zmq, endpoint)
         self.sock.connect(endpoint)
-        log.info("media worker %s connected to %s", self.worker_id, endpoint)
-        self.send(MediaReady(worker_id=self.worker_id, capacity=self.settings.media.capacity))
+        log.info("media worker %s connected to %s%s", self.worker_id, endpoint,
+                 " (CURVE)" if self.settings.zmq.curve else "")
+        media = self.settings.media
+        self.send(MediaReady(worker_id=self.worker_id, capacity=media.capacity,
+                             rtp_ip=media.rtp_ip))
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._stopping.set)
         self.watch_rtp()
@@ -613,6 +619,14 @@ def main() -> None:
         print(f"pbx-media: {exc}", file=sys.stderr)
         sys.exit(2)
     setup_logging(settings, "pbx-media")
+    try:
+        planes.prepare(settings, "client")
+    except ConfigError as exc:
+        print(f"pbx-media: cannot start: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if planes.secret_readable_by_others(settings):
+        log.warning("%s holds a CURVE secret key and group or other can read it "
+                    "(chmod 600 it)", settings.source_path)
     g711.warm()
     inband.warm()
     rtpbatch.warm()

@@ -340,6 +340,11 @@ class PbxSystem:
                              capture_output=True, text=True, timeout=30)
         return out.stdout + out.stderr
 
+    @property
+    def zmq(self) -> dict[str, Any]:
+        """The system's `[zmq]` section (endpoints, keys)."""
+        return dict(tomllib.loads((self.root / "pbx.toml").read_text())["zmq"])
+
     def log(self, name: str) -> str:
         path = self.root / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -436,7 +441,9 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
                  media_capacity: int = 2000, sip_extra: str = "",
                  queues: dict[str, dict[str, Any]] | None = None,
                  digest_algorithms: tuple[str, ...] | None = ("MD5", "SHA-256"),
-                 auth_extra: str = "", extra_config: str = "") -> PbxSystem:
+                 auth_extra: str = "", extra_config: str = "",
+                 zmq_keys: str | None = None, zmq_host: str = "127.0.0.1",
+                 media_extra: str = "") -> PbxSystem:
     """Write a config and a supervisord.conf under `root` and start supervisord.
 
     `media_capacity` is `[media] capacity` (legs per worker); `sip_extra` adds lines
@@ -444,11 +451,20 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
     `E2E_QUEUES`). `digest_algorithms` is `[sip] digest_algorithms`: MD5 first by
     default because sipp 3.6 only does MD5 and answers only the first challenge
     (None: the config's default, SHA-256 first); `auth_extra` is the `[auth]` section;
-    `extra_config` is appended (more sections)."""
+    `extra_config` is appended (more sections). The planes are IPC sockets in
+    `root/zmq` (private to the system, created by the front), unless `zmq_keys` (CURVE
+    keys: `[zmq]` lines as `python -m pbx.keys --one-file` prints them) puts them on tcp
+    at `zmq_host`. `media_extra` adds lines to the `[media]` section."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
     (root / "recordings").mkdir(exist_ok=True)
     sip_port, admin_port = free_port(), free_port(socket.SOCK_STREAM)
-    zmq_ports = [free_port(socket.SOCK_STREAM) for _ in range(3)]
+    if zmq_keys is None:
+        zmq_section = "\n".join(f'{plane}_endpoint = "ipc://{root / "zmq" / plane}"'
+                                 for plane in ("media", "ivr", "events"))
+    else:
+        zmq_section = "\n".join(
+            f'{plane}_endpoint = "tcp://{zmq_host}:{free_port(socket.SOCK_STREAM)}"'
+            for plane in ("media", "ivr", "events")) + "\n" + zmq_keys.replace("[zmq]\n", "")
     # Below the kernel's ephemeral range (32768-60999 by default), so no port that
     # free_port(), sipp or a client socket picks can be one of the workers' RTP ports;
     # a second system in the same run (test_overload_failover) gets its own range.
@@ -483,15 +499,14 @@ voicemail_dir = "{root / 'voicemail'}"
 heartbeat_ms = 200
 expiry_ms = 1500
 capacity = {media_capacity}
+{media_extra}
 
 [ivr]
 heartbeat_ms = 200
 expiry_ms = 1500
 
 [zmq]
-media_endpoint = "tcp://127.0.0.1:{zmq_ports[0]}"
-ivr_endpoint = "tcp://127.0.0.1:{zmq_ports[1]}"
-events_endpoint = "tcp://127.0.0.1:{zmq_ports[2]}"
+{zmq_section}
 
 [admin]
 listen = "127.0.0.1:{admin_port}"
@@ -513,6 +528,8 @@ retry = {{ max_retries = 2, timeout_ms = 600 }}
     config_path.write_text(config)
 
     def program(name: str, command: str, numprocs: int = 1) -> str:
+        if numprocs == 0:  # e.g. the test runs the only media worker itself
+            return ""
         procname = f"{name}-%(process_num)02d" if numprocs > 1 else name
         return f"""
 [program:{name}]

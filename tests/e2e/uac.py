@@ -14,7 +14,7 @@ from pbx.sip.message import SipRequest, SipResponse, make_ack, make_response, pa
 
 class Uac:
     def __init__(self, sip_port: int, rtp_port: int, service: str = "*99",
-                 tcp: bool = False) -> None:
+                 tcp: bool = False, rtp_ip: str = "127.0.0.1") -> None:
         self.server = ("127.0.0.1", sip_port)
         self.tcp = tcp
         kind = socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM
@@ -25,6 +25,7 @@ class Uac:
         self.port = self.sock.getsockname()[1]
         self.framer = StreamFramer()
         self.rtp_port = rtp_port
+        self.rtp_ip = rtp_ip  # the offer's c= address
         self.service = service
         self.call_id = secrets.token_hex(8)
         self.tag = secrets.token_hex(4)
@@ -83,7 +84,8 @@ class Uac:
 
     def call(self, timeout: float = 5.0) -> int:
         """INVITE and wait for the final response (ACKed); its status, 0 on timeout."""
-        sdp = (f"v=0\r\no=uac 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        sdp = (f"v=0\r\no=uac 1 1 IN IP4 {self.rtp_ip}\r\ns=-\r\nc=IN IP4 {self.rtp_ip}\r\n"
+               "t=0 0\r\n"
                f"m=audio {self.rtp_port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
                f"a=rtpmap:101 telephone-event/8000\r\n").encode()
         data = self._request("INVITE", 1, body=sdp)
