@@ -600,7 +600,7 @@ class Front:
         """Who calls (pbx.policy): an extension once its digest credentials check out
         (RFC 3261 §22.3, as a proxy: 407), a trusted source, or an anonymous caller. None
         when the request was answered here (challenged or refused)."""
-        if "Proxy-Authorization" in req.headers:
+        if self.registrar.authenticator.has_credentials(req, proxy=True):
             # Verified with replay protection and the failed-login backoff (a locked-out
             # source or username gets 403 + Retry-After, its credentials unchecked).
             out = self.registrar.authenticate(req, addr, self.now(), auth_now=time.time(),

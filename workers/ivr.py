@@ -61,6 +61,8 @@ from pbx.tts import TTS_UNAVAILABLE, TtsEngine
 log = logging.getLogger("pbx.ivr.executor")
 
 Clock = Callable[[], float]
+# How long the first step waits for /start's answer (see _Progress.started).
+START_WAIT_S = 0.05
 Ivrs = Mapping[str, IvrAppParams]
 
 
@@ -87,11 +89,12 @@ class _Progress:
                     self.start = task
 
     async def started(self) -> None:
-        """/start has been answered (or given up on: its own short timeout bounds the
-        wait), so a provider that resets a session on /start never sees it after the
-        session's first step (DESIGN §3)."""
+        """/start before the session's first step (DESIGN §3): a provider that resets a
+        session on /start must never see it after that step. Waits for /start's answer,
+        but at most START_WAIT_S: a /start slower than that has reached the provider
+        long before the step, and notifications never delay the call more than this."""
         if self.start is not None:
-            await asyncio.wait({self.start})
+            await asyncio.wait({self.start}, timeout=START_WAIT_S)
             self.start = None
 
 

@@ -569,6 +569,12 @@ class DigestAuthenticator:
             return _decode_ext_value(params["username*"])
         return params.get("username") or None
 
+    def has_credentials(self, request: SipRequest, *, proxy: bool = False) -> bool:
+        """Whether the request carries credentials meant for us (our realm, even if
+        malformed); credentials for other realms belong to other proxies (RFC 3261 §22.3)."""
+        params = self._credentials(request, proxy)
+        return isinstance(params, dict) or params[0] is AuthFailure.MALFORMED
+
     def claimed_username(self, request: SipRequest, *, proxy: bool = False) -> str | None:
         """The username the request's credentials for our realm name, unverified (what
         lockout is keyed by); None without well-formed credentials."""
