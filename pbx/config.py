@@ -516,6 +516,9 @@ class LimitSettings(_Section):
 
     # Inbound calls from one source not yet answered and acknowledged (ACK).
     setup_calls_per_source: int = Field(default=30, ge=1)
+    # Inbound calls from one source at once, answered or not: each holds an RTP port
+    # pair and an IVR session until it ends, so a source that ACKs is capped too.
+    calls_per_source: int = Field(default=100, ge=1)
     # SIP server transactions one source holds (each keeps its request ~32 s).
     transactions_per_source: int = Field(default=256, ge=1)
     # Bytes of those transactions' requests and responses.

@@ -179,8 +179,10 @@ class Leg:
     # Who is at the other end (pbx.policy): the caller's party on an inbound leg; on an
     # outbound leg, the extension we rang, else an anonymous party. REFERs are theirs.
     peer: Party = field(default_factory=lambda: Party(PartyKind.ANONYMOUS))
-    # The source IP an inbound INVITE spent a set-up budget of, until its ACK.
+    # The source IP an inbound INVITE spent a set-up budget of, until its ACK, and a
+    # calls budget of, until the leg ends.
     setup_source: str | None = None
+    call_source: str | None = None
 
     @property
     def dialog_key(self) -> tuple[str, str]:
@@ -246,6 +248,15 @@ class Call:
                 if leg is not None]
 
 
+def _count_down(held: dict[str, int], source: str) -> None:
+    """One budget unit of `source` is back; a source holding none leaves the table."""
+    left = held.get(source, 0) - 1
+    if left > 0:
+        held[source] = left
+    else:
+        held.pop(source, None)
+
+
 class Front:
     def __init__(
         self,
@@ -268,6 +279,7 @@ class Front:
         # Per-source budgets (DESIGN §6); the rate limit's exempt networks skip them.
         self.budget_exempt = NetworkSet(settings.sip.rate_limit_exempt)
         self.setup_by_source: dict[str, int] = {}
+        self.calls_by_source: dict[str, int] = {}
         limits = settings.limits
         self.transactions = TransactionLayer(budget=SourceBudget(
             max_transactions=limits.transactions_per_source,
@@ -314,6 +326,7 @@ class Front:
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.stats = {"calls_total": 0, "calls_failed": 0, "sip_malformed": 0,
                       "calls_challenged": 0, "calls_forbidden": 0, "setup_budget_refused": 0,
+                      "calls_budget_refused": 0,
                       "refers_refused": 0, "transfers_refused": 0, "in_dialog_foreign": 0,
                       # The planes (DESIGN §6): refused handshakes (pbx.broker), replies
                       # not from the executor asked, workers declaring a refused RTP
@@ -550,10 +563,13 @@ class Front:
             self.stats["calls_forbidden"] += 1
             self._respond(key, req, decision.status, decision.reason, to_tag=new_tag())
             return
-        if not self._take_setup_budget(addr[0]):
+        spent = self._take_setup_budget(addr[0])
+        if spent is not None:
             self.stats["calls_failed"] += 1
-            self.stats["setup_budget_refused"] += 1
-            self._respond(key, req, 503, "Too Many Calls In Set-Up", to_tag=new_tag(),
+            self.stats[f"{spent}_budget_refused"] += 1
+            reason = ("Too Many Calls In Set-Up" if spent == "setup"
+                      else "Too Many Calls From This Source")
+            self._respond(key, req, 503, reason, to_tag=new_tag(),
                           headers=[("Retry-After", str(self.settings.limits.retry_after_s))])
             return
         route = destination.route
@@ -565,7 +581,7 @@ class Front:
         leg = Leg(
             call=call, sip_call_id=req.call_id, local_tag=new_tag(),
             media_id=f"{call.call_id}-a", outbound=False, addr=addr, source=addr,
-            reliable=reliable, peer=party, setup_source=addr[0],
+            reliable=reliable, peer=party, setup_source=addr[0], call_source=addr[0],
         )
         leg.invite, leg.invite_key = req, key
         leg.remote_tag = req.from_tag
@@ -633,27 +649,35 @@ class Front:
 
     # ------------------------------------------------------------ per-source budgets
 
-    def _take_setup_budget(self, source: str) -> bool:
-        """One more inbound call in set-up from `source` (until its ACK), if its budget
-        (`[limits] setup_calls_per_source`) allows."""
+    def _take_setup_budget(self, source: str) -> str | None:
+        """One more inbound call from `source`, in set-up until its ACK and held until
+        it ends, if its budgets (`[limits] setup_calls_per_source`, `calls_per_source`)
+        allow; else the budget that is spent ("setup" or "calls")."""
         if source in self.budget_exempt:
-            return True
+            return None
         held = self.setup_by_source.get(source, 0)
         if held >= self.settings.limits.setup_calls_per_source:
-            return False
+            return "setup"
+        calls = self.calls_by_source.get(source, 0)
+        if calls >= self.settings.limits.calls_per_source:
+            return "calls"
         self.setup_by_source[source] = held + 1
-        return True
+        self.calls_by_source[source] = calls + 1
+        return None
 
     def _end_setup(self, leg: Leg) -> None:
         """The leg's call is answered and acknowledged, or over: its budget is back."""
         source, leg.setup_source = leg.setup_source, None
         if source is None or source in self.budget_exempt:
             return
-        held = self.setup_by_source.get(source, 0) - 1
-        if held > 0:
-            self.setup_by_source[source] = held
-        else:
-            self.setup_by_source.pop(source, None)
+        _count_down(self.setup_by_source, source)
+
+    def _end_source_call(self, leg: Leg) -> None:
+        """The leg is over: its set-up and calls budgets are back."""
+        self._end_setup(leg)
+        source, leg.call_source = leg.call_source, None
+        if source is not None and source not in self.budget_exempt:
+            _count_down(self.calls_by_source, source)
 
     def _next_hop(self, leg: Leg, fallback: Addr) -> Addr:
         """Where in-dialog requests go: the first Route, else the remote target (RFC 3261
@@ -1134,6 +1158,7 @@ class Front:
     def _drop_detached(self, leg: Leg) -> None:
         call = leg.call
         leg.state = "terminated"
+        self._end_source_call(leg)  # (a referrer may leave before it ever ACKed our 200)
         self._stop_session_timer(leg)
         self.retransmitter.ack(self._dkey(leg))
         self._release_media(leg)
@@ -1494,7 +1519,7 @@ class Front:
         stats_legs = {leg.media_id: name for name, leg in (("a", call.a), ("b", call.b))
                       if leg is not None and leg.worker is not None}
         for leg in call.legs():
-            self._end_setup(leg)
+            self._end_source_call(leg)
             if leg.ring_timer is not None:
                 leg.ring_timer.cancel()
                 leg.ring_timer = None
@@ -1977,6 +2002,7 @@ class Front:
             "transactions": len(self.transactions),
             "transactions_over_budget": self.transactions.refused,
             "sources_in_setup": len(self.setup_by_source),
+            "sources_with_calls": len(self.calls_by_source),
             **self.stats,
             **self.registrar.stats,
             **self.traces.stats(),

@@ -219,6 +219,30 @@ def test_refer_in_a_bridge_connects_the_peer_and_releases_the_referrer(
     asyncio.run(main())
 
 
+def test_a_referrer_released_before_its_ack_gives_its_set_up_budget_back(
+        tmp_path: Path) -> None:
+    """A caller may REFER out of a bridge before it ever ACKed our 200 (in-dialog
+    requests need no ACK): the referrer leaves the call without ending it, and its call
+    in set-up must leave its source's budget (`[limits] setup_calls_per_source`) too."""
+    async def main() -> None:
+        rig = Rig(tmp_path, first_then([m.TransferCommand(target="2001")]), TRUSTED_CALLER)
+        rig.call()
+        invite = await until(lambda: rig.requests("INVITE", MEMBERS["2001"]))
+        rig.answer(invite[0], MEMBERS["2001"], "t1")
+        await until(lambda: rig.of(m.MediaBridge))
+        assert rig.front.setup_by_source == {CALLER[0]: 1}  # never ACKed
+        in_dialog(rig, "REFER", 2, headers="Refer-To: <sip:2002@127.0.0.1>\r\n")
+        assert last(rig, 2).status == 202
+        second = await until(lambda: rig.requests("INVITE", MEMBERS["2002"]))
+        rig.answer(second[0], MEMBERS["2002"], "t2")
+        await until(lambda: rig.requests("BYE", CALLER))  # the referrer is released
+        call = next(iter(rig.front.calls.values()))
+        assert not call.detached and call.a is not None and call.a.remote_tag == "t1"
+        assert rig.front.setup_by_source == {}
+
+    asyncio.run(main())
+
+
 def test_refer_to_an_unknown_target_notifies_the_failure(tmp_path: Path) -> None:
     async def main() -> None:
         rig = Rig(tmp_path, first_then(PLAY), TRUSTED_CALLER)

@@ -1,7 +1,9 @@
 """End-to-end harness: the real system under a real supervisord, a scripted provider,
 sipp as the third-party UA, and plain sockets standing in for phones' RTP ports.
 
-Everything listens on 127.0.0.1 on ports picked free at start; every wait is bounded.
+Everything listens on 127.0.0.1 (SIP and RTP on another address when a test asks:
+`start_system(listen_ip=...)`, tests/e2e/netns.py) on ports picked free at start;
+every wait is bounded.
 """
 
 from __future__ import annotations
@@ -197,11 +199,16 @@ class RtpPacket:
 
 
 class RtpEndpoint:
-    """A phone's RTP port: records what arrives, sends what the test asks."""
+    """A phone's RTP port: records what arrives, sends what the test asks.
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", free_port(even=True)))
+    `sock`: a bound UDP socket to use (one made in another network namespace), instead
+    of a free even port on 127.0.0.1."""
+
+    def __init__(self, sock: socket.socket | None = None) -> None:
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("127.0.0.1", free_port(even=True)))
+        self.sock = sock
         self.sock.settimeout(0.1)
         self.port = self.sock.getsockname()[1]
         self.packets: list[RtpPacket] = []
@@ -280,14 +287,17 @@ class Sipp:
                 self.proc.wait(5)
 
 
-def start_sipp(name: str, args: list[str], workdir: Path) -> Sipp:
+def start_sipp(name: str, args: list[str], workdir: Path, netns: str | None = None) -> Sipp:
+    """sipp with `args` in `workdir`; `netns`: in that network namespace (`ip netns exec`
+    execs sipp, so the process is sipp itself)."""
     sipp = shutil.which("sipp")
     assert sipp, "sipp is not installed (make test installs Debian's sip-tester)"
     workdir.mkdir(parents=True, exist_ok=True)
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     # sipp's screen goes to a file: a pipe nobody reads would block it.
     out = (workdir / "stdout.txt").open("wb")
     proc = subprocess.Popen(
-        [sipp, *args, "-nostdin", "-trace_err", "-trace_msg"],
+        [*prefix, sipp, *args, "-nostdin", "-trace_err", "-trace_msg"],
         cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
     )
     out.close()
@@ -307,6 +317,9 @@ class PbxSystem:
     proc: subprocess.Popen[bytes] | None = None
     conf_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The address of `[sip] listen` and `[media] rtp_ip` (the admin and ZeroMQ planes
+    # stay on loopback).
+    sip_ip: str = "127.0.0.1"
 
     @property
     def rtp_ports(self) -> tuple[int, int]:
@@ -317,7 +330,7 @@ class PbxSystem:
 
     @property
     def sip_addr(self) -> str:
-        return f"127.0.0.1:{self.sip_port}"
+        return f"{self.sip_ip}:{self.sip_port}"
 
     def admin(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
@@ -443,7 +456,7 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
                  digest_algorithms: tuple[str, ...] | None = ("MD5", "SHA-256"),
                  auth_extra: str = "", extra_config: str = "",
                  zmq_keys: str | None = None, zmq_host: str = "127.0.0.1",
-                 media_extra: str = "") -> PbxSystem:
+                 media_extra: str = "", listen_ip: str = "127.0.0.1") -> PbxSystem:
     """Write a config and a supervisord.conf under `root` and start supervisord.
 
     `media_capacity` is `[media] capacity` (legs per worker); `sip_extra` adds lines
@@ -454,7 +467,9 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
     `extra_config` is appended (more sections). The planes are IPC sockets in
     `root/zmq` (private to the system, created by the front), unless `zmq_keys` (CURVE
     keys: `[zmq]` lines as `python -m pbx.keys --one-file` prints them) puts them on tcp
-    at `zmq_host`. `media_extra` adds lines to the `[media]` section."""
+    at `zmq_host`. `media_extra` adds lines to the `[media]` section. `listen_ip` is
+    where SIP and RTP listen (an address of the host other network namespaces reach,
+    for multi-host tests; tests/e2e/netns.py)."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
     (root / "recordings").mkdir(exist_ok=True)
     sip_port, admin_port = free_port(), free_port(socket.SOCK_STREAM)
@@ -484,14 +499,14 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
     auth_section = f"\n[auth]\n{auth_extra}\n" if auth_extra else ""
     config = f"""
 [sip]
-listen = "127.0.0.1:{sip_port}"
+listen = "{listen_ip}:{sip_port}"
 ring_timeout_ms = 8000
 {algorithms}
 {sip_extra}
 {auth_section}
 
 [media]
-rtp_ip = "127.0.0.1"
+rtp_ip = "{listen_ip}"
 rtp_ports = "{rtp_low}-{rtp_low + 99}"
 sounds_dir = "{ROOT / 'sounds'}"
 recordings_dir = "{root / 'recordings'}"
@@ -568,7 +583,8 @@ serverurl=unix://{root}/supervisor.sock
         "ivr", f"{VENV_BIN}/pbx-ivr", executors)
     conf_path = root / "supervisord.conf"
     conf_path.write_text(conf)
-    system = PbxSystem(root, sip_port, admin_port, provider, ext_ports, conf_path=conf_path)
+    system = PbxSystem(root, sip_port, admin_port, provider, ext_ports, conf_path=conf_path,
+                       sip_ip=listen_ip)
     system.proc = subprocess.Popen(
         [str(VENV_BIN / "supervisord"), "-n", "-c", str(conf_path)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pbx.sip.errors import SipError
@@ -399,6 +401,38 @@ def test_uas_2xx_retransmitter_ack_stops() -> None:
     assert r.get_timer() == 0.75 + 2 * T1
     assert r.ack("d2") and r.get_timer() is None
     assert min(2 * 2 * 2 * T1, T2) == T2
+
+
+def test_uas_2xx_retransmitter_restart_replaces_the_pending_2xx() -> None:
+    """A re-INVITE's 2xx replaces the dialog's pending one: only the new one is sent."""
+    r = Uas2xxRetransmitter()
+    r.start("d1", b"old", PEER, 0.0)
+    r.start("d1", b"new", PEER, 0.2)
+    assert len(r) == 1 and r.get_timer() == 0.7
+    assert r.handle_timer(0.7) == [SendBytes(b"new", PEER)]
+    assert r.handle_timer(0.2 + 64 * T1) == [AckTimeout("d1")] and r.get_timer() is None
+
+
+def test_uas_2xx_retransmitter_cost_does_not_grow_with_pending_2xx() -> None:
+    """The front asks for the next deadline after every message, and a flood keeps many
+    2xx pending (one per call in set-up, from every source): the next deadline and each
+    2xx due must not cost a scan of all of them. Costs are compared in the same run."""
+
+    def cost(pending: int) -> float:
+        best = float("inf")
+        for _ in range(5):
+            r = Uas2xxRetransmitter()
+            for i in range(pending):
+                r.start(f"d{i}", b"200", PEER, i * 1e-6)  # each due on its own
+            started = time.perf_counter()
+            for _ in range(500):  # fewer than the 2xx due: each time one is
+                deadline = r.get_timer()
+                assert deadline is not None and len(r.handle_timer(deadline)) == 1
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    few, many = cost(100), cost(10_000)
+    assert many < 10 * few, (few, many)  # a scan would cost ~100 times more
 
 
 # ------------------------------------------------------------------ reliable transports
