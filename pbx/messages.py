@@ -16,6 +16,12 @@ IVR plane (front ROUTER  <->  executor DEALER):
 
 An IVR executor keeps no session state: `IvrEvent.state` carries the state the
 last reply returned (None on session start) and `IvrReply.state` the new one.
+
+No session waits in silence (issue 8): each IvrReply says how long the session may now
+go without a call event (`wait_ms`); a session that hears nothing for that long plus
+the front's grace gets a WaitExpiredInput, and its provider an `error` event.
+
+Version 2: `IvrReply.wait_ms` and `WaitExpiredInput` (a version-1 peer is refused).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from pbx.config import IvrAppParams
 
-PROTOCOL_VERSION: Literal[1] = 1
+PROTOCOL_VERSION: Literal[2] = 2
 
 
 class MessageError(Exception):
@@ -36,7 +42,7 @@ class MessageError(Exception):
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[2] = PROTOCOL_VERSION
 
 
 # ---------------------------------------------------------------- media plane
@@ -306,8 +312,20 @@ class CallEndedInput(BaseModel):
     reason: str = "Hangup"
 
 
+class WaitExpiredInput(BaseModel):
+    """The session heard no call event for longer than its reply's `wait_ms` (or the
+    front's `[sessions] max_wait_ms` when the reply gave none) plus the front's grace:
+    what it waited for (a timer, a prompt's end, a recording's end) was lost on the
+    way. The session gives it up and tells the provider (`error` event)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["wait_expired"] = "wait_expired"
+    waited_ms: int
+
+
 IvrInput = Annotated[
-    SessionStartInput | MediaInput | CallEndedInput, Field(discriminator="type")
+    SessionStartInput | MediaInput | CallEndedInput | WaitExpiredInput,
+    Field(discriminator="type"),
 ]
 
 
@@ -452,7 +470,13 @@ class IvrEvent(_Msg):
 
 class IvrReply(_Msg):
     """The executor's answer to IvrEvent `seq`: commands in order, the new state,
-    and `done` when the session has ended (no further events wanted)."""
+    and `done` when the session has ended (no further events wanted).
+
+    `wait_ms`: the longest the session may now wait for its next call event, on its own
+    terms: what is left of the timer it armed (a digit or menu timeout) or of the
+    recording it runs. None when the wait has no bound of its own (a prompt playing,
+    whose length the executor does not know): the front then applies
+    `[sessions] max_wait_ms`. Not used with `done`."""
 
     kind: Literal["ivr_reply"] = "ivr_reply"
     session_id: str
@@ -461,6 +485,7 @@ class IvrReply(_Msg):
     commands: list[CallCommand] = Field(default_factory=list)
     traces: list[StepTrace] = Field(default_factory=list)
     done: bool = False
+    wait_ms: int | None = Field(default=None, ge=0)
 
 
 Message = Annotated[

@@ -123,6 +123,7 @@ async def process_event(
         commands=progress.commands,
         traces=progress.traces,
         done=step.done,
+        wait_ms=step.wait_ms,
     )
 
 
@@ -144,11 +145,11 @@ async def handle_event(
         try:
             step = machine.abort(progress.state, call, reason, clock())
             progress.add(step, client)
-            state, done = step.state, step.done
+            state, done, wait_ms = step.state, step.done, step.wait_ms
         except Exception:
             log.exception("session %s: abort failed", event.session_id)
             progress.commands.append(HangupCommand(reason=f"Error({reason})"))
-            state, done = progress.state or {}, True
+            state, done, wait_ms = progress.state or {}, True, None
         return IvrReply(
             session_id=event.session_id,
             seq=event.seq,
@@ -156,6 +157,7 @@ async def handle_event(
             commands=progress.commands,
             traces=progress.traces,
             done=done,
+            wait_ms=wait_ms,
         )
 
 
