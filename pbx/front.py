@@ -1647,9 +1647,9 @@ class Front:
         session.wait_started = session.wait_deadline = None
         self._session_input(session, m.WaitExpiredInput(waited_ms=waited_ms))
 
-    def _abandon_session(self, session: Session, reason: str, detail: str) -> None:
+    def _abandon_session(self, session: Session, reason: str, detail: str = "") -> None:
         """Give up on the session: the call ends with `reason`, and the trace says why."""
-        self._front_trace(session, f"{reason}: {detail}", reason)
+        self._front_trace(session, f"{reason}: {detail}" if detail else reason, reason)
         session.done = True
         session.in_flight = None
         session.executor = None
