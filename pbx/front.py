@@ -1706,6 +1706,12 @@ class Front:
             session.done = True
             session.queue.clear()
             self.sessions.pop(session.session_id, None)
+            if not call.ended and not session.closing and not self._handed_over(call):
+                # The session ended without hanging up or handing the call to anyone
+                # (a transfer, queue, agent or WebSocket): nothing would ever end it.
+                self._front_trace(session, "the session ended and left the call to "
+                                  "nobody", "IvrEndedWithoutHandover")
+                self._hangup_call(call, "IvrEndedWithoutHandover", 500)
             return
         if session.in_flight is None and not call.ended:
             # Now it waits for a call event: for as long as the reply says, or at most
@@ -1717,6 +1723,12 @@ class Front:
             session.wait_started = now
             session.wait_deadline = now + (bound_ms + watch.wait_grace_ms) / 1000
         self._dispatch(session)
+
+    @staticmethod
+    def _handed_over(call: Call) -> bool:
+        """Whether something other than the IVR now has the call."""
+        return ((call.b is not None and call.b.state != "terminated") or bool(call.ringing)
+                or call.queue_run is not None or call.ws_bridge is not None)
 
     def _apply_command(self, call: Call, command: Any) -> None:
         """One command of an executor's reply. A media command either reaches the

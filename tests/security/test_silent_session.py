@@ -377,3 +377,21 @@ def test_event_an_executor_keeps_working_on_is_cut_at_max_event(tmp_path: Path) 
         assert any("IvrTimeout" in e for e in rig.trace_errors())
 
     run(main())
+
+
+def test_session_ending_without_handing_the_call_over_hangs_up(tmp_path: Path) -> None:
+    async def main() -> None:
+        rig = Rig(tmp_path, replies=False)
+        rig.call()
+        await rig.answered()
+        session = next(iter(rig.front.sessions.values()))
+        assert session.in_flight is not None
+        # An executor says the session is over, with no hang-up and no transfer.
+        rig.front.on_ivr_message(b"e", m.IvrReply(
+            session_id=session.session_id, seq=session.in_flight.seq, state={},
+            done=True))
+        await rig.advance(5)
+        assert rig.byes(), "the call was left up with no IVR and nobody else"
+        assert any("nobody" in e for e in rig.trace_errors()), rig.trace_errors()
+
+    run(main())
