@@ -74,8 +74,9 @@ class ZmtpDropRelay:
 
     GREETING = 64
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
+    def __init__(self, endpoint: str) -> None:
+        """`endpoint`: the front's `[zmq] media_endpoint` (tcp://host:port or ipc://path)."""
+        self.endpoint = endpoint
         self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.server.bind(("127.0.0.1", 0))
         self.server.listen(16)
@@ -97,13 +98,22 @@ class ZmtpDropRelay:
                 down, _ = self.server.accept()
             except OSError:
                 return
-            up = socket.create_connection(self.upstream)
-            for s in (down, up):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            up = self._connect_upstream()
+            down.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self.lock:
                 self.socks += [down, up]
             threading.Thread(target=self._pump, args=(up, down, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(down, up, False), daemon=True).start()
+
+    def _connect_upstream(self) -> socket.socket:
+        if self.endpoint.startswith("ipc://"):
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            up.connect(self.endpoint.removeprefix("ipc://"))
+            return up
+        host, _, port = self.endpoint.removeprefix("tcp://").rpartition(":")
+        up = socket.create_connection((host.strip("[]"), int(port)))
+        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return up
 
     def _pump(self, src: socket.socket, dst: socket.socket, to_worker: bool) -> None:
         buf = b""
@@ -298,8 +308,7 @@ def lossy(tmp_path: Path) -> Iterator[tuple[PbxSystem, ZmtpDropRelay]]:
     provider = ScriptedProvider()
     system = start_system(tmp_path / "pbx", provider, media_workers=1, executors=2)
     zmq = tomllib.loads((system.root / "pbx.toml").read_text())["zmq"]
-    host, _, port = zmq["media_endpoint"].removeprefix("tcp://").rpartition(":")
-    relay = ZmtpDropRelay((host, int(port)))
+    relay = ZmtpDropRelay(zmq["media_endpoint"])
     workers: list[subprocess.Popen[bytes]] = []
     try:
         workers = relayed_media_workers(system, relay, MEDIA_WORKERS)
