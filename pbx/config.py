@@ -622,6 +622,21 @@ class PrivacySettings(_Section):
             if not re.fullmatch(r"[A-Za-z0-9!%*_+`'~.\-]+", name):
                 raise ValueError(f"not a header name: {name!r}")
         return v
+class SessionWatchSettings(_Section):
+    """`[sessions]`: how the front keeps IVR sessions from waiting in silence (issue 8)."""
+
+    # How long past a session's own wait bound (the timer or recording it armed,
+    # `IvrReply.wait_ms`) the front waits before it gives the session a `wait_expired`
+    # input, which its provider hears as an `error` event. Covers a late timer on a
+    # loaded media worker and the event's way back.
+    wait_grace_ms: int = Field(default=5_000, gt=0)
+    # The bound of a wait the executor gives none for (a prompt playing, whose length
+    # it does not know): a prompt longer than this is taken for a lost one.
+    max_wait_ms: int = Field(default=600_000, gt=0)
+    # The longest one event may stay with the executors, however long their heartbeats
+    # say they are working on it (a provider's retries and `api` calls take far less);
+    # past it the call ends with a traced error.
+    max_event_ms: int = Field(default=600_000, gt=0)
 
 
 class Settings(_Section):
@@ -646,6 +661,7 @@ class Settings(_Section):
     traces: TracesSettings = Field(default_factory=TracesSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    sessions: SessionWatchSettings = Field(default_factory=SessionWatchSettings)
     source_path: str = Field(default="", exclude=True)
 
     def sorted_routes(self) -> list[RouteSettings]:

@@ -204,8 +204,18 @@ class Session:
     done: bool = False
     sent_at: float = 0.0
     attempts: int = 0
-    waiting_since: float | None = None
+    waiting_since: float | None = None  # in `Front.waiting_sessions` since
     closing: bool = False  # the call left the IVR (a REFER): its commands are ignored
+    # When the in-flight event was first sent (re-sends keep it), and since when it has
+    # found no executor to take it (reset only when one does).
+    dispatched_at: float = 0.0
+    unplaced_since: float | None = None
+    # Nothing in flight, nothing queued: the session waits for a call event, and hears
+    # a WaitExpiredInput if none came by `wait_deadline` (the last reply's `wait_ms`,
+    # else `[sessions] max_wait_ms`, plus `[sessions] wait_grace_ms`; front clock).
+    wait_started: float | None = None
+    wait_deadline: float | None = None
+    wait_ms: int | None = None  # the last reply's own bound (None: it gave none)
 
 
 @dataclass
@@ -332,7 +342,8 @@ class Front:
                       # not from the executor asked, workers declaring a refused RTP
                       # address, allocations not at the worker's declared address.
                       "zmq_auth_rejected": 0, "ivr_replies_rejected": 0,
-                      "media_workers_rejected": 0, "media_allocations_rejected": 0}
+                      "media_workers_rejected": 0, "media_allocations_rejected": 0,
+                      "ivr_waits_expired": 0, "ivr_commands_lost": 0}
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -1748,6 +1759,8 @@ class Front:
                 return
             session.seq += 1
             session.attempts = 0
+            session.dispatched_at = now
+            session.wait_started = session.wait_deadline = None  # an event came
             session.in_flight = m.IvrEvent(
                 session_id=session.session_id, seq=session.seq, state=session.state,
                 input=session.queue.popleft(),
@@ -1757,6 +1770,8 @@ class Front:
         while True:
             executor = self.executors.choose(now, exclude)
             if executor is None:
+                if session.unplaced_since is None:
+                    session.unplaced_since = now
                 if session.waiting_since is None:
                     session.waiting_since = now
                     self.waiting_sessions.append(session)
@@ -1766,6 +1781,7 @@ class Front:
             session.attempts += 1
             session.waiting_since = None
             if self.send_ivr(executor, session.in_flight):
+                session.unplaced_since = None
                 return
             # Its queue is full or it is gone: try the others for this event.
             self.executors.release(executor)
@@ -1799,17 +1815,39 @@ class Front:
         return budget + IVR_REPLY_MARGIN_S
 
     def _check_sessions(self, now: float) -> None:
-        """An event nobody answers is re-sent once to another executor; then the call
-        ends. A session no executor can take for IVR_NO_EXECUTOR_S ends too."""
+        """No session waits in silence (issue 8). One waiting for a call event past its
+        deadline gets a WaitExpiredInput (its provider an `error` event). An event nobody
+        answers is re-sent once to another executor; then the call ends; so does one
+        that executors keep working on past `[sessions] max_event_ms`, and a session no
+        executor can take for IVR_NO_EXECUTOR_S."""
+        watch = self.settings.sessions
         for session in list(self.sessions.values()):
-            if session.done or session.in_flight is None:
+            if session.done:
+                continue
+            if session.in_flight is None:
+                if (not session.queue and session.wait_deadline is not None
+                        and now >= session.wait_deadline):
+                    self._wait_expired(session, now)
+                continue
+            if now - session.dispatched_at > watch.max_event_ms / 1000:
+                log.warning("session %s: event %d still unanswered after %.0f s; ending "
+                            "the call", session.session_id, session.in_flight.seq,
+                            now - session.dispatched_at)
+                if session.executor is not None:
+                    self.executors.release(session.executor)
+                self._abandon_session(session, "IvrTimeout",
+                                      f"event {session.in_flight.seq} unanswered for "
+                                      f"{now - session.dispatched_at:.0f} s")
                 continue
             if session.executor is None:
-                if session.waiting_since is not None and (
-                        now - session.waiting_since > IVR_NO_EXECUTOR_S):
+                if session.unplaced_since is not None and (
+                        now - session.unplaced_since > IVR_NO_EXECUTOR_S):
                     log.warning("session %s: no IVR executor available; ending the call",
                                 session.session_id)
-                    self._abandon_session(session, "NoExecutor")
+                    self._abandon_session(session, "NoExecutor",
+                                          f"no IVR executor took event "
+                                          f"{session.in_flight.seq} for "
+                                          f"{now - session.unplaced_since:.0f} s")
                 continue
             if now - session.sent_at < self._reply_deadline_s(session):
                 continue
@@ -1824,15 +1862,38 @@ class Front:
                 log.warning("session %s: no reply after %d attempts; ending the call",
                             session.session_id, session.attempts)
                 self.executors.release(stuck)
-                self._abandon_session(session, "IvrTimeout")
+                self._abandon_session(session, "IvrTimeout",
+                                      f"no reply to event {session.in_flight.seq} after "
+                                      f"{session.attempts} attempts")
 
-    def _abandon_session(self, session: Session, reason: str) -> None:
+    def _wait_expired(self, session: Session, now: float) -> None:
+        """The session heard no call event by its deadline: what it waited for was lost
+        (a media command or its event). It is told, and tells its provider."""
+        started = session.wait_started if session.wait_started is not None else now
+        waited_ms = max(0, round((now - started) * 1000))
+        log.warning("session %s: no call event for %d ms (its own bound: %s): telling "
+                    "the session", session.session_id, waited_ms,
+                    "none" if session.wait_ms is None else f"{session.wait_ms} ms")
+        self.stats["ivr_waits_expired"] += 1
+        session.wait_started = session.wait_deadline = None
+        self._session_input(session, m.WaitExpiredInput(waited_ms=waited_ms))
+
+    def _abandon_session(self, session: Session, reason: str, detail: str = "") -> None:
+        """Give up on the session: the call ends with `reason`, and the trace says why."""
+        self._front_trace(session, f"{reason}: {detail}" if detail else reason, reason)
         session.done = True
         session.in_flight = None
         session.executor = None
         session.queue.clear()
         self.sessions.pop(session.session_id, None)
         self._hangup_call(session.call, reason, 500)
+
+    def _front_trace(self, session: Session, error: str, end_reason: str | None) -> None:
+        """A step trace the front writes itself (no executor saw what went wrong)."""
+        index = int((session.state or {}).get("step_index", 0)) + 1
+        self._record_trace(m.StepTrace(
+            call_id=session.call.call_id, session_id=session.session_id, step_index=index,
+            trigger="front", error=error, end_reason=end_reason, at=time.time()))
 
     def on_ivr_message(self, identity: bytes, msg: Any) -> None:
         now = self.now()
@@ -1874,32 +1935,57 @@ class Front:
         for trace in reply.traces:
             self._record_trace(trace)
         call = session.call
+        if session.closing and reply.commands:
+            # The call left the IVR (a REFER) and the session was told: what it still
+            # asked for is obsolete, not lost.
+            log.debug("session %s: %d command(s) after the call left the IVR ignored",
+                      session.session_id, len(reply.commands))
         for command in reply.commands if not session.closing else ():
             self._apply_command(call, command)
         if reply.done or (call.ended and not session.queue):
             session.done = True
             session.queue.clear()
             self.sessions.pop(session.session_id, None)
+            if not call.ended and not session.closing and not self._handed_over(call):
+                # The session ended without hanging up or handing the call to anyone
+                # (a transfer, queue, agent or WebSocket): nothing would ever end it.
+                self._front_trace(session, "the session ended and left the call to "
+                                  "nobody", "IvrEndedWithoutHandover")
+                self._hangup_call(call, "IvrEndedWithoutHandover", 500)
             return
+        if session.in_flight is None and not call.ended:
+            # Now it waits for a call event: for as long as the reply says, or at most
+            # `[sessions] max_wait_ms` when it gives no bound of its own (issue 8).
+            watch = self.settings.sessions
+            now = self.now()
+            bound_ms = reply.wait_ms if reply.wait_ms is not None else watch.max_wait_ms
+            session.wait_ms = reply.wait_ms
+            session.wait_started = now
+            session.wait_deadline = now + (bound_ms + watch.wait_grace_ms) / 1000
         self._dispatch(session)
 
+    @staticmethod
+    def _handed_over(call: Call) -> bool:
+        """Whether something other than the IVR now has the call."""
+        return ((call.b is not None and call.b.state != "terminated") or bool(call.ringing)
+                or call.queue_run is not None or call.ws_bridge is not None)
+
     def _apply_command(self, call: Call, command: Any) -> None:
+        """One command of an executor's reply. A media command either reaches the
+        caller's media worker or the call ends with a traced error (issue 8: a command
+        dropped in silence leaves a session waiting for an event that never comes)."""
         a = call.a
         if call.ended or a is None:
-            return
-        worker = a.worker
+            return  # the call is over: nothing left to command
         if isinstance(command, m.PlayCommand):
-            if worker is not None:
-                self.send_media(worker, m.MediaPlay(
-                    call_id=a.media_id, play_id=command.play_id, file=command.file,
-                    interruptible=command.interruptible))
+            self._to_media(call, a, command, m.MediaPlay(
+                call_id=a.media_id, play_id=command.play_id, file=command.file,
+                interruptible=command.interruptible))
         elif isinstance(command, m.StopCommand):
-            if worker is not None:
-                self.send_media(worker, m.MediaStop(call_id=a.media_id))
+            self._to_media(call, a, command, m.MediaStop(call_id=a.media_id))
         elif isinstance(command, m.TimerCommand):
-            if worker is not None:
-                self.send_media(worker, m.MediaTimer(
-                    call_id=a.media_id, timer_id=command.timer_id, delay_ms=command.delay_ms))
+            self._to_media(call, a, command, m.MediaTimer(
+                call_id=a.media_id, timer_id=command.timer_id, delay_ms=command.delay_ms))
         elif isinstance(command, m.HangupCommand):
             self._hangup_call(call, command.reason, command.code)
         elif isinstance(command, m.TransferCommand):
@@ -1907,9 +1993,8 @@ class Front:
             if target is not None:
                 self._transfer(call, target)
         elif isinstance(command, m.RecordCommand):
-            if worker is not None:
-                self.send_media(worker, m.MediaRecord(
-                    call_id=a.media_id, **command.model_dump(exclude={"type"})))
+            if self._to_media(call, a, command, m.MediaRecord(
+                    call_id=a.media_id, **command.model_dump(exclude={"type"}))):
                 area_dir = (self.settings.media.recordings_dir if command.area == "recordings"
                             else self.settings.media.voicemail_dir)
                 # Completed by the RecordingFinished event; one the call's end cut short
@@ -1919,23 +2004,39 @@ class Front:
                     "area": command.area, "file": str(Path(area_dir) / command.path),
                     "duration_ms": None, "reason": None})
         elif isinstance(command, m.StopRecordCommand):
-            if worker is not None:
-                self.send_media(worker, m.MediaRecordStop(call_id=a.media_id))
+            self._to_media(call, a, command, m.MediaRecordStop(call_id=a.media_id))
         elif isinstance(command, m.WsBridgeCommand):
             # The IVR ends here; the bridge's end (WsBridgeEnded) ends the call.
             call.ws_bridge = command.uri
-            if worker is None:
+            if a.worker is None:
                 self._hangup_call(call, "WsBridgeFailed(media)", 503)
                 return
-            self.send_media(worker, m.MediaStop(call_id=a.media_id))
-            self.send_media(worker, m.MediaWsBridge(
-                call_id=a.media_id, uri=command.uri, headers=command.headers,
-                timeout_ms=command.timeout_ms))
-            self._publish_call(call, "ws_bridged")
+            if self._to_media(call, a, command, m.MediaStop(call_id=a.media_id)) and (
+                    self._to_media(call, a, command, m.MediaWsBridge(
+                        call_id=a.media_id, uri=command.uri, headers=command.headers,
+                        timeout_ms=command.timeout_ms))):
+                self._publish_call(call, "ws_bridged")
         elif isinstance(command, m.QueueCommand):
             self.queue_calls.start_queue(call, command)
         elif isinstance(command, m.AgentCommand):
             self.queue_calls.start_agent(call, command)
+
+    def _to_media(self, call: Call, leg: Leg, command: Any, msg: Any) -> bool:
+        """Hand a session's command to the leg's media worker. One that cannot be handed
+        over (no worker, or the plane refused it) ends the call with a traced error."""
+        worker = leg.worker
+        if worker is not None and self.send_media(worker, msg):
+            return True
+        why = ("the caller's leg has no media worker" if worker is None
+               else f"media worker {worker.decode(errors='replace')} did not take it")
+        log.warning("call %s: %s command lost (%s); ending the call", call.call_id,
+                    command.type, why)
+        self.stats["ivr_commands_lost"] += 1
+        if call.session is not None:
+            self._front_trace(call.session, f"{command.type} command lost: {why}",
+                              "MediaCommandLost")
+        self._hangup_call(call, "MediaCommandLost", 503)
+        return False
 
     def _on_leg_media_event(self, call: Call, event: Any) -> None:
         """A media event of the caller's leg: to the IVR session while it runs; a

@@ -23,7 +23,12 @@ executor its event was sent to, and a media worker declares its RTP address in
 whose address is not allowed by its config, and an allocation whose `rtp_ip` is
 not its worker's declared address.
 
-Versions: 1, the first; 2, `rtp_ip` required in MediaReady and MediaHeartbeat.
+No session waits in silence (issue 8): each IvrReply says how long the session may now
+go without a call event (`wait_ms`); a session that hears nothing for that long plus
+the front's grace gets a WaitExpiredInput, and its provider an `error` event.
+
+Versions: 1, the first; 2 (issue 8), `rtp_ip` required in MediaReady and
+MediaHeartbeat, `IvrReply.wait_ms` and `WaitExpiredInput` (a version-1 peer is refused).
 """
 
 from __future__ import annotations
@@ -317,8 +322,20 @@ class CallEndedInput(BaseModel):
     reason: str = "Hangup"
 
 
+class WaitExpiredInput(BaseModel):
+    """The session heard no call event for longer than its reply's `wait_ms` (or the
+    front's `[sessions] max_wait_ms` when the reply gave none) plus the front's grace:
+    what it waited for (a timer, a prompt's end, a recording's end) was lost on the
+    way. The session gives it up and tells the provider (`error` event)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["wait_expired"] = "wait_expired"
+    waited_ms: int
+
+
 IvrInput = Annotated[
-    SessionStartInput | MediaInput | CallEndedInput, Field(discriminator="type")
+    SessionStartInput | MediaInput | CallEndedInput | WaitExpiredInput,
+    Field(discriminator="type"),
 ]
 
 
@@ -463,7 +480,13 @@ class IvrEvent(_Msg):
 
 class IvrReply(_Msg):
     """The executor's answer to IvrEvent `seq`: commands in order, the new state,
-    and `done` when the session has ended (no further events wanted)."""
+    and `done` when the session has ended (no further events wanted).
+
+    `wait_ms`: the longest the session may now wait for its next call event, on its own
+    terms: what is left of the timer it armed (a digit or menu timeout) or of the
+    recording it runs. None when the wait has no bound of its own (a prompt playing,
+    whose length the executor does not know): the front then applies
+    `[sessions] max_wait_ms`. Not used with `done`."""
 
     kind: Literal["ivr_reply"] = "ivr_reply"
     session_id: str
@@ -472,6 +495,7 @@ class IvrReply(_Msg):
     commands: list[CallCommand] = Field(default_factory=list)
     traces: list[StepTrace] = Field(default_factory=list)
     done: bool = False
+    wait_ms: int | None = Field(default=None, ge=0)
 
 
 Message = Annotated[

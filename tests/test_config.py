@@ -93,6 +93,8 @@ BAD = {
     ),
     "bad_contact": ('[users.1001]\ncontact = "tel:1001"\n', "users.1001.contact", "sip: URI"),
     "bad_log_level": ('[logging]\nlevel = "LOUD"\n', "logging.level", "DEBUG"),
+    "zero_wait_grace": ("[sessions]\nwait_grace_ms = 0\n", "sessions.wait_grace_ms",
+                        "greater than 0"),
 }
 
 

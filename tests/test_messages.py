@@ -78,6 +78,8 @@ SAMPLES: list[m._Msg] = [
         input=m.MediaInput(event=m.DtmfDigit(digit="1")),
     ),
     m.IvrEvent(session_id="s1", seq=2, state={}, input=m.CallEndedInput(reason="Bye")),
+    m.IvrEvent(session_id="s1", seq=3, state={}, input=m.WaitExpiredInput(waited_ms=35000)),
+    m.IvrReply(session_id="s1", seq=3, state={"step": 3}, wait_ms=30000),
     m.IvrReply(
         session_id="s1",
         seq=1,
@@ -130,6 +132,7 @@ def _frame(**changes: object) -> bytes:
     return orjson.dumps(data)
 
 
+# 1: the version before issue 8 (`rtp_ip`, `IvrReply.wait_ms`, `WaitExpiredInput`).
 @pytest.mark.parametrize("version", [0, 1, 3, "2", None])
 def test_wrong_version(version: object) -> None:
     with pytest.raises(m.MessageError, match="protocol version"):
@@ -183,7 +186,8 @@ def test_unknown_extra_field_refused() -> None:
 
 
 def test_wrong_field_type() -> None:
-    frame = orjson.dumps({"v": m.PROTOCOL_VERSION, "kind": "media_timer", "call_id": "c1", "timer_id": "x", "delay_ms": 1})
+    frame = orjson.dumps({"v": m.PROTOCOL_VERSION, "kind": "media_timer", "call_id": "c1",
+                          "timer_id": "x", "delay_ms": 1})
     with pytest.raises(m.MessageError):
         m.decode(frame)
 

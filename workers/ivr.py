@@ -140,6 +140,7 @@ async def process_event(
         commands=progress.commands,
         traces=progress.traces,
         done=step.done,
+        wait_ms=step.wait_ms,
     )
 
 
@@ -161,11 +162,11 @@ async def handle_event(
         try:
             step = machine.abort(progress.state, call, reason, clock())
             progress.add(step, client)
-            state, done = step.state, step.done
+            state, done, wait_ms = step.state, step.done, step.wait_ms
         except Exception:
             log.exception("session %s: abort failed", event.session_id)
             progress.commands.append(HangupCommand(reason=f"Error({reason})"))
-            state, done = progress.state or {}, True
+            state, done, wait_ms = progress.state or {}, True, None
         return IvrReply(
             session_id=event.session_id,
             seq=event.seq,
@@ -173,6 +174,7 @@ async def handle_event(
             commands=progress.commands,
             traces=progress.traces,
             done=done,
+            wait_ms=wait_ms,
         )
 
 

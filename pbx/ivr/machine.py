@@ -35,6 +35,12 @@ consulted, and so is `ws_bridge_ended` (voip_bridge is terminal: the front handl
 its end); inputs after the session is done are ignored; any other input a phase does
 not list raises `IvrStateError`.
 
+No silent waits (issue 8): every Step says in `wait_ms` how long the session may now
+wait for its next call event on its own terms (what is left of the timer it armed or
+the recording it runs; None while a prompt plays, whose length it does not know). The
+front holds the session to it and, when nothing came, feeds a `WaitExpiredInput`: the
+session gives up what it waited for and asks the provider with an `error` event.
+
 Recording and voicemail file names carry the time of `now` in UTC
 (`YYYYmmdd_HHMMSS`), so they too are a pure function of the inputs.
 
@@ -44,6 +50,7 @@ a choice open, the choice is said in a comment where it is made.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -116,6 +123,7 @@ from pbx.messages import (
     TimerCommand,
     TimerFired,
     TransferCommand,
+    WaitExpiredInput,
     WsBridgeCommand,
     WsBridgeEnded,
 )
@@ -135,6 +143,9 @@ RECORD_STOP_DIGITS = "#"
 # A media failure while recording is either a refused start (nothing follows) or a
 # write error (its RecordingFinished follows on the same tick): wait this long for it.
 RECORD_FAILURE_GRACE_MS = 1000
+# A recording's RecordingFinished comes at most this long after its max duration (the
+# beep before it, the tick that closes the file).
+RECORD_END_SLACK_S = 2.0
 TTS_UNAVAILABLE = "TTS service not available"
 ASR_UNAVAILABLE = "ASR service not available"
 # Provider steps (and `api` calls) allowed in a row without a call event in between: a
@@ -179,6 +190,7 @@ class InputKind(StrEnum):
     API_RESULT = "api_result"
     TTS_RESULT = "tts_result"
     RECORDING_FINISHED = "recording_finished"
+    WAIT_EXPIRED = "wait_expired"
 
 
 class PendingStep(BaseModel):
@@ -204,6 +216,11 @@ class SessionState(BaseModel):
     timer_id: int = 0  # last timer_id issued
     active_play: int | None = None  # the prompt whose end or failure is awaited
     active_timer: int | None = None  # the timer whose firing is awaited
+    # When the awaited timer fires and the running recording ends at the latest, on the
+    # clock of `now` (meaningful while active_timer / active_record is set): the bound
+    # of the session's wait that each Step reports (`wait_ms`).
+    timer_due: float | None = None
+    record_due: float | None = None
     record_id: int = 0  # last record_id issued
     active_record: int | None = None  # the recording whose end is awaited
     last_record_path: str | None = None  # so two recordings in one second do not collide
@@ -237,6 +254,9 @@ class Step:
     traces: list[StepTrace] = field(default_factory=list)
     waiting_for_provider: bool = False
     done: bool = False
+    # The longest the session may now wait for a call event (see the module docstring);
+    # None while it waits for the provider, when done, or while a prompt plays.
+    wait_ms: int | None = None
 
     @property
     def pending_request(self) -> ProviderRequest | None:
@@ -335,7 +355,7 @@ def start(call: CallInfo, now: float) -> Step:
 
 def handle(
     state: dict[str, Any],
-    inp: SessionStartInput | MediaInput | CallEndedInput,
+    inp: SessionStartInput | MediaInput | CallEndedInput | WaitExpiredInput,
     now: float,
     ivrs: Ivrs | None = None,
 ) -> Step:
@@ -398,8 +418,8 @@ def abort(state: dict[str, Any] | None, call: CallInfo | None, reason: str, now:
     return session.finish()
 
 
-def _input_name(inp: MediaInput | CallEndedInput) -> str:
-    return inp.type if isinstance(inp, CallEndedInput) else inp.event.type
+def _input_name(inp: MediaInput | CallEndedInput | WaitExpiredInput) -> str:
+    return inp.event.type if isinstance(inp, MediaInput) else inp.type
 
 
 # ---------------------------------------------------------------- the session
@@ -444,12 +464,14 @@ class _Session:
 
     # ------------------------------------------------------------ dispatch
 
-    def feed(self, inp: MediaInput | CallEndedInput) -> Step:
+    def feed(self, inp: MediaInput | CallEndedInput | WaitExpiredInput) -> Step:
         if self.s.phase is Phase.DONE:
             return self.finish()  # events after the end are ignored
         self.s.chained_steps = 0
         if isinstance(inp, CallEndedInput):
             return self.dispatch(InputKind.CALL_ENDED, inp)
+        if isinstance(inp, WaitExpiredInput):
+            return self.dispatch(InputKind.WAIT_EXPIRED, inp)
         ev = inp.event
         if isinstance(ev, DtmfDigit):
             return self.dispatch(InputKind.DIGIT, ev)
@@ -533,6 +555,7 @@ class _Session:
         means "cancel" to the worker, so 0 is armed as 1 ms."""
         self.s.timer_id += 1
         self.s.active_timer = self.s.timer_id
+        self.s.timer_due = self.now + max(1, delay_ms) / 1000.0
         self.commands.append(TimerCommand(timer_id=self.s.timer_id, delay_ms=max(1, delay_ms)))
 
     def cancel_timer(self) -> None:
@@ -1013,6 +1036,45 @@ class _Session:
     def ignore(self, payload: Any) -> None:
         pass
 
+    def wait_expired(self, inp: WaitExpiredInput) -> None:
+        """The front heard no call event for longer than this session's wait allows: the
+        timer, prompt end or recording end it waited for was lost on the way. Give it up
+        (late events become stale) and tell the provider: an `error` event (voicemail,
+        which has no provider step, fails; a closing session just hangs up)."""
+        if self.s.phase in (Phase.WAIT_PROVIDER, Phase.WAIT_API, Phase.WAIT_TTS):
+            return  # an answer is awaited, not a call event: nothing was lost here
+        node = self.s.node
+        what = f"{node.type if node is not None else 'session'} ({self.s.phase.value})"
+        reason = (f"no call event for {inp.waited_ms} ms waiting in {what}: a media "
+                  "command or its event was lost")
+        self.errors.append(reason)
+        if self.s.active_play is not None:
+            self.commands.append(StopCommand())
+            self.s.active_play = None
+        self.cancel_timer()
+        self.stop_record()
+        if self.s.phase is Phase.CLOSING:
+            self.hangup_now()
+        elif isinstance(node, VoicemailAction):
+            self.fail(f"voicemail: {reason}")
+        else:
+            self.ask(ErrorEvent(reason=reason))
+
+    def wait_bound_ms(self) -> int | None:
+        """How long the session may now wait for a call event, on its own terms: what is
+        left of the timer it armed or the recording it runs (the sooner); None while it
+        waits for an answer, is done, or plays a prompt (no bound of its own)."""
+        if self.s.phase in (Phase.WAIT_PROVIDER, Phase.WAIT_API, Phase.WAIT_TTS, Phase.DONE):
+            return None
+        dues = []
+        if self.s.active_timer is not None and self.s.timer_due is not None:
+            dues.append(self.s.timer_due)
+        if self.s.active_record is not None and self.s.record_due is not None:
+            dues.append(self.s.record_due)
+        if not dues:
+            return None
+        return max(0, math.ceil((min(dues) - self.now) * 1000.0))
+
     def call_ended(self, ev: CallEndedInput) -> None:
         # The caller is gone: no commands, just `/end` (reason "Hangup" by default). A
         # caller hanging up is how most voicemail messages end: the reason stays
@@ -1105,6 +1167,7 @@ class _Session:
         self.s.last_record_path = path
         self.s.record_id += 1
         self.s.active_record = self.s.record_id
+        self.s.record_due = self.now + max_secs + RECORD_END_SLACK_S
         self.s.record_failure = None
         self.commands.append(
             RecordCommand(
@@ -1230,6 +1293,7 @@ class _Session:
             traces=traces,
             waiting_for_provider=waiting,
             done=self.s.phase is Phase.DONE,
+            wait_ms=self.wait_bound_ms(),
         )
 
     def trace(self, **fields: Any) -> StepTrace:
@@ -1305,6 +1369,11 @@ _TABLE: dict[tuple[Phase, InputKind], _Handler] = {
     (Phase.CLOSING, InputKind.MEDIA_FAILURE): _Session.closing_done,
     **{
         (phase, InputKind.CALL_ENDED): _Session.call_ended
+        for phase in Phase
+        if phase is not Phase.DONE
+    },
+    **{
+        (phase, InputKind.WAIT_EXPIRED): _Session.wait_expired
         for phase in Phase
         if phase is not Phase.DONE
     },

@@ -82,12 +82,14 @@ class Uac:
         lines.append(f"Content-Length: {len(body)}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
-    def call(self, timeout: float = 5.0) -> int:
-        """INVITE and wait for the final response (ACKed); its status, 0 on timeout."""
+    def call(self, timeout: float = 5.0, telephone_event: bool = True) -> int:
+        """INVITE and wait for the final response (ACKed); its status, 0 on timeout.
+        Without `telephone_event` the offer is PCMU alone (digits only in-band)."""
+        te = "a=rtpmap:101 telephone-event/8000\r\n" if telephone_event else ""
         sdp = (f"v=0\r\no=uac 1 1 IN IP4 {self.rtp_ip}\r\ns=-\r\nc=IN IP4 {self.rtp_ip}\r\n"
                "t=0 0\r\n"
-               f"m=audio {self.rtp_port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
-               f"a=rtpmap:101 telephone-event/8000\r\n").encode()
+               f"m=audio {self.rtp_port} RTP/AVP 0{' 101' if telephone_event else ''}\r\n"
+               f"a=rtpmap:0 PCMU/8000\r\n{te}").encode()
         data = self._request("INVITE", 1, body=sdp)
         invite = parse_message(data)
         assert isinstance(invite, SipRequest)

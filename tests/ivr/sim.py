@@ -26,6 +26,7 @@ from pbx.messages import (
     SessionStartInput,
     StepTrace,
     TimerFired,
+    WaitExpiredInput,
     decode,
     encode,
 )
@@ -106,6 +107,7 @@ class Sim:
         self.notified: list[tuple[str, str, dict[str, Any]]] = []  # (kind, url, body)
         self.traces: list[StepTrace] = []
         self.done = False
+        self.wait_ms: int | None = None  # the last Step's: what the reply would carry
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -128,6 +130,7 @@ class Sim:
             commands.extend(step.commands)
             self.traces.extend(step.traces)
             self.done = step.done
+            self.wait_ms = step.wait_ms
             for r in step.requests:
                 if r.kind not in ("step", "api", "tts"):
                     self.notified.append((r.kind, r.url, r.body))
@@ -156,7 +159,9 @@ class Sim:
     def start(self) -> list[Any]:
         return self.run(machine.start(self.call, self.now))
 
-    def send(self, inp: MediaInput | CallEndedInput | SessionStartInput) -> list[Any]:
+    def send(
+        self, inp: MediaInput | CallEndedInput | SessionStartInput | WaitExpiredInput
+    ) -> list[Any]:
         assert self.state is not None
         self.seq += 1
         event = decode(
@@ -199,6 +204,10 @@ class Sim:
 
     def hang_up(self) -> list[Any]:
         return self.send(CallEndedInput())
+
+    def wait_expired(self, waited_ms: int) -> list[Any]:
+        """The front heard nothing for `waited_ms` (its watchdog, issue 8)."""
+        return self.send(WaitExpiredInput(waited_ms=waited_ms))
 
     def kinds(self) -> list[str]:
         return [kind for kind, _, _ in self.notified]
