@@ -520,9 +520,9 @@ class LimitSettings(_Section):
     # pair and an IVR session until it ends, so a source that ACKs is capped too.
     calls_per_source: int = Field(default=100, ge=1)
     # SIP server transactions one source holds (each keeps its request ~32 s).
-    transactions_per_source: int = Field(default=256, ge=1)
+    transactions_per_source: int = Field(default=512, ge=1)
     # Bytes of those transactions' requests and responses.
-    transaction_bytes_per_source: int = Field(default=2_000_000, ge=65536)
+    transaction_bytes_per_source: int = Field(default=4_000_000, ge=65536)
     # Open TCP connections from one source.
     tcp_connections_per_source: int = Field(default=32, ge=1)
     # Seconds a client is asked to wait (Retry-After) when a budget is spent.

@@ -148,8 +148,8 @@ class SourceBudget:
     """What one source IP may hold in server transactions; `exempt` sources (trunks,
     load generators) are not counted."""
 
-    max_transactions: int = 256
-    max_bytes: int = 2_000_000
+    max_transactions: int = 512
+    max_bytes: int = 4_000_000
     retry_after_s: int = 5
     exempt: Container[str] = field(default_factory=frozenset)
 
