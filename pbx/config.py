@@ -258,6 +258,24 @@ class AsrSettings(_Section):
     timeout_ms: int = Field(default=8_000, gt=0)
 
 
+class RtpSettings(_Section):
+    """`[rtp]`: where a call leg takes RTP and RTCP from (media.engine, strict latching).
+
+    A leg answers where its caller's packets come from (symmetric RTP) and, once latched
+    onto that source, drops every other source's packets unseen (counted in /metrics and
+    the call record), so nobody spraying the port range can inject audio or digits."""
+
+    # "strict": the latch moves (without signalling) only to a packet from the SDP
+    # address, or to a new source with another SSRC once the latched one has been silent
+    # for relatch_silence_ms. "loose": the same, but after the silence any SSRC will do,
+    # for endpoints behind NATs that rebind a running stream to a new port mid-call.
+    latching: Literal["strict", "loose"] = "strict"
+    # Silence of the latched source after which the latch may move (milliseconds). Longer
+    # is safer (a caller who falls silent cannot be taken over sooner); a very large value
+    # never moves it without signalling (rtpengine's strict-source).
+    relatch_silence_ms: int = Field(default=5000, ge=100)
+
+
 class Settings(_Section):
     sip: SipSettings = Field(default_factory=SipSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
@@ -274,6 +292,7 @@ class Settings(_Section):
     skill_groups: dict[str, QueueSettings] = Field(default_factory=dict)
     tts: TtsSettings = Field(default_factory=TtsSettings)
     asr: AsrSettings = Field(default_factory=AsrSettings)
+    rtp: RtpSettings = Field(default_factory=RtpSettings)
     source_path: str = Field(default="", exclude=True)
 
     def sorted_routes(self) -> list[RouteSettings]:

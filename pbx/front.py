@@ -273,7 +273,8 @@ class Front:
         self.queue_calls = QueueCalls(self)
         # In-process subscribers to every published event (the admin's /ws/events).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
-        self.stats = {"calls_total": 0, "calls_failed": 0, "sip_malformed": 0}
+        self.stats = {"calls_total": 0, "calls_failed": 0, "sip_malformed": 0,
+                      "rtp_foreign_dropped": 0, "rtcp_foreign_dropped": 0}
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -1426,6 +1427,9 @@ class Front:
         if isinstance(msg, m.MediaReady | m.MediaHeartbeat):
             if self.media_workers.ready(identity, msg.capacity, msg.calls, now):
                 log.info("media worker %s joined (capacity %d)", msg.worker_id, msg.capacity)
+            if isinstance(msg, m.MediaHeartbeat):  # counts since the worker's last heartbeat
+                self.stats["rtp_foreign_dropped"] += msg.rtp_foreign_dropped
+                self.stats["rtcp_foreign_dropped"] += msg.rtcp_foreign_dropped
             return
         if not self.media_workers.seen(identity, now):
             log.info("message from unknown media worker %r; ignored until it says ready",
