@@ -30,6 +30,14 @@ transcoding PCMU <-> PCMA when their codecs differ; RFC 4733 packets are
 forwarded with the peer's telephone-event payload type. A leg playing a prompt
 does not take forwarded audio meanwhile.
 
+Strict latching (symmetric RTP, RFC 4961, made safe on a public address): a
+leg answers where its caller's packets come from, and once latched it takes
+packets from that source only; every other source's packets are dropped before
+statistics, DTMF, audio, recording or relay, and counted (per leg in
+MediaReleased, per worker in `foreign_dropped`). The rule, and when the latch
+may move, is `media.kernels.rtpbatch`'s ("Strict latching"); the per-packet
+path and RTCP (`receive_rtcp`, on its own port) follow the same rule.
+
 A leg whose direction (ours, from `MediaRemote`) is recvonly or inactive is on
 hold (RFC 3264 §5.1): it sends no RTP — its prompt's clock still runs, so
 AudioComplete comes on time, while forwarded and WebSocket audio is dropped —
@@ -54,7 +62,14 @@ from media.kernels import rtpbatch as _k
 from media.legtable import LegTable, PromptArena, TxBatch, ipv4_int, ipv4_str
 from media.prompts import PromptCache, PromptError
 from media.recorder import BEEP_PLAY_ID, Recorder, Recording
-from media.rtcp import REPORT_INTERVAL_S, ReceiveStats, ReportBlock, RtcpError, build_report
+from media.rtcp import (
+    REPORT_INTERVAL_S,
+    ReceiveStats,
+    ReportBlock,
+    RtcpError,
+    RtcpReport,
+    build_report,
+)
 from media.rtcp import parse_compound as parse_rtcp
 from media.rtp import RtpError, RtpPacket, build_header, parse_event, parse_rtp, ts_add
 from media.rxaudio import RxAudio
@@ -84,6 +99,9 @@ MAX_BURST_FRAMES = _k.MAX_BURST_FRAMES
 _EPS = 1e-7
 
 STATIC_PAYLOAD_CODECS = {0: "PCMU", 8: "PCMA"}
+# A latched RTCP source counts as silent only after this long (or the re-latch time if
+# longer): RFC 3550 §6.3.5 times a participant out after 5 report intervals.
+RTCP_SILENCE_S = 5 * REPORT_INTERVAL_S
 
 Packet = tuple[str, bytes, tuple[str, int]]
 DigitSource = Literal["rfc4733", "info", "inband"]
@@ -138,10 +156,14 @@ class Leg:
     rec: Recording | None = None  # media.recorder
     ws: WsLeg | None = None  # media.wsbridge
     # Symmetric RTP (RFC 4961; "latching"): once the first valid packet arrives, send
-    # to where it came from (a phone behind NAT is not where its SDP says).
+    # to where it came from (a phone behind NAT is not where its SDP says), and take
+    # packets from there only (the module docstring).
     sdp_remote: tuple[str, int] | None = None
     rtcp_remote: tuple[str, int] | None = None  # RFC 3550 §11: RTP port + 1 unless latched
     rtcp_latched: bool = False
+    rtcp_seen: float | None = None  # last RTCP from the latched source (None: from now on)
+    rtcp_ssrc: int | None = None  # the latched RTCP source's SSRC
+    rtcp_foreign: int = 0  # RTCP datagrams from other sources, dropped
     rx_stats: ReceiveStats = field(default_factory=ReceiveStats)
     rx_slot: int | None = None  # row in the engine's RxAudio (in-band detection)
     inband_slot: int | None = None  # row in the engine's InbandDetector
@@ -158,6 +180,8 @@ class Leg:
     packets_sent = _int_col(_k.L_SENT, "RTP packets sent")
     octets_sent = _int_col(_k.L_OCTETS, "RTP payload octets sent")
     packets_received = _int_col(_k.L_RECEIVED, "valid RTP packets received")
+    foreign_dropped = _int_col(_k.L_FOREIGN, "RTP packets from foreign sources, dropped")
+    relatched = _int_col(_k.L_RELATCHED, "times the latch moved to another source")
 
     @property
     def samples_per_frame(self) -> int:
@@ -229,8 +253,17 @@ class MediaEngine:
         prompts: PromptCache,
         rng: random.Random | None = None,
         recorder: Recorder | None = None,
+        latching: Literal["strict", "loose"] = "strict",
+        relatch_silence_ms: int = 5000,
     ) -> None:
+        """`latching` and `relatch_silence_ms`: the config's `[rtp]` (pbx.config)."""
         self.prompts = prompts
+        # The latch may move to a new source after the latched one has been silent this
+        # long; in strict mode only to another SSRC (media.kernels.rtpbatch).
+        self.relatch_s = relatch_silence_ms / 1000.0
+        self.relatch_any_ssrc = latching == "loose"
+        self._rtp_foreign_gone = 0  # foreign RTP packets of released legs
+        self._rtcp_foreign = 0
         self.recorder = recorder if recorder is not None else Recorder()
         self.ws = WsBridges()
         self._rng = rng or random.Random()
@@ -309,10 +342,18 @@ class MediaEngine:
         if msg.ptime_ms <= 0 or (SAMPLE_RATE * msg.ptime_ms) % 1000:
             raise EngineError(f"call {msg.call_id!r}: unusable ptime {msg.ptime_ms} ms")
         sdp_remote = (msg.remote_ip, msg.remote_port)
+        i = self.tab.i
         if sdp_remote != leg.sdp_remote:  # a new address (not a repeated offer): latch again
             leg.sdp_remote = leg.remote = sdp_remote
             leg.rtcp_remote = (msg.remote_ip, msg.remote_port + 1)
             leg.latched = leg.rtcp_latched = False
+            i[leg.row, _k.L_SDP_IP] = ipv4_int(msg.remote_ip)
+            i[leg.row, _k.L_SDP_PORT] = msg.remote_port
+        else:  # the far end signalled: alive, whatever its media did meanwhile
+            self.tab.f[leg.row, _k.F_LATCH_SEEN] = math.nan
+            leg.rtcp_seen = None
+        # The far end sends nothing while we are sendonly or inactive: no re-latch then.
+        i[leg.row, _k.L_NORECV] = msg.direction in ("sendonly", "inactive")
         leg.payload_type = msg.payload_type
         leg.dtmf_payload_type = msg.dtmf_payload_type
         leg.ptime_ms = msg.ptime_ms
@@ -516,6 +557,8 @@ class MediaEngine:
         report = leg.remote_report
         packets_sent, packets_received = leg.packets_sent, leg.packets_received
         lost, jitter = leg.rx_stats.lost, leg.rx_stats.jitter
+        foreign, relatched = leg.foreign_dropped, leg.relatched
+        self._rtp_foreign_gone += foreign
         self.tab.remove(leg.row)
         del self._by_row[leg.row]
         return MediaReleased(
@@ -531,7 +574,16 @@ class MediaEngine:
             ),
             rtcp_sent=leg.rtcp_sent,
             rtcp_received=leg.rtcp_received,
+            rtp_foreign_dropped=foreign,
+            rtcp_foreign_dropped=leg.rtcp_foreign,
+            rtp_relatched=relatched,
         )
+
+    def foreign_dropped(self) -> tuple[int, int]:
+        """RTP and RTCP packets dropped because they came from another source than their
+        leg's latched one, since the engine started (released legs included)."""
+        live = int(self.tab.i[:, _k.L_FOREIGN].sum())
+        return self._rtp_foreign_gone + live, self._rtcp_foreign
 
     # ------------------------------------------------------------ RTP in
 
@@ -548,12 +600,17 @@ class MediaEngine:
             pkt = parse_rtp(data)
         except RtpError:
             return packets, events
+        src = (addr[0], addr[1])  # an IPv6 address comes with flow info and scope id
+        t = self.tab
+        act = _k.source_check_py(
+            t.i, t.f, t.stats.i, leg.row, leg.latched and src == leg.remote,
+            src == leg.sdp_remote, src[1], pkt.ssrc, now, self.relatch_s, self.relatch_any_ssrc,
+        )  # fmt: skip
+        if act < 0:
+            return packets, events  # a foreign source: counted, nothing else
         leg.packets_received += 1
-        # Port 0 cannot be sent to (some senders, e.g. sipp's pcap replay through a raw
-        # socket, use it): such a source is no address to latch onto.
-        if not leg.latched and addr[1] != 0:
-            leg.latched = True
-            leg.remote = (addr[0], addr[1])
+        if act:
+            self._latched(leg, src, act)
         leg.rx_stats.update(pkt.sequence, pkt.ssrc, now)
         self._rx_handle(leg, pkt, now, packets, events)
         return packets, events
@@ -578,9 +635,10 @@ class MediaEngine:
             self._action = np.zeros(max(n, 2 * self._action.shape[0]), dtype=np.int8)
         action = self._action
         kernel = _k.rx_batch if self.kernels else _k.rx_batch_py
+        t = self.tab
         flagged = kernel(
-            buf, lens, names, rows, n, now, self.tab.i, self.tab.stats.i, self.tab.stats.f,
-            *self.rx.arrays(), action,
+            buf, lens, names, rows, n, now, self.relatch_s, self.relatch_any_ssrc, t.i, t.f,
+            t.stats.i, t.stats.f, *self.rx.arrays(), action,
         )  # fmt: skip
         if not flagged:
             return packets, events
@@ -592,11 +650,21 @@ class MediaEngine:
             act = int(action[k])
             if act & _k.ACT_LATCHED:
                 i = self.tab.i[leg.row]
-                leg.remote = (ipv4_str(int(i[_k.L_REMOTE_IP])), int(i[_k.L_REMOTE_PORT]))
+                src = (ipv4_str(int(i[_k.L_REMOTE_IP])), int(i[_k.L_REMOTE_PORT]))
+                self._latched(leg, src, act)
             if act & _k.ACT_PYTHON:
                 pkt = parse_rtp(buf[k, : lens[k]].tobytes())  # the kernel parsed it: valid
                 self._rx_handle(leg, pkt, now, packets, events)
         return packets, events
+
+    def _latched(self, leg: Leg, src: tuple[str, int], act: int) -> None:
+        """A packet latched the leg onto `src`: RTP goes there now. When the latch moved
+        (ACT_RELATCHED) the stream's RTCP moved with it (RTP port + 1 until its RTCP
+        latches again)."""
+        leg.remote = src
+        if act & _k.ACT_RELATCHED:
+            leg.rtcp_remote = (src[0], src[1] + 1)
+            leg.rtcp_latched = False
 
     def _rx_handle(
         self,
@@ -799,10 +867,9 @@ class MediaEngine:
             reports = parse_rtcp(data)
         except RtcpError:
             return
+        if not self._rtcp_source_ok(leg, (addr[0], addr[1]), reports, now):
+            return
         leg.rtcp_received += 1
-        if not leg.rtcp_latched and addr[1] != 0:
-            leg.rtcp_latched = True
-            leg.rtcp_remote = (addr[0], addr[1])
         for report in reports:
             if report.sender is not None:
                 msw, lsw = report.sender[0], report.sender[1]
@@ -812,6 +879,42 @@ class MediaEngine:
             for block in report.blocks:
                 if block.ssrc == leg.ssrc:
                     leg.remote_report = block
+
+    def _rtcp_source_ok(
+        self, leg: Leg, src: tuple[str, int], reports: list[RtcpReport], now: float
+    ) -> bool:
+        """The RTP latch rule (`media.kernels.rtpbatch`, "Strict latching") on the RTCP
+        port: latch onto the first source (not port 0), then take only its datagrams; a
+        datagram from the signalled RTCP address (SDP port + 1) takes the latch back, a
+        new source with another SSRC (any SSRC when loose) takes it after the latched one
+        has been silent for the re-latch time, or RTCP_SILENCE_S if longer (reports come
+        every ~5 s). Others are counted and dropped (False)."""
+        ssrc = reports[0].ssrc if reports else None
+        if not leg.rtcp_latched:
+            if src[1] != 0:
+                leg.rtcp_latched, leg.rtcp_remote = True, src
+                leg.rtcp_seen, leg.rtcp_ssrc = now, ssrc
+            return True
+        if src == leg.rtcp_remote:
+            leg.rtcp_seen = now
+            if ssrc is not None:
+                leg.rtcp_ssrc = ssrc
+            return True
+        relatch = False
+        if src[1] != 0:
+            sdp = leg.sdp_remote
+            relatch = sdp is not None and src == (sdp[0], sdp[1] + 1)
+            if not relatch and not self.tab.i[leg.row, _k.L_NORECV] and ssrc is not None:
+                if leg.rtcp_seen is None:
+                    leg.rtcp_seen = now
+                silent = now - leg.rtcp_seen >= max(self.relatch_s, RTCP_SILENCE_S)
+                relatch = silent and (self.relatch_any_ssrc or ssrc != leg.rtcp_ssrc)
+        if relatch:
+            leg.rtcp_remote, leg.rtcp_seen, leg.rtcp_ssrc = src, now, ssrc
+            return True
+        leg.rtcp_foreign += 1
+        self._rtcp_foreign += 1
+        return False
 
     def rtcp_due(self, now: float) -> list[Packet]:
         """RTCP reports due by `now`, as (call_id, datagram, RTCP address): SR when the

@@ -637,6 +637,22 @@ class SessionWatchSettings(_Section):
     # say they are working on it (a provider's retries and `api` calls take far less);
     # past it the call ends with a traced error.
     max_event_ms: int = Field(default=600_000, gt=0)
+class RtpSettings(_Section):
+    """`[rtp]`: where a call leg takes RTP and RTCP from (media.engine, strict latching).
+
+    A leg answers where its caller's packets come from (symmetric RTP) and, once latched
+    onto that source, drops every other source's packets unseen (counted in /metrics and
+    the call record), so nobody spraying the port range can inject audio or digits."""
+
+    # "strict": the latch moves (without signalling) only to a packet from the SDP
+    # address, or to a new source with another SSRC once the latched one has been silent
+    # for relatch_silence_ms. "loose": the same, but after the silence any SSRC will do,
+    # for endpoints behind NATs that rebind a running stream to a new port mid-call.
+    latching: Literal["strict", "loose"] = "strict"
+    # Silence of the latched source after which the latch may move (milliseconds). Longer
+    # is safer (a caller who falls silent cannot be taken over sooner); a very large value
+    # never moves it without signalling (rtpengine's strict-source).
+    relatch_silence_ms: int = Field(default=5000, ge=100)
 
 
 class Settings(_Section):
@@ -662,6 +678,7 @@ class Settings(_Section):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     sessions: SessionWatchSettings = Field(default_factory=SessionWatchSettings)
+    rtp: RtpSettings = Field(default_factory=RtpSettings)
     source_path: str = Field(default="", exclude=True)
 
     def sorted_routes(self) -> list[RouteSettings]:

@@ -343,7 +343,9 @@ class Front:
                       # address, allocations not at the worker's declared address.
                       "zmq_auth_rejected": 0, "ivr_replies_rejected": 0,
                       "media_workers_rejected": 0, "media_allocations_rejected": 0,
-                      "ivr_waits_expired": 0, "ivr_commands_lost": 0}
+                      "ivr_waits_expired": 0, "ivr_commands_lost": 0,
+                      # Strict RTP latching: packets from strangers, dropped by the workers.
+                      "rtp_foreign_dropped": 0, "rtcp_foreign_dropped": 0}
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -1650,6 +1652,9 @@ class Front:
             if self.media_workers.ready(identity, msg.capacity, msg.calls, now, msg.rtp_ip):
                 log.info("media worker %s joined (capacity %d, RTP address %s)",
                          msg.worker_id, msg.capacity, msg.rtp_ip)
+            if isinstance(msg, m.MediaHeartbeat):  # counts since the worker's last heartbeat
+                self.stats["rtp_foreign_dropped"] += msg.rtp_foreign_dropped
+                self.stats["rtcp_foreign_dropped"] += msg.rtcp_foreign_dropped
             return
         if not self.media_workers.seen(identity, now):
             log.info("message from unknown media worker %.64r; ignored until it says ready",

@@ -2,7 +2,12 @@
 
 One pydantic model per message, tagged by `kind`, serialised with orjson.
 `PROTOCOL_VERSION` travels in every message (`v`); a peer speaking another
-version is refused at decode time with `MessageError`.
+version is refused at decode time with `MessageError`. A new optional field with
+a default (e.g. `MediaHeartbeat.rtp_foreign_dropped`) keeps the version: an
+older peer's messages still decode, the field taking its default. Anything an
+older peer's messages could not satisfy, or a field whose meaning changes,
+bumps it. Models forbid unknown fields, so an older receiver refuses a newer
+sender's extra fields: the processes of one installation are upgraded together.
 
 Media plane (front ROUTER  <->  media worker DEALER):
     worker -> front : MediaReady, MediaHeartbeat, MediaAllocated, MediaEvent, MediaReleased
@@ -79,6 +84,10 @@ class MediaHeartbeat(_Msg):
     tick_busy_ms_p99: float = 0.0
     ticks: int = 0
     ticks_skipped: int = 0
+    # Over the same period: packets dropped because they came from another source than
+    # their leg's latched one (strict latching, media.engine), on RTP and RTCP ports.
+    rtp_foreign_dropped: int = 0
+    rtcp_foreign_dropped: int = 0
 
 
 class MediaAllocate(_Msg):
@@ -280,6 +289,11 @@ class MediaReleased(_Msg):
     remote_jitter_ms: float | None = None
     rtcp_sent: int = 0
     rtcp_received: int = 0
+    # Strict latching: packets from other sources than the latched one, dropped (RTP,
+    # RTCP), and times the RTP latch moved to another source without signalling.
+    rtp_foreign_dropped: int = 0
+    rtcp_foreign_dropped: int = 0
+    rtp_relatched: int = 0
 
 
 # ---------------------------------------------------------------- IVR plane

@@ -114,7 +114,12 @@ class MediaWorker:
         self.worker_id = worker_id
         media = settings.media
         recorder = Recorder({"recordings": media.recordings_dir, "voicemail": media.voicemail_dir})
-        self.engine = MediaEngine(PromptCache(media.sounds_dir), recorder=recorder)
+        rtp = settings.rtp
+        self.engine = MediaEngine(
+            PromptCache(media.sounds_dir), recorder=recorder, latching=rtp.latching,
+            relatch_silence_ms=rtp.relatch_silence_ms,
+        )  # fmt: skip
+        self._foreign_reported = (0, 0)  # engine.foreign_dropped() at the last heartbeat
         # RTP: IPv4 sockets polled in batches (workers.rtpio); IPv6 on asyncio endpoints.
         self.rtp = rtpio.RtpSockets()
         self.transports: dict[str, asyncio.DatagramTransport] = {}
@@ -472,6 +477,9 @@ class MediaWorker:
         media = self.settings.media
         while True:
             await asyncio.sleep(media.heartbeat_ms / 1000.0)
+            rtp_foreign, rtcp_foreign = self.engine.foreign_dropped()
+            last_rtp, last_rtcp = self._foreign_reported
+            self._foreign_reported = (rtp_foreign, rtcp_foreign)
             self.send(
                 MediaHeartbeat(
                     worker_id=self.worker_id,
@@ -479,6 +487,8 @@ class MediaWorker:
                     capacity=media.capacity,
                     rtp_ip=media.rtp_ip,
                     tick_late_ms_max=round(self.tick_late_max * 1000.0, 3),
+                    rtp_foreign_dropped=rtp_foreign - last_rtp,
+                    rtcp_foreign_dropped=rtcp_foreign - last_rtcp,
                     **self.tick_stats(),
                 )
             )

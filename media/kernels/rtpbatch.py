@@ -10,8 +10,11 @@ what `MediaEngine.receive_rtp` does in Python for the common case:
 
 1. parse the RTP header exactly as `media.rtp.parse_rtp` (version 2, CSRCs,
    header extension, padding; anything unusable is dropped uncounted);
-2. count it, and latch the leg's remote address onto its source (RFC 4961
-   symmetric RTP: the first valid packet whose source port is not 0);
+2. check its source against the leg's latch (`source_check_py` is the rule;
+   see "Strict latching" below): a packet from a foreign source is counted
+   (`L_FOREIGN`) and dropped here, before anything else sees it; otherwise it
+   is counted and, when it (re-)latches the leg, the leg's remote address
+   becomes its source (RFC 4961 symmetric RTP: we send where it comes from);
 3. RFC 3550 A.1 sequence tracking (wrap, dropout, misorder, the two-packet
    resync of a large jump, a new SSRC restarting) — the same state as
    `media.rtcp.ReceiveStats`, one row per leg of a `StatsTable`;
@@ -25,8 +28,8 @@ been done here, so the order of the statistics is the order of arrival:
 RFC 4733 events (the leg's telephone-event payload type) and every packet of
 a leg that is bridged, recorded or WebSocket-bridged (`L_FAST` = 0: those
 paths forward, transcode and record per packet). A packet that latched its
-leg is marked `ACT_LATCHED` so the engine can update the leg's Python-side
-address. Packets with an unknown payload type, or none, are counted and go no
+leg is marked `ACT_LATCHED` (and `ACT_RELATCHED` when the latch moved) so the
+engine can update the leg's Python-side address (and move its RTCP). Packets with an unknown payload type, or none, are counted and go no
 further, as in Python.
 
 **Pump** (`pump_tick`). Every playing leg's prompt frames due by `now`, from
@@ -38,6 +41,34 @@ buffer: the 12-byte header (RFC 3550 §5.1; marker on a prompt's first packet,
 its timestamp advanced over the silence since the leg's last packet), the
 frame's codes from the prompt arena, padded with the codec's silence. The
 worker then sends the whole buffer with one compiled `sendto` loop.
+
+**Strict latching.** A leg latches onto the source (ip:port) of its first
+valid packet whose source port is not 0 (port 0 cannot be answered; before
+the latch such packets are processed, as every packet is, and they latch
+nothing). Once latched, only the latched source's packets are processed;
+every other source's are dropped before statistics, DTMF, audio, recording
+or relay, and counted per leg. The latch moves (counted in `L_RELATCHED`) in
+two cases only:
+
+* a packet from the address signalling gave (`L_SDP_IP`/`L_SDP_PORT`, the
+  SDP c=/m= of the last offer/answer) takes the latch back at once: a first
+  packet sprayed by a stranger before the phone's own cannot keep a phone
+  that is where its SDP says locked out (rtpengine's "heuristic" endpoint
+  learning prefers the advertised address the same way);
+* a new source after the latched one has been silent for `relatch_s`
+  (a stream moved without signalling: an SBC's media failover, a phone that
+  re-created its RTP session) — in strict mode only with another SSRC than
+  the latched stream's (`any_ssrc` False), in loose mode with any SSRC (a NAT
+  binding that changed under a running stream keeps its SSRC). Never while
+  our direction is sendonly/inactive (`L_NORECV`: the far end is not
+  sending, so its silence means nothing), and a new offer/answer counts as
+  a sign of life (`F_LATCH_SEEN` NaN: the silence is counted from the next
+  foreign packet).
+
+rtpengine's `strict-source` flag drops the same packets but never moves the
+latch without signalling; its `media-handover` moves it on every new source.
+A new remote address from signalling (re-INVITE/UPDATE) clears the latch
+(`MediaEngine.set_remote`).
 
 Each kernel has a pure-Python twin with the same arguments (`rx_batch_py`,
 `pump_tick_py`), built from the reference code (`parse_rtp`,
@@ -81,13 +112,19 @@ L_PLAY_DONE = 23  # frames done
 L_PLAY_MARKED = 24
 L_PLAY_FIN = 25  # set by the pump when the prompt has ended
 L_NOSEND = 26  # 1: on hold (our direction recvonly/inactive, RFC 3264): send no RTP
-L_COLS = 27
+L_SDP_IP = 27  # the address signalling gave (SDP c=/m=), L_REMOTE_IP form; 0 none
+L_SDP_PORT = 28  # its port, 0 none
+L_NORECV = 29  # 1: our direction sendonly/inactive: the far end sends nothing, so no re-latch
+L_FOREIGN = 30  # valid RTP packets from a source other than the latched one, dropped
+L_RELATCHED = 31  # times the latch moved to another source
+L_COLS = 32
 
 # float64 columns
 F_PTIME = 0  # seconds
 F_SENT_UNTIL = 1  # nominal end of the last packet sent, NaN: none yet
 F_PLAY_ORIGIN = 2  # NaN until the first tick after play
-F_COLS = 3
+F_LATCH_SEEN = 3  # last packet from the latched source; NaN: count from the next check
+F_COLS = 4
 
 # StatsTable columns (media.rtcp): int64 then float64
 S_SSRC = 0  # -1: no source yet
@@ -104,7 +141,8 @@ SF_JITTER = 1
 SF_COLS = 2
 
 ACT_PYTHON = 1
-ACT_LATCHED = 2
+ACT_LATCHED = 2  # the packet latched its leg: the engine updates the leg's address
+ACT_RELATCHED = 4  # ... onto another source than the one it was latched to
 
 HEADER_SIZE = 12
 SEQ_MOD = 1 << 16
@@ -210,10 +248,41 @@ def _ring_put(
         anchor_t[slot] = now
 
 
+@njit(cache=True, inline="always")
+def _source_check(
+    li: np.ndarray, lf: np.ndarray, si: np.ndarray, r: int, from_latched: bool, from_sdp: bool,
+    port: int, ssrc: int, now: float, relatch_s: float, any_ssrc: bool,
+) -> int:  # fmt: skip
+    if li[r, L_LATCHED] == 0:
+        if port == 0:
+            return 0
+        li[r, L_LATCHED] = 1
+        lf[r, F_LATCH_SEEN] = now
+        return ACT_LATCHED
+    if from_latched:
+        lf[r, F_LATCH_SEEN] = now
+        return 0
+    if port != 0:
+        relatch = from_sdp
+        if not relatch and li[r, L_NORECV] == 0:
+            seen = lf[r, F_LATCH_SEEN]
+            if math.isnan(seen):
+                seen = now
+                lf[r, F_LATCH_SEEN] = now
+            relatch = now - seen >= relatch_s and (any_ssrc or ssrc != si[r, S_SSRC])
+        if relatch:
+            li[r, L_RELATCHED] += 1
+            lf[r, F_LATCH_SEEN] = now
+            return ACT_LATCHED | ACT_RELATCHED
+    li[r, L_FOREIGN] += 1
+    return -1
+
+
 @njit(cache=True)
 def rx_batch(
     buf: np.ndarray, lens: np.ndarray, names: np.ndarray, rows: np.ndarray, n: int, now: float,
-    li: np.ndarray, si: np.ndarray, sf: np.ndarray,
+    relatch_s: float, any_ssrc: bool, li: np.ndarray, lf: np.ndarray, si: np.ndarray,
+    sf: np.ndarray,
     ring: np.ndarray, read_ts: np.ndarray, started: np.ndarray, silence: np.ndarray,
     anchor_ts: np.ndarray, anchor_t: np.ndarray, late_run: np.ndarray, late: np.ndarray,
     resyncs: np.ndarray, action: np.ndarray,
@@ -261,18 +330,26 @@ def rx_batch(
             (np.int64(buf[i, 8]) << 24) | (np.int64(buf[i, 9]) << 16)
             | (np.int64(buf[i, 10]) << 8) | buf[i, 11]
         )  # fmt: skip
-        li[r, L_RECEIVED] += 1
-        act = 0
         port = (np.int64(names[i, 2]) << 8) | names[i, 3]
-        if li[r, L_LATCHED] == 0 and port != 0:
-            li[r, L_LATCHED] = 1
-            li[r, L_HAS_REMOTE] = 1
-            li[r, L_REMOTE_IP] = (
-                (np.int64(names[i, 4]) << 24) | (np.int64(names[i, 5]) << 16)
-                | (np.int64(names[i, 6]) << 8) | names[i, 7]
+        ip = (
+            (np.int64(names[i, 4]) << 24) | (np.int64(names[i, 5]) << 16)
+            | (np.int64(names[i, 6]) << 8) | names[i, 7]
+        )  # fmt: skip
+        if li[r, L_LATCHED] != 0 and ip == li[r, L_REMOTE_IP] and port == li[r, L_REMOTE_PORT]:
+            lf[r, F_LATCH_SEEN] = now  # the common case, in line
+            act = 0
+        else:
+            act = _source_check(
+                li, lf, si, r, False, ip == li[r, L_SDP_IP] and port == li[r, L_SDP_PORT],
+                port, ssrc, now, relatch_s, any_ssrc,
             )  # fmt: skip
+            if act < 0:
+                continue  # a foreign source: counted, nothing else
+        li[r, L_RECEIVED] += 1
+        if act:
+            li[r, L_HAS_REMOTE] = 1
+            li[r, L_REMOTE_IP] = ip
             li[r, L_REMOTE_PORT] = port
-            act = ACT_LATCHED
         _stats_update(si, sf, r, seq, ssrc)
         if li[r, L_FAST] == 0 or pt == li[r, L_DTMF_PT]:
             act |= ACT_PYTHON
@@ -306,9 +383,44 @@ def rx_batch(
 # ------------------------------------------------------------ receive: the Python twin
 
 
+def source_check_py(
+    li: np.ndarray, lf: np.ndarray, si: np.ndarray, r: int, from_latched: bool, from_sdp: bool,
+    port: int, ssrc: int, now: float, relatch_s: float, any_ssrc: bool,
+) -> int:  # fmt: skip
+    """The latch rule for one valid RTP packet of the leg in row `r` (module docstring,
+    "Strict latching"): -1 drop it (counted in L_FOREIGN); 0 take it; ACT_LATCHED (with
+    ACT_RELATCHED when the latch moved) take it and make its source the leg's remote
+    address (the caller writes the address). `from_latched`: the leg is latched and the
+    packet comes from that source; `from_sdp`: it comes from the signalled address."""
+    row, frow = li[r], lf[r]
+    if not row[L_LATCHED]:
+        if port == 0:  # no address to answer: take the packet, latch nothing
+            return 0
+        row[L_LATCHED] = 1
+        frow[F_LATCH_SEEN] = now
+        return ACT_LATCHED
+    if from_latched:
+        frow[F_LATCH_SEEN] = now
+        return 0
+    if port != 0:
+        relatch = from_sdp
+        if not relatch and not row[L_NORECV]:
+            if math.isnan(frow[F_LATCH_SEEN]):  # signalled since: silent from now on
+                frow[F_LATCH_SEEN] = now
+            silent = now - float(frow[F_LATCH_SEEN]) >= relatch_s
+            relatch = silent and (any_ssrc or ssrc != si[r, S_SSRC])
+        if relatch:
+            row[L_RELATCHED] += 1
+            frow[F_LATCH_SEEN] = now
+            return ACT_LATCHED | ACT_RELATCHED
+    row[L_FOREIGN] += 1
+    return -1
+
+
 def rx_batch_py(
     buf: np.ndarray, lens: np.ndarray, names: np.ndarray, rows: np.ndarray, n: int, now: float,
-    li: np.ndarray, si: np.ndarray, sf: np.ndarray,
+    relatch_s: float, any_ssrc: bool, li: np.ndarray, lf: np.ndarray, si: np.ndarray,
+    sf: np.ndarray,
     ring: np.ndarray, read_ts: np.ndarray, started: np.ndarray, silence: np.ndarray,
     anchor_ts: np.ndarray, anchor_t: np.ndarray, late_run: np.ndarray, late: np.ndarray,
     resyncs: np.ndarray, action: np.ndarray,
@@ -331,14 +443,19 @@ def rx_batch_py(
             pkt = parse_rtp(buf[i, : lens[i]].tobytes())
         except RtpError:
             continue
-        li[r, L_RECEIVED] += 1
-        act = 0
         port = int(names[i, 2]) << 8 | int(names[i, 3])
-        if not li[r, L_LATCHED] and port != 0:
-            li[r, L_LATCHED] = li[r, L_HAS_REMOTE] = 1
-            li[r, L_REMOTE_IP] = int.from_bytes(names[i, 4:8].tobytes(), "big")
-            li[r, L_REMOTE_PORT] = port
-            act = ACT_LATCHED
+        ip = int.from_bytes(names[i, 4:8].tobytes(), "big")
+        src = (ip, port)
+        latched = (int(li[r, L_REMOTE_IP]), int(li[r, L_REMOTE_PORT]))
+        sdp = (int(li[r, L_SDP_IP]), int(li[r, L_SDP_PORT]))
+        act = source_check_py(li, lf, si, r, bool(li[r, L_LATCHED]) and src == latched,
+                              src == sdp, port, pkt.ssrc, now, relatch_s, any_ssrc)  # fmt: skip
+        if act < 0:
+            continue
+        li[r, L_RECEIVED] += 1
+        if act:
+            li[r, L_HAS_REMOTE] = 1
+            li[r, L_REMOTE_IP], li[r, L_REMOTE_PORT] = src
         st = ReceiveStats(stats, r)
         st.update(pkt.sequence, pkt.ssrc, now)
         pt = pkt.payload_type
@@ -581,7 +698,7 @@ def warm() -> None:
     ring = np.zeros((1, RING_SAMPLES), dtype=np.uint8)
     one = np.zeros(1, dtype=np.int64)
     rx_batch(data, np.full(2, data.shape[1], dtype=np.int64), np.zeros((2, 16), dtype=np.uint8),
-             np.zeros(2, dtype=np.int64), 2, 0.0, li, si, sf, ring, one.copy(),
+             np.zeros(2, dtype=np.int64), 2, 0.0, 5.0, False, li, lf, si, sf, ring, one.copy(),
              np.zeros(1, dtype=np.bool_), np.zeros(1, dtype=np.uint8), one.copy(), np.zeros(1),
              one.copy(), one.copy(), one.copy(), np.zeros(2, dtype=np.int8))  # fmt: skip
     ring_read(one.copy(), ring, one.copy(), np.zeros(1, dtype=np.uint8),

@@ -14,6 +14,11 @@ order, and nothing is left over to be reported twice.
 A PCMU caller transferred to a PCMA callee that answers telephone-event: a key the
 caller presses after the bridge reaches the callee as RFC 4733 with the payload type
 of the callee's answer (not the caller's).
+
+sipp sends its captures (`play_pcap_audio`) and its `rtp_stream` audio from its own
+media port (-mp), one source, as a phone does; the PBX latches strictly onto one
+source per leg (`media.kernels.rtpbatch`), so a test that talks from a socket of its
+own presses its keys from that socket too.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from tests.e2e.harness import (
     start_sipp,
     wait_until,
 )
+from tests.e2e.ivr_calls import send_dtmf
 
 DIGITS = "159"  # sipp's captures of these have rising RTP timestamps (one event each)
 PCAP_NAMES = {**{str(d): f"dtmf_2833_{d}.pcap" for d in range(10)},
@@ -359,7 +365,8 @@ def test_digit_after_transfer_reaches_pcma_callee_as_rfc4733(
         "-m", "1", "-l", "1",
     ], workdir / "caller")
     try:
-        # 1 is pressed ~1.5 s in (transfer), 5 about 3 s after that, once bridged.
+        # sipp presses 1 ~1.5 s in (transfer); once bridged the test's socket (the SDP
+        # address, which takes the latch from sipp's media port) talks and presses 5.
         wait_until(lambda: "ACK" in sipp_messages(callee.workdir).split("INVITE sip:", 1)[-1],
                    15, "the callee to answer")
         invite = sipp_messages(callee.workdir).split("INVITE sip:", 1)[-1]
@@ -376,6 +383,7 @@ def test_digit_after_transfer_reaches_pcma_callee_as_rfc4733(
             threading.Event().wait(0.02)
         wait_until(lambda: len(wire.sent_by(b_leg, 8)) >= 10, 5,
                    "PCMA from the PBX to the callee")
+        send_dtmf(caller_rtp, media_addr, "5")
 
         def events_to_callee() -> list[Any]:
             return [p for dst, p in list(wire.packets)

@@ -327,3 +327,61 @@ def test_worker_inband_and_rfc4733_one_press_rtcp_and_latching(
     finally:
         for s in (sdp_phone, nat_phone, rtcp_peer):
             s.close()
+
+
+def test_worker_drops_strangers_packets_and_counts_them(
+    worker: tuple[Front, subprocess.Popen[bytes]],
+) -> None:
+    """Strict latching in the real worker: once the phone's packets latched its leg, a
+    stranger's RFC 4733 presses, audio and RTCP at the same ports are dropped unseen, and
+    counted in the heartbeats (per worker) and in MediaReleased (per leg)."""
+    front, _ = worker
+    assert isinstance(front.recv(READY_TIMEOUT_S), MediaReady)
+    front.send(MediaAllocate(call_id="c", inband_dtmf=True))
+    allocated = front.recv_kind(MediaAllocated)
+    rtp_addr = (allocated.rtp_ip, allocated.rtp_port)
+    rtcp_addr = (allocated.rtp_ip, allocated.rtp_port + 1)
+    phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for s in (phone, stranger):
+        s.bind(("127.0.0.1", 0))
+    from media.rtcp import ReceiveStats, build_report
+
+    try:
+        front.send(MediaRemote(call_id="c", remote_ip="127.0.0.1",
+                               remote_port=phone.getsockname()[1], payload_type=0,
+                               codec="PCMU", dtmf_payload_type=101))  # fmt: skip
+        for k in range(5):
+            phone.sendto(build_rtp(RtpPacket(0, k, 160 * k, 0x77, bytes([0xFF]) * 160)),
+                         rtp_addr)  # fmt: skip
+            time.sleep(0.02)
+        phone.sendto(build_report(0x77, "phone", 0.0, 0.0, ReceiveStats(), None), rtcp_addr)
+        time.sleep(0.3)  # latched (RTP and RTCP) before the stranger starts
+        sent = 0
+        for k in range(10):  # presses of 8 and its tone, 10 x (event + audio)
+            ev = build_event(8, k == 9, 10, 160 * (k + 1))
+            stranger.sendto(build_rtp(RtpPacket(101, 500 + 2 * k, 9000, 0x666, ev, k == 0)),
+                            rtp_addr)  # fmt: skip
+            stranger.sendto(build_rtp(RtpPacket(0, 501 + 2 * k, 9000 + 160 * k, 0x666,
+                                                _dtmf_frames((852, 1336), 1)[0])), rtp_addr)  # fmt: skip
+            sent += 2
+            time.sleep(0.02)
+        for _ in range(3):
+            stranger.sendto(build_report(0x666, "x", 0.0, 0.0, None, None), rtcp_addr)
+        counted = [0, 0]
+        deadline = time.monotonic() + TIMEOUT_S
+        while counted != [sent, 3] and time.monotonic() < deadline:
+            msg = front.recv(max(0.01, deadline - time.monotonic()))
+            assert not isinstance(msg, MediaEvent), msg  # no digit, nothing
+            if isinstance(msg, MediaHeartbeat):
+                counted[0] += msg.rtp_foreign_dropped
+                counted[1] += msg.rtcp_foreign_dropped
+        assert counted == [sent, 3]
+        front.send(MediaRelease(call_id="c"))
+        released = front.recv_kind(MediaReleased)
+        assert released.packets_received == 5 and released.rtcp_received == 1
+        assert released.rtp_foreign_dropped == sent and released.rtcp_foreign_dropped == 3
+        assert released.rtp_relatched == 0
+    finally:
+        phone.close()
+        stranger.close()

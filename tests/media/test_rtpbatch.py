@@ -53,12 +53,23 @@ class Batch:
 # ------------------------------------------------------------ a random receive workload
 
 
-def random_packets(rng: random.Random, rows: list[int], count: int) -> list[
-    tuple[int, bytes, tuple[str, int]]
-]:  # fmt: skip
+def phone(r: int) -> tuple[str, int]:
+    """Where row r's phone sends from."""
+    return f"192.0.2.{r}", 5000 + r
+
+
+def sdp_addr(r: int) -> tuple[str, int]:
+    """Row r's address in its SDP (not where it sends from: behind a NAT)."""
+    return f"198.51.100.{r}", 6000 + r
+
+
+def random_packets(rng: random.Random, rows: list[int], count: int, spray: bool = True
+                   ) -> list[tuple[int, bytes, tuple[str, int]]]:  # fmt: skip
     """Phones' streams with everything A.1 and the parser must survive: 16-bit wraps, loss,
     reordering, duplicates, large jumps, new SSRCs, CSRCs, header extensions, padding,
-    RFC 4733 events, PCMA, unknown and empty payloads, port-0 sources and garbage."""
+    RFC 4733 events, PCMA, unknown and empty payloads, port-0 sources and garbage; with
+    `spray`, strangers' packets too (their own SSRCs or the phone's) and some from the
+    SDP address."""
     state = {r: [rng.randrange(65536) if r % 2 else 65500, rng.getrandbits(32), 7 + r]
              for r in rows}  # fmt: skip
     out: list[tuple[int, bytes, tuple[str, int]]] = []
@@ -101,9 +112,15 @@ def random_packets(rng: random.Random, rows: list[int], count: int) -> list[
             padding=rng.choice([0, 0, 0, 1, 4]),
         )  # fmt: skip
         data = build_rtp(pkt)
-        if rng.random() < 0.02:
+        if rng.random() < 0.02 and len(data) > 12:
             data = data[: rng.randrange(12, len(data))]  # truncated (padding count may lie)
-        src = (SRC[0], 0) if rng.random() < 0.05 else (f"192.0.2.{r}", 5000 + r)
+        src = (SRC[0], 0) if rng.random() < 0.05 else phone(r)
+        if spray and rng.random() < 0.15:
+            src = (f"203.0.113.{rng.randrange(3)}", 40000 + rng.randrange(3))
+            if rng.random() < 0.7:  # a stranger's own SSRC, else the phone's (a replay)
+                data = data[:8] + rng.getrandbits(32).to_bytes(4, "big") + data[12:]
+        elif spray and rng.random() < 0.02:
+            src = sdp_addr(r)
         out.append((r, data, src))
     return out
 
@@ -121,40 +138,62 @@ def make_tables(rows: int) -> tuple[LegTable, RxAudio]:
         i[K.L_CODEC] = r == 4  # row 4 talks PCMA
         if r != 5:  # row 5: no in-band detection
             i[K.L_RX_SLOT] = rx.add(0xD5 if r == 4 else 0xFF)
+        if r != 1:  # row 1: no SDP address yet
+            i[K.L_SDP_IP] = ipv4_int(sdp_addr(r)[0])
+            i[K.L_SDP_PORT] = sdp_addr(r)[1]
+        i[K.L_NORECV] = r == 2  # row 2: the far end is not sending (we are sendonly)
     return tab, rx
 
 
 def state(tab: LegTable, rx: RxAudio) -> list[np.ndarray]:
-    return [tab.i.copy(), tab.stats.i.copy(), tab.stats.f.copy(), *(a.copy() for a in rx.arrays())]
+    return [tab.i.copy(), tab.f.copy(), tab.stats.i.copy(), tab.stats.f.copy(),
+            *(a.copy() for a in rx.arrays())]  # fmt: skip
 
 
-def run_rx(kernel, batch: Batch, now: float, tab: LegTable, rx: RxAudio) -> tuple[int, np.ndarray]:  # type: ignore[no-untyped-def]
+RELATCH_S = 0.5
+
+
+def run_rx(kernel, batch: Batch, now: float, tab: LegTable, rx: RxAudio,  # type: ignore[no-untyped-def]
+           any_ssrc: bool = False) -> tuple[int, np.ndarray]:  # fmt: skip
     action = np.zeros(max(batch.n, 1), dtype=np.int8)
-    flagged = kernel(batch.buf, batch.lens, batch.names, batch.rows, batch.n, now, tab.i,
-                     tab.stats.i, tab.stats.f, *rx.arrays(), action)  # fmt: skip
+    flagged = kernel(batch.buf, batch.lens, batch.names, batch.rows, batch.n, now, RELATCH_S,
+                     any_ssrc, tab.i, tab.f, tab.stats.i, tab.stats.f, *rx.arrays(), action)  # fmt: skip
     return int(flagged), action[: batch.n].copy()
 
 
+@pytest.mark.parametrize("any_ssrc", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_rx_kernel_equals_twin(seed: int) -> None:
+def test_rx_kernel_equals_twin(seed: int, any_ssrc: bool) -> None:
     rng = random.Random(seed)
     rows = list(range(6))
     a_tab, a_rx = make_tables(6)
     b_tab, b_rx = make_tables(6)
     now = 100.0
-    for _ in range(40):  # batches with reads (ticks) in between
-        batch = Batch(random_packets(rng, rows, rng.randrange(0, 60)))
-        now += rng.choice([0.01, 0.01, 0.02, 0.3])
-        fa, aa = run_rx(K.rx_batch, batch, now, a_tab, a_rx)
-        fb, ab = run_rx(K.rx_batch_py, batch, now, b_tab, b_rx)
+    relatched = 0
+    for k in range(40):  # batches with reads (ticks) in between
+        items = random_packets(rng, rows, rng.randrange(0, 60))
+        batch = Batch(items)
+        now += rng.choice([0.01, 0.01, 0.02, 0.3, 0.7])  # 0.7: a silence, the latch may move
+        if k == 20:  # a new offer/answer with the same address: silence counts from now
+            a_tab.f[:, K.F_LATCH_SEEN] = b_tab.f[:, K.F_LATCH_SEEN] = np.nan
+        fa, aa = run_rx(K.rx_batch, batch, now, a_tab, a_rx, any_ssrc)
+        fb, ab = run_rx(K.rx_batch_py, batch, now, b_tab, b_rx, any_ssrc)
         assert fa == fb and (aa == ab).all()
+        for k in np.flatnonzero(aa & K.ACT_RELATCHED).tolist():
+            relatched += 1
+            row, _, src = items[k]
+            # the far end of row 2 is not sending: only its SDP address takes the latch
+            assert row != 2 or src == sdp_addr(2)
         for x, y in zip(state(a_tab, a_rx), state(b_tab, b_rx), strict=True):
             np.testing.assert_array_equal(x, y)
         slots = np.array([s for s in range(a_rx.capacity) if a_rx.started[s]], dtype=np.int64)
         if slots.size:
             np.testing.assert_array_equal(a_rx.read(slots), b_rx.read_py(slots))
-    assert a_tab.i[:, K.L_RECEIVED].sum() > 600
+    assert a_tab.i[:, K.L_RECEIVED].sum() > 300
     assert a_rx.resyncs.sum() > 6 and a_rx.late.sum() > 0  # the ring paths were taken
+    # the latch paths were taken: strangers dropped, the latch moved
+    assert a_tab.i[:, K.L_FOREIGN].sum() > 50 and a_tab.i[2, K.L_FOREIGN] > 0
+    assert relatched == a_tab.i[:, K.L_RELATCHED].sum() > 10
 
 
 def test_rx_stats_equal_receive_stats_and_flags() -> None:
@@ -163,9 +202,11 @@ def test_rx_stats_equal_receive_stats_and_flags() -> None:
     rng = random.Random(42)
     tab, rx = make_tables(6)
     ref = ReceiveStats()
-    items = [it for it in random_packets(rng, [0], 3000) if len(it[1]) >= 12]
+    # all from the phone (the latch is tested below)
+    items = [(r, d, phone(0)) for r, d, _ in random_packets(rng, [0], 3000, spray=False)
+             if len(d) >= 12]  # fmt: skip
     # then one clean source across the 16-bit wrap, with loss and reordering
-    clean = [(0, build_rtp(RtpPacket(0, s % 65536, 160 * s, 0x999, bytes(160))), SRC)
+    clean = [(0, build_rtp(RtpPacket(0, s % 65536, 160 * s, 0x999, bytes(160))), phone(0))
              for s in range(65000, 66000) if s % 17]  # fmt: skip
     for k in range(5, len(clean) - 1, 23):
         clean[k], clean[k + 1] = clean[k + 1], clean[k]
@@ -196,21 +237,25 @@ def test_rx_stats_equal_receive_stats_and_flags() -> None:
     assert got.cycles == 65536 and got.lost == 1000 // 17 + 1  # wrapped, lost every 17th
 
     # the leg that is bridged / recorded: every valid packet goes to Python (counted here)
-    batch = Batch([(3, build_rtp(RtpPacket(0, 9, 99, 5, bytes(160))), SRC)])
+    batch = Batch([(3, build_rtp(RtpPacket(0, 9, 99, 5, bytes(160))), phone(3))])
     assert run_rx(K.rx_batch, batch, now, tab, rx)[1][0] & K.ACT_PYTHON
     assert tab.i[3, K.L_RECEIVED] == 1 and tab.stats.i[3, K.S_MAX] == 9
 
 
-def test_rx_latches_first_source_with_a_port() -> None:
+@pytest.mark.parametrize("kernel", [K.rx_batch, K.rx_batch_py])
+def test_rx_latches_first_source_with_a_port_and_drops_others(kernel) -> None:  # type: ignore[no-untyped-def]
     tab, rx = make_tables(6)
     pkt = build_rtp(RtpPacket(0, 1, 160, 9, bytes(160)))
     batch = Batch([(0, b"junk", ("6.6.6.6", 1)), (0, pkt, ("10.0.0.7", 0)),
-                   (0, pkt, ("192.0.2.9", 31000)), (0, pkt, ("6.6.6.6", 2))])  # fmt: skip
-    _, action = run_rx(K.rx_batch, batch, 0.0, tab, rx)
-    assert action.tolist() == [0, 0, K.ACT_LATCHED, 0]
+                   (0, pkt, ("192.0.2.9", 31000)), (0, pkt, ("6.6.6.6", 2)),
+                   (0, pkt, ("10.0.0.7", 0))])  # fmt: skip
+    _, action = run_rx(kernel, batch, 0.0, tab, rx)
+    assert action.tolist() == [0, 0, K.ACT_LATCHED, 0, 0]
     i = tab.i[0]
     assert i[K.L_LATCHED] == 1 and i[K.L_REMOTE_PORT] == 31000
-    assert i[K.L_REMOTE_IP] == ipv4_int("192.0.2.9") and i[K.L_RECEIVED] == 3
+    assert i[K.L_REMOTE_IP] == ipv4_int("192.0.2.9")
+    # before the latch a port-0 source is taken (it latches nothing), after it dropped
+    assert i[K.L_RECEIVED] == 2 and i[K.L_FOREIGN] == 2
 
 
 # ------------------------------------------------------------ the engine: batch vs per packet
