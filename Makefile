@@ -8,7 +8,7 @@ PBX_MEDIA_WORKERS ?= $(shell nproc)
 PBX_IVR_EXECUTORS ?= 2
 export PBX_MEDIA_WORKERS PBX_IVR_EXECUTORS
 
-.PHONY: run test install tools lint sounds clean
+.PHONY: run run-perf test install tools lint sounds clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ tools:
 run: install
 	mkdir -p logs
 	$(BIN)/supervisord -n -c supervisord.conf
+
+# The same, with the perf scripts' config (loopback exempt from the per-source limits).
+run-perf:
+	PBX_CONFIG=perf/pbx-perf.toml $(MAKE) run
 
 test: tools install
 	$(BIN)/ruff check pbx workers media tests perf examples

@@ -201,3 +201,13 @@ def test_program_exits_2_on_missing_config(program: str, tmp_path: Path) -> None
     assert str(path) in proc.stderr
     assert "Traceback" not in proc.stderr
 
+
+
+def test_the_perf_config_is_the_default_one_with_loopback_exempt() -> None:
+    """perf/pbx-perf.toml (`make run-perf`) must not drift from config/pbx.toml: the
+    only difference is the loopback exemption from the per-source limits."""
+    default = load_config(str(ROOT / "config" / "pbx.toml")).model_dump()
+    perf = load_config(str(ROOT / "perf" / "pbx-perf.toml")).model_dump()
+    assert perf["sip"].pop("rate_limit_exempt") == ["127.0.0.0/8"]
+    assert default["sip"].pop("rate_limit_exempt") == []
+    assert perf == default
