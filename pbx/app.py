@@ -19,13 +19,12 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from pbx import planes
 from pbx.admin import admin_app
 from pbx.broker import Broker
-from pbx.config import ConfigError, Settings, load_config, parse_host_port
+from pbx.config import Settings, parse_host_port
 from pbx.front import Front
-from pbx.logs import setup_logging
 from pbx.retention import AreaResult
+from pbx.startup import start_program
 from pbx.transport import SipTransport
 
 log = logging.getLogger("pbx.app")
@@ -101,20 +100,7 @@ def _retention_step(front: Front, sweep: asyncio.Task[list[AreaResult]] | None,
 
 
 def main(argv: list[str] | None = None) -> Any:
-    try:
-        settings = load_config()
-    except ConfigError as exc:
-        print(f"pbx-front: bad configuration: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(settings, "front")
-    try:
-        planes.prepare(settings, "front")
-    except ConfigError as exc:
-        print(f"pbx-front: cannot start: {exc}", file=sys.stderr)
-        return 2
-    if planes.secret_readable_by_others(settings):
-        log.warning("%s holds a CURVE secret key and group or other can read it "
-                    "(chmod 600 it)", settings.source_path)
+    settings = start_program("pbx-front", "front")
     uvloop.run(run(settings))
     return 0
 

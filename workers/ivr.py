@@ -27,7 +27,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,11 +37,10 @@ import zmq
 import zmq.asyncio
 
 from pbx import planes
-from pbx.config import ConfigError, IvrAppParams, Settings, load_config
+from pbx.config import IvrAppParams, Settings
 from pbx.ivr import machine
 from pbx.ivr.models import TtsResult
 from pbx.ivr.provider import ProviderClient
-from pbx.logs import setup_logging
 from pbx.messages import (
     CallCommand,
     HangupCommand,
@@ -56,6 +54,7 @@ from pbx.messages import (
     decode,
     encode,
 )
+from pbx.startup import start_program
 from pbx.tts import TTS_UNAVAILABLE, TtsEngine
 
 log = logging.getLogger("pbx.ivr.executor")
@@ -310,20 +309,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    try:
-        settings = load_config()
-    except ConfigError as exc:
-        print(f"pbx-ivr: {exc}", file=sys.stderr)
-        sys.exit(2)
-    setup_logging(settings, "pbx-ivr")
-    try:
-        planes.prepare(settings, "client")
-    except ConfigError as exc:
-        print(f"pbx-ivr: cannot start: {exc}", file=sys.stderr)
-        sys.exit(2)
-    if planes.secret_readable_by_others(settings):
-        log.warning("%s holds a CURVE secret key and group or other can read it "
-                    "(chmod 600 it)", settings.source_path)
+    settings = start_program("pbx-ivr", "client")
     uvloop.run(serve(settings))
 
 

@@ -32,7 +32,6 @@ import os
 import random
 import signal
 import socket
-import sys
 import time
 from typing import Any
 
@@ -46,8 +45,7 @@ from media.kernels import rtpbatch
 from media.prompts import PromptCache
 from media.recorder import Recorder
 from pbx import planes
-from pbx.config import ConfigError, Settings, load_config
-from pbx.logs import setup_logging
+from pbx.config import Settings
 from pbx.messages import (
     MediaAllocate,
     MediaAllocated,
@@ -68,6 +66,7 @@ from pbx.messages import (
     decode,
     encode,
 )
+from pbx.startup import start_program
 from workers import rtpio
 
 log = logging.getLogger("pbx.media")
@@ -623,20 +622,7 @@ async def _amain(settings: Settings) -> None:
 
 
 def main() -> None:
-    try:
-        settings = load_config()
-    except ConfigError as exc:
-        print(f"pbx-media: {exc}", file=sys.stderr)
-        sys.exit(2)
-    setup_logging(settings, "pbx-media")
-    try:
-        planes.prepare(settings, "client")
-    except ConfigError as exc:
-        print(f"pbx-media: cannot start: {exc}", file=sys.stderr)
-        sys.exit(2)
-    if planes.secret_readable_by_others(settings):
-        log.warning("%s holds a CURVE secret key and group or other can read it "
-                    "(chmod 600 it)", settings.source_path)
+    settings = start_program("pbx-media", "client")
     g711.warm()
     inband.warm()
     rtpbatch.warm()
