@@ -63,6 +63,18 @@ timeout_ms = 600
 Script = Callable[[m.IvrEvent], list[Any]]
 
 
+def caller_invite() -> bytes:
+    """CALLER's INVITE to *99 (an unknown caller: From 1001 at its own address)."""
+    return (
+        "INVITE sip:*99@127.0.0.1:5060 SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK-caller-1\r\n"
+        "Max-Forwards: 70\r\nFrom: <sip:1001@127.0.0.1:5999>;tag=caller\r\n"
+        "To: <sip:*99@127.0.0.1:5060>\r\nCall-ID: caller-call@127.0.0.1\r\n"
+        "CSeq: 1 INVITE\r\nContact: <sip:1001@127.0.0.1:5999>\r\n"
+        f"Content-Type: application/sdp\r\nContent-Length: {len(SDP)}\r\n\r\n"
+    ).encode() + SDP
+
+
 class Rig:
     """`extra`: more config (TOML tables) after the test's own."""
 
@@ -112,15 +124,7 @@ class Rig:
     # helpers -----------------------------------------------------------
 
     def call(self) -> None:
-        invite = (
-            "INVITE sip:*99@127.0.0.1:5060 SIP/2.0\r\n"
-            "Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK-caller-1\r\n"
-            "Max-Forwards: 70\r\nFrom: <sip:1001@127.0.0.1:5999>;tag=caller\r\n"
-            "To: <sip:*99@127.0.0.1:5060>\r\nCall-ID: caller-call@127.0.0.1\r\n"
-            "CSeq: 1 INVITE\r\nContact: <sip:1001@127.0.0.1:5999>\r\n"
-            f"Content-Type: application/sdp\r\nContent-Length: {len(SDP)}\r\n\r\n"
-        ).encode() + SDP
-        self.front.message_received(invite, CALLER)
+        self.front.message_received(caller_invite(), CALLER)
 
     def feed(self, msg: SipRequest | SipResponse, addr: tuple[str, int]) -> None:
         self.front.message_received(msg.serialize(), addr)

@@ -30,7 +30,7 @@ from pbx.config import parse_config
 from pbx.front import IVR_NO_EXECUTOR_S, Front
 from pbx.ivr.models import ProviderRequest, ProviderResult
 from pbx.sip.message import SipRequest, SipResponse, parse_message
-from tests.test_front_queue import CALLER, SDP
+from tests.test_front_queue import CALLER, caller_invite
 from workers.ivr import handle_event
 
 CONFIG = """
@@ -201,15 +201,7 @@ class Rig:
     # SIP -----------------------------------------------------------------
 
     def call(self) -> None:
-        invite = (
-            "INVITE sip:*99@127.0.0.1:5060 SIP/2.0\r\n"
-            "Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK-caller-1\r\n"
-            "Max-Forwards: 70\r\nFrom: <sip:1001@127.0.0.1:5999>;tag=caller\r\n"
-            "To: <sip:*99@127.0.0.1:5060>\r\nCall-ID: caller-call@127.0.0.1\r\n"
-            "CSeq: 1 INVITE\r\nContact: <sip:1001@127.0.0.1:5999>\r\n"
-            f"Content-Type: application/sdp\r\nContent-Length: {len(SDP)}\r\n\r\n"
-        ).encode() + SDP
-        self.front.message_received(invite, CALLER)
+        self.front.message_received(caller_invite(), CALLER)
 
     async def answered(self) -> None:
         for _ in range(200):
