@@ -38,23 +38,3 @@ def test_table_is_bounded() -> None:
     assert rl.allow("new", 10.0)
     assert not rl.allow("busy", 10.0)
 
-
-def test_eviction_is_constant_time_per_new_source() -> None:
-    """A full table must not be scanned for every new source (a spoofed-source flood):
-    the work per message stays flat as the table grows."""
-    import time
-
-    def cost(max_sources: int) -> float:
-        rl = RateLimiter(rate_per_s=10, burst=10, max_sources=max_sources)
-        for i in range(max_sources):
-            rl.allow(f"s{i}", 0.0)
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            for i in range(2000):
-                rl.allow(f"n{i}", 1.0)
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    small, large = cost(100), cost(50_000)
-    assert large < 10 * small, (small, large)

@@ -324,6 +324,8 @@ def test_no_secret_in_traces_events_or_logs_of_a_real_call(system: PbxSystem,
             "/api/traces": json.dumps(system.admin("/api/traces")),
             "/ws/events": json.dumps([ev for _, ev in events.frames]),
             "PUB": b"\n".join(pub.messages).decode("utf-8", "replace"),
+            # what the provider was POSTed: credentials never become sip_* variables
+            "provider": json.dumps([r.body for r in system.provider.for_session(session_id)]),
         }
         for path in sorted((system.root / "logs").iterdir()):
             outputs[path.name] = path.read_text(errors="replace")
