@@ -56,7 +56,7 @@ from enum import Enum
 from typing import Any
 from urllib.parse import unquote
 
-from pbx.sip.errors import SipError
+from pbx.sip.errors import SipError, excerpt
 from pbx.sip.message import SipRequest, parse_uri
 
 MD5 = "MD5"
@@ -159,12 +159,12 @@ def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
     text = value.strip()
     m = _TOKEN_RE.match(text)
     if not m:
-        raise SipError(f"missing auth scheme in {value[:80]!r}")
+        raise SipError(f"missing auth scheme in {excerpt(value)}")
     scheme = m.group(0).lower()
     i = m.end()
     n = len(text)
     if i < n and text[i] not in " \t":
-        raise SipError(f"bad auth scheme in {value[:80]!r}")
+        raise SipError(f"bad auth scheme in {excerpt(value)}")
     params: dict[str, str] = {}
     while True:
         while i < n and text[i] in " \t,":
@@ -173,13 +173,13 @@ def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
             break
         m = _TOKEN_RE.match(text, i)
         if not m:
-            raise SipError(f"bad auth parameter at {text[i:i + 20]!r}")
+            raise SipError(f"bad auth parameter at {excerpt(text[i:i + 80])}")
         name = m.group(0).lower()
         i = m.end()
         while i < n and text[i] in " \t":
             i += 1
         if i >= n or text[i] != "=":
-            raise SipError(f"auth parameter {name!r} without a value")
+            raise SipError(f"auth parameter {excerpt(name)} without a value")
         i += 1
         while i < n and text[i] in " \t":
             i += 1
@@ -188,7 +188,7 @@ def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
             i += 1
             while True:
                 if i >= n:
-                    raise SipError(f"unterminated quoted string in {value[:80]!r}")
+                    raise SipError(f"unterminated quoted string in {excerpt(value)}")
                 ch = text[i]
                 if ch == "\\" and i + 1 < n:
                     out.append(text[i + 1])
@@ -203,16 +203,16 @@ def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
         else:
             m = _TOKEN_RE.match(text, i)
             if not m:
-                raise SipError(f"bad value for auth parameter {name!r}")
+                raise SipError(f"bad value for auth parameter {excerpt(name)}")
             param = m.group(0)
             i = m.end()
         if name in params:
-            raise SipError(f"duplicate auth parameter {name!r}")
+            raise SipError(f"duplicate auth parameter {excerpt(name)}")
         params[name] = param
         while i < n and text[i] in " \t":
             i += 1
         if i < n and text[i] != ",":
-            raise SipError(f"expected ',' after auth parameter {name!r}")
+            raise SipError(f"expected ',' after auth parameter {excerpt(name)}")
     return scheme, params
 
 

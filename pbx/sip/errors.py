@@ -7,6 +7,17 @@ The front catches it at one boundary and answers (requests) or drops (responses)
 
 from __future__ import annotations
 
+# How much of the offending input an error text quotes: enough to recognise it in a
+# log line, never the whole of a 64 KB datagram (the front logs and echoes these texts).
+EXCERPT_CHARS = 40
+
+
+def excerpt(text: str | bytes, limit: int = EXCERPT_CHARS) -> str:
+    """`repr` of at most the first `limit` characters of `text`, `...` marking a cut."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + "..."
+
 
 class SipError(Exception):
     """A SIP protocol error; `status` is the response code it suggests."""
