@@ -76,6 +76,8 @@ class StreamFramer:
         self._error: FramingError | None = None
         # Where the search for CRLFCRLF resumes: the buffer before it holds none.
         self._searched = 0
+        # The size of the message whose header section is complete, until its body is.
+        self._message_bytes: int | None = None
 
     @property
     def buffered(self) -> int:
@@ -96,42 +98,45 @@ class StreamFramer:
             self._error = exc
             self._buffer.clear()
             self._searched = 0
+            self._message_bytes = None
             raise
 
     def _next_event(self) -> FramingEvent | None:
         buf = self._buffer
-        if self._searched == 0:
-            while buf[:2] == b"\r\n":
-                if buf[:4] == b"\r\n\r\n":
-                    del buf[:4]
-                    return Ping()
-                if len(buf) < 4 and b"\r\n\r\n".startswith(bytes(buf)):
-                    return None  # may yet become a ping
-                del buf[:2]  # a pong or a stray CRLF between messages
-            if not buf:
+        if self._message_bytes is None:
+            if self._searched == 0:
+                while buf[:2] == b"\r\n":
+                    if buf[:4] == b"\r\n\r\n":
+                        del buf[:4]
+                        return Ping()
+                    if len(buf) < 4 and b"\r\n\r\n".startswith(bytes(buf)):
+                        return None  # may yet become a ping
+                    del buf[:2]  # a pong or a stray CRLF between messages
+                if not buf:
+                    return None
+            end = buf.find(b"\r\n\r\n", self._searched)
+            if end < 0:
+                if len(buf) > self.max_message_bytes:
+                    raise FramingError("header section too large", 413, bytes(buf[:4096]))
+                # The last 3 bytes may begin a CRLFCRLF that the next segment completes.
+                self._searched = max(0, len(buf) - 3)
                 return None
-        end = buf.find(b"\r\n\r\n", self._searched)
-        if end < 0:
-            if len(buf) > self.max_message_bytes:
+            if end + 4 > self.max_message_bytes:
+                # the same answer as when the limit is reached before the end arrives
                 raise FramingError("header section too large", 413, bytes(buf[:4096]))
-            # The last 3 bytes may begin a CRLFCRLF that the next segment completes.
-            self._searched = max(0, len(buf) - 3)
+            head = bytes(buf[:end])
+            size = end + 4 + _content_length(head)
+            if size > self.max_message_bytes:
+                raise FramingError(f"message of {size} octets is too large", 413, head)
+            # Read once: a body arriving in many segments does not re-read the header.
+            self._message_bytes = size
+        size = self._message_bytes
+        if len(buf) < size:
             return None
-        if end + 4 > self.max_message_bytes:
-            # the same answer as when the limit is reached before the end arrives
-            raise FramingError("header section too large", 413, bytes(buf[:4096]))
-        self._searched = end  # until the whole message is here, the end stays found
-        head = bytes(buf[:end])
-        body_start = end + 4
-        length = _content_length(head)
-        if body_start + length > self.max_message_bytes:
-            raise FramingError(f"message of {body_start + length} octets is too large",
-                               413, head)
-        if len(buf) < body_start + length:
-            return None
-        data = bytes(buf[:body_start + length])
-        del buf[:body_start + length]
+        data = bytes(buf[:size])
+        del buf[:size]
         self._searched = 0
+        self._message_bytes = None
         return Message(data)
 
 
