@@ -13,10 +13,14 @@ EXCERPT_CHARS = 40
 
 
 def excerpt(text: str | bytes, limit: int = EXCERPT_CHARS) -> str:
-    """`repr` of at most the first `limit` characters of `text`, `...` marking a cut."""
-    if len(text) <= limit:
-        return repr(text)
-    return repr(text[:limit]) + "..."
+    """`repr` of the start of `text`, `...` marking a cut: at most `limit` characters
+    of the input, and at most 2 x `limit` of output however many of them need escapes
+    (a surrogate-escaped byte is 6 characters of repr)."""
+    shown = repr(text[:limit])
+    cut = len(text) > limit
+    if len(shown) > 2 * limit:
+        shown, cut = shown[: 2 * limit], True
+    return shown + "..." if cut else shown
 
 
 class SipError(Exception):

@@ -227,6 +227,8 @@ _LONG = 60_000
     ("CSeq", "1 " + "M" * _LONG),
     ("Max-Forwards", "7" * _LONG),
     ("Content-Length", "x" * _LONG),
+    # bytes that are not UTF-8 are 6 characters each in a repr (found by the fuzzer)
+    ("From", "<sip:a@b?x" + "\udcff" * _LONG + ">;tag=1"),
 ])
 def test_sip_error_texts_quote_an_excerpt(header: str, value: str) -> None:
     """They are logged and sent back in the 400's reason phrase."""
