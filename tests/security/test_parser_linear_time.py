@@ -11,8 +11,11 @@ alike.
 
 At 2554a5d, 11,174 distinct header names in 64,997 bytes took 1.4 s to parse and
 `Content-Length: 0` + 40,000 spaces + `x` took 6 s to frame: ratios in the
-hundreds or thousands. A linear parser stays within a few times the normal cost
-(Python's per-character loops over quoted strings are the dearest, about 3x).
+hundreds or thousands. Five cases failed there (distinct names, spaces in Via's
+sent-by, the framer's spaces and its re-read header, the SDP session direction);
+the others were linear already and guard it. A linear parser stays within a few
+times the normal cost (Python's per-character loops over quoted strings are the
+dearest, about 3x).
 """
 
 from __future__ import annotations
@@ -162,10 +165,10 @@ def many_contacts() -> Case:
 
 
 def many_vias() -> Case:
-    """Normal: as many Vias, one per line."""
+    """Thousands of Vias in one header line. Normal: about as many, four a line."""
     return Case("many comma-separated Vias", _swallow(parse_message),
                 _with(b"Via: ", b"SIP/2.0/UDP h;branch=z9hG4bK1" + _fill(b",SIP/2.0/UDP h", _ROOM)),
-                _message(_fill(b"Via: SIP/2.0/UDP h\r\n", _ROOM * 7 // 10)))
+                _message(_fill(b"Via: " + b",".join([b"SIP/2.0/UDP h"] * 4) + b"\r\n", _ROOM)))
 
 
 def _ordinary_case(name: str, worst: bytes, parse: Callable[[bytes], object] = parse_message
@@ -175,7 +178,8 @@ def _ordinary_case(name: str, worst: bytes, parse: Callable[[bytes], object] = p
 
 def _spaces(header: bytes, before: bytes, after: bytes) -> Case:
     """A long run of spaces inside a value."""
-    return _ordinary_case(f"a long run of spaces in {header.decode()}{before.decode()}...",
+    where = f"before {after.decode().split(';')[0]} in {header.decode().rstrip(': ')}"
+    return _ordinary_case(f"a long run of spaces {where}",
                           _with(header, before + b" " * _ROOM + after))
 
 
@@ -309,7 +313,14 @@ OTHER_CASES: list[Callable[[], Case]] = [
 ]
 
 
-@pytest.mark.parametrize("make", SIP_CASES + FRAMER_CASES + OTHER_CASES)
+ALL_CASES = SIP_CASES + FRAMER_CASES + OTHER_CASES
+
+
+def _case_id(make: Callable[[], Case]) -> str:
+    return "-".join(make().name.replace(":", "").replace(",", "").split())
+
+
+@pytest.mark.parametrize("make", ALL_CASES, ids=[_case_id(make) for make in ALL_CASES])
 def test_worst_case_costs_a_small_multiple_of_a_normal_input(
         make: Callable[[], Case]) -> None:
     case = make()
