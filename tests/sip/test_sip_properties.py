@@ -109,7 +109,7 @@ def test_digest_headers_parse_or_raise_sip_error(scheme: str, params: list[tuple
         try:
             parse(value)
         except SipError as exc:
-            assert len(str(exc)) < 200
+            assert len(str(exc)) <= targets.MAX_ERROR_CHARS
 
 
 @PROPERTY
