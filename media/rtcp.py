@@ -311,6 +311,8 @@ def parse_compound(data: bytes) -> list[RtcpReport]:
             raise RtcpError("RTCP packet truncated")
         count = b0 & 0x1F
         if pt in (RTCP_SR, RTCP_RR):
+            if size < 8:
+                raise RtcpError("RTCP SR/RR without its SSRC")
             p = off + 4
             (ssrc,) = struct.unpack_from("!I", data, p)
             sender = None

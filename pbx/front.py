@@ -47,6 +47,7 @@ from pbx.sip import sdp
 from pbx.sip.auth import DigestAuthenticator
 from pbx.sip.authguard import AuthGuard
 from pbx.sip.errors import SipError
+from pbx.sip.fields import DTMF_INFO_TYPES, parse_dtmf_info, parse_session_expires
 from pbx.sip.framing import FramingError
 from pbx.sip.message import (
     REASON_PHRASES,
@@ -90,8 +91,6 @@ IVR_REPLY_MARGIN_S = 15.0
 IVR_NO_EXECUTOR_S = 10.0
 # RFC 3261 §17.1.1.2 Timer B/F: how long we keep a client transaction's owner around.
 CLIENT_TXN_LINGER_S = 32.0
-# DTMF-relay INFO bodies (application/dtmf-relay: "Signal=5"; application/dtmf: "5").
-DTMF_KEYS = set("0123456789*#ABCD")
 # Requests the UAS checks of RFC 3261 §8.2.2 apply to (the others get 501 first).
 UAS_CHECKED_METHODS = frozenset({"INVITE", "OPTIONS", "BYE", "INFO", "REGISTER", "UPDATE",
                                  "REFER"})
@@ -880,28 +879,15 @@ class Front:
         return leg.addr[0] if _is_ip(leg.addr[0]) else None
 
     def _on_info(self, leg: Leg, req: SipRequest, key: TransactionKey) -> None:
-        ctype = (req.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        digit: str | None = None
-        duration_ms = 100
-        if ctype == "application/dtmf-relay":
-            for line in req.body.decode("utf-8", "replace").splitlines():
-                name, _, value = line.partition("=")
-                if name.strip().lower() == "signal":
-                    digit = value.strip().upper()
-                elif name.strip().lower() == "duration" and value.strip().isdigit():
-                    duration_ms = int(value.strip())
-        elif ctype == "application/dtmf":
-            digit = req.body.decode("utf-8", "replace").strip().upper()
-        else:
-            self._respond(key, req, 415, headers=[("Accept", "application/dtmf-relay, application/dtmf")])
-            return
-        if digit not in DTMF_KEYS:
-            self._respond(key, req, 400, "Bad DTMF Digit")
+        # A bad digit raises SipError: 400 "Bad DTMF Digit" at the request boundary.
+        info = parse_dtmf_info(req.headers.get("Content-Type"), req.body)
+        if info is None:
+            self._respond(key, req, 415, headers=[("Accept", ", ".join(DTMF_INFO_TYPES))])
             return
         self._respond(key, req, 200)
         if leg.worker is not None:
             self.send_media(leg.worker, m.MediaDtmfInfo(
-                call_id=leg.media_id, digit=digit, duration_ms=duration_ms))
+                call_id=leg.media_id, digit=info.digit, duration_ms=info.duration_ms))
 
     # ------------------------------------------------------------ re-INVITE, UPDATE
 
@@ -967,17 +953,7 @@ class Front:
     def _session_expires(req: SipRequest) -> tuple[int, str | None] | None:
         """(interval, refresher) of the request's Session-Expires; SipError 400 if bad."""
         text = req.headers.get("Session-Expires")
-        if text is None:
-            return None
-        value, *params = [p.strip() for p in text.split(";")]
-        if not value.isdigit() or len(value) > 10:
-            raise SipError(f"bad Session-Expires {text[:40]!r}", 400)
-        refresher = None
-        for param in params:
-            name, _, arg = param.partition("=")
-            if name.strip().lower() == "refresher":
-                refresher = arg.strip().lower()
-        return int(value), refresher
+        return None if text is None else parse_session_expires(text)
 
     def _session_interval_too_small(self, req: SipRequest, key: TransactionKey) -> bool:
         """RFC 4028 §8.1: 422 with our Min-SE for an interval below it."""

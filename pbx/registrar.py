@@ -102,8 +102,9 @@ LOCKED_REASON = "Forbidden (too many failed attempts)"
 _REPLAY_REASONS = frozenset({AuthFailure.NONCE_REUSED, AuthFailure.NONCE_BOUND_ELSEWHERE})
 
 MAX_DELTA_SECONDS = 2**32 - 1  # RFC 3261 §20.19: larger values are taken as this
-_DIGITS_RE = re.compile(r"\d+")
-_Q_RE = re.compile(r"0(\.\d{0,3})?|1(\.0{0,3})?")
+# ASCII digits only: `\d` also matches "٣", and int() of thousands of digits raises.
+_DIGITS_RE = re.compile(r"[0-9]+")
+_Q_RE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,8 @@ def _delta_seconds(text: str, what: str) -> int:
     text = text.strip()
     if not _DIGITS_RE.fullmatch(text):
         raise SipError(f"bad {what} {text[:40]!r}")
+    if len(text) > 10:
+        return MAX_DELTA_SECONDS  # more than 2**32-1 anyway (RFC 3261 §20.19)
     return min(int(text), MAX_DELTA_SECONDS)
 
 

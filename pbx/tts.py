@@ -83,8 +83,11 @@ def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
             if size < 16 or body + 16 > len(data):
                 raise TtsError("WAV fmt chunk too short")
             tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", data, body)
-            if tag == 0xFFFE and size >= 40:
-                tag = struct.unpack_from("<H", data, body + 24)[0]  # the sub-format GUID
+            if tag == 0xFFFE:
+                # WAVE_FORMAT_EXTENSIBLE: the real tag starts the sub-format GUID at +24.
+                if size < 26 or body + 26 > len(data):
+                    raise TtsError("WAV extensible fmt chunk too short")
+                tag = struct.unpack_from("<H", data, body + 24)[0]
             fmt = (tag, channels, rate, bits)
         elif cid == b"data":
             if fmt is None:

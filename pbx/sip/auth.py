@@ -98,7 +98,7 @@ from enum import Enum
 from typing import Any
 from urllib.parse import unquote
 
-from pbx.sip.errors import SipError
+from pbx.sip.errors import SipError, excerpt
 from pbx.sip.message import SipRequest, parse_name_addr, parse_uri
 
 MD5 = "MD5"
@@ -218,12 +218,12 @@ def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
     text = value.strip()
     m = _TOKEN_RE.match(text)
     if not m:
-        raise SipError(f"missing auth scheme in {value[:80]!r}")
+        raise SipError(f"missing auth scheme in {excerpt(value)}")
     scheme = m.group(0).lower()
     i = m.end()
     n = len(text)
     if i < n and text[i] not in " \t":
-        raise SipError(f"bad auth scheme in {value[:80]!r}")
+        raise SipError(f"bad auth scheme in {excerpt(value)}")
     params: dict[str, str] = {}
     while True:
         while i < n and text[i] in " \t,":
@@ -232,13 +232,13 @@ def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
             break
         m = _TOKEN_RE.match(text, i)
         if not m:
-            raise SipError(f"bad auth parameter at {text[i:i + 20]!r}")
+            raise SipError(f"bad auth parameter at {excerpt(text[i:i + 80])}")
         name = m.group(0).lower()
         i = m.end()
         while i < n and text[i] in " \t":
             i += 1
         if i >= n or text[i] != "=":
-            raise SipError(f"auth parameter {name!r} without a value")
+            raise SipError(f"auth parameter {excerpt(name)} without a value")
         i += 1
         while i < n and text[i] in " \t":
             i += 1
@@ -247,7 +247,7 @@ def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
             i += 1
             while True:
                 if i >= n:
-                    raise SipError(f"unterminated quoted string in {value[:80]!r}")
+                    raise SipError(f"unterminated quoted string in {excerpt(value)}")
                 ch = text[i]
                 if ch == "\\" and i + 1 < n:
                     out.append(text[i + 1])
@@ -262,16 +262,16 @@ def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
         else:
             m = _TOKEN_RE.match(text, i)
             if not m:
-                raise SipError(f"bad value for auth parameter {name!r}")
+                raise SipError(f"bad value for auth parameter {excerpt(name)}")
             param = m.group(0)
             i = m.end()
         if name in params:
-            raise SipError(f"duplicate auth parameter {name!r}")
+            raise SipError(f"duplicate auth parameter {excerpt(name)}")
         params[name] = param
         while i < n and text[i] in " \t":
             i += 1
         if i < n and text[i] != ",":
-            raise SipError(f"expected ',' after auth parameter {name!r}")
+            raise SipError(f"expected ',' after auth parameter {excerpt(name)}")
     return scheme, params
 
 
@@ -296,7 +296,7 @@ def parse_challenge(value: str) -> DigestChallenge:
     """Parse a Digest challenge; SipError if it is not one or lacks realm/nonce."""
     scheme, p = parse_auth_params(value)
     if scheme != "digest":
-        raise SipError(f"not a Digest challenge: {value[:80]!r}")
+        raise SipError(f"not a Digest challenge: {excerpt(value)}")
     if "realm" not in p or "nonce" not in p:
         raise SipError("Digest challenge without realm or nonce")
     qop = tuple(q.strip().lower() for q in p.get("qop", "").split(",") if q.strip())
@@ -623,8 +623,8 @@ class DigestAuthenticator:
             return fail(AuthFailure.MALFORMED, "qop needs nc (8 hex digits, from 00000001) "
                         "and cnonce", username)
         if not _uris_match(uri, request.uri):
-            return fail(AuthFailure.BAD_URI, f"digest uri {uri[:80]!r} is not the "
-                        f"Request-URI {request.uri[:80]!r}", username)
+            return fail(AuthFailure.BAD_URI, f"digest uri {excerpt(uri)} is not the "
+                        f"Request-URI {excerpt(request.uri)}", username)
         parsed = self._parse_nonce(nonce, now)
         if parsed is None:
             return fail(AuthFailure.BAD_NONCE, username=username)

@@ -23,21 +23,25 @@ suggests (400, or 413 when the message is larger than `max_message_bytes`) and
 the header bytes received, so the shell can answer a request before it closes
 the connection. After an error the framer is dead: every further call raises
 the same error.
+
+Every byte is looked at a bounded number of times, however the stream is cut
+into segments: the search for the empty line resumes where the last one
+stopped (a header section sent one byte per segment is scanned once, not once
+per segment), and `Content-Length` is found by one pass over the header lines
+(no regular expression that could backtrack over a long run of spaces).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from pbx.sip.errors import SipError
+from pbx.sip.errors import SipError, excerpt
 
 # 64 KB: the largest message a UDP datagram can hold, and our limit on TCP too.
 MAX_MESSAGE_BYTES = 65536
 
-# `Content-Length` or its compact form `l` at the start of a header line (RFC 3261 §20.14).
-_CONTENT_LENGTH_RE = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*(.*?)[ \t\r]*$",
-                                re.IGNORECASE | re.MULTILINE)
+# `Content-Length` or its compact form `l` (RFC 3261 §20.14), lower-cased.
+_CONTENT_LENGTH_NAMES = (b"content-length", b"l")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,10 @@ class StreamFramer:
         self.max_message_bytes = max_message_bytes
         self._buffer = bytearray()
         self._error: FramingError | None = None
+        # Where the search for CRLFCRLF resumes: the buffer before it holds none.
+        self._searched = 0
+        # The size of the message whose header section is complete, until its body is.
+        self._message_bytes: int | None = None
 
     @property
     def buffered(self) -> int:
@@ -89,40 +97,64 @@ class StreamFramer:
         except FramingError as exc:
             self._error = exc
             self._buffer.clear()
+            self._searched = 0
+            self._message_bytes = None
             raise
 
     def _next_event(self) -> FramingEvent | None:
         buf = self._buffer
-        while buf[:2] == b"\r\n":
-            if buf[:4] == b"\r\n\r\n":
-                del buf[:4]
-                return Ping()
-            if len(buf) < 4 and b"\r\n\r\n".startswith(bytes(buf)):
-                return None  # may yet become a ping
-            del buf[:2]  # a pong or a stray CRLF between messages
-        if not buf:
-            return None
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > self.max_message_bytes:
+        if self._message_bytes is None:
+            if self._searched == 0:
+                while buf[:2] == b"\r\n":
+                    if buf[:4] == b"\r\n\r\n":
+                        del buf[:4]
+                        return Ping()
+                    if len(buf) < 4 and b"\r\n\r\n".startswith(bytes(buf)):
+                        return None  # may yet become a ping
+                    del buf[:2]  # a pong or a stray CRLF between messages
+                if not buf:
+                    return None
+            end = buf.find(b"\r\n\r\n", self._searched)
+            if end < 0:
+                if len(buf) > self.max_message_bytes:
+                    raise FramingError("header section too large", 413, bytes(buf[:4096]))
+                # The last 3 bytes may begin a CRLFCRLF that the next segment completes.
+                self._searched = max(0, len(buf) - 3)
+                return None
+            if end + 4 > self.max_message_bytes:
+                # the same answer as when the limit is reached before the end arrives
                 raise FramingError("header section too large", 413, bytes(buf[:4096]))
+            head = bytes(buf[:end])
+            size = end + 4 + _content_length(head)
+            if size > self.max_message_bytes:
+                raise FramingError(f"message of {size} octets is too large", 413, head)
+            # Read once: a body arriving in many segments does not re-read the header.
+            self._message_bytes = size
+        size = self._message_bytes
+        if len(buf) < size:
             return None
-        head = bytes(buf[:end])
-        body_start = end + 4
-        values = _CONTENT_LENGTH_RE.findall(head)
-        if not values:
-            raise FramingError("missing Content-Length on a stream transport", 400, head)
-        if len(set(values)) > 1:
-            raise FramingError("conflicting Content-Length values", 400, head)
-        text = values[0]
-        if not text.isdigit() or len(text) > 10:
-            raise FramingError(f"bad Content-Length {text[:20]!r}", 400, head)
-        length = int(text)
-        if body_start + length > self.max_message_bytes:
-            raise FramingError(f"message of {body_start + length} octets is too large",
-                               413, head)
-        if len(buf) < body_start + length:
-            return None
-        data = bytes(buf[:body_start + length])
-        del buf[:body_start + length]
+        data = bytes(buf[:size])
+        del buf[:size]
+        self._searched = 0
+        self._message_bytes = None
         return Message(data)
+
+
+def _content_length(head: bytes) -> int:
+    """The one `Content-Length` of a header section (RFC 3261 §18.3: required on a
+    stream); FramingError (400) when it is missing, repeated with another value, or
+    not 1-10 ASCII digits. A line scan: each byte of `head` is read a few times."""
+    values: set[bytes] = set()
+    for line in head.split(b"\n"):
+        name, colon, value = line.partition(b":")
+        # The name starts the line (a continuation line starts with white space).
+        if colon and name.rstrip(b" \t").lower() in _CONTENT_LENGTH_NAMES:
+            values.add(value.lstrip(b" \t").rstrip(b" \t\r"))
+    if not values:
+        raise FramingError("missing Content-Length on a stream transport", 400, head)
+    if len(values) > 1:
+        raise FramingError("conflicting Content-Length values", 400, head)
+    text = values.pop()
+    if not text.isdigit() or len(text) > 10:  # bytes.isdigit(): ASCII digits only
+        raise FramingError(f"bad Content-Length {excerpt(text)}", 400, head)
+    return int(text)

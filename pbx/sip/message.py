@@ -27,7 +27,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-from pbx.sip.errors import SipError
+from pbx.sip.errors import SipError, excerpt
 
 SIP_VERSION = "SIP/2.0"
 MAGIC_COOKIE = "z9hG4bK"
@@ -102,10 +102,13 @@ REASON_PHRASES: dict[int, str] = {
 _TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
 _TOKEN_RE = re.compile(_TOKEN)
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
-_STATUS_LINE_RE = re.compile(r"SIP/(\d+)\.(\d+) (\d{3})(?: (.*))?", re.IGNORECASE | re.DOTALL)
-_VERSION_RE = re.compile(r"SIP/(\d+)\.(\d+)", re.IGNORECASE)
-_CSEQ_RE = re.compile(r"(\d{1,20})\s+(" + _TOKEN + r")")
-_DIGITS_RE = re.compile(r"\d{1,10}")
+# Numbers are ASCII digits only: `\d` and str.isdigit() also take "²" or "٣" (RFC 3261 §25.1:
+# DIGIT is %x30-39), which int() then rejects or reads as another number.
+_STATUS_LINE_RE = re.compile(r"SIP/([0-9]+)\.([0-9]+) ([0-9]{3})(?: (.*))?",
+                             re.IGNORECASE | re.DOTALL)
+_VERSION_RE = re.compile(r"SIP/([0-9]+)\.([0-9]+)", re.IGNORECASE)
+_CSEQ_RE = re.compile(r"([0-9]{1,20})\s+(" + _TOKEN + r")")
+_DIGITS_RE = re.compile(r"[0-9]{1,10}")
 _HOST_RE = re.compile(r"[A-Za-z0-9_\-.]+")
 _IPV6_RE = re.compile(r"\[[0-9A-Fa-f:.]+\]")
 _VIA_PROTO_RE = re.compile(
@@ -117,6 +120,20 @@ _LINE_SPLIT_RE = re.compile(r"\r?\n")
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def is_digits(text: str) -> bool:
+    """True for a non-empty run of ASCII digits (RFC 5234 DIGIT); str.isdigit() alone
+    also accepts "²", which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
+def parse_number(text: str, what: str, max_digits: int = 10) -> int:
+    """A header's unsigned decimal (delta-seconds, a port...): ASCII digits only, at most
+    `max_digits` of them (so int() stays cheap and in range); SipError (400) otherwise."""
+    if len(text) > max_digits or not is_digits(text):
+        raise SipError(f"bad {what} {excerpt(text)}")
+    return int(text)
 
 
 def canonical_name(name: str) -> str:
@@ -180,7 +197,7 @@ def _split_params(text: str) -> list[str]:
             start = i + 1
         i += 1
     if in_quotes:
-        raise SipError(f"unterminated quoted string in parameters {text!r}")
+        raise SipError(f"unterminated quoted string in parameters {excerpt(text)}")
     parts.append(text[start:])
     return parts
 
@@ -196,16 +213,16 @@ def parse_params(text: str) -> dict[str, str | None]:
     if not text:
         return params
     if not text.startswith(";"):
-        raise SipError(f"unexpected text before parameters: {text!r}")
+        raise SipError(f"unexpected text before parameters: {excerpt(text)}")
     for part in _split_params(text[1:]):
         name, eq, value = part.partition("=")
         name = name.strip()
         if not name or not _TOKEN_RE.fullmatch(name):
-            raise SipError(f"bad parameter {part!r}")
+            raise SipError(f"bad parameter {excerpt(part)}")
         if eq:
             value = value.strip()
             if not value:
-                raise SipError(f"empty value for parameter {name!r}")
+                raise SipError(f"empty value for parameter {excerpt(name)}")
             params[name.lower()] = value
         else:
             params[name.lower()] = None
@@ -233,7 +250,7 @@ def _parse_quoted(text: str, start: int) -> tuple[str, int]:
             return "".join(out), i + 1
         out.append(ch)
         i += 1
-    raise SipError(f"unterminated quoted string in {text!r}")
+    raise SipError(f"unterminated quoted string in {excerpt(text)}")
 
 
 def _quote(text: str) -> str:
@@ -249,13 +266,20 @@ class Headers:
     Compact forms are stored under their full names; names are kept in
     canonical spelling (`Call-ID`, `CSeq`, `WWW-Authenticate`), unknown ones as
     first written.
+
+    Linear in the message however many distinct names it carries: `add` is O(1)
+    (the spelling of a name already seen is looked up in `_spelling`, not searched
+    for), `in` and `count` are O(1), `get` and `get_all` one pass that absent names
+    skip. `_spelling` and `_count` hold exactly the keys present in `_items`.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_spelling", "_count")
 
     def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
-        # (lower-case key, spelling, value)
+        # (lower-case key, spelling, value), in order
         self._items: list[tuple[str, str, str]] = []
+        self._spelling: dict[str, str] = {}  # lower-case key -> its spelling
+        self._count: dict[str, int] = {}  # lower-case key -> number of lines
         if items:
             for name, value in items:
                 self.add(name, value)
@@ -263,6 +287,8 @@ class Headers:
     def get(self, name: str) -> str | None:
         """The first value of `name`, or None."""
         key = canonical_name(name).lower()
+        if key not in self._count:
+            return None
         for k, _, v in self._items:
             if k == key:
                 return v
@@ -271,6 +297,8 @@ class Headers:
     def get_all(self, name: str) -> list[str]:
         """Every value of `name`; list-valued headers are also split on commas."""
         key = canonical_name(name).lower()
+        if key not in self._count:
+            return []
         values = [v for k, _, v in self._items if k == key]
         if key in _LIST_HEADERS:
             out: list[str] = []
@@ -281,46 +309,49 @@ class Headers:
 
     def count(self, name: str) -> int:
         """How many header lines carry `name`."""
-        key = canonical_name(name).lower()
-        return sum(1 for k, _, _ in self._items if k == key)
+        return self._count.get(canonical_name(name).lower(), 0)
 
     def _entry(self, name: str, value: str) -> tuple[str, str, str]:
         """Canonical spelling, or for an unknown name the spelling first seen."""
         cname = canonical_name(name)
         key = cname.lower()
-        if key not in _CANONICAL:
-            for k, n, _ in self._items:
-                if k == key:
-                    return key, n, value
-        return key, cname, value
+        return key, self._spelling.get(key, cname), value
+
+    def _counted(self, entry: tuple[str, str, str]) -> tuple[str, str, str]:
+        key = entry[0]
+        self._count[key] = self._count.get(key, 0) + 1
+        self._spelling.setdefault(key, entry[1])
+        return entry
 
     def add(self, name: str, value: str) -> None:
-        self._items.append(self._entry(name, value))
+        self._items.append(self._counted(self._entry(name, value)))
 
     def insert(self, index: int, name: str, value: str) -> None:
         """Insert a header line at position `index` (0 → before all others)."""
-        self._items.insert(index, self._entry(name, value))
+        self._items.insert(index, self._counted(self._entry(name, value)))
 
     def set(self, name: str, value: str) -> None:
         """Replace every value of `name` by one, at the position of the first."""
         entry = self._entry(name, value)
         key = entry[0]
-        for i, it in enumerate(self._items):
-            if it[0] == key:
-                self._items[i] = entry
-                self._items[i + 1 :] = [it for it in self._items[i + 1 :] if it[0] != key]
-                return
-        self._items.append(entry)
+        if key not in self._count:
+            self._items.append(self._counted(entry))
+            return
+        first = next(i for i, it in enumerate(self._items) if it[0] == key)
+        self._items[first] = entry
+        self._items[first + 1 :] = [it for it in self._items[first + 1 :] if it[0] != key]
+        self._count[key] = 1
 
     def remove(self, name: str) -> None:
         key = canonical_name(name).lower()
-        self._items = [it for it in self._items if it[0] != key]
+        if self._count.pop(key, None) is not None:
+            del self._spelling[key]
+            self._items = [it for it in self._items if it[0] != key]
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        key = canonical_name(name).lower()
-        return any(it[0] == key for it in self._items)
+        return canonical_name(name).lower() in self._count
 
     def __len__(self) -> int:
         return len(self._items)
@@ -339,6 +370,8 @@ class Headers:
     def copy(self) -> Headers:
         h = Headers()
         h._items = list(self._items)
+        h._spelling = dict(self._spelling)
+        h._count = dict(self._count)
         return h
 
 
@@ -390,22 +423,22 @@ def _parse_hostport(text: str, what: str) -> tuple[str, int | None]:
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise SipError(f"bad IPv6 reference in {what} {text!r}")
+            raise SipError(f"bad IPv6 reference in {what} {excerpt(text)}")
         host, rest = text[: end + 1], text[end + 1 :]
         if not _IPV6_RE.fullmatch(host):
-            raise SipError(f"bad IPv6 reference in {what} {text!r}")
+            raise SipError(f"bad IPv6 reference in {what} {excerpt(text)}")
     else:
         host, sep, port_text = text.partition(":")
         rest = sep + port_text
         if not _HOST_RE.fullmatch(host):
-            raise SipError(f"bad host in {what} {text!r}")
+            raise SipError(f"bad host in {what} {excerpt(text)}")
     if not rest:
         return host, None
     if not rest.startswith(":") or not _DIGITS_RE.fullmatch(rest[1:]):
-        raise SipError(f"bad port in {what} {text!r}")
+        raise SipError(f"bad port in {what} {excerpt(text)}")
     port = int(rest[1:])
     if port > 65535:
-        raise SipError(f"port out of range in {what} {text!r}")
+        raise SipError(f"port out of range in {what} {excerpt(text)}")
     return host, port
 
 
@@ -414,10 +447,10 @@ def parse_uri(text: str) -> SipUri:
     if not isinstance(text, str) or not text:
         raise SipError("empty URI")
     if _URI_FORBIDDEN_RE.search(text):
-        raise SipError(f"bad character in URI {text!r}")
+        raise SipError(f"bad character in URI {excerpt(text)}")
     scheme, colon, rest = text.partition(":")
     if not colon or not _SCHEME_RE.fullmatch(scheme) or not rest:
-        raise SipError(f"bad URI {text!r}")
+        raise SipError(f"bad URI {excerpt(text)}")
     scheme = scheme.lower()
     if scheme not in ("sip", "sips"):
         return SipUri(scheme, None, None, rest)
@@ -434,7 +467,7 @@ def parse_uri(text: str) -> SipUri:
         user, colon, pw = userinfo.partition(":")
         password = pw if colon else None
         if not user:
-            raise SipError(f"empty user part in URI {text!r}")
+            raise SipError(f"empty user part in URI {excerpt(text)}")
     hdr_text = ""
     q = rest.find("?")
     if q >= 0:
@@ -446,14 +479,14 @@ def parse_uri(text: str) -> SipUri:
         for part in param_text.split(";"):
             name, eq, value = part.partition("=")
             if not name or "@" in part:
-                raise SipError(f"bad URI parameter {part!r} in {text!r}")
+                raise SipError(f"bad URI parameter {excerpt(part)} in {excerpt(text)}")
             params[name.lower()] = value if eq else None
     headers: dict[str, str] = {}
     if q >= 0:
         for part in hdr_text.split("&"):
             name, eq, value = part.partition("=")
             if not name or not eq:
-                raise SipError(f"bad URI header {part!r} in {text!r}")
+                raise SipError(f"bad URI header {excerpt(part)} in {excerpt(text)}")
             headers[name] = value
     return SipUri(scheme, user, password, host, port, params, headers)
 
@@ -500,17 +533,17 @@ def parse_name_addr(value: str) -> NameAddr:
         display, end = _parse_quoted(text, 0)
         text = text[end:].lstrip()
         if not text.startswith("<"):
-            raise SipError(f"expected '<' after display name in {value!r}")
+            raise SipError(f"expected '<' after display name in {excerpt(value)}")
     lt = text.find("<")
     if lt >= 0:
         if lt > 0:
             words = text[:lt].strip()
             if '"' in words or ">" in words:
-                raise SipError(f"bad display name in {value!r}")
+                raise SipError(f"bad display name in {excerpt(value)}")
             display = words or None
         gt = text.find(">", lt)
         if gt < 0:
-            raise SipError(f"missing '>' in {value!r}")
+            raise SipError(f"missing '>' in {excerpt(value)}")
         uri = parse_uri(text[lt + 1 : gt].strip())
         params = parse_params(text[gt + 1 :])
     else:
@@ -544,7 +577,9 @@ class Via:
     def rport(self) -> int | None:
         """The rport value filled in by a server (RFC 3581), None if absent or empty."""
         value = self.params.get("rport")
-        return int(value) if value is not None and value.isdigit() else None
+        if value is None or len(value) > 5 or not is_digits(value):
+            return None
+        return int(value)
 
     @property
     def wants_rport(self) -> bool:
@@ -588,15 +623,17 @@ def parse_via(value: str) -> Via:
         raise SipError("Via must be text")
     m = _VIA_PROTO_RE.fullmatch(value)
     if not m:
-        raise SipError(f"bad Via {value!r}")
+        raise SipError(f"bad Via {excerpt(value)}")
     name, version, transport, rest = m.groups()
     if name.upper() != "SIP" or version != "2.0":
-        raise SipError(f"bad Via protocol {name}/{version}")
+        raise SipError(f"bad Via protocol {excerpt(name + '/' + version)}")
     sent_by, semi, param_text = rest.partition(";")
-    # sent-by = host [ COLON port ], and COLON allows LWS around it.
-    sent_by = re.sub(r"\s*:\s*", ":", sent_by.strip())
+    # sent-by = host [ COLON port ], and COLON allows LWS around it. (Split, not a
+    # `\s*:\s*` substitution: that rescans a long run of spaces from each of its
+    # positions, quadratic in the run.)
+    sent_by = ":".join(part.strip() for part in sent_by.split(":")).strip()
     if not sent_by:
-        raise SipError(f"missing sent-by in Via {value!r}")
+        raise SipError(f"missing sent-by in Via {excerpt(value)}")
     host, port = _parse_hostport(sent_by, "Via")
     params = parse_params(semi + param_text)
     return Via(transport.upper(), host, port, params)
@@ -611,7 +648,7 @@ def _cseq_of(headers: Headers) -> tuple[int, str]:
         raise SipError("missing CSeq")
     m = _CSEQ_RE.fullmatch(value.strip())
     if not m:
-        raise SipError(f"bad CSeq {value!r}")
+        raise SipError(f"bad CSeq {excerpt(value)}")
     number = int(m.group(1))
     if number > MAX_CSEQ:
         raise SipError(f"CSeq number {number} too large")
@@ -710,24 +747,40 @@ def _split_head(data: bytes) -> tuple[bytes, bytes]:
     return data.rstrip(b"\r\n"), b""
 
 
+def _unfold(parts: list[str]) -> str:
+    """One header line from its first line and continuation lines (RFC 3261 §7.3.1:
+    the line break and the white space around it are one SP). Joined once, so a
+    header folded over thousands of lines costs linear time, not one copy per line."""
+    if len(parts) == 1:
+        return parts[0]
+    out = [parts[0].rstrip(" \t")]
+    for part in parts[1:-1]:
+        part = part.strip(" \t")
+        if part:
+            out.append(part)
+    out.append(parts[-1].lstrip(" \t"))
+    return " ".join(out)
+
+
 def _parse_header_lines(lines: list[str]) -> Headers:
     """Unfold (RFC 3261 §7.3.1: CRLF + WSP is one SP) and split `name: value`."""
-    unfolded: list[str] = []
+    folded: list[list[str]] = []
     for line in lines:
         if line[:1] in (" ", "\t"):
-            if not unfolded:
+            if not folded:
                 raise SipError("continuation line before the first header")
-            unfolded[-1] = unfolded[-1].rstrip(" \t") + " " + line.lstrip(" \t")
+            folded[-1].append(line)
         elif line:
-            unfolded.append(line)
+            folded.append([line])
         else:
             raise SipError("empty line inside the header section")
     headers = Headers()
-    for line in unfolded:
+    for parts in folded:
+        line = _unfold(parts)
         name, colon, value = line.partition(":")
         name = name.strip(" \t")
         if not colon or not _TOKEN_RE.fullmatch(name):
-            raise SipError(f"bad header line {line[:80]!r}")
+            raise SipError(f"bad header line {excerpt(line)}")
         headers.add(name, value.strip(" \t"))
     return headers
 
@@ -748,7 +801,7 @@ def _check_headers(headers: Headers) -> None:
     _cseq_of(headers)
     max_forwards = headers.get("Max-Forwards")
     if max_forwards is not None and not _DIGITS_RE.fullmatch(max_forwards):
-        raise SipError(f"bad Max-Forwards {max_forwards!r}")
+        raise SipError(f"bad Max-Forwards {excerpt(max_forwards)}")
 
 
 def parse_message(data: bytes) -> SipRequest | SipResponse:
@@ -758,7 +811,7 @@ def parse_message(data: bytes) -> SipRequest | SipResponse:
     except SipError:
         raise
     except Exception as exc:  # defence in depth: the contract is SipError only
-        raise SipError(f"malformed message ({type(exc).__name__}: {exc})") from exc
+        raise SipError(f"malformed message ({type(exc).__name__}: {excerpt(str(exc))})") from exc
 
 
 def _parse_message(data: bytes) -> SipRequest | SipResponse:
@@ -777,9 +830,9 @@ def _parse_message(data: bytes) -> SipRequest | SipResponse:
     if start[:4].upper() == "SIP/":
         m = _STATUS_LINE_RE.fullmatch(start)
         if not m:
-            raise SipError(f"bad status line {start[:80]!r}")
+            raise SipError(f"bad status line {excerpt(start)}")
         if (m.group(1), m.group(2)) != ("2", "0"):
-            raise SipError(f"unsupported SIP version in {start[:80]!r}")
+            raise SipError(f"unsupported SIP version in {excerpt(start)}")
         status = int(m.group(3))
         if not 100 <= status <= 699:
             raise SipError(f"bad status code {status}")
@@ -788,30 +841,31 @@ def _parse_message(data: bytes) -> SipRequest | SipResponse:
     else:
         parts = start.split()
         if len(parts) != 3:
-            raise SipError(f"bad request line {start[:80]!r}")
+            raise SipError(f"bad request line {excerpt(start)}")
         method, uri, version = parts
         if not _TOKEN_RE.fullmatch(method):
-            raise SipError(f"bad method {method!r}")
+            raise SipError(f"bad method {excerpt(method)}")
         vm = _VERSION_RE.fullmatch(version)
         if not vm:
-            raise SipError(f"bad request line {start[:80]!r}")
+            raise SipError(f"bad request line {excerpt(start)}")
         if (vm.group(1), vm.group(2)) != ("2", "0"):
-            raise SipError(f"SIP version {version} not supported", 505)
+            raise SipError(f"SIP version {excerpt(version)} not supported", 505)
         parsed_uri = parse_uri(uri)
         if parsed_uri.headers:
             # RFC 3261 §19.1.1: headers are not allowed in a Request-URI (RFC 4475 §3.1.2.11).
-            raise SipError(f"headers in Request-URI {uri!r}")
+            raise SipError(f"headers in Request-URI {excerpt(uri)}")
         message = SipRequest(method, uri, headers)
         _check_headers(headers)
         if message.cseq[1] != method:
-            raise SipError(f"CSeq method {message.cseq[1]!r} does not match {method!r}")
+            raise SipError(f"CSeq method {excerpt(message.cseq[1])} does not match "
+                           f"{excerpt(method)}")
 
     length_text = headers.get("Content-Length")
     if length_text is None:
         message.body = rest  # UDP: the body runs to the end of the datagram (RFC 3261 §18.3)
     else:
         if not _DIGITS_RE.fullmatch(length_text):
-            raise SipError(f"bad Content-Length {length_text!r}")
+            raise SipError(f"bad Content-Length {excerpt(length_text)}")
         length = int(length_text)
         if length > len(rest):
             raise SipError(f"Content-Length {length} larger than the {len(rest)} octets received")

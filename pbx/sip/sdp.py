@@ -14,7 +14,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from pbx.sip.errors import SdpError
+from pbx.sip.errors import SdpError, excerpt
+from pbx.sip.message import is_digits
 
 # RFC 3551 table 4: static payload types that need no rtpmap.
 STATIC_PAYLOAD_TYPES: dict[int, tuple[str, int]] = {
@@ -37,6 +38,9 @@ ANSWER_DIRECTION = {
 DEFAULT_PTIME_MS = 20
 
 _LINE_RE = re.compile(r"([a-z])=(.*)")
+_LINE_SPLIT_RE = re.compile(r"\r?\n")
+# a=ptime (RFC 4566 §6): milliseconds; some senders write a fraction ("20.0").
+_PTIME_RE = re.compile(r"([0-9]{1,6})(?:\.[0-9]{0,6})?")
 
 
 @dataclass
@@ -90,13 +94,13 @@ class Negotiated:
 def _connection_address(value: str) -> str:
     parts = value.split()
     if len(parts) != 3 or parts[0] != "IN" or parts[1] not in ("IP4", "IP6"):
-        raise SdpError(f"bad c= line {value!r}")
+        raise SdpError(f"bad c= line {excerpt(value)}")
     return parts[2].split("/")[0]
 
 
 def _int(text: str, what: str, low: int = 0, high: int = 2**31) -> int:
-    if not text.isdigit() or len(text) > 10:
-        raise SdpError(f"bad {what} {text!r}")
+    if len(text) > 10 or not is_digits(text):
+        raise SdpError(f"bad {what} {excerpt(text)}")
     value = int(text)
     if not low <= value <= high:
         raise SdpError(f"{what} {value} out of range")
@@ -106,10 +110,10 @@ def _int(text: str, what: str, low: int = 0, high: int = 2**31) -> int:
 def _media_line(value: str) -> MediaDescription:
     parts = value.split()
     if len(parts) < 3:
-        raise SdpError(f"bad m= line {value!r}")
+        raise SdpError(f"bad m= line {excerpt(value)}")
     port = _int(parts[1].split("/")[0], "media port", 0, 65535)
     tokens = parts[3:]
-    formats = [int(t) for t in tokens if t.isdigit() and len(t) <= 3 and int(t) <= 127]
+    formats = [int(t) for t in tokens if len(t) <= 3 and is_digits(t) and int(t) <= 127]
     return MediaDescription(parts[0], port, parts[2], formats, format_tokens=tokens)
 
 
@@ -121,17 +125,17 @@ def _attribute(md: MediaDescription, value: str) -> bool:
         pt = _int(pt_text.strip(), "rtpmap payload type", 0, 127)
         enc_parts = enc.strip().split("/")
         if len(enc_parts) < 2 or not enc_parts[0]:
-            raise SdpError(f"bad rtpmap {value!r}")
+            raise SdpError(f"bad rtpmap {excerpt(value)}")
         md.rtpmap[pt] = (enc_parts[0], _int(enc_parts[1], "clock rate", 1))
     elif name == "fmtp":
         pt_text, _, params = arg.partition(" ")
-        if pt_text.isdigit() and len(pt_text) <= 3:
+        if len(pt_text) <= 3 and is_digits(pt_text):
             md.fmtp[int(pt_text)] = params.strip()
     elif name == "ptime":
-        try:
-            md.ptime = max(1, min(int(float(arg.strip())), 1000))
-        except (ValueError, OverflowError) as exc:
-            raise SdpError(f"bad ptime {value!r}") from exc
+        m = _PTIME_RE.fullmatch(arg.strip())
+        if m is None:
+            raise SdpError(f"bad ptime {excerpt(value)}")
+        md.ptime = max(1, min(int(m.group(1)), 1000))
     elif name in DIRECTIONS:
         md.direction = name
         return True
@@ -143,18 +147,18 @@ def parse_sdp(body: bytes) -> SessionDescription:
     if not isinstance(body, bytes | bytearray):
         raise SdpError("SDP body must be bytes")
     text = bytes(body).decode("utf-8", "replace")
-    lines = [ln.strip() for ln in re.split(r"\r?\n", text)]
+    lines = [ln.strip() for ln in _LINE_SPLIT_RE.split(text)]
     lines = [ln for ln in lines if ln]
     if not lines or lines[0] != "v=0":
         raise SdpError("SDP must start with v=0")
     sd = SessionDescription()
     session_direction: str | None = None
     current: MediaDescription | None = None
-    explicit: list[MediaDescription] = []  # media with their own direction attribute
+    explicit: set[int] = set()  # id() of the media with their own direction attribute
     for line in lines[1:]:
         m = _LINE_RE.fullmatch(line)
         if not m:
-            raise SdpError(f"bad SDP line {line[:80]!r}")
+            raise SdpError(f"bad SDP line {excerpt(line)}")
         kind, value = m.groups()
         if kind == "m":
             current = _media_line(value)
@@ -171,14 +175,14 @@ def parse_sdp(body: bytes) -> SessionDescription:
         elif kind == "a":
             if current is not None:
                 if _attribute(current, value):
-                    explicit.append(current)
+                    explicit.add(id(current))
             elif value in DIRECTIONS:
                 session_direction = value
     if session_direction is not None:
         sd.direction = session_direction
         for md in sd.media:
             # a media-level direction attribute overrides the session-level one (RFC 4566 §6)
-            if not any(md is e for e in explicit):
+            if id(md) not in explicit:
                 md.direction = session_direction
     return sd
 
@@ -241,7 +245,7 @@ def _remote_ip(sd: SessionDescription, md: MediaDescription) -> str:
     try:
         ipaddress.ip_address(ip)
     except ValueError:
-        raise SdpError(f"connection address {ip[:60]!r} is not an IP address", 488) from None
+        raise SdpError(f"connection address {excerpt(ip)} is not an IP address", 488) from None
     return ip
 
 
@@ -328,7 +332,7 @@ def origin_of(body: bytes) -> tuple[int, int] | None:
     except SdpError:
         return None
     parts = (origin or "").split()
-    if len(parts) < 3 or not parts[1].isdigit() or not parts[2].isdigit():
+    if len(parts) < 3 or not all(len(p) <= 20 and is_digits(p) for p in parts[1:3]):
         return None
     return int(parts[1]), int(parts[2])
 
