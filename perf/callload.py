@@ -425,7 +425,9 @@ class Call:
         return f"sip:{self.a.target}@{host}:{port}"
 
     def from_value(self) -> str:
-        return f"<sip:{self.a.caller}@{self.a.local_ip}>;tag={self.from_tag}"
+        # Its own address, port included: a From without one, on the PBX's host, would
+        # claim the PBX's domain and be challenged like an extension (pbx.policy).
+        return f"<sip:{self.a.caller}@{self.a.local_ip}:{self.load.sip_port}>;tag={self.from_tag}"
 
     def via(self, branch: str) -> str:
         return f"SIP/2.0/UDP {self.a.local_ip}:{self.load.sip_port};branch={branch};rport"
