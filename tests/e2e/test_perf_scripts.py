@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-
 from typing import Any
 
 from tests.e2e.harness import ROOT, PbxSystem, Reply, free_port, wait_idle
