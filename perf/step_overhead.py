@@ -325,7 +325,8 @@ class StepCall(callload.Call):
         return f"step{self.load.level}x{self.index}"  # type: ignore[attr-defined]
 
     def from_value(self) -> str:
-        return f"<sip:{self.user}@{self.a.local_ip}>;tag={self.from_tag}"
+        # Its own address with its port (see callload.Call.from_value).
+        return f"<sip:{self.user}@{self.a.local_ip}:{self.load.sip_port}>;tag={self.from_tag}"
 
     async def bind_rtp(self) -> None:
         lo, hi = self.load.rtp_range
