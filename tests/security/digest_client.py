@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from pbx.sip.auth import client_authorization
-from pbx.sip.message import SipResponse, parse_message
+from pbx.sip.message import SipRequest, SipResponse, parse_message
 
 
 class RawSipClient:
@@ -86,6 +86,17 @@ def build_request(method: str, user: str, *, server: tuple[str, int], via: tuple
         lines.append(f"{header}: {authorization}")
     lines.append("Content-Length: 0")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+def register_request(user: str, *, server: tuple[str, int], via: tuple[str, int],
+                     call_id: str, cseq: int, contact: str,
+                     credentials: str | None = None) -> SipRequest:
+    """A REGISTER of `user` (Expires 600) as the registrar will parse it."""
+    msg = parse_message(build_request("REGISTER", user, server=server, via=via,
+                                      call_id=call_id, cseq=cseq, contact=contact,
+                                      expires=600, authorization=credentials))
+    assert isinstance(msg, SipRequest)
+    return msg
 
 
 def answer(challenge_response: SipResponse, user: str, password: str, *,

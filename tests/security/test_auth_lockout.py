@@ -18,7 +18,7 @@ from pbx.config import ConfigError, UserSettings, parse_config
 from pbx.registrar import Registrar
 from pbx.sip.auth import DigestAuthenticator, client_authorization
 from pbx.sip.authguard import AuthGuard, Lockout, source_key
-from pbx.sip.message import SipRequest, SipResponse, parse_message
+from pbx.sip.message import SipRequest, SipResponse
 from tests.e2e.harness import (
     REGISTERING_USERS,
     PbxSystem,
@@ -26,7 +26,7 @@ from tests.e2e.harness import (
     start_system,
     wait_until,
 )
-from tests.security.digest_client import RawSipClient, answer, build_request
+from tests.security.digest_client import RawSipClient, answer, register_request
 
 REALM = "pbx.test"
 SERVER = ("pbx.test", 5060)
@@ -140,12 +140,8 @@ def make_registrar(**guard: Any) -> Registrar:
 
 def request(user: str, call_id: str, cseq: int, credentials: str | None = None,
             via: tuple[str, int] = ("203.0.113.9", 5060)) -> SipRequest:
-    msg = parse_message(build_request("REGISTER", user, server=SERVER, via=via,
-                                      call_id=call_id, cseq=cseq,
-                                      contact=f"<sip:{user}@{via[0]}:{via[1]}>",
-                                      expires=600, authorization=credentials))
-    assert isinstance(msg, SipRequest)
-    return msg
+    return register_request(user, server=SERVER, via=via, call_id=call_id, cseq=cseq,
+                            contact=f"<sip:{user}@{via[0]}:{via[1]}>", credentials=credentials)
 
 
 def guess(reg: Registrar, user: str, password: str, now: float, *, call_id: str,

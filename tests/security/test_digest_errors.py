@@ -32,7 +32,7 @@ from tests.e2e.harness import (
     ScriptedProvider,
     start_system,
 )
-from tests.security.digest_client import RawSipClient, build_request
+from tests.security.digest_client import RawSipClient, build_request, register_request
 
 REALM = "pbx.test"
 SERVER = ("pbx.test", 5060)
@@ -57,14 +57,10 @@ def make_registrar() -> Registrar:
     return Registrar(USERS, DigestAuthenticator(REALM, b"k" * 32))
 
 
-def register_request(credentials: str | None = None, *, user: str = "3001",
+def phone_register(credentials: str | None = None, *, user: str = "3001",
                      call_id: str = "c-1", cseq: int = 1) -> SipRequest:
-    msg = parse_message(build_request("REGISTER", user, server=SERVER, via=PHONE,
-                                      call_id=call_id, cseq=cseq,
-                                      contact=f"<sip:{user}@198.51.100.20:5062>",
-                                      expires=600, authorization=credentials))
-    assert isinstance(msg, SipRequest)
-    return msg
+    return register_request(user, server=SERVER, via=PHONE, call_id=call_id, cseq=cseq,
+                            contact=f"<sip:{user}@198.51.100.20:5062>", credentials=credentials)
 
 
 def with_header(request: SipRequest, value: str) -> SipRequest:
@@ -76,7 +72,7 @@ def with_header(request: SipRequest, value: str) -> SipRequest:
 
 
 def challenge_for(reg: Registrar, user: str = "3001") -> SipResponse:
-    first = reg.handle_register(register_request(user=user), PHONE, 0.0, auth_now=T0)
+    first = reg.handle_register(phone_register(user=user), PHONE, 0.0, auth_now=T0)
     assert first.status == 401
     return first
 
@@ -111,7 +107,7 @@ def test_hostile_value_in_any_parameter_gets_400_or_401(name: str, value: str) -
     if name == "username*":
         del params["username"]
     params[name] = value
-    request = with_header(register_request(cseq=2), header_of(params))
+    request = with_header(phone_register(cseq=2), header_of(params))
     resp = reg.handle_register(request, PHONE, 1.0, auth_now=T0 + 1)
     # opaque is not ours to check and userhash is only refused when "true".
     allowed = {400, 401} | ({200} if name in ("opaque", "userhash") else set())
@@ -134,7 +130,7 @@ def test_non_ascii_response_is_a_wrong_password_for_known_and_unknown_users() ->
         reg = make_registrar()
         params = right_params(challenge_for(reg, user), user)
         params["response"] = "é" * 64
-        resp = reg.handle_register(with_header(register_request(user=user, cseq=2),
+        resp = reg.handle_register(with_header(phone_register(user=user, cseq=2),
                                                header_of(params)), PHONE, 1.0, auth_now=T0)
         assert resp.status == 401
         shapes.append(shape(resp))
@@ -159,7 +155,7 @@ def test_bad_username_star_gets_400(ext_value: str) -> None:
     params = right_params(challenge_for(reg))
     del params["username"]
     params["username*"] = ext_value
-    resp = reg.handle_register(with_header(register_request(cseq=2), header_of(params)),
+    resp = reg.handle_register(with_header(phone_register(cseq=2), header_of(params)),
                                PHONE, 1.0, auth_now=T0)
     assert resp.status == 400, resp.status
 
@@ -168,7 +164,7 @@ def test_username_star_and_username_together_get_400() -> None:
     reg = make_registrar()
     params = right_params(challenge_for(reg))
     params["username*"] = "UTF-8''3001"
-    resp = reg.handle_register(with_header(register_request(cseq=2), header_of(params)),
+    resp = reg.handle_register(with_header(phone_register(cseq=2), header_of(params)),
                                PHONE, 1.0, auth_now=T0)
     assert resp.status == 400
 
@@ -178,7 +174,7 @@ def test_good_username_star_still_works() -> None:
     params = right_params(challenge_for(reg))
     del params["username"]
     params["username*"] = "UTF-8''%33%30%30%31"
-    resp = reg.handle_register(with_header(register_request(cseq=2), header_of(params)),
+    resp = reg.handle_register(with_header(phone_register(cseq=2), header_of(params)),
                                PHONE, 1.0, auth_now=T0)
     assert resp.status == 200
 
@@ -201,7 +197,7 @@ def test_unknown_user_and_wrong_password_look_and_cost_the_same(
         reg = make_registrar()
         params = right_params(challenge_for(reg, user), user, password="wrong")
         digests.clear()
-        resp = reg.handle_register(register_request(header_of(params), user=user, cseq=2),
+        resp = reg.handle_register(phone_register(header_of(params), user=user, cseq=2),
                                    PHONE, 1.0, auth_now=T0)
         shapes.append(shape(resp))
         checked.append(list(digests))
@@ -221,7 +217,7 @@ def test_qop_less_rfc2069_credentials_get_a_fresh_challenge() -> None:
                                password="pw-3001", method="REGISTER", uri=URI, nonce=nonce)
     value = (f'Digest username="3001", realm="{REALM}", nonce="{nonce}", uri="{URI}", '
              f'response="{response}", algorithm=SHA-256')
-    resp = reg.handle_register(register_request(value, cseq=2), PHONE, 1.0, auth_now=T0)
+    resp = reg.handle_register(phone_register(value, cseq=2), PHONE, 1.0, auth_now=T0)
     assert resp.status == 401
     challenges = [parse_challenge(v) for v in resp.headers.get_all("WWW-Authenticate")]
     assert challenges and all(c.qop == ("auth",) and not c.stale for c in challenges)
