@@ -2,9 +2,10 @@
 listener.
 
 A thin shell: SIP messages come from `pbx.transport` to `Front.message_received`,
-ZeroMQ frames go to `Front.on_media_message` / `on_ivr_message`; worker expiry and
-the idle-connection sweep run on a short periodic check, and so does the retention
-sweep of recordings, voicemail and the TTS cache (`pbx.retention`, in a worker thread).
+ZeroMQ frames go to `Front.on_media_message` / `on_ivr_message`; the call layer keeps
+its own deadlines (one timer, `pbx.front`). What is not the call layer's runs on a slow
+housekeeping tick: the transport's idle-connection sweep and the retention sweep of
+recordings, voicemail and the TTS cache (`pbx.retention`, in a worker thread).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pbx.startup import start_program
 from pbx.transport import SipTransport
 
 log = logging.getLogger("pbx.app")
-EXPIRY_CHECK_S = 0.25
+HOUSEKEEPING_S = 1.0
 RETENTION_STOP_WAIT_S = 10.0
 
 
@@ -57,14 +58,13 @@ async def run(settings: Settings) -> None:
     try:
         while not stop.is_set():
             try:
-                await asyncio.wait_for(stop.wait(), EXPIRY_CHECK_S)
+                await asyncio.wait_for(stop.wait(), HOUSEKEEPING_S)
             except TimeoutError:
                 pass
             try:
-                front.expire_workers()
                 transport.sweep_idle()
             except Exception:
-                log.exception("worker expiry check failed")
+                log.exception("idle connection sweep failed")
             sweep = _retention_step(front, sweep, loop.time())
         await front.shutdown()
         if sweep is not None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from pbx.config import QueueSettings
 
@@ -126,6 +127,29 @@ class QueueWait:
         self.answered_by: str | None = None
         self.rounds = 0
         self.agent_turn = False  # ringing `first` alone, before any round
+
+    # Fields that change as the wait goes (the rest follows from the settings).
+    _STATE_FIELDS = ("first", "deadline", "ringing", "pending", "pause_until",
+                     "answered_by", "rounds", "agent_turn")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wait as plain JSON types (times on the front's monotonic clock)."""
+        data: dict[str, Any] = {name: getattr(self, name) for name in self._STATE_FIELDS}
+        data.update(state=self.state.value, ringing=dict(self.ringing),
+                    pending=list(self.pending), round_pause_s=self.round_pause_s)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], settings: QueueSettings,
+                  book: QueueBook) -> QueueWait:
+        wait = cls(settings, book, 0.0, first=data["first"],
+                   round_pause_ms=round(data["round_pause_s"] * 1000))
+        for name in cls._STATE_FIELDS:
+            setattr(wait, name, data[name])
+        wait.state = WaitState(data["state"])
+        wait.ringing = dict(data["ringing"])
+        wait.pending = list(data["pending"])
+        return wait
 
     # ---------------------------------------------------------------- inputs
 

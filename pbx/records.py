@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pbx.redact import redact_url
 
 if TYPE_CHECKING:
-    from pbx.front import Call
+    from pbx.calls.state import Call
 
 RTP_STATS_WAIT_S = 2.0
 
@@ -89,8 +89,8 @@ def call_record(call: Call) -> dict[str, Any]:
         "outcome": outcome(call.answered_at is not None, call.bridged_at is not None,
                            call.end_reason),
         "end_reason": call.end_reason, "end_code": call.end_code,
-        "codec": a.negotiated.codec if a is not None and a.negotiated else None,
-        "peer_codec": b.negotiated.codec if b is not None and b.negotiated else None,
+        "codec": a.media.negotiated.codec if a is not None and a.media.negotiated else None,
+        "peer_codec": b.media.negotiated.codec if b is not None and b.media.negotiated else None,
         # URIs from the provider or a REFER: no password or token in a record.
         "transfer_target": _url(call.transfer_target), "queue": call.queue_name,
         "queue_member": call.queue_member, "agent": call.agent,

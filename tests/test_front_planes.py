@@ -117,7 +117,7 @@ def test_allocation_answered_by_another_worker_is_ignored(tmp_path: Path) -> Non
         await until(lambda: rig.front.stats["media_allocations_rejected"] == 1)
         assert final_status(rig) is None  # still waiting for the worker asked (`w`)
         leg = next(iter(rig.front.legs_by_media.values()))
-        assert leg.worker == b"w"
+        assert leg.media.worker == b"w"
         rig.front.on_media_message(b"w", m.MediaAllocated(
             call_id=leg.media_id, rtp_ip="127.0.0.1", rtp_port=31000))
         assert await until(lambda: final_status(rig)) == 200

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from pbx import messages as m
+from pbx.calls.queue import HOLD_PLAY_ID
 from pbx.config import parse_config
 from pbx.front import Front
-from pbx.queue_calls import HOLD_PLAY_ID
 from pbx.sip.message import SipRequest, SipResponse, make_response, parse_message
 
 CALLER = ("127.0.0.1", 5999)
@@ -462,7 +462,7 @@ def test_traces_are_stored_logged_and_given_to_listeners(tmp_path: Path) -> None
         rig.front.listeners.append(seen.append)
         trace = m.StepTrace(call_id="c", session_id="s1", step_index=0, trigger="start",
                             step_id="x", step_name="y", extra={"k": 1}, at=1.0)
-        rig.front._record_trace(trace)
+        rig.front.record_trace(trace)
         assert rig.front.traces.get("s1") == [trace.model_dump(mode="json")]
         assert seen[0]["type"] == "ivr_step_trace" and seen[0]["step_id"] == "x"
         assert rig.events[0] == seen[0]

@@ -69,6 +69,8 @@ T4 = 5.0  # maximum duration a message remains in the network
 TIMER_D_UNRELIABLE = 32.0  # RFC 3261 §17.1.1.2: at least 32 s for unreliable transports
 
 Addr = tuple[str, int]
+# A dialog as the transaction user knows it: (Call-ID, our tag).
+DialogKey = tuple[str, str]
 
 
 class TxState(Enum):
@@ -134,7 +136,7 @@ class SendBytes:
 class AckTimeout:
     """No ACK for a 2xx within 64*T1: the TU ends the dialog (RFC 3261 §13.3.1.4)."""
 
-    dialog_key: str
+    dialog_key: DialogKey
 
 
 TransactionEvent = RequestReceived | ResponseReceived | TransactionTimeout | SendBytes
@@ -632,19 +634,19 @@ class Uas2xxRetransmitter:
     keeps many 2xx pending (DESIGN §6)."""
 
     def __init__(self) -> None:
-        self._pending: dict[str, _Pending2xx] = {}
-        self._heap: list[tuple[float, int, str, _Pending2xx]] = []
+        self._pending: dict[DialogKey, _Pending2xx] = {}
+        self._heap: list[tuple[float, int, DialogKey, _Pending2xx]] = []
         self._seq = itertools.count()
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def start(self, dialog_key: str, data: bytes, addr: Addr, now: float) -> None:
+    def start(self, dialog_key: DialogKey, data: bytes, addr: Addr, now: float) -> None:
         pending = _Pending2xx(data, addr, T1, now + T1, now + 64 * T1)
         self._pending[dialog_key] = pending
         self._push(dialog_key, pending)
 
-    def ack(self, dialog_key: str) -> bool:
+    def ack(self, dialog_key: DialogKey) -> bool:
         """Stop retransmitting; False if nothing was pending for this dialog."""
         return self._pending.pop(dialog_key, None) is not None
 
@@ -674,8 +676,8 @@ class Uas2xxRetransmitter:
                 self._push(dialog_key, p)
         return events
 
-    def _push(self, dialog_key: str, pending: _Pending2xx) -> None:
+    def _push(self, dialog_key: DialogKey, pending: _Pending2xx) -> None:
         heapq.heappush(self._heap, (pending.deadline, next(self._seq), dialog_key, pending))
 
-    def _is_current(self, deadline: float, dialog_key: str, pending: _Pending2xx) -> bool:
+    def _is_current(self, deadline: float, dialog_key: DialogKey, pending: _Pending2xx) -> bool:
         return self._pending.get(dialog_key) is pending and pending.deadline == deadline

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from pbx import messages as m
+from pbx.calls.ivr import IVR_NO_EXECUTOR_S
 from pbx.config import parse_config
-from pbx.front import IVR_NO_EXECUTOR_S, Front
+from pbx.front import Front
 from pbx.ivr.models import ProviderRequest, ProviderResult
 from pbx.sip.message import SipRequest, SipResponse, parse_message
 from tests.test_front_queue import CALLER, caller_invite
@@ -328,8 +329,8 @@ def test_command_for_a_leg_without_media_worker_ends_the_call(tmp_path: Path) ->
         rig.call()
         await rig.answered()
         call = next(iter(rig.front.calls.values()))
-        assert call.a is not None and call.a.worker is not None
-        rig.front._forget_media(call.a)  # the leg lost its port (what worker expiry does)
+        assert call.a is not None and call.a.media.worker is not None
+        rig.front.core.media.forget(call.a)  # the leg lost its port (what worker expiry does)
         rig.client.gate.set()
         await rig.settle()
         assert not any(isinstance(x, m.MediaTimer) for x in rig.media)

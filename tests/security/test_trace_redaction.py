@@ -189,7 +189,7 @@ def test_front_redacts_what_an_executor_did_not(tmp_path: Path) -> None:
         request={"variables": {"sip_Proxy-Authorization": INVITE_SECRETS[0],
                                "sip_X-Customer": "gold"}},
         extra={"Cookie": COOKIE_SECRET})
-    front._record_trace(trace)
+    front.record_trace(trace)
     stored = front.traces.get("s1")
     assert stored and stored[0]["request"]["variables"]["sip_X-Customer"] == "gold"
     assert leaks(json.dumps(stored)) == []

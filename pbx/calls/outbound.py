@@ -1,0 +1,277 @@
+"""Outbound legs (the B2BUA's UAC side): transfers, queue members, agents.
+
+A transfer makes leg `b` to the target and, when it answers, bridges it to the caller
+on the caller's media worker (the bridge is local to one worker). An outbound leg goes
+PENDING (its host resolving, its port allocating) → EARLY (INVITE sent) → CONFIRMED
+(2xx, ACKed) or TERMINATED (error, ring timeout, CANCEL). A queue member's leg is the
+same leg; what its answer or failure means is the queue's (`MemberEvents`).
+
+Responses to our INVITEs come here (`on_response`): every 2xx is ACKed (§13.2.2.4), a
+2xx from a second fork or for a leg we gave up on gets ACK + BYE.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from pbx import messages as m
+from pbx.calls.context import CallContext, Resolve
+from pbx.calls.events import CallEvents
+from pbx.calls.legs import LegSignaling
+from pbx.calls.media import MediaPlane
+from pbx.calls.state import Call, CallPhase, Leg, LegPhase, advance_call, advance_leg
+from pbx.calls.targets import Targets, wants_tcp
+from pbx.calls.teardown import Teardown
+from pbx.calls.timers import TimerKind
+from pbx.policy import Party, PartyKind
+from pbx.sip import sdp
+from pbx.sip.dialog import forked, is_ip, learn_2xx, new_request, next_hop, uac_for_target
+from pbx.sip.errors import SipError
+from pbx.sip.message import SipResponse, new_call_id, new_tag
+from pbx.sip.transaction import TransactionKey
+
+log = logging.getLogger("pbx.calls")
+
+Addr = tuple[str, int]
+# Call phases a transfer may start from (BRIDGED only once a REFER took `b` away).
+TRANSFER_FROM = frozenset({CallPhase.SETUP, CallPhase.IVR, CallPhase.BRIDGED})
+
+
+class MemberEvents(Protocol):
+    """What happens to a queue member's leg (pbx.calls.queue)."""
+
+    def member_answered(self, leg: Leg) -> bool: ...
+
+    def member_failed(self, leg: Leg, status: int) -> None: ...
+
+
+class Outbound:
+    def __init__(self, ctx: CallContext, legs: LegSignaling, media: MediaPlane,
+                 targets: Targets, teardown: Teardown, events: CallEvents) -> None:
+        self.ctx = ctx
+        self.legs = legs
+        self.media = media
+        self.targets = targets
+        self.teardown = teardown
+        self.events = events
+        self.members: MemberEvents | None = None
+        # The call is bridged to its `b` (a REFER's final NOTIFY).
+        self.on_bridged: list[Callable[[Call], None]] = []
+
+    # ---------------------------------------------------------------- starting legs
+
+    def transfer(self, call: Call, target: str) -> None:
+        """Connect the caller to `target` (an extension or a SIP URI)."""
+        a = call.a
+        if a is None or a.phase is LegPhase.TERMINATED:
+            return
+        if call.phase not in TRANSFER_FROM or call.b is not None:
+            log.warning("call %s: a transfer while the call is %s; ignored", call.call_id,
+                        call.phase.value)
+            return
+        advance_call(call, CallPhase.TRANSFERRING)
+        call.transfer_target = target
+        resolved = self.targets.resolve(target)
+        if resolved is None:
+            log.info("call %s: transfer target %r not found", call.call_id, target)
+            self.teardown.hangup(call, f"TransferFailed({target})", 404)
+            return
+        call.b = self.new_leg(call, target, resolved, f"{call.call_id}-b")
+        self.call_out(call.b)
+
+    def new_leg(self, call: Call, target: str, resolved: tuple[str, str, int],
+                media_id: str) -> Leg:
+        """A new outbound leg of the call to `target`, not yet sent (`call_out` does)."""
+        ctx = self.ctx
+        ruri, host, port = resolved
+        # The extension we ring is one of ours (its REFERs are an extension's); anyone
+        # else we reach by URI is a stranger to the policy.
+        peer = (Party(PartyKind.EXTENSION, target) if target in ctx.settings.users
+                else Party(PartyKind.ANONYMOUS))
+        # Caller ID is policy, never an unverified From copied through (DESIGN §6).
+        caller_id = ctx.policy.presented_caller_id(call.party)
+        dialog = uac_for_target(new_call_id(ctx.me.host), new_tag(),
+                                f"<sip:{caller_id}@{ctx.me.host}:{ctx.me.port}>", ruri,
+                                reliable=wants_tcp(ruri))
+        return Leg(call=call, media_id=media_id, outbound=True, dialog=dialog,
+                   addr=(host, port), phase=LegPhase.PENDING, peer=peer)
+
+    def call_out(self, b: Leg) -> None:
+        """Send the leg: resolve its host if it is a name, then a port on the caller's
+        worker, then the INVITE."""
+        host, port = b.addr
+        if not is_ip(host):
+            self.ctx.table.resolving[b.dialog_key] = b
+            self.ctx.out.append(Resolve(host, port, b.dialog_key))
+            return
+        self._allocate(b)
+
+    def host_resolved(self, dialog_key: tuple[str, str], addr: Addr | None) -> None:
+        b = self.ctx.table.resolving.pop(dialog_key, None)
+        if b is None or b.phase is not LegPhase.PENDING:
+            return
+        if addr is None:
+            self._setup_failed(b, f"TransferFailed({b.call.transfer_target})", 404)
+            return
+        b.addr = addr
+        self._allocate(b)
+
+    def _allocate(self, b: Leg) -> None:
+        a = b.call.a
+        # Both legs must be on one worker: the bridge is local to it.
+        if a is None or a.media.worker is None:
+            self._setup_failed(b, "TransferFailed(media)", 503)
+            return
+        self.media.allocate(b, inband_dtmf=False, worker=a.media.worker)
+
+    def allocated(self, b: Leg, ok: bool) -> None:
+        """The leg's port is there (or not): send the INVITE."""
+        if not ok:
+            self._setup_failed(b, "TransferFailed(media)", 503)
+            return
+        call, ctx = b.call, self.ctx
+        if call.ended or b.phase is not LegPhase.PENDING:  # the caller left, or a queue moved on
+            self.media.release(b)
+            return
+        offer = sdp.make_offer(b.media.rtp_ip, b.media.rtp_port, int(ctx.wall()))
+        b.media.answer_sdp = offer  # what we answer a re-INVITE on this leg with
+        req = new_request(b.dialog, ctx.me, "INVITE", body=offer)
+        b.invite = req
+        b.invite_key = ctx.send_request(req, b.addr, b.reliable)
+        advance_leg(b, LegPhase.EARLY)
+        ctx.table.client_txns[b.invite_key] = b
+        ctx.table.dialogs[b.dialog_key] = b
+        if b.member is None:  # a queue member rings as long as its queue wait says
+            ctx.timers.set(TimerKind.RING, b.dialog_key,
+                           ctx.now + ctx.settings.sip.ring_timeout_ms / 1000)
+
+    def _setup_failed(self, b: Leg, reason: str, code: int) -> None:
+        """An outbound leg could not even be sent: a queue tries its next member, a
+        transfer ends the call."""
+        if b.member is not None:
+            self.failed(b, code)
+        else:
+            self.teardown.hangup(b.call, reason, code)
+
+    def ring_timeout(self, dialog_key: tuple[str, str]) -> None:
+        b = self.ctx.table.dialogs.get(dialog_key)
+        if b is not None and b.outbound and b.phase is LegPhase.EARLY:
+            self.legs.cancel(b)
+            self.failed(b, 408)
+
+    # ---------------------------------------------------------------- responses
+
+    def on_response(self, resp: SipResponse, key: TransactionKey) -> None:
+        ctx = self.ctx
+        leg = ctx.table.client_txns.get(key)
+        if leg is None:
+            return
+        if resp.cseq[1] != "INVITE":
+            if resp.status >= 200:
+                ctx.table.client_txns.pop(key, None)
+            return
+        if resp.status < 200:
+            leg.provisional_seen = True
+            if leg.cancel_pending:
+                self.legs.cancel(leg)
+            elif resp.status in (180, 183):
+                self._relay_ringing(leg.call)
+            return
+        if resp.status >= 300:
+            ctx.table.client_txns.pop(key, None)
+            if leg.phase is LegPhase.EARLY:
+                self.failed(leg, resp.status)
+            return
+        self._on_2xx(leg, resp)
+
+    def _on_2xx(self, leg: Leg, resp: SipResponse) -> None:
+        assert leg.invite is not None
+        cseq = leg.invite.cseq[0]
+        if leg.dialog.remote_tag is not None and resp.to_tag != leg.dialog.remote_tag:
+            # A second fork answered (RFC 3261 §13.2.2.4): ACK and BYE its dialog.
+            stray = forked(leg.dialog, resp)
+            self.legs.ack(stray, leg.addr, cseq)
+            self.legs.bye(stray, leg.addr)
+            return
+        if leg.dialog.remote_tag is None:
+            self.legs.linger_client_txn(leg)
+            learn_2xx(leg.dialog, resp)
+            if not leg.reliable:  # over TCP the connection we opened carries the dialog
+                leg.addr = next_hop(leg.dialog, fallback=leg.addr)
+            self.legs.ack(leg.dialog, leg.addr, cseq)
+            if leg.phase is LegPhase.EARLY and not leg.cancel_pending:
+                self._answered(leg, resp)
+            else:
+                # Answered after we gave up on it (ring timeout, caller gone): §15.
+                self.legs.bye(leg.dialog, leg.addr)
+            return
+        self.legs.ack(leg.dialog, leg.addr, cseq)  # a retransmitted 2xx
+
+    def _relay_ringing(self, call: Call) -> None:
+        """Tell a still-unanswered caller that the callee rings (no IVR media to relay)."""
+        a = call.a
+        if (a is None or a.phase is not LegPhase.EARLY or a.invite is None
+                or a.invite_key is None or call.session is not None):
+            return
+        self.ctx.respond(a.invite_key, a.invite, 180, to_tag=a.dialog.local_tag,
+                         headers=self.legs.dialog_headers(a))
+
+    def _answered(self, b: Leg, resp: SipResponse) -> None:
+        self.ctx.timers.cancel(TimerKind.RING, b.dialog_key)
+        advance_leg(b, LegPhase.CONFIRMED)
+        call = b.call
+        a = call.a
+        if call.ended or a is None or a.phase is LegPhase.TERMINATED:
+            self.legs.send_bye(b)
+            self.media.release(b)
+            return
+        try:
+            b.media.negotiated = sdp.parse_answer(resp.body)
+        except SipError as exc:
+            log.info("call %s: bad SDP answer from %s: %s", call.call_id,
+                     b.dialog.remote_target, exc)
+            self.legs.send_bye(b)
+            if b.member is not None:
+                self.failed(b, 488)  # the queue tries someone else
+            else:
+                self.teardown.hangup(call, "TransferFailed(sdp)", 488)
+            return
+        if b.member is not None and not (self.members and self.members.member_answered(b)):
+            self.legs.send_bye(b)  # another member was quicker, or the wait is over
+            self.media.release(b)
+            return
+        if a.phase is LegPhase.EARLY:
+            self.legs.answer(a)  # early-media call: answered when the transfer is
+        self.media.send_remote(b)
+        if a.media.worker is not None:
+            self.ctx.to_media(a.media.worker, m.MediaStop(call_id=a.media_id))
+            self.ctx.to_media(a.media.worker, m.MediaBridge(call_id=a.media_id,
+                                                            peer_call_id=b.media_id))
+        advance_call(call, CallPhase.BRIDGED)
+        call.bridged_at = self.ctx.wall()
+        self.events.call(call, "bridged")
+        for hook in self.on_bridged:
+            hook(call)
+
+    def failed(self, b: Leg, status: int) -> None:
+        """The leg ended without an answer: a queue tries its next member, a transfer
+        ends the call."""
+        self.ctx.timers.cancel(TimerKind.RING, b.dialog_key)
+        advance_leg(b, LegPhase.TERMINATED)
+        self.media.release(b)
+        self.legs.linger(b)
+        call = b.call
+        if b.member is not None:
+            if self.members is not None:
+                self.members.member_failed(b, status)
+            return
+        log.info("call %s: transfer to %s failed with %d", call.call_id, call.transfer_target,
+                 status)
+        self.teardown.hangup(call, f"TransferFailed({status})", status)
+
+    def client_timeout(self, key: TransactionKey) -> None:
+        leg = self.ctx.table.client_txns.pop(key, None)
+        if leg is not None and key.method == "INVITE" and leg.phase is LegPhase.EARLY:
+            self.failed(leg, 408)

@@ -1,0 +1,189 @@
+"""The call core on a virtual clock: timers fire when `now` says, not when a loop does.
+
+Each test drives `pbx.calls.CallCore` through `CoreRig` (SIP bytes in, commands out,
+`advance(seconds)` for time); nothing sleeps and nothing patches a private timer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pbx import messages as m
+from pbx.calls.core import LIVENESS_CHECK_S
+from pbx.calls.legs import LINGER_S
+from pbx.calls.media import MEDIA_ALLOCATE_TIMEOUT_S
+from pbx.calls.session_timer import SESSION_EXPIRY_MARGIN_S
+from pbx.calls.state import CallPhase, LegPhase
+from pbx.sip.message import SipRequest
+from tests.calls.rig import CoreRig
+from tests.test_front_queue import CALLER, MEMBERS, SDP
+
+PLAY = [m.PlayCommand(play_id=1, file="sounds/menu.wav")]
+# The caller's source is a trusted network: it may call extensions (pbx.policy).
+TRUSTED_CALLER = '\n[policy]\ntrusted_networks = ["127.0.0.1/32"]\n'
+
+
+def first(commands: list[object]) -> object:
+    """Answer the session start with `commands`, anything later with nothing."""
+    def script(event: m.IvrEvent) -> list[object]:
+        return commands if isinstance(event.input, m.SessionStartInput) else []
+    return script
+
+
+def invite_with(extra: str) -> bytes:
+    return (
+        "INVITE sip:*99@127.0.0.1:5060 SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK-caller-1\r\n"
+        "Max-Forwards: 70\r\nFrom: <sip:1001@127.0.0.1:5999>;tag=caller\r\n"
+        "To: <sip:*99@127.0.0.1:5060>\r\nCall-ID: caller-call@127.0.0.1\r\n"
+        f"CSeq: 1 INVITE\r\nContact: <sip:1001@127.0.0.1:5999>\r\n{extra}"
+        f"Content-Type: application/sdp\r\nContent-Length: {len(SDP)}\r\n\r\n"
+    ).encode() + SDP
+
+
+def test_an_ivr_call_is_answered_within_the_invite(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first(PLAY))
+    call = rig.call()
+    assert rig.statuses()[-1] == 200
+    assert call.phase is CallPhase.IVR and call.a is not None
+    assert call.a.phase is LegPhase.CONFIRMED
+    assert any(isinstance(x, m.MediaPlay) for x in rig.media)
+
+
+def test_session_expires_when_the_peer_does_not_refresh(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first(PLAY))
+    rig.call(invite_with("Session-Expires: 90;refresher=uac\r\nSupported: timer\r\n"))
+    ok = rig.responses()[-1]
+    assert ok.status == 200 and ok.headers.get("Session-Expires") == "90;refresher=uac"
+    rig.caller_request("ACK", 1)
+    expiry = 90 - min(SESSION_EXPIRY_MARGIN_S, 90 / 3)  # RFC 4028 §10
+    rig.advance(expiry - 1)
+    assert not rig.requests("BYE", CALLER)
+    rig.advance(1)
+    byes = rig.requests("BYE", CALLER)
+    assert len(byes) == 1 and "cause=408" in (byes[0].headers.get("Reason") or "")
+
+
+def test_a_refresh_rearms_the_session_timer(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first(PLAY))
+    rig.call(invite_with("Session-Expires: 90;refresher=uac\r\nSupported: timer\r\n"))
+    rig.caller_request("ACK", 1)
+    rig.advance(50)
+    rig.caller_request("UPDATE", 2, "Session-Expires: 120\r\nSupported: timer\r\n")
+    assert rig.responses()[-1].headers.get("Session-Expires") == "120;refresher=uac"
+    rig.advance(120 - min(SESSION_EXPIRY_MARGIN_S, 120 / 3) - 1)
+    assert not rig.requests("BYE", CALLER)
+    rig.advance(2)
+    assert rig.requests("BYE", CALLER)
+
+
+def test_we_refresh_with_update_at_half_the_interval(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first(PLAY))
+    # No `Supported: timer`: we are the refresher (RFC 4028 §9).
+    rig.call(invite_with("Session-Expires: 100\r\nAllow: INVITE, ACK, BYE, UPDATE\r\n"))
+    assert rig.responses()[-1].headers.get("Session-Expires") == "100;refresher=uas"
+    rig.caller_request("ACK", 1)
+    def refreshes() -> set[int]:  # UDP retransmissions of one UPDATE share its CSeq
+        return {r.cseq[0] for r in rig.requests("UPDATE", CALLER)}
+
+    rig.advance(49)
+    assert not refreshes()
+    rig.advance(1)
+    assert len(refreshes()) == 1
+    rig.advance(50)
+    assert len(refreshes()) == 2
+
+
+def test_ring_timeout_cancels_the_callee_and_ends_the_transfer(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first([m.TransferCommand(target="2001")]))
+    call = rig.call()
+    rig.caller_request("ACK", 1)
+    invite = rig.requests("INVITE", MEMBERS["2001"])[0]
+    rig.answer(invite, MEMBERS["2001"], "t1", ring_only=True)
+    assert call.phase is CallPhase.TRANSFERRING
+    ring_s = rig.settings.sip.ring_timeout_ms / 1000
+    rig.advance(ring_s - 0.01)
+    assert not rig.requests("CANCEL", MEMBERS["2001"])
+    rig.advance(0.02)
+    assert rig.requests("CANCEL", MEMBERS["2001"])
+    assert call.phase is CallPhase.ENDED and call.end_reason == "TransferFailed(408)"
+    assert rig.requests("BYE", CALLER)
+
+
+def test_a_late_media_worker_fails_the_invite_with_503(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first(PLAY))
+    rig.auto_allocate = False
+    call = rig.call()
+    assert rig.statuses() == [100]
+    rig.advance(MEDIA_ALLOCATE_TIMEOUT_S - 0.01)
+    assert 503 not in rig.statuses()
+    rig.advance(0.02)
+    assert rig.statuses()[-1] == 503 and call.ended
+    assert not rig.core.ctx.table.legs_by_media  # the port was released
+
+
+def test_a_finished_dialog_lingers_then_answers_481(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first(PLAY))
+    rig.call()
+    rig.caller_request("ACK", 1)
+    rig.caller_request("BYE", 2)
+    assert rig.responses()[-1].status == 200
+    rig.advance(LINGER_S - 1)
+    rig.caller_request("BYE", 3)
+    assert rig.responses()[-1].status == 200  # a retransmitted BYE still matches
+    rig.advance(2)
+    rig.caller_request("BYE", 4)
+    assert rig.responses()[-1].status == 481
+
+
+def test_the_liveness_check_runs_on_the_core_timer(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first(PLAY))
+    rig.call()
+    rig.advance(10)
+    assert rig.core.ctx.table.calls  # heartbeats keep the worker alive
+    rig.alive = False
+    # The worker stops heartbeating: its call ends at the first check past its expiry.
+    rig.advance(rig.settings.media.expiry_ms / 1000 + LIVENESS_CHECK_S)
+    assert rig.requests("BYE", CALLER)
+    assert not rig.core.ctx.table.calls
+
+
+def test_caller_cancel_reaches_the_ringing_callee(tmp_path: Path) -> None:
+    """A direct call to 2001 that the caller CANCELs while 2001 rings: 2001 gets a CANCEL
+    too (before, its phone rang on: the call ended without its outbound leg)."""
+    rig = CoreRig(tmp_path, extra=TRUSTED_CALLER)
+    call = rig.call(invite_with("").replace(b"*99", b"2001"))
+    invite = rig.requests("INVITE", MEMBERS["2001"])[0]
+    rig.answer(invite, MEMBERS["2001"], "t1", ring_only=True)
+    assert call.phase is CallPhase.TRANSFERRING
+    rig.cancel_call()
+    assert 487 in rig.statuses()
+    cancels = rig.requests("CANCEL", MEMBERS["2001"])
+    assert len(cancels) == 1 and cancels[0].uri == invite.uri
+    assert call.ended
+
+
+def test_a_bridged_call_ends_both_legs_on_bye(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first([m.TransferCommand(target="2001")]))
+    call = rig.call()
+    rig.caller_request("ACK", 1)
+    invite = rig.requests("INVITE", MEMBERS["2001"])[0]
+    rig.answer(invite, MEMBERS["2001"], "t1")
+    assert call.phase is CallPhase.BRIDGED and call.b is not None
+    assert rig.requests("ACK", MEMBERS["2001"])
+    assert any(isinstance(x, m.MediaBridge) for x in rig.media)
+    rig.caller_request("BYE", 2)
+    bye = rig.requests("BYE", MEMBERS["2001"])
+    assert len(bye) == 1 and call.ended and call.b.phase is LegPhase.TERMINATED
+
+
+def test_a_second_fork_answer_gets_ack_and_bye(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first([m.TransferCommand(target="2001")]))
+    rig.call()
+    invite = rig.requests("INVITE", MEMBERS["2001"])[0]
+    rig.answer(invite, MEMBERS["2001"], "t1")
+    rig.answer(invite, MEMBERS["2001"], "t2")  # another fork
+    acks = [r for r in rig.requests("ACK", MEMBERS["2001"])]
+    byes = [r for r in rig.requests("BYE", MEMBERS["2001"])]
+    assert {SipRequest.to_tag.fget(a) for a in acks} == {"t1", "t2"}  # type: ignore[attr-defined]
+    assert len(byes) == 1 and byes[0].to_tag == "t2"
