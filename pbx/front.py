@@ -90,6 +90,7 @@ class Front:
         # In-process subscribers to every published event (the admin's /ws/events).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._resolving: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- clock, timer
@@ -106,11 +107,13 @@ class Front:
         self._flush()
         deadline = self.core.get_timer()
         if self._timer is not None:
-            if deadline is not None and self._timer.when() == deadline:
+            if deadline == self._timer_at:
                 return
             self._timer.cancel()
             self._timer = None
         if deadline is not None:
+            # (uvloop's handles do not say when they are due: the deadline is kept.)
+            self._timer_at = deadline
             self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _flush(self) -> None:

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""The call core's own cost per call: no sockets, no processes, no event loop.
+
+    python perf/bench_core.py [--calls 20000] [--profile] [--json perf/results/...]
+
+Drives `pbx.calls.CallCore` through N whole IVR calls the way the front does (SIP
+bytes in, commands out): INVITE → 100 + 200 (a fake media worker allocates at once, a
+fake executor answers the session start with a prompt), ACK, BYE → 200, the records
+written when the media workers' statistics come. The clock is virtual; CPU time is
+`time.process_time()`. Prints µs of core CPU per call and the calls per second one
+core could set up at that cost (the front also pays for sockets, the transport, ZeroMQ
+and the event loop: `perf/setup_rate.py` measures all of it); `--profile` adds the
+cProfile top 25 by own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pbx import messages as m  # noqa: E402
+from pbx.calls.context import ToIvr, ToMedia  # noqa: E402
+from pbx.calls.core import CallCore  # noqa: E402
+from pbx.config import parse_config  # noqa: E402
+from pbx.jsonl import JsonLinesLog  # noqa: E402
+from pbx.records import CallRecords  # noqa: E402
+from pbx.traces import TraceStore  # noqa: E402
+
+CALLER = ("127.0.0.1", 5999)
+SDP = (b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+       b"m=audio 40000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
+       b"a=rtpmap:101 telephone-event/8000\r\n")
+CONFIG = """
+[sip]
+listen = "127.0.0.1:5060"
+rate_limit_exempt = ["127.0.0.0/8"]
+
+[logging]
+dir = "{logs}"
+
+[[routes]]
+name = "main"
+to_user = "*99"
+app = "ivr"
+app_params = {{ mode = "step", url = "http://127.0.0.1:1/ivr" }}
+"""
+PLAY = [m.PlayCommand(play_id=1, file="sounds/menu.wav")]
+
+
+def request(method: str, n: int, cseq: int, to: str, body: bytes = b"") -> bytes:
+    ctype = "Content-Type: application/sdp\r\n" if body else ""
+    contact = "Contact: <sip:1001@127.0.0.1:5999>\r\n" if method == "INVITE" else ""
+    return (
+        f"{method} sip:*99@127.0.0.1:5060 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK-{n}-{method}\r\n"
+        f"Max-Forwards: 70\r\nFrom: <sip:1001@127.0.0.1:5999>;tag=c{n}\r\n"
+        f"To: {to}\r\nCall-ID: call-{n}@127.0.0.1\r\nCSeq: {cseq} {method}\r\n{contact}"
+        f"{ctype}Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+class Driver:
+    def __init__(self, logs: Path) -> None:
+        settings = parse_config(CONFIG.format(logs=logs))
+        self.now = 1000.0
+        self.core = CallCore(settings, records=CallRecords(JsonLinesLog(logs / "calls.jsonl")),
+                             traces=TraceStore(), now=self.now, wall_offset=1.7e9)
+        self.port = 20_000
+        self.sent: list[bytes] = []
+        self.core.media_message(b"w", m.MediaReady(worker_id="w", capacity=1_000_000,
+                                                   rtp_ip="127.0.0.1"), self.now)
+        self.core.ivr_message(b"e", m.IvrReady(executor_id="e", capacity=1_000_000),
+                              self.now)
+        self.pump()
+
+    def pump(self) -> None:
+        core = self.core
+        while out := core.drain():
+            for command in out:
+                if isinstance(command, ToMedia):
+                    msg = command.msg
+                    if isinstance(msg, m.MediaAllocate):
+                        self.port = 20_000 + (self.port + 2) % 40_000
+                        core.media_message(b"w", m.MediaAllocated(
+                            call_id=msg.call_id, rtp_ip="127.0.0.1", rtp_port=self.port),
+                            self.now)
+                    elif isinstance(msg, m.MediaRelease):
+                        core.media_message(b"w", m.MediaReleased(
+                            call_id=msg.call_id, packets_sent=1, packets_received=1),
+                            self.now)
+                elif isinstance(command, ToIvr):
+                    event = command.event
+                    start = isinstance(event.input, m.SessionStartInput)
+                    core.ivr_message(b"e", m.IvrReply(
+                        session_id=event.session_id, seq=event.seq, state={"s": 1},
+                        commands=PLAY if start else [], done=not start), self.now)
+                elif hasattr(command, "data"):
+                    self.sent.append(command.data)
+
+    def one_call(self, n: int) -> None:
+        core = self.core
+        self.sent.clear()
+        core.sip_received(request("INVITE", n, 1, "<sip:*99@127.0.0.1:5060>", SDP), CALLER,
+                          self.now)
+        self.pump()
+        ok = next(d for d in self.sent if d.startswith(b"SIP/2.0 200"))
+        to = next(line for line in ok.split(b"\r\n") if line.startswith(b"To:"))
+        to_value = to[3:].strip().decode()
+        core.sip_received(request("ACK", n, 1, to_value), CALLER, self.now)
+        self.pump()
+        core.sip_received(request("BYE", n, 2, to_value), CALLER, self.now)
+        self.pump()
+        self.now += 0.001
+        if n % 200 == 0:  # let lingers, transactions and records expire as they would
+            self.now += 40.0
+            core.media_message(b"w", m.MediaHeartbeat(worker_id="w", calls=0,
+                                                      capacity=1_000_000,
+                                                      rtp_ip="127.0.0.1"), self.now)
+            core.ivr_message(b"e", m.IvrHeartbeat(executor_id="e", busy=0,
+                                                  capacity=1_000_000), self.now)
+            core.handle_timer(self.now)
+            self.pump()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--calls", type=int, default=20_000)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        driver = Driver(Path(tmp))
+        for n in range(200):  # warm-up
+            driver.one_call(-n - 1)
+        profiler = cProfile.Profile() if args.profile else None
+        started = time.process_time()
+        if profiler:
+            profiler.enable()
+        for n in range(args.calls):
+            driver.one_call(n)
+        if profiler:
+            profiler.disable()
+        cpu = time.process_time() - started
+        left = len(driver.core.ctx.table.calls)
+    per_call_us = cpu / args.calls * 1e6
+    result: dict[str, Any] = {
+        "calls": args.calls, "cpu_s": round(cpu, 3), "us_per_call": round(per_call_us, 1),
+        "calls_per_core_s": round(1e6 / per_call_us), "calls_left": left,
+        "profiled": bool(profiler),
+    }
+    print(f"{args.calls} calls: {per_call_us:.0f} µs core CPU per call "
+          f"(INVITE..200, ACK, BYE..200, record) = {1e6 / per_call_us:.0f} calls/s per core"
+          f"{' (under cProfile)' if profiler else ''}; calls left: {left}")
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    out = args.json or ROOT / "perf" / "results" / f"bench_core-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"results: {out}")
+    return 0 if left == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
