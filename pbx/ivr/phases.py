@@ -315,30 +315,35 @@ PHASE_DATA: Mapping[Phase, type[PhaseData]] = {
 
 # ---------------------------------------------------------------- the transition table
 
-# Executing an action (a provider's answer, a `next`, a menu entry or its invalid /
-# timeout action, an api's dynamic tree) can begin in any phase: each action's first
+# The phases executing an action (a provider's answer, a `next`, a menu entry or its
+# invalid / timeout action, an api's dynamic tree) can begin in: each action's first
 # phase, WAIT_PROVIDER for one that asks the provider at once (input_voice, a
-# collection ended by type-ahead), CLOSING for one that cannot run (the error prompt),
-# DONE for a terminal one. A phase from which actions are executed may go anywhere.
-_ANY = frozenset(Phase)
-# Every phase but DONE may stay where it is (a digit ignored, a late answer awaited
-# still), close with the error prompt (the shell's abort, a failure) and end (the
-# caller hangs up).
+# collection ended by type-ahead, jump_ivr), CLOSING for one that cannot run (the
+# error prompt), DONE for a terminal one. Not MENU_NOTICE: a menu starts with its
+# greeting...
+_EXECUTE = frozenset(Phase) - {Phase.MENU_NOTICE}
+# ...unless type-ahead (digits pressed before it) answers it with an invalid digit.
+# Handlers that pass type-ahead on may reach any phase; so may a menu's own inputs
+# (an invalid digit or the timeout plays a notice).
+_EXECUTE_WITH_TYPEAHEAD = frozenset(Phase)
+# Every phase but DONE may close with the error prompt (the shell's abort, a failure)
+# and end (the caller hangs up).
 _ALWAYS = (Phase.CLOSING, Phase.DONE)
 
-# `TRANSITIONS[a]` holds the phases a session in phase `a` may be in after one input;
-# None is a session that has not started (start, or an abort before the start).
+# `TRANSITIONS[a]` holds the phases a session in phase `a` may be in after one input
+# (staying in `a` included); None is a session that has not started (start, a
+# restart, or an abort before the start).
 TRANSITIONS: Mapping[Phase | None, frozenset[Phase]] = {
     None: frozenset({Phase.WAIT_PROVIDER, Phase.CLOSING}),
-    Phase.WAIT_PROVIDER: _ANY,  # the answer is executed
-    Phase.WAIT_API: _ANY,  # its `next`, or its dynamic tree, is executed
-    Phase.PROMPT: _ANY,  # its `next` is executed
-    Phase.MENU_GREETING: _ANY,  # a digit picks an entry
-    Phase.MENU_NOTICE: _ANY,  # a digit picks an entry
-    Phase.MENU_WAIT: _ANY,  # a digit picks an entry, or the timeout action runs
-    Phase.COLLECT_PROMPT: _ANY,  # the collection ends; its `next` is executed
-    Phase.COLLECT_WAIT: _ANY,  # the collection ends; its `next` is executed
-    Phase.RECORDING: _ANY,  # the recording ends; its `next` is executed
+    Phase.WAIT_PROVIDER: _EXECUTE_WITH_TYPEAHEAD,  # the answer gets the kept digits
+    Phase.PROMPT: _EXECUTE_WITH_TYPEAHEAD,  # `next` gets the digits pressed during it
+    Phase.MENU_GREETING: _EXECUTE_WITH_TYPEAHEAD,  # a digit picks an entry or a notice
+    Phase.MENU_NOTICE: _EXECUTE_WITH_TYPEAHEAD,  # an entry gets the digits pressed
+    Phase.MENU_WAIT: _EXECUTE_WITH_TYPEAHEAD,  # a digit or the timeout
+    Phase.WAIT_API: _EXECUTE,  # its `next`, or its dynamic tree, is executed
+    Phase.COLLECT_PROMPT: _EXECUTE,  # the collection ends; `next` is executed
+    Phase.COLLECT_WAIT: _EXECUTE,  # the collection ends; `next` is executed
+    Phase.RECORDING: _EXECUTE,  # the recording ends; `next` is executed
     # The speech comes back: it plays (as a prompt, a menu greeting or a notice), or
     # the provider hears of the failure.
     Phase.WAIT_TTS: frozenset(

@@ -89,9 +89,9 @@ def random_action(rng: random.Random, depth: int = 0) -> dict[str, Any]:
     kind = rng.choice(
         [
             "prompt", "prompt", "dtmf_menu", "dtmf_menu", "collect_dtmf", "collect_dtmf",
-            "input_phone", "api", "api", "torecord", "voicemail", "transfer", "queue",
+            "input_phone", "api", "api", "torecord", "torecord", "voicemail", "transfer", "queue",
             "route_to_agent", "voip_bridge", "hangup", "play_and_hangup", "jump_ivr",
-            "input_voice", "broken",
+            "input_voice", "broken", "menu_with_notices", "menu_with_notices",
         ]
     )
     action: dict[str, Any]
@@ -117,9 +117,18 @@ def random_action(rng: random.Random, depth: int = 0) -> dict[str, Any]:
                     if rng.random() < 0.7
                     else random_action(rng, depth + 1) if deeper else {"type": "hangup"}
                 )
+    elif kind == "menu_with_notices":
+        # A menu that plays its invalid/timeout actions as notices, its entries anything.
+        notice = {"type": "prompt", "file": "sounds/notice.wav",
+                  "interruptible": rng.random() < 0.5}
+        action = {"type": "dtmf_menu", "max_retries": 3,
+                  "invalid_action": notice, "timeout_action": notice,
+                  "entries": {d: random_action(rng, depth + 1) for d in rng.sample("0123", 2)}}
+        if rng.random() < 0.6:
+            action["greeting"] = "sounds/menu.wav"
     elif kind in ("collect_dtmf", "input_phone"):
         action = {"type": kind, "min_digits": rng.choice([0, 1, 2]),
-                  "max_digits": rng.choice([1, 2, 3]), "timeout_ms": rng.choice([0, 4000])}
+                  "max_digits": rng.choice([1, 1, 2, 3]), "timeout_ms": rng.choice([0, 4000])}
         if rng.random() < 0.6:
             action["terminator"] = rng.choice(["#", None])
         if rng.random() < 0.6:
@@ -198,6 +207,56 @@ def random_tts_result(rng: random.Random) -> TtsResult:
     return TtsResult(file=".tts/x.wav", source="walk")
 
 
+# One action beginning in each phase...
+FIRST_PHASES: list[dict[str, Any]] = [
+    {"type": "prompt", "file": "sounds/a.wav"},
+    {"type": "prompt", "tts_text": "hello"},
+    {"type": "dtmf_menu", "greeting": "sounds/menu.wav", "entries": {"1": {"type": "hangup"}}},
+    {"type": "dtmf_menu", "entries": {"1": {"type": "hangup"}}},
+    {"type": "dtmf_menu", "entries": {"1": {"type": "hangup"}},
+     "invalid_action": {"type": "prompt", "file": "sounds/invalid.wav"}},
+    {"type": "collect_dtmf", "prompt": "sounds/enter.wav", "max_digits": 1},
+    {"type": "collect_dtmf", "max_digits": 1},
+    {"type": "api", "url": "http://api.test/"},
+    {"type": "torecord", "prompt": "sounds/speak.wav"},
+    {"type": "torecord"},
+    {"type": "voicemail", "target": "2001"},
+    {"type": "hangup", "prompt": "sounds/bye.wav"},
+    {"type": "transfer", "target": "2001"},
+    {"type": "input_voice", "scene": "s"},
+]
+
+
+def _containers(leaf: dict[str, Any]) -> list[dict[str, Any]]:
+    """...and the actions whose phases hand over to it."""
+    return [
+        leaf,
+        {"type": "prompt", "file": "sounds/p.wav", "interruptible": True, "next": leaf},
+        {"type": "prompt", "file": "sounds/p.wav", "next": leaf},
+        *(
+            {"type": "dtmf_menu", "greeting": "sounds/menu.wav", "entries": {"1": leaf, "2": leaf},
+             "invalid_action": notice, "timeout_action": notice}
+            for notice in (
+                {"type": "prompt", "file": "sounds/notice.wav"},
+                {"type": "prompt", "file": "sounds/notice.wav", "interruptible": True},
+            )
+        ),
+        {"type": "dtmf_menu", "entries": {"1": leaf}, "timeout_action": leaf},
+        {"type": "collect_dtmf", "prompt": "sounds/enter.wav", "min_digits": 1, "max_digits": 1,
+         "next": leaf},
+        {"type": "collect_dtmf", "min_digits": 1, "max_digits": 2, "next": leaf},
+        {"type": "torecord", "next": leaf},
+        {"type": "api", "url": "http://api.test/", "next": leaf},
+    ]
+
+
+# Provider answers that take a session through every pair of phases an action and what
+# follows it can make (a walk's first answer; see `walk(first_answer=...)`).
+STRUCTURED_ANSWERS: list[dict[str, Any]] = [
+    action for leaf in FIRST_PHASES for action in _containers(leaf)
+]
+
+
 # ---------------------------------------------------------------- the walk
 
 
@@ -234,22 +293,24 @@ class _Ids:
                 self.record, self.record_path = c.record_id, c.path
 
 
-def _random_input(rng: random.Random, ids: _Ids, call: CallInfo) -> Any:
+def _random_input(rng: random.Random, ids: _Ids, call: CallInfo, answer_awaited: bool) -> Any:
     def some(current: int) -> int:
         return current if rng.random() < 0.85 else rng.choice([current - 1, current + 1, 0])
 
     roll = rng.random()
-    if roll < 0.35:
+    if answer_awaited:
+        roll = rng.choice([roll, 0.85, 0.9, 0.95])  # wait expired, call ended, abort
+    if roll < 0.36:
         stopped = rng.choice([None, None, ids.play, ids.play - 1])
         return MediaInput(event=DtmfDigit(digit=rng.choice(DIGITS), stopped_play_id=stopped))
-    if roll < 0.55:
+    if roll < 0.58:
         return MediaInput(event=AudioComplete(play_id=some(ids.play)))
-    if roll < 0.68:
+    if roll < 0.71:
         return MediaInput(event=TimerFired(timer_id=some(ids.timer)))
-    if roll < 0.74:
+    if roll < 0.76:
         play_id = rng.choice([None, ids.play, ids.play + 5])
         return MediaInput(event=MediaFailure(reason="no such file", play_id=play_id))
-    if roll < 0.82:
+    if roll < 0.83:
         return MediaInput(
             event=RecordingFinished(
                 record_id=some(ids.record), path=ids.record_path,
@@ -261,11 +322,13 @@ def _random_input(rng: random.Random, ids: _Ids, call: CallInfo) -> Any:
         return MediaInput(event=WsBridgeEnded(reason="closed by peer"))
     if roll < 0.89:
         return WaitExpiredInput(waited_ms=rng.choice([1, 60000]))
-    if roll < 0.93:
+    if roll < 0.92:
         return CallEndedInput(reason=rng.choice(["Hangup", "Cancel"]))
-    if roll < 0.94:
+    if roll < 0.93:
         return SessionStartInput(call=call)
-    return "abort"
+    if roll < 0.96:
+        return "abort"
+    return MediaInput(event=DtmfDigit(digit=rng.choice("12")))  # a menu entry, mostly
 
 
 def walk(
@@ -275,11 +338,13 @@ def walk(
     max_moves: int = 40,
     on_move: Callable[[Move], None] | None = None,
     choose_state: Callable[[Move], dict[str, Any]] | None = None,
+    first_answer: dict[str, Any] | None = None,
 ) -> list[Move]:
     """One session from start until done (or `max_moves` calls): every call reported to
     `on_move` as it happens. `choose_state(move)` may replace the state the next call
     gets (a differential test feeds another machine's state); by default the state
-    crosses a JSON round trip, as it does over ZeroMQ."""
+    crosses a JSON round trip, as it does over ZeroMQ. `first_answer` is the
+    provider's answer to `session_start` (else a random one)."""
     call = make_call()
     now = 1000.0
     moves: list[Move] = []
@@ -297,28 +362,40 @@ def walk(
         state: dict[str, Any] = orjson.loads(orjson.dumps(move.step.state))
         return state
 
-    state = record(Move("start", None, call, now, machine.start(call, now)), None)
-    step = moves[-1].step
+    if rng.random() < 0.01:
+        # The executor failed before the session started.
+        first = Move("abort", None, call, now, machine.abort(None, call, "internal error", now))
+    else:
+        first = Move("start", None, call, now, machine.start(call, now))
+    state = record(first, None)
+    step = first.step
     while len(moves) < max_moves and state is not None:
         now += rng.choice([0.04, 0.5, 3.0])
         request = step.pending_request
-        if request is not None and rng.random() < 0.93:
+        if step.done and rng.random() < 0.7:
+            break
+        if request is not None and rng.random() < 0.9:
             if request.kind == "tts":
                 move = _call(machine, "tts_result", state, random_tts_result(rng), now)
             elif request.kind == "api":
                 move = _call(machine, "api_result", state, random_api_result(rng), now)
             else:
-                move = _call(machine, "provider_result", state, random_provider_result(rng), now)
-        elif step.done and rng.random() < 0.7:
-            break
+                answer = random_provider_result(rng)
+                if first_answer is not None:
+                    answer, first_answer = ProviderResult("ok", first_answer, status=200), None
+                move = _call(machine, "provider_result", state, answer, now)
         elif request is not None and rng.random() < 0.3:
             # An answer of the wrong kind (a bug in the shell): refused.
-            answer = rng.choice(["tts_result", "api_result", "provider_result"])
-            payload = {"tts_result": TtsResult(file="x.wav"), "api_result": ApiResult(200, {}),
-                       "provider_result": ProviderResult("ok", body={"type": "hangup"})}[answer]
-            move = _call(machine, answer, state, payload, now)
+            entry, payload = rng.choice([
+                ("tts_result", TtsResult(file="x.wav")),
+                ("api_result", ApiResult(200, {})),
+                ("provider_result", ProviderResult("ok", body={"type": "hangup"})),
+            ])
+            move = _call(machine, entry, state, payload, now)
         else:
-            inp = _random_input(rng, ids, call)
+            # A call event; while an answer is awaited, mostly what the front may send
+            # then (the caller hanging up, its watchdog) and the shell's abort.
+            inp = _random_input(rng, ids, call, answer_awaited=request is not None)
             if inp == "abort":
                 move = Move("abort", state, call, now)
                 move.step = machine.abort(state, call, "internal error: walk", now)
