@@ -246,14 +246,14 @@ INPUTS: Mapping[tuple[Phase, InputKind], InputHandler[Any]] = {
     (Phase.CLOSING, InputKind.DIGIT): _ignore,
     (Phase.CLOSING, InputKind.AUDIO_COMPLETE): _on(Closing, hangup.closing_done),
     (Phase.CLOSING, InputKind.MEDIA_FAILURE): _on(Closing, hangup.closing_done),
+    # Every phase but DONE (whose inputs are ignored before they get here).
     **{
-        (phase, InputKind.CALL_ENDED): _on(PhaseData, call_ended)
+        (phase, kind): handler
         for phase in Phase
         if phase is not Phase.DONE
-    },
-    **{
-        (phase, InputKind.WAIT_EXPIRED): _on(PhaseData, wait_expired)
-        for phase in Phase
-        if phase is not Phase.DONE
+        for kind, handler in (
+            (InputKind.CALL_ENDED, _on(PhaseData, call_ended)),
+            (InputKind.WAIT_EXPIRED, _on(PhaseData, wait_expired)),
+        )
     },
 }

@@ -162,17 +162,21 @@ class Session:
 
     def begin(self) -> PhaseData:
         """A (new) provider session: `/start` notification, then `session_start`."""
-        call = self.env.call
-        ctx = SessionContext(
-            session_id=call.session_id,
-            caller=call.caller,
-            callee=call.callee,
-            direction=call.direction,
-            tenant_id=call.params.tenant_id,
-            ivr_id=call.params.ivr_id,
-        )
+        ctx = SessionContext(**self._session_context())
         self.notify("start", ctx.model_dump(mode="json"))
         return self.ask(SessionStartEvent())
+
+    def _session_context(self) -> dict[str, Any]:
+        """The fields of `/start` that every step request repeats (spec §3)."""
+        call = self.env.call
+        return {
+            "session_id": call.session_id,
+            "caller": call.caller,
+            "callee": call.callee,
+            "direction": call.direction,
+            "tenant_id": call.params.tenant_id,
+            "ivr_id": call.params.ivr_id,
+        }
 
     # ------------------------------------------------------------ outputs
 
@@ -195,16 +199,9 @@ class Session:
         type-ahead `typeahead` for it."""
         if not self.chain_step():
             return self.too_many_steps()
-        call, params = self.env.call, self.env.call.params
+        params = self.env.call.params
         ctx = ProviderContext(
-            session_id=call.session_id,
-            caller=call.caller,
-            callee=call.callee,
-            direction=call.direction,
-            tenant_id=params.tenant_id,
-            ivr_id=params.ivr_id,
-            variables=dict(self.env.variables),
-            event=event,
+            **self._session_context(), variables=dict(self.env.variables), event=event
         )
         body = ctx.model_dump(mode="json")
         self.requests.append(ProviderRequest("step", params.url, body, params))

@@ -9,14 +9,14 @@ executors of either version mid-call.
 In memory the same state is two parts: the `Envelope` (what every phase shares:
 the call, variables, the current action, id counters, trace fields) and one phase's
 data (`pbx.ivr.phases`). `load` and `dump` map between the two. Keys the current
-phase has no use for are written at their defaults (a state read back is the same
-state); the one reader of the dict outside the IVR package, the front, reads
-`step_index` only.
+phase has no use for are written at their defaults and ignored when read (executors
+before the split into phase data left stale values in some). The one reader of the
+dict outside the IVR package, the front, reads `step_index` only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -122,26 +122,16 @@ class Envelope:
     extra: dict[str, Any] | None = None
 
 
+# The envelope's fields are keys of the state dict of the same name.
+_ENVELOPE_KEYS = tuple(f.name for f in fields(Envelope))
+
 # ---------------------------------------------------------------- dict -> memory
 
 
 def load(state: dict[str, Any]) -> tuple[Envelope, PhaseData]:
     """Read a state dict (as `dump` or any version-1 executor wrote it)."""
     s = SessionState.model_validate(state)
-    envelope = Envelope(
-        call=s.call,
-        variables=s.variables,
-        node=s.node,
-        play_id=s.play_id,
-        timer_id=s.timer_id,
-        record_id=s.record_id,
-        last_record_path=s.last_record_path,
-        step_index=s.step_index,
-        chained_steps=s.chained_steps,
-        step_id=s.step_id,
-        step_name=s.step_name,
-        extra=s.extra,
-    )
+    envelope = Envelope(**{name: getattr(s, name) for name in _ENVELOPE_KEYS})
     return envelope, _phase_data(s)
 
 
@@ -228,18 +218,7 @@ def dump(envelope: Envelope, data: PhaseData) -> dict[str, Any]:
     """The state dict of `envelope` in the phase of `data` (JSON types only)."""
     state = SessionState(
         phase=data.phase,
-        call=envelope.call,
-        variables=envelope.variables,
-        node=envelope.node,
-        play_id=envelope.play_id,
-        timer_id=envelope.timer_id,
-        record_id=envelope.record_id,
-        last_record_path=envelope.last_record_path,
-        step_index=envelope.step_index,
-        chained_steps=envelope.chained_steps,
-        step_id=envelope.step_id,
-        step_name=envelope.step_name,
-        extra=envelope.extra,
+        **{name: getattr(envelope, name) for name in _ENVELOPE_KEYS},
         **_phase_fields(data),
     )
     return state.model_dump(mode="json")
