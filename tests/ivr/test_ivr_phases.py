@@ -12,7 +12,7 @@ import pytest
 
 from pbx.config import IvrAppParams
 from pbx.ivr import machine, session
-from pbx.ivr.handlers import EXECUTORS, INPUTS
+from pbx.ivr.handlers import EXECUTORS, INPUTS, InputHandler
 from pbx.ivr.models import ACTION_TYPES, PromptAction, ProviderResult
 from pbx.ivr.phases import (
     PHASE_DATA,
@@ -119,7 +119,7 @@ def test_an_illegal_transition_raises_from_the_machine_naming_both_phases(
     def replay(s: session.Session, data: PhaseData, ev: DtmfDigit) -> PhaseData:
         return Prompting(play_id=s.play("sounds/again.wav", interruptible=False))
 
-    monkeypatch.setitem(INPUTS, (Phase.CLOSING, InputKind.DIGIT), replay)  # type: ignore[index]
+    monkeypatch.setitem(INPUTS, (Phase.CLOSING, InputKind.DIGIT), InputHandler(PhaseData, replay))
     with pytest.raises(IllegalTransition, match="from phase 'closing' to 'prompt' on 'dtmf'"):
         machine.handle(state, MediaInput(event=DtmfDigit(digit="1")), 1001.0)
 

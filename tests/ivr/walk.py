@@ -11,9 +11,8 @@ so a test can assert what a fixed set of walks reaches.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -40,19 +39,6 @@ URL = "http://provider.test/ivr/step"
 OTHER_URL = "http://other.test/ivr/step"
 IVRS = {"other": IvrAppParams(url=OTHER_URL, ivr_id="other")}
 DIGITS = "0123#*"
-
-
-class MachineStep(Protocol):
-    state: dict[str, Any]
-    commands: list[Any]
-    requests: list[Any]
-    traces: list[Any]
-    waiting_for_provider: bool
-    done: bool
-    wait_ms: int | None
-
-    @property
-    def pending_request(self) -> Any: ...
 
 
 def make_call() -> CallInfo:
@@ -281,7 +267,6 @@ class _Ids:
     timer: int = 0
     record: int = 0
     record_path: str = "x.wav"
-    notes: list[str] = field(default_factory=list)
 
     def learn(self, commands: list[Any]) -> None:
         for c in commands:
@@ -336,14 +321,10 @@ def walk(
     rng: random.Random,
     *,
     max_moves: int = 40,
-    on_move: Callable[[Move], None] | None = None,
-    choose_state: Callable[[Move], dict[str, Any]] | None = None,
     first_answer: dict[str, Any] | None = None,
 ) -> list[Move]:
-    """One session from start until done (or `max_moves` calls): every call reported to
-    `on_move` as it happens. `choose_state(move)` may replace the state the next call
-    gets (a differential test feeds another machine's state); by default the state
-    crosses a JSON round trip, as it does over ZeroMQ. `first_answer` is the
+    """One session from start until done (or `max_moves` calls); the state crosses a
+    JSON round trip between calls, as it does over ZeroMQ. `first_answer` is the
     provider's answer to `session_start` (else a random one)."""
     call = make_call()
     now = 1000.0
@@ -352,13 +333,9 @@ def walk(
 
     def record(move: Move, previous: dict[str, Any] | None) -> dict[str, Any] | None:
         moves.append(move)
-        if on_move is not None:
-            on_move(move)
         if move.step is None:
             return previous  # refused: the session goes on from the state it had
         ids.learn(move.step.commands)
-        if choose_state is not None:
-            return choose_state(move)
         state: dict[str, Any] = orjson.loads(orjson.dumps(move.step.state))
         return state
 
