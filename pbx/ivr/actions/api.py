@@ -1,0 +1,95 @@
+"""`api` (DESIGN §3): an HTTP call the shell makes for the session (`pbx.ivr.provider`
+`ProviderClient.api`), its outcome in `api_status` / `api_result`; then `next`, the
+returned dynamic tree (`get_dynamic_tree`), or an `api_response` to the provider.
+
+Phase: WAIT_API (`AwaitingApi`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from pbx.ivr.models import (
+    ActionError,
+    ApiAction,
+    ApiResponseEvent,
+    ApiResult,
+    ProviderRequest,
+    action_json,
+    parse_action,
+)
+from pbx.ivr.phases import AwaitingApi, Digits, PendingRequest, PhaseData
+from pbx.ivr.session import Session
+
+# Methods whose `api` variables go in the query string; the others send a JSON body.
+QUERY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
+def run(s: Session, action: ApiAction, typeahead: Digits) -> PhaseData:
+    """Ask the shell for the HTTP call; its outcome comes back to `result`."""
+    if not s.chain_step():
+        return s.too_many_steps()
+    method = action.method.strip().upper() or "GET"
+    names = action.variables.split(",") if isinstance(action.variables, str) else []
+    # Choice: names of variables that are not set are left out.
+    values = {
+        name: s.env.variables[name]
+        for name in (n.strip() for n in names)
+        if name and name in s.env.variables
+    }
+    query = values if method in QUERY_METHODS else None
+    body = {} if query is not None else values
+    described: dict[str, Any] = {"method": method, "url": action.url}
+    # Headers are not traced (they tend to carry credentials).
+    described["query" if query is not None else "body"] = values
+    s.requests.append(
+        ProviderRequest(
+            "api",
+            action.url,
+            body,
+            s.env.call.params,
+            method=method,
+            headers=dict(action.headers),
+            query=query,
+            timeout_s=float(action.timeout),
+        )
+    )
+    return AwaitingApi(pending=PendingRequest(trigger="api", request=described, sent_at=s.now))
+
+
+def result(s: Session, data: AwaitingApi, outcome: ApiResult) -> PhaseData:
+    node = s.env.node
+    assert isinstance(node, ApiAction)
+    s.env.variables["api_status"] = str(outcome.status)
+    s.env.variables["api_result"] = orjson.dumps(outcome.body).decode()
+    trace: dict[str, Any] = {
+        "trigger": "api_response",
+        "request": data.pending.request,
+        "duration_ms": max(0.0, (s.now - data.pending.sent_at) * 1000.0),
+        "action": action_json(node),
+        "action_type": node.type,
+    }
+    s.provider_trace = trace
+    if node.get_dynamic_tree:
+        # The body is the next action (DESIGN §3); `next` of the api node is not
+        # followed, the tree carries its own.
+        body = outcome.body
+        trace["action"] = body if isinstance(body, dict) else None
+        if not 200 <= outcome.status < 300:
+            error = body.get("error") if isinstance(body, dict) else None
+            return s.fail(f"api: dynamic tree not fetched: {error or f'HTTP {outcome.status}'}")
+        try:
+            action = parse_action(body)
+        except ActionError as exc:
+            if isinstance(body, dict) and isinstance(body.get("type"), str):
+                trace["action_type"] = body["type"]
+            return s.fail(f"api: dynamic tree: {exc.reason}")
+        trace["action_type"] = action.type
+        return s.take(action, ())
+    if node.next is not None:
+        # DESIGN §3 "next": followed without a provider call; `api_status` and
+        # `api_result` tell it how the call went.
+        return s.execute(node.next, ())
+    return s.ask(ApiResponseEvent(status=outcome.status, body=outcome.body))
