@@ -3,7 +3,8 @@
 SIP messages go in as bytes with the rig's `now`; the core's commands are carried out
 by fakes:
 
-* a media worker `w` that allocates ports (`allocate`, unless `auto_allocate` is off),
+* a media worker `w` that allocates ports (`allocate`, unless `auto_allocate` is off;
+  `allocated` is the one place a fake worker's answer is made, the shell test's too),
   fires the timers it is given when the clock reaches them and reports RTP counts on
   release; the plane can refuse a command (`refuse_media`: the core hears
   `media_send_failed`) or lose it (`lose_media`: accepted, never arrives);
@@ -28,7 +29,7 @@ from pbx import messages as m
 from pbx.calls.context import Publish, Resolve, ToIvr, ToMedia
 from pbx.calls.core import CallCore
 from pbx.calls.state import Call
-from pbx.config import parse_config
+from pbx.config import Settings, parse_config
 from pbx.jsonl import JsonLinesLog
 from pbx.records import CallRecords
 from pbx.sip.message import SipRequest, SipResponse, make_response, parse_message
@@ -115,10 +116,29 @@ def first_then(commands: list[Any], later: Script | None = None) -> Script:
     return script
 
 
+def rig_settings(tmp: Path, extra: str = "") -> Settings:
+    """The rig's config (MEMBERS as users with static contacts), logs under `tmp`, and
+    `extra` (more TOML) after it."""
+    users = "\n".join(f'[users."{u}"]\ncontact = "sip:{u}@{h}:{p}"'
+                      for u, (h, p) in MEMBERS.items())
+    return parse_config(CONFIG.format(logs=tmp / "logs", users=users) + extra)
+
+
+def allocated(msg: m.MediaAllocate, port: int, rtp_ip: str = "127.0.0.1") -> m.MediaAllocated:
+    """A media worker's answer to `msg`: a port at `rtp_ip` (every fake worker's)."""
+    return m.MediaAllocated(call_id=msg.call_id, rtp_ip=rtp_ip, rtp_port=port)
+
+
 def reply(event: m.IvrEvent, *commands: Any, done: bool = False) -> m.IvrReply:
     """An executor's reply to `event` with `commands`."""
     return m.IvrReply(session_id=event.session_id, seq=event.seq,
                       state={"step_index": event.seq}, commands=list(commands), done=done)
+
+
+def scripted_reply(script: Script, event: m.IvrEvent) -> m.IvrReply:
+    """The reply `script` gives: its commands; done after one that ends the session."""
+    commands = script(event)
+    return reply(event, *commands, done=any(isinstance(c, FINAL_COMMANDS) for c in commands))
 
 
 @dataclass
@@ -128,6 +148,7 @@ class FakeExecutor:
     capacity: int = 10
     full: bool = False  # its heartbeats say it is busy to capacity: never chosen
     refuse: bool = False  # the plane refuses every event for it
+    refused: list[m.IvrEvent] = field(default_factory=list)
     received: list[m.IvrEvent] = field(default_factory=list)
     # Events taken and not answered yet: listed in its heartbeats, as the real one does.
     working: dict[str, int] = field(default_factory=dict)
@@ -135,9 +156,7 @@ class FakeExecutor:
 
 class CoreRig:
     def __init__(self, tmp: Path, script: Script | None = None, extra: str = "") -> None:
-        users = "\n".join(f'[users."{u}"]\ncontact = "sip:{u}@{h}:{p}"'
-                          for u, (h, p) in MEMBERS.items())
-        self.settings = parse_config(CONFIG.format(logs=tmp / "logs", users=users) + extra)
+        self.settings = rig_settings(tmp, extra)
         self.now = START
         self.records_path = tmp / "calls.jsonl"
         self.core = CallCore(
@@ -179,10 +198,7 @@ class CoreRig:
         return executor
 
     def scripted(self, event: m.IvrEvent) -> m.IvrReply:
-        """The reply `script` gives: its commands; done after one that ends the session."""
-        commands = self.script(event)
-        return reply(event, *commands,
-                     done=any(isinstance(c, FINAL_COMMANDS) for c in commands))
+        return scripted_reply(self.script, event)
 
     # ---------------------------------------------------------------- the shell's part
 
@@ -229,14 +245,15 @@ class CoreRig:
                 call_id=msg.call_id, packets_sent=10, packets_received=9), self.now)
 
     def allocate(self, msg: m.MediaAllocate) -> None:
-        """The media worker's answer to an allocation (the one place that makes one)."""
+        """The media worker answers an allocation (from `allocate_from`, at `allocate_ip`)."""
         self.port += 2
-        self.core.media_message(self.allocate_from, m.MediaAllocated(
-            call_id=msg.call_id, rtp_ip=self.allocate_ip, rtp_port=self.port), self.now)
+        self.core.media_message(self.allocate_from, allocated(msg, self.port, self.allocate_ip),
+                                self.now)
 
     def _to_ivr(self, identity: bytes, event: m.IvrEvent) -> None:
         executor = self.executors[identity]
         if executor.refuse:
+            executor.refused.append(event)
             self.core.ivr_send_failed(identity, event, self.now)
             return
         event = m.decode(m.encode(event))  # through the wire format, as over ZeroMQ
