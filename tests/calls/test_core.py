@@ -15,34 +15,19 @@ from pbx.calls.media import MEDIA_ALLOCATE_TIMEOUT_S
 from pbx.calls.session_timer import SESSION_EXPIRY_MARGIN_S
 from pbx.calls.state import CallPhase, LegPhase
 from pbx.sip.message import SipRequest
-from tests.calls.rig import CoreRig
-from tests.test_front_queue import CALLER, MEMBERS, SDP
-
-PLAY = [m.PlayCommand(play_id=1, file="sounds/menu.wav")]
-# The caller's source is a trusted network: it may call extensions (pbx.policy).
-TRUSTED_CALLER = '\n[policy]\ntrusted_networks = ["127.0.0.1/32"]\n'
-
-
-def first(commands: list[object]) -> object:
-    """Answer the session start with `commands`, anything later with nothing."""
-    def script(event: m.IvrEvent) -> list[object]:
-        return commands if isinstance(event.input, m.SessionStartInput) else []
-    return script
-
-
-def invite_with(extra: str) -> bytes:
-    return (
-        "INVITE sip:*99@127.0.0.1:5060 SIP/2.0\r\n"
-        "Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK-caller-1\r\n"
-        "Max-Forwards: 70\r\nFrom: <sip:1001@127.0.0.1:5999>;tag=caller\r\n"
-        "To: <sip:*99@127.0.0.1:5060>\r\nCall-ID: caller-call@127.0.0.1\r\n"
-        f"CSeq: 1 INVITE\r\nContact: <sip:1001@127.0.0.1:5999>\r\n{extra}"
-        f"Content-Type: application/sdp\r\nContent-Length: {len(SDP)}\r\n\r\n"
-    ).encode() + SDP
+from tests.calls.rig import (
+    CALLER,
+    MEMBERS,
+    PLAY,
+    TRUSTED_CALLER,
+    CoreRig,
+    caller_invite,
+    first_then,
+)
 
 
 def test_an_ivr_call_is_answered_within_the_invite(tmp_path: Path) -> None:
-    rig = CoreRig(tmp_path, first(PLAY))
+    rig = CoreRig(tmp_path, first_then(PLAY))
     call = rig.call()
     assert rig.statuses()[-1] == 200
     assert call.phase is CallPhase.IVR and call.a is not None
@@ -51,8 +36,8 @@ def test_an_ivr_call_is_answered_within_the_invite(tmp_path: Path) -> None:
 
 
 def test_session_expires_when_the_peer_does_not_refresh(tmp_path: Path) -> None:
-    rig = CoreRig(tmp_path, first(PLAY))
-    rig.call(invite_with("Session-Expires: 90;refresher=uac\r\nSupported: timer\r\n"))
+    rig = CoreRig(tmp_path, first_then(PLAY))
+    rig.call(caller_invite("Session-Expires: 90;refresher=uac\r\nSupported: timer\r\n"))
     ok = rig.responses()[-1]
     assert ok.status == 200 and ok.headers.get("Session-Expires") == "90;refresher=uac"
     rig.caller_request("ACK", 1)
@@ -65,8 +50,8 @@ def test_session_expires_when_the_peer_does_not_refresh(tmp_path: Path) -> None:
 
 
 def test_a_refresh_rearms_the_session_timer(tmp_path: Path) -> None:
-    rig = CoreRig(tmp_path, first(PLAY))
-    rig.call(invite_with("Session-Expires: 90;refresher=uac\r\nSupported: timer\r\n"))
+    rig = CoreRig(tmp_path, first_then(PLAY))
+    rig.call(caller_invite("Session-Expires: 90;refresher=uac\r\nSupported: timer\r\n"))
     rig.caller_request("ACK", 1)
     rig.advance(50)
     rig.caller_request("UPDATE", 2, "Session-Expires: 120\r\nSupported: timer\r\n")
@@ -78,9 +63,9 @@ def test_a_refresh_rearms_the_session_timer(tmp_path: Path) -> None:
 
 
 def test_we_refresh_with_update_at_half_the_interval(tmp_path: Path) -> None:
-    rig = CoreRig(tmp_path, first(PLAY))
+    rig = CoreRig(tmp_path, first_then(PLAY))
     # No `Supported: timer`: we are the refresher (RFC 4028 §9).
-    rig.call(invite_with("Session-Expires: 100\r\nAllow: INVITE, ACK, BYE, UPDATE\r\n"))
+    rig.call(caller_invite("Session-Expires: 100\r\nAllow: INVITE, ACK, BYE, UPDATE\r\n"))
     assert rig.responses()[-1].headers.get("Session-Expires") == "100;refresher=uas"
     rig.caller_request("ACK", 1)
     def refreshes() -> set[int]:  # UDP retransmissions of one UPDATE share its CSeq
@@ -95,7 +80,7 @@ def test_we_refresh_with_update_at_half_the_interval(tmp_path: Path) -> None:
 
 
 def test_ring_timeout_cancels_the_callee_and_ends_the_transfer(tmp_path: Path) -> None:
-    rig = CoreRig(tmp_path, first([m.TransferCommand(target="2001")]))
+    rig = CoreRig(tmp_path, first_then([m.TransferCommand(target="2001")]))
     call = rig.call()
     rig.caller_request("ACK", 1)
     invite = rig.requests("INVITE", MEMBERS["2001"])[0]
@@ -111,7 +96,7 @@ def test_ring_timeout_cancels_the_callee_and_ends_the_transfer(tmp_path: Path) -
 
 
 def test_a_late_media_worker_fails_the_invite_with_503(tmp_path: Path) -> None:
-    rig = CoreRig(tmp_path, first(PLAY))
+    rig = CoreRig(tmp_path, first_then(PLAY))
     rig.auto_allocate = False
     call = rig.call()
     assert rig.statuses() == [100]
@@ -123,7 +108,7 @@ def test_a_late_media_worker_fails_the_invite_with_503(tmp_path: Path) -> None:
 
 
 def test_a_finished_dialog_lingers_then_answers_481(tmp_path: Path) -> None:
-    rig = CoreRig(tmp_path, first(PLAY))
+    rig = CoreRig(tmp_path, first_then(PLAY))
     rig.call()
     rig.caller_request("ACK", 1)
     rig.caller_request("BYE", 2)
@@ -137,7 +122,7 @@ def test_a_finished_dialog_lingers_then_answers_481(tmp_path: Path) -> None:
 
 
 def test_the_liveness_check_runs_on_the_core_timer(tmp_path: Path) -> None:
-    rig = CoreRig(tmp_path, first(PLAY))
+    rig = CoreRig(tmp_path, first_then(PLAY))
     rig.call()
     rig.advance(10)
     assert rig.core.ctx.table.calls  # heartbeats keep the worker alive
@@ -152,7 +137,7 @@ def test_caller_cancel_reaches_the_ringing_callee(tmp_path: Path) -> None:
     """A direct call to 2001 that the caller CANCELs while 2001 rings: 2001 gets a CANCEL
     too (before, its phone rang on: the call ended without its outbound leg)."""
     rig = CoreRig(tmp_path, extra=TRUSTED_CALLER)
-    call = rig.call(invite_with("").replace(b"*99", b"2001"))
+    call = rig.call(caller_invite("").replace(b"*99", b"2001"))
     invite = rig.requests("INVITE", MEMBERS["2001"])[0]
     rig.answer(invite, MEMBERS["2001"], "t1", ring_only=True)
     assert call.phase is CallPhase.TRANSFERRING
@@ -164,7 +149,7 @@ def test_caller_cancel_reaches_the_ringing_callee(tmp_path: Path) -> None:
 
 
 def test_a_bridged_call_ends_both_legs_on_bye(tmp_path: Path) -> None:
-    rig = CoreRig(tmp_path, first([m.TransferCommand(target="2001")]))
+    rig = CoreRig(tmp_path, first_then([m.TransferCommand(target="2001")]))
     call = rig.call()
     rig.caller_request("ACK", 1)
     invite = rig.requests("INVITE", MEMBERS["2001"])[0]
@@ -178,7 +163,7 @@ def test_a_bridged_call_ends_both_legs_on_bye(tmp_path: Path) -> None:
 
 
 def test_a_second_fork_answer_gets_ack_and_bye(tmp_path: Path) -> None:
-    rig = CoreRig(tmp_path, first([m.TransferCommand(target="2001")]))
+    rig = CoreRig(tmp_path, first_then([m.TransferCommand(target="2001")]))
     rig.call()
     invite = rig.requests("INVITE", MEMBERS["2001"])[0]
     rig.answer(invite, MEMBERS["2001"], "t1")

@@ -24,9 +24,7 @@ from pbx.calls.state import (
     call_from_dict,
 )
 from pbx.sip.dialog import Dialog
-from tests.calls.rig import CoreRig
-from tests.calls.test_core import PLAY, first
-from tests.test_front_queue import CALLER, MEMBERS
+from tests.calls.rig import CALLER, MEMBERS, PLAY, TRUSTED_CALLER, CoreRig, first_then
 
 
 def a_call(phase: CallPhase = CallPhase.SETUP) -> Call:
@@ -105,7 +103,7 @@ def test_round_trip_setup_ivr_transferring_bridged_ended(tmp_path: Path) -> None
         invite = rig.requests("INVITE", MEMBERS["2001"])[0]
         rig.answer(invite, MEMBERS["2001"], "t1")
 
-    seen = phases_seen(tmp_path, first([m.TransferCommand(target="2001")]), [
+    seen = phases_seen(tmp_path, first_then([m.TransferCommand(target="2001")]), [
         lambda rig: rig.caller_request("ACK", 1),
         lambda rig: rig.answer(rig.requests("INVITE", MEMBERS["2001"])[0], MEMBERS["2001"],
                                "t1", ring_only=True),
@@ -116,7 +114,7 @@ def test_round_trip_setup_ivr_transferring_bridged_ended(tmp_path: Path) -> None
 
 
 def test_round_trip_setup_while_the_port_is_allocated(tmp_path: Path) -> None:
-    rig = CoreRig(tmp_path, first(PLAY))
+    rig = CoreRig(tmp_path, first_then(PLAY))
     rig.auto_allocate = False
     call = rig.call()
     assert call.phase is CallPhase.SETUP and call.a is not None
@@ -125,7 +123,7 @@ def test_round_trip_setup_while_the_port_is_allocated(tmp_path: Path) -> None:
 
 
 def test_round_trip_ivr_with_a_session_in_flight(tmp_path: Path) -> None:
-    rig = CoreRig(tmp_path, first(PLAY))
+    rig = CoreRig(tmp_path, first_then(PLAY))
     rig.script = lambda event: []  # nothing more to say
     call = rig.call()
     assert call.phase is CallPhase.IVR and call.session is not None
@@ -137,7 +135,7 @@ def test_round_trip_ivr_with_a_session_in_flight(tmp_path: Path) -> None:
 
 
 def test_round_trip_queued_with_members_ringing(tmp_path: Path) -> None:
-    rig = CoreRig(tmp_path, first([m.QueueCommand(target="sales")]))
+    rig = CoreRig(tmp_path, first_then([m.QueueCommand(target="sales")]))
     call = rig.call()
     assert call.phase is CallPhase.QUEUED and call.queue_run is not None
     assert len(call.ringing) == 2
@@ -147,15 +145,14 @@ def test_round_trip_queued_with_members_ringing(tmp_path: Path) -> None:
 
 
 def test_round_trip_ws_bridged(tmp_path: Path) -> None:
-    rig = CoreRig(tmp_path, first([m.WsBridgeCommand(uri="ws://127.0.0.1:1/ws")]))
+    rig = CoreRig(tmp_path, first_then([m.WsBridgeCommand(uri="ws://127.0.0.1:1/ws")]))
     call = rig.call()
     assert call.phase is CallPhase.WS_BRIDGED
     round_trip(rig, call)
 
 
 def test_round_trip_bridged_after_a_refer(tmp_path: Path) -> None:
-    trusted = '\n[policy]\ntrusted_networks = ["127.0.0.1/32"]\n'
-    rig = CoreRig(tmp_path, first([m.TransferCommand(target="2001")]), trusted)
+    rig = CoreRig(tmp_path, first_then([m.TransferCommand(target="2001")]), TRUSTED_CALLER)
     call = rig.call()
     rig.caller_request("ACK", 1)
     rig.answer(rig.requests("INVITE", MEMBERS["2001"])[0], MEMBERS["2001"], "t1")

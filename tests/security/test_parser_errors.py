@@ -10,7 +10,6 @@ texts quoted whole 60 KB headers.
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from pathlib import Path
 
@@ -25,8 +24,7 @@ from pbx.sip.fields import parse_session_expires
 from pbx.sip.framing import FramingError, StreamFramer
 from pbx.sip.message import SipRequest, make_response, parse_message, parse_via
 from pbx.tts import TtsError, decode_wav
-from tests.test_front_dialog import answered, in_dialog, last, rig_invite
-from tests.test_front_queue import CALLER, MEMBERS, SDP, Rig, first_then, until
+from tests.calls.rig import CALLER, MEMBERS, SDP, CoreRig, caller_invite, first_then
 from tests.test_registrar import Phone, make_registrar
 
 SUPERSCRIPT_TWO = "\u00b2"  # "²": str.isdigit() is True, int() raises ValueError
@@ -46,74 +44,61 @@ def _bad_offer(spot: str, digit: str = SUPERSCRIPT_TWO) -> bytes:
     return _OFFER.replace(spot, prefix + digit, 1).encode()
 
 
-# ------------------------------------------------------------------ through the front
+# ------------------------------------------------------------------ through the call core
 
 
 def test_session_expires_superscript_gets_400_not_500(tmp_path: Path) -> None:
-    async def main() -> None:
-        rig = Rig(tmp_path, first_then([]))
-        rig.front.message_received(rig_invite(
-            f"Session-Expires: {SUPERSCRIPT_TWO}\r\nSupported: timer\r\n".encode()), CALLER)
-        statuses = [r.status for r in rig.responses(CALLER)]
-        assert 400 in statuses and 500 not in statuses, statuses
-        assert not rig.front.calls
-        # the front goes on: the next call is answered
-        rig.sip.clear()
-        rig.front.message_received(rig_invite(b"", branch="2"), CALLER)
-        await until(lambda: [r for r in rig.responses(CALLER) if r.status == 200])
-
-    asyncio.run(main())
+    rig = CoreRig(tmp_path, first_then([]))
+    rig.feed(caller_invite(f"Session-Expires: {SUPERSCRIPT_TWO}\r\nSupported: timer\r\n"),
+             CALLER)
+    statuses = rig.statuses()
+    assert 400 in statuses and 500 not in statuses, statuses
+    assert not rig.core.ctx.table.calls
+    # the front goes on: the next call is answered
+    rig.sip.clear()
+    rig.feed(caller_invite(branch="2"), CALLER)
+    assert 200 in rig.statuses()
 
 
 def test_info_duration_superscript_keeps_the_digit(tmp_path: Path) -> None:
-    async def main() -> None:
-        rig = Rig(tmp_path, first_then([]))
-        await answered(rig)
-        in_dialog(rig, "INFO", 2, f"Signal=5\r\nDuration={SUPERSCRIPT_TWO}\r\n".encode(),
-                  extra_ct="application/dtmf-relay")
-        assert last(rig, 2).status == 200
-        info = rig.of(m.MediaDtmfInfo)
-        assert [(i.digit, i.duration_ms) for i in info] == [("5", 100)]
-        in_dialog(rig, "INFO", 3, b"Signal=5\r\nDuration=99999999999\r\n",
-                  extra_ct="application/dtmf-relay")
-        assert last(rig, 3).status == 200
-        in_dialog(rig, "INFO", 4, f"Signal={SUPERSCRIPT_TWO}\r\n".encode(),
-                  extra_ct="application/dtmf-relay")
-        assert last(rig, 4).status == 400
-
-    asyncio.run(main())
+    rig = CoreRig(tmp_path, first_then([]))
+    rig.answered()
+    rig.caller_request("INFO", 2, body=f"Signal=5\r\nDuration={SUPERSCRIPT_TWO}\r\n".encode(),
+                       content_type="application/dtmf-relay")
+    assert rig.last(2).status == 200
+    info = rig.of(m.MediaDtmfInfo)
+    assert [(i.digit, i.duration_ms) for i in info] == [("5", 100)]
+    rig.caller_request("INFO", 3, body=b"Signal=5\r\nDuration=99999999999\r\n",
+                       content_type="application/dtmf-relay")
+    assert rig.last(3).status == 200
+    rig.caller_request("INFO", 4, body=f"Signal={SUPERSCRIPT_TWO}\r\n".encode(),
+                       content_type="application/dtmf-relay")
+    assert rig.last(4).status == 400
 
 
 @pytest.mark.parametrize("spot", [s for s in _NUMBER_SPOTS if s != "ptime:20"])  # was 488
 def test_offer_with_superscript_number_gets_488_not_500(tmp_path: Path, spot: str) -> None:
-    async def main() -> None:
-        rig = Rig(tmp_path, first_then([]))
-        invite = rig_invite(b"").replace(SDP, b"")
-        body = _bad_offer(spot)
-        invite = invite.replace(b"Content-Length: %d" % len(SDP),
-                                b"Content-Length: %d" % len(body)) + body
-        rig.front.message_received(invite, CALLER)
-        final = await until(lambda: [r.status for r in rig.responses(CALLER)
-                                     if r.status >= 200])
-        assert final in ([200], [488]), final  # a number we can do without is no error
-
-    asyncio.run(main())
+    rig = CoreRig(tmp_path, first_then([]))
+    invite = caller_invite().replace(SDP, b"")
+    body = _bad_offer(spot)
+    invite = invite.replace(b"Content-Length: %d" % len(SDP),
+                            b"Content-Length: %d" % len(body)) + body
+    rig.feed(invite, CALLER)
+    final = [status for status in rig.statuses() if status >= 200]
+    assert final in ([200], [488]), final  # a number we can do without is no error
 
 
 def test_b_leg_answer_with_bad_sdp_is_hung_up_not_left_confirmed(tmp_path: Path) -> None:
-    async def main() -> None:
-        rig = Rig(tmp_path, first_then([m.TransferCommand(target="2001")]))
-        rig.call()
-        invite = (await until(lambda: rig.requests("INVITE", MEMBERS["2001"])))[0]
-        rig.ack_caller()
-        ok = make_response(invite, 200, to_tag="b1", body=_bad_offer("m=audio 40000"),
-                           headers=[("Contact", "<sip:2001@127.0.0.1:6001>")],
-                           content_type="application/sdp")
-        rig.feed(ok, MEMBERS["2001"])
-        await until(lambda: rig.requests("BYE", MEMBERS["2001"]))
-        assert not rig.of(m.MediaBridge)
-
-    asyncio.run(main())
+    rig = CoreRig(tmp_path, first_then([m.TransferCommand(target="2001")]))
+    rig.call()
+    invite = rig.requests("INVITE", MEMBERS["2001"])[0]
+    rig.caller_request("ACK", 1)
+    ok = make_response(invite, 200, to_tag="b1", body=_bad_offer("m=audio 40000"),
+                       headers=[("Contact", "<sip:2001@127.0.0.1:6001>")],
+                       content_type="application/sdp")
+    rig.feed(ok, MEMBERS["2001"])
+    assert rig.requests("BYE", MEMBERS["2001"])
+    assert not rig.of(m.MediaBridge)
 
 
 def test_register_expires_of_thousands_of_digits_is_clamped_not_500() -> None:
@@ -264,7 +249,7 @@ def test_other_error_texts_quote_an_excerpt() -> None:
 def test_request_with_superscript_session_expires_parses() -> None:
     """The message itself is well formed: only the front's reading of the value fails,
     with a SipError carrying 400."""
-    msg = parse_message(rig_invite(f"Session-Expires: {SUPERSCRIPT_TWO}\r\n".encode()))
+    msg = parse_message(caller_invite(f"Session-Expires: {SUPERSCRIPT_TWO}\r\n"))
     assert isinstance(msg, SipRequest)
     with pytest.raises(SipError) as raised:
         parse_session_expires(msg.headers.get("Session-Expires") or "")

@@ -5,14 +5,12 @@ namespace, is tests/security/test_invite_flood.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from pbx import messages as m
 from pbx.sip.message import SipResponse
-from tests.test_front_queue import SDP, Rig, first_then, until
+from tests.calls.rig import PLAY, SDP, CoreRig, first_then
 
-PLAY = [m.PlayCommand(play_id=1, file="sounds/menu.wav")]
 FLOODER = ("198.51.100.7", 5060)
 CALLER = ("203.0.113.20", 5060)
 
@@ -29,38 +27,32 @@ def invite(source: tuple[str, int], n: int) -> bytes:
     ).encode() + SDP
 
 
-def finals(rig: Rig, source: tuple[str, int]) -> list[SipResponse]:
+def finals(rig: CoreRig, source: tuple[str, int]) -> list[SipResponse]:
     return [r for r in rig.responses(source) if r.status >= 200]
 
 
 def test_one_source_holds_at_most_its_set_up_budget(tmp_path: Path) -> None:
-    async def main() -> None:
-        rig = Rig(tmp_path, first_then(PLAY), "\n[limits]\nsetup_calls_per_source = 5\n")
-        for n in range(12):  # never ACKed
-            rig.front.message_received(invite(FLOODER, n), FLOODER)
-        await until(lambda: len(finals(rig, FLOODER)) == 12)
-        statuses = [r.status for r in finals(rig, FLOODER)]
-        assert statuses.count(200) == 5 and statuses.count(503) == 7, statuses
-        busy = [r for r in finals(rig, FLOODER) if r.status == 503][0]
-        assert busy.headers.get("Retry-After") == "5"
-        assert len(rig.front.calls) == 5 and len(rig.front.sessions) == 5
-        assert len(rig.of(m.MediaAllocate)) == 5  # no RTP port spent on the refused ones
-        # another source is answered as usual
-        rig.front.message_received(invite(CALLER, 100), CALLER)
-        await until(lambda: finals(rig, CALLER))
-        assert finals(rig, CALLER)[0].status == 200
-        assert rig.front.stats["setup_budget_refused"] == 7
-
-    asyncio.run(main())
+    rig = CoreRig(tmp_path, first_then(PLAY), "\n[limits]\nsetup_calls_per_source = 5\n")
+    for n in range(12):  # never ACKed
+        rig.feed(invite(FLOODER, n), FLOODER)
+    assert len(finals(rig, FLOODER)) == 12
+    statuses = [r.status for r in finals(rig, FLOODER)]
+    assert statuses.count(200) == 5 and statuses.count(503) == 7, statuses
+    busy = [r for r in finals(rig, FLOODER) if r.status == 503][0]
+    assert busy.headers.get("Retry-After") == "5"
+    table = rig.core.ctx.table
+    assert len(table.calls) == 5 and len(table.sessions) == 5
+    assert len(rig.of(m.MediaAllocate)) == 5  # no RTP port spent on the refused ones
+    # another source is answered as usual
+    rig.feed(invite(CALLER, 100), CALLER)
+    assert finals(rig, CALLER)[0].status == 200
+    assert rig.core.ctx.stats["setup_budget_refused"] == 7
 
 
 def test_an_acknowledged_call_gives_its_budget_back(tmp_path: Path) -> None:
-    async def main() -> None:
-        rig = Rig(tmp_path, first_then(PLAY), "\n[limits]\nsetup_calls_per_source = 1\n")
-        rig.call()  # from tests.test_front_queue.CALLER (127.0.0.1)
-        await until(lambda: [r for r in rig.responses(("127.0.0.1", 5999)) if r.status == 200])
-        assert rig.front.setup_by_source == {"127.0.0.1": 1}
-        rig.ack_caller()
-        assert rig.front.setup_by_source == {}
-
-    asyncio.run(main())
+    rig = CoreRig(tmp_path, first_then(PLAY), "\n[limits]\nsetup_calls_per_source = 1\n")
+    rig.call()  # from tests.calls.rig.CALLER (127.0.0.1)
+    assert [r for r in rig.responses(("127.0.0.1", 5999)) if r.status == 200]
+    assert rig.core.ctx.table.setup_by_source == {"127.0.0.1": 1}
+    rig.caller_request("ACK", 1)
+    assert rig.core.ctx.table.setup_by_source == {}

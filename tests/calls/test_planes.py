@@ -1,0 +1,147 @@
+"""What the call core believes from the planes (DESIGN §6): replies only from the
+executor an event went to, RTP addresses only as the worker declared them; and the
+media workers' strict-latching counts added up for /metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pbx import messages as m
+from tests.calls.rig import CALLER, MEMBERS, CoreRig, caller_invite, reply
+
+ROGUE_ADDRESS = "198.51.100.7"
+
+
+def held_rig(tmp: Path) -> CoreRig:
+    """Executor `e` gets the events but the test decides what it answers."""
+    rig = CoreRig(tmp)
+    rig.executors[b"e"].answer = lambda event: None
+    return rig
+
+
+def final_status(rig: CoreRig) -> int | None:
+    finals = [r for r in rig.responses(CALLER) if r.status >= 200]
+    return finals[0].status if finals else None
+
+
+def test_reply_from_another_identity_is_ignored_and_counted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rig = held_rig(tmp_path)
+    rig.call()
+    event = rig.ivr[0]
+    assert rig.executors[b"e"].received == [event]
+    # A rogue that joined as an executor answers the event in flight.
+    rig.add_executor(b"rogue", answer=lambda event: None)
+    rig.reply(b"rogue", reply(event, m.TransferCommand(target="2002")))
+    rig.advance(0.05)
+    assert not rig.requests("INVITE", MEMBERS["2002"])
+    assert rig.core.ctx.stats["ivr_replies_rejected"] == 1
+    session = rig.core.ctx.table.sessions[event.session_id]
+    assert session.in_flight == event and session.executor == b"e"
+    # The executor the event went to is still heard.
+    rig.reply(b"e", reply(event, m.TransferCommand(target="2001")))
+    assert rig.requests("INVITE", MEMBERS["2001"])
+    assert rig.core.ctx.stats["ivr_replies_rejected"] == 1
+    assert "reply seq 1 from b'rogue', but the event went to b'e': ignored" in caplog.text
+
+
+def test_rejection_log_line_is_bounded(tmp_path: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    rig = held_rig(tmp_path)
+    rig.call()
+    event = rig.ivr[0]
+    huge = b"r" * 255  # the longest ZeroMQ identity
+    rig.core.ivr_message(huge, m.IvrReady(executor_id="x" * 5000, capacity=1), rig.now)
+    rig.reply(huge, reply(event))
+    assert rig.core.ctx.stats["ivr_replies_rejected"] == 1
+    line = next(r.getMessage() for r in caplog.records if "ignored" in r.getMessage())
+    assert len(line) < 300
+
+
+def test_allocation_at_another_address_fails_the_leg(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path)
+    rig.allocate_ip = ROGUE_ADDRESS  # the worker declared 127.0.0.1
+    rig.feed(caller_invite(), CALLER)
+    assert final_status(rig) == 503
+    assert all(ROGUE_ADDRESS.encode() not in r.body for r in rig.responses(CALLER))
+    assert rig.core.ctx.stats["media_allocations_rejected"] == 1
+    # The port the worker opened is given back, and no IVR session started.
+    assert [r.call_id for r in rig.of(m.MediaRelease)] == [
+        a.call_id for a in rig.of(m.MediaAllocate)]
+    assert not rig.ivr and not rig.core.ctx.table.legs_by_media
+
+
+def test_allocation_answered_by_another_worker_is_ignored(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path)
+    rig.allocate_from = b"other"  # an allowed address, but not the worker asked
+    rig.core.media_message(b"other", m.MediaHeartbeat(
+        worker_id="other", calls=0, capacity=0, rtp_ip="127.0.0.1"), rig.now)  # full
+    rig.call()
+    assert rig.core.ctx.stats["media_allocations_rejected"] == 1
+    assert final_status(rig) is None  # still waiting for the worker asked (`w`)
+    leg = next(iter(rig.core.ctx.table.legs_by_media.values()))
+    assert leg.media.worker == b"w"
+    rig.core.media_message(b"w", m.MediaAllocated(
+        call_id=leg.media_id, rtp_ip="127.0.0.1", rtp_port=31000), rig.now)
+    rig.pump()
+    assert final_status(rig) == 200
+    ok = [r for r in rig.responses(CALLER) if r.status == 200][0]
+    assert b"c=IN IP4 127.0.0.1" in ok.body and b"m=audio 31000 " in ok.body
+
+
+def test_worker_declaring_a_refused_address_is_not_used(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path)
+    rig.allocate_ip = ROGUE_ADDRESS
+    workers = rig.core.ctx.media_workers
+    workers.remove(b"w")  # a front that has not heard of `w` yet
+    rig.core.media_message(b"w", m.MediaReady(worker_id="w", capacity=100,
+                                              rtp_ip=ROGUE_ADDRESS), rig.now)
+    assert b"w" not in workers
+    assert rig.core.ctx.stats["media_workers_rejected"] == 1
+    rig.feed(caller_invite(), CALLER)
+    assert final_status(rig) == 503
+    assert not rig.of(m.MediaAllocate)
+
+
+def test_worker_changing_its_address_is_refused(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path)
+    rig.settings.media.worker_rtp_ips = ["10.0.0.0/24"]
+    workers = rig.core.ctx.media_workers
+    rig.core.media_message(b"w2", m.MediaReady(worker_id="w2", capacity=10,
+                                               rtp_ip="10.0.0.5"), rig.now)
+    assert workers.address_of(b"w2") == "10.0.0.5"
+    rig.core.media_message(b"w2", m.MediaHeartbeat(worker_id="w2", calls=3, capacity=10,
+                                                   rtp_ip="10.0.0.6"), rig.now)
+    assert rig.core.ctx.stats["media_workers_rejected"] == 1
+    assert workers.address_of(b"w2") == "10.0.0.5"
+    rig.core.media_message(b"w3", m.MediaReady(worker_id="w3", capacity=10,
+                                               rtp_ip="10.0.1.5"), rig.now)
+    assert b"w3" not in workers
+    assert rig.core.ctx.stats["media_workers_rejected"] == 2
+
+
+def test_worker_learnt_from_heartbeat_after_front_restart(tmp_path: Path) -> None:
+    """A restarted front hears only heartbeats: they carry the address too."""
+    rig = CoreRig(tmp_path)
+    rig.core.ctx.media_workers.remove(b"w")
+    rig.core.media_message(b"w", m.MediaHeartbeat(worker_id="w", calls=0, capacity=100,
+                                                  rtp_ip="127.0.0.1"), rig.now)
+    rig.call()
+    assert final_status(rig) == 200
+    assert rig.core.ctx.stats["media_allocations_rejected"] == 0
+
+
+def test_heartbeat_foreign_counts_add_up_in_the_snapshot(tmp_path: Path) -> None:
+    """Strict RTP latching: the packets from strangers each worker dropped since its last
+    heartbeat, added up over workers and heartbeats."""
+    rig = CoreRig(tmp_path)  # its worker `w` said ready
+    assert rig.core.snapshot()["rtp_foreign_dropped"] == 0
+    for worker, rtp, rtcp in ((b"w", 5, 0), (b"w2", 7, 2), (b"w", 0, 1)):
+        rig.core.media_message(worker, m.MediaHeartbeat(
+            worker_id=worker.decode(), calls=1, capacity=10, rtp_ip="127.0.0.1",
+            rtp_foreign_dropped=rtp, rtcp_foreign_dropped=rtcp), rig.now)
+    snap = rig.core.snapshot()
+    assert snap["rtp_foreign_dropped"] == 12 and snap["rtcp_foreign_dropped"] == 3
+    assert snap["media_workers"] == 2

@@ -1,0 +1,234 @@
+"""The front's shell (`pbx.front.Front`) on a real asyncio loop: that it wires the call
+core to I/O. What the core decides is tested on its virtual clock in tests/calls/.
+
+Fakes stand for what is around the shell: the transport (SIP parsed back), a media
+worker that answers allocations and an executor that answers events on the loop
+(`call_soon`), either of whose planes may refuse a send. The loop is real; its clock
+can be moved on (`SkippingLoop.skip`), so timers due by then run at once, and nothing
+waits for time to pass: each step waits for the shell's next send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from pbx import messages as m
+from pbx.front import Front
+from pbx.sip.message import SipRequest, SipResponse, parse_message
+from tests.calls.rig import (
+    CALLER,
+    MEMBERS,
+    PLAY,
+    Script,
+    allocated,
+    caller_invite,
+    first_then,
+    rig_settings,
+    scripted_reply,
+)
+
+# No heartbeats come in these tests: workers and executors stay alive regardless.
+NO_EXPIRY = "\n[media]\nexpiry_ms = 600000\n[ivr]\nexpiry_ms = 600000\n"
+RUN_BOUND_S = 10.0
+
+
+class SkippingLoop(asyncio.SelectorEventLoop):
+    """A loop whose clock `skip` moves on; it also notes the host names it resolves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped = 0.0
+        self.resolved: list[tuple[str, int]] = []
+
+    def time(self) -> float:
+        return super().time() + self.skipped
+
+    def skip(self, seconds: float) -> None:
+        self.skipped += seconds
+
+    async def getaddrinfo(self, host: Any, port: Any, *args: Any,
+                          **kwargs: Any) -> list[Any]:
+        self.resolved.append((host, port))
+        return await super().getaddrinfo(host, port, *args, **kwargs)
+
+
+def run(main: Callable[[SkippingLoop], Coroutine[Any, Any, None]]) -> None:
+    loop = SkippingLoop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(main(loop), RUN_BOUND_S))
+    finally:
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
+class Shell:
+    """The real Front with fakes around it; executors `executors`, in that order."""
+
+    def __init__(self, tmp: Path, script: Script, extra: str = "",
+                 executors: tuple[bytes, ...] = (b"e",)) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.script = script
+        self.sip: list[tuple[SipRequest | SipResponse, tuple[str, int]]] = []
+        self.media: list[Any] = []
+        self.ivr: list[tuple[bytes, m.IvrEvent]] = []  # (executor, event) delivered
+        self.events: list[dict[str, Any]] = []
+        self.refuse_media: Callable[[Any], bool] = lambda msg: False
+        self.refuse_ivr: set[bytes] = set()
+        self.refused: list[tuple[bytes, Any]] = []  # (worker or executor, message)
+        self.port = 30_000
+        self.changed = asyncio.Event()
+        self.front = Front(rig_settings(tmp, NO_EXPIRY + extra), self._send_sip,
+                           self._send_media, self._send_ivr, self.events.append)
+        self.front.on_media_message(b"w", m.MediaReady(worker_id="w", capacity=100,
+                                                       rtp_ip="127.0.0.1"))
+        for identity in executors:
+            self.front.on_ivr_message(identity, m.IvrReady(executor_id=identity.decode(),
+                                                           capacity=10))
+
+    # fakes -------------------------------------------------------------
+
+    def _send_sip(self, data: bytes, addr: tuple[str, int], reliable: bool = False) -> None:
+        self.sip.append((parse_message(data), addr))
+        self.changed.set()
+
+    def _send_media(self, worker: bytes, msg: Any) -> bool:
+        self.changed.set()
+        if self.refuse_media(msg):
+            self.refused.append((worker, msg))
+            return False
+        self.media.append(msg)
+        if isinstance(msg, m.MediaAllocate):
+            self.port += 2
+            self.loop.call_soon(self.front.on_media_message, worker,
+                                allocated(msg, self.port))
+        elif isinstance(msg, m.MediaRelease):
+            self.loop.call_soon(self.front.on_media_message, worker,
+                                m.MediaReleased(call_id=msg.call_id))
+        return True
+
+    def _send_ivr(self, executor: bytes, event: m.IvrEvent) -> bool:
+        self.changed.set()
+        if executor in self.refuse_ivr:
+            self.refused.append((executor, event))
+            return False
+        self.ivr.append((executor, event))
+        self.loop.call_soon(self.front.on_ivr_message, executor,
+                            scripted_reply(self.script, event))
+        return True
+
+    # helpers -----------------------------------------------------------
+
+    async def until(self, predicate: Callable[[], Any]) -> Any:
+        """Wait for the shell's sends until `predicate()` holds (bounded by `run`)."""
+        while not (value := predicate()):
+            self.changed.clear()
+            await self.changed.wait()
+        return value
+
+    def requests(self, method: str, addr: tuple[str, int] | None = None) -> list[SipRequest]:
+        return [msg for msg, to in self.sip if isinstance(msg, SipRequest)
+                and msg.method == method and (addr is None or to == addr)]
+
+    def statuses(self) -> list[int]:
+        return [msg.status for msg, to in self.sip
+                if isinstance(msg, SipResponse) and to == CALLER]
+
+
+def test_a_call_is_answered(tmp_path: Path) -> None:
+    async def main(loop: SkippingLoop) -> None:
+        shell = Shell(tmp_path, first_then(PLAY))
+        shell.front.message_received(caller_invite(), CALLER)
+        # Carried out before message_received returns: 100 Trying, the port asked for.
+        assert shell.statuses() == [100]
+        assert [type(x) for x in shell.media] == [m.MediaAllocate]
+        await shell.until(lambda: 200 in shell.statuses())
+        assert shell.statuses() == [100, 200]
+        plays = await shell.until(lambda: [x for x in shell.media
+                                           if isinstance(x, m.MediaPlay)])
+        assert plays[0].file == "sounds/menu.wav"
+        assert [e["event"] for e in shell.events if e.get("type") == "call"][:2] == [
+            "started", "answered"]
+        assert len(shell.front.calls) == 1
+
+    run(main)
+
+
+def test_a_refused_media_command_ends_the_call(tmp_path: Path) -> None:
+    async def main(loop: SkippingLoop) -> None:
+        shell = Shell(tmp_path, first_then(PLAY))
+        shell.refuse_media = lambda msg: isinstance(msg, m.MediaPlay)
+        shell.front.message_received(caller_invite(), CALLER)
+        byes = await shell.until(lambda: shell.requests("BYE", CALLER))
+        assert [type(msg) for _, msg in shell.refused] == [m.MediaPlay]
+        assert "MediaCommandLost" in (byes[0].headers.get("Reason") or "")
+        assert not shell.front.calls and shell.front.stats["ivr_commands_lost"] == 1
+
+    run(main)
+
+
+def test_a_refused_ivr_event_goes_to_another_executor(tmp_path: Path) -> None:
+    async def main(loop: SkippingLoop) -> None:
+        shell = Shell(tmp_path, first_then(PLAY), executors=(b"e1", b"e2"))
+        shell.refuse_ivr = {b"e1"}  # the first chosen: its queue is full
+        shell.front.message_received(caller_invite(), CALLER)
+        await shell.until(lambda: [x for x in shell.media if isinstance(x, m.MediaPlay)])
+        assert [(executor, type(event.input)) for executor, event in shell.refused] == [
+            (b"e1", m.SessionStartInput)]
+        assert [(executor, event.seq) for executor, event in shell.ivr] == [(b"e2", 1)]
+
+    run(main)
+
+
+def test_a_transfer_target_host_name_is_resolved_through_the_loop(tmp_path: Path) -> None:
+    target = "sip:2001@localhost:6001"
+    outbound = f'\n[[policy.outbound]]\nmatch = "{target}"\ncallers = ["provider"]\n'
+
+    async def main(loop: SkippingLoop) -> None:
+        shell = Shell(tmp_path, first_then([m.TransferCommand(target=target)]), outbound)
+        shell.front.message_received(caller_invite(), CALLER)
+        ip = str(socket.getaddrinfo("localhost", 6001, type=socket.SOCK_DGRAM)[0][4][0])
+        invites = await shell.until(lambda: shell.requests("INVITE", (ip, 6001)))
+        assert invites[0].uri == target
+        assert loop.resolved == [("localhost", 6001)]
+
+    run(main)
+
+
+def test_the_one_timer_follows_the_core_deadlines(tmp_path: Path) -> None:
+    """A member that never answers: our INVITE is retransmitted at T1, then 2·T1 later
+    (RFC 3261 §17.1.1.2), each on the one timer, re-armed after it fires."""
+    async def main(loop: SkippingLoop) -> None:
+        shell = Shell(tmp_path, first_then([m.TransferCommand(target="2001")]))
+        shell.front.message_received(caller_invite(), CALLER)
+
+        def invites() -> list[SipRequest]:
+            return shell.requests("INVITE", MEMBERS["2001"])
+
+        await shell.until(invites)
+        for sent, interval_s in ((1, 0.5), (2, 1.0)):
+            loop.skip(interval_s)
+            await shell.until(lambda: len(invites()) > sent)  # noqa: B023 (awaited here)
+
+    run(main)
+
+
+def test_traces_are_stored_logged_and_given_to_listeners(tmp_path: Path) -> None:
+    async def main(loop: SkippingLoop) -> None:
+        shell = Shell(tmp_path, first_then([m.HangupCommand()]))
+        seen: list[dict[str, Any]] = []
+        shell.front.listeners.append(seen.append)
+        trace = m.StepTrace(call_id="c", session_id="s1", step_index=0, trigger="start",
+                            step_id="x", step_name="y", extra={"k": 1}, at=1.0)
+        shell.front.record_trace(trace)
+        assert shell.front.traces.get("s1") == [trace.model_dump(mode="json")]
+        assert seen[0]["type"] == "ivr_step_trace" and seen[0]["step_id"] == "x"
+        assert shell.events[0] == seen[0]
+        lines = (tmp_path / "logs" / "traces.jsonl").read_text().splitlines()
+        assert json.loads(lines[0])["extra"] == {"k": 1}
+
+    run(main)
