@@ -82,15 +82,9 @@ from pbx.config import UserSettings
 from pbx.sip.auth import AuthFailure, AuthResult, DigestAuthenticator
 from pbx.sip.authguard import AuthGuard
 from pbx.sip.errors import SipError
-from pbx.sip.message import (
-    SipRequest,
-    SipResponse,
-    SipUri,
-    format_params,
-    make_response,
-    new_tag,
-    parse_name_addr,
-)
+from pbx.sip.grammar import format_params
+from pbx.sip.message import SipRequest, SipResponse, make_response, new_tag
+from pbx.sip.uri import SipUri, parse_name_addr
 
 Addr = tuple[str, int]
 ContactKey = tuple[object, ...]

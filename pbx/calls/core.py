@@ -50,15 +50,8 @@ from pbx.registry import WorkerRegistry
 from pbx.sip.auth import DigestAuthenticator
 from pbx.sip.authguard import AuthGuard
 from pbx.sip.errors import SipError
-from pbx.sip.message import (
-    Headers,
-    SipRequest,
-    make_response,
-    new_tag,
-    parse_message,
-    parse_name_addr,
-    stamp_via,
-)
+from pbx.sip.headers import Headers
+from pbx.sip.message import SipRequest, make_response, new_tag, parse_message, stamp_via
 from pbx.sip.transaction import (
     AckTimeout,
     RequestReceived,
@@ -69,6 +62,7 @@ from pbx.sip.transaction import (
     TransactionLayer,
     TransactionTimeout,
 )
+from pbx.sip.uri import parse_name_addr
 from pbx.traces import TraceStore
 
 log = logging.getLogger("pbx.calls")

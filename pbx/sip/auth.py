@@ -99,7 +99,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from pbx.sip.errors import SipError, excerpt
-from pbx.sip.message import SipRequest, parse_name_addr, parse_uri
+from pbx.sip.message import SipRequest
+from pbx.sip.uri import parse_name_addr, parse_uri
 
 MD5 = "MD5"
 SHA256 = "SHA-256"

@@ -24,7 +24,8 @@ from pbx.sip.auth import (
     quote_string,
 )
 from pbx.sip.errors import SipError
-from pbx.sip.message import Headers, SipRequest, SipResponse, parse_message
+from pbx.sip.headers import Headers
+from pbx.sip.message import SipRequest, SipResponse, parse_message
 from tests.e2e.harness import (
     REGISTERING_USERS,
     ROOT,

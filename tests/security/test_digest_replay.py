@@ -15,7 +15,8 @@ import pytest
 from pbx.config import UserSettings
 from pbx.registrar import Registrar
 from pbx.sip.auth import AuthFailure, DigestAuthenticator, client_authorization
-from pbx.sip.message import SipRequest, SipResponse, parse_message, parse_name_addr
+from pbx.sip.message import SipRequest, SipResponse, parse_message
+from pbx.sip.uri import parse_name_addr
 from tests.e2e.harness import (
     REGISTERING_USERS,
     PbxSystem,

@@ -23,7 +23,8 @@ from pbx.sip.auth import parse_auth_params
 from pbx.sip.errors import SdpError, SipError
 from pbx.sip.fields import parse_session_expires
 from pbx.sip.framing import FramingError, StreamFramer
-from pbx.sip.message import SipRequest, make_response, parse_message, parse_via
+from pbx.sip.message import SipRequest, make_response, parse_message
+from pbx.sip.via import parse_via
 from pbx.tts import TtsError, decode_wav
 from tests.test_front_dialog import answered, in_dialog, last, rig_invite
 from tests.test_front_queue import CALLER, MEMBERS, SDP, Rig, first_then, until

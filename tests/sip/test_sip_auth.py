@@ -18,7 +18,8 @@ from pbx.sip.auth import (
     quote_string,
 )
 from pbx.sip.errors import SipError
-from pbx.sip.message import Headers, SipRequest
+from pbx.sip.headers import Headers
+from pbx.sip.message import SipRequest
 
 REALM = "pbx.example.com"
 SECRET = b"0123456789abcdef-test-secret"
