@@ -9,7 +9,8 @@ import pytest
 
 from pbx.config import UserSettings
 from pbx.registrar import Registrar
-from pbx.sip.auth import DigestAuthenticator, client_authorization, parse_challenge
+from pbx.sip.auth import DigestAuthenticator
+from pbx.sip.digest import client_authorization, parse_challenge
 from pbx.sip.message import SipRequest, SipResponse, parse_message
 from pbx.sip.uri import parse_name_addr
 

@@ -22,7 +22,8 @@ from media.dtmf import EVENT_DIGITS, Rfc4733Detector
 from media.rtcp import RtcpError, parse_compound
 from media.rtp import RtpError, build_rtp, parse_event, parse_rtp
 from media.wav import WavError, parse_wav
-from pbx.sip.auth import DigestAuthenticator, choose_challenge, parse_auth_params, parse_challenge
+from pbx.sip.auth import DigestAuthenticator
+from pbx.sip.digest import choose_challenge, parse_auth_params, parse_challenge
 from pbx.sip.errors import SdpError, SipError
 from pbx.sip.fields import DTMF_DIGITS, parse_dtmf_info, parse_session_expires
 from pbx.sip.framing import FramingError, Message, Ping, StreamFramer

@@ -19,7 +19,7 @@ import pytest
 from media.rtcp import RtcpError, parse_compound
 from pbx import messages as m
 from pbx.sip import sdp
-from pbx.sip.auth import parse_auth_params
+from pbx.sip.digest import parse_auth_params
 from pbx.sip.errors import SdpError, SipError
 from pbx.sip.fields import parse_session_expires
 from pbx.sip.framing import FramingError, StreamFramer

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pbx.sip.auth import parse_auth_params
+from pbx.sip.digest import parse_auth_params
 from pbx.sip.errors import SipError
 from pbx.sip.framing import StreamFramer
 from pbx.sip.message import parse_message
