@@ -1,4 +1,5 @@
-"""SIP message parsing, serialisation and building (pbx.sip.message)."""
+"""SIP message parsing, serialisation and building (pbx.sip.message), with the pieces it
+parses through: headers, URIs and name-addrs, Via, the shared grammar."""
 
 from __future__ import annotations
 
