@@ -4,6 +4,13 @@ Every program loads the same file through `load_config()`. A bad file stops
 start-up with `ConfigError`, whose text names the file, the key and the reason.
 Relative paths are relative to the current directory, which is the project root
 under supervisord (DESIGN §2 "paths").
+
+`Settings` is the whole file, one field per TOML table. The sections that wire the
+processes together (`[sip]`, `[media]`, `[ivr]`, `[zmq]`, `[admin]`, `[rtp]`,
+`[sessions]`) and the dial plan (users, routes, IVRs, queues, `[tts]`, `[asr]`) are
+defined here; the security sections (`[auth]`, `[policy]`, `[limits]`, `[privacy]`) in
+`pbx.settings.security`, the storage ones (`[logging]`, `[traces]`, `[retention]`) in
+`pbx.settings.storage`. Each key is documented by a short comment where it is defined.
 """
 
 from __future__ import annotations
@@ -25,7 +32,14 @@ from pydantic import (
     model_validator,
 )
 
-from pbx.redact import DEFAULT_SECRET_HEADERS
+from pbx.settings.base import Section as _Section  # the base of every section class here
+from pbx.settings.security import (
+    AuthSettings,
+    LimitSettings,
+    PolicySettings,
+    PrivacySettings,
+)
+from pbx.settings.storage import LoggingSettings, RetentionSettings, TracesSettings
 
 DEFAULT_CONFIG_PATH = "config/pbx.toml"
 CONFIG_ENV = "PBX_CONFIG"
@@ -33,10 +47,6 @@ CONFIG_ENV = "PBX_CONFIG"
 
 class ConfigError(Exception):
     """A configuration file that cannot be used; the text says file, key and reason."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def parse_host_port(value: str, what: str) -> tuple[str, int]:
@@ -326,33 +336,6 @@ class AdminSettings(_Section):
         return self
 
 
-class LoggingSettings(_Section):
-    dir: str = "logs"
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    # A log message longer than this (UTF-8 bytes) is cut and the cut marked; control
-    # characters (CR, LF, ESC...) in messages are escaped, so one record is one line
-    # whatever the network sent (no forged log lines).
-    max_line_bytes: int = Field(default=2000, ge=200, le=1_000_000)
-    # The same for a traceback (kept whole up to this size, then head and tail).
-    max_traceback_bytes: int = Field(default=8000, ge=500, le=10_000_000)
-    # More lines of one message template than this per second (per process) are
-    # counted, not written; the next line written says how many were left out.
-    # 0: no limit.
-    max_similar_lines_per_s: float = Field(default=10.0, ge=0)
-    # logs/calls.jsonl and logs/traces.jsonl: past this size the file becomes
-    # `<name>.1` (`.1` becomes `.2`, ...), keeping `jsonl_backups` old files. 0: never
-    # rotated (an external tool's job then).
-    jsonl_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
-    jsonl_backups: int = Field(default=5, ge=1, le=1000)
-
-    @field_validator("jsonl_max_bytes")
-    @classmethod
-    def _check_rotation(cls, v: int) -> int:
-        if 0 < v < 65536:
-            raise ValueError(f"must be 0 (no rotation) or at least 65536, got {v}")
-        return v
-
-
 class RetrySettings(BaseModel):
     """`app_params.retry` of a step-mode IVR route (spec §9)."""
 
@@ -467,161 +450,6 @@ class AsrSettings(_Section):
     timeout_ms: int = Field(default=8_000, gt=0)
 
 
-class OutboundRule(_Section):
-    """`[[policy.outbound]]`: SIP URIs outside our users and routes that may be called."""
-
-    match: str  # regex, matched against the whole target URI
-    # Who may call what matches: extension, trusted (a trusted network), provider (an
-    # IVR's transfer / route_to_agent), anonymous (an unknown caller's REFER).
-    callers: list[Literal["extension", "trusted", "provider", "anonymous"]] = Field(
-        default=["extension", "provider"], min_length=1)
-
-    @field_validator("match")
-    @classmethod
-    def _check_regex(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as exc:
-            raise ValueError(f"bad regex {v!r}: {exc}") from exc
-        return v
-
-
-class PolicySettings(_Section):
-    """`[policy]`: who may create a leg or reach a user (pbx.policy, DESIGN §6)."""
-
-    # Sources (IP networks) whose calls count as authenticated (trunks, an SBC).
-    trusted_networks: list[str] = Field(default_factory=list)
-    # Host names that are this PBX besides the realm and the listen/advertised host:
-    # an INVITE whose From claims one of them must authenticate.
-    domains: list[str] = Field(default_factory=list)
-    # Caller ID presented on outbound legs for a caller we could not verify.
-    anonymous_caller_id: str = Field(default="anonymous", pattern=r"^[A-Za-z0-9+*#._-]{1,32}$")
-    # Pass an unverified caller's From user on when it looks like a phone number.
-    pass_untrusted_caller_id: bool = False
-    # In-dialog requests only from the IP the dialog's peer uses ("any": no check).
-    in_dialog_source: Literal["same_ip", "any"] = "same_ip"
-    outbound: list[OutboundRule] = Field(default_factory=list)
-
-    @field_validator("trusted_networks")
-    @classmethod
-    def _check_networks(cls, v: list[str]) -> list[str]:
-        for net in v:
-            ipaddress.ip_network(net, strict=False)
-        return v
-
-
-class LimitSettings(_Section):
-    """`[limits]`: what one source IP may hold (DESIGN §6 "budgets"). Sources in
-    `[sip] rate_limit_exempt` are exempt."""
-
-    # Inbound calls from one source not yet answered and acknowledged (ACK).
-    setup_calls_per_source: int = Field(default=30, ge=1)
-    # Inbound calls from one source at once, answered or not: each holds an RTP port
-    # pair and an IVR session until it ends, so a source that ACKs is capped too.
-    calls_per_source: int = Field(default=100, ge=1)
-    # SIP server transactions one source holds (each keeps its request ~32 s).
-    transactions_per_source: int = Field(default=512, ge=1)
-    # Bytes of those transactions' requests and responses.
-    transaction_bytes_per_source: int = Field(default=4_000_000, ge=65536)
-    # Open TCP connections from one source.
-    tcp_connections_per_source: int = Field(default=32, ge=1)
-    # Seconds a client is asked to wait (Retry-After) when a budget is spent.
-    retry_after_s: int = Field(default=5, ge=1)
-class AuthSettings(_Section):
-    """`[auth]`: digest replay protection and failed-login backoff (the policy and its
-    trade-offs: pbx/sip/auth.py and pbx/sip/authguard.py)."""
-
-    # A nonce is accepted this long after it was issued, then re-challenged (stale=true).
-    nonce_ttl_s: float = Field(default=300.0, gt=0, le=3600)
-    # Nonces that authenticated, kept with their last nonce count so that no request is
-    # accepted twice; when full the oldest goes and older nonces are re-challenged.
-    nonce_table_size: int = Field(default=16384, ge=16, le=1_048_576)
-    # Wrong passwords in a row from one source for one username before it backs off.
-    max_failures: int = Field(default=5, ge=1)
-    # Wrong passwords from one source over all usernames before the source backs off.
-    source_max_failures: int = Field(default=20, ge=1)
-    # Wrong passwords for one username from sources not known for it (distributed
-    # guessing); softer, and sources that authenticated as the user are exempt, so
-    # that failing on purpose from elsewhere cannot lock a working phone out.
-    user_max_failures: int = Field(default=30, ge=1)
-    # First lockout (credentials not checked, 403 + Retry-After); each further failure
-    # doubles it, up to backoff_max_s.
-    backoff_base_s: float = Field(default=2.0, gt=0)
-    backoff_max_s: float = Field(default=900.0, gt=0)
-    # A counter with no failure for this long starts again from zero.
-    failure_memory_s: float = Field(default=3600.0, gt=0)
-    # How long a source that authenticated as a user stays known for that user.
-    known_source_s: float = Field(default=86400.0, gt=0)
-    # Entries per table (sources, (source, user) pairs, usernames, known sources).
-    table_size: int = Field(default=16384, ge=16, le=1_048_576)
-
-    @model_validator(mode="after")
-    def _check_backoff(self) -> AuthSettings:
-        if self.backoff_base_s > self.backoff_max_s:
-            raise ValueError("backoff_base_s must not exceed backoff_max_s")
-        return self
-
-
-class TracesSettings(_Section):
-    """The in-memory store of IVR step traces behind `/api/traces` (DESIGN §3 "Traces").
-    Bounded by count and by bytes (a step's size is its JSON line's); what goes is
-    counted in /metrics."""
-
-    # Sessions kept; the least recently updated one goes first.
-    max_sessions: int = Field(default=1000, ge=1)
-    # Steps kept per session; the oldest go first (the last step, with the session's
-    # end reason, always stays).
-    max_steps: int = Field(default=500, ge=1)
-    # All kept steps together; the least recently updated sessions go first.
-    max_bytes: int = Field(default=64 * 1024 * 1024, ge=65536)
-    # One session's kept steps; its oldest steps go first. A single step larger than
-    # this is kept (and logged) as a stub without its request and action. At most
-    # `max_bytes` (the default shrinks to it).
-    max_session_bytes: int = Field(default=2 * 1024 * 1024, ge=16384)
-
-    @model_validator(mode="after")
-    def _session_within_total(self) -> TracesSettings:
-        if "max_session_bytes" not in self.model_fields_set:
-            self.max_session_bytes = min(self.max_session_bytes, self.max_bytes)
-        elif self.max_session_bytes > self.max_bytes:
-            raise ValueError(f"max_session_bytes ({self.max_session_bytes}) is larger than "
-                             f"max_bytes ({self.max_bytes})")
-        return self
-
-
-class RetentionSettings(_Section):
-    """What the front deletes from `[media] recordings_dir`, `[media] voicemail_dir` and
-    `[tts] cache_dir` (only the files the PBX writes there: WAV files, their JSON
-    records, temporary files; never a file written in the last few minutes or a
-    recording still in progress). Oldest first; 0 keeps forever / has no limit. The
-    front sweeps the directories as its own host sees them."""
-
-    # How often the sweep runs (seconds); 0: never.
-    interval_s: float = Field(default=300.0, ge=0)
-    recordings_max_age_days: float = Field(default=0.0, ge=0)
-    recordings_max_bytes: int = Field(default=0, ge=0)
-    voicemail_max_age_days: float = Field(default=0.0, ge=0)
-    voicemail_max_bytes: int = Field(default=0, ge=0)
-    # The TTS cache is rebuilt on demand, so it is always bounded by size; a file used
-    # again counts as new (least recently used goes first).
-    tts_cache_max_age_days: float = Field(default=30.0, ge=0)
-    tts_cache_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
-
-
-class PrivacySettings(_Section):
-    """Secrets stay in the front (DESIGN §6): header names (case-insensitive) whose
-    values never become IVR variables and are redacted in traces, events and logs.
-    `Authorization` and `Proxy-Authorization` are secret even when not listed."""
-
-    secret_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_SECRET_HEADERS))
-
-    @field_validator("secret_headers")
-    @classmethod
-    def _check_names(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if not re.fullmatch(r"[A-Za-z0-9!%*_+`'~.\-]+", name):
-                raise ValueError(f"not a header name: {name!r}")
-        return v
 class SessionWatchSettings(_Section):
     """`[sessions]`: how the front keeps IVR sessions from waiting in silence (issue 8)."""
 

@@ -37,7 +37,7 @@ never raises for bad input. The steps follow RFC 3261 §10.3:
 7. For a contact already bound with the same Call-ID, the request's CSeq must
    be higher than the stored one, else the whole update is aborted with 500
    (no binding changes). (A replayed REGISTER never gets this far: its nonce
-   count was used, and its nonce is bound to its Call-ID, see `pbx.sip.auth`.)
+   count was used, and its nonce is bound to its Call-ID, see `pbx.sip.nonces`.)
 8. 200 OK listing every current binding of the AOR with its remaining
    lifetime (`;expires=N`). No `Date` header: the registrar has no wall clock.
 
@@ -82,15 +82,9 @@ from pbx.config import UserSettings
 from pbx.sip.auth import AuthFailure, AuthResult, DigestAuthenticator
 from pbx.sip.authguard import AuthGuard
 from pbx.sip.errors import SipError
-from pbx.sip.message import (
-    SipRequest,
-    SipResponse,
-    SipUri,
-    format_params,
-    make_response,
-    new_tag,
-    parse_name_addr,
-)
+from pbx.sip.grammar import format_params
+from pbx.sip.message import SipRequest, SipResponse, make_response, new_tag
+from pbx.sip.uri import SipUri, parse_name_addr
 
 Addr = tuple[str, int]
 ContactKey = tuple[object, ...]
@@ -239,7 +233,7 @@ class Registrar:
     def stats(self) -> dict[str, int]:
         """Authentication counters and table sizes (for /metrics)."""
         return {**self._counters,
-                "auth_nonces_tracked": self.authenticator.nonces_tracked,
+                "auth_nonces_tracked": self.authenticator.nonces.tracked,
                 "auth_guard_entries": self.guard.entries()}
 
     def authenticate(

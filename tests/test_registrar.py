@@ -9,8 +9,10 @@ import pytest
 
 from pbx.config import UserSettings
 from pbx.registrar import Registrar
-from pbx.sip.auth import DigestAuthenticator, client_authorization, parse_challenge
-from pbx.sip.message import SipRequest, SipResponse, parse_message, parse_name_addr
+from pbx.sip.auth import DigestAuthenticator
+from pbx.sip.digest import client_authorization, parse_challenge
+from pbx.sip.message import SipRequest, SipResponse, parse_message
+from pbx.sip.uri import parse_name_addr
 
 REALM = "pbx.test"
 SRC = ("203.0.113.7", 40123)

@@ -29,7 +29,8 @@ from pbx.registrar import Registrar
 from pbx.registry import WorkerRegistry
 from pbx.sip.dialog import LocalAddress
 from pbx.sip.message import SipRequest, SipResponse, make_response
-from pbx.sip.transaction import SendBytes, TransactionKey, TransactionLayer, Uas2xxRetransmitter
+from pbx.sip.retransmit import Uas2xxRetransmitter
+from pbx.sip.transaction import SendBytes, TransactionKey, TransactionLayer
 from pbx.traces import TraceStore
 
 Addr = tuple[str, int]

@@ -49,26 +49,20 @@ from pbx.registrar import Registrar
 from pbx.registry import WorkerRegistry
 from pbx.sip.auth import DigestAuthenticator
 from pbx.sip.authguard import AuthGuard
+from pbx.sip.budget import SourceBudget
 from pbx.sip.errors import SipError
-from pbx.sip.message import (
-    Headers,
-    SipRequest,
-    make_response,
-    new_tag,
-    parse_message,
-    parse_name_addr,
-    stamp_via,
-)
+from pbx.sip.headers import Headers
+from pbx.sip.message import SipRequest, make_response, new_tag, parse_message, stamp_via
+from pbx.sip.retransmit import AckTimeout
 from pbx.sip.transaction import (
-    AckTimeout,
     RequestReceived,
     ResponseReceived,
     SendBytes,
-    SourceBudget,
     TransactionKey,
     TransactionLayer,
     TransactionTimeout,
 )
+from pbx.sip.uri import parse_name_addr
 from pbx.traces import TraceStore
 
 log = logging.getLogger("pbx.calls")
@@ -428,7 +422,7 @@ class CallCore:
             "executors": len(ctx.executors),
             "media_legs": len(table.legs_by_media),
             "transactions": len(ctx.transactions),
-            "transactions_over_budget": ctx.transactions.refused,
+            "transactions_over_budget": ctx.transactions.sources.refused,
             "sources_in_setup": len(table.setup_by_source),
             "sources_with_calls": len(table.calls_by_source),
             **ctx.stats,

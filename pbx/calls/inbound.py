@@ -28,8 +28,9 @@ from pbx.routing import CallAddress, Router
 from pbx.sip import sdp
 from pbx.sip.dialog import next_hop, uas_from_invite
 from pbx.sip.errors import SipError
-from pbx.sip.message import SipRequest, new_tag, parse_name_addr, parse_uri
+from pbx.sip.message import SipRequest, new_tag
 from pbx.sip.transaction import TransactionKey
+from pbx.sip.uri import parse_name_addr, parse_uri
 
 log = logging.getLogger("pbx.calls")
 

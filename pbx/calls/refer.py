@@ -19,8 +19,9 @@ from pbx.calls.outbound import Outbound
 from pbx.calls.state import Call, CallPhase, Leg, LegPhase
 from pbx.calls.targets import Targets
 from pbx.calls.teardown import Teardown
-from pbx.sip.message import REASON_PHRASES, SipRequest, SipUri, parse_name_addr
+from pbx.sip.message import REASON_PHRASES, SipRequest
 from pbx.sip.transaction import TransactionKey
+from pbx.sip.uri import SipUri, parse_name_addr
 
 log = logging.getLogger("pbx.calls")
 

@@ -15,7 +15,7 @@ from pbx.calls.context import CallContext, reason_phrase
 from pbx.calls.state import Call
 from pbx.policy import Destination, DestinationKind, Party
 from pbx.sip.errors import SipError
-from pbx.sip.message import parse_uri
+from pbx.sip.uri import parse_uri
 
 log = logging.getLogger("pbx.calls")
 

@@ -1,58 +1,17 @@
-"""HTTP Digest authentication for SIP, server side and a small client helper.
+"""HTTP Digest authentication for SIP, server side: challenges and verification.
 
 Theory of operation
 -------------------
-RFC 3261 §22 reuses HTTP Digest (RFC 2617, updated by RFC 7616; SHA-256 for
-SIP by RFC 8760). A server without credentials in a request answers 401 (or
-407 as a proxy) with one `WWW-Authenticate` (`Proxy-Authenticate`) header per
-algorithm it accepts, SHA-256 first (RFC 8760 §2.4: in order of preference);
-the client picks the first it supports and repeats the request with an
-`Authorization` (`Proxy-Authorization`) header whose `response` proves it knows
-the password:
-
-    HA1 = H(username ":" realm ":" password)            (-sess: H(HA1 ":" nonce ":" cnonce))
-    HA2 = H(method ":" digest-uri)                      (auth-int: ... ":" H(body))
-    response = H(HA1 ":" nonce ":" nc ":" cnonce ":" qop ":" HA2)
+RFC 3261 §22 reuses HTTP Digest (the maths, header syntax and client side:
+`pbx.sip.digest`). `DigestAuthenticator.challenge` builds the 401/407 headers,
+one per algorithm offered, SHA-256 first (RFC 8760 §2.4), each with a fresh
+nonce bound to the request challenged (`pbx.sip.nonces`: bound to the
+request's Call-ID and To and to this front instance, usable once per nonce
+count). `verify` checks the credentials a request brings back.
 
 `qop` is required (RFC 7616 §3.4: the RFC 2069 form without it has no nc and no
 cnonce, so it cannot be protected against replay): credentials without it get
 a fresh challenge. `auth-int` is accepted as well as `auth`.
-
-Nonces: bound, single-use per nonce count
------------------------------------------
-A nonce is `<issued ms>.<instance>.<salt>.<binding>.<mac>` (hex), where
-mac = HMAC-SHA-256(secret, realm:issued:instance:salt:binding). It is checked
-without a table (the MAC proves we issued it), and it is *bound*:
-
-* to the **request it was issued for**: `binding` is a keyed hash of that
-  request's Call-ID and To URI. A client retrying after 401/407 keeps both
-  (RFC 3261 §8.1.3.5), a phone refreshing its registration keeps both (§10.2),
-  in-dialog requests keep both; a captured `Authorization` replayed with another
-  Call-ID, or a captured INVITE `Proxy-Authorization` sent towards another To,
-  does not match. The method is not bound (the digest covers it: HA2), nor is
-  the source address: RFC 7616 §3.3 notes that an address in the nonce breaks
-  clients whose requests take different paths and is easily spoofed; for SIP
-  it would also break NAT rebinding and a phone moving between networks, and
-  over UDP it stops nobody (a spoofed REGISTER needs no answer to succeed).
-* to the **front instance** that issued it (`instance`, random per
-  `DigestAuthenticator`), so that the replay table below is complete for every
-  nonce the instance can accept. Several fronts may share `auth_secret`: a
-  second front (or this one after a restart) recognises the others' nonces as
-  authentic but never accepts them; if the digest is right it answers with a
-  fresh challenge and `stale=true`, so the phone retries at once with the new
-  nonce without asking its user (one extra round trip on fail-over), and a
-  request captured at one front cannot be replayed at another.
-
-Each nonce is accepted with a nonce count `nc` strictly higher than the last
-one accepted with it (RFC 7616 §3.4 "nc", §5.5 replay attacks: "if the same
-nc-value is seen twice, then the request is a replay"); a client may reuse a
-nonce for later requests in the same dialog or registration with nc + 1. The
-table behind this holds only nonces that *authenticated successfully* (a
-stranger without a password cannot add to it), each until it expires
-(`nonce_ttl_s`), at most `nonce_table_size` of them. When it is full the
-oldest entry goes and every nonce issued up to that one becomes stale (a
-watermark), so an evicted nonce can never be replayed: its owner just gets
-`stale=true` and a new nonce. All this is O(1) per request.
 
 A nonce older than `nonce_ttl_s`, bound elsewhere, from another instance, or
 reused with a count already seen, is *unusable*: if the digest computed with
@@ -87,239 +46,32 @@ process works (the front passes wall-clock time).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import secrets
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 from urllib.parse import unquote
 
+from pbx.sip.digest import (
+    DEFAULT_ALGORITHMS,
+    MD5,
+    canonical_algorithm,
+    digest_response,
+    parse_auth_params,
+    utf8,
+)
 from pbx.sip.errors import SipError, excerpt
-from pbx.sip.message import SipRequest, parse_name_addr, parse_uri
+from pbx.sip.grammar import quote_string
+from pbx.sip.message import SipRequest
+from pbx.sip.nonces import DEFAULT_NONCE_TABLE_SIZE, Nonces
+from pbx.sip.uri import parse_uri
 
-MD5 = "MD5"
-SHA256 = "SHA-256"
-# RFC 7616 §3.3 algorithms; the -sess variants are accepted in credentials but not offered.
-_HASHES: dict[str, Callable[[bytes], Any]] = {
-    "MD5": hashlib.md5,
-    "MD5-SESS": hashlib.md5,
-    "SHA-256": hashlib.sha256,
-    "SHA-256-SESS": hashlib.sha256,
-}
-_CANONICAL_ALGORITHMS = {"MD5": "MD5", "MD5-SESS": "MD5-sess",
-                         "SHA-256": "SHA-256", "SHA-256-SESS": "SHA-256-sess"}
-DEFAULT_ALGORITHMS: tuple[str, ...] = (SHA256, MD5)
-
-# A nonce "issued" this far in the future is refused as forged (clock steps aside).
-NONCE_FUTURE_SKEW_S = 5.0
-# Nonces that authenticated, remembered with their last nc (see the module docstring).
-DEFAULT_NONCE_TABLE_SIZE = 16384
-
-_TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 _NC_RE = re.compile(r"[0-9A-Fa-f]{8}")
-# issued ms . instance . salt . binding ("x": bound to no request) . mac
-_NONCE_RE = re.compile(
-    r"([0-9a-f]{1,16})\.([0-9a-f]{8})\.([0-9a-f]{12})\.([0-9a-f]{16}|x)\.([0-9a-f]{32})")
-_UNBOUND = "x"
 # RFC 8187 ext-value (RFC 7616 §3.4.4 `username*`): charset ' [language] ' value-chars.
 _EXT_VALUE_RE = re.compile(
     r"(?i:UTF-8|ISO-8859-1)'[A-Za-z0-9-]*'((?:%[0-9A-Fa-f]{2}|[A-Za-z0-9!#$&+\-.^_`|~])*)")
-
-
-def _canonical_algorithm(name: str) -> str:
-    key = name.upper()
-    if key not in _HASHES:
-        raise ValueError(f"unsupported digest algorithm {name!r}")
-    return _CANONICAL_ALGORITHMS[key]
-
-
-# --------------------------------------------------------------------------- digest maths
-
-
-def _utf8(text: str) -> bytes:
-    """The bytes of `text`: as received for text decoded off the wire with
-    surrogateescape; any other lone surrogate is encoded rather than raising."""
-    try:
-        return text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass")
-
-
-def _h(algorithm: str, text: str | bytes) -> str:
-    data = _utf8(text) if isinstance(text, str) else text
-    return _HASHES[algorithm.upper()](data).hexdigest()
-
-
-def digest_ha1(algorithm: str, username: str, realm: str, password: str,
-               nonce: str = "", cnonce: str = "") -> str:
-    """HA1 of RFC 7616 §3.4.2 (for `-sess` algorithms nonce and cnonce are folded in)."""
-    ha1 = _h(algorithm, f"{username}:{realm}:{password}")
-    if algorithm.upper().endswith("-SESS"):
-        ha1 = _h(algorithm, f"{ha1}:{nonce}:{cnonce}")
-    return ha1
-
-
-def digest_response(
-    *,
-    algorithm: str,
-    username: str,
-    realm: str,
-    password: str,
-    method: str,
-    uri: str,
-    nonce: str,
-    qop: str | None = None,
-    nc: str | None = None,
-    cnonce: str | None = None,
-    body: bytes = b"",
-) -> str:
-    """The `response` value (RFC 7616 §3.4.1; RFC 2069 form when qop is None)."""
-    ha1 = digest_ha1(algorithm, username, realm, password, nonce, cnonce or "")
-    return digest_response_from_ha1(algorithm=algorithm, ha1=ha1, method=method, uri=uri,
-                                    nonce=nonce, qop=qop, nc=nc, cnonce=cnonce, body=body)
-
-
-def digest_response_from_ha1(
-    *,
-    algorithm: str,
-    ha1: str,
-    method: str,
-    uri: str,
-    nonce: str,
-    qop: str | None = None,
-    nc: str | None = None,
-    cnonce: str | None = None,
-    body: bytes = b"",
-) -> str:
-    if qop == "auth-int":
-        ha2 = _h(algorithm, f"{method}:{uri}:{_h(algorithm, body)}")
-    else:
-        ha2 = _h(algorithm, f"{method}:{uri}")
-    if qop is None:
-        return _h(algorithm, f"{ha1}:{nonce}:{ha2}")
-    return _h(algorithm, f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
-
-
-# --------------------------------------------------------------------------- header parsing
-
-
-def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
-    """Split `Digest a=b, c="d, \\"e\\""` into ("digest", {"a": "b", "c": 'd, "e"'}).
-
-    The scheme and parameter names are lower-cased; quoted strings are unescaped
-    (RFC 3261 §25.1 quoted-pair) and may hold commas. Empty list elements are
-    skipped (RFC 7230 §7). Raises SipError (400) on malformed text or a
-    duplicated parameter.
-    """
-    text = value.strip()
-    m = _TOKEN_RE.match(text)
-    if not m:
-        raise SipError(f"missing auth scheme in {excerpt(value)}")
-    scheme = m.group(0).lower()
-    i = m.end()
-    n = len(text)
-    if i < n and text[i] not in " \t":
-        raise SipError(f"bad auth scheme in {excerpt(value)}")
-    params: dict[str, str] = {}
-    while True:
-        while i < n and text[i] in " \t,":
-            i += 1
-        if i >= n:
-            break
-        m = _TOKEN_RE.match(text, i)
-        if not m:
-            raise SipError(f"bad auth parameter at {excerpt(text[i:i + 80])}")
-        name = m.group(0).lower()
-        i = m.end()
-        while i < n and text[i] in " \t":
-            i += 1
-        if i >= n or text[i] != "=":
-            raise SipError(f"auth parameter {excerpt(name)} without a value")
-        i += 1
-        while i < n and text[i] in " \t":
-            i += 1
-        if i < n and text[i] == '"':
-            out: list[str] = []
-            i += 1
-            while True:
-                if i >= n:
-                    raise SipError(f"unterminated quoted string in {excerpt(value)}")
-                ch = text[i]
-                if ch == "\\" and i + 1 < n:
-                    out.append(text[i + 1])
-                    i += 2
-                elif ch == '"':
-                    i += 1
-                    break
-                else:
-                    out.append(ch)
-                    i += 1
-            param = "".join(out)
-        else:
-            m = _TOKEN_RE.match(text, i)
-            if not m:
-                raise SipError(f"bad value for auth parameter {excerpt(name)}")
-            param = m.group(0)
-            i = m.end()
-        if name in params:
-            raise SipError(f"duplicate auth parameter {excerpt(name)}")
-        params[name] = param
-        while i < n and text[i] in " \t":
-            i += 1
-        if i < n and text[i] != ",":
-            raise SipError(f"expected ',' after auth parameter {excerpt(name)}")
-    return scheme, params
-
-
-def quote_string(text: str) -> str:
-    """A quoted-string with `\\` and `"` escaped (RFC 3261 §25.1)."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-@dataclass(frozen=True)
-class DigestChallenge:
-    """One parsed `WWW-Authenticate`/`Proxy-Authenticate` Digest challenge."""
-
-    realm: str
-    nonce: str
-    algorithm: str = MD5
-    qop: tuple[str, ...] = ()
-    opaque: str | None = None
-    stale: bool = False
-
-
-def parse_challenge(value: str) -> DigestChallenge:
-    """Parse a Digest challenge; SipError if it is not one or lacks realm/nonce."""
-    scheme, p = parse_auth_params(value)
-    if scheme != "digest":
-        raise SipError(f"not a Digest challenge: {excerpt(value)}")
-    if "realm" not in p or "nonce" not in p:
-        raise SipError("Digest challenge without realm or nonce")
-    qop = tuple(q.strip().lower() for q in p.get("qop", "").split(",") if q.strip())
-    return DigestChallenge(
-        realm=p["realm"], nonce=p["nonce"], algorithm=p.get("algorithm", MD5),
-        qop=qop, opaque=p.get("opaque"), stale=p.get("stale", "").lower() == "true",
-    )
-
-
-def choose_challenge(values: Sequence[str]) -> DigestChallenge:
-    """The first Digest challenge in `values` whose algorithm we support (RFC 8760 §2.4:
-    the server lists them in order of preference). SipError if there is none."""
-    for value in values:
-        try:
-            ch = parse_challenge(value)
-        except SipError:
-            continue
-        if ch.algorithm.upper() in _HASHES:
-            return ch
-    raise SipError("no usable Digest challenge")
-
-
-# --------------------------------------------------------------------------- server side
 
 
 class AuthFailure(Enum):
@@ -400,18 +152,6 @@ def _uris_match(digest_uri: str, request_uri: str) -> bool:
             and a.host.lower() == b.host.lower() and a.port == b.port)
 
 
-def _binding_text(request: SipRequest) -> str:
-    """What a nonce is bound to: the Call-ID and the To URI (scheme, user, host, port;
-    no parameters or tags), as the request carries them."""
-    to = request.headers.get("To") or ""
-    try:
-        uri = parse_name_addr(to).uri
-        to_key = f"{uri.scheme}:{unquote(uri.user or '')}@{uri.host.lower()}:{uri.port}"
-    except SipError:
-        to_key = to.strip()
-    return f"{request.call_id}\x00{to_key}"
-
-
 class DigestAuthenticator:
     """Server side of Digest: builds challenges and checks credentials.
 
@@ -426,95 +166,15 @@ class DigestAuthenticator:
     def __init__(self, realm: str, secret: bytes, nonce_ttl_s: float = 300,
                  algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
                  nonce_table_size: int = DEFAULT_NONCE_TABLE_SIZE) -> None:
-        if not secret:
-            raise ValueError("the nonce secret must not be empty")
-        if nonce_table_size < 1:
-            raise ValueError("nonce_table_size must be at least 1")
+        self.nonces = Nonces(realm, secret, nonce_ttl_s, nonce_table_size)
         self.realm = realm
-        self.secret = secret
-        self.nonce_ttl_s = nonce_ttl_s
-        self.algorithms = tuple(_canonical_algorithm(a) for a in algorithms)
+        self.algorithms = tuple(canonical_algorithm(a) for a in algorithms)
         if not self.algorithms:
             raise ValueError("at least one digest algorithm is needed")
         accepted = {a.upper() for a in self.algorithms}
         self._accepted = accepted | {a + "-SESS" for a in accepted if not a.endswith("-SESS")}
-        self.instance = secrets.token_hex(4)
         # Checked for unknown users so that they cost what a known user costs.
         self._dummy_password = secrets.token_hex(16)
-        self.nonce_table_size = nonce_table_size
-        # mac of a nonce that authenticated -> (issued ms, last nc accepted); insertion
-        # order is first-use order, so the oldest entries are at the front.
-        self._used: OrderedDict[str, tuple[int, int]] = OrderedDict()
-        # Nonces issued at or before this (ms) are stale: entries evicted from _used.
-        self._floor_ms = -1
-        self.evictions = 0
-
-    # -- nonces
-
-    def _mac(self, issued: str, instance: str, salt: str, binding: str) -> str:
-        msg = _utf8(f"{self.realm}:{issued}:{instance}:{salt}:{binding}")
-        return hmac.new(self.secret, msg, hashlib.sha256).hexdigest()[:32]
-
-    def _binding(self, request: SipRequest | None) -> str:
-        if request is None:
-            return _UNBOUND
-        msg = b"binding\x00" + _utf8(_binding_text(request))
-        return hmac.new(self.secret, msg, hashlib.sha256).hexdigest()[:16]
-
-    def make_nonce(self, now: float, request: SipRequest | None = None) -> str:
-        """A fresh nonce, bound to `request` (the one being challenged). Without a
-        request it is bound to none (kept for callers not yet passing one; such a
-        nonce is still single-use per nc)."""
-        issued = f"{max(0, int(now * 1000)):x}"
-        salt = secrets.token_hex(6)
-        binding = self._binding(request)
-        mac = self._mac(issued, self.instance, salt, binding)
-        return f"{issued}.{self.instance}.{salt}.{binding}.{mac}"
-
-    def nonce_age_s(self, nonce: str, now: float) -> float | None:
-        """Seconds since `nonce` was issued by a front sharing our secret, or None if
-        none did (or it claims to come from the future)."""
-        parsed = self._parse_nonce(nonce, now)
-        return None if parsed is None else parsed[0]
-
-    def _parse_nonce(self, nonce: str, now: float) -> tuple[float, int, str, str, str] | None:
-        """(age s, issued ms, instance, binding, mac) of an authentic nonce, else None."""
-        m = _NONCE_RE.fullmatch(nonce)
-        if not m:
-            return None
-        issued, instance, salt, binding, mac = m.groups()
-        if not hmac.compare_digest(mac, self._mac(issued, instance, salt, binding)):
-            return None
-        issued_ms = int(issued, 16)
-        age_s = now - issued_ms / 1000
-        if age_s < -NONCE_FUTURE_SKEW_S:
-            return None
-        return max(0.0, age_s), issued_ms, instance, binding, mac
-
-    @property
-    def nonces_tracked(self) -> int:
-        """Entries in the replay table (a gauge for /metrics)."""
-        return len(self._used)
-
-    def _expire_used(self, now: float) -> None:
-        horizon_ms = (now - self.nonce_ttl_s) * 1000
-        used = self._used
-        while used:
-            issued_ms, _ = next(iter(used.values()))
-            if issued_ms >= horizon_ms:
-                break
-            used.popitem(last=False)
-
-    def _record_use(self, mac: str, issued_ms: int, nc: int, now: float) -> None:
-        self._expire_used(now)
-        if mac in self._used:
-            self._used[mac] = (issued_ms, nc)
-            return
-        while len(self._used) >= self.nonce_table_size:
-            _, (evicted_ms, _) = self._used.popitem(last=False)
-            self._floor_ms = max(self._floor_ms, evicted_ms)
-            self.evictions += 1
-        self._used[mac] = (issued_ms, nc)
 
     # -- challenges
 
@@ -535,8 +195,8 @@ class DigestAuthenticator:
         out: list[tuple[str, str]] = []
         for algorithm in algorithms if algorithms is not None else self.algorithms:
             value = (f"Digest realm={quote_string(self.realm)}, "
-                     f"nonce={quote_string(self.make_nonce(now, request))}, "
-                     f"algorithm={_canonical_algorithm(algorithm)}, qop=\"auth\"")
+                     f"nonce={quote_string(self.nonces.make(now, request))}, "
+                     f"algorithm={canonical_algorithm(algorithm)}, qop=\"auth\"")
             if stale:
                 value += ", stale=true"
             out.append((name, value))
@@ -625,10 +285,10 @@ class DigestAuthenticator:
         if not _uris_match(uri, request.uri):
             return fail(AuthFailure.BAD_URI, f"digest uri {excerpt(uri)} is not the "
                         f"Request-URI {excerpt(request.uri)}", username)
-        parsed = self._parse_nonce(nonce, now)
-        if parsed is None:
+        nonces = self.nonces
+        issued = nonces.check(nonce, now)
+        if issued is None:
             return fail(AuthFailure.BAD_NONCE, username=username)
-        age_s, issued_ms, instance, binding, mac = parsed
         # Same work whether or not the user exists (no timing or status difference).
         password = password_lookup(username)
         expected = digest_response(
@@ -637,23 +297,23 @@ class DigestAuthenticator:
             method=request.method, uri=uri, nonce=nonce, qop=qop, nc=nc, cnonce=cnonce,
             body=request.body,
         )
-        right = hmac.compare_digest(expected.encode("ascii"), _utf8(response.lower()))
+        right = hmac.compare_digest(expected.encode("ascii"), utf8(response.lower()))
         if password is None:
             return fail(AuthFailure.UNKNOWN_USER, username=username)
         if not right:
             return fail(AuthFailure.WRONG_RESPONSE, username=username)
         # The password is right; is the nonce usable for this request?
-        if instance != self.instance:
+        if not nonces.is_ours(issued):
             return fail(AuthFailure.FOREIGN_NONCE, username=username)
-        if binding != _UNBOUND and not hmac.compare_digest(binding, self._binding(request)):
+        if not nonces.is_bound_to(issued, request):
             return fail(AuthFailure.NONCE_BOUND_ELSEWHERE, username=username)
-        if age_s > self.nonce_ttl_s or issued_ms <= self._floor_ms:
+        if nonces.is_stale(issued):
             return fail(AuthFailure.STALE_NONCE, username=username)
         count = int(nc, 16)
-        seen = self._used.get(mac)
-        if seen is not None and count <= seen[1]:
-            return fail(AuthFailure.NONCE_REUSED, f"nc {nc} not above {seen[1]:08x}", username)
-        self._record_use(mac, issued_ms, count, now)
+        last = nonces.last_count(issued)
+        if last is not None and count <= last:
+            return fail(AuthFailure.NONCE_REUSED, f"nc {nc} not above {last:08x}", username)
+        nonces.record_use(issued, count, now)
         return AuthResult(True, username, proxy=proxy)
 
 
@@ -669,53 +329,3 @@ def _decode_ext_value(value: str) -> str | None:
     except UnicodeError:
         return None
 
-
-# --------------------------------------------------------------------------- client side
-
-
-def client_authorization(
-    *,
-    challenge: str | Sequence[str] | DigestChallenge,
-    username: str,
-    password: str,
-    method: str,
-    uri: str,
-    cnonce: str | None = None,
-    nc: int = 1,
-    body: bytes = b"",
-) -> str:
-    """An `Authorization`/`Proxy-Authorization` value answering `challenge`.
-
-    `challenge` is one challenge header value, several (the first usable one is
-    taken, RFC 8760 §2.4), or a parsed `DigestChallenge`. qop=auth is used when
-    offered, else the RFC 2069 form. SipError if no challenge can be answered.
-    """
-    if isinstance(challenge, DigestChallenge):
-        ch = challenge
-    elif isinstance(challenge, str):
-        ch = choose_challenge([challenge])
-    else:
-        ch = choose_challenge(challenge)
-    algorithm = _canonical_algorithm(ch.algorithm)
-    qop = "auth" if "auth" in ch.qop else None
-    nc_text = f"{nc:08x}"
-    if qop is not None and cnonce is None:
-        cnonce = secrets.token_hex(8)
-    response = digest_response(
-        algorithm=algorithm, username=username, realm=ch.realm, password=password,
-        method=method, uri=uri, nonce=ch.nonce, qop=qop,
-        nc=nc_text if qop else None, cnonce=cnonce if qop else None, body=body,
-    )
-    parts = [
-        f"username={quote_string(username)}",
-        f"realm={quote_string(ch.realm)}",
-        f"nonce={quote_string(ch.nonce)}",
-        f"uri={quote_string(uri)}",
-        f"response={quote_string(response)}",
-        f"algorithm={algorithm}",
-    ]
-    if qop is not None:
-        parts += [f"qop={qop}", f"nc={nc_text}", f"cnonce={quote_string(cnonce or '')}"]
-    if ch.opaque is not None:
-        parts.append(f"opaque={quote_string(ch.opaque)}")
-    return "Digest " + ", ".join(parts)

@@ -20,14 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pbx.sip.errors import SipError
-from pbx.sip.message import (
-    Headers,
-    SipRequest,
-    SipResponse,
-    new_branch,
-    parse_name_addr,
-    parse_uri,
-)
+from pbx.sip.headers import Headers
+from pbx.sip.message import SipRequest, SipResponse, new_branch
+from pbx.sip.uri import parse_name_addr, parse_uri
 
 Addr = tuple[str, int]
 USER_AGENT = "pbx/0.1"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from pbx.sip.errors import SipError, excerpt
-from pbx.sip.message import is_digits, parse_number
+from pbx.sip.grammar import is_digits, parse_number
 
 # The Content-Types an INFO key press may come in, for a 415's Accept header.
 DTMF_INFO_TYPES = ("application/dtmf-relay", "application/dtmf")

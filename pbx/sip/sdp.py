@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from pbx.sip.errors import SdpError, excerpt
-from pbx.sip.message import is_digits
+from pbx.sip.grammar import is_digits
 
 # RFC 3551 table 4: static payload types that need no rtpmap.
 STATIC_PAYLOAD_TYPES: dict[int, tuple[str, int]] = {

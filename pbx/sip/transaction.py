@@ -35,25 +35,21 @@ client side (§17.1, RFC 6026 §7.2):
 
 A transaction is removed from its table as soon as it terminates, so the
 tables hold only live transactions. The 2xx to an INVITE is retransmitted by
-the TU (RFC 3261 §13.3.1.4) with `Uas2xxRetransmitter`.
+the TU (RFC 3261 §13.3.1.4) with `pbx.sip.retransmit.Uas2xxRetransmitter`.
 
-Budgets (DESIGN §6): a server transaction keeps its request (and last
-response) for up to 64*T1 after it ends, so one source sending at line rate
-could hold gigabytes. `SourceBudget` caps what one source IP holds: the number
-of server transactions and the bytes of their requests and responses. A new
-request beyond it gets a stateless 503 with Retry-After (RFC 3261 §21.5.4)
-and leaves no state, so an overload answer never retransmits. (An ACK makes
-no transaction, so it always passes.)
+Budgets (DESIGN §6, `pbx.sip.budget`): what one source IP holds in server
+transactions is counted (`sources`); a new request beyond its `SourceBudget`
+gets a stateless 503 with Retry-After and leaves no state.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
+from pbx.sip.budget import SourceBudget, SourceLedger
 from pbx.sip.errors import SipError
 from pbx.sip.message import (
     MAGIC_COOKIE,
@@ -69,8 +65,6 @@ T4 = 5.0  # maximum duration a message remains in the network
 TIMER_D_UNRELIABLE = 32.0  # RFC 3261 §17.1.1.2: at least 32 s for unreliable transports
 
 Addr = tuple[str, int]
-# A dialog as the transaction user knows it: (Call-ID, our tag).
-DialogKey = tuple[str, str]
 
 
 class TxState(Enum):
@@ -132,34 +126,7 @@ class SendBytes:
     reliable: bool = False
 
 
-@dataclass(frozen=True)
-class AckTimeout:
-    """No ACK for a 2xx within 64*T1: the TU ends the dialog (RFC 3261 §13.3.1.4)."""
-
-    dialog_key: DialogKey
-
-
 TransactionEvent = RequestReceived | ResponseReceived | TransactionTimeout | SendBytes
-
-
-# --------------------------------------------------------------------------- budgets
-
-
-@dataclass
-class SourceBudget:
-    """What one source IP may hold in server transactions; `exempt` sources (trunks,
-    load generators) are not counted."""
-
-    max_transactions: int = 512
-    max_bytes: int = 4_000_000
-    retry_after_s: int = 5
-    exempt: Container[str] = field(default_factory=frozenset)
-
-
-@dataclass
-class _Held:
-    transactions: int = 0
-    bytes: int = 0
 
 
 # --------------------------------------------------------------------------- transactions
@@ -231,9 +198,7 @@ class TransactionLayer:
 
     def __init__(self, *, send_trying: bool = True, budget: SourceBudget | None = None) -> None:
         self.send_trying = send_trying
-        self.budget = budget or SourceBudget()
-        self._held: dict[str, _Held] = {}
-        self.refused = 0  # requests answered 503 over their source's budget
+        self.sources = SourceLedger(budget or SourceBudget())
         self._server: dict[TransactionKey, _ServerTransaction] = {}
         self._client: dict[TransactionKey, _ClientTransaction] = {}
         self._heap: list[tuple[float, int, _Transaction]] = []
@@ -292,49 +257,19 @@ class TransactionLayer:
             return self._receive_request(msg, addr, now, reliable, size)
         return self._receive_response(msg, now)
 
-    def held_by(self, source_ip: str) -> tuple[int, int]:
-        """(server transactions, bytes) `source_ip` holds against its budget."""
-        held = self._held.get(source_ip)
-        return (held.transactions, held.bytes) if held is not None else (0, 0)
-
     def _over_budget(self, request: SipRequest, addr: Addr, size: int,
                      reliable: bool) -> list[TransactionEvent] | None:
         """None if the source may open one more transaction of `size` bytes, else what
         to send instead: a stateless 503."""
-        budget = self.budget
-        if addr[0] in budget.exempt:
+        if self.sources.admits(addr[0], size):
             return None
-        held = self._held.get(addr[0])
-        if held is None or (held.transactions < budget.max_transactions
-                            and held.bytes + size <= budget.max_bytes):
-            return None
-        self.refused += 1
         busy = make_response(request, 503, "Service Unavailable (source over budget)",
-                             headers=[("Retry-After", str(budget.retry_after_s))])
+                             headers=[("Retry-After", str(self.sources.budget.retry_after_s))])
         return [SendBytes(busy.serialize(), addr, reliable)]
 
     def _hold(self, txn: _ServerTransaction, size: int) -> None:
         """Count `size` more bytes (and, the first time, the transaction) for its source."""
-        if txn.addr[0] in self.budget.exempt:
-            return
-        held = self._held.get(txn.addr[0])
-        if held is None:
-            held = self._held[txn.addr[0]] = _Held()
-        if txn.held_bytes == 0:
-            held.transactions += 1
-        held.bytes += size
-        txn.held_bytes += size
-
-    def _release(self, txn: _ServerTransaction) -> None:
-        if txn.held_bytes == 0:
-            return
-        held = self._held.get(txn.addr[0])
-        if held is not None:
-            held.transactions -= 1
-            held.bytes -= txn.held_bytes
-            if held.transactions <= 0:
-                del self._held[txn.addr[0]]
-        txn.held_bytes = 0
+        txn.held_bytes = self.sources.hold(txn.addr[0], txn.held_bytes, size)
 
     def _receive_request(
         self, request: SipRequest, addr: Addr, now: float, reliable: bool, size: int = 0
@@ -603,81 +538,7 @@ class TransactionLayer:
         if isinstance(txn, _ServerTransaction):
             if self._server.get(txn.key) is txn:
                 del self._server[txn.key]
-                self._release(txn)
+                self.sources.release(txn.addr[0], txn.held_bytes)
+                txn.held_bytes = 0
         elif self._client.get(txn.key) is txn:
             del self._client[txn.key]
-
-
-# --------------------------------------------------------------------------- 2xx retransmission
-
-
-@dataclass(eq=False)
-class _Pending2xx:
-    data: bytes
-    addr: Addr
-    interval: float
-    next_send: float
-    give_up: float
-
-    @property
-    def deadline(self) -> float:
-        return min(self.next_send, self.give_up)
-
-
-class Uas2xxRetransmitter:
-    """Retransmits a UAS's 2xx to INVITE until the ACK (RFC 3261 §13.3.1.4):
-    at T1, then doubling up to T2, giving up after 64*T1 with `AckTimeout`.
-
-    Deadlines wait in a heap (entries of acknowledged or restarted 2xx are skipped as
-    they surface), so the next deadline costs O(log n) and a timer O(log n) per 2xx
-    due: the front asks after every message, and an INVITE flood from many sources
-    keeps many 2xx pending (DESIGN §6)."""
-
-    def __init__(self) -> None:
-        self._pending: dict[DialogKey, _Pending2xx] = {}
-        self._heap: list[tuple[float, int, DialogKey, _Pending2xx]] = []
-        self._seq = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def start(self, dialog_key: DialogKey, data: bytes, addr: Addr, now: float) -> None:
-        pending = _Pending2xx(data, addr, T1, now + T1, now + 64 * T1)
-        self._pending[dialog_key] = pending
-        self._push(dialog_key, pending)
-
-    def ack(self, dialog_key: DialogKey) -> bool:
-        """Stop retransmitting; False if nothing was pending for this dialog."""
-        return self._pending.pop(dialog_key, None) is not None
-
-    def get_timer(self) -> float | None:
-        heap = self._heap
-        while heap:
-            deadline, _, dialog_key, pending = heap[0]
-            if self._is_current(deadline, dialog_key, pending):
-                return deadline
-            heapq.heappop(heap)  # stale: acknowledged, restarted or rescheduled
-        return None
-
-    def handle_timer(self, now: float) -> list[SendBytes | AckTimeout]:
-        events: list[SendBytes | AckTimeout] = []
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            deadline, _, dialog_key, p = heapq.heappop(heap)
-            if not self._is_current(deadline, dialog_key, p):
-                continue
-            if p.give_up <= now:
-                del self._pending[dialog_key]
-                events.append(AckTimeout(dialog_key))
-            else:
-                events.append(SendBytes(p.data, p.addr))
-                p.interval = min(2 * p.interval, T2)
-                p.next_send = now + p.interval
-                self._push(dialog_key, p)
-        return events
-
-    def _push(self, dialog_key: DialogKey, pending: _Pending2xx) -> None:
-        heapq.heappush(self._heap, (pending.deadline, next(self._seq), dialog_key, pending))
-
-    def _is_current(self, deadline: float, dialog_key: DialogKey, pending: _Pending2xx) -> bool:
-        return self._pending.get(dialog_key) is pending and pending.deadline == deadline

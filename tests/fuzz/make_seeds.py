@@ -14,7 +14,8 @@ from pathlib import Path
 
 from media.rtp import RtpPacket, build_event, build_rtp
 from media.wav import pcm_header
-from pbx.sip.auth import digest_response, quote_string
+from pbx.sip.digest import digest_response
+from pbx.sip.grammar import quote_string
 from tests.fuzz.targets import (
     DIGEST_NOW,
     DIGEST_REALM,
@@ -75,7 +76,7 @@ def _info(body: str, ctype: str) -> str:
 
 
 def _authorization(user: str, *, qop: bool = True, algorithm: str = "SHA-256") -> str:
-    nonce = _authenticator.make_nonce(DIGEST_NOW)
+    nonce = _authenticator.nonces.make(DIGEST_NOW)
     uri = f"sip:{DIGEST_REALM}"
     response = digest_response(
         algorithm=algorithm, username=user, realm=DIGEST_REALM,

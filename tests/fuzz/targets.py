@@ -22,21 +22,16 @@ from media.dtmf import EVENT_DIGITS, Rfc4733Detector
 from media.rtcp import RtcpError, parse_compound
 from media.rtp import RtpError, build_rtp, parse_event, parse_rtp
 from media.wav import WavError, parse_wav
-from pbx.sip.auth import DigestAuthenticator, choose_challenge, parse_auth_params, parse_challenge
+from pbx.sip.auth import DigestAuthenticator
+from pbx.sip.digest import choose_challenge, parse_auth_params, parse_challenge
 from pbx.sip.errors import SdpError, SipError
 from pbx.sip.fields import DTMF_DIGITS, parse_dtmf_info, parse_session_expires
 from pbx.sip.framing import FramingError, Message, Ping, StreamFramer
-from pbx.sip.message import (
-    Headers,
-    SipRequest,
-    make_response,
-    parse_message,
-    parse_name_addr,
-    parse_uri,
-    parse_via,
-    stamp_via,
-)
+from pbx.sip.headers import Headers
+from pbx.sip.message import SipRequest, make_response, parse_message, stamp_via
 from pbx.sip.sdp import answer_offer, origin_of, parse_answer, parse_sdp, without_origin
+from pbx.sip.uri import parse_name_addr, parse_uri
+from pbx.sip.via import parse_via
 from pbx.tts import TtsError, decode_wav
 
 ROOT = Path(__file__).resolve().parents[2]

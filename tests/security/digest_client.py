@@ -10,7 +10,7 @@ import socket
 import time
 from typing import Any
 
-from pbx.sip.auth import client_authorization
+from pbx.sip.digest import client_authorization
 from pbx.sip.message import SipRequest, SipResponse, parse_message
 
 

@@ -16,8 +16,9 @@ import pytest
 
 from pbx.config import ConfigError, UserSettings, parse_config
 from pbx.registrar import Registrar
-from pbx.sip.auth import DigestAuthenticator, client_authorization
+from pbx.sip.auth import DigestAuthenticator
 from pbx.sip.authguard import AuthGuard, Lockout, source_key
+from pbx.sip.digest import client_authorization
 from pbx.sip.message import SipRequest, SipResponse
 from tests.e2e.harness import (
     REGISTERING_USERS,

@@ -12,19 +12,15 @@ from typing import Any
 
 import pytest
 
-import pbx.sip.auth as digest
+import pbx.sip.auth as auth_module  # verify() looks digest_response up here
 from pbx.config import Settings, UserSettings, load_config
 from pbx.registrar import Registrar
-from pbx.sip.auth import (
-    DigestAuthenticator,
-    client_authorization,
-    digest_response,
-    parse_auth_params,
-    parse_challenge,
-    quote_string,
-)
+from pbx.sip.auth import DigestAuthenticator
+from pbx.sip.digest import client_authorization, digest_response, parse_auth_params, parse_challenge
 from pbx.sip.errors import SipError
-from pbx.sip.message import Headers, SipRequest, SipResponse, parse_message
+from pbx.sip.grammar import quote_string
+from pbx.sip.headers import Headers
+from pbx.sip.message import SipRequest, SipResponse, parse_message
 from tests.e2e.harness import (
     REGISTERING_USERS,
     ROOT,
@@ -185,13 +181,13 @@ def test_good_username_star_still_works() -> None:
 def test_unknown_user_and_wrong_password_look_and_cost_the_same(
         monkeypatch: pytest.MonkeyPatch) -> None:
     digests: list[str] = []
-    original: Callable[..., str] = digest.digest_response
+    original: Callable[..., str] = auth_module.digest_response
 
     def counting(**kw: Any) -> str:
         digests.append(kw["username"])
         return original(**kw)
 
-    monkeypatch.setattr(digest, "digest_response", counting)
+    monkeypatch.setattr(auth_module, "digest_response", counting)
     shapes, checked = [], []
     for user in ("3001", "9999", "2001"):  # known; unknown; known without a password
         reg = make_registrar()

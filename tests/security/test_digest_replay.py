@@ -14,8 +14,10 @@ import pytest
 
 from pbx.config import UserSettings
 from pbx.registrar import Registrar
-from pbx.sip.auth import AuthFailure, DigestAuthenticator, client_authorization
-from pbx.sip.message import SipRequest, SipResponse, parse_message, parse_name_addr
+from pbx.sip.auth import AuthFailure, DigestAuthenticator
+from pbx.sip.digest import client_authorization
+from pbx.sip.message import SipRequest, SipResponse, parse_message
+from pbx.sip.uri import parse_name_addr
 from tests.e2e.harness import (
     REGISTERING_USERS,
     PbxSystem,
@@ -166,14 +168,14 @@ def test_replay_table_is_bounded_and_eviction_never_reopens_a_nonce() -> None:
         request = reg_request(f"call-{i}", 2, "<sip:3001@h>", value)
         assert auth.verify(request, lookup, T0 + i).ok
         used.append(request)
-        assert auth.nonces_tracked <= 4
+        assert auth.nonces.tracked <= 4
     # Every one of them, evicted or not, is refused the second time.
     for request in used:
         result = auth.verify(request, lookup, T0 + 20)
         assert not result.ok and result.stale, result
-    assert auth.evictions == 6
+    assert auth.nonces.evictions == 6
     # Strangers cannot grow the table: only nonces that authenticated are kept.
-    before = auth.nonces_tracked
+    before = auth.nonces.tracked
     for i in range(200):
         req = reg_request(f"x-{i}", 1, "<sip:3001@h>")
         wrong = client_authorization(challenge=[v for _, v in auth.challenge(T0 + 30,
@@ -182,7 +184,7 @@ def test_replay_table_is_bounded_and_eviction_never_reopens_a_nonce() -> None:
                                      method="REGISTER", uri="sip:pbx.test:5060")
         assert not auth.verify(reg_request(f"x-{i}", 2, "<sip:3001@h>", wrong), lookup,
                                T0 + 30).ok
-    assert auth.nonces_tracked == before
+    assert auth.nonces.tracked == before
     # Entries go once their nonce has expired anyway.
     fresh = reg_request("late", 1, "<sip:3001@h>")
     value = client_authorization(challenge=[v for _, v in auth.challenge(T0 + 1000,
@@ -190,7 +192,7 @@ def test_replay_table_is_bounded_and_eviction_never_reopens_a_nonce() -> None:
                                  username="3001", password=USERS["3001"], method="REGISTER",
                                  uri="sip:pbx.test:5060")
     assert auth.verify(reg_request("late", 2, "<sip:3001@h>", value), lookup, T0 + 1000).ok
-    assert auth.nonces_tracked == 1
+    assert auth.nonces.tracked == 1
 
 
 # --------------------------------------------------------------------------- real front

@@ -48,7 +48,8 @@ from typing import Any
 
 import pytest
 
-from pbx.config import LimitSettings, SipSettings
+from pbx.config import SipSettings
+from pbx.settings.security import LimitSettings
 from tests.e2e.harness import (
     ROOT,
     SCENARIOS,

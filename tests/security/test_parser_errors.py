@@ -18,11 +18,12 @@ import pytest
 from media.rtcp import RtcpError, parse_compound
 from pbx import messages as m
 from pbx.sip import sdp
-from pbx.sip.auth import parse_auth_params
+from pbx.sip.digest import parse_auth_params
 from pbx.sip.errors import SdpError, SipError
 from pbx.sip.fields import parse_session_expires
 from pbx.sip.framing import FramingError, StreamFramer
-from pbx.sip.message import SipRequest, make_response, parse_message, parse_via
+from pbx.sip.message import SipRequest, make_response, parse_message
+from pbx.sip.via import parse_via
 from pbx.tts import TtsError, decode_wav
 from tests.calls.rig import CALLER, MEMBERS, SDP, CoreRig, caller_invite, first_then
 from tests.test_registrar import Phone, make_registrar

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pbx.sip.message import SipResponse, canonical_name, parse_message
+from pbx.sip.headers import canonical_name
+from pbx.sip.message import SipResponse, parse_message
 from tests.e2e.harness import PbxSystem, RtpEndpoint, ScriptedProvider, start_system
 from tests.e2e.test_transport_hostile import (
     assert_clean_log,

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from pbx.sip.auth import parse_auth_params
+from pbx.sip.digest import parse_auth_params
 from pbx.sip.errors import SipError
 from pbx.sip.framing import StreamFramer
-from pbx.sip.message import parse_message, parse_name_addr
+from pbx.sip.message import parse_message
 from pbx.sip.sdp import answer_offer
+from pbx.sip.uri import parse_name_addr
 
 SIZE = 60_000
 FACTOR = 8.0

@@ -6,19 +6,20 @@ import hashlib
 
 import pytest
 
-from pbx.sip.auth import (
-    AuthFailure,
-    DigestAuthenticator,
+from pbx.sip.auth import AuthFailure, DigestAuthenticator
+from pbx.sip.digest import (
     DigestChallenge,
     choose_challenge,
     client_authorization,
     digest_response,
     parse_auth_params,
     parse_challenge,
-    quote_string,
 )
 from pbx.sip.errors import SipError
-from pbx.sip.message import Headers, SipRequest
+from pbx.sip.grammar import quote_string
+from pbx.sip.headers import Headers
+from pbx.sip.message import SipRequest
+from pbx.sip.nonces import Nonces
 
 REALM = "pbx.example.com"
 SECRET = b"0123456789abcdef-test-secret"
@@ -156,7 +157,7 @@ def test_challenge_one_header_per_algorithm_sha256_first(auth: DigestAuthenticat
     assert (first.algorithm, second.algorithm) == ("SHA-256", "MD5")
     assert first.realm == REALM and first.qop == ("auth",) and not first.stale
     assert first.nonce != second.nonce
-    assert auth.nonce_age_s(first.nonce, T0 + 10) == pytest.approx(10)
+    assert auth.nonces.age_s(first.nonce, T0 + 10) == pytest.approx(10)
 
 
 def test_challenge_proxy_stale_and_algorithm_choice(auth: DigestAuthenticator) -> None:
@@ -192,7 +193,7 @@ def test_verify_accepts_sha256_and_md5(auth: DigestAuthenticator, index: int) ->
 def test_verify_refuses_rfc2069_credentials_without_qop(auth: DigestAuthenticator) -> None:
     # RFC 2069 responses carry no nc/cnonce, so they cannot be protected against replay.
     req = make_request()
-    nonce = auth.make_nonce(T0, req)
+    nonce = auth.nonces.make(T0, req)
     response = digest_response(algorithm="MD5", username="1001", realm=REALM,
                                password="secret1", method="REGISTER",
                                uri="sip:pbx.example.com", nonce=nonce)
@@ -204,7 +205,7 @@ def test_verify_refuses_rfc2069_credentials_without_qop(auth: DigestAuthenticato
 
 
 def test_verify_auth_int_and_sess(auth: DigestAuthenticator) -> None:
-    nonce = auth.make_nonce(T0, make_request(uri="sip:2001@pbx", method="INVITE"))
+    nonce = auth.nonces.make(T0, make_request(uri="sip:2001@pbx", method="INVITE"))
     response = digest_response(algorithm="SHA-256-sess", username="1001", realm=REALM,
                                password="secret1", method="INVITE", uri="sip:2001@pbx",
                                nonce=nonce, qop="auth-int", nc="00000002", cnonce="cn",
@@ -300,7 +301,7 @@ def test_verify_algorithm_policy() -> None:
     sha_only = DigestAuthenticator(REALM, SECRET, algorithms=("SHA-256",))
     assert len(sha_only.challenge(T0)) == 1
     md5 = client_authorization(
-        challenge=DigestChallenge(REALM, sha_only.make_nonce(T0), "MD5", ("auth",)),
+        challenge=DigestChallenge(REALM, sha_only.nonces.make(T0), "MD5", ("auth",)),
         username="1001", password="secret1", method="REGISTER", uri="sip:pbx.example.com")
     result = sha_only.verify(make_request(authorization=[md5]), lookup, T0)
     assert result.reason is AuthFailure.UNSUPPORTED_ALGORITHM and result.status == 401
@@ -346,6 +347,32 @@ def test_verify_username_star(auth: DigestAuthenticator) -> None:
              f'qop=auth, nc=00000001, cnonce="c"')
     result = auth.verify(make_request(authorization=[value]), lookup, T0)
     assert result.ok and result.username == "1001"
+
+
+def test_nonces_bound_to_request_and_instance_used_once_per_count() -> None:
+    nonces = Nonces(REALM, SECRET, ttl_s=300, table_size=2)
+    req = make_request()
+    issued = nonces.check(nonces.make(T0, req), T0 + 1)
+    assert issued is not None and issued.age_s == pytest.approx(1)
+    assert nonces.is_ours(issued) and nonces.is_bound_to(issued, req)
+    other = make_request()
+    other.headers.set("Call-ID", "c2")
+    assert not nonces.is_bound_to(issued, other)
+    unbound = nonces.check(nonces.make(T0), T0)
+    assert unbound is not None and nonces.is_bound_to(unbound, other)
+    assert not Nonces(REALM, SECRET).is_ours(issued)  # same secret, another instance
+    assert Nonces(REALM, b"another secret").check(nonces.make(T0), T0) is None
+    assert nonces.check(nonces.make(T0 + 60), T0) is None  # from the future
+    assert not nonces.is_stale(issued) and nonces.last_count(issued) is None
+    nonces.record_use(issued, 3, T0 + 1)
+    assert nonces.last_count(issued) == 3 and nonces.tracked == 1
+    older = nonces.check(nonces.make(T0 - 400, req), T0)
+    assert older is not None and nonces.is_stale(older)  # past ttl_s
+    for _ in range(2):  # the table holds 2: the first entry goes, with every older nonce
+        fresh = nonces.check(nonces.make(T0 + 2, req), T0 + 2)
+        assert fresh is not None
+        nonces.record_use(fresh, 1, T0 + 2)
+    assert nonces.evictions == 1 and nonces.tracked == 2 and nonces.is_stale(issued)
 
 
 # --------------------------------------------------------------------------- client helper

@@ -7,7 +7,9 @@ import random
 from pathlib import Path
 
 from pbx.sip.errors import SipError
-from pbx.sip.message import SipRequest, SipResponse, parse_message, parse_name_addr, parse_via
+from pbx.sip.message import SipRequest, SipResponse, parse_message
+from pbx.sip.uri import parse_name_addr
+from pbx.sip.via import parse_via
 
 # The RFC 4475 torture messages, vendored with their README and licence.
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "rfc4475"

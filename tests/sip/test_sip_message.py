@@ -1,12 +1,13 @@
-"""SIP message parsing, serialisation and building (pbx.sip.message)."""
+"""SIP message parsing, serialisation and building (pbx.sip.message), with the pieces it
+parses through: headers, URIs and name-addrs, Via, the shared grammar."""
 
 from __future__ import annotations
 
 import pytest
 
 from pbx.sip.errors import SipError
+from pbx.sip.headers import Headers
 from pbx.sip.message import (
-    Headers,
     SipRequest,
     SipResponse,
     make_ack,
@@ -16,10 +17,9 @@ from pbx.sip.message import (
     new_call_id,
     new_tag,
     parse_message,
-    parse_name_addr,
-    parse_uri,
-    parse_via,
 )
+from pbx.sip.uri import parse_name_addr, parse_uri
+from pbx.sip.via import parse_via
 
 INVITE = (
     b"INVITE sip:bob@biloxi.example.com SIP/2.0\r\n"
@@ -235,6 +235,15 @@ def test_headers_api() -> None:
     assert h.get_all("Route") == ["<sip:p1;lr>", "<sip:p2;lr>", "<sip:p3;lr>"]
     h.add("Allow", "INVITE, ACK,BYE")
     assert h.get_all("Allow") == ["INVITE", "ACK", "BYE"]
+
+
+def test_headers_set_first_replaces_only_the_first_line_in_place() -> None:
+    h = Headers([("Via", "v1"), ("x-odd", "a"), ("Via", "v2"), ("X-ODD", "b")])
+    h.set_first("via", "v1b")
+    h.set_first("X-Odd", "a2")
+    h.set_first("Route", "nothing to replace")
+    assert h.items() == [("Via", "v1b"), ("x-odd", "a2"), ("Via", "v2"), ("x-odd", "b")]
+    assert h.count("Via") == 2 and "Route" not in h
 
 
 # ------------------------------------------------------------------ URIs, name-addr, Via

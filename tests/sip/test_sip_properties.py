@@ -13,7 +13,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pbx.sip.auth import choose_challenge, parse_auth_params, parse_challenge
+from pbx.sip.digest import choose_challenge, parse_auth_params, parse_challenge
 from pbx.sip.errors import SipError
 from pbx.sip.fields import DTMF_DIGITS, parse_dtmf_info, parse_session_expires
 from tests.fuzz import targets

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pbx.sip.errors import SipError
-from pbx.sip.message import SipRequest, SipResponse, parse_message, parse_name_addr, parse_uri
+from pbx.sip.message import SipRequest, SipResponse, parse_message
+from pbx.sip.uri import parse_name_addr, parse_uri
 
 # The RFC 4475 torture messages, vendored with their README and licence.
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "rfc4475"

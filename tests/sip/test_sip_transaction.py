@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from pbx.sip.budget import SourceBudget
 from pbx.sip.errors import SipError
 from pbx.sip.message import (
     SipRequest,
@@ -14,20 +15,18 @@ from pbx.sip.message import (
     make_response,
     parse_message,
 )
+from pbx.sip.retransmit import AckTimeout, Uas2xxRetransmitter
 from pbx.sip.transaction import (
     T1,
     T2,
     T4,
-    AckTimeout,
     RequestReceived,
     ResponseReceived,
     SendBytes,
-    SourceBudget,
     TransactionKey,
     TransactionLayer,
     TransactionTimeout,
     TxState,
-    Uas2xxRetransmitter,
 )
 
 PEER = ("192.0.2.1", 5060)
@@ -469,13 +468,13 @@ def test_a_source_over_its_transaction_budget_gets_a_stateless_503() -> None:
     for i in range(3):
         events = layer.receive(request("OPTIONS", branch=f"z9hG4bKo{i}"), PEER, 0.0, size=300)
         assert isinstance(events[-1], RequestReceived)
-    assert layer.held_by(PEER[0]) == (3, 900)
+    assert layer.sources.held_by(PEER[0]) == (3, 900)
     events = layer.receive(request("INVITE", branch="z9hG4bKx"), PEER, 0.0, size=300)
     assert len(events) == 1 and isinstance(events[0], SendBytes)
     busy = parse_message(events[0].data)
     assert isinstance(busy, SipResponse) and busy.status == 503
     assert busy.headers.get("Retry-After") == "7"
-    assert len(layer) == 3 and layer.refused == 1 and layer.get_timer() is None
+    assert len(layer) == 3 and layer.sources.refused == 1 and layer.get_timer() is None
     # the overload answer is stateless: a retransmission gets the same, nothing is kept
     assert layer.receive(request("INVITE", branch="z9hG4bKx"), PEER, 0.1, size=300)
     assert len(layer) == 3
@@ -495,9 +494,9 @@ def test_a_source_budget_frees_when_its_transactions_end() -> None:
         opt = request("OPTIONS", branch=f"z9hG4bKo{i}")
         keys.append(layer.receive(opt, PEER, 0.0, size=200)[-1].key)
         layer.respond(keys[-1], reply(opt, 200), 0.0)
-    assert layer.held_by(PEER[0])[0] == 2
+    assert layer.sources.held_by(PEER[0])[0] == 2
     run_until(layer, 64 * 0.5 + 1)  # Timer J
-    assert layer.held_by(PEER[0]) == (0, 0) and len(layer) == 0
+    assert layer.sources.held_by(PEER[0]) == (0, 0) and len(layer) == 0
     assert isinstance(layer.receive(request("OPTIONS", branch="z9hG4bKn"), PEER, 40.0)[-1],
                       RequestReceived)
 
@@ -507,7 +506,7 @@ def test_a_source_byte_budget_counts_requests_and_responses() -> None:
     opt = request("OPTIONS", branch="z9hG4bKbig")
     key = layer.receive(opt, PEER, 0.0, size=9_000)[-1].key
     layer.respond(key, reply(opt, 200), 0.0)
-    held = layer.held_by(PEER[0])
+    held = layer.sources.held_by(PEER[0])
     assert held[0] == 1 and held[1] > 9_000
     events = layer.receive(request("OPTIONS", branch="z9hG4bKmore"), PEER, 0.0, size=2_000)
     assert len(events) == 1 and isinstance(events[0], SendBytes)
@@ -518,4 +517,4 @@ def test_exempt_sources_are_not_counted() -> None:
     for i in range(5):
         assert isinstance(layer.receive(request("OPTIONS", branch=f"z9hG4bKe{i}"), PEER,
                                         0.0)[-1], RequestReceived)
-    assert layer.held_by(PEER[0]) == (0, 0)
+    assert layer.sources.held_by(PEER[0]) == (0, 0)

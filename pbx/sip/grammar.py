@@ -1,0 +1,153 @@
+"""The lexical rules every SIP header parser shares (RFC 3261 §25.1), sans-IO.
+
+token, ASCII digits, quoted-string, comma-separated lists and `;name=value`
+parameters: the small pieces `headers`, `uri`, `via`, `message`, `digest`,
+`fields` and `sdp` build their parsers from. Like them, each function returns a
+value or raises `SipError` (400) with an excerpt of the input, and does linear
+work however hostile the text (no backtracking pattern, no rescans).
+"""
+
+from __future__ import annotations
+
+import re
+
+from pbx.sip.errors import SipError, excerpt
+
+TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
+TOKEN_RE = re.compile(TOKEN)
+# Numbers are ASCII digits only: `\d` and str.isdigit() also take "²" or "٣" (RFC 3261 §25.1:
+# DIGIT is %x30-39), which int() then rejects or reads as another number. At most 10 of them
+# (ports, Max-Forwards, Content-Length), so int() stays cheap.
+DIGITS_RE = re.compile(r"[0-9]{1,10}")
+
+
+def is_digits(text: str) -> bool:
+    """True for a non-empty run of ASCII digits (RFC 5234 DIGIT); str.isdigit() alone
+    also accepts "²", which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
+def parse_number(text: str, what: str, max_digits: int = 10) -> int:
+    """A header's unsigned decimal (delta-seconds, a port...): ASCII digits only, at most
+    `max_digits` of them (so int() stays cheap and in range); SipError (400) otherwise."""
+    if len(text) > max_digits or not is_digits(text):
+        raise SipError(f"bad {what} {excerpt(text)}")
+    return int(text)
+
+
+def split_header_values(value: str) -> list[str]:
+    """Split a comma-separated header value, respecting quoted strings and `<...>`."""
+    if "," not in value:
+        return [value.strip()]
+    if '"' not in value and "<" not in value:
+        return [v.strip() for v in value.split(",")]
+    parts: list[str] = []
+    start = 0
+    in_quotes = False
+    in_angle = False
+    i = 0
+    n = len(value)
+    while i < n:
+        ch = value[i]
+        if in_quotes:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                in_quotes = False
+        elif ch == '"':
+            in_quotes = True
+        elif ch == "<":
+            in_angle = True
+        elif ch == ">":
+            in_angle = False
+        elif ch == "," and not in_angle:
+            parts.append(value[start:i].strip())
+            start = i + 1
+        i += 1
+    parts.append(value[start:].strip())
+    return parts
+
+
+def _split_params(text: str) -> list[str]:
+    """Split `;a=1;b="x;y"` on semicolons outside quoted strings."""
+    if '"' not in text:
+        return text.split(";")
+    parts: list[str] = []
+    start = 0
+    in_quotes = False
+    i = 0
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if in_quotes:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                in_quotes = False
+        elif ch == '"':
+            in_quotes = True
+        elif ch == ";":
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    if in_quotes:
+        raise SipError(f"unterminated quoted string in parameters {excerpt(text)}")
+    parts.append(text[start:])
+    return parts
+
+
+def parse_params(text: str) -> dict[str, str | None]:
+    """Parse header parameters `;name=value;flag` (LWS allowed around `;` and `=`).
+
+    The text must be empty or start with `;`. Names are lower-cased; an empty
+    parameter (`;;`) is malformed.
+    """
+    params: dict[str, str | None] = {}
+    text = text.strip()
+    if not text:
+        return params
+    if not text.startswith(";"):
+        raise SipError(f"unexpected text before parameters: {excerpt(text)}")
+    for part in _split_params(text[1:]):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not name or not TOKEN_RE.fullmatch(name):
+            raise SipError(f"bad parameter {excerpt(part)}")
+        if eq:
+            value = value.strip()
+            if not value:
+                raise SipError(f"empty value for parameter {excerpt(name)}")
+            params[name.lower()] = value
+        else:
+            params[name.lower()] = None
+    return params
+
+
+def format_params(params: dict[str, str | None]) -> str:
+    """`;name=value;flag` again, the inverse of `parse_params`."""
+    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+
+
+def parse_quoted(text: str, start: int) -> tuple[str, int]:
+    """Parse the quoted string starting at text[start] == '"'; return (content, end index)."""
+    out: list[str] = []
+    i = start + 1
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            if i + 1 >= n:
+                break
+            out.append(text[i + 1])
+            i += 2
+            continue
+        if ch == '"':
+            return "".join(out), i + 1
+        out.append(ch)
+        i += 1
+    raise SipError(f"unterminated quoted string in {excerpt(text)}")
+
+
+def quote_string(text: str) -> str:
+    """A quoted-string with `\\` and `"` escaped (RFC 3261 §25.1)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
