@@ -9,9 +9,19 @@ work however hostile the text (no backtracking pattern, no rescans).
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 from pbx.sip.errors import SipError, excerpt
+
+T = TypeVar("T")
+# The same header values come again and again (a dialog's From/To/Contact in every
+# request, each Via checked, stamped and matched): their parses are remembered, for
+# short values only, so the memory a stranger can fill is bounded (~1,024 x 256 B).
+PARSE_CACHE_SIZE = 1024
+PARSE_CACHE_MAX_LEN = 256
 
 TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
 TOKEN_RE = re.compile(TOKEN)
@@ -19,6 +29,21 @@ TOKEN_RE = re.compile(TOKEN)
 # DIGIT is %x30-39), which int() then rejects or reads as another number. At most 10 of them
 # (ports, Max-Forwards, Content-Length), so int() stays cheap.
 DIGITS_RE = re.compile(r"[0-9]{1,10}")
+
+
+def memoized(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """Remember a pure parser's results for short inputs (errors are not remembered:
+    they raise again). The values are shared between callers: the parsed types are
+    frozen, and their dicts are never to be changed in place (copy them first)."""
+    remembered = functools.lru_cache(maxsize=PARSE_CACHE_SIZE)(parse)
+
+    @functools.wraps(parse)
+    def parse_short(text: str) -> T:
+        if type(text) is str and len(text) <= PARSE_CACHE_MAX_LEN:
+            return remembered(text)
+        return parse(text)
+
+    return parse_short
 
 
 def is_digits(text: str) -> bool:

@@ -18,7 +18,14 @@ import re
 from dataclasses import dataclass, field
 
 from pbx.sip.errors import SipError, excerpt
-from pbx.sip.grammar import DIGITS_RE, format_params, parse_params, parse_quoted, quote_string
+from pbx.sip.grammar import (
+    DIGITS_RE,
+    format_params,
+    memoized,
+    parse_params,
+    parse_quoted,
+    quote_string,
+)
 
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
 _HOST_RE = re.compile(r"[A-Za-z0-9_\-.]+")
@@ -93,6 +100,7 @@ def parse_hostport(text: str, what: str) -> tuple[str, int | None]:
     return host, port
 
 
+@memoized
 def parse_uri(text: str) -> SipUri:
     """Parse a URI; sip/sips are parsed fully, other schemes kept opaque."""
     if not isinstance(text, str) or not text:
@@ -167,6 +175,7 @@ class NameAddr:
         return f"{display}<{self.uri}>{format_params(self.params)}"
 
 
+@memoized
 def parse_name_addr(value: str) -> NameAddr:
     """Parse a name-addr or bare addr-spec with header parameters.
 

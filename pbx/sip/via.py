@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from pbx.sip.errors import SipError, excerpt
-from pbx.sip.grammar import TOKEN, format_params, is_digits, parse_params
+from pbx.sip.grammar import TOKEN, format_params, is_digits, memoized, parse_params
 from pbx.sip.uri import parse_hostport
 
 _VIA_PROTO_RE = re.compile(
@@ -60,6 +60,7 @@ class Via:
         return f"SIP/2.0/{self.transport} {hostport}{format_params(self.params)}"
 
 
+@memoized
 def parse_via(value: str) -> Via:
     if not isinstance(value, str):
         raise SipError("Via must be text")
