@@ -4,7 +4,8 @@ Layers stack as STYLE.md says: `pbx.sip.message` parses, `pbx.sip.transaction`
 runs transactions (sans-IO), and this module is the transaction user: dialogs,
 calls, routing, IVR sessions and media legs. Its I/O is confined to three
 callables handed in by `pbx.app` (send a datagram, send on a ZeroMQ plane,
-publish an event), plus `await` on a media worker's allocation reply.
+publish an event). RTP ports come from the media workers' announced pools
+(`pbx.registry.MediaWorkerRegistry`), so answering an INVITE waits for no other process.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pbx.ratelimit import NetworkSet
 from pbx.records import CallRecords, call_record
 from pbx.redact import is_secret_header, redact
 from pbx.registrar import Registrar
-from pbx.registry import WorkerRegistry
+from pbx.registry import MediaWorkerRegistry, WorkerRegistry
 from pbx.retention import RetentionSweeper
 from pbx.routing import CallAddress, Router
 from pbx.sip import sdp
@@ -83,6 +84,8 @@ Addr = tuple[str, int]
 ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, UPDATE, REFER"
 SUPPORTED = "timer"
 USER_AGENT = "pbx/0.1"
+# A port handed out and not confirmed by its worker (MediaAllocated) within this ends
+# the leg's call.
 MEDIA_ALLOCATE_TIMEOUT_S = 2.0
 # How long an IVR event may stay unanswered beyond the provider's own retry budget
 # before it is re-sent once to another executor, and then the call is given up.
@@ -308,7 +311,7 @@ class Front:
                 backoff_max_s=auth.backoff_max_s, failure_memory_s=auth.failure_memory_s,
                 known_source_s=auth.known_source_s, table_size=auth.table_size),
         )
-        self.media_workers = WorkerRegistry(settings.media.expiry_ms / 1000)
+        self.media_workers = MediaWorkerRegistry(settings.media.expiry_ms / 1000)
         self.executors = WorkerRegistry(settings.ivr.expiry_ms / 1000)
         host, port = settings.sip.advertised_host_port
         self.host, self.port = host, port
@@ -319,7 +322,6 @@ class Front:
         self.legs_by_media: dict[str, Leg] = {}
         self.sessions: dict[str, Session] = {}
         self.waiting_sessions: deque[Session] = deque()
-        self.allocations: dict[str, asyncio.Future[m.MediaAllocated]] = {}
         logs_dir = Path(settings.logging.dir)
         rotation = (settings.logging.jsonl_max_bytes, settings.logging.jsonl_backups)
         self.traces_log = JsonLinesLog(logs_dir / "traces.jsonl", *rotation)
@@ -342,6 +344,8 @@ class Front:
                       # address, allocations not at the worker's declared address.
                       "zmq_auth_rejected": 0, "ivr_replies_rejected": 0,
                       "media_workers_rejected": 0, "media_allocations_rejected": 0,
+                      # Ports a worker refused or never confirmed: the call ended (503).
+                      "media_allocations_failed": 0,
                       "ivr_waits_expired": 0, "ivr_commands_lost": 0,
                       # Strict RTP latching: packets from strangers, dropped by the workers.
                       "rtp_foreign_dropped": 0, "rtcp_foreign_dropped": 0}
@@ -610,7 +614,12 @@ class Front:
         self.calls[call.call_id] = call
         self.pending_invites[key] = leg
         self._publish_call(call, "started")
-        self._spawn(self._answer_incoming(call, leg, req, key), call)
+        try:
+            self._answer_incoming(call, leg, req, key)
+        except Exception:
+            # A bug must end the call cleanly, never leave the caller ringing.
+            log.exception("call %s: answering failed", call.call_id)
+            self._hangup_call(call, "InternalError", 500)
 
     def _invite_destination(self, address: CallAddress) -> Destination:
         """What an initial INVITE asks for: a route, else one of our users (bridged, no
@@ -708,24 +717,20 @@ class Front:
         host = uri.host.strip("[]")
         return (host, uri.port or 5060) if _is_ip(host) else fallback
 
-    async def _answer_incoming(self, call: Call, leg: Leg, req: SipRequest,
-                               key: TransactionKey) -> None:
+    def _answer_incoming(self, call: Call, leg: Leg, req: SipRequest,
+                         key: TransactionKey) -> None:
+        """183/200 (or the call's first transfer leg) at once: the RTP port is handed out
+        locally (`_allocate`), so nothing here waits for another process."""
         route = call.route
-        if leg.state == "terminated":  # cancelled before this task ran
-            return
         if not req.body:
             self._fail_invite(leg, 488, "No SDP Offer")
             return
-        allocated = await self._allocate(leg, route.inband_dtmf if route else False)
-        if leg.state == "terminated":  # cancelled while we waited
-            self._release_media(leg)
-            return
-        if allocated is None:
+        if not self._allocate(leg, route.inband_dtmf if route else False):
             self._fail_invite(leg, 503, "No Media Worker", [("Retry-After", "5")])
             return
         try:
             negotiated, answer = sdp.answer_offer(
-                req.body, allocated.rtp_ip, allocated.rtp_port, int(time.time())
+                req.body, leg.rtp_ip, leg.rtp_port, int(time.time())
             )
         except SipError as exc:
             self._release_media(leg)
@@ -1278,14 +1283,12 @@ class Front:
         if a.worker is None:
             self._setup_failed(b, "TransferFailed(media)", 503)
             return
-        allocated = await self._allocate(b, inband_dtmf=False, worker=a.worker)
-        if allocated is None:
+        if call.ended or b.state == "terminated":  # the caller left, or a queue moved on
+            return
+        if not self._allocate(b, inband_dtmf=False, worker=a.worker):
             self._setup_failed(b, "TransferFailed(media)", 503)
             return
-        if call.ended or b.state == "terminated":  # the caller left, or a queue moved on
-            self._release_media(b)
-            return
-        offer = sdp.make_offer(allocated.rtp_ip, allocated.rtp_port, int(time.time()))
+        offer = sdp.make_offer(b.rtp_ip, b.rtp_port, int(time.time()))
         b.answer_sdp = offer  # what we answer a re-INVITE on this leg with
         req = self._new_request(b, "INVITE", body=offer)
         b.invite = req
@@ -1538,48 +1541,24 @@ class Front:
 
     # ------------------------------------------------------------ media plane
 
-    async def _allocate(self, leg: Leg, inband_dtmf: bool,
-                        worker: bytes | None = None) -> m.MediaAllocated | None:
-        """An RTP port for the leg: on `worker` if given (it must be alive), else on the
-        least-loaded live worker."""
-        now = self.now()
-        if worker is None:
-            worker = self.media_workers.choose(now)
-        elif not self.media_workers.assign(worker, now):
-            worker = None
-        if worker is None:
-            return None
-        leg.worker = worker
+    def _allocate(self, leg: Leg, inband_dtmf: bool, worker: bytes | None = None) -> bool:
+        """An RTP port for the leg, handed out here from a worker's announced pool: on
+        `worker` if given (alive, with a free port), else on the least-loaded live worker
+        with one. The leg gets the worker's declared address and the port at once; the
+        worker confirms with MediaAllocated (`on_media_message`). False: no port."""
+        handout = self.media_workers.hand_out(leg.media_id, self.now(), worker)
+        if handout is None:
+            return False
+        leg.worker, leg.rtp_port = handout.worker, handout.port
+        # Never an SDP answer pointing where the worker did not declare itself.
+        leg.rtp_ip = self.media_workers.address_of(handout.worker) or ""
         self.legs_by_media[leg.media_id] = leg
-        fut: asyncio.Future[m.MediaAllocated] = self.loop.create_future()
-        self.allocations[leg.media_id] = fut
-        try:
-            if not self.send_media(worker, m.MediaAllocate(call_id=leg.media_id,
-                                                           inband_dtmf=inband_dtmf)):
-                self._forget_media(leg)
-                return None
-            allocated = await asyncio.wait_for(fut, MEDIA_ALLOCATE_TIMEOUT_S)
-        except TimeoutError:
-            log.warning("media worker %r did not allocate %s in time", worker, leg.media_id)
-            self._release_media(leg)
-            return None
-        finally:
-            self.allocations.pop(leg.media_id, None)
-        if allocated.error:
-            log.warning("media worker %r: %s", worker, allocated.error)
+        if not self.send_media(handout.worker, m.MediaAllocate(
+                call_id=leg.media_id, rtp_port=handout.port, seq=handout.seq,
+                inband_dtmf=inband_dtmf)):
             self._forget_media(leg)
-            return None
-        declared = self.media_workers.address_of(worker)
-        if allocated.rtp_ip != declared or not 0 < allocated.rtp_port < 65536:
-            # Never an SDP answer pointing where the worker did not declare itself.
-            self.stats["media_allocations_rejected"] += 1
-            log.warning("media worker %.64r allocated %s at %.64r port %d, not at its declared "
-                        "address %.64r: leg refused", worker, leg.media_id, allocated.rtp_ip,
-                        allocated.rtp_port, declared)
-            self._release_media(leg)
-            return None
-        leg.rtp_port, leg.rtp_ip = allocated.rtp_port, allocated.rtp_ip
-        return allocated
+            return False
+        return True
 
     def _send_remote(self, leg: Leg) -> None:
         n = leg.negotiated
@@ -1603,7 +1582,7 @@ class Front:
     def _forget_media(self, leg: Leg) -> None:
         """Drop our record of the leg's port (and the load it counted) without a release."""
         if leg.worker is not None:
-            self.media_workers.release(leg.worker)
+            self.media_workers.release(leg.worker, leg.rtp_port)
         leg.worker = None
         self.legs_by_media.pop(leg.media_id, None)
 
@@ -1631,25 +1610,40 @@ class Front:
             if isinstance(msg, m.MediaHeartbeat):  # counts since the worker's last heartbeat
                 self.stats["rtp_foreign_dropped"] += msg.rtp_foreign_dropped
                 self.stats["rtcp_foreign_dropped"] += msg.rtcp_foreign_dropped
+                self.media_workers.announce(identity, msg.ports, msg.allocate_seq)
             return
         if not self.media_workers.seen(identity, now):
             log.info("message from unknown media worker %.64r; ignored until it says ready",
                      identity)
             return
-        if isinstance(msg, m.MediaAllocated):
+        if isinstance(msg, m.MediaPorts):
+            self.media_workers.announce(identity, msg.ports, msg.allocate_seq)
+        elif isinstance(msg, m.MediaAllocated):
             asked = self.legs_by_media.get(msg.call_id)
-            if asked is not None and asked.worker != identity:
-                # Only the worker asked answers for a leg (its address was checked).
+            if asked is None:
+                return  # the leg ended: its MediaRelease followed the MediaAllocate
+            if asked.worker != identity:
+                # Only the worker asked answers for a leg: another cannot end its call.
                 self.stats["media_allocations_rejected"] += 1
                 log.warning("media worker %.64r answered the allocation of %.64s asked of "
                             "%.64r: ignored", identity, msg.call_id, asked.worker)
                 return
-            fut = self.allocations.get(msg.call_id)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-            elif not msg.error:
-                # Too late: nobody waits for this port any more.
-                self.send_media(identity, m.MediaRelease(call_id=msg.call_id))
+            if (msg.error is None and msg.rtp_ip == asked.rtp_ip
+                    and msg.rtp_port == asked.rtp_port):
+                self.media_workers.confirm(identity, msg.rtp_port, msg.call_id)
+                return
+            if msg.error is None:  # the leg's SDP says another address or port
+                self.stats["media_allocations_rejected"] += 1
+                log.warning("media worker %.64r allocated %s at %.64r port %d, not the "
+                            "%.64r port %d it was given: ending the call", identity,
+                            msg.call_id, msg.rtp_ip, msg.rtp_port, asked.rtp_ip,
+                            asked.rtp_port)
+            else:
+                self.stats["media_allocations_failed"] += 1
+                log.warning("media worker %.64r refused port %d for %s (%.200s): ending the "
+                            "call", identity, asked.rtp_port, msg.call_id, msg.error)
+                self._forget_media(asked)  # it holds nothing to release
+            self._hangup_call(asked.call, "MediaAllocationFailed", 503)
         elif isinstance(msg, m.MediaEvent):
             leg = self.legs_by_media.get(msg.call_id)
             if leg is None or leg.worker != identity:
@@ -1674,6 +1668,17 @@ class Front:
                     self._hangup_call(leg.call, "MediaWorkerLost", 503)
                 except Exception:
                     log.exception("call %s: could not end it", leg.call.call_id)
+        for identity, media_id in self.media_workers.overdue(now - MEDIA_ALLOCATE_TIMEOUT_S):
+            unconfirmed = self.legs_by_media.get(media_id)
+            if unconfirmed is None or unconfirmed.worker != identity:
+                continue
+            self.stats["media_allocations_failed"] += 1
+            log.warning("media worker %.64r did not confirm port %d for %s: ending the call",
+                        identity, unconfirmed.rtp_port, media_id)
+            try:
+                self._hangup_call(unconfirmed.call, "MediaAllocationFailed", 503)
+            except Exception:
+                log.exception("call %s: could not end it", unconfirmed.call.call_id)
         for identity in self.executors.expire(now):
             log.warning("IVR executor %r stopped heartbeating: re-sending its events", identity)
             self._executor_lost(identity)
@@ -2079,6 +2084,7 @@ class Front:
             "calls": len(self.calls),
             "sessions": len(self.sessions),
             "media_workers": len(self.media_workers),
+            "media_ports_free": self.media_workers.free_ports(),
             "executors": len(self.executors),
             "media_legs": len(self.legs_by_media),
             "transactions": len(self.transactions),

@@ -54,9 +54,11 @@ def last(rig: Rig, cseq: int) -> SipResponse:
 
 
 async def answered(rig: Rig) -> None:
+    """The caller's call answered and acknowledged, and its IVR's first step taken."""
     rig.call()
     await until(lambda: [r for r in rig.responses(CALLER) if r.status == 200])
     rig.ack_caller()
+    await until(lambda: all(s.in_flight is None for s in rig.front.sessions.values()))
 
 
 def test_hold_resume_refresh_and_offerless_reinvite(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from pbx import messages as m
+from tests.fake_media_worker import FakeMediaWorker
 from tests.test_front_queue import CALLER, MEMBERS, Rig, until
 
 ROGUE_ADDRESS = "198.51.100.7"
@@ -70,73 +71,65 @@ def test_rejection_log_line_is_bounded(tmp_path: Path, caplog: pytest.LogCapture
     assert len(line) < 300
 
 
-class AddressRig(Rig):
-    """A media worker `w` that declared 127.0.0.1 but allocates at `allocate_ip`."""
-
-    allocate_ip = ROGUE_ADDRESS
-    answer_from = b"w"
-
-    def _send_media(self, worker: bytes, msg: Any) -> bool:
-        self.media.append(msg)
-        if isinstance(msg, m.MediaAllocate):
-            self.port += 2
-            asyncio.get_running_loop().call_soon(
-                self.front.on_media_message, self.answer_from, m.MediaAllocated(
-                    call_id=msg.call_id, rtp_ip=self.allocate_ip, rtp_port=self.port))
-        return True
-
-
 def final_status(rig: Rig) -> int | None:
     finals = [r for r in rig.responses(CALLER) if r.status >= 200]
     return finals[0].status if finals else None
 
 
-def test_allocation_at_another_address_fails_the_leg(tmp_path: Path) -> None:
+def test_allocation_at_another_address_ends_the_call(tmp_path: Path) -> None:
+    """The SDP answer carries the address the worker declared, never its reply's."""
     async def main() -> None:
-        rig = AddressRig(tmp_path, lambda event: [])
+        rig = Rig(tmp_path, lambda event: [])
+        rig.worker.allocated_ip = ROGUE_ADDRESS  # declared 127.0.0.1, allocates elsewhere
         rig.call()
-        assert await until(lambda: final_status(rig)) == 503
+        assert final_status(rig) == 200
+        bye = await until(lambda: rig.requests("BYE", CALLER))
+        assert "cause=503" in (bye[0].headers.get("Reason") or "")
         assert all(ROGUE_ADDRESS.encode() not in r.body for r in rig.responses(CALLER))
         assert rig.front.stats["media_allocations_rejected"] == 1
-        # The port the worker opened is given back, and no IVR session started.
+        # The port the worker opened is given back.
         assert [r.call_id for r in rig.of(m.MediaRelease)] == [
             a.call_id for a in rig.of(m.MediaAllocate)]
-        assert not rig.ivr_events and not rig.front.legs_by_media
+        assert not rig.front.legs_by_media
 
     asyncio.run(main())
 
 
 def test_allocation_answered_by_another_worker_is_ignored(tmp_path: Path) -> None:
+    """Only the worker asked answers for a leg: another one can neither confirm it nor
+    end its call."""
     async def main() -> None:
-        rig = AddressRig(tmp_path, lambda event: [])
-        rig.allocate_ip = "127.0.0.1"  # an allowed address, but not the worker asked
-        rig.answer_from = b"other"
-        rig.front.on_media_message(b"other", m.MediaHeartbeat(
-            worker_id="other", calls=0, capacity=0, rtp_ip="127.0.0.1"))  # full: never chosen
+        rig = Rig(tmp_path, lambda event: [])
+        rig.front.on_media_message(b"other", FakeMediaWorker(
+            rig.front, b"other", capacity=0, first_port=31000).heartbeat())  # full: not chosen
         rig.call()
-        await until(lambda: rig.front.stats["media_allocations_rejected"] == 1)
-        assert final_status(rig) is None  # still waiting for the worker asked (`w`)
+        assert final_status(rig) == 200
         leg = next(iter(rig.front.legs_by_media.values()))
         assert leg.worker == b"w"
-        rig.front.on_media_message(b"w", m.MediaAllocated(
-            call_id=leg.media_id, rtp_ip="127.0.0.1", rtp_port=31000))
-        assert await until(lambda: final_status(rig)) == 200
+        for error in (None, "refused"):  # before `w`'s own answer arrives
+            rig.front.on_media_message(b"other", m.MediaAllocated(
+                call_id=leg.media_id, rtp_ip="127.0.0.1", rtp_port=leg.rtp_port,
+                error=error))
+        assert rig.front.stats["media_allocations_rejected"] == 2
+        await until(lambda: not rig.front.media_workers.pool(b"w").unconfirmed)  # type: ignore[union-attr]
+        assert not rig.requests("BYE", CALLER) and leg.call.call_id in rig.front.calls
         ok = [r for r in rig.responses(CALLER) if r.status == 200][0]
-        assert b"c=IN IP4 127.0.0.1" in ok.body and b"m=audio 31000 " in ok.body
+        assert b"c=IN IP4 127.0.0.1" in ok.body and f"m=audio {leg.rtp_port} ".encode() in ok.body
 
     asyncio.run(main())
 
 
 def test_worker_declaring_a_refused_address_is_not_used(tmp_path: Path) -> None:
     async def main() -> None:
-        rig = AddressRig(tmp_path, lambda event: [])
+        rig = Rig(tmp_path, lambda event: [])
         rig.front.media_workers.remove(b"w")
-        rig.front.on_media_message(b"w", m.MediaReady(worker_id="w", capacity=100,
-                                                      rtp_ip=ROGUE_ADDRESS))
+        rogue = FakeMediaWorker(rig.front, rtp_ip=ROGUE_ADDRESS)
+        rogue.join()
+        rig.front.on_media_message(b"w", rogue.heartbeat())
         assert b"w" not in rig.front.media_workers
-        assert rig.front.stats["media_workers_rejected"] == 1
+        assert rig.front.stats["media_workers_rejected"] == 2
         rig.call()
-        assert await until(lambda: final_status(rig)) == 503
+        assert final_status(rig) == 503
         assert not rig.of(m.MediaAllocate)
 
     asyncio.run(main())
@@ -150,8 +143,9 @@ def test_worker_changing_its_address_is_refused(tmp_path: Path) -> None:
         rig.front.on_media_message(b"w2", m.MediaReady(worker_id="w2", capacity=10,
                                                        rtp_ip="10.0.0.5"))
         assert rig.front.media_workers.address_of(b"w2") == "10.0.0.5"
-        rig.front.on_media_message(b"w2", m.MediaHeartbeat(worker_id="w2", calls=3,
-                                                           capacity=10, rtp_ip="10.0.0.6"))
+        changed = FakeMediaWorker(rig.front, b"w2", rtp_ip="10.0.0.6")
+        rig.front.on_media_message(b"w2", changed.heartbeat())
+        assert rig.front.media_workers.pool(b"w2") is None  # nor its ports
         assert rig.front.stats["media_workers_rejected"] == 1
         assert rig.front.media_workers.address_of(b"w2") == "10.0.0.5"
         rig.front.on_media_message(b"w3", m.MediaReady(worker_id="w3", capacity=10,
@@ -163,15 +157,17 @@ def test_worker_changing_its_address_is_refused(tmp_path: Path) -> None:
 
 
 def test_worker_learnt_from_heartbeat_after_front_restart(tmp_path: Path) -> None:
-    """A restarted front hears only heartbeats: they carry the address too."""
+    """A restarted front hears only heartbeats: they carry the address and the pool
+    too, and the front numbers its allocations on from the worker's last one."""
     async def main() -> None:
-        rig = AddressRig(tmp_path, lambda event: [])
-        rig.allocate_ip = "127.0.0.1"
+        rig = Rig(tmp_path, lambda event: [])
         rig.front.media_workers.remove(b"w")
-        rig.front.on_media_message(b"w", m.MediaHeartbeat(worker_id="w", calls=0,
-                                                          capacity=100, rtp_ip="127.0.0.1"))
+        rig.worker.seq = 41  # allocations the old front made
+        rig.front.on_media_message(b"w", rig.worker.heartbeat())
         rig.call()
-        assert await until(lambda: final_status(rig)) == 200
+        assert final_status(rig) == 200
+        assert [a.seq for a in rig.of(m.MediaAllocate)] == [42]
+        await until(lambda: rig.worker.legs)
         assert rig.front.stats["media_allocations_rejected"] == 0
 
     asyncio.run(main())

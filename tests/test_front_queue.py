@@ -1,8 +1,8 @@
 """The front's queue, agent, recording and WebSocket-bridge handling, without sockets.
 
 The Front runs on a real event loop with fakes around it: SIP messages are fed to
-`message_received` and what it sends is parsed back; a fake media worker answers
-MediaAllocate; a fake executor answers the session's events with scripted commands.
+`message_received` and what it sends is parsed back; a fake media worker
+(`tests.fake_media_worker`) announces its ports and answers MediaAllocate; a fake executor answers the session's events with scripted commands.
 Queue timings are short (hundreds of ms) so the tests run on the loop's real clock.
 """
 
@@ -19,6 +19,7 @@ from pbx.config import parse_config
 from pbx.front import Front
 from pbx.queue_calls import HOLD_PLAY_ID
 from pbx.sip.message import SipRequest, SipResponse, make_response, parse_message
+from tests.fake_media_worker import FakeMediaWorker
 
 CALLER = ("127.0.0.1", 5999)
 MEMBERS = {"2001": ("127.0.0.1", 6001), "2002": ("127.0.0.1", 6002),
@@ -87,11 +88,10 @@ class Rig:
         self.events: list[dict[str, Any]] = []
         self.ivr_events: list[m.IvrEvent] = []
         self.script = script
-        self.port = 30000
         self.front = Front(self.settings, self._send_sip, self._send_media, self._send_ivr,
                            self.events.append)
-        self.front.on_media_message(b"w", m.MediaReady(worker_id="w", capacity=100,
-                                                       rtp_ip="127.0.0.1"))
+        self.worker = FakeMediaWorker(self.front)
+        self.worker.join()
         self.front.on_ivr_message(b"e", m.IvrReady(executor_id="e", capacity=10))
 
     # fakes -------------------------------------------------------------
@@ -101,14 +101,7 @@ class Rig:
 
     def _send_media(self, worker: bytes, msg: Any) -> bool:
         self.media.append(msg)
-        loop = asyncio.get_running_loop()
-        if isinstance(msg, m.MediaAllocate):
-            self.port += 2
-            loop.call_soon(self.front.on_media_message, b"w", m.MediaAllocated(
-                call_id=msg.call_id, rtp_ip="127.0.0.1", rtp_port=self.port))
-        elif isinstance(msg, m.MediaRelease):
-            loop.call_soon(self.front.on_media_message, b"w", m.MediaReleased(
-                call_id=msg.call_id, packets_sent=10, packets_received=9))
+        self.worker.answer_soon(msg)
         return True
 
     def _send_ivr(self, executor: bytes, event: m.IvrEvent) -> bool:

@@ -22,7 +22,8 @@ def test_heartbeat_foreign_counts_add_up_in_the_snapshot(tmp_path: Path) -> None
         for worker, rtp, rtcp in ((b"w1", 5, 0), (b"w2", 7, 2), (b"w1", 0, 1)):
             front.on_media_message(worker, m.MediaHeartbeat(
                 worker_id=worker.decode(), calls=1, capacity=10, rtp_ip="127.0.0.1",
-                rtp_foreign_dropped=rtp, rtcp_foreign_dropped=rtcp))  # fmt: skip
+                ports=[], allocate_seq=0, rtp_foreign_dropped=rtp,
+                rtcp_foreign_dropped=rtcp))  # fmt: skip
         return front.snapshot()
 
     snap = asyncio.run(main())

@@ -30,6 +30,7 @@ from pbx.config import parse_config
 from pbx.front import IVR_NO_EXECUTOR_S, Front
 from pbx.ivr.models import ProviderRequest, ProviderResult
 from pbx.sip.message import SipRequest, SipResponse, parse_message
+from tests.fake_media_worker import FakeMediaWorker
 from tests.test_front_queue import CALLER, caller_invite
 from workers.ivr import handle_event
 
@@ -120,6 +121,7 @@ class Rig:
         self.executor_capacity = executor_capacity
         self.front = VirtualFront(self.settings, self._send_sip, self._send_media,
                                   self._send_ivr, lambda event: None)
+        self.worker = FakeMediaWorker(self.front)
         self.heartbeat()
 
     # fakes -------------------------------------------------------------
@@ -138,8 +140,7 @@ class Rig:
         self.media.append(msg)
         loop = asyncio.get_running_loop()
         if isinstance(msg, m.MediaAllocate):
-            loop.call_soon(self.front.on_media_message, b"w", m.MediaAllocated(
-                call_id=msg.call_id, rtp_ip="127.0.0.1", rtp_port=30000))
+            self.worker.answer_soon(msg)
         elif isinstance(msg, m.MediaTimer):
             if msg.delay_ms > 0:
                 self.timers[msg.call_id] = (self.front.clock + msg.delay_ms / 1000,
@@ -170,8 +171,7 @@ class Rig:
 
     def heartbeat(self) -> None:
         busy = len(self.working) if self.executor_capacity > 1 else self.executor_capacity
-        self.front.on_media_message(b"w", m.MediaHeartbeat(worker_id="w", calls=1,
-                                                           capacity=100, rtp_ip="127.0.0.1"))
+        self.front.on_media_message(b"w", self.worker.heartbeat(calls=1))
         self.front.on_ivr_message(b"e", m.IvrHeartbeat(
             executor_id="e", busy=busy, capacity=self.executor_capacity,
             working=dict(self.working)))
