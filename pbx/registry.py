@@ -124,7 +124,6 @@ class PortHold:
     call_id: str
     seq: int
     handed_at: float
-    in_use: bool = True  # its leg still has it (not released, allocation not failed)
 
 
 @dataclass(frozen=True)
@@ -162,29 +161,33 @@ class PortPool:
         self.announced: dict[int, None] = {}  # the last list, in the worker's order
         self.allocate_seq = 0  # as of `announced`
         self.next_seq = 1
-        self.held: dict[int, PortHold] = {}
-        # Held ports whose MediaAllocated has not come, in hand-out order (deadline).
+        # Held ports: those a leg uses, and those released whose fate no announcement
+        # has told yet (few: an announcement follows every tick with allocations).
+        self.in_use: dict[int, PortHold] = {}
+        self.retiring: dict[int, PortHold] = {}
+        # Ports in use whose MediaAllocated has not come, in hand-out order (deadline).
         self.unconfirmed: dict[int, PortHold] = {}
+
+    def held(self, port: int) -> bool:
+        return port in self.in_use or port in self.retiring
 
     def announce(self, ports: Iterable[int], allocate_seq: int) -> None:
         self.announced = dict.fromkeys(ports)
         self.allocate_seq = allocate_seq
         self.next_seq = max(self.next_seq, allocate_seq + 1)
-        done = [port for port, hold in self.held.items()
-                if not hold.in_use and hold.seq <= allocate_seq]
-        for port in done:
-            del self.held[port]
+        told = [port for port, hold in self.retiring.items() if hold.seq <= allocate_seq]
+        for port in told:
+            del self.retiring[port]
+
+    def free_ports(self) -> list[int]:
+        return [port for port in self.announced if not self.held(port)]
 
     def free_port(self) -> int | None:
-        held = self.held
+        in_use, retiring = self.in_use, self.retiring
         for port in self.announced:
-            if port not in held:
+            if port not in in_use and port not in retiring:
                 return port
         return None
-
-    def free_count(self) -> int:
-        held = self.held
-        return sum(1 for port in self.announced if port not in held)
 
     def hand_out(self, call_id: str, now: float) -> tuple[int, int] | None:
         """A free port for the leg `call_id` and the `seq` of its MediaAllocate."""
@@ -193,28 +196,27 @@ class PortPool:
             return None
         seq, self.next_seq = self.next_seq, self.next_seq + 1
         hold = PortHold(call_id, seq, now)
-        self.held[port] = hold
+        self.in_use[port] = hold
         self.unconfirmed[port] = hold
         return port, seq
 
     def confirm(self, port: int, call_id: str) -> bool:
-        """The worker gave the leg its port (MediaAllocated). False if the port is not
-        held for that leg."""
-        hold = self.held.get(port)
-        if hold is None or not hold.in_use or hold.call_id != call_id:
+        """The worker gave the leg its port (MediaAllocated). False if the port is not in
+        use by that leg."""
+        hold = self.in_use.get(port)
+        if hold is None or hold.call_id != call_id:
             return False
         self.unconfirmed.pop(port, None)
         return True
 
     def release(self, port: int) -> None:
         """The leg no longer uses its port; the port comes back per the rule above."""
-        hold = self.held.get(port)
+        hold = self.in_use.pop(port, None)
         if hold is None:
             return
-        hold.in_use = False
         self.unconfirmed.pop(port, None)
-        if hold.seq <= self.allocate_seq:
-            del self.held[port]
+        if hold.seq > self.allocate_seq:
+            self.retiring[port] = hold
 
     def overdue(self, handed_before: float) -> list[str]:
         """The legs whose port was handed out before `handed_before` and never
@@ -289,7 +291,7 @@ class MediaWorkerRegistry(WorkerRegistry):
 
     def free_ports(self) -> int:
         """Free ports over every live worker (for /metrics)."""
-        return sum(pool.free_count() for pool in self._pools.values())
+        return sum(len(pool.free_ports()) for pool in self._pools.values())
 
     def expire(self, now: float) -> list[bytes]:
         gone = super().expire(now)

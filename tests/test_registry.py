@@ -160,7 +160,7 @@ def media(expiry_s: float = 2.0) -> MediaWorkerRegistry:
 
 
 def free(pool: PortPool) -> set[int]:
-    return {p for p in pool.announced if p not in pool.held}
+    return set(pool.free_ports())
 
 
 def test_hand_out_takes_announced_ports_in_order_and_numbers_them() -> None:
@@ -169,7 +169,7 @@ def test_hand_out_takes_announced_ports_in_order_and_numbers_them() -> None:
     pool.announce([20000, 20002, 20004], allocate_seq=0)
     assert pool.hand_out("c1", now=0.0) == (20000, 1)
     assert pool.hand_out("c2", now=0.0) == (20002, 2)
-    assert free(pool) == {20004} and pool.free_count() == 1
+    assert pool.free_ports() == [20004]
 
 
 def test_stale_announcement_never_frees_a_port_handed_out() -> None:
@@ -208,9 +208,9 @@ def test_release_before_the_covering_announcement_waits_for_it() -> None:
     pool.announce([20000], allocate_seq=0)
     pool.hand_out("c1", now=0.0)
     pool.release(20000)
-    assert 20000 in pool.held
+    assert pool.held(20000) and pool.retiring
     pool.announce([20002], allocate_seq=1)
-    assert pool.held == {} and free(pool) == {20002}
+    assert not pool.retiring and not pool.in_use and free(pool) == {20002}
 
 
 def test_a_port_in_use_is_never_handed_out_whatever_the_worker_says() -> None:
