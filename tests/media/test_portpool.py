@@ -153,6 +153,7 @@ def test_many_allocations_one_announcement_per_tick(
     for seq, port in enumerate(w.pool.ports()[:2], start=1):
         w.allocate(MediaAllocate(call_id=f"c{seq}", rtp_port=port, seq=seq))
     run_soon(w)
+    assert [type(msg) for msg in sent] == [MediaAllocated, MediaAllocated]  # nothing else yet
     sent.clear()
     w.announce_ports()
     w.announce_ports()
