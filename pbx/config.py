@@ -133,6 +133,10 @@ class MediaSettings(_Section):
     voicemail_dir: str = "voicemail"
     # Calls one worker accepts before the front stops choosing it.
     capacity: int = Field(default=2000, gt=0)
+    # RTP/RTCP port pairs each worker keeps bound ahead of calls and announces to the
+    # front, which hands them out without asking (fewer while capacity or the port
+    # range leaves less room). Enough for the calls that arrive between two ticks.
+    port_pool: int = Field(default=64, gt=0, le=4096)
     heartbeat_ms: int = Field(default=500, gt=0)
     # A worker not heard from for this long is dropped (DESIGN: within 2 s).
     expiry_ms: int = Field(default=1500, gt=0)

@@ -10,7 +10,8 @@ bumps it. Models forbid unknown fields, so an older receiver refuses a newer
 sender's extra fields: the processes of one installation are upgraded together.
 
 Media plane (front ROUTER  <->  media worker DEALER):
-    worker -> front : MediaReady, MediaHeartbeat, MediaAllocated, MediaEvent, MediaReleased
+    worker -> front : MediaReady, MediaPorts, MediaHeartbeat, MediaAllocated, MediaEvent,
+                      MediaReleased
     front -> worker : MediaAllocate, MediaRemote, MediaPlay, MediaStop, MediaTimer,
                       MediaBridge, MediaDtmfInfo, MediaRecord, MediaRecordStop,
                       MediaWsBridge, MediaRelease
@@ -28,12 +29,23 @@ executor its event was sent to, and a media worker declares its RTP address in
 whose address is not allowed by its config, and an allocation whose `rtp_ip` is
 not its worker's declared address.
 
+RTP ports without a round trip (issue 9): a media worker pre-binds a pool of RTP/RTCP
+port pairs and announces its free ones (MediaPorts after MediaReady, again whenever the
+pool changed, at most once per tick, and in every MediaHeartbeat). The front hands a
+port out of that list itself and answers the INVITE at once; MediaAllocate names the
+port (`rtp_port`) and is numbered per worker (`seq`), and every announcement says the
+last `seq` the worker handled (`allocate_seq`), so the front can tell an announcement
+that predates a hand-out from one that follows it (`pbx.registry.PortPool`).
+
 No session waits in silence (issue 8): each IvrReply says how long the session may now
 go without a call event (`wait_ms`); a session that hears nothing for that long plus
 the front's grace gets a WaitExpiredInput, and its provider an `error` event.
 
 Versions: 1, the first; 2 (issue 8), `rtp_ip` required in MediaReady and
-MediaHeartbeat, `IvrReply.wait_ms` and `WaitExpiredInput` (a version-1 peer is refused).
+MediaHeartbeat, `IvrReply.wait_ms` and `WaitExpiredInput` (a version-1 peer is refused);
+3 (issue 9), port pools: MediaPorts, `ports` and `allocate_seq` required in
+MediaHeartbeat, `rtp_port` and `seq` required in MediaAllocate (a worker of version 2
+bound a port per allocation and cannot take part).
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from pbx.config import IvrAppParams
 
-PROTOCOL_VERSION: Literal[2] = 2
+PROTOCOL_VERSION: Literal[3] = 3
 
 
 class MessageError(Exception):
@@ -54,7 +66,7 @@ class MessageError(Exception):
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[2] = PROTOCOL_VERSION
+    v: Literal[3] = PROTOCOL_VERSION
 
 
 # ---------------------------------------------------------------- media plane
@@ -69,12 +81,30 @@ class MediaReady(_Msg):
     calls: int = 0
 
 
+# A worker announces at most this many free ports (every even port of 1024-65535).
+MAX_ANNOUNCED_PORTS = 32_256
+RtpPort = Annotated[int, Field(gt=0, lt=65536)]
+
+
+class MediaPorts(_Msg):
+    """The worker's free pre-bound RTP ports, all of them (RTCP is each port + 1), and
+    the `seq` of the last MediaAllocate it handled (0: none yet). Sent after MediaReady
+    and whenever the pool changed or an allocation was handled, at most once per tick."""
+
+    kind: Literal["media_ports"] = "media_ports"
+    ports: list[RtpPort] = Field(max_length=MAX_ANNOUNCED_PORTS)
+    allocate_seq: int = Field(ge=0)
+
+
 class MediaHeartbeat(_Msg):
     kind: Literal["media_heartbeat"] = "media_heartbeat"
     worker_id: str
     calls: int
     capacity: int
     rtp_ip: str  # as in MediaReady (a front that restarted learns it from here)
+    # As in MediaPorts, so a front that restarted learns the pool from here too.
+    ports: list[RtpPort] = Field(max_length=MAX_ANNOUNCED_PORTS)
+    allocate_seq: int = Field(ge=0)
     # How late the worker's 20 ms tick ran, worst over the last period.
     tick_late_ms_max: float = 0.0
     # Over the same period: lateness percentiles, how long a tick's work took
@@ -91,10 +121,15 @@ class MediaHeartbeat(_Msg):
 
 
 class MediaAllocate(_Msg):
-    """Open an RTP port for a call leg; answered by MediaAllocated."""
+    """Give a call leg the pre-bound port `rtp_port`, which the front took from the
+    worker's last announcement; answered by MediaAllocated (that port, or an error: not
+    in the pool, worker at capacity). `seq` numbers the front's allocations to this
+    worker (1, 2, ...; after learning a worker, the front goes on from its `allocate_seq`)."""
 
     kind: Literal["media_allocate"] = "media_allocate"
     call_id: str
+    rtp_port: RtpPort
+    seq: int = Field(gt=0)
     inband_dtmf: bool = True
 
 
@@ -526,6 +561,7 @@ class IvrReply(_Msg):
 
 Message = Annotated[
     MediaReady
+    | MediaPorts
     | MediaHeartbeat
     | MediaAllocate
     | MediaAllocated

@@ -5,11 +5,13 @@ frame from a worker refreshes its expiry; a worker not heard from within
 `expiry_s` is expired. Unlike ppqueue, busy workers stay in the registry, since
 our jobs (calls, sessions) last minutes: a busy worker is tracked for liveness
 just like an idle one. Used by the front for both media workers and IVR
-executors.
+executors; `MediaWorkerRegistry` adds each media worker's pool of pre-bound RTP ports
+(`PortPool`), so the front hands a port out without asking the worker.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -113,3 +115,190 @@ class WorkerRegistry:
 
     def next_expiry(self) -> float | None:
         return min((w.expires_at for w in self._workers.values()), default=None)
+
+
+@dataclass
+class PortHold:
+    """A port the front handed out: to which leg, under which MediaAllocate `seq`."""
+
+    call_id: str
+    seq: int
+    handed_at: float
+
+
+@dataclass(frozen=True)
+class Handout:
+    worker: bytes
+    port: int
+    seq: int  # MediaAllocate.seq
+
+
+class PortPool:
+    """One media worker's pre-bound RTP ports, as the front knows them (pure).
+
+    The worker announces its whole free list with the `seq` of the last MediaAllocate it
+    handled (`announce`); the front hands ports out of that list (`hand_out`) and numbers
+    each hand-out with the next `seq`. Reconciliation rule:
+
+        free = last announced list - held ports
+
+    A port is *held* from its hand-out until both (a) its leg no longer uses it (the leg
+    was released, or its allocation failed: `release`) and (b) an announcement the worker
+    sent after handling that hand-out has arrived (`allocate_seq` >= the hand-out's
+    `seq`). Such an announcement knows what became of the port: it lists it only if the
+    worker still has it free (it refused the allocation, or bound the port again after
+    the leg's release), so from then on the list alone is right. An older announcement
+    may still list a port the worker has since taken; the hold keeps it out. So a stale
+    announcement never gets a port handed out twice, and a port is never handed out
+    while a leg uses it, whatever any announcement says.
+
+    The worker's messages reach the front in the order it sent them (one ZeroMQ
+    connection), and MediaAllocate numbers only grow: a front that (re)learns a worker
+    goes on from the worker's `allocate_seq`.
+    """
+
+    def __init__(self) -> None:
+        self.announced: dict[int, None] = {}  # the last list, in the worker's order
+        self.allocate_seq = 0  # as of `announced`
+        self.next_seq = 1
+        # Held ports: those a leg uses, and those released whose fate no announcement
+        # has told yet (few: an announcement follows every tick with allocations).
+        self.in_use: dict[int, PortHold] = {}
+        self.retiring: dict[int, PortHold] = {}
+        # Ports in use whose MediaAllocated has not come, in hand-out order (deadline).
+        self.unconfirmed: dict[int, PortHold] = {}
+
+    def held(self, port: int) -> bool:
+        return port in self.in_use or port in self.retiring
+
+    def announce(self, ports: Iterable[int], allocate_seq: int) -> None:
+        self.announced = dict.fromkeys(ports)
+        self.allocate_seq = allocate_seq
+        self.next_seq = max(self.next_seq, allocate_seq + 1)
+        told = [port for port, hold in self.retiring.items() if hold.seq <= allocate_seq]
+        for port in told:
+            del self.retiring[port]
+
+    def free_ports(self) -> list[int]:
+        return [port for port in self.announced if not self.held(port)]
+
+    def free_port(self) -> int | None:
+        in_use, retiring = self.in_use, self.retiring
+        for port in self.announced:
+            if port not in in_use and port not in retiring:
+                return port
+        return None
+
+    def hand_out(self, call_id: str, now: float) -> tuple[int, int] | None:
+        """A free port for the leg `call_id` and the `seq` of its MediaAllocate."""
+        port = self.free_port()
+        if port is None:
+            return None
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        hold = PortHold(call_id, seq, now)
+        self.in_use[port] = hold
+        self.unconfirmed[port] = hold
+        return port, seq
+
+    def confirm(self, port: int, call_id: str) -> bool:
+        """The worker gave the leg its port (MediaAllocated). False if the port is not in
+        use by that leg."""
+        hold = self.in_use.get(port)
+        if hold is None or hold.call_id != call_id:
+            return False
+        self.unconfirmed.pop(port, None)
+        return True
+
+    def release(self, port: int) -> None:
+        """The leg no longer uses its port; the port comes back per the rule above."""
+        hold = self.in_use.pop(port, None)
+        if hold is None:
+            return
+        self.unconfirmed.pop(port, None)
+        if hold.seq > self.allocate_seq:
+            self.retiring[port] = hold
+
+    def overdue(self, handed_before: float) -> list[str]:
+        """The legs whose port was handed out before `handed_before` and never
+        confirmed; each is reported once."""
+        late: list[str] = []
+        while self.unconfirmed:
+            port, hold = next(iter(self.unconfirmed.items()))
+            if hold.handed_at >= handed_before:
+                break
+            del self.unconfirmed[port]
+            late.append(hold.call_id)
+        return late
+
+
+class MediaWorkerRegistry(WorkerRegistry):
+    """The media workers: liveness and load as `WorkerRegistry`, plus each worker's
+    `PortPool`. A worker is chosen only with a free port; its pool is forgotten with it
+    (expiry or removal)."""
+
+    def __init__(self, expiry_s: float) -> None:
+        super().__init__(expiry_s)
+        self._pools: dict[bytes, PortPool] = {}
+
+    def announce(self, identity: bytes, ports: Iterable[int], allocate_seq: int) -> bool:
+        """A worker's free list (MediaPorts or a heartbeat). False for an unknown worker."""
+        if identity not in self._workers:
+            return False
+        pool = self._pools.get(identity)
+        if pool is None:
+            pool = self._pools[identity] = PortPool()
+        pool.announce(ports, allocate_seq)
+        return True
+
+    def pool(self, identity: bytes) -> PortPool | None:
+        return self._pools.get(identity)
+
+    def _has_free(self, identity: bytes) -> bool:
+        pool = self._pools.get(identity)
+        return pool is not None and pool.free_port() is not None
+
+    def hand_out(self, call_id: str, now: float, worker: bytes | None = None
+                 ) -> Handout | None:
+        """A port for the leg `call_id`: on `worker` if given (alive, with a free port;
+        a call's second leg), else on the least-loaded live worker with room and a free
+        port. Counts one more unit of load on it, as `choose` / `assign` do."""
+        if worker is None:
+            exclude = frozenset(w for w in self._workers if not self._has_free(w))
+            worker = self.choose(now, exclude)
+            if worker is None:
+                return None
+        elif not self._has_free(worker) or not self.assign(worker, now):
+            return None
+        taken = self._pools[worker].hand_out(call_id, now)
+        assert taken is not None  # it had a free port
+        return Handout(worker, *taken)
+
+    def confirm(self, identity: bytes, port: int, call_id: str) -> bool:
+        pool = self._pools.get(identity)
+        return pool is not None and pool.confirm(port, call_id)
+
+    def release(self, identity: bytes, port: int | None = None) -> None:
+        """One unit of load less; with `port`, that leg's port is released too."""
+        super().release(identity)
+        pool = self._pools.get(identity)
+        if port is not None and pool is not None:
+            pool.release(port)
+
+    def overdue(self, handed_before: float) -> list[tuple[bytes, str]]:
+        """(worker, leg) of every hand-out unconfirmed since before `handed_before`."""
+        return [(identity, call_id) for identity, pool in self._pools.items()
+                for call_id in pool.overdue(handed_before)]
+
+    def free_ports(self) -> int:
+        """Free ports over every live worker (for /metrics)."""
+        return sum(len(pool.free_ports()) for pool in self._pools.values())
+
+    def expire(self, now: float) -> list[bytes]:
+        gone = super().expire(now)
+        for identity in gone:
+            self._pools.pop(identity, None)
+        return gone
+
+    def remove(self, identity: bytes) -> None:
+        super().remove(identity)
+        self._pools.pop(identity, None)

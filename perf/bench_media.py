@@ -61,6 +61,7 @@ from pbx.messages import (  # noqa: E402
     MediaEvent,
     MediaHeartbeat,
     MediaPlay,
+    MediaPorts,
     MediaReady,
     MediaRelease,
     MediaReleased,
@@ -226,16 +227,26 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         call_ids = [f"bench-{i}" for i in range(n_calls)]
         index = {c: i for i, c in enumerate(call_ids)}
 
-        for c in call_ids:
-            front.send(MediaAllocate(call_id=c, inband_dtmf=True))
+        # As the front does: each leg gets a port the worker announced (MediaPorts after
+        # MediaReady, then as its pool refills), never one handed out before.
         worker_port = np.zeros(n_calls, dtype=np.int64)
-        got = 0
+        got = sent = 0
+        free: list[int] = []
+        handed: set[int] = set()
         heartbeats: list[MediaHeartbeat] = []
         while got < n_calls:
+            while free and sent < n_calls:
+                port = free.pop()
+                handed.add(port)
+                sent += 1
+                front.send(MediaAllocate(call_id=call_ids[sent - 1], rtp_port=port, seq=sent,
+                                         inband_dtmf=True))
             msg = front.recv(10.0)
             if msg is None:
                 raise RuntimeError(f"only {got} of {n_calls} legs allocated")
-            if isinstance(msg, MediaAllocated):
+            if isinstance(msg, MediaPorts | MediaHeartbeat):
+                free = [p for p in msg.ports if p not in handed]
+            elif isinstance(msg, MediaAllocated):
                 if msg.error:
                     raise RuntimeError(f"allocation failed: {msg.error}")
                 worker_port[index[msg.call_id]] = msg.rtp_port

@@ -28,6 +28,7 @@ def test_default_file_loads() -> None:
     assert isinstance(settings, Settings)
     assert settings.sip.host_port == ("127.0.0.1", 5060)
     assert settings.media.port_range == (20000, 29999)
+    assert settings.media.port_pool == 64
     assert settings.source_path.endswith("pbx.toml")
     names = [r.name for r in settings.routes]
     assert "step_ivr" in names
@@ -95,6 +96,9 @@ BAD = {
     "bad_log_level": ('[logging]\nlevel = "LOUD"\n', "logging.level", "DEBUG"),
     "zero_wait_grace": ("[sessions]\nwait_grace_ms = 0\n", "sessions.wait_grace_ms",
                         "greater than 0"),
+    "zero_port_pool": ("[media]\nport_pool = 0\n", "media.port_pool", "greater than 0"),
+    "huge_port_pool": ("[media]\nport_pool = 5000\n", "media.port_pool",
+                       "less than or equal to 4096"),
 }
 
 

@@ -25,12 +25,12 @@ from tests.calls.rig import (
     MEMBERS,
     PLAY,
     Script,
-    allocated,
     caller_invite,
     first_then,
     rig_settings,
     scripted_reply,
 )
+from tests.fake_media_worker import FakeMediaWorker
 
 # No heartbeats come in these tests: workers and executors stay alive regardless.
 NO_EXPIRY = "\n[media]\nexpiry_ms = 600000\n[ivr]\nexpiry_ms = 600000\n"
@@ -80,12 +80,11 @@ class Shell:
         self.refuse_media: Callable[[Any], bool] = lambda msg: False
         self.refuse_ivr: set[bytes] = set()
         self.refused: list[tuple[bytes, Any]] = []  # (worker or executor, message)
-        self.port = 30_000
         self.changed = asyncio.Event()
         self.front = Front(rig_settings(tmp, NO_EXPIRY + extra), self._send_sip,
                            self._send_media, self._send_ivr, self.events.append)
-        self.front.on_media_message(b"w", m.MediaReady(worker_id="w", capacity=100,
-                                                       rtp_ip="127.0.0.1"))
+        self.worker = FakeMediaWorker(self.front.on_media_message)
+        self.worker.join()
         for identity in executors:
             self.front.on_ivr_message(identity, m.IvrReady(executor_id=identity.decode(),
                                                            capacity=10))
@@ -102,13 +101,8 @@ class Shell:
             self.refused.append((worker, msg))
             return False
         self.media.append(msg)
-        if isinstance(msg, m.MediaAllocate):
-            self.port += 2
-            self.loop.call_soon(self.front.on_media_message, worker,
-                                allocated(msg, self.port))
-        elif isinstance(msg, m.MediaRelease):
-            self.loop.call_soon(self.front.on_media_message, worker,
-                                m.MediaReleased(call_id=msg.call_id))
+        for answer in self.worker.answer(msg):  # over ZeroMQ: on the loop's next turns
+            self.loop.call_soon(self.front.on_media_message, worker, answer)
         return True
 
     def _send_ivr(self, executor: bytes, event: m.IvrEvent) -> bool:
@@ -143,11 +137,10 @@ def test_a_call_is_answered(tmp_path: Path) -> None:
     async def main(loop: SkippingLoop) -> None:
         shell = Shell(tmp_path, first_then(PLAY))
         shell.front.message_received(caller_invite(), CALLER)
-        # Carried out before message_received returns: 100 Trying, the port asked for.
-        assert shell.statuses() == [100]
-        assert [type(x) for x in shell.media] == [m.MediaAllocate]
-        await shell.until(lambda: 200 in shell.statuses())
+        # Carried out before message_received returns: 100 Trying, the port handed out
+        # from the worker's pool, the 200 (no other process asked).
         assert shell.statuses() == [100, 200]
+        assert [type(x) for x in shell.media] == [m.MediaAllocate, m.MediaRemote]
         plays = await shell.until(lambda: [x for x in shell.media
                                            if isinstance(x, m.MediaPlay)])
         assert plays[0].file == "sounds/menu.wav"

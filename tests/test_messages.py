@@ -35,9 +35,11 @@ TRACE = m.StepTrace(
 
 SAMPLES: list[m._Msg] = [
     m.MediaReady(worker_id="w1", capacity=100, rtp_ip="127.0.0.1", calls=2),
+    m.MediaPorts(ports=[20000, 20002, 24680], allocate_seq=7),
+    m.MediaPorts(ports=[], allocate_seq=0),
     m.MediaHeartbeat(worker_id="w1", calls=3, capacity=100, rtp_ip="127.0.0.1",
-                     tick_late_ms_max=1.5),
-    m.MediaAllocate(call_id="c1", inband_dtmf=False),
+                     ports=[20004], allocate_seq=9, tick_late_ms_max=1.5),
+    m.MediaAllocate(call_id="c1", rtp_port=20000, seq=8, inband_dtmf=False),
     m.MediaAllocated(call_id="c1", rtp_ip="127.0.0.1", rtp_port=20000),
     m.MediaAllocated(call_id="c1", error="no ports"),
     m.MediaRemote(
@@ -132,8 +134,9 @@ def _frame(**changes: object) -> bytes:
     return orjson.dumps(data)
 
 
-# 1: the version before issue 8 (`rtp_ip`, `IvrReply.wait_ms`, `WaitExpiredInput`).
-@pytest.mark.parametrize("version", [0, 1, 3, "2", None])
+# 1: the version before issue 8 (`rtp_ip`, `IvrReply.wait_ms`, `WaitExpiredInput`);
+# 2: before issue 9 (port pools: MediaPorts, MediaAllocate.rtp_port).
+@pytest.mark.parametrize("version", [0, 1, 2, 4, "3", None])
 def test_wrong_version(version: object) -> None:
     with pytest.raises(m.MessageError, match="protocol version"):
         m.decode(_frame(v=version))
@@ -203,3 +206,26 @@ def test_messages_are_frozen() -> None:
     msg = m.MediaStop(call_id="c1")
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError
         msg.call_id = "c2"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("fields", [
+    {"ports": [0], "allocate_seq": 0},
+    {"ports": [65536], "allocate_seq": 0},
+    {"ports": [20000], "allocate_seq": -1},
+    {"ports": [20000]},
+    {"ports": list(range(1024, 1024 + 2 * (m.MAX_ANNOUNCED_PORTS + 1), 2)), "allocate_seq": 0},
+])
+def test_port_announcement_bounds(fields: dict[str, object]) -> None:
+    """Ports are 1-65535, at most MAX_ANNOUNCED_PORTS of them; the seq is required."""
+    frame = orjson.dumps({"v": m.PROTOCOL_VERSION, "kind": "media_ports", **fields})
+    with pytest.raises(m.MessageError, match="media_ports"):
+        m.decode(frame)
+
+
+@pytest.mark.parametrize("fields", [{"seq": 1}, {"rtp_port": 20000},
+                                    {"rtp_port": 20000, "seq": 0}])
+def test_allocate_names_its_port_and_seq(fields: dict[str, object]) -> None:
+    frame = orjson.dumps({"v": m.PROTOCOL_VERSION, "kind": "media_allocate", "call_id": "c1",
+                          **fields})
+    with pytest.raises(m.MessageError, match="media_allocate"):
+        m.decode(frame)

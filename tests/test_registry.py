@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pbx.registry import WorkerRegistry
+from pbx.registry import Handout, MediaWorkerRegistry, PortPool, WorkerRegistry
 
 A, B, C = b"a", b"b", b"c"
 
@@ -148,3 +148,144 @@ def test_remove() -> None:
     reg.remove(A)
     assert A not in reg
     assert reg.choose(now=0.1) is None
+
+
+# ---------------------------------------------------------------- RTP port pools
+
+
+def media(expiry_s: float = 2.0) -> MediaWorkerRegistry:
+    reg = MediaWorkerRegistry(expiry_s=expiry_s)
+    reg.ready(A, capacity=10, load=0, now=0.0, address="127.0.0.1")
+    return reg
+
+
+def free(pool: PortPool) -> set[int]:
+    return set(pool.free_ports())
+
+
+def test_hand_out_takes_announced_ports_in_order_and_numbers_them() -> None:
+    pool = PortPool()
+    assert pool.hand_out("c0", now=0.0) is None  # nothing announced yet
+    pool.announce([20000, 20002, 20004], allocate_seq=0)
+    assert pool.hand_out("c1", now=0.0) == (20000, 1)
+    assert pool.hand_out("c2", now=0.0) == (20002, 2)
+    assert pool.free_ports() == [20004]
+
+
+def test_stale_announcement_never_frees_a_port_handed_out() -> None:
+    """An announcement the worker sent before it handled a hand-out still lists the
+    port: the hold keeps it out, even once the leg has ended."""
+    pool = PortPool()
+    pool.announce([20000, 20002], allocate_seq=0)
+    port, seq = pool.hand_out("c1", now=0.0)  # type: ignore[misc]
+    pool.announce([20000, 20002], allocate_seq=seq - 1)  # e.g. a heartbeat on its way
+    assert free(pool) == {20002}
+    pool.release(port)  # the caller hung up at once
+    pool.announce([20000, 20002], allocate_seq=seq - 1)
+    assert free(pool) == {20002}
+    assert pool.hand_out("c2", now=0.0) == (20002, 2)
+    assert pool.hand_out("c3", now=0.0) is None  # never 20000 a second time
+
+
+def test_announcement_after_the_hand_out_decides() -> None:
+    pool = PortPool()
+    pool.announce([20000, 20002], allocate_seq=0)
+    pool.hand_out("c1", now=0.0)
+    pool.hand_out("c2", now=0.0)
+    # The worker took 20000 (seq 1), refused 20002 (seq 2) and bound 20004.
+    pool.announce([20002, 20004], allocate_seq=2)
+    assert free(pool) == {20004}  # 20002 is still c2's until its leg lets it go
+    pool.release(20002)  # the refusal ended c2's leg
+    assert free(pool) == {20002, 20004}
+    pool.release(20000)  # c1 ended: the worker closed 20000, and its list says so
+    assert free(pool) == {20002, 20004}
+    pool.announce([20000, 20002, 20004], allocate_seq=2)  # it bound 20000 again later
+    assert free(pool) == {20000, 20002, 20004}
+
+
+def test_release_before_the_covering_announcement_waits_for_it() -> None:
+    pool = PortPool()
+    pool.announce([20000], allocate_seq=0)
+    pool.hand_out("c1", now=0.0)
+    pool.release(20000)
+    assert pool.held(20000) and pool.retiring
+    pool.announce([20002], allocate_seq=1)
+    assert not pool.retiring and not pool.in_use and free(pool) == {20002}
+
+
+def test_a_port_in_use_is_never_handed_out_whatever_the_worker_says() -> None:
+    pool = PortPool()
+    pool.announce([20000], allocate_seq=0)
+    pool.hand_out("c1", now=0.0)
+    pool.announce([20000], allocate_seq=5)  # a confused worker lists the leg's port
+    assert pool.hand_out("c2", now=0.0) is None
+
+
+def test_seq_goes_on_from_the_worker_s_last() -> None:
+    pool = PortPool()
+    pool.announce([20000], allocate_seq=41)  # learnt from a heartbeat after a restart
+    assert pool.hand_out("c1", now=0.0) == (20000, 42)
+    pool.announce([20002], allocate_seq=3)  # never backwards
+    assert pool.hand_out("c2", now=0.0) == (20002, 43)
+
+
+def test_confirmation_and_overdue() -> None:
+    pool = PortPool()
+    pool.announce([20000, 20002, 20004], allocate_seq=0)
+    pool.hand_out("c1", now=1.0)
+    pool.hand_out("c2", now=2.0)
+    pool.hand_out("c3", now=3.0)
+    assert pool.confirm(20000, "c2") is False  # not that leg's port
+    assert pool.confirm(20002, "c2") is True
+    assert pool.overdue(handed_before=1.0) == []
+    assert pool.overdue(handed_before=3.5) == ["c1", "c3"]
+    assert pool.overdue(handed_before=9.0) == []  # reported once
+    pool.release(20004)
+    assert pool.confirm(20004, "c3") is False  # released
+
+
+def test_registry_chooses_the_least_loaded_worker_with_a_free_port() -> None:
+    reg = media()
+    reg.ready(B, capacity=10, load=0, now=0.0, address="127.0.0.1")
+    reg.ready(C, capacity=10, load=5, now=0.0, address="127.0.0.1")
+    assert reg.hand_out("c0", now=0.1) is None  # no pool announced
+    assert reg.announce(A, [20000], 0) and reg.announce(C, [22000, 22002], 0)
+    assert reg.announce(b"stranger", [1000], 0) is False
+    first = reg.hand_out("c1", now=0.1)
+    assert first == Handout(A, 20000, 1)  # B is idler, but has no port
+    assert reg.hand_out("c2", now=0.2) == Handout(C, 22000, 1)
+    assert reg.hand_out("c3", now=0.3, worker=A) is None  # A's port is out
+    assert reg.hand_out("c3", now=0.3, worker=C) == Handout(C, 22002, 2)
+    assert reg.hand_out("c4", now=0.4) is None
+    assert reg.free_ports() == 0
+    assert {w.identity: w.load for w in reg.workers()} == {A: 1, B: 0, C: 7}
+    reg.release(A, 20000)
+    assert {w.identity: w.load for w in reg.workers()}[A] == 0
+    reg.announce(A, [20002], allocate_seq=1)
+    assert reg.free_ports() == 1
+    assert reg.confirm(C, 22000, "c2") and not reg.confirm(A, 22000, "c2")
+
+
+def test_registry_respects_capacity_with_ports_free() -> None:
+    reg = MediaWorkerRegistry(expiry_s=2.0)
+    reg.ready(A, capacity=1, load=1, now=0.0, address="127.0.0.1")
+    reg.announce(A, [20000], 0)
+    assert reg.hand_out("c1", now=0.1) is None
+
+
+def test_dead_worker_s_pool_is_forgotten() -> None:
+    reg = media(expiry_s=1.0)
+    reg.announce(A, [20000, 20002], 0)
+    reg.hand_out("c1", now=0.0)
+    assert reg.overdue(handed_before=5.0) == [(A, "c1")]
+    reg.hand_out("c2", now=0.0)
+    assert reg.expire(now=1.0) == [A]
+    assert reg.pool(A) is None and reg.free_ports() == 0
+    assert reg.overdue(handed_before=5.0) == []
+    # Back under the same identity (a front that missed its death): a fresh pool.
+    reg.ready(A, capacity=10, load=0, now=2.0, address="127.0.0.1")
+    assert reg.hand_out("c3", now=2.0) is None
+    reg.announce(A, [20004], allocate_seq=2)
+    assert reg.hand_out("c3", now=2.0) == Handout(A, 20004, 3)
+    reg.remove(A)
+    assert reg.pool(A) is None

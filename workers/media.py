@@ -6,7 +6,12 @@ Connects a DEALER socket (identity `media-<hostname>-<pid>`) to the front's
 media ROUTER, says MediaReady once its kernels are warm, heartbeats, and
 turns front commands into engine calls. Each call leg gets its own UDP socket
 on an even port of `[media] rtp_ports` (a random start, so several workers
-sharing the range rarely collide; a taken port is skipped). One tick loop
+sharing the range rarely collide; a taken port is skipped), bound ahead of the
+call: the worker keeps a pool of bound RTP/RTCP pairs (`workers.portpool`,
+`[media] port_pool`) and announces its free ports to the front (MediaPorts after
+MediaReady, at the end of any tick in which the pool changed or an allocation was
+handled, and in every heartbeat); MediaAllocate names the port the front handed out,
+and the pool is refilled soon after, a few binds per loop callback. One tick loop
 runs every 20 ms from a fixed origin and hands the engine the nominal tick
 time; a late tick skips ahead instead of running the missed ones back to back.
 The legs' RTP sockets are read when data arrives: the event loop watches the
@@ -29,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import signal
 import socket
 import time
@@ -54,6 +58,7 @@ from pbx.messages import (
     MediaEvent,
     MediaHeartbeat,
     MediaPlay,
+    MediaPorts,
     MediaReady,
     MediaRecord,
     MediaRecordStop,
@@ -68,6 +73,7 @@ from pbx.messages import (
 )
 from pbx.startup import start_program
 from workers import rtpio
+from workers.portpool import RtpPortPool
 
 log = logging.getLogger("pbx.media")
 
@@ -78,6 +84,8 @@ TICK_SECONDS = 0.020
 POLL_SECONDS = 0.002
 # Caller-audio frames waiting for a slow WebSocket; more are dropped (0.5 s at 20 ms).
 WS_SEND_QUEUE = 25
+# Port pairs bound per refill callback: a long refill yields to the loop in between.
+REFILL_BINDS = 8
 
 
 class _RtpProtocol(asyncio.DatagramProtocol):
@@ -125,6 +133,10 @@ class MediaWorker:
         self.rtcp_transports: dict[str, asyncio.DatagramTransport] = {}
         self.ws_tasks: dict[str, asyncio.Task[None]] = {}
         self.ws_queues: dict[str, asyncio.Queue[bytes]] = {}
+        self.pool = RtpPortPool(media.rtp_ip, *media.port_range, media.port_pool)
+        self.allocate_seq = 0  # MediaAllocate.seq of the last one handled
+        self._announce_due = False  # an allocation was handled since the last announcement
+        self._refill: asyncio.Handle | None = None
         self._http: aiohttp.ClientSession | None = None
         self._last_poll = 0.0  # time.monotonic() of the last read of the RTP sockets
         self._poll_timer: asyncio.TimerHandle | None = None
@@ -195,29 +207,43 @@ class MediaWorker:
             released = engine.remove_leg(msg.call_id, now)
             self.close_leg(msg.call_id)
             self.send(released)
+            self.refill_soon()  # room for one more pooled pair
         else:
             log.warning("ignoring %s: not for a media worker", type(msg).__name__)
 
     def allocate(self, msg: MediaAllocate) -> None:
+        """Give the leg the pooled pair the front chose, or say why not (the port stays
+        in the pool if it was there)."""
         media = self.settings.media
-        if msg.call_id in self.engine.legs:
+        self.allocate_seq = msg.seq
+        self._announce_due = True  # the front learns `allocate_seq` even if nothing changed
+        if msg.call_id in self.engine.legs:  # asked again: the same answer
             leg = self.engine.legs[msg.call_id]
-            self.send(
-                MediaAllocated(call_id=msg.call_id, rtp_ip=media.rtp_ip, rtp_port=leg.local_port)
-            )
+            if leg.local_port == msg.rtp_port:
+                self.send(MediaAllocated(call_id=msg.call_id, rtp_ip=media.rtp_ip,
+                                         rtp_port=leg.local_port))
+            else:
+                self.send(MediaAllocated(call_id=msg.call_id,
+                                         error=f"the leg already has port {leg.local_port}"))
             return
         if len(self.engine) >= media.capacity:
             self.send(MediaAllocated(call_id=msg.call_id, error="worker at capacity"))
             return
-        pair = bind_rtp_pair(media.rtp_ip, *media.port_range)
+        pair = self.pool.take(msg.rtp_port)
         if pair is None:
-            self.send(
-                MediaAllocated(call_id=msg.call_id, error=f"no free RTP port in {media.rtp_ports}")
-            )
+            self.send(MediaAllocated(call_id=msg.call_id,
+                                     error=f"port {msg.rtp_port} is not in the worker's pool"))
             return
+        self.refill_soon()
         sock, rtcp_sock = pair
-        port = sock.getsockname()[1]
-        leg = self.engine.add_leg(msg.call_id, port, msg.inband_dtmf)
+        port = msg.rtp_port
+        try:
+            leg = self.engine.add_leg(msg.call_id, port, msg.inband_dtmf)
+        except EngineError as exc:
+            sock.close()
+            rtcp_sock.close()
+            self.send(MediaAllocated(call_id=msg.call_id, error=str(exc)))
+            return
         if sock.family == socket.AF_INET:
             self.rtp.add(msg.call_id, sock, leg.row)
         else:
@@ -227,6 +253,27 @@ class MediaWorker:
         task = self.loop.create_task(self._open_endpoint(msg.call_id, rtcp_sock, _RtcpProtocol))
         task.add_done_callback(_log_task_error)
         self.send(MediaAllocated(call_id=msg.call_id, rtp_ip=media.rtp_ip, rtp_port=port))
+
+    def refill_soon(self) -> None:
+        """Bind replacements for the pool after the work at hand (never in the tick)."""
+        if self._refill is None:
+            self._refill = self.loop.call_soon(self._refill_pool)
+
+    def _refill_pool(self) -> None:
+        self._refill = None
+        room = self.settings.media.capacity - len(self.engine)
+        if self.pool.fill(room, REFILL_BINDS):
+            self.refill_soon()  # more wanted: after the callbacks waiting meanwhile
+
+    def ports_message(self) -> MediaPorts:
+        return MediaPorts(ports=self.pool.ports(), allocate_seq=self.allocate_seq)
+
+    def announce_ports(self) -> None:
+        """MediaPorts if the pool changed or an allocation was handled since the last
+        announcement (called once per tick: a burst of allocations is one message)."""
+        if self.pool.changed or self._announce_due:
+            self.send(self.ports_message())
+            self.pool.changed = self._announce_due = False
 
     async def _open_endpoint(
         self,
@@ -468,6 +515,7 @@ class MediaWorker:
                 if self.engine.ws.outgoing:
                     self.send_ws(self.engine.ws.drain())
                 self.send_rtcp(self.engine.rtcp_due(target))
+                self.announce_ports()
             except Exception:
                 log.exception("tick failed")
             self.tick_busy.append(time.monotonic() - now)
@@ -479,12 +527,16 @@ class MediaWorker:
             rtp_foreign, rtcp_foreign = self.engine.foreign_dropped()
             last_rtp, last_rtcp = self._foreign_reported
             self._foreign_reported = (rtp_foreign, rtcp_foreign)
+            ports = self.ports_message()
+            self.pool.changed = self._announce_due = False  # the heartbeat announces them
             self.send(
                 MediaHeartbeat(
                     worker_id=self.worker_id,
                     calls=len(self.engine),
                     capacity=media.capacity,
                     rtp_ip=media.rtp_ip,
+                    ports=ports.ports,
+                    allocate_seq=ports.allocate_seq,
                     tick_late_ms_max=round(self.tick_late_max * 1000.0, 3),
                     rtp_foreign_dropped=rtp_foreign - last_rtp,
                     rtcp_foreign_dropped=rtcp_foreign - last_rtcp,
@@ -492,6 +544,8 @@ class MediaWorker:
                 )
             )
             self.tick_late_max = 0.0
+            if self.pool.exhausted:
+                self.refill_soon()  # the range may have room again
 
     def tick_stats(self) -> dict[str, Any]:
         """Tick lateness / work percentiles since the last call (for the heartbeat)."""
@@ -517,8 +571,14 @@ class MediaWorker:
         log.info("media worker %s connected to %s%s", self.worker_id, endpoint,
                  " (CURVE)" if self.settings.zmq.curve else "")
         media = self.settings.media
+        self.pool.fill(media.capacity, media.port_pool)
+        if self.pool.exhausted:
+            log.warning("only %d of %d RTP port pairs free in %s: the pool refills as ports "
+                        "come free", len(self.pool), self.pool.size, media.rtp_ports)
         self.send(MediaReady(worker_id=self.worker_id, capacity=media.capacity,
                              rtp_ip=media.rtp_ip))
+        self.send(self.ports_message())
+        self.pool.changed = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._stopping.set)
         self.watch_rtp()
@@ -544,60 +604,10 @@ class MediaWorker:
         for transport in [*self.transports.values(), *self.rtcp_transports.values()]:
             transport.close()
         self.rtp.close()
+        self.pool.close()
         self.sock.close()
         self.ctx.term()
         log.info("media worker %s stopped", self.worker_id)
-
-
-def bind_rtp_pair(
-    ip: str, low: int, high: int, rng: random.Random | None = None
-) -> tuple[socket.socket, socket.socket] | None:
-    """Non-blocking UDP sockets on a free even port in [low, high] (RTP) and the odd
-    port above it (RTCP, RFC 3550 §11), or None when no pair is free."""
-    first = low + (low & 1)
-    evens = list(range(first, high, 2))  # port + 1 must be in the range too
-    if not evens:
-        return None
-    start = (rng or random).randrange(len(evens))
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    for i in range(len(evens)):
-        port = evens[(start + i) % len(evens)]
-        rtp = socket.socket(family, socket.SOCK_DGRAM)
-        rtcp = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            rtp.bind((ip, port))
-            rtcp.bind((ip, port + 1))
-        except OSError:
-            rtp.close()
-            rtcp.close()
-            continue
-        rtp.setblocking(False)
-        rtcp.setblocking(False)
-        return rtp, rtcp
-    return None
-
-
-def bind_rtp_socket(
-    ip: str, low: int, high: int, rng: random.Random | None = None
-) -> socket.socket | None:
-    """A non-blocking UDP socket bound to a free even port in [low, high], or None."""
-    first = low + (low & 1)
-    evens = list(range(first, high + 1, 2))
-    if not evens:
-        return None
-    start = (rng or random).randrange(len(evens))
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    for i in range(len(evens)):
-        port = evens[(start + i) % len(evens)]
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.bind((ip, port))
-        except OSError:
-            sock.close()
-            continue
-        sock.setblocking(False)
-        return sock
-    return None
 
 
 async def _ws_send(ws: aiohttp.ClientWebSocketResponse, queue: asyncio.Queue[bytes]) -> None:

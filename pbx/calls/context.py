@@ -26,7 +26,7 @@ from pbx.config import Settings
 from pbx.policy import Policy
 from pbx.records import CallRecords
 from pbx.registrar import Registrar
-from pbx.registry import WorkerRegistry
+from pbx.registry import MediaWorkerRegistry, WorkerRegistry
 from pbx.sip.dialog import LocalAddress
 from pbx.sip.message import SipRequest, SipResponse, make_response
 from pbx.sip.retransmit import Uas2xxRetransmitter
@@ -80,7 +80,7 @@ def reason_phrase(text: str, limit: int = 100) -> str:
 
 class CallContext:
     def __init__(self, settings: Settings, *, transactions: TransactionLayer,
-                 registrar: Registrar, media_workers: WorkerRegistry,
+                 registrar: Registrar, media_workers: MediaWorkerRegistry,
                  executors: WorkerRegistry, records: CallRecords, traces: TraceStore,
                  wall_offset: float) -> None:
         self.settings = settings
@@ -109,6 +109,8 @@ class CallContext:
             # not at the worker's declared address.
             "zmq_auth_rejected": 0, "ivr_replies_rejected": 0,
             "media_workers_rejected": 0, "media_allocations_rejected": 0,
+            # Ports a worker refused or never confirmed: the call ended (503).
+            "media_allocations_failed": 0,
             "ivr_waits_expired": 0, "ivr_commands_lost": 0,
             # Strict RTP latching: packets from strangers, dropped by the workers.
             "rtp_foreign_dropped": 0, "rtcp_foreign_dropped": 0}

@@ -46,7 +46,7 @@ from pbx.policy import PROVIDER
 from pbx.ratelimit import NetworkSet
 from pbx.records import CallRecords
 from pbx.registrar import Registrar
-from pbx.registry import WorkerRegistry
+from pbx.registry import MediaWorkerRegistry, WorkerRegistry
 from pbx.sip.auth import DigestAuthenticator
 from pbx.sip.authguard import AuthGuard
 from pbx.sip.budget import SourceBudget
@@ -107,7 +107,7 @@ class CallCore:
             retry_after_s=limits.retry_after_s, exempt=budget_exempt))
         self.ctx = ctx = CallContext(
             settings, transactions=transactions, registrar=new_registrar(settings),
-            media_workers=WorkerRegistry(settings.media.expiry_ms / 1000),
+            media_workers=MediaWorkerRegistry(settings.media.expiry_ms / 1000),
             executors=WorkerRegistry(settings.ivr.expiry_ms / 1000), records=records,
             traces=traces, wall_offset=wall_offset)
         ctx.table.budget_exempt = budget_exempt
@@ -132,7 +132,7 @@ class CallCore:
                                self.teardown, self.outbound, self.ivr, self.events)
         self.teardown.on_ended += [self.ivr.call_ended, self.queue.call_ended]
         self.media.on_allocated = self._allocated
-        self.media.on_worker_lost = self._worker_lost
+        self.media.on_failed = self._media_failed
         ctx.timers.set(TimerKind.LIVENESS, None, now + LIVENESS_CHECK_S)
 
     # ---------------------------------------------------------------- outputs, timer
@@ -369,9 +369,9 @@ class CallCore:
         else:
             self.inbound.allocated(leg, ok)
 
-    def _worker_lost(self, leg: Leg) -> None:
+    def _media_failed(self, leg: Leg, reason: str) -> None:
         try:
-            self.teardown.hangup(leg.call, "MediaWorkerLost", 503)
+            self.teardown.hangup(leg.call, reason, 503)
         except Exception:
             log.exception("call %s: could not end it", leg.call.call_id)
 
@@ -419,6 +419,7 @@ class CallCore:
             "calls": len(table.calls),
             "sessions": len(table.sessions),
             "media_workers": len(ctx.media_workers),
+            "media_ports_free": ctx.media_workers.free_ports(),
             "executors": len(ctx.executors),
             "media_legs": len(table.legs_by_media),
             "transactions": len(ctx.transactions),

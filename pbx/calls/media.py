@@ -1,11 +1,16 @@
 """The media plane as the call layer sees it: RTP ports on media workers for legs, what
 each leg's worker is told, and the workers' own messages.
 
-A leg's port comes from `allocate`; when it is there (or could not be had) the
-`on_allocated(leg, ok)` hook continues the leg's set-up (inbound: the answer;
-outbound: the INVITE). `send_remote` tells the worker where to send RTP after each
+Ports come without a round trip: every worker keeps a pool of pre-bound RTP ports and
+announces it (MediaPorts, and in every heartbeat); `allocate` hands one out here
+(`pbx.registry.MediaWorkerRegistry`), gives the leg the worker's declared address and
+that port at once, tells the worker (MediaAllocate) and continues the leg's set-up
+through `on_allocated(leg, ok)` in the same call (inbound: the answer; outbound: the
+INVITE). The worker confirms with MediaAllocated; a refusal, a confirmation naming
+another address or port, or none within MEDIA_ALLOCATE_TIMEOUT_S ends the call (503,
+MediaAllocationFailed). `send_remote` tells the worker where to send RTP after each
 offer/answer; `release` gives the port back. Workers declare their RTP address when
-they join; an allocation anywhere else is refused (DESIGN §6).
+they join; one that declares another later is refused (DESIGN §6).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pbx.calls.timers import TimerKind
 
 log = logging.getLogger("pbx.calls")
 
+# A port handed out and not confirmed by its worker within this ends the leg's call.
 MEDIA_ALLOCATE_TIMEOUT_S = 2.0
 
 
@@ -29,66 +35,66 @@ class MediaPlane:
         self.ctx = ctx
         # Continues a leg's set-up once its port is allocated (True) or not (False).
         self.on_allocated: Callable[[Leg, bool], None] = lambda leg, ok: None
-        # Ends a call whose worker is gone: (call, reason, code).
-        self.on_worker_lost: Callable[[Leg], None] = lambda leg: None
+        # Ends the call of a leg whose port failed or whose worker is gone (the reason).
+        self.on_failed: Callable[[Leg, str], None] = lambda leg, reason: None
 
     def allocate(self, leg: Leg, inband_dtmf: bool, worker: bytes | None = None) -> None:
-        """An RTP port for the leg: on `worker` if given (it must be alive), else on the
-        least-loaded live worker. The answer comes through `on_allocated`."""
+        """A port for the leg from a worker's announced pool: on `worker` if given (alive,
+        with a free port: a call's second leg), else on the least-loaded live worker with
+        one. The answer comes through `on_allocated` before this returns."""
         ctx = self.ctx
-        if worker is None:
-            worker = ctx.media_workers.choose(ctx.now)
-        elif not ctx.media_workers.assign(worker, ctx.now):
-            worker = None
-        if worker is None:
+        handout = ctx.media_workers.hand_out(leg.media_id, ctx.now, worker)
+        if handout is None:
             self.on_allocated(leg, False)
             return
-        leg.media.worker = worker
+        media = leg.media
+        media.worker, media.rtp_port = handout.worker, handout.port
+        # Never an SDP answer pointing where the worker did not declare itself.
+        media.rtp_ip = ctx.media_workers.address_of(handout.worker) or ""
         ctx.table.legs_by_media[leg.media_id] = leg
         ctx.timers.set(TimerKind.ALLOCATION, leg.media_id, ctx.now + MEDIA_ALLOCATE_TIMEOUT_S)
-        ctx.out.append(ToMedia(worker, m.MediaAllocate(call_id=leg.media_id,
-                                                       inband_dtmf=inband_dtmf)))
+        ctx.out.append(ToMedia(handout.worker, m.MediaAllocate(
+            call_id=leg.media_id, rtp_port=handout.port, seq=handout.seq,
+            inband_dtmf=inband_dtmf)))
+        self.on_allocated(leg, True)
 
     def allocation_timeout(self, media_id: str) -> None:
+        """The worker never confirmed the leg's port: its call ends."""
         leg = self.ctx.table.legs_by_media.get(media_id)
-        if leg is None or leg.media.rtp_port:
+        if leg is None:
             return
-        log.warning("media worker %r did not allocate %s in time", leg.media.worker, media_id)
-        self.release(leg)
-        self.on_allocated(leg, False)
+        self.ctx.stats["media_allocations_failed"] += 1
+        log.warning("media worker %.64r did not confirm port %d for %s: ending the call",
+                    leg.media.worker, leg.media.rtp_port, media_id)
+        self.on_failed(leg, "MediaAllocationFailed")
 
     def _allocated(self, identity: bytes, msg: m.MediaAllocated) -> None:
         ctx = self.ctx
         leg = ctx.table.legs_by_media.get(msg.call_id)
-        if leg is not None and leg.media.worker != identity:
-            # Only the worker asked answers for a leg (its address was checked).
+        if leg is None:
+            return  # the leg ended: its MediaRelease followed the MediaAllocate
+        media = leg.media
+        if media.worker != identity:
+            # Only the worker asked answers for a leg: another cannot end its call.
             ctx.stats["media_allocations_rejected"] += 1
             log.warning("media worker %.64r answered the allocation of %.64s asked of "
-                        "%.64r: ignored", identity, msg.call_id, leg.media.worker)
+                        "%.64r: ignored", identity, msg.call_id, media.worker)
             return
-        if leg is None or leg.media.rtp_port or (
-                ctx.timers.deadline(TimerKind.ALLOCATION, msg.call_id) is None):
-            if not msg.error:  # too late: nobody waits for this port any more
-                ctx.to_media(identity, m.MediaRelease(call_id=msg.call_id))
+        if msg.error is None and msg.rtp_ip == media.rtp_ip and msg.rtp_port == media.rtp_port:
+            ctx.media_workers.confirm(identity, msg.rtp_port, msg.call_id)
+            ctx.timers.cancel(TimerKind.ALLOCATION, msg.call_id)
             return
-        ctx.timers.cancel(TimerKind.ALLOCATION, msg.call_id)
-        if msg.error:
-            log.warning("media worker %r: %s", identity, msg.error)
-            self.forget(leg)
-            self.on_allocated(leg, False)
-            return
-        declared = ctx.media_workers.address_of(identity)
-        if msg.rtp_ip != declared or not 0 < msg.rtp_port < 65536:
-            # Never an SDP answer pointing where the worker did not declare itself.
+        if msg.error is None:  # the leg's SDP says another address or port
             ctx.stats["media_allocations_rejected"] += 1
-            log.warning("media worker %.64r allocated %s at %.64r port %d, not at its "
-                        "declared address %.64r: leg refused", identity, leg.media_id,
-                        msg.rtp_ip, msg.rtp_port, declared)
-            self.release(leg)
-            self.on_allocated(leg, False)
-            return
-        leg.media.rtp_port, leg.media.rtp_ip = msg.rtp_port, msg.rtp_ip
-        self.on_allocated(leg, True)
+            log.warning("media worker %.64r allocated %s at %.64r port %d, not the %.64r port "
+                        "%d it was given: ending the call", identity, msg.call_id,
+                        msg.rtp_ip, msg.rtp_port, media.rtp_ip, media.rtp_port)
+        else:
+            ctx.stats["media_allocations_failed"] += 1
+            log.warning("media worker %.64r refused port %d for %s (%.200s): ending the call",
+                        identity, media.rtp_port, msg.call_id, msg.error)
+            self.forget(leg)  # it holds nothing to release
+        self.on_failed(leg, "MediaAllocationFailed")
 
     def send_remote(self, leg: Leg) -> None:
         """Tell the leg's worker where to send RTP and how (after each offer/answer)."""
@@ -114,7 +120,7 @@ class MediaPlane:
     def forget(self, leg: Leg) -> None:
         """Drop our record of the leg's port (and the load it counted) without a release."""
         if leg.media.worker is not None:
-            self.ctx.media_workers.release(leg.media.worker)
+            self.ctx.media_workers.release(leg.media.worker, leg.media.rtp_port)
         leg.media.worker = None
         self.ctx.timers.cancel(TimerKind.ALLOCATION, leg.media_id)
         self.ctx.table.legs_by_media.pop(leg.media_id, None)
@@ -147,7 +153,9 @@ class MediaPlane:
             log.info("message from unknown media worker %.64r; ignored until it says ready",
                      identity)
             return None
-        if isinstance(msg, m.MediaAllocated):
+        if isinstance(msg, m.MediaPorts):
+            ctx.media_workers.announce(identity, msg.ports, msg.allocate_seq)
+        elif isinstance(msg, m.MediaAllocated):
             self._allocated(identity, msg)
         elif isinstance(msg, m.MediaEvent):
             leg = ctx.table.legs_by_media.get(msg.call_id)
@@ -177,6 +185,7 @@ class MediaPlane:
         if isinstance(msg, m.MediaHeartbeat):  # counts since the worker's last heartbeat
             ctx.stats["rtp_foreign_dropped"] += msg.rtp_foreign_dropped
             ctx.stats["rtcp_foreign_dropped"] += msg.rtcp_foreign_dropped
+            ctx.media_workers.announce(identity, msg.ports, msg.allocate_seq)
 
     def expire_workers(self) -> None:
         """Workers that stopped heartbeating: their legs' calls end (MediaWorkerLost)."""
@@ -186,4 +195,4 @@ class MediaPlane:
             for leg in [lg for lg in ctx.table.legs_by_media.values()
                         if lg.media.worker == identity]:
                 self.forget(leg)
-                self.on_worker_lost(leg)
+                self.on_failed(leg, "MediaWorkerLost")

@@ -3,10 +3,10 @@
 SIP messages go in as bytes with the rig's `now`; the core's commands are carried out
 by fakes:
 
-* a media worker `w` that allocates ports (`allocate`, unless `auto_allocate` is off;
-  `allocated` is the one place a fake worker's answer is made, the shell test's too),
-  fires the timers it is given when the clock reaches them and reports RTP counts on
-  release; the plane can refuse a command (`refuse_media`: the core hears
+* a media worker `w` (`worker`, tests/fake_media_worker.py, the shell test's too) with
+  an announced pool of ports, which confirms each allocation (`allocate`, unless
+  `auto_allocate` is off), fires the timers it is given when the clock reaches them and
+  reports RTP counts on release; the plane can refuse a command (`refuse_media`: the core hears
   `media_send_failed`) or lose it (`lose_media`: accepted, never arrives);
 * IVR executors (`e`, and any `add_executor` adds): each answers an event with what its
   `answer` says (by default the commands `script` gives), or keeps working on it; the
@@ -35,6 +35,7 @@ from pbx.records import CallRecords
 from pbx.sip.message import SipRequest, SipResponse, make_response, parse_message
 from pbx.sip.transaction import SendBytes
 from pbx.traces import TraceStore
+from tests.fake_media_worker import FakeMediaWorker
 
 CALLER = ("127.0.0.1", 5999)
 MEMBERS = {"2001": ("127.0.0.1", 6001), "2002": ("127.0.0.1", 6002),
@@ -124,11 +125,6 @@ def rig_settings(tmp: Path, extra: str = "") -> Settings:
     return parse_config(CONFIG.format(logs=tmp / "logs", users=users) + extra)
 
 
-def allocated(msg: m.MediaAllocate, port: int, rtp_ip: str = "127.0.0.1") -> m.MediaAllocated:
-    """A media worker's answer to `msg`: a port at `rtp_ip` (every fake worker's)."""
-    return m.MediaAllocated(call_id=msg.call_id, rtp_ip=rtp_ip, rtp_port=port)
-
-
 def reply(event: m.IvrEvent, *commands: Any, done: bool = False) -> m.IvrReply:
     """An executor's reply to `event` with `commands`."""
     return m.IvrReply(session_id=event.session_id, seq=event.seq,
@@ -174,16 +170,14 @@ class CoreRig:
         self.refuse_media: bool | Callable[[Any], bool] = False
         self.lose_media: Callable[[Any], bool] = lambda msg: False
         self.auto_allocate = True
-        self.allocate_ip = "127.0.0.1"  # where its ports are (it declared 127.0.0.1)
         self.allocate_from = b"w"  # who answers its allocations
-        self.port = 30_000
+        self.worker = FakeMediaWorker(self._from_worker)
         self.media_timers: dict[str, tuple[float, int]] = {}  # media id -> (due, timer id)
         # The IVR executors; `ivr` is every event sent to any of them, in order.
         self.script = script or (lambda event: [])
         self.executors: dict[bytes, FakeExecutor] = {}
         self.ivr: list[m.IvrEvent] = []
-        self.core.media_message(b"w", m.MediaReady(worker_id="w", capacity=100,
-                                                   rtp_ip="127.0.0.1"), self.now)
+        self.worker.join()
         self.add_executor(b"e")
         self.pump()
 
@@ -241,14 +235,18 @@ class CoreRig:
                 self.media_timers.pop(msg.call_id, None)
         elif isinstance(msg, m.MediaRelease):
             self.media_timers.pop(msg.call_id, None)
-            self.core.media_message(b"w", m.MediaReleased(
-                call_id=msg.call_id, packets_sent=10, packets_received=9), self.now)
+            for answer in self.worker.answer(msg):
+                self.core.media_message(b"w", answer, self.now)
+
+    def _from_worker(self, identity: bytes, msg: Any) -> None:
+        self.core.media_message(identity, msg, self.now)
 
     def allocate(self, msg: m.MediaAllocate) -> None:
-        """The media worker answers an allocation (from `allocate_from`, at `allocate_ip`)."""
-        self.port += 2
-        self.core.media_message(self.allocate_from, allocated(msg, self.port, self.allocate_ip),
-                                self.now)
+        """The media worker answers an allocation (its confirmation seemingly from
+        `allocate_from`; at `worker.allocated_ip`) and announces its pool."""
+        for answer in self.worker.answer(msg):
+            sender = self.allocate_from if isinstance(answer, m.MediaAllocated) else b"w"
+            self.core.media_message(sender, answer, self.now)
 
     def _to_ivr(self, identity: bytes, event: m.IvrEvent) -> None:
         executor = self.executors[identity]
@@ -282,9 +280,7 @@ class CoreRig:
 
     def heartbeat(self) -> None:
         """What the live worker and executors send every `heartbeat_ms`."""
-        self.core.media_message(b"w", m.MediaHeartbeat(
-            worker_id="w", calls=len(self.core.ctx.table.legs_by_media), capacity=100,
-            rtp_ip="127.0.0.1"), self.now)
+        self.core.media_message(b"w", self.worker.heartbeat(), self.now)
         for identity, executor in self.executors.items():
             busy = executor.capacity if executor.full else len(executor.working)
             self.core.ivr_message(identity, m.IvrHeartbeat(

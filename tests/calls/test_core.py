@@ -95,15 +95,20 @@ def test_ring_timeout_cancels_the_callee_and_ends_the_transfer(tmp_path: Path) -
     assert rig.requests("BYE", CALLER)
 
 
-def test_a_late_media_worker_fails_the_invite_with_503(tmp_path: Path) -> None:
+def test_an_unconfirmed_port_ends_the_call_on_the_virtual_clock(tmp_path: Path) -> None:
+    """The 200 goes out at once with a port from the worker's pool; a worker that never
+    confirms it ends the call (503) at MEDIA_ALLOCATE_TIMEOUT_S."""
     rig = CoreRig(tmp_path, first_then(PLAY))
     rig.auto_allocate = False
     call = rig.call()
-    assert rig.statuses() == [100]
+    assert rig.statuses() == [100, 200] and call.phase is CallPhase.IVR
     rig.advance(MEDIA_ALLOCATE_TIMEOUT_S - 0.01)
-    assert 503 not in rig.statuses()
+    assert not rig.requests("BYE", CALLER)
     rig.advance(0.02)
-    assert rig.statuses()[-1] == 503 and call.ended
+    bye = rig.requests("BYE", CALLER)
+    assert bye and "cause=503" in (bye[0].headers.get("Reason") or "")
+    assert call.ended and call.end_reason == "MediaAllocationFailed"
+    assert rig.core.ctx.stats["media_allocations_failed"] == 1
     assert not rig.core.ctx.table.legs_by_media  # the port was released
 
 

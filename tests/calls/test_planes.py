@@ -10,6 +10,7 @@ import pytest
 
 from pbx import messages as m
 from tests.calls.rig import CALLER, MEMBERS, CoreRig, caller_invite, reply
+from tests.fake_media_worker import FakeMediaWorker
 
 ROGUE_ADDRESS = "198.51.100.7"
 
@@ -60,46 +61,59 @@ def test_rejection_log_line_is_bounded(tmp_path: Path,
     assert len(line) < 300
 
 
-def test_allocation_at_another_address_fails_the_leg(tmp_path: Path) -> None:
+def test_allocation_at_another_address_ends_the_call(tmp_path: Path) -> None:
+    """The SDP answer carries the address the worker declared, never its reply's."""
     rig = CoreRig(tmp_path)
-    rig.allocate_ip = ROGUE_ADDRESS  # the worker declared 127.0.0.1
+    rig.worker.allocated_ip = ROGUE_ADDRESS  # the worker declared 127.0.0.1
     rig.feed(caller_invite(), CALLER)
-    assert final_status(rig) == 503
+    assert final_status(rig) == 200
+    bye = rig.requests("BYE", CALLER)
+    assert bye and "cause=503" in (bye[0].headers.get("Reason") or "")
     assert all(ROGUE_ADDRESS.encode() not in r.body for r in rig.responses(CALLER))
     assert rig.core.ctx.stats["media_allocations_rejected"] == 1
-    # The port the worker opened is given back, and no IVR session started.
+    # The port the worker opened is given back.
     assert [r.call_id for r in rig.of(m.MediaRelease)] == [
         a.call_id for a in rig.of(m.MediaAllocate)]
-    assert not rig.ivr and not rig.core.ctx.table.legs_by_media
+    assert not rig.core.ctx.table.legs_by_media
 
 
 def test_allocation_answered_by_another_worker_is_ignored(tmp_path: Path) -> None:
+    """Only the worker asked answers for a leg: another one can neither confirm it nor
+    end its call."""
     rig = CoreRig(tmp_path)
-    rig.allocate_from = b"other"  # an allowed address, but not the worker asked
-    rig.core.media_message(b"other", m.MediaHeartbeat(
-        worker_id="other", calls=0, capacity=0, rtp_ip="127.0.0.1"), rig.now)  # full
+    rig.auto_allocate = False
+    other = FakeMediaWorker(rig._from_worker, b"other", capacity=0, first_port=31000)
+    rig.core.media_message(b"other", other.heartbeat(), rig.now)  # full: not chosen
     rig.call()
-    assert rig.core.ctx.stats["media_allocations_rejected"] == 1
-    assert final_status(rig) is None  # still waiting for the worker asked (`w`)
+    assert final_status(rig) == 200
     leg = next(iter(rig.core.ctx.table.legs_by_media.values()))
     assert leg.media.worker == b"w"
-    rig.core.media_message(b"w", m.MediaAllocated(
-        call_id=leg.media_id, rtp_ip="127.0.0.1", rtp_port=31000), rig.now)
+    for error in (None, "refused"):  # before `w`'s own answer arrives
+        rig.core.media_message(b"other", m.MediaAllocated(
+            call_id=leg.media_id, rtp_ip="127.0.0.1", rtp_port=leg.media.rtp_port,
+            error=error), rig.now)
     rig.pump()
-    assert final_status(rig) == 200
+    assert rig.core.ctx.stats["media_allocations_rejected"] == 2
+    rig.allocate(rig.of(m.MediaAllocate)[0])  # `w` confirms
+    rig.pump()
+    pool = rig.core.ctx.media_workers.pool(b"w")
+    assert pool is not None and not pool.unconfirmed
+    rig.advance(5)  # past the confirmation deadline: nothing ends
+    assert not rig.requests("BYE", CALLER) and leg.call.call_id in rig.core.ctx.table.calls
     ok = [r for r in rig.responses(CALLER) if r.status == 200][0]
-    assert b"c=IN IP4 127.0.0.1" in ok.body and b"m=audio 31000 " in ok.body
+    assert b"c=IN IP4 127.0.0.1" in ok.body
+    assert f"m=audio {leg.media.rtp_port} ".encode() in ok.body
 
 
 def test_worker_declaring_a_refused_address_is_not_used(tmp_path: Path) -> None:
     rig = CoreRig(tmp_path)
-    rig.allocate_ip = ROGUE_ADDRESS
     workers = rig.core.ctx.media_workers
     workers.remove(b"w")  # a front that has not heard of `w` yet
-    rig.core.media_message(b"w", m.MediaReady(worker_id="w", capacity=100,
-                                              rtp_ip=ROGUE_ADDRESS), rig.now)
+    rogue = FakeMediaWorker(rig._from_worker, rtp_ip=ROGUE_ADDRESS)
+    rogue.join()
+    rig.core.media_message(b"w", rogue.heartbeat(), rig.now)
     assert b"w" not in workers
-    assert rig.core.ctx.stats["media_workers_rejected"] == 1
+    assert rig.core.ctx.stats["media_workers_rejected"] == 2
     rig.feed(caller_invite(), CALLER)
     assert final_status(rig) == 503
     assert not rig.of(m.MediaAllocate)
@@ -112,8 +126,9 @@ def test_worker_changing_its_address_is_refused(tmp_path: Path) -> None:
     rig.core.media_message(b"w2", m.MediaReady(worker_id="w2", capacity=10,
                                                rtp_ip="10.0.0.5"), rig.now)
     assert workers.address_of(b"w2") == "10.0.0.5"
-    rig.core.media_message(b"w2", m.MediaHeartbeat(worker_id="w2", calls=3, capacity=10,
-                                                   rtp_ip="10.0.0.6"), rig.now)
+    changed = FakeMediaWorker(rig._from_worker, b"w2", rtp_ip="10.0.0.6")
+    rig.core.media_message(b"w2", changed.heartbeat(), rig.now)
+    assert workers.pool(b"w2") is None  # nor its ports
     assert rig.core.ctx.stats["media_workers_rejected"] == 1
     assert workers.address_of(b"w2") == "10.0.0.5"
     rig.core.media_message(b"w3", m.MediaReady(worker_id="w3", capacity=10,
@@ -123,13 +138,16 @@ def test_worker_changing_its_address_is_refused(tmp_path: Path) -> None:
 
 
 def test_worker_learnt_from_heartbeat_after_front_restart(tmp_path: Path) -> None:
-    """A restarted front hears only heartbeats: they carry the address too."""
+    """A restarted front hears only heartbeats: they carry the address and the pool
+    too, and the front numbers its allocations on from the worker's last one."""
     rig = CoreRig(tmp_path)
     rig.core.ctx.media_workers.remove(b"w")
-    rig.core.media_message(b"w", m.MediaHeartbeat(worker_id="w", calls=0, capacity=100,
-                                                  rtp_ip="127.0.0.1"), rig.now)
+    rig.worker.seq = 41  # allocations the old front made
+    rig.core.media_message(b"w", rig.worker.heartbeat(), rig.now)
     rig.call()
     assert final_status(rig) == 200
+    assert [a.seq for a in rig.of(m.MediaAllocate)] == [42]
+    assert rig.worker.legs
     assert rig.core.ctx.stats["media_allocations_rejected"] == 0
 
 
@@ -141,7 +159,8 @@ def test_heartbeat_foreign_counts_add_up_in_the_snapshot(tmp_path: Path) -> None
     for worker, rtp, rtcp in ((b"w", 5, 0), (b"w2", 7, 2), (b"w", 0, 1)):
         rig.core.media_message(worker, m.MediaHeartbeat(
             worker_id=worker.decode(), calls=1, capacity=10, rtp_ip="127.0.0.1",
-            rtp_foreign_dropped=rtp, rtcp_foreign_dropped=rtcp), rig.now)
+            ports=[], allocate_seq=0, rtp_foreign_dropped=rtp,
+            rtcp_foreign_dropped=rtcp), rig.now)  # fmt: skip
     snap = rig.core.snapshot()
     assert snap["rtp_foreign_dropped"] == 12 and snap["rtcp_foreign_dropped"] == 3
     assert snap["media_workers"] == 2

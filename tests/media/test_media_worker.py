@@ -25,6 +25,7 @@ from pbx.messages import (
     MediaEvent,
     MediaHeartbeat,
     MediaPlay,
+    MediaPorts,
     MediaReady,
     MediaRelease,
     MediaReleased,
@@ -54,7 +55,8 @@ def write_wav(path: Path, seconds: float) -> None:
 
 
 class Front:
-    """The test's stand-in for the front's media ROUTER."""
+    """The test's stand-in for the front's media ROUTER. It keeps the worker's announced
+    ports and hands them out as the front does (`allocate`), never one twice."""
 
     def __init__(self, endpoint: str) -> None:
         self.ctx = zmq.Context()
@@ -62,13 +64,19 @@ class Front:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(endpoint)
         self.identity = b""
+        self.ports: list[int] = []  # announced, not yet handed out
+        self.handed: set[int] = set()
+        self.seq = 0
 
     def recv(self, timeout_s: float = TIMEOUT_S) -> Any:
         if not self.sock.poll(int(timeout_s * 1000)):
             raise TimeoutError("no message from the media worker")
         identity, frame = self.sock.recv_multipart()
         self.identity = identity
-        return decode(frame)
+        msg = decode(frame)
+        if isinstance(msg, MediaPorts | MediaHeartbeat):
+            self.ports = [p for p in msg.ports if p not in self.handed]
+        return msg
 
     def recv_kind(self, kind: type, timeout_s: float = TIMEOUT_S) -> Any:
         deadline = time.monotonic() + timeout_s
@@ -76,8 +84,21 @@ class Front:
             msg = self.recv(max(0.01, deadline - time.monotonic()))
             if isinstance(msg, kind):
                 return msg
-            if not isinstance(msg, MediaHeartbeat):
+            if not isinstance(msg, MediaHeartbeat | MediaPorts):
                 raise AssertionError(f"expected {kind.__name__}, got {msg!r}")
+
+    def allocate(self, call_id: str, inband_dtmf: bool = True) -> MediaAllocated:
+        """MediaAllocate for the first announced port; the worker's answer."""
+        if not self.ports:
+            self.recv_kind(MediaPorts)
+        port = self.ports.pop(0)
+        self.handed.add(port)
+        self.seq += 1
+        self.send(MediaAllocate(call_id=call_id, rtp_port=port, seq=self.seq,
+                                inband_dtmf=inband_dtmf))
+        allocated: MediaAllocated = self.recv_kind(MediaAllocated)
+        assert allocated.error is not None or allocated.rtp_port == port
+        return allocated
 
     def send(self, msg: Any) -> None:
         self.sock.send_multipart([self.identity, encode(msg)])
@@ -131,12 +152,16 @@ def test_worker_plays_reports_dtmf_and_releases(
     ready = front.recv(READY_TIMEOUT_S)
     assert isinstance(ready, MediaReady) and ready.worker_id.startswith("media-")
     assert ready.worker_id.endswith(f"-{proc.pid}") and front.identity == ready.worker_id.encode()
+    pool = front.recv()  # its pre-bound ports, at once
+    assert isinstance(pool, MediaPorts) and pool.allocate_seq == 0
+    # port_pool is 64, bounded by the range's 50 pairs (another program may hold some)...
+    assert 0 < len(pool.ports) <= 50
+    assert all(p % 2 == 0 for p in pool.ports)
     hb = front.recv_kind(MediaHeartbeat, 2.0)
-    assert hb.calls == 0
+    assert hb.calls == 0 and hb.ports == pool.ports  # ...and in every heartbeat
 
     front.send_raw(b"this is not a message")  # logged and ignored
-    front.send(MediaAllocate(call_id="call-1"))
-    allocated = front.recv_kind(MediaAllocated)
+    allocated = front.allocate("call-1")
     assert allocated.error is None and allocated.rtp_ip == "127.0.0.1"
     assert allocated.rtp_port % 2 == 0
     worker_addr = (allocated.rtp_ip, allocated.rtp_port)
@@ -188,8 +213,7 @@ def test_worker_plays_reports_dtmf_and_releases(
         assert released.call_id == "call-1"
         assert released.packets_sent == 25 and released.packets_received == 4
         # the port is closed: a new allocation still works and nothing else arrived
-        front.send(MediaAllocate(call_id="call-2"))
-        assert front.recv_kind(MediaAllocated).error is None
+        assert front.allocate("call-2").error is None
         assert proc.poll() is None
     finally:
         phone.close()
@@ -210,7 +234,7 @@ def test_bad_config_exits_2(tmp_path: Path) -> None:
 
 
 def test_bind_rtp_socket_skips_taken_ports() -> None:
-    from workers.media import bind_rtp_socket
+    from workers.portpool import bind_rtp_socket
 
     low = 40000 + 2 * (os.getpid() % 2000)
     taken = bind_rtp_socket("127.0.0.1", low, low + 2)
@@ -243,8 +267,7 @@ def test_worker_inband_and_rfc4733_one_press_rtcp_and_latching(
     address; the worker's RTCP port is rtp_port + 1 and answers with reports."""
     front, _ = worker
     assert isinstance(front.recv(READY_TIMEOUT_S), MediaReady)
-    front.send(MediaAllocate(call_id="c", inband_dtmf=True))
-    allocated = front.recv_kind(MediaAllocated)
+    allocated = front.allocate("c", inband_dtmf=True)
     assert allocated.error is None
     worker_addr = (allocated.rtp_ip, allocated.rtp_port)
     sdp_phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # what the SDP says
@@ -337,8 +360,7 @@ def test_worker_drops_strangers_packets_and_counts_them(
     counted in the heartbeats (per worker) and in MediaReleased (per leg)."""
     front, _ = worker
     assert isinstance(front.recv(READY_TIMEOUT_S), MediaReady)
-    front.send(MediaAllocate(call_id="c", inband_dtmf=True))
-    allocated = front.recv_kind(MediaAllocated)
+    allocated = front.allocate("c", inband_dtmf=True)
     rtp_addr = (allocated.rtp_ip, allocated.rtp_port)
     rtcp_addr = (allocated.rtp_ip, allocated.rtp_port + 1)
     phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -23,8 +23,6 @@ from test_media_worker import READY_TIMEOUT_S, ROOT, TIMEOUT_S, Front, free_port
 from media import g711
 from media.rtp import RtpPacket, build_rtp, parse_rtp
 from pbx.messages import (
-    MediaAllocate,
-    MediaAllocated,
     MediaEvent,
     MediaFailure,
     MediaReady,
@@ -70,8 +68,7 @@ class Worker:
 
     def start_call(self, call_id: str = "c1") -> None:
         assert isinstance(self.front.recv(READY_TIMEOUT_S), MediaReady)
-        self.front.send(MediaAllocate(call_id=call_id))
-        allocated = self.front.recv_kind(MediaAllocated)
+        allocated = self.front.allocate(call_id)
         assert allocated.error is None
         self.addr = (allocated.rtp_ip, allocated.rtp_port)
         self.front.send(

@@ -6,7 +6,9 @@ real system (supervisord, real front, workers and executors) through real socket
 (b) a same-user rogue DEALER answering the event in flight of a live session (read from
     /api/calls) with a transfer is ignored: the call is not transferred;
 (c) a media worker whose MediaAllocated names another RTP address than it declared does
-    not get that address into an SDP answer (the caller gets 503);
+    not get that address into an SDP answer (since issue 9 the answer, sent from the
+    worker's announced pool before its reply, carries the declared address, and the
+    contradicting reply ends the call);
 (d) with CURVE on tcp, clients without an accepted key get no event and cannot join,
     while the real workers with their keys carry a call end to end;
 (e) the multi-host case: a media worker in another network namespace joins over
@@ -289,7 +291,10 @@ def test_rogue_reply_for_a_live_session_is_ignored(system: PbxSystem) -> None:
 
 
 class RogueMediaWorker:
-    """A media worker of the same user: declares `declared`, allocates at `allocate_ip`."""
+    """A media worker of the same user: declares `declared` (and a pool of ports),
+    allocates at `allocate_ip`."""
+
+    ports = [40000, 40002]
 
     def __init__(self, endpoint: str, declared: str, allocate_ip: str) -> None:
         self.declared, self.allocate_ip = declared, allocate_ip
@@ -299,17 +304,23 @@ class RogueMediaWorker:
         self.sock.setsockopt(zmq.IDENTITY, b"rogue-media")
         self.sock.connect(endpoint)
         self.allocations = 0
+        self.seq = 0
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _declared(self, cls: type) -> dict[str, str]:
-        # The protocol of the code under test (2554a5d had no rtp_ip to declare).
-        return {"rtp_ip": self.declared} if "rtp_ip" in cls.model_fields else {}
+    def _declared(self, cls: type) -> dict[str, Any]:
+        # The protocol of the code under test (2554a5d had no rtp_ip to declare, and
+        # before issue 9 there were no port pools).
+        fields: dict[str, Any] = {"rtp_ip": self.declared, "ports": self.ports,
+                                  "allocate_seq": self.seq}
+        return {k: v for k, v in fields.items() if k in cls.model_fields}
 
     def _run(self) -> None:
         self.sock.send(m.encode(m.MediaReady(worker_id="rogue", capacity=100,
                                              **self._declared(m.MediaReady))))
+        if hasattr(m, "MediaPorts"):
+            self.sock.send(m.encode(m.MediaPorts(**self._declared(m.MediaPorts))))
         next_beat = 0.0
         while not self._stop.is_set():
             if time.monotonic() >= next_beat:
@@ -322,6 +333,7 @@ class RogueMediaWorker:
             msg = m.decode(self.sock.recv())
             if isinstance(msg, m.MediaAllocate):
                 self.allocations += 1
+                self.seq = getattr(msg, "seq", 0)
                 self.sock.send(m.encode(m.MediaAllocated(
                     call_id=msg.call_id, rtp_ip=self.allocate_ip, rtp_port=40000)))
 
@@ -339,29 +351,34 @@ def test_worker_address_other_than_declared_never_reaches_sdp(system: PbxSystem)
         wait_until(lambda: system.metrics()["pbx_media_workers"] == 0, 10,
                    "the real media worker to be gone")
         answers: list[tuple[int, bytes]] = []
-        # 1. declares our address, then allocates elsewhere; 2. declares elsewhere.
+        # 1. declares our address, then allocates elsewhere: the answer (sent before the
+        # worker replies) carries the declared address, and the reply ends the call;
+        # 2. declares elsewhere: never used.
         for declared in ("127.0.0.1", ROGUE_IP):
             before = system.metrics()
             rogue = RogueMediaWorker(endpoints(system)["media"], declared, ROGUE_IP)
             uac = Uac(system.sip_port, free_port(even=True))
+            ended = None
             try:
                 time.sleep(0.5)  # it said ready
                 status = uac.call(10)
                 answers.append((status, uac.final.body if uac.final else b""))
                 if status == 200:
-                    uac.hangup()
+                    ended = uac.wait_bye(10)
             finally:
                 uac.close()
                 rogue.close()
             after = system.metrics()
             assert all(ROGUE_IP.encode() not in body for _, body in answers), (
                 f"an SDP answer points at the rogue's {ROGUE_IP}: {answers}")
-            assert status == 503
             if declared == "127.0.0.1":
+                assert status == 200 and ended is not None
+                assert b"c=IN IP4 127.0.0.1" in answers[-1][1]
                 assert rogue.allocations == 1
                 assert (after["pbx_media_allocations_rejected"]
                         == before["pbx_media_allocations_rejected"] + 1)
             else:
+                assert status == 503
                 assert rogue.allocations == 0  # never registered
                 assert after["pbx_media_workers_rejected"] > before["pbx_media_workers_rejected"]
             wait_until(lambda: system.metrics()["pbx_media_workers"] == 0, 10,

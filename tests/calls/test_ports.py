@@ -1,0 +1,114 @@
+"""RTP ports without a round trip: the core answers an INVITE from the media workers'
+announced pools within the one entry point, and ends the calls whose port the worker
+refuses, never confirms, or loses with its death."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pbx import messages as m
+from pbx.calls.media import MEDIA_ALLOCATE_TIMEOUT_S
+from pbx.sip import sdp
+from tests.calls.rig import CALLER, CoreRig, caller_invite
+
+EARLY_ROUTE = """
+[[routes]]
+name = "early"
+to_user = "*98"
+app = "ivr"
+answer = "early_media"
+app_params = { mode = "step", url = "http://127.0.0.1:1/ivr" }
+"""
+
+
+def another_call(n: int) -> bytes:
+    return caller_invite().replace(b"caller-call@", f"caller-{n}@".encode()).replace(
+        b"branch=z9hG4bK-caller-1", f"branch=z9hG4bK-caller-{n}".encode())
+
+
+def finals(rig: CoreRig) -> list[int]:
+    return [status for status in rig.statuses() if status >= 200]
+
+
+def test_invite_is_answered_within_the_entry_point(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path)
+    rig.auto_allocate = False  # nothing from the worker before the 200
+    first = rig.worker.pool[0]
+    rig.call()
+    (ok,) = [r for r in rig.responses() if r.status == 200]
+    answer = sdp.parse_answer(ok.body)
+    assert (answer.remote_ip, answer.remote_port) == ("127.0.0.1", first)
+    allocate, remote = rig.media[:2]
+    assert allocate == m.MediaAllocate(call_id=allocate.call_id, rtp_port=first, seq=1,
+                                       inband_dtmf=allocate.inband_dtmf)
+    assert isinstance(remote, m.MediaRemote) and remote.call_id == allocate.call_id
+    assert rig.ivr  # the IVR session started too
+    rig.allocate(allocate)  # the worker then confirms
+    pool = rig.core.ctx.media_workers.pool(b"w")
+    assert pool is not None and not pool.unconfirmed
+    rig.advance(MEDIA_ALLOCATE_TIMEOUT_S + 1)
+    assert not rig.requests("BYE", CALLER)
+
+
+def test_early_media_route_gets_its_183_within_the_entry_point(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, extra=EARLY_ROUTE)
+    rig.auto_allocate = False
+    rig.feed(caller_invite().replace(b"*99", b"*98"), CALLER)
+    assert rig.statuses() == [100, 183]
+    port = rig.of(m.MediaAllocate)[0].rtp_port
+    assert f"m=audio {port} ".encode() in rig.responses()[1].body
+
+
+def test_no_free_port_anywhere_is_503_with_retry_after(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path)
+    rig.core.media_message(b"w", m.MediaPorts(ports=[], allocate_seq=0), rig.now)
+    rig.feed(caller_invite(), CALLER)
+    final = rig.responses()[-1]
+    assert final.status == 503 and final.reason == "No Media Worker"
+    assert final.headers.get("Retry-After") == "5"
+    assert not rig.of(m.MediaAllocate)
+
+
+def test_two_invites_never_share_the_last_port(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path)
+    rig.auto_allocate = False  # the worker's answers have not come yet
+    rig.worker.pool[1:] = []
+    rig.core.media_message(b"w", rig.worker.ports(), rig.now)
+    rig.call()
+    rig.feed(another_call(2), CALLER)
+    # The stale list (sent before the worker took the port) arrives in between too.
+    rig.core.media_message(b"w", m.MediaPorts(ports=[30000], allocate_seq=0), rig.now)
+    rig.feed(another_call(3), CALLER)
+    assert finals(rig) == [200, 503, 503]
+    assert [a.rtp_port for a in rig.of(m.MediaAllocate)] == [30000]
+
+
+def test_refused_allocation_ends_the_call(tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    rig = CoreRig(tmp_path)
+    rig.worker.pool.clear()  # it no longer has what it announced: it refuses
+    rig.feed(caller_invite(), CALLER)
+    assert finals(rig) == [200]
+    bye = rig.requests("BYE", CALLER)
+    assert bye and "cause=503" in (bye[0].headers.get("Reason") or "")
+    assert rig.core.ctx.stats["media_allocations_failed"] == 1
+    assert not rig.core.ctx.table.calls and not rig.core.ctx.table.legs_by_media
+    assert not rig.of(m.MediaRelease)  # the worker holds nothing for the leg
+    assert "refused port 30000" in caplog.text and "ending the call" in caplog.text
+
+
+def test_dead_worker_ends_its_calls_and_its_pool_is_forgotten(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path)
+    rig.call()
+    assert rig.core.snapshot()["media_ports_free"] == len(rig.worker.pool)
+    rig.alive = False
+    rig.advance(rig.settings.media.expiry_ms / 1000 + 0.5)
+    byes = rig.requests("BYE", CALLER)  # one BYE (and its UDP retransmissions)
+    assert len({bye.cseq for bye in byes}) == 1
+    assert "cause=503" in (byes[0].headers.get("Reason") or "")
+    assert rig.core.ctx.media_workers.pool(b"w") is None
+    assert rig.core.snapshot()["media_ports_free"] == 0
+    rig.feed(another_call(2), CALLER)
+    assert rig.responses()[-1].status == 503
