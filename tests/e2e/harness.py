@@ -508,6 +508,7 @@ ring_timeout_ms = 8000
 [media]
 rtp_ip = "{listen_ip}"
 rtp_ports = "{rtp_low}-{rtp_low + 99}"
+port_pool = 16  # 50 pairs in this range: room for both workers' pools and calls
 sounds_dir = "{ROOT / 'sounds'}"
 recordings_dir = "{root / 'recordings'}"
 voicemail_dir = "{root / 'voicemail'}"
@@ -595,7 +596,10 @@ serverurl=unix://{root}/supervisor.sock
             m = system.metrics()
         except OSError:
             return False
+        # A worker takes calls once its port pool is announced too (MediaPorts follows
+        # MediaReady), so a test's first call never races it.
         return (m.get("pbx_media_workers", 0) >= media_workers
+                and m.get("pbx_media_ports_free", 0) >= media_workers
                 and m.get("pbx_executors", 0) >= executors)
 
     try:
