@@ -388,18 +388,6 @@ IvrInput = Annotated[
 ]
 
 
-_INPUT = TypeAdapter(IvrInput)
-
-
-def dump_input(item: Any) -> dict[str, Any]:
-    """An IVR input as plain JSON types (a call's state written out, pbx.calls.state)."""
-    return dict(_INPUT.dump_python(item, mode="json"))
-
-
-def load_input(data: dict[str, Any]) -> Any:
-    return _INPUT.validate_python(data)
-
-
 class PlayCommand(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     type: Literal["play"] = "play"

@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from pbx import messages as m
 from pbx.config import RouteSettings
 from pbx.policy import Party, PartyKind
@@ -45,6 +47,8 @@ from pbx.sip.message import SipRequest, parse_message
 from pbx.sip.transaction import TransactionKey
 
 Addr = tuple[str, int]
+# A session's queued inputs in the dict form.
+_INPUT: TypeAdapter[Any] = TypeAdapter(m.IvrInput)
 
 
 class IllegalTransition(Exception):
@@ -237,7 +241,7 @@ class Session:
         return {
             "session_id": self.session_id, "info": self.info.model_dump(mode="json"),
             "seq": self.seq, "state": self.state,
-            "queue": [m.dump_input(item) for item in self.queue],
+            "queue": [_INPUT.dump_python(item, mode="json") for item in self.queue],
             "in_flight": self.in_flight.model_dump(mode="json") if self.in_flight else None,
             "executor": self.executor.decode("latin-1") if self.executor else None,
             "done": self.done, "sent_at": self.sent_at, "attempts": self.attempts,
@@ -255,7 +259,7 @@ def session_from_dict(call: Call, data: dict[str, Any]) -> Session:
     return Session(
         session_id=data["session_id"], call=call,
         info=m.CallInfo.model_validate(data["info"]), seq=data["seq"], state=data["state"],
-        queue=deque(m.load_input(item) for item in data["queue"]),
+        queue=deque(_INPUT.validate_python(item) for item in data["queue"]),
         in_flight=m.IvrEvent.model_validate(in_flight) if in_flight else None,
         executor=executor.encode("latin-1") if executor else None, done=data["done"],
         sent_at=data["sent_at"], attempts=data["attempts"],
