@@ -339,6 +339,38 @@ def test_two_busy_planes_and_the_loop_are_served_in_turn(loop_kind: str) -> None
     assert handled.index(("loop", "")) <= 2 * DRAIN_BATCH
 
 
+def test_malformed_messages_are_dropped_and_the_next_one_is_read(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A peer's message of several frames, or one that is not a message, is logged and
+    dropped whole: the stream stays aligned (the next message's identity is not taken
+    for a payload) and the next good message is handled."""
+    async def main() -> list[tuple[bytes, str]]:
+        settings = endpoints()
+        broker = Broker(settings)
+        handled: list[tuple[bytes, str]] = []
+        broker.start(lambda i, msg: handled.append((i, msg.call_id)), lambda i, m: None)
+        ctx = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.IDENTITY, b"w1")
+        dealer.connect(settings.media_endpoint)
+        try:
+            dealer.send_multipart([timer_event(1), b"w1", timer_event(2)])
+            dealer.send(b"not a message")
+            dealer.send(timer_event(3))
+            await until(lambda: bool(handled), 10.0)
+            await asyncio.sleep(0.1)
+        finally:
+            dealer.close(0)
+            ctx.term()
+            broker.close()
+        return handled
+
+    assert asyncio.run(main()) == [(b"w1", "3")]
+    assert "media plane: dropped a message of 4 frames" in caplog.text
+    assert "media plane: bad frame from b'w1': not JSON" in caplog.text
+
+
 @LOOPS
 def test_send_to_a_gone_worker_fails_at_once(loop_kind: str, tmp_path: Path,
                                              caplog: pytest.LogCaptureFixture) -> None:
