@@ -44,8 +44,9 @@ log = logging.getLogger("pbx.broker")
 
 Handler = Callable[[bytes, Any], None]
 
-# Messages one socket handles per loop iteration before the others get their turn: at
-# ~20-50 us a message (decode + the front's handler), a millisecond or two.
+# Messages one socket handles per loop iteration before the others (the other plane,
+# SIP, timers) get their turn: the broker's part is ~5 us a message (perf/bench_broker),
+# so the front's handlers set how long a batch takes (a millisecond or two).
 DRAIN_BATCH = 64
 
 _MORE = zmq.SNDMORE | zmq.NOBLOCK
