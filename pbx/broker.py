@@ -6,6 +6,24 @@ choice live in `pbx.registry` (pure). Who may connect is `pbx.planes`: with CURV
 on, every socket is a CURVE server and the broker answers the ZAP requests
 (`ZapPolicy`) on its own context, in the front's event loop; rejected handshakes
 are counted in `stats["zmq_auth_rejected"]`.
+
+Plain (blocking-API) sockets driven from the event loop, without zmq.asyncio: that
+costs a Future, a task wake-up and a loop iteration per message, about a fifth of
+the front's CPU at 200 calls/s (issue 9). Each socket that is read has a `_Reader`:
+the loop watches the socket's `zmq.FD`, which is edge-triggered (it signals that the
+socket's command mailbox went from empty to non-empty, not that a message is there),
+and every call into the socket (send, recv, EVENTS) may consume that signal. So:
+
+- a wake-up reads with NOBLOCK until nothing is left (EAGAIN: libzmq processed every
+  pending command first, as for EVENTS, so the next arrival signals the FD again);
+- after a send outside the socket's own drain, EVENTS is checked, and a drain is
+  scheduled if a message is waiting (the send may have eaten its signal);
+- a drain handles at most `DRAIN_BATCH` messages, then continues on the next loop
+  iteration (`call_soon`), so one busy plane cannot starve the other, SIP or timers.
+
+Handlers run synchronously, one message at a time, never re-entered: a handler may
+send on either plane (its send never calls a handler; the drain in progress, or one
+scheduled, picks up what arrived meanwhile).
 """
 
 from __future__ import annotations
@@ -13,11 +31,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import zmq
-import zmq.asyncio
 
 from pbx import messages
 from pbx.config import ZmqSettings
@@ -27,6 +44,76 @@ log = logging.getLogger("pbx.broker")
 
 Handler = Callable[[bytes, Any], None]
 
+# Messages one socket handles per loop iteration before the others (the other plane,
+# SIP, timers) get their turn: the broker's part is ~5 us a message (perf/bench_broker),
+# so the front's handlers set how long a batch takes (a millisecond or two).
+DRAIN_BATCH = 64
+
+_MORE = zmq.SNDMORE | zmq.NOBLOCK
+
+
+class _Reader:
+    """One socket read from the event loop: wake-ups on its FD, drains after sends."""
+
+    __slots__ = ("sock", "read_one", "loop", "fd", "batch", "draining", "pending", "closed")
+
+    def __init__(self, sock: zmq.Socket[bytes], read_one: Callable[[], None],
+                 loop: asyncio.AbstractEventLoop, batch: int) -> None:
+        """`read_one` receives (NOBLOCK) and handles one message; zmq.Again if none."""
+        self.sock = sock
+        self.read_one = read_one
+        self.loop = loop
+        self.batch = batch
+        self.draining = False
+        self.closed = False
+        self.pending: asyncio.Handle | None = None  # a drain to continue next iteration
+        self.fd = sock.fileno()  # zmq.FD
+        loop.add_reader(self.fd, self.wake)
+        # Whatever arrived before the FD was watched has already spent its signal.
+        self.pending = loop.call_soon(self.drain)
+
+    def wake(self) -> None:
+        if self.pending is None:  # else the scheduled drain is this iteration's turn
+            self.drain()
+
+    def drain(self) -> None:
+        self.pending = None
+        if self.closed:
+            return
+        self.draining = True
+        try:
+            for _ in range(self.batch):
+                try:
+                    self.read_one()
+                except zmq.Again:
+                    return  # commands processed, nothing to read: the FD is armed
+                except zmq.ZMQError as exc:
+                    if not self.closed:
+                        log.error("cannot receive: %s", exc)
+                    return
+                if self.closed:  # a handler closed the broker
+                    return
+            self.pending = self.loop.call_soon(self.drain)
+        finally:
+            self.draining = False
+
+    def sent(self) -> None:
+        """After a send on this socket: the send may have taken the FD's signal for a
+        message that is waiting; read it on the next iteration (never from inside the
+        sender's call)."""
+        if self.draining or self.pending is not None:
+            return  # the drain running (or the one scheduled) reads it
+        if cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self.pending = self.loop.call_soon(self.drain)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.fd)
+
 
 class Broker:
     def __init__(self, settings: ZmqSettings) -> None:
@@ -34,9 +121,9 @@ class Broker:
         (private IPC directories, keys present)."""
         self.settings = settings
         # A context of its own: the ZAP handler's endpoint is one per context.
-        self.ctx = zmq.asyncio.Context()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.stats: dict[str, int] = {"zmq_auth_rejected": 0}
-        self.zap: zmq.asyncio.Socket | None = None
+        self.zap: zmq.Socket[bytes] | None = None
         self.zap_policy: ZapPolicy | None = None
         if settings.curve:
             # Bound before any CURVE socket: without a handler libzmq accepts every key.
@@ -51,9 +138,11 @@ class Broker:
         self.events.setsockopt(zmq.SNDHWM, 100_000)
         configure_server(self.events, settings, "events")
         self.events.bind(settings.events_endpoint)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._readers: list[_Reader] = []
+        self._media_reader: _Reader | None = None
+        self._ivr_reader: _Reader | None = None
 
-    def _router(self, plane: str) -> zmq.asyncio.Socket:
+    def _router(self, plane: str) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         # Sending to a worker that has gone must fail loudly, not vanish.
@@ -66,78 +155,75 @@ class Broker:
 
     def start(self, on_media: Handler, on_ivr: Handler,
               stats: dict[str, int] | None = None) -> None:
-        """Receive on both planes (and answer ZAP requests); `stats`, if given, becomes
-        the dict the broker counts into (the front's, so /metrics shows it)."""
+        """Receive on both planes (and answer ZAP requests) in the running loop; `stats`,
+        if given, becomes the dict the broker counts into (the front's, so /metrics
+        shows it)."""
         if stats is not None:
             stats.update(self.stats)
             self.stats = stats
-        self._tasks = [
-            asyncio.create_task(self._receive(self.media, on_media, "media")),
-            asyncio.create_task(self._receive(self.ivr, on_ivr, "ivr")),
-        ]
+        loop = asyncio.get_running_loop()
         if self.zap is not None:
-            self._tasks.append(asyncio.create_task(self._authenticate(self.zap)))
+            zap = self.zap
+            self._readers.append(_Reader(zap, lambda: self._authenticate(zap), loop,
+                                         DRAIN_BATCH))
+        self._media_reader = _Reader(self.media, _plane_reader(self.media, on_media, "media"),
+                                     loop, DRAIN_BATCH)
+        self._ivr_reader = _Reader(self.ivr, _plane_reader(self.ivr, on_ivr, "ivr"), loop,
+                                   DRAIN_BATCH)
+        self._readers += [self._media_reader, self._ivr_reader]
 
-    async def _authenticate(self, zap: zmq.asyncio.Socket) -> None:
+    def _authenticate(self, zap: zmq.Socket[bytes]) -> None:
+        """One ZAP request (RFC 27) answered; zmq.Again if none waits."""
         assert self.zap_policy is not None
-        while True:
-            request = await zap.recv_multipart()
-            reply, refused = self.zap_policy.answer(request)
-            if refused is not None:
-                self.stats["zmq_auth_rejected"] += 1
-                address = request[3][:64].decode(errors="replace") if len(request) > 3 else "?"
-                log.warning("refused a connection from %s: %s", address, refused)
-            await zap.send_multipart(reply)
-
-    async def _receive(self, sock: zmq.asyncio.Socket, handler: Handler, plane: str) -> None:
-        while True:
-            frames = await sock.recv_multipart()
-            if len(frames) != 2:
-                log.warning("%s plane: dropped a message of %d frames", plane, len(frames))
-                continue
-            identity, payload = frames
-            try:
-                msg = messages.decode(payload)
-            except messages.MessageError as exc:
-                log.warning("%s plane: bad frame from %r: %s", plane, identity, exc)
-                continue
-            try:
-                handler(identity, msg)
-            except Exception:
-                log.exception("%s plane: handling %s from %r failed", plane, msg.kind, identity)
-
-    def _send(self, sock: zmq.asyncio.Socket, identity: bytes, msg: Any) -> bool:
+        request = zap.recv_multipart(zmq.NOBLOCK)
+        reply, refused = self.zap_policy.answer(request)
+        if refused is not None:
+            self.stats["zmq_auth_rejected"] += 1
+            address = request[3][:64].decode(errors="replace") if len(request) > 3 else "?"
+            log.warning("refused a connection from %s: %s", address, refused)
         try:
-            sent = sock.send_multipart([identity, messages.encode(msg)], flags=zmq.NOBLOCK)
+            # REP: the reply goes to the one requester (libzmq's session, over an inproc
+            # pipe without a high-water mark); the drain re-reads after it.
+            zap.send_multipart(reply, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.error("cannot answer a ZAP request: %s", exc)
+
+    def _send(self, sock: zmq.Socket[bytes], reader: _Reader | None, identity: bytes,
+              msg: Any) -> bool:
+        """False when the send fails at once: EHOSTUNREACH for a worker that is not (or
+        no longer) connected, under ROUTER_MANDATORY; EAGAIN for a full queue. Both are
+        decided on the identity frame; the payload frame then always goes."""
+        payload = messages.encode(msg)
+        try:
+            # Two sends, not send_multipart: a quarter of the cost (pyzmq's checks).
+            sock.send(identity, _MORE)
         except zmq.ZMQError as exc:
             log.warning("cannot send %s to %r: %s", msg.kind, identity, exc)
-            return False
-        # A zmq.asyncio socket does not raise: a send that failed at once (EHOSTUNREACH
-        # for a worker that has gone, under ROUTER_MANDATORY; EAGAIN for a full queue)
-        # is the exception of the Future it returns, which must be looked at here.
-        if isinstance(sent, asyncio.Future):
-            if not sent.done():
-                sent.add_done_callback(lambda f: _late_failure(f, msg.kind, identity))
-            elif not sent.cancelled() and sent.exception() is not None:
-                log.warning("cannot send %s to %r: %s", msg.kind, identity, sent.exception())
-                return False
-        return True
+            sent = False
+        else:
+            sock.send(payload, zmq.NOBLOCK)
+            sent = True
+        if reader is not None:
+            reader.sent()
+        return sent
 
     def send_media(self, identity: bytes, msg: Any) -> bool:
-        return self._send(self.media, identity, msg)
+        return self._send(self.media, self._media_reader, identity, msg)
 
     def send_ivr(self, identity: bytes, msg: Any) -> bool:
-        return self._send(self.ivr, identity, msg)
+        return self._send(self.ivr, self._ivr_reader, identity, msg)
 
     def publish(self, event: dict[str, Any]) -> None:
         try:
-            self.events.send(orjson.dumps(event), flags=zmq.NOBLOCK)
+            self.events.send(orjson.dumps(event), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # no subscriber room: live events are best effort
 
     def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        for reader in self._readers:
+            reader.close()
+        self._readers = []
+        self._media_reader = self._ivr_reader = None
         # The CURVE sockets go first: the ZAP handler outlives every socket it guards.
         for sock in (self.media, self.ivr, self.events, self.zap):
             if sock is not None:
@@ -145,7 +231,32 @@ class Broker:
         self.ctx.term()
 
 
-def _late_failure(sent: asyncio.Future[Any], kind: str, identity: bytes) -> None:
-    """A queued send that failed later: logged (the Future's exception is retrieved)."""
-    if not sent.cancelled() and sent.exception() is not None:
-        log.warning("cannot send %s to %r: %s", kind, identity, sent.exception())
+def _plane_reader(sock: zmq.Socket[bytes], handler: Handler, plane: str
+                  ) -> Callable[[], None]:
+    """Receives one message of a plane's ROUTER (zmq.Again if none), decodes it and
+    calls `handler(identity, message)`; a malformed one is logged and dropped."""
+
+    def read_one() -> None:
+        # A ROUTER delivers the sender's identity, then the message's frames, all at
+        # once: the second recv always has a frame (recv, not recv_multipart: half the
+        # cost).
+        identity = sock.recv(zmq.NOBLOCK)
+        payload = sock.recv(zmq.NOBLOCK)
+        if sock.getsockopt(zmq.RCVMORE):
+            frames = 2
+            while sock.getsockopt(zmq.RCVMORE):
+                sock.recv(zmq.NOBLOCK)
+                frames += 1
+            log.warning("%s plane: dropped a message of %d frames", plane, frames)
+            return
+        try:
+            msg = messages.decode(payload)
+        except messages.MessageError as exc:
+            log.warning("%s plane: bad frame from %r: %s", plane, identity, exc)
+            return
+        try:
+            handler(identity, msg)
+        except Exception:
+            log.exception("%s plane: handling %s from %r failed", plane, msg.kind, identity)
+
+    return read_one

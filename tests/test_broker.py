@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
+import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+import uvloop
 import zmq
 import zmq.asyncio
 
-from pbx.broker import Broker
+from pbx.broker import DRAIN_BATCH, Broker
 from pbx.config import ZmqSettings, parse_config
-from pbx.messages import IvrReady, encode
+from pbx.messages import IvrReady, MediaEvent, MediaTimer, TimerFired, decode, encode
 from pbx.planes import configure_client, prepare
 from tests.e2e.harness import free_port
+from tests.zmq_peer import DEADLINE_S, Peer
 
 
 def endpoints() -> ZmqSettings:
@@ -31,6 +37,8 @@ def test_send_to_unknown_or_gone_worker_fails(caplog: pytest.LogCaptureFixture) 
     async def run() -> tuple[bool, bool, bool]:
         settings = endpoints()
         broker = Broker(settings)
+        heard: list[bytes] = []
+        broker.start(lambda i, m: None, lambda i, m: heard.append(i))
         msg = IvrReady(executor_id="x", capacity=1)
         unknown = broker.send_ivr(b"nobody", msg)
         # A connected worker gets it; once it has gone, sending fails again.
@@ -38,8 +46,11 @@ def test_send_to_unknown_or_gone_worker_fails(caplog: pytest.LogCaptureFixture) 
         dealer.setsockopt(zmq.IDENTITY, b"w1")
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.connect(settings.ivr_endpoint)
-        await dealer.send(b"hello")
-        await broker.ivr.recv_multipart()  # the ROUTER knows w1 now
+        await dealer.send(encode(msg))
+        for _ in range(250):  # the ROUTER knows w1 once its message is in
+            if heard:
+                break
+            await asyncio.sleep(0.02)
         connected = broker.send_ivr(b"w1", msg)
         assert await asyncio.wait_for(dealer.recv(), 5)
         dealer.close(0)
@@ -172,3 +183,261 @@ def test_default_planes_are_ipc_in_a_private_directory(tmp_path: Path,
 
     assert asyncio.run(run()) == [b"w1"]
     assert sorted(p.name for p in directory.iterdir()) == ["events", "ivr", "media"]
+
+
+
+# ---------------------------------------------------------------- the edge-triggered FD
+#
+# The broker reads plain sockets from the loop's reader on zmq.FD, which signals once
+# when the socket's commands go from none to some; any send (or EVENTS, or recv) may
+# consume that signal. These run real peers (DEALERs in processes of their own) against
+# the front's broker, on asyncio's loop and on uvloop (the front's), and check that
+# nothing waits for a wake-up that never comes. The bounds are generous (a loaded
+# 2-core machine): a broker that loses the edge does not finish at all.
+
+T = TypeVar("T")
+LOOPS = pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+
+
+def run_on(loop_kind: str, main: Coroutine[Any, Any, T]) -> T:
+    return uvloop.run(main) if loop_kind == "uvloop" else asyncio.run(main)
+
+
+def timer_event(n: int) -> bytes:
+    """What a media worker sends: a timer event, numbered by its call id."""
+    return encode(MediaEvent(call_id=str(n), event=TimerFired(timer_id=n)))
+
+
+def timer_command(n: int) -> MediaTimer:
+    """What the front sends a media worker."""
+    return MediaTimer(call_id=str(n), timer_id=n, delay_ms=20)
+
+
+async def until(condition: Callable[[], bool], deadline_s: float = DEADLINE_S) -> bool:
+    """Wait in the loop (the broker runs meanwhile) until `condition`, or the deadline."""
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+@LOOPS
+@pytest.mark.parametrize("gap_s", [0.0, 0.0001], ids=["burst", "stream"])
+def test_events_answered_one_by_one_are_all_read_and_answered(loop_kind: str, gap_s: float
+                                                              ) -> None:
+    """5,000 events from a worker, at once or streamed, each answered by the front: the
+    odd ones from inside the handler (a send within the drain), the even ones on the
+    next loop iteration (as a timer or SIP would). Every event is handled, in order, and
+    every answer is sent and arrives."""
+    count = 5_000
+
+    async def main() -> tuple[list[str], list[bool], list[bytes]]:
+        settings = endpoints()
+        broker = Broker(settings)
+        handled: list[str] = []
+        sent: list[bool] = []
+        loop = asyncio.get_running_loop()
+
+        def answer(identity: bytes, n: int) -> None:
+            sent.append(broker.send_media(identity, timer_command(n)))
+
+        def on_media(identity: bytes, msg: MediaEvent) -> None:
+            handled.append(msg.call_id)
+            n = int(msg.call_id)
+            if n % 2:
+                answer(identity, n)
+            else:
+                loop.call_soon(answer, identity, n)
+
+        broker.start(on_media, lambda i, m: None)
+        try:
+            with Peer(settings.media_endpoint, b"w1", [timer_event(n) for n in range(count)],
+                      expect=count, gap_s=gap_s) as peer:
+                await until(lambda: len(handled) == count and peer.heard_count == count)
+        finally:
+            broker.close()
+        return handled, sent, peer.heard
+
+    handled, sent, answers = run_on(loop_kind, main())
+    assert handled == [str(n) for n in range(count)]
+    assert sent == [True] * count
+    assert sorted(decode(a).timer_id for a in answers) == list(range(count))
+
+
+@LOOPS
+def test_events_arriving_while_the_front_only_sends_are_read(loop_kind: str) -> None:
+    """The front sends a worker commands all the time, from its own callbacks (no message
+    handler runs), while the worker's events trickle in: those sends take the FD's
+    signals, and every event must still be read, without a new message to wake it."""
+    count = 2_000
+    # Bounded under the pipe's low-water mark (98,976 for an HWM of 100,000): no other
+    # signal comes from the worker reading them.
+    chunk, sends_max = 100, 90_000
+
+    async def main() -> tuple[list[str], int, int]:
+        settings = endpoints()
+        broker = Broker(settings)
+        handled: list[str] = []
+        broker.start(lambda i, msg: handled.append(msg.call_id), lambda i, m: None)
+        sent = refused = 0
+        try:
+            with Peer(settings.media_endpoint, b"w1", [timer_event(n) for n in range(count)],
+                      expect=sends_max, gap_s=0.0005):
+                await until(lambda: bool(handled))  # the ROUTER knows w1
+                while len(handled) < count and sent < sends_max:
+                    for _ in range(chunk):
+                        refused += not broker.send_media(b"w1", timer_command(sent))
+                        sent += 1
+                    await asyncio.sleep(0.001)
+                # Sending stopped (all read, or the cap): the rest must come all the same.
+                await until(lambda: len(handled) == count, 5.0)
+        finally:
+            broker.close()
+        return handled, sent, refused
+
+    handled, sent, refused = run_on(loop_kind, main())
+    assert len(handled) == count, f"{len(handled)} of {count} read, the front sent {sent}"
+    assert handled == [str(n) for n in range(count)]
+    assert refused == 0
+
+
+@LOOPS
+def test_two_busy_planes_and_the_loop_are_served_in_turn(loop_kind: str) -> None:
+    """A backlog on each plane: both are handled, interleaved in batches (one plane's
+    backlog never runs whole before the other's turn), and the loop's other work (SIP,
+    timers) runs after one batch of each, not after the backlogs."""
+    count = 3_000
+
+    async def main() -> list[tuple[str, str]]:
+        settings = endpoints()
+        broker = Broker(settings)
+        handled: list[tuple[str, str]] = []
+        frames = [timer_event(n) for n in range(count)]
+        try:
+            with Peer(settings.media_endpoint, b"w1", frames, expect=1) as media, \
+                    Peer(settings.ivr_endpoint, b"e1", frames, expect=1) as ivr:
+                # Both backlogs queued in the front's sockets before it reads.
+                await until(lambda: media.sent == count and ivr.sent == count)
+                await asyncio.sleep(0.5)
+                broker.start(lambda i, msg: handled.append(("media", msg.call_id)),
+                             lambda i, msg: handled.append(("ivr", msg.call_id)))
+                asyncio.get_running_loop().call_soon(handled.append, ("loop", ""))
+                await until(lambda: len(handled) == 2 * count + 1)
+        finally:
+            broker.close()
+        return handled
+
+    handled = run_on(loop_kind, main())
+    for plane in ("media", "ivr"):
+        assert [n for p, n in handled if p == plane] == [str(n) for n in range(count)]
+    longest = max(len(list(run)) for _, run in itertools.groupby(p for p, _ in handled))
+    # A batch per plane per loop iteration: two in a row at most (one iteration's end,
+    # the next one's start).
+    assert longest <= 2 * DRAIN_BATCH, longest
+    assert handled.index(("loop", "")) <= 2 * DRAIN_BATCH
+
+
+def test_malformed_messages_are_dropped_and_the_next_one_is_read(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A peer's message of several frames, or one that is not a message, is logged and
+    dropped whole: the stream stays aligned (the next message's identity is not taken
+    for a payload) and the next good message is handled."""
+    async def main() -> list[tuple[bytes, str]]:
+        settings = endpoints()
+        broker = Broker(settings)
+        handled: list[tuple[bytes, str]] = []
+        broker.start(lambda i, msg: handled.append((i, msg.call_id)), lambda i, m: None)
+        ctx = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.IDENTITY, b"w1")
+        dealer.connect(settings.media_endpoint)
+        try:
+            dealer.send_multipart([timer_event(1), b"w1", timer_event(2)])
+            dealer.send(b"not a message")
+            dealer.send(timer_event(3))
+            await until(lambda: bool(handled), 10.0)
+            await asyncio.sleep(0.1)
+        finally:
+            dealer.close(0)
+            ctx.term()
+            broker.close()
+        return handled
+
+    assert asyncio.run(main()) == [(b"w1", "3")]
+    assert "media plane: dropped a message of 4 frames" in caplog.text
+    assert "media plane: bad frame from b'w1': not JSON" in caplog.text
+
+
+@LOOPS
+def test_send_to_a_gone_worker_fails_at_once(loop_kind: str, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Over IPC (the default planes): a worker that has disconnected gets False."""
+    async def main() -> tuple[bool, list[bool]]:
+        settings = ZmqSettings(media_endpoint=f"ipc://{tmp_path}/media",
+                               ivr_endpoint=f"ipc://{tmp_path}/ivr",
+                               events_endpoint=f"ipc://{tmp_path}/events")
+        broker = Broker(settings)
+        heard: list[bytes] = []
+        broker.start(lambda i, msg: heard.append(i), lambda i, m: None)
+        ctx = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.IDENTITY, b"w1")
+        dealer.connect(settings.media_endpoint)
+        dealer.send(timer_event(1))
+        await until(lambda: bool(heard), 10.0)
+        connected = broker.send_media(b"w1", timer_command(1))
+        dealer.close(0)
+        results: list[bool] = []
+
+        def refused() -> bool:  # the disconnect reaches the ROUTER shortly
+            results.append(broker.send_media(b"w1", timer_command(2)))
+            return not results[-1]
+
+        await until(refused, 10.0)
+        broker.close()
+        ctx.term()
+        return connected, results
+
+    connected, results = run_on(loop_kind, main())
+    assert connected is True
+    assert not results[-1], f"{len(results)} sends after the worker left, none refused"
+    assert "cannot send media_timer to b'w1': Host unreachable" in caplog.text
+
+
+@LOOPS
+def test_send_to_a_worker_that_does_not_read_fails_when_its_queue_is_full(
+        loop_kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker that stopped reading: sends are queued up to the high-water mark, then
+    fail at once (EAGAIN) instead of blocking the front or vanishing."""
+    async def main() -> int | None:
+        settings = endpoints()
+        broker = Broker(settings)
+        heard: list[bytes] = []
+        broker.start(lambda i, msg: heard.append(i), lambda i, m: None)
+        ctx = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.IDENTITY, b"w1")
+        dealer.setsockopt(zmq.RCVHWM, 1)
+        dealer.connect(settings.media_endpoint)
+        dealer.send(timer_event(1))
+        await until(lambda: bool(heard), 10.0)
+        refused_at = None
+        for n in range(400_000):  # the ROUTER's SNDHWM is 100,000, plus what is in transit
+            if not broker.send_media(b"w1", timer_command(n)):
+                refused_at = n
+                break
+            if n % 1000 == 0:
+                await asyncio.sleep(0)
+        dealer.close(0)
+        broker.close()
+        ctx.term()
+        return refused_at
+
+    refused_at = run_on(loop_kind, main())
+    assert refused_at is not None and refused_at >= 100_000
+    assert "cannot send media_timer to b'w1': Resource temporarily unavailable" in caplog.text
