@@ -37,7 +37,7 @@ from pbx.calls.outbound import Outbound
 from pbx.calls.queue import QueueCalls
 from pbx.calls.refer import Refers
 from pbx.calls.session_timer import SessionTimers
-from pbx.calls.state import Call, Leg
+from pbx.calls.state import Call, Leg, unlink
 from pbx.calls.targets import Targets
 from pbx.calls.teardown import Teardown
 from pbx.calls.timers import TimerKind
@@ -174,7 +174,11 @@ class CallCore:
             if leg is not None and self.session_timers.expired(leg):
                 self.teardown.hangup(leg.call, "SessionExpired", 408)
         elif kind is TimerKind.DIALOG_LINGER:
-            table.dialogs.pop(key, None)
+            leg = table.dialogs.pop(key, None)
+            call = leg.call if leg is not None else None
+            if (call is not None and call.ended
+                    and not any(other.dialog_key in table.dialogs for other in call.legs())):
+                unlink(call)
         elif kind is TimerKind.CLIENT_TXN_LINGER:
             table.client_txns.pop(key, None)
         elif kind is TimerKind.QUEUE:

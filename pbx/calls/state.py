@@ -385,6 +385,15 @@ def call_from_dict(data: dict[str, Any], routes: dict[str, RouteSettings],
     return call
 
 
+def unlink(call: Call) -> None:
+    """A call that is over and that nothing looks up any more lets go of its legs and
+    session, which point back at it: the cycle is broken, so reference counting frees
+    the lot at once instead of a full collection much later (pbx.app.tune_gc)."""
+    call.a = call.b = call.session = call.referrer = call.queue_run = None
+    call.ringing.clear()
+    call.detached.clear()
+
+
 def advance_leg(leg: Leg, new: LegPhase) -> None:
     """The one writer of a leg's phase (see LEG_TRANSITIONS)."""
     if new is leg.phase:
