@@ -177,3 +177,28 @@ def test_a_second_fork_answer_gets_ack_and_bye(tmp_path: Path) -> None:
     byes = [r for r in rig.requests("BYE", MEMBERS["2001"])]
     assert {SipRequest.to_tag.fget(a) for a in acks} == {"t1", "t2"}  # type: ignore[attr-defined]
     assert len(byes) == 1 and byes[0].to_tag == "t2"
+
+
+def test_an_ended_call_is_freed_by_refcounting_once_its_dialogs_stop_lingering(
+        tmp_path: Path) -> None:
+    """No full collection needed (pbx.app.tune_gc makes them rare): the legs and the
+    session let go of the call when its last dialog stops lingering."""
+    import gc
+    import weakref
+
+    rig = CoreRig(tmp_path, first_then([m.TransferCommand(target="2001")]))
+    call = rig.call()
+    rig.caller_request("ACK", 1)
+    rig.answer(rig.requests("INVITE", MEMBERS["2001"])[0], MEMBERS["2001"], "t1")
+    rig.caller_request("BYE", 2)
+    assert call.ended and call.a is not None
+    gone = weakref.ref(call)
+    del call
+    gc.disable()
+    try:
+        rig.advance(LINGER_S - 1)
+        assert gone() is not None  # its dialogs still match retransmissions
+        rig.advance(LINGER_S + 2)
+        assert gone() is None
+    finally:
+        gc.enable()
