@@ -4,8 +4,9 @@
     python perf/bench_core.py [--calls 20000] [--profile] [--json perf/results/...]
 
 Drives `pbx.calls.CallCore` through N whole IVR calls the way the front does (SIP
-bytes in, commands out): INVITE → 100 + 200 (a fake media worker allocates at once, a
-fake executor answers the session start with a prompt), ACK, BYE → 200, the records
+bytes in, commands out): INVITE → 100 + 200 (a port from a fake media worker's
+announced pool, confirmed at once; a fake executor answers the session start with a
+prompt), ACK, BYE → 200, the records
 written when the media workers' statistics come. The clock is virtual; CPU time is
 `time.process_time()`. Prints µs of core CPU per call and the calls per second one
 core could set up at that cost (the front also pays for sockets, the transport, ZeroMQ
@@ -55,6 +56,7 @@ app = "ivr"
 app_params = {{ mode = "step", url = "http://127.0.0.1:1/ivr" }}
 """
 PLAY = [m.PlayCommand(play_id=1, file="sounds/menu.wav")]
+POOL = list(range(20_000, 24_000, 2))
 
 
 def request(method: str, n: int, cseq: int, to: str, body: bytes = b"") -> bytes:
@@ -74,13 +76,17 @@ class Driver:
         self.now = 1000.0
         self.core = CallCore(settings, records=CallRecords(JsonLinesLog(logs / "calls.jsonl")),
                              traces=TraceStore(), now=self.now, wall_offset=1.7e9)
-        self.port = 20_000
         self.sent: list[bytes] = []
         self.core.media_message(b"w", m.MediaReady(worker_id="w", capacity=1_000_000,
                                                    rtp_ip="127.0.0.1"), self.now)
+        self.announce(0)
         self.core.ivr_message(b"e", m.IvrReady(executor_id="e", capacity=1_000_000),
                               self.now)
         self.pump()
+
+    def announce(self, seq: int) -> None:
+        """The worker's pool: ports come back once released (as its announcements say)."""
+        self.core.media_message(b"w", m.MediaPorts(ports=POOL, allocate_seq=seq), self.now)
 
     def pump(self) -> None:
         core = self.core
@@ -89,10 +95,11 @@ class Driver:
                 if isinstance(command, ToMedia):
                     msg = command.msg
                     if isinstance(msg, m.MediaAllocate):
-                        self.port = 20_000 + (self.port + 2) % 40_000
                         core.media_message(b"w", m.MediaAllocated(
-                            call_id=msg.call_id, rtp_ip="127.0.0.1", rtp_port=self.port),
+                            call_id=msg.call_id, rtp_ip="127.0.0.1", rtp_port=msg.rtp_port),
                             self.now)
+                        if msg.seq % 100 == 0:  # the worker's announcement, now and then
+                            self.announce(msg.seq)
                     elif isinstance(msg, m.MediaRelease):
                         core.media_message(b"w", m.MediaReleased(
                             call_id=msg.call_id, packets_sent=1, packets_received=1),
@@ -124,7 +131,8 @@ class Driver:
             self.now += 40.0
             core.media_message(b"w", m.MediaHeartbeat(worker_id="w", calls=0,
                                                       capacity=1_000_000,
-                                                      rtp_ip="127.0.0.1"), self.now)
+                                                      rtp_ip="127.0.0.1", ports=POOL,
+                                                      allocate_seq=0), self.now)
             core.ivr_message(b"e", m.IvrHeartbeat(executor_id="e", busy=0,
                                                   capacity=1_000_000), self.now)
             core.handle_timer(self.now)
