@@ -6,8 +6,8 @@ Who uses what:
 * the front drops SIP headers for which `is_secret_header(name)` is true before they
   become `sip_<Header>` IVR variables, so they are never POSTed to a provider;
 * the IVR machine (`pbx.ivr.session`, where `StepTrace`s are built) and the front
-  (`Front._record_trace`, before the trace store, `logs/traces.jsonl`, `/ws/events` and
-  the PUB socket) pass traces through `redact()`; the second pass is defence in depth
+  (`pbx.calls.events.CallEvents.trace`, before the trace store, `logs/traces.jsonl`,
+  `/ws/events` and the PUB socket) pass traces through `redact()`; the second pass is defence in depth
   against an executor that did not;
 * `pbx.logs` runs every log line through `scrub_text()`.
 
