@@ -178,9 +178,7 @@ class Front:
     def stream_unframed(self, head: bytes, addr: Addr, error: FramingError) -> None:
         """A TCP stream that cannot be framed: answer the request whose head we have
         (400, or 413 when too large); the transport then closes the connection."""
-        self.stats["sip_malformed"] += 1
-        self.core.ctx.now = self.now()
-        self.core.reject_malformed(head + b"\r\n\r\n", addr, error, reliable=True)
+        self.core.sip_unframed(head, addr, error, self.now())
         self._run()
 
     def on_media_message(self, identity: bytes, msg: Any) -> None:
@@ -193,9 +191,7 @@ class Front:
 
     def expire_workers(self) -> None:
         """The liveness check now (it also runs on its own timer)."""
-        self.core.ctx.now = self.now()
-        self.core.media.expire_workers()
-        self.core.ivr.check()
+        self.core.check_liveness(self.now())
         self._run()
 
     def record_trace(self, trace: m.StepTrace) -> None:

@@ -161,6 +161,16 @@ class CallCore:
             except Exception:
                 log.exception("timer %s %r failed", kind.value, key)
 
+    def check_liveness(self, now: float) -> None:
+        """The liveness check now (it also runs every LIVENESS_CHECK_S on the timer)."""
+        self.ctx.now = now
+        self._check_liveness()
+
+    def _check_liveness(self) -> None:
+        """Silent media workers' calls end; no IVR session waits in silence."""
+        self.media.expire_workers()
+        self.ivr.check()
+
     def _fire(self, kind: TimerKind, key: Any) -> None:
         table = self.ctx.table
         if kind is TimerKind.RING:
@@ -187,8 +197,7 @@ class CallCore:
             self.media.allocation_timeout(key)
         elif kind is TimerKind.LIVENESS:
             self.ctx.timers.set(TimerKind.LIVENESS, None, self.ctx.now + LIVENESS_CHECK_S)
-            self.media.expire_workers()
-            self.ivr.check()
+            self._check_liveness()
 
     # ---------------------------------------------------------------- SIP in
 
@@ -206,6 +215,13 @@ class CallCore:
             stamp_via(msg, addr[0], addr[1])  # RFC 3581; responses go to the source anyway
         self._transaction_events(ctx.transactions.receive(msg, addr, now, reliable=reliable,
                                                           size=len(data)))
+
+    def sip_unframed(self, head: bytes, addr: Addr, error: SipError, now: float) -> None:
+        """A TCP stream that cannot be framed: the request whose head we have is
+        answered (400, or 413 when too large); the transport then closes it."""
+        self.ctx.now = now
+        self.ctx.stats["sip_malformed"] += 1
+        self.reject_malformed(head + b"\r\n\r\n", addr, error, reliable=True)
 
     def reject_malformed(self, data: bytes, addr: Addr, exc: SipError, *,
                          reliable: bool = False) -> None:

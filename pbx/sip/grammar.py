@@ -66,40 +66,27 @@ def split_header_values(value: str) -> list[str]:
         return [value.strip()]
     if '"' not in value and "<" not in value:
         return [v.strip() for v in value.split(",")]
-    parts: list[str] = []
-    start = 0
-    in_quotes = False
-    in_angle = False
-    i = 0
-    n = len(value)
-    while i < n:
-        ch = value[i]
-        if in_quotes:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                in_quotes = False
-        elif ch == '"':
-            in_quotes = True
-        elif ch == "<":
-            in_angle = True
-        elif ch == ">":
-            in_angle = False
-        elif ch == "," and not in_angle:
-            parts.append(value[start:i].strip())
-            start = i + 1
-        i += 1
-    parts.append(value[start:].strip())
-    return parts
+    parts, _ = _split_outside(value, ",", angles=True)
+    return [part.strip() for part in parts]
 
 
 def _split_params(text: str) -> list[str]:
     """Split `;a=1;b="x;y"` on semicolons outside quoted strings."""
     if '"' not in text:
         return text.split(";")
+    parts, unterminated = _split_outside(text, ";", angles=False)
+    if unterminated:
+        raise SipError(f"unterminated quoted string in parameters {excerpt(text)}")
+    return parts
+
+
+def _split_outside(text: str, sep: str, *, angles: bool) -> tuple[list[str], bool]:
+    """Split on `sep` outside quoted strings (and, with `angles`, outside `<...>`), in
+    one pass; also whether a quoted string was left open at the end."""
     parts: list[str] = []
     start = 0
     in_quotes = False
+    in_angle = False
     i = 0
     n = len(text)
     while i < n:
@@ -111,14 +98,16 @@ def _split_params(text: str) -> list[str]:
                 in_quotes = False
         elif ch == '"':
             in_quotes = True
-        elif ch == ";":
+        elif angles and ch == "<":
+            in_angle = True
+        elif angles and ch == ">":
+            in_angle = False
+        elif ch == sep and not in_angle:
             parts.append(text[start:i])
             start = i + 1
         i += 1
-    if in_quotes:
-        raise SipError(f"unterminated quoted string in parameters {excerpt(text)}")
     parts.append(text[start:])
-    return parts
+    return parts, in_quotes
 
 
 def parse_params(text: str) -> dict[str, str | None]:
