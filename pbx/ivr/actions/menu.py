@@ -1,4 +1,4 @@
-"""`dtmf_menu` (DESIGN §3): an always-interruptible greeting (a file, or
+"""`dtmf_menu` (docs/decisions.md "Menu"): an always-interruptible greeting (a file, or
 `greeting_text` synthesised once), then the timeout timer; a digit picks an entry
 (reported to `/dtmf-match`, executed locally); an invalid digit or the timeout runs
 `invalid_action` / `timeout_action` as a notice and repeats the greeting, up to
@@ -51,7 +51,7 @@ def _greet(s: Session, progress: MenuProgress) -> PhaseData:
     menu = _menu(s)
     greeting = menu.greeting or progress.spoken_greeting
     if greeting:
-        # DESIGN §3: a menu greeting is always interruptible.
+        # docs/decisions.md "Menu": a menu greeting is always interruptible.
         return MenuGreeting(play_id=s.play(greeting, interruptible=True), menu=progress)
     if menu.greeting_text:
         # Synthesised once per menu; the repeats play the same file.
@@ -92,12 +92,12 @@ def _input(s: Session, digit: str, rest: Digits, progress: MenuProgress) -> Phas
         return s.execute(entry, rest)
     if menu.entries and menu.invalid_action is not None:
         return _retry(s, menu.invalid_action, progress)
-    # No invalid_action, or empty entries: the provider decides (DESIGN §3).
+    # No invalid_action, or empty entries: the provider decides (docs/decisions.md).
     return s.ask(DtmfMenuInvalidEvent(digit=digit))
 
 
 def _retry(s: Session, action: ActionNode, progress: MenuProgress) -> PhaseData:
-    """DESIGN §3: count an attempt; below max_retries a non-terminal action is played
+    """docs/decisions.md "Menu": count an attempt; below max_retries a non-terminal action is played
     as a notice and the greeting repeats; at max_retries, or when terminal, the action
     is executed as the menu's outcome. Choice: invalid and timeout attempts share one
     counter; a non-terminal action that is not a `prompt` (nothing to play as a

@@ -1,4 +1,4 @@
-"""`prompt`: play a file, or text synthesised by the shell (DESIGN §3 "TTS"), then
+"""`prompt`: play a file, or text synthesised by the shell (docs/actions.md), then
 follow `next` or tell the provider `audio_complete`. Also where a TTS result comes
 back (for a prompt here, for a menu in `pbx.ivr.actions.menu`) and where a prompt
 that cannot be played is reported.
@@ -23,7 +23,7 @@ def run(s: Session, action: PromptAction, typeahead: Digits) -> PhaseData:
     if action.file:
         return Prompting(play_id=s.play(action.file, action.interruptible))
     if action.tts_text:
-        # DESIGN §3 "TTS": synthesised by the shell, then played (or error{reason}).
+        # docs/decisions.md "Text to speech": synthesised, then played (or error{reason}).
         return s.synthesize(action.tts_text, action.tts_voice, "prompt")
     return s.fail("prompt: missing required field 'file' (or 'tts_text')")
 
@@ -37,7 +37,7 @@ def _node(s: Session) -> PromptAction:
 def digit(s: Session, data: Prompting, ev: DtmfDigit) -> PhaseData:
     node = _node(s)
     if not node.interruptible:
-        # Type-ahead (DESIGN §3 non-interruptible prompt).
+        # Type-ahead (docs/decisions.md "Type-ahead").
         return replace(data, typeahead=(*data.typeahead, ev.digit))
     s.stop_play(data.play_id, ev.stopped_play_id)
     if node.next is not None and node.next.takes_digits:
@@ -51,7 +51,7 @@ def done(s: Session, data: Prompting, ev: AudioComplete) -> PhaseData:
         return s.execute(node.next, data.typeahead)
     # Choice: the kept digits survive the provider round trip and feed the action it
     # answers with, if that takes digits ("feed the next action that takes digits",
-    # DESIGN §3).
+    # docs/decisions.md "Type-ahead").
     return s.ask(AudioCompleteEvent(interrupted=bool(data.typeahead)), data.typeahead)
 
 
