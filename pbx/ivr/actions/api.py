@@ -73,7 +73,7 @@ def result(s: Session, data: AwaitingApi, outcome: ApiResult) -> PhaseData:
     }
     s.provider_trace = trace
     if node.get_dynamic_tree:
-        # The body is the next action (docs/actions.md); `next` of the api node is not
+        # The body is the next action (DESIGN §3); `next` of the api node is not
         # followed, the tree carries its own.
         body = outcome.body
         trace["action"] = body if isinstance(body, dict) else None

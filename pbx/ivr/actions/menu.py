@@ -92,12 +92,12 @@ def _input(s: Session, digit: str, rest: Digits, progress: MenuProgress) -> Phas
         return s.execute(entry, rest)
     if menu.entries and menu.invalid_action is not None:
         return _retry(s, menu.invalid_action, progress)
-    # No invalid_action, or empty entries: the provider decides (docs/decisions.md).
+    # No invalid_action, or empty entries: the provider decides (DESIGN §3).
     return s.ask(DtmfMenuInvalidEvent(digit=digit))
 
 
 def _retry(s: Session, action: ActionNode, progress: MenuProgress) -> PhaseData:
-    """docs/decisions.md "Menu": count an attempt; below max_retries a non-terminal action is played
+    """DESIGN §3: count an attempt; below max_retries a non-terminal action is played
     as a notice and the greeting repeats; at max_retries, or when terminal, the action
     is executed as the menu's outcome. Choice: invalid and timeout attempts share one
     counter; a non-terminal action that is not a `prompt` (nothing to play as a

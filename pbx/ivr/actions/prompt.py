@@ -37,7 +37,7 @@ def _node(s: Session) -> PromptAction:
 def digit(s: Session, data: Prompting, ev: DtmfDigit) -> PhaseData:
     node = _node(s)
     if not node.interruptible:
-        # Type-ahead (docs/decisions.md "Type-ahead").
+        # Type-ahead (DESIGN §3 non-interruptible prompt).
         return replace(data, typeahead=(*data.typeahead, ev.digit))
     s.stop_play(data.play_id, ev.stopped_play_id)
     if node.next is not None and node.next.takes_digits:
@@ -51,7 +51,7 @@ def done(s: Session, data: Prompting, ev: AudioComplete) -> PhaseData:
         return s.execute(node.next, data.typeahead)
     # Choice: the kept digits survive the provider round trip and feed the action it
     # answers with, if that takes digits ("feed the next action that takes digits",
-    # docs/decisions.md "Type-ahead").
+    # DESIGN §3).
     return s.ask(AudioCompleteEvent(interrupted=bool(data.typeahead)), data.typeahead)
 
 

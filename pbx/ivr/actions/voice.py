@@ -1,6 +1,6 @@
 """Voice actions: `voip_bridge` (the call's audio to a WebSocket room; terminal, the
 front handles the bridge's end) and `input_voice` (speech recognition: none here
-yet, so the provider gets `error`, docs/decisions.md).
+yet, so the provider gets `error`, DESIGN §3 "ASR").
 
 Phases: none of their own (DONE; WAIT_PROVIDER).
 """
