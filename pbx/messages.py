@@ -484,7 +484,7 @@ CallCommand = Annotated[
 
 
 class StepTrace(BaseModel):
-    """One `ivr_step_trace` (DESIGN §3 Traces)."""
+    """One `ivr_step_trace` (docs/protocol.md "Traces")."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     call_id: str

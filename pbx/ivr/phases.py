@@ -169,7 +169,7 @@ class AwaitingStep(PhaseData):
     phase = Phase.WAIT_PROVIDER
     pending: PendingRequest
     # Digits kept from a prompt survive the round trip and feed the answer, if it
-    # takes digits (DESIGN §3 "feed the next action that takes digits").
+    # takes digits (docs/decisions.md "Type-ahead").
     typeahead: Digits = ()
 
     def kept_digits(self) -> Digits:

@@ -1,4 +1,4 @@
-"""HTTP client for the step-mode provider (spec §6, §8; DESIGN §3 "Provider calls").
+"""HTTP client for the step-mode provider (docs/protocol.md, docs/errors.md).
 
 A shell around the machine's `ProviderRequest`s: one `aiohttp.ClientSession` per
 executor (connection pooling), bodies encoded with orjson, the route's configured
@@ -12,7 +12,7 @@ headers plus `Content-Type: application/json` on every call.
 * `notify()` — `/start`, `/end`, `/dtmf-match`: a background task with its own short
   timeout, no retry, response ignored, failures logged at debug. Never awaited by the
   step path; `close()` waits (bounded) for the ones still pending.
-* `api()` — the `api` action's HTTP call (DESIGN §3 "api"), on the same session: any
+* `api()` — the `api` action's HTTP call (docs/actions.md "api"), on the same session: any
   method, the action's own headers and timeout, no retry. Gives an `ApiResult`: the
   status and the body decoded as JSON (the raw text when it is not JSON); status 0
   and `{"error": "..."}` when no HTTP answer came.

@@ -1,4 +1,4 @@
-"""Session variables (spec §7, DESIGN §3 "Variables"): the pre-defined ones, `$name$`
+"""Session variables (docs/variables.md): the pre-defined ones, `$name$`
 substitution in an action's fields, and safe file names from provider or SIP data."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ _NOT_SUBSTITUTED = NESTED_ACTION_FIELDS | {"type", "step_id", "step_name", "extr
 
 
 def substitute_text(text: str, variables: dict[str, str]) -> str:
-    """Replace each `$name$` once; unknown names stay as written (DESIGN §3)."""
+    """Replace each `$name$` once; unknown names stay as written (docs/variables.md)."""
     return _VAR_RE.sub(lambda m: variables.get(m.group(1), m.group(0)), text)
 
 

@@ -1,4 +1,4 @@
-"""`api` (DESIGN §3): an HTTP call the shell makes for the session (`pbx.ivr.provider`
+"""`api` (docs/actions.md): an HTTP call the shell makes for the session (`pbx.ivr.provider`
 `ProviderClient.api`), its outcome in `api_status` / `api_result`; then `next`, the
 returned dynamic tree (`get_dynamic_tree`), or an `api_response` to the provider.
 
@@ -89,7 +89,7 @@ def result(s: Session, data: AwaitingApi, outcome: ApiResult) -> PhaseData:
         trace["action_type"] = action.type
         return s.take(action, ())
     if node.next is not None:
-        # DESIGN §3 "next": followed without a provider call; `api_status` and
+        # docs/decisions.md "next": followed without a provider call; `api_status` and
         # `api_result` tell it how the call went.
         return s.execute(node.next, ())
     return s.ask(ApiResponseEvent(status=outcome.status, body=outcome.body))

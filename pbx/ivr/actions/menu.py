@@ -1,4 +1,4 @@
-"""`dtmf_menu` (DESIGN §3): an always-interruptible greeting (a file, or
+"""`dtmf_menu` (docs/decisions.md "Menu"): an always-interruptible greeting (a file, or
 `greeting_text` synthesised once), then the timeout timer; a digit picks an entry
 (reported to `/dtmf-match`, executed locally); an invalid digit or the timeout runs
 `invalid_action` / `timeout_action` as a notice and repeats the greeting, up to
@@ -51,7 +51,7 @@ def _greet(s: Session, progress: MenuProgress) -> PhaseData:
     menu = _menu(s)
     greeting = menu.greeting or progress.spoken_greeting
     if greeting:
-        # DESIGN §3: a menu greeting is always interruptible.
+        # docs/decisions.md "Menu": a menu greeting is always interruptible.
         return MenuGreeting(play_id=s.play(greeting, interruptible=True), menu=progress)
     if menu.greeting_text:
         # Synthesised once per menu; the repeats play the same file.

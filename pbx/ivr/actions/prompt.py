@@ -1,4 +1,4 @@
-"""`prompt`: play a file, or text synthesised by the shell (DESIGN §3 "TTS"), then
+"""`prompt`: play a file, or text synthesised by the shell (docs/actions.md), then
 follow `next` or tell the provider `audio_complete`. Also where a TTS result comes
 back (for a prompt here, for a menu in `pbx.ivr.actions.menu`) and where a prompt
 that cannot be played is reported.
@@ -23,7 +23,7 @@ def run(s: Session, action: PromptAction, typeahead: Digits) -> PhaseData:
     if action.file:
         return Prompting(play_id=s.play(action.file, action.interruptible))
     if action.tts_text:
-        # DESIGN §3 "TTS": synthesised by the shell, then played (or error{reason}).
+        # docs/decisions.md "Text to speech": synthesised, then played (or error{reason}).
         return s.synthesize(action.tts_text, action.tts_voice, "prompt")
     return s.fail("prompt: missing required field 'file' (or 'tts_text')")
 
