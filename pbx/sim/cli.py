@@ -29,6 +29,7 @@ from pbx.sim.scenario import (
     ScenarioError,
     app_params,
     load,
+    parse,
     parse_duration,
 )
 
@@ -46,7 +47,7 @@ class _ScriptStep(argparse.Action):
                  values: Any, option_string: str | None = None) -> None:
         script = list(getattr(namespace, "script", None) or [])
         key = self.dest
-        script.append({key: True if values is None else values})
+        script.append({key: values if isinstance(values, str) else True})
         namespace.script = script
 
 
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--expect-end-reason", metavar="REASON", help='e.g. "Transfer(2001)"')
     e.add_argument("--expect-event", action="append", default=[], metavar="JSON")
     e.add_argument("--expect-action", action="append", default=[], metavar="JSON")
+    e.add_argument("--expect-error", action="append", default=[], metavar="TEXT",
+                   help="the PBX records an error containing TEXT (it then fails nothing)")
     return p
 
 
@@ -137,6 +140,7 @@ def _command_line_call(args: argparse.Namespace) -> dict[str, Any]:
         expect.append({"end_reason": args.expect_end_reason})
     expect += [{"event": _json_value(x, "--expect-event")} for x in args.expect_event]
     expect += [{"action": _json_value(x, "--expect-action")} for x in args.expect_action]
+    expect += [{"error": x} for x in args.expect_error]
     return {"name": "command line", "steps": getattr(args, "script", None) or [],
             "expect": expect}
 
@@ -166,7 +170,7 @@ def make_scenario(args: argparse.Namespace) -> tuple[Scenario, dict[str, IvrAppP
                                 "not with --scenario")
         scenario = load(args.scenario)
     else:
-        scenario = Scenario.model_validate({"calls": [_command_line_call(args)]})
+        scenario = parse({"calls": [_command_line_call(args)]}, "the command line")
     params: dict[str, Any] = {**route_params, **(scenario.app_params or {})}
     headers = dict(params.get("headers") or {})
     for h in args.header:
