@@ -145,3 +145,46 @@ def test_every_event_the_machine_can_send_is_in_the_schema() -> None:
 
     tags = {m.model_fields["type"].default for m in _Event.__subclasses__()}
     assert set(events["type"]["enum"]) == tags
+
+
+def test_check_jsonschema_tool_accepts_and_refuses(tmp_path: Path) -> None:
+    """docs/schema.md's command: a third-party CLI reads the checked-in files."""
+    import subprocess
+    import sys
+
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"type": "transfer", "target": "2001"}))
+    bad.write_text(json.dumps({"type": "prompt", "file": "a.wav", "next": {"type": "repeat"}}))
+    schema_file = str(schema.DEFAULT_DIR / "action-node.json")
+
+    def check(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "check_jsonschema", "--schemafile", schema_file, str(path)],
+            capture_output=True, text=True, timeout=60,
+        )
+
+    assert check(good).returncode == 0
+    refused = check(bad)
+    assert refused.returncode == 1
+    assert "$.next.type: 'repeat' is not one of" in refused.stdout
+
+
+def test_the_guides_python_example_runs() -> None:
+    """The `jsonschema` example of docs/schema.md, run as printed there."""
+    import contextlib
+    import io
+    import os
+    import re
+
+    text = (ROOT / "docs" / "schema.md").read_text(encoding="utf-8")
+    block = re.search(r"```python\n(.*?)```", text, re.S)
+    assert block is not None
+    printed = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(compile(block.group(1), "docs/schema.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    assert printed.getvalue() == "['entries', '1'] 'target' is a required property\n"
