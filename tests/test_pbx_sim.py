@@ -118,7 +118,8 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     bad.write_text("calls:\n  - steps:\n      - press: x\n")
     run = pbx_sim("--scenario", str(bad), "http://127.0.0.1:9/ivr/step")
     assert run.returncode == 2
-    assert "calls.0.steps.0" in run.stderr and "DTMF keys" in run.stderr
+    assert "bad.yaml: calls.0.steps: step 0: press: DTMF keys are 0-9, *, #, A-D; got 'x'" \
+        in run.stderr
     assert pbx_sim("--press", "1").returncode == 2  # no URL
     run = pbx_sim("ftp://x/ivr", "--press", "1")
     assert run.returncode == 2 and "must be an http(s) URL" in run.stderr
@@ -131,17 +132,20 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 Handler = Callable[[dict[str, Any], web.Request], Awaitable[web.StreamResponse]]
 
 
-async def _simulate(handler: Handler, *args: str) -> tuple[int, str, list[dict[str, Any]]]:
-    """Serve `handler` as the provider (its /start, /end, /dtmf-match answered 200) and
-    run pbx-sim against it in this loop. Returns the exit code, the output, and the
-    step requests the provider got."""
+async def _simulate(
+    handler: Handler, *args: str, scenario: Path | None = None, yaml_text: str = ""
+) -> tuple[int, str, list[dict[str, Any]]]:
+    """Serve `handler` as the provider (every path but /start, /end, /dtmf-match, which
+    are answered 200) and run pbx-sim against it in this loop, with `yaml_text` (its
+    `{port}` filled in) as the scenario if given. Returns the exit code, the output, and
+    the step requests the provider got."""
     seen: list[dict[str, Any]] = []
 
     async def step(request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        if request.path != "/ivr/step":
+        if request.path.endswith(("/start", "/end", "/dtmf-match")):
             return web.json_response({"status": "ok"})
-        seen.append({"body": body, "headers": dict(request.headers)})
+        seen.append({"body": body, "headers": dict(request.headers), "path": request.path})
         return await handler(body, request)
 
     app = web.Application()
@@ -152,6 +156,9 @@ async def _simulate(handler: Handler, *args: str) -> tuple[int, str, list[dict[s
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     lines: list[str] = []
+    if scenario is not None:
+        scenario.write_text(yaml_text.replace("{port}", str(port)))
+        args = ("--scenario", str(scenario), *args)
     try:
         code = await cli.amain([f"http://127.0.0.1:{port}/ivr/step", *args], lines.append)
     finally:
@@ -300,6 +307,82 @@ def test_a_provider_that_never_ends_is_hung_up() -> None:
     assert code == cli.EXIT_OK, out
     assert "still in the IVR after 30 s: the caller hangs up" in out
     assert "(end: Hangup)" in out and len(seen) > 3
+
+
+def test_every_terminal_outcome_and_jump_ivr(tmp_path: Path) -> None:
+    """A scenario of several calls, one per way out of the IVR, and a jump to a second
+    provider path through the scenario's `ivrs`."""
+
+    async def provider(body: dict[str, Any], request: web.Request) -> web.StreamResponse:
+        event = body["event"]
+        if request.path == "/ivr/other":
+            return web.json_response({"type": "route_to_agent", "target": "9200",
+                                      "skill_group_id": body["variables"].get("group")})
+        flow = body["variables"]["flow"]
+        if event["type"] == "session_start":
+            first = {
+                "voicemail": {"type": "voicemail", "target": "2001"},
+                "jump": {"type": "jump_ivr", "route_point": "other",
+                         "params": {"group": "sales"}},
+                "phone": {"type": "input_phone", "prompt": "sounds/menu.wav"},
+                "api": {"type": "api", "url": "http://127.0.0.1:1/none", "timeout": 1},
+                "voice": {"type": "input_voice", "scene": "order"},
+            }[flow]
+            return web.json_response(first)
+        if event["type"] == "phone_collected":
+            return web.json_response({"type": "voip_bridge", "create_room_uri": "wss://r/1"})
+        if event["type"] == "api_response":
+            return web.json_response({"type": "play_and_hangup", "prompt": "goodbye.wav",
+                                      "code": 486})
+        return web.json_response({"type": "queue", "target": "support", "return_to_ivr": True})
+
+    yaml_text = """
+ivrs:
+  other: {url: "http://127.0.0.1:{port}/ivr/other"}
+calls:
+  - name: voicemail
+    variables: {flow: voicemail}
+    steps: [wait idle, press "#"]
+    expect:
+      - played: voicemail_greeting.wav
+      - end_reason: Voicemail(2001)
+  - name: jump
+    variables: {flow: jump}
+    expect:
+      - action: {type: route_to_agent, target: "9200", skill_group_id: sales}
+      - end_reason: Jump(other)
+      - end_reason: Agent(9200)
+  - name: phone
+    variables: {flow: phone}
+    steps: [wait idle, press 13800138000]
+    expect:
+      - event: {type: phone_collected, number: "13800138000"}
+      - variables: {phone_number: "13800138000"}
+      - end_reason: VoipBridge
+  - name: api
+    variables: {flow: api}
+    expect:
+      - event: {type: api_response, status: 0}
+      - end_reason: Normal
+  - name: voice
+    variables: {flow: voice}
+    expect:
+      - event: {type: error}
+      - end_reason: Queue(support)
+"""
+    code, out, seen = asyncio.run(_simulate(provider, scenario=tmp_path / "s.yaml",
+                                            yaml_text=yaml_text))
+    assert code == cli.EXIT_OK, out
+    assert out.count(": ok\n") + out.endswith(": ok") == 5
+    assert "● records the caller to voicemail/2001/" in out
+    assert "recording ended (dtmf" in out
+    assert "➜ routes the call to agent 9200 (skill group sales)" in out
+    assert "➜ bridges the call's audio to wss://r/1" in out
+    assert out.count("⏱ waits up to 5 s") == 1  # each key restarts it silently
+    assert "☎ the PBX hangs up with 486 (Normal)" in out
+    assert "→ api GET http://127.0.0.1:1/none" in out
+    assert "➜ puts the caller in queue support; back to this IVR if no agent answers" in out
+    assert [x["path"] for x in seen].count("/ivr/other") == 1
 
 
 # ---------------------------------------------------------------- scenario parsing

@@ -208,6 +208,7 @@ class SimCall:
         self._order = 0
         self._playing: tuple[int, bool] | None = None  # (play_id, interruptible)
         self._timer: int | None = None
+        self._key_restarts_timer = False
         self._recording: tuple[int, str, float] | None = None  # (record_id, path, start)
         self._stop_digits = "#"
         self._node: dict[str, Any] | None = None
@@ -362,7 +363,9 @@ class SimCall:
             self._timer = None
             if command.delay_ms > 0:
                 self._timer = command.timer_id
-                self.say(f"  ⏱ waits up to {command.delay_ms / 1000.0:g} s")
+                collecting = (self._node or {}).get("type") in ("collect_dtmf", "input_phone")
+                if not (collecting and self._key_restarts_timer):  # each key restarts it
+                    self.say(f"  ⏱ waits up to {command.delay_ms / 1000.0:g} s")
                 self._push(self.t + command.delay_ms / 1000.0,
                            MediaInput(event=TimerFired(timer_id=command.timer_id)))
         elif isinstance(command, RecordCommand):
@@ -470,8 +473,12 @@ class SimCall:
             duration_ms = int(round((self.t - started) * 1000))
             self._push(self.t + 0.02, MediaInput(event=RecordingFinished(
                 record_id=record_id, path=path, duration_ms=duration_ms, reason="dtmf")))
-        await self._deliver(MediaInput(event=DtmfDigit(digit=key, stopped_play_id=stopped)),
-                            client)
+        self._key_restarts_timer = self._timer is not None
+        try:
+            await self._deliver(MediaInput(event=DtmfDigit(digit=key, stopped_play_id=stopped)),
+                                client)
+        finally:
+            self._key_restarts_timer = False
 
     async def run(self) -> Outcome:
         """Run the call: start, the script, then until the IVR is done (or `max_call_s`)."""

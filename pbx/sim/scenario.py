@@ -155,20 +155,29 @@ class Call(CallDefaults):
 
     @field_validator("steps", mode="before")
     @classmethod
-    def _bare_words(cls, v: Any) -> Any:
-        # `- hangup` and `- wait idle` read naturally in YAML; so does `- press: 1`.
-        if isinstance(v, list):
-            out = []
-            for item in v:
-                if item == "hangup":
-                    item = {"hangup": True}
-                elif isinstance(item, str) and item.startswith("wait "):
-                    item = {"wait": item[5:].strip()}
-                elif isinstance(item, str) and item.startswith("press "):
-                    item = {"press": item[6:].strip()}
-                out.append(item)
-            return out
-        return v
+    def _steps(cls, v: Any) -> Any:
+        """Each step is one of `press:`, `wait:`, `hangup`; `- hangup`, `- wait idle`
+        and `- press 12` read naturally in YAML too. The key picks the model, so an error
+        names that step's problem only."""
+        if not isinstance(v, list):
+            return v
+        steps: list[Step] = []
+        for index, item in enumerate(v):
+            if isinstance(item, str):
+                word, _, rest = item.partition(" ")
+                rest = rest.strip().strip("'\"")
+                item = {word: rest or True}
+            keys = list(item) if isinstance(item, dict) else []
+            if len(keys) != 1 or keys[0] not in STEP_KEYS:
+                raise ValueError(
+                    f"step {index}: a step is one of {', '.join(STEP_KEYS)}; got {item!r}")
+            model = {"press": Press, "wait": Wait, "hangup": Hangup}[keys[0]]
+            try:
+                steps.append(model.model_validate(item))
+            except ValidationError as exc:
+                msg = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+                raise ValueError(f"step {index}: {keys[0]}: {msg}") from None
+        return steps
 
 
 class Options(_Strict):
@@ -216,7 +225,8 @@ def unknown_app_params(params: dict[str, Any]) -> list[str]:
 
 def _problems(exc: ValidationError) -> str:
     return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+        f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: "
+        f"{str(err['msg']).removeprefix('Value error, ')}"
         for err in exc.errors()
     )
 
