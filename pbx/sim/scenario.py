@@ -80,7 +80,10 @@ class Hangup(_Strict):
 
 
 Step = Press | Wait | Hangup
-STEP_KEYS = ("press", "wait", "hangup")
+STEP_MODELS: dict[str, type[Press] | type[Wait] | type[Hangup]] = {
+    "press": Press, "wait": Wait, "hangup": Hangup,
+}
+STEP_KEYS = tuple(STEP_MODELS)
 
 EXPECT_KEYS = ("event", "action", "end_reason", "played", "said", "variables", "error")
 
@@ -171,9 +174,8 @@ class Call(CallDefaults):
             if len(keys) != 1 or keys[0] not in STEP_KEYS:
                 raise ValueError(
                     f"step {index}: a step is one of {', '.join(STEP_KEYS)}; got {item!r}")
-            model = {"press": Press, "wait": Wait, "hangup": Hangup}[keys[0]]
             try:
-                steps.append(model.model_validate(item))
+                steps.append(STEP_MODELS[keys[0]].model_validate(item))
             except ValidationError as exc:
                 msg = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
                 raise ValueError(f"step {index}: {keys[0]}: {msg}") from None
