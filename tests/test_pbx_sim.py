@@ -133,12 +133,14 @@ Handler = Callable[[dict[str, Any], web.Request], Awaitable[web.StreamResponse]]
 
 
 async def _simulate(
-    handler: Handler, *args: str, scenario: Path | None = None, yaml_text: str = ""
+    handler: Handler, *args: str, scenario: Path | None = None, yaml_text: str = "",
+    config: Path | None = None, toml_text: str = "", url: bool = True,
 ) -> tuple[int, str, list[dict[str, Any]]]:
     """Serve `handler` as the provider (every path but /start, /end, /dtmf-match, which
-    are answered 200) and run pbx-sim against it in this loop, with `yaml_text` (its
-    `{port}` filled in) as the scenario if given. Returns the exit code, the output, and
-    the step requests the provider got."""
+    are answered 200) and run pbx-sim against it in this loop, with `yaml_text` as the
+    scenario and `toml_text` as `--config` if given (their `{port}` filled in), and the
+    provider's URL on the command line unless `url` is false. Returns the exit code, the
+    output, and the step requests the provider got."""
     seen: list[dict[str, Any]] = []
 
     async def step(request: web.Request) -> web.StreamResponse:
@@ -159,8 +161,12 @@ async def _simulate(
     if scenario is not None:
         scenario.write_text(yaml_text.replace("{port}", str(port)))
         args = ("--scenario", str(scenario), *args)
+    if config is not None:
+        config.write_text(toml_text.replace("{port}", str(port)))
+        args = ("--config", str(config), *args)
+    command = [f"http://127.0.0.1:{port}/ivr/step"] if url else []
     try:
-        code = await cli.amain([f"http://127.0.0.1:{port}/ivr/step", *args], lines.append)
+        code = await cli.amain([*command, *args], lines.append)
     finally:
         await runner.cleanup()
     return code, "\n".join(lines), seen
@@ -383,6 +389,39 @@ calls:
     assert "→ api GET http://127.0.0.1:1/none" in out
     assert "➜ puts the caller in queue support; back to this IVR if no agent answers" in out
     assert [x["path"] for x in seen].count("/ivr/other") == 1
+
+
+def test_route_and_ivrs_from_a_config_file(tmp_path: Path) -> None:
+    async def provider(body: dict[str, Any], request: web.Request) -> web.StreamResponse:
+        if request.path == "/ivr/other":
+            return web.json_response({"type": "transfer", "target": "2001"})
+        return web.json_response({"type": "jump_ivr", "route_point": "other"})
+
+    toml_text = """
+[[routes]]
+name = "support_line"
+to_user = "*99"
+app = "ivr"
+app_params = { mode = "step", url = "http://127.0.0.1:{port}/ivr/step", headers = { Authorization = "Bearer cfg" }, ivr_id = "proj_cfg" }
+
+[ivrs.other]
+url = "http://127.0.0.1:{port}/ivr/other"
+ivr_id = "proj_other"
+"""
+    code, out, seen = asyncio.run(_simulate(
+        provider, "--route", "support_line", "--header", "X-Extra: 1",
+        config=tmp_path / "pbx.toml", toml_text=toml_text, url=False,
+        ))
+    assert code == cli.EXIT_OK, out
+    first, jumped = seen
+    assert first["path"] == "/ivr/step" and first["body"]["ivr_id"] == "proj_cfg"
+    assert first["headers"]["Authorization"] == "Bearer cfg"
+    assert first["headers"]["X-Extra"] == "1"
+    assert jumped["path"] == "/ivr/other" and jumped["body"]["ivr_id"] == "proj_other"
+    assert "(end: Jump(other))" in out and "(end: Transfer(2001))" in out
+    code, out, _ = asyncio.run(_simulate(
+        provider, "--route", "nope", config=tmp_path / "pbx.toml", toml_text=toml_text))
+    assert code == cli.EXIT_USAGE
 
 
 # ---------------------------------------------------------------- scenario parsing

@@ -136,7 +136,8 @@ class SimTts(TtsEngine):
     name in the cache that lasts `prompt_ms`."""
 
     def __init__(self, call: SimCall) -> None:
-        super().__init__(TtsSettings(), call.options.sounds_dir, espeak=None)
+        sounds = call.options.sounds_dir
+        super().__init__(TtsSettings(cache_dir=f"{sounds}/.tts"), sounds, espeak=None)
         self.call = call
         self.texts: dict[str, str] = {}
 
