@@ -362,6 +362,11 @@ class IvrAppParams(BaseModel):
     name: str = "step_ivr"
     ivr_id: str | None = None
     tenant_id: str | None = None
+    # Which behaviour the provider gets where rustpbx's code and the upstream document
+    # differ: "spec" (the document as written) or "rustpbx" (menu misses and timeouts
+    # as plain `dtmf` / `dtmf_timeout`, and the rest listed in docs/compat-rustpbx.md),
+    # so that providers written against rustpbx run unchanged.
+    compat: Literal["spec", "rustpbx"] = "spec"
 
     @field_validator("url")
     @classmethod

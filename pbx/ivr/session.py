@@ -155,6 +155,12 @@ class Session:
     def phase(self) -> Phase | None:
         return self.data.phase if self.data is not None else None
 
+    @property
+    def rustpbx(self) -> bool:
+        """The route asked for rustpbx's behaviour where it and the document differ
+        (`app_params.compat`, docs/compat-rustpbx.md)."""
+        return self.env.call.params.compat == "rustpbx"
+
     def enter(self, data: PhaseData, cause: str) -> None:
         """The one place the phase changes: `data` is the next phase's, after `cause`."""
         check_transition(self.phase, data.phase, cause)

@@ -40,7 +40,8 @@ def digit(s: Session, data: Prompting, ev: DtmfDigit) -> PhaseData:
         # Type-ahead (DESIGN §3 non-interruptible prompt).
         return replace(data, typeahead=(*data.typeahead, ev.digit))
     s.stop_play(data.play_id, ev.stopped_play_id)
-    if node.next is not None and node.next.takes_digits:
+    # rustpbx asks the provider about the digit whatever `next` is.
+    if node.next is not None and node.next.takes_digits and not s.rustpbx:
         return s.execute(node.next, [ev.digit])
     return s.ask(DtmfEvent(digit=ev.digit), data.typeahead)
 
@@ -52,7 +53,9 @@ def done(s: Session, data: Prompting, ev: AudioComplete) -> PhaseData:
     # Choice: the kept digits survive the provider round trip and feed the action it
     # answers with, if that takes digits ("feed the next action that takes digits",
     # DESIGN §3).
-    return s.ask(AudioCompleteEvent(interrupted=bool(data.typeahead)), data.typeahead)
+    # rustpbx always says `interrupted: false`.
+    interrupted = bool(data.typeahead) and not s.rustpbx
+    return s.ask(AudioCompleteEvent(interrupted=interrupted), data.typeahead)
 
 
 def play_failed(s: Session, data: PhaseData, ev: MediaFailure) -> PhaseData:
