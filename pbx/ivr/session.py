@@ -300,7 +300,9 @@ class Session:
         # latest `extra` until the provider replaces it.
         self.env.step_id = action.step_id
         self.env.step_name = action.step_name
-        if action.extra is not None:
+        # An answer without `extra` keeps the latest; an explicit `"extra": null`
+        # clears it.
+        if "extra" in action.model_fields_set:
             self.env.extra = action.extra
         return self.execute(action, typeahead)
 

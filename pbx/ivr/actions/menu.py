@@ -34,8 +34,16 @@ from pbx.ivr.phases import (
 from pbx.ivr.session import Session
 from pbx.messages import AudioComplete, DtmfDigit, MediaFailure, TimerFired
 
+# A menu ends in one of its entries, its invalid/timeout action or a provider event:
+# nothing is left for a `next` to follow. Not refused (rustpbx ignores it too, and
+# providers written for it send it), but said in the step's trace.
+NEXT_ON_MENU = ("dtmf_menu: `next` is not followed: a menu ends in an entry, its "
+                "invalid_action / timeout_action or a provider event")
+
 
 def run(s: Session, action: DtmfMenuAction, typeahead: Digits) -> PhaseData:
+    if action.next is not None:
+        s.errors.append(NEXT_ON_MENU)
     progress = MenuProgress()
     if typeahead:
         # Type-ahead answers the menu before its greeting.
