@@ -123,3 +123,33 @@ def test_good_retry_fallback_is_kept() -> None:
     settings = parse_config(text, "f.toml")
     assert settings.routes[0].app_params.retry.fallback == {"type": "transfer",
                                                              "target": "op"}
+
+
+# ---------------------------------------------------------------- record_name_list
+
+
+def test_prompt_with_only_record_name_list_plays_each_part_then_completes() -> None:
+    sim = Sim([{"type": "prompt", "record_name_list": "rec/part1.wav, rec/$caller$.wav,"},
+               HANGUP])
+    assert [c.file for c in sim.start()] == ["rec/part1.wav"]
+    assert [c.file for c in sim.audio_done(1)] == ["rec/1001.wav"]
+    assert len(sim.sent) == 1  # one prompt: no provider step between its parts
+    sim.audio_done(2)
+    assert sim.events[-1] == {"type": "audio_complete", "interrupted": False}
+
+
+def test_record_name_list_digits_interrupt_the_whole_list() -> None:
+    sim = Sim([{"type": "prompt", "record_name_list": "a.wav,b.wav", "interruptible": True},
+               HANGUP])
+    sim.start()
+    sim.digit("5", stopped=1)
+    assert sim.events[-1] == {"type": "dtmf", "digit": "5"}
+
+
+def test_record_name_list_keeps_type_ahead_across_parts() -> None:
+    sim = Sim([{"type": "prompt", "record_name_list": "a.wav,b.wav"}, HANGUP])
+    sim.start()
+    assert sim.digit("7") == []
+    assert [c.file for c in sim.audio_done(1)] == ["b.wav"]
+    sim.audio_done(2)
+    assert sim.events[-1] == {"type": "audio_complete", "interrupted": True}
