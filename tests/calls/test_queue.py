@@ -238,3 +238,25 @@ def test_ws_bridge_then_its_end_hangs_up(tmp_path: Path) -> None:
     rec = rig.records()[0]
     assert rec["ws_bridge"] == "ws://127.0.0.1:9/room"
     assert rec["end_reason"] == "WsBridgeEnded"
+
+
+def test_a_failed_hand_over_is_in_the_sessions_traces(tmp_path: Path) -> None:
+    """The provider heard `/end` name the queue; that the queue does not exist shows in
+    the session's traces (and the call record), not only in the log."""
+    rig = CoreRig(tmp_path, first_then([m.QueueCommand(target="nope")]))
+    rig.feed(caller_invite(), CALLER)
+    assert rig.records()[0]["end_reason"] == "UnknownQueue(nope)"
+    assert any("failed: UnknownQueue(nope)" in e for e in rig.trace_errors()), \
+        rig.trace_errors()
+    traces = rig.core.ctx.traces
+    (session_id,) = list(traces.sessions)
+    last = (traces.get(session_id) or [])[-1]
+    assert last["end_reason"] == "UnknownQueue(nope)"
+
+
+def test_a_transfer_nobody_answers_is_in_the_sessions_traces(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first_then([m.QueueCommand(target="sales")]))
+    rig.answered()
+    rig.advance(SALES_TIMEOUT_S + 0.02)
+    assert rig.records()[0]["end_reason"] == "QueueNoAnswer"
+    assert any("failed: QueueNoAnswer" in e for e in rig.trace_errors()), rig.trace_errors()
