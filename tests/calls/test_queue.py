@@ -254,9 +254,36 @@ def test_a_failed_hand_over_is_in_the_sessions_traces(tmp_path: Path) -> None:
     assert last["end_reason"] == "UnknownQueue(nope)"
 
 
-def test_a_transfer_nobody_answers_is_in_the_sessions_traces(tmp_path: Path) -> None:
+def test_a_queue_nobody_answers_is_in_the_sessions_traces(tmp_path: Path) -> None:
     rig = CoreRig(tmp_path, first_then([m.QueueCommand(target="sales")]))
     rig.answered()
     rig.advance(SALES_TIMEOUT_S + 0.02)
     assert rig.records()[0]["end_reason"] == "QueueNoAnswer"
     assert any("failed: QueueNoAnswer" in e for e in rig.trace_errors()), rig.trace_errors()
+
+
+def test_agent_routing_hints_ride_in_the_agents_invites(tmp_path: Path) -> None:
+    """route_to_agent's key_id and channel_code (accepted and ignored before) reach
+    every INVITE of the agent and its skill group; a value that could inject a header
+    is not sent."""
+    command = m.AgentCommand(target="2001", skill_group_id="billing", key_id="K-17",
+                             channel_code="wechat")
+    rig = CoreRig(tmp_path, first_then([command]))
+    rig.answered()
+    first = rig.requests("INVITE")[0]
+    assert first.headers.get("X-Key-Id") == "K-17"
+    assert first.headers.get("X-Channel-Code") == "wechat"
+    rig.feed(make_response(first, 480, to_tag="a"), MEMBERS["2001"])
+    group = rig.requests("INVITE")[1:]
+    assert len(group) == 2
+    assert all(i.headers.get("X-Key-Id") == "K-17" for i in group)
+
+
+def test_agent_routing_hint_with_a_line_break_is_not_sent(tmp_path: Path) -> None:
+    command = m.AgentCommand(target="2002", key_id="K1\r\nX-Evil: 1", channel_code="ok")
+    rig = CoreRig(tmp_path, first_then([command]))
+    rig.answered()
+    invite = rig.requests("INVITE")[0]
+    assert invite.headers.get("X-Key-Id") is None
+    assert invite.headers.get("X-Evil") is None
+    assert invite.headers.get("X-Channel-Code") == "ok"
