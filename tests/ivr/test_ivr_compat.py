@@ -114,3 +114,13 @@ def test_menu_max_retries_counts(compat: str, max_retries: int, notices: int) ->
     # The outcome is a plain prompt: its end goes to the provider.
     assert sim.events[-1]["type"] == "audio_complete"
     assert played == notices
+
+
+@pytest.mark.parametrize(("compat", "name"), [("spec", "sip_X-Customer"),
+                                               ("rustpbx", "sip_X_Customer")])
+def test_sip_header_variable_names(compat: str, name: str) -> None:
+    sim = Sim([{"type": "hangup"}], compat=compat)
+    sim.start()
+    variables = sim.sent[0]["variables"]
+    assert variables[name] == "gold"
+    assert [k for k in variables if k.startswith("sip_")] == [name]
