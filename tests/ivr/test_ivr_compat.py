@@ -4,11 +4,14 @@ the document. Each test runs the same calls under both settings."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from typing import Any
 
 import pytest
 
-from pbx.config import IvrAppParams
+from pbx.config import IvrAppParams, RetrySettings
+from pbx.ivr.provider import ProviderClient, step_attempts
 from pbx.messages import PlayCommand, TimerCommand, TransferCommand
 from tests.ivr.sim import URL, WELCOME_MENU, Sim
 
@@ -124,3 +127,30 @@ def test_sip_header_variable_names(compat: str, name: str) -> None:
     variables = sim.sent[0]["variables"]
     assert variables[name] == "gold"
     assert [k for k in variables if k.startswith("sip_")] == [name]
+
+
+@pytest.mark.parametrize(("compat", "max_retries", "attempts"), [
+    ("spec", 0, 1), ("spec", 3, 4), ("rustpbx", 0, 1), ("rustpbx", 1, 1), ("rustpbx", 3, 3),
+])
+def test_step_attempts(compat: str, max_retries: int, attempts: int) -> None:
+    """A failing step request is POSTed once plus `max_retries` retries (the document);
+    rustpbx tries `max_retries` times in all."""
+    params = IvrAppParams(url=URL, compat=compat,
+                          retry=RetrySettings(max_retries=max_retries))
+    assert step_attempts(params) == attempts
+
+
+def test_a_step_to_a_provider_that_is_down_is_tried_as_rustpbx_does() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params = IvrAppParams(url=f"http://127.0.0.1:{port}/ivr/step", compat="rustpbx",
+                          retry=RetrySettings(max_retries=3, timeout_ms=200))
+
+    async def main() -> int:
+        async with ProviderClient(retry_delay_ms=1) as client:
+            result = await client.step(params, {"session_id": "s"})
+        assert result.outcome == "fallback"
+        return result.attempts
+
+    assert asyncio.run(asyncio.wait_for(main(), 15)) == 3
