@@ -250,8 +250,8 @@ def _phase_fields(data: PhaseData) -> dict[str, Any]:
             fields["pending"] = PendingStep(trigger=p.trigger, request=p.request, sent_at=p.sent_at)
         case AwaitingSpeech(purpose=purpose, menu=menu, notice_interruptible=interruptible):
             fields.update(_menu_fields(menu), tts_for=purpose, notice_interruptible=interruptible)
-        case Prompting(typeahead=typeahead, rest=rest):
-            fields.update(digits=list(typeahead), prompt_rest=list(rest))
+        case Prompting(typeahead=typeahead):
+            fields["digits"] = list(typeahead)
         case MenuGreeting(menu=menu):
             fields.update(_menu_fields(menu))
         case MenuNotice(interruptible=interruptible, typeahead=typeahead, menu=menu):
@@ -277,4 +277,6 @@ def _phase_fields(data: PhaseData) -> dict[str, Any]:
             end_reason=end_reason, hangup_code=code
         ):
             fields.update(end_reason=end_reason, hangup_code=code)
+    if isinstance(data, Prompting) and data.rest:
+        fields["prompt_rest"] = list(data.rest)
     return fields
