@@ -294,7 +294,7 @@ class ApiAction(_Action):
     # For `api`, a string names the session variables to send (comma-separated, spec
     # §5); an object sets variables like on any other action.
     variables: dict[str, str] | str | None = None  # type: ignore[assignment]
-    timeout: int = Field(default=10, gt=0)  # seconds
+    timeout: int = Field(default=10, ge=0)  # seconds; 0: the default (10)
     get_dynamic_tree: bool = False
 
 

@@ -197,6 +197,7 @@ class AwaitingSpeech(PhaseData):
 class Prompting(_Playing):
     phase = Phase.PROMPT
     typeahead: Digits = ()  # digits pressed during a prompt that is not interruptible
+    rest: tuple[str, ...] = ()  # the parts of a `record_name_list` still to play
 
     def kept_digits(self) -> Digits:
         return self.typeahead

@@ -37,6 +37,15 @@ NOTIFY_TIMEOUT_MS = 500
 API_TIMEOUT_S = 10.0
 
 
+def step_attempts(params: IvrAppParams) -> int:
+    """How many times a step request is tried: once and `retry.max_retries` retries
+    (spec §8); rustpbx tries `max_retries` times in all (at least once here: with 0 it
+    would not ask at all), and a route with `compat = "rustpbx"` does the same."""
+    if params.compat == "rustpbx":
+        return max(1, params.retry.max_retries)
+    return 1 + params.retry.max_retries
+
+
 class ProviderClient:
     def __init__(
         self,
@@ -81,7 +90,7 @@ class ProviderClient:
         data = orjson.dumps(body)
         headers = self._headers(params)
         timeout = aiohttp.ClientTimeout(total=params.retry.timeout_ms / 1000.0)
-        attempts = 1 + params.retry.max_retries
+        attempts = step_attempts(params)
         reason = ""
         status: int | None = None
         for attempt in range(1, attempts + 1):

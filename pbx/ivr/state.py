@@ -88,6 +88,9 @@ class SessionState(BaseModel):
     tts_for: Literal["prompt", "greeting", "notice"] | None = None
     tts_greeting: str | None = None  # the current menu's synthesised greeting_text
     digits: list[str] = Field(default_factory=list)  # type-ahead, for a digit-taking action
+    # The parts of a `record_name_list` prompt still to play after the current one.
+    # Written only when there are some: executors from before it refuse the key.
+    prompt_rest: list[str] = Field(default_factory=list)
     collected: str = ""  # digits of the current collect_dtmf / input_phone so far
     menu_attempts: int = 0  # invalid/timeout attempts of the current dtmf_menu
     notice_interruptible: bool = False
@@ -184,7 +187,8 @@ def _phase_data(s: SessionState) -> PhaseData:
     play_id: int = _required(s.active_play, s, "active_play")
     match s.phase:
         case Phase.PROMPT:
-            return Prompting(play_id=play_id, typeahead=tuple(s.digits))
+            return Prompting(play_id=play_id, typeahead=tuple(s.digits),
+                             rest=tuple(s.prompt_rest))
         case Phase.MENU_GREETING:
             return MenuGreeting(play_id=play_id, menu=_menu(s))
         case Phase.MENU_NOTICE:
@@ -221,7 +225,7 @@ def dump(envelope: Envelope, data: PhaseData) -> dict[str, Any]:
         **{name: getattr(envelope, name) for name in _ENVELOPE_KEYS},
         **_phase_fields(data),
     )
-    return state.model_dump(mode="json")
+    return state.model_dump(mode="json", exclude=None if state.prompt_rest else {"prompt_rest"})
 
 
 def _timer_fields(timer: Timer | None) -> dict[str, Any]:
@@ -273,4 +277,6 @@ def _phase_fields(data: PhaseData) -> dict[str, Any]:
             end_reason=end_reason, hangup_code=code
         ):
             fields.update(end_reason=end_reason, hangup_code=code)
+    if isinstance(data, Prompting) and data.rest:
+        fields["prompt_rest"] = list(data.rest)
     return fields

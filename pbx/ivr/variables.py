@@ -41,6 +41,7 @@ def substitute(action: ActionNode, variables: dict[str, str]) -> ActionNode:
 
 
 _UNSAFE_RE = re.compile(r"[^A-Za-z0-9_.@+\-]")
+_NOT_ALNUM_RE = re.compile(r"[^A-Za-z0-9]")
 
 
 def safe_name(text: str) -> str:
@@ -60,7 +61,10 @@ def initial_variables(call: CallInfo) -> dict[str, str]:
     }
     if call.params.tenant_id is not None:
         variables["tenant_id"] = call.params.tenant_id
+    rustpbx = call.params.compat == "rustpbx"
     for name, value in call.sip_headers.items():
-        variables[f"sip_{name}"] = value
+        # rustpbx names them with every character but letters and digits as `_`
+        # (`sip_X_Customer_Id`); the document does not name them at all.
+        variables[f"sip_{_NOT_ALNUM_RE.sub('_', name) if rustpbx else name}"] = value
     variables.update(call.variables)
     return variables
