@@ -89,9 +89,9 @@ class _Progress:
                     self.start = task
 
     async def started(self, timeout_s: float) -> None:
-        """/start before the session's first step (DESIGN §3): a provider that resets a
-        session on /start (the document's skeleton) must never handle that step before
-        it. So the step waits for /start's answer, or its failure: at most /start's own
+        """/start before the session's first step (docs/protocol.md "POST U/start"): a
+        provider that resets a session on /start (the document's skeleton) must never
+        handle that step before it. So the step waits for /start's answer, or its failure: at most /start's own
         timeout (`timeout_s`), after which it gave up. A provider answering /start at
         once costs the step one round trip (a millisecond on a LAN); one that works long
         in /start delays its first step by that long, up to the timeout. Waiting only

@@ -88,7 +88,7 @@ def result(s: Session, data: AwaitingApi, outcome: ApiResult) -> PhaseData:
     }
     s.provider_trace = trace
     if node.get_dynamic_tree:
-        # The body is the next action (DESIGN §3); `next` of the api node is not
+        # The body is the next action (docs/decisions.md "api"); `next` of the api node is not
         # followed, the tree carries its own: said in the step's trace.
         if node.next is not None:
             s.errors.append(NEXT_WITH_TREE)

@@ -104,7 +104,7 @@ def _input(s: Session, digit: str, rest: Digits, progress: MenuProgress) -> Phas
         return s.execute(entry, rest)
     if menu.entries and menu.invalid_action is not None:
         return _retry(s, menu.invalid_action, progress)
-    # No invalid_action, or empty entries: the provider decides (DESIGN §3); rustpbx
+    # No invalid_action, or empty entries: the provider decides (docs/decisions.md "Menu"); rustpbx
     # never sends dtmf_menu_invalid, its providers expect the plain digit.
     if s.rustpbx:
         return s.ask(DtmfEvent(digit=digit))
@@ -112,7 +112,7 @@ def _input(s: Session, digit: str, rest: Digits, progress: MenuProgress) -> Phas
 
 
 def _retry(s: Session, action: ActionNode, progress: MenuProgress) -> PhaseData:
-    """DESIGN §3: count an attempt; while retries are left a non-terminal action is
+    """docs/decisions.md "Menu": count an attempt; while retries are left a non-terminal action is
     played as a notice and the greeting repeats; when none are left, or when the
     action is terminal, it is executed as the menu's outcome. `max_retries` counts
     retries, like `retry.max_retries`: 0 gives the outcome at the first miss, 1 after

@@ -49,7 +49,7 @@ def _node(s: Session) -> PromptAction:
 def digit(s: Session, data: Prompting, ev: DtmfDigit) -> PhaseData:
     node = _node(s)
     if not node.interruptible:
-        # Type-ahead (DESIGN §3 non-interruptible prompt).
+        # Type-ahead (docs/decisions.md "Type-ahead").
         return replace(data, typeahead=(*data.typeahead, ev.digit))
     s.stop_play(data.play_id, ev.stopped_play_id)
     # rustpbx asks the provider about the digit whatever `next` is.
@@ -68,7 +68,7 @@ def done(s: Session, data: Prompting, ev: AudioComplete) -> PhaseData:
         return s.execute(node.next, data.typeahead)
     # Choice: the kept digits survive the provider round trip and feed the action it
     # answers with, if that takes digits ("feed the next action that takes digits",
-    # DESIGN §3).
+    # docs/decisions.md "Type-ahead").
     # rustpbx always says `interrupted: false`.
     interrupted = bool(data.typeahead) and not s.rustpbx
     return s.ask(AudioCompleteEvent(interrupted=interrupted), data.typeahead)
