@@ -39,17 +39,30 @@ TARGET_P99_MS = 10.0
 TARGET_AT_RATE = 200
 
 
-def front_pid() -> int | None:
-    """The pbx-front process (read-only lookup in /proc)."""
+def front_pid(port: int) -> int | None:
+    """The pbx-front process that holds UDP `port` (read-only lookups in /proc: other
+    fronts may be running on the machine, e.g. test systems on other ports)."""
+    inodes = set()
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if not any(part.endswith(b"pbx-front") for part in cmdline[:2]):
+                continue
+            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                return int(entry.name)
         except OSError:
             continue
-        if any(part.endswith(b"pbx-front") for part in cmdline[:2]):
-            return int(entry.name)
     return None
 
 
@@ -152,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("sipp"):
         print("sipp is not installed (Debian: sip-tester)", file=sys.stderr)
         return 2
-    pid = front_pid()
+    pid = front_pid(int(args.pbx.rsplit(":", 1)[1]))
     print(f"front pid: {pid or 'not found (no CPU figures)'}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="setup_rate-"))
     results: list[dict[str, Any]] = []

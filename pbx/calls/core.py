@@ -61,6 +61,7 @@ from pbx.sip.transaction import (
     TransactionKey,
     TransactionLayer,
     TransactionTimeout,
+    TryingDue,
 )
 from pbx.sip.uri import parse_name_addr
 from pbx.traces import TraceStore
@@ -255,6 +256,8 @@ class CallCore:
                 self.ctx.out.append(ev)
             elif isinstance(ev, RequestReceived):
                 self._on_request(ev)
+            elif isinstance(ev, TryingDue):
+                self.ctx.out.extend(self.ctx.transactions.trying(ev.key))
             elif isinstance(ev, ResponseReceived):
                 self._guarded(self.outbound.on_response, ev.response, ev.key)
             elif isinstance(ev, TransactionTimeout):

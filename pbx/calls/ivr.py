@@ -133,7 +133,10 @@ class IvrBroker:
             session.dispatched_at = now
             session.wait_started = session.wait_deadline = None  # an event came
             session.refused = set()
-            session.in_flight = m.IvrEvent(
+            # Built from values the front made and checked (model_construct: no second
+            # validation pass over the state on the hot path; the state is replaced, never
+            # changed in place, by each reply).
+            session.in_flight = m.IvrEvent.model_construct(
                 session_id=session.session_id, seq=session.seq, state=session.state,
                 input=session.queue.popleft(),
             )

@@ -53,7 +53,7 @@ class MediaPlane:
         media.rtp_ip = ctx.media_workers.address_of(handout.worker) or ""
         ctx.table.legs_by_media[leg.media_id] = leg
         ctx.timers.set(TimerKind.ALLOCATION, leg.media_id, ctx.now + MEDIA_ALLOCATE_TIMEOUT_S)
-        ctx.out.append(ToMedia(handout.worker, m.MediaAllocate(
+        ctx.out.append(ToMedia(handout.worker, m.MediaAllocate.model_construct(
             call_id=leg.media_id, rtp_port=handout.port, seq=handout.seq,
             inband_dtmf=inband_dtmf)))
         self.on_allocated(leg, True)
@@ -110,7 +110,8 @@ class MediaPlane:
                 return
             address, direction = media.address, "inactive"
         media.address = address
-        self.ctx.to_media(media.worker, m.MediaRemote(
+        # model_construct: values the SDP parser checked (no second validation pass).
+        self.ctx.to_media(media.worker, m.MediaRemote.model_construct(
             call_id=leg.media_id, remote_ip=address[0], remote_port=address[1],
             payload_type=n.payload_type, codec=n.codec,  # type: ignore[arg-type]
             dtmf_payload_type=n.dtmf_payload_type, ptime_ms=n.ptime_ms,

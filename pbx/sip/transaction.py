@@ -118,6 +118,16 @@ class TransactionTimeout:
 
 
 @dataclass(frozen=True)
+class TryingDue:
+    """After the RequestReceived of a new INVITE: the TU hands it back to `trying()`
+    once it has handled the request, and the 100 goes out only if the TU has not
+    answered meanwhile (RFC 3261 §17.2.1: no 100 is needed when the TU answers at once;
+    a 200 answered in the same pass saves a datagram per call)."""
+
+    key: TransactionKey
+
+
+@dataclass(frozen=True)
 class SendBytes:
     """Bytes for the wire; `reliable` sends them on the peer's TCP connection."""
 
@@ -126,7 +136,8 @@ class SendBytes:
     reliable: bool = False
 
 
-TransactionEvent = RequestReceived | ResponseReceived | TransactionTimeout | SendBytes
+TransactionEvent = (RequestReceived | ResponseReceived | TransactionTimeout | SendBytes
+                    | TryingDue)
 
 
 # --------------------------------------------------------------------------- transactions
@@ -192,8 +203,9 @@ def _is_due(deadline: float | None, now: float) -> bool:
 class TransactionLayer:
     """Client and server transactions for one SIP endpoint.
 
-    `send_trying`: an INVITE server transaction answers 100 Trying at once
-    (RFC 3261 §17.2.1), so the TU need not.
+    `send_trying`: an INVITE server transaction answers 100 Trying (RFC 3261
+    §17.2.1) unless the TU answers first: `receive()` follows the INVITE's
+    RequestReceived with a TryingDue that the TU passes to `trying()` when done.
     """
 
     def __init__(self, *, send_trying: bool = True, budget: SourceBudget | None = None) -> None:
@@ -310,13 +322,18 @@ class TransactionLayer:
         )
         self._server[key] = txn
         self._hold(txn, size)
-        events: list[TransactionEvent] = []
         if invite and self.send_trying:
-            txn.last_response = make_response(request, 100).serialize()
-            self._hold(txn, len(txn.last_response))
-            events.append(SendBytes(txn.last_response, addr, reliable))
-        events.append(RequestReceived(request, addr, key, reliable))
-        return events
+            return [RequestReceived(request, addr, key, reliable), TryingDue(key)]
+        return [RequestReceived(request, addr, key, reliable)]
+
+    def trying(self, key: TransactionKey) -> list[SendBytes]:
+        """The 100 Trying of a new INVITE whose TU has not answered yet, else []."""
+        txn = self._server.get(key)
+        if txn is None or txn.state is not TxState.PROCEEDING or txn.last_response is not None:
+            return []
+        txn.last_response = make_response(txn.request, 100).serialize()
+        self._hold(txn, len(txn.last_response))
+        return [SendBytes(txn.last_response, txn.addr, txn.reliable)]
 
     def _receive_response(self, response: SipResponse, now: float) -> list[TransactionEvent]:
         key = TransactionKey(response.branch, response.cseq[1], "", True)

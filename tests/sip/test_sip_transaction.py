@@ -26,6 +26,7 @@ from pbx.sip.transaction import (
     TransactionKey,
     TransactionLayer,
     TransactionTimeout,
+    TryingDue,
     TxState,
 )
 
@@ -70,18 +71,34 @@ def test_invite_server_sends_trying_and_absorbs_retransmission() -> None:
     layer = TransactionLayer()
     inv = request()
     events = layer.receive(inv, PEER, 0.0)
-    assert isinstance(events[0], SendBytes) and events[0].data.startswith(b"SIP/2.0 100 Trying")
-    assert events[0].addr == PEER
-    (rr,) = [e for e in events if isinstance(e, RequestReceived)]
+    rr, due = events
+    assert isinstance(rr, RequestReceived) and isinstance(due, TryingDue)
     assert rr.request is inv and rr.key.method == "INVITE" and rr.addr == PEER
+    assert layer.receive(request(), PEER, 0.1) == []  # nothing sent yet to re-send
+    # the TU handled it without answering: the 100 goes out now
+    (trying,) = layer.trying(due.key)
+    assert trying.data.startswith(b"SIP/2.0 100 Trying") and trying.addr == PEER
+    assert layer.trying(due.key) == []  # once
     # retransmission: absorbed, the 100 re-sent
     again = layer.receive(request(), PEER, 0.3)
     assert [type(e) for e in again] == [SendBytes]
-    assert again[0].data == events[0].data
+    assert again[0].data == trying.data
     # a 180 replaces the stored provisional
     out = layer.respond(rr.key, reply(inv, 180), 0.4)
     assert out[0].data.startswith(b"SIP/2.0 180 Ringing")
     assert layer.receive(request(), PEER, 0.5)[0].data == out[0].data
+
+
+@pytest.mark.parametrize("status", [180, 200, 486])
+def test_invite_server_answered_at_once_sends_no_trying(status: int) -> None:
+    """RFC 3261 §17.2.1: the 100 is only for a TU that has not answered yet."""
+    layer = TransactionLayer()
+    inv = request()
+    rr, due = layer.receive(inv, PEER, 0.0)
+    assert isinstance(rr, RequestReceived) and isinstance(due, TryingDue)
+    (answer,) = layer.respond(rr.key, reply(inv, status), 0.0)
+    assert layer.trying(due.key) == []
+    assert answer.data.startswith(b"SIP/2.0 %d" % status)
 
 
 def test_invite_server_without_auto_trying() -> None:
@@ -216,6 +233,7 @@ def test_rfc2543_request_matching() -> None:
     layer = TransactionLayer()
     inv = request(branch="oldstyle")
     key = layer.receive(inv, PEER, 0.0)[-1].key
+    layer.trying(key)
     assert layer.receive(request(branch="oldstyle"), PEER, 0.1)[0].data.startswith(
         b"SIP/2.0 100")
     layer.respond(key, reply(inv, 486), 0.2)
@@ -443,8 +461,8 @@ def test_reliable_sends_are_marked_for_the_stream() -> None:
     layer = TransactionLayer()
     inv = request(branch="z9hG4bKr1")
     events = layer.receive(inv, PEER, 0.0, reliable=True)
-    assert [e.reliable for e in sends(events)] == [True]  # 100 Trying
     key = events[-1].key
+    assert [e.reliable for e in layer.trying(key)] == [True]  # 100 Trying
     assert [e.reliable for e in layer.respond(key, reply(inv, 486), 0.0)] == [True]
     bye = request("BYE", branch="z9hG4bKr2")
     _, out = layer.send_request(bye, PEER, 0.0, reliable=True)
@@ -457,7 +475,8 @@ def test_reliable_sends_are_marked_for_the_stream() -> None:
     ack2 = request("ACK", branch="z9hG4bKa2", to_tag="x")
     assert TransactionLayer.send_stateless(ack2, PEER, reliable=True)[0].reliable
     # an unreliable transaction's sends are not marked
-    assert not sends(layer.receive(request(branch="z9hG4bKu"), PEER, 0.0))[0].reliable
+    unreliable = layer.receive(request(branch="z9hG4bKu"), PEER, 0.0)[-1].key
+    assert not layer.trying(unreliable)[0].reliable
 
 
 # ---------------------------------------------------------------- per-source budgets
