@@ -1,0 +1,74 @@
+"""The pizza line (examples/pizza_provider.py) passes its pbx-sim scenarios.
+
+The provider runs as a real process on a free port; `pbx-sim` (docs/simulator.md) runs
+examples/pizza_scenarios.yaml against it, and the `error` branch (a PBX without text
+to speech) from the command line, since a scenario's call cannot override `options`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROVIDER = ROOT / "examples" / "pizza_provider.py"
+SCENARIOS = ROOT / "examples" / "pizza_scenarios.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def pizza_url() -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, str(PROVIDER), str(port)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("pizza provider did not start") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/ivr/step"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def pbx_sim(*args: str) -> subprocess.CompletedProcess[str]:
+    """`pbx-sim` as installed next to this Python (else `python -m pbx.sim.cli`)."""
+    script = Path(sys.executable).with_name("pbx-sim")
+    command = [str(script)] if script.exists() else (
+        [shutil.which("pbx-sim")] if shutil.which("pbx-sim")
+        else [sys.executable, "-m", "pbx.sim.cli"])
+    return subprocess.run([*(c for c in command if c), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_every_scenario_passes(pizza_url: str) -> None:
+    run = pbx_sim("--scenario", str(SCENARIOS), pizza_url)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr
+    assert "FAILED" not in run.stdout
+    assert "the caller hangs up while ordering: ok" in run.stdout
+
+
+def test_no_tts_error_goes_to_the_operator(pizza_url: str) -> None:
+    run = pbx_sim(pizza_url, "--no-tts", "--wait", "idle",
+                  "--expect-event", '{"type": "error"}',
+                  "--expect-error", "TTS service not available",
+                  "--expect-end-reason", "Transfer(operator)")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr
