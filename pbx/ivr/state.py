@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pbx.ivr.models import ActionNode
 from pbx.ivr.phases import (
     AwaitingApi,
+    AwaitingRecognition,
     AwaitingSpeech,
     AwaitingStep,
     Closing,
@@ -87,6 +88,7 @@ class SessionState(BaseModel):
     # What a `tts` request in flight is for: a prompt, a menu greeting or a menu notice.
     tts_for: Literal["prompt", "greeting", "notice"] | None = None
     tts_greeting: str | None = None  # the current menu's synthesised greeting_text
+    asr_stage: Literal["check", "recognize"] | None = None  # of an `asr` request in flight
     digits: list[str] = Field(default_factory=list)  # type-ahead, for a digit-taking action
     collected: str = ""  # digits of the current collect_dtmf / input_phone so far
     menu_attempts: int = 0  # invalid/timeout attempts of the current dtmf_menu
@@ -167,6 +169,8 @@ def _phase_data(s: SessionState) -> PhaseData:
                 menu=_menu(s) if purpose != "prompt" else None,
                 notice_interruptible=s.notice_interruptible if purpose == "notice" else False,
             )
+        case Phase.WAIT_ASR:
+            return AwaitingRecognition(stage=_required(s.asr_stage, s, "asr_stage"))
         case Phase.DONE:
             return Done(end_reason=s.end_reason, hangup_code=s.hangup_code)
         case Phase.COLLECT_WAIT:
@@ -246,6 +250,8 @@ def _phase_fields(data: PhaseData) -> dict[str, Any]:
             fields["pending"] = PendingStep(trigger=p.trigger, request=p.request, sent_at=p.sent_at)
         case AwaitingSpeech(purpose=purpose, menu=menu, notice_interruptible=interruptible):
             fields.update(_menu_fields(menu), tts_for=purpose, notice_interruptible=interruptible)
+        case AwaitingRecognition(stage=stage):
+            fields["asr_stage"] = stage
         case Prompting(typeahead=typeahead):
             fields["digits"] = list(typeahead)
         case MenuGreeting(menu=menu):

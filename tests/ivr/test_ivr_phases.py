@@ -18,6 +18,7 @@ from pbx.ivr.phases import (
     PHASE_DATA,
     TRANSITIONS,
     AwaitingApi,
+    AwaitingRecognition,
     AwaitingSpeech,
     AwaitingStep,
     Closing,
@@ -163,6 +164,7 @@ SAMPLES: list[tuple[PhaseData, dict[str, Any]]] = [
         {"pending": {"trigger": "dtmf", "request": {"event": {"type": "dtmf"}}, "sent_at": 12.5}},
     ),
     (AwaitingSpeech(purpose="prompt"), {"tts_for": "prompt"}),
+    (AwaitingRecognition(stage="recognize"), {"asr_stage": "recognize"}),
     (
         # The greeting being synthesised is not there yet.
         AwaitingSpeech(purpose="greeting", menu=MenuProgress(attempts=1)),
@@ -218,6 +220,7 @@ SAMPLES: list[tuple[PhaseData, dict[str, Any]]] = [
 PHASE_KEY_DEFAULTS: dict[str, Any] = {
     "active_play": None, "active_timer": None, "timer_due": None, "record_due": None,
     "active_record": None, "record_failure": None, "tts_for": None, "tts_greeting": None,
+    "asr_stage": None,
     "digits": [], "collected": "", "menu_attempts": 0, "notice_interruptible": False,
     "hangup_code": None, "end_reason": None, "pending": None,
 }
