@@ -67,6 +67,7 @@ MAX_UTTERANCE_BYTES = 8 << 20
 SWEEP_INTERVAL_S = 60.0
 LOCAL_NICE = 10
 MODEL_RATE = 16_000
+SPEECH_FLOOR = 10 ** (-45 / 20)  # RMS of a 20 ms frame: the default `min_speech_dbfs`
 # The utterance file names the machine makes: `<session>_<record id>.wav`, one component.
 _SPOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_@+\-][A-Za-z0-9_.@+\-]{0,200}\.wav$")
 
@@ -162,6 +163,11 @@ def decode_local(wav: bytes, phrases: tuple[str, ...] | None) -> tuple[str, floa
         samples, rate = decode_wav(wav)
     except TtsError as exc:
         raise AsrError(f"utterance: {exc}") from None
+    # A grammar always picks one of its phrases: an utterance with no 20 ms frame as loud
+    # as speech (the VAD's floor) has no text instead.
+    frames = samples[: len(samples) // (rate // 50) * (rate // 50)].reshape(-1, rate // 50)
+    if not frames.size or float(np.sqrt((frames**2).mean(axis=1)).max()) < SPEECH_FLOOR:
+        return "", 0.0
     pcm = np.clip(np.round(resample(samples, rate, MODEL_RATE) * 32767.0), -32768, 32767)
     decoder = _decoder(phrases)
     decoder.start_utt()
@@ -282,10 +288,13 @@ class AsrEngine:
             async with session.post(
                 url, data=form, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
             ) as resp:
-                body = await resp.content.read(MAX_RESPONSE_BYTES + 1)
-                if len(body) > MAX_RESPONSE_BYTES:
-                    raise AsrError(f"ASR service answer larger than {MAX_RESPONSE_BYTES} bytes")
-                return parse_transcription(resp.status, body)
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(65536):
+                    body += chunk
+                    if len(body) > MAX_RESPONSE_BYTES:
+                        raise AsrError(
+                            f"ASR service answer larger than {MAX_RESPONSE_BYTES} bytes")
+                return parse_transcription(resp.status, bytes(body))
         except TimeoutError:
             raise AsrError(f"ASR service timed out after {timeout_s * 1000:.0f} ms") from None
         except aiohttp.ClientError as exc:

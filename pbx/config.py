@@ -449,9 +449,9 @@ class TtsSettings(_Section):
 
 # What the local recogniser listens for when the action's scene has no vocabulary of
 # its own: one phrase of these (pocketsphinx on 8 kHz telephone audio recognises a short
-# list far better than free dictation; docs/asr.md).
+# list far better than free dictation; docs/asr.md). No "oh": it takes "no" and "zero".
 DEFAULT_ASR_VOCABULARY = (
-    "yes", "no", "zero", "oh", "one", "two", "three", "four", "five", "six", "seven",
+    "yes", "no", "zero", "one", "two", "three", "four", "five", "six", "seven",
     "eight", "nine", "ten", "operator", "agent", "help", "cancel", "repeat", "menu",
     "stop", "okay", "correct", "wrong", "sales", "support", "billing",
 )

@@ -86,7 +86,7 @@ def vad_frames(
         for f in range(counts[i]):
             db = frame_dbfs(codes, starts[i] + f * FRAME, alaw[i] != 0)
             if np.isnan(st[S_NOISE]):
-                st[S_NOISE] = min(db, pr[P_MIN_DBFS] - pr[P_MARGIN_DB] / 2.0)
+                st[S_NOISE] = db  # the line before anyone speaks, mostly
             noise = st[S_NOISE]
             voiced = db > max(noise + pr[P_MARGIN_DB], pr[P_MIN_DBFS])
             if not voiced:
