@@ -514,6 +514,7 @@ class Recorder:
             return failed if emit else []
         self._detach(leg, rec)
         duration_ms = samples * 1000 // SAMPLE_RATE
+        speech_ms = vad.speech_start_ms(rec.vad_state) if rec.vad_state is not None else None
         events: list[MediaEvent] = []
         if rec.metadata is not None:
             try:
@@ -529,6 +530,7 @@ class Recorder:
                         path=rec.name,
                         duration_ms=duration_ms,
                         reason=reason,  # type: ignore[arg-type]
+                        speech_start_ms=speech_ms,
                     ),
                 )
             )

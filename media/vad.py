@@ -41,6 +41,12 @@ class ListenTuning:
         return p
 
 
+def speech_start_ms(state: np.ndarray) -> int | None:
+    """Where the speech began (ms from the first frame analysed), None before it did."""
+    started = state[_k.S_STARTED]
+    return None if started < 0 else int(started) * 20
+
+
 def run(
     frames: list[np.ndarray], alaw: list[bool], states: list[np.ndarray],
     params: list[np.ndarray],

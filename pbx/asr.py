@@ -40,12 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import io
 import logging
 import math
 import multiprocessing
 import os
 import re
 import time
+import wave
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -67,6 +69,8 @@ MAX_UTTERANCE_BYTES = 8 << 20
 SWEEP_INTERVAL_S = 60.0
 LOCAL_NICE = 10
 MODEL_RATE = 16_000
+# What is kept before the speech the VAD found (its onset needs a few frames).
+LEAD_MS = 300
 SPEECH_FLOOR = 10 ** (-45 / 20)  # RMS of a 20 ms frame: the default `min_speech_dbfs`
 # The utterance file names the machine makes: `<session>_<record id>.wav`, one component.
 _SPOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_@+\-][A-Za-z0-9_.@+\-]{0,200}\.wav$")
@@ -153,6 +157,11 @@ def _decoder(phrases: tuple[str, ...] | None) -> Any:
     return decoder
 
 
+def warm_local(phrases: tuple[str, ...] | None) -> None:
+    """Load the model and the grammar in a child, so the first caller does not wait."""
+    _decoder(phrases)
+
+
 def decode_local(wav: bytes, phrases: tuple[str, ...] | None) -> tuple[str, float]:
     """pocketsphinx on one WAV utterance: (text, confidence). Runs in a child process."""
     import numpy as np
@@ -227,19 +236,23 @@ class AsrEngine:
             if body.get("reason") == "no_speech":
                 return AsrResult(source="none")  # nobody spoke: nothing to recognise
             scene = body.get("scene")
-            return await self.recognize(path, scene if isinstance(scene, str) else None)
+            start = body.get("speech_start_ms")
+            skip_ms = max(0, start - LEAD_MS) if isinstance(start, int) else 0
+            return await self.recognize(path, scene if isinstance(scene, str) else None,
+                                        skip_ms)
         finally:
             try:
                 path.unlink(missing_ok=True)
             except OSError as exc:
                 log.warning("cannot delete utterance %s: %s", path, exc)
 
-    async def recognize(self, path: Path, scene: str | None = None) -> AsrResult:
-        """The text of the utterance in `path`; never raises."""
+    async def recognize(self, path: Path, scene: str | None = None, skip_ms: int = 0
+                        ) -> AsrResult:
+        """The text of the utterance in `path` (from `skip_ms` on); never raises."""
         if not self.available:
             return AsrResult(error=ASR_UNAVAILABLE)
         try:
-            wav = await asyncio.to_thread(_read_utterance, path)
+            wav = await asyncio.to_thread(_read_utterance, path, skip_ms)
         except AsrError as exc:
             return AsrResult(error=f"ASR failed: {exc}")
         url = self.settings.url
@@ -264,6 +277,20 @@ class AsrEngine:
         finally:
             self._slots.release()
         return AsrResult(text=text, confidence=confidence, source=source)
+
+    async def warm(self) -> None:
+        """Start the local recogniser's children and load the model in each (about a
+        second of CPU at low priority); nothing without local recognition."""
+        if self.settings.url or not self.local:
+            return
+        key = None if self.settings.local_free_text else tuple(self.settings.vocabulary)
+        loop = asyncio.get_running_loop()
+        pool = self._local_pool()
+        try:
+            await asyncio.gather(*(loop.run_in_executor(pool, warm_local, key)
+                                   for _ in range(self.settings.max_concurrent)))
+        except Exception as exc:
+            log.error("local speech recognition does not start: %s", exc)
 
     def phrases(self, scene: str | None) -> list[str] | None:
         """The scene's vocabulary, or None when it has none of its own."""
@@ -375,7 +402,8 @@ class AsrEngine:
             await self._own_session.close()
 
 
-def _read_utterance(path: Path) -> bytes:
+def _read_utterance(path: Path, skip_ms: int = 0) -> bytes:
+    """The utterance WAV, without its first `skip_ms` (the wait before the speech)."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_UTTERANCE_BYTES + 1)
@@ -385,4 +413,17 @@ def _read_utterance(path: Path) -> bytes:
         raise AsrError(f"cannot read the utterance: {exc.strerror or exc}") from None
     if len(data) > MAX_UTTERANCE_BYTES:
         raise AsrError(f"utterance larger than {MAX_UTTERANCE_BYTES} bytes")
-    return data
+    if skip_ms <= 0:
+        return data
+    try:
+        with wave.open(io.BytesIO(data)) as w:
+            params = w.getparams()
+            w.setpos(min(params.nframes, params.framerate * skip_ms // 1000))
+            frames = w.readframes(params.nframes)
+    except (wave.Error, EOFError) as exc:
+        raise AsrError(f"the utterance is not a WAV file: {exc}") from None
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setparams(params)
+        w.writeframes(frames)
+    return out.getvalue()

@@ -304,6 +304,9 @@ class RecordingFinished(BaseModel):
     path: str  # as given in MediaRecord
     duration_ms: int
     reason: RecordEnd  # the last three only when listening (MediaRecord.listen_ms)
+    # Listening: where in the file the speech began (None: nobody spoke, or a plain
+    # recording), so the recogniser is not sent the wait before it.
+    speech_start_ms: int | None = Field(default=None, ge=0)
 
 
 class WsBridgeEnded(BaseModel):

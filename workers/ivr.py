@@ -250,6 +250,8 @@ class Executor:
             asyncio.create_task(self._receive(), name="receive"),
             asyncio.create_task(self._sweep_spool(), name="asr-spool"),
         ]
+        # Not one of the loops above: it ends once the recogniser is loaded.
+        warm = asyncio.create_task(self.asr.warm(), name="asr-warm")
         stopped = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait([stopped, *workers], return_when=asyncio.FIRST_COMPLETED)
         for task in [stopped, *workers]:
@@ -261,6 +263,7 @@ class Executor:
         if self._sessions:
             log.info("waiting for %d session(s) in progress", len(self._sessions))
             await asyncio.wait(set(self._sessions), timeout=5.0)
+        warm.cancel()
         await self.asr.close()
         self.sock.close()
 

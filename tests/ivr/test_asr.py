@@ -58,9 +58,10 @@ def put(tmp_path: Path, name: str, wav: bytes) -> str:
     return name
 
 
-def recognize(name: str, reason: str = "speech_end", scene: str = "order") -> ProviderRequest:
+def recognize(name: str, reason: str = "speech_end", scene: str = "order",
+              speech_start_ms: int | None = None) -> ProviderRequest:
     body = {"stage": "recognize", "file": name, "reason": reason, "scene": scene,
-            "duration_ms": 1000}
+            "duration_ms": 1000, "speech_start_ms": speech_start_ms}
     return ProviderRequest("asr", "", body, PARAMS)
 
 
@@ -149,6 +150,25 @@ def test_no_key_no_language_no_scene_vocabulary_leave_their_fields_out(
         assert seen.fields == {"model": "whisper-1", "response_format": "json"}
 
     run(main())
+
+
+def test_the_wait_before_the_speech_is_not_sent(tmp_path: Path) -> None:
+    """The service gets the utterance from LEAD_MS (300 ms) before the speech began."""
+    waited = utterance_wav(quiet(3000), spoken("yes"), quiet(300))
+
+    async def main() -> tuple[AsrResult, int]:
+        async with AsrServer() as server:
+            asr = engine(tmp_path, url=server.url)
+            try:
+                result = await asr.perform(recognize(put(tmp_path, "s_0.wav", waited),
+                                                     speech_start_ms=3020))
+            finally:
+                await asr.close()
+        return result, server.seen[0].frames
+
+    result, frames = run(main())
+    assert result.text == "yes"
+    assert frames == (len(waited) - 44) // 2 - 8 * 2720
 
 
 @pytest.mark.parametrize("server_kw,reason", [

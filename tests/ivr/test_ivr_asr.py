@@ -72,9 +72,9 @@ def test_the_utterance_goes_to_the_recogniser_and_its_text_to_the_provider() -> 
     sim = Sim([VOICE, {"type": "hangup"}], asr=FakeAsr("two", 0.6))
     rec = listening(sim)
     sim.media(RecordingFinished(record_id=rec.record_id, path=rec.path, duration_ms=1500,
-                                reason="speech_end"))
+                                reason="speech_end", speech_start_ms=400))
     assert sim.asr_sent[-1] == {"stage": "recognize", "file": rec.path, "reason": "speech_end",
-                                "scene": "order", "duration_ms": 1500}
+                                "scene": "order", "duration_ms": 1500, "speech_start_ms": 400}
     assert sim.events[-1] == {"type": "input_voice", "text": "two", "confidence": 0.6}
     assert sim.done
 

@@ -138,7 +138,7 @@ def test_the_recording_ends_at_the_end_of_speech_cut_after_it(sim: Sim, tmp_path
     (done,) = sim.finished()
     # 200 ms of noise, 800 ms of speech, the 200 ms tail.
     assert done == RecordingFinished(record_id=1, path="u.wav", duration_ms=1200,
-                                     reason="speech_end")
+                                     reason="speech_end", speech_start_ms=200)
     # Decided once the 400 ms of silence are HOLD_SAMPLES (60 ms) old.
     assert 10 + 40 + 20 + 3 <= sim.k <= 10 + 40 + 20 + 5
     params, data = read(tmp_path / "asr" / "u.wav")
@@ -152,6 +152,7 @@ def test_nobody_speaking_ends_the_recording_with_no_speech(sim: Sim) -> None:
     sim.tick(80, np.zeros(FRAME, dtype=np.int16))
     (done,) = sim.finished()
     assert done.reason == "no_speech" and done.duration_ms == 1000
+    assert done.speech_start_ms is None
 
 
 def test_speech_that_goes_on_ends_the_recording_at_max_speech(sim: Sim) -> None:
@@ -166,3 +167,4 @@ def test_a_plain_recording_does_not_listen(sim: Sim) -> None:
     sim.tick(200, np.zeros(FRAME, dtype=np.int16))
     (done,) = sim.finished()
     assert done.reason == "max_duration" and done.duration_ms == 3000
+    assert done.speech_start_ms is None

@@ -95,4 +95,5 @@ def heard(s: Session, data: Recording, ev: RecordingFinished) -> PhaseData:
     node = s.env.node
     assert isinstance(node, InputVoiceAction)
     return s.recognize({"stage": "recognize", "file": ev.path, "reason": ev.reason,
-                        "scene": node.scene, "duration_ms": ev.duration_ms})
+                        "scene": node.scene, "duration_ms": ev.duration_ms,
+                        "speech_start_ms": ev.speech_start_ms})
