@@ -145,8 +145,8 @@ class Recording:
         "last_wall",
         "error",
         "wake",
-        "vad_state",
         "vad_params",
+        "vad_row",
         "vad_pos",
         "cut",
     )
@@ -165,13 +165,13 @@ class Recording:
         self.path = path
         self.stop_digits = msg.stop_digits.upper()
         max_ms = max(0, msg.max_duration_ms)
-        # Listening: the VAD's state and parameters, and the position analysed up to.
-        self.vad_state: np.ndarray | None = None
+        # Listening: the VAD's parameters, its row in the recorder's VadBank (set when
+        # the recording starts), and the position analysed up to.
         self.vad_params: np.ndarray | None = None
+        self.vad_row: int | None = None
         self.vad_pos = 0
         if msg.listen_ms is not None:
             tuning = listen or vad.ListenTuning()
-            self.vad_state = vad.new_state()
             self.vad_params = tuning.params(msg.listen_ms)
             max_ms = min(max_ms, msg.listen_ms + tuning.max_speech_ms)
         self.cut: int | None = None  # where a VAD decision ends the file
@@ -324,6 +324,7 @@ class Recorder:
     ) -> None:
         self.areas = {k: Path(v) for k, v in (areas or {}).items()}
         self.listen = listen or vad.ListenTuning()
+        self.vad = vad.VadBank()
         self._listening: dict[str, tuple[Any, Recording]] = {}
         self.wall_clock = wall_clock
         self.open_writer: WriterFactory = open_writer or (lambda p, ch: WavWriter(p, ch))
@@ -374,7 +375,8 @@ class Recorder:
             rec.t0 = now
         leg.rec = rec
         self.active[leg.call_id] = (leg, rec)
-        if rec.vad_state is not None:
+        if rec.vad_params is not None:
+            rec.vad_row = self.vad.take(rec.vad_params)
             self._listening[call_id] = (leg, rec)
         return events
 
@@ -421,31 +423,31 @@ class Recorder:
         in one kernel call; a decision marks its recording for this tick's visit."""
         legs: list[Recording] = []
         frames: list[np.ndarray] = []
+        rows: list[int] = []
+        frame = vad.FRAME
         for _leg, rec in self._listening.values():
-            if rec.t0 is None or rec.stop_reason is not None or rec.vad_state is None:
+            if rec.t0 is None or rec.stop_reason is not None or rec.vad_row is None:
                 continue
             # Frames an overflowing buffer wrote out unanalysed are skipped.
-            rec.vad_pos = max(rec.vad_pos, rec.written)
-            n = (rec.wall(now) - HOLD_SAMPLES - rec.vad_pos) // vad.FRAME
-            n = min(n, (BUF_SAMPLES - (rec.vad_pos - rec.written)) // vad.FRAME)
+            written = rec.written
+            pos = rec.vad_pos if rec.vad_pos > written else written
+            ready = round((now - rec.t0) * SAMPLE_RATE) - HOLD_SAMPLES
+            n = min(ready - pos, BUF_SAMPLES - (pos - written)) // frame
             if n <= 0:
                 continue
-            at = rec.vad_pos - rec.written
+            at = pos - written
             legs.append(rec)
-            frames.append(rec.buf[0, at : at + n * vad.FRAME])
-            rec.vad_pos += n * vad.FRAME
+            frames.append(rec.buf[0, at : at + n * frame])
+            rows.append(rec.vad_row)
+            rec.vad_pos = pos + n * frame
         if not legs:
             return
-        results = vad.run(
-            frames, [rec.codec == "PCMA" for rec in legs],
-            [rec.vad_state for rec in legs],  # type: ignore[misc]
-            [rec.vad_params for rec in legs],  # type: ignore[misc]
-        )
-        for rec, (reason, cut_frame) in zip(legs, results, strict=True):
-            if reason is not None:
-                rec.stop_reason = reason
-                rec.cut = cut_frame * vad.FRAME
-                rec.wake()
+        ended = self.vad.run(frames, [rec.codec == "PCMA" for rec in legs], rows)
+        for i, (reason, cut_frame) in ended.items():
+            rec = legs[i]
+            rec.stop_reason = reason
+            rec.cut = cut_frame * frame
+            rec.wake()
 
     def _visit(self, leg: Any, rec: Recording, now: float, write: bool) -> list[MediaEvent]:
         call_id = leg.call_id
@@ -484,7 +486,11 @@ class Recorder:
             del self.active[call_id]
             self._groups[self._group_of.pop(call_id)].pop(call_id, None)
             self._urgent.discard(call_id)
-            self._listening.pop(call_id, None)
+        if self._listening.get(call_id, (None, None))[1] is rec:
+            del self._listening[call_id]
+        if rec.vad_row is not None:
+            self.vad.give_back(rec.vad_row)
+            rec.vad_row = None
 
     def _fail(self, leg: Any, rec: Recording, exc: Exception) -> list[MediaEvent]:
         self._detach(leg, rec)
@@ -512,9 +518,9 @@ class Recorder:
         except (OSError, ValueError) as exc:
             failed = self._fail(leg, rec, exc)
             return failed if emit else []
+        speech_ms = self.vad.speech_start_ms(rec.vad_row) if rec.vad_row is not None else None
         self._detach(leg, rec)
         duration_ms = samples * 1000 // SAMPLE_RATE
-        speech_ms = vad.speech_start_ms(rec.vad_state) if rec.vad_state is not None else None
         events: list[MediaEvent] = []
         if rec.metadata is not None:
             try:

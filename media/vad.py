@@ -1,9 +1,11 @@
 """Voice activity detection for listening recordings: the typed facade over
 `media.kernels.vad` (one kernel call per tick for all listening legs).
 
-`ListenTuning` is the worker's `[asr]` capture settings; `VadBatch` gathers the new
-frames of each listening leg, runs the kernel once and hands back the decisions.
-Call `warm()` once at start-up so no call waits for a compiler.
+`ListenTuning` is the worker's `[asr]` capture settings. `VadBank` holds every
+listening leg's VAD state and parameters as rows of two arrays (a leg takes a row when
+it starts listening and gives it back at its end), so a tick gathers only the legs'
+new frames and makes one kernel call. Call `warm()` once at start-up so no call waits
+for a compiler.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from media.kernels import vad as _k
 FRAME = _k.FRAME
 DECISIONS = {_k.SPEECH_END: "speech_end", _k.NO_SPEECH: "no_speech",
              _k.MAX_SPEECH: "max_speech"}  # fmt: skip
-new_state = _k.new_state
 
 
 @dataclass(frozen=True)
@@ -41,35 +42,54 @@ class ListenTuning:
         return p
 
 
-def speech_start_ms(state: np.ndarray) -> int | None:
-    """Where the speech began (ms from the first frame analysed), None before it did."""
-    started = state[_k.S_STARTED]
-    return None if started < 0 else int(started) * 20
+class VadBank:
+    """The VAD rows of the listening legs (grows by doubling, rows reused)."""
 
+    def __init__(self, rows: int = 16) -> None:
+        self.state = np.zeros((rows, _k.STATE_COLUMNS), dtype=np.float64)
+        self.params = np.zeros((rows, _k.PARAM_COLUMNS), dtype=np.float64)
+        self._free = list(range(rows - 1, -1, -1))
 
-def run(
-    frames: list[np.ndarray], alaw: list[bool], states: list[np.ndarray],
-    params: list[np.ndarray],
-) -> list[tuple[str | None, int]]:
-    """Each leg's new codes (whole frames) through its VAD, in one kernel call: per leg
-    (None, 0) while it goes on, else (reason, the frame index to cut the file at).
-    `states` are updated in place."""
-    n = len(frames)
-    counts = np.array([f.size // FRAME for f in frames], dtype=np.int64)
-    starts = np.zeros(n, dtype=np.int64)
-    if n > 1:
-        starts[1:] = np.cumsum(counts[:-1] * FRAME)
-    codes = np.concatenate([f[: c * FRAME] for f, c in zip(frames, counts, strict=True)])
-    state = np.stack(states)
-    decisions = np.zeros((n, 2), dtype=np.int64)
-    _k.vad_frames(np.ascontiguousarray(codes, dtype=np.uint8), starts, counts,
-                  np.array(alaw, dtype=np.uint8), state, np.stack(params), decisions)
-    for i, row in enumerate(states):
-        row[:] = state[i]
-    return [(DECISIONS.get(int(d[0])), int(d[1])) for d in decisions]
+    def take(self, params: np.ndarray) -> int:
+        """A row for a leg that starts listening with `params`."""
+        if not self._free:
+            n = len(self.state)
+            self.state = np.concatenate([self.state, np.zeros_like(self.state)])
+            self.params = np.concatenate([self.params, np.zeros_like(self.params)])
+            self._free = list(range(2 * n - 1, n - 1, -1))
+        row = self._free.pop()
+        _k.reset_state(self.state[row])
+        self.params[row] = params
+        return row
+
+    def give_back(self, row: int) -> None:
+        self._free.append(row)
+
+    def speech_start_ms(self, row: int) -> int | None:
+        """Where the leg's speech began (ms from its first frame), None before it did."""
+        started = self.state[row, _k.S_STARTED]
+        return None if started < 0 else int(started) * 20
+
+    def run(self, frames: list[np.ndarray], alaw: list[bool], rows: list[int],
+            ) -> dict[int, tuple[str, int]]:
+        """Each leg's new codes (whole frames) through its VAD, in one kernel call: the
+        legs that ended (by their index in `frames`): (reason, the frame index to cut
+        at)."""
+        counts = np.fromiter((f.size // FRAME for f in frames), dtype=np.int64,
+                             count=len(frames))
+        starts = np.zeros(len(frames), dtype=np.int64)
+        if len(frames) > 1:
+            np.cumsum(counts[:-1] * FRAME, out=starts[1:])
+        codes = np.concatenate(frames)
+        decisions = np.zeros((len(frames), 2), dtype=np.int64)
+        _k.vad_frames(codes, starts, counts, np.array(alaw, dtype=np.uint8),
+                      np.array(rows, dtype=np.int64), self.state, self.params, decisions)
+        ended = np.flatnonzero(decisions[:, 0])
+        return {int(i): (DECISIONS[int(decisions[i, 0])], int(decisions[i, 1])) for i in ended}
 
 
 def warm() -> None:
     """Compile (or load from the on-disk cache) the kernel."""
-    tuning = ListenTuning()
-    run([np.full(FRAME, 0xFF, dtype=np.uint8)], [False], [new_state()], [tuning.params(1000)])
+    bank = VadBank(1)
+    row = bank.take(ListenTuning().params(1000))
+    bank.run([np.full(FRAME, 0xFF, dtype=np.uint8)], [False], [row])

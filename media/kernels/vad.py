@@ -49,11 +49,11 @@ PARAM_COLUMNS = 5
 _FULL_SCALE_SQ = 32768.0 * 32768.0
 
 
-def new_state() -> np.ndarray:
-    state = np.zeros(STATE_COLUMNS, dtype=np.float64)
+def reset_state(state: np.ndarray) -> None:
+    """A leg's state row before its first frame."""
+    state[:] = 0.0
     state[S_NOISE] = np.nan
     state[S_STARTED] = -1.0
-    return state
 
 
 @njit(cache=True)
@@ -73,16 +73,17 @@ def vad_frames(
     starts: np.ndarray,  # int64 [legs]: the leg's first code in `codes`
     counts: np.ndarray,  # int64 [legs]: its number of whole frames
     alaw: np.ndarray,  # uint8 [legs]: 1 for PCMA codes
-    state: np.ndarray,  # float64 [legs, STATE_COLUMNS], updated in place
-    params: np.ndarray,  # float64 [legs, PARAM_COLUMNS]
+    rows: np.ndarray,  # int64 [legs]: the leg's row in `state` and `params`
+    state: np.ndarray,  # float64 [rows, STATE_COLUMNS], updated in place
+    params: np.ndarray,  # float64 [rows, PARAM_COLUMNS]
     decisions: np.ndarray,  # int64 [legs, 2]: (decision, cut frame index), written
 ) -> None:
     """Run every leg's new frames through its VAD; stop a leg at its first decision."""
     for i in range(starts.size):
         decisions[i, 0] = GOING
         decisions[i, 1] = 0
-        st = state[i]
-        pr = params[i]
+        st = state[rows[i]]
+        pr = params[rows[i]]
         for f in range(counts[i]):
             db = frame_dbfs(codes, starts[i] + f * FRAME, alaw[i] != 0)
             if np.isnan(st[S_NOISE]):

@@ -41,14 +41,15 @@ def decide(
 ) -> tuple[str | None, int, int]:
     """Feed `pcm` in chunks as ticks would; (decision, cut frame, frames fed)."""
     codes = g711.encode(pcm, codec)
-    state = vad.new_state()
-    params = tuning.params(listen_ms)
+    bank = vad.VadBank(1)
+    row = bank.take(tuning.params(listen_ms))
     fed = 0
     for at in range(0, codes.size // FRAME, chunk_frames):
         part = codes[at * FRAME : (at + chunk_frames) * FRAME]
-        ((reason, cut),) = vad.run([part], [codec == "PCMA"], [state], [params])
+        ended = bank.run([part], [codec == "PCMA"], [row])
         fed = at + part.size // FRAME
-        if reason is not None:
+        if ended:
+            reason, cut = ended[0]
             return reason, cut, fed
     return None, 0, fed
 
@@ -107,14 +108,21 @@ def test_same_decision_whatever_the_law_and_the_frames_per_tick(
 def test_one_call_decides_for_every_leg_on_its_own() -> None:
     speech = g711.encode(np.concatenate([speechlike(30), noise(40, -60.0)]), "PCMU")
     quiet = g711.encode(noise(70, -60.0), "PCMA")
-    states = [vad.new_state() for _ in range(3)]
-    params = [TUNING.params(1000), TUNING.params(5000), TUNING.params(5000)]
-    results = vad.run([speech, quiet, quiet[: 10 * FRAME]], [False, True, True], states, params)
-    assert results[0] == ("speech_end", 38)  # its last 40 ms are a dip between "syllables"
-    assert results[1] == (None, 0)  # 70 frames of 250 heard: still waiting
-    assert results[2] == (None, 0)
-    assert states[1][k.S_SEEN] == 70 and states[2][k.S_SEEN] == 10
-    assert vad.run([quiet], [True], [states[2]], [params[2]]) == [(None, 0)]
+    bank = vad.VadBank(2)  # grows for the third leg
+    rows = [bank.take(TUNING.params(ms)) for ms in (1000, 5000, 5000)]
+    ended = bank.run([speech, quiet, quiet[: 10 * FRAME]], [False, True, True], rows)
+    # The others heard 70 and 10 frames of their 250: still waiting. The speech's last
+    # 40 ms are a dip between "syllables".
+    assert ended == {0: ("speech_end", 38)}
+    assert bank.state[rows[1], k.S_SEEN] == 70 and bank.state[rows[2], k.S_SEEN] == 10
+    # It began speaking at once, but the first frame is also where the floor starts:
+    # the speech counts from the first dip (260-300 ms) on.
+    assert bank.speech_start_ms(rows[0]) == 300 and bank.speech_start_ms(rows[1]) is None
+    assert bank.run([quiet], [True], [rows[2]]) == {}
+    # A row given back starts afresh for the next leg that takes it.
+    bank.give_back(rows[0])
+    assert bank.take(TUNING.params(1000)) == rows[0]
+    assert bank.state[rows[0], k.S_SEEN] == 0 and bank.speech_start_ms(rows[0]) is None
 
 
 # ---------------------------------------------------------------- listening recordings
