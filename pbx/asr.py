@@ -7,8 +7,10 @@ workers only capture: recognition never runs on a worker's tick):
   installed and `[asr] local` is on); without either the provider gets
   `error{"ASR service not available"}` before the caller is listened to;
 * stage "recognize": the utterance the media worker wrote under `[asr] spool_dir`
-  (16-bit 8 kHz mono WAV) is recognised, then deleted whatever happened. An utterance
-  that ended with `no_speech` is not sent anywhere: `text` "" and confidence 0.
+  (16-bit 8 kHz mono WAV) is recognised from LEAD_MS before the speech began (the
+  worker's `speech_start_ms`: not the wait before it), then deleted whatever happened.
+  An utterance that ended with `no_speech` is not sent anywhere: `text` "" and
+  confidence 0. Media workers and executors must share the spool directory.
 
 The HTTP contract is the OpenAI-compatible transcription endpoint
 (`POST /v1/audio/transcriptions`): multipart/form-data with `file` (the WAV,
@@ -25,7 +27,8 @@ Local recognition runs pocketsphinx (its English model from the PyPI wheel) in c
 processes at low CPU priority (`nice` LOCAL_NICE), at most `[asr] max_concurrent`
 recognitions at a time per executor (HTTP ones too; more wait for a slot within their
 timeout), each bounded by `[asr] local_timeout_ms`: a decode that overruns kills the
-child processes (a new pool starts on the next use). The audio is resampled to the
+child processes (a new pool starts on the next use); `warm` loads the model in each
+child when the executor starts. The audio is resampled to the
 model's 16 kHz; the decoder listens for one phrase of the scene's vocabulary
 (`[asr] scenes.<scene>`), else of `[asr] vocabulary` (digits, yes/no, ...), or with
 `local_free_text` for free dictation; its confidence is the posterior probability
@@ -58,6 +61,7 @@ import orjson
 
 from pbx.config import AsrSettings
 from pbx.ivr.models import AsrResult, ProviderRequest
+from pbx.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +222,8 @@ class AsrEngine:
         return bool(self.settings.url) or self.local
 
     def describe(self) -> str:
-        parts = [f"service {self.settings.url}"] * bool(self.settings.url)
+        url = self.settings.url
+        parts = [f"service {redact_url(url)}"] if url else []
         if not self.settings.url and self.local:
             parts.append("pocketsphinx (local)")
         return ", ".join(parts) or "not available (no [asr] url, no pocketsphinx)"

@@ -399,3 +399,12 @@ def test_input_voice_through_the_executor_shell(tmp_path: Path, two_wav: bytes) 
     run(main())
     assert steps[1]["type"] == "input_voice" and steps[1]["text"] == "two"
     assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_the_startup_log_line_names_the_recogniser_without_credentials(tmp_path: Path) -> None:
+    with_password = engine(tmp_path, url="https://user:hunter2@asr.example/v1/audio/transcriptions")
+    assert "hunter2" not in with_password.describe()
+    assert "asr.example" in with_password.describe()
+    assert engine(tmp_path, local=True).describe() == "pocketsphinx (local)"
+    assert engine(tmp_path, local=False).describe() == (
+        "not available (no [asr] url, no pocketsphinx)")
