@@ -3,7 +3,7 @@
 
     python3 examples/step_ivr_provider.py [port] [--host 127.0.0.1]
 
-Serves the step-mode provider protocol (see spec/step-mode-ivr.md) under any
+Serves the step-mode provider protocol (the provider guide: docs/) under any
 base path, e.g. ``http://127.0.0.1:8080/ivr/step``:
 
 * ``POST <base>``            a step: ProviderContext in, ActionNode out

@@ -350,6 +350,19 @@ class RetrySettings(BaseModel):
         default_factory=lambda: {"type": "hangup", "prompt": "sounds/error.wav"}
     )
 
+    @field_validator("fallback")
+    @classmethod
+    def _check_fallback(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """The fallback runs when the provider is down: a typo must stop start-up, not
+        surface in the first outage. Checked as the provider's answers are."""
+        from pbx.ivr.models import ActionError, parse_action  # models import this module
+
+        try:
+            parse_action(v)
+        except ActionError as exc:
+            raise ValueError(f"not an action this PBX can execute: {exc.reason}") from None
+        return v
+
 
 class IvrAppParams(BaseModel):
     """`app_params` of an `app = "ivr"` route (spec §9)."""
@@ -362,6 +375,11 @@ class IvrAppParams(BaseModel):
     name: str = "step_ivr"
     ivr_id: str | None = None
     tenant_id: str | None = None
+    # Which behaviour the provider gets where rustpbx's code and the upstream document
+    # differ: "spec" (the document as written) or "rustpbx" (menu misses and timeouts
+    # as plain `dtmf` / `dtmf_timeout`, and the rest listed in docs/compat-rustpbx.md),
+    # so that providers written against rustpbx run unchanged.
+    compat: Literal["spec", "rustpbx"] = "spec"
 
     @field_validator("url")
     @classmethod

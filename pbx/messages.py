@@ -484,6 +484,10 @@ class AgentCommand(BaseModel):
     type: Literal["route_to_agent"] = "route_to_agent"
     target: str
     skill_group_id: str | None = None
+    # The action's contact-centre routing hints, passed on to the agent's INVITE
+    # (`X-Key-Id`, `X-Channel-Code`).
+    key_id: str | None = None
+    channel_code: str | None = None
 
 
 class WsBridgeCommand(BaseModel):
@@ -504,7 +508,7 @@ CallCommand = Annotated[
 
 
 class StepTrace(BaseModel):
-    """One `ivr_step_trace` (DESIGN §3 Traces)."""
+    """One `ivr_step_trace` (docs/protocol.md "Traces")."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     call_id: str

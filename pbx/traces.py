@@ -1,4 +1,4 @@
-"""IVR step traces (DESIGN §3 "Traces"): a bounded in-memory store plus a JSON-lines log.
+"""IVR step traces (docs/protocol.md "Traces"): a bounded in-memory store plus a JSON-lines log.
 
 Every `ivr_step_trace` the executors return is appended to `<[logging] dir>/traces.jsonl`
 (rotated by size, `pbx.jsonl`) and kept in memory for `/api/traces` and the `/debug`

@@ -1,4 +1,4 @@
-"""Text to speech for `tts_text` prompts and `greeting_text` menus (DESIGN §3 "TTS").
+"""Text to speech for `tts_text` prompts and `greeting_text` menus (docs/decisions.md).
 
 The IVR executor performs the machine's `tts` requests with a `TtsEngine` before it
 replies, so the prompt exists when the media worker is told to play it:

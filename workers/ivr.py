@@ -64,8 +64,9 @@ from pbx.tts import TTS_UNAVAILABLE, TtsEngine
 log = logging.getLogger("pbx.ivr.executor")
 
 Clock = Callable[[], float]
-# How long the first step waits for /start's answer (see _Progress.started).
-START_WAIT_S = 0.05
+# Beyond /start's own timeout (`ProviderClient.notify_timeout_ms`), how long the first
+# step may still wait for it: the task ends by then; this only bounds a stuck one.
+START_WAIT_SLACK_S = 0.1
 Ivrs = Mapping[str, IvrAppParams]
 
 
@@ -91,13 +92,17 @@ class _Progress:
                 if request.kind == "start":
                     self.start = task
 
-    async def started(self) -> None:
-        """/start before the session's first step (DESIGN §3): a provider that resets a
-        session on /start must never see it after that step. Waits for /start's answer,
-        but at most START_WAIT_S: a /start slower than that has reached the provider
-        long before the step, and notifications never delay the call more than this."""
+    async def started(self, timeout_s: float) -> None:
+        """/start before the session's first step (docs/protocol.md "POST U/start"): a
+        provider that resets a session on /start (the document's skeleton) must never
+        handle that step before it. So the step waits for /start's answer, or its failure: at most /start's own
+        timeout (`timeout_s`), after which it gave up. A provider answering /start at
+        once costs the step one round trip (a millisecond on a LAN); one that works long
+        in /start delays its first step by that long, up to the timeout. Waiting only
+        for /start's request to be sent is not enough: a provider that runs requests
+        concurrently (threads, tasks) may handle the step while /start still runs."""
         if self.start is not None:
-            await asyncio.wait({self.start}, timeout=START_WAIT_S)
+            await asyncio.wait({self.start}, timeout=timeout_s + START_WAIT_SLACK_S)
             self.start = None
 
 
@@ -141,7 +146,7 @@ async def process_event(
                 log.info("session %s: asr: %s", event.session_id, heard.error)
             step = machine.asr_result(step.state, heard, clock(), ivrs=ivrs)
         else:
-            await progress.started()
+            await progress.started(client.notify_timeout_ms / 1000.0)
             result = await client.step(request.params, request.body)
             step = machine.provider_result(step.state, result, clock(), ivrs=ivrs)
         progress.add(step, client)

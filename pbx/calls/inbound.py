@@ -192,7 +192,7 @@ class Inbound:
             return
         if route.answer == "early_media":
             # 183 with the SDP answer: the IVR plays before any final response, so a
-            # play_and_hangup code can still be the final status (DESIGN §3).
+            # play_and_hangup code can still be the final status (docs/actions.md).
             self.ctx.respond(leg.invite_key, leg.invite, 183, to_tag=leg.dialog.local_tag,
                              body=answer, headers=self.legs.dialog_headers(leg))
         else:

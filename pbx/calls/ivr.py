@@ -43,6 +43,9 @@ IVR_REPLY_MARGIN_S = 15.0
 IVR_NO_EXECUTOR_S = 10.0
 # Phases in which the call belongs to the IVR (else it was handed over).
 IVR_PHASES = frozenset({CallPhase.SETUP, CallPhase.IVR})
+# End reasons of a hand-over that did not work (the call's end reason starts with one).
+HANDOVER_FAILURES = ("TransferFailed", "UnknownQueue", "QueueNoAnswer", "AgentNoAnswer",
+                     "WsBridgeFailed")
 
 
 class IvrBroker:
@@ -56,6 +59,7 @@ class IvrBroker:
         self.queue = queue
         self.targets = targets
         self.events = events
+        teardown.before_hangup.append(self._handover_failed)
 
     # ---------------------------------------------------------------- sessions
 
@@ -382,6 +386,18 @@ class IvrBroker:
             self.queue.start_queue(call, command)
         elif isinstance(command, m.AgentCommand):
             self.queue.start_agent(call, command)
+
+    def _handover_failed(self, call: Call, reason: str, code: int | None) -> None:
+        """A terminal action (transfer, queue, agent, WebSocket bridge) failed after the
+        session ended, and after its provider heard `/end` name it (`Transfer(2001)`):
+        the session's traces say so, with the call's end reason (which the call record
+        carries too), so that trace subscribers and the debug page see the outcome."""
+        session = call.session
+        if session is None or not reason.startswith(HANDOVER_FAILURES):
+            return
+        ended = (session.state or {}).get("end_reason")
+        self.events.front_trace(session, f"{ended or 'the hand-over'} failed: {reason}",
+                                reason)
 
     def refused_target(self, call: Call, target: str) -> None:
         """A transfer target the policy refused: the call ends (403)."""

@@ -137,7 +137,7 @@ class Outbound:
             return
         offer = sdp.make_offer(b.media.rtp_ip, b.media.rtp_port, int(ctx.wall()))
         b.media.answer_sdp = offer  # what we answer a re-INVITE on this leg with
-        req = new_request(b.dialog, ctx.me, "INVITE", body=offer)
+        req = new_request(b.dialog, ctx.me, "INVITE", extra=call.agent_headers, body=offer)
         b.invite = req
         b.invite_key = ctx.send_request(req, b.addr, b.reliable)
         advance_leg(b, LegPhase.EARLY)

@@ -30,6 +30,27 @@ log = logging.getLogger("pbx.queue")
 # Play id of the hold music: far above the IVR's own ids, so no IVR event matches it.
 HOLD_PLAY_ID = 1 << 30
 RETURN_VARIABLES = {"transferred_from": "queue", "return_reason": "no_answer"}
+# route_to_agent's routing hints and the headers they ride in to the agent (rustpbx
+# gives them to its contact-centre engine; here the agent's phone or CTI reads them).
+AGENT_HINT_HEADERS = (("key_id", "X-Key-Id"), ("channel_code", "X-Channel-Code"))
+AGENT_HINT_MAX_CHARS = 256
+
+
+def agent_headers(call: Call, command: m.AgentCommand) -> list[tuple[str, str]]:
+    """The hints the provider gave, as SIP headers. A value with a control character
+    (CR, LF: header injection) or too long is not sent, and logged."""
+    headers = []
+    for field_name, header in AGENT_HINT_HEADERS:
+        value = getattr(command, field_name)
+        if not value:
+            continue
+        if len(value) > AGENT_HINT_MAX_CHARS or any(
+                ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            log.warning("call %s: route_to_agent %s not sent (control characters or "
+                        "longer than %d)", call.call_id, field_name, AGENT_HINT_MAX_CHARS)
+            continue
+        headers.append((header, value))
+    return headers
 
 
 class CallOps(Protocol):
@@ -98,6 +119,7 @@ class QueueCalls:
         if target is None:
             return
         call.agent = target
+        call.agent_headers = agent_headers(call, command)
         group_id = command.skill_group_id
         group = self.ctx.settings.skill_groups.get(group_id) if group_id else None
         if group is None or group_id is None:

@@ -308,6 +308,9 @@ class Call:
     queue_name: str | None = None
     queue_member: str | None = None
     agent: str | None = None
+    # Headers every INVITE to the agent (or its skill group) carries: the provider's
+    # routing hints (pbx.calls.queue.agent_headers).
+    agent_headers: list[tuple[str, str]] = field(default_factory=list)
     ws_bridge: str | None = None
     bridged_at: float | None = None
     ended_at: float | None = None
@@ -344,7 +347,8 @@ class Call:
             "ringing": [leg.to_dict() for leg in self.ringing],
             "queue_run": self.queue_run.to_dict() if self.queue_run else None,
             "queue_name": self.queue_name, "queue_member": self.queue_member,
-            "agent": self.agent, "ws_bridge": self.ws_bridge, "bridged_at": self.bridged_at,
+            "agent": self.agent, "agent_headers": [list(h) for h in self.agent_headers],
+            "ws_bridge": self.ws_bridge, "bridged_at": self.bridged_at,
             "ended_at": self.ended_at, "recordings": [dict(r) for r in self.recordings],
             "session_ids": list(self.session_ids),
             "referrer": self.referrer.media_id if self.referrer else None,
@@ -367,6 +371,7 @@ def call_from_dict(data: dict[str, Any], routes: dict[str, RouteSettings],
         party=Party(PartyKind(data["party"]["kind"]), data["party"]["user"]),
         queue_name=data["queue_name"], queue_member=data["queue_member"],
         agent=data["agent"], ws_bridge=data["ws_bridge"], bridged_at=data["bridged_at"],
+        agent_headers=[(str(n), str(v)) for n, v in data.get("agent_headers", [])],
         ended_at=data["ended_at"], recordings=[dict(r) for r in data["recordings"]],
         session_ids=list(data["session_ids"]), refer_event=data["refer_event"])
     call.a = leg_from_dict(call, data["a"]) if data["a"] else None

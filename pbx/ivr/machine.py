@@ -64,8 +64,9 @@ the recording it runs; None while a prompt plays, whose length it does not know)
 front holds the session to it and, when nothing came, feeds a `WaitExpiredInput`: the
 session gives up what it waited for and asks the provider with an `error` event.
 
-Protocol decisions followed here are DESIGN §3's; where the brief or DESIGN left
-a choice open, the choice is said in a comment where it is made.
+The protocol decisions followed here are the provider guide's (docs/decisions.md,
+which states every rule where the upstream document is silent); a comment where a
+choice is made says so.
 """
 
 from __future__ import annotations

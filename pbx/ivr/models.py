@@ -1,4 +1,4 @@
-"""Step-mode provider protocol models (spec `step-mode-ivr.md` §3, §4, §5, §9).
+"""Step-mode provider protocol models (docs/protocol.md, docs/events.md, docs/actions.md).
 
 Pure data: pydantic models for what crosses the HTTP trust boundary (ProviderContext,
 SessionContext, ProviderEvent, ActionNode) and two small frozen dataclasses that
@@ -141,7 +141,7 @@ TERMINAL_TYPES = frozenset(
     }
 )
 # Actions a digit pressed before them (type-ahead, or the digit that interrupted a
-# prompt) is handed to (DESIGN §3 "Interruptible prompt").
+# prompt) is handed to (docs/decisions.md "Interruptible prompt").
 DIGIT_TAKING_TYPES = frozenset({"dtmf_menu", "collect_dtmf", "input_phone"})
 # Fields holding nested actions: never variable-substituted with their parent; each
 # nested action is substituted when it is executed.
@@ -149,16 +149,16 @@ NESTED_ACTION_FIELDS = frozenset({"next", "entries", "invalid_action", "timeout_
 
 
 class _Action(BaseModel):
-    """Fields every ActionNode may carry (spec §4 passthrough, DESIGN §3 variables)."""
+    """Fields every ActionNode may carry (docs/actions.md "Fields every action may carry")."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, coerce_numbers_to_str=True)
     step_id: str | None = None
     step_name: str | None = None
     extra: dict[str, Any] | None = None
-    # Session variables the provider sets with this action (DESIGN §3 "Variables").
+    # Session variables the provider sets with this action (docs/variables.md).
     variables: dict[str, str] | None = None
     # Chained action run after this one completes, without a provider call; ignored on
-    # terminal actions (DESIGN §3 "next").
+    # terminal actions (docs/decisions.md "next").
     next: ActionNode | None = None
 
     @field_validator("variables", mode="before")
@@ -273,7 +273,7 @@ class InputPhoneAction(_Action):
     prompt: str | None = None
     min_digits: int = Field(default=11, ge=0)
     max_digits: int = Field(default=11, ge=1)
-    # Not in the spec's table; `collect_dtmf`'s default (DESIGN §3: same mechanics).
+    # Not in the spec's table; `collect_dtmf`'s default (docs/decisions.md "Collect").
     timeout_ms: int = Field(default=5000, ge=0)
 
     # Not in the spec's table either: `#` ends the number early (not stored).
@@ -294,7 +294,7 @@ class ApiAction(_Action):
     # For `api`, a string names the session variables to send (comma-separated, spec
     # §5); an object sets variables like on any other action.
     variables: dict[str, str] | str | None = None  # type: ignore[assignment]
-    timeout: int = Field(default=10, gt=0)  # seconds
+    timeout: int = Field(default=10, ge=0)  # seconds; 0: the default (10)
     get_dynamic_tree: bool = False
 
 
@@ -463,7 +463,7 @@ class ProviderResult:
 @dataclass(frozen=True)
 class ApiResult:
     """Outcome of an `api` request: the HTTP status and the body (decoded JSON, else the
-    raw text); status 0 and `{"error": "..."}` when no HTTP answer came (DESIGN §3)."""
+    raw text); status 0 and `{"error": "..."}` when no HTTP answer came (docs/actions.md)."""
 
     status: int
     body: Any = None
@@ -473,7 +473,7 @@ class ApiResult:
 class TtsResult:
     """Outcome of a `tts` request: `file`, the synthesised prompt as a path inside the
     sounds directory (e.g. `.tts/<hash>.wav`), or `error`, the reason the provider is
-    given in an `error` event (DESIGN §3 "TTS")."""
+    given in an `error` event (docs/decisions.md "Text to speech")."""
 
     file: str | None = None
     error: str | None = None

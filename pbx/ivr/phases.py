@@ -174,7 +174,7 @@ class AwaitingStep(PhaseData):
     phase = Phase.WAIT_PROVIDER
     pending: PendingRequest
     # Digits kept from a prompt survive the round trip and feed the answer, if it
-    # takes digits (DESIGN §3 "feed the next action that takes digits").
+    # takes digits (docs/decisions.md "Type-ahead").
     typeahead: Digits = ()
 
     def kept_digits(self) -> Digits:
@@ -211,6 +211,7 @@ class AwaitingRecognition(PhaseData):
 class Prompting(_Playing):
     phase = Phase.PROMPT
     typeahead: Digits = ()  # digits pressed during a prompt that is not interruptible
+    rest: tuple[str, ...] = ()  # the parts of a `record_name_list` still to play
 
     def kept_digits(self) -> Digits:
         return self.typeahead

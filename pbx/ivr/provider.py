@@ -1,4 +1,4 @@
-"""HTTP client for the step-mode provider (spec §6, §8; DESIGN §3 "Provider calls").
+"""HTTP client for the step-mode provider (docs/protocol.md, docs/errors.md).
 
 A shell around the machine's `ProviderRequest`s: one `aiohttp.ClientSession` per
 executor (connection pooling), bodies encoded with orjson, the route's configured
@@ -12,7 +12,7 @@ headers plus `Content-Type: application/json` on every call.
 * `notify()` — `/start`, `/end`, `/dtmf-match`: a background task with its own short
   timeout, no retry, response ignored, failures logged at debug. Never awaited by the
   step path; `close()` waits (bounded) for the ones still pending.
-* `api()` — the `api` action's HTTP call (DESIGN §3 "api"), on the same session: any
+* `api()` — the `api` action's HTTP call (docs/actions.md "api"), on the same session: any
   method, the action's own headers and timeout, no retry. Gives an `ApiResult`: the
   status and the body decoded as JSON (the raw text when it is not JSON); status 0
   and `{"error": "..."}` when no HTTP answer came.
@@ -35,6 +35,15 @@ log = logging.getLogger(__name__)
 RETRY_DELAY_MS = 100
 NOTIFY_TIMEOUT_MS = 500
 API_TIMEOUT_S = 10.0
+
+
+def step_attempts(params: IvrAppParams) -> int:
+    """How many times a step request is tried: once and `retry.max_retries` retries
+    (spec §8); rustpbx tries `max_retries` times in all (at least once here: with 0 it
+    would not ask at all), and a route with `compat = "rustpbx"` does the same."""
+    if params.compat == "rustpbx":
+        return max(1, params.retry.max_retries)
+    return 1 + params.retry.max_retries
 
 
 class ProviderClient:
@@ -81,7 +90,7 @@ class ProviderClient:
         data = orjson.dumps(body)
         headers = self._headers(params)
         timeout = aiohttp.ClientTimeout(total=params.retry.timeout_ms / 1000.0)
-        attempts = 1 + params.retry.max_retries
+        attempts = step_attempts(params)
         reason = ""
         status: int | None = None
         for attempt in range(1, attempts + 1):

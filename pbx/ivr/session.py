@@ -161,6 +161,12 @@ class Session:
     def phase(self) -> Phase | None:
         return self.data.phase if self.data is not None else None
 
+    @property
+    def rustpbx(self) -> bool:
+        """The route asked for rustpbx's behaviour where it and the document differ
+        (`app_params.compat`, docs/compat-rustpbx.md)."""
+        return self.env.call.params.compat == "rustpbx"
+
     def enter(self, data: PhaseData, cause: str) -> None:
         """The one place the phase changes: `data` is the next phase's, after `cause`."""
         check_transition(self.phase, data.phase, cause)
@@ -306,7 +312,9 @@ class Session:
         # latest `extra` until the provider replaces it.
         self.env.step_id = action.step_id
         self.env.step_name = action.step_name
-        if action.extra is not None:
+        # An answer without `extra` keeps the latest; an explicit `"extra": null`
+        # clears it.
+        if "extra" in action.model_fields_set:
             self.env.extra = action.extra
         return self.execute(action, typeahead)
 

@@ -88,8 +88,12 @@ class SessionState(BaseModel):
     # What a `tts` request in flight is for: a prompt, a menu greeting or a menu notice.
     tts_for: Literal["prompt", "greeting", "notice"] | None = None
     tts_greeting: str | None = None  # the current menu's synthesised greeting_text
-    asr_stage: Literal["check", "recognize"] | None = None  # of an `asr` request in flight
+    # Of an `asr` request in flight (input_voice). Written only when set, as prompt_rest.
+    asr_stage: Literal["check", "recognize"] | None = None
     digits: list[str] = Field(default_factory=list)  # type-ahead, for a digit-taking action
+    # The parts of a `record_name_list` prompt still to play after the current one.
+    # Written only when there are some: executors from before it refuse the key.
+    prompt_rest: list[str] = Field(default_factory=list)
     collected: str = ""  # digits of the current collect_dtmf / input_phone so far
     menu_attempts: int = 0  # invalid/timeout attempts of the current dtmf_menu
     notice_interruptible: bool = False
@@ -188,7 +192,8 @@ def _phase_data(s: SessionState) -> PhaseData:
     play_id: int = _required(s.active_play, s, "active_play")
     match s.phase:
         case Phase.PROMPT:
-            return Prompting(play_id=play_id, typeahead=tuple(s.digits))
+            return Prompting(play_id=play_id, typeahead=tuple(s.digits),
+                             rest=tuple(s.prompt_rest))
         case Phase.MENU_GREETING:
             return MenuGreeting(play_id=play_id, menu=_menu(s))
         case Phase.MENU_NOTICE:
@@ -225,7 +230,11 @@ def dump(envelope: Envelope, data: PhaseData) -> dict[str, Any]:
         **{name: getattr(envelope, name) for name in _ENVELOPE_KEYS},
         **_phase_fields(data),
     )
-    return state.model_dump(mode="json")
+    # Keys older executors refuse are written only when set.
+    unset = {"prompt_rest"} if not state.prompt_rest else set()
+    if state.asr_stage is None:
+        unset.add("asr_stage")
+    return state.model_dump(mode="json", exclude=unset or None)
 
 
 def _timer_fields(timer: Timer | None) -> dict[str, Any]:
@@ -279,4 +288,6 @@ def _phase_fields(data: PhaseData) -> dict[str, Any]:
             end_reason=end_reason, hangup_code=code
         ):
             fields.update(end_reason=end_reason, hangup_code=code)
+    if isinstance(data, Prompting) and data.rest:
+        fields["prompt_rest"] = list(data.rest)
     return fields

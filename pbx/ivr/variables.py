@@ -1,4 +1,4 @@
-"""Session variables (spec §7, DESIGN §3 "Variables"): the pre-defined ones, `$name$`
+"""Session variables (docs/variables.md): the pre-defined ones, `$name$`
 substitution in an action's fields, and safe file names from provider or SIP data."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ _NOT_SUBSTITUTED = NESTED_ACTION_FIELDS | {"type", "step_id", "step_name", "extr
 
 
 def substitute_text(text: str, variables: dict[str, str]) -> str:
-    """Replace each `$name$` once; unknown names stay as written (DESIGN §3)."""
+    """Replace each `$name$` once; unknown names stay as written (docs/variables.md)."""
     return _VAR_RE.sub(lambda m: variables.get(m.group(1), m.group(0)), text)
 
 
@@ -41,6 +41,7 @@ def substitute(action: ActionNode, variables: dict[str, str]) -> ActionNode:
 
 
 _UNSAFE_RE = re.compile(r"[^A-Za-z0-9_.@+\-]")
+_NOT_ALNUM_RE = re.compile(r"[^A-Za-z0-9]")
 
 
 def safe_name(text: str) -> str:
@@ -60,7 +61,10 @@ def initial_variables(call: CallInfo) -> dict[str, str]:
     }
     if call.params.tenant_id is not None:
         variables["tenant_id"] = call.params.tenant_id
+    rustpbx = call.params.compat == "rustpbx"
     for name, value in call.sip_headers.items():
-        variables[f"sip_{name}"] = value
+        # rustpbx names them with every character but letters and digits as `_`
+        # (`sip_X_Customer_Id`); the document does not name them at all.
+        variables[f"sip_{_NOT_ALNUM_RE.sub('_', name) if rustpbx else name}"] = value
     variables.update(call.variables)
     return variables

@@ -40,7 +40,7 @@ class LoggingSettings(Section):
 
 
 class TracesSettings(Section):
-    """The in-memory store of IVR step traces behind `/api/traces` (DESIGN §3 "Traces").
+    """The in-memory store of IVR step traces behind `/api/traces` (docs/protocol.md "Traces").
     Bounded by count and by bytes (a step's size is its JSON line's); what goes is
     counted in /metrics."""
 

@@ -238,3 +238,52 @@ def test_ws_bridge_then_its_end_hangs_up(tmp_path: Path) -> None:
     rec = rig.records()[0]
     assert rec["ws_bridge"] == "ws://127.0.0.1:9/room"
     assert rec["end_reason"] == "WsBridgeEnded"
+
+
+def test_a_failed_hand_over_is_in_the_sessions_traces(tmp_path: Path) -> None:
+    """The provider heard `/end` name the queue; that the queue does not exist shows in
+    the session's traces (and the call record), not only in the log."""
+    rig = CoreRig(tmp_path, first_then([m.QueueCommand(target="nope")]))
+    rig.feed(caller_invite(), CALLER)
+    assert rig.records()[0]["end_reason"] == "UnknownQueue(nope)"
+    assert any("failed: UnknownQueue(nope)" in e for e in rig.trace_errors()), \
+        rig.trace_errors()
+    traces = rig.core.ctx.traces
+    (session_id,) = list(traces.sessions)
+    last = (traces.get(session_id) or [])[-1]
+    assert last["end_reason"] == "UnknownQueue(nope)"
+
+
+def test_a_queue_nobody_answers_is_in_the_sessions_traces(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first_then([m.QueueCommand(target="sales")]))
+    rig.answered()
+    rig.advance(SALES_TIMEOUT_S + 0.02)
+    assert rig.records()[0]["end_reason"] == "QueueNoAnswer"
+    assert any("failed: QueueNoAnswer" in e for e in rig.trace_errors()), rig.trace_errors()
+
+
+def test_agent_routing_hints_ride_in_the_agents_invites(tmp_path: Path) -> None:
+    """route_to_agent's key_id and channel_code (accepted and ignored before) reach
+    every INVITE of the agent and its skill group; a value that could inject a header
+    is not sent."""
+    command = m.AgentCommand(target="2001", skill_group_id="billing", key_id="K-17",
+                             channel_code="wechat")
+    rig = CoreRig(tmp_path, first_then([command]))
+    rig.answered()
+    first = rig.requests("INVITE")[0]
+    assert first.headers.get("X-Key-Id") == "K-17"
+    assert first.headers.get("X-Channel-Code") == "wechat"
+    rig.feed(make_response(first, 480, to_tag="a"), MEMBERS["2001"])
+    group = rig.requests("INVITE")[1:]
+    assert len(group) == 2
+    assert all(i.headers.get("X-Key-Id") == "K-17" for i in group)
+
+
+def test_agent_routing_hint_with_a_line_break_is_not_sent(tmp_path: Path) -> None:
+    command = m.AgentCommand(target="2002", key_id="K1\r\nX-Evil: 1", channel_code="ok")
+    rig = CoreRig(tmp_path, first_then([command]))
+    rig.answered()
+    invite = rig.requests("INVITE")[0]
+    assert invite.headers.get("X-Key-Id") is None
+    assert invite.headers.get("X-Evil") is None
+    assert invite.headers.get("X-Channel-Code") == "ok"

@@ -47,6 +47,8 @@ def collect_then_hangup(body: dict[str, Any]) -> dict[str, Any]:
 class ScriptedClient:
     """The executor's ProviderClient: step requests answered by `answer` at once."""
 
+    notify_timeout_ms = 500  # the /start the first step waits for is never sent here
+
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
         self.events: list[tuple[str, dict[str, Any]]] = []  # (type, event)

@@ -456,7 +456,8 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
                  digest_algorithms: tuple[str, ...] | None = ("MD5", "SHA-256"),
                  auth_extra: str = "", extra_config: str = "",
                  zmq_keys: str | None = None, zmq_host: str = "127.0.0.1",
-                 media_extra: str = "", listen_ip: str = "127.0.0.1") -> PbxSystem:
+                 media_extra: str = "", listen_ip: str = "127.0.0.1",
+                 sounds_dir: Path = ROOT / "sounds") -> PbxSystem:
     """Write a config and a supervisord.conf under `root` and start supervisord.
 
     `media_capacity` is `[media] capacity` (legs per worker); `sip_extra` adds lines
@@ -469,7 +470,7 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
     keys: `[zmq]` lines as `python -m pbx.keys --one-file` prints them) puts them on tcp
     at `zmq_host`. `media_extra` adds lines to the `[media]` section. `listen_ip` is
     where SIP and RTP listen (an address of the host other network namespaces reach,
-    for multi-host tests; tests/e2e/netns.py)."""
+    for multi-host tests; tests/e2e/netns.py). `sounds_dir` is `[media] sounds_dir`."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
     (root / "recordings").mkdir(exist_ok=True)
     sip_port, admin_port = free_port(), free_port(socket.SOCK_STREAM)
@@ -509,7 +510,7 @@ ring_timeout_ms = 8000
 rtp_ip = "{listen_ip}"
 rtp_ports = "{rtp_low}-{rtp_low + 99}"
 port_pool = 16  # 50 pairs in this range: room for both workers' pools and calls
-sounds_dir = "{ROOT / 'sounds'}"
+sounds_dir = "{sounds_dir}"
 recordings_dir = "{root / 'recordings'}"
 voicemail_dir = "{root / 'voicemail'}"
 heartbeat_ms = 200

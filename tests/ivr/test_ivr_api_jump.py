@@ -85,7 +85,8 @@ def test_api_post_sends_variables_as_json_body() -> None:
     assert request.body == {"user_phone": "13800138000"}
     assert request.timeout_s == 10.0  # default, seconds
     assert sim.events[-1] == {"type": "api_response", "status": 201, "body": "created"}
-    assert sim.sent[-1]["variables"]["api_result"] == '"created"'
+    # A text body as it came (it used to arrive JSON-encoded, '"created"').
+    assert sim.sent[-1]["variables"]["api_result"] == "created"
 
 
 def test_api_network_error_gives_status_0() -> None:

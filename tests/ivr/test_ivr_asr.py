@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from pbx.ivr.actions.voice import NEXT_ON_VOICE
 from pbx.ivr.models import AsrResult
 from pbx.messages import (
     CallEndedInput,
@@ -138,6 +139,15 @@ def test_caller_hanging_up_while_listening_ends_the_session() -> None:
 def test_listening_time_defaults_and_bound(timeout_ms: int, listen_ms: int) -> None:
     sim = Sim([{**VOICE, "timeout_ms": timeout_ms}], asr=FakeAsr())
     assert listening(sim).listen_ms == listen_ms
+
+
+def test_next_on_input_voice_is_not_followed_and_the_trace_says_so() -> None:
+    sim = Sim([{**VOICE, "next": {"type": "hangup"}}, {"type": "hangup"}], asr=FakeAsr())
+    rec = listening(sim)
+    assert sim.traces[-1].error == NEXT_ON_VOICE
+    sim.media(RecordingFinished(record_id=rec.record_id, path=rec.path, duration_ms=900,
+                                reason="speech_end"))
+    assert sim.events[-1]["type"] == "input_voice"
 
 
 def test_two_utterances_in_one_session_get_their_own_files() -> None:

@@ -218,13 +218,13 @@ def test_menu_with_empty_entries_sends_every_digit_to_provider() -> None:
 
 def test_menu_invalid_action_notice_then_outcome_at_max_retries() -> None:
     invalid = {"type": "prompt", "file": "invalid.wav"}
-    sim = Sim([menu(max_retries=2, invalid_action=invalid), {"type": "hangup"}])
+    sim = Sim([menu(max_retries=1, invalid_action=invalid), {"type": "hangup"}])
     sim.start()
-    # Attempt 1 (< max_retries): the notice plays, then the greeting again.
+    # Miss 1 (one retry left): the notice plays, then the greeting again.
     assert sim.digit("9", stopped=1) == [play(2, "invalid.wav")]
     assert sim.audio_done(2) == [play(3, "menu.wav", True)]
     assert sim.audio_done(3) == [TimerCommand(timer_id=1, delay_ms=3000)]
-    # Attempt 2 (= max_retries): invalid_action is the menu's outcome.
+    # Miss 2 (no retry left): invalid_action is the menu's outcome.
     commands = sim.digit("8")
     assert commands == [TimerCommand(timer_id=1, delay_ms=0), play(4, "invalid.wav")]
     assert len(sim.sent) == 1
@@ -261,7 +261,7 @@ def test_menu_timeout_without_timeout_action_goes_to_provider() -> None:
 
 def test_menu_timeout_action_retries_then_outcome() -> None:
     timeout = {"type": "prompt", "file": "timeout.wav"}
-    sim = Sim([menu(max_retries=2, timeout_action=timeout, greeting=None), {"type": "hangup"}])
+    sim = Sim([menu(max_retries=1, timeout_action=timeout, greeting=None), {"type": "hangup"}])
     # No greeting: the timer is armed at once.
     assert sim.start() == [TimerCommand(timer_id=1, delay_ms=3000)]
     assert sim.timer(1) == [play(1, "timeout.wav")]

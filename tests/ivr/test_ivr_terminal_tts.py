@@ -75,7 +75,9 @@ def test_queue_from_menu_entry() -> None:
 def test_route_to_agent() -> None:
     sim = Sim([{"type": "route_to_agent", "target": "9200", "skill_group_id": "sales",
                 "key_id": "k", "channel_code": "c"}])  # fmt: skip
-    assert sim.start() == [AgentCommand(target="9200", skill_group_id="sales")]
+    # key_id and channel_code ride along (to the agent's INVITE, pbx.calls.queue).
+    assert sim.start() == [AgentCommand(target="9200", skill_group_id="sales", key_id="k",
+                                        channel_code="c")]
     assert_ended(sim, "Agent(9200)")
     sim2 = Sim([{"type": "route_to_agent", "target": "9201"}])
     assert sim2.start() == [AgentCommand(target="9201")]

@@ -1,4 +1,4 @@
-"""`api` (DESIGN §3): an HTTP call the shell makes for the session (`pbx.ivr.provider`
+"""`api` (docs/actions.md): an HTTP call the shell makes for the session (`pbx.ivr.provider`
 `ProviderClient.api`), its outcome in `api_status` / `api_result`; then `next`, the
 returned dynamic tree (`get_dynamic_tree`), or an `api_response` to the provider.
 
@@ -23,6 +23,10 @@ from pbx.ivr.models import (
 from pbx.ivr.phases import AwaitingApi, Digits, PendingRequest, PhaseData
 from pbx.ivr.session import Session
 
+NEXT_WITH_TREE = ("api: `next` is not followed with get_dynamic_tree: the returned "
+                  "tree is the continuation (give it its own `next`)")
+# The `api` timeout in seconds when the action says 0 (as when it says nothing).
+API_DEFAULT_TIMEOUT_S = 10
 # Methods whose `api` variables go in the query string; the others send a JSON body.
 QUERY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 
@@ -53,17 +57,28 @@ def run(s: Session, action: ApiAction, typeahead: Digits) -> PhaseData:
             method=method,
             headers=dict(action.headers),
             query=query,
-            timeout_s=float(action.timeout),
+            # Choice: `timeout: 0` (the document types it u64) means the default.
+            timeout_s=float(action.timeout or API_DEFAULT_TIMEOUT_S),
         )
     )
     return AwaitingApi(pending=PendingRequest(trigger="api", request=described, sent_at=s.now))
+
+
+def result_text(body: Any) -> str:
+    """`api_result`: a text body as it came, JSON as JSON text, nothing as "" (a text
+    body used to arrive JSON-encoded, `"\"plain text\""`; rustpbx does the same)."""
+    if body is None:
+        return ""
+    if isinstance(body, str):
+        return body
+    return orjson.dumps(body).decode()
 
 
 def result(s: Session, data: AwaitingApi, outcome: ApiResult) -> PhaseData:
     node = s.env.node
     assert isinstance(node, ApiAction)
     s.env.variables["api_status"] = str(outcome.status)
-    s.env.variables["api_result"] = orjson.dumps(outcome.body).decode()
+    s.env.variables["api_result"] = result_text(outcome.body)
     trace: dict[str, Any] = {
         "trigger": "api_response",
         "request": data.pending.request,
@@ -73,8 +88,10 @@ def result(s: Session, data: AwaitingApi, outcome: ApiResult) -> PhaseData:
     }
     s.provider_trace = trace
     if node.get_dynamic_tree:
-        # The body is the next action (DESIGN §3); `next` of the api node is not
-        # followed, the tree carries its own.
+        # The body is the next action (docs/decisions.md "api"); `next` of the api node is not
+        # followed, the tree carries its own: said in the step's trace.
+        if node.next is not None:
+            s.errors.append(NEXT_WITH_TREE)
         body = outcome.body
         trace["action"] = body if isinstance(body, dict) else None
         if not 200 <= outcome.status < 300:
@@ -89,7 +106,7 @@ def result(s: Session, data: AwaitingApi, outcome: ApiResult) -> PhaseData:
         trace["action_type"] = action.type
         return s.take(action, ())
     if node.next is not None:
-        # DESIGN §3 "next": followed without a provider call; `api_status` and
+        # docs/decisions.md "next": followed without a provider call; `api_status` and
         # `api_result` tell it how the call went.
         return s.execute(node.next, ())
     return s.ask(ApiResponseEvent(status=outcome.status, body=outcome.body))

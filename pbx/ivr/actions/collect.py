@@ -1,4 +1,4 @@
-"""`collect_dtmf` and `input_phone` (DESIGN §3, same mechanics): an optional
+"""`collect_dtmf` and `input_phone` (docs/decisions.md "Collect"): an optional
 interruptible prompt, then digits until `max_digits`, the terminator or the
 (inter-digit) timeout; the value goes in `dtmf_input` / `phone_number`, then `next`
 is followed or the provider hears `dtmf` / `phone_collected` (`dtmf_timeout` when
@@ -88,7 +88,7 @@ def _end(s: Session, value: str, typeahead: Digits) -> PhaseData:
         # decides what to do about it).
         return s.ask(DtmfTimeoutEvent(), typeahead)
     if node.next is not None:
-        # DESIGN §3 "next": a local collection result continues without a provider
+        # docs/decisions.md "next": a local collection result continues without a provider
         # call; `next` reads the value from the variable.
         return s.execute(node.next, typeahead)
     if phone:

@@ -26,7 +26,8 @@ def queue(s: Session, action: QueueAction, typeahead: Digits) -> PhaseData:
 
 def route_to_agent(s: Session, action: RouteToAgentAction, typeahead: Digits) -> PhaseData:
     s.commands.append(
-        AgentCommand(target=action.target, skill_group_id=action.skill_group_id or None)
+        AgentCommand(target=action.target, skill_group_id=action.skill_group_id or None,
+                     key_id=action.key_id or None, channel_code=action.channel_code or None)
     )
     return s.end(f"Agent({action.target})")
 

@@ -1,4 +1,4 @@
-"""`dtmf_menu` (DESIGN §3): an always-interruptible greeting (a file, or
+"""`dtmf_menu` (docs/decisions.md "Menu"): an always-interruptible greeting (a file, or
 `greeting_text` synthesised once), then the timeout timer; a digit picks an entry
 (reported to `/dtmf-match`, executed locally); an invalid digit or the timeout runs
 `invalid_action` / `timeout_action` as a notice and repeats the greeting, up to
@@ -14,9 +14,11 @@ from dataclasses import replace
 
 from pbx.ivr.models import (
     ActionNode,
+    DtmfEvent,
     DtmfMenuAction,
     DtmfMenuInvalidEvent,
     DtmfMenuTimeoutEvent,
+    DtmfTimeoutEvent,
     PromptAction,
     action_json,
 )
@@ -32,8 +34,16 @@ from pbx.ivr.phases import (
 from pbx.ivr.session import Session
 from pbx.messages import AudioComplete, DtmfDigit, MediaFailure, TimerFired
 
+# A menu ends in one of its entries, its invalid/timeout action or a provider event:
+# nothing is left for a `next` to follow. Not refused (rustpbx ignores it too, and
+# providers written for it send it), but said in the step's trace.
+NEXT_ON_MENU = ("dtmf_menu: `next` is not followed: a menu ends in an entry, its "
+                "invalid_action / timeout_action or a provider event")
+
 
 def run(s: Session, action: DtmfMenuAction, typeahead: Digits) -> PhaseData:
+    if action.next is not None:
+        s.errors.append(NEXT_ON_MENU)
     progress = MenuProgress()
     if typeahead:
         # Type-ahead answers the menu before its greeting.
@@ -51,7 +61,7 @@ def _greet(s: Session, progress: MenuProgress) -> PhaseData:
     menu = _menu(s)
     greeting = menu.greeting or progress.spoken_greeting
     if greeting:
-        # DESIGN §3: a menu greeting is always interruptible.
+        # docs/decisions.md "Menu": a menu greeting is always interruptible.
         return MenuGreeting(play_id=s.play(greeting, interruptible=True), menu=progress)
     if menu.greeting_text:
         # Synthesised once per menu; the repeats play the same file.
@@ -77,6 +87,8 @@ def timeout(s: Session, data: MenuWaiting, ev: TimerFired) -> PhaseData:
     menu = _menu(s)
     if menu.timeout_action is not None:
         return _retry(s, menu.timeout_action, data.menu)
+    if s.rustpbx:
+        return s.ask(DtmfTimeoutEvent())  # rustpbx never sends dtmf_menu_timeout
     return s.ask(DtmfMenuTimeoutEvent())
 
 
@@ -92,20 +104,27 @@ def _input(s: Session, digit: str, rest: Digits, progress: MenuProgress) -> Phas
         return s.execute(entry, rest)
     if menu.entries and menu.invalid_action is not None:
         return _retry(s, menu.invalid_action, progress)
-    # No invalid_action, or empty entries: the provider decides (DESIGN §3).
+    # No invalid_action, or empty entries: the provider decides (docs/decisions.md "Menu"); rustpbx
+    # never sends dtmf_menu_invalid, its providers expect the plain digit.
+    if s.rustpbx:
+        return s.ask(DtmfEvent(digit=digit))
     return s.ask(DtmfMenuInvalidEvent(digit=digit))
 
 
 def _retry(s: Session, action: ActionNode, progress: MenuProgress) -> PhaseData:
-    """DESIGN §3: count an attempt; below max_retries a non-terminal action is played
-    as a notice and the greeting repeats; at max_retries, or when terminal, the action
-    is executed as the menu's outcome. Choice: invalid and timeout attempts share one
-    counter; a non-terminal action that is not a `prompt` (nothing to play as a
-    notice) is executed as the outcome at once. Type-ahead is dropped."""
+    """docs/decisions.md "Menu": count an attempt; while retries are left a non-terminal action is
+    played as a notice and the greeting repeats; when none are left, or when the
+    action is terminal, it is executed as the menu's outcome. `max_retries` counts
+    retries, like `retry.max_retries`: 0 gives the outcome at the first miss, 1 after
+    one repeat, the default 3 after three (rustpbx, and this project before: at miss
+    number `max_retries`, so 0 and 1 were the same). Choice: invalid and timeout
+    attempts share one counter; a non-terminal action that is not a `prompt` (nothing
+    to play as a notice) is executed as the outcome at once. Type-ahead is dropped."""
     progress = replace(progress, attempts=progress.attempts + 1)
+    misses_allowed = _menu(s).max_retries + (0 if s.rustpbx else 1)
     if (
         action.terminal
-        or progress.attempts >= _menu(s).max_retries
+        or progress.attempts >= misses_allowed
         or not isinstance(action, PromptAction)
     ):
         return s.execute(action, [])

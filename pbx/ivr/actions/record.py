@@ -1,4 +1,4 @@
-"""`torecord` and `voicemail` (DESIGN §3): a prompt (torecord's own, or the
+"""`torecord` and `voicemail` (docs/actions.md): a prompt (torecord's own, or the
 voicemail greeting), then the media worker records until `#`, the hang-up or the
 length limit. A torecord's file lands in `recording_url` / `recording_duration` and
 `next` is followed (or the provider hears `recording_complete`); a voicemail message
@@ -135,7 +135,7 @@ def _start(s: Session, end_reason: str | None = None) -> PhaseData:
 
 def finished(s: Session, data: Recording, ev: RecordingFinished) -> PhaseData:
     """The recording ended (`#`, max length, stop, or a write error after part of it
-    was written): DESIGN §3, recording_complete in every case while the call is up."""
+    was written): recording_complete in every case while the call is up (docs/decisions.md)."""
     s.cancel_timer(data.active_timer)  # the grace timer of a media failure, if any
     node = s.env.node
     if isinstance(node, InputVoiceAction):
@@ -143,7 +143,7 @@ def finished(s: Session, data: Recording, ev: RecordingFinished) -> PhaseData:
     if isinstance(node, VoicemailAction):
         return s.close(VOICEMAIL_GOODBYE, None, f"Voicemail({node.target})")
     assert isinstance(node, ToRecordAction)
-    # DESIGN §2: recordings/{session_id}/{YYYYmmdd_HHMMSS}.wav, whatever the
+    # docs/actions.md "torecord": recordings/{session_id}/{YYYYmmdd_HHMMSS}.wav, whatever the
     # configured directory is called.
     url = f"recordings/{ev.path}"
     secs = (ev.duration_ms + 500) // 1000

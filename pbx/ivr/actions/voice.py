@@ -33,6 +33,9 @@ from pbx.messages import RecordCommand, RecordingFinished, WsBridgeCommand
 
 ASR_UNAVAILABLE = "ASR service not available"
 BRIDGE_TIMEOUT_MS = 30_000
+# What was said goes to the provider, so there is nothing for a `next` to follow (as on
+# dtmf_menu: not refused, but said in the step's trace; docs/actions.md "next").
+NEXT_ON_VOICE = "input_voice: `next` is not followed: what was said goes to the provider"
 # input_voice: the caller's time to start speaking when `timeout_ms` is not positive.
 LISTEN_DEFAULT_MS = 5000
 LISTEN_MAX_MS = 60_000
@@ -55,6 +58,8 @@ def voip_bridge(s: Session, action: VoipBridgeAction, typeahead: Digits) -> Phas
 
 
 def input_voice(s: Session, action: InputVoiceAction, typeahead: Digits) -> PhaseData:
+    if action.next is not None:
+        s.errors.append(NEXT_ON_VOICE)
     return s.recognize({"stage": "check"})
 
 
