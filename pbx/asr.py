@@ -125,7 +125,12 @@ def _confidence(doc: dict[str, Any]) -> float:
 
 # ---------------------------------------------------------------- local (child process)
 
-_decoders: dict[tuple[str, ...] | None, Any] = {}
+# One decoder per child (it holds the acoustic model); one named search per vocabulary.
+_decoder_instance: Any = None
+_searches: dict[tuple[str, ...], str] = {}
+_search_count = 0
+MAX_SEARCHES = 64
+FREE_TEXT_SEARCH = "_default"  # pocketsphinx's own: its language model
 
 
 def _child_init() -> None:
@@ -144,20 +149,29 @@ def grammar(phrases: Sequence[str]) -> str:
 
 
 def _decoder(phrases: tuple[str, ...] | None) -> Any:
-    decoder = _decoders.get(phrases)
-    if decoder is None:
+    """This child's decoder, listening for one of `phrases` (None: free dictation)."""
+    global _decoder_instance, _search_count
+    if _decoder_instance is None:
         from pocketsphinx import Decoder  # imported in the child only
 
-        decoder = Decoder(samprate=MODEL_RATE, loglevel="FATAL")
-        if phrases is not None:
-            known = [p for p in phrases if all(decoder.lookup_word(w) for w in p.split())]
-            if not known:
-                raise AsrError("no phrase of the vocabulary is in the recogniser's dictionary")
-            decoder.add_jsgf_string("asr", grammar(known))
-            decoder.activate_search("asr")
-        if len(_decoders) >= 16:
-            _decoders.pop(next(iter(_decoders)))
-        _decoders[phrases] = decoder
+        _decoder_instance = Decoder(samprate=MODEL_RATE, loglevel="FATAL")
+    decoder = _decoder_instance
+    if phrases is None:
+        decoder.activate_search(FREE_TEXT_SEARCH)
+        return decoder
+    name = _searches.get(phrases)
+    if name is None:
+        known = [p for p in phrases if all(decoder.lookup_word(w) for w in p.split())]
+        if not known:
+            raise AsrError("no phrase of the vocabulary is in the recogniser's dictionary")
+        if len(_searches) >= MAX_SEARCHES:
+            decoder.activate_search(FREE_TEXT_SEARCH)
+            decoder.remove_search(_searches.pop(next(iter(_searches))))
+        _search_count += 1
+        name = f"vocabulary{_search_count}"
+        decoder.add_jsgf_string(name, grammar(known))
+        _searches[phrases] = name
+    decoder.activate_search(name)
     return decoder
 
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from pbx import asr as asr_module
 from pbx.asr import (
     ASR_UNAVAILABLE,
     MAX_RESPONSE_BYTES,
@@ -245,6 +246,18 @@ def test_a_scene_vocabulary_is_what_the_local_recogniser_listens_for() -> None:
     assert decode_local(wav, ("sales", "billing", "support"))[0] == "billing"
     assert grammar(["no", "yes", "no"]) == (
         "#JSGF V1.0;\ngrammar asr;\npublic <utterance> = no | yes;\n")
+
+
+def test_one_decoder_keeps_a_bounded_number_of_vocabularies() -> None:
+    """Each scene's phrases are a search of the child's one decoder (one acoustic model in
+    memory), the oldest dropped past MAX_SEARCHES."""
+    wav = utterance_wav(quiet(300), spoken("two"), quiet(300))
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    for i in range(asr_module.MAX_SEARCHES + 6):
+        decode_local(wav, (*words, f"{words[i % 10]} {words[i // 10]}"))
+    assert len(asr_module._searches) == asr_module.MAX_SEARCHES  # noqa: SLF001
+    assert decode_local(wav, ("one", "two", "three"))[0] == "two"
+    assert decode_local(wav, None)[0] != ""  # free dictation still there
 
 
 def test_silence_is_no_text() -> None:
