@@ -140,6 +140,12 @@ def test_local_pocketsphinx_hears_yes_then_two(local_system: PbxSystem, workdir:
     assert_heard_yes_then_two(events)
     assert list((local_system.root / "asr").iterdir()) == []  # every utterance deleted
     assert "speech recognition: pocketsphinx (local)" in local_system.log("ivr")
+    # The call record lists the two utterances: where they went, how they ended.
+    records = [json.loads(line) for line in
+               (local_system.root / "logs" / "calls.jsonl").read_text().splitlines()]
+    (record,) = [r for r in records if r.get("caller") == "7301"]
+    assert [(r["area"], r["reason"]) for r in record["recordings"]] == [
+        ("asr", "speech_end"), ("asr", "speech_end")], record["recordings"]
 
 
 def test_http_asr_service_hears_yes_then_two(
