@@ -32,6 +32,13 @@ the OS error). A released leg's file is finished the same way without an
 event. With `metadata`, `<path>.json` gets the metadata plus `duration_ms`
 and `finished_at` (ISO 8601 UTC), written to a temporary name and renamed.
 
+Listening (MediaRecord.listen_ms, `input_voice`): the recording also runs through
+the energy VAD (`media.vad`), all listening legs in one kernel call per tick, on the
+frames that are HOLD_SAMPLES old (the ones about to be written), before any file is
+written that tick. A decision ends the recording on that tick: `speech_end` (cut
+200 ms after the last voiced frame), `no_speech`, `max_speech`. Its maximum length is
+bounded by `listen_ms + max_speech_ms`.
+
 This module does file I/O (through `WavWriter`) but no sockets and reads no
 clock except the injected `wall_clock` used for `finished_at`.
 """
@@ -48,7 +55,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from media import g711
+from media import g711, vad
 from media.rtp import ts_diff
 from media.wav import WavWriter
 from pbx.messages import MediaEvent, MediaFailure, MediaRecord, RecordingFinished
@@ -138,6 +145,10 @@ class Recording:
         "last_wall",
         "error",
         "wake",
+        "vad_params",
+        "vad_row",
+        "vad_pos",
+        "cut",
     )
 
     def __init__(
@@ -147,12 +158,24 @@ class Recording:
         writer: WavWriter,
         codec: str,
         wake: Callable[[], None] = lambda: None,
+        listen: vad.ListenTuning | None = None,
     ) -> None:
         self.record_id = msg.record_id
         self.name = msg.path
         self.path = path
         self.stop_digits = msg.stop_digits.upper()
-        self.max_samples = max(0, msg.max_duration_ms) * SAMPLE_RATE // 1000
+        max_ms = max(0, msg.max_duration_ms)
+        # Listening: the VAD's parameters, its row in the recorder's VadBank (set when
+        # the recording starts), and the position analysed up to.
+        self.vad_params: np.ndarray | None = None
+        self.vad_row: int | None = None
+        self.vad_pos = 0
+        if msg.listen_ms is not None:
+            tuning = listen or vad.ListenTuning()
+            self.vad_params = tuning.params(msg.listen_ms)
+            max_ms = min(max_ms, msg.listen_ms + tuning.max_speech_ms)
+        self.cut: int | None = None  # where a VAD decision ends the file
+        self.max_samples = max_ms * SAMPLE_RATE // 1000
         self.channels = 2 if msg.stereo else 1
         self.codec = codec
         self.metadata = msg.metadata
@@ -297,8 +320,12 @@ class Recorder:
         areas: dict[str, str | os.PathLike[str]] | None = None,
         wall_clock: Callable[[], float] = time.time,
         open_writer: WriterFactory | None = None,
+        listen: vad.ListenTuning | None = None,
     ) -> None:
         self.areas = {k: Path(v) for k, v in (areas or {}).items()}
+        self.listen = listen or vad.ListenTuning()
+        self.vad = vad.VadBank()
+        self._listening: dict[str, tuple[Any, Recording]] = {}
         self.wall_clock = wall_clock
         self.open_writer: WriterFactory = open_writer or (lambda p, ch: WavWriter(p, ch))
         self.active: dict[str, tuple[Any, Recording]] = {}  # call_id -> (leg, recording)
@@ -338,7 +365,7 @@ class Recorder:
             ]
         call_id = leg.call_id
         urgent = self._urgent
-        rec = Recording(msg, path, writer, leg.codec, lambda: urgent.add(call_id))
+        rec = Recording(msg, path, writer, leg.codec, lambda: urgent.add(call_id), self.listen)
         group = self._started % FLUSH_PHASES
         self._started += 1
         self._groups[group][call_id] = (leg, rec)
@@ -348,6 +375,9 @@ class Recorder:
             rec.t0 = now
         leg.rec = rec
         self.active[leg.call_id] = (leg, rec)
+        if rec.vad_params is not None:
+            rec.vad_row = self.vad.take(rec.vad_params)
+            self._listening[call_id] = (leg, rec)
         return events
 
     def stop(self, leg: Any, now: float, reason: str = "stopped") -> list[MediaEvent]:
@@ -373,6 +403,8 @@ class Recorder:
         events: list[MediaEvent] = []
         if not self.active:
             return events
+        if self._listening:
+            self._listen(now)
         self._ticks += 1
         group = self._groups[self._ticks % FLUSH_PHASES]
         urgent = list(self._urgent)
@@ -386,6 +418,37 @@ class Recorder:
                 events += self._visit(leg, rec, now, True)
         return events
 
+    def _listen(self, now: float) -> None:
+        """The VAD over every listening leg's new whole frames up to HOLD_SAMPLES ago,
+        in one kernel call; a decision marks its recording for this tick's visit."""
+        legs: list[Recording] = []
+        frames: list[np.ndarray] = []
+        rows: list[int] = []
+        frame = vad.FRAME
+        for _leg, rec in self._listening.values():
+            if rec.t0 is None or rec.stop_reason is not None or rec.vad_row is None:
+                continue
+            # Frames an overflowing buffer wrote out unanalysed are skipped.
+            written = rec.written
+            pos = rec.vad_pos if rec.vad_pos > written else written
+            ready = round((now - rec.t0) * SAMPLE_RATE) - HOLD_SAMPLES
+            n = min(ready - pos, BUF_SAMPLES - (pos - written)) // frame
+            if n <= 0:
+                continue
+            at = pos - written
+            legs.append(rec)
+            frames.append(rec.buf[0, at : at + n * frame])
+            rows.append(rec.vad_row)
+            rec.vad_pos = pos + n * frame
+        if not legs:
+            return
+        ended = self.vad.run(frames, [rec.codec == "PCMA" for rec in legs], rows)
+        for i, (reason, cut_frame) in ended.items():
+            rec = legs[i]
+            rec.stop_reason = reason
+            rec.cut = cut_frame * frame
+            rec.wake()
+
     def _visit(self, leg: Any, rec: Recording, now: float, write: bool) -> list[MediaEvent]:
         call_id = leg.call_id
         if rec.t0 is None:
@@ -396,7 +459,8 @@ class Recorder:
         if rec.error is not None:
             return self._fail(leg, rec, rec.error)
         if rec.stop_reason is not None:
-            return self._end(leg, rec, rec.dtmf_end(now), rec.stop_reason, emit=True)
+            end = rec.cut if rec.cut is not None else rec.dtmf_end(now)
+            return self._end(leg, rec, end, rec.stop_reason, emit=True)
         wall = rec.wall(now)
         if wall >= rec.max_samples:
             return self._end(leg, rec, rec.max_samples, "max_duration", emit=True)
@@ -422,6 +486,11 @@ class Recorder:
             del self.active[call_id]
             self._groups[self._group_of.pop(call_id)].pop(call_id, None)
             self._urgent.discard(call_id)
+        if self._listening.get(call_id, (None, None))[1] is rec:
+            del self._listening[call_id]
+        if rec.vad_row is not None:
+            self.vad.give_back(rec.vad_row)
+            rec.vad_row = None
 
     def _fail(self, leg: Any, rec: Recording, exc: Exception) -> list[MediaEvent]:
         self._detach(leg, rec)
@@ -449,6 +518,7 @@ class Recorder:
         except (OSError, ValueError) as exc:
             failed = self._fail(leg, rec, exc)
             return failed if emit else []
+        speech_ms = self.vad.speech_start_ms(rec.vad_row) if rec.vad_row is not None else None
         self._detach(leg, rec)
         duration_ms = samples * 1000 // SAMPLE_RATE
         events: list[MediaEvent] = []
@@ -466,6 +536,7 @@ class Recorder:
                         path=rec.name,
                         duration_ms=duration_ms,
                         reason=reason,  # type: ignore[arg-type]
+                        speech_start_ms=speech_ms,
                     ),
                 )
             )

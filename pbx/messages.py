@@ -45,7 +45,9 @@ Versions: 1, the first; 2 (issue 8), `rtp_ip` required in MediaReady and
 MediaHeartbeat, `IvrReply.wait_ms` and `WaitExpiredInput` (a version-1 peer is refused);
 3 (issue 9), port pools: MediaPorts, `ports` and `allocate_seq` required in
 MediaHeartbeat, `rtp_port` and `seq` required in MediaAllocate (a worker of version 2
-bound a port per allocation and cannot take part).
+bound a port per allocation and cannot take part). Still 3 (issue 10, ASR): the
+optional `listen_ms` of MediaRecord / RecordCommand, the area "asr" and the end reasons
+`speech_end`, `no_speech`, `max_speech` that only a listening recording produces.
 """
 
 from __future__ import annotations
@@ -206,6 +208,12 @@ class MediaDtmfInfo(_Msg):
     duration_ms: int = 100
 
 
+RecordArea = Literal["recordings", "voicemail", "asr"]
+RecordEnd = Literal[
+    "dtmf", "max_duration", "stopped", "error", "speech_end", "no_speech", "max_speech"
+]
+
+
 class MediaRecord(_Msg):
     """Record the leg to a WAV file (8 kHz, 16-bit), written as it goes so a killed worker
     leaves a playable file. Mono: the caller; stereo: caller left, what the caller hears
@@ -215,18 +223,26 @@ class MediaRecord(_Msg):
     leg is released; then a RecordingFinished event (none after a release). With
     `metadata`, a JSON file `<path>.json` holding it plus the duration is written at the
     end (voicemail records). With `beep`, a short tone is played first.
+
+    With `listen_ms` (input_voice, docs/asr.md) the worker listens instead: the energy
+    VAD ends the file after the caller spoke and fell silent (`speech_end`), when the
+    caller does not start speaking within `listen_ms` (`no_speech`), or when the
+    speech runs `[asr] max_speech_ms` (`max_speech`); `area` is then "asr" (the
+    worker's `[asr] spool_dir`), and the worker bounds `max_duration_ms` by
+    `listen_ms + [asr] max_speech_ms`.
     """
 
     kind: Literal["media_record"] = "media_record"
     call_id: str
     record_id: int
     path: str
-    area: Literal["recordings", "voicemail"] = "recordings"
+    area: RecordArea = "recordings"
     max_duration_ms: int = 120_000
     stereo: bool = False
     stop_digits: str = "#"
     beep: bool = False
     metadata: dict[str, Any] | None = None
+    listen_ms: int | None = Field(default=None, gt=0)
 
 
 class MediaRecordStop(_Msg):
@@ -287,7 +303,10 @@ class RecordingFinished(BaseModel):
     record_id: int
     path: str  # as given in MediaRecord
     duration_ms: int
-    reason: Literal["dtmf", "max_duration", "stopped", "error"]
+    reason: RecordEnd  # the last three only when listening (MediaRecord.listen_ms)
+    # Listening: where in the file the speech began (None: nobody spoke, or a plain
+    # recording), so the recogniser is not sent the wait before it.
+    speech_start_ms: int | None = Field(default=None, ge=0)
 
 
 class WsBridgeEnded(BaseModel):
@@ -433,12 +452,13 @@ class RecordCommand(BaseModel):
     type: Literal["record"] = "record"
     record_id: int
     path: str
-    area: Literal["recordings", "voicemail"] = "recordings"
+    area: RecordArea = "recordings"
     max_duration_ms: int = 120_000
     stereo: bool = False
     stop_digits: str = "#"
     beep: bool = False
     metadata: dict[str, Any] | None = None
+    listen_ms: int | None = Field(default=None, gt=0)
 
 
 class StopRecordCommand(BaseModel):

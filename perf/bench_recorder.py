@@ -1,13 +1,16 @@
 """Recording cost in the media engine: CPU per recorded call, tick time, memory per leg.
 
-    python perf/bench_recorder.py [--calls 1000] [--seconds 10] [--stereo] [--out result.json]
+    python perf/bench_recorder.py [--calls 1000] [--seconds 10] [--stereo] [--listen]
+                                  [--out result.json]
 
 Runs the sans-IO engine on a virtual clock (no sockets): every call receives one
 20 ms PCMU packet per tick from its caller and is recorded to a WAV file in a
 temporary directory (so the page cache, not the disk, is measured — as in a
 worker whose disk keeps up). Reports the tick time with and without recording,
 the slowest tick, the cost of one batched write, and the memory a recording
-adds to a leg (tracemalloc, numpy buffers included).
+adds to a leg (tracemalloc, numpy buffers included). With `--listen` every recording
+listens as `input_voice` does (`MediaRecord.listen_ms`): the VAD kernel runs over all
+of them each tick (the caller's tone is speech, so none ends within 10 s).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from media import g711
+from media import g711, vad
 from media.engine import MediaEngine
 from media.prompts import PromptCache
 from media.recorder import Recorder, Recording
@@ -34,7 +37,8 @@ TICK = 0.020
 
 def setup(calls: int, root: Path) -> tuple[MediaEngine, list[bytes]]:
     engine = MediaEngine(
-        PromptCache(root), random.Random(1), recorder=Recorder({"recordings": root / "rec"})
+        PromptCache(root), random.Random(1),
+        recorder=Recorder({"recordings": root / "rec", "asr": root / "rec"}),
     )
     t = np.arange(160) / 8000.0
     payload = g711.encode((np.sin(2 * np.pi * 1000 * t) * 8000).astype(np.int16), "PCMU")
@@ -93,20 +97,25 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--stereo", action="store_true")
+    ap.add_argument("--listen", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
     g711.warm()
+    vad.warm()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         engine, pkts = setup(args.calls, root)
-        print(f"{args.calls} calls, {args.seconds} s, {'stereo' if args.stereo else 'mono'}")
+        print(f"{args.calls} calls, {args.seconds} s, {'stereo' if args.stereo else 'mono'}"
+              f"{', listening' if args.listen else ''}")
         base, _, base_rx = run(engine, pkts, 2.0, 1)
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
         k0 = len(base) + 1
         for i, cid in enumerate(engine.legs):
             engine.record(
-                MediaRecord(call_id=cid, record_id=i, path=f"r/{cid}.wav", stereo=args.stereo),
+                MediaRecord(call_id=cid, record_id=i, path=f"r/{cid}.wav", stereo=args.stereo,
+                            listen_ms=600_000 if args.listen else None,
+                            area="asr" if args.listen else "recordings"),
                 k0 * TICK,
             )
         per_leg = (tracemalloc.get_traced_memory()[0] - before) / args.calls

@@ -13,6 +13,9 @@ delimiter frame is tolerated).
 speech (`tts` requests: `tts_text`, `greeting_text`) is synthesised into the prompt
 cache by `pbx.tts.TtsEngine` before the reply goes out, and the
 `[ivrs.<route_point>]` table loaded at start is handed to the machine for `jump_ivr`.
+Speech recognition (`asr` requests, `input_voice`) is `pbx.asr.AsrEngine`'s: an HTTP
+service or local pocketsphinx in child processes, never on this loop's thread; the
+engine's spool sweep runs here every `pbx.asr.SWEEP_INTERVAL_S`.
 
 The executor keeps no session state: the state comes with the event and leaves with
 the reply. A bad frame is logged and dropped; an exception while handling one
@@ -37,9 +40,10 @@ import zmq
 import zmq.asyncio
 
 from pbx import planes
+from pbx.asr import ASR_UNAVAILABLE, SWEEP_INTERVAL_S, AsrEngine
 from pbx.config import IvrAppParams, Settings
 from pbx.ivr import machine
-from pbx.ivr.models import TtsResult
+from pbx.ivr.models import AsrResult, TtsResult
 from pbx.ivr.provider import ProviderClient
 from pbx.messages import (
     CallCommand,
@@ -109,9 +113,11 @@ async def process_event(
     progress: _Progress | None = None,
     ivrs: Ivrs | None = None,
     tts: TtsEngine | None = None,
+    asr: AsrEngine | None = None,
 ) -> IvrReply:
     """Run the machine for one event until it waits for the next call event. Without
-    `tts`, text to speech is unavailable (the provider gets an `error` event)."""
+    `tts` (`asr`), text to speech (speech recognition) is unavailable: the provider
+    gets an `error` event."""
     progress = progress if progress is not None else _Progress(state=event.state)
     inp = event.input
     if isinstance(inp, SessionStartInput):
@@ -132,6 +138,13 @@ async def process_event(
             if spoken.error is not None:
                 log.info("session %s: tts: %s", event.session_id, spoken.error)
             step = machine.tts_result(step.state, spoken, clock(), ivrs=ivrs)
+        elif request.kind == "asr":
+            heard = (
+                await asr.perform(request) if asr is not None else AsrResult(error=ASR_UNAVAILABLE)
+            )
+            if heard.error is not None and request.body.get("stage") != "check":
+                log.info("session %s: asr: %s", event.session_id, heard.error)
+            step = machine.asr_result(step.state, heard, clock(), ivrs=ivrs)
         else:
             await progress.started(client.notify_timeout_ms / 1000.0)
             result = await client.step(request.params, request.body)
@@ -154,11 +167,12 @@ async def handle_event(
     clock: Clock,
     ivrs: Ivrs | None = None,
     tts: TtsEngine | None = None,
+    asr: AsrEngine | None = None,
 ) -> IvrReply:
     """`process_event`, but an internal error becomes error prompt + hang-up."""
     progress = _Progress(state=event.state)
     try:
-        return await process_event(event, client, clock, progress, ivrs, tts)
+        return await process_event(event, client, clock, progress, ivrs, tts, asr)
     except Exception as exc:
         log.exception("session %s seq %d: internal error", event.session_id, event.seq)
         reason = f"internal error: {exc.__class__.__name__}"
@@ -193,12 +207,14 @@ class Executor:
         executor_id: str,
         clock: Clock = time.time,
         tts: TtsEngine | None = None,
+        asr: AsrEngine | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.tts = tts or TtsEngine(
             settings.tts, settings.media.sounds_dir, http=lambda: client.session
         )
+        self.asr = asr or AsrEngine(settings.asr, http=lambda: client.session)
         self.executor_id = executor_id
         self.clock = clock
         self.sock = ctx.socket(zmq.DEALER)
@@ -232,11 +248,15 @@ class Executor:
             )
             or "not available (no [tts] url, no espeak-ng)",
         )
+        log.info("speech recognition: %s", self.asr.describe())
         await self.send(IvrReady(executor_id=self.executor_id, capacity=self.settings.ivr.capacity))
         workers = [
             asyncio.create_task(self._heartbeats(), name="heartbeat"),
             asyncio.create_task(self._receive(), name="receive"),
+            asyncio.create_task(self._sweep_spool(), name="asr-spool"),
         ]
+        # Not one of the loops above: it ends once the recogniser is loaded.
+        warm = asyncio.create_task(self.asr.warm(), name="asr-warm")
         stopped = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait([stopped, *workers], return_when=asyncio.FIRST_COMPLETED)
         for task in [stopped, *workers]:
@@ -248,6 +268,8 @@ class Executor:
         if self._sessions:
             log.info("waiting for %d session(s) in progress", len(self._sessions))
             await asyncio.wait(set(self._sessions), timeout=5.0)
+        warm.cancel()
+        await self.asr.close()
         self.sock.close()
 
     async def _heartbeats(self) -> None:
@@ -262,6 +284,14 @@ class Executor:
                     working=dict(self._working),
                 )
             )
+
+    async def _sweep_spool(self) -> None:
+        """Utterances nobody recognised (an executor died, the call ended first)."""
+        while True:
+            removed = await asyncio.to_thread(self.asr.sweep_spool)
+            if removed:
+                log.info("asr spool: deleted %d stale utterance(s)", removed)
+            await asyncio.sleep(SWEEP_INTERVAL_S)
 
     async def _receive(self) -> None:
         while True:
@@ -284,7 +314,7 @@ class Executor:
         self._working[event.session_id] = event.seq
         try:
             reply = await handle_event(
-                event, self.client, self.clock, self.settings.ivrs, self.tts
+                event, self.client, self.clock, self.settings.ivrs, self.tts, self.asr
             )
             await self.send(reply)
         except Exception:

@@ -43,11 +43,12 @@ import aiohttp
 import zmq
 import zmq.asyncio
 
-from media import g711, inband
+from media import g711, inband, vad
 from media.engine import EngineError, MediaEngine, Packet
 from media.kernels import rtpbatch
 from media.prompts import PromptCache
 from media.recorder import Recorder
+from media.vad import ListenTuning
 from pbx import planes
 from pbx.config import Settings
 from pbx.messages import (
@@ -120,7 +121,15 @@ class MediaWorker:
         self.settings = settings
         self.worker_id = worker_id
         media = settings.media
-        recorder = Recorder({"recordings": media.recordings_dir, "voicemail": media.voicemail_dir})
+        asr = settings.asr
+        recorder = Recorder(
+            {"recordings": media.recordings_dir, "voicemail": media.voicemail_dir,
+             "asr": asr.spool_dir},
+            listen=ListenTuning(
+                end_silence_ms=asr.end_silence_ms, max_speech_ms=asr.max_speech_ms,
+                margin_db=asr.speech_margin_db, min_dbfs=asr.min_speech_dbfs,
+            ),
+        )  # fmt: skip
         rtp = settings.rtp
         self.engine = MediaEngine(
             PromptCache(media.sounds_dir), recorder=recorder, latching=rtp.latching,
@@ -637,6 +646,7 @@ def main() -> None:
     inband.warm()
     rtpbatch.warm()
     rtpio.warm()
+    vad.warm()
     import uvloop
 
     uvloop.run(_amain(settings))

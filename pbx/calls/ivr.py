@@ -373,8 +373,8 @@ class IvrBroker:
             if self._to_media(call, a, command, m.MediaRecord(
                     call_id=a.media_id, **command.model_dump(exclude={"type"}))):
                 media = self.ctx.settings.media
-                area_dir = (media.recordings_dir if command.area == "recordings"
-                            else media.voicemail_dir)
+                area_dir = {"recordings": media.recordings_dir, "voicemail": media.voicemail_dir,
+                            "asr": self.ctx.settings.asr.spool_dir}[command.area]
                 # Completed by the RecordingFinished event; one the call's end cut short
                 # keeps reason null (the file is there, written as it went).
                 call.recordings.append({

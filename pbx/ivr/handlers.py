@@ -49,6 +49,7 @@ from pbx.ivr.models import (
 from pbx.ivr.phases import (
     WAITING_FOR_ANSWER,
     AwaitingApi,
+    AwaitingRecognition,
     AwaitingSpeech,
     AwaitingStep,
     Closing,
@@ -216,6 +217,7 @@ INPUTS: Mapping[tuple[Phase, InputKind], InputHandler[Any]] = {
     (Phase.WAIT_PROVIDER, InputKind.PROVIDER_RESULT): _on(AwaitingStep, provider_answer),
     (Phase.WAIT_API, InputKind.API_RESULT): _on(AwaitingApi, api.result),
     (Phase.WAIT_TTS, InputKind.TTS_RESULT): _on(AwaitingSpeech, prompt.speech_done),
+    (Phase.WAIT_ASR, InputKind.ASR_RESULT): _on(AwaitingRecognition, voice.asr_answer),
     (Phase.PROMPT, InputKind.DIGIT): _on(Prompting, prompt.digit),
     (Phase.PROMPT, InputKind.AUDIO_COMPLETE): _on(Prompting, prompt.done),
     (Phase.PROMPT, InputKind.MEDIA_FAILURE): _on(Prompting, prompt.play_failed),

@@ -12,18 +12,19 @@ The entry points take the dumped state, one input and the current time `now`
     provider_result(state, result, now) the answer to the Step's `step` request
     api_result(state, result, now)      the answer to the Step's `api` request
     tts_result(state, result, now)      the answer to the Step's `tts` request
+    asr_result(state, result, now)      the answer to the Step's `asr` request
     abort(state, call, reason, now)     the shell's last resort after an internal error
 
-`handle`, `provider_result`, `api_result` and `tts_result` also take `ivrs`, the configured
+`handle`, `provider_result`, `api_result`, `tts_result` and `asr_result` also take `ivrs`, the configured
 `[ivrs.<route_point>]` table a `jump_ivr` action looks its target up in (data passed
 in like the clock, so the machine stays pure).
 
 A `Step` holds the new state, call commands for the media worker / front (in order),
 HTTP requests for the shell, traces, and two flags. When `waiting_for_provider` is
-set the last request is a `step`, `api` or `tts` request: the shell performs it
-(`step` under the retry policy in `pbx.ivr.provider`, `tts` with `pbx.tts`) and feeds
-the `ProviderResult` to `provider_result` (the `ApiResult` to `api_result`, the
-`TtsResult` to `tts_result`), and so on until the machine waits for a call event
+set the last request is a `step`, `api`, `tts` or `asr` request: the shell performs it
+(`step` under the retry policy in `pbx.ivr.provider`, `tts` with `pbx.tts`, `asr` with
+`pbx.asr`) and feeds the `ProviderResult` to `provider_result` (the `ApiResult` to
+`api_result`, the `TtsResult` to `tts_result`, the `AsrResult` to `asr_result`), and so on until the machine waits for a call event
 again; then the shell replies. The other requests
 (`start`, `end`, `dtmf_match`) are fire-and-forget notifications.
 
@@ -81,7 +82,7 @@ from pbx.ivr.actions.record import (
     VOICEMAIL_MAX_SECS,
 )
 from pbx.ivr.handlers import EXECUTORS, INPUTS
-from pbx.ivr.models import ApiResult, ProviderResult, TtsResult
+from pbx.ivr.models import ApiResult, AsrResult, ProviderResult, TtsResult
 from pbx.ivr.phases import IllegalTransition, InputKind, IvrStateError, Phase
 from pbx.ivr.session import ERROR_PROMPT, MAX_CHAINED_STEPS, Ivrs, Session, Step
 from pbx.ivr.state import load
@@ -115,6 +116,7 @@ __all__ = [
     "Step",
     "abort",
     "api_result",
+    "asr_result",
     "handle",
     "provider_result",
     "start",
@@ -200,6 +202,13 @@ def tts_result(
 ) -> Step:
     """The outcome of the `tts` request the last Step asked for."""
     return _dispatch(_load(state, now, "tts", ivrs), InputKind.TTS_RESULT, result)
+
+
+def asr_result(
+    state: dict[str, Any], result: AsrResult, now: float, ivrs: Ivrs | None = None
+) -> Step:
+    """The outcome of the `asr` request the last Step asked for."""
+    return _dispatch(_load(state, now, "asr", ivrs), InputKind.ASR_RESULT, result)
 
 
 def abort(state: dict[str, Any] | None, call: CallInfo | None, reason: str, now: float) -> Step:

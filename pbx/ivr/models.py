@@ -407,7 +407,7 @@ def action_json(action: _Action) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- machine <-> HTTP shell
 
-RequestKind = Literal["step", "start", "end", "dtmf_match", "api", "tts"]
+RequestKind = Literal["step", "start", "end", "dtmf_match", "api", "tts", "asr"]
 
 
 @dataclass(frozen=True)
@@ -419,7 +419,10 @@ class ProviderRequest:
     action) an `ApiResult` fed back through `machine.api_result`; `tts` requests (text
     to speech, no HTTP of the provider's: `body` is `{"text", "voice"}`, `url` empty,
     `voice` None for the configured default) a `TtsResult` fed back through
-    `machine.tts_result`; the others are fire-and-forget notifications (`/start`,
+    `machine.tts_result`; `asr` requests (speech recognition for `input_voice`, no
+    HTTP of the provider's: `body` is `{"stage": "check"}` or `{"stage": "recognize",
+    "file", "reason", "scene"}`, `url` empty) an `AsrResult` fed back through
+    `machine.asr_result`; the others are fire-and-forget notifications (`/start`,
     `/end`, `/dtmf-match`).
 
     `method`, `headers`, `query` and `timeout_s` are for `api` requests only: the
@@ -475,3 +478,16 @@ class TtsResult:
     file: str | None = None
     error: str | None = None
     source: str = ""  # "cache", "http", "espeak-ng": for logs and tests
+
+
+@dataclass(frozen=True)
+class AsrResult:
+    """Outcome of an `asr` request (docs/asr.md). Stage "check": `error` None when a
+    recogniser is there. Stage "recognize": the transcript (`text`, "" when nothing was
+    said) and `confidence` in [0, 1], or `error`, the reason the provider is given in
+    an `error` event."""
+
+    text: str = ""
+    confidence: float = 0.0
+    error: str | None = None
+    source: str = ""  # "http", "pocketsphinx", "none" (nothing said): for logs and tests

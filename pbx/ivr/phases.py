@@ -41,6 +41,7 @@ class Phase(StrEnum):
     COLLECT_WAIT = "collect_wait"  # collecting digits; the (inter-digit) timer is armed
     WAIT_API = "wait_api"  # an `api` request is out; only its result is accepted
     WAIT_TTS = "wait_tts"  # a `tts` request is out; only its result is accepted
+    WAIT_ASR = "wait_asr"  # an `asr` request is out; only its result is accepted
     RECORD_PROMPT = "record_prompt"  # torecord's prompt is playing; recording follows
     RECORDING = "recording"  # torecord / voicemail: the media worker is recording
     VM_GREETING = "vm_greeting"  # voicemail greeting playing; beep and recording follow
@@ -48,7 +49,10 @@ class Phase(StrEnum):
     DONE = "done"
 
 
-WAITING_FOR_ANSWER = frozenset({Phase.WAIT_PROVIDER, Phase.WAIT_API, Phase.WAIT_TTS})
+WAITING_FOR_ANSWER = frozenset(
+    {Phase.WAIT_PROVIDER, Phase.WAIT_API, Phase.WAIT_TTS, Phase.WAIT_ASR}
+)
+AsrStage = Literal["check", "recognize"]
 
 
 class InputKind(StrEnum):
@@ -60,6 +64,7 @@ class InputKind(StrEnum):
     PROVIDER_RESULT = "provider_result"
     API_RESULT = "api_result"
     TTS_RESULT = "tts_result"
+    ASR_RESULT = "asr_result"
     RECORDING_FINISHED = "recording_finished"
     WAIT_EXPIRED = "wait_expired"
 
@@ -194,6 +199,15 @@ class AwaitingSpeech(PhaseData):
 
 
 @dataclass(frozen=True, slots=True)
+class AwaitingRecognition(PhaseData):
+    """An `asr` request is out (`input_voice`): "check" asks whether a recogniser is
+    there before the caller is listened to, "recognize" for the utterance's text."""
+
+    phase = Phase.WAIT_ASR
+    stage: AsrStage
+
+
+@dataclass(frozen=True, slots=True)
 class Prompting(_Playing):
     phase = Phase.PROMPT
     typeahead: Digits = ()  # digits pressed during a prompt that is not interruptible
@@ -307,7 +321,7 @@ class Done(PhaseData):
 PHASE_DATA: Mapping[Phase, type[PhaseData]] = {
     cls.phase: cls
     for cls in (
-        AwaitingStep, AwaitingApi, AwaitingSpeech, Prompting, MenuGreeting, MenuNotice,
+        AwaitingStep, AwaitingApi, AwaitingSpeech, AwaitingRecognition, Prompting, MenuGreeting, MenuNotice,
         MenuWaiting, CollectPrompt, Collecting, RecordPrompt, Recording, VoicemailGreeting,
         Closing, Done,
     )
@@ -351,6 +365,8 @@ TRANSITIONS: Mapping[Phase | None, frozenset[Phase]] = {
         {Phase.WAIT_TTS, Phase.PROMPT, Phase.MENU_GREETING, Phase.MENU_NOTICE,
          Phase.WAIT_PROVIDER, *_ALWAYS}
     ),
+    # input_voice: listening starts (check), the provider hears the text or the failure.
+    Phase.WAIT_ASR: frozenset({Phase.WAIT_ASR, Phase.RECORDING, Phase.WAIT_PROVIDER, *_ALWAYS}),
     # The prompt ends and the recording starts, or the provider hears why not.
     Phase.RECORD_PROMPT: frozenset(
         {Phase.RECORD_PROMPT, Phase.RECORDING, Phase.WAIT_PROVIDER, *_ALWAYS}

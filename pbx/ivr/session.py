@@ -40,6 +40,7 @@ from pbx.ivr.models import (
 )
 from pbx.ivr.phases import (
     WAITING_FOR_ANSWER,
+    AwaitingRecognition,
     AwaitingSpeech,
     AwaitingStep,
     Closing,
@@ -77,8 +78,8 @@ MAX_CHAINED_STEPS = 16
 @dataclass
 class Step:
     """What one entry point produced. `requests` are in the order to send them; when
-    `waiting_for_provider` is set the last one is the `step`, `api` or `tts` request to
-    answer."""
+    `waiting_for_provider` is set the last one is the `step`, `api`, `tts` or `asr`
+    request to answer."""
 
     state: dict[str, Any]
     commands: list[CallCommand] = field(default_factory=list)
@@ -92,9 +93,9 @@ class Step:
 
     @property
     def pending_request(self) -> ProviderRequest | None:
-        """The `step`, `api` or `tts` request whose result the session waits for, if any."""
+        """The `step`, `api`, `tts` or `asr` request whose result the session waits for."""
         last = self.requests[-1] if self.waiting_for_provider and self.requests else None
-        return last if last is not None and last.kind in ("step", "api", "tts") else None
+        return last if last is not None and last.kind in ("step", "api", "tts", "asr") else None
 
     @property
     def step_request(self) -> ProviderRequest | None:
@@ -110,6 +111,11 @@ class Step:
     def tts_request(self) -> ProviderRequest | None:
         request = self.pending_request
         return request if request is not None and request.kind == "tts" else None
+
+    @property
+    def asr_request(self) -> ProviderRequest | None:
+        request = self.pending_request
+        return request if request is not None and request.kind == "asr" else None
 
 
 # An action's executor: the session, the action (variables applied and substituted),
@@ -251,6 +257,12 @@ class Session:
         body = {"text": text, "voice": voice}
         self.requests.append(ProviderRequest("tts", "", body, self.env.call.params))
         return AwaitingSpeech(purpose=purpose)
+
+    def recognize(self, body: dict[str, Any]) -> AwaitingRecognition:
+        """Ask the shell about speech recognition (`pbx.ivr.actions.voice`): the answer
+        comes back as an ASR_RESULT input."""
+        self.requests.append(ProviderRequest("asr", "", body, self.env.call.params))
+        return AwaitingRecognition(stage=body["stage"])
 
     # ------------------------------------------------------------ the way out
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pbx.ivr.models import ActionNode
 from pbx.ivr.phases import (
     AwaitingApi,
+    AwaitingRecognition,
     AwaitingSpeech,
     AwaitingStep,
     Closing,
@@ -87,6 +88,8 @@ class SessionState(BaseModel):
     # What a `tts` request in flight is for: a prompt, a menu greeting or a menu notice.
     tts_for: Literal["prompt", "greeting", "notice"] | None = None
     tts_greeting: str | None = None  # the current menu's synthesised greeting_text
+    # Of an `asr` request in flight (input_voice). Written only when set, as prompt_rest.
+    asr_stage: Literal["check", "recognize"] | None = None
     digits: list[str] = Field(default_factory=list)  # type-ahead, for a digit-taking action
     # The parts of a `record_name_list` prompt still to play after the current one.
     # Written only when there are some: executors from before it refuse the key.
@@ -170,6 +173,8 @@ def _phase_data(s: SessionState) -> PhaseData:
                 menu=_menu(s) if purpose != "prompt" else None,
                 notice_interruptible=s.notice_interruptible if purpose == "notice" else False,
             )
+        case Phase.WAIT_ASR:
+            return AwaitingRecognition(stage=_required(s.asr_stage, s, "asr_stage"))
         case Phase.DONE:
             return Done(end_reason=s.end_reason, hangup_code=s.hangup_code)
         case Phase.COLLECT_WAIT:
@@ -225,7 +230,11 @@ def dump(envelope: Envelope, data: PhaseData) -> dict[str, Any]:
         **{name: getattr(envelope, name) for name in _ENVELOPE_KEYS},
         **_phase_fields(data),
     )
-    return state.model_dump(mode="json", exclude=None if state.prompt_rest else {"prompt_rest"})
+    # Keys older executors refuse are written only when set.
+    unset = {"prompt_rest"} if not state.prompt_rest else set()
+    if state.asr_stage is None:
+        unset.add("asr_stage")
+    return state.model_dump(mode="json", exclude=unset or None)
 
 
 def _timer_fields(timer: Timer | None) -> dict[str, Any]:
@@ -250,6 +259,8 @@ def _phase_fields(data: PhaseData) -> dict[str, Any]:
             fields["pending"] = PendingStep(trigger=p.trigger, request=p.request, sent_at=p.sent_at)
         case AwaitingSpeech(purpose=purpose, menu=menu, notice_interruptible=interruptible):
             fields.update(_menu_fields(menu), tts_for=purpose, notice_interruptible=interruptible)
+        case AwaitingRecognition(stage=stage):
+            fields["asr_stage"] = stage
         case Prompting(typeahead=typeahead):
             fields["digits"] = list(typeahead)
         case MenuGreeting(menu=menu):

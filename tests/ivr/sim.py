@@ -13,7 +13,8 @@ import orjson
 
 from pbx.config import IvrAppParams
 from pbx.ivr import machine
-from pbx.ivr.models import ApiResult, ProviderRequest, ProviderResult, TtsResult
+from pbx.ivr.actions.voice import ASR_UNAVAILABLE
+from pbx.ivr.models import ApiResult, AsrResult, ProviderRequest, ProviderResult, TtsResult
 from pbx.messages import (
     AudioComplete,
     CallEndedInput,
@@ -67,6 +68,14 @@ Answers = list[Answer] | Callable[[dict[str, Any]], Answer]
 Tts = Callable[[str, str | None], TtsResult]
 
 
+# Speech recognition: the `asr` request's body -> result. None: no ASR configured.
+Asr = Callable[[dict[str, Any]], AsrResult]
+
+
+def no_asr(body: dict[str, Any]) -> AsrResult:
+    return AsrResult(error=ASR_UNAVAILABLE)
+
+
 def no_tts(text: str, voice: str | None) -> TtsResult:
     return TtsResult(error=machine.TTS_UNAVAILABLE)
 
@@ -88,6 +97,7 @@ class Sim:
         ivrs: Mapping[str, IvrAppParams] | None = None,
         urls: Mapping[str, Answers] | None = None,
         tts: Tts | None = None,
+        asr: Asr | None = None,
         **params: Any,
     ):
         self.call = make_call(**params)
@@ -104,6 +114,8 @@ class Sim:
         self.api_sent: list[ProviderRequest] = []
         self.tts = tts or no_tts
         self.tts_sent: list[tuple[str, str | None]] = []  # (text, voice) asked for
+        self.asr = asr or no_asr
+        self.asr_sent: list[dict[str, Any]] = []  # `asr` request bodies
         self.notified: list[tuple[str, str, dict[str, Any]]] = []  # (kind, url, body)
         self.traces: list[StepTrace] = []
         self.done = False
@@ -132,7 +144,7 @@ class Sim:
             self.done = step.done
             self.wait_ms = step.wait_ms
             for r in step.requests:
-                if r.kind not in ("step", "api", "tts"):
+                if r.kind not in ("step", "api", "tts", "asr"):
                     self.notified.append((r.kind, r.url, r.body))
             request = step.pending_request
             if request is None:
@@ -143,6 +155,11 @@ class Sim:
                 self.tts_sent.append((text, voice))
                 spoken = self.tts(text, voice)
                 step = machine.tts_result(self.state, spoken, self.now, ivrs=self.ivrs)
+                continue
+            if request.kind == "asr":
+                self.asr_sent.append(request.body)
+                heard = self.asr(request.body)
+                step = machine.asr_result(self.state, heard, self.now, ivrs=self.ivrs)
                 continue
             if request.kind == "api":
                 self.api_sent.append(request)

@@ -18,6 +18,7 @@ from pbx.ivr.phases import (
     PHASE_DATA,
     TRANSITIONS,
     AwaitingApi,
+    AwaitingRecognition,
     AwaitingSpeech,
     AwaitingStep,
     Closing,
@@ -163,6 +164,7 @@ SAMPLES: list[tuple[PhaseData, dict[str, Any]]] = [
         {"pending": {"trigger": "dtmf", "request": {"event": {"type": "dtmf"}}, "sent_at": 12.5}},
     ),
     (AwaitingSpeech(purpose="prompt"), {"tts_for": "prompt"}),
+    (AwaitingRecognition(stage="recognize"), {"asr_stage": "recognize"}),
     (
         # The greeting being synthesised is not there yet.
         AwaitingSpeech(purpose="greeting", menu=MenuProgress(attempts=1)),
@@ -224,8 +226,8 @@ PHASE_KEY_DEFAULTS: dict[str, Any] = {
     "hangup_code": None, "end_reason": None, "pending": None,
 }
 # Phase keys written only when they are not empty (executors older than them refuse
-# them): a record_name_list prompt's parts still to play.
-OPTIONAL_PHASE_KEYS = {"prompt_rest"}
+# them): a record_name_list prompt's parts still to play, the stage of an `asr` request.
+OPTIONAL_PHASE_KEYS = {"prompt_rest", "asr_stage"}
 ENVELOPE_KEYS = {
     "v", "phase", "call", "variables", "node", "play_id", "timer_id", "record_id",
     "last_record_path", "step_index", "chained_steps", "step_id", "step_name", "extra",

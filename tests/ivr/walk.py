@@ -3,7 +3,7 @@ type, nested `next`/entries, broken ones), random media events (current and stal
 ids), hang-ups, lost waits, restarts and aborts, on a virtual clock.
 
 `walk(module, rng)` drives any module with the machine's entry points (`start`,
-`handle`, `provider_result`, `api_result`, `tts_result`, `abort`) and reports every
+`handle`, `provider_result`, `api_result`, `tts_result`, `asr_result`, `abort`) and reports every
 call as a `Move`: what went in and what came out. Deterministic for a seeded `rng`,
 so a test can assert what a fixed set of walks reaches.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from pbx.config import IvrAppParams
-from pbx.ivr.models import ApiResult, ProviderResult, TtsResult
+from pbx.ivr.models import ApiResult, AsrResult, ProviderResult, TtsResult
 from pbx.messages import (
     AudioComplete,
     CallEndedInput,
@@ -193,6 +193,15 @@ def random_tts_result(rng: random.Random) -> TtsResult:
     return TtsResult(file=".tts/x.wav", source="walk")
 
 
+def random_asr_result(rng: random.Random) -> AsrResult:
+    roll = rng.random()
+    if roll < 0.25:
+        return AsrResult(error="ASR service not available")
+    if roll < 0.4:
+        return AsrResult(source="none")
+    return AsrResult(text="yes", confidence=0.8, source="walk")
+
+
 # One action beginning in each phase...
 FIRST_PHASES: list[dict[str, Any]] = [
     {"type": "prompt", "file": "sounds/a.wav"},
@@ -300,7 +309,7 @@ def _random_input(rng: random.Random, ids: _Ids, call: CallInfo, answer_awaited:
             event=RecordingFinished(
                 record_id=some(ids.record), path=ids.record_path,
                 duration_ms=rng.choice([0, 1400, 9000]),
-                reason=rng.choice(["dtmf", "max_duration", "error"]),
+                reason=rng.choice(["dtmf", "max_duration", "error", "speech_end", "no_speech"]),
             )
         )
     if roll < 0.84:
@@ -354,6 +363,8 @@ def walk(
         if request is not None and rng.random() < 0.9:
             if request.kind == "tts":
                 move = _call(machine, "tts_result", state, random_tts_result(rng), now)
+            elif request.kind == "asr":
+                move = _call(machine, "asr_result", state, random_asr_result(rng), now)
             elif request.kind == "api":
                 move = _call(machine, "api_result", state, random_api_result(rng), now)
             else:
@@ -365,6 +376,7 @@ def walk(
             # An answer of the wrong kind (a bug in the shell): refused.
             entry, payload = rng.choice([
                 ("tts_result", TtsResult(file="x.wav")),
+                ("asr_result", AsrResult(text="no")),
                 ("api_result", ApiResult(200, {})),
                 ("provider_result", ProviderResult("ok", body={"type": "hangup"})),
             ])

@@ -17,7 +17,14 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pbx.ivr.models import ErrorEvent, RecordingCompleteEvent, ToRecordAction, VoicemailAction
+from pbx.ivr.actions import voice
+from pbx.ivr.models import (
+    ErrorEvent,
+    InputVoiceAction,
+    RecordingCompleteEvent,
+    ToRecordAction,
+    VoicemailAction,
+)
 from pbx.ivr.phases import Digits, PhaseData, Recording, RecordPrompt, VoicemailGreeting
 from pbx.ivr.session import Session
 from pbx.ivr.variables import safe_name
@@ -131,6 +138,8 @@ def finished(s: Session, data: Recording, ev: RecordingFinished) -> PhaseData:
     was written): recording_complete in every case while the call is up (docs/decisions.md)."""
     s.cancel_timer(data.active_timer)  # the grace timer of a media failure, if any
     node = s.env.node
+    if isinstance(node, InputVoiceAction):
+        return voice.heard(s, data, ev)
     if isinstance(node, VoicemailAction):
         return s.close(VOICEMAIL_GOODBYE, None, f"Voicemail({node.target})")
     assert isinstance(node, ToRecordAction)
