@@ -206,16 +206,71 @@ def test_action_the_pbx_cannot_run_is_reported() -> None:
 
 
 def test_recorded_error_fails_unless_expected() -> None:
-    answers = ({"type": "prompt", "tts_text": "Hello"}, {"type": "hangup"})
+    # `next` on a dtmf_menu is ignored: the PBX records that as the step's error.
+    answers = ({"type": "dtmf_menu", "greeting": "sounds/menu.wav",
+                "entries": {"1": {"type": "hangup"}}, "next": {"type": "hangup"}},)
+    code, out, _ = asyncio.run(_simulate(_answers(*answers), "--press", "1"))
+    # Nothing expects it by name: exit 3.
+    assert code == cli.EXIT_PROTOCOL, out
+    assert "PBX error: dtmf_menu: `next` is not followed" in out
+    code, out, _ = asyncio.run(_simulate(_answers(*answers), "--press", "1",
+                                         "--expect-error", "`next` is not followed"))
+    assert code == cli.EXIT_OK, out
+    assert "✓ expect error '`next` is not followed'" in out
+
+
+def test_no_tts_error_is_the_simulations_not_the_providers(tmp_path: Path) -> None:
+    """Without text to speech (--no-tts, or a call's `options: {tts: false}`) a provider
+    that handles the `error` event keeps the protocol: exit 0 without --expect-error."""
+    answers = ({"type": "prompt", "tts_text": "Hello"},
+               {"type": "transfer", "target": "operator"})
     expect_event = ("--expect-event", '{"type": "error", "reason": "TTS service not available"}')
     code, out, _ = asyncio.run(_simulate(_answers(*answers), "--no-tts", *expect_event))
-    # The TTS failure is an error the PBX records; nothing expects it by name: exit 3.
-    assert code == cli.EXIT_PROTOCOL, out
-    assert "PBX error: tts: TTS service not available" in out
-    code, out, _ = asyncio.run(_simulate(_answers(*answers), "--no-tts", *expect_event,
-                                         "--expect-error", "TTS service"))
     assert code == cli.EXIT_OK, out
-    assert "✓ expect error 'TTS service'" in out
+    assert "✗ error: tts: TTS service not available" in out  # still shown
+    assert "PBX error" not in out
+    yaml_text = """
+calls:
+  - name: speaks
+    expect: [{said: Hello}]
+  - name: no tts here
+    options: {tts: false, prompt_ms: 100}
+    expect: [{event: {type: error, reason: TTS service not available}}]
+"""
+    code, out, seen = asyncio.run(_simulate(_answers(*answers, *answers),
+                                            scenario=tmp_path / "s.yaml", yaml_text=yaml_text))
+    assert code == cli.EXIT_OK, out
+    assert "speaks: ok" in out and "no tts here: ok" in out
+    assert [x["body"]["event"]["type"] for x in seen] == [
+        "session_start", "audio_complete", "session_start", "error"]
+    with pytest.raises(ScenarioError, match=r"calls\.0\.options.*tts"):
+        parse({"calls": [{"options": {"tts": "maybe"}}]}, "s.yaml")
+
+
+def test_api_line_shows_what_is_sent() -> None:
+    """`→ api` shows the query string (GET) or the JSON body (POST) the variables make."""
+
+    api_responses: list[str] = []
+
+    async def provider(body: dict[str, Any], request: web.Request) -> web.StreamResponse:
+        event = body["event"]["type"]
+        url = f"http://{request.host}/crm"
+        if event == "session_start":
+            return web.json_response({"type": "collect_dtmf", "min_digits": 1, "max_digits": 1,
+                                      "next": {"type": "api", "url": url + "?v=1",
+                                               "variables": "dtmf_input,caller"}})
+        if event == "api_response":
+            api_responses.append(body["variables"]["api_status"])
+            if len(api_responses) == 2:
+                return web.json_response({"type": "hangup"})
+        return web.json_response({"type": "api", "url": url, "method": "POST",
+                                  "variables": "dtmf_input"})
+
+    code, out, _ = asyncio.run(_simulate(provider, "--press", "3"))
+    assert code == cli.EXIT_OK, out
+    assert "→ api GET http://127.0.0.1:" in out
+    assert "/crm?v=1&dtmf_input=3&caller=1001" in out
+    assert '→ api POST http://127.0.0.1:' in out and '/crm body {"dtmf_input":"3"}' in out
 
 
 def test_http_500_runs_the_fallback_and_exits_3() -> None:

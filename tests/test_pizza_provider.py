@@ -1,8 +1,9 @@
 """The pizza line (examples/pizza_provider.py) passes its pbx-sim scenarios.
 
 The provider runs as a real process on a free port; `pbx-sim` (docs/simulator.md) runs
-examples/pizza_scenarios.yaml against it, and the `error` branch (a PBX without text
-to speech) from the command line, since a scenario's call cannot override `options`.
+examples/pizza_scenarios.yaml against it (its last call is the `error` branch, a PBX
+without text to speech: `options: {tts: false}`), and that branch from the command
+line too (`--no-tts`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def test_every_scenario_passes(pizza_url: str) -> None:
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr
     assert "FAILED" not in run.stdout
     assert "the caller hangs up while ordering: ok" in run.stdout
+    assert "a PBX without text to speech sends the caller to the operator: ok" in run.stdout
 
 
 def test_no_tts_error_goes_to_the_operator(pizza_url: str) -> None:

@@ -29,6 +29,7 @@ from pbx.sim.scenario import (
     ScenarioError,
     app_params,
     load,
+    options_for,
     parse,
     parse_duration,
 )
@@ -234,22 +235,22 @@ def _merged_call(scenario: Scenario, call: Call) -> Call:
 async def run(scenario: Scenario, ivrs: dict[str, IvrAppParams], verbose: bool = False,
               out: runner.Out = print) -> int:
     """Run every call of the scenario; the exit code."""
-    outcomes: list[tuple[Call, runner.Outcome]] = []
+    outcomes: list[tuple[Call, runner.Outcome, Options]] = []
     for raw_call in scenario.calls:
         call = _merged_call(scenario, raw_call)
         params = app_params(scenario, raw_call)
-        sim = runner.SimCall(call, params, scenario.options, out, ivrs=ivrs, verbose=verbose)
+        options = options_for(scenario, raw_call)
+        sim = runner.SimCall(call, params, options, out, ivrs=ivrs, verbose=verbose)
         outcome = await sim.run()
-        runner.check(call, outcome, out)
-        outcomes.append((call, outcome))
+        runner.check(call, outcome, out, options)
+        outcomes.append((call, outcome, options))
         out("")
-    return summarize(outcomes, scenario.options, out)
+    return summarize(outcomes, out)
 
 
-def summarize(outcomes: list[tuple[Call, runner.Outcome]], options: Options,
-              out: runner.Out) -> int:
+def summarize(outcomes: list[tuple[Call, runner.Outcome, Options]], out: runner.Out) -> int:
     failed = internal = protocol = 0
-    for call, o in outcomes:
+    for call, o, options in outcomes:
         problems = o.problems(options)
         verdict = ("INTERNAL ERROR" if o.internal else "FAILED" if o.failed_expectations
                    else "PROTOCOL PROBLEMS" if problems else "ok")

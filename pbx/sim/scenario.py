@@ -155,6 +155,15 @@ class Call(CallDefaults):
     name: str = "call"
     steps: list[Step] = Field(default_factory=list)
     expect: list[Expectation] = Field(default_factory=list)
+    # Any of the scenario's `options` for this call only (e.g. `tts: false`).
+    options: dict[str, Any] | None = None
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            Options.model_validate(v)  # each key checked here, merged in `options_for`
+        return v
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -203,6 +212,13 @@ class Scenario(CallDefaults):
     ivrs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     options: Options = Field(default_factory=Options)
     calls: list[Call] = Field(min_length=1)
+
+
+def options_for(scenario: Scenario, call: Call) -> Options:
+    """The scenario's options (command line included), the call's own over them."""
+    if not call.options:
+        return scenario.options
+    return Options.model_validate({**scenario.options.model_dump(), **call.options})
 
 
 def app_params(scenario: Scenario, call: Call) -> IvrAppParams:
