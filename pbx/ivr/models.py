@@ -19,7 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 from pbx.config import IvrAppParams
 
@@ -148,6 +156,14 @@ DIGIT_TAKING_TYPES = frozenset({"dtmf_menu", "collect_dtmf", "input_phone"})
 NESTED_ACTION_FIELDS = frozenset({"next", "entries", "invalid_action", "timeout_action"})
 
 
+# Session variables an action sets: stored as text, but a provider may send numbers,
+# booleans and null (docs/variables.md), so the published schema says so too.
+VariableValues = Annotated[dict[str, str], WithJsonSchema({
+    "type": "object",
+    "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
+})]
+
+
 class _Action(BaseModel):
     """Fields every ActionNode may carry (docs/actions.md "Fields every action may carry")."""
 
@@ -156,7 +172,7 @@ class _Action(BaseModel):
     step_name: str | None = None
     extra: dict[str, Any] | None = None
     # Session variables the provider sets with this action (docs/variables.md).
-    variables: dict[str, str] | None = None
+    variables: VariableValues | None = None
     # Chained action run after this one completes, without a provider call; ignored on
     # terminal actions (docs/decisions.md "next").
     next: ActionNode | None = None
@@ -293,7 +309,7 @@ class ApiAction(_Action):
     headers: dict[str, str] = Field(default_factory=dict)
     # For `api`, a string names the session variables to send (comma-separated, spec
     # §5); an object sets variables like on any other action.
-    variables: dict[str, str] | str | None = None  # type: ignore[assignment]
+    variables: VariableValues | str | None = None  # type: ignore[assignment]
     timeout: int = Field(default=10, ge=0)  # seconds; 0: the default (10)
     get_dynamic_tree: bool = False
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pbx.config import IvrAppParams, RetrySettings
 from pbx.ivr.models import ActionNode, ProviderContext, ProviderEvent, SessionContext
 from pbx.messages import StepTrace
+from pbx.schema import violations
 from tests.ivr.sim import Sim
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -101,8 +102,19 @@ def unknown_keys(raw: Any, value: Any, at: str = "") -> list[str]:
     return out
 
 
+# The published JSON Schema document for each model it covers (docs/schema/v1/): an
+# example must satisfy the schema a provider author would check it with, as well.
+SCHEMAS = {
+    "ActionNode": "action-node",
+    "ProviderContext": "provider-context",
+    "SessionContext": "session-context",
+    "ProviderEvent": "provider-event",
+}
+
+
 def validate_model(name: str, data: Any) -> None:
-    """Raise ValueError unless `data` validates as model `name` with no unknown key."""
+    """Raise ValueError unless `data` validates as model `name` with no unknown key,
+    and (where one is published) under its JSON Schema."""
     try:
         value = TypeAdapter(MODELS[name]).validate_python(data)
     except ValidationError as exc:
@@ -110,6 +122,8 @@ def validate_model(name: str, data: Any) -> None:
     extra = unknown_keys(data, value)
     if extra:
         raise ValueError(f"unknown keys: {', '.join(extra)}")
+    if name in SCHEMAS and (problems := violations(SCHEMAS[name], data)):
+        raise ValueError(f"JSON Schema {SCHEMAS[name]}: {'; '.join(problems)}")
 
 
 def _real_bodies() -> dict[str, dict[str, Any]]:
@@ -187,6 +201,10 @@ BROKEN = [
      "marked invalid"),
     ('<!-- validate: end-body -->\n```json\n{"reason": "Normal"}\n```\n', "session_id"),
     ('```json\n{"type": "hangup"}\n```\n', "needs a <!-- validate"),
+    # The PBX reads a number as the target, the published schema does not: a guide example
+    # must satisfy both.
+    ('<!-- validate: ActionNode -->\n```json\n{"type": "transfer", "target": 2001}\n```\n',
+     "JSON Schema action-node"),
 ]
 
 
