@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,8 +36,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from pbx import planes
-from pbx.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, ConfigError, Settings, load_config
+from pbx.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, AdminSettings, ConfigError, load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HTTP_TIMEOUT_S = 10.0
@@ -64,11 +67,19 @@ def find_file(given: str | None, env: str | None, default: str) -> Path:
     return PROJECT_ROOT / path if (PROJECT_ROOT / path).exists() else path
 
 
-def load_settings(path: Path) -> Settings:
+def admin_settings(path: Path) -> AdminSettings:
+    """The `[admin]` section of the system's config, read alone: the front still runs
+    with what it loaded even while the rest of the file is being edited (or is wrong:
+    `pbx reload` is how the front tells why)."""
     try:
-        return load_config(str(path))
-    except ConfigError as exc:
-        raise CliError(f"bad configuration: {exc}", EXIT_BAD_FILE) from None
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return AdminSettings.model_validate(data.get("admin", {}))
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read: {exc.strerror or exc} (--config)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CliError(f"{path}: invalid TOML: {exc}", EXIT_BAD_FILE) from None
+    except ValidationError as exc:
+        raise CliError(f"{path}: key admin: {exc.errors()[0]['msg']}", EXIT_BAD_FILE) from None
 
 
 def supervisor_socket(conf: Path) -> str:
@@ -91,10 +102,11 @@ def supervisor_socket(conf: Path) -> str:
 class Admin:
     """The front's admin API (pbx.admin), with the config's token."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.listen = settings.admin.listen
-        self.token = settings.admin.token
-        self.config = settings.source_path
+    def __init__(self, config: Path) -> None:
+        settings = admin_settings(config)
+        self.listen = settings.listen
+        self.token = settings.token
+        self.config = str(config)
         self.base = f"http://{self.listen}"
 
     def _headers(self) -> dict[str, str]:
@@ -224,7 +236,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except CliError as exc:
         print(f"programs: {exc}")
         code = EXIT_DOWN
-    admin = Admin(load_settings(find_file(args.config, CONFIG_ENV, DEFAULT_CONFIG_PATH)))
+    admin = Admin(find_file(args.config, CONFIG_ENV, DEFAULT_CONFIG_PATH))
     try:
         status = admin.get("/api/status")
     except CliError as exc:
@@ -252,7 +264,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_calls(args: argparse.Namespace) -> int:
-    admin = Admin(load_settings(find_file(args.config, CONFIG_ENV, DEFAULT_CONFIG_PATH)))
+    admin = Admin(find_file(args.config, CONFIG_ENV, DEFAULT_CONFIG_PATH))
     if args.watch is None:
         print(calls_table(admin.get("/api/calls"), time.time()))
         return EXIT_OK
@@ -299,7 +311,7 @@ def _event_text(step: dict[str, Any]) -> str:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    admin = Admin(load_settings(find_file(args.config, CONFIG_ENV, DEFAULT_CONFIG_PATH)))
+    admin = Admin(find_file(args.config, CONFIG_ENV, DEFAULT_CONFIG_PATH))
     sessions = _sessions_of(admin, args.id)
     if not sessions:
         print(f"pbx: no IVR session or call {args.id!r} among the kept traces "
@@ -358,7 +370,7 @@ async def _follow(admin: Admin, query: dict[str, str], count: int | None,
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    admin = Admin(load_settings(find_file(args.config, CONFIG_ENV, DEFAULT_CONFIG_PATH)))
+    admin = Admin(find_file(args.config, CONFIG_ENV, DEFAULT_CONFIG_PATH))
     query = {k: v for k, v in (("session_id", args.session), ("call_id", args.call),
                                ("type", args.type)) if v}
     seconds = None if args.follow else args.seconds
@@ -382,7 +394,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    admin = Admin(load_settings(find_file(args.config, CONFIG_ENV, DEFAULT_CONFIG_PATH)))
+    try:
+        admin = Admin(find_file(args.config, CONFIG_ENV, DEFAULT_CONFIG_PATH))
+    except CliError as exc:
+        if exc.code != EXIT_BAD_FILE:
+            raise
+        print(f"reload refused, the running settings are kept: {exc}", file=sys.stderr)
+        return EXIT_BAD_FILE
     _, report = admin.request("/api/reload", "POST", ok=(200, 422))
     if not report["ok"]:
         print(f"reload refused, the running settings are kept: {report['error']}",
