@@ -18,14 +18,19 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,docs]'
 	touch $@
 
+# Everything `supervisord -c supervisord.conf` needs: the venv, the per-machine workers
+# file, and logs/ (supervisord's own log and the programs' are there; it does not
+# create the directory).
 install: $(VENV)/.installed run/workers.conf
+	mkdir -p logs
 
 # supervisord cannot default a count, so the per-machine part of its config is generated.
 run/workers.conf: $(VENV)/.installed
 	$(BIN)/python -m pbx.supervisor_conf --media-workers $(PBX_MEDIA_WORKERS) --executors $(PBX_IVR_EXECUTORS) --out $@
 
 # Debian tools the tests use: sipp (sip-tester), sox, espeak-ng and sipvicious (the
-# extension scanner and digest cracker the security tests run); venv support for
+# extension scanner and digest cracker the security tests run); systemd-analyze (checks
+# deploy/systemd/pbx.service); venv support for
 # Debian's own python3; and pyzmq for it (tests/security runs a ZeroMQ client as the
 # unprivileged `nobody`, who cannot read the venv's interpreter).
 tools:
@@ -37,13 +42,13 @@ tools:
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v svwar >/dev/null || missing="$$missing sipvicious"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
 run: install
-	mkdir -p logs
 	$(BIN)/supervisord -n -c supervisord.conf
 
 # The same, with the perf scripts' config (loopback exempt from the per-source limits).
