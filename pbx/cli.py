@@ -209,8 +209,14 @@ def call_state(call: dict[str, Any]) -> str:
     return "answered" if call.get("answered_at") else "setting up"
 
 
+def sip_call_ids(item: dict[str, Any]) -> list[str]:
+    """The SIP Call-IDs of a call's legs (the caller's first) in an /api record."""
+    ids = list(item.get("sip_call_ids") or [])
+    return ids or ([item["sip_call_id"]] if item.get("sip_call_id") else [])
+
+
 def calls_table(calls: list[dict[str, Any]], now: float) -> str:
-    rows = [[c["call_id"], str(c.get("sip_call_id") or "-"), str(c.get("caller")),
+    rows = [[c["call_id"], (sip_call_ids(c) or ["-"])[0], str(c.get("caller")),
              str(c.get("callee")), str(c.get("route") or "-"), call_state(c),
              duration(now - c["started_at"]), str(c.get("session_id") or "-")]
             for c in sorted(calls, key=lambda c: c["started_at"])]
@@ -249,14 +255,21 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{duration(now - status['started_at'])}, {reloaded}")
     media = status["media_workers"]
     print(f"\nmedia workers ({len(media)}):")
-    print(table(["  WORKER", "RTP ADDRESS", "CALLS", "CAPACITY", "PORTS FREE", "HEARTBEAT"],
-                [[f"  {w['id']}", w["address"] or "-", str(w["load"]), str(w["capacity"]),
-                  str(w["ports_free"]), f"{w['heartbeat_age_s']:.1f}s ago"] for w in media]))
+    if media:
+        print(table(["  WORKER", "RTP ADDRESS", "CALLS", "CAPACITY", "PORTS FREE", "HEARTBEAT"],
+                    [[f"  {w['id']}", w["address"] or "-", str(w["load"]), str(w["capacity"]),
+                      str(w["ports_free"]), f"{w['heartbeat_age_s']:.1f}s ago"]
+                     for w in media]))
+    else:
+        print("  none has joined the front (starting, or see logs/media-*.log)")
     executors = status["executors"]
     print(f"\nIVR executors ({len(executors)}):")
-    print(table(["  EXECUTOR", "SESSIONS", "CAPACITY", "HEARTBEAT"],
-                [[f"  {e['id']}", str(e["load"]), str(e["capacity"]),
-                  f"{e['heartbeat_age_s']:.1f}s ago"] for e in executors]))
+    if executors:
+        print(table(["  EXECUTOR", "SESSIONS", "CAPACITY", "HEARTBEAT"],
+                    [[f"  {e['id']}", str(e["load"]), str(e["capacity"]),
+                      f"{e['heartbeat_age_s']:.1f}s ago"] for e in executors]))
+    else:
+        print("  none has joined the front (starting, or see logs/ivr-*.log)")
     print(f"\ncalls: {status['calls']} (IVR sessions: {status['sessions']})")
     if not media or not executors:
         code = EXIT_DOWN
@@ -283,25 +296,26 @@ def cmd_calls(args: argparse.Namespace) -> int:
 
 
 def _sessions_of(admin: Admin, wanted: str) -> list[str]:
-    """The IVR sessions `wanted` names: a session id, or a call's (internal or SIP)
-    Call-ID among the kept traces and the calls in progress."""
-    found: list[str] = []
+    """The IVR sessions `wanted` names: a session id, or a call's id or the SIP
+    Call-ID of one of its legs, among the kept traces and the calls (in progress, or
+    recently finished where the front keeps them)."""
+    calls = admin.get("/api/calls?" + urllib.parse.urlencode({"sip_call_id": wanted}))
+    call_ids = {wanted} | {c["call_id"] for c in calls
+                           if wanted == c.get("call_id") or wanted in sip_call_ids(c)}
+    found = {c["session_id"] for c in calls
+             if c["call_id"] in call_ids and c.get("session_id")}
     for summary in admin.get("/api/traces?limit=1000"):
-        if wanted in (summary.get("session_id"), summary.get("call_id"),
-                      summary.get("sip_call_id")) or wanted in (summary.get("sip_call_ids")
-                                                                or []):
-            found.append(summary["session_id"])
-    if not found:
-        for call in admin.get("/api/calls"):
-            if wanted in (call.get("call_id"), call.get("sip_call_id")) and call.get(
-                    "session_id"):
-                found.append(call["session_id"])
-    return sorted(set(found))
+        if (summary.get("session_id") == wanted or summary.get("call_id") in call_ids
+                or wanted in sip_call_ids(summary)):
+            found.add(summary["session_id"])
+    return sorted(found)
 
 
 def _event_text(step: dict[str, Any]) -> str:
     """What the step sent the provider: its event and the fields that matter."""
-    request = step.get("request") or {}
+    request = step.get("request")
+    if request is None:  # a step the executor took without asking the provider
+        return f"{step['trigger']} (local)"
     event = request.get("event") if isinstance(request, dict) else None
     if isinstance(event, dict):
         detail = {k: v for k, v in event.items() if k != "type" and v not in (None, "", {})}
@@ -328,6 +342,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         rows = []
         for step in steps:
             action = step.get("action_type") or "-"
+            chained = (step.get("action") or {}).get("next")
+            if isinstance(chained, dict) and chained.get("type"):
+                action += f" > {chained['type']}"  # a prompt's `next`
             if step.get("end_reason"):
                 action += f" (end: {step['end_reason']})"
             rows.append([str(step["step_index"]), clock(step.get("at")), _event_text(step),

@@ -222,7 +222,8 @@ class Executor:
         plan = plan_reload(self.settings, new)
         assert plan.settings is not None
         self.settings = plan.settings
-        log.info("reload of %s: %s", path, plan.summary())
+        log.info("reload of %s: %s", path, "[ivrs.*] reloaded" if "ivrs" in plan.changed
+                 else "[ivrs.*] unchanged")
 
     @property
     def busy(self) -> int:
