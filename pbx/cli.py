@@ -381,8 +381,9 @@ async def _follow(admin: Admin, query: dict[str, str], count: int | None,
                 print(msg.data, flush=True)
                 seen += 1
     except (ClientError, OSError) as exc:
-        raise CliError(f"the front's admin listener at {admin.listen} ({admin.config}): "
-                       f"{exc}: is the system running?") from None
+        raise CliError(f"the front's admin listener at {admin.listen} ([admin] listen in "
+                       f"{admin.config}) does not answer ({exc}): is the system running? "
+                       "(`make run`, or supervisord -c supervisord.conf)") from None
     return EXIT_OK
 
 

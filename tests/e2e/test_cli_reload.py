@@ -209,3 +209,29 @@ def test_a_change_that_needs_a_restart_is_named_and_not_applied(system: PbxSyste
     finally:
         config.write_text(original)
         pbx(system, "reload")
+
+
+def test_events_follow_prints_the_live_events(system: PbxSystem, tmp_path: Path) -> None:
+    assert system.conf_path is not None
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "pbx.cli", "--config", str(system.root / "pbx.toml"),
+         "events", "--follow", "--type", "call", "--count", "2"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: len(system.admin("/api/status")["executors"]) > 0, 5, "status")
+        time.sleep(1.0)  # the WebSocket is open before the call starts
+        rtp = RtpEndpoint()
+        try:
+            finished(sipp_call(system, tmp_path, "uac_wait_bye.xml", "*99", rtp))
+        finally:
+            rtp.close()
+        out, err = follow.communicate(timeout=20)
+    finally:
+        follow.kill()
+        follow.wait(5)
+    assert follow.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [(e["type"], e["event"]) for e in events] == [("call", "started"),
+                                                         ("call", "answered")]
+    assert events[0]["callee"] == "*99"
