@@ -29,8 +29,7 @@ run/workers.conf: $(VENV)/.installed
 	$(BIN)/python -m pbx.supervisor_conf --media-workers $(PBX_MEDIA_WORKERS) --executors $(PBX_IVR_EXECUTORS) --out $@
 
 # Debian tools the tests use: sipp (sip-tester), sox, espeak-ng and sipvicious (the
-# extension scanner and digest cracker the security tests run); systemd-analyze (checks
-# deploy/systemd/pbx.service); venv support for
+# extension scanner and digest cracker the security tests run); venv support for
 # Debian's own python3; and pyzmq for it (tests/security runs a ZeroMQ client as the
 # unprivileged `nobody`, who cannot read the venv's interpreter).
 tools:
@@ -38,11 +37,11 @@ tools:
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	/usr/bin/python3 -c 'import zmq' 2>/dev/null || missing="$$missing python3-zmq"; \
 	command -v sipp >/dev/null || missing="$$missing sip-tester"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v sox >/dev/null || missing="$$missing sox"; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v svwar >/dev/null || missing="$$missing sipvicious"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
-	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
