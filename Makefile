@@ -18,7 +18,11 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,docs]'
 	touch $@
 
+# Everything `supervisord -c supervisord.conf` needs: the venv, the per-machine workers
+# file, and logs/ (supervisord's own log and the programs' are there; it does not
+# create the directory).
 install: $(VENV)/.installed run/workers.conf
+	mkdir -p logs
 
 # supervisord cannot default a count, so the per-machine part of its config is generated.
 run/workers.conf: $(VENV)/.installed
@@ -33,6 +37,7 @@ tools:
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	/usr/bin/python3 -c 'import zmq' 2>/dev/null || missing="$$missing python3-zmq"; \
 	command -v sipp >/dev/null || missing="$$missing sip-tester"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v sox >/dev/null || missing="$$missing sox"; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v svwar >/dev/null || missing="$$missing sipvicious"; \
@@ -43,7 +48,6 @@ tools:
 	fi
 
 run: install
-	mkdir -p logs
 	$(BIN)/supervisord -n -c supervisord.conf
 
 # The same, with the perf scripts' config (loopback exempt from the per-source limits).

@@ -8,6 +8,9 @@
                               text frame (?session_id=… or ?call_id=… to filter,
                               ?type=ivr_step_trace or call)
     /debug                    a self-contained trace viewer using the two above
+    /api/status               the front's media workers, executors and call count
+    POST /api/reload          re-read the config file and apply its dial plan
+                              (pbx.reload; 422 with the reason for a bad file)
 
 A shell: the data comes from the `Front`; events reach WebSocket clients through an
 `EventHub`, whose bounded per-client queues make a slow client lose events rather
@@ -183,6 +186,33 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
                 await sender
         return ws
 
+    async def status(_: web.Request) -> web.Response:
+        """What `pbx status` shows of the front: its workers, executors and calls."""
+        now = asyncio.get_running_loop().time()
+
+        def workers(registry: Any, pools: bool) -> list[dict[str, Any]]:
+            out = []
+            for w in registry.workers():
+                pool = registry.pool(w.identity) if pools else None
+                out.append({"id": w.identity.decode(errors="replace"), "address": w.address,
+                            "load": w.load, "capacity": w.capacity,
+                            "ports_free": len(pool.free_ports()) if pool is not None else None,
+                            "heartbeat_age_s": round(
+                                registry.expiry_s - (w.expires_at - now), 3)})
+            return out
+
+        return web.json_response({
+            "config": front.settings.source_path, "started_at": front.started_at,
+            "reloaded_at": front.reloaded_at, "calls": len(front.calls),
+            "sessions": len(front.sessions),
+            "media_workers": workers(front.media_workers, True),
+            "executors": workers(front.executors, False)})
+
+    async def reload(_: web.Request) -> web.Response:
+        """`pbx reload`: re-read the config file and apply its dial plan (pbx.reload)."""
+        report = front.reload()
+        return web.json_response(report, status=200 if report["ok"] else 422)
+
     async def debug(_: web.Request) -> web.Response:
         return web.Response(text=DEBUG_HTML, content_type="text/html")
 
@@ -193,4 +223,6 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
     app.router.add_get("/api/traces/{session_id}", traces)
     app.router.add_get("/ws/events", events)
     app.router.add_get("/debug", debug)
+    app.router.add_get("/api/status", status)
+    app.router.add_post("/api/reload", reload)
     return app
