@@ -45,7 +45,7 @@ from pbx.config import Settings
 from pbx.policy import PROVIDER
 from pbx.ratelimit import NetworkSet
 from pbx.records import CallRecords
-from pbx.registrar import Registrar
+from pbx.registrar import FailureLog, Registrar
 from pbx.registry import MediaWorkerRegistry, WorkerRegistry
 from pbx.sip.auth import DigestAuthenticator
 from pbx.sip.authguard import AuthGuard
@@ -92,6 +92,9 @@ def new_registrar(settings: Settings) -> Registrar:
             user_max_failures=auth.user_max_failures, backoff_base_s=auth.backoff_base_s,
             backoff_max_s=auth.backoff_max_s, failure_memory_s=auth.failure_memory_s,
             known_source_s=auth.known_source_s, table_size=auth.table_size),
+        failure_log=FailureLog(auth.log_failures_per_min, auth.log_failures_burst,
+                               auth.log_failures_max_per_min),
+        md5_user_agents=auth.md5_user_agents,
     )
 
 

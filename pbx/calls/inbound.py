@@ -158,8 +158,7 @@ class Inbound:
         ctx = self.ctx
         ctx.stats["calls_challenged"] += 1
         ctx.respond(key, req, 407, to_tag=new_tag(),
-                    headers=ctx.registrar.authenticator.challenge(ctx.wall(), proxy=True,
-                                                                  request=req))
+                    headers=ctx.registrar.challenge(req, ctx.wall(), proxy=True))
 
     # ---------------------------------------------------------------- answering
 
