@@ -37,7 +37,7 @@ from pbx.calls.outbound import Outbound
 from pbx.calls.queue import QueueCalls
 from pbx.calls.refer import Refers
 from pbx.calls.session_timer import SessionTimers
-from pbx.calls.state import Call, Leg, unlink
+from pbx.calls.state import Call, Leg, LegPhase, unlink
 from pbx.calls.targets import Targets
 from pbx.calls.teardown import Teardown
 from pbx.calls.timers import TimerKind
@@ -403,15 +403,18 @@ class CallCore:
 
     # ---------------------------------------------------------------- CallOps (queues)
 
-    def ring(self, call: Call, member: str, media_id: str) -> Leg | None:
-        resolved = self.targets.resolve(member)
-        if resolved is None:
-            return None
-        leg = self.outbound.new_leg(call, member, resolved, media_id)
-        leg.member = member
-        call.ringing.append(leg)
-        self.outbound.call_out(leg)
-        return leg
+    def ring(self, call: Call, member: str, media_id: str) -> list[Leg]:
+        places = self.targets.resolve_all(member)
+        legs = [self.outbound.new_leg(call, member, place,
+                                      media_id if len(places) == 1 else f"{media_id}-{i}")
+                for i, place in enumerate(places, 1)]
+        for leg in legs:
+            leg.member = member
+        call.ringing.extend(legs)
+        for leg in legs:
+            if leg.phase is LegPhase.PENDING and not call.ended:
+                self.outbound.call_out(leg)
+        return legs
 
     def give_up_leg(self, leg: Leg) -> None:
         self.legs.give_up(leg)

@@ -228,3 +228,45 @@ def test_baresip_is_challenged_with_md5_alone(tmp_path: Path) -> None:
              .replace(b"sip:1001@", b"sip:3001@"), CALLER)
     challenges = rig.responses()[-1].headers.get_all("Proxy-Authenticate")
     assert [parse_challenge(c).algorithm for c in challenges] == ["SHA-256", "MD5"]
+
+
+QUEUE_OF_3001 = """
+[queues.forked]
+members = ["3001", "2002"]
+strategy = "ring_all"
+timeout_ms = 5000
+"""
+
+
+def queued_call(tmp_path: Path) -> tuple[CoreRig, Call]:
+    rig = CoreRig(tmp_path, first_then([m.QueueCommand(target="forked")]),
+                  FORKED_USER + QUEUE_OF_3001)
+    register(rig, "3001", PHONE_A)
+    call = rig.call()
+    rig.caller_request("ACK", 1)
+    return rig, call
+
+
+def test_a_queue_member_rings_at_every_binding(tmp_path: Path) -> None:
+    rig, call = queued_call(tmp_path)
+    member_2002 = ("127.0.0.1", 6002)
+    assert call.phase is CallPhase.QUEUED
+    assert {leg.member for leg in call.ringing} == {"3001", "2002"} and len(call.ringing) == 3
+    for addr in (STATIC, PHONE_A, member_2002):
+        rig.answer(invite_to(rig, addr), addr, f"t{addr[1]}", ring_only=True)
+    rig.answer(invite_to(rig, PHONE_A), PHONE_A, "ta")
+    assert call.phase is CallPhase.BRIDGED and call.b is not None and call.b.addr == PHONE_A
+    assert call.queue_member == "3001" and not call.ringing
+    # The member's other phone and the other member are cancelled.
+    assert rig.requests("CANCEL", STATIC) and rig.requests("CANCEL", member_2002)
+
+
+def test_a_queue_member_fails_only_when_its_last_phone_does(tmp_path: Path) -> None:
+    rig, call = queued_call(tmp_path)
+    member_2002 = ("127.0.0.1", 6002)
+    rig.feed(make_response(invite_to(rig, STATIC), 486, to_tag="ts"), STATIC)
+    assert [leg.member for leg in call.ringing].count("3001") == 1
+    rig.feed(make_response(invite_to(rig, member_2002), 486, to_tag="t2"), member_2002)
+    assert call.phase is CallPhase.QUEUED  # 3001's registered phone still rings
+    rig.answer(invite_to(rig, PHONE_A), PHONE_A, "ta")
+    assert call.phase is CallPhase.BRIDGED and call.queue_member == "3001"
