@@ -329,7 +329,7 @@ class Registrar:
                 "auth_nonces_tracked": self.authenticator.nonces.tracked,
                 "auth_guard_entries": self.guard.entries()}
 
-    def _log_failure(self, request: SipRequest, source: Addr, now: float, what: str,
+    def log_failure(self, request: SipRequest, source: Addr, now: float, what: str,
                      user: str | None, reason: str) -> None:
         """One bounded INFO line about a refused request (see `FailureLog`)."""
         self.failure_log.write(
@@ -356,7 +356,7 @@ class Registrar:
             lock = self.guard.check(ip, claimed, now)
             if lock is not None:
                 self._counters["auth_locked_refusals"] += 1
-                self._log_failure(request, source, now, "auth refused", claimed,
+                self.log_failure(request, source, now, "auth refused", claimed,
                                   f"locked out for {lock.retry_after_s(now)} s (not checked)")
                 return AuthOutcome(False, claimed, 403, LOCKED_REASON,
                                    [("Retry-After", str(lock.retry_after_s(now)))])
@@ -368,15 +368,15 @@ class Registrar:
             return AuthOutcome(True, result.username, result=result)
         if result.is_guess and result.username is not None:
             self._counters["auth_failures"] += 1
-            self._log_failure(request, source, now, "auth failure", result.username,
+            self.log_failure(request, source, now, "auth failure", result.username,
                               result.detail)
             for lock in self.guard.record_failure(ip, result.username, now):
                 self._counters["auth_lockouts"] += 1
-                self._log_failure(request, source, now, "auth lockout", result.username,
+                self.log_failure(request, source, now, "auth lockout", result.username,
                                   f"{lock.scope} locked for {lock.retry_after_s(now)} s")
         elif result.reason in _REPLAY_REASONS:
             self._counters["auth_replays"] += 1
-            self._log_failure(request, source, now, "auth replay refused", result.username,
+            self.log_failure(request, source, now, "auth replay refused", result.username,
                               result.detail)
         elif result.stale:
             self._counters["auth_stale"] += 1  # a nonce that aged: normal, re-challenged
@@ -384,7 +384,7 @@ class Registrar:
             # Credentials we cannot use (wrong algorithm or realm, no qop, a nonce not
             # ours, malformed): the client will not get in this way either. A parse
             # error's detail quotes the header: only the reason, never the credentials.
-            self._log_failure(request, source, now, "auth failure", result.username,
+            self.log_failure(request, source, now, "auth failure", result.username,
                               result.reason.value if result.reason is AuthFailure.MALFORMED
                               else result.detail)
         if result.status == 400:
@@ -411,13 +411,13 @@ class Registrar:
                                      now if auth_now is None else auth_now)
         except _Abort as abort:
             if not abort.logged:
-                self._log_failure(request, source_addr, now, "registration refused",
+                self.log_failure(request, source_addr, now, "registration refused",
                                   _uri_user(request.headers.get("To")),
                                   f"{abort.status} {abort.reason or ''}".rstrip())
             return make_response(request, abort.status, abort.reason, to_tag=to_tag,
                                  headers=abort.headers)
         except SipError as exc:
-            self._log_failure(request, source_addr, now, "registration refused",
+            self.log_failure(request, source_addr, now, "registration refused",
                               _uri_user(request.headers.get("To")),
                               f"{exc.status} {exc.message}")
             return make_response(request, exc.status, None, to_tag=to_tag)

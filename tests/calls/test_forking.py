@@ -270,3 +270,23 @@ def test_a_queue_member_fails_only_when_its_last_phone_does(tmp_path: Path) -> N
     assert call.phase is CallPhase.QUEUED  # 3001's registered phone still rings
     rig.answer(invite_to(rig, PHONE_A), PHONE_A, "ta")
     assert call.phase is CallPhase.BRIDGED and call.queue_member == "3001"
+
+
+def test_credentials_of_another_extension_are_refused_and_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """3001's valid credentials on an INVITE whose From claims 3002: 403, one INFO line."""
+    rig = CoreRig(tmp_path, extra=FORKED_USER)
+    invite = (caller_invite("").replace(b"*99", b"3002").replace(b"sip:1001@", b"sip:3002@"))
+    rig.feed(invite, CALLER)
+    challenge = next(v for v in rig.responses()[-1].headers.get_all("Proxy-Authenticate")
+                     if parse_challenge(v).algorithm == "MD5")
+    credentials = client_authorization(challenge=challenge, username="3001",
+                                       password="pw-3001", method="INVITE",
+                                       uri="sip:3002@127.0.0.1:5060", cnonce="cn", nc=1)
+    with caplog.at_level(logging.INFO, logger="pbx.auth"):
+        rig.feed(caller_invite(f"Proxy-Authorization: {credentials}\r\n", branch="2")
+                 .replace(b"*99", b"3002").replace(b"sip:1001@", b"sip:3002@"), CALLER)
+    assert rig.statuses()[-1] == 403
+    [record] = caplog.records
+    assert "'3001'" in record.getMessage() and "'3002'" in record.getMessage()
+    assert "127.0.0.1:5999" in record.getMessage()
