@@ -27,7 +27,9 @@ run/workers.conf: $(VENV)/.installed
 # Debian tools the tests use: sipp (sip-tester), sox, espeak-ng and sipvicious (the
 # extension scanner and digest cracker the security tests run); venv support for
 # Debian's own python3; and pyzmq for it (tests/security runs a ZeroMQ client as the
-# unprivileged `nobody`, who cannot read the venv's interpreter).
+# unprivileged `nobody`, who cannot read the venv's interpreter); prometheus (with
+# promtool), which tests/e2e/test_prometheus.py runs against the system and whose
+# promtool checks deploy/prometheus/.
 tools:
 	@missing=""; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
@@ -37,6 +39,7 @@ tools:
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v svwar >/dev/null || missing="$$missing sipvicious"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
