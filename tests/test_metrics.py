@@ -111,6 +111,7 @@ def test_a_call_shows_in_the_histograms_and_counters(tmp_path: Path) -> None:
     rig.advance(0.5)
     # A digit: the executor asks the provider, whose answer took 40 ms.
     rig.executors[b"e"].answer = lambda event: None
+    assert call.a is not None
     rig.media_event(call.a.media_id, m.DtmfDigit(digit="1"))
     event = rig.ivr[-1]
     digit_wall = rig.core.ctx.wall()
