@@ -352,9 +352,9 @@ def live_families(ctx: CallContext, metrics: FrontMetrics) -> Iterator[Metric]:
     late_p99 = GaugeMetricFamily(PREFIX + "media_worker_tick_late_p99_seconds", "99th "
                                  "percentile of how late the worker's 20 ms tick ran, over "
                                  "its last heartbeat period.", labels=["worker"])
-    late_max = GaugeMetricFamily(PREFIX + "media_worker_tick_late_max_seconds", "Latest "
-                                 "tick of the worker over its last heartbeat period.",
-                                 labels=["worker"])
+    late_max = GaugeMetricFamily(PREFIX + "media_worker_tick_late_max_seconds", "Worst "
+                                 "lateness of the worker's 20 ms tick over its last "
+                                 "heartbeat period.", labels=["worker"])
     busy_p99 = GaugeMetricFamily(PREFIX + "media_worker_tick_busy_p99_seconds", "99th "
                                  "percentile of one tick's work, over the worker's last "
                                  "heartbeat period.", labels=["worker"])
