@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
@@ -426,9 +426,8 @@ def live_families(ctx: CallContext, metrics: FrontMetrics) -> Iterator[Metric]:
 
 def ivr_levels(ctx: CallContext) -> dict[str, int]:
     """The executors' queue as the front sees it (counted at scrape time)."""
-    sessions: Iterable[Any] = ctx.table.sessions.values()
     queued = in_flight = 0
-    for session in sessions:
+    for session in ctx.table.sessions.values():
         queued += len(session.queue)
         in_flight += session.in_flight is not None
     return {"ivr_sessions_waiting_executor": len(ctx.table.waiting_sessions),
@@ -438,7 +437,7 @@ def ivr_levels(ctx: CallContext) -> dict[str, int]:
 class FrontCollector(Collector):
     """prometheus_client's view of the front: `values()` gives the snapshot numbers."""
 
-    def __init__(self, ctx: CallContext, values: Any) -> None:
+    def __init__(self, ctx: CallContext, values: Callable[[], dict[str, Any]]) -> None:
         self.ctx = ctx
         self.values = values
 
