@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from pbx.metrics import UNDOCUMENTED
 from tests.e2e.harness import (
     ROOT,
     SCENARIOS,
@@ -120,6 +121,12 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PbxSyste
 def test_prometheus_scrapes_the_system_under_calls(
         scraped: tuple[PbxSystem, Prometheus], tmp_path: Path) -> None:
     system, prometheus = scraped
+    # What Prometheus scrapes: every metric of the real front documented and typed.
+    with urllib.request.urlopen(f"http://127.0.0.1:{system.admin_port}/metrics",
+                                timeout=5) as response:
+        text = response.read().decode()
+    assert UNDOCUMENTED not in text, [ln for ln in text.splitlines() if UNDOCUMENTED in ln]
+    assert text.count("# HELP ") == text.count("# TYPE ") > 80
     wait_until(lambda: prometheus.value('up{job="pbx"}') == 1, 20, "the first scrape",
                interval=0.5)
     # Per-worker load is there before any call: one series per live media worker.
