@@ -32,7 +32,9 @@ run/workers.conf: $(VENV)/.installed
 # extension scanner and digest cracker the security tests run) and baresip-core (an
 # independent SIP stack: libre's digest, tests/e2e/test_baresip_register.py); venv support for
 # Debian's own python3; and pyzmq for it (tests/security runs a ZeroMQ client as the
-# unprivileged `nobody`, who cannot read the venv's interpreter).
+# unprivileged `nobody`, who cannot read the venv's interpreter); prometheus (with
+# promtool), which tests/e2e/test_prometheus.py runs against the system and whose
+# promtool checks deploy/prometheus/.
 tools:
 	@missing=""; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
@@ -44,6 +46,7 @@ tools:
 	command -v svwar >/dev/null || missing="$$missing sipvicious"; \
 	command -v baresip >/dev/null || missing="$$missing baresip-core"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

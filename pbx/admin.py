@@ -1,6 +1,6 @@
 """The front's admin web app (DESIGN §2 "admin"): metrics, calls, traces, live events.
 
-    /metrics                  Prometheus text
+    /metrics                  Prometheus text format (pbx.metrics)
     /api/calls                calls in progress
     /api/traces               recent IVR sessions (summaries, newest first; ?limit=N)
     /api/traces/{session_id}  every kept step of one session
@@ -37,9 +37,11 @@ from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import WSMsgType, web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from pbx.config import AdminSettings, parse_host_port
 from pbx.debug_page import DEBUG_HTML
+from pbx.metrics import FrontCollector
 from pbx.queues import WaitState
 
 if TYPE_CHECKING:
@@ -121,8 +123,7 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
     hub = EventHub()
     front.listeners.append(hub.publish)
 
-    async def metrics(_: web.Request) -> web.Response:
-        lines = []
+    def values() -> dict[str, Any]:
         values = dict(front.snapshot())
         if transport is not None:
             values.update(transport.stats)
@@ -133,10 +134,16 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
         values["trace_sessions"] = len(front.traces)
         values["ws_clients"] = len(hub.clients)
         values["ws_events_dropped"] = hub.dropped
-        for name, value in values.items():
-            lines.append(f"# TYPE pbx_{name} gauge")
-            lines.append(f"pbx_{name} {value}")
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        return values
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FrontCollector(front.core.ctx, values))
+
+    async def metrics(_: web.Request) -> web.Response:
+        # The text format (0.0.4), which every Prometheus reads; not OpenMetrics, where
+        # the counter `pbx_calls_total` and the gauge `pbx_calls` would share a name.
+        return web.Response(body=generate_latest(registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def calls(_: web.Request) -> web.Response:
         return web.json_response([
