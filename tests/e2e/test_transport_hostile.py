@@ -390,8 +390,16 @@ def test_flood_from_one_source_is_rate_limited_silently(system: PbxSystem) -> No
     assert answered + answers_dropped <= 400 + 200 * span + 20, (answered, limited, span)
     assert limited <= 600, (answered, limited, span)  # the burst was served
     time.sleep(2.5)  # the bucket refills (200/s): this source is served again
-    assert exchange_udp(system, (
+    after = exchange_udp(system, (
         b"OPTIONS sip:pbx@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bKafter\r\n"
         b"From: <sip:f@127.0.0.1>;tag=f\r\nTo: <sip:pbx@127.0.0.1>\r\nCall-ID: after\r\n"
-        b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"))[0].status == 200
+        b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"))
+    # Answered, not dropped: the limiter lets the source in again. On a slow machine the
+    # flood lasts longer, more of it is admitted (200/s), and each answered OPTIONS holds
+    # a transaction for Timer J (32 s): past `transactions_per_source` (512, with what the
+    # session's other tests left) the answer is the transaction budget's stateless 503.
+    assert after, "the source is still dropped after the bucket refilled"
+    status, reason = after[0].status, after[0].message.reason
+    assert status == 200 or (status == 503 and "source over budget" in reason
+                             and answered + answers_dropped > 400), (status, reason, answered)
     assert_clean_log(system)
