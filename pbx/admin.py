@@ -1,7 +1,8 @@
 """The front's admin web app (DESIGN §2 "admin"): metrics, calls, traces, live events.
 
     /metrics                  Prometheus text
-    /api/calls                calls in progress
+    /api/calls                calls in progress (?sip_call_id=X: the call, live or among
+                              the recent finished ones, one of whose legs has Call-ID X)
     /api/traces               recent IVR sessions (summaries, newest first; ?limit=N)
     /api/traces/{session_id}  every kept step of one session
     /ws/events                WebSocket: every `ivr_step_trace` and call event as a JSON
@@ -40,6 +41,7 @@ from pbx.debug_page import DEBUG_HTML
 from pbx.queues import WaitState
 
 if TYPE_CHECKING:
+    from pbx.calls.state import Call
     from pbx.front import Front
 
 log = logging.getLogger("pbx.admin")
@@ -135,15 +137,29 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
             lines.append(f"pbx_{name} {value}")
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
-    async def calls(_: web.Request) -> web.Response:
-        return web.json_response([
-            {"call_id": c.call_id, "caller": c.caller, "callee": c.callee,
-             "route": c.route.name if c.route else None, "started_at": c.started_at,
-             "answered_at": c.answered_at, "ivr": c.session is not None and not c.session.done,
-             "session_id": c.session.session_id if c.session is not None else None,
-             "bridged_to": c.transfer_target, "queue": c.queue_name, "agent": c.agent}
-            for c in front.calls.values()
-        ])
+    def live_call(c: Call) -> dict[str, Any]:
+        return {"call_id": c.call_id, "sip_call_ids": list(c.sip_call_ids),
+                "sip_legs": c.sip_legs(), "kind": c.kind, "live": True,
+                "caller": c.caller, "callee": c.callee,
+                "route": c.route.name if c.route else None, "started_at": c.started_at,
+                "answered_at": c.answered_at,
+                "ivr": c.session is not None and not c.session.done,
+                "session_id": c.session.session_id if c.session is not None else None,
+                "bridged_to": c.transfer_target if c.transfer_target is not None
+                else (c.extension if c.direct else None),
+                "queue": c.queue_name, "agent": c.agent}
+
+    async def calls(request: web.Request) -> web.Response:
+        sip_call_id = request.query.get("sip_call_id")
+        if sip_call_id is None:
+            return web.json_response([live_call(c) for c in front.calls.values()])
+        # One call at most, by index: live first, then the recent finished ones (their
+        # record, `live` false); the file holds the older ones.
+        live = front.core.ctx.table.find_sip_call_id(sip_call_id)
+        if live is not None:
+            return web.json_response([live_call(live)])
+        record = front.records.find_sip_call_id(sip_call_id)
+        return web.json_response([{**record, "live": False}] if record is not None else [])
 
     async def recent_traces(request: web.Request) -> web.Response:
         try:

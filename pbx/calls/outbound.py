@@ -71,12 +71,15 @@ class Outbound:
             log.warning("call %s: a transfer while the call is %s; ignored", call.call_id,
                         call.phase.value)
             return
+        if call.phase is CallPhase.SETUP:
+            call.direct = True  # dialled straight, no IVR: not a transfer
+        else:
+            call.transfer_target = target
         advance_call(call, CallPhase.TRANSFERRING)
-        call.transfer_target = target
         resolved = self.targets.resolve(target)
         if resolved is None:
-            log.info("call %s: transfer target %r not found", call.call_id, target)
-            self.teardown.hangup(call, f"TransferFailed({target})", 404)
+            log.info("call %s: %s target %r not found", call.call_id, _what(call), target)
+            self.teardown.hangup(call, _failure(call, target), 404)
             return
         call.b = self.new_leg(call, target, resolved, f"{call.call_id}-b")
         self.call_out(call.b)
@@ -95,8 +98,10 @@ class Outbound:
         dialog = uac_for_target(new_call_id(ctx.me.host), new_tag(),
                                 f"<sip:{caller_id}@{ctx.me.host}:{ctx.me.port}>", ruri,
                                 reliable=wants_tcp(ruri))
-        return Leg(call=call, media_id=media_id, outbound=True, dialog=dialog,
-                   addr=(host, port), phase=LegPhase.PENDING, peer=peer)
+        leg = Leg(call=call, media_id=media_id, outbound=True, dialog=dialog,
+                  addr=(host, port), phase=LegPhase.PENDING, peer=peer)
+        ctx.table.index_legs(call)
+        return leg
 
     def call_out(self, b: Leg) -> None:
         """Send the leg: resolve its host if it is a name, then a port on the caller's
@@ -113,7 +118,7 @@ class Outbound:
         if b is None or b.phase is not LegPhase.PENDING:
             return
         if addr is None:
-            self._setup_failed(b, f"TransferFailed({b.call.transfer_target})", 404)
+            self._setup_failed(b, _failure(b.call, _dialled(b.call)), 404)
             return
         b.addr = addr
         self._allocate(b)
@@ -122,14 +127,14 @@ class Outbound:
         a = b.call.a
         # Both legs must be on one worker: the bridge is local to it.
         if a is None or a.media.worker is None:
-            self._setup_failed(b, "TransferFailed(media)", 503)
+            self._setup_failed(b, _failure(b.call, "media"), 503)
             return
         self.media.allocate(b, inband_dtmf=False, worker=a.media.worker)
 
     def allocated(self, b: Leg, ok: bool) -> None:
         """The leg's port is there (or not): send the INVITE."""
         if not ok:
-            self._setup_failed(b, "TransferFailed(media)", 503)
+            self._setup_failed(b, _failure(b.call, "media"), 503)
             return
         call, ctx = b.call, self.ctx
         if call.ended or b.phase is not LegPhase.PENDING:  # the caller left, or a queue moved on
@@ -236,7 +241,7 @@ class Outbound:
             if b.member is not None:
                 self.failed(b, 488)  # the queue tries someone else
             else:
-                self.teardown.hangup(call, "TransferFailed(sdp)", 488)
+                self.teardown.hangup(call, _failure(call, "sdp"), 488)
             return
         if b.member is not None and not (self.members and self.members.member_answered(b)):
             self.legs.send_bye(b)  # another member was quicker, or the wait is over
@@ -267,11 +272,31 @@ class Outbound:
             if self.members is not None:
                 self.members.member_failed(b, status)
             return
-        log.info("call %s: transfer to %s failed with %d", call.call_id, call.transfer_target,
-                 status)
-        self.teardown.hangup(call, f"TransferFailed({status})", status)
+        log.info("call %s: %s to %s failed with %d", call.call_id, _what(call),
+                 _dialled(call), status)
+        self.teardown.hangup(call, _failure(call, str(status)), status)
 
     def client_timeout(self, key: TransactionKey) -> None:
         leg = self.ctx.table.client_txns.pop(key, None)
         if leg is not None and key.method == "INVITE" and leg.phase is LegPhase.EARLY:
             self.failed(leg, 408)
+
+
+def _dialling_direct(call: Call) -> bool:
+    """The call is a direct call still ringing its user (no transfer since)."""
+    return call.direct and call.transfer_target is None
+
+
+def _what(call: Call) -> str:
+    return "direct call" if _dialling_direct(call) else "transfer"
+
+
+def _dialled(call: Call) -> str:
+    target = call.extension if _dialling_direct(call) else call.transfer_target
+    return target or ""
+
+
+def _failure(call: Call, detail: str) -> str:
+    """The end reason of a failed leg: `CalleeFailed(...)` for a direct call (the user
+    did not answer: busy, rejected, not reachable), `TransferFailed(...)` for a transfer."""
+    return f"{'CalleeFailed' if _dialling_direct(call) else 'TransferFailed'}({detail})"
