@@ -6,7 +6,8 @@
     /api/traces               recent IVR sessions (summaries, newest first; ?limit=N)
     /api/traces/{session_id}  every kept step of one session
     /ws/events                WebSocket: every `ivr_step_trace` and call event as a JSON
-                              text frame (?session_id=… or ?call_id=… to filter,
+                              text frame (?session_id=…, ?call_id=… or
+                              ?sip_call_id=… (any leg's) to filter,
                               ?type=ivr_step_trace or call)
     /debug                    a self-contained trace viewer using the two above
 
@@ -113,7 +114,9 @@ def access_guard(settings: AdminSettings) -> Callable[..., Awaitable[web.StreamR
 
 
 def _wanted(event: dict[str, Any], filters: dict[str, str]) -> bool:
-    return all(str(event.get(key)) == value for key, value in filters.items())
+    """`sip_call_id` matches any leg's Call-ID (`sip_call_ids`); the others exactly."""
+    return all(value in (event.get("sip_call_ids") or ()) if key == "sip_call_id"
+               else str(event.get(key)) == value for key, value in filters.items())
 
 
 def admin_app(front: Front, transport: Any = None) -> web.Application:
@@ -176,7 +179,7 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
 
     async def events(request: web.Request) -> web.WebSocketResponse:
         filters = {k: v for k, v in request.query.items()
-                   if k in ("session_id", "call_id", "type")}
+                   if k in ("session_id", "call_id", "sip_call_id", "type")}
         ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S)
         await ws.prepare(request)
         queue = hub.subscribe()

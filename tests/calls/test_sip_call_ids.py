@@ -15,7 +15,7 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
 from pbx import messages as m
-from pbx.admin import admin_app
+from pbx.admin import _wanted, admin_app
 from pbx.records import CallRecords
 from pbx.sip.message import make_response
 from tests.calls.rig import (
@@ -173,3 +173,11 @@ def test_api_calls_finds_a_call_by_either_legs_call_id(tmp_path: Path) -> None:
             await server.close()
 
     asyncio.run(main())
+
+
+def test_live_events_filter_by_any_legs_call_id() -> None:
+    event = {"type": "call", "call_id": "c1", "sip_call_ids": ["a@x", "b@y"]}
+    assert _wanted(event, {"sip_call_id": "b@y"}) and _wanted(event, {"sip_call_id": "a@x"})
+    assert not _wanted(event, {"sip_call_id": "c@z"})
+    assert _wanted(event, {"sip_call_id": "a@x", "type": "call"})
+    assert not _wanted({"type": "call"}, {"sip_call_id": "a@x"})
