@@ -25,7 +25,7 @@ SIP_SUFFIX = " [sip-call-id %s]"
 
 
 class SipCallIdLogFilter(logging.Filter):
-    """Every log line of the call layer that names a call (its first argument our call
+    """Every log line of the call layer that names a call (an argument that is our call
     id, a session id or a leg's media id) gets the SIP Call-IDs of the call's legs
     appended, `[sip-call-id a=<caller's> b=<bridged party's>]` (or every leg's while
     several ring), so a line matches a packet capture. The template gains a constant
@@ -39,12 +39,14 @@ class SipCallIdLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if not isinstance(args, tuple) or not args or not isinstance(args[0], str):
+        if not isinstance(args, tuple):
             return True
-        ids = self._sip_ids(args[0])
-        if ids is not None:
-            record.msg = f"{record.msg}{SIP_SUFFIX}"
-            record.args = (*args, ids)
+        for arg in args:
+            ids = self._sip_ids(arg) if isinstance(arg, str) else None
+            if ids is not None:
+                record.msg = f"{record.msg}{SIP_SUFFIX}"
+                record.args = (*args, ids)
+                break
         return True
 
     def _sip_ids(self, key: str) -> str | None:

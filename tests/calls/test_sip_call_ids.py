@@ -116,10 +116,13 @@ def test_traces_and_log_lines_name_the_legs_call_ids(tmp_path: Path,
         logging.getLogger("pbx.calls").info("call %s: something", call.call_id)
         logging.getLogger("pbx.calls").info("session %s: something", session.session_id)
         logging.getLogger("pbx.calls").info("unrelated %s", "x")
+        media_id = call.a.media_id if call.a is not None else ""
+        logging.getLogger("pbx.calls").warning("worker %r: port %d for %s", "w", 1, media_id)
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == f"call {call.call_id}: something [sip-call-id a={CALLER_CALL_ID}]"
     assert lines[1].endswith(f"[sip-call-id a={CALLER_CALL_ID}]")
     assert lines[2] == "unrelated x"
+    assert lines[3].endswith(f"for {media_id} [sip-call-id a={CALLER_CALL_ID}]")
     # The template stays one template (the flood filter keys on it).
     assert caplog.records[0].msg == "call %s: something [sip-call-id %s]"
 
