@@ -155,9 +155,7 @@ class MediaRemote(_Msg):
     # Our side's direction (as `pbx.sip.sdp.Negotiated.direction`, RFC 3264): with
     # recvonly or inactive (the far end put us on hold) the leg sends no RTP; RTCP goes on.
     direction: Literal["sendrecv", "sendonly", "recvonly", "inactive"] = "sendrecv"
-    # RFC 3389 comfort noise, when negotiated: sent while nothing plays on the leg
-    # (else G.711 silence frames keep the stream going).
-    cn_payload_type: int | None = None
+    cn_payload_type: int | None = None  # RFC 3389 CN, sent while nothing plays (else silence)
 
 
 class MediaPlay(_Msg):
