@@ -147,6 +147,7 @@ class Leg:
     payload_type: int = 0
     codec: str = "PCMU"
     dtmf_payload_type: int | None = None
+    cn_payload_type: int | None = None  # RFC 3389, when negotiated
     ptime_ms: int = DEFAULT_PTIME_MS
     play: _Playback | None = None
     timer_id: int = 0
@@ -239,6 +240,9 @@ class Leg:
         r = self.row
         i[r, _k.L_PT] = self.payload_type
         i[r, _k.L_DTMF_PT] = -1 if self.dtmf_payload_type is None else self.dtmf_payload_type
+        i[r, _k.L_CN_PT] = -1 if self.cn_payload_type is None else self.cn_payload_type
+        # Nothing else feeds the stream: the fill kernel keeps it going between prompts.
+        i[r, _k.L_FILL] = self.peer is None and self.ws is None
         i[r, _k.L_CODEC] = 1 if self.codec == "PCMA" else 0
         i[r, _k.L_SILENCE] = g711.SILENCE[self.codec]
         i[r, _k.L_SPF] = self.samples_per_frame
@@ -255,8 +259,12 @@ class MediaEngine:
         recorder: Recorder | None = None,
         latching: Literal["strict", "loose"] = "strict",
         relatch_silence_ms: int = 5000,
+        fill_gaps: bool = True,
     ) -> None:
-        """`latching` and `relatch_silence_ms`: the config's `[rtp]` (pbx.config)."""
+        """`latching` and `relatch_silence_ms`: the config's `[rtp]` (pbx.config).
+        `fill_gaps`: keep every leg's stream going while nothing feeds it (comfort noise
+        or silence, `media.kernels.rtpbatch.fill_tick`); off only in tests of the prompt
+        pump alone."""
         self.prompts = prompts
         # The latch may move to a new source after the latched one has been silent this
         # long; in strict mode only to another SSRC (media.kernels.rtpbatch).
@@ -287,6 +295,7 @@ class MediaEngine:
         self._by_row: dict[int, Leg] = {}
         self._action = np.zeros(0, dtype=np.int8)
         self.kernels = True  # False: the Python twins (tests)
+        self.fill_gaps = fill_gaps
         self.wall_offset = 0.0  # wall clock - `now`, set by the shell, for SR NTP timestamps
         self.cname = "pbx-media"
 
@@ -356,6 +365,7 @@ class MediaEngine:
         i[leg.row, _k.L_NORECV] = msg.direction in ("sendonly", "inactive")
         leg.payload_type = msg.payload_type
         leg.dtmf_payload_type = msg.dtmf_payload_type
+        leg.cn_payload_type = msg.cn_payload_type
         leg.ptime_ms = msg.ptime_ms
         self._set_direction(leg, msg.direction)
         if msg.codec != leg.codec:
@@ -474,6 +484,8 @@ class MediaEngine:
         a.peer, b.peer = b.call_id, a.call_id
         self._slow(a)
         self._slow(b)
+        a.sync_tx()  # no fill: the peer's audio feeds each stream now
+        b.sync_tx()
 
     def _slow(self, leg: Leg) -> None:
         """Every packet of the leg takes the Python path (it is bridged, recorded or on a
@@ -517,6 +529,7 @@ class MediaEngine:
         leg = self._leg(call_id)
         self.ws.start(leg)
         self._slow(leg)
+        leg.sync_tx()  # no fill: the WebSocket's audio feeds the stream
 
     def ws_audio(self, call_id: str, data: bytes) -> None:
         """A binary frame (PCM16 LE 8 kHz) from the leg's WebSocket, to play to the caller."""
@@ -535,6 +548,7 @@ class MediaEngine:
         if leg is None:
             return []  # released: no event
         self.ws.end(leg)
+        leg.sync_tx()
         return [MediaEvent(call_id=call_id, event=WsBridgeEnded(reason=reason))]
 
     def forward_frame(
@@ -554,7 +568,9 @@ class MediaEngine:
         self._stop(leg)
         self._timed.pop(call_id, None)
         if leg.peer is not None and leg.peer in self.legs:
-            self.legs[leg.peer].peer = None
+            peer = self.legs[leg.peer]
+            peer.peer = None
+            peer.sync_tx()  # alone again: filled until its call ends
         late = 0
         if leg.rx_slot is not None:
             late = int(self.rx.late[leg.rx_slot])
@@ -960,20 +976,32 @@ class MediaEngine:
 
     def _pump_all(self, now: float, events: list[MediaEvent]) -> None:
         """Every playing leg's prompt frames due by `now` into `self.tx`, in one kernel call
-        (`media.kernels.rtpbatch.pump_tick`); prompts that ended give AudioComplete."""
+        (`media.kernels.rtpbatch.pump_tick`), then the fill frames (comfort noise or
+        silence) of every leg nothing feeds (`fill_tick`); prompts that ended give
+        AudioComplete."""
         tx = self.tx
         tx.n = 0
-        if not self._playing:
+        if not self.legs:
             return
         i, f = self.tab.i, self.tab.f
-        kernel = _k.pump_tick if self.kernels else _k.pump_tick_py
         n, ended = 0, 0
-        while True:
-            n, full, more = kernel(
-                now, i, f, self.arena.data, n, tx.data, tx.lens, tx.rows, tx.ts, tx.at,
-                tx.ips, tx.ports,
-            )  # fmt: skip
-            ended += more
+        if self._playing:
+            kernel = _k.pump_tick if self.kernels else _k.pump_tick_py
+            while True:
+                n, full, more = kernel(
+                    now, i, f, self.arena.data, n, tx.data, tx.lens, tx.rows, tx.ts, tx.at,
+                    tx.ips, tx.ports,
+                )  # fmt: skip
+                ended += more
+                tx.n = n
+                if not full:
+                    break
+                tx.grow(_k.HEADER_SIZE + int(i[:, _k.L_SPF].max()))
+        prompt_n = n
+        fill = _k.fill_tick if self.kernels else _k.fill_tick_py
+        while self.fill_gaps:
+            n, full = fill(now, i, f, n, tx.data, tx.lens, tx.rows, tx.ts, tx.at, tx.ips,
+                           tx.ports)  # fmt: skip
             tx.n = n
             if not full:
                 break
@@ -981,7 +1009,7 @@ class MediaEngine:
         if self.recorder.active:
             for k in range(n):
                 leg = self._by_row[int(tx.rows[k])]
-                if leg.rec is not None:
+                if leg.rec is not None and (k < prompt_n or leg.cn_payload_type is None):
                     leg.rec.heard(
                         int(tx.ts[k]), tx.data[k, 12 : tx.lens[k]].tobytes(), leg.codec,
                         float(tx.at[k]),

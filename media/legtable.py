@@ -16,8 +16,10 @@ import numpy as np
 
 from media.kernels.rtpbatch import (
     F_COLS,
+    F_FILL_ORIGIN,
     F_PLAY_ORIGIN,
     F_SENT_UNTIL,
+    L_CN_PT,
     L_COLS,
     L_DTMF_PT,
     L_FWD_OFFSET,
@@ -59,11 +61,13 @@ class LegTable:
         row = self._free.pop()
         self.i[row] = 0
         self.i[row, L_DTMF_PT] = -1
+        self.i[row, L_CN_PT] = -1
         self.i[row, L_RX_SLOT] = -1
         self.i[row, L_FWD_OFFSET] = -1
         self.f[row] = 0.0
         self.f[row, F_SENT_UNTIL] = np.nan
         self.f[row, F_PLAY_ORIGIN] = np.nan
+        self.f[row, F_FILL_ORIGIN] = np.nan
         self.stats.reset(row)
         return row
 

@@ -1,11 +1,13 @@
 """The front's admin web app (DESIGN §2 "admin"): metrics, calls, traces, live events.
 
-    /metrics                  Prometheus text format (pbx.metrics)
-    /api/calls                calls in progress
+    /metrics                  Prometheus text format (pbx.metrics, pbx.metrics_export)
+    /api/calls                calls in progress (?sip_call_id=X: the call, live or among
+                              the recent finished ones, one of whose legs has Call-ID X)
     /api/traces               recent IVR sessions (summaries, newest first; ?limit=N)
     /api/traces/{session_id}  every kept step of one session
     /ws/events                WebSocket: every `ivr_step_trace` and call event as a JSON
-                              text frame (?session_id=… or ?call_id=… to filter,
+                              text frame (?session_id=…, ?call_id=… or
+                              ?sip_call_id=… (any leg's) to filter,
                               ?type=ivr_step_trace or call)
     /debug                    a self-contained trace viewer using the two above
     /api/status               the front's media workers, executors and call count
@@ -45,6 +47,7 @@ from pbx.metrics_export import FrontCollector
 from pbx.queues import WaitState
 
 if TYPE_CHECKING:
+    from pbx.calls.state import Call
     from pbx.front import Front
 
 log = logging.getLogger("pbx.admin")
@@ -116,7 +119,9 @@ def access_guard(settings: AdminSettings) -> Callable[..., Awaitable[web.StreamR
 
 
 def _wanted(event: dict[str, Any], filters: dict[str, str]) -> bool:
-    return all(str(event.get(key)) == value for key, value in filters.items())
+    """`sip_call_id` matches any leg's Call-ID (`sip_call_ids`); the others exactly."""
+    return all(value in (event.get("sip_call_ids") or ()) if key == "sip_call_id"
+               else str(event.get(key)) == value for key, value in filters.items())
 
 
 def admin_app(front: Front, transport: Any = None) -> web.Application:
@@ -145,15 +150,29 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
         return web.Response(body=generate_latest(registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def calls(_: web.Request) -> web.Response:
-        return web.json_response([
-            {"call_id": c.call_id, "caller": c.caller, "callee": c.callee,
-             "route": c.route.name if c.route else None, "started_at": c.started_at,
-             "answered_at": c.answered_at, "ivr": c.session is not None and not c.session.done,
-             "session_id": c.session.session_id if c.session is not None else None,
-             "bridged_to": c.transfer_target, "queue": c.queue_name, "agent": c.agent}
-            for c in front.calls.values()
-        ])
+    def live_call(c: Call) -> dict[str, Any]:
+        return {"call_id": c.call_id, "sip_call_ids": list(c.sip_call_ids),
+                "sip_legs": c.sip_legs(), "kind": c.kind, "live": True,
+                "caller": c.caller, "callee": c.callee,
+                "route": c.route.name if c.route else None, "started_at": c.started_at,
+                "answered_at": c.answered_at,
+                "ivr": c.session is not None and not c.session.done,
+                "session_id": c.session.session_id if c.session is not None else None,
+                "bridged_to": c.transfer_target if c.transfer_target is not None
+                else (c.extension if c.direct else None),
+                "queue": c.queue_name, "agent": c.agent}
+
+    async def calls(request: web.Request) -> web.Response:
+        sip_call_id = request.query.get("sip_call_id")
+        if sip_call_id is None:
+            return web.json_response([live_call(c) for c in front.calls.values()])
+        # One call at most, by index: live first, then the recent finished ones (their
+        # record, `live` false); the file holds the older ones.
+        live = front.core.ctx.table.find_sip_call_id(sip_call_id)
+        if live is not None:
+            return web.json_response([live_call(live)])
+        record = front.records.find_sip_call_id(sip_call_id)
+        return web.json_response([{**record, "live": False}] if record is not None else [])
 
     async def recent_traces(request: web.Request) -> web.Response:
         try:
@@ -170,7 +189,7 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
 
     async def events(request: web.Request) -> web.WebSocketResponse:
         filters = {k: v for k, v in request.query.items()
-                   if k in ("session_id", "call_id", "type")}
+                   if k in ("session_id", "call_id", "sip_call_id", "type")}
         ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S)
         await ws.prepare(request)
         queue = hub.subscribe()

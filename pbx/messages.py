@@ -169,6 +169,7 @@ class MediaRemote(_Msg):
     # Our side's direction (as `pbx.sip.sdp.Negotiated.direction`, RFC 3264): with
     # recvonly or inactive (the far end put us on hold) the leg sends no RTP; RTCP goes on.
     direction: Literal["sendrecv", "sendonly", "recvonly", "inactive"] = "sendrecv"
+    cn_payload_type: int | None = None  # RFC 3389 CN, sent while nothing plays (else silence)
 
 
 class MediaPlay(_Msg):

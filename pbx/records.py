@@ -10,15 +10,20 @@ Fields (times are wall-clock seconds since the epoch; absent values are null):
 
     type            "call"
     call_id         the front's id for the call (traces, recordings use it too)
+    sip_call_id     the SIP Call-ID of the caller's leg (what a capture of the INVITE shows)
+    sip_call_ids    the SIP Call-ID of every leg, the caller's first, then each leg we
+                    sent (the bridged party, queue members rung, a REFER's target)
+    kind            "direct" (an extension dialled a user: no IVR, not a transfer; a
+                    failed one ends with CalleeFailed(<status>)) or "ivr" (a route)
     sessions        IVR session ids, in order (a queue return starts a second one)
-    route           route name (null for a direct call to a user)
+    route           route name (null for a direct call)
     caller, callee  From and To users
     started_at, answered_at, bridged_at, ended_at, duration_s (end - start)
     outcome         see `outcome()`
     end_reason      e.g. Hangup, CalleeHangup, Cancelled, Rejected(503), QueueNoAnswer
     end_code        SIP status tied to the end (final response, or Reason on the BYE)
     codec           the caller leg's codec; peer_codec the bridged leg's
-    transfer_target the transfer target, queue the queue name, queue_member who
+    transfer_target the transfer target (null for a direct call unless a REFER moved it), queue the queue name, queue_member who
                     answered, agent the route_to_agent target, ws_bridge the WebSocket URI
                     (URIs without passwords or credential query parameters, pbx.redact)
     recordings      [{path, area, duration_ms, reason}] from RecordingFinished events
@@ -32,6 +37,7 @@ The module is pure apart from the writer it is given; time comes in as `now`.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,6 +47,9 @@ if TYPE_CHECKING:
     from pbx.calls.state import Call
 
 RTP_STATS_WAIT_S = 2.0
+# Finished calls kept in memory for `/api/calls?sip_call_id=` (the newest; the file
+# has them all).
+RECENT_CALLS = 1000
 
 # End reasons that mean the system, not a party, ended the call.
 FAILURE_REASONS = ("InternalError", "MediaWorkerLost", "NoExecutor", "IvrTimeout", "NoAck",
@@ -80,7 +89,10 @@ def call_record(call: Call) -> dict[str, Any]:
     a, b = call.a, call.b
     ended_at = call.ended_at if call.ended_at is not None else call.started_at
     return {
-        "type": "call", "call_id": call.call_id, "sessions": list(call.session_ids),
+        "type": "call", "call_id": call.call_id,
+        "sip_call_id": call.sip_call_ids[0] if call.sip_call_ids else None,
+        "sip_call_ids": list(call.sip_call_ids), "kind": call.kind,
+        "sessions": list(call.session_ids),
         "route": call.route.name if call.route else None,
         "caller": call.caller, "callee": call.callee,
         "started_at": call.started_at, "answered_at": call.answered_at,
@@ -108,18 +120,44 @@ class _Pending:
 
 
 class CallRecords:
-    """Finished calls waiting for their legs' RTP statistics, then written."""
+    """Finished calls waiting for their legs' RTP statistics, then written; the newest
+    `recent` of them kept, indexed by their legs' SIP Call-IDs."""
 
-    def __init__(self, writer: LineWriter, wait_s: float = RTP_STATS_WAIT_S) -> None:
+    def __init__(self, writer: LineWriter, wait_s: float = RTP_STATS_WAIT_S,
+                 recent: int = RECENT_CALLS) -> None:
         self.writer = writer
         self.wait_s = wait_s
         self.pending: dict[str, _Pending] = {}  # call id -> record
         self.by_media: dict[str, str] = {}  # media id -> call id
+        self.max_recent = recent
+        self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # call id -> record
+        self.by_sip_call_id: dict[str, str] = {}  # SIP Call-ID -> call id in `recent`
+
+    def find_sip_call_id(self, sip_call_id: str) -> dict[str, Any] | None:
+        """The record of a recent finished call one of whose legs had this Call-ID (as
+        written, or without `rtp` while its statistics are awaited)."""
+        call_id = self.by_sip_call_id.get(sip_call_id)
+        return self.recent.get(call_id) if call_id is not None else None
+
+    def _remember(self, record: dict[str, Any]) -> None:
+        if self.max_recent <= 0:
+            return
+        call_id = record["call_id"]
+        self.recent[call_id] = record
+        self.recent.move_to_end(call_id)
+        for sip_call_id in record.get("sip_call_ids") or ():
+            self.by_sip_call_id[sip_call_id] = call_id
+        while len(self.recent) > self.max_recent:
+            old_id, old = self.recent.popitem(last=False)
+            for sip_call_id in old.get("sip_call_ids") or ():
+                if self.by_sip_call_id.get(sip_call_id) == old_id:
+                    del self.by_sip_call_id[sip_call_id]
 
     def finish(self, record: dict[str, Any], legs: dict[str, str], now: float) -> None:
         """A call ended. `legs` maps the media ids whose MediaReleased is awaited to a
         leg name; with none, the record is written at once."""
         call_id = record["call_id"]
+        self._remember(record)
         if not legs:
             self._write(record, {}, complete=True)
             return
@@ -167,4 +205,7 @@ class CallRecords:
 
     def _write(self, record: dict[str, Any], rtp: dict[str, dict[str, Any]],
                complete: bool) -> None:
-        self.writer.write({**record, "rtp": rtp, "rtp_complete": complete})
+        full = {**record, "rtp": rtp, "rtp_complete": complete}
+        if record["call_id"] in self.recent:
+            self.recent[record["call_id"]] = full
+        self.writer.write(full)

@@ -30,7 +30,7 @@ MAX_STEPS_PER_SESSION = 500
 MAX_BYTES = 64 * 1024 * 1024
 MAX_SESSION_BYTES = 2 * 1024 * 1024
 # The fields a truncated step keeps, each string cut to STUB_TEXT_CHARS.
-STUB_FIELDS = ("call_id", "session_id", "step_index", "trigger", "action_type",
+STUB_FIELDS = ("call_id", "sip_call_ids", "session_id", "step_index", "trigger", "action_type",
                "duration_ms", "error", "step_id", "step_name", "end_reason", "at")
 STUB_TEXT_CHARS = 200
 
@@ -53,6 +53,7 @@ def _stub(step: dict[str, Any], size: int) -> dict[str, Any]:
 class SessionTrace:
     session_id: str
     call_id: str
+    sip_call_ids: list[str] = field(default_factory=list)  # the call's legs' Call-IDs
     steps: deque[bytes] = field(default_factory=deque)  # JSON, one step each
     bytes: int = 0
     first_at: float = 0.0
@@ -65,6 +66,7 @@ class SessionTrace:
     def summary(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id, "call_id": self.call_id,
+            "sip_call_ids": self.sip_call_ids,
             "steps": len(self.steps) + self.dropped, "dropped": self.dropped,
             "errors": self.errors, "first_at": self.first_at, "last_at": self.last_at,
             "last_action": self.last_action, "end_reason": self.end_reason,
@@ -110,6 +112,9 @@ class TraceStore:
             self.sessions[session_id] = trace
         else:
             self.sessions.move_to_end(session_id)
+        sip_call_ids = step.get("sip_call_ids")
+        if isinstance(sip_call_ids, list) and len(sip_call_ids) > len(trace.sip_call_ids):
+            trace.sip_call_ids = [str(x) for x in sip_call_ids]  # a leg was added since
         trace.steps.append(line)
         trace.bytes += len(line)
         self.bytes += len(line)

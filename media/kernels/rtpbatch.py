@@ -42,6 +42,19 @@ its timestamp advanced over the silence since the leg's last packet), the
 frame's codes from the prompt arena, padded with the codec's silence. The
 worker then sends the whole buffer with one compiled `sendto` loop.
 
+**Fill** (`fill_tick`). A leg that nothing feeds (no prompt playing, not bridged,
+no WebSocket: a menu waiting for digits, a collect, the provider thinking) keeps
+its stream going so NATs and phones do not take the call for dead: one packet
+per ptime, paced like a prompt from the moment the gap began (the end of the last
+packet sent, when that was within `MAX_BURST_FRAMES` frames, else now), with the
+leg's SSRC and continuing sequence numbers and timestamps (RFC 3550 §5.1: the
+timestamp advances over any gap before the first fill frame), no marker (the
+stream goes on; the next prompt marks its talk spurt). The payload is an RFC 3389
+comfort-noise packet (one byte, `CN_LEVEL_DBOV`) when the leg negotiated CN
+(`L_CN_PT`), else a frame of the codec's silence. A leg on hold or without an
+address sends nothing, as the pump. The same `packets × (12 + spf)` buffer takes
+these packets after the tick's prompt packets.
+
 **Strict latching.** A leg latches onto the source (ip:port) of its first
 valid packet whose source port is not 0 (port 0 cannot be answered; before
 the latch such packets are processed, as every packet is, and they latch
@@ -117,14 +130,18 @@ L_SDP_PORT = 28  # its port, 0 none
 L_NORECV = 29  # 1: our direction sendonly/inactive: the far end sends nothing, so no re-latch
 L_FOREIGN = 30  # valid RTP packets from a source other than the latched one, dropped
 L_RELATCHED = 31  # times the latch moved to another source
-L_COLS = 32
+L_CN_PT = 32  # RFC 3389 comfort-noise payload type when negotiated, -1 none
+L_FILL = 33  # 1: nothing else feeds the leg's stream (not bridged, no WebSocket): fill gaps
+L_FILL_DONE = 34  # fill frames sent since F_FILL_ORIGIN
+L_COLS = 35
 
 # float64 columns
 F_PTIME = 0  # seconds
 F_SENT_UNTIL = 1  # nominal end of the last packet sent, NaN: none yet
 F_PLAY_ORIGIN = 2  # NaN until the first tick after play
 F_LATCH_SEEN = 3  # last packet from the latched source; NaN: count from the next check
-F_COLS = 4
+F_FILL_ORIGIN = 4  # when the current run of fill frames started; NaN: none running
+F_COLS = 5
 
 # StatsTable columns (media.rtcp): int64 then float64
 S_SSRC = 0  # -1: no source yet
@@ -157,6 +174,8 @@ TICK_SAMPLES = 160
 LATE_RUN_RESYNC = 3
 MAX_BURST_FRAMES = 5
 EPS = 1e-7
+# RFC 3389 §3.1: the noise level of a comfort-noise packet, in -dBov: a quiet room.
+CN_LEVEL_DBOV = 70
 
 
 # ------------------------------------------------------------ receive: numba
@@ -582,6 +601,139 @@ def pump_tick(
     return p, False, ended
 
 
+@njit(cache=True)
+def fill_tick(
+    now: float, li: np.ndarray, lf: np.ndarray, start: int, data: np.ndarray,
+    lens: np.ndarray, prow: np.ndarray, pts: np.ndarray, pat: np.ndarray, pip: np.ndarray,
+    pport: np.ndarray,
+) -> tuple[int, bool]:  # fmt: skip
+    """Fill frames (comfort noise or silence) of every leg that nothing feeds, due by
+    `now`, into rows start.. of `data`. Returns (packets written so far, True when
+    `data` filled up: call again from there with a bigger buffer)."""
+    p = start
+    cap = data.shape[0]
+    width = data.shape[1]
+    for r in range(li.shape[0]):
+        if (li[r, L_ALIVE] == 0 or li[r, L_FILL] == 0 or li[r, L_PLAYING] != 0
+                or li[r, L_HAS_REMOTE] == 0 or li[r, L_NOSEND] != 0):
+            lf[r, F_FILL_ORIGIN] = math.nan  # the next gap starts a new run
+            continue
+        ptime = lf[r, F_PTIME]
+        spf = li[r, L_SPF]
+        origin = lf[r, F_FILL_ORIGIN]
+        if math.isnan(origin):
+            origin = now
+            until = lf[r, F_SENT_UNTIL]
+            if not math.isnan(until) and now - MAX_BURST_FRAMES * ptime < until <= now + EPS:
+                origin = until  # right after the last packet: no hole in the stream
+            lf[r, F_FILL_ORIGIN] = origin
+            li[r, L_FILL_DONE] = 0
+        done = li[r, L_FILL_DONE]
+        due = math.floor((now - origin) / ptime + EPS) + 1
+        if due - done > MAX_BURST_FRAMES:
+            slip = due - done - MAX_BURST_FRAMES
+            origin += slip * ptime
+            due -= slip
+            lf[r, F_FILL_ORIGIN] = origin
+        cn = li[r, L_CN_PT]
+        size = 1 if cn >= 0 else spf
+        while done < due:
+            if p >= cap or HEADER_SIZE + size > width:
+                li[r, L_FILL_DONE] = done
+                return p, True
+            at = origin + done * ptime
+            ts = li[r, L_TS] if done > 0 else _spurt_ts(li, lf, r, at)
+            seq = li[r, L_SEQ]
+            ssrc = li[r, L_SSRC]
+            data[p, 0] = 0x80
+            data[p, 1] = (cn if cn >= 0 else li[r, L_PT]) & 0x7F
+            data[p, 2] = (seq >> 8) & 0xFF
+            data[p, 3] = seq & 0xFF
+            data[p, 4] = (ts >> 24) & 0xFF
+            data[p, 5] = (ts >> 16) & 0xFF
+            data[p, 6] = (ts >> 8) & 0xFF
+            data[p, 7] = ts & 0xFF
+            data[p, 8] = (ssrc >> 24) & 0xFF
+            data[p, 9] = (ssrc >> 16) & 0xFF
+            data[p, 10] = (ssrc >> 8) & 0xFF
+            data[p, 11] = ssrc & 0xFF
+            if cn >= 0:
+                data[p, HEADER_SIZE] = CN_LEVEL_DBOV
+            else:
+                fill = li[r, L_SILENCE]
+                for j in range(spf):
+                    data[p, HEADER_SIZE + j] = fill
+            lens[p] = HEADER_SIZE + size
+            prow[p] = r
+            pts[p] = ts
+            pat[p] = at
+            pip[p] = li[r, L_REMOTE_IP]
+            pport[p] = li[r, L_REMOTE_PORT]
+            p += 1
+            done += 1
+            li[r, L_SEQ] = (seq + 1) & 0xFFFF
+            li[r, L_TS] = (ts + spf) % TS_MOD
+            lf[r, F_SENT_UNTIL] = at + ptime
+            li[r, L_SENT] += 1
+            li[r, L_OCTETS] += size
+        li[r, L_FILL_DONE] = done
+    return p, False
+
+
+def fill_tick_py(
+    now: float, li: np.ndarray, lf: np.ndarray, start: int, data: np.ndarray,
+    lens: np.ndarray, prow: np.ndarray, pts: np.ndarray, pat: np.ndarray, pip: np.ndarray,
+    pport: np.ndarray,
+) -> tuple[int, bool]:  # fmt: skip
+    """`fill_tick` with `build_header` and bytes, one leg and one packet at a time."""
+    from media.rtp import build_header, ts_add
+
+    p, cap, width = start, data.shape[0], data.shape[1]
+    for r in range(li.shape[0]):
+        row, frow = li[r], lf[r]
+        if (not row[L_ALIVE] or not row[L_FILL] or row[L_PLAYING] or not row[L_HAS_REMOTE]
+                or row[L_NOSEND]):
+            frow[F_FILL_ORIGIN] = math.nan
+            continue
+        ptime, spf = float(frow[F_PTIME]), int(row[L_SPF])
+        if math.isnan(frow[F_FILL_ORIGIN]):
+            until = float(frow[F_SENT_UNTIL])
+            recent = not math.isnan(until) and now - MAX_BURST_FRAMES * ptime < until <= now + EPS
+            frow[F_FILL_ORIGIN] = until if recent else now
+            row[L_FILL_DONE] = 0
+        origin, done = float(frow[F_FILL_ORIGIN]), int(row[L_FILL_DONE])
+        due = math.floor((now - origin) / ptime + EPS) + 1
+        if due - done > MAX_BURST_FRAMES:
+            slip = due - done - MAX_BURST_FRAMES
+            origin += slip * ptime
+            due -= slip
+            frow[F_FILL_ORIGIN] = origin
+        cn = int(row[L_CN_PT])
+        payload = bytes([CN_LEVEL_DBOV]) if cn >= 0 else bytes([int(row[L_SILENCE])]) * spf
+        while done < due:
+            if p >= cap or HEADER_SIZE + len(payload) > width:
+                row[L_FILL_DONE] = done
+                return p, True
+            at = origin + done * ptime
+            if done == 0 and not math.isnan(frow[F_SENT_UNTIL]):  # over the gap before it
+                gap = max(0, round((at - frow[F_SENT_UNTIL]) * CLOCK_RATE))
+                row[L_TS] = ts_add(int(row[L_TS]), gap)
+            pkt = build_header(cn if cn >= 0 else int(row[L_PT]), int(row[L_SEQ]),
+                               int(row[L_TS]), int(row[L_SSRC]), False) + payload
+            data[p, : len(pkt)] = np.frombuffer(pkt, dtype=np.uint8)
+            lens[p], prow[p], pts[p], pat[p] = len(pkt), r, row[L_TS], at
+            pip[p], pport[p] = row[L_REMOTE_IP], row[L_REMOTE_PORT]
+            p += 1
+            done += 1
+            row[L_SEQ] = (row[L_SEQ] + 1) & 0xFFFF
+            row[L_TS] = ts_add(int(row[L_TS]), spf)
+            frow[F_SENT_UNTIL] = at + ptime
+            row[L_SENT] += 1
+            row[L_OCTETS] += len(payload)
+        row[L_FILL_DONE] = done
+    return p, False
+
+
 # ------------------------------------------------------------ pump: the Python twin
 
 
@@ -693,6 +845,12 @@ def warm() -> None:
     i64 = np.zeros(2, dtype=np.int64)
     pump_tick(0.0, li, lf, np.zeros(TICK_SAMPLES, dtype=np.uint8), 0, data, i64.copy(),
               i64.copy(), i64.copy(), np.zeros(2), i64.copy(), i64.copy())  # fmt: skip
+    li[0, L_PLAYING] = 0
+    li[0, L_FILL] = 1
+    li[0, L_CN_PT] = -1
+    lf[0, F_FILL_ORIGIN] = np.nan
+    fill_tick(0.0, li, lf, 0, data, i64.copy(), i64.copy(), i64.copy(), np.zeros(2),
+              i64.copy(), i64.copy())  # fmt: skip
     si = np.zeros((1, S_COLS), dtype=np.int64)
     sf = np.zeros((1, SF_COLS), dtype=np.float64)
     ring = np.zeros((1, RING_SAMPLES), dtype=np.uint8)

@@ -28,7 +28,7 @@ from typing import Any
 from pbx import messages as m
 from pbx.calls.context import ALLOW, SERVER, CallContext, Command, ToMedia, reason_phrase
 from pbx.calls.dialogs import InDialog
-from pbx.calls.events import CallEvents
+from pbx.calls.events import CallEvents, log_sip_call_ids
 from pbx.calls.inbound import Inbound
 from pbx.calls.ivr import IvrBroker
 from pbx.calls.legs import LegSignaling
@@ -118,6 +118,7 @@ class CallCore:
         ctx.table.budget_exempt = budget_exempt
         ctx.now = now
         self.events = CallEvents(ctx)
+        log_sip_call_ids(ctx.table)  # every log line about a call names its SIP Call-IDs
         self.media = MediaPlane(ctx)
         self.session_timers = SessionTimers(ctx)
         self.legs = LegSignaling(ctx, self.session_timers, self.events)

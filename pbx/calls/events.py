@@ -1,10 +1,12 @@
 """Call events out of the call layer: the `call` events on the events plane (and the
-front log line of an ended call), and IVR step traces into the trace store."""
+front log line of an ended call), and IVR step traces into the trace store; and the
+SIP Call-IDs on every log line about a call (`SipCallIdLogFilter`)."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import weakref
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -13,7 +15,66 @@ from pbx.calls.context import CallContext
 from pbx.calls.state import Call, Session
 from pbx.redact import redact
 
+if TYPE_CHECKING:
+    from pbx.calls.table import CallTable
+
 log = logging.getLogger("pbx.calls")
+# The loggers of the call layer whose lines name a call by our id first.
+CALL_LOGGERS = ("pbx.calls", "pbx.queue")
+SIP_SUFFIX = " [sip-call-id %s]"
+
+
+class SipCallIdLogFilter(logging.Filter):
+    """Every log line of the call layer that names a call (an argument that is our call
+    id, a session id or a leg's media id) gets the SIP Call-IDs of the call's legs
+    appended, `[sip-call-id a=<caller's> b=<bridged party's>]` (or every leg's while
+    several ring), so a line matches a packet capture. The template gains a constant
+    suffix, so `pbx.logs.SimilarLinesFilter` still counts one template as one. One
+    instance per logger, over every live call table of the process (one per front;
+    tests build several)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: weakref.WeakSet[CallTable] = weakref.WeakSet()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple):
+            return True
+        for arg in args:
+            ids = self._sip_ids(arg) if isinstance(arg, str) else None
+            if ids is not None:
+                record.msg = f"{record.msg}{SIP_SUFFIX}"
+                record.args = (*args, ids)
+                break
+        return True
+
+    def _sip_ids(self, key: str) -> str | None:
+        for table in self.tables:
+            call = table.calls.get(key)
+            if call is None:
+                session = table.sessions.get(key)
+                call = session.call if session is not None else None
+            if call is None:
+                leg = table.legs_by_media.get(key)
+                call = leg.call if leg is not None else None
+            if call is not None:
+                legs = call.sip_legs()
+                if len(call.sip_call_ids) > len(legs):  # members still ringing
+                    return " ".join(call.sip_call_ids)
+                return " ".join(f"{name}={cid}" for name, cid in legs.items())
+        return None
+
+
+def log_sip_call_ids(table: CallTable) -> None:
+    """Put the SIP Call-IDs of `table`'s calls on the call layer's log lines."""
+    for name in CALL_LOGGERS:
+        logger = logging.getLogger(name)
+        found = [f for f in logger.filters if isinstance(f, SipCallIdLogFilter)]
+        log_filter = found[0] if found else SipCallIdLogFilter()
+        if not found:
+            logger.addFilter(log_filter)
+        log_filter.tables.add(table)
 
 
 class CallEvents:
@@ -24,6 +85,7 @@ class CallEvents:
         """A `call` event: started, answered, bridged, queued, ws_bridged, ended ..."""
         record: dict[str, Any] = {
             "type": "call", "event": event, "call_id": call.call_id,
+            "sip_call_ids": list(call.sip_call_ids), "kind": call.kind,
             "route": call.route.name if call.route else None,
             "caller": call.caller, "callee": call.callee, "started_at": call.started_at,
             "answered_at": call.answered_at,
@@ -42,6 +104,13 @@ class CallEvents:
     def trace(self, trace: m.StepTrace) -> None:
         # Redacted by the executor already; again here, in case one did not (DESIGN §6).
         data = redact(trace.model_dump(mode="json"))
+        # The SIP Call-IDs of the call's legs (a step may come after the call ended).
+        call = self.ctx.table.calls.get(trace.call_id)
+        if call is not None:
+            data["sip_call_ids"] = list(call.sip_call_ids)
+        else:
+            record = self.ctx.records.recent.get(trace.call_id) or {}
+            data["sip_call_ids"] = list(record.get("sip_call_ids") or ())
         self.ctx.traces.add(data)  # bounded store + logs/traces.jsonl
         self.ctx.publish({"type": "ivr_step_trace", **data})
 

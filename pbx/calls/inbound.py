@@ -104,7 +104,7 @@ class Inbound:
                   invite=req, invite_key=key, peer=party, setup_source=addr[0],
                   call_source=addr[0])
         call.a = leg
-        ctx.table.calls[call.call_id] = call
+        ctx.table.add_call(call)
         ctx.table.pending_invites[key] = leg
         self.events.call(call, "started")
         if not req.body:

@@ -116,6 +116,7 @@ class MediaPlane:
             payload_type=n.payload_type, codec=n.codec,  # type: ignore[arg-type]
             dtmf_payload_type=n.dtmf_payload_type, ptime_ms=n.ptime_ms,
             direction=direction,  # type: ignore[arg-type]
+            cn_payload_type=n.cn_payload_type,
         ))
 
     def forget(self, leg: Leg) -> None:

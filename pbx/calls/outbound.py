@@ -105,12 +105,15 @@ class Outbound:
             log.warning("call %s: a transfer while the call is %s; ignored", call.call_id,
                         call.phase.value)
             return
+        if call.phase is CallPhase.SETUP:
+            call.direct = True  # dialled straight, no IVR: not a transfer
+        else:
+            call.transfer_target = target
         advance_call(call, CallPhase.TRANSFERRING)
-        call.transfer_target = target
         places = self.targets.resolve_all(target)
         if not places:
-            log.info("call %s: transfer target %r not found", call.call_id, target)
-            self.teardown.hangup(call, f"TransferFailed({target})", 404)
+            log.info("call %s: %s target %r not found", call.call_id, _what(call), target)
+            self.teardown.hangup(call, _failure(call, target), 404)
             return
         call.fork_status = call.fork_reason = None
         many = len(places) > 1
@@ -142,8 +145,10 @@ class Outbound:
         dialog = uac_for_target(new_call_id(ctx.me.host), new_tag(),
                                 f"<sip:{caller_id}@{ctx.me.host}:{ctx.me.port}>", ruri,
                                 reliable=wants_tcp(ruri))
-        return Leg(call=call, media_id=media_id, outbound=True, dialog=dialog,
-                   addr=(host, port), phase=LegPhase.PENDING, peer=peer)
+        leg = Leg(call=call, media_id=media_id, outbound=True, dialog=dialog,
+                  addr=(host, port), phase=LegPhase.PENDING, peer=peer)
+        ctx.table.index_legs(call)
+        return leg
 
     def call_out(self, b: Leg) -> None:
         """Send the leg: resolve its host if it is a name, then a port on the caller's
@@ -161,7 +166,7 @@ class Outbound:
             return
         if addr is None:
             log.info("call %s: %s not found", b.call.call_id, b.addr[0])
-            self._setup_failed(b, f"TransferFailed({b.call.transfer_target})", 404)
+            self._setup_failed(b, _failure(b.call, _dialled(b.call)), 404)
             return
         b.addr = addr
         self._allocate(b)
@@ -170,14 +175,14 @@ class Outbound:
         a = b.call.a
         # Both legs must be on one worker: the bridge is local to it.
         if a is None or a.media.worker is None:
-            self._setup_failed(b, "TransferFailed(media)", 503)
+            self._setup_failed(b, _failure(b.call, "media"), 503)
             return
         self.media.allocate(b, inband_dtmf=False, worker=a.media.worker)
 
     def allocated(self, b: Leg, ok: bool) -> None:
         """The leg's port is there (or not): send the INVITE."""
         if not ok:
-            self._setup_failed(b, "TransferFailed(media)", 503)
+            self._setup_failed(b, _failure(b.call, "media"), 503)
             return
         call, ctx = b.call, self.ctx
         if call.ended or b.phase is not LegPhase.PENDING:  # the caller left, or a queue moved on
@@ -279,8 +284,8 @@ class Outbound:
             log.info("call %s: bad SDP answer from %s: %s", call.call_id,
                      b.dialog.remote_target, exc)
             self.legs.send_bye(b)
-            # The queue tries someone else, a transfer its other branches.
-            self.failed(b, 488, None if b.member is not None else "TransferFailed(sdp)")
+            # The queue tries someone else, a transfer (or direct call) its other branches.
+            self.failed(b, 488, None if b.member is not None else _failure(call, "sdp"))
             return
         if b.member is not None and not (self.members and self.members.member_answered(b)):
             self.legs.send_bye(b)  # another member was quicker, or the wait is over
@@ -313,7 +318,8 @@ class Outbound:
         """The leg ended without an answer: a queue tries its next member; a transfer
         waits for its other branches, and ends the call with the best response when
         none is left, or at once on a 6xx (RFC 3261 §16.7 points 5 and 6). `reason`:
-        the end reason this failure asks for (default `TransferFailed(<status>)`)."""
+        the end reason this failure asks for (default `TransferFailed(<status>)`, or
+        `CalleeFailed(<status>)` for a direct call)."""
         advance_leg(b, LegPhase.TERMINATED)
         self.media.release(b)
         self.legs.linger(b)
@@ -333,14 +339,14 @@ class Outbound:
         if call.fork_status is None or _response_rank(relayed) < _response_rank(
                 call.fork_status):
             call.fork_status, call.fork_reason = relayed, reason
-        log.info("call %s: transfer to %s: %s failed with %d", call.call_id,
-                 call.transfer_target, b.dialog.remote_target or b.addr[0], status)
+        log.info("call %s: %s to %s failed with %d (branch %s)", call.call_id, _what(call),
+                 _dialled(call), status, b.dialog.remote_target or b.addr[0])
         if status >= 600:
             self._drop_branches(call)  # a 6xx ends the fork (§16.7 point 5)
         elif call.forks:
             return  # other branches still ring
         best = call.fork_status
-        self.teardown.hangup(call, call.fork_reason or f"TransferFailed({best})", best)
+        self.teardown.hangup(call, call.fork_reason or _failure(call, str(best)), best)
 
     def _drop_branches(self, call: Call) -> None:
         """Give up every branch still ringing (CANCEL once it sent a 1xx; a 2xx that still
@@ -355,3 +361,23 @@ class Outbound:
         leg = self.ctx.table.client_txns.pop(key, None)
         if leg is not None and key.method == "INVITE" and leg.phase is LegPhase.EARLY:
             self.failed(leg, 408)
+
+
+def _dialling_direct(call: Call) -> bool:
+    """The call is a direct call still ringing its user (no transfer since)."""
+    return call.direct and call.transfer_target is None
+
+
+def _what(call: Call) -> str:
+    return "direct call" if _dialling_direct(call) else "transfer"
+
+
+def _dialled(call: Call) -> str:
+    target = call.extension if _dialling_direct(call) else call.transfer_target
+    return target or ""
+
+
+def _failure(call: Call, detail: str) -> str:
+    """The end reason of a failed leg: `CalleeFailed(...)` for a direct call (the user
+    did not answer: busy, rejected, not reachable), `TransferFailed(...)` for a transfer."""
+    return f"{'CalleeFailed' if _dialling_direct(call) else 'TransferFailed'}({detail})"

@@ -47,6 +47,9 @@ from pbx.sip.message import SipRequest, parse_message
 from pbx.sip.transaction import TransactionKey
 
 Addr = tuple[str, int]
+# A call keeps the SIP Call-IDs of this many legs at most (a long queue wait rings many
+# members; the caller's leg is always the first).
+MAX_SIP_CALL_IDS = 32
 # A session's queued inputs in the dict form.
 _INPUT: TypeAdapter[Any] = TypeAdapter(m.IvrInput)
 
@@ -155,6 +158,14 @@ class Leg:
     setup_source: str | None = None
     call_source: str | None = None
     member: str | None = None  # the queue member (or agent) this leg rings
+
+    def __post_init__(self) -> None:
+        # Every leg's SIP Call-ID goes into the call's records, traces and log lines,
+        # so a packet capture matches a record without timestamps.
+        ids = self.call.sip_call_ids
+        cid = self.dialog.call_id
+        if cid not in ids and len(ids) < MAX_SIP_CALL_IDS:
+            ids.append(cid)
 
     @property
     def dialog_key(self) -> tuple[str, str]:
@@ -302,6 +313,10 @@ class Call:
     end_code: int | None = None
     transfer_target: str | None = None
     extension: str | None = None  # set for a direct call to a user (no IVR)
+    # The call started as a direct call: the caller dialled `extension` straight
+    # (SETUP -> TRANSFERRING), no IVR. `transfer_target` stays None unless a REFER
+    # transfers it later: a direct call is recorded and logged as one, not a transfer.
+    direct: bool = False
     party: Party = field(default_factory=lambda: Party(PartyKind.ANONYMOUS))  # the caller
     # Queue / route_to_agent (pbx.calls.queue): candidates ringing, and the wait itself.
     # The member who answers becomes `b`.
@@ -324,6 +339,8 @@ class Call:
     ended_at: float | None = None
     recordings: list[dict[str, Any]] = field(default_factory=list)
     session_ids: list[str] = field(default_factory=list)
+    # The SIP Call-ID of every leg, the caller's first (Leg.__post_init__).
+    sip_call_ids: list[str] = field(default_factory=list)
     # REFER (RFC 3515): the leg that asked, whose implicit subscription gets the NOTIFYs;
     # `detached` holds a referrer no longer part of the bridge (released once notified).
     referrer: Leg | None = None
@@ -333,6 +350,16 @@ class Call:
     @property
     def ended(self) -> bool:
         return self.phase is CallPhase.ENDED
+
+    @property
+    def kind(self) -> str:
+        """"direct" (a call to a user, no IVR) or "ivr" (a route's IVR answered it)."""
+        return "direct" if self.direct else "ivr"
+
+    def sip_legs(self) -> dict[str, str]:
+        """The SIP Call-ID of the caller's leg ("a") and of the bridged one ("b")."""
+        return {name: leg.dialog.call_id for name, leg in (("a", self.a), ("b", self.b))
+                if leg is not None}
 
     def legs(self) -> list[Leg]:
         return [leg for leg in (self.a, self.b, *self.forks, *self.ringing, *self.detached)
@@ -350,7 +377,8 @@ class Call:
             "session": self.session.to_dict() if self.session else None,
             "answered_at": self.answered_at, "end_reason": self.end_reason,
             "end_code": self.end_code, "transfer_target": self.transfer_target,
-            "extension": self.extension,
+            "extension": self.extension, "direct": self.direct,
+            "sip_call_ids": list(self.sip_call_ids),
             "party": {"kind": self.party.kind.value, "user": self.party.user},
             "ringing": [leg.to_dict() for leg in self.ringing],
             "forks": [leg.to_dict() for leg in self.forks],
@@ -377,7 +405,8 @@ def call_from_dict(data: dict[str, Any], routes: dict[str, RouteSettings],
         started_at=data["started_at"], phase=CallPhase(data["phase"]),
         answered_at=data["answered_at"], end_reason=data["end_reason"],
         end_code=data["end_code"], transfer_target=data["transfer_target"],
-        extension=data["extension"],
+        extension=data["extension"], direct=data.get("direct", False),
+        sip_call_ids=list(data.get("sip_call_ids", [])),
         party=Party(PartyKind(data["party"]["kind"]), data["party"]["user"]),
         queue_name=data["queue_name"], queue_member=data["queue_member"],
         agent=data["agent"], ws_bridge=data["ws_bridge"], bridged_at=data["bridged_at"],

@@ -3,6 +3,8 @@
 Indexes (all point into `calls`):
 
 * `calls` — call id → Call;
+* `by_sip_call_id` — the SIP Call-ID of each of a call's legs → its call id
+  (`/api/calls?sip_call_id=`);
 * `dialogs` — (Call-ID, our tag) → Leg, for in-dialog requests and our ACK matching;
   kept a while after the call (lingers) so retransmitted BYEs still match;
 * `pending_invites` — an inbound INVITE's server transaction → its leg until answered
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 class CallTable:
     def __init__(self, settings: Settings) -> None:
         self.calls: dict[str, Call] = {}
+        self.by_sip_call_id: dict[str, str] = {}
         self.dialogs: dict[tuple[str, str], Leg] = {}
         self.pending_invites: dict[TransactionKey, Leg] = {}
         self.client_txns: dict[TransactionKey, Leg] = {}
@@ -45,6 +48,25 @@ class CallTable:
         self.budget_exempt = NetworkSet(settings.sip.rate_limit_exempt)
         self.setup_by_source: dict[str, int] = {}
         self.calls_by_source: dict[str, int] = {}
+
+    def add_call(self, call: Call) -> None:
+        self.calls[call.call_id] = call
+        self.index_legs(call)
+
+    def index_legs(self, call: Call) -> None:
+        """The call's legs' SIP Call-IDs (a new leg's too) point at it."""
+        for sip_call_id in call.sip_call_ids:
+            self.by_sip_call_id[sip_call_id] = call.call_id
+
+    def remove_call(self, call: Call) -> None:
+        self.calls.pop(call.call_id, None)
+        for sip_call_id in call.sip_call_ids:
+            if self.by_sip_call_id.get(sip_call_id) == call.call_id:
+                del self.by_sip_call_id[sip_call_id]
+
+    def find_sip_call_id(self, sip_call_id: str) -> Call | None:
+        call_id = self.by_sip_call_id.get(sip_call_id)
+        return self.calls.get(call_id) if call_id is not None else None
 
     def take_setup_budget(self, source: str) -> str | None:
         """One more inbound call from `source` if its budgets (`[limits]

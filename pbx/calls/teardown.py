@@ -73,7 +73,7 @@ class Teardown:
             self.release_leg(leg)
         for hook in self.on_ended:
             hook(call)
-        ctx.table.calls.pop(call.call_id, None)
+        ctx.table.remove_call(call)
         self.events.call(call, "ended")
         ctx.records.finish(call_record(call), stats_legs, ctx.now)
 

@@ -1,6 +1,8 @@
 """SDP (RFC 4566) parsing and the offer/answer model (RFC 3264) for G.711 audio.
 
-We speak PCMU and PCMA at 8 kHz plus RFC 4733 telephone-event. The answer
+We speak PCMU and PCMA at 8 kHz plus RFC 4733 telephone-event and RFC 3389 comfort
+noise (CN, payload type 13: offered by us, answered only when offered; the media worker
+sends it while nothing plays, else G.711 silence). The answer
 carries one audio stream; every other m-line of the offer is refused with
 port 0 so the answer has as many m-lines as the offer (RFC 3264 §6).
 
@@ -24,6 +26,7 @@ STATIC_PAYLOAD_TYPES: dict[int, tuple[str, int]] = {
     4: ("G723", 8000),
     8: ("PCMA", 8000),
     9: ("G722", 8000),
+    13: ("CN", 8000),
     18: ("G729", 8000),
 }
 CODEC_PAYLOAD_TYPES: dict[str, int] = {"PCMU": 0, "PCMA": 8}
@@ -36,6 +39,7 @@ ANSWER_DIRECTION = {
     "inactive": "inactive",
 }
 DEFAULT_PTIME_MS = 20
+CN_PAYLOAD_TYPE = 13  # RFC 3389 §5 (static, RFC 3551 table 4)
 
 _LINE_RE = re.compile(r"([a-z])=(.*)")
 _LINE_SPLIT_RE = re.compile(r"\r?\n")
@@ -89,6 +93,7 @@ class Negotiated:
     remote_ip: str
     remote_port: int
     direction: str
+    cn_payload_type: int | None = None  # RFC 3389 comfort noise, when both sides have it
 
 
 def _connection_address(value: str) -> str:
@@ -225,12 +230,15 @@ def _audio_lines(
     dtmf_pt: int | None,
     ptime_ms: int,
     direction: str,
+    cn_pt: int | None = None,
 ) -> list[str]:
-    fmts = f"{pt}" if dtmf_pt is None else f"{pt} {dtmf_pt}"
+    fmts = " ".join(str(x) for x in (pt, dtmf_pt, cn_pt) if x is not None)
     lines = [f"m=audio {port} {proto} {fmts}", f"a=rtpmap:{pt} {codec}/8000"]
     if dtmf_pt is not None:
         lines.append(f"a=rtpmap:{dtmf_pt} telephone-event/8000")
         lines.append(f"a=fmtp:{dtmf_pt} 0-16")
+    if cn_pt is not None:
+        lines.append(f"a=rtpmap:{cn_pt} CN/8000")
     lines.append(f"a=ptime:{ptime_ms}")
     lines.append(f"a={direction}")
     return lines
@@ -265,16 +273,17 @@ def answer_offer(
     audio = _audio_stream(sd)
     codec, pt = _pick_codec(audio, supported)
     dtmf_pt = audio.payload_type_of("telephone-event")
+    cn_pt = audio.payload_type_of("CN")  # RFC 3389 §5: answered only when offered
     ptime_ms = audio.ptime or DEFAULT_PTIME_MS
     direction = ANSWER_DIRECTION[audio.direction]
     negotiated = Negotiated(
-        codec, pt, dtmf_pt, ptime_ms, _remote_ip(sd, audio), audio.port, direction
+        codec, pt, dtmf_pt, ptime_ms, _remote_ip(sd, audio), audio.port, direction, cn_pt
     )
     lines = _sdp_head(local_ip, session_id, session_id if version is None else version)
     for md in sd.media:
         if md is audio:
             lines += _audio_lines(
-                local_port, audio.proto, codec, pt, dtmf_pt, ptime_ms, direction
+                local_port, audio.proto, codec, pt, dtmf_pt, ptime_ms, direction, cn_pt
             )
         else:
             # refuse every other stream, keeping the m-line count (RFC 3264 §6)
@@ -297,11 +306,13 @@ def make_offer(
             raise SdpError(f"unsupported codec {codec!r}", 500)
         pts.append(CODEC_PAYLOAD_TYPES[codec.upper()])
     lines = _sdp_head(local_ip, session_id, session_id)
-    lines.append(f"m=audio {local_port} RTP/AVP {' '.join(map(str, pts + [dtmf_payload_type]))}")
+    fmts = pts + [dtmf_payload_type, CN_PAYLOAD_TYPE]
+    lines.append(f"m=audio {local_port} RTP/AVP {' '.join(map(str, fmts))}")
     for codec, pt in zip(codecs, pts, strict=True):
         lines.append(f"a=rtpmap:{pt} {codec.upper()}/8000")
     lines.append(f"a=rtpmap:{dtmf_payload_type} telephone-event/8000")
     lines.append(f"a=fmtp:{dtmf_payload_type} 0-16")
+    lines.append(f"a=rtpmap:{CN_PAYLOAD_TYPE} CN/8000")
     lines.append(f"a=ptime:{ptime_ms}")
     lines.append("a=sendrecv")
     return ("\r\n".join(lines) + "\r\n").encode()
@@ -322,6 +333,7 @@ def parse_answer(
         _remote_ip(sd, audio),
         audio.port,
         ANSWER_DIRECTION[audio.direction],  # their sendonly is our recvonly
+        audio.payload_type_of("CN"),
     )
 
 

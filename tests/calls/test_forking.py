@@ -144,7 +144,7 @@ def test_the_best_response_is_relayed_when_every_branch_fails(
         assert not call.ended
         rig.feed(make_response(invite_to(rig, addr), status, to_tag=f"t{addr[1]}"), addr)
     assert call.ended and call.end_code == relayed
-    assert call.end_reason == f"TransferFailed({relayed})"
+    assert call.end_reason == f"CalleeFailed({relayed})"
     assert rig.statuses()[-1] == relayed
 
 
@@ -157,7 +157,7 @@ def test_one_ring_timeout_covers_every_branch(tmp_path: Path) -> None:
     assert not any(rig.requests("CANCEL", addr) for addr in (STATIC, PHONE_A, PHONE_B))
     rig.advance(0.02)
     assert all(len(rig.requests("CANCEL", addr)) == 1 for addr in (STATIC, PHONE_A, PHONE_B))
-    assert call.ended and call.end_reason == "TransferFailed(408)"
+    assert call.ended and call.end_reason == "CalleeFailed(408)"
     assert rig.statuses()[-1] == 408
 
 
@@ -308,7 +308,7 @@ def test_a_branch_whose_host_is_not_found_fails_alone(tmp_path: Path) -> None:
     rig.core.host_resolved(resolve.dialog_key, None, rig.now)
     rig.pump()
     assert not call.ended and len(call.forks) == 1
-    assert (call.fork_status, call.fork_reason) == (404, "TransferFailed(3003)")
+    assert (call.fork_status, call.fork_reason) == (404, "CalleeFailed(3003)")
     round_trip(rig, call)
     rig.feed(make_response(invite_to(rig, PHONE_A), 486, to_tag="ta"), PHONE_A)
     assert call.ended and call.end_code == 486 and rig.statuses()[-1] == 486

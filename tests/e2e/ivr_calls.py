@@ -113,11 +113,12 @@ class Caller:
 
 
 @contextmanager
-def call(system: PbxSystem, workdir: Path, service: str = "*99") -> Iterator[Caller]:
+def call(system: PbxSystem, workdir: Path, service: str = "*99",
+         scenario: Path = SCENARIOS / "uac_wait_bye.xml") -> Iterator[Caller]:
     mark = len(system.provider.requests)
     rtp = RtpEndpoint()
     sipp = start_sipp("caller", [
-        "-sf", str(SCENARIOS / "uac_wait_bye.xml"), "-s", service, system.sip_addr,
+        "-sf", str(scenario), "-s", service, system.sip_addr,
         "-i", "127.0.0.1", "-p", str(free_port()), "-mi", "127.0.0.1",
         "-mp", str(free_port(even=True)), "-key", "rtp_port", str(rtp.port),
         "-m", "1", "-l", "1", "-timeout", "40s", "-timeout_error",

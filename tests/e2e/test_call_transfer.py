@@ -76,7 +76,11 @@ def test_ivr_call_transferred_to_extension(system: PbxSystem, workdir: Path) -> 
         # SDP address, then (symmetric RTP) to where sipp's RFC 4733 packets came from.
         prompt = [p for p in wire.sent_by(media_addr, 0) if p.at < match[0].at]
         assert len(prompt) >= 100, f"only {len(prompt)} prompt packets (< 2 s) before the digit"
-        assert prompt[0].marker, "first prompt packet must carry the marker bit"
+        # Silence fills the wait for the provider's first answer (the caller offered no
+        # CN); the prompt's first packet carries the marker bit (RFC 3551 §4.1).
+        start = next((k for k, p in enumerate(prompt) if p.marker), None)
+        assert start is not None, "first prompt packet must carry the marker bit"
+        assert all(p.payload == b"\xff" * 160 for p in prompt[:start]), "not silence"
 
         # After the bridge, what the caller sends comes back echoed by extension 2001.
         wait_until(lambda: "bridged" in system.log("front") or

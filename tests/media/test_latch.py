@@ -34,7 +34,8 @@ Feed = Callable[[str, bytes, tuple[str, int], float], tuple[list[Packet], list[M
 
 def make_engine(path: str, latching: str = "strict") -> MediaEngine:
     engine = MediaEngine(PromptCache("sounds"), latching=latching,  # type: ignore[arg-type]
-                         relatch_silence_ms=round(RELATCH_S * 1000))  # fmt: skip
+                         relatch_silence_ms=round(RELATCH_S * 1000),
+                         fill_gaps=False)  # fmt: skip  # only the prompt's packets
     engine.kernels = path != "twin"
     engine.add_leg("a", 40000)
     engine.add_leg("b", 40002)

@@ -75,7 +75,8 @@ def engine(tmp_path: Path) -> MediaEngine:
     write_wav(sounds / "one_second.wav", tone(1.0))
     write_wav(sounds / "short.wav", tone(0.05))  # 2.5 frames of 20 ms
     write_wav(sounds / "half.wav", tone(0.5))
-    return MediaEngine(PromptCache(sounds), rng=random.Random(7))
+    # The prompt pump alone: no fill frames between prompts (tests/media/test_fill.py).
+    return MediaEngine(PromptCache(sounds), rng=random.Random(7), fill_gaps=False)
 
 
 def add(

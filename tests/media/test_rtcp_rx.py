@@ -164,7 +164,8 @@ def test_ring_timestamp_wrap_and_growth() -> None:
 
 
 def make_engine(tmp_path: Path) -> MediaEngine:
-    engine = MediaEngine(PromptCache(tmp_path), rng=random.Random(5))
+    # Packet counts of the prompt alone (no fill frames after it).
+    engine = MediaEngine(PromptCache(tmp_path), rng=random.Random(5), fill_gaps=False)
     engine.add_leg("a", 30000)
     engine.set_remote(
         MediaRemote(

@@ -33,7 +33,7 @@ def engine(tmp_path: Path) -> MediaEngine:
         w.setsampwidth(2)
         w.setframerate(8000)
         w.writeframes(tone(800).tobytes())
-    e = MediaEngine(PromptCache(tmp_path), random.Random(3))
+    e = MediaEngine(PromptCache(tmp_path), random.Random(3), fill_gaps=False)
     e.add_leg("a", 20000)
     e.set_remote(
         MediaRemote(

@@ -318,7 +318,7 @@ def test_invite_flood_from_one_host_leaves_other_callers_and_memory_alone(
     peak_calls = max(s.calls for s in samples)
     peak_transactions = max(s.transactions for s in samples)
     failed = [c for c in calls if not c.ok]
-    delta = {name: after.get(f"pbx_{name}", 0) - before.get(f"pbx_{name}", 0)
+    delta = {name: after.get(f"pbx_{name}_total", 0) - before.get(f"pbx_{name}_total", 0)
              for name in ("sip_rate_limited", "transactions_over_budget",
                           "setup_budget_refused")}
     figures = {

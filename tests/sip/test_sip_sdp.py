@@ -142,7 +142,8 @@ def test_make_offer_and_parse_answer() -> None:
     sdp = make_offer("10.0.0.5", 30000, 99, ptime_ms=30)
     sd = parse_sdp(sdp)
     (md,) = sd.media
-    assert md.formats == [0, 8, 101] and md.ptime == 30 and md.port == 30000
+    assert md.formats == [0, 8, 101, 13] and md.ptime == 30 and md.port == 30000
+    assert md.rtpmap[13] == ("CN", 8000)  # RFC 3389 §5, offered with its rtpmap
     assert md.fmtp == {101: "0-16"}
     assert sd.connection == "10.0.0.5"
     answer = offer("m=audio 7000 RTP/AVP 8 101", "a=rtpmap:101 telephone-event/8000",
@@ -153,6 +154,27 @@ def test_make_offer_and_parse_answer() -> None:
         parse_answer(offer("m=audio 7000 RTP/AVP 18"))
     with pytest.raises(SdpError):
         parse_answer(offer("m=audio 0 RTP/AVP 0"))
+
+
+def test_comfort_noise_is_answered_only_when_offered() -> None:
+    """RFC 3389 §5: CN (static payload type 13, or a dynamic one by rtpmap) goes into
+    the answer and the negotiation only when the offer has it."""
+    neg, ans = answer_offer(offer("m=audio 49170 RTP/AVP 0 101 13",
+                                  "a=rtpmap:101 telephone-event/8000", "a=rtpmap:13 CN/8000"),
+                            "10.0.0.5", 20000, 42)
+    assert neg.cn_payload_type == 13
+    assert "m=audio 20000 RTP/AVP 0 101 13" in lines_of(ans)
+    assert "a=rtpmap:13 CN/8000" in lines_of(ans)
+    assert parse_answer(ans).cn_payload_type == 13
+    neg, ans = answer_offer(offer("m=audio 49170 RTP/AVP 8 13"), "10.0.0.5", 20000, 42)
+    assert neg.cn_payload_type == 13  # static: no rtpmap needed
+    neg, ans = answer_offer(offer("m=audio 49170 RTP/AVP 0 98", "a=rtpmap:98 CN/8000"),
+                            "10.0.0.5", 20000, 42)
+    assert neg.cn_payload_type == 98 and "a=rtpmap:98 CN/8000" in lines_of(ans)
+    neg, ans = answer_offer(offer("m=audio 49170 RTP/AVP 0 101",
+                                  "a=rtpmap:101 telephone-event/8000"), "10.0.0.5", 20000, 42)
+    assert neg.cn_payload_type is None and b"CN" not in ans
+    assert parse_answer(offer("m=audio 7000 RTP/AVP 0")).cn_payload_type is None
 
 
 def test_ipv6_answer() -> None:
