@@ -25,7 +25,8 @@ run/workers.conf: $(VENV)/.installed
 	$(BIN)/python -m pbx.supervisor_conf --media-workers $(PBX_MEDIA_WORKERS) --executors $(PBX_IVR_EXECUTORS) --out $@
 
 # Debian tools the tests use: sipp (sip-tester), sox, espeak-ng and sipvicious (the
-# extension scanner and digest cracker the security tests run); venv support for
+# extension scanner and digest cracker the security tests run); headless Chromium and
+# its WebDriver (tests/e2e/test_debug_page.py drives the /debug page); venv support for
 # Debian's own python3; and pyzmq for it (tests/security runs a ZeroMQ client as the
 # unprivileged `nobody`, who cannot read the venv's interpreter).
 tools:
@@ -36,6 +37,8 @@ tools:
 	command -v sox >/dev/null || missing="$$missing sox"; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v svwar >/dev/null || missing="$$missing sipvicious"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
