@@ -213,6 +213,29 @@ def test_debug_page_shows_live_calls_timelines_and_errors(
         assert not [u for u in urls if TOKEN in u], urls
         assert TOKEN not in browser.run("return location.href")
 
+        # 5. Without a token the page asks for one; a wrong one is refused, the right
+        # one (typed into the form) brings it live.
+        browser.run("sessionStorage.clear(); location.reload();")
+        browser.wait_for("return document.getElementById('status').textContent"
+                         " === 'admin token required'", 15, "the page to ask for the token")
+        assert browser.run("return document.getElementById('tokenform').className") == "shown"
+        refusals = ("return [...document.getElementById('log').children]"
+                    ".filter((d) => d.textContent.includes('token required')).length")
+        refused_before = browser.run(refusals)
+        browser.type("#token", "not-the-token-000000\ue007")
+        browser.wait_for(refusals + " > arguments[0]", 15, "the wrong token refused",
+                         refused_before)
+        assert browser.run("return document.getElementById('tokenform').className") == "shown"
+        assert browser.run("return document.getElementById('status').textContent") != "live"
+        browser.type("#token", TOKEN + "\ue007")
+        browser.wait_for("return document.getElementById('status').textContent === 'live'",
+                         15, "the page live with the typed token")
+        assert browser.run("return document.getElementById('sessions')"
+                           f".querySelector('[data-session-id=\"{failed_id}\"]') !== null")
+        urls = browser.run(
+            "return performance.getEntriesByType('resource').map((e) => e.name)")
+        assert not [u for u in urls if TOKEN in u], urls
+
     # ... nor into the system's logs.
     wait_until(lambda: (system.root / "logs").exists(), 1, "logs")
     for log in (system.root / "logs").glob("*"):

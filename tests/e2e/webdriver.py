@@ -1,8 +1,8 @@
 """A headless Chromium driven over raw W3C WebDriver HTTP (Debian's `chromium` and
 `chromium-driver`; `make tools` installs them).
 
-Raw HTTP rather than Selenium: the five commands the tests need (open a URL, run a
-script, click, take a screenshot, quit) are one JSON request each, and no package has to
+Raw HTTP rather than Selenium: the few commands the tests need (open a URL, run a
+script, click, type, take a screenshot, quit) are one JSON request each, and no package has to
 find or download a driver. Every request has a timeout; `close()` ends the session and
 kills chromedriver's whole process group (chromedriver and the Chromium it started).
 """
@@ -115,10 +115,16 @@ class Browser:
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} "
                              f"(last: {value!r})")
 
-    def click(self, css: str) -> None:
+    def _element(self, css: str) -> str:
         element = self._session_call("POST", "/element", {"using": "css selector", "value": css})
-        element_id = next(iter(element.values()))
-        self._session_call("POST", f"/element/{element_id}/click", {})
+        return str(next(iter(element.values())))
+
+    def click(self, css: str) -> None:
+        self._session_call("POST", f"/element/{self._element(css)}/click", {})
+
+    def type(self, css: str, text: str) -> None:
+        """Type `text` into the element (as keystrokes; "\ue007" is Enter)."""
+        self._session_call("POST", f"/element/{self._element(css)}/value", {"text": text})
 
     def screenshot(self) -> bytes:
         return base64.b64decode(self._session_call("GET", "/screenshot"))
