@@ -9,7 +9,8 @@
                               text frame (?session_id=…, ?call_id=… or
                               ?sip_call_id=… (any leg's) to filter,
                               ?type=ivr_step_trace or call)
-    /debug                    a self-contained trace viewer using the two above
+    /debug                    the trace viewer (pbx/debug_page.py): live calls and each
+                              session's step timeline, from the three above
     /api/status               the front's media workers, executors and call count
     POST /api/reload          re-read the config file and apply its dial plan
                               (pbx.reload; 422 with the reason for a bad file)
@@ -24,12 +25,17 @@ rebinding; a request with an `Origin` (any browser's WebSocket or cross-site
 fetch) must come from such a host too, so a web page elsewhere cannot read
 `/ws/events` through an operator's browser; and with `[admin] token` set (required
 beyond loopback) every request carries it as `Authorization: Bearer <token>` or
-`?token=`.
+`?token=`, or (a browser's WebSocket, which cannot set headers) as the subprotocol
+`pbx.token.<base64url of the token>` beside `pbx.events`, so the /debug page never puts
+it in a URL. `/debug` itself is served without the token: it is a static page holding
+no data, and it asks for the token (kept in the tab's sessionStorage) on a 401.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hmac
 import logging
@@ -54,6 +60,22 @@ log = logging.getLogger("pbx.admin")
 
 CLIENT_QUEUE_EVENTS = 2000
 WS_HEARTBEAT_S = 20.0
+# The WebSocket subprotocol /ws/events speaks, and the prefix of the one that carries
+# the token from a browser (RFC 6455 §1.9: Sec-WebSocket-Protocol; the server echoes
+# only EVENTS_PROTOCOL, never the token).
+EVENTS_PROTOCOL = "pbx.events"
+TOKEN_PROTOCOL_PREFIX = "pbx.token."
+# /debug: no external asset may load (the page works offline, and a compromised CDN
+# cannot script the operator's browser); fetch and WebSocket only to this listener.
+DEBUG_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                               "style-src 'unsafe-inline'; img-src data:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
 
 
 class EventHub:
@@ -91,6 +113,19 @@ def _host_name(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+def _protocol_token(header: str) -> str:
+    """The token a browser's WebSocket carries as `pbx.token.<base64url>`, or ""."""
+    for item in header.split(",")[:8]:
+        item = item.strip()
+        if item.startswith(TOKEN_PROTOCOL_PREFIX):
+            value = item[len(TOKEN_PROTOCOL_PREFIX):][:512]
+            try:
+                return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
+            except (binascii.Error, ValueError):
+                return ""
+    return ""
+
+
 def access_guard(settings: AdminSettings) -> Callable[..., Awaitable[web.StreamResponse]]:
     """aiohttp middleware enforcing the Host, Origin and token rules of this module."""
     listen_host, _ = parse_host_port(settings.listen, "listen")
@@ -105,8 +140,9 @@ def access_guard(settings: AdminSettings) -> Callable[..., Awaitable[web.StreamR
         origin = request.headers.get("Origin")
         if origin is not None and _host_name(urlsplit(origin).netloc) not in allowed:
             return web.Response(status=403, text="cross-origin request refused\n")
-        if token is not None:
-            given = request.query.get("token", "")
+        if token is not None and not (request.path == "/debug" and request.method == "GET"):
+            given = request.query.get("token", "") or _protocol_token(
+                request.headers.get("Sec-WebSocket-Protocol", ""))
             auth = request.headers.get("Authorization", "")
             if auth[:7].lower() == "bearer ":
                 given = auth[7:].strip()
@@ -190,7 +226,7 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
     async def events(request: web.Request) -> web.WebSocketResponse:
         filters = {k: v for k, v in request.query.items()
                    if k in ("session_id", "call_id", "sip_call_id", "type")}
-        ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S)
+        ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, protocols=(EVENTS_PROTOCOL,))
         await ws.prepare(request)
         queue = hub.subscribe()
 
@@ -240,7 +276,8 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
         return web.json_response(report, status=200 if report["ok"] else 422)
 
     async def debug(_: web.Request) -> web.Response:
-        return web.Response(text=DEBUG_HTML, content_type="text/html")
+        return web.Response(text=DEBUG_HTML, content_type="text/html",
+                            headers=DEBUG_PAGE_HEADERS)
 
     app = web.Application(middlewares=[access_guard(front.settings.admin)])
     app.router.add_get("/metrics", metrics)

@@ -320,8 +320,9 @@ def is_loopback_host(host: str) -> bool:
 
 class AdminSettings(_Section):
     listen: str = "127.0.0.1:8088"
-    # Bearer token every request must carry (`Authorization: Bearer ...`, or `?token=`
-    # for the /debug page and its WebSocket). Required when `listen` is not loopback.
+    # Bearer token every request must carry (`Authorization: Bearer ...`, or `?token=`);
+    # the /debug page asks for it and sends it as a header (a subprotocol for its
+    # WebSocket), never in a URL. Required when `listen` is not loopback.
     token: str | None = Field(default=None, min_length=16)
     # Host names the listener answers to besides its listen address, localhost and the
     # loopback addresses (a DNS-rebinding page names its own host and is refused).

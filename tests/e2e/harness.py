@@ -320,6 +320,13 @@ class PbxSystem:
     # The address of `[sip] listen` and `[media] rtp_ip` (the admin and ZeroMQ planes
     # stay on loopback).
     sip_ip: str = "127.0.0.1"
+    # `[admin] token` when the system has one: admin() and metrics() send it.
+    admin_token: str | None = None
+
+    def admin_url(self, path: str) -> urllib.request.Request:
+        headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+        return urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}",
+                                      headers=headers)
 
     @property
     def rtp_ports(self) -> tuple[int, int]:
@@ -333,12 +340,11 @@ class PbxSystem:
         return f"{self.sip_ip}:{self.sip_port}"
 
     def admin(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
+        with urllib.request.urlopen(self.admin_url(path), timeout=5) as r:
             return json.loads(r.read())
 
     def metrics(self) -> dict[str, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics",
-                                    timeout=5) as r:
+        with urllib.request.urlopen(self.admin_url("/metrics"), timeout=5) as r:
             text = r.read().decode()
         values = {}
         for line in text.splitlines():
@@ -457,7 +463,8 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
                  auth_extra: str = "", extra_config: str = "",
                  zmq_keys: str | None = None, zmq_host: str = "127.0.0.1",
                  media_extra: str = "", listen_ip: str = "127.0.0.1",
-                 sounds_dir: Path = ROOT / "sounds") -> PbxSystem:
+                 sounds_dir: Path = ROOT / "sounds",
+                 admin_token: str | None = None) -> PbxSystem:
     """Write a config and a supervisord.conf under `root` and start supervisord.
 
     `media_capacity` is `[media] capacity` (legs per worker); `sip_extra` adds lines
@@ -470,7 +477,8 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
     keys: `[zmq]` lines as `python -m pbx.keys --one-file` prints them) puts them on tcp
     at `zmq_host`. `media_extra` adds lines to the `[media]` section. `listen_ip` is
     where SIP and RTP listen (an address of the host other network namespaces reach,
-    for multi-host tests; tests/e2e/netns.py). `sounds_dir` is `[media] sounds_dir`."""
+    for multi-host tests; tests/e2e/netns.py). `sounds_dir` is `[media] sounds_dir`.
+    `admin_token` is `[admin] token`."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
     (root / "recordings").mkdir(exist_ok=True)
     sip_port, admin_port = free_port(), free_port(socket.SOCK_STREAM)
@@ -527,6 +535,7 @@ expiry_ms = 1500
 
 [admin]
 listen = "127.0.0.1:{admin_port}"
+{f'token = "{admin_token}"' if admin_token else ""}
 
 [logging]
 dir = "{root / 'logs'}"
@@ -586,7 +595,7 @@ serverurl=unix://{root}/supervisor.sock
     conf_path = root / "supervisord.conf"
     conf_path.write_text(conf)
     system = PbxSystem(root, sip_port, admin_port, provider, ext_ports, conf_path=conf_path,
-                       sip_ip=listen_ip)
+                       sip_ip=listen_ip, admin_token=admin_token)
     system.proc = subprocess.Popen(
         [str(VENV_BIN / "supervisord"), "-n", "-c", str(conf_path)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

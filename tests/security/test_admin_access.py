@@ -110,3 +110,51 @@ def test_a_listener_beyond_loopback_needs_a_token() -> None:
     with pytest.raises(ConfigError, match="token is required"):
         parse_config('[admin]\nlisten = "0.0.0.0:8088"\n', "pbx.toml")
     parse_config('[admin]\nlisten = "0.0.0.0:8088"\ntoken = "a-long-enough-token"\n')
+
+
+def test_the_debug_page_needs_no_token_in_a_url(tmp_path: Path) -> None:
+    """With a token set, /debug is served without it (a static page, no data) under a CSP
+    that lets nothing external load; a browser's WebSocket, which cannot set headers,
+    carries the token as the `pbx.token.<base64url>` subprotocol, and the server
+    answers with `pbx.events` only (the token is not echoed)."""
+    config = parse_config(f"""
+[admin]
+listen = "127.0.0.1:8088"
+token = "0123456789abcdef-admin"
+
+[logging]
+dir = "{tmp_path}"
+""")
+    front = Front(config, lambda *a, **k: None, lambda *a: True, lambda *a: True,
+                  lambda e: None)
+    good = "pbx.token." + base64.urlsafe_b64encode(b"0123456789abcdef-admin").decode().rstrip("=")
+    bad = "pbx.token." + base64.urlsafe_b64encode(b"0123456789abcdef-wrong").decode().rstrip("=")
+
+    async def main() -> None:
+        server = TestServer(admin_app(front), host="127.0.0.1")
+        await server.start_server()
+        try:
+            base = f"http://127.0.0.1:{server.port}"
+            async with ClientSession() as http:
+                async with http.get(base + "/debug") as r:
+                    assert r.status == 200 and "/ws/events" in await r.text()
+                    csp = r.headers["Content-Security-Policy"]
+                    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+                    assert r.headers["Referrer-Policy"] == "no-referrer"
+                async with http.post(base + "/debug") as r:
+                    assert r.status == 401  # only the page's GET is exempt
+                for protocols in ((bad, "pbx.events"), ("pbx.events", "pbx.token.%%%")):
+                    with pytest.raises(WSServerHandshakeError):
+                        await http.ws_connect(base + "/ws/events", protocols=protocols)
+                ws = await http.ws_connect(base + "/ws/events", protocols=("pbx.events", good))
+                assert ws.protocol == "pbx.events"
+                await ws.close()
+                # A token given as a subprotocol is for the WebSocket handshake: a plain
+                # request carrying the header is let in too (same secret), a wrong one not.
+                async with http.get(base + "/api/calls",
+                                    headers={"Sec-WebSocket-Protocol": bad}) as r:
+                    assert r.status == 401
+        finally:
+            await server.close()
+
+    asyncio.run(main())
