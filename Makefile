@@ -24,8 +24,9 @@ install: $(VENV)/.installed run/workers.conf
 run/workers.conf: $(VENV)/.installed
 	$(BIN)/python -m pbx.supervisor_conf --media-workers $(PBX_MEDIA_WORKERS) --executors $(PBX_IVR_EXECUTORS) --out $@
 
-# Debian tools the tests use: sipp (sip-tester), sox, espeak-ng and sipvicious (the
-# extension scanner and digest cracker the security tests run); venv support for
+# Debian tools the tests use: sipp (sip-tester), sox, espeak-ng, sipvicious (the
+# extension scanner and digest cracker the security tests run) and baresip-core (an
+# independent SIP stack: libre's digest, tests/e2e/test_baresip_register.py); venv support for
 # Debian's own python3; and pyzmq for it (tests/security runs a ZeroMQ client as the
 # unprivileged `nobody`, who cannot read the venv's interpreter).
 tools:
@@ -36,6 +37,7 @@ tools:
 	command -v sox >/dev/null || missing="$$missing sox"; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v svwar >/dev/null || missing="$$missing sipvicious"; \
+	command -v baresip >/dev/null || missing="$$missing baresip-core"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \

@@ -81,9 +81,11 @@ class SipSettings(_Section):
     # per start is used. More in `[auth]`.
     realm: str = "pbx"
     auth_secret: str | None = None
-    # Challenges offered, in order of preference (RFC 8760 §2.4: SHA-256 first). A UA
-    # that only knows MD5 and only answers the first challenge (sipp 3.6, older phones)
-    # needs ["MD5", "SHA-256"]; ["SHA-256"] alone refuses MD5 altogether.
+    # The digest algorithms a 401/407 offers, one challenge each in this order (RFC 8760
+    # §2.4: SHA-256 first), and the only ones accepted in credentials; a user's own
+    # `digest_algorithms` overrides it, and a client named in `[auth] md5_user_agents`
+    # is offered MD5 alone. ["SHA-256"] refuses MD5 altogether. sipp 3.6 answers only
+    # the first challenge: ["MD5", "SHA-256"] for it.
     digest_algorithms: list[Literal["MD5", "SHA-256"]] = Field(
         default=["SHA-256", "MD5"], min_length=1
     )
@@ -433,7 +435,14 @@ class RouteSettings(_Section):
 
 class UserSettings(_Section):
     password: str | None = None
+    # A static contact: one more binding of the user, rung with its registrations.
     contact: str | None = None
+    # The digest algorithms this user is challenged with and may answer with (default:
+    # `[sip] digest_algorithms`); the user is the To of a REGISTER, the From of an
+    # INVITE. ["SHA-256"]: MD5 is refused for this user, whatever the client says;
+    # ["MD5"]: one challenge, for a client libre-like but with its own User-Agent.
+    digest_algorithms: list[Literal["MD5", "SHA-256"]] | None = Field(default=None,
+                                                                      min_length=1)
 
     @field_validator("contact")
     @classmethod

@@ -63,9 +63,28 @@ Authentication for other requests
 `authenticate(request, source, now, proxy=...)` is the one entry point for
 digest credentials, REGISTER (401) and the front's INVITEs from extensions
 (`proxy=True`: 407): lockout check, verification, failure counting, logging
-(INFO: failures, lockouts, replays; the source and a bounded username) and
-the counters in `stats` (exported on /metrics). It returns an `AuthOutcome`
+and the counters in `stats` (exported on /metrics). It returns an `AuthOutcome`
 whose status, reason and headers are the response to send when not `ok`.
+`challenge(request, ...)` is the one place a 401/407 challenge is made.
+
+Which algorithms a challenge offers: the user's own `digest_algorithms`, else
+`[sip] digest_algorithms` (SHA-256 then MD5), one challenge each; but a client
+whose User-Agent contains one of `[auth] md5_user_agents` (libre: Debian's
+baresip refuses a whole 401 naming any algorithm but MD5) gets the MD5 one
+alone, where MD5 is in the list. The user is the one the request's credentials
+claim, else the To of a REGISTER, else the From; credentials are accepted only
+with the algorithms that user is offered (whatever the User-Agent says, so
+naming it downgrades nothing). An unknown user is challenged like a user with
+the default, so only users given their own algorithms can be told apart by
+their challenge.
+
+Logging (logger `pbx.auth`, INFO): every refused REGISTER and every failed
+authentication, with the source address and port, the user (repr'd, cut
+short), the reason and the client's User-Agent; never the credentials. The
+normal first challenge of a request without credentials and a stale nonce are
+not failures. `FailureLog` bounds the lines per source IP and in all, so a
+scanner cannot flood the log; what it leaves out is counted (`stats`
+`auth_failures_unlogged`) and said in the next line written.
 """
 
 from __future__ import annotations
@@ -79,6 +98,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from pbx.config import UserSettings
+from pbx.ratelimit import RateLimiter
 from pbx.sip.auth import AuthFailure, AuthResult, DigestAuthenticator
 from pbx.sip.authguard import AuthGuard
 from pbx.sip.errors import SipError
@@ -157,6 +177,43 @@ def _shown(text: str | None) -> str:
     return repr(text[:32]) + ("..." if len(text) > 32 else "")
 
 
+def _uri_user(header: str | None) -> str | None:
+    """The user part of a From/To header's URI (None if absent or unparsable)."""
+    try:
+        user = parse_name_addr(header or "").uri.user
+    except SipError:
+        return None
+    return unquote(user) if user is not None else None
+
+
+class FailureLog:
+    """INFO lines for failed registrations and authentications, bounded: a token
+    bucket per source IP (`per_min` lines a minute, bursts of `burst`) and one for all
+    sources (`max_per_min`), both from `pbx.ratelimit`. Lines left out are counted in
+    `unlogged` and the next line written says how many were."""
+
+    def __init__(self, per_min: float = 6.0, burst: int = 10,
+                 max_per_min: float = 120.0, max_sources: int = 16384) -> None:
+        self._per_source = RateLimiter(per_min / 60, burst, max_sources=max_sources)
+        self._overall = RateLimiter(max_per_min / 60, max(burst, max_per_min / 6),
+                                    max_sources=1)
+        self.unlogged = 0
+        self._since_written = 0
+
+    def write(self, ip: str, now: float, text: str, *args: object) -> bool:
+        """Log `text % args` unless `ip` or everyone is over budget; True if written."""
+        if not (self._per_source.allow(ip, now) and self._overall.allow("*", now)):
+            self.unlogged += 1
+            self._since_written += 1
+            return False
+        if self._since_written:
+            text += " [%d auth failure lines not written before this one]"
+            args = (*args, self._since_written)
+            self._since_written = 0
+        log.info(text, *args)
+        return True
+
+
 @dataclass(frozen=True)
 class AuthOutcome:
     """What `Registrar.authenticate` decided.
@@ -189,11 +246,12 @@ class _Abort(Exception):
     """Stops REGISTER processing with a response (internal to handle_register)."""
 
     def __init__(self, status: int, reason: str | None = None,
-                 headers: list[tuple[str, str]] | None = None) -> None:
+                 headers: list[tuple[str, str]] | None = None, logged: bool = False) -> None:
         super().__init__(reason or str(status))
         self.status = status
         self.reason = reason
         self.headers = headers
+        self.logged = logged
 
 
 class Registrar:
@@ -207,12 +265,16 @@ class Registrar:
         max_expires: int = 3600,
         default_expires: int = 3600,
         guard: AuthGuard | None = None,
+        failure_log: FailureLog | None = None,
+        md5_user_agents: Iterable[str] = (),
     ) -> None:
         if not 0 < min_expires <= max_expires:
             raise ValueError("need 0 < min_expires <= max_expires")
         self.users = users
         self.authenticator = authenticator
         self.guard = guard if guard is not None else AuthGuard()
+        self.failure_log = failure_log if failure_log is not None else FailureLog()
+        self.md5_user_agents = tuple(ua.lower() for ua in md5_user_agents if ua)
         self._counters = {"auth_ok": 0, "auth_failures": 0, "auth_lockouts": 0,
                           "auth_locked_refusals": 0, "auth_replays": 0, "auth_stale": 0}
         self.min_expires = min_expires
@@ -229,12 +291,51 @@ class Registrar:
         user = self.users.get(username)
         return user.password if user is not None else None
 
+    def algorithms_for(self, username: str | None) -> tuple[str, ...]:
+        """The digest algorithms `username` is challenged with and may answer with: its
+        own `digest_algorithms`, else the realm's (an unknown user: the realm's)."""
+        user = self.users.get(username) if username is not None else None
+        if user is not None and user.digest_algorithms:
+            return tuple(user.digest_algorithms)
+        return self.authenticator.algorithms
+
+    def _challenged_user(self, request: SipRequest, proxy: bool) -> str | None:
+        """Whom a challenge to `request` is for: the user its credentials claim, else
+        the To of a REGISTER, else the From."""
+        claimed = self.authenticator.claimed_username(request, proxy=proxy)
+        if claimed is not None:
+            return claimed
+        header = "To" if request.method == "REGISTER" else "From"
+        return _uri_user(request.headers.get(header))
+
+    def challenge(self, request: SipRequest, now: float, *, stale: bool = False,
+                  proxy: bool = False) -> list[tuple[str, str]]:
+        """The WWW-Authenticate (401) or Proxy-Authenticate (407) headers for
+        `request`: one challenge per algorithm its user is offered (`algorithms_for`).
+        `now` is the nonces' clock (`auth_now`)."""
+        algorithms = self.algorithms_for(self._challenged_user(request, proxy))
+        user_agent = (request.headers.get("User-Agent") or "").lower()
+        if ("MD5" in algorithms and len(algorithms) > 1 and user_agent
+                and any(name in user_agent for name in self.md5_user_agents)):
+            algorithms = ("MD5",)  # a client that fails on any other challenge
+        return self.authenticator.challenge(now, stale=stale, algorithms=algorithms,
+                                            proxy=proxy, request=request)
+
     @property
     def stats(self) -> dict[str, int]:
         """Authentication counters and table sizes (for /metrics)."""
         return {**self._counters,
+                "auth_failures_unlogged": self.failure_log.unlogged,
                 "auth_nonces_tracked": self.authenticator.nonces.tracked,
                 "auth_guard_entries": self.guard.entries()}
+
+    def log_failure(self, request: SipRequest, source: Addr, now: float, what: str,
+                     user: str | None, reason: str) -> None:
+        """One bounded INFO line about a refused request (see `FailureLog`)."""
+        self.failure_log.write(
+            source[0], now, "%s: %s user %s from %s:%d: %s (UA %s)", what, request.method,
+            _shown(user), source[0], source[1], reason,
+            _shown(request.headers.get("User-Agent")))
 
     def authenticate(
         self,
@@ -255,34 +356,42 @@ class Registrar:
             lock = self.guard.check(ip, claimed, now)
             if lock is not None:
                 self._counters["auth_locked_refusals"] += 1
+                self.log_failure(request, source, now, "auth refused", claimed,
+                                  f"locked out for {lock.retry_after_s(now)} s (not checked)")
                 return AuthOutcome(False, claimed, 403, LOCKED_REASON,
                                    [("Retry-After", str(lock.retry_after_s(now)))])
-        result = self.authenticator.verify(request, self.password_of, auth_now, proxy=proxy)
+        result = self.authenticator.verify(request, self.password_of, auth_now, proxy=proxy,
+                                           algorithms_of=self.algorithms_for)
         if result.ok:
             self._counters["auth_ok"] += 1
             self.guard.record_success(ip, result.username or "", now)
             return AuthOutcome(True, result.username, result=result)
-        kind = "REGISTER" if not proxy else request.method
         if result.is_guess and result.username is not None:
             self._counters["auth_failures"] += 1
-            log.info("auth failure: %s user %s from %s: %s", kind, _shown(result.username),
-                     ip, result.reason.value if result.reason else "")
+            self.log_failure(request, source, now, "auth failure", result.username,
+                              result.detail)
             for lock in self.guard.record_failure(ip, result.username, now):
                 self._counters["auth_lockouts"] += 1
-                log.info("auth lockout: %s user %s from %s: %s locked for %d s", kind,
-                         _shown(result.username), ip, lock.scope, lock.retry_after_s(now))
+                self.log_failure(request, source, now, "auth lockout", result.username,
+                                  f"{lock.scope} locked for {lock.retry_after_s(now)} s")
         elif result.reason in _REPLAY_REASONS:
             self._counters["auth_replays"] += 1
-            log.info("auth replay refused: %s user %s from %s: %s", kind,
-                     _shown(result.username), ip, result.detail)
+            self.log_failure(request, source, now, "auth replay refused", result.username,
+                              result.detail)
         elif result.stale:
-            self._counters["auth_stale"] += 1
+            self._counters["auth_stale"] += 1  # a nonce that aged: normal, re-challenged
+        elif result.reason is not AuthFailure.MISSING_CREDENTIALS:
+            # Credentials we cannot use (wrong algorithm or realm, no qop, a nonce not
+            # ours, malformed): the client will not get in this way either. A parse
+            # error's detail quotes the header: only the reason, never the credentials.
+            self.log_failure(request, source, now, "auth failure", result.username,
+                              result.reason.value if result.reason is AuthFailure.MALFORMED
+                              else result.detail)
         if result.status == 400:
             return AuthOutcome(False, result.username, 400,
                                f"Bad Request ({result.reason.value if result.reason else ''})",
                                result=result)
-        challenge = self.authenticator.challenge(auth_now, stale=result.stale, proxy=proxy,
-                                                 request=request)
+        challenge = self.challenge(request, auth_now, stale=result.stale, proxy=proxy)
         return AuthOutcome(False, result.username, result.status, None, challenge, result)
 
     # ------------------------------------------------------------ REGISTER
@@ -301,9 +410,16 @@ class Registrar:
             headers = self._register(request, source_addr, now,
                                      now if auth_now is None else auth_now)
         except _Abort as abort:
+            if not abort.logged:
+                self.log_failure(request, source_addr, now, "registration refused",
+                                  _uri_user(request.headers.get("To")),
+                                  f"{abort.status} {abort.reason or ''}".rstrip())
             return make_response(request, abort.status, abort.reason, to_tag=to_tag,
                                  headers=abort.headers)
         except SipError as exc:
+            self.log_failure(request, source_addr, now, "registration refused",
+                              _uri_user(request.headers.get("To")),
+                              f"{exc.status} {exc.message}")
             return make_response(request, exc.status, None, to_tag=to_tag)
         return make_response(request, 200, to_tag=to_tag, headers=headers)
 
@@ -318,8 +434,8 @@ class Registrar:
 
         # Step 3: authenticate.
         auth = self.authenticate(request, source_addr, now, auth_now=auth_now)
-        if not auth.ok:
-            raise _Abort(auth.status, auth.reason, headers=auth.headers)
+        if not auth.ok:  # `authenticate` logged what is a failure
+            raise _Abort(auth.status, auth.reason, headers=auth.headers, logged=True)
 
         # Steps 5 and 4: the AOR must exist and belong to the authenticated user.
         to = parse_name_addr(request.headers.get("To") or "")

@@ -37,7 +37,7 @@ from pbx.calls.outbound import Outbound
 from pbx.calls.queue import QueueCalls
 from pbx.calls.refer import Refers
 from pbx.calls.session_timer import SessionTimers
-from pbx.calls.state import Call, Leg, unlink
+from pbx.calls.state import Call, Leg, LegPhase, unlink
 from pbx.calls.targets import Targets
 from pbx.calls.teardown import Teardown
 from pbx.calls.timers import TimerKind
@@ -45,7 +45,7 @@ from pbx.config import Settings
 from pbx.policy import PROVIDER
 from pbx.ratelimit import NetworkSet
 from pbx.records import CallRecords
-from pbx.registrar import Registrar
+from pbx.registrar import FailureLog, Registrar
 from pbx.registry import MediaWorkerRegistry, WorkerRegistry
 from pbx.sip.auth import DigestAuthenticator
 from pbx.sip.authguard import AuthGuard
@@ -92,6 +92,9 @@ def new_registrar(settings: Settings) -> Registrar:
             user_max_failures=auth.user_max_failures, backoff_base_s=auth.backoff_base_s,
             backoff_max_s=auth.backoff_max_s, failure_memory_s=auth.failure_memory_s,
             known_source_s=auth.known_source_s, table_size=auth.table_size),
+        failure_log=FailureLog(auth.log_failures_per_min, auth.log_failures_burst,
+                               auth.log_failures_max_per_min),
+        md5_user_agents=auth.md5_user_agents,
     )
 
 
@@ -400,15 +403,18 @@ class CallCore:
 
     # ---------------------------------------------------------------- CallOps (queues)
 
-    def ring(self, call: Call, member: str, media_id: str) -> Leg | None:
-        resolved = self.targets.resolve(member)
-        if resolved is None:
-            return None
-        leg = self.outbound.new_leg(call, member, resolved, media_id)
-        leg.member = member
-        call.ringing.append(leg)
-        self.outbound.call_out(leg)
-        return leg
+    def ring(self, call: Call, member: str, media_id: str) -> list[Leg]:
+        places = self.targets.resolve_all(member)
+        legs = [self.outbound.new_leg(call, member, place,
+                                      media_id if len(places) == 1 else f"{media_id}-{i}")
+                for i, place in enumerate(places, 1)]
+        for leg in legs:
+            leg.member = member
+        call.ringing.extend(legs)
+        for leg in legs:
+            if leg.phase is LegPhase.PENDING and not call.ended:
+                self.outbound.call_out(leg)
+        return legs
 
     def give_up_leg(self, leg: Leg) -> None:
         self.legs.give_up(leg)

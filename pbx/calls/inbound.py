@@ -137,6 +137,9 @@ class Inbound:
             if out.ok and out.username == from_user:
                 return Party(PartyKind.EXTENSION, from_user)
             if out.ok:  # valid credentials of another extension: no impersonation
+                registrar.log_failure(req, addr, ctx.now, "auth refused", out.username,
+                                      f"From user {from_user[:32]!r} is not the "
+                                      "authenticated user")
                 ctx.respond(key, req, 403, "Forbidden (From is not the authenticated user)",
                             to_tag=new_tag())
             else:
@@ -158,8 +161,7 @@ class Inbound:
         ctx = self.ctx
         ctx.stats["calls_challenged"] += 1
         ctx.respond(key, req, 407, to_tag=new_tag(),
-                    headers=ctx.registrar.authenticator.challenge(ctx.wall(), proxy=True,
-                                                                  request=req))
+                    headers=ctx.registrar.challenge(req, ctx.wall(), proxy=True))
 
     # ---------------------------------------------------------------- answering
 

@@ -100,7 +100,6 @@ class LegSignaling:
     def give_up(self, leg: Leg) -> None:
         """An outbound leg we no longer want: CANCEL while it rings; over either way
         (a 2xx that still comes gets ACK + BYE)."""
-        self.ctx.timers.cancel(TimerKind.RING, leg.dialog_key)
         if leg.phase is LegPhase.EARLY:
             self.cancel(leg)
         advance_leg(leg, LegPhase.TERMINATED)

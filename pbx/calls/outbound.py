@@ -1,13 +1,30 @@
 """Outbound legs (the B2BUA's UAC side): transfers, queue members, agents.
 
-A transfer makes leg `b` to the target and, when it answers, bridges it to the caller
-on the caller's media worker (the bridge is local to one worker). An outbound leg goes
-PENDING (its host resolving, its port allocating) → EARLY (INVITE sent) → CONFIRMED
-(2xx, ACKed) or TERMINATED (error, ring timeout, CANCEL). A queue member's leg is the
-same leg; what its answer or failure means is the queue's (`MemberEvents`).
+A transfer rings every binding of its target at once (parallel forking: an
+extension's registered contacts and its static contact, one branch per address;
+`Targets.resolve_all`), each branch its own outbound leg in `call.forks`, all on the
+caller's media worker (the bridge is local to one worker). RFC 3261 §16.7 as a B2BUA:
+
+* the first branch to answer (2xx) becomes leg `b` and is bridged to the caller; the
+  others get CANCEL (§9.1: once they sent a 1xx), and a 2xx one of them still sends
+  gets ACK + BYE (§15);
+* a 6xx ends the fork: the other branches are cancelled and the caller gets the 6xx
+  (§16.7 point 5);
+* a branch failing otherwise (3xx-5xx, no answer, no port, its host not found) is
+  remembered; when every branch failed the caller gets the best of their responses
+  (`best_response`; §16.7 point 6);
+* one ring timeout (`[sip] ring_timeout_ms`, timer `(RING, call id)`) covers all the
+  branches: each is cancelled and counts as a 408;
+* the caller's CANCEL (or any end of the call) cancels every branch (pbx.calls.teardown).
+
+An outbound leg goes PENDING (its host resolving, its port allocating) → EARLY (INVITE
+sent) → CONFIRMED (2xx, ACKed) or TERMINATED (error, ring timeout, CANCEL). A queue
+member's leg is the same leg; what its answer or failure means is the queue's
+(`MemberEvents`).
 
 Responses to our INVITEs come here (`on_response`): every 2xx is ACKed (§13.2.2.4), a
-2xx from a second fork or for a leg we gave up on gets ACK + BYE.
+2xx from a second fork or for a leg we gave up on gets ACK + BYE; a final response for
+a leg we gave up on (the call is over, another branch answered) is absorbed quietly.
 """
 
 from __future__ import annotations
@@ -37,6 +54,23 @@ log = logging.getLogger("pbx.calls")
 Addr = tuple[str, int]
 # Call phases a transfer may start from (BRIDGED only once a REFER took `b` away).
 TRANSFER_FROM = frozenset({CallPhase.SETUP, CallPhase.IVR, CallPhase.BRIDGED})
+# Among the 4xx of failed branches, the ones that say most about the callee, first
+# (busy over unavailable over not found over our own ring timeout).
+_PREFERRED_4XX = (486, 480, 404, 408)
+
+
+def _response_rank(status: int) -> tuple[int, int]:
+    """Lower is better: 6xx, then 4xx (`_PREFERRED_4XX` order, then the others), 5xx,
+    3xx (a B2BUA does not relay redirects of its callee's devices)."""
+    if status >= 600:
+        return (0, status)
+    if 400 <= status < 500:
+        if status in _PREFERRED_4XX:
+            return (1, _PREFERRED_4XX.index(status))
+        return (1, -1)  # any other 4xx (403, 488 ...) is more telling than those
+    if status >= 500:
+        return (2, status)
+    return (3, status)
 
 
 class MemberEvents(Protocol):
@@ -67,19 +101,32 @@ class Outbound:
         a = call.a
         if a is None or a.phase is LegPhase.TERMINATED:
             return
-        if call.phase not in TRANSFER_FROM or call.b is not None:
+        if call.phase not in TRANSFER_FROM or call.b is not None or call.forks:
             log.warning("call %s: a transfer while the call is %s; ignored", call.call_id,
                         call.phase.value)
             return
         advance_call(call, CallPhase.TRANSFERRING)
         call.transfer_target = target
-        resolved = self.targets.resolve(target)
-        if resolved is None:
+        places = self.targets.resolve_all(target)
+        if not places:
             log.info("call %s: transfer target %r not found", call.call_id, target)
             self.teardown.hangup(call, f"TransferFailed({target})", 404)
             return
-        call.b = self.new_leg(call, target, resolved, f"{call.call_id}-b")
-        self.call_out(call.b)
+        call.fork_status = call.fork_reason = None
+        many = len(places) > 1
+        call.forks = [self.new_leg(call, target, place,
+                                   f"{call.call_id}-b{i}" if many else f"{call.call_id}-b")
+                      for i, place in enumerate(places, 1)]
+        ctx = self.ctx
+        ctx.timers.set(TimerKind.RING, call.call_id,
+                       ctx.now + ctx.settings.sip.ring_timeout_ms / 1000)
+        if many:
+            log.info("call %s: ringing %s at %d places", call.call_id, target, len(places))
+        for leg in list(call.forks):
+            if call.ended:
+                break
+            if leg.phase is LegPhase.PENDING:
+                self.call_out(leg)
 
     def new_leg(self, call: Call, target: str, resolved: tuple[str, str, int],
                 media_id: str) -> Leg:
@@ -113,6 +160,7 @@ class Outbound:
         if b is None or b.phase is not LegPhase.PENDING:
             return
         if addr is None:
+            log.info("call %s: %s not found", b.call.call_id, b.addr[0])
             self._setup_failed(b, f"TransferFailed({b.call.transfer_target})", 404)
             return
         b.addr = addr
@@ -143,23 +191,22 @@ class Outbound:
         advance_leg(b, LegPhase.EARLY)
         ctx.table.client_txns[b.invite_key] = b
         ctx.table.dialogs[b.dialog_key] = b
-        if b.member is None:  # a queue member rings as long as its queue wait says
-            ctx.timers.set(TimerKind.RING, b.dialog_key,
-                           ctx.now + ctx.settings.sip.ring_timeout_ms / 1000)
 
     def _setup_failed(self, b: Leg, reason: str, code: int) -> None:
         """An outbound leg could not even be sent: a queue tries its next member, a
-        transfer ends the call."""
-        if b.member is not None:
-            self.failed(b, code)
-        else:
-            self.teardown.hangup(b.call, reason, code)
+        transfer its other branches (the call ends when none is left)."""
+        self.failed(b, code, reason)
 
-    def ring_timeout(self, dialog_key: tuple[str, str]) -> None:
-        b = self.ctx.table.dialogs.get(dialog_key)
-        if b is not None and b.outbound and b.phase is LegPhase.EARLY:
-            self.legs.cancel(b)
-            self.failed(b, 408)
+    def ring_timeout(self, call_id: str) -> None:
+        """Nobody answered the transfer in `ring_timeout_ms`: every branch is cancelled
+        (each a 408) and the caller gets the best response (a queue member rings as
+        long as its queue wait says, not on this timer)."""
+        call = self.ctx.table.calls.get(call_id)
+        if call is None or call.ended:
+            return
+        for leg in list(call.forks):
+            self.legs.give_up(leg)
+            self.failed(leg, 408)
 
     # ---------------------------------------------------------------- responses
 
@@ -219,7 +266,6 @@ class Outbound:
                          headers=self.legs.dialog_headers(a))
 
     def _answered(self, b: Leg, resp: SipResponse) -> None:
-        self.ctx.timers.cancel(TimerKind.RING, b.dialog_key)
         advance_leg(b, LegPhase.CONFIRMED)
         call = b.call
         a = call.a
@@ -233,15 +279,23 @@ class Outbound:
             log.info("call %s: bad SDP answer from %s: %s", call.call_id,
                      b.dialog.remote_target, exc)
             self.legs.send_bye(b)
-            if b.member is not None:
-                self.failed(b, 488)  # the queue tries someone else
-            else:
-                self.teardown.hangup(call, "TransferFailed(sdp)", 488)
+            # The queue tries someone else, a transfer its other branches.
+            self.failed(b, 488, None if b.member is not None else "TransferFailed(sdp)")
             return
         if b.member is not None and not (self.members and self.members.member_answered(b)):
             self.legs.send_bye(b)  # another member was quicker, or the wait is over
             self.media.release(b)
             return
+        if b.member is None:
+            if b not in call.forks:  # not a branch of this call's transfer (any more)
+                self.legs.send_bye(b)
+                self.media.release(b)
+                return
+            # The first branch to answer wins; the others are cancelled (§16.7 point 9).
+            call.forks.remove(b)
+            self._drop_branches(call)
+            self.ctx.timers.cancel(TimerKind.RING, call.call_id)
+            call.b = b
         if a.phase is LegPhase.EARLY:
             self.legs.answer(a)  # early-media call: answered when the transfer is
         self.media.send_remote(b)
@@ -255,10 +309,11 @@ class Outbound:
         for hook in self.on_bridged:
             hook(call)
 
-    def failed(self, b: Leg, status: int) -> None:
-        """The leg ended without an answer: a queue tries its next member, a transfer
-        ends the call."""
-        self.ctx.timers.cancel(TimerKind.RING, b.dialog_key)
+    def failed(self, b: Leg, status: int, reason: str | None = None) -> None:
+        """The leg ended without an answer: a queue tries its next member; a transfer
+        waits for its other branches, and ends the call with the best response when
+        none is left, or at once on a 6xx (RFC 3261 §16.7 points 5 and 6). `reason`:
+        the end reason this failure asks for (default `TransferFailed(<status>)`)."""
         advance_leg(b, LegPhase.TERMINATED)
         self.media.release(b)
         self.legs.linger(b)
@@ -267,9 +322,34 @@ class Outbound:
             if self.members is not None:
                 self.members.member_failed(b, status)
             return
-        log.info("call %s: transfer to %s failed with %d", call.call_id, call.transfer_target,
-                 status)
-        self.teardown.hangup(call, f"TransferFailed({status})", status)
+        if b not in call.forks:
+            return  # a branch given up already (another answered, the call is over)
+        call.forks.remove(b)
+        if call.ended:
+            return
+        # A callee's 503 would tell our caller that this PBX is overloaded: 500 instead
+        # (§16.7 point 6). Our own failures (`reason` given) keep their status.
+        relayed = 500 if status == 503 and reason is None else status
+        if call.fork_status is None or _response_rank(relayed) < _response_rank(
+                call.fork_status):
+            call.fork_status, call.fork_reason = relayed, reason
+        log.info("call %s: transfer to %s: %s failed with %d", call.call_id,
+                 call.transfer_target, b.dialog.remote_target or b.addr[0], status)
+        if status >= 600:
+            self._drop_branches(call)  # a 6xx ends the fork (§16.7 point 5)
+        elif call.forks:
+            return  # other branches still ring
+        best = call.fork_status
+        self.teardown.hangup(call, call.fork_reason or f"TransferFailed({best})", best)
+
+    def _drop_branches(self, call: Call) -> None:
+        """Give up every branch still ringing (CANCEL once it sent a 1xx; a 2xx that still
+        comes gets ACK + BYE)."""
+        for leg in call.forks:
+            self.legs.give_up(leg)
+            self.media.release(leg)
+            self.legs.linger(leg)
+        call.forks.clear()
 
     def client_timeout(self, key: TransactionKey) -> None:
         leg = self.ctx.table.client_txns.pop(key, None)

@@ -2,8 +2,10 @@
 
 `QueueWait` decides whom to ring and when; this module turns its actions into legs
 through `CallOps`, the few things a queue may ask of the rest of the call layer. A
-`Ring` becomes an outbound leg on the caller's media worker (the bridge stays local)
-kept in `call.ringing`; a `Cancel` gives it up (a 2xx that still comes gets ACK +
+`Ring` becomes an outbound leg per binding of the member (its phones ring in
+parallel, pbx.calls.outbound) on the caller's media worker (the bridge stays local)
+kept in `call.ringing`; the member fails when the last of them does, and the first to
+answer cancels the others. A `Cancel` gives them up (a 2xx that still comes gets ACK +
 BYE); `GiveUp` restarts the route's IVR (`return_to_ivr`) or hangs up. While the caller
 waits, the queue's hold music loops on the caller's leg. The first member to answer
 becomes `call.b` and is bridged as a transfer is (the MediaStop before the MediaBridge
@@ -56,8 +58,9 @@ def agent_headers(call: Call, command: m.AgentCommand) -> list[tuple[str, str]]:
 class CallOps(Protocol):
     """What a queue asks of the call layer."""
 
-    def ring(self, call: Call, member: str, media_id: str) -> Leg | None:
-        """An outbound leg ringing `member` (None: the member cannot be reached)."""
+    def ring(self, call: Call, member: str, media_id: str) -> list[Leg]:
+        """Outbound legs ringing `member`, one per binding (none: it cannot be reached);
+        `media_id` is the leg's, or the prefix of theirs."""
 
     def give_up_leg(self, leg: Leg) -> None:
         """Stop ringing the leg (CANCEL; it is over)."""
@@ -167,8 +170,8 @@ class QueueCalls:
         self._arm(call, run)
 
     def _ring(self, call: Call, run: QueueRun, member: str) -> bool:
-        leg = self.ops.ring(call, member, f"{call.call_id}-q{run.legs_made + 1}")
-        if leg is None:
+        legs = self.ops.ring(call, member, f"{call.call_id}-q{run.legs_made + 1}")
+        if not legs:
             log.info("call %s: %s %s member %r not found", call.call_id, run.kind, run.name,
                      member)
             return False
@@ -219,6 +222,8 @@ class QueueCalls:
         run = call.queue_run
         if run is None or call.ended or leg.member is None:
             return
+        if any(other.member == leg.member for other in call.ringing):
+            return  # another phone of the member still rings
         log.info("call %s: %s %s member %s failed with %d", call.call_id, run.kind, run.name,
                  leg.member, status)
         self._do(call, run, run.wait.member_failed(leg.member, self.ctx.now))
@@ -232,6 +237,8 @@ class QueueCalls:
                 or run.wait.state is not WaitState.RINGING):
             return False
         call.ringing.remove(leg)
+        for other in [lg for lg in call.ringing if lg.member == leg.member]:
+            self._drop(call, other)  # the member's other phones stop ringing
         actions = run.wait.member_answered(leg.member, self.ctx.now)
         call.b = leg
         call.queue_member = leg.member

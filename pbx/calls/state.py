@@ -304,6 +304,12 @@ class Call:
     # Queue / route_to_agent (pbx.calls.queue): candidates ringing, and the wait itself.
     # The member who answers becomes `b`.
     ringing: list[Leg] = field(default_factory=list)
+    # A transfer's branches, one per binding of the target, ringing in parallel
+    # (pbx.calls.outbound): the first to answer becomes `b`; the best final response
+    # of those that failed (and the end reason it asks for) ends the call if all fail.
+    forks: list[Leg] = field(default_factory=list)
+    fork_status: int | None = None
+    fork_reason: str | None = None
     queue_run: QueueRun | None = None
     queue_name: str | None = None
     queue_member: str | None = None
@@ -327,7 +333,7 @@ class Call:
         return self.phase is CallPhase.ENDED
 
     def legs(self) -> list[Leg]:
-        return [leg for leg in (self.a, self.b, *self.ringing, *self.detached)
+        return [leg for leg in (self.a, self.b, *self.forks, *self.ringing, *self.detached)
                 if leg is not None]
 
     def to_dict(self) -> dict[str, Any]:
@@ -345,6 +351,8 @@ class Call:
             "extension": self.extension,
             "party": {"kind": self.party.kind.value, "user": self.party.user},
             "ringing": [leg.to_dict() for leg in self.ringing],
+            "forks": [leg.to_dict() for leg in self.forks],
+            "fork_status": self.fork_status, "fork_reason": self.fork_reason,
             "queue_run": self.queue_run.to_dict() if self.queue_run else None,
             "queue_name": self.queue_name, "queue_member": self.queue_member,
             "agent": self.agent, "agent_headers": [list(h) for h in self.agent_headers],
@@ -373,10 +381,12 @@ def call_from_dict(data: dict[str, Any], routes: dict[str, RouteSettings],
         agent=data["agent"], ws_bridge=data["ws_bridge"], bridged_at=data["bridged_at"],
         agent_headers=[(str(n), str(v)) for n, v in data.get("agent_headers", [])],
         ended_at=data["ended_at"], recordings=[dict(r) for r in data["recordings"]],
-        session_ids=list(data["session_ids"]), refer_event=data["refer_event"])
+        session_ids=list(data["session_ids"]), refer_event=data["refer_event"],
+        fork_status=data["fork_status"], fork_reason=data["fork_reason"])
     call.a = leg_from_dict(call, data["a"]) if data["a"] else None
     call.b = leg_from_dict(call, data["b"]) if data["b"] else None
     call.ringing = [leg_from_dict(call, d) for d in data["ringing"]]
+    call.forks = [leg_from_dict(call, d) for d in data["forks"]]
     call.detached = [leg_from_dict(call, d) for d in data["detached"]]
     call.session = session_from_dict(call, data["session"]) if data["session"] else None
     if data["referrer"] is not None:
@@ -396,6 +406,7 @@ def unlink(call: Call) -> None:
     the lot at once instead of a full collection much later (pbx.app.tune_gc)."""
     call.a = call.b = call.session = call.referrer = call.queue_run = None
     call.ringing.clear()
+    call.forks.clear()
     call.detached.clear()
 
 

@@ -3,8 +3,9 @@ where it is reached.
 
 One policy for every way a call is sent somewhere (DESIGN §6): a REFER, a provider's
 transfer or agent command, a queue member. `classify` turns a target (an extension, or
-a SIP URI ours or elsewhere) into a policy destination; `resolve` finds where an
-extension or URI is reached (static contact first, then registrations)."""
+a SIP URI ours or elsewhere) into a policy destination; `resolve_all` finds every
+place an extension (each binding: its static contact and its registrations) or a URI
+is reached, `resolve` the first."""
 
 from __future__ import annotations
 
@@ -73,30 +74,39 @@ class Targets:
         return None
 
     def resolve(self, target: str) -> tuple[str, str, int] | None:
-        """An extension (static contact first, then its registered contacts) or a SIP
-        URI → (Request-URI, host, port). A phone registered over UDP is reached where
-        its REGISTER came from (it may be behind NAT); over TCP, on its registration
-        connection while that is open (RFC 5626 §5.3 flow reuse), else at its Contact
-        with `;transport=tcp`."""
-        uri_text: str | None = None
-        source: Addr | None = None
-        bindings = self.ctx.registrar.lookup(target, self.ctx.now)
-        if bindings:
-            binding = bindings[0]
+        """Where to reach `target` once: its first binding (`resolve_all`), else None."""
+        every = self.resolve_all(target)
+        return every[0] if every else None
+
+    def resolve_all(self, target: str) -> list[tuple[str, str, int]]:
+        """Every place `target` is reached, as (Request-URI, host, port): an extension's
+        bindings (its static contact, then its registered contacts by q, most recent
+        first; pbx.registrar.lookup), else a SIP URI itself. One per address: a static
+        contact and a registration of the same phone ring it once. A phone registered
+        over UDP is reached where its REGISTER came from (it may be behind NAT); over
+        TCP, on its registration connection while that is open (RFC 5626 §5.3 flow
+        reuse), else at its Contact with `;transport=tcp`."""
+        places: list[tuple[str, Addr | None]] = []
+        for binding in self.ctx.registrar.lookup(target, self.ctx.now):
             uri_text, source = binding.uri, binding.source
             if (binding.transport or "").upper() == "TCP":
                 if not wants_tcp(uri_text):
                     uri_text = with_tcp(uri_text)
                 if source is not None and not self.is_connected(source):
                     source = None
-        elif target.startswith(("sip:", "sips:")):
-            uri_text = target
-        if uri_text is None:
-            return None
-        try:
-            uri = parse_uri(uri_text)
-        except SipError:
-            return None
-        if source is not None:
-            return uri_text, source[0], source[1]
-        return uri_text, uri.host.strip("[]"), uri.port or 5060
+            places.append((uri_text, source))
+        if not places and target.startswith(("sip:", "sips:")):
+            places.append((target, None))
+        out: list[tuple[str, str, int]] = []
+        seen: set[Addr] = set()
+        for uri_text, source in places:
+            if source is None:
+                try:
+                    uri = parse_uri(uri_text)
+                except SipError:
+                    continue
+                source = (uri.host.strip("[]"), uri.port or 5060)
+            if source not in seen:
+                seen.add(source)
+                out.append((uri_text, source[0], source[1]))
+        return out

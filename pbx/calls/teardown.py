@@ -62,6 +62,7 @@ class Teardown:
             return
         ctx = self.ctx
         advance_call(call, CallPhase.ENDED)
+        ctx.timers.cancel(TimerKind.RING, call.call_id)
         call.end_reason, call.end_code = reason, code
         call.ended_at = ctx.wall()
         # Legs whose RTP statistics (MediaReleased) the call record waits for.
@@ -80,7 +81,6 @@ class Teardown:
         its dialog lingers."""
         ctx = self.ctx
         ctx.table.end_source_call(leg)
-        ctx.timers.cancel(TimerKind.RING, leg.dialog_key)
         self.session_timers.stop(leg)
         ctx.retransmitter.ack(leg.dialog_key)
         self.media.release(leg)

@@ -21,7 +21,7 @@ from enum import Enum
 
 
 class TimerKind(Enum):
-    RING = "ring"  # an outbound leg rings too long (key: media id)
+    RING = "ring"  # a transfer's branches ring too long (key: call id)
     SESSION_REFRESH = "session_refresh"  # RFC 4028: we refresh (key: dialog key)
     SESSION_EXPIRY = "session_expiry"  # RFC 4028: the peer did not (key: dialog key)
     DIALOG_LINGER = "dialog_linger"  # a finished dialog still matches (key: dialog key)

@@ -104,6 +104,19 @@ class AuthSettings(Section):
     known_source_s: float = Field(default=86400.0, gt=0)
     # Entries per table (sources, (source, user) pairs, usernames, known sources).
     table_size: int = Field(default=16384, ge=16, le=1_048_576)
+    # Clients offered one MD5 challenge instead of one per algorithm: libre (Debian's
+    # baresip 1.0) fails a whole 401/407 naming any algorithm but MD5 ("Function not
+    # implemented"), though RFC 8760 §2.4 lets a server send several. Matched as
+    # case-insensitive substrings of the User-Agent header; only where the user's
+    # algorithms include MD5 (no downgrade: it was offered to them anyway).
+    md5_user_agents: list[str] = Field(default_factory=lambda: ["baresip", "libre"])
+    # Failed registrations and authentications are logged at INFO (source, user,
+    # reason; never the credentials): at most this many lines per minute per source
+    # IP (bursts of log_failures_burst) and log_failures_max_per_min in all; the lines
+    # left out are counted (/metrics) and the next line written says how many.
+    log_failures_per_min: float = Field(default=6.0, gt=0)
+    log_failures_burst: int = Field(default=10, ge=1)
+    log_failures_max_per_min: float = Field(default=120.0, gt=0)
 
     @model_validator(mode="after")
     def _check_backoff(self) -> AuthSettings:

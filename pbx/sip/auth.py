@@ -171,8 +171,7 @@ class DigestAuthenticator:
         self.algorithms = tuple(canonical_algorithm(a) for a in algorithms)
         if not self.algorithms:
             raise ValueError("at least one digest algorithm is needed")
-        accepted = {a.upper() for a in self.algorithms}
-        self._accepted = accepted | {a + "-SESS" for a in accepted if not a.endswith("-SESS")}
+        self._accepted = accepted_names(self.algorithms)
         # Checked for unknown users so that they cost what a known user costs.
         self._dummy_password = secrets.token_hex(16)
 
@@ -248,9 +247,12 @@ class DigestAuthenticator:
         now: float,
         *,
         proxy: bool = False,
+        algorithms_of: Callable[[str], Sequence[str]] | None = None,
     ) -> AuthResult:
         """Check the request's credentials for our realm; see the module docstring.
-        On success the nonce count is recorded: the same credentials never pass twice."""
+        On success the nonce count is recorded: the same credentials never pass twice.
+        `algorithms_of(username)` narrows the accepted algorithms per user (the ones
+        that user is challenged with: no downgrade to one it is never offered)."""
 
         def fail(reason: AuthFailure, detail: str = "", username: str | None = None
                  ) -> AuthResult:
@@ -268,7 +270,9 @@ class DigestAuthenticator:
                         "credentials need username (or a valid username*), nonce, uri "
                         "and response", username)
         algorithm = params.get("algorithm", MD5)
-        if algorithm.upper() not in self._accepted:
+        accepted = (self._accepted if algorithms_of is None
+                    else accepted_names(algorithms_of(username)))
+        if algorithm.upper() not in accepted:
             return fail(AuthFailure.UNSUPPORTED_ALGORITHM,
                         f"algorithm {algorithm[:20]!r} not accepted", username)
         qop = params.get("qop")
@@ -315,6 +319,13 @@ class DigestAuthenticator:
             return fail(AuthFailure.NONCE_REUSED, f"nc {nc} not above {last:08x}", username)
         nonces.record_use(issued, count, now)
         return AuthResult(True, username, proxy=proxy)
+
+
+def accepted_names(algorithms: Sequence[str]) -> frozenset[str]:
+    """The algorithm names (upper case) credentials may use when `algorithms` are the
+    ones offered: those and their `-sess` variants."""
+    names = {canonical_algorithm(a).upper() for a in algorithms}
+    return frozenset(names | {a + "-SESS" for a in names if not a.endswith("-SESS")})
 
 
 def _decode_ext_value(value: str) -> str | None:

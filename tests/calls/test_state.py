@@ -165,3 +165,27 @@ def test_round_trip_bridged_after_a_refer(tmp_path: Path) -> None:
     assert rig.responses(CALLER)[-1].status == 202
     assert call.phase is CallPhase.TRANSFERRING and call.referrer is not None
     round_trip(rig, call)
+
+
+def test_round_trip_a_transfer_forked_to_every_binding(tmp_path: Path) -> None:
+    """Parallel forking's state: the branches ringing, and the best failure so far."""
+    from pbx.sip.message import make_response
+    from tests.calls.test_forking import (
+        PHONE_A,
+        PHONE_B,
+        STATIC,
+        forked_call,
+        invite_to,
+    )
+
+    rig, call = forked_call(tmp_path)
+    assert len(call.forks) == 3 and call.fork_status is None
+    round_trip(rig, call)
+    rig.feed(make_response(invite_to(rig, STATIC), 486, to_tag="ts"), STATIC)
+    assert len(call.forks) == 2 and call.fork_status == 486
+    data = call.to_dict()
+    assert data["fork_status"] == 486 and len(data["forks"]) == 2
+    round_trip(rig, call)
+    rig.answer(invite_to(rig, PHONE_A), PHONE_A, "ta")
+    assert call.b is not None and not call.forks and rig.requests("CANCEL", PHONE_B) == []
+    round_trip(rig, call)
