@@ -42,6 +42,18 @@ def emit(kind: str, **fields: Any) -> None:
     sys.stdout.flush()
 
 
+class FlushedLog(pj.LogWriter):
+    """pjsua's log written and flushed line by line (its own log file is buffered), so
+    the test reads the SIP messages while the phone runs."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 (open for the process)
+
+    def write(self, entry: pj.LogEntry) -> None:
+        self.file.write(entry.msg if entry.msg.endswith("\n") else entry.msg + "\n")
+
+
 class Phone:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -116,8 +128,9 @@ def run(args: argparse.Namespace) -> None:
     config.uaConfig.mainThreadOnly = True
     config.uaConfig.userAgent = "pjsua2-interop-test"
     config.logConfig.level = 4
-    config.logConfig.consoleLevel = 1
-    config.logConfig.filename = args.log
+    config.logConfig.consoleLevel = 4  # the level the writer gets
+    log_writer = FlushedLog(args.log)
+    config.logConfig.writer = log_writer
     config.logConfig.msgLogging = True
     config.medConfig.noVad = True
     ep.libInit(config)
@@ -153,6 +166,9 @@ def run(args: argparse.Namespace) -> None:
     if suffix:
         account_config.sipConfig.proxies.append(f"sip:{args.registrar}{suffix};lr")
     account_config.mediaConfig.transportConfig.boundAddress = args.ip
+    # A free even port of the test's (pjsua's default, 4000, is shared by every phone).
+    account_config.mediaConfig.transportConfig.port = args.rtp_port
+    account_config.mediaConfig.transportConfig.portRange = 4
     account = PhoneAccount(phone)
     account.create(account_config)
 
@@ -219,6 +235,7 @@ def main() -> None:
     parser.add_argument("--registrar", required=True, help="host:port of the PBX")
     parser.add_argument("--ip", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--rtp-port", type=int, required=True)
     parser.add_argument("--transport", choices=("udp", "tcp"), default="udp")
     parser.add_argument("--tone", type=int, default=1000, help="Hz this phone sends")
     parser.add_argument("--record", required=True, help="WAV file of what it receives")

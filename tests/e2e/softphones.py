@@ -97,7 +97,7 @@ class PjsuaPhone:
         self.events: list[dict[str, Any]] = []
         self.proc = subprocess.Popen(
             [sys.executable, str(AGENT), "--user", user, "--password", password,
-             "--registrar", registrar, "--transport", transport, "--tone", str(tone_hz),
+             "--registrar", registrar, "--rtp-port", str(free_port(even=True)), "--transport", transport, "--tone", str(tone_hz),
              "--record", str(self.record), "--log", str(self.log),
              "--lifetime", str(lifetime_s)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -145,8 +145,13 @@ class PjsuaPhone:
         return text if tail < 0 else text[-tail:]
 
     def close(self) -> None:
+        """Unregister (so no later test rings this phone's dead contact), then quit."""
         if self.proc.poll() is None:
             try:
+                if any(e["event"] == "reg" and e["code"] == 200 for e in self.events):
+                    mark = len(self.events)
+                    self.send("unregister")
+                    self.wait_event(lambda e: e["event"] == "reg", 5, "the unREGISTER", mark)
                 self.send("quit")
                 self.proc.wait(5)
             except (OSError, AssertionError, subprocess.TimeoutExpired):

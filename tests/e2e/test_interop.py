@@ -80,9 +80,9 @@ def phones() -> Iterator[list[PjsuaPhone | BaresipPhone]]:
 
 
 def pjsua(system: PbxSystem, phones: list[Any], workdir: Path, user: str,
-          transport: str = "udp") -> PjsuaPhone:
+          transport: str = "udp", tone_hz: int = PJSUA_HZ) -> PjsuaPhone:
     phone = PjsuaPhone(workdir / f"pjsua-{user}-{transport}", user, PASSWORDS[user],
-                       system.sip_addr, tone_hz=PJSUA_HZ, transport=transport)
+                       system.sip_addr, tone_hz=tone_hz, transport=transport)
     phones.append(phone)
     phone.register()
     return phone
@@ -193,4 +193,102 @@ def test_baresip_menu_by_rfc4733_transfer_to_pjsua2_hold_resume_callee_hangs_up(
     mark = len(caller.events)
     callee.send("hangup")
     caller.wait_event("CALL_CLOSED", since=mark)
+    wait_idle(system)
+
+
+def test_tcp_pjsua2_calls_baresip_both_over_tcp_caller_hangs_up(
+        system: PbxSystem, phones: list[Any], workdir: Path) -> None:
+    callee = baresip(system, phones, workdir, "2001", transport="tcp")
+    assert re.search(r"\{0/TCP/v4\} 200 OK", callee.trace(-1)), callee.trace()
+    caller = pjsua(system, phones, workdir, "3003", transport="tcp")
+    assert "Response msg 200/REGISTER" in caller.trace(-1) and "from TCP" in caller.trace(-1)
+    caller.send("call", uri=f"sip:2001@{system.sip_addr}")
+    callee.wait_event("CALL_INCOMING")
+    callee.command("accept")
+    caller.wait_state("confirmed")
+    callee.wait_event("CALL_ESTABLISHED")
+    pause(2.0)
+    assert_tone(caller.record, BARESIP_HZ)
+    assert_tone(callee.received_wav(), PJSUA_HZ)
+    mark = len(callee.events)
+    caller.send("hangup")
+    callee.wait_event("CALL_CLOSED", since=mark)
+    assert "BYE sip:" in callee.trace(-1)
+    # Every SIP message of the callee went over TCP (baresip's trace names the transport).
+    assert "UDP 127.0.0.1" not in callee.trace(-1)
+    wait_idle(system)
+
+
+def test_cancel_while_ringing_pjsua2_calls_baresip(
+        system: PbxSystem, phones: list[Any], workdir: Path) -> None:
+    callee = baresip(system, phones, workdir, "2001")
+    caller = pjsua(system, phones, workdir, "3001")
+    caller.send("call", uri=f"sip:2001@{system.sip_addr}")
+    callee.wait_event("CALL_INCOMING")
+    caller.wait_state("early")  # baresip's 180, relayed
+    mark = len(callee.events)
+    caller.send("hangup")  # before the answer: a CANCEL
+    closed = caller.wait_state("disconnected")
+    assert closed["code"] == 487, closed
+    # The callee stops ringing: the PBX CANCELs its leg, baresip answers 487.
+    callee.wait_event("CALL_CLOSED", since=mark)
+    trace = callee.trace(-1)
+    assert "CANCEL sip:2001" in trace and "SIP/2.0 487 Request Terminated" in trace, trace
+    wait_idle(system)
+
+
+def test_cancel_while_ringing_baresip_calls_pjsua2(
+        system: PbxSystem, phones: list[Any], workdir: Path) -> None:
+    callee = pjsua(system, phones, workdir, "2001")
+    caller = baresip(system, phones, workdir, "3002")
+    caller.command("dial", f"sip:2001@{system.sip_addr}")
+    callee.wait_event(lambda e: e["event"] == "incoming", 15, "pjsua2 rung")
+    callee.send("ring")
+    caller.wait_event("CALL_RINGING")
+    mark = len(callee.events)
+    caller.command("hangup")
+    # The callee stops ringing: its incoming call ends on the CANCEL, with 487.
+    ended = callee.wait_state("disconnected", since=mark)
+    assert ended["code"] == 487, ended
+    assert "CANCEL sip:2001" in callee.trace(-1)
+    caller.wait_event("CALL_CLOSED")
+    wait_idle(system)
+
+
+@pytest.mark.parametrize("answering", ["baresip", "pjsua2"])
+def test_parallel_ringing_both_phones_of_2001_ring_one_answers_the_other_gets_cancel(
+        system: PbxSystem, phones: list[Any], workdir: Path, answering: str) -> None:
+    """pjsua2 and baresip both registered as 2001: a call to 2001 rings both; the
+    first to answer gets the call and the other is CANCELled (its ringing stops)."""
+    phone_b = baresip(system, phones, workdir, "2001")
+    phone_p = pjsua(system, phones, workdir, "2001")
+    caller = pjsua(system, phones, workdir, "3001", tone_hz=1500)
+    caller.send("call", uri=f"sip:2001@{system.sip_addr}")
+    phone_b.wait_event("CALL_INCOMING")
+    phone_p.wait_event(lambda e: e["event"] == "incoming", 15, "pjsua2 2001 rung")
+    phone_p.send("ring")
+    if answering == "baresip":
+        phone_b.command("accept")
+        phone_b.wait_event("CALL_ESTABLISHED")
+        ended = phone_p.wait_state("disconnected")
+        assert ended["code"] == 487, ended
+        assert "CANCEL sip:2001" in phone_p.trace(-1)
+        heard = BARESIP_HZ
+    else:
+        mark = len(phone_b.events)
+        phone_p.send("answer")
+        phone_p.wait_state("confirmed")
+        phone_b.wait_event("CALL_CLOSED", since=mark)
+        trace = phone_b.trace(-1)
+        assert "CANCEL sip:2001" in trace and "SIP/2.0 487 Request Terminated" in trace
+        heard = PJSUA_HZ
+    caller.wait_state("confirmed")
+    pause(2.0)
+    assert_tone(caller.record, heard)
+    mark = len(caller.events)
+    if answering == "baresip":
+        phone_b.command("hangup")
+    else:
+        phone_p.send("hangup")
+    caller.wait_state("disconnected", since=mark)
     wait_idle(system)
