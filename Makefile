@@ -18,7 +18,11 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,docs]'
 	touch $@
 
+# Everything `supervisord -c supervisord.conf` needs: the venv, the per-machine workers
+# file, and logs/ (supervisord's own log and the programs' are there; it does not
+# create the directory).
 install: $(VENV)/.installed run/workers.conf
+	mkdir -p logs
 
 # supervisord cannot default a count, so the per-machine part of its config is generated.
 run/workers.conf: $(VENV)/.installed
@@ -28,24 +32,27 @@ run/workers.conf: $(VENV)/.installed
 # extension scanner and digest cracker the security tests run) and baresip-core (an
 # independent SIP stack: libre's digest, tests/e2e/test_baresip_register.py); venv support for
 # Debian's own python3; and pyzmq for it (tests/security runs a ZeroMQ client as the
-# unprivileged `nobody`, who cannot read the venv's interpreter).
+# unprivileged `nobody`, who cannot read the venv's interpreter); prometheus (with
+# promtool), which tests/e2e/test_prometheus.py runs against the system and whose
+# promtool checks deploy/prometheus/.
 tools:
 	@missing=""; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	/usr/bin/python3 -c 'import zmq' 2>/dev/null || missing="$$missing python3-zmq"; \
 	command -v sipp >/dev/null || missing="$$missing sip-tester"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v sox >/dev/null || missing="$$missing sox"; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v svwar >/dev/null || missing="$$missing sipvicious"; \
 	command -v baresip >/dev/null || missing="$$missing baresip-core"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
 run: install
-	mkdir -p logs
 	$(BIN)/supervisord -n -c supervisord.conf
 
 # The same, with the perf scripts' config (loopback exempt from the per-source limits).

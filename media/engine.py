@@ -430,6 +430,15 @@ class MediaEngine:
         i[r, _k.L_PLAY_FIN] = 0
         self.tab.f[r, _k.F_PLAY_ORIGIN] = math.nan
 
+    def prompt_started(self, call_id: str, play_id: int) -> bool | None:
+        """Whether prompt `play_id`'s first frame has gone out (its clock starts with the
+        first tick that sends it); None when it no longer plays (stopped, replaced,
+        ended, leg gone). For the shell's reply-to-first-RTP timing."""
+        leg = self.legs.get(call_id)
+        if leg is None or leg.play is None or leg.play.play_id != play_id:
+            return None
+        return not math.isnan(self.tab.f[leg.row, _k.F_PLAY_ORIGIN])
+
     def stop(self, call_id: str) -> None:
         self._stop(self._leg(call_id))
 

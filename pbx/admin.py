@@ -1,6 +1,6 @@
 """The front's admin web app (DESIGN §2 "admin"): metrics, calls, traces, live events.
 
-    /metrics                  Prometheus text
+    /metrics                  Prometheus text format (pbx.metrics)
     /api/calls                calls in progress
     /api/traces               recent IVR sessions (summaries, newest first; ?limit=N)
     /api/traces/{session_id}  every kept step of one session
@@ -8,6 +8,9 @@
                               text frame (?session_id=… or ?call_id=… to filter,
                               ?type=ivr_step_trace or call)
     /debug                    a self-contained trace viewer using the two above
+    /api/status               the front's media workers, executors and call count
+    POST /api/reload          re-read the config file and apply its dial plan
+                              (pbx.reload; 422 with the reason for a bad file)
 
 A shell: the data comes from the `Front`; events reach WebSocket clients through an
 `EventHub`, whose bounded per-client queues make a slow client lose events rather
@@ -34,9 +37,11 @@ from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import WSMsgType, web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from pbx.config import AdminSettings, parse_host_port
 from pbx.debug_page import DEBUG_HTML
+from pbx.metrics import FrontCollector
 from pbx.queues import WaitState
 
 if TYPE_CHECKING:
@@ -118,8 +123,7 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
     hub = EventHub()
     front.listeners.append(hub.publish)
 
-    async def metrics(_: web.Request) -> web.Response:
-        lines = []
+    def values() -> dict[str, Any]:
         values = dict(front.snapshot())
         if transport is not None:
             values.update(transport.stats)
@@ -130,10 +134,16 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
         values["trace_sessions"] = len(front.traces)
         values["ws_clients"] = len(hub.clients)
         values["ws_events_dropped"] = hub.dropped
-        for name, value in values.items():
-            lines.append(f"# TYPE pbx_{name} gauge")
-            lines.append(f"pbx_{name} {value}")
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        return values
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FrontCollector(front.core.ctx, values))
+
+    async def metrics(_: web.Request) -> web.Response:
+        # The text format (0.0.4), which every Prometheus reads; not OpenMetrics, where
+        # the counter `pbx_calls_total` and the gauge `pbx_calls` would share a name.
+        return web.Response(body=generate_latest(registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def calls(_: web.Request) -> web.Response:
         return web.json_response([
@@ -183,6 +193,33 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
                 await sender
         return ws
 
+    async def status(_: web.Request) -> web.Response:
+        """What `pbx status` shows of the front: its workers, executors and calls."""
+        now = asyncio.get_running_loop().time()
+
+        def workers(registry: Any, pools: bool) -> list[dict[str, Any]]:
+            out = []
+            for w in registry.workers():
+                pool = registry.pool(w.identity) if pools else None
+                out.append({"id": w.identity.decode(errors="replace"), "address": w.address,
+                            "load": w.load, "capacity": w.capacity,
+                            "ports_free": len(pool.free_ports()) if pool is not None else None,
+                            "heartbeat_age_s": round(
+                                registry.expiry_s - (w.expires_at - now), 3)})
+            return out
+
+        return web.json_response({
+            "config": front.settings.source_path, "started_at": front.started_at,
+            "reloaded_at": front.reloaded_at, "calls": len(front.calls),
+            "sessions": len(front.sessions),
+            "media_workers": workers(front.media_workers, True),
+            "executors": workers(front.executors, False)})
+
+    async def reload(_: web.Request) -> web.Response:
+        """`pbx reload`: re-read the config file and apply its dial plan (pbx.reload)."""
+        report = front.reload()
+        return web.json_response(report, status=200 if report["ok"] else 422)
+
     async def debug(_: web.Request) -> web.Response:
         return web.Response(text=DEBUG_HTML, content_type="text/html")
 
@@ -193,4 +230,6 @@ def admin_app(front: Front, transport: Any = None) -> web.Application:
     app.router.add_get("/api/traces/{session_id}", traces)
     app.router.add_get("/ws/events", events)
     app.router.add_get("/debug", debug)
+    app.router.add_get("/api/status", status)
+    app.router.add_post("/api/reload", reload)
     return app

@@ -58,6 +58,9 @@ async def run(settings: Settings) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP: re-read the config file and apply its dial plan (pbx.reload; the result,
+    # or why the file was refused, goes to the log).
+    loop.add_signal_handler(signal.SIGHUP, front.reload)
     sweep: asyncio.Task[list[AreaResult]] | None = None
     try:
         while not stop.is_set():

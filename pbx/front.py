@@ -21,9 +21,10 @@ from pbx import messages as m
 from pbx.calls.context import Command, Publish, Resolve, ToIvr, ToMedia
 from pbx.calls.core import CallCore
 from pbx.calls.state import Call, Leg, Session
-from pbx.config import Settings
+from pbx.config import ConfigError, Settings, load_config
 from pbx.jsonl import JsonLinesLog
 from pbx.records import CallRecords
+from pbx.reload import plan_reload
 from pbx.retention import RetentionSweeper
 from pbx.sip.framing import FramingError
 from pbx.sip.transaction import SendBytes
@@ -92,6 +93,8 @@ class Front:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._resolving: set[asyncio.Task[None]] = set()
+        self.started_at = time.time()
+        self.reloaded_at: float | None = None  # wall clock of the last applied reload
 
     # ---------------------------------------------------------------- clock, timer
 
@@ -198,6 +201,27 @@ class Front:
         """A step trace into the store, the log and the listeners (as an executor's)."""
         self.core.events.trace(trace)
         self._flush()
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file this front started with and apply its dial plan
+        (`pbx.reload`). A file that fails validation changes nothing. The report:
+        `ok`, `file`, `changed` (sections), `restart_needed` (keys), `error`."""
+        path = self.settings.source_path
+        report: dict[str, Any] = {"file": path, "changed": [], "restart_needed": []}
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            log.error("reload refused, running settings kept: %s", exc)
+            return {**report, "ok": False, "error": str(exc)}
+        plan = plan_reload(self.settings, new)
+        assert plan.settings is not None
+        self.settings = plan.settings
+        self.core.reload(plan.settings)
+        self._run()
+        self.reloaded_at = time.time()
+        log.info("reload of %s: %s", path, plan.summary())
+        return {**report, "ok": True, "changed": plan.changed,
+                "restart_needed": plan.restart_needed, "error": None}
 
     async def shutdown(self) -> None:
         """On SIGTERM: end every call properly so phones are not left in dead calls."""

@@ -98,6 +98,11 @@ class MediaPorts(_Msg):
     allocate_seq: int = Field(ge=0)
 
 
+# Upper bounds (ms) of the timing histograms a media worker reports in its heartbeats.
+MEDIA_TIMING_BOUNDS_MS = (1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0)
+TIMING_BUCKETS = len(MEDIA_TIMING_BOUNDS_MS) + 1
+
+
 class MediaHeartbeat(_Msg):
     kind: Literal["media_heartbeat"] = "media_heartbeat"
     worker_id: str
@@ -120,6 +125,13 @@ class MediaHeartbeat(_Msg):
     # their leg's latched one (strict latching, media.engine), on RTP and RTCP ports.
     rtp_foreign_dropped: int = 0
     rtcp_foreign_dropped: int = 0
+    # Over the same period, histograms for /metrics (pbx.metrics): counts per bucket of
+    # MEDIA_TIMING_BOUNDS_MS (one more for beyond the last) and their sum: how late each
+    # tick ran, and how long from a MediaPlay to the prompt's first RTP packet.
+    tick_late_buckets: list[int] = Field(default_factory=list, max_length=TIMING_BUCKETS)
+    tick_late_sum_ms: float = 0.0
+    play_start_buckets: list[int] = Field(default_factory=list, max_length=TIMING_BUCKETS)
+    play_start_sum_ms: float = 0.0
 
 
 class MediaAllocate(_Msg):

@@ -87,6 +87,14 @@ def prepare(settings: Settings, role: Role) -> None:
         if problem is not None:
             raise ConfigError(f"{source}: key zmq.{name}_endpoint: directory "
                               f"{directory.resolve()} {problem}")
+    check_keys(settings, role)
+
+
+def check_keys(settings: Settings, role: Role) -> None:
+    """The CURVE keys `role` needs are there and pair up (no file system work: also
+    `pbx config check`). ConfigError names file, key and reason."""
+    zs = settings.zmq
+    source = settings.source_path or "<config>"
     if not zs.curve:
         return
     if role == "front":

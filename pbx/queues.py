@@ -80,6 +80,15 @@ class QueueBook:
         self.idle_since: dict[str, float] = {m: -math.inf for m in self.members}
         self.busy: set[str] = set()
 
+    def set_members(self, members: list[str]) -> None:
+        """New members (a reload): round robin goes on after the member it last tried if
+        that one stays; idle times and busy members are kept."""
+        last = self.members[self.next_index - 1] if self.members else None
+        self.members = list(members)
+        self.next_index = (self.members.index(last) + 1) % len(self.members) \
+            if last in self.members else 0
+        self.idle_since = {m: self.idle_since.get(m, -math.inf) for m in self.members}
+
     def order(self, strategy: str) -> list[str]:
         """The free members in the order a new round rings them."""
         free = [m for m in self.members if m not in self.busy]

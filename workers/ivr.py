@@ -41,7 +41,7 @@ import zmq.asyncio
 
 from pbx import planes
 from pbx.asr import ASR_UNAVAILABLE, SWEEP_INTERVAL_S, AsrEngine
-from pbx.config import IvrAppParams, Settings
+from pbx.config import ConfigError, IvrAppParams, Settings, load_config
 from pbx.ivr import machine
 from pbx.ivr.models import AsrResult, TtsResult
 from pbx.ivr.provider import ProviderClient
@@ -58,6 +58,7 @@ from pbx.messages import (
     decode,
     encode,
 )
+from pbx.reload import plan_reload
 from pbx.startup import start_program
 from pbx.tts import TTS_UNAVAILABLE, TtsEngine
 
@@ -224,6 +225,22 @@ class Executor:
         self._sessions: set[asyncio.Task[None]] = set()
         self._working: dict[str, int] = {}
 
+    def reload(self) -> None:
+        """SIGHUP (`pbx reload` sends it after the front's): re-read the config file and
+        take its `[ivrs.*]` for the next `jump_ivr` (a session carries its own IVR's
+        parameters; pbx.reload). A bad file changes nothing."""
+        path = self.settings.source_path
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            log.error("reload refused, running settings kept: %s", exc)
+            return
+        plan = plan_reload(self.settings, new)
+        assert plan.settings is not None
+        self.settings = plan.settings
+        log.info("reload of %s: %s", path, "[ivrs.*] reloaded" if "ivrs" in plan.changed
+                 else "[ivrs.*] unchanged")
+
     @property
     def busy(self) -> int:
         return len(self._sessions)
@@ -336,7 +353,9 @@ async def serve(settings: Settings) -> None:
     ctx = zmq.asyncio.Context()
     client = ProviderClient()
     try:
-        await Executor(settings, ctx, client, executor_id()).run(stop)
+        executor = Executor(settings, ctx, client, executor_id())
+        loop.add_signal_handler(signal.SIGHUP, executor.reload)
+        await executor.run(stop)
     finally:
         await client.close()
         ctx.term()

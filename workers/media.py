@@ -37,6 +37,7 @@ import os
 import signal
 import socket
 import time
+from bisect import bisect_left
 from typing import Any
 
 import aiohttp
@@ -52,6 +53,8 @@ from media.vad import ListenTuning
 from pbx import planes
 from pbx.config import Settings
 from pbx.messages import (
+    MEDIA_TIMING_BOUNDS_MS,
+    TIMING_BUCKETS,
     MediaAllocate,
     MediaAllocated,
     MediaBridge,
@@ -87,6 +90,8 @@ POLL_SECONDS = 0.002
 WS_SEND_QUEUE = 25
 # Port pairs bound per refill callback: a long refill yields to the loop in between.
 REFILL_BINDS = 8
+# Prompts timed from MediaPlay to their first RTP packet at once (more: not timed).
+MAX_PLAYS_TIMED = 10_000
 
 
 class _RtpProtocol(asyncio.DatagramProtocol):
@@ -154,6 +159,10 @@ class MediaWorker:
         self.tick_late: list[float] = []  # seconds, each tick since the last heartbeat
         self.tick_busy: list[float] = []
         self.ticks_skipped = 0
+        # Prompts whose first frame has not gone out: call_id -> (play_id, MediaPlay's
+        # arrival); what they waited goes in the next heartbeat (ms).
+        self.plays_starting: dict[str, tuple[int, float]] = {}
+        self.play_start_ms: list[float] = []
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
@@ -197,6 +206,8 @@ class MediaWorker:
             engine.set_remote(msg)
         elif isinstance(msg, MediaPlay):
             self.send_events(engine.play(msg, now))
+            if len(self.plays_starting) < MAX_PLAYS_TIMED:
+                self.plays_starting[msg.call_id] = (msg.play_id, now)
         elif isinstance(msg, MediaStop):
             engine.stop(msg.call_id)
         elif isinstance(msg, MediaTimer):
@@ -525,9 +536,23 @@ class MediaWorker:
                     self.send_ws(self.engine.ws.drain())
                 self.send_rtcp(self.engine.rtcp_due(target))
                 self.announce_ports()
+                if self.plays_starting:
+                    self.time_play_starts()
             except Exception:
                 log.exception("tick failed")
             self.tick_busy.append(time.monotonic() - now)
+
+    def time_play_starts(self) -> None:
+        """After a tick: the prompts whose first frame it sent (a few per tick, not per
+        packet)."""
+        sent_at = time.monotonic()
+        for call_id, (play_id, since) in list(self.plays_starting.items()):
+            started = self.engine.prompt_started(call_id, play_id)
+            if started is None:
+                del self.plays_starting[call_id]
+            elif started:
+                del self.plays_starting[call_id]
+                self.play_start_ms.append((sent_at - since) * 1000.0)
 
     async def heartbeat_loop(self) -> None:
         media = self.settings.media
@@ -549,12 +574,25 @@ class MediaWorker:
                     tick_late_ms_max=round(self.tick_late_max * 1000.0, 3),
                     rtp_foreign_dropped=rtp_foreign - last_rtp,
                     rtcp_foreign_dropped=rtcp_foreign - last_rtcp,
+                    **self.timing_histograms(),
                     **self.tick_stats(),
                 )
             )
             self.tick_late_max = 0.0
             if self.pool.exhausted:
                 self.refill_soon()  # the range may have room again
+
+    def timing_histograms(self) -> dict[str, Any]:
+        """Tick lateness and play-to-first-RTP since the last heartbeat, as bucket counts
+        (call before `tick_stats`, which starts the next period)."""
+        late_ms = [late * 1000.0 for late in self.tick_late]
+        plays, self.play_start_ms = self.play_start_ms, []
+        return {
+            "tick_late_buckets": timing_buckets(late_ms),
+            "tick_late_sum_ms": round(sum(late_ms), 3),
+            "play_start_buckets": timing_buckets(plays),
+            "play_start_sum_ms": round(sum(plays), 3),
+        }
 
     def tick_stats(self) -> dict[str, Any]:
         """Tick lateness / work percentiles since the last call (for the heartbeat)."""
@@ -617,6 +655,15 @@ class MediaWorker:
         self.sock.close()
         self.ctx.term()
         log.info("media worker %s stopped", self.worker_id)
+
+
+def timing_buckets(samples_ms: list[float]) -> list[int]:
+    """Counts of `samples_ms` per bucket of MEDIA_TIMING_BOUNDS_MS (a sample on a bound
+    is in that bucket, as Prometheus' `le`), the last bucket for beyond."""
+    counts = [0] * TIMING_BUCKETS
+    for sample in samples_ms:
+        counts[bisect_left(MEDIA_TIMING_BOUNDS_MS, sample)] += 1
+    return counts
 
 
 async def _ws_send(ws: aiohttp.ClientWebSocketResponse, queue: asyncio.Queue[bytes]) -> None:

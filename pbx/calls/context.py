@@ -23,6 +23,7 @@ from typing import Any
 from pbx.calls.table import CallTable
 from pbx.calls.timers import Timers
 from pbx.config import Settings
+from pbx.metrics import FrontMetrics, setup_outcome
 from pbx.policy import Policy
 from pbx.records import CallRecords
 from pbx.registrar import Registrar
@@ -113,7 +114,19 @@ class CallContext:
             "media_allocations_failed": 0,
             "ivr_waits_expired": 0, "ivr_commands_lost": 0,
             # Strict RTP latching: packets from strangers, dropped by the workers.
-            "rtp_foreign_dropped": 0, "rtcp_foreign_dropped": 0}
+            "rtp_foreign_dropped": 0, "rtcp_foreign_dropped": 0,
+            # Workers that stopped heartbeating; released legs' RTP statistics.
+            "media_workers_lost": 0, "ivr_executors_lost": 0,
+            "rtp_packets_sent": 0, "rtp_packets_received": 0, "rtp_packets_lost": 0,
+            "rtp_packets_late": 0, "rtcp_sent": 0, "rtcp_received": 0}
+        # Latencies and labelled counts for /metrics (pbx.metrics).
+        self.metrics = FrontMetrics()
+        transactions.on_invite_final = self._invite_final
+
+    def _invite_final(self, request: SipRequest, status: int, seconds: float) -> None:
+        """An initial INVITE's final response (re-INVITEs carry a To tag): set-up time."""
+        if request.to_tag is None:
+            self.metrics.setup.observe(seconds, setup_outcome(status))
 
     def wall(self) -> float:
         """`now` on the wall clock (records, SDP origins, digest nonces)."""

@@ -47,6 +47,7 @@ from pbx.ratelimit import NetworkSet
 from pbx.records import CallRecords
 from pbx.registrar import FailureLog, Registrar
 from pbx.registry import MediaWorkerRegistry, WorkerRegistry
+from pbx.routing import Router
 from pbx.sip.auth import DigestAuthenticator
 from pbx.sip.authguard import AuthGuard
 from pbx.sip.budget import SourceBudget
@@ -386,6 +387,18 @@ class CallCore:
     def shutdown(self, now: float) -> None:
         self.ctx.now = now
         self.teardown.shutdown()
+
+    def reload(self, settings: Settings) -> None:
+        """Run with `settings` (a `pbx.reload` plan's: the running settings with a new dial
+        plan). Calls in progress hold their route and queue settings from set-up; what
+        decides later (the next INVITE's route, a user lookup, a queue's next round of
+        members) reads the new plan."""
+        ctx = self.ctx
+        ctx.settings = settings
+        ctx.policy.settings = settings
+        ctx.registrar.users = settings.users
+        self.inbound.router = Router(settings.routes)
+        self.queue.reload(settings)
 
     # ---------------------------------------------------------------- hooks
 

@@ -204,6 +204,7 @@ class IvrBroker:
         for identity in ctx.executors.expire(now):
             log.warning("IVR executor %r stopped heartbeating: re-sending its events",
                         identity)
+            ctx.stats["ivr_executors_lost"] += 1
             self.executor_lost(identity)
         watch = ctx.settings.sessions
         for session in list(ctx.table.sessions.values()):
@@ -315,6 +316,8 @@ class IvrBroker:
         session.executor = None
         session.state = reply.state
         for trace in reply.traces:
+            if ctx.metrics.step_trace(session.info.route_name, trace, session.digit_at):
+                session.digit_at = None
             self.events.trace(trace)
         call = session.call
         if session.closing and reply.commands:
@@ -453,6 +456,8 @@ class IvrBroker:
                                         "reason": event.reason})
         session = call.session
         if session is not None and not session.done:
+            if isinstance(event, m.DtmfDigit):
+                session.digit_at = self.ctx.wall()  # for the DTMF -> provider latency
             self.input(session, m.MediaInput(event=event))
         elif isinstance(event, m.WsBridgeEnded) and call.ws_bridge is not None:
             log.info("call %s: WebSocket bridge ended: %s", call.call_id, event.reason)

@@ -165,6 +165,7 @@ class MediaPlane:
         elif isinstance(msg, m.MediaReleased):
             log.debug("leg %s released: %d packets sent, %d received", msg.call_id,
                       msg.packets_sent, msg.packets_received)
+            ctx.metrics.media_released(ctx.stats, msg)
             ctx.records.media_released(msg.call_id, msg.model_dump(
                 mode="json", exclude={"v", "kind", "call_id"}))
         return None
@@ -187,12 +188,15 @@ class MediaPlane:
             ctx.stats["rtp_foreign_dropped"] += msg.rtp_foreign_dropped
             ctx.stats["rtcp_foreign_dropped"] += msg.rtcp_foreign_dropped
             ctx.media_workers.announce(identity, msg.ports, msg.allocate_seq)
+            ctx.metrics.media_heartbeat(identity, msg)
 
     def expire_workers(self) -> None:
         """Workers that stopped heartbeating: their legs' calls end (MediaWorkerLost)."""
         ctx = self.ctx
         for identity in ctx.media_workers.expire(ctx.now):
             log.warning("media worker %r stopped heartbeating: ending its calls", identity)
+            ctx.stats["media_workers_lost"] += 1
+            ctx.metrics.forget_worker(identity)
             for leg in [lg for lg in ctx.table.legs_by_media.values()
                         if lg.media.worker == identity]:
                 self.forget(leg)

@@ -9,10 +9,10 @@ caller's media worker (the bridge is local to one worker). RFC 3261 §16.7 as a 
   others get CANCEL (§9.1: once they sent a 1xx), and a 2xx one of them still sends
   gets ACK + BYE (§15);
 * a 6xx ends the fork: the other branches are cancelled and the caller gets the 6xx
-  (§16.7 point 5);
+  (§16.7 point 5, §16.10);
 * a branch failing otherwise (3xx-5xx, no answer, no port, its host not found) is
   remembered; when every branch failed the caller gets the best of their responses
-  (`best_response`; §16.7 point 6);
+  (`_response_rank`; §16.7 point 6);
 * one ring timeout (`[sip] ring_timeout_ms`, timer `(RING, call id)`) covers all the
   branches: each is cancelled and counts as a 408;
 * the caller's CANCEL (or any end of the call) cancels every branch (pbx.calls.teardown).
@@ -291,7 +291,7 @@ class Outbound:
                 self.legs.send_bye(b)
                 self.media.release(b)
                 return
-            # The first branch to answer wins; the others are cancelled (§16.7 point 9).
+            # The first branch to answer wins; the others are cancelled (§16.7 point 10).
             call.forks.remove(b)
             self._drop_branches(call)
             self.ctx.timers.cancel(TimerKind.RING, call.call_id)

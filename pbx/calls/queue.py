@@ -24,7 +24,7 @@ from pbx import messages as m
 from pbx.calls.context import CallContext
 from pbx.calls.state import Call, CallPhase, Leg, LegPhase, QueueRun, advance_call
 from pbx.calls.timers import TimerKind
-from pbx.config import QueueSettings
+from pbx.config import QueueSettings, Settings
 from pbx.queues import Cancel, GiveUp, QueueAction, QueueBook, QueueWait, Ring, WaitState
 
 log = logging.getLogger("pbx.queue")
@@ -89,6 +89,18 @@ class QueueCalls:
         if book is None:
             book = self.books[key] = QueueBook(settings.members)
         return book
+
+    def reload(self, settings: Settings) -> None:
+        """A new dial plan: each queue's book rings its new members from the next round
+        on (waits in progress keep their own timeout, strategy and hold music); the
+        book of a queue that is gone stays with the waits that hold it."""
+        for (kind, name), book in list(self.books.items()):
+            section = settings.queues if kind == "queue" else settings.skill_groups
+            queue = section.get(name)
+            if queue is None:
+                del self.books[(kind, name)]
+            else:
+                book.set_members(queue.members)
 
     def settings_of(self, kind: str, name: str) -> QueueSettings:
         settings = self.ctx.settings

@@ -233,6 +233,8 @@ class Session:
     wait_started: float | None = None
     wait_deadline: float | None = None
     wait_ms: int | None = None  # the last reply's own bound (None: it gave none)
+    # The front's wall clock at the latest key press not yet seen reaching the provider.
+    digit_at: float | None = None
     # Executors whose plane refused the in-flight event (full, gone): not asked again
     # for it.
     refused: set[bytes] = field(default_factory=set)

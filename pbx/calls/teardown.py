@@ -64,6 +64,7 @@ class Teardown:
         advance_call(call, CallPhase.ENDED)
         ctx.timers.cancel(TimerKind.RING, call.call_id)
         call.end_reason, call.end_code = reason, code
+        ctx.metrics.call_ended(reason)
         call.ended_at = ctx.wall()
         # Legs whose RTP statistics (MediaReleased) the call record waits for.
         stats_legs = {leg.media_id: name for name, leg in (("a", call.a), ("b", call.b))

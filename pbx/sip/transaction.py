@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -159,6 +160,7 @@ class _ServerTransaction:
     timer_i: float | None = None
     timer_j: float | None = None
     timer_l: float | None = None
+    created_at: float = 0.0  # when the request came (for the set-up latency)
 
     def next_deadline(self) -> float | None:
         timers = [self.timer_g, self.timer_h, self.timer_i, self.timer_j, self.timer_l]
@@ -215,6 +217,9 @@ class TransactionLayer:
         self._client: dict[TransactionKey, _ClientTransaction] = {}
         self._heap: list[tuple[float, int, _Transaction]] = []
         self._seq = itertools.count()
+        # Told of each INVITE server transaction's first final response: the request,
+        # the status and the seconds since the INVITE came (the TU's set-up metrics).
+        self.on_invite_final: Callable[[SipRequest, int, float], None] | None = None
 
     # ----------------------------------------------------------------- queries
 
@@ -318,7 +323,7 @@ class TransactionLayer:
         invite = request.method == "INVITE"
         txn = _ServerTransaction(
             key, invite, request, addr, reliable,
-            TxState.PROCEEDING if invite else TxState.TRYING,
+            TxState.PROCEEDING if invite else TxState.TRYING, created_at=now,
         )
         self._server[key] = txn
         self._hold(txn, size)
@@ -403,6 +408,8 @@ class TransactionLayer:
         self._hold(txn, len(data))  # a little over-counted: a response replaces the last
         if txn.invite:
             if txn.state is TxState.PROCEEDING:
+                if status >= 200 and self.on_invite_final is not None:
+                    self.on_invite_final(txn.request, status, now - txn.created_at)
                 if status < 200:
                     txn.last_response = data
                 elif status < 300:

@@ -117,12 +117,17 @@ def first_then(commands: list[Any], later: Script | None = None) -> Script:
     return script
 
 
-def rig_settings(tmp: Path, extra: str = "") -> Settings:
+def rig_settings(tmp: Path, extra: str = "", replace: dict[str, str] | None = None
+                 ) -> Settings:
     """The rig's config (MEMBERS as users with static contacts), logs under `tmp`, and
-    `extra` (more TOML) after it."""
+    `extra` (more TOML) after it; `replace`: text of the config to replace first."""
     users = "\n".join(f'[users."{u}"]\ncontact = "sip:{u}@{h}:{p}"'
                       for u, (h, p) in MEMBERS.items())
-    return parse_config(CONFIG.format(logs=tmp / "logs", users=users) + extra)
+    text = CONFIG.format(logs=tmp / "logs", users=users)
+    for old, new in (replace or {}).items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return parse_config(text + extra)
 
 
 def reply(event: m.IvrEvent, *commands: Any, done: bool = False) -> m.IvrReply:

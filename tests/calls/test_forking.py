@@ -290,3 +290,25 @@ def test_credentials_of_another_extension_are_refused_and_logged(
     [record] = caplog.records
     assert "'3001'" in record.getMessage() and "'3002'" in record.getMessage()
     assert "127.0.0.1:5999" in record.getMessage()
+
+
+def test_a_branch_whose_host_is_not_found_fails_alone(tmp_path: Path) -> None:
+    """3003's static contact names a host that does not resolve: its branch fails (404,
+    remembered with its own reason) while the registered phone rings on; when that one
+    is busy too, the caller gets 486, the more telling of the two."""
+    from tests.calls.test_state import round_trip
+
+    rig = CoreRig(tmp_path, extra=TRUSTED_CALLER + FORKED_USER
+                  + '\n[users."3003"]\npassword = "pw-3003"\n'
+                    'contact = "sip:3003@phone.invalid:5060"\n')
+    register(rig, "3003", PHONE_A)
+    call = rig.call(caller_invite("").replace(b"*99", b"3003"))
+    [resolve] = rig.resolves
+    assert resolve.host == "phone.invalid" and len(call.forks) == 2
+    rig.core.host_resolved(resolve.dialog_key, None, rig.now)
+    rig.pump()
+    assert not call.ended and len(call.forks) == 1
+    assert (call.fork_status, call.fork_reason) == (404, "TransferFailed(3003)")
+    round_trip(rig, call)
+    rig.feed(make_response(invite_to(rig, PHONE_A), 486, to_tag="ta"), PHONE_A)
+    assert call.ended and call.end_code == 486 and rig.statuses()[-1] == 486

@@ -343,7 +343,7 @@ class PbxSystem:
         values = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
-                name, _, value = line.partition(" ")
+                name, _, value = line.rpartition(" ")
                 values[name] = float(value)
         return values
 

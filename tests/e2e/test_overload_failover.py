@@ -78,7 +78,7 @@ def test_twice_the_load_gets_503_for_the_excess(small: PbxSystem, workdir: Path)
     assert 2 * CAPACITY - 1 <= accepted <= 2 * CAPACITY, finals
     assert "Retry-After:" in log
     after = small.metrics()
-    assert after["pbx_calls_failed"] - before["pbx_calls_failed"] == rejected
+    assert after["pbx_calls_failed_total"] - before["pbx_calls_failed_total"] == rejected
     wait_idle(small, media_legs=False)
     # and the system takes calls again once there is room
     rtp = RtpEndpoint()

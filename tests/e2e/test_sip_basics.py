@@ -112,7 +112,7 @@ def test_unknown_callers_get_one_challenge_whatever_they_ask_for(
     assert answers == [["SIP/2.0 407 Proxy Authentication Required"]] * 3, answers
     after = system.metrics()
     assert after["pbx_calls_total"] == before["pbx_calls_total"] + 3
-    assert after["pbx_calls_challenged"] == before["pbx_calls_challenged"] + 3
+    assert after["pbx_calls_challenged_total"] == before["pbx_calls_challenged_total"] + 3
     assert system.provider.requests[mark:] == [], "refused: the provider is not asked"
 
 
@@ -166,7 +166,7 @@ def exchange(system: PbxSystem, data: bytes, timeout: float = 2.0) -> bytes | No
 def test_malformed_request_gets_400_and_the_front_keeps_answering(
     system: PbxSystem, workdir: Path, cseq: str, extra: str
 ) -> None:
-    malformed_before = system.metrics().get("pbx_sip_malformed", 0)
+    malformed_before = system.metrics().get("pbx_sip_malformed_total", 0)
     call_id = f"malformed-{time.monotonic_ns()}"
     answer = exchange(system, raw_request(cseq, call_id, 5999, extra))
     assert answer is not None, "no answer to a malformed request that names its Via"
@@ -174,7 +174,7 @@ def test_malformed_request_gets_400_and_the_front_keeps_answering(
     assert text.startswith("SIP/2.0 400 "), text
     assert f"Call-ID: {call_id}" in text, text
     assert "branch=z9hG4bK-" + call_id in text, text
-    assert system.metrics()["pbx_sip_malformed"] == malformed_before + 1
+    assert system.metrics()["pbx_sip_malformed_total"] == malformed_before + 1
 
     # Garbage with no readable headers is dropped without an answer.
     assert exchange(system, b"\x00\x01garbage\r\n\r\n", timeout=0.5) is None

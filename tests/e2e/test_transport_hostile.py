@@ -210,7 +210,7 @@ def test_rfc4475_over_udp_then_the_front_still_works(system: PbxSystem, workdir:
         uac.close()
         rtp.close()
     after = system.metrics()
-    assert after["pbx_sip_malformed"] > before["pbx_sip_malformed"]
+    assert after["pbx_sip_malformed_total"] > before["pbx_sip_malformed_total"]
     assert_clean_log(system)
 
 
@@ -346,7 +346,7 @@ def udp_drops(port: int) -> int:
 def test_flood_from_one_source_is_rate_limited_silently(system: PbxSystem) -> None:
     """1,000 OPTIONS at once from one address: about the burst (400) are answered, the
     rest dropped without an answer and counted; other work goes on."""
-    before = system.metrics().get("pbx_sip_rate_limited", 0)
+    before = system.metrics().get("pbx_sip_rate_limited_total", 0)
     kernel_before = udp_drops(system.sip_port)
     answered = 0
     last_answer_at = t0 = time.monotonic()
@@ -375,7 +375,7 @@ def test_flood_from_one_source_is_rate_limited_silently(system: PbxSystem) -> No
         except TimeoutError:
             pass
         answers_dropped = udp_drops(port)  # answers this test's socket had no room for
-    limited = system.metrics()["pbx_sip_rate_limited"] - before
+    limited = system.metrics()["pbx_sip_rate_limited_total"] - before
     # Datagrams the kernel dropped because the front was not scheduled in time (a loaded
     # machine) never reached it: not the front's doing, and nothing to answer or count.
     kernel_dropped = udp_drops(system.sip_port) - kernel_before
@@ -390,8 +390,16 @@ def test_flood_from_one_source_is_rate_limited_silently(system: PbxSystem) -> No
     assert answered + answers_dropped <= 400 + 200 * span + 20, (answered, limited, span)
     assert limited <= 600, (answered, limited, span)  # the burst was served
     time.sleep(2.5)  # the bucket refills (200/s): this source is served again
-    assert exchange_udp(system, (
+    after = exchange_udp(system, (
         b"OPTIONS sip:pbx@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bKafter\r\n"
         b"From: <sip:f@127.0.0.1>;tag=f\r\nTo: <sip:pbx@127.0.0.1>\r\nCall-ID: after\r\n"
-        b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"))[0].status == 200
+        b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"))
+    # Answered, not dropped: the limiter lets the source in again. On a slow machine the
+    # flood lasts longer, more of it is admitted (200/s), and each answered OPTIONS holds
+    # a transaction for Timer J (32 s): past `transactions_per_source` (512, with what the
+    # session's other tests left) the answer is the transaction budget's stateless 503.
+    assert after, "the source is still dropped after the bucket refilled"
+    status, reason = after[0].status, after[0].message.reason
+    assert status == 200 or (status == 503 and "source over budget" in reason
+                             and answered + answers_dropped > 400), (status, reason, answered)
     assert_clean_log(system)

@@ -67,6 +67,9 @@ class Front:
         self.ports: list[int] = []  # announced, not yet handed out
         self.handed: set[int] = set()
         self.seq = 0
+        # What the heartbeats' timing histograms counted, all of them.
+        self.play_starts = 0
+        self.ticks_timed = 0
 
     def recv(self, timeout_s: float = TIMEOUT_S) -> Any:
         if not self.sock.poll(int(timeout_s * 1000)):
@@ -76,6 +79,9 @@ class Front:
         msg = decode(frame)
         if isinstance(msg, MediaPorts | MediaHeartbeat):
             self.ports = [p for p in msg.ports if p not in self.handed]
+        if isinstance(msg, MediaHeartbeat):
+            self.play_starts += sum(msg.play_start_buckets)
+            self.ticks_timed += sum(msg.tick_late_buckets)
         return msg
 
     def recv_kind(self, kind: type, timeout_s: float = TIMEOUT_S) -> Any:
@@ -215,6 +221,9 @@ def test_worker_plays_reports_dtmf_and_releases(
         # the port is closed: a new allocation still works and nothing else arrived
         assert front.allocate("call-2").error is None
         assert proc.poll() is None
+        # The heartbeats timed the one prompt's start (MediaPlay -> first RTP) and the ticks.
+        front.recv_kind(MediaHeartbeat, 2.0)
+        assert front.play_starts == 1 and front.ticks_timed > 0
     finally:
         phone.close()
 

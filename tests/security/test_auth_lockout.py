@@ -284,10 +284,10 @@ def test_lockout_through_the_real_front_and_in_metrics(system: PbxSystem,
     assert right.status == 403
     assert statuses.count(401) <= 10, statuses.count(401)
     assert statuses.count(403) >= 1990
-    metrics = wait_until(lambda: (m := system.metrics())["pbx_auth_lockouts"] >= 1 and m, 5,
+    metrics = wait_until(lambda: (m := system.metrics())["pbx_auth_lockouts_total"] >= 1 and m, 5,
                          "the lockout in /metrics")
-    assert metrics["pbx_auth_locked_refusals"] >= 1991
-    assert metrics["pbx_auth_failures"] == statuses.count(401)
+    assert metrics["pbx_auth_locked_refusals_total"] >= 1991
+    assert metrics["pbx_auth_failures_total"] == statuses.count(401)
     # The phone registering 3001 from its own address is not locked out by this.
     with RawSipClient(server, "127.0.0.1") as phone:
         first = phone.send(phone.request("REGISTER", "3001", call_id="phone", cseq=1,

@@ -434,9 +434,9 @@ def test_front_sweeps_the_tts_cache_with_the_default_retention(system: PbxSystem
                20, "the front's first retention sweep")
     assert cache() == {"2" * 32 + ".wav", "3" * 32 + ".wav", "operator-notes.txt"}
     metrics = wait_until(lambda: (m := system.metrics()).get(
-        "pbx_retention_sweeps", 0) >= 1 and m, 10, "the sweep counted in /metrics")
-    assert metrics["pbx_retention_tts_cache_files_deleted"] == 2
-    assert metrics["pbx_retention_tts_cache_bytes_deleted"] == 200 * MB + 50_000
+        "pbx_retention_sweeps_total", 0) >= 1 and m, 10, "the sweep counted in /metrics")
+    assert metrics["pbx_retention_tts_cache_files_deleted_total"] == 2
+    assert metrics["pbx_retention_tts_cache_bytes_deleted_total"] == 200 * MB + 50_000
     assert metrics["pbx_retention_tts_cache_bytes"] == 200 * MB + 50_000
     assert "retention: tts_cache: 2 files" in system.log("front")
 
@@ -448,10 +448,10 @@ def test_a_60_kb_malformed_datagram_makes_one_bounded_log_line(system: PbxSystem
                 + b"\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
     assert len(datagram) > 60_000
     mark = len(system.log("front"))
-    before = system.metrics()["pbx_sip_malformed"]
+    before = system.metrics()["pbx_sip_malformed_total"]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.sendto(datagram, ("127.0.0.1", system.sip_port))
-    wait_until(lambda: system.metrics()["pbx_sip_malformed"] > before, 10,
+    wait_until(lambda: system.metrics()["pbx_sip_malformed_total"] > before, 10,
                "the front counting the malformed datagram")
     line = wait_until(lambda: [ln for ln in system.log("front")[mark:].splitlines()
                                if "malformed SIP" in ln], 5, "the malformed SIP log line")[0]

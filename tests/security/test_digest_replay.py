@@ -233,6 +233,6 @@ def test_replayed_register_through_the_real_front(system: PbxSystem, tmp_path: P
                             first_cseq=3)
         assert query.status == 200
         assert contacts(query) == [f"sip:{user}@127.0.0.1:{phone.port}"]
-    metrics = wait_until(lambda: (m := system.metrics())["pbx_auth_replays"] >= 51 and m, 5,
+    metrics = wait_until(lambda: (m := system.metrics())["pbx_auth_replays_total"] >= 51 and m, 5,
                          "the replays counted in /metrics")
-    assert metrics["pbx_auth_failures"] == 0
+    assert metrics["pbx_auth_failures_total"] == 0

@@ -187,7 +187,7 @@ def test_sprayed_digits_never_reach_the_ivr(system: PbxSystem, tmp_path: Path) -
 
         # /metrics: the worker's heartbeats carry the count (every 200 ms here).
         def dropped() -> float:
-            return system.metrics().get("pbx_rtp_foreign_dropped", 0.0)
+            return system.metrics().get("pbx_rtp_foreign_dropped_total", 0.0)
 
         seen: list[float] = []
 

@@ -116,7 +116,7 @@ def test_svcrack_does_not_get_past_the_lockout(system: PbxSystem, tmp_path: Path
     assert "The password for" not in output and password not in output.split(
         f"trying {password}")[1], output[-3000:]
     assert "found nothing" in output, output[-3000:]
-    metrics = wait_until(lambda: (m := system.metrics())["pbx_auth_lockouts"] >= 1 and m, 5,
+    metrics = wait_until(lambda: (m := system.metrics())["pbx_auth_lockouts_total"] >= 1 and m, 5,
                          "the lockout in /metrics")
-    assert metrics["pbx_auth_locked_refusals"] >= 1
-    assert metrics["pbx_auth_failures"] <= 6
+    assert metrics["pbx_auth_locked_refusals_total"] >= 1
+    assert metrics["pbx_auth_failures_total"] <= 6

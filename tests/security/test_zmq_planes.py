@@ -249,7 +249,7 @@ def test_rogue_reply_for_a_live_session_is_ignored(system: PbxSystem) -> None:
     target.bind(("127.0.0.1", 0))
     target.settimeout(0.2)
     transfer_to = f"sip:900123@127.0.0.1:{target.getsockname()[1]}"
-    rejected_before = system.metrics().get("pbx_ivr_replies_rejected", 0)
+    rejected_before = system.metrics().get("pbx_ivr_replies_rejected_total", 0)
     rtp = RtpEndpoint()
     uac = Uac(system.sip_port, rtp.port)
     ctx = zmq.Context()
@@ -286,7 +286,7 @@ def test_rogue_reply_for_a_live_session_is_ignored(system: PbxSystem) -> None:
         rogue.close(0)
         ctx.term()
         provider.script = provider.default_script
-    assert system.metrics()["pbx_ivr_replies_rejected"] >= rejected_before + 1
+    assert system.metrics()["pbx_ivr_replies_rejected_total"] >= rejected_before + 1
     assert "reply seq 1 from b'rogue-executor', but the event went to" in system.log("front")
 
 
@@ -375,12 +375,12 @@ def test_worker_address_other_than_declared_never_reaches_sdp(system: PbxSystem)
                 assert status == 200 and ended is not None
                 assert b"c=IN IP4 127.0.0.1" in answers[-1][1]
                 assert rogue.allocations == 1
-                assert (after["pbx_media_allocations_rejected"]
-                        == before["pbx_media_allocations_rejected"] + 1)
+                assert (after["pbx_media_allocations_rejected_total"]
+                        == before["pbx_media_allocations_rejected_total"] + 1)
             else:
                 assert status == 503
                 assert rogue.allocations == 0  # never registered
-                assert after["pbx_media_workers_rejected"] > before["pbx_media_workers_rejected"]
+                assert after["pbx_media_workers_rejected_total"] > before["pbx_media_workers_rejected_total"]
             wait_until(lambda: system.metrics()["pbx_media_workers"] == 0, 10,
                        "the rogue to expire")
     finally:
@@ -428,7 +428,7 @@ def test_curve_planes_refuse_unknown_keys_and_carry_a_call(tmp_path: Path,
     assert executors == [1, 1], "a client without an accepted key joined as an executor"
     # The stranger's key was refused on each of the three sockets (the key-less client
     # fails the CURVE handshake before any ZAP request).
-    assert metrics["pbx_zmq_auth_rejected"] >= 3
+    assert metrics["pbx_zmq_auth_rejected_total"] >= 3
     assert f"client key {stranger_keys[0]} is not accepted on the 'ivr' plane" \
         in system.log("front")
     assert all(ep.startswith("tcp://127.0.0.1:") for ep in endpoints(system).values())
