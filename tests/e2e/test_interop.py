@@ -196,26 +196,32 @@ def test_baresip_menu_by_rfc4733_transfer_to_pjsua2_hold_resume_callee_hangs_up(
     wait_idle(system)
 
 
-def test_tcp_pjsua2_calls_baresip_both_over_tcp_caller_hangs_up(
+def test_tcp_pjsua2_menu_by_rfc4733_transfer_to_baresip_caller_hangs_up(
         system: PbxSystem, phones: list[Any], workdir: Path) -> None:
+    """Both phones over TCP; pjsua2's digit as an RFC 4733 event this time."""
     callee = baresip(system, phones, workdir, "2001", transport="tcp")
     assert re.search(r"\{0/TCP/v4\} 200 OK", callee.trace(-1)), callee.trace()
     caller = pjsua(system, phones, workdir, "3003", transport="tcp")
-    assert "Response msg 200/REGISTER" in caller.trace(-1) and "from TCP" in caller.trace(-1)
-    caller.send("call", uri=f"sip:2001@{system.sip_addr}")
+    assert re.search(r"Response msg 200/REGISTER/.* from TCP", caller.trace(-1))
+    caller.send("call", uri=f"sip:*99@{system.sip_addr}")
+    caller.wait_state("confirmed")
+    pause(2.0)
+    caller.send("dtmf", digits="1", method="rfc4733")
     callee.wait_event("CALL_INCOMING")
     callee.command("accept")
-    caller.wait_state("confirmed")
     callee.wait_event("CALL_ESTABLISHED")
     pause(2.0)
-    assert_tone(caller.record, BARESIP_HZ)
+    heard_the_greeting(caller.record)
+    assert menu_digits(system, "3003") == ["1"]
+    assert_tone(caller.record, BARESIP_HZ, since_s=3.0)
     assert_tone(callee.received_wav(), PJSUA_HZ)
     mark = len(callee.events)
     caller.send("hangup")
     callee.wait_event("CALL_CLOSED", since=mark)
     assert "BYE sip:" in callee.trace(-1)
-    # Every SIP message of the callee went over TCP (baresip's trace names the transport).
+    # Every SIP message of either phone went over TCP.
     assert "UDP 127.0.0.1" not in callee.trace(-1)
+    assert not re.search(r"(to|from) UDP ", caller.trace(-1))
     wait_idle(system)
 
 
