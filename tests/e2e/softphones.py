@@ -95,13 +95,14 @@ class PjsuaPhone:
         self.record = workdir / "received.wav"
         self.log = workdir / "pjsua.log"
         self.events: list[dict[str, Any]] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, str(AGENT), "--user", user, "--password", password,
-             "--registrar", registrar, "--rtp-port", str(free_port(even=True)), "--transport", transport, "--tone", str(tone_hz),
-             "--record", str(self.record), "--log", str(self.log),
-             "--lifetime", str(lifetime_s)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=(workdir / "stderr.txt").open("wb"), text=True)
+        with (workdir / "stderr.txt").open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(AGENT), "--user", user, "--password", password,
+                 "--registrar", registrar, "--rtp-port", str(free_port(even=True)),
+                 "--transport", transport, "--tone", str(tone_hz),
+                 "--record", str(self.record), "--log", str(self.log),
+                 "--lifetime", str(lifetime_s)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.wait_event(lambda e: e["event"] == "ready", 20, "pjsua2 to start")
@@ -157,6 +158,10 @@ class PjsuaPhone:
             except (OSError, AssertionError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait(5)
+        self._reader.join(2)  # it ends at the pipe's EOF
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 # ---------------------------------------------------------------- baresip
@@ -168,7 +173,7 @@ class BaresipPhone:
     takes commands (netstring JSON) and reports events (`events`)."""
 
     def __init__(self, workdir: Path, user: str, password: str, registrar: str, *,
-                 tone_hz: int, transport: str = "udp") -> None:
+                 tone_hz: int, transport: str = "udp", lifetime_s: float = 120.0) -> None:
         baresip = shutil.which("baresip")
         assert baresip, "baresip is not installed (make test installs Debian's baresip-core)"
         workdir.mkdir(parents=True, exist_ok=True)
@@ -198,9 +203,12 @@ class BaresipPhone:
         self.responses: dict[str, dict[str, Any]] = {}
         self._token = 0
         self.log = workdir / "baresip.log"
-        self.proc = subprocess.Popen([baresip, "-f", str(workdir), "-s"],
-                                     stdin=subprocess.DEVNULL,
-                                     stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        # -t: it quits by itself after `lifetime_s` even if the test process dies.
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen([baresip, "-f", str(workdir), "-s",
+                                          "-t", str(int(lifetime_s))],
+                                         stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=subprocess.STDOUT)
         self.sock = wait_until(self._connect, 15, "baresip's ctrl_tcp")
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
