@@ -167,6 +167,20 @@ class PjsuaPhone:
 # ---------------------------------------------------------------- baresip
 
 
+def sip_port() -> int:
+    """A port for baresip's sip_listen: free for UDP and TCP, and the next one free for
+    TCP too (baresip listens for TLS there)."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tls:
+            try:
+                tls.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for baresip")
+
+
 class BaresipPhone:
     """Debian's baresip with a config of its own in `workdir`: ausine sends `tone_hz`,
     sndfile records both directions (`dump-*-dec.wav` is what it received), ctrl_tcp
@@ -179,22 +193,6 @@ class BaresipPhone:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.user = user
-        self.ctrl_port = free_port(socket.SOCK_STREAM)
-        (workdir / "config").write_text("\n".join([
-            f"sip_listen 127.0.0.1:{free_port()}",
-            f"module_path {BARESIP_MODULES}",
-            "module g711.so", "module ausine.so", "module aubridge.so", "module sndfile.so",
-            "module_app account.so", "module_app menu.so", "module_app ctrl_tcp.so",
-            f"ctrl_tcp_listen 127.0.0.1:{self.ctrl_port}",
-            f"snd_path {workdir}",
-            # ausine makes 48 kHz stereo only; baresip resamples to the codec's 8 kHz mono.
-            "ausrc_srate 48000", "auplay_srate 48000", "ausrc_channels 2",
-            "auplay_channels 1",
-            f"audio_source ausine,{tone_hz}",
-            "audio_player aubridge,nowhere",
-            "audio_alert aubridge,nowhere",
-            "rtp_timeout 0", "",
-        ]))
         params = ";transport=tcp" if transport == "tcp" else ""
         (workdir / "accounts").write_text(
             f"<sip:{user}@{registrar}{params}>;auth_pass={password};regint=300"
@@ -203,15 +201,44 @@ class BaresipPhone:
         self.responses: dict[str, dict[str, Any]] = {}
         self._token = 0
         self.log = workdir / "baresip.log"
-        # -t: it quits by itself after `lifetime_s` even if the test process dies.
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([baresip, "-f", str(workdir), "-s",
-                                          "-t", str(int(lifetime_s))],
-                                         stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=subprocess.STDOUT)
-        self.sock = wait_until(self._connect, 15, "baresip's ctrl_tcp")
+        # A port can still be taken between the pick and baresip's bind: a start that
+        # fails so is retried with new ports.
+        for _attempt in range(3):
+            self.ctrl_port = free_port(socket.SOCK_STREAM)
+            self._write_config(tone_hz)
+            # -t: it quits by itself after `lifetime_s` even if the test process dies.
+            with self.log.open("wb") as out:
+                self.proc = subprocess.Popen([baresip, "-f", str(workdir), "-s",
+                                              "-t", str(int(lifetime_s))],
+                                             stdin=subprocess.DEVNULL,
+                                             stdout=out, stderr=subprocess.STDOUT)
+            sock = wait_until(lambda: self._connect() or self.proc.poll() is not None, 15,
+                              "baresip's ctrl_tcp")
+            if isinstance(sock, socket.socket):
+                self.sock = sock
+                break
+            self.proc.wait(5)
+        else:
+            raise AssertionError(f"baresip did not start:\n{self.trace()}")
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+
+    def _write_config(self, tone_hz: int) -> None:
+        (self.workdir / "config").write_text("\n".join([
+            f"sip_listen 127.0.0.1:{sip_port()}",
+            f"module_path {BARESIP_MODULES}",
+            "module g711.so", "module ausine.so", "module aubridge.so", "module sndfile.so",
+            "module_app account.so", "module_app menu.so", "module_app ctrl_tcp.so",
+            f"ctrl_tcp_listen 127.0.0.1:{self.ctrl_port}",
+            f"snd_path {self.workdir}",
+            # ausine makes 48 kHz stereo only; baresip resamples to the codec's 8 kHz mono.
+            "ausrc_srate 48000", "auplay_srate 48000", "ausrc_channels 2",
+            "auplay_channels 1",
+            f"audio_source ausine,{tone_hz}",
+            "audio_player aubridge,nowhere",
+            "audio_alert aubridge,nowhere",
+            "rtp_timeout 0", "",
+        ]))
 
     def _connect(self) -> socket.socket | None:
         try:
