@@ -30,8 +30,7 @@ run/workers.conf: $(VENV)/.installed
 
 # Debian tools the tests use: sipp (sip-tester), sox, espeak-ng, sipvicious (the
 # extension scanner and digest cracker the security tests run) and baresip-core (an
-# independent SIP stack: tests/e2e/test_baresip_register.py and the interop suite,
-# tests/e2e/test_interop.py, with pjsua2 from the test extra); venv support for
+# independent SIP stack: libre's digest, tests/e2e/test_baresip_register.py); venv support for
 # Debian's own python3; and pyzmq for it (tests/security runs a ZeroMQ client as the
 # unprivileged `nobody`, who cannot read the venv's interpreter); prometheus (with
 # promtool), which tests/e2e/test_prometheus.py runs against the system and whose
