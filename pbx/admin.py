@@ -41,7 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from pbx.config import AdminSettings, parse_host_port
 from pbx.debug_page import DEBUG_HTML
-from pbx.metrics import FrontCollector
+from pbx.metrics_export import FrontCollector
 from pbx.queues import WaitState
 
 if TYPE_CHECKING:

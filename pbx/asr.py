@@ -60,7 +60,7 @@ import aiohttp
 import orjson
 
 from pbx.config import AsrSettings
-from pbx.ivr.models import AsrResult, ProviderRequest
+from pbx.ivr.requests import AsrResult, ProviderRequest
 from pbx.redact import redact_url
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ import aiohttp
 import numpy as np
 
 from pbx.config import TtsSettings
-from pbx.ivr.models import ProviderRequest, TtsResult
+from pbx.ivr.requests import ProviderRequest, TtsResult
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from pbx.metrics import FrontCollector
+from pbx.metrics_export import FrontCollector
 from tests.calls.rig import CoreRig
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"

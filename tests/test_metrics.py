@@ -14,12 +14,12 @@ from pbx.metrics import (
     GAUGES,
     HELP,
     MAX_REASONS,
-    FrontCollector,
     FrontMetrics,
     Histogram,
     setup_outcome,
     step_outcome,
 )
+from pbx.metrics_export import FrontCollector
 from tests.calls.rig import CALLER, CoreRig, first_then, reply
 from workers.media import timing_buckets
 

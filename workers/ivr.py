@@ -43,8 +43,8 @@ from pbx import planes
 from pbx.asr import ASR_UNAVAILABLE, SWEEP_INTERVAL_S, AsrEngine
 from pbx.config import ConfigError, IvrAppParams, Settings, load_config
 from pbx.ivr import machine
-from pbx.ivr.models import AsrResult, TtsResult
 from pbx.ivr.provider import ProviderClient
+from pbx.ivr.requests import AsrResult, TtsResult
 from pbx.messages import (
     CallCommand,
     HangupCommand,

@@ -37,7 +37,6 @@ from pbx.ivr.models import (
     JumpIvrAction,
     PlayAndHangupAction,
     PromptAction,
-    ProviderResult,
     QueueAction,
     RouteToAgentAction,
     ToRecordAction,
@@ -67,6 +66,7 @@ from pbx.ivr.phases import (
     RecordPrompt,
     VoicemailGreeting,
 )
+from pbx.ivr.requests import ProviderResult
 from pbx.ivr.session import Executor, Session
 from pbx.messages import CallEndedInput, StopCommand, WaitExpiredInput
 

@@ -82,8 +82,8 @@ from pbx.ivr.actions.record import (
     VOICEMAIL_MAX_SECS,
 )
 from pbx.ivr.handlers import EXECUTORS, INPUTS
-from pbx.ivr.models import ApiResult, AsrResult, ProviderResult, TtsResult
 from pbx.ivr.phases import IllegalTransition, InputKind, IvrStateError, Phase
+from pbx.ivr.requests import ApiResult, AsrResult, ProviderResult, TtsResult
 from pbx.ivr.session import ERROR_PROMPT, MAX_CHAINED_STEPS, Ivrs, Session, Step
 from pbx.ivr.state import load
 from pbx.messages import (

@@ -28,7 +28,7 @@ import aiohttp
 import orjson
 
 from pbx.config import IvrAppParams
-from pbx.ivr.models import ApiResult, ProviderRequest, ProviderResult
+from pbx.ivr.requests import ApiResult, ProviderRequest, ProviderResult
 
 log = logging.getLogger(__name__)
 

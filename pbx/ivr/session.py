@@ -32,8 +32,6 @@ from pbx.ivr.models import (
     ActionNode,
     ProviderContext,
     ProviderEvent,
-    ProviderRequest,
-    RequestKind,
     SessionContext,
     SessionStartEvent,
     action_json,
@@ -53,6 +51,7 @@ from pbx.ivr.phases import (
     Timer,
     check_transition,
 )
+from pbx.ivr.requests import ProviderRequest, RequestKind
 from pbx.ivr.state import Envelope, dump
 from pbx.ivr.variables import initial_variables, substitute
 from pbx.messages import (

@@ -37,8 +37,8 @@ from media.prompts import PromptError, resolve
 from media.wav import WavError, parse_wav
 from pbx import schema
 from pbx.config import IvrAppParams, TtsSettings
-from pbx.ivr.models import ApiResult, ProviderRequest, ProviderResult, TtsResult
 from pbx.ivr.provider import ProviderClient
+from pbx.ivr.requests import ApiResult, ProviderRequest, ProviderResult, TtsResult
 from pbx.messages import (
     AgentCommand,
     AudioComplete,

@@ -29,7 +29,7 @@ import pytest
 from pbx import messages as m
 from pbx.calls.core import LIVENESS_CHECK_S
 from pbx.calls.ivr import IVR_NO_EXECUTOR_S
-from pbx.ivr.models import ProviderRequest, ProviderResult
+from pbx.ivr.requests import ProviderRequest, ProviderResult
 from pbx.sip.message import SipRequest
 from tests.calls.rig import CALLER, START, CoreRig, caller_invite
 from workers.ivr import handle_event

@@ -14,7 +14,7 @@ import orjson
 from pbx.config import IvrAppParams
 from pbx.ivr import machine
 from pbx.ivr.actions.voice import ASR_UNAVAILABLE
-from pbx.ivr.models import ApiResult, AsrResult, ProviderRequest, ProviderResult, TtsResult
+from pbx.ivr.requests import ApiResult, AsrResult, ProviderRequest, ProviderResult, TtsResult
 from pbx.messages import (
     AudioComplete,
     CallEndedInput,

@@ -26,8 +26,8 @@ from pbx.asr import (
     parse_transcription,
 )
 from pbx.config import AsrSettings, ConfigError, load_config
-from pbx.ivr.models import AsrResult, ProviderRequest
 from pbx.ivr.provider import ProviderClient
+from pbx.ivr.requests import AsrResult, ProviderRequest
 from pbx.messages import (
     IvrEvent,
     MediaInput,

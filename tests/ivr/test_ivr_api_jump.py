@@ -9,7 +9,7 @@ import orjson
 
 from pbx.config import IvrAppParams
 from pbx.ivr import machine
-from pbx.ivr.models import ApiResult
+from pbx.ivr.requests import ApiResult
 from pbx.messages import HangupCommand, TransferCommand
 from tests.ivr.sim import URL, Answer, Sim, play
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pbx.ivr.actions.voice import NEXT_ON_VOICE
-from pbx.ivr.models import AsrResult
+from pbx.ivr.requests import AsrResult
 from pbx.messages import (
     CallEndedInput,
     DtmfDigit,

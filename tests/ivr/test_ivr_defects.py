@@ -11,7 +11,8 @@ import pytest
 from pbx.config import ConfigError, parse_config
 from pbx.ivr.actions.api import NEXT_WITH_TREE
 from pbx.ivr.actions.menu import NEXT_ON_MENU
-from pbx.ivr.models import ApiResult, parse_action
+from pbx.ivr.models import parse_action
+from pbx.ivr.requests import ApiResult
 from tests.ivr.sim import Sim
 
 HANGUP = {"type": "hangup"}

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from pbx.ivr import machine
-from pbx.ivr.models import ProviderResult
+from pbx.ivr.requests import ProviderResult
 from pbx.messages import (
     CallEndedInput,
     DtmfDigit,

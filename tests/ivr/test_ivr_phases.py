@@ -13,7 +13,7 @@ import pytest
 from pbx.config import IvrAppParams
 from pbx.ivr import machine, session
 from pbx.ivr.handlers import EXECUTORS, INPUTS, InputHandler
-from pbx.ivr.models import ACTION_TYPES, PromptAction, ProviderResult
+from pbx.ivr.models import ACTION_TYPES, PromptAction
 from pbx.ivr.phases import (
     PHASE_DATA,
     TRANSITIONS,
@@ -42,6 +42,7 @@ from pbx.ivr.phases import (
     VoicemailGreeting,
     check_transition,
 )
+from pbx.ivr.requests import ProviderResult
 from pbx.ivr.state import Envelope, dump, load
 from pbx.messages import CallInfo, DtmfDigit, HangupCommand, MediaInput
 from tests.ivr.walk import STRUCTURED_ANSWERS, make_call, walk

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pbx.ivr import machine
-from pbx.ivr.models import TtsResult
+from pbx.ivr.requests import TtsResult
 from pbx.messages import (
     AgentCommand,
     HangupCommand,

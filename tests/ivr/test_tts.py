@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 
 from pbx.config import TtsSettings
-from pbx.ivr.models import TtsResult
 from pbx.ivr.provider import ProviderClient
+from pbx.ivr.requests import TtsResult
 from pbx.messages import AudioComplete, IvrEvent, MediaInput, PlayCommand, SessionStartInput
 from pbx.tts import (
     TTS_UNAVAILABLE,

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from pbx.config import IvrAppParams
-from pbx.ivr.models import ApiResult, AsrResult, ProviderResult, TtsResult
+from pbx.ivr.requests import ApiResult, AsrResult, ProviderResult, TtsResult
 from pbx.messages import (
     AudioComplete,
     CallEndedInput,

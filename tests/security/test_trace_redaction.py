@@ -27,7 +27,7 @@ import pytest
 import zmq
 from aiohttp import web
 
-from pbx.ivr.models import ApiResult
+from pbx.ivr.requests import ApiResult
 from pbx.messages import StepTrace
 from tests.e2e.harness import (
     PbxSystem,

@@ -11,16 +11,9 @@ from typing import Any
 
 import orjson
 
-from pbx.ivr.models import (
-    ActionError,
-    ApiAction,
-    ApiResponseEvent,
-    ApiResult,
-    ProviderRequest,
-    action_json,
-    parse_action,
-)
+from pbx.ivr.models import ActionError, ApiAction, ApiResponseEvent, action_json, parse_action
 from pbx.ivr.phases import AwaitingApi, Digits, PendingRequest, PhaseData
+from pbx.ivr.requests import ApiResult, ProviderRequest
 from pbx.ivr.session import Session
 
 NEXT_WITH_TREE = ("api: `next` is not followed with get_dynamic_tree: the returned "

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pbx.ivr.actions import menu
-from pbx.ivr.models import AudioCompleteEvent, DtmfEvent, ErrorEvent, PromptAction, TtsResult
+from pbx.ivr.models import AudioCompleteEvent, DtmfEvent, ErrorEvent, PromptAction
 from pbx.ivr.phases import AwaitingSpeech, Digits, PhaseData, Prompting
+from pbx.ivr.requests import TtsResult
 from pbx.ivr.session import Session
 from pbx.messages import AudioComplete, DtmfDigit, MediaFailure
 

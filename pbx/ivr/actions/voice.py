@@ -19,14 +19,9 @@ torecord; `pbx.ivr.actions.record.finished` hands a listening recording's end he
 
 from __future__ import annotations
 
-from pbx.ivr.models import (
-    AsrResult,
-    ErrorEvent,
-    InputVoiceAction,
-    InputVoiceEvent,
-    VoipBridgeAction,
-)
+from pbx.ivr.models import ErrorEvent, InputVoiceAction, InputVoiceEvent, VoipBridgeAction
 from pbx.ivr.phases import AwaitingRecognition, Digits, PhaseData, Recording
+from pbx.ivr.requests import AsrResult
 from pbx.ivr.session import Session
 from pbx.ivr.variables import safe_name
 from pbx.messages import RecordCommand, RecordingFinished, WsBridgeCommand
