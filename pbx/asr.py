@@ -59,9 +59,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from pbx.config import AsrSettings
 from pbx.ivr.requests import AsrResult, ProviderRequest
 from pbx.redact import redact_url
+from pbx.settings.speech import AsrSettings
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from pbx.config import TtsSettings
 from pbx.ivr.requests import ProviderRequest, TtsResult
+from pbx.settings.speech import TtsSettings
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from pbx.config import IvrAppParams, TtsSettings
+from pbx.config import IvrAppParams
 from pbx.ivr.models import parse_action
 from pbx.ivr.provider import ProviderClient
 from pbx.messages import (
@@ -38,6 +38,7 @@ from pbx.messages import (
     RecordingFinished,
     SessionStartInput,
 )
+from pbx.settings.speech import TtsSettings
 from pbx.tts import TtsEngine
 from workers.ivr import handle_event
 

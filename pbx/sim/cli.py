@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pbx.config import ConfigError, IvrAppParams, load_config
-from pbx.sim import runner
+from pbx.sim import expect, runner
 from pbx.sim.scenario import (
     Call,
     Options,
@@ -242,7 +242,7 @@ async def run(scenario: Scenario, ivrs: dict[str, IvrAppParams], verbose: bool =
         options = options_for(scenario, raw_call)
         sim = runner.SimCall(call, params, options, out, ivrs=ivrs, verbose=verbose)
         outcome = await sim.run()
-        runner.check(call, outcome, out, options)
+        expect.check(call, outcome, out, options)
         outcomes.append((call, outcome, options))
         out("")
     return summarize(outcomes, out)

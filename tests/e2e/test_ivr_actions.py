@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 
 from media import g711
 from media.prompts import beep
-from pbx.config import TtsSettings
+from pbx.settings.speech import TtsSettings
 from pbx.tts import cache_name
 from tests.e2e.harness import ROOT, PbxSystem, wait_idle, wait_until
 from tests.e2e.ivr_calls import (

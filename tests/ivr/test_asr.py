@@ -25,7 +25,7 @@ from pbx.asr import (
     grammar,
     parse_transcription,
 )
-from pbx.config import AsrSettings, ConfigError, load_config
+from pbx.config import ConfigError, load_config
 from pbx.ivr.provider import ProviderClient
 from pbx.ivr.requests import AsrResult, ProviderRequest
 from pbx.messages import (
@@ -35,6 +35,7 @@ from pbx.messages import (
     RecordingFinished,
     SessionStartInput,
 )
+from pbx.settings.speech import AsrSettings
 from tests.asr_server import AsrServer, quiet, spoken, utterance_wav
 from tests.ivr.test_ivr_executor_actions import Server, call_info, json_response
 from workers.ivr import handle_event

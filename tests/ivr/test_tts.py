@@ -16,10 +16,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from pbx.config import TtsSettings
 from pbx.ivr.provider import ProviderClient
 from pbx.ivr.requests import TtsResult
 from pbx.messages import AudioComplete, IvrEvent, MediaInput, PlayCommand, SessionStartInput
+from pbx.settings.speech import TtsSettings
 from pbx.tts import (
     TTS_UNAVAILABLE,
     TtsEngine,
