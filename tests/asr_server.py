@@ -22,7 +22,7 @@ from aiohttp import BodyPartReader, web
 
 from media import g711
 from pbx.asr import decode_local
-from pbx.config import DEFAULT_ASR_VOCABULARY
+from pbx.settings.speech import DEFAULT_ASR_VOCABULARY
 from pbx.tts import convert
 
 PATH = "/v1/audio/transcriptions"
