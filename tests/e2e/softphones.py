@@ -363,17 +363,15 @@ class LinphonePhone:
         self.lines: list[str] = []
         tone = workdir / "tone.wav"
         write_tone_wav(tone, tone_hz, lifetime_s)
-        # Without its database directory the core never reaches its "on" state and
-        # answers every incoming INVITE 503 ("core global state is not on").
+        # Without its database directory 5.1's core never reaches its "on" state: it
+        # does not listen on the rc file's SIP port, nor register, and answers every
+        # INVITE 503 ("core global state is not on").
         (workdir / ".local" / "share" / "linphone").mkdir(parents=True, exist_ok=True)
-        # register_only_when_network_is_up=0: with it, 5.1 never sends the REGISTER
-        # (this host's network is "down" to it). The SIP port from the rc file is not
-        # listened on either; `ports sip` (below) is.
         (workdir / "linphonerc").write_text("\n".join([
             "[sip]",
+            f"sip_port={free_port()}",
             f"use_info={int(dtmf == 'info')}",
             f"use_rfc2833={int(dtmf == 'rfc4733')}",
-            "register_only_when_network_is_up=0",
             "[rtp]",
             f"audio_rtp_port={free_port(even=True)}",
             "[video]", "enabled=0", "capture=0", "display=0", "",
@@ -388,7 +386,6 @@ class LinphonePhone:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.send("soundcard use files")
-        self.send(f"ports sip {free_port()}")
         self.send(f"play {tone}")
         self.send(f"record {self.record}")
         self.send(f"register sip:{user}@{registrar} sip:{registrar} {password}")
