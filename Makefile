@@ -31,8 +31,9 @@ run/workers.conf: $(VENV)/.installed
 # Debian tools the tests use: sipp (sip-tester), sox, espeak-ng, sipvicious (the
 # extension scanner and digest cracker the security tests run), baresip-core (an
 # independent SIP stack: libre's digest, tests/e2e/test_baresip_register.py and the
-# interop suite); headless Chromium and its WebDriver (tests/e2e/test_debug_page.py
-# drives the /debug page); venv support for
+# interop suite); linphone-cli (linphonec 5.1, liblinphone: the interop suite's
+# third independent SIP stack); headless Chromium and its WebDriver
+# (tests/e2e/test_debug_page.py drives the /debug page); venv support for
 # Debian's own python3; and pyzmq for it (tests/security runs a ZeroMQ client as the
 # unprivileged `nobody`, who cannot read the venv's interpreter); prometheus (with
 # promtool), which tests/e2e/test_prometheus.py runs against the system and whose
@@ -47,6 +48,7 @@ tools:
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v svwar >/dev/null || missing="$$missing sipvicious"; \
 	command -v baresip >/dev/null || missing="$$missing baresip-core"; \
+	command -v linphonec >/dev/null || missing="$$missing linphone-cli"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \

@@ -1,6 +1,7 @@
 """Independent SIP stacks as phones for the interop tests (tests/e2e/test_interop.py):
-pjsua2 (pjsip 2.15, PyPI `pjsua2-python`) run by tests/e2e/pjsua_agent.py, and Debian's
-baresip 1.0 (libre) driven through its ctrl_tcp module. Both are headless: each sends a
+pjsua2 (pjsip 2.15, PyPI `pjsua2-python`) run by tests/e2e/pjsua_agent.py, Debian's
+baresip 1.0 (libre) driven through its ctrl_tcp module, and Debian's linphonec 5.1
+(liblinphone, belle-sip) driven through its stdin. All are headless: each sends a
 tone of its own frequency on every call and records what it receives to a WAV file,
 which `dominant_hz` and `rms` read back. Every phone is a process of its own that
 `close()` ends (terminate, then kill), bounded.
@@ -9,6 +10,7 @@ which `dominant_hz` and `rms` read back. Every phone is a process of its own tha
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import wave
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +328,119 @@ class BaresipPhone:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+# ---------------------------------------------------------------- linphonec
+
+
+def write_tone_wav(path: Path, hz: int, seconds: float, rate: int = 8000) -> None:
+    """A 16-bit mono WAV file of a sine tone at half scale."""
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (16000 * np.sin(2 * np.pi * hz * t)).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.tobytes())
+
+
+class LinphonePhone:
+    """Debian's linphonec 5.1 (`linphone-cli`) with a config and HOME of its own in
+    `workdir`, driven through its stdin. Headless by its file mode (`soundcard use
+    files`): it sends a WAV file of a `tone_hz` tone (`play`) and records what it
+    receives (`record`). Its console lines are `lines`; its log (`-d 6`) holds the SIP
+    messages. `dtmf` is how it sends digits: "rfc4733" or "info" (`[sip] use_info`)."""
+
+    def __init__(self, workdir: Path, user: str, password: str, registrar: str, *,
+                 tone_hz: int, dtmf: str = "rfc4733", lifetime_s: float = 120.0) -> None:
+        linphonec = shutil.which("linphonec")
+        assert linphonec, "linphonec is not installed (make test installs linphone-cli)"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.user = user
+        self.record = workdir / "received.wav"
+        self.log = workdir / "linphonec.log"
+        self.lines: list[str] = []
+        tone = workdir / "tone.wav"
+        write_tone_wav(tone, tone_hz, lifetime_s)
+        # Without its database directory 5.1's core never reaches its "on" state: it
+        # does not listen on the rc file's SIP port, nor register, and answers every
+        # INVITE 503 ("core global state is not on").
+        (workdir / ".local" / "share" / "linphone").mkdir(parents=True, exist_ok=True)
+        (workdir / "linphonerc").write_text("\n".join([
+            "[sip]",
+            f"sip_port={free_port()}",
+            f"use_info={int(dtmf == 'info')}",
+            f"use_rfc2833={int(dtmf == 'rfc4733')}",
+            "[rtp]",
+            f"audio_rtp_port={free_port(even=True)}",
+            "[video]", "enabled=0", "capture=0", "display=0", "",
+        ]))
+        with (workdir / "stderr.txt").open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                # timeout: it ends after `lifetime_s` even if the test process dies.
+                ["timeout", "-s", "KILL", str(int(lifetime_s)), linphonec,
+                 "-c", str(workdir / "linphonerc"), "-d", "6", "-l", str(self.log)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                env={**os.environ, "HOME": str(workdir)})
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.send("soundcard use files")
+        self.send(f"play {tone}")
+        self.send(f"record {self.record}")
+        self.send(f"register sip:{user}@{registrar} sip:{registrar} {password}")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.strip())
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None and self.proc.poll() is None, self.trace()
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def wait_line(self, pattern: str, timeout: float = 15, since: int = 0) -> str:
+        """The first console line from `since` on that matches `pattern` (a regex)."""
+        def found() -> str | None:
+            return next((line for line in self.lines[since:] if re.search(pattern, line)),
+                        None)
+        try:
+            line: str = wait_until(found, timeout, f"linphonec {self.user}: {pattern}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nconsole: {self.lines}\n{self.trace()}") from None
+        return line
+
+    def wait_registered(self, timeout: float = 15) -> None:
+        try:
+            wait_until(lambda: "to [LinphoneRegistrationOk]" in self.trace(-1), timeout,
+                       f"linphonec {self.user} registered")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.trace()}") from None
+
+    def trace(self, tail: int = 6000) -> str:
+        """Its log (SIP messages included), the last `tail` characters (-1: all)."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return text if tail < 0 else text[-tail:]
+
+    def close(self) -> None:
+        """Quit (it unregisters as it does), bounded; killed if it does not."""
+        if self.proc.poll() is None:
+            try:
+                self.send("quit")
+                self.proc.wait(5)
+            except (OSError, AssertionError, subprocess.TimeoutExpired):
+                # `timeout` passes SIGTERM on to linphonec (a SIGKILL would not).
+                self.proc.terminate()
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+        self._reader.join(2)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def pause(seconds: float) -> None:

@@ -1,13 +1,15 @@
-"""Interop with independent SIP stacks (issue 11): pjsua2 (pjsip 2.15) and Debian's
-baresip 1.0 (libre) as headless phones against the real system, on loopback.
+"""Interop with independent SIP stacks (issue 11): pjsua2 (pjsip 2.15), Debian's
+baresip 1.0 (libre) and Debian's linphonec 5.1 (liblinphone) as headless phones against
+the real system, on loopback.
 
 Each phone registers with digest (extensions 3001-3003 and 2001 have passwords here),
-sends a tone of its own (pjsua2 1000 Hz, baresip 440 Hz) and records what it receives,
-so the checks are on what a person would hear: the `*99` menu's greeting is not silence,
-and after a transfer each side hears the other's tone (by FFT peak). Digits go as
-RFC 4733 events (both) and SIP INFO (pjsua2; baresip 1.0 cannot). Also: hold and resume
-(re-INVITE sendonly then sendrecv), hang-up from either side, CANCEL while the callee
-rings, TCP, and parallel ringing of two phones registered as the same user.
+sends a tone of its own (pjsua2 1000 Hz, baresip 440 Hz, linphonec 700 Hz) and records
+what it receives, so the checks are on what a person would hear: the `*99` menu's
+greeting is not silence, and after a transfer each side hears the other's tone (by FFT
+peak). Digits go as RFC 4733 events (all three) and SIP INFO (pjsua2 and linphonec;
+baresip 1.0 cannot). Also: hold and resume (re-INVITE sendonly then sendrecv), hang-up
+from either side, CANCEL while the callee rings, TCP, and parallel ringing of two phones
+registered as the same user.
 
 One system for the module (the tests are independent: each ends its calls and
 unregisters its phones), every wait bounded, every phone process ended.
@@ -32,11 +34,19 @@ from tests.e2e.harness import (
     wait_idle,
     wait_until,
 )
-from tests.e2e.softphones import BaresipPhone, PjsuaPhone, assert_tone, pause, read_wav
+from tests.e2e.softphones import (
+    BaresipPhone,
+    LinphonePhone,
+    PjsuaPhone,
+    assert_tone,
+    pause,
+    read_wav,
+)
 
 PASSWORDS = {**REGISTERING_USERS, "2001": "pw-2001"}
 PJSUA_HZ = 1000
 BARESIP_HZ = 440
+LINPHONE_HZ = 700
 
 MENU = {
     "type": "dtmf_menu",
@@ -71,9 +81,9 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PbxSystem]:
 
 
 @pytest.fixture
-def phones() -> Iterator[list[PjsuaPhone | BaresipPhone]]:
+def phones() -> Iterator[list[PjsuaPhone | BaresipPhone | LinphonePhone]]:
     """Phones a test starts: each is unregistered and ended after the test."""
-    started: list[PjsuaPhone | BaresipPhone] = []
+    started: list[PjsuaPhone | BaresipPhone | LinphonePhone] = []
     yield started
     for phone in started:
         phone.close()
@@ -92,6 +102,15 @@ def baresip(system: PbxSystem, phones: list[Any], workdir: Path, user: str,
             transport: str = "udp") -> BaresipPhone:
     phone = BaresipPhone(workdir / f"baresip-{user}-{transport}", user, PASSWORDS[user],
                          system.sip_addr, tone_hz=BARESIP_HZ, transport=transport)
+    phones.append(phone)
+    phone.wait_registered()
+    return phone
+
+
+def linphone(system: PbxSystem, phones: list[Any], workdir: Path, user: str,
+             dtmf: str = "rfc4733") -> LinphonePhone:
+    phone = LinphonePhone(workdir / f"linphone-{user}-{dtmf}", user, PASSWORDS[user],
+                          system.sip_addr, tone_hz=LINPHONE_HZ, dtmf=dtmf)
     phones.append(phone)
     phone.wait_registered()
     return phone
@@ -116,6 +135,11 @@ def sdp_directions(trace: str) -> list[str]:
 def challenges(trace: str) -> list[str]:
     """The algorithms of the WWW-Authenticate challenges in a phone's SIP trace."""
     return re.findall(r"^WWW-Authenticate: Digest .*algorithm=([\w-]+)", trace, re.MULTILINE)
+
+
+def answered(trace: str, header: str = "Authorization") -> list[str]:
+    """The algorithms of the credentials (`header`) a phone sent, in its SIP trace."""
+    return re.findall(rf"^{header}: +Digest .*algorithm=([\w-]+)", trace, re.MULTILINE)
 
 
 def heard_the_greeting(path: Path) -> None:
@@ -307,4 +331,82 @@ def test_parallel_ringing_both_phones_of_2001_ring_one_answers_the_other_gets_ca
     else:
         phone_p.send("hangup")
     caller.wait_state("disconnected", since=mark)
+    wait_idle(system)
+
+
+def test_linphonec_menu_by_rfc4733_transfer_to_pjsua2_caller_hangs_up(
+        system: PbxSystem, phones: list[Any], workdir: Path) -> None:
+    """linphonec 5.1 with the shipped digest settings: offered SHA-256 and MD5, it
+    answers SHA-256 (REGISTER and INVITE); its digit goes as an RFC 4733 event."""
+    callee = pjsua(system, phones, workdir, "2001")
+    caller = linphone(system, phones, workdir, "3001")
+    trace = caller.trace(-1)
+    assert set(challenges(trace)) == {"SHA-256", "MD5"}, trace
+    assert answered(trace) == ["SHA-256"], trace
+    mark = len(caller.lines)
+    caller.send(f"call sip:*99@{system.sip_addr}")
+    caller.wait_line(r"Call \d+ with .* connected", since=mark)
+    assert answered(caller.trace(-1), "Proxy-Authorization")[:1] == ["SHA-256"]
+    pause(2.0)  # the greeting plays
+    caller.send("1")  # a line of digits is sent as DTMF during a call
+    callee.wait_event(lambda e: e["event"] == "incoming", 15, "the transfer rings pjsua2")
+    callee.send("answer")
+    callee.wait_state("confirmed")
+    pause(2.0)
+    assert menu_digits(system, "3001") == ["1"]
+    assert "INFO sip:" not in caller.trace(-1)
+    assert_tone(callee.record, LINPHONE_HZ)
+    mark, line = len(callee.events), len(caller.lines)
+    caller.send("terminate")
+    ended = callee.wait_state("disconnected", since=mark)
+    assert "BYE sip:2001" in callee.trace(-1), ended
+    caller.wait_line(r"Call \d+ with .* ended", since=line)
+    # linphonec writes its recording's header as the call ends.
+    heard_the_greeting(caller.record)
+    assert_tone(caller.record, PJSUA_HZ, since_s=3.0)
+    wait_idle(system)
+
+
+def test_linphonec_menu_by_sip_info_transfer_to_baresip_callee_hangs_up(
+        system: PbxSystem, phones: list[Any], workdir: Path) -> None:
+    """linphonec's digit as SIP INFO (`[sip] use_info=1`)."""
+    callee = baresip(system, phones, workdir, "2001")
+    caller = linphone(system, phones, workdir, "3002", dtmf="info")
+    mark = len(caller.lines)
+    caller.send(f"call sip:*99@{system.sip_addr}")
+    caller.wait_line(r"Call \d+ with .* connected", since=mark)
+    pause(2.0)
+    caller.send("1")
+    callee.wait_event("CALL_INCOMING")
+    callee.command("accept")
+    callee.wait_event("CALL_ESTABLISHED")
+    pause(2.0)
+    assert menu_digits(system, "3002") == ["1"]
+    assert re.search(r"^INFO sip:", caller.trace(-1), re.MULTILINE)
+    assert_tone(callee.received_wav(), LINPHONE_HZ)
+    mark = len(caller.lines)
+    callee.command("hangup")
+    caller.wait_line(r"Call \d+ with .* ended", since=mark)
+    assert re.search(r"^BYE sip:", caller.trace(-1), re.MULTILINE)
+    heard_the_greeting(caller.record)
+    assert_tone(caller.record, BARESIP_HZ, since_s=3.0)
+    wait_idle(system)
+
+
+def test_cancel_while_ringing_pjsua2_calls_linphonec(
+        system: PbxSystem, phones: list[Any], workdir: Path) -> None:
+    callee = linphone(system, phones, workdir, "2001")
+    caller = pjsua(system, phones, workdir, "3003")
+    caller.send("call", uri=f"sip:2001@{system.sip_addr}")
+    callee.wait_line(r"Receiving new incoming call from .*, assigned id")
+    caller.wait_state("early")  # linphonec's 180, relayed
+    mark = len(callee.lines)
+    caller.send("hangup")  # before the answer: a CANCEL
+    closed = caller.wait_state("disconnected")
+    assert closed["code"] == 487, closed
+    # The callee stops ringing: the PBX CANCELs its leg, linphonec answers 487.
+    callee.wait_line(r"Call \d+ with .* ended", since=mark)
+    trace = callee.trace(-1)
+    assert re.search(r"^CANCEL sip:", trace, re.MULTILINE), trace
+    assert re.search(r"^SIP/2.0 487 ", trace, re.MULTILINE), trace
     wait_idle(system)
