@@ -322,6 +322,8 @@ class PbxSystem:
     sip_ip: str = "127.0.0.1"
     # `[admin] token` when the system has one: admin() and metrics() send it.
     admin_token: str | None = None
+    # Its block of RTP ports (start_system), free again once it stops.
+    rtp_block: int | None = None
 
     def admin_url(self, path: str) -> urllib.request.Request:
         headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
@@ -376,6 +378,9 @@ class PbxSystem:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.rtp_block is not None:
+            _RTP_BLOCKS_IN_USE.discard(self.rtp_block)
+            self.rtp_block = None
 
 
 # A TCP port bound but never listening: connecting to it is refused (ECONNREFUSED), and
@@ -453,6 +458,9 @@ def toml_tables(prefix: str, tables: dict[str, dict[str, Any]]) -> str:
 
 
 _SYSTEMS_STARTED = 0
+# Blocks of 100 RTP ports from 20000, all below the kernel's ephemeral range (32768).
+RTP_BLOCKS = 124
+_RTP_BLOCKS_IN_USE: set[int] = set()
 
 
 def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int = 2,
@@ -492,9 +500,16 @@ def start_system(root: Path, provider: ScriptedProvider, *, media_workers: int =
     # Below the kernel's ephemeral range (32768-60999 by default), so no port that
     # free_port(), sipp or a client socket picks can be one of the workers' RTP ports;
     # a second system in the same run (test_overload_failover) gets its own range.
+    # Each live system has a block of its own: a range shared with a system still running
+    # (the session's, a module's) leaves a worker few ports ("only N of 16 RTP port pairs
+    # free"), and a call that needs three on one worker fails.
     global _SYSTEMS_STARTED
-    rtp_low = 20000 + ((os.getpid() % 40) * 3 + _SYSTEMS_STARTED % 3) * 100
+    first = (os.getpid() % 4) * 31 + _SYSTEMS_STARTED
     _SYSTEMS_STARTED += 1
+    rtp_block = next(b % RTP_BLOCKS for b in range(first, first + RTP_BLOCKS)
+                     if b % RTP_BLOCKS not in _RTP_BLOCKS_IN_USE)
+    _RTP_BLOCKS_IN_USE.add(rtp_block)
+    rtp_low = 20000 + rtp_block * 100
     ext_ports = {ext: free_port() for ext in extensions}
     users = "".join(
         f'\n[users."{ext}"]\ncontact = "sip:{ext}@127.0.0.1:{port}"\n'
@@ -595,7 +610,7 @@ serverurl=unix://{root}/supervisor.sock
     conf_path = root / "supervisord.conf"
     conf_path.write_text(conf)
     system = PbxSystem(root, sip_port, admin_port, provider, ext_ports, conf_path=conf_path,
-                       sip_ip=listen_ip, admin_token=admin_token)
+                       sip_ip=listen_ip, admin_token=admin_token, rtp_block=rtp_block)
     system.proc = subprocess.Popen(
         [str(VENV_BIN / "supervisord"), "-n", "-c", str(conf_path)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
