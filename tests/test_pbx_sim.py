@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,10 @@ from aiohttp import web
 
 from pbx.sim import cli
 from pbx.sim.scenario import ScenarioError, parse, parse_duration
+from tests.provider_process import free_tcp_port, provider_process
 
 ROOT = Path(__file__).resolve().parent.parent
+
 PROVIDER = ROOT / "examples" / "step_ivr_provider.py"
 GUIDE = ROOT / "docs" / "simulator.md"
 WELCOME_MENU = {
@@ -33,31 +33,10 @@ WELCOME_MENU = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def reference_url() -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, str(PROVIDER), str(port)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("reference provider did not start") from None
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/ivr/step"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with provider_process(PROVIDER) as url:
+        yield url
 
 
 def pbx_sim(*args: str) -> subprocess.CompletedProcess[str]:
@@ -154,7 +133,7 @@ async def _simulate(
     app.router.add_post("/{tail:.*}", step)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = _free_port()
+    port = free_tcp_port()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     lines: list[str] = []

@@ -9,45 +9,25 @@ line too (`--no-tts`).
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.provider_process import provider_process
+
 ROOT = Path(__file__).resolve().parent.parent
+
 PROVIDER = ROOT / "examples" / "pizza_provider.py"
 SCENARIOS = ROOT / "examples" / "pizza_scenarios.yaml"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def pizza_url() -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, str(PROVIDER), str(port)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("pizza provider did not start") from None
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/ivr/step"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with provider_process(PROVIDER) as url:
+        yield url
 
 
 def pbx_sim(*args: str) -> subprocess.CompletedProcess[str]:
