@@ -7,10 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -40,6 +36,7 @@ from pbx.messages import (
 )
 from pbx.settings.speech import TtsSettings
 from pbx.tts import TtsEngine
+from tests.provider_process import provider_process
 from workers.ivr import handle_event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,41 +44,10 @@ SCRIPT = ROOT / "examples" / "balance_provider.py"
 TIMEOUT = 5.0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("balance") / "stderr.log"
-    log = open(log_path, "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"provider did not start: {log_path.read_text(errors='replace')}"
-                    ) from None
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/ivr/step"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        log.close()
+def base_url() -> Iterator[str]:
+    with provider_process(SCRIPT) as url:
+        yield url
 
 
 def _request(url: str, body: dict | None = None) -> tuple[int, dict]:
@@ -134,9 +100,7 @@ def test_balance_flow_message(base_url: str) -> None:
 
     node = _step(base_url, sid, {"type": "api_response", "status": status, "body": body})
     assert node["type"] == "prompt"
-    assert node["tts_text"] == (
-        "The balance of account 1 2 3 4 is 123 dollars and 45 cents."
-    )
+    assert node["tts_text"] == ("The balance of account 1 2 3 4 is 123 dollars and 45 cents.")
     menu = node["next"]
     assert menu["type"] == "dtmf_menu" and "press 1" in menu["greeting_text"]
     assert menu["entries"]["1"]["type"] == "torecord" and menu["entries"]["1"]["beep"] is True

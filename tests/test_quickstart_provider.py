@@ -6,10 +6,6 @@ ActionNode, and the calls go where the guide says."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,48 +16,22 @@ import pytest
 from pbx.ivr.models import parse_action
 from pbx.messages import HangupCommand, PlayCommand, TimerCommand, TransferCommand
 from tests.ivr.sim import Sim
+from tests.provider_process import provider_process
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "quickstart_provider.py"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def step_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("quickstart") / "stderr.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), str(port)], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                        break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("provider did not start: "
-                                           + log_path.read_text(errors="replace")) from None
-                    time.sleep(0.05)
-            yield f"http://127.0.0.1:{port}/ivr/step"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+def step_url() -> Iterator[str]:
+    with provider_process(SCRIPT, start_s=20) as url:
+        yield url
 
 
 def post(url: str, body: dict[str, Any]) -> Any:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=5) as resp:
         assert resp.status == 200
         return json.loads(resp.read())
@@ -69,10 +39,12 @@ def post(url: str, body: dict[str, Any]) -> Any:
 
 def http_provider(url: str) -> Sim:
     """A simulated call whose provider is the running example; each answer is checked."""
+
     def answer(body: dict[str, Any]) -> dict[str, Any]:
         action = post(url, body)
         parse_action(action)  # raises on an invalid ActionNode
         return action  # type: ignore[no-any-return]
+
     return Sim(answer)
 
 

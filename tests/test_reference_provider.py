@@ -3,59 +3,24 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.provider_process import provider_process
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "step_ivr_provider.py"
 TIMEOUT = 5.0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("provider") / "stderr.log"
-    log = open(log_path, "wb")  # a file, not a pipe: the provider never blocks on logging
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(port)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"provider did not start: {log_path.read_text(errors='replace')}"
-                    ) from None
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/ivr/step"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        log.close()
+def base_url() -> Iterator[str]:
+    with provider_process(SCRIPT) as url:
+        yield url
 
 
 def _post(url: str, body: bytes | dict) -> tuple[int, dict]:

@@ -13,14 +13,15 @@ the guide, so the sequences the guide describes are the ones tested.
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+
+from tests.provider_process import provider_process
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOWS = ROOT / "docs" / "flows"
@@ -29,39 +30,20 @@ _PROVIDER = re.compile(r"^# provider: (\S+)", re.M)
 _EXIT = re.compile(r"^# exit: (\d+)", re.M)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Providers:
     """The providers the flows name, each started once, on a free port."""
 
     def __init__(self) -> None:
-        self.running: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+        self._stack = ExitStack()
+        self.running: dict[str, str] = {}
 
     def url(self, script: str) -> str:
         if script not in self.running:
-            port = _free_port()
-            proc = subprocess.Popen([sys.executable, str(ROOT / script), str(port)], cwd=ROOT,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            self.running[script] = (proc, f"http://127.0.0.1:{port}/ivr/step")
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise RuntimeError(f"{script} did not start") from None
-                    time.sleep(0.05)
-        return self.running[script][1]
+            self.running[script] = self._stack.enter_context(provider_process(ROOT / script))
+        return self.running[script]
 
     def stop(self) -> None:
-        for proc, _ in self.running.values():
-            proc.terminate()
-            proc.wait(timeout=10)
+        self._stack.close()
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +56,13 @@ def providers() -> Iterator[Providers]:
 
 
 def pbx_sim(scenario: Path, url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pbx.sim.cli", "--scenario", str(scenario),
-                           url], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "pbx.sim.cli", "--scenario", str(scenario), url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def header(scenario: Path) -> tuple[str, int]:
@@ -107,8 +94,9 @@ def test_the_flow_runs_as_the_guide_says(scenario: Path, providers: Providers) -
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.stem)
 def test_the_guide_links_the_flow(scenario: Path) -> None:
     link = f"flows/{scenario.name}"
-    pages = [p.name for p in (ROOT / "docs").glob("*.md")
-             if f"({link})" in p.read_text(encoding="utf-8")]
+    pages = [
+        p.name for p in (ROOT / "docs").glob("*.md") if f"({link})" in p.read_text(encoding="utf-8")
+    ]
     assert pages, f"no guide page links {link}"
 
 
@@ -116,9 +104,13 @@ def test_a_wrong_flow_fails(providers: Providers, tmp_path: Path) -> None:
     """The guide's menu rule, told wrong (the provider hears each miss): exit 1."""
     scenario = FLOWS / "menu_retries.yaml"
     wrong = tmp_path / "menu_retries.yaml"
-    wrong.write_text(scenario.read_text(encoding="utf-8").replace(
-        "      - not: {event: {type: dtmf_menu_invalid}}   # the provider hears none of the misses",
-        "      - event: {type: dtmf_menu_invalid}", 1))
+    wrong.write_text(
+        scenario.read_text(encoding="utf-8").replace(
+            "      - not: {event: {type: dtmf_menu_invalid}}   # the provider hears none of the misses",
+            "      - event: {type: dtmf_menu_invalid}",
+            1,
+        )
+    )
     assert wrong.read_text() != scenario.read_text()
     run = pbx_sim(wrong, providers.url("tests/flow_provider.py"))
     assert run.returncode == 1, run.stdout[-4000:]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from tests.e2e.harness import free_port, wait_until
+from tests.provider_process import stop_process
 
 AGENT = Path(__file__).resolve().parent / "pjsua_agent.py"
 BARESIP_MODULES = Path("/usr/lib/baresip/modules")
@@ -321,13 +322,7 @@ class BaresipPhone:
             self.sock.close()
         except OSError:
             pass
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 # ---------------------------------------------------------------- linphonec
@@ -431,12 +426,7 @@ class LinphonePhone:
                 self.proc.wait(5)
             except (OSError, AssertionError, subprocess.TimeoutExpired):
                 # `timeout` passes SIGTERM on to linphonec (a SIGKILL would not).
-                self.proc.terminate()
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
+                stop_process(self.proc)
         self._reader.join(2)
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
