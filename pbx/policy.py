@@ -134,6 +134,9 @@ class Policy:
         self.local_ports = {port, listen_port}
         self.local_hosts = {h.lower().strip("[]") for h in
                             (host, listen_host, settings.sip.realm, *policy.domains)}
+        # Our names (not IP literals): a From naming one claims one of our users whatever
+        # port it adds, while our IP with another port is another UA on this host.
+        self.local_domains = {h for h in self.local_hosts if not _is_ip_literal(h)}
         self.outbound = [(re.compile(rule.match), frozenset(rule.callers))
                          for rule in policy.outbound]
 
@@ -160,6 +163,8 @@ class Policy:
         public route, and whenever its From claims one of our domains. Neither depends
         on whether a user exists (see the module docstring)."""
         if self.is_local(from_host, from_port):
+            return True
+        if from_host.lower().strip("[]") in self.local_domains:
             return True
         return not destination.public_route
 
@@ -221,3 +226,11 @@ class Policy:
 
 def _not_found() -> Decision:
     return Decision(Verdict.DENY, 404, "Not Found")
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -102,6 +102,9 @@ def test_authentication_is_asked_independently_of_the_user() -> None:
     assert p.must_authenticate("pbx.example.net", None, route(p, "ivr"))
     assert p.must_authenticate("192.0.2.10", 5060, route(p, "ivr"))
     assert not p.must_authenticate("192.0.2.10", 5061, route(p, "ivr"))  # another endpoint
+    # ... but our domain name with any port still claims one of our users
+    assert p.must_authenticate("pbx.example.net", 5099, route(p, "ivr"))
+    assert p.must_authenticate("PBX.example.net", 5061, route(p, "ivr"))
     # anything but a public route: always
     for dest in (route(p, "staff"), USER, NOBODY):
         assert p.must_authenticate("198.51.100.7", None, dest)
