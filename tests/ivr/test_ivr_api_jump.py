@@ -206,6 +206,19 @@ def test_jump_ivr_ends_session_and_starts_the_other_ivr_with_params() -> None:
     )
 
 
+def test_jump_ivr_keeps_the_front_facts_about_the_call_not_the_return_reason() -> None:
+    first: list[Answer] = [{"type": "jump_ivr", "route_point": "sales"}]
+    sim = Sim(first, ivrs=IVRS, urls={SALES_URL: [HANGUP]})
+    sim.call = sim.call.model_copy(update={"variables": {
+        "caller_trust": "anonymous", "transferred_from": "queue", "return_reason": "no_answer"}})
+    sim.start()
+    first_vars, sales_vars = sim.sent[0]["variables"], sim.sent[-1]["variables"]
+    assert first_vars["return_reason"] == "no_answer"
+    assert sales_vars["caller_trust"] == "anonymous"
+    assert sales_vars["transferred_from"] == "queue"
+    assert "return_reason" not in sales_vars
+
+
 def test_jump_ivr_from_a_menu_entry() -> None:
     menu = {
         "type": "dtmf_menu",

@@ -13,6 +13,10 @@ from pbx.ivr.session import Session
 from pbx.ivr.variables import initial_variables
 from pbx.messages import AgentCommand, QueueCommand, TransferCommand
 
+# Variables the front sets at the start of every session that describe the call itself
+# (pbx.calls.ivr, pbx.calls.queue), so a jump_ivr keeps them.
+CALL_FACTS = frozenset({"caller_trust", "transferred_from"})
+
 
 def transfer(s: Session, action: TransferAction, typeahead: Digits) -> PhaseData:
     s.commands.append(TransferCommand(target=action.target))
@@ -37,9 +41,12 @@ def jump(s: Session, action: JumpIvrAction, typeahead: Digits) -> PhaseData:
     start the `[ivrs.<route_point>]` IVR on the same call as if it had just entered:
     `/start`, `session_start`, fresh variables plus `params`.
 
-    Kept across the jump: the call, the play/timer id counters (late events of the
-    old session stay stale), the trace step index and passthrough fields, and the
-    chained-step count (so IVRs jumping to each other cannot loop without bound).
+    Kept across the jump: the call, the front's facts about it (`CALL_FACTS`:
+    whether the caller was verified, where it was transferred from; not
+    `return_reason`, which told why the previous session started), the play/timer id
+    counters (late events of the old session stay stale), the trace step index and
+    passthrough fields, and the chained-step count (so IVRs jumping to each other
+    cannot loop without bound).
     The jump stays the session's last action until the new IVR answers (the trace of
     a jump taken locally, e.g. from a menu entry, names it)."""
     params = s.ivrs.get(action.route_point)
@@ -47,8 +54,9 @@ def jump(s: Session, action: JumpIvrAction, typeahead: Digits) -> PhaseData:
         return s.fail(f"jump_ivr: unknown route point {action.route_point!r}")
     s.end(f"Jump({action.route_point})")
     env = s.env
+    facts = {k: v for k, v in env.call.variables.items() if k in CALL_FACTS}
     env.call = env.call.model_copy(
-        update={"params": params, "route_name": action.route_point, "variables": {}}
+        update={"params": params, "route_name": action.route_point, "variables": facts}
     )
     env.variables = initial_variables(env.call)
     env.variables.update(action.params)
