@@ -101,6 +101,8 @@ HELP = {
     "media_allocations_failed": "Ports a worker refused or never confirmed (call ended "
                                 "503).",
     "ivr_waits_expired": "IVR sessions that heard no call event within their bound.",
+    "ivr_farewells": "Sessions the front gave up on (IvrTimeout) whose /end another "
+                     "executor was asked to send.",
     "ivr_commands_lost": "Media commands of an IVR reply that could not reach their "
                          "worker (call ended).",
     "rtp_foreign_dropped": "RTP packets from another source than the leg's latched one, "

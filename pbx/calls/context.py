@@ -113,6 +113,8 @@ class CallContext:
             # Ports a worker refused or never confirmed: the call ended (503).
             "media_allocations_failed": 0,
             "ivr_waits_expired": 0, "ivr_commands_lost": 0,
+            # Sessions given up on whose /end went to another executor (pbx.calls.ivr).
+            "ivr_farewells": 0,
             # Strict RTP latching: packets from strangers, dropped by the workers.
             "rtp_foreign_dropped": 0, "rtcp_foreign_dropped": 0,
             # Workers that stopped heartbeating; released legs' RTP statistics.

@@ -264,8 +264,27 @@ class IvrBroker:
     def _abandon(self, session: Session, reason: str, detail: str = "") -> None:
         """Give up on the session: the call ends with `reason`, and the trace says why."""
         self.events.front_trace(session, f"{reason}: {detail}" if detail else reason, reason)
+        stuck = session.executor
         self._close(session)
+        self._farewell(session, reason, stuck)
         self.teardown.hangup(session.call, reason, 500)
+
+    def _farewell(self, session: Session, reason: str, stuck: bytes | None) -> None:
+        """Best effort, so the provider hears `/end` (`reason`) for a session the front
+        gave up on: the call's end, on the session's last state, to another executor if
+        one has room. Its reply finds no session and is dropped; the executor's next
+        heartbeat corrects the load counted for it. Nothing to send when no step was
+        ever answered (no state) or no other executor is there."""
+        ctx = self.ctx
+        if not session.state:
+            return
+        executor = ctx.executors.choose(ctx.now, frozenset({stuck}) if stuck else frozenset())
+        if executor is None:
+            return
+        ctx.stats["ivr_farewells"] += 1
+        ctx.out.append(ToIvr(executor, m.IvrEvent.model_construct(
+            session_id=session.session_id, seq=session.seq + 1, state=session.state,
+            input=m.CallEndedInput(reason=reason))))
 
     def _close(self, session: Session) -> None:
         session.done = True

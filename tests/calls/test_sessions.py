@@ -230,6 +230,51 @@ def test_event_an_executor_keeps_working_on_is_cut_at_max_event(tmp_path: Path) 
     assert any("IvrTimeout" in e for e in rig.trace_errors())
 
 
+def test_provider_hears_end_of_a_session_given_up_on_through_another_executor(
+        tmp_path: Path) -> None:
+    s = Session(tmp_path)
+    rig = s.rig
+    rig.answered()  # e answers session_start: collect_dtmf
+    assert s.client.kinds == ["session_start"]
+    stuck = rig.executors[b"e"]
+    stuck.answer = lambda event: None  # from now on e takes events and never answers
+    other = ScriptedClient(collect_then_hangup)
+    rig.add_executor(b"e2", answer=lambda event: finished(
+        handle_event(event, other, lambda: rig.now)))  # type: ignore[arg-type]
+    rig.executors[b"e2"].full = True  # not chosen for the digit: it stays with e
+    rig.heartbeat()
+    call = next(iter(rig.core.ctx.table.calls.values()))
+    assert call.a is not None
+    rig.media_event(call.a.media_id, m.DtmfDigit(digit="1", source="rfc4733"))
+    assert stuck.working and not other.events
+    rig.executors[b"e2"].full = False
+    at = rig.advance_until(s.byes, 3600)
+    assert s.byes() and "IvrTimeout" in (s.byes()[0].headers.get("Reason") or "")
+    assert at - START <= rig.settings.sessions.max_event_ms / 1000 + 1
+    # At 0b64d7e the provider never heard of the session again.
+    assert ("end", {"reason": "IvrTimeout", "session_id": call.call_id}) in other.notified
+    assert not other.events  # no step request: the call is over
+    assert rig.core.ctx.stats["ivr_farewells"] == 1
+    rig.advance(60)
+    assert not rig.core.ctx.table.sessions and not rig.core.ctx.table.calls
+
+
+def test_no_farewell_before_the_first_answer(tmp_path: Path) -> None:
+    s = Session(tmp_path)
+    rig = s.rig
+    rig.executors[b"e"].answer = lambda event: None
+    other = ScriptedClient(collect_then_hangup)
+    rig.add_executor(b"e2", answer=lambda event: finished(
+        handle_event(event, other, lambda: rig.now)))  # type: ignore[arg-type]
+    rig.executors[b"e2"].full = True
+    rig.heartbeat()
+    rig.answered()
+    rig.executors[b"e2"].full = False
+    rig.advance_until(s.byes, 3600)
+    assert s.byes()
+    assert rig.core.ctx.stats["ivr_farewells"] == 0 and not other.notified
+
+
 def test_session_ending_without_handing_the_call_over_hangs_up(tmp_path: Path) -> None:
     s = Session(tmp_path)
     rig = s.rig
