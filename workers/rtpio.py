@@ -145,8 +145,8 @@ def _recv_ready(
     names: np.ndarray,
     namelens: np.ndarray,
     owner: np.ndarray,
-    shared_fd: int = -1,
-    rx_hdrs: np.ndarray = np.zeros((0, MMSG_WORDS), dtype=np.uint64),
+    shared_fd: int,
+    rx_hdrs: np.ndarray,
 ) -> int:
     """Read the sockets epoll reports ready (index into fds as the event data) into
     buf, one datagram per ready socket per round, rounds until epoll reports none:
@@ -209,11 +209,11 @@ def _send_all(
     row_fd: np.ndarray,
     name: np.ndarray,
     unsent: np.ndarray,
-    shared_fd: int = -1,
-    tx_hdrs: np.ndarray = np.zeros((0, MMSG_WORDS), dtype=np.uint64),
-    tx_iov: np.ndarray = np.zeros((0, 2), dtype=np.uint64),
-    tx_names: np.ndarray = np.zeros((0, SOCKADDR_IN), dtype=np.uint8),
-    tx_k: np.ndarray = np.zeros(0, dtype=np.int64),
+    shared_fd: int,
+    tx_hdrs: np.ndarray,
+    tx_iov: np.ndarray,
+    tx_names: np.ndarray,
+    tx_k: np.ndarray,
 ) -> int:
     """sendto() each of the first n packets from its leg's socket (row_fd[rows[k]]) to
     ips[k]:ports[k]; the packets of legs on the shared socket (row_fd SHARED_FD) go
@@ -486,7 +486,8 @@ class RtpSockets:
             # the payload pointers (iov) are the send loop's: the packets' own rows
             _mmsg_headers(self._tx_names, self._tx_names, self._tx_iov, self._tx_hdrs)
         m = _send_all(data, lens, rows, ips, ports, n, self.row_fd, self._name, self._unsent,
-                      self.shared_fd, self._tx_hdrs, self._tx_iov, self._tx_names, self._tx_k)
+                      self.shared_fd, self._tx_hdrs, self._tx_iov, self._tx_names,
+                      self._tx_k)  # fmt: skip
         return self._unsent[:m]
 
     def poll(self) -> list[tuple[str, bytes, tuple[str, int]]]:

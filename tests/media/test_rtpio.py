@@ -210,7 +210,8 @@ def test_shared_socket_reads_with_recvmmsg_and_demuxes_by_source(
             stranger.sendto(b"evil", shared.getsockname())
         got = drain(rs)
         assert sorted((r, p) for _, r, p in got if p != b"evil") == sorted(
-            [(rows[j % 2], b"p%d" % j) for j in range(20)] + [(own, b"o")])
+            [(rows[j % 2], b"p%d" % j) for j in range(20)] + [(own, b"o")]
+        )
         assert [r for _, r, p in got if p == b"evil"] == [-1] * 5 and rs.foreign == 5
         assert [p for _, r, p in got if r == rows[0]] == [b"p%d" % j for j in range(0, 20, 2)]
         # a removed leg's source becomes a stranger; the socket stays for the others
