@@ -411,6 +411,9 @@ class RtpSockets:
         self._index[call_id] = i
 
     def get(self, call_id: str) -> socket.socket | None:
+        """The socket the leg's RTP leaves from (the shared one for a shared leg)."""
+        if call_id in self.shared_calls:
+            return self.shared_sock
         i = self._index.get(call_id)
         return None if i is None else self.socks[i]
 
