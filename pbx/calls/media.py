@@ -20,12 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 from pbx import messages as m
-from pbx.sip import sdp
-from pbx.sip.errors import SipError
-from pbx.sip.uri import parse_uri
 from pbx.calls.context import CallContext, ToMedia
 from pbx.calls.state import Leg
 from pbx.calls.timers import TimerKind
+from pbx.sip import sdp
+from pbx.sip.errors import SipError
+from pbx.sip.uri import parse_uri
 
 log = logging.getLogger("pbx.calls")
 
