@@ -175,6 +175,10 @@ def _gen_recv(epfd: int, events: np.ndarray, fds: np.ndarray, sock_rows: np.ndar
             got = _recvmmsg(fds[i], hdrs.ctypes.data, vlen, _MSG_DONTWAIT, 0)
             for k in range(max(got, 0)):
                 size = hdrs[k, 7] & np.uint64(0xFFFFFFFF)
+                # RTCP (to a phone's port + 1, which may be another phone's socket): not
+                # RTP (RFC 5761 §4: second byte 192-223)
+                if 192 <= buf[k, 1] <= 223:
+                    continue
                 if record and size >= 12 and nrec < cap:
                     out_leg[nrec] = sock_rows[i]
                     out_seq[nrec] = (np.int64(buf[k, 2]) << 8) | buf[k, 3]

@@ -130,8 +130,9 @@ class _RtcpProtocol(asyncio.DatagramProtocol):
 
 
 class _SharedRtcpProtocol(asyncio.DatagramProtocol):
-    """RTCP of the legs on the shared port: each datagram to the leg whose RTP address
-    (SDP, or latched) it comes from, + 1 (RFC 3550 §11); others are counted as foreign."""
+    """RTCP of the legs on the shared port: each datagram to the leg whose SDP address it
+    comes from, + 1 (RFC 3550 §11) or itself (endpoints that send RTCP from their RTP
+    socket); others are counted as foreign."""
 
     def __init__(self, worker: MediaWorker) -> None:
         self.worker = worker
@@ -171,11 +172,11 @@ class MediaWorker:
         # RTP: IPv4 sockets polled in batches (workers.rtpio); IPv6 on asyncio endpoints.
         self.rtp = rtpio.RtpSockets(legs=self.engine.tab)
         # The shared RTP port ([media] rtp_socket; bound in `run`), None: none. Its RTCP
-        # (port + 1) by source: (ip, RTP port + 1) of each shared leg -> its call id.
+        # (port + 1) by source: (ip, SDP port + 1 or SDP port) -> the shared leg's call id.
         self.shared_port: int | None = None
         self.shared_rtcp: asyncio.DatagramTransport | None = None
         self.shared_rtcp_legs: dict[tuple[str, int], str] = {}
-        self._shared_rtcp_of: dict[str, tuple[str, int]] = {}
+        self._shared_rtcp_of: dict[str, list[tuple[str, int]]] = {}
         self.shared_rtcp_foreign = 0
         self.transports: dict[str, asyncio.DatagramTransport] = {}
         self.rtcp_transports: dict[str, asyncio.DatagramTransport] = {}
@@ -329,16 +330,21 @@ class MediaWorker:
     def shared_leg_moved(self, call_id: str) -> None:
         """A shared leg's SDP address changed (or came): its RTP and RTCP keys follow."""
         self.rtp.refresh(call_id)
-        old = self._shared_rtcp_of.pop(call_id, None)
-        if old is not None and self.shared_rtcp_legs.get(old) == call_id:
-            del self.shared_rtcp_legs[old]
+        self._forget_shared_rtcp(call_id)
         leg = self.engine.legs.get(call_id)
         if leg is None or leg.sdp_remote is None:
             return
-        key = (leg.sdp_remote[0], leg.sdp_remote[1] + 1)
-        if key not in self.shared_rtcp_legs:  # as the RTP table: the first claim keeps it
-            self.shared_rtcp_legs[key] = call_id
-            self._shared_rtcp_of[call_id] = key
+        ip, port = leg.sdp_remote
+        mine = self._shared_rtcp_of[call_id] = []
+        for key in ((ip, port + 1), (ip, port)):
+            if key not in self.shared_rtcp_legs:  # as the RTP table: the first claim keeps it
+                self.shared_rtcp_legs[key] = call_id
+                mine.append(key)
+
+    def _forget_shared_rtcp(self, call_id: str) -> None:
+        for key in self._shared_rtcp_of.pop(call_id, []):
+            if self.shared_rtcp_legs.get(key) == call_id:
+                del self.shared_rtcp_legs[key]
 
     def bind_shared(self) -> None:
         """The shared RTP/RTCP pair: `[media] shared_port` or a free pair of the range
@@ -408,9 +414,7 @@ class MediaWorker:
 
     def close_leg(self, call_id: str) -> None:
         """Close the leg's RTP and RTCP sockets (a shared leg: its addresses go)."""
-        key = self._shared_rtcp_of.pop(call_id, None)
-        if key is not None and self.shared_rtcp_legs.get(key) == call_id:
-            del self.shared_rtcp_legs[key]
+        self._forget_shared_rtcp(call_id)
         sock = self.rtp.remove(call_id)
         if sock is not None:
             sock.close()
