@@ -44,7 +44,7 @@ def addr_key(ip: int, port: int) -> int:
 @njit(cache=True, inline="always")
 def _slot(key: int, mask: int) -> int:
     h = np.uint64(key) * _GOLDEN
-    return np.int64((h >> np.uint64(32)) & np.uint64(mask))
+    return np.int64((h >> np.uint64(32)) & np.uint64(mask))  # type: ignore[return-value]
 
 
 @njit(cache=True)

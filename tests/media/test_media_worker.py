@@ -440,7 +440,7 @@ def test_shared_port_legs_told_apart_by_source_and_strangers_reach_none(
     from media.rtcp import ReceiveStats, build_report
 
     try:
-        for k, (call, phone) in enumerate(zip(("a", "b"), phones, strict=True)):
+        for call, phone in zip(("a", "b"), phones, strict=True):
             front.seq += 1
             front.send(MediaAllocate(call_id=call, rtp_port=shared[1], seq=front.seq))
             allocated = front.recv_kind(MediaAllocated)
