@@ -155,8 +155,9 @@ class MediaHeartbeat(_Msg):
 
 class MediaAllocate(_Msg):
     """Give a call leg the pre-bound port `rtp_port`, which the front took from the
-    worker's last announcement; answered by MediaAllocated (that port, or an error: not
-    in the pool, worker at capacity). `seq` numbers the front's allocations to this
+    worker's last announcement (a pooled port, or the worker's shared port: the leg
+    then shares it); answered by MediaAllocated (that port, or an error: not in the
+    pool, worker at capacity). `seq` numbers the front's allocations to this
     worker (1, 2, ...; after learning a worker, the front goes on from its `allocate_seq`)."""
 
     kind: Literal["media_allocate"] = "media_allocate"
