@@ -537,11 +537,14 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
             ts += SPF
             # ---- drain until the next tick
             deadline = origin + (tick + 1) * TICK_S
+            drained = False  # a generator behind schedule still reads once per tick
             while True:
                 timeout = deadline - time.monotonic()
-                if timeout <= 0:
+                if timeout <= 0 and drained:
                     break
-                r, _, _ = select.select(fds + [front.sock.getsockopt(zmq.FD)], [], [], timeout)
+                drained = True
+                r, _, _ = select.select(fds + [front.sock.getsockopt(zmq.FD)], [], [],
+                                        max(0.0, timeout))  # fmt: skip
                 if phones is not None and r and r[0] == fds[0]:
                     nrec = phones.recv(rec_leg, rec_seq, rec_t, nrec, measuring)
                     r = r[1:]
