@@ -22,6 +22,7 @@ from pbx.messages import (
     DtmfDigit,
     MediaAllocate,
     MediaAllocated,
+    MediaBridge,
     MediaEvent,
     MediaHeartbeat,
     MediaPlay,
@@ -426,7 +427,8 @@ def test_shared_port_legs_told_apart_by_source_and_strangers_reach_none(
 ) -> None:
     """Two legs on the worker's shared port, their phones on one IP with different
     ports: each leg hears its own prompt from the shared port and gets its own digit;
-    a stranger's RTP and RTCP there reach no leg (counted per worker, none per leg)."""
+    bridged, a's audio reaches b; a stranger's RTP (digits, audio) and RTCP there reach
+    no leg: no digit, nothing forwarded, counted per worker and none per leg."""
     front, _ = worker
     assert isinstance(front.recv(READY_TIMEOUT_S), MediaReady)
     ports = front.recv_kind(MediaPorts)
@@ -480,12 +482,37 @@ def test_shared_port_legs_told_apart_by_source_and_strangers_reach_none(
                 counted[0] += msg.rtp_foreign_dropped
                 counted[1] += msg.rtcp_foreign_dropped
         assert digits == {"a": "1", "b": "2"} and counted == [6, 2]
+        # bridged: a's audio reaches b from the shared port, the stranger's never does
+        front.send(MediaBridge(call_id="a", peer_call_id="b"))
+        time.sleep(0.1)
+        phones[1].settimeout(0.05)
+        while True:  # what b heard before the bridge (fill)
+            try:
+                phones[1].recv(2048)
+            except TimeoutError:
+                break
+        for k in range(10):
+            phones[0].sendto(build_rtp(RtpPacket(0, 200 + k, 160 * k, 0x71, b"\x22" * 160)),
+                             shared)  # fmt: skip
+            stranger.sendto(build_rtp(RtpPacket(0, 400 + k, 160 * k, 0x666, b"\x11" * 160)),
+                            shared)  # fmt: skip
+            time.sleep(0.02)
+        heard = []
+        while True:
+            try:
+                data, src = phones[1].recvfrom(2048)
+            except TimeoutError:
+                break
+            assert src == shared
+            heard.append(parse_rtp(data).payload)
+        assert sum(p == b"\x22" * 160 for p in heard) >= 8, len(heard)
+        assert not any(b"\x11" in p for p in heard), "the stranger's audio was forwarded"
         released = {}
         for call in ("a", "b"):
             front.send(MediaRelease(call_id=call))
             msg = front.recv_kind(MediaReleased)
             released[msg.call_id] = msg
-        assert released["a"].packets_received == 6 and released["b"].packets_received == 6
+        assert released["a"].packets_received == 16 and released["b"].packets_received == 6
         assert released["b"].rtcp_received == 1
         assert all(r.rtp_foreign_dropped == 0 and r.rtcp_foreign_dropped == 0
                    for r in released.values())
