@@ -172,6 +172,14 @@ class MediaSettings(_Section):
         low, high = (int(p) for p in self.rtp_ports.split("-"))
         return low, high
 
+    @field_validator("shared_port")
+    @classmethod
+    def _check_shared_port(cls, v: int) -> int:
+        if v and (v < 1024 or v % 2):
+            raise ValueError(f"must be 0 or an even port >= 1024 (RTCP takes the one above), "
+                             f"got {v}")
+        return v
+
     @field_validator("worker_rtp_ips")
     @classmethod
     def _check_worker_ips(cls, v: list[str]) -> list[str]:
