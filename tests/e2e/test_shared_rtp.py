@@ -1,10 +1,11 @@
-"""Calls on a media worker's shared RTP port (`[media] rtp_socket = "shared"`), sipp at
+"""Calls on a media worker's shared RTP port (`[media] rtp_socket = "auto"`), sipp at
 both ends: a prompt plays, RFC 4733 digits are detected, and a transfer bridges the
 caller (PCMU) to a callee (PCMA, RTP echo) with audio both ways, every leg on the one
-port, each told apart by its source address (`workers.demux`).
+port, each told apart by its source address (`workers.demux`); a caller that looks
+NATed (its offer's c= is not where its INVITE came from) gets a port of its own.
 
-One system for the module (one media worker, so both legs share its port). The
-stranger-spraying test of the shared port is tests/security/test_rtp_injection.py,
+One system for the module (one media worker, so both legs share its port). Mode
+"shared" and a stranger spraying the shared port: tests/security/test_rtp_injection.py,
 parametrized over the socket modes.
 """
 
@@ -33,6 +34,7 @@ from tests.e2e.harness import (
     wait_until,
 )
 from tests.e2e.test_dtmf_sources import caller_scenario, pcap_press, sdp_audio_port, tone
+from tests.e2e.uac import Uac
 
 MENU = {
     "type": "dtmf_menu",
@@ -47,7 +49,7 @@ MENU = {
 def shared_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PbxSystem]:
     provider = ScriptedProvider()
     s = start_system(tmp_path_factory.mktemp("pbx"), provider, media_workers=1,
-                     executors=1, media_extra='rtp_socket = "shared"')
+                     executors=1, media_extra='rtp_socket = "auto"')
     try:
         yield s
     finally:
@@ -158,3 +160,25 @@ def test_prompt_digits_and_transfer_with_audio_both_ways_on_the_shared_port(
     # Nothing sent to either phone from anywhere but the shared port.
     sources = {p.src for d, p in list(wire.packets) if d in (to_caller, to_callee)}
     assert sources == {pbx_a}, sources
+
+
+def test_auto_gives_a_natted_looking_caller_a_port_of_its_own(shared_system: PbxSystem
+                                                               ) -> None:
+    """auto: an offer whose c= (127.0.0.2) is not the INVITE's source (127.0.0.1) looks
+    NATed: the leg gets a pooled port, not the shared one (a plain caller does)."""
+    system = shared_system
+    system.provider.script = menu_script
+    ports = []
+    for c_ip in ("127.0.0.1", "127.0.0.2", "127.0.0.1"):
+        uac = Uac(system.sip_port, free_port(even=True), rtp_ip=c_ip)
+        try:
+            assert uac.call() == 200
+            ports.append((c_ip, uac.answer_rtp_port))
+            assert uac.hangup() == 200
+        finally:
+            uac.close()
+    (_, shared_a), (_, own), (_, shared_b) = ports
+    assert shared_a == shared_b, ports  # the shared port, both times
+    assert own != shared_a, ports
+    wait_until(lambda: system.metrics()["pbx_calls"] == 0
+               and system.metrics()["pbx_media_legs"] == 0, 10, "the PBX to be idle")
