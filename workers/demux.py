@@ -8,7 +8,9 @@ the leg of a packet is told by its source ip:port, as WebRTC servers do:
 3. else none: row -1, dropped before the engine sees it and counted per worker.
 
 The table is an open-addressing hash (linear probing, backward-shift deletion, so no
-tombstones accumulate) in two numpy arrays, looked up from compiled code. Only legs
+tombstones accumulate) in two numpy arrays, looked up from compiled code; its hash is
+salted per table (random), so callers choosing their SDP ports cannot line their legs'
+keys up into one long probe run. Only legs
 insert keys (their SDP address and their latched source: at most two per leg), never a
 packet: a stranger spraying the port from any number of addresses finds nothing and
 adds nothing. A key two legs claim (two legs told the same SDP address) stays with the
@@ -22,6 +24,8 @@ packets come from another address than its SDP says, needs a port of its own.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import numpy as np
 from numba import njit
@@ -42,16 +46,16 @@ def addr_key(ip: int, port: int) -> int:
 
 
 @njit(cache=True, inline="always")
-def _slot(key: int, mask: int) -> int:
-    h = np.uint64(key) * _GOLDEN
+def _slot(key: int, mask: int, salt: int) -> int:
+    h = (np.uint64(key) ^ np.uint64(salt)) * _GOLDEN
     return np.int64((h >> np.uint64(32)) & np.uint64(mask))  # type: ignore[return-value]
 
 
 @njit(cache=True)
-def lookup(keys: np.ndarray, vals: np.ndarray, key: int) -> int:
+def lookup(keys: np.ndarray, vals: np.ndarray, key: int, salt: int) -> int:
     """The row of `key`, -1 if none."""
     mask = keys.shape[0] - 1
-    s = _slot(key, mask)
+    s = _slot(key, mask, salt)
     while True:
         k = keys[s]
         if k == key:
@@ -62,11 +66,11 @@ def lookup(keys: np.ndarray, vals: np.ndarray, key: int) -> int:
 
 
 @njit(cache=True)
-def insert(keys: np.ndarray, vals: np.ndarray, key: int, row: int) -> int:
+def insert(keys: np.ndarray, vals: np.ndarray, key: int, row: int, salt: int) -> int:
     """Map `key` to `row` unless another row has it: returns the row that has it now.
     The caller keeps the table at most half full (`DemuxTable` grows it)."""
     mask = keys.shape[0] - 1
-    s = _slot(key, mask)
+    s = _slot(key, mask, salt)
     while True:
         k = keys[s]
         if k == key:
@@ -79,10 +83,10 @@ def insert(keys: np.ndarray, vals: np.ndarray, key: int, row: int) -> int:
 
 
 @njit(cache=True)
-def delete(keys: np.ndarray, vals: np.ndarray, key: int, row: int) -> bool:
+def delete(keys: np.ndarray, vals: np.ndarray, key: int, row: int, salt: int) -> bool:
     """Unmap `key` if `row` has it; backward-shift the probe run after it."""
     mask = keys.shape[0] - 1
-    s = _slot(key, mask)
+    s = _slot(key, mask, salt)
     while True:
         k = keys[s]
         if k == EMPTY:
@@ -99,7 +103,7 @@ def delete(keys: np.ndarray, vals: np.ndarray, key: int, row: int) -> bool:
         k = keys[j]
         if k == EMPTY:
             break
-        home = _slot(k, mask)
+        home = _slot(k, mask, salt)
         # The entry at j may fill the hole if its home is not cyclically in (hole, j].
         if (j > hole and (home <= hole or home > j)) or (j < hole and home <= hole and home > j):
             keys[hole] = k
@@ -111,7 +115,7 @@ def delete(keys: np.ndarray, vals: np.ndarray, key: int, row: int) -> bool:
 
 
 @njit(cache=True)
-def _claim(keys: np.ndarray, vals: np.ndarray, reg: np.ndarray, other: np.ndarray,
+def _claim(keys: np.ndarray, vals: np.ndarray, salt: int, reg: np.ndarray, other: np.ndarray,
            pending: np.ndarray, r: int, want: int, retry: bool) -> None:  # fmt: skip
     """Row r's key in `reg` (SDP or latch) becomes `want`: the old one is unmapped
     (unless the row's other key is the same), the new one mapped if free (`retry`: the
@@ -120,15 +124,16 @@ def _claim(keys: np.ndarray, vals: np.ndarray, reg: np.ndarray, other: np.ndarra
     if old == want and not retry:
         return
     if old >= 0 and old != want and old != other[r]:
-        delete(keys, vals, old, r)
+        delete(keys, vals, old, r, salt)
     reg[r] = want
-    if want >= 0 and insert(keys, vals, want, r) != r:
+    if want >= 0 and insert(keys, vals, want, r, salt) != r:
         pending[r] = 1
 
 
 @njit(cache=True)
-def refresh_row(keys: np.ndarray, vals: np.ndarray, sdp: np.ndarray, latch: np.ndarray,
-                pending: np.ndarray, shared: np.ndarray, li: np.ndarray, r: int) -> None:  # fmt: skip
+def refresh_row(keys: np.ndarray, vals: np.ndarray, salt: int, sdp: np.ndarray,
+                latch: np.ndarray, pending: np.ndarray, shared: np.ndarray, li: np.ndarray,
+                r: int) -> None:  # fmt: skip
     """Row r's keys as the leg table says now (SDP address; latched source)."""
     if r < 0 or r >= shared.shape[0] or shared[r] == 0:
         return
@@ -140,14 +145,14 @@ def refresh_row(keys: np.ndarray, vals: np.ndarray, sdp: np.ndarray, latch: np.n
         return
     retry = pending[r] != 0
     pending[r] = 0
-    _claim(keys, vals, sdp, latch, pending, r, want_sdp, retry)
-    _claim(keys, vals, latch, sdp, pending, r, want_latch, retry)
+    _claim(keys, vals, salt, sdp, latch, pending, r, want_sdp, retry)
+    _claim(keys, vals, salt, latch, sdp, pending, r, want_latch, retry)
 
 
 @njit(cache=True)
-def sync_rows(keys: np.ndarray, vals: np.ndarray, sdp: np.ndarray, latch: np.ndarray,
-              pending: np.ndarray, shared: np.ndarray, li: np.ndarray, rows: np.ndarray,
-              n: int) -> None:  # fmt: skip
+def sync_rows(keys: np.ndarray, vals: np.ndarray, salt: int, sdp: np.ndarray,
+              latch: np.ndarray, pending: np.ndarray, shared: np.ndarray, li: np.ndarray,
+              rows: np.ndarray, n: int) -> None:  # fmt: skip
     """After a receive pass: the latches its packets moved (only a leg with a packet can
     latch), one compare per packet when nothing moved."""
     for i in range(n):
@@ -158,24 +163,26 @@ def sync_rows(keys: np.ndarray, vals: np.ndarray, sdp: np.ndarray, latch: np.nda
         if li[r, L_LATCHED] != 0:
             want = addr_key(li[r, L_REMOTE_IP], li[r, L_REMOTE_PORT])
         if want != latch[r]:
-            refresh_row(keys, vals, sdp, latch, pending, shared, li, r)
+            refresh_row(keys, vals, salt, sdp, latch, pending, shared, li, r)
 
 
 @njit(cache=True)
-def forget_row(keys: np.ndarray, vals: np.ndarray, sdp: np.ndarray, latch: np.ndarray,
-               pending: np.ndarray, shared: np.ndarray, r: int) -> None:  # fmt: skip
+def forget_row(keys: np.ndarray, vals: np.ndarray, salt: int, sdp: np.ndarray,
+               latch: np.ndarray, pending: np.ndarray, shared: np.ndarray,
+               r: int) -> None:  # fmt: skip
     if sdp[r] >= 0:
-        delete(keys, vals, sdp[r], r)
+        delete(keys, vals, sdp[r], r, salt)
     if latch[r] >= 0:
-        delete(keys, vals, latch[r], r)
+        delete(keys, vals, latch[r], r, salt)
     sdp[r] = latch[r] = -1
     pending[r] = 0
     shared[r] = 0
 
 
 @njit(cache=True)
-def demux(keys: np.ndarray, vals: np.ndarray, names: np.ndarray, owner: np.ndarray,
-          sock_rows: np.ndarray, rows: np.ndarray, n: int) -> int:  # fmt: skip
+def demux(keys: np.ndarray, vals: np.ndarray, salt: int, names: np.ndarray,
+          owner: np.ndarray, sock_rows: np.ndarray, rows: np.ndarray,
+          n: int) -> int:  # fmt: skip
     """rows[:n]: a packet read from a leg's own socket (owner[i] >= 0, its index) gets
     that socket's leg (sock_rows); one from the shared socket (owner -1) the leg of
     its source `sockaddr_in` (names[i]), or -1. Returns how many got -1 that way."""
@@ -191,7 +198,7 @@ def demux(keys: np.ndarray, vals: np.ndarray, names: np.ndarray, owner: np.ndarr
             | (np.int64(names[i, 6]) << 8) | names[i, 7]
         )  # fmt: skip
         key = addr_key(ip, port)
-        r = lookup(keys, vals, key) if key >= 0 else -1
+        r = lookup(keys, vals, key, salt) if key >= 0 else -1
         rows[i] = r
         if r < 0:
             foreign += 1
@@ -207,6 +214,7 @@ class DemuxTable:
             size *= 2
         self.keys = np.full(size, EMPTY, dtype=np.int64)
         self.vals = np.full(size, -1, dtype=np.int64)
+        self.salt = secrets.randbits(63)
         self.sdp = np.full(0, -1, dtype=np.int64)
         self.latch = np.full(0, -1, dtype=np.int64)
         self.pending = np.zeros(0, dtype=np.int8)
@@ -239,7 +247,7 @@ class DemuxTable:
         self.vals = np.full(size, -1, dtype=np.int64)
         for k, v in zip(old_keys.tolist(), old_vals.tolist(), strict=True):
             if k != EMPTY:
-                insert(self.keys, self.vals, k, v)
+                insert(self.keys, self.vals, k, v, self.salt)
 
     def add(self, row: int, li: np.ndarray) -> None:
         """A leg on the shared port, at engine row `row` of the leg table `li`."""
@@ -254,22 +262,23 @@ class DemuxTable:
 
     def refresh(self, row: int, li: np.ndarray) -> None:
         """The leg's SDP address or latch changed (MediaRemote, a latch)."""
-        refresh_row(self.keys, self.vals, self.sdp, self.latch, self.pending, self.shared,
-                    li, row)  # fmt: skip
+        refresh_row(self.keys, self.vals, self.salt, self.sdp, self.latch, self.pending,
+                    self.shared, li, row)  # fmt: skip
 
     def remove(self, row: int, li: np.ndarray) -> None:
         """The leg is gone: its keys go, and legs waiting for one of them get it."""
         if row >= self.shared.size or not self.shared[row]:
             return
-        forget_row(self.keys, self.vals, self.sdp, self.latch, self.pending, self.shared, row)
+        forget_row(self.keys, self.vals, self.salt, self.sdp, self.latch, self.pending,
+                   self.shared, row)  # fmt: skip
         self.legs -= 1
         for waiting in np.flatnonzero(self.pending).tolist():
             self.refresh(waiting, li)
 
     def sync(self, li: np.ndarray, rows: np.ndarray, n: int) -> None:
-        sync_rows(self.keys, self.vals, self.sdp, self.latch, self.pending, self.shared, li,
-                  rows, n)  # fmt: skip
+        sync_rows(self.keys, self.vals, self.salt, self.sdp, self.latch, self.pending,
+                  self.shared, li, rows, n)  # fmt: skip
 
     def row_of(self, ip: int, port: int) -> int:
         key = addr_key(ip, port)
-        return -1 if key < 0 else int(lookup(self.keys, self.vals, key))
+        return -1 if key < 0 else int(lookup(self.keys, self.vals, key, self.salt))

@@ -466,8 +466,8 @@ class RtpSockets:
 
     def _rows(self, n: int) -> None:
         """rows[:n]: a leg socket's packet from its socket's leg, a shared one by address."""
-        self.foreign += int(_demux(self.demux.keys, self.demux.vals, self.names, self.owner,
-                                   self.sock_rows, self.rows, n))  # fmt: skip
+        self.foreign += int(_demux(self.demux.keys, self.demux.vals, self.demux.salt,
+                                   self.names, self.owner, self.sock_rows, self.rows, n))  # fmt: skip
         if self.shared_fd >= 0:
             self._synced = n
 

@@ -108,7 +108,7 @@ def test_a_flood_of_strangers_leaves_the_table_unchanged() -> None:
     rows = np.zeros(len(strangers), dtype=np.int64)
     from workers.demux import demux
 
-    foreign = demux(d.keys, d.vals, names, owner, np.zeros(0, dtype=np.int64), rows,
+    foreign = demux(d.keys, d.vals, d.salt, names, owner, np.zeros(0, dtype=np.int64), rows,
                     len(strangers))  # fmt: skip
     assert foreign == len(strangers) and (rows == -1).all()
     d.sync(tab.i, rows, len(strangers))  # nothing to take in: no row
@@ -122,14 +122,15 @@ def test_hash_against_a_dict() -> None:
     ref: dict[int, int] = {}
     rng = random.Random(3)
     pool = [addr_key(TRUNK, p) for p in range(1000, 1040)]  # few keys: many collisions
+    salt = rng.getrandbits(63)
     for step in range(5000):
         key = rng.choice(pool)
         if rng.random() < 0.5 and len(ref) < 30:
-            got = insert(keys, vals, key, step)
+            got = insert(keys, vals, key, step, salt)
             assert got == ref.setdefault(key, step)
         else:
             row = ref.get(key, -2)
-            assert delete(keys, vals, key, row) == (key in ref)
+            assert delete(keys, vals, key, row, salt) == (key in ref)
             ref.pop(key, None)
         for k in pool:
-            assert lookup(keys, vals, k) == ref.get(k, -1)
+            assert lookup(keys, vals, k, salt) == ref.get(k, -1)
