@@ -140,6 +140,18 @@ class MediaSettings(_Section):
     # front, which hands them out without asking (fewer while capacity or the port
     # range leaves less room). Enough for the calls that arrive between two ticks.
     port_pool: int = Field(default=64, gt=0, le=4096)
+    # Which legs share one RTP port per worker (and its RTCP port + 1), told apart by
+    # their packets' source address, and which get a port of their own. "per_leg": every
+    # leg its own. "shared": every leg on its worker's shared port (fewer system calls
+    # per packet: batched sends and receives across legs), for peers whose SDP address is
+    # where their RTP comes from (trunks, SBCs, phones not behind NAT): a leg's latch can
+    # never move to an address its SDP did not give. "auto": shared unless the leg looks
+    # NATed (its SDP c= address is not the address its SIP came from; a registered
+    # contact reached at another address than its Contact), which get their own port.
+    rtp_socket: Literal["per_leg", "shared", "auto"] = "per_leg"
+    # The shared port (even; RTCP on port + 1) when rtp_socket is not per_leg; 0: each
+    # worker picks a free pair from rtp_ports (a fixed port suits one worker per host).
+    shared_port: int = Field(default=0, ge=0, le=65534)
     heartbeat_ms: int = Field(default=500, gt=0)
     # A worker not heard from for this long is dropped (DESIGN: within 2 s).
     expiry_ms: int = Field(default=1500, gt=0)
@@ -159,6 +171,14 @@ class MediaSettings(_Section):
     def port_range(self) -> tuple[int, int]:
         low, high = (int(p) for p in self.rtp_ports.split("-"))
         return low, high
+
+    @field_validator("shared_port")
+    @classmethod
+    def _check_shared_port(cls, v: int) -> int:
+        if v and (v < 1024 or v % 2):
+            raise ValueError(f"must be 0 or an even port >= 1024 (RTCP takes the one above), "
+                             f"got {v}")
+        return v
 
     @field_validator("worker_rtp_ips")
     @classmethod

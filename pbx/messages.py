@@ -110,6 +110,10 @@ class MediaPorts(_Msg):
     kind: Literal["media_ports"] = "media_ports"
     ports: list[RtpPort] = Field(max_length=MAX_ANNOUNCED_PORTS)
     allocate_seq: int = Field(ge=0)
+    # The worker's shared RTP port ([media] rtp_socket), None: it has none. The front may
+    # give it to any number of legs (MediaAllocate with this port), within the worker's
+    # capacity; each leg's packets are told apart by their source address.
+    shared_port: RtpPort | None = None
 
 
 # Upper bounds (ms) of the timing histograms a media worker reports in its heartbeats.
@@ -126,6 +130,7 @@ class MediaHeartbeat(_Msg):
     # As in MediaPorts, so a front that restarted learns the pool from here too.
     ports: list[RtpPort] = Field(max_length=MAX_ANNOUNCED_PORTS)
     allocate_seq: int = Field(ge=0)
+    shared_port: RtpPort | None = None  # as in MediaPorts
     # How late the worker's 20 ms tick ran, worst over the last period.
     tick_late_ms_max: float = 0.0
     # Over the same period: lateness percentiles, how long a tick's work took
@@ -150,8 +155,9 @@ class MediaHeartbeat(_Msg):
 
 class MediaAllocate(_Msg):
     """Give a call leg the pre-bound port `rtp_port`, which the front took from the
-    worker's last announcement; answered by MediaAllocated (that port, or an error: not
-    in the pool, worker at capacity). `seq` numbers the front's allocations to this
+    worker's last announcement (a pooled port, or the worker's shared port: the leg
+    then shares it); answered by MediaAllocated (that port, or an error: not in the
+    pool, worker at capacity). `seq` numbers the front's allocations to this
     worker (1, 2, ...; after learning a worker, the front goes on from its `allocate_seq`)."""
 
     kind: Literal["media_allocate"] = "media_allocate"

@@ -155,6 +155,11 @@ class PortPool:
     The worker's messages reach the front in the order it sent them (one ZeroMQ
     connection), and MediaAllocate numbers only grow: a front that (re)learns a worker
     goes on from the worker's `allocate_seq`.
+
+    A worker may also announce a shared port (`[media] rtp_socket`): any number of legs
+    use it at once (their packets told apart by source address), so it is never held
+    or free; its hand-outs are tracked by leg (`shared_in_use`), and the worker's
+    capacity (the registry's load) is what bounds them.
     """
 
     def __init__(self) -> None:
@@ -167,11 +172,17 @@ class PortPool:
         self.retiring: dict[int, PortHold] = {}
         # Ports in use whose MediaAllocated has not come, in hand-out order (deadline).
         self.unconfirmed: dict[int, PortHold] = {}
+        self.shared_port: int | None = None
+        # Legs on the shared port (call id -> hold), and those not confirmed yet.
+        self.shared_in_use: dict[str, PortHold] = {}
+        self.shared_unconfirmed: dict[str, PortHold] = {}
 
     def held(self, port: int) -> bool:
         return port in self.in_use or port in self.retiring
 
-    def announce(self, ports: Iterable[int], allocate_seq: int) -> None:
+    def announce(self, ports: Iterable[int], allocate_seq: int,
+                 shared_port: int | None = None) -> None:
+        self.shared_port = shared_port
         self.announced = dict.fromkeys(ports)
         self.allocate_seq = allocate_seq
         self.next_seq = max(self.next_seq, allocate_seq + 1)
@@ -189,8 +200,16 @@ class PortPool:
                 return port
         return None
 
-    def hand_out(self, call_id: str, now: float) -> tuple[int, int] | None:
-        """A free port for the leg `call_id` and the `seq` of its MediaAllocate."""
+    def hand_out(self, call_id: str, now: float, shared: bool = False
+                 ) -> tuple[int, int] | None:
+        """A free port for the leg `call_id` and the `seq` of its MediaAllocate; with
+        `shared`, the shared port if the worker has one (else a free port)."""
+        if shared and self.shared_port is not None:
+            seq, self.next_seq = self.next_seq, self.next_seq + 1
+            hold = PortHold(call_id, seq, now)
+            self.shared_in_use[call_id] = hold
+            self.shared_unconfirmed[call_id] = hold
+            return self.shared_port, seq
         port = self.free_port()
         if port is None:
             return None
@@ -203,14 +222,22 @@ class PortPool:
     def confirm(self, port: int, call_id: str) -> bool:
         """The worker gave the leg its port (MediaAllocated). False if the port is not in
         use by that leg."""
+        if port == self.shared_port and call_id in self.shared_in_use:
+            self.shared_unconfirmed.pop(call_id, None)
+            return True
         hold = self.in_use.get(port)
         if hold is None or hold.call_id != call_id:
             return False
         self.unconfirmed.pop(port, None)
         return True
 
-    def release(self, port: int) -> None:
-        """The leg no longer uses its port; the port comes back per the rule above."""
+    def release(self, port: int, call_id: str | None = None) -> None:
+        """The leg no longer uses its port; the port comes back per the rule above (a
+        shared leg, named by `call_id`, just leaves)."""
+        if call_id is not None and call_id in self.shared_in_use:
+            del self.shared_in_use[call_id]
+            self.shared_unconfirmed.pop(call_id, None)
+            return
         hold = self.in_use.pop(port, None)
         if hold is None:
             return
@@ -222,6 +249,12 @@ class PortPool:
         """The legs whose port was handed out before `handed_before` and never
         confirmed; each is reported once."""
         late: list[str] = []
+        while self.shared_unconfirmed:
+            call_id, hold = next(iter(self.shared_unconfirmed.items()))
+            if hold.handed_at >= handed_before:
+                break
+            del self.shared_unconfirmed[call_id]
+            late.append(call_id)
         while self.unconfirmed:
             port, hold = next(iter(self.unconfirmed.items()))
             if hold.handed_at >= handed_before:
@@ -240,36 +273,40 @@ class MediaWorkerRegistry(WorkerRegistry):
         super().__init__(expiry_s)
         self._pools: dict[bytes, PortPool] = {}
 
-    def announce(self, identity: bytes, ports: Iterable[int], allocate_seq: int) -> bool:
-        """A worker's free list (MediaPorts or a heartbeat). False for an unknown worker."""
+    def announce(self, identity: bytes, ports: Iterable[int], allocate_seq: int,
+                 shared_port: int | None = None) -> bool:
+        """A worker's free list and shared port (MediaPorts or a heartbeat). False for an
+        unknown worker."""
         if identity not in self._workers:
             return False
         pool = self._pools.get(identity)
         if pool is None:
             pool = self._pools[identity] = PortPool()
-        pool.announce(ports, allocate_seq)
+        pool.announce(ports, allocate_seq, shared_port)
         return True
 
     def pool(self, identity: bytes) -> PortPool | None:
         return self._pools.get(identity)
 
-    def _has_free(self, identity: bytes) -> bool:
+    def _has_free(self, identity: bytes, shared: bool = False) -> bool:
         pool = self._pools.get(identity)
-        return pool is not None and pool.free_port() is not None
+        return pool is not None and (
+            (shared and pool.shared_port is not None) or pool.free_port() is not None)
 
-    def hand_out(self, call_id: str, now: float, worker: bytes | None = None
-                 ) -> Handout | None:
+    def hand_out(self, call_id: str, now: float, worker: bytes | None = None,
+                 shared: bool = False) -> Handout | None:
         """A port for the leg `call_id`: on `worker` if given (alive, with a free port;
         a call's second leg), else on the least-loaded live worker with room and a free
-        port. Counts one more unit of load on it, as `choose` / `assign` do."""
+        port. With `shared`, the worker's shared port where it has one (capacity still
+        bounds it). Counts one more unit of load on it, as `choose` / `assign` do."""
         if worker is None:
-            exclude = frozenset(w for w in self._workers if not self._has_free(w))
+            exclude = frozenset(w for w in self._workers if not self._has_free(w, shared))
             worker = self.choose(now, exclude)
             if worker is None:
                 return None
-        elif not self._has_free(worker) or not self.assign(worker, now):
+        elif not self._has_free(worker, shared) or not self.assign(worker, now):
             return None
-        taken = self._pools[worker].hand_out(call_id, now)
+        taken = self._pools[worker].hand_out(call_id, now, shared)
         assert taken is not None  # it had a free port
         return Handout(worker, *taken)
 
@@ -277,12 +314,13 @@ class MediaWorkerRegistry(WorkerRegistry):
         pool = self._pools.get(identity)
         return pool is not None and pool.confirm(port, call_id)
 
-    def release(self, identity: bytes, port: int | None = None) -> None:
-        """One unit of load less; with `port`, that leg's port is released too."""
+    def release(self, identity: bytes, port: int | None = None,
+                call_id: str | None = None) -> None:
+        """One unit of load less; with `port`, that leg's (`call_id`) port is released too."""
         super().release(identity)
         pool = self._pools.get(identity)
         if port is not None and pool is not None:
-            pool.release(port)
+            pool.release(port, call_id)
 
     def overdue(self, handed_before: float) -> list[tuple[bytes, str]]:
         """(worker, leg) of every hand-out unconfirmed since before `handed_before`."""

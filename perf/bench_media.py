@@ -28,6 +28,14 @@ After `--warmup` seconds, over `--measure` seconds:
   show up there);
 * digits: presses sent, DtmfDigit events received (by source), duplicates, missed.
 
+`--rtp-socket shared` runs the worker with every leg on its shared RTP port
+(`[media] rtp_socket`): the legs are then told apart by their source address, so
+every simulated phone needs a socket of its own. `--gen-sockets per_leg` (the
+default with `shared`) gives each leg one: the generator sends with one compiled
+`sendto` loop over them (`workers.rtpio.RtpSockets`, as a worker does) and reads
+the ready ones through epoll with `recvmmsg` and kernel timestamps, also compiled;
+compare modes with the same `--gen-sockets` so the generator costs the same.
+
 Prints a table next to the DESIGN §4 targets and writes JSON
 (default perf/results/bench_media-<ts>.json).
 """
@@ -53,6 +61,8 @@ import zmq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from numba import njit  # noqa: E402
+
 from media import g711  # noqa: E402
 from pbx.messages import (  # noqa: E402
     DtmfDigit,
@@ -70,7 +80,14 @@ from pbx.messages import (  # noqa: E402
     encode,
 )
 from pbx.planes import ensure_private_dir  # noqa: E402
-from workers.udpbatch import RecvBatch, SendBatch, enable_timestamps, ip_to_u32  # noqa: E402
+from workers.rtpio import EV_DATA, EV_WORDS, RtpSockets, _epoll_wait, _recvmmsg  # noqa: E402
+from workers.udpbatch import (  # noqa: E402
+    MMSGHDR,
+    RecvBatch,
+    SendBatch,
+    enable_timestamps,
+    ip_to_u32,
+)
 
 TICK_S = 0.020
 SPF = 160  # samples per 20 ms frame
@@ -128,6 +145,95 @@ def udp_rcvbuf_errors() -> int:
     if len(lines) < 2 or "RcvbufErrors" not in lines[0]:
         return 0
     return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
+_MSG_DONTWAIT = 0x40
+GEN_VLEN = 8  # datagrams one recvmmsg of a phone's socket takes
+
+
+@njit(cache=False)
+def _gen_recv(epfd: int, events: np.ndarray, fds: np.ndarray, sock_rows: np.ndarray,
+              hdrs: np.ndarray, buf: np.ndarray, ctrl: np.ndarray, out_leg: np.ndarray,
+              out_seq: np.ndarray, out_t: np.ndarray, nrec: int, record: bool) -> int:  # fmt: skip
+    """The phones' side, compiled: the sockets epoll reports ready, each drained with
+    recvmmsg (kernel receive time from SCM_TIMESTAMPNS); with `record`, (leg, sequence
+    number, time ns) of each RTP packet appended from out_*[nrec]. Returns the new nrec."""
+    cap = out_leg.shape[0]
+    maxev = events.shape[0] // EV_WORDS
+    vlen = hdrs.shape[0]
+    for _ in range(64):  # bounded: packets keep coming
+        nev = _epoll_wait(epfd, events.ctypes.data, maxev, 0)
+        if nev <= 0:
+            return nrec
+        for e in range(nev):
+            i = events[e * EV_WORDS + EV_DATA]
+            if i >= fds.shape[0] or fds[i] < 0:
+                continue
+            for k in range(vlen):
+                hdrs[k, 1] = 16  # msg_namelen
+                hdrs[k, 5] = 64  # msg_controllen
+            got = _recvmmsg(fds[i], hdrs.ctypes.data, vlen, _MSG_DONTWAIT, 0)
+            for k in range(max(got, 0)):
+                size = hdrs[k, 7] & np.uint64(0xFFFFFFFF)
+                # RTCP (to a phone's port + 1, which may be another phone's socket): not
+                # RTP (RFC 5761 §4: second byte 192-223)
+                if 192 <= buf[k, 1] <= 223:
+                    continue
+                if record and size >= 12 and nrec < cap:
+                    out_leg[nrec] = sock_rows[i]
+                    out_seq[nrec] = (np.int64(buf[k, 2]) << 8) | buf[k, 3]
+                    out_t[nrec] = ctrl[k, 2] * 1_000_000_000 + ctrl[k, 3]
+                    nrec += 1
+    return nrec
+
+
+class PhoneSockets:
+    """One UDP socket per leg (its own source address, as a phone has), sent from with a
+    compiled sendto loop and read with `_gen_recv`."""
+
+    def __init__(self, n_calls: int) -> None:
+        self.rs = RtpSockets(batch=16)
+        self.socks: list[socket.socket] = []
+        for i in range(n_calls):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 18)
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+            enable_timestamps(s)
+            self.socks.append(s)
+            self.rs.add(f"phone-{i}", s, i)
+        self.ports = np.array([s.getsockname()[1] for s in self.socks], dtype=np.int64)
+        self.buf = np.zeros((GEN_VLEN, 256), dtype=np.uint8)
+        self.names = np.zeros((GEN_VLEN, 16), dtype=np.uint8)
+        self.ctrl = np.zeros((GEN_VLEN, 8), dtype=np.int64)  # cmsghdr (16 B) + timespec
+        self.iov = np.zeros((GEN_VLEN, 2), dtype=np.uint64)
+        self.hdrs = np.zeros((GEN_VLEN, 8), dtype=np.uint64)
+        assert MMSGHDR.itemsize == 64
+        idx = np.arange(GEN_VLEN, dtype=np.uint64)
+        self.iov[:, 0] = np.uint64(self.buf.ctypes.data) + idx * np.uint64(256)
+        self.iov[:, 1] = 256
+        self.hdrs[:, 0] = np.uint64(self.names.ctypes.data) + idx * np.uint64(16)
+        self.hdrs[:, 2] = np.uint64(self.iov.ctypes.data) + idx * np.uint64(16)
+        self.hdrs[:, 3] = 1
+        self.hdrs[:, 4] = np.uint64(self.ctrl.ctypes.data) + idx * np.uint64(64)
+
+    def fileno(self) -> int:
+        return self.rs.fileno()
+
+    def send(self, data: np.ndarray, lens: np.ndarray, legs: np.ndarray, ports: np.ndarray,
+             n: int) -> int:  # fmt: skip
+        ips = np.full(n, 0x7F000001, dtype=np.int64)
+        unsent = self.rs.send(data, lens, legs, ips, ports, n)
+        return n - int(unsent.size)
+
+    def recv(self, out_leg: np.ndarray, out_seq: np.ndarray, out_t: np.ndarray, nrec: int,
+             record: bool) -> int:  # fmt: skip
+        rs = self.rs
+        return int(_gen_recv(rs.epfd, rs.events, rs.fds, rs.sock_rows, self.hdrs, self.buf,
+                             self.ctrl, out_leg, out_seq, out_t, nrec, record))  # fmt: skip
+
+    def close(self) -> None:
+        self.rs.close()
 
 
 def pct(x: np.ndarray, q: float) -> float:
@@ -192,6 +298,7 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         f'[zmq]\nmedia_endpoint = "{endpoint}"\n\n'
         f'[media]\nrtp_ip = "127.0.0.1"\nrtp_ports = "{args.rtp_ports}"\n'
         f'sounds_dir = "{sounds}"\nheartbeat_ms = 500\ncapacity = {max(2000, n_calls)}\n'
+        f'rtp_socket = "{args.rtp_socket}"\n'
         '\n[logging]\nlevel = "WARNING"\n',
         encoding="utf-8",
     )
@@ -201,6 +308,11 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         [sys.executable, "-m", "workers.media"], cwd=ROOT, env=env, stderr=subprocess.PIPE
     )
     socks: list[socket.socket] = []
+    phones: PhoneSockets | None = None
+    shared = args.rtp_socket == "shared"
+    gen_per_leg = (args.gen_sockets or ("per_leg" if shared else "grouped")) == "per_leg"
+    if shared and not gen_per_leg:
+        raise SystemExit("--rtp-socket shared needs --gen-sockets per_leg (a source per leg)")
     try:
         ready = front.recv(120.0)
         if not isinstance(ready, MediaReady):
@@ -209,8 +321,10 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         rss0 = proc_rss_kb(worker.pid)
         log(f"N={n_calls}: worker {worker.pid} ready, RSS {rss0} kB; allocating legs")
 
-        # ---- generator sockets: one per 256 legs
-        n_socks = (n_calls + LEGS_PER_SOCKET - 1) // LEGS_PER_SOCKET
+        # ---- generator sockets: one per 256 legs, or one per leg
+        n_socks = 0 if gen_per_leg else (n_calls + LEGS_PER_SOCKET - 1) // LEGS_PER_SOCKET
+        if gen_per_leg:
+            phones = PhoneSockets(n_calls)
         for _ in range(n_socks):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
@@ -234,10 +348,14 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         free: list[int] = []
         handed: set[int] = set()
         heartbeats: list[MediaHeartbeat] = []
+        shared_port: int | None = None
         while got < n_calls:
-            while free and sent < n_calls:
-                port = free.pop()
-                handed.add(port)
+            while (free or shared_port) and sent < n_calls:
+                if shared_port is not None:
+                    port = shared_port  # as the front does: no port of its own
+                else:
+                    port = free.pop()
+                    handed.add(port)
                 sent += 1
                 front.send(MediaAllocate(call_id=call_ids[sent - 1], rtp_port=port, seq=sent,
                                          inband_dtmf=True))
@@ -246,6 +364,10 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError(f"only {got} of {n_calls} legs allocated")
             if isinstance(msg, MediaPorts | MediaHeartbeat):
                 free = [p for p in msg.ports if p not in handed]
+                if shared:
+                    if msg.shared_port is None:
+                        raise RuntimeError("the worker announced no shared port")
+                    shared_port = msg.shared_port
             elif isinstance(msg, MediaAllocated):
                 if msg.error:
                     raise RuntimeError(f"allocation failed: {msg.error}")
@@ -259,7 +381,8 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
                 MediaRemote(
                     call_id=c,
                     remote_ip="127.0.0.1",
-                    remote_port=socks[leg_sock[i]].getsockname()[1],
+                    remote_port=(int(phones.ports[i]) if phones is not None
+                                 else socks[leg_sock[i]].getsockname()[1]),
                     payload_type=0,
                     codec="PCMU",
                     dtmf_payload_type=DTMF_PT,
@@ -284,6 +407,15 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
             etx.data[:, 0] = 0x80
             event_tx.append(etx)
         rx = RecvBatch(vlen=512, size=256, timestamps=True)
+        if phones is not None:  # every leg's packet in one send batch; its events in another
+            all_tx = np.zeros((n_calls, PKT), dtype=np.uint8)
+            all_tx[:, 0] = 0x80
+            all_tx[:, 8:12].view(">u4")[:, 0] = 0x10000 + np.arange(n_calls)
+            all_lens = np.full(n_calls, PKT, dtype=np.int64)
+            all_legs = np.arange(n_calls, dtype=np.int64)
+            ev_tx = np.zeros((4 * n_calls, 16), dtype=np.uint8)
+            ev_tx[:, 0] = 0x80
+            ev_lens = np.full(4 * n_calls, 16, dtype=np.int64)
         seq = rng.integers(0, 65536, n_calls).astype(np.int64)
         ts = rng.integers(0, 1 << 32, n_calls).astype(np.int64)
         tones = tone_frames()
@@ -309,7 +441,8 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         rss1 = 0
         gen_cpu0 = 0.0
         measuring = False
-        fds = [s.fileno() for s in socks]
+        fds = [s.fileno() for s in socks] if phones is None else [phones.fileno()]
+        codes = np.array([EVENT_CODE[DIGITS[i]] for i in range(10)])
         origin = time.monotonic() + 0.05
         last_progress = time.monotonic()
         log(f"N={n_calls}: legs playing; warm-up {args.warmup} s, measuring {args.measure} s")
@@ -331,6 +464,34 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
             press_start_ts[starting] = ts[starting]
             press_digit[starting] = presses[starting] % len(DIGITS)
             presses[starting] += 1
+            if phones is not None:
+                all_tx[:, 2:4].view(">u2")[:, 0] = seq & 0xFFFF
+                all_tx[:, 4:8].view(">u4")[:, 0] = ts & 0xFFFFFFFF
+                payload = noise[(tick + all_legs) % noise.shape[0]]
+                if pressing.any():
+                    payload[pressing] = tones[press_digit[pressing], k_in_press[pressing]]
+                all_tx[:, 12:PKT] = payload
+                sent_packets += phones.send(all_tx, all_lens, all_legs, worker_port, n_calls)
+                pl_legs = np.nonzero(pressing)[0]
+                if pl_legs.size and not args.no_rfc4733:
+                    kk = k_in_press[pl_legs]
+                    end = kk == PRESS_TICKS - 1
+                    reps = np.where(end, 3, 1)
+                    e_legs = np.repeat(pl_legs, reps)
+                    e_k = np.repeat(kk, reps)
+                    e_end = np.repeat(end, reps)
+                    m = e_legs.size
+                    d = ev_tx
+                    d[:m, 1] = DTMF_PT | np.where(e_k == 0, 0x80, 0)
+                    offs = np.concatenate([np.arange(r) for r in reps])
+                    d[:m, 2:4].view(">u2")[:, 0] = (seq[e_legs] + 1 + offs) & 0xFFFF
+                    d[:m, 4:8].view(">u4")[:, 0] = press_start_ts[e_legs] & 0xFFFFFFFF
+                    d[:m, 8:12].view(">u4")[:, 0] = 0x10000 + e_legs
+                    d[:m, 12] = codes[press_digit[e_legs]]
+                    d[:m, 13] = np.where(e_end, 0x80, 0) | 10
+                    d[:m, 14:16].view(">u2")[:, 0] = (e_k + 1) * SPF
+                    sent_packets += phones.send(ev_tx, ev_lens, e_legs, worker_port[e_legs], m)
+                    seq[pl_legs] += reps
             for k in range(n_socks):
                 legs = np.nonzero(leg_sock == k)[0]
                 tx = audio_tx[k]
@@ -376,13 +537,19 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
             ts += SPF
             # ---- drain until the next tick
             deadline = origin + (tick + 1) * TICK_S
+            drained = False  # a generator behind schedule still reads once per tick
             while True:
                 timeout = deadline - time.monotonic()
-                if timeout <= 0:
+                if timeout <= 0 and drained:
                     break
-                r, _, _ = select.select(fds + [front.sock.getsockopt(zmq.FD)], [], [], timeout)
+                drained = True
+                r, _, _ = select.select(fds + [front.sock.getsockopt(zmq.FD)], [], [],
+                                        max(0.0, timeout))  # fmt: skip
+                if phones is not None and r and r[0] == fds[0]:
+                    nrec = phones.recv(rec_leg, rec_seq, rec_t, nrec, measuring)
+                    r = r[1:]
                 for fd in r:
-                    if fd not in fds:
+                    if fd not in fds or phones is not None:
                         continue
                     while True:
                         n = rx.recv(fd)
@@ -440,6 +607,8 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
             _, err = worker.communicate()
         for s in socks:
             s.close()
+        if phones is not None:
+            phones.close()
         front.close()
     errors = [ln for ln in err.decode(errors="replace").splitlines() if "ERROR" in ln]
 
@@ -477,6 +646,8 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
     got_total = int(digits_got.sum())
     result = {
         "calls": n_calls,
+        "rtp_socket": args.rtp_socket,
+        "gen_sockets": "per_leg" if gen_per_leg else "grouped",
         "measure_s": round(t_meas, 2),
         "worker_cpu_pct_core": round(cpu_pct, 2),
         "cpu_pct_per_call": round(cpu_pct / n_calls, 4),
@@ -554,6 +725,11 @@ def main() -> None:
     ap.add_argument("--press-every", type=float, default=5.0, help="seconds between key presses")
     ap.add_argument("--rtp-ports", default="20000-29999")
     ap.add_argument("--no-rfc4733", action="store_true", help="presses in-band only")
+    ap.add_argument("--rtp-socket", choices=["per_leg", "shared"], default="per_leg",
+                    help="the worker's [media] rtp_socket")
+    ap.add_argument("--gen-sockets", choices=["grouped", "per_leg"], default=None,
+                    help="the phones' sockets: one per 256 legs (default with per_leg) or "
+                         "one per leg (needed with shared)")
     ap.add_argument("--label", default="", help="free text stored in the JSON")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -99,6 +99,8 @@ BAD = {
     "zero_port_pool": ("[media]\nport_pool = 0\n", "media.port_pool", "greater than 0"),
     "huge_port_pool": ("[media]\nport_pool = 5000\n", "media.port_pool",
                        "less than or equal to 4096"),
+    "bad_rtp_socket": ('[media]\nrtp_socket = "both"\n', "media.rtp_socket", "per_leg"),
+    "odd_shared_port": ("[media]\nshared_port = 30001\n", "media.shared_port", "even port"),
 }
 
 

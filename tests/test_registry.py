@@ -289,3 +289,27 @@ def test_dead_worker_s_pool_is_forgotten() -> None:
     assert reg.hand_out("c3", now=2.0) == Handout(A, 20004, 3)
     reg.remove(A)
     assert reg.pool(A) is None
+
+
+def test_shared_port_goes_to_many_legs_within_capacity_and_never_to_per_leg_asks() -> None:
+    """A worker's shared port ([media] rtp_socket): any number of legs at once, bounded
+    by its capacity; a leg asking for its own port still gets a pooled one."""
+    reg = MediaWorkerRegistry(expiry_s=2.0)
+    reg.ready(A, capacity=3, load=0, now=0.0, address="127.0.0.1")
+    reg.announce(A, [20000], 0, shared_port=21000)
+    assert reg.hand_out("s1", now=0.1, shared=True) == Handout(A, 21000, 1)
+    assert reg.hand_out("s2", now=0.1, shared=True) == Handout(A, 21000, 2)
+    assert reg.hand_out("p1", now=0.1) == Handout(A, 20000, 3)  # per-leg: the pool's
+    assert reg.hand_out("s3", now=0.1, shared=True) is None  # capacity 3 reached
+    pool = reg.pool(A)
+    assert pool is not None and pool.free_ports() == [] and set(pool.shared_in_use) == {
+        "s1", "s2"}
+    assert reg.confirm(A, 21000, "s1") and not reg.confirm(A, 21000, "p1")
+    assert reg.overdue(handed_before=1.0) == [(A, "s2"), (A, "p1")]
+    reg.release(A, 21000, "s1")
+    assert set(pool.shared_in_use) == {"s2"} and pool.free_ports() == []
+    assert reg.hand_out("s4", now=0.2, shared=True) == Handout(A, 21000, 4)
+    # a worker without a shared port gives a shared ask a pooled port
+    reg.ready(B, capacity=3, load=0, now=0.0, address="127.0.0.1")
+    reg.announce(B, [22000], 0)
+    assert reg.hand_out("s5", now=0.3, worker=B, shared=True) == Handout(B, 22000, 1)

@@ -19,6 +19,14 @@ epoll set of all of them (`workers.rtpio`), and a wake-up reads only the ready
 sockets — at once if the last read was POLL_SECONDS ago or more, otherwise when
 that interval is over, so a busy worker reads its packets in batches.
 
+With `[media] rtp_socket` "shared" or "auto" the worker also binds one shared RTP
+port (and its RTCP port + 1) and announces it with its pool: a MediaAllocate naming it
+puts the leg there without binding anything. The shared socket is in the same epoll
+set and is read with recvmmsg, its legs' packets go out with sendmmsg, and each
+datagram's leg is told by its source address (`workers.demux`: its SDP address or
+latched source; anything else is dropped and counted as foreign). RTCP on the shared
+port + 1 is told apart the same way, by a dict (a report per leg every few seconds).
+
 Recordings (MediaRecord) are written by the engine's recorder in batches during
 the tick; every file error comes back as a MediaFailure event. A WebSocket
 bridge (MediaWsBridge) is one task per leg here: it connects with aiohttp
@@ -32,6 +40,7 @@ closes the socket without an event.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -77,7 +86,7 @@ from pbx.messages import (
 )
 from pbx.startup import start_program
 from workers import rtpio
-from workers.portpool import RtpPortPool
+from workers.portpool import RtpPortPool, bind_rtp_pair
 
 log = logging.getLogger("pbx.media")
 
@@ -121,6 +130,26 @@ class _RtcpProtocol(asyncio.DatagramProtocol):
         log.debug("call %s: RTCP socket error: %s", self.call_id, exc)
 
 
+class _SharedRtcpProtocol(asyncio.DatagramProtocol):
+    """RTCP of the legs on the shared port: each datagram to the leg whose SDP address it
+    comes from, + 1 (RFC 3550 §11) or itself (endpoints that send RTCP from their RTP
+    socket); others are counted as foreign."""
+
+    def __init__(self, worker: MediaWorker) -> None:
+        self.worker = worker
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        worker = self.worker
+        call_id = worker.shared_rtcp_legs.get((addr[0], addr[1]))
+        if call_id is None:
+            worker.shared_rtcp_foreign += 1
+            return
+        worker.engine.receive_rtcp(call_id, data, addr, time.monotonic())
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("shared RTCP socket error: %s", exc)
+
+
 class MediaWorker:
     def __init__(self, settings: Settings, worker_id: str) -> None:
         self.settings = settings
@@ -142,7 +171,14 @@ class MediaWorker:
         )  # fmt: skip
         self._foreign_reported = (0, 0)  # engine.foreign_dropped() at the last heartbeat
         # RTP: IPv4 sockets polled in batches (workers.rtpio); IPv6 on asyncio endpoints.
-        self.rtp = rtpio.RtpSockets()
+        self.rtp = rtpio.RtpSockets(legs=self.engine.tab)
+        # The shared RTP port ([media] rtp_socket; bound in `run`), None: none. Its RTCP
+        # (port + 1) by source: (ip, SDP port + 1 or SDP port) -> the shared leg's call id.
+        self.shared_port: int | None = None
+        self.shared_rtcp: asyncio.DatagramTransport | None = None
+        self.shared_rtcp_legs: dict[tuple[str, int], str] = {}
+        self._shared_rtcp_of: dict[str, list[tuple[str, int]]] = {}
+        self.shared_rtcp_foreign = 0
         self.transports: dict[str, asyncio.DatagramTransport] = {}
         self.rtcp_transports: dict[str, asyncio.DatagramTransport] = {}
         self.ws_tasks: dict[str, asyncio.Task[None]] = {}
@@ -204,6 +240,8 @@ class MediaWorker:
             self.allocate(msg)
         elif isinstance(msg, MediaRemote):
             engine.set_remote(msg)
+            if self.rtp.on_shared(msg.call_id):
+                self.shared_leg_moved(msg.call_id)
         elif isinstance(msg, MediaPlay):
             self.send_events(engine.play(msg, now))
             if len(self.plays_starting) < MAX_PLAYS_TIMED:
@@ -249,6 +287,9 @@ class MediaWorker:
         if len(self.engine) >= media.capacity:
             self.send(MediaAllocated(call_id=msg.call_id, error="worker at capacity"))
             return
+        if self.shared_port is not None and msg.rtp_port == self.shared_port:
+            self.allocate_shared(msg)
+            return
         pair = self.pool.take(msg.rtp_port)
         if pair is None:
             self.send(MediaAllocated(call_id=msg.call_id,
@@ -274,6 +315,67 @@ class MediaWorker:
         task.add_done_callback(_log_task_error)
         self.send(MediaAllocated(call_id=msg.call_id, rtp_ip=media.rtp_ip, rtp_port=port))
 
+    def allocate_shared(self, msg: MediaAllocate) -> None:
+        """The leg on the shared port: nothing to bind; its packets find it by source
+        address once MediaRemote gives its SDP address."""
+        media = self.settings.media
+        try:
+            leg = self.engine.add_leg(msg.call_id, msg.rtp_port, msg.inband_dtmf)
+        except EngineError as exc:
+            self.send(MediaAllocated(call_id=msg.call_id, error=str(exc)))
+            return
+        self.rtp.add_shared(msg.call_id, leg.row)
+        self.send(MediaAllocated(call_id=msg.call_id, rtp_ip=media.rtp_ip,
+                                 rtp_port=msg.rtp_port))
+
+    def shared_leg_moved(self, call_id: str) -> None:
+        """A shared leg's SDP address changed (or came): its RTP and RTCP keys follow."""
+        self.rtp.refresh(call_id)
+        self._forget_shared_rtcp(call_id)
+        leg = self.engine.legs.get(call_id)
+        if leg is None or leg.sdp_remote is None:
+            return
+        ip, port = leg.sdp_remote
+        mine = self._shared_rtcp_of[call_id] = []
+        for key in ((ip, port + 1), (ip, port)):
+            if key not in self.shared_rtcp_legs:  # as the RTP table: the first claim keeps it
+                self.shared_rtcp_legs[key] = call_id
+                mine.append(key)
+
+    def _forget_shared_rtcp(self, call_id: str) -> None:
+        for key in self._shared_rtcp_of.pop(call_id, []):
+            if self.shared_rtcp_legs.get(key) == call_id:
+                del self.shared_rtcp_legs[key]
+
+    def bind_shared(self) -> None:
+        """The shared RTP/RTCP pair: `[media] shared_port` or a free pair of the range
+        (IPv4 only: an IPv6 worker keeps per-leg ports)."""
+        media = self.settings.media
+        if media.rtp_socket == "per_leg" or ":" in media.rtp_ip:
+            return
+        if media.shared_port:
+            pair = bind_rtp_pair(media.rtp_ip, media.shared_port, media.shared_port + 1)
+        else:
+            pair = bind_rtp_pair(media.rtp_ip, *media.port_range)
+        if pair is None:
+            log.error("no shared RTP port free (%s): every leg gets a port of its own",
+                      media.shared_port or media.rtp_ports)
+            return
+        rtp, rtcp = pair
+        self.rtp.set_shared(rtp)
+        self.shared_port = rtp.getsockname()[1]
+        self._shared_rtcp_sock = rtcp
+        log.info("shared RTP port %d (RTCP %d)", self.shared_port, self.shared_port + 1)
+
+    async def open_shared_rtcp(self) -> None:
+        sock = getattr(self, "_shared_rtcp_sock", None)
+        if sock is None:
+            return
+        transport, _ = await self.loop.create_datagram_endpoint(
+            lambda: _SharedRtcpProtocol(self), sock=sock
+        )
+        self.shared_rtcp = transport
+
     def refill_soon(self) -> None:
         """Bind replacements for the pool after the work at hand (never in the tick)."""
         if self._refill is None:
@@ -286,7 +388,8 @@ class MediaWorker:
             self.refill_soon()  # more wanted: after the callbacks waiting meanwhile
 
     def ports_message(self) -> MediaPorts:
-        return MediaPorts(ports=self.pool.ports(), allocate_seq=self.allocate_seq)
+        return MediaPorts(ports=self.pool.ports(), allocate_seq=self.allocate_seq,
+                          shared_port=self.shared_port)
 
     def announce_ports(self) -> None:
         """MediaPorts if the pool changed or an allocation was handled since the last
@@ -311,7 +414,8 @@ class MediaWorker:
         table[call_id] = transport
 
     def close_leg(self, call_id: str) -> None:
-        """Close the leg's RTP and RTCP sockets."""
+        """Close the leg's RTP and RTCP sockets (a shared leg: its addresses go)."""
+        self._forget_shared_rtcp(call_id)
         sock = self.rtp.remove(call_id)
         if sock is not None:
             sock.close()
@@ -494,8 +598,10 @@ class MediaWorker:
                 log.debug("RTP send for %s to %s failed: %s", call_id, addr, exc)
 
     def send_rtcp(self, packets: list[Packet]) -> None:
+        shared = self.rtp.shared_calls
         for call_id, data, addr in packets:
-            transport = self.rtcp_transports.get(call_id)
+            transport = (self.shared_rtcp if call_id in shared
+                         else self.rtcp_transports.get(call_id))
             if transport is not None:
                 try:
                     transport.sendto(data, addr)
@@ -559,6 +665,8 @@ class MediaWorker:
         while True:
             await asyncio.sleep(media.heartbeat_ms / 1000.0)
             rtp_foreign, rtcp_foreign = self.engine.foreign_dropped()
+            rtp_foreign += self.rtp.foreign  # the shared port's strangers: no leg's
+            rtcp_foreign += self.shared_rtcp_foreign
             last_rtp, last_rtcp = self._foreign_reported
             self._foreign_reported = (rtp_foreign, rtcp_foreign)
             ports = self.ports_message()
@@ -571,6 +679,7 @@ class MediaWorker:
                     rtp_ip=media.rtp_ip,
                     ports=ports.ports,
                     allocate_seq=ports.allocate_seq,
+                    shared_port=ports.shared_port,
                     tick_late_ms_max=round(self.tick_late_max * 1000.0, 3),
                     rtp_foreign_dropped=rtp_foreign - last_rtp,
                     rtcp_foreign_dropped=rtcp_foreign - last_rtcp,
@@ -618,6 +727,8 @@ class MediaWorker:
         log.info("media worker %s connected to %s%s", self.worker_id, endpoint,
                  " (CURVE)" if self.settings.zmq.curve else "")
         media = self.settings.media
+        self.bind_shared()
+        await self.open_shared_rtcp()
         self.pool.fill(media.capacity, media.port_pool)
         if self.pool.exhausted:
             log.warning("only %d of %d RTP port pairs free in %s: the pool refills as ports "
@@ -650,6 +761,8 @@ class MediaWorker:
             await self._http.close()
         for transport in [*self.transports.values(), *self.rtcp_transports.values()]:
             transport.close()
+        if self.shared_rtcp is not None:
+            self.shared_rtcp.close()
         self.rtp.close()
         self.pool.close()
         self.sock.close()
@@ -696,6 +809,11 @@ def main() -> None:
     vad.warm()
     import uvloop
 
+    # The compiled kernels leave a large heap of long-lived objects (numba, llvmlite):
+    # frozen, the cyclic collector's full passes no longer walk it every few seconds
+    # (a tenth of the worker's time at 1,000 calls, perf/README "Shared RTP port").
+    gc.collect()
+    gc.freeze()
     uvloop.run(_amain(settings))
 
 

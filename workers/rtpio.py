@@ -21,6 +21,15 @@ from its own leg's socket (the source port must be the leg's port for
 symmetric RTP, so one `sendmmsg` per socket would carry one packet and gain
 nothing).
 
+**The shared port** (`[media] rtp_socket` "shared" or "auto"): one more UDP socket per
+worker carries the RTP of every leg put on it, in the same epoll set. It is read with
+`recvmmsg` into the same buffer (one call for everything waiting, where a per-leg
+socket costs one `recvfrom` per datagram) and written with `sendmmsg` (one call for
+every packet of a send batch whose leg is on it); each packet's leg comes from its
+source address (`workers.demux`), and a packet from no leg's address gets row -1 and
+is counted in `foreign`. A leg's latch moved by a receive pass is taken into the table
+at the start of the next `recv`; a new SDP address through `refresh`.
+
 The loops call libc through ctypes function pointers, which numba cannot
 cache on disk; they compile (≈ 1 s) in `warm()`, before the worker says ready.
 IPv4 only (`sockaddr_in`); the worker falls back to asyncio endpoints for IPv6.
@@ -37,6 +46,10 @@ import socket
 
 import numpy as np
 from numba import njit
+
+from media.legtable import LegTable
+from workers.demux import DemuxTable
+from workers.demux import demux as _demux
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _recvfrom = _libc.recvfrom
@@ -59,6 +72,12 @@ _sendto.argtypes = [
     ctypes.c_uint32,
 ]
 _sendto.restype = ctypes.c_ssize_t
+_recvmmsg = _libc.recvmmsg
+_recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+_recvmmsg.restype = ctypes.c_int
+_sendmmsg = _libc.sendmmsg
+_sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+_sendmmsg.restype = ctypes.c_int
 _epoll_ctl = _libc.epoll_ctl
 _epoll_ctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
 _epoll_ctl.restype = ctypes.c_int
@@ -91,6 +110,29 @@ else:
 _MSG_DONTWAIT = 0x40
 MAX_DATAGRAM = 2048
 SOCKADDR_IN = 16
+# The shared socket's epoll event data (a leg socket's is its index in `fds`).
+SHARED_EV = 0x7FFFFFFF
+# row_fd of a leg on the shared socket.
+SHARED_FD = -2
+# struct mmsghdr (64 bytes on LP64) as 8 uint64 words: msg_name, msg_namelen (low half),
+# msg_iov, msg_iovlen, msg_control, msg_controllen, msg_flags (low half), msg_len (low half).
+MMSG_WORDS = 8
+MMSG_MAX = 1024  # UIO_MAXIOV: the most datagrams one sendmmsg/recvmmsg takes
+# Buffers of the shared socket: it queues what every leg's socket queued on its own.
+SHARED_SOCKET_BUFFER = 8 << 20
+
+
+def _mmsg_headers(data: np.ndarray, names: np.ndarray, iov: np.ndarray, hdrs: np.ndarray) -> None:
+    """Point hdrs[k] at names[k] and at iov[k], and iov[k] at data[k] (its whole row)."""
+    rows = data.shape[0]
+    idx = np.arange(rows, dtype=np.uint64)
+    iov[:, 0] = np.uint64(data.ctypes.data) + idx * np.uint64(data.strides[0])
+    iov[:, 1] = data.shape[1]
+    hdrs[:] = 0
+    hdrs[:, 0] = np.uint64(names.ctypes.data) + idx * np.uint64(names.strides[0])
+    hdrs[:, 1] = SOCKADDR_IN
+    hdrs[:, 2] = np.uint64(iov.ctypes.data) + idx * np.uint64(iov.strides[0])
+    hdrs[:, 3] = 1
 
 
 @njit(cache=False)
@@ -103,13 +145,17 @@ def _recv_ready(
     names: np.ndarray,
     namelens: np.ndarray,
     owner: np.ndarray,
+    shared_fd: int,
+    rx_hdrs: np.ndarray,
 ) -> int:
     """Read the sockets epoll reports ready (index into fds as the event data) into
     buf, one datagram per ready socket per round, rounds until epoll reports none:
     no `recvfrom` is spent finding a socket empty (EAGAIN), and a socket holding a
     burst is read in as many rounds. Returns the packets read; stops early when buf
     is full (epoll is level-triggered: the next call finds the rest). Indexes whose
-    fd is -1 (removed legs) are never read."""
+    fd is -1 (removed legs) are never read. The shared socket (event data SHARED_EV)
+    is read with one recvmmsg into the rest of buf (owner -1; rx_hdrs point at buf and
+    names, row by row)."""
     n = 0
     cap = buf.shape[0]
     size = buf.shape[1]
@@ -121,6 +167,18 @@ def _recv_ready(
         before = n
         for e in range(nev):
             i = events[e * EV_WORDS + EV_DATA]
+            if i == SHARED_EV:
+                if shared_fd < 0 or n >= cap:
+                    continue
+                want = min(cap - n, MMSG_MAX)
+                for k in range(n, n + want):
+                    rx_hdrs[k, 1] = SOCKADDR_IN
+                got = _recvmmsg(shared_fd, rx_hdrs[n:].ctypes.data, want, _MSG_DONTWAIT, 0)
+                for k in range(n, n + max(got, 0)):
+                    lens[k] = rx_hdrs[k, 7] & np.uint64(0xFFFFFFFF)
+                    owner[k] = -1
+                n += max(got, 0)
+                continue
             if i >= fds.shape[0]:
                 continue
             fd = fds[i]
@@ -151,16 +209,42 @@ def _send_all(
     row_fd: np.ndarray,
     name: np.ndarray,
     unsent: np.ndarray,
+    shared_fd: int,
+    tx_hdrs: np.ndarray,
+    tx_iov: np.ndarray,
+    tx_names: np.ndarray,
+    tx_k: np.ndarray,
 ) -> int:
     """sendto() each of the first n packets from its leg's socket (row_fd[rows[k]]) to
-    ips[k]:ports[k]. Packets of rows without a socket here, and failed sends, are listed
-    in `unsent`; returns how many there are."""
+    ips[k]:ports[k]; the packets of legs on the shared socket (row_fd SHARED_FD) go
+    together through sendmmsg (tx_* hold at least n headers). Packets of rows without a
+    socket here, and failed sends, are listed in `unsent`; returns how many there are."""
     m = 0
+    q = 0  # packets queued for the shared socket
+    base = np.uint64(data.ctypes.data)
+    stride = np.uint64(data.strides[0])
     name[0] = 2  # AF_INET, little-endian sa_family_t
     name[1] = 0
     for k in range(n):
         r = rows[k]
         fd = row_fd[r] if 0 <= r < row_fd.shape[0] else -1
+        if fd == SHARED_FD and shared_fd >= 0:
+            nm = tx_names[q]
+            nm[0] = 2
+            nm[1] = 0
+            port = ports[k]
+            ip = ips[k]
+            nm[2] = (port >> 8) & 0xFF
+            nm[3] = port & 0xFF
+            nm[4] = (ip >> 24) & 0xFF
+            nm[5] = (ip >> 16) & 0xFF
+            nm[6] = (ip >> 8) & 0xFF
+            nm[7] = ip & 0xFF
+            tx_iov[q, 0] = base + np.uint64(k) * stride
+            tx_iov[q, 1] = lens[k]
+            tx_k[q] = k
+            q += 1
+            continue
         if fd < 0:
             unsent[m] = k
             m += 1
@@ -178,13 +262,25 @@ def _send_all(
         if sent < 0:
             unsent[m] = k
             m += 1
+    done = 0
+    while done < q:
+        got = _sendmmsg(shared_fd, tx_hdrs[done:].ctypes.data, min(q - done, MMSG_MAX),
+                        _MSG_DONTWAIT)  # fmt: skip
+        if got <= 0:  # this one failed (a full buffer, a refused address): skip it
+            unsent[m] = tx_k[done]
+            m += 1
+            done += 1
+        else:
+            done += got
     return m
 
 
 class RtpSockets:
     """The RTP sockets of every leg, polled together: one epoll set says which to read."""
 
-    def __init__(self, batch: int = 1024) -> None:
+    def __init__(self, batch: int = 1024, legs: LegTable | None = None) -> None:
+        """`legs`: the engine's leg table, whose SDP addresses and latches say which
+        leg a datagram on the shared socket is for (needed only with one)."""
         self.fds = np.zeros(0, dtype=np.int32)
         self._epoll = select.epoll()  # owns the fd (closed with it); driven through libc
         self.epfd = self._epoll.fileno()
@@ -205,9 +301,70 @@ class RtpSockets:
         self._name = np.zeros(SOCKADDR_IN, dtype=np.uint8)
         self._unsent = np.zeros(0, dtype=np.int64)
         self._addr_cache: dict[bytes, tuple[str, int]] = {}
+        # The shared socket (set_shared), its legs (call id -> engine row), its table.
+        self.legs = legs
+        self.shared_sock: socket.socket | None = None
+        self.shared_fd = -1
+        self.shared_calls: dict[str, int] = {}
+        self._shared_by_row: dict[int, str] = {}
+        self.demux = DemuxTable()
+        self.foreign = 0  # datagrams on the shared socket from no leg's address, dropped
+        self._synced = 0  # rows[:_synced] came from the last recv: latches to take in
+        self._rx_hdrs = np.zeros((batch, MMSG_WORDS), dtype=np.uint64)
+        self._rx_iov = np.zeros((batch, 2), dtype=np.uint64)
+        _mmsg_headers(self.buf, self.names, self._rx_iov, self._rx_hdrs)
+        self._tx_hdrs = np.zeros((0, MMSG_WORDS), dtype=np.uint64)
+        self._tx_iov = np.zeros((0, 2), dtype=np.uint64)
+        self._tx_names = np.zeros((0, SOCKADDR_IN), dtype=np.uint8)
+        self._tx_k = np.zeros(0, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._index) + len(self.shared_calls)
+
+    def set_shared(self, sock: socket.socket) -> None:
+        """The worker's shared RTP socket (IPv4, bound, non-blocking): read in the same
+        epoll set, its legs added with `add_shared`. Its buffers are raised to
+        SHARED_SOCKET_BUFFER (past net.core.[rw]mem_max when the worker may)."""
+        if self.shared_sock is not None:
+            raise ValueError("the shared RTP socket is set already")
+        if self.legs is None:
+            raise ValueError("a shared RTP socket needs the engine's leg table")
+        for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):
+            try:  # SO_RCVBUFFORCE / SO_SNDBUFFORCE: CAP_NET_ADMIN
+                sock.setsockopt(socket.SOL_SOCKET, force, SHARED_SOCKET_BUFFER)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, plain, SHARED_SOCKET_BUFFER)
+        self._ctl(_EPOLL_CTL_ADD, sock.fileno(), SHARED_EV)
+        self.shared_sock = sock
+        self.shared_fd = sock.fileno()
+
+    def add_shared(self, call_id: str, row: int) -> None:
+        """A leg on the shared socket, at engine row `row`; its packets are told by
+        source address (its SDP address, once known: `refresh`)."""
+        if self.shared_sock is None or self.legs is None:
+            raise ValueError("no shared RTP socket")
+        if call_id in self._index or call_id in self.shared_calls:
+            raise ValueError(f"call {call_id!r} already has an RTP socket")
+        self.demux.add(row, self.legs.i)
+        self.shared_calls[call_id] = row
+        self._shared_by_row[row] = call_id
+        self._row_fd(row, SHARED_FD)
+
+    def refresh(self, call_id: str) -> None:
+        """The leg's SDP address (MediaRemote) or latch changed: its keys follow."""
+        row = self.shared_calls.get(call_id)
+        if row is not None and self.legs is not None:
+            self.demux.refresh(row, self.legs.i)
+
+    def on_shared(self, call_id: str) -> bool:
+        return call_id in self.shared_calls
+
+    def _row_fd(self, row: int, fd: int) -> None:
+        if row >= self.row_fd.size:
+            row_fd = np.full(max(64, 2 * row + 2), -1, dtype=np.int64)
+            row_fd[: self.row_fd.size] = self.row_fd
+            self.row_fd = row_fd
+        self.row_fd[row] = fd
 
     def fileno(self) -> int:
         """The epoll fd: readable while any leg's socket has a datagram waiting."""
@@ -250,18 +407,27 @@ class RtpSockets:
         self.fds[i] = sock.fileno()
         self.sock_rows[i] = row
         if row >= 0:
-            if row >= self.row_fd.size:
-                row_fd = np.full(max(64, 2 * row + 2), -1, dtype=np.int64)
-                row_fd[: self.row_fd.size] = self.row_fd
-                self.row_fd = row_fd
-            self.row_fd[row] = sock.fileno()
+            self._row_fd(row, sock.fileno())
         self._index[call_id] = i
 
     def get(self, call_id: str) -> socket.socket | None:
+        """The socket the leg's RTP leaves from (the shared one for a shared leg)."""
+        if call_id in self.shared_calls:
+            return self.shared_sock
         i = self._index.get(call_id)
         return None if i is None else self.socks[i]
 
     def remove(self, call_id: str) -> socket.socket | None:
+        """The leg's socket out of the set (None for a leg on the shared socket, which
+        stays; its addresses leave the table)."""
+        row = self.shared_calls.pop(call_id, None)
+        if row is not None:
+            self._shared_by_row.pop(row, None)
+            if self.legs is not None:
+                self.demux.remove(row, self.legs.i)
+            if row < self.row_fd.size:
+                self.row_fd[row] = -1
+            return None
         i = self._index.pop(call_id, None)
         if i is None:
             return None
@@ -283,14 +449,27 @@ class RtpSockets:
     def recv(self) -> int:
         """One fill of the buffer from the ready sockets: returns n, with `buf[:n]`,
         `lens[:n]`, `names[:n]` and each packet's engine row in `rows[:n]`. When
-        n == len(buf) there may be more: call again."""
+        n == len(buf) there may be more: call again. Datagrams on the shared socket
+        get their leg's row from their source address (-1: none, counted in
+        `foreign`)."""
+        if self._synced and self.legs is not None:
+            # the last pass may have latched legs: the table follows before this one
+            self.demux.sync(self.legs.i, self.rows, self._synced)
+        self._synced = 0
         n = int(
             _recv_ready(self.epfd, self.events, self.fds, self.buf, self.lens, self.names,
-                        self.namelens, self.owner)
+                        self.namelens, self.owner, self.shared_fd, self._rx_hdrs)
         )  # fmt: skip
         if n:
-            np.take(self.sock_rows, self.owner[:n], out=self.rows[:n])
+            self._rows(n)
         return n
+
+    def _rows(self, n: int) -> None:
+        """rows[:n]: a leg socket's packet from its socket's leg, a shared one by address."""
+        self.foreign += int(_demux(self.demux.keys, self.demux.vals, self.demux.salt,
+                                   self.names, self.owner, self.sock_rows, self.rows, n))  # fmt: skip
+        if self.shared_fd >= 0:
+            self._synced = n
 
     def send(self, data: np.ndarray, lens: np.ndarray, rows: np.ndarray, ips: np.ndarray,
              ports: np.ndarray, n: int) -> np.ndarray:  # fmt: skip
@@ -301,7 +480,17 @@ class RtpSockets:
             return self._unsent[:0]
         if self._unsent.size < n:
             self._unsent = np.zeros(max(n, 2 * self._unsent.size), dtype=np.int64)
-        m = _send_all(data, lens, rows, ips, ports, n, self.row_fd, self._name, self._unsent)
+        if self.shared_fd >= 0 and self._tx_k.size < n:
+            size = max(n, 2 * self._tx_k.size)
+            self._tx_hdrs = np.zeros((size, MMSG_WORDS), dtype=np.uint64)
+            self._tx_iov = np.zeros((size, 2), dtype=np.uint64)
+            self._tx_names = np.zeros((size, SOCKADDR_IN), dtype=np.uint8)
+            self._tx_k = np.zeros(size, dtype=np.int64)
+            # the payload pointers (iov) are the send loop's: the packets' own rows
+            _mmsg_headers(self._tx_names, self._tx_names, self._tx_iov, self._tx_hdrs)
+        m = _send_all(data, lens, rows, ips, ports, n, self.row_fd, self._name, self._unsent,
+                      self.shared_fd, self._tx_hdrs, self._tx_iov, self._tx_names,
+                      self._tx_k)  # fmt: skip
         return self._unsent[:m]
 
     def poll(self) -> list[tuple[str, bytes, tuple[str, int]]]:
@@ -309,15 +498,13 @@ class RtpSockets:
         out: list[tuple[str, bytes, tuple[str, int]]] = []
         cache = self._addr_cache
         while True:
-            n = _recv_ready(
-                self.epfd, self.events, self.fds, self.buf, self.lens, self.names,
-                self.namelens, self.owner,
-            )  # fmt: skip
+            n = self.recv()
             if n == 0:
                 return out
             buf, lens, names, owner, call_ids = (
                 self.buf, self.lens, self.names, self.owner, self.call_ids,
             )  # fmt: skip
+            by_row = self._shared_by_row
             for i in range(n):
                 key = names[i, 2:8].tobytes()
                 addr = cache.get(key)
@@ -325,7 +512,8 @@ class RtpSockets:
                     if len(cache) > 65536:
                         cache.clear()
                     addr = cache[key] = (socket.inet_ntoa(key[2:]), int.from_bytes(key[:2], "big"))
-                call_id = call_ids[owner[i]]
+                o = owner[i]
+                call_id = call_ids[o] if o >= 0 else by_row.get(int(self.rows[i]))
                 if call_id is not None:
                     out.append((call_id, buf[i, : lens[i]].tobytes(), addr))
             if n < buf.shape[0]:
@@ -343,6 +531,11 @@ class RtpSockets:
         self.fds = np.zeros(0, dtype=np.int32)
         self.sock_rows = np.zeros(0, dtype=np.int64)
         self.row_fd = np.full(0, -1, dtype=np.int64)
+        if self.shared_sock is not None:
+            self.shared_sock.close()
+            self.shared_sock, self.shared_fd = None, -1
+        self.shared_calls.clear()
+        self._shared_by_row.clear()
 
 
 def warm() -> None:
@@ -362,5 +555,35 @@ def warm() -> None:
         rs.recv()
         rs.remove("warm")
         rs.close()
+        _warm_shared()
     finally:
         a.close()
+
+
+def _warm_shared() -> None:
+    """The shared socket's paths: recvmmsg, the demux, sendmmsg."""
+    from media.kernels.rtpbatch import L_SDP_IP, L_SDP_PORT
+
+    legs = LegTable(capacity=1)
+    shared = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rs = RtpSockets(batch=4, legs=legs)
+    try:
+        shared.bind(("127.0.0.1", 0))
+        phone.bind(("127.0.0.1", 0))
+        shared.setblocking(False)
+        rs.set_shared(shared)
+        row = legs.add()
+        legs.i[row, L_SDP_IP] = 0x7F000001
+        legs.i[row, L_SDP_PORT] = phone.getsockname()[1]
+        rs.add_shared("warm", row)
+        phone.sendto(b"x" * 12, shared.getsockname())
+        rs.recv()
+        rs.recv()
+        one = np.ones(1, dtype=np.int64)
+        rs.send(np.zeros((1, 12), dtype=np.uint8), 12 * one, row * one, 0x7F000001 * one,
+                phone.getsockname()[1] * one, 1)  # fmt: skip
+        rs.remove("warm")
+    finally:
+        rs.close()
+        phone.close()

@@ -23,6 +23,9 @@ from pbx import messages as m
 from pbx.calls.context import CallContext, ToMedia
 from pbx.calls.state import Leg
 from pbx.calls.timers import TimerKind
+from pbx.sip import sdp
+from pbx.sip.errors import SipError
+from pbx.sip.uri import parse_uri
 
 log = logging.getLogger("pbx.calls")
 
@@ -43,7 +46,8 @@ class MediaPlane:
         with a free port: a call's second leg), else on the least-loaded live worker with
         one. The answer comes through `on_allocated` before this returns."""
         ctx = self.ctx
-        handout = ctx.media_workers.hand_out(leg.media_id, ctx.now, worker)
+        handout = ctx.media_workers.hand_out(leg.media_id, ctx.now, worker,
+                                             shared=self.wants_shared(leg))
         if handout is None:
             self.on_allocated(leg, False)
             return
@@ -57,6 +61,15 @@ class MediaPlane:
             call_id=leg.media_id, rtp_port=handout.port, seq=handout.seq,
             inband_dtmf=inband_dtmf)))
         self.on_allocated(leg, True)
+
+    def wants_shared(self, leg: Leg) -> bool:
+        """Whether the leg goes on its worker's shared RTP port (`[media] rtp_socket`):
+        "auto" keeps a leg that looks NATed on a port of its own, since on the shared
+        port only its SDP address can reach it (`workers.demux`)."""
+        mode = self.ctx.settings.media.rtp_socket
+        if mode != "auto":
+            return mode == "shared"
+        return not looks_natted(leg)
 
     def allocation_timeout(self, media_id: str) -> None:
         """The worker never confirmed the leg's port: its call ends."""
@@ -122,7 +135,7 @@ class MediaPlane:
     def forget(self, leg: Leg) -> None:
         """Drop our record of the leg's port (and the load it counted) without a release."""
         if leg.media.worker is not None:
-            self.ctx.media_workers.release(leg.media.worker, leg.media.rtp_port)
+            self.ctx.media_workers.release(leg.media.worker, leg.media.rtp_port, leg.media_id)
         leg.media.worker = None
         self.ctx.timers.cancel(TimerKind.ALLOCATION, leg.media_id)
         self.ctx.table.legs_by_media.pop(leg.media_id, None)
@@ -156,7 +169,7 @@ class MediaPlane:
                      identity)
             return None
         if isinstance(msg, m.MediaPorts):
-            ctx.media_workers.announce(identity, msg.ports, msg.allocate_seq)
+            ctx.media_workers.announce(identity, msg.ports, msg.allocate_seq, msg.shared_port)
         elif isinstance(msg, m.MediaAllocated):
             self._allocated(identity, msg)
         elif isinstance(msg, m.MediaEvent):
@@ -188,7 +201,7 @@ class MediaPlane:
         if isinstance(msg, m.MediaHeartbeat):  # counts since the worker's last heartbeat
             ctx.stats["rtp_foreign_dropped"] += msg.rtp_foreign_dropped
             ctx.stats["rtcp_foreign_dropped"] += msg.rtcp_foreign_dropped
-            ctx.media_workers.announce(identity, msg.ports, msg.allocate_seq)
+            ctx.media_workers.announce(identity, msg.ports, msg.allocate_seq, msg.shared_port)
             ctx.metrics.media_heartbeat(identity, msg)
 
     def expire_workers(self) -> None:
@@ -202,3 +215,30 @@ class MediaPlane:
                         if lg.media.worker == identity]:
                 self.forget(leg)
                 self.on_failed(leg, "MediaWorkerLost")
+
+
+def looks_natted(leg: Leg) -> bool:
+    """Whether the leg's RTP may come from another address than its SDP will say (so it
+    needs a port of its own): an inbound leg whose offer's c= address is not the address
+    its INVITE came from (a phone behind NAT puts its private address in both its
+    Contact and its SDP), or whose offer cannot be read; an outbound leg sent elsewhere
+    than its Request-URI's host (a registered phone reached where its REGISTER came
+    from, not at its Contact: behind NAT). The c= of an outbound leg's answer comes
+    after the port is chosen, so the registration is all there is to judge by."""
+    if leg.outbound:
+        try:
+            uri = parse_uri(leg.dialog.remote_target)
+        except SipError:
+            return True
+        return (uri.host.strip("[]"), uri.port or 5060) != (leg.addr[0], leg.addr[1])
+    if leg.invite is None or leg.source is None:
+        return True
+    try:
+        offer = sdp.parse_sdp(leg.invite.body)
+    except SipError:
+        return True
+    audio = next((md for md in offer.media if md.media == "audio" and md.port), None)
+    if audio is None:
+        return True
+    connection = audio.connection or offer.connection
+    return connection != leg.source[0]

@@ -112,3 +112,29 @@ def test_dead_worker_ends_its_calls_and_its_pool_is_forgotten(tmp_path: Path) ->
     assert rig.core.snapshot()["media_ports_free"] == 0
     rig.feed(another_call(2), CALLER)
     assert rig.responses()[-1].status == 503
+
+
+def test_shared_mode_hands_out_the_worker_s_shared_port_to_every_leg(tmp_path: Path) -> None:
+    """[media] rtp_socket = "shared": every call's leg gets the worker's announced shared
+    port at once (no pooled port taken), within the worker's capacity; the worker's
+    confirmations are taken leg by leg."""
+    rig = CoreRig(tmp_path, extra='\n[media]\nrtp_socket = "shared"\n')
+    rig.auto_allocate = False
+    pool_before = list(rig.worker.pool)
+    rig.core.media_message(b"w", m.MediaPorts(ports=pool_before, allocate_seq=0,
+                                              shared_port=31000), rig.now)  # fmt: skip
+    rig.call()
+    rig.feed(another_call(2), CALLER)
+    assert finals(rig) == [200, 200]
+    allocs = rig.of(m.MediaAllocate)
+    assert [a.rtp_port for a in allocs] == [31000, 31000]
+    for ok in [r for r in rig.responses() if r.status == 200]:
+        assert sdp.parse_answer(ok.body).remote_port == 31000
+    pool = rig.core.ctx.media_workers.pool(b"w")
+    assert pool is not None and pool.free_ports() == pool_before  # no pooled port taken
+    for a in allocs:
+        rig.core.media_message(b"w", m.MediaAllocated(call_id=a.call_id, rtp_ip="127.0.0.1",
+                                                      rtp_port=31000), rig.now)  # fmt: skip
+    assert not pool.shared_unconfirmed and len(pool.shared_in_use) == 2
+    rig.advance(MEDIA_ALLOCATE_TIMEOUT_S + 1)
+    assert not rig.requests("BYE", CALLER)  # confirmed: nothing ends

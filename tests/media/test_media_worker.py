@@ -22,6 +22,7 @@ from pbx.messages import (
     DtmfDigit,
     MediaAllocate,
     MediaAllocated,
+    MediaBridge,
     MediaEvent,
     MediaHeartbeat,
     MediaPlay,
@@ -118,7 +119,9 @@ class Front:
 
 
 @pytest.fixture
-def worker(tmp_path: Path) -> Iterator[tuple[Front, subprocess.Popen[bytes]]]:
+def worker(request: pytest.FixtureRequest, tmp_path: Path
+           ) -> Iterator[tuple[Front, subprocess.Popen[bytes]]]:
+    """The worker process; an indirect parameter adds lines to its [media] section."""
     sounds = tmp_path / "sounds"
     sounds.mkdir()
     write_wav(sounds / "half.wav", 0.5)
@@ -130,7 +133,7 @@ def worker(tmp_path: Path) -> Iterator[tuple[Front, subprocess.Popen[bytes]]]:
     config.write_text(
         f'[zmq]\nmedia_endpoint = "{endpoint}"\n\n'
         f'[media]\nrtp_ip = "127.0.0.1"\nrtp_ports = "{low}-{low + 99}"\n'
-        f'sounds_dir = "{sounds}"\nheartbeat_ms = 200\n',
+        f'sounds_dir = "{sounds}"\nheartbeat_ms = 200\n{getattr(request, "param", "")}\n',
         encoding="utf-8",
     )
     front = Front(endpoint)
@@ -416,3 +419,103 @@ def test_worker_drops_strangers_packets_and_counts_them(
     finally:
         phone.close()
         stranger.close()
+
+
+@pytest.mark.parametrize("worker", ['rtp_socket = "shared"'], indirect=True)
+def test_shared_port_legs_told_apart_by_source_and_strangers_reach_none(
+    worker: tuple[Front, subprocess.Popen[bytes]],
+) -> None:
+    """Two legs on the worker's shared port, their phones on one IP with different
+    ports: each leg hears its own prompt from the shared port and gets its own digit;
+    bridged, a's audio reaches b; a stranger's RTP (digits, audio) and RTCP there reach
+    no leg: no digit, nothing forwarded, counted per worker and none per leg."""
+    front, _ = worker
+    assert isinstance(front.recv(READY_TIMEOUT_S), MediaReady)
+    ports = front.recv_kind(MediaPorts)
+    assert ports.shared_port is not None and ports.shared_port not in ports.ports
+    shared = ("127.0.0.1", ports.shared_port)
+    phones = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for s in [*phones, stranger]:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(TIMEOUT_S)
+    from media.rtcp import ReceiveStats, build_report
+
+    try:
+        for call, phone in zip(("a", "b"), phones, strict=True):
+            front.seq += 1
+            front.send(MediaAllocate(call_id=call, rtp_port=shared[1], seq=front.seq))
+            allocated = front.recv_kind(MediaAllocated)
+            assert allocated.error is None and allocated.rtp_port == shared[1], allocated
+            front.send(MediaRemote(call_id=call, remote_ip="127.0.0.1",
+                                   remote_port=phone.getsockname()[1], payload_type=0,
+                                   codec="PCMU", dtmf_payload_type=101))  # fmt: skip
+        front.send(MediaPlay(call_id="a", play_id=1, file="half.wav"))
+        data, src = phones[0].recvfrom(2048)
+        assert src == shared and parse_rtp(data).payload_type == 0
+        # each phone presses its own key from its SDP address; a stranger sprays 9s
+        for k in range(6):
+            for digit, phone in ((1, phones[0]), (2, phones[1])):
+                ev = build_event(digit, k >= 3, 10, 160 * (k + 1))
+                phone.sendto(build_rtp(RtpPacket(101, 100 + k, 8000, 0x70 + digit, ev,
+                                                 k == 0)), shared)  # fmt: skip
+            ev = build_event(9, k >= 3, 10, 160 * (k + 1))
+            stranger.sendto(build_rtp(RtpPacket(101, 300 + k, 4000, 0x666, ev, k == 0)), shared)
+            time.sleep(0.02)
+        phones[1].sendto(build_report(0x72, "b", 0.0, 0.0, ReceiveStats(), None),
+                         (shared[0], shared[1] + 1))  # fmt: skip
+        for _ in range(2):
+            stranger.sendto(build_report(0x666, "x", 0.0, 0.0, None, None),
+                            (shared[0], shared[1] + 1))  # fmt: skip
+        digits: dict[str, str] = {}
+        counted = [0, 0]
+        deadline = time.monotonic() + TIMEOUT_S
+        while (len(digits) < 2 or counted != [6, 2]) and time.monotonic() < deadline:
+            try:
+                msg = front.recv(max(0.01, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            if isinstance(msg, MediaEvent) and isinstance(msg.event, DtmfDigit):
+                assert msg.call_id not in digits, "one press, one digit"
+                digits[msg.call_id] = msg.event.digit
+            elif isinstance(msg, MediaHeartbeat):
+                counted[0] += msg.rtp_foreign_dropped
+                counted[1] += msg.rtcp_foreign_dropped
+        assert digits == {"a": "1", "b": "2"} and counted == [6, 2]
+        # bridged: a's audio reaches b from the shared port, the stranger's never does
+        front.send(MediaBridge(call_id="a", peer_call_id="b"))
+        time.sleep(0.1)
+        phones[1].settimeout(0.05)
+        while True:  # what b heard before the bridge (fill)
+            try:
+                phones[1].recv(2048)
+            except TimeoutError:
+                break
+        for k in range(10):
+            phones[0].sendto(build_rtp(RtpPacket(0, 200 + k, 160 * k, 0x71, b"\x22" * 160)),
+                             shared)  # fmt: skip
+            stranger.sendto(build_rtp(RtpPacket(0, 400 + k, 160 * k, 0x666, b"\x11" * 160)),
+                            shared)  # fmt: skip
+            time.sleep(0.02)
+        heard = []
+        while True:
+            try:
+                data, src = phones[1].recvfrom(2048)
+            except TimeoutError:
+                break
+            assert src == shared
+            heard.append(parse_rtp(data).payload)
+        assert sum(p == b"\x22" * 160 for p in heard) >= 8, len(heard)
+        assert not any(b"\x11" in p for p in heard), "the stranger's audio was forwarded"
+        released = {}
+        for call in ("a", "b"):
+            front.send(MediaRelease(call_id=call))
+            msg = front.recv_kind(MediaReleased)
+            released[msg.call_id] = msg
+        assert released["a"].packets_received == 16 and released["b"].packets_received == 6
+        assert released["b"].rtcp_received == 1
+        assert all(r.rtp_foreign_dropped == 0 and r.rtcp_foreign_dropped == 0
+                   for r in released.values())
+    finally:
+        for s in [*phones, stranger]:
+            s.close()

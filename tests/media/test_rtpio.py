@@ -163,3 +163,110 @@ def test_worker_reads_on_readiness_and_coalesces(socks: list[socket.socket]) -> 
             w.rtp._epoll.close()
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------ the shared socket
+
+
+def _phones(k: int) -> list[socket.socket]:
+    out = []
+    for _ in range(k):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+        out.append(s)
+    return out
+
+
+def test_shared_socket_reads_with_recvmmsg_and_demuxes_by_source(
+    socks: list[socket.socket],
+) -> None:
+    """Legs on the shared socket and a leg on its own socket, in one receive pass: each
+    packet gets its leg's row by source address; strangers get -1 and are counted."""
+    from media.kernels.rtpbatch import L_SDP_IP, L_SDP_PORT
+    from media.legtable import LegTable
+
+    legs = LegTable()
+    rs = RtpSockets(batch=64, legs=legs)
+    shared = socks[0]
+    phones = _phones(3)
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rs.set_shared(shared)
+        rows = []
+        for k, phone in enumerate(phones[:2]):
+            row = legs.add()
+            legs.i[row, L_SDP_IP] = 0x7F000001
+            legs.i[row, L_SDP_PORT] = phone.getsockname()[1]
+            rs.add_shared(f"s{k}", row)
+            rows.append(row)
+        own = legs.add()
+        rs.add("own", socks[1], own)
+        assert len(rs) == 3 and rs.on_shared("s0") and not rs.on_shared("own")
+        for j in range(20):  # a burst: one recvmmsg takes it
+            phones[j % 2].sendto(b"p%d" % j, shared.getsockname())
+        phones[2].sendto(b"o", socks[1].getsockname())
+        for _ in range(5):
+            stranger.sendto(b"evil", shared.getsockname())
+        got = drain(rs)
+        assert sorted((r, p) for _, r, p in got if p != b"evil") == sorted(
+            [(rows[j % 2], b"p%d" % j) for j in range(20)] + [(own, b"o")]
+        )
+        assert [r for _, r, p in got if p == b"evil"] == [-1] * 5 and rs.foreign == 5
+        assert [p for _, r, p in got if r == rows[0]] == [b"p%d" % j for j in range(0, 20, 2)]
+        # a removed leg's source becomes a stranger; the socket stays for the others
+        assert rs.remove("s0") is None
+        phones[0].sendto(b"late", shared.getsockname())
+        phones[1].sendto(b"still", shared.getsockname())
+        got = drain(rs)
+        assert sorted((r, p) for _, r, p in got) == [(-1, b"late"), (rows[1], b"still")]
+        assert rs.foreign == 6
+    finally:
+        for p in [*phones, stranger]:
+            p.close()
+        rs.close()
+
+
+def test_shared_socket_sends_with_sendmmsg_from_its_port(socks: list[socket.socket]) -> None:
+    """One send batch: shared legs' packets leave from the shared port, an own-socket
+    leg's from its own; a row without a socket is reported unsent."""
+    import numpy as np
+
+    from media.legtable import LegTable
+
+    legs = LegTable()
+    rs = RtpSockets(batch=8, legs=legs)
+    phones = _phones(3)
+    try:
+        rs.set_shared(socks[0])
+        a, b, c = legs.add(), legs.add(), legs.add()
+        rs.add_shared("a", a)
+        rs.add_shared("b", b)
+        rs.add("c", socks[1], c)
+        n = 1500  # more than one sendmmsg takes (UIO_MAXIOV)
+        data = np.zeros((n + 1, 20), dtype=np.uint8)
+        for k in range(n + 1):
+            data[k, :4] = list(k.to_bytes(4, "big"))
+        lens = np.full(n + 1, 4, dtype=np.int64)
+        rows = np.array([a, b, c] * (n // 3) + [99], dtype=np.int64)
+        ips = np.full(n + 1, 0x7F000001, dtype=np.int64)
+        ports = np.array([p.getsockname()[1] for p in phones] * (n // 3) + [1], dtype=np.int64)
+        for p in phones:
+            p.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        unsent = rs.send(data, lens, rows, ips, ports, n + 1)
+        assert unsent.tolist() == [n]
+        for j, phone in enumerate(phones):
+            got = []
+            while True:
+                try:
+                    payload, src = phone.recvfrom(100)
+                except BlockingIOError:
+                    break
+                got.append(int.from_bytes(payload, "big"))
+                want = socks[0] if j < 2 else socks[1]
+                assert src == want.getsockname()
+            assert got == list(range(j, n, 3))
+    finally:
+        for p in phones:
+            p.close()
+        rs.close()
