@@ -82,12 +82,15 @@ from perf.benchlib import (  # noqa: E402
     generator_socket,
     load_average,
     log,
+    machine_cpu_s,
     pct,
     proc_cpu_s,
     proc_rss_kb,
     start_media_worker,
     thread_cpu_s,
     udp_rcvbuf_errors,
+    udp_socket_drops,
+    wait_until_quiet,
 )
 from perf.bencode import BencodeError  # noqa: E402
 from perf.bencode import decode as bdecode  # noqa: E402
@@ -377,6 +380,7 @@ class Recv:
 
     cap: int
     n: int = 0
+    overflow: int = 0  # datagrams not kept: more than `cap` arrived
     leg: np.ndarray = field(init=False)
     pt: np.ndarray = field(init=False)
     ts: np.ndarray = field(init=False)
@@ -394,7 +398,7 @@ class Recv:
         ok = (rx.msg_lengths[:n] >= 12) & (legs >= 0)
         m = int(ok.sum())
         if self.n + m > self.cap:
-            m = 0
+            self.overflow += m
             return
         s = slice(self.n, self.n + m)
         self.leg[s] = legs[ok]
@@ -485,28 +489,39 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
             ep.register(s.fileno(), select.EPOLLIN)
 
         def drain(until: float) -> None:
-            while (left := until - time.monotonic()) > 0:
-                for fd, _ in ep.poll(left):
+            # at least one pass, even when the tick's sending ran late
+            left = 0.0
+            while True:
+                for fd, _ in ep.poll(max(0.0, left)):
                     k = fd_sock[fd]
                     while (n := rx.recv(fd)) > 0:
                         legs_rx = (np.full(n, legs_of[k][0]) if per_sock == 1
                                    else port_to_leg[rx.ports[:n]])  # fmt: skip
                         recv.add(rx, n, legs_rx)
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
 
         cpu0 = 0.0
         threads0: dict[str, float] = {}
         t_meas0 = 0.0
         gen_cpu0 = 0.0
         drops0 = 0
+        machine0 = 0.0
+        sock_drops0: dict[int, int] = {}
         log(f"{target} {mode} N={n_calls}: {n_calls} calls up in {setup_s:.1f} s; "
             f"warm-up {args.warmup} s, measuring {args.measure} s")  # fmt: skip
         origin = time.monotonic() + 0.05
+        gen_late_ms = np.zeros(total_ticks)
         for tick in range(total_ticks):
+            gen_late_ms[tick] = (time.monotonic() - (origin + tick * TICK_S)) * 1000
             if tick == warm_ticks:
                 cpu0 = proc_cpu_s(relay.pid)
                 threads0 = thread_cpu_s(relay.pid)
                 gen_cpu0 = time.process_time()
                 drops0 = udp_rcvbuf_errors()
+                sock_drops0 = udp_socket_drops()
+                machine0 = machine_cpu_s()
                 t_meas0 = time.monotonic()
             k_in_press = (tick - phase) % press_period
             pressing = (k_in_press < PRESS_TICKS) & (tick - k_in_press >= 0)
@@ -556,19 +571,25 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
                     d[:me, 13] = np.where(e_end, 0x80, 0) | 10  # volume -10 dBm0
                     d[:me, 14:16].view(">u2")[:, 0] = (e_k + 1) * SPF
                     etx.lengths[:me] = EVENT_PKT
-                    events_sent[e_legs] += 1  # counted per leg (reps are repeated rows)
+                    np.add.at(events_sent, e_legs, 1)
                     etx.send(socks[k].fileno(), me)
                     seq[pl] += reps
             seq += 1
             relay.poll()
             drain(origin + (tick + 1) * TICK_S)
         cpu1 = proc_cpu_s(relay.pid)
+        machine1 = machine_cpu_s()
         threads1 = thread_cpu_s(relay.pid)
         t_meas = time.monotonic() - t_meas0
         gen_cpu = time.process_time() - gen_cpu0
         rss1 = proc_rss_kb(relay.pid)
         drain(time.monotonic() + 0.5)  # the last frames still on their way
         drops = udp_rcvbuf_errors() - drops0
+        sock_drops1 = udp_socket_drops()
+        gen_drops = sum(sock_drops1.get(int(p), 0) - sock_drops0.get(int(p), 0)
+                        for p in np.unique(gen_ports))  # fmt: skip
+        relay_drops = sum(sock_drops1.get(int(p), 0) - sock_drops0.get(int(p), 0)
+                          for p in np.unique(relay_ports))  # fmt: skip
         relay.poll()
         notes = relay.notes()
     finally:
@@ -596,11 +617,22 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
         "rss_loaded_kb": rss1,
         "kb_per_call": round((rss1 - rss0) / n_calls, 1),
         "generator_cpu_pct_core": round(100.0 * gen_cpu / t_meas, 1),
+        # every other process on the machine meanwhile (busy CPU - relay - generator)
+        "others_cpu_pct_core": round(
+            100.0 * ((machine1 - machine0) - (cpu1 - cpu0) - gen_cpu) / t_meas, 1),
         "generator_sockets": n_socks,
+        # how late the generator's ticks began (a starved generator sends late and drains late)
+        "generator_late_ms": {"p99": round(pct(gen_late_ms[warm_ticks:], 99), 2),
+                              "max": round(pct(gen_late_ms[warm_ticks:], 100), 2)},
         "send_call_us": {"p50": round(pct(np.array(send_call_ns), 50) / 1e3, 1),
                          "max": round(pct(np.array(send_call_ns), 100) / 1e3, 1)},
         "generator_audio_send_failures": audio_sent_fail,
         "udp_rcvbuf_errors": drops,
+        # of which at the generator's sockets and at the relay's RTP ports
+        "udp_drops_generator": gen_drops,
+        "udp_drops_relay": relay_drops,
+        "datagrams_received": recv.n + recv.overflow,
+        "datagrams_not_kept": recv.overflow,
         "relay_errors": errors,
         "notes": notes,
     }
@@ -731,7 +763,7 @@ def analyse(recv: Recv, codecs: tuple[str, str], signatures: dict[str, np.ndarra
 
 def row(r: dict[str, Any] | None) -> list[str]:
     if r is None:
-        return ["-"] * 6
+        return ["-"] * 8
     lat = r["latency_ms"]
     return [
         f"{r['cpu_pct_per_call']:.4f}",
@@ -740,6 +772,8 @@ def row(r: dict[str, Any] | None) -> list[str]:
         f"{r['audio']['forwarded']}/{r['audio']['lost']}",
         f"{r['events']['received']}",
         f"{r['generator_cpu_pct_core']:.0f}%",
+        f"{r['generator_late_ms']['p99']:.1f}",
+        f"{r['others_cpu_pct_core']:.0f}%",
     ]
 
 
@@ -747,7 +781,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
     steps: dict[tuple[int, int, str], dict[str, dict[str, Any]]] = {}
     for r in results:
         steps.setdefault((r["run"], r["calls"], r["mode"]), {})[r["target"]] = r
-    cols = ["%core/call", "KB/call", "lat p50/p99 ms", "fwd/lost", "events", "gen CPU"]
+    cols = ["%core/call", "KB/call", "lat p50/p99 ms", "fwd/lost", "events", "gen CPU",
+            "gen late p99 ms", "others CPU"]  # fmt: skip
     print(f"{'run':>3} {'calls':>5} {'mode':>5} {'':>9} " + " ".join(f"{c:>16}" for c in cols))
     for (run, calls, mode), by in sorted(steps.items()):
         for target in ("worker", "rtpengine"):
@@ -769,6 +804,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="*", choices=sorted(MODES), default=["pcmu", "pcma"])
     ap.add_argument("--peer", choices=["rtpengine"], default=None,
                     help="also run the same calls on a local rtpengine, alternating")
+    ap.add_argument("--peer-only", action="store_true", help="skip the media worker")
     ap.add_argument("--runs", type=int, default=1, help="repeat every step this many times")
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--measure", type=float, default=20.0)
@@ -778,6 +814,10 @@ def main() -> None:
     ap.add_argument("--peer-ports", default="16000-19999", help="rtpengine's RTP ports")
     ap.add_argument("--ng-port", type=int, default=22231, help="rtpengine's ng control port")
     ap.add_argument("--rtpengine", default="/usr/bin/rtpengine", help="the rtpengine binary")
+    ap.add_argument("--quiet-cores", type=float, default=0.3,
+                    help="before each step wait until the machine is this busy at most")
+    ap.add_argument("--quiet-wait", type=float, default=90.0,
+                    help="seconds to wait for that at most (then run anyway)")
     ap.add_argument("--label", default="", help="free text stored in the JSON")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -789,7 +829,7 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 4 * max(args.n) + 256))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    targets = ["worker"] + ([args.peer] if args.peer else [])
+    targets = ([] if args.peer_only else ["worker"]) + ([args.peer] if args.peer else [])
     if args.peer == "rtpengine":
         if not Path(args.rtpengine).exists():
             raise SystemExit(f"{args.rtpengine} not found: apt-get install -y rtpengine-daemon")
@@ -808,10 +848,18 @@ def main() -> None:
                 order = targets if step % 2 == 0 else targets[::-1]
                 step += 1
                 for target in order:
+                    busy = wait_until_quiet(args.quiet_cores, args.quiet_wait)
                     load = load_average()
+                    top = subprocess.run(
+                        ["ps", "-eo", "pcpu,etime,args", "--sort=-pcpu"], capture_output=True,
+                        text=True, timeout=10).stdout.splitlines()[1:5]  # fmt: skip
+                    log(f"{target}: machine busy {busy:.2f} cores, load average {load}")
                     r = run_one(target, mode, n, args)
                     r["run"] = run
                     r["load_average_before"] = load
+                    r["busy_cores_before"] = round(busy, 2)
+                    r["top_processes_before"] = top
+
                     results.append(r)
                     lat = r["latency_ms"]
                     log(f"{target} {mode} N={n}: {r['cpu_pct_core']}% of a core = "

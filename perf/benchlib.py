@@ -82,6 +82,37 @@ def udp_rcvbuf_errors() -> int:
     return int(lines[1][lines[0].index("RcvbufErrors")])
 
 
+def udp_socket_drops() -> dict[int, int]:
+    """Datagrams dropped per local UDP port (the `drops` column of /proc/net/udp: a full
+    receive buffer, or a failed filter), summed over the sockets bound to each port."""
+    out: dict[int, int] = {}
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 13:
+            continue
+        port = int(fields[1].rsplit(":", 1)[1], 16)
+        out[port] = out.get(port, 0) + int(fields[-1])
+    return out
+
+
+def machine_cpu_s() -> float:
+    """CPU seconds every core spent busy since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_quiet(max_busy_cores: float, max_wait_s: float, sample_s: float = 2.0) -> float:
+    """Wait (at most max_wait_s) until the machine's busy cores over `sample_s` are at most
+    `max_busy_cores`; returns the last reading."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        c0 = machine_cpu_s()
+        time.sleep(sample_s)
+        busy = (machine_cpu_s() - c0) / sample_s
+        if busy <= max_busy_cores or time.monotonic() >= deadline:
+            return busy
+
+
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
