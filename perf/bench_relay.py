@@ -777,6 +777,12 @@ def row(r: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def trustworthy(r: dict[str, Any]) -> bool:
+    """False when the step's figures say more about the machine than the relay: the
+    generator fell behind its 20 ms schedule, or other processes took most of a core."""
+    return r["generator_late_ms"]["p99"] <= 20.0 and r["others_cpu_pct_core"] <= 50.0
+
+
 def print_table(results: list[dict[str, Any]]) -> None:
     steps: dict[tuple[int, int, str], dict[str, dict[str, Any]]] = {}
     for r in results:
@@ -788,8 +794,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
         for target in ("worker", "rtpengine"):
             if target in by:
                 cells = row(by[target])
+                mark = "" if trustworthy(by[target]) else "  * disturbed"
                 print(f"{run:>3} {calls:>5} {mode:>5} {target:>9} "
-                      + " ".join(f"{c:>16}" for c in cells))  # fmt: skip
+                      + " ".join(f"{c:>16}" for c in cells) + mark)  # fmt: skip
         w, p = by.get("worker"), by.get("rtpengine")
         if w and p and p["cpu_pct_per_call"] > 0:
             ratio = w["cpu_pct_per_call"] / p["cpu_pct_per_call"]
@@ -859,6 +866,7 @@ def main() -> None:
                     r["load_average_before"] = load
                     r["busy_cores_before"] = round(busy, 2)
                     r["top_processes_before"] = top
+                    r["trustworthy"] = trustworthy(r)
 
                     results.append(r)
                     lat = r["latency_ms"]
@@ -868,6 +876,8 @@ def main() -> None:
                         f"threads {r['threads_cpu_pct_core']}")  # fmt: skip
     print()
     print_table(results)
+    print("* disturbed: the generator ran > 20 ms late (p99) or other processes used > 50 % "
+          "of a core meanwhile")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "tool": "bench_relay",
