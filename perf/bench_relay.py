@@ -88,6 +88,7 @@ from perf.benchlib import (  # noqa: E402
     proc_rss_kb,
     start_media_worker,
     thread_cpu_s,
+    udp_counter,
     udp_rcvbuf_errors,
     udp_socket_drops,
     wait_until_quiet,
@@ -508,6 +509,7 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
         gen_cpu0 = 0.0
         drops0 = 0
         machine0 = 0.0
+        udp_out0 = 0
         sock_drops0: dict[int, int] = {}
         log(f"{target} {mode} N={n_calls}: {n_calls} calls up in {setup_s:.1f} s; "
             f"warm-up {args.warmup} s, measuring {args.measure} s")  # fmt: skip
@@ -522,6 +524,7 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
                 drops0 = udp_rcvbuf_errors()
                 sock_drops0 = udp_socket_drops()
                 machine0 = machine_cpu_s()
+                udp_out0 = udp_counter("OutDatagrams")
                 t_meas0 = time.monotonic()
             k_in_press = (tick - phase) % press_period
             pressing = (k_in_press < PRESS_TICKS) & (tick - k_in_press >= 0)
@@ -579,6 +582,7 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
             drain(origin + (tick + 1) * TICK_S)
         cpu1 = proc_cpu_s(relay.pid)
         machine1 = machine_cpu_s()
+        udp_out = udp_counter("OutDatagrams") - udp_out0
         threads1 = thread_cpu_s(relay.pid)
         t_meas = time.monotonic() - t_meas0
         gen_cpu = time.process_time() - gen_cpu0
@@ -628,6 +632,9 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
                          "max": round(pct(np.array(send_call_ns), 100) / 1e3, 1)},
         "generator_audio_send_failures": audio_sent_fail,
         "udp_rcvbuf_errors": drops,
+        # every UDP datagram the machine sent, per second and per call: the generator's
+        # 100 per call (50 per leg) and the relay's 100 (an independent check of the rate)
+        "udp_out_per_s_per_call": round(udp_out / t_meas / n_calls, 1),
         # of which at the generator's sockets and at the relay's RTP ports
         "udp_drops_generator": gen_drops,
         "udp_drops_relay": relay_drops,

@@ -72,6 +72,15 @@ def proc_rss_kb(pid: int) -> int:
     return 0
 
 
+def udp_counter(name: str) -> int:
+    """One machine-wide UDP counter of /proc/net/snmp (InDatagrams, OutDatagrams, ...)."""
+    lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()
+             if ln.startswith("Udp:")]  # fmt: skip
+    if len(lines) < 2 or name not in lines[0]:
+        return 0
+    return int(lines[1][lines[0].index(name)])
+
+
 def udp_rcvbuf_errors() -> int:
     """Datagrams the kernel dropped for a full receive buffer, machine-wide (/proc/net/snmp):
     tells a starved generator's drops from packets the worker never sent."""
