@@ -840,6 +840,7 @@ def main() -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 4 * max(args.n) + 256))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
