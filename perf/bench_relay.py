@@ -102,8 +102,9 @@ TICK_S = 0.020
 SPF = 160  # samples per 20 ms frame
 PKT = 12 + SPF
 EVENT_PKT = 16
-N_FRAMES = 64  # distinct noise frames: frame tick % 64 is sent at each tick
-SIG_SAMPLES = 16  # samples of a received frame compared to name it
+N_FRAMES = 64  # distinct noise frames (a frame's samples 16-31 come from another one)
+SIG_SAMPLES = 16  # samples compared per part of a frame's name (two parts)
+CYCLE = N_FRAMES * N_FRAMES  # a frame's name repeats every 4096 ticks (82 s)
 LEGS_PER_SOCKET = 256
 DTMF_PT = 101
 PRESS_TICKS = 5  # 100 ms per press
@@ -393,7 +394,7 @@ class Recv:
         self.pt = np.empty(self.cap, dtype=np.int64)
         self.ts = np.empty(self.cap, dtype=np.int64)
         self.t_ns = np.empty(self.cap, dtype=np.int64)
-        self.sig = np.empty((self.cap, SIG_SAMPLES), dtype=np.uint8)
+        self.sig = np.empty((self.cap, 2 * SIG_SAMPLES), dtype=np.uint8)
 
     def add(self, rx: RecvBatch, n: int, legs: np.ndarray) -> None:
         ok = (rx.msg_lengths[:n] >= 12) & (legs >= 0)
@@ -407,7 +408,7 @@ class Recv:
         self.pt[s] = pt
         self.ts[s] = rx.data[:n, 4:8].view(">u4")[:, 0][ok]
         self.t_ns[s] = rx.times_ns[:n][ok]
-        self.sig[s] = rx.data[:n, 12 : 12 + SIG_SAMPLES][ok]
+        self.sig[s] = rx.data[:n, 12 : 12 + 2 * SIG_SAMPLES][ok]
         self.n += m
 
 
@@ -469,7 +470,7 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
             event_tx.append(etx)
         payload_rows = [np.stack([noise[leg_codec[g]] for g in legs], axis=1)
                         for legs in legs_of]  # [64 frames, legs, 160] per socket  # fmt: skip
-        rx = RecvBatch(vlen=512, size=12 + SIG_SAMPLES, timestamps=True)
+        rx = RecvBatch(vlen=512, size=12 + 2 * SIG_SAMPLES, timestamps=True)
 
         total_ticks = round((args.warmup + args.measure) / TICK_S)
         warm_ticks = round(args.warmup / TICK_S)
@@ -543,7 +544,11 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
                 tx.data[:m, 1] = leg_pt[legs] | (0x80 if tick == 0 else 0)
                 tx.data[:m, 2:4].view(">u2")[:, 0] = seq[legs] & 0xFFFF
                 tx.data[:m, 4:8].view(">u4")[:, 0] = ts[legs]
+                # frame `tick % 64`, its samples 16-31 those of frame `tick // 64 % 64`:
+                # together they name the tick modulo 4096 (see analyse)
                 tx.data[:m, 12:PKT] = payload_rows[k][tick % N_FRAMES]
+                tx.data[:m, 12 + SIG_SAMPLES : 12 + 2 * SIG_SAMPLES] = payload_rows[k][
+                    tick // N_FRAMES % N_FRAMES][:, SIG_SAMPLES : 2 * SIG_SAMPLES]
                 t_a = time.time_ns()
                 sent = tx.send(socks[k].fileno(), m)
                 t_b = time.time_ns()
@@ -652,9 +657,10 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
 
 
 def frame_signatures(noise: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Linear samples of the first SIG_SAMPLES of each noise frame, per sending codec."""
-    return {c: g711.decode(frames[:, :SIG_SAMPLES].reshape(-1), c).reshape(-1, SIG_SAMPLES)
-            .astype(np.int32) for c, frames in noise.items()}  # fmt: skip
+    """Linear samples 0-31 of each noise frame, per sending codec."""
+    return {c: g711.decode(frames[:, : 2 * SIG_SAMPLES].reshape(-1), c)
+            .reshape(-1, 2 * SIG_SAMPLES).astype(np.int32)
+            for c, frames in noise.items()}  # fmt: skip
 
 
 def analyse(recv: Recv, codecs: tuple[str, str], signatures: dict[str, np.ndarray],
@@ -664,10 +670,10 @@ def analyse(recv: Recv, codecs: tuple[str, str], signatures: dict[str, np.ndarra
     """Match every relayed audio packet to the frame it carries; latency and loss.
 
     A frame is named by its payload: the generator sends noise frame `tick % 64` (one of
-    64 random frames), and the first SIG_SAMPLES samples of what arrives, decoded, are
-    nearest to exactly one of them, transcoded or not (G.711 maps sample by sample).
-    The frame's tick is then the latest tick with that index sent before the arrival
-    (frames repeat every 1.28 s). Timestamps are only checked, not trusted: the share
+    64 random frames) with its samples 16-31 taken from frame `tick // 64 % 64`; each
+    part of what arrives, decoded, is nearest to exactly one frame's, transcoded or
+    not (G.711 maps sample by sample), which gives the tick modulo 4096. The frame's
+    tick is then the latest such tick sent before the arrival (names repeat every 82 s). Timestamps are only checked, not trusted: the share
     of packets whose RTP timestamp keeps its leg's usual offset from the sent one."""
     total_ticks, n_legs = send_t.shape
     n = recv.n
@@ -682,28 +688,32 @@ def analyse(recv: Recv, codecs: tuple[str, str], signatures: dict[str, np.ndarra
     a_sig = recv.sig[:n][audio]
     a_pt = pt[audio]
     frame_idx = np.full(a_leg.size, -1, dtype=np.int64)
-    rx_lin = np.zeros((a_leg.size, SIG_SAMPLES), dtype=np.int32)
+    rx_lin = np.zeros((a_leg.size, 2 * SIG_SAMPLES), dtype=np.int32)
     for codec, code in PAYLOAD_TYPE.items():
         sel = a_pt == code
         if sel.any():
-            rx_lin[sel] = g711.decode(a_sig[sel].reshape(-1), codec).reshape(-1, SIG_SAMPLES)
+            rx_lin[sel] = g711.decode(a_sig[sel].reshape(-1), codec).reshape(-1, 2 * SIG_SAMPLES)
     for side, src_codec in enumerate(codecs):  # the sending leg's codec names the candidates
-        cand = signatures[src_codec]
         rows = np.nonzero((a_src % 2) == side)[0]
         for c0 in range(0, rows.size, 20_000):
             r = rows[c0 : c0 + 20_000]
-            dist = np.abs(rx_lin[r, None, :] - cand[None, :, :]).sum(axis=2)
-            best = dist.argmin(axis=1)
-            ok = dist[np.arange(r.size), best] <= SIG_SAMPLES * 48  # transcoding's rounding
-            frame_idx[r[ok]] = best[ok]
+            part_idx = []
+            ok = np.ones(r.size, dtype=bool)
+            for part in (slice(0, SIG_SAMPLES), slice(SIG_SAMPLES, 2 * SIG_SAMPLES)):
+                cand = signatures[src_codec][:, part]
+                dist = np.abs(rx_lin[r, None, part] - cand[None, :, :]).sum(axis=2)
+                best = dist.argmin(axis=1)
+                ok &= dist[np.arange(r.size), best] <= SIG_SAMPLES * 48  # transcoding's rounding
+                part_idx.append(best)
+            frame_idx[r[ok]] = (part_idx[1] * N_FRAMES + part_idx[0])[ok]
     matched = frame_idx >= 0
-    # the latest tick of that frame index sent before the arrival
+    # the latest tick of that name sent before the arrival
     tick_start = send_t.min(axis=1)
     at = np.searchsorted(tick_start, a_t, side="right") - 1
-    tick = at - ((at - frame_idx) % N_FRAMES)
+    tick = at - ((at - frame_idx) % CYCLE)
     tick = np.where(matched & (tick >= 0), tick, 0)
     late_send = send_t[tick, a_src] > a_t
-    tick = np.where(late_send, tick - N_FRAMES, tick)
+    tick = np.where(late_send, tick - CYCLE, tick)
     matched &= tick >= 0
     tick = np.where(matched, tick, 0)
     lat_ms = (a_t - send_t[tick, a_src]) / 1e6
