@@ -28,14 +28,12 @@ relay transcodes). Every leg sends one 20 ms G.711 frame of low-level noise ever
 seconds as RFC 4733 events (start, updates, end x3). What comes back is drained
 with `recvmmsg` and timed by the kernel (SO_TIMESTAMPNS).
 
-Relay latency: a relayed packet's kernel receive time at the far leg minus the
-time the generator sent the same packet. Both relays keep RTP timestamp
-differences (the worker adds a per-spurt offset; rtpengine passes timestamps or
-maps them 1:1 when transcoding), so a received timestamp minus the leg's offset
-names the sent frame. The offset is anchored on the RFC 4733 events, which name
-their press by digit and carry the press's start timestamp in both relays'
-output; the first received packet is the fallback anchor. Packets that match no
-sent frame are counted (`unmatched`), as are impossible (negative) latencies.
+Relay latency: a relayed packet's kernel receive time at the far leg minus the time
+the generator sent the same frame. Frames are named by their payload, which works
+through transcoding (G.711 maps sample by sample), never by RTP timestamps
+(rtpengine re-bases them when it transcodes): see `analyse`. Frames never heard are
+lost (per direction, and how many of them were sent during a key press);
+`ts_offset_kept_pct` says how often the relay kept its leg's timestamp offset.
 
 After `--warmup` seconds, over `--measure` seconds: CPU % of a core per call
 (utime+stime of the relay process, all threads, from /proc; split per thread),
