@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import select
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,24 +56,21 @@ sys.path.insert(0, str(ROOT))
 from media import g711  # noqa: E402
 from pbx.messages import (  # noqa: E402
     DtmfDigit,
+    MediaAllocate,
+    MediaAllocated,
     MediaEvent,
     MediaHeartbeat,
     MediaPlay,
+    MediaPorts,
+    MediaReady,
     MediaRelease,
     MediaReleased,
     MediaRemote,
+    decode,
+    encode,
 )
-from perf.benchlib import (  # noqa: E402
-    allocate_legs,
-    generator_socket,
-    log,
-    pct,
-    proc_cpu_s,
-    proc_rss_kb,
-    start_media_worker,
-    udp_rcvbuf_errors,
-)
-from workers.udpbatch import RecvBatch, SendBatch, ip_to_u32  # noqa: E402
+from pbx.planes import ensure_private_dir  # noqa: E402
+from workers.udpbatch import RecvBatch, SendBatch, enable_timestamps, ip_to_u32  # noqa: E402
 
 TICK_S = 0.020
 SPF = 160  # samples per 20 ms frame
@@ -95,6 +94,10 @@ DIGITS = "1234567890"
 EVENT_CODE = {d: (10 if d == "*" else 11 if d == "#" else int(d)) for d in DIGITS}
 
 
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
 def write_prompt(path: Path, seconds: float) -> None:
     t = np.arange(int(8000 * seconds)) / 8000.0
     x = 6000 * np.sin(2 * np.pi * 300 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
@@ -103,6 +106,57 @@ def write_prompt(path: Path, seconds: float) -> None:
         w.setsampwidth(2)
         w.setframerate(8000)
         w.writeframes(x.astype("<i2").tobytes())
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def udp_rcvbuf_errors() -> int:
+    """Datagrams the kernel dropped for a full receive buffer, machine-wide (/proc/net/snmp):
+    tells a starved generator's drops from packets the worker never sent."""
+    lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()
+             if ln.startswith("Udp:")]  # fmt: skip
+    if len(lines) < 2 or "RcvbufErrors" not in lines[0]:
+        return 0
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
+def pct(x: np.ndarray, q: float) -> float:
+    return float(np.percentile(x, q)) if x.size else 0.0
+
+
+class Front:
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock.bind(endpoint)
+        self.identity = b""
+
+    def recv(self, timeout_s: float) -> Any | None:
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return None
+        identity, frame = self.sock.recv_multipart()
+        self.identity = identity
+        return decode(frame)
+
+    def send(self, msg: Any) -> None:
+        self.sock.send_multipart([self.identity, encode(msg)])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
 
 
 def tone_frames() -> np.ndarray:
@@ -129,24 +183,74 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
     sounds = tmp / "sounds"
     sounds.mkdir()
     write_prompt(sounds / "loop.wav", 3.0)
-    media = start_media_worker(tmp, args.rtp_ports, max(2000, n_calls), sounds)
-    front, worker = media.front, media.proc
-    rss0 = media.rss_ready_kb
+    # The planes' single-host default: an IPC socket in a directory only we can open.
+    endpoint = f"ipc://{tmp / 'zmq' / 'media'}"
+    problem = ensure_private_dir(tmp / "zmq")
+    if problem is not None:
+        raise RuntimeError(f"{tmp / 'zmq'} {problem}")
+    (tmp / "pbx.toml").write_text(
+        f'[zmq]\nmedia_endpoint = "{endpoint}"\n\n'
+        f'[media]\nrtp_ip = "127.0.0.1"\nrtp_ports = "{args.rtp_ports}"\n'
+        f'sounds_dir = "{sounds}"\nheartbeat_ms = 500\ncapacity = {max(2000, n_calls)}\n'
+        '\n[logging]\nlevel = "WARNING"\n',
+        encoding="utf-8",
+    )
+    front = Front(endpoint)
+    env = {**os.environ, "PBX_CONFIG": str(tmp / "pbx.toml")}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "workers.media"], cwd=ROOT, env=env, stderr=subprocess.PIPE
+    )
     socks: list[socket.socket] = []
-    errors: list[str] = []
     try:
+        ready = front.recv(120.0)
+        if not isinstance(ready, MediaReady):
+            raise RuntimeError(f"worker did not get ready: {ready!r}")
+        time.sleep(1.0)
+        rss0 = proc_rss_kb(worker.pid)
         log(f"N={n_calls}: worker {worker.pid} ready, RSS {rss0} kB; allocating legs")
 
         # ---- generator sockets: one per 256 legs
         n_socks = (n_calls + LEGS_PER_SOCKET - 1) // LEGS_PER_SOCKET
-        socks.extend(generator_socket() for _ in range(n_socks))
+        for _ in range(n_socks):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
+                try:  # SO_RCVBUFFORCE / SO_SNDBUFFORCE pass rmem_max (root only)
+                    s.setsockopt(socket.SOL_SOCKET, force, 8 << 20)
+                except OSError:
+                    s.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+            enable_timestamps(s)
+            socks.append(s)
         leg_sock = np.arange(n_calls) // LEGS_PER_SOCKET
         leg_row = np.arange(n_calls) % LEGS_PER_SOCKET
         call_ids = [f"bench-{i}" for i in range(n_calls)]
         index = {c: i for i, c in enumerate(call_ids)}
 
-        worker_port = allocate_legs(front, call_ids, inband_dtmf=True)
+        # As the front does: each leg gets a port the worker announced (MediaPorts after
+        # MediaReady, then as its pool refills), never one handed out before.
+        worker_port = np.zeros(n_calls, dtype=np.int64)
+        got = sent = 0
+        free: list[int] = []
+        handed: set[int] = set()
         heartbeats: list[MediaHeartbeat] = []
+        while got < n_calls:
+            while free and sent < n_calls:
+                port = free.pop()
+                handed.add(port)
+                sent += 1
+                front.send(MediaAllocate(call_id=call_ids[sent - 1], rtp_port=port, seq=sent,
+                                         inband_dtmf=True))
+            msg = front.recv(10.0)
+            if msg is None:
+                raise RuntimeError(f"only {got} of {n_calls} legs allocated")
+            if isinstance(msg, MediaPorts | MediaHeartbeat):
+                free = [p for p in msg.ports if p not in handed]
+            elif isinstance(msg, MediaAllocated):
+                if msg.error:
+                    raise RuntimeError(f"allocation failed: {msg.error}")
+                worker_port[index[msg.call_id]] = msg.rtp_port
+                got += 1
         port_to_leg = np.full(65536, -1, dtype=np.int64)
         port_to_leg[worker_port] = np.arange(n_calls)
 
@@ -328,9 +432,16 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
                 src = msg.event.source
                 by_source[src] = by_source.get(src, 0) + 1
     finally:
-        errors = media.stop()
+        worker.terminate()
+        try:
+            _, err = worker.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            _, err = worker.communicate()
         for s in socks:
             s.close()
+        front.close()
+    errors = [ln for ln in err.decode(errors="replace").splitlines() if "ERROR" in ln]
 
     # ---- the callers' view
     leg = rec_leg[:nrec]
