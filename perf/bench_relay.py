@@ -142,8 +142,12 @@ class Relay(Protocol):
 class WorkerRelay:
     name = "worker"
 
-    def __init__(self, tmp: Path, rtp_ports: str, n_calls: int, inband: bool) -> None:
-        self.media: MediaWorker = start_media_worker(tmp, rtp_ports, max(2000, 2 * n_calls + 16))
+    def __init__(self, tmp: Path, rtp_ports: str, n_calls: int, inband: bool,
+                 rtp_socket: str | None) -> None:  # fmt: skip
+        self.media: MediaWorker = start_media_worker(
+            tmp, rtp_ports, max(2000, 2 * n_calls + 16), rtp_socket=rtp_socket
+        )
+        self.shared = rtp_socket == "shared"
         self.pid = self.media.proc.pid
         self.rss_ready_kb = self.media.rss_ready_kb
         self.inband = inband
@@ -152,7 +156,8 @@ class WorkerRelay:
 
     def ports_before_connect(self, n_calls: int) -> np.ndarray | None:
         self.call_ids = [f"c{i}{side}" for i in range(n_calls) for side in "ab"]
-        self.ports = allocate_legs(self.media.front, self.call_ids, inband_dtmf=self.inband)
+        self.ports = allocate_legs(self.media.front, self.call_ids, inband_dtmf=self.inband,
+                                   shared=self.shared)  # fmt: skip
         return self.ports
 
     def connect(self, gen_ports: np.ndarray, codecs: tuple[str, str]) -> np.ndarray:
@@ -420,7 +425,7 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
     errors: list[str] = []
     try:
         if target == "worker":
-            relay = WorkerRelay(tmp, args.rtp_ports, n_calls, args.inband)
+            relay = WorkerRelay(tmp, args.rtp_ports, n_calls, args.inband, args.rtp_socket)
         else:
             relay = RtpengineRelay(tmp, args.peer_ports, args.ng_port, args.rtpengine)
         rss0 = relay.rss_ready_kb
@@ -833,6 +838,9 @@ def main() -> None:
     ap.add_argument("--press-every", type=float, default=5.0, help="seconds between key presses")
     ap.add_argument("--inband", action="store_true", help="worker legs with in-band detection on")
     ap.add_argument("--rtp-ports", default="12000-15999", help="the worker's RTP ports")
+    ap.add_argument("--rtp-socket", choices=["per_leg", "shared"], default=None,
+                    help="the worker's [media] rtp_socket (workers that have it); shared: "
+                         "every leg on the worker's shared port, a generator socket per leg")
     ap.add_argument("--peer-ports", default="16000-19999", help="rtpengine's RTP ports")
     ap.add_argument("--ng-port", type=int, default=22231, help="rtpengine's ng control port")
     ap.add_argument("--rtpengine", default="/usr/bin/rtpengine", help="the rtpengine binary")

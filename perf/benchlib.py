@@ -175,8 +175,8 @@ class MediaWorker:
         return [ln for ln in (err or b"").decode(errors="replace").splitlines() if "ERROR" in ln]
 
 
-def start_media_worker(tmp: Path, rtp_ports: str, capacity: int,
-                       sounds: Path | None = None) -> MediaWorker:  # fmt: skip
+def start_media_worker(tmp: Path, rtp_ports: str, capacity: int, sounds: Path | None = None,
+                       rtp_socket: str | None = None) -> MediaWorker:  # fmt: skip
     """A fresh `workers.media` with its own config in `tmp`, connected to a new Front;
     returns once it sent MediaReady (and settled for a second)."""
     endpoint = f"ipc://{tmp / 'zmq' / 'media'}"
@@ -185,6 +185,8 @@ def start_media_worker(tmp: Path, rtp_ports: str, capacity: int,
     if problem is not None:
         raise RuntimeError(f"{tmp / 'zmq'} {problem}")
     sounds_line = f'sounds_dir = "{sounds}"\n' if sounds is not None else ""
+    if rtp_socket is not None:  # [media] rtp_socket (per_leg, shared, auto), where it exists
+        sounds_line += f'rtp_socket = "{rtp_socket}"\n'
     (tmp / "pbx.toml").write_text(
         f'[zmq]\nmedia_endpoint = "{endpoint}"\n\n'
         f'[media]\nrtp_ip = "127.0.0.1"\nrtp_ports = "{rtp_ports}"\n'
@@ -210,18 +212,21 @@ def start_media_worker(tmp: Path, rtp_ports: str, capacity: int,
     return worker
 
 
-def allocate_legs(front: Front, call_ids: list[str], inband_dtmf: bool) -> np.ndarray:
+def allocate_legs(front: Front, call_ids: list[str], inband_dtmf: bool,
+                  shared: bool = False) -> np.ndarray:  # fmt: skip
     """Allocate a leg per call id as the front does: each gets a port the worker announced
-    (MediaPorts after MediaReady, then as its pool refills), never one handed out before.
+    (MediaPorts after MediaReady, then as its pool refills), never one handed out before;
+    with `shared`, every leg gets the worker's shared port (MediaPorts.shared_port).
     Returns the worker's RTP port of each leg."""
     index = {c: i for i, c in enumerate(call_ids)}
     worker_port = np.zeros(len(call_ids), dtype=np.int64)
     got = sent = 0
     free: list[int] = []
     handed: set[int] = set()
+    shared_port: int | None = None
     while got < len(call_ids):
-        while free and sent < len(call_ids):
-            port = free.pop()
+        while (free or shared_port) and sent < len(call_ids):
+            port = shared_port if shared_port else free.pop()
             handed.add(port)
             sent += 1
             front.send(MediaAllocate(call_id=call_ids[sent - 1], rtp_port=port, seq=sent,
@@ -231,6 +236,11 @@ def allocate_legs(front: Front, call_ids: list[str], inband_dtmf: bool) -> np.nd
             raise RuntimeError(f"only {got} of {len(call_ids)} legs allocated")
         if isinstance(msg, MediaPorts | MediaHeartbeat):
             free = [p for p in msg.ports if p not in handed]
+            if shared:
+                # getattr: workers from before the shared port have no such field
+                shared_port = getattr(msg, "shared_port", None)
+                if shared_port is None:
+                    raise RuntimeError("the worker announced no shared RTP port")
         elif isinstance(msg, MediaAllocated):
             if msg.error:
                 raise RuntimeError(f"allocation failed: {msg.error}")
