@@ -664,8 +664,9 @@ class MediaEngine:
         the leg in row `rows[k]` (`Leg.row`; -1: none). One kernel pass does the common
         work (`media.kernels.rtpbatch`), a second relays the bridged legs' packets into
         `self.relay` (for the shell to send now: rows 0..relay.n-1); the packets flagged
-        for Python go through `_rx_handle`, which does not forward them again. The list
-        returned holds the other packets to send (none today but WebSocket legs')."""
+        for Python go through `_rx_handle`, which does not forward them again. The packet
+        list returned is for anything else to send at once (empty today: every forward is
+        in `relay`)."""
         packets: list[Packet] = []
         events: list[MediaEvent] = []
         self.relay.n = 0
