@@ -360,6 +360,17 @@ def test_new_talk_spurt_marker_and_timestamp_continuity(runs: dict[str, Sim]) ->
             assert (b[k].timestamp - b[k - 1].timestamp) % (1 << 32) == 160
 
 
+def test_leg_left_alone_by_a_rebridge_is_filled(runs: dict[str, Sim]) -> None:
+    """a leaves b for c: until b is bridged to d its stream goes on with silence frames
+    (the fill, as for a leg whose peer hung up), not a hole."""
+    sim = runs["kernel"]
+    relayed = {d for c, d, _ in sim.relay_only if c == "b"}
+    b = [d for c, d, _ in sim.packets if c == "b"]
+    last_relayed = max(k for k, d in enumerate(b) if d in relayed)  # d's, before d left
+    fill = [parse_rtp(d) for d in b[:last_relayed] if d not in relayed]
+    assert len(fill) >= 4 and {(p.payload_type, p.payload) for p in fill} == {(8, b"\xd5" * 160)}
+
+
 def test_hold_prompt_and_release_drop(runs: dict[str, Sim]) -> None:
     """Nothing is relayed into a held leg or a leg playing a prompt, nor to or from a
     released leg whose packets are still in the batch."""
