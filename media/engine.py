@@ -19,7 +19,9 @@ since the leg's last packet.
 The per-packet work runs in batches (`media.kernels.rtpbatch` over the arrays
 of `media.legtable`): `receive_batch` takes a whole poll of datagrams through
 one compiled pass (header, RFC 3550 statistics, latching, jitter, the receive
-ring) and hands Python only the packets that need it (RFC 4733, bridged,
+ring), a second one relays the packets of bridged legs into their peers'
+streams (`relay`, a buffer the shell sends right away with one compiled loop),
+and hands Python only the packets that need it (RFC 4733 digit detection,
 recorded and WebSocket legs); `tick_batch` builds every playing leg's prompt
 frames into one buffer (`tx`) that the shell sends with one compiled loop.
 `receive_rtp` and `tick` are the same per packet / as a list of datagrams.
@@ -28,7 +30,9 @@ Bridged legs forward audio to each other with the receiving side's SSRC,
 sequence and a timestamp offset fixed at the start of each talk spurt,
 transcoding PCMU <-> PCMA when their codecs differ; RFC 4733 packets are
 forwarded with the peer's telephone-event payload type. A leg playing a prompt
-does not take forwarded audio meanwhile.
+does not take forwarded audio meanwhile. `_forward` is the rule, per packet
+(the per-packet path, WebSocket audio); `relay_batch` does the same for a
+receive batch, and the tests hold the two to the same bytes.
 
 Strict latching (symmetric RTP, RFC 4961, made safe on a public address): a
 leg answers where its caller's packets come from, and once latched it takes
@@ -104,6 +108,8 @@ STATIC_PAYLOAD_CODECS = {0: "PCMU", 8: "PCMA"}
 RTCP_SILENCE_S = 5 * REPORT_INTERVAL_S
 
 Packet = tuple[str, bytes, tuple[str, int]]
+# A received packet's actions that need Python (`receive_batch`).
+_FOR_PYTHON = _k.ACT_PYTHON | _k.ACT_LATCHED
 DigitSource = Literal["rfc4733", "info", "inband"]
 
 
@@ -292,6 +298,8 @@ class MediaEngine:
         self.tab = LegTable()
         self.arena = PromptArena()
         self.tx = TxBatch()  # the last tick's prompt packets (tick_batch)
+        # The last receive pass's relayed packets (receive_batch); grows with the largest.
+        self.relay = TxBatch(capacity=64)
         self._by_row: dict[int, Leg] = {}
         self._action = np.zeros(0, dtype=np.int8)
         self.kernels = True  # False: the Python twins (tests)
@@ -478,18 +486,23 @@ class MediaEngine:
         a, b = self._leg(call_id), self._leg(peer_call_id)
         for leg in (a, b):
             if leg.peer is not None and leg.peer in self.legs:
-                self.legs[leg.peer].peer = None
+                self._set_peer(self.legs[leg.peer], None)  # alone again: filled
             self._stop(leg)
             leg.fwd_offset = None
-        a.peer, b.peer = b.call_id, a.call_id
-        self._slow(a)
-        self._slow(b)
-        a.sync_tx()  # no fill: the peer's audio feeds each stream now
-        b.sync_tx()
+        self._set_peer(a, b)  # no fill: the peer's audio feeds each stream now
+        self._set_peer(b, a)
+
+    def _set_peer(self, leg: Leg, peer: Leg | None) -> None:
+        """Forward what `leg` receives into `peer`'s stream (`relay_batch` reads the row in
+        L_PEER); None: not bridged."""
+        leg.peer = None if peer is None else peer.call_id
+        self.tab.i[leg.row, _k.L_PEER] = -1 if peer is None else peer.row
+        leg.sync_tx()
 
     def _slow(self, leg: Leg) -> None:
-        """Every packet of the leg takes the Python path (it is bridged, recorded or on a
-        WebSocket); `_rx_handle` puts it back on the kernel's path when none is left."""
+        """Every packet of the leg takes the Python path (it is recorded or on a WebSocket;
+        forwarding to a bridged peer stays in the kernel); `_rx_handle` puts it back on the
+        kernel's path when neither is left."""
         self.tab.i[leg.row, _k.L_FAST] = 0
 
     def dtmf_info(self, msg: MediaDtmfInfo, now: float) -> list[MediaEvent]:
@@ -568,9 +581,7 @@ class MediaEngine:
         self._stop(leg)
         self._timed.pop(call_id, None)
         if leg.peer is not None and leg.peer in self.legs:
-            peer = self.legs[leg.peer]
-            peer.peer = None
-            peer.sync_tx()  # alone again: filled until its call ends
+            self._set_peer(self.legs[leg.peer], None)  # alone again: filled until its call ends
         late = 0
         if leg.rx_slot is not None:
             late = int(self.rx.late[leg.rx_slot])
@@ -651,9 +662,14 @@ class MediaEngine:
     ) -> tuple[list[Packet], list[MediaEvent]]:
         """`n` datagrams at once: `buf[k, :lens[k]]` from the `sockaddr_in` `names[k]` for
         the leg in row `rows[k]` (`Leg.row`; -1: none). One kernel pass does the common
-        work (`media.kernels.rtpbatch`); the packets it flags go through `_rx_handle`."""
+        work (`media.kernels.rtpbatch`), a second relays the bridged legs' packets into
+        `self.relay` (for the shell to send now: rows 0..relay.n-1); the packets flagged
+        for Python go through `_rx_handle`, which does not forward them again. The packet
+        list returned is for anything else to send at once (empty today: every forward is
+        in `relay`)."""
         packets: list[Packet] = []
         events: list[MediaEvent] = []
+        self.relay.n = 0
         if n <= 0:
             return packets, events
         if self._action.shape[0] < n:
@@ -667,8 +683,9 @@ class MediaEngine:
         )  # fmt: skip
         if not flagged:
             return packets, events
+        self._relay(buf, lens, rows, n, action, now)
         by_row = self._by_row
-        for k in np.flatnonzero(action[:n]).tolist():
+        for k in np.flatnonzero(action[:n] & _FOR_PYTHON).tolist():
             leg = by_row.get(int(rows[k]))
             if leg is None:
                 continue
@@ -679,8 +696,47 @@ class MediaEngine:
                 self._latched(leg, src, act)
             if act & _k.ACT_PYTHON:
                 pkt = parse_rtp(buf[k, : lens[k]].tobytes())  # the kernel parsed it: valid
-                self._rx_handle(leg, pkt, now, packets, events)
+                self._rx_handle(leg, pkt, now, packets, events, forward=False)
         return packets, events
+
+    def _relay(
+        self,
+        buf: np.ndarray,
+        lens: np.ndarray,
+        rows: np.ndarray,
+        n: int,
+        action: np.ndarray,
+        now: float,
+    ) -> None:
+        """The packets `rx_batch` marked ACT_RELAY into their peers' streams, in
+        `self.relay` (`media.kernels.rtpbatch.relay_batch`, growing the buffer when one
+        does not fit); what a recorded leg hears of them goes to its recording."""
+        relay = self.relay
+        kernel = _k.relay_batch if self.kernels else _k.relay_batch_py
+        i, f = self.tab.i, self.tab.f
+        p, at = 0, 0
+        while True:
+            p, at = kernel(
+                buf, lens, rows, n, at, action, now, i, f, relay.data, relay.lens, relay.rows,
+                relay.ts, relay.at, relay.ips, relay.ports, p,
+            )  # fmt: skip
+            relay.n = p
+            if at >= n:
+                break
+            relay.grow(int(lens[at]))  # the relayed packet is never longer than the received
+        if p and self.recorder.active:
+            # Recorded legs are on the Python path (L_FAST 0); audio only (`at` NaN: events).
+            by_row = self._by_row
+            for k in np.flatnonzero(i[relay.rows[:p], _k.L_FAST] == 0).tolist():
+                leg = by_row[int(relay.rows[k])]
+                played = float(relay.at[k])
+                if leg.rec is not None and not math.isnan(played):
+                    leg.rec.heard(int(relay.ts[k]), relay.data[k, 12 : relay.lens[k]].tobytes(),
+                                  leg.codec, played)  # fmt: skip
+
+    def relayed(self) -> list[Packet]:
+        """The last receive pass's relayed packets (`self.relay`) as datagrams."""
+        return _as_packets(self.relay, self._by_row)
 
     def _latched(self, leg: Leg, src: tuple[str, int], act: int) -> None:
         """A packet latched the leg onto `src`: RTP goes there now. When the latch moved
@@ -698,11 +754,13 @@ class MediaEngine:
         now: float,
         packets: list[Packet],
         events: list[MediaEvent],
+        forward: bool = True,
     ) -> None:
         """A packet already counted (statistics, latch): RFC 4733, recording, WebSocket,
-        forwarding to the peer, and the receive ring."""
-        peer = self.legs.get(leg.peer) if leg.peer is not None else None
-        if peer is None and leg.rec is None and leg.ws is None:
+        forwarding to the peer (unless `forward` is False: `relay_batch` did), and the
+        receive ring."""
+        peer = self.legs.get(leg.peer) if forward and leg.peer is not None else None
+        if leg.rec is None and leg.ws is None:
             self.tab.i[leg.row, _k.L_FAST] = 1  # nothing left for Python: back to the kernel
         pt = pkt.payload_type
         if leg.dtmf_payload_type is not None and pt == leg.dtmf_payload_type:
@@ -817,14 +875,7 @@ class MediaEngine:
     def tick(self, now: float) -> tuple[list[Packet], list[MediaEvent]]:
         """Everything due at `now`: prompt frames of every playing leg, ends, timers."""
         packets, events = self.tick_batch(now)
-        tx = self.tx
-        by_row = self._by_row
-        prompt: list[Packet] = []
-        for k in range(tx.n):
-            leg = by_row[int(tx.rows[k])]
-            assert leg.remote is not None
-            prompt.append((leg.call_id, tx.packet(k), leg.remote))
-        return prompt + packets, events
+        return _as_packets(self.tx, self._by_row) + packets, events
 
     def tick_batch(self, now: float) -> tuple[list[Packet], list[MediaEvent]]:
         """As `tick`, but the prompt frames stay in `self.tx` (rows 0..tx.n-1) for the
@@ -1023,6 +1074,16 @@ class MediaEngine:
                     events.append(
                         MediaEvent(call_id=leg.call_id, event=AudioComplete(play_id=play.play_id))
                     )
+
+
+def _as_packets(tx: TxBatch, by_row: dict[int, Leg]) -> list[Packet]:
+    """A batch's packets as (call_id of the sending leg, bytes, its remote address)."""
+    out: list[Packet] = []
+    for k in range(tx.n):
+        leg = by_row[int(tx.rows[k])]
+        assert leg.remote is not None
+        out.append((leg.call_id, tx.packet(k), leg.remote))
+    return out
 
 
 def _failure(call_id: str, reason: str, play_id: int | None = None) -> MediaEvent:

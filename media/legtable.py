@@ -23,6 +23,7 @@ from media.kernels.rtpbatch import (
     L_COLS,
     L_DTMF_PT,
     L_FWD_OFFSET,
+    L_PEER,
     L_RX_SLOT,
 )
 from media.rtcp import StatsTable
@@ -64,6 +65,7 @@ class LegTable:
         self.i[row, L_CN_PT] = -1
         self.i[row, L_RX_SLOT] = -1
         self.i[row, L_FWD_OFFSET] = -1
+        self.i[row, L_PEER] = -1
         self.f[row] = 0.0
         self.f[row, F_SENT_UNTIL] = np.nan
         self.f[row, F_PLAY_ORIGIN] = np.nan
@@ -93,8 +95,10 @@ def ipv4_str(value: int) -> str:
 
 
 class TxBatch:
-    """One tick's prompt packets: `data[k, :lens[k]]` goes from the leg in row `rows[k]` to
-    `ips[k]:ports[k]` (`L_REMOTE_IP` form); `ts`/`at` are its timestamp and due time."""
+    """Packets to send: `data[k, :lens[k]]` goes from the leg in row `rows[k]` to
+    `ips[k]:ports[k]` (`L_REMOTE_IP` form); `ts`/`at` are its timestamp and due time (NaN:
+    not audio). One tick's prompt and fill frames (`MediaEngine.tx`), or one receive
+    pass's relayed packets (`MediaEngine.relay`)."""
 
     __slots__ = ("data", "lens", "rows", "ts", "at", "ips", "ports", "n")
 

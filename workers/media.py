@@ -56,6 +56,7 @@ import zmq.asyncio
 from media import g711, inband, vad
 from media.engine import EngineError, MediaEngine, Packet
 from media.kernels import rtpbatch
+from media.legtable import TxBatch
 from media.prompts import PromptCache
 from media.recorder import Recorder
 from media.vad import ListenTuning
@@ -547,16 +548,20 @@ class MediaWorker:
         """Every datagram waiting on the legs' RTP sockets (only those the epoll set
         reports ready), through the engine a buffer at a time
         (`MediaEngine.receive_batch`: one kernel pass, Python only for the packets that
-        need it)."""
+        need it). What bridged legs relay leaves right after each pass, in one compiled
+        send loop: relayed audio waits for no tick."""
         rtp = self.rtp
+        engine = self.engine
         self._last_poll = time.monotonic()
         while True:
             n = rtp.recv()
             if n == 0:
                 return
-            packets, events = self.engine.receive_batch(
+            packets, events = engine.receive_batch(
                 rtp.buf, rtp.lens, rtp.names, rtp.rows, n, time.monotonic()
             )
+            if engine.relay.n:
+                self.send_batch(engine.relay)
             if packets:
                 self.send_packets(packets)
             if events:
@@ -565,9 +570,13 @@ class MediaWorker:
                 return
 
     def send_tx(self) -> None:
-        """The tick's prompt packets (`engine.tx`), each from its leg's socket, in one
-        compiled sendto loop; legs on asyncio endpoints (IPv6) the per-packet way."""
-        tx = self.engine.tx
+        """The tick's prompt packets (`engine.tx`): `send_batch`."""
+        self.send_batch(self.engine.tx)
+
+    def send_batch(self, tx: TxBatch) -> None:
+        """A batch of packets (the tick's prompt frames, a receive pass's relayed ones),
+        each from its leg's socket, in one compiled sendto loop; legs on asyncio endpoints
+        (IPv6) the per-packet way."""
         if tx.n == 0:
             return
         unsent = self.rtp.send(tx.data, tx.lens, tx.rows, tx.ips, tx.ports, tx.n)

@@ -25,12 +25,32 @@ what `MediaEngine.receive_rtp` does in Python for the common case:
 
 Everything else is *flagged* for Python (`ACT_PYTHON`), after steps 1-3 have
 been done here, so the order of the statistics is the order of arrival:
-RFC 4733 events (the leg's telephone-event payload type) and every packet of
-a leg that is bridged, recorded or WebSocket-bridged (`L_FAST` = 0: those
-paths forward, transcode and record per packet). A packet that latched its
+RFC 4733 events (the leg's telephone-event payload type: digit detection) and
+every packet of a leg that is recorded or WebSocket-bridged (`L_FAST` = 0:
+those paths record and queue per packet). Every valid packet of a bridged leg
+(`L_PEER` ≥ 0) is marked `ACT_RELAY` for the relay below. A packet that latched its
 leg is marked `ACT_LATCHED` (and `ACT_RELATCHED` when the latch moved) so the
 engine can update the leg's Python-side address (and move its RTCP). Packets with an unknown payload type, or none, are counted and go no
 further, as in Python.
+
+**Relay** (`relay_batch`, right after `rx_batch` over the same batch). Each
+packet marked `ACT_RELAY` goes into its leg's peer's stream (row `L_PEER`), as
+`MediaEngine._forward` does for the per-packet path: the peer's SSRC, its next
+sequence number, the source timestamp plus the peer's forward offset
+(`L_FWD_OFFSET`), which is fixed at the first packet of each talk spurt so the
+peer's timeline goes on over the gap (RFC 3550 §5.1; marker set), and reset
+(-1) whenever something else takes the stream (a prompt, a new bridge, resume
+from hold, a codec change). Audio (payload type 0, 8 or the leg's own, not
+empty) leaves with the peer's payload type, transcoded µ-law <-> A-law through
+a 256-entry table (`XCODE`) when the codecs differ; RFC 4733 packets with the
+peer's telephone-event payload type (dropped when the peer has none), and
+still flagged for Python, which detects the digit but does not forward it
+again. Nothing goes to a peer without an address, playing a prompt or on hold
+(`L_NOSEND`). The packets land in a `TxBatch`-shaped buffer (data, lengths,
+the peer's row, timestamp, `at` = now for audio and NaN for events, the
+peer's address) that the worker sends at once, after the same receive pass:
+relayed audio waits for no tick. The peer's counters (`L_SENT`, `L_OCTETS`,
+`L_TS`, `F_SENT_UNTIL`) move as for any packet it sends.
 
 **Pump** (`pump_tick`). Every playing leg's prompt frames due by `now`, from
 a fixed origin per prompt (frame k at `origin + k·ptime`), at most
@@ -84,9 +104,10 @@ A new remote address from signalling (re-INVITE/UPDATE) clears the latch
 (`MediaEngine.set_remote`).
 
 Each kernel has a pure-Python twin with the same arguments (`rx_batch_py`,
-`pump_tick_py`), built from the reference code (`parse_rtp`,
-`ReceiveStats`, `RxAudio.put`; the engine's former per-leg pump), which the
-tests cross-check. `media/legtable.py` holds the arrays; the engine calls these.
+`relay_batch_py`, `pump_tick_py`, `fill_tick_py`), built from the reference code
+(`parse_rtp`, `ReceiveStats`, `RxAudio.put`, `g711.transcode`, `build_header`;
+the engine's former per-leg pump), which the tests cross-check.
+`media/legtable.py` holds the arrays; the engine calls these.
 """
 
 from __future__ import annotations
@@ -96,10 +117,12 @@ import math
 import numpy as np
 from numba import njit
 
+from media.kernels import g711 as _g711
+
 # ------------------------------------------------------------ leg table columns (int64)
 
 L_ALIVE = 0  # 1 while the row is a leg
-L_FAST = 1  # 1: the kernel may finish this leg's audio (no bridge, recording, WebSocket)
+L_FAST = 1  # 1: the kernel may finish this leg's audio (no recording, no WebSocket)
 L_PT = 2  # the leg's audio payload type
 L_DTMF_PT = 3  # telephone-event payload type, -1 none
 L_CODEC = 4  # 0 PCMU, 1 PCMA
@@ -133,7 +156,8 @@ L_RELATCHED = 31  # times the latch moved to another source
 L_CN_PT = 32  # RFC 3389 comfort-noise payload type when negotiated, -1 none
 L_FILL = 33  # 1: nothing else feeds the leg's stream (not bridged, no WebSocket): fill gaps
 L_FILL_DONE = 34  # fill frames sent since F_FILL_ORIGIN
-L_COLS = 35
+L_PEER = 35  # the bridged peer's row (`relay_batch` forwards this leg's packets there), -1 none
+L_COLS = 36
 
 # float64 columns
 F_PTIME = 0  # seconds
@@ -160,6 +184,7 @@ SF_COLS = 2
 ACT_PYTHON = 1
 ACT_LATCHED = 2  # the packet latched its leg: the engine updates the leg's address
 ACT_RELATCHED = 4  # ... onto another source than the one it was latched to
+ACT_RELAY = 8  # the leg is bridged: `relay_batch` forwards the packet into its peer's stream
 
 HEADER_SIZE = 12
 SEQ_MOD = 1 << 16
@@ -176,6 +201,13 @@ MAX_BURST_FRAMES = 5
 EPS = 1e-7
 # RFC 3389 §3.1: the noise level of a comfort-noise packet, in -dBov: a quiet room.
 CN_LEVEL_DBOV = 70
+# Relay transcoding, one look-up per code (G.711 decode then encode, as
+# `media.g711.transcode`): row 0 µ-law -> A-law, row 1 A-law -> µ-law.
+_ALL_CODES = np.arange(256, dtype=np.uint8)
+XCODE = np.stack([
+    _g711.alaw_encode_py(_g711.ulaw_decode_py(_ALL_CODES)),
+    _g711.ulaw_encode_py(_g711.alaw_decode_py(_ALL_CODES)),
+])  # fmt: skip
 
 
 # ------------------------------------------------------------ receive: numba
@@ -370,6 +402,8 @@ def rx_batch(
             li[r, L_REMOTE_IP] = ip
             li[r, L_REMOTE_PORT] = port
         _stats_update(si, sf, r, seq, ssrc)
+        if li[r, L_PEER] >= 0:
+            act |= ACT_RELAY
         if li[r, L_FAST] == 0 or pt == li[r, L_DTMF_PT]:
             act |= ACT_PYTHON
         else:
@@ -478,6 +512,8 @@ def rx_batch_py(
         st = ReceiveStats(stats, r)
         st.update(pkt.sequence, pkt.ssrc, now)
         pt = pkt.payload_type
+        if li[r, L_PEER] >= 0:
+            act |= ACT_RELAY
         if not li[r, L_FAST] or pt == li[r, L_DTMF_PT]:
             act |= ACT_PYTHON
         else:
@@ -809,6 +845,182 @@ def pump_tick_py(
     return p, False, ended
 
 
+# ------------------------------------------------------------ relay: numba
+
+
+@njit(cache=True)
+def relay_batch(
+    buf: np.ndarray, lens: np.ndarray, rows: np.ndarray, n: int, start: int,
+    action: np.ndarray, now: float, li: np.ndarray, lf: np.ndarray, data: np.ndarray,
+    olens: np.ndarray, orows: np.ndarray, ots: np.ndarray, oat: np.ndarray, oips: np.ndarray,
+    oports: np.ndarray, p: int,
+) -> tuple[int, int]:  # fmt: skip
+    """Every packet from `start` on that `rx_batch` marked ACT_RELAY, rewritten into its
+    leg's peer's stream (module docstring, "Relay") at rows p.. of `data`. Returns
+    (packets written so far, the index it stopped at: n when done, else the packet that
+    did not fit — call again from there with a bigger buffer)."""
+    cap = data.shape[0]
+    width = data.shape[1]
+    for i in range(start, n):
+        if action[i] & ACT_RELAY == 0:
+            continue
+        r = rows[i]
+        to = li[r, L_PEER]
+        if to < 0 or li[to, L_ALIVE] == 0:
+            continue
+        # The header again (rx_batch checked it: the offsets are within the datagram).
+        size = lens[i]
+        b0 = buf[i, 0]
+        off = HEADER_SIZE + 4 * (b0 & 0x0F)
+        if b0 & 0x10:
+            off += 4 + 4 * ((np.int64(buf[i, off + 2]) << 8) | buf[i, off + 3])
+        end = size
+        if b0 & 0x20:
+            end -= np.int64(buf[i, size - 1])
+        pt = np.int64(buf[i, 1] & 0x7F)
+        nbytes = end - off
+        xcode = -1  # no transcoding
+        if pt == li[r, L_DTMF_PT]:
+            out_pt = li[to, L_DTMF_PT]
+            if nbytes < 4 or out_pt < 0:
+                continue  # not an event (RFC 4733 §2.3), or the peer takes none
+            samples = 0
+        else:
+            if pt == 0:
+                codec = 0
+            elif pt == 8:
+                codec = 1
+            elif pt == li[r, L_PT]:
+                codec = li[r, L_CODEC]
+            else:
+                continue  # not audio we know (CN, another codec): not forwarded
+            if nbytes == 0:
+                continue
+            out_pt = li[to, L_PT]
+            samples = nbytes
+            if codec != li[to, L_CODEC]:
+                xcode = codec  # XCODE row: 0 µ-law -> A-law, 1 A-law -> µ-law
+        if li[to, L_HAS_REMOTE] == 0 or li[to, L_PLAYING] != 0 or li[to, L_NOSEND] != 0:
+            continue  # nowhere to send, a prompt has the stream, or on hold
+        if p >= cap or HEADER_SIZE + nbytes > width:
+            return p, i
+        src_ts = (
+            (np.int64(buf[i, 4]) << 24) | (np.int64(buf[i, 5]) << 16)
+            | (np.int64(buf[i, 6]) << 8) | buf[i, 7]
+        )  # fmt: skip
+        marker = np.int64(buf[i, 1] & 0x80)
+        offset = li[to, L_FWD_OFFSET]
+        if offset < 0:  # a new talk spurt in the peer's stream: continue its timeline, mark it
+            offset = (_spurt_ts(li, lf, to, now) - src_ts) % TS_MOD
+            li[to, L_FWD_OFFSET] = offset
+            marker = np.int64(0x80)
+        ts = (src_ts + offset) % TS_MOD
+        seq = li[to, L_SEQ]
+        ssrc = li[to, L_SSRC]
+        data[p, 0] = 0x80
+        data[p, 1] = marker | (out_pt & 0x7F)
+        data[p, 2] = (seq >> 8) & 0xFF
+        data[p, 3] = seq & 0xFF
+        data[p, 4] = (ts >> 24) & 0xFF
+        data[p, 5] = (ts >> 16) & 0xFF
+        data[p, 6] = (ts >> 8) & 0xFF
+        data[p, 7] = ts & 0xFF
+        data[p, 8] = (ssrc >> 24) & 0xFF
+        data[p, 9] = (ssrc >> 16) & 0xFF
+        data[p, 10] = (ssrc >> 8) & 0xFF
+        data[p, 11] = ssrc & 0xFF
+        if xcode < 0:
+            for j in range(nbytes):
+                data[p, HEADER_SIZE + j] = buf[i, off + j]
+        else:
+            for j in range(nbytes):
+                data[p, HEADER_SIZE + j] = XCODE[xcode, buf[i, off + j]]
+        olens[p] = HEADER_SIZE + nbytes
+        orows[p] = to
+        ots[p] = ts
+        oat[p] = now if samples else math.nan
+        oips[p] = li[to, L_REMOTE_IP]
+        oports[p] = li[to, L_REMOTE_PORT]
+        p += 1
+        li[to, L_SEQ] = (seq + 1) & 0xFFFF
+        li[to, L_SENT] += 1
+        li[to, L_OCTETS] += nbytes
+        if samples:
+            li[to, L_TS] = (ts + samples) % TS_MOD
+            lf[to, F_SENT_UNTIL] = now + samples / CLOCK_RATE
+    return p, n
+
+
+# ------------------------------------------------------------ relay: the Python twin
+
+
+def relay_batch_py(
+    buf: np.ndarray, lens: np.ndarray, rows: np.ndarray, n: int, start: int,
+    action: np.ndarray, now: float, li: np.ndarray, lf: np.ndarray, data: np.ndarray,
+    olens: np.ndarray, orows: np.ndarray, ots: np.ndarray, oat: np.ndarray, oips: np.ndarray,
+    oports: np.ndarray, p: int,
+) -> tuple[int, int]:  # fmt: skip
+    """`relay_batch` as `MediaEngine._rx_handle`/`_forward` do it for one packet: parse_rtp,
+    parse_event, g711.transcode, build_header."""
+    from media import g711
+    from media.rtp import RtpError, build_header, parse_event, parse_rtp, ts_add
+
+    laws = ("PCMU", "PCMA")
+    cap, width = data.shape[0], data.shape[1]
+    for i in range(start, n):
+        if not action[i] & ACT_RELAY:
+            continue
+        src, to = li[int(rows[i])], int(li[int(rows[i]), L_PEER])
+        if to < 0 or not li[to, L_ALIVE]:
+            continue
+        pkt = parse_rtp(buf[i, : lens[i]].tobytes())
+        peer, frow = li[to], lf[to]
+        payload, samples = pkt.payload, len(pkt.payload)
+        if pkt.payload_type == src[L_DTMF_PT]:
+            try:
+                parse_event(payload)
+            except RtpError:
+                continue
+            if peer[L_DTMF_PT] < 0:
+                continue
+            pt, samples = int(peer[L_DTMF_PT]), 0
+        else:
+            codec = {0: 0, 8: 1}.get(pkt.payload_type, -1)
+            if codec < 0 and pkt.payload_type == src[L_PT]:
+                codec = int(src[L_CODEC])
+            if codec < 0 or not payload:
+                continue
+            if codec != peer[L_CODEC]:
+                codes = np.frombuffer(payload, dtype=np.uint8)
+                payload = g711.transcode(codes, laws[codec], laws[int(peer[L_CODEC])]).tobytes()
+            pt = int(peer[L_PT])
+        if not peer[L_HAS_REMOTE] or peer[L_PLAYING] or peer[L_NOSEND]:
+            continue
+        if p >= cap or HEADER_SIZE + len(payload) > width:
+            return p, i
+        marker = pkt.marker
+        if peer[L_FWD_OFFSET] < 0:
+            spurt = int(peer[L_TS])
+            if not math.isnan(frow[F_SENT_UNTIL]):
+                spurt = ts_add(spurt, max(0, round((now - frow[F_SENT_UNTIL]) * CLOCK_RATE)))
+            peer[L_FWD_OFFSET] = (spurt - pkt.timestamp) % TS_MOD
+            marker = True
+        ts = ts_add(pkt.timestamp, int(peer[L_FWD_OFFSET]))
+        out = build_header(pt, int(peer[L_SEQ]), ts, int(peer[L_SSRC]), marker) + payload
+        data[p, : len(out)] = np.frombuffer(out, dtype=np.uint8)
+        olens[p], orows[p], ots[p] = len(out), to, ts
+        oat[p] = now if samples else math.nan
+        oips[p], oports[p] = peer[L_REMOTE_IP], peer[L_REMOTE_PORT]
+        p += 1
+        peer[L_SEQ] = (peer[L_SEQ] + 1) & 0xFFFF
+        peer[L_SENT] += 1
+        peer[L_OCTETS] += len(payload)
+        if samples:
+            peer[L_TS] = ts_add(ts, samples)
+            frow[F_SENT_UNTIL] = now + samples / CLOCK_RATE
+    return p, n
+
+
 # ------------------------------------------------------------ receive ring: the tick's read
 
 
@@ -861,3 +1073,7 @@ def warm() -> None:
              one.copy(), one.copy(), one.copy(), np.zeros(2, dtype=np.int8))  # fmt: skip
     ring_read(one.copy(), ring, one.copy(), np.zeros(1, dtype=np.uint8),
               np.zeros((1, TICK_SAMPLES), dtype=np.uint8))  # fmt: skip
+    li[0, L_PEER] = 0  # bridged to itself, as far as compiling goes
+    relay_batch(data, np.full(2, data.shape[1], dtype=np.int64), np.zeros(2, dtype=np.int64),
+                2, 0, np.full(2, ACT_RELAY, dtype=np.int8), 0.0, li, lf, data.copy(),
+                i64.copy(), i64.copy(), i64.copy(), np.zeros(2), i64.copy(), i64.copy(), 0)  # fmt: skip

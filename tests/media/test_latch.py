@@ -60,7 +60,8 @@ def feeder(engine: MediaEngine, path: str) -> Feed:
         if path == "packet":
             return engine.receive_rtp(call_id, data, src, now)
         b = Batch([(engine.legs[call_id].row, data, src)])
-        return engine.receive_batch(b.buf, b.lens, b.names, b.rows, b.n, now)
+        packets, events = engine.receive_batch(b.buf, b.lens, b.names, b.rows, b.n, now)
+        return engine.relayed() + packets, events  # relayed: sent by the shell right away
 
     return feed
 

@@ -299,6 +299,15 @@ def digit_stream(rng: random.Random, n_ticks: int) -> list[list[tuple[str, bytes
     ticks = []
     for k in range(n_ticks):
         out = []
+        if k == 0:
+            # A first packet from every phone (G.729: counted, latches, never forwarded), so
+            # no packet is relayed before its peer has latched: the batch relays after the
+            # whole receive pass (to the address the pass latched), the per-packet path at
+            # once (to the SDP address until the peer's first packet).
+            for cid in seq:
+                out.append((cid, build_rtp(RtpPacket(18, seq[cid], ts[cid], 77, bytes(20))),
+                            ("192.0.2.1", 7000 + int(cid[1]))))  # fmt: skip
+                seq[cid] = (seq[cid] + 1) & 0xFFFF
         for cid in seq:
             pressing = (k // 10) % 4 == 1
             payload = tone if pressing and cid == "c0" else quiet
@@ -334,6 +343,7 @@ def drive(engine: MediaEngine, ticks: list[list[tuple[str, bytes, tuple[str, int
             batch = Batch([(by_call[c], d, a) for c, d, a in items])
             p, e = engine.receive_batch(batch.buf, batch.lens, batch.names, batch.rows,
                                         batch.n, now + 0.005)  # fmt: skip
+            p = engine.relayed() + p
         else:
             p, e = [], []
             for c, d, a in items:
@@ -365,8 +375,10 @@ def test_engine_batch_equals_per_packet(tmp_path: Path) -> None:
         assert la.rx_stats.report_block(1.0) == lb.rx_stats.report_block(1.0)
         assert (la.seq, la.ts, la.packets_sent) == (lb.seq, lb.ts, lb.packets_sent)
     assert a.legs["c0"].remote == ("192.0.2.1", 7000)
-    # every leg back on the kernel's path but the bridged ones
-    assert [int(a.tab.i[leg.row, K.L_FAST]) for leg in a.legs.values()] == [1, 1, 0, 0]
+    # every leg on the kernel's path, the bridged ones too (relay_batch forwards them)
+    assert [int(a.tab.i[leg.row, K.L_FAST]) for leg in a.legs.values()] == [1, 1, 1, 1]
+    c2, c3 = a.legs["c2"].row, a.legs["c3"].row
+    assert a.tab.i[c2, K.L_PEER] == c3 and a.tab.i[c3, K.L_PEER] == c2
 
 
 def test_pump_kernel_equals_twin(tmp_path: Path) -> None:

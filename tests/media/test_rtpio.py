@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from media.legtable import TxBatch
 from workers.rtpio import RtpSockets
 
 
@@ -106,6 +107,7 @@ class _Engine:
 
     def __init__(self) -> None:
         self.batches: list[tuple[float, list[bytes]]] = []
+        self.relay = TxBatch()  # nothing relayed
 
     def receive_batch(self, buf, lens, names, rows, n, now):  # type: ignore[no-untyped-def]
         self.batches.append((now, [buf[k, : lens[k]].tobytes() for k in range(n)]))
