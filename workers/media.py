@@ -575,8 +575,9 @@ class MediaWorker:
 
     def send_batch(self, tx: TxBatch) -> None:
         """A batch of packets (the tick's prompt frames, a receive pass's relayed ones),
-        each from its leg's socket, in one compiled sendto loop; legs on asyncio endpoints
-        (IPv6) the per-packet way."""
+        in one call: `sendmmsg` for legs on the shared port, a compiled sendto loop from
+        each per-leg socket (`RtpSockets.send`); legs on asyncio endpoints (IPv6) the
+        per-packet way."""
         if tx.n == 0:
             return
         unsent = self.rtp.send(tx.data, tx.lens, tx.rows, tx.ips, tx.ports, tx.n)
