@@ -4,7 +4,9 @@
     .venv/bin/python perf/bench_media.py -n 1000 --measure 30 --json perf/results/x.json
 
 No SIP and no front: the script is the front (a ZeroMQ ROUTER, like
-`tests/media/test_media_worker.py`) and every phone at once. For each N it
+`tests/media/test_media_worker.py`) and every phone at once; the pieces it shares with
+`perf/bench_relay.py` (worker start-up, the ROUTER, leg allocation, generator sockets,
+/proc readings) are in `perf/benchlib.py`. For each N it
 starts a fresh `workers.media` process, allocates N legs, points each leg's
 MediaRemote at one of its UDP sockets (one per 256 legs), and has every leg
 play a looping prompt (non-interruptible) with in-band detection on. Every
@@ -31,7 +33,7 @@ After `--warmup` seconds, over `--measure` seconds:
 `--rtp-socket shared` runs the worker with every leg on its shared RTP port
 (`[media] rtp_socket`): the legs are then told apart by their source address, so
 every simulated phone needs a socket of its own. `--gen-sockets per_leg` (the
-default with `shared`) gives each leg one: the generator sends with one compiled
+default with `shared`) gives each leg one (`benchlib.PhoneSockets`): the generator sends with one compiled
 `sendto` loop over them (`workers.rtpio.RtpSockets`, as a worker does) and reads
 the ready ones through epoll with `recvmmsg` and kernel timestamps, also compiled;
 compare modes with the same `--gen-sockets` so the generator costs the same.

@@ -24,7 +24,9 @@ and is both phones of every call at once:
 
 Modes: `pcmu` (PCMU<->PCMU) and `pcma` (PCMU<->PCMA: leg B's codec is PCMA, so the
 relay transcodes). Every leg sends one 20 ms G.711 frame of low-level noise every
-20 ms from the generator (`sendmmsg`), and presses a key every `--press-every`
+20 ms from the generator (`sendmmsg` from one socket per 256 legs; with
+`--gen-sockets per_leg`, the default with `--rtp-socket shared`, a socket per leg,
+`benchlib.PhoneSockets`: compiled sendto and epoll + recvmmsg loops), and presses a key every `--press-every`
 seconds as RFC 4733 events (start, updates, end x3). What comes back is drained
 with `recvmmsg` and timed by the kernel (SO_TIMESTAMPNS).
 
@@ -402,10 +404,12 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
         early = relay.ports_before_connect(n_calls)
         # A socket per phone (leg), told apart by the socket that hears it: needed when
         # the relay sends every leg from one port (the worker's shared port) and tells
-        # legs apart by their source address. Else, by default, one socket per 256 legs
-        # (sendmmsg), a leg told by the relay port it hears from.
+        # legs apart by their source address; with --rtp-socket shared the peer gets the
+        # same generator. Else, by default, one socket per 256 legs (sendmmsg), a leg
+        # told by the relay port it hears from.
         one_port = early is not None and np.unique(early).size < n_legs
-        per_leg = (args.gen_sockets or ("per_leg" if one_port else "grouped")) == "per_leg"
+        default = "per_leg" if one_port or args.rtp_socket == "shared" else "grouped"
+        per_leg = (args.gen_sockets or default) == "per_leg"
         if one_port and not per_leg:
             raise SystemExit("--rtp-socket shared needs --gen-sockets per_leg (a source per leg)")
         n_socks = 0 if per_leg else (n_legs + LEGS_PER_SOCKET - 1) // LEGS_PER_SOCKET
@@ -821,9 +825,9 @@ def main() -> None:
                     help="the worker's [media] rtp_socket (workers that have it); shared: "
                          "every leg on the worker's shared port, a generator socket per leg")
     ap.add_argument("--gen-sockets", choices=["grouped", "per_leg"], default=None,
-                    help="the phones' sockets: one per 256 legs (the default, but with "
-                         "shared) or one per leg (needed with shared; give it to run "
-                         "rtpengine with the same generator)")  # fmt: skip
+                    help="the phones' sockets: one per 256 legs, or one per leg (needed "
+                         "by the worker with --rtp-socket shared; then the default for "
+                         "both relays, so they face the same generator)")  # fmt: skip
     ap.add_argument("--peer-ports", default="16000-19999", help="rtpengine's RTP ports")
     ap.add_argument("--ng-port", type=int, default=22231, help="rtpengine's ng control port")
     ap.add_argument("--rtpengine", default="/usr/bin/rtpengine", help="the rtpengine binary")
