@@ -81,6 +81,7 @@ from perf.benchlib import (  # noqa: E402
     proc_cpu_s,
     proc_rss_kb,
     rfc4733_events,
+    rtp_rows,
     start_media_worker,
     udp_rcvbuf_errors,
 )
@@ -188,13 +189,8 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         # ---- send buffers: every leg's audio packet (rows fixed per leg), events separate
         all_legs = np.arange(n_calls, dtype=np.int64)
         ssrc = 0x10000 + all_legs
-        all_tx = np.zeros((n_calls, PKT), dtype=np.uint8)
-        all_tx[:, 0] = 0x80
-        all_tx[:, 8:12].view(">u4")[:, 0] = ssrc
-        all_lens = np.full(n_calls, PKT, dtype=np.int64)
-        ev_tx = np.zeros((4 * n_calls, 16), dtype=np.uint8)
-        ev_tx[:, 0] = 0x80
-        ev_lens = np.full(4 * n_calls, 16, dtype=np.int64)
+        all_tx, all_lens = rtp_rows(n_calls, PKT, ssrc)
+        ev_tx, ev_lens = rtp_rows(4 * n_calls, 16)
         legs_of = [np.nonzero(leg_sock == k)[0] for k in range(n_socks)]
         audio_tx: list[SendBatch] = []
         event_tx: list[SendBatch] = []

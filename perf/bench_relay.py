@@ -88,6 +88,7 @@ from perf.benchlib import (  # noqa: E402
     proc_cpu_s,
     proc_rss_kb,
     rfc4733_events,
+    rtp_rows,
     start_media_worker,
     thread_cpu_s,
     udp_counter,
@@ -436,13 +437,8 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
         leg_pt = np.array([PAYLOAD_TYPE[c] for c in leg_codec])
         all_legs = np.arange(n_legs, dtype=np.int64)
         ssrc = 0x10000 + all_legs
-        all_tx = np.zeros((n_legs, PKT), dtype=np.uint8)
-        all_tx[:, 0] = 0x80
-        all_tx[:, 8:12].view(">u4")[:, 0] = ssrc
-        all_lens = np.full(n_legs, PKT, dtype=np.int64)
-        ev_tx = np.zeros((3 * n_legs, EVENT_PKT), dtype=np.uint8)
-        ev_tx[:, 0] = 0x80
-        ev_lens = np.full(3 * n_legs, EVENT_PKT, dtype=np.int64)
+        all_tx, all_lens = rtp_rows(n_legs, PKT, ssrc)
+        ev_tx, ev_lens = rtp_rows(3 * n_legs, EVENT_PKT)
         payload_rows = np.stack([noise[c] for c in leg_codec], axis=1)  # [64 frames, legs, 160]
         # what is sent in one go, its start time taken as each packet's send time: a
         # grouped socket's legs (one sendmmsg), or SEND_CHUNK phones (sendto loop)

@@ -420,6 +420,16 @@ class PhoneSockets:
         self.rs.close()
 
 
+def rtp_rows(rows: int, size: int, ssrc: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A send buffer of `rows` RTP packets of `size` bytes (version 2, and row k's SSRC
+    ssrc[k] when given; the rest is the caller's, tick by tick) and their lengths."""
+    data = np.zeros((rows, size), dtype=np.uint8)
+    data[:, 0] = 0x80
+    if ssrc is not None:
+        data[:, 8:12].view(">u4")[:, 0] = ssrc
+    return data, np.full(rows, size, dtype=np.int64)
+
+
 def rfc4733_events(out: np.ndarray, legs: np.ndarray, k_in_press: np.ndarray,
                    seq: np.ndarray, start_ts: np.ndarray, codes: np.ndarray,
                    ssrc: np.ndarray, payload_type: int, press_ticks: int,
