@@ -4,7 +4,9 @@
     .venv/bin/python perf/bench_media.py -n 1000 --measure 30 --json perf/results/x.json
 
 No SIP and no front: the script is the front (a ZeroMQ ROUTER, like
-`tests/media/test_media_worker.py`) and every phone at once. For each N it
+`tests/media/test_media_worker.py`) and every phone at once; the pieces it shares with
+`perf/bench_relay.py` (worker start-up, the ROUTER, leg allocation, generator sockets,
+/proc readings) are in `perf/benchlib.py`. For each N it
 starts a fresh `workers.media` process, allocates N legs, points each leg's
 MediaRemote at one of its UDP sockets (one per 256 legs), and has every leg
 play a looping prompt (non-interruptible) with in-band detection on. Every
@@ -31,7 +33,7 @@ After `--warmup` seconds, over `--measure` seconds:
 `--rtp-socket shared` runs the worker with every leg on its shared RTP port
 (`[media] rtp_socket`): the legs are then told apart by their source address, so
 every simulated phone needs a socket of its own. `--gen-sockets per_leg` (the
-default with `shared`) gives each leg one: the generator sends with one compiled
+default with `shared`) gives each leg one (`benchlib.PhoneSockets`): the generator sends with one compiled
 `sendto` loop over them (`workers.rtpio.RtpSockets`, as a worker does) and reads
 the ready ones through epoll with `recvmmsg` and kernel timestamps, also compiled;
 compare modes with the same `--gen-sockets` so the generator costs the same.
@@ -44,10 +46,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import select
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,33 +61,31 @@ import zmq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from numba import njit  # noqa: E402
-
 from media import g711  # noqa: E402
 from pbx.messages import (  # noqa: E402
     DtmfDigit,
-    MediaAllocate,
-    MediaAllocated,
     MediaEvent,
     MediaHeartbeat,
     MediaPlay,
-    MediaPorts,
-    MediaReady,
     MediaRelease,
     MediaReleased,
     MediaRemote,
-    decode,
-    encode,
 )
-from pbx.planes import ensure_private_dir  # noqa: E402
-from workers.rtpio import EV_DATA, EV_WORDS, RtpSockets, _epoll_wait, _recvmmsg  # noqa: E402
-from workers.udpbatch import (  # noqa: E402
-    MMSGHDR,
-    RecvBatch,
-    SendBatch,
-    enable_timestamps,
-    ip_to_u32,
+from perf.benchlib import (  # noqa: E402
+    PhoneSockets,
+    Received,
+    allocate_legs,
+    generator_socket,
+    log,
+    pct,
+    proc_cpu_s,
+    proc_rss_kb,
+    rfc4733_events,
+    rtp_rows,
+    start_media_worker,
+    udp_rcvbuf_errors,
 )
+from workers.udpbatch import RecvBatch, SendBatch, ip_to_u32  # noqa: E402
 
 TICK_S = 0.020
 SPF = 160  # samples per 20 ms frame
@@ -111,10 +109,6 @@ DIGITS = "1234567890"
 EVENT_CODE = {d: (10 if d == "*" else 11 if d == "#" else int(d)) for d in DIGITS}
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def write_prompt(path: Path, seconds: float) -> None:
     t = np.arange(int(8000 * seconds)) / 8000.0
     x = 6000 * np.sin(2 * np.pi * 300 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
@@ -123,146 +117,6 @@ def write_prompt(path: Path, seconds: float) -> None:
         w.setsampwidth(2)
         w.setframerate(8000)
         w.writeframes(x.astype("<i2").tobytes())
-
-
-def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def udp_rcvbuf_errors() -> int:
-    """Datagrams the kernel dropped for a full receive buffer, machine-wide (/proc/net/snmp):
-    tells a starved generator's drops from packets the worker never sent."""
-    lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()
-             if ln.startswith("Udp:")]  # fmt: skip
-    if len(lines) < 2 or "RcvbufErrors" not in lines[0]:
-        return 0
-    return int(lines[1][lines[0].index("RcvbufErrors")])
-
-
-_MSG_DONTWAIT = 0x40
-GEN_VLEN = 8  # datagrams one recvmmsg of a phone's socket takes
-
-
-@njit(cache=False)
-def _gen_recv(epfd: int, events: np.ndarray, fds: np.ndarray, sock_rows: np.ndarray,
-              hdrs: np.ndarray, buf: np.ndarray, ctrl: np.ndarray, out_leg: np.ndarray,
-              out_seq: np.ndarray, out_t: np.ndarray, nrec: int, record: bool) -> int:  # fmt: skip
-    """The phones' side, compiled: the sockets epoll reports ready, each drained with
-    recvmmsg (kernel receive time from SCM_TIMESTAMPNS); with `record`, (leg, sequence
-    number, time ns) of each RTP packet appended from out_*[nrec]. Returns the new nrec."""
-    cap = out_leg.shape[0]
-    maxev = events.shape[0] // EV_WORDS
-    vlen = hdrs.shape[0]
-    for _ in range(64):  # bounded: packets keep coming
-        nev = _epoll_wait(epfd, events.ctypes.data, maxev, 0)
-        if nev <= 0:
-            return nrec
-        for e in range(nev):
-            i = events[e * EV_WORDS + EV_DATA]
-            if i >= fds.shape[0] or fds[i] < 0:
-                continue
-            for k in range(vlen):
-                hdrs[k, 1] = 16  # msg_namelen
-                hdrs[k, 5] = 64  # msg_controllen
-            got = _recvmmsg(fds[i], hdrs.ctypes.data, vlen, _MSG_DONTWAIT, 0)
-            for k in range(max(got, 0)):
-                size = hdrs[k, 7] & np.uint64(0xFFFFFFFF)
-                # RTCP (to a phone's port + 1, which may be another phone's socket): not
-                # RTP (RFC 5761 §4: second byte 192-223)
-                if 192 <= buf[k, 1] <= 223:
-                    continue
-                if record and size >= 12 and nrec < cap:
-                    out_leg[nrec] = sock_rows[i]
-                    out_seq[nrec] = (np.int64(buf[k, 2]) << 8) | buf[k, 3]
-                    out_t[nrec] = ctrl[k, 2] * 1_000_000_000 + ctrl[k, 3]
-                    nrec += 1
-    return nrec
-
-
-class PhoneSockets:
-    """One UDP socket per leg (its own source address, as a phone has), sent from with a
-    compiled sendto loop and read with `_gen_recv`."""
-
-    def __init__(self, n_calls: int) -> None:
-        self.rs = RtpSockets(batch=16)
-        self.socks: list[socket.socket] = []
-        for i in range(n_calls):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 18)
-            s.bind(("127.0.0.1", 0))
-            s.setblocking(False)
-            enable_timestamps(s)
-            self.socks.append(s)
-            self.rs.add(f"phone-{i}", s, i)
-        self.ports = np.array([s.getsockname()[1] for s in self.socks], dtype=np.int64)
-        self.buf = np.zeros((GEN_VLEN, 256), dtype=np.uint8)
-        self.names = np.zeros((GEN_VLEN, 16), dtype=np.uint8)
-        self.ctrl = np.zeros((GEN_VLEN, 8), dtype=np.int64)  # cmsghdr (16 B) + timespec
-        self.iov = np.zeros((GEN_VLEN, 2), dtype=np.uint64)
-        self.hdrs = np.zeros((GEN_VLEN, 8), dtype=np.uint64)
-        assert MMSGHDR.itemsize == 64
-        idx = np.arange(GEN_VLEN, dtype=np.uint64)
-        self.iov[:, 0] = np.uint64(self.buf.ctypes.data) + idx * np.uint64(256)
-        self.iov[:, 1] = 256
-        self.hdrs[:, 0] = np.uint64(self.names.ctypes.data) + idx * np.uint64(16)
-        self.hdrs[:, 2] = np.uint64(self.iov.ctypes.data) + idx * np.uint64(16)
-        self.hdrs[:, 3] = 1
-        self.hdrs[:, 4] = np.uint64(self.ctrl.ctypes.data) + idx * np.uint64(64)
-
-    def fileno(self) -> int:
-        return self.rs.fileno()
-
-    def send(self, data: np.ndarray, lens: np.ndarray, legs: np.ndarray, ports: np.ndarray,
-             n: int) -> int:  # fmt: skip
-        ips = np.full(n, 0x7F000001, dtype=np.int64)
-        unsent = self.rs.send(data, lens, legs, ips, ports, n)
-        return n - int(unsent.size)
-
-    def recv(self, out_leg: np.ndarray, out_seq: np.ndarray, out_t: np.ndarray, nrec: int,
-             record: bool) -> int:  # fmt: skip
-        rs = self.rs
-        return int(_gen_recv(rs.epfd, rs.events, rs.fds, rs.sock_rows, self.hdrs, self.buf,
-                             self.ctrl, out_leg, out_seq, out_t, nrec, record))  # fmt: skip
-
-    def close(self) -> None:
-        self.rs.close()
-
-
-def pct(x: np.ndarray, q: float) -> float:
-    return float(np.percentile(x, q)) if x.size else 0.0
-
-
-class Front:
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
-        self.sock.bind(endpoint)
-        self.identity = b""
-
-    def recv(self, timeout_s: float) -> Any | None:
-        if not self.sock.poll(int(timeout_s * 1000)):
-            return None
-        identity, frame = self.sock.recv_multipart()
-        self.identity = identity
-        return decode(frame)
-
-    def send(self, msg: Any) -> None:
-        self.sock.send_multipart([self.identity, encode(msg)])
-
-    def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
 
 
 def tone_frames() -> np.ndarray:
@@ -289,90 +143,31 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
     sounds = tmp / "sounds"
     sounds.mkdir()
     write_prompt(sounds / "loop.wav", 3.0)
-    # The planes' single-host default: an IPC socket in a directory only we can open.
-    endpoint = f"ipc://{tmp / 'zmq' / 'media'}"
-    problem = ensure_private_dir(tmp / "zmq")
-    if problem is not None:
-        raise RuntimeError(f"{tmp / 'zmq'} {problem}")
-    (tmp / "pbx.toml").write_text(
-        f'[zmq]\nmedia_endpoint = "{endpoint}"\n\n'
-        f'[media]\nrtp_ip = "127.0.0.1"\nrtp_ports = "{args.rtp_ports}"\n'
-        f'sounds_dir = "{sounds}"\nheartbeat_ms = 500\ncapacity = {max(2000, n_calls)}\n'
-        f'rtp_socket = "{args.rtp_socket}"\n'
-        '\n[logging]\nlevel = "WARNING"\n',
-        encoding="utf-8",
-    )
-    front = Front(endpoint)
-    env = {**os.environ, "PBX_CONFIG": str(tmp / "pbx.toml")}
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "workers.media"], cwd=ROOT, env=env, stderr=subprocess.PIPE
-    )
-    socks: list[socket.socket] = []
-    phones: PhoneSockets | None = None
     shared = args.rtp_socket == "shared"
     gen_per_leg = (args.gen_sockets or ("per_leg" if shared else "grouped")) == "per_leg"
     if shared and not gen_per_leg:
         raise SystemExit("--rtp-socket shared needs --gen-sockets per_leg (a source per leg)")
+    worker = start_media_worker(tmp, args.rtp_ports, max(2000, n_calls), sounds=sounds,
+                                rtp_socket=args.rtp_socket)  # fmt: skip
+    front = worker.front
+    pid = worker.proc.pid
+    socks: list[socket.socket] = []
+    phones: PhoneSockets | None = None
+    errors: list[str] = []
+    heartbeats: list[MediaHeartbeat] = []
     try:
-        ready = front.recv(120.0)
-        if not isinstance(ready, MediaReady):
-            raise RuntimeError(f"worker did not get ready: {ready!r}")
-        time.sleep(1.0)
-        rss0 = proc_rss_kb(worker.pid)
-        log(f"N={n_calls}: worker {worker.pid} ready, RSS {rss0} kB; allocating legs")
+        rss0 = worker.rss_ready_kb
+        log(f"N={n_calls}: worker {pid} ready, RSS {rss0} kB; allocating legs")
 
         # ---- generator sockets: one per 256 legs, or one per leg
         n_socks = 0 if gen_per_leg else (n_calls + LEGS_PER_SOCKET - 1) // LEGS_PER_SOCKET
         if gen_per_leg:
             phones = PhoneSockets(n_calls)
-        for _ in range(n_socks):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
-                try:  # SO_RCVBUFFORCE / SO_SNDBUFFORCE pass rmem_max (root only)
-                    s.setsockopt(socket.SOL_SOCKET, force, 8 << 20)
-                except OSError:
-                    s.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
-            s.bind(("127.0.0.1", 0))
-            s.setblocking(False)
-            enable_timestamps(s)
-            socks.append(s)
+        socks.extend(generator_socket() for _ in range(n_socks))
         leg_sock = np.arange(n_calls) // LEGS_PER_SOCKET
-        leg_row = np.arange(n_calls) % LEGS_PER_SOCKET
         call_ids = [f"bench-{i}" for i in range(n_calls)]
         index = {c: i for i, c in enumerate(call_ids)}
-
-        # As the front does: each leg gets a port the worker announced (MediaPorts after
-        # MediaReady, then as its pool refills), never one handed out before.
-        worker_port = np.zeros(n_calls, dtype=np.int64)
-        got = sent = 0
-        free: list[int] = []
-        handed: set[int] = set()
-        heartbeats: list[MediaHeartbeat] = []
-        shared_port: int | None = None
-        while got < n_calls:
-            while (free or shared_port) and sent < n_calls:
-                if shared_port is not None:
-                    port = shared_port  # as the front does: no port of its own
-                else:
-                    port = free.pop()
-                    handed.add(port)
-                sent += 1
-                front.send(MediaAllocate(call_id=call_ids[sent - 1], rtp_port=port, seq=sent,
-                                         inband_dtmf=True))
-            msg = front.recv(10.0)
-            if msg is None:
-                raise RuntimeError(f"only {got} of {n_calls} legs allocated")
-            if isinstance(msg, MediaPorts | MediaHeartbeat):
-                free = [p for p in msg.ports if p not in handed]
-                if shared:
-                    if msg.shared_port is None:
-                        raise RuntimeError("the worker announced no shared port")
-                    shared_port = msg.shared_port
-            elif isinstance(msg, MediaAllocated):
-                if msg.error:
-                    raise RuntimeError(f"allocation failed: {msg.error}")
-                worker_port[index[msg.call_id]] = msg.rtp_port
-                got += 1
+        worker_port = allocate_legs(front, call_ids, inband_dtmf=True, shared=shared)
         port_to_leg = np.full(65536, -1, dtype=np.int64)
         port_to_leg[worker_port] = np.arange(n_calls)
 
@@ -391,31 +186,21 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
             )
             front.send(MediaPlay(call_id=c, play_id=1, file="loop.wav", loop=True))
 
-        # ---- per-socket send batches (audio rows fixed per leg; events separate)
+        # ---- send buffers: every leg's audio packet (rows fixed per leg), events separate
+        all_legs = np.arange(n_calls, dtype=np.int64)
+        ssrc = 0x10000 + all_legs
+        all_tx, all_lens = rtp_rows(n_calls, PKT, ssrc)
+        ev_tx, ev_lens = rtp_rows(4 * n_calls, 16)
+        legs_of = [np.nonzero(leg_sock == k)[0] for k in range(n_socks)]
         audio_tx: list[SendBatch] = []
         event_tx: list[SendBatch] = []
-        for k in range(n_socks):
-            legs = np.nonzero(leg_sock == k)[0]
-            tx = SendBatch(vlen=LEGS_PER_SOCKET, size=PKT)
+        for legs in legs_of:  # grouped sockets: a sendmmsg batch each
+            tx = SendBatch(vlen=legs.size, size=PKT)
             tx.set_addresses(np.full(legs.size, ip_to_u32("127.0.0.1")), worker_port[legs])
             tx.lengths[:] = PKT
-            tx.data[:, 0] = 0x80
-            tx.data[:, 1] = 0
-            tx.data[:, 8:12].view(">u4")[:, 0] = 0x10000 + np.arange(LEGS_PER_SOCKET) + k * 1000
             audio_tx.append(tx)
-            etx = SendBatch(vlen=4 * LEGS_PER_SOCKET, size=16)
-            etx.data[:, 0] = 0x80
-            event_tx.append(etx)
+            event_tx.append(SendBatch(vlen=4 * legs.size, size=16))
         rx = RecvBatch(vlen=512, size=256, timestamps=True)
-        if phones is not None:  # every leg's packet in one send batch; its events in another
-            all_tx = np.zeros((n_calls, PKT), dtype=np.uint8)
-            all_tx[:, 0] = 0x80
-            all_tx[:, 8:12].view(">u4")[:, 0] = 0x10000 + np.arange(n_calls)
-            all_lens = np.full(n_calls, PKT, dtype=np.int64)
-            all_legs = np.arange(n_calls, dtype=np.int64)
-            ev_tx = np.zeros((4 * n_calls, 16), dtype=np.uint8)
-            ev_tx[:, 0] = 0x80
-            ev_lens = np.full(4 * n_calls, 16, dtype=np.int64)
         seq = rng.integers(0, 65536, n_calls).astype(np.int64)
         ts = rng.integers(0, 1 << 32, n_calls).astype(np.int64)
         tones = tone_frames()
@@ -425,14 +210,11 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         press_start_ts = np.zeros(n_calls, dtype=np.int64)
         press_digit = np.zeros(n_calls, dtype=np.int64)
         presses = np.zeros(n_calls, dtype=np.int64)  # every press of the run, warm-up included
+        codes = np.array([EVENT_CODE[DIGITS[i]] for i in range(10)])
 
         total_ticks = round((args.warmup + args.measure) / TICK_S)
         warm_ticks = round(args.warmup / TICK_S)
-        cap = int(n_calls * (args.measure / TICK_S) * 1.2) + 1024
-        rec_leg = np.empty(cap, dtype=np.int64)
-        rec_seq = np.empty(cap, dtype=np.int64)
-        rec_t = np.empty(cap, dtype=np.int64)
-        nrec = 0
+        rec = Received(cap=int(n_calls * (args.measure / TICK_S) * 1.2) + 1024, head=4)
         digits_got = np.zeros(n_calls, dtype=np.int64)
         by_source: dict[str, int] = {}
         sent_packets = 0
@@ -440,16 +222,17 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         drops0 = 0
         rss1 = 0
         gen_cpu0 = 0.0
+        t_meas0 = 0.0
         measuring = False
         fds = [s.fileno() for s in socks] if phones is None else [phones.fileno()]
-        codes = np.array([EVENT_CODE[DIGITS[i]] for i in range(10)])
+        zmq_fd = int(front.sock.getsockopt(zmq.FD))
         origin = time.monotonic() + 0.05
         last_progress = time.monotonic()
         log(f"N={n_calls}: legs playing; warm-up {args.warmup} s, measuring {args.measure} s")
         for tick in range(total_ticks):
             if tick == warm_ticks:
                 measuring = True
-                cpu0 = proc_cpu_s(worker.pid)
+                cpu0 = proc_cpu_s(pid)
                 drops0 = udp_rcvbuf_errors()
                 gen_cpu0 = time.process_time()
                 t_meas0 = time.monotonic()
@@ -464,74 +247,33 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
             press_start_ts[starting] = ts[starting]
             press_digit[starting] = presses[starting] % len(DIGITS)
             presses[starting] += 1
+            all_tx[:, 2:4].view(">u2")[:, 0] = seq & 0xFFFF
+            all_tx[:, 4:8].view(">u4")[:, 0] = ts & 0xFFFFFFFF
+            payload = noise[(tick + all_legs) % noise.shape[0]]
+            if pressing.any():
+                payload[pressing] = tones[press_digit[pressing], k_in_press[pressing]]
+            all_tx[:, 12:PKT] = payload
+            # RFC 4733: one packet per tick while pressed, the end packet three times
+            pl_legs = np.nonzero(pressing)[0] if not args.no_rfc4733 else all_legs[:0]
+            e_legs = rfc4733_events(ev_tx, pl_legs, k_in_press, seq, press_start_ts,
+                                    codes[press_digit], ssrc, DTMF_PT, PRESS_TICKS, SPF)  # fmt: skip
+            m = e_legs.size
             if phones is not None:
-                all_tx[:, 2:4].view(">u2")[:, 0] = seq & 0xFFFF
-                all_tx[:, 4:8].view(">u4")[:, 0] = ts & 0xFFFFFFFF
-                payload = noise[(tick + all_legs) % noise.shape[0]]
-                if pressing.any():
-                    payload[pressing] = tones[press_digit[pressing], k_in_press[pressing]]
-                all_tx[:, 12:PKT] = payload
                 sent_packets += phones.send(all_tx, all_lens, all_legs, worker_port, n_calls)
-                pl_legs = np.nonzero(pressing)[0]
-                if pl_legs.size and not args.no_rfc4733:
-                    kk = k_in_press[pl_legs]
-                    end = kk == PRESS_TICKS - 1
-                    reps = np.where(end, 3, 1)
-                    e_legs = np.repeat(pl_legs, reps)
-                    e_k = np.repeat(kk, reps)
-                    e_end = np.repeat(end, reps)
-                    m = e_legs.size
-                    d = ev_tx
-                    d[:m, 1] = DTMF_PT | np.where(e_k == 0, 0x80, 0)
-                    offs = np.concatenate([np.arange(r) for r in reps])
-                    d[:m, 2:4].view(">u2")[:, 0] = (seq[e_legs] + 1 + offs) & 0xFFFF
-                    d[:m, 4:8].view(">u4")[:, 0] = press_start_ts[e_legs] & 0xFFFFFFFF
-                    d[:m, 8:12].view(">u4")[:, 0] = 0x10000 + e_legs
-                    d[:m, 12] = codes[press_digit[e_legs]]
-                    d[:m, 13] = np.where(e_end, 0x80, 0) | 10
-                    d[:m, 14:16].view(">u2")[:, 0] = (e_k + 1) * SPF
-                    sent_packets += phones.send(ev_tx, ev_lens, e_legs, worker_port[e_legs], m)
-                    seq[pl_legs] += reps
-            for k in range(n_socks):
-                legs = np.nonzero(leg_sock == k)[0]
+                sent_packets += phones.send(ev_tx, ev_lens, e_legs, worker_port[e_legs], m)
+            for k, legs in enumerate(legs_of):
                 tx = audio_tx[k]
-                m_legs = legs.size  # a socket's legs are rows 0..m-1, in order
-                tx.data[:m_legs, 2:4].view(">u2")[:, 0] = seq[legs] & 0xFFFF
-                tx.data[:m_legs, 4:8].view(">u4")[:, 0] = ts[legs] & 0xFFFFFFFF
-                payload = noise[(tick + legs) % noise.shape[0]]
-                pl = pressing[legs]
-                if pl.any():
-                    payload[pl] = tones[press_digit[legs[pl]], k_in_press[legs[pl]]]
-                tx.data[:m_legs, 12:PKT] = payload
+                tx.data[: legs.size] = all_tx[legs]
                 sent_packets += tx.send(fds[k], legs.size)
-                # RFC 4733: one packet per tick while pressed, the end packet three times
-                pl_legs = legs[pl]
-                if pl_legs.size and not args.no_rfc4733:
-                    kk = k_in_press[pl_legs]
-                    end = kk == PRESS_TICKS - 1
-                    reps = np.where(end, 3, 1)
-                    e_legs = np.repeat(pl_legs, reps)
-                    e_k = np.repeat(kk, reps)
-                    e_end = np.repeat(end, reps)
-                    m = e_legs.size
+                ev_rows = np.nonzero(leg_sock[e_legs] == k)[0]
+                if ev_rows.size:
                     etx = event_tx[k]
-                    etx.set_addresses(np.full(m, ip_to_u32("127.0.0.1")), worker_port[e_legs])
-                    d = etx.data
-                    d[:m, 1] = DTMF_PT | np.where(e_k == 0, 0x80, 0)
-                    # sequence numbers: continue the leg's stream after this tick's audio packet
-                    offs = np.concatenate([np.arange(r) for r in reps])
-                    ev_seq = seq[e_legs] + 1 + offs
-                    d[:m, 2:4].view(">u2")[:, 0] = ev_seq & 0xFFFF
-                    d[:m, 4:8].view(">u4")[:, 0] = press_start_ts[e_legs] & 0xFFFFFFFF
-                    d[:m, 8:12].view(">u4")[:, 0] = 0x10000 + leg_row[e_legs] + k * 1000
-                    d[:m, 12] = np.array([EVENT_CODE[DIGITS[i]] for i in range(10)])[
-                        press_digit[e_legs]
-                    ]
-                    d[:m, 13] = np.where(e_end, 0x80, 0) | 10
-                    d[:m, 14:16].view(">u2")[:, 0] = (e_k + 1) * SPF
-                    etx.lengths[:m] = 16
-                    sent_packets += etx.send(fds[k], m)
-                    seq[pl_legs] += reps
+                    etx.set_addresses(np.full(ev_rows.size, ip_to_u32("127.0.0.1")),
+                                      worker_port[e_legs[ev_rows]])  # fmt: skip
+                    etx.data[: ev_rows.size] = ev_tx[ev_rows]
+                    etx.lengths[: ev_rows.size] = 16
+                    sent_packets += etx.send(fds[k], ev_rows.size)
+            np.add.at(seq, e_legs, 1)
             seq += 1
             seq &= 0xFFFF
             ts += SPF
@@ -543,31 +285,17 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
                 if timeout <= 0 and drained:
                     break
                 drained = True
-                r, _, _ = select.select(fds + [front.sock.getsockopt(zmq.FD)], [], [],
-                                        max(0.0, timeout))  # fmt: skip
-                if phones is not None and r and r[0] == fds[0]:
-                    nrec = phones.recv(rec_leg, rec_seq, rec_t, nrec, measuring)
-                    r = r[1:]
+                r, _, _ = select.select(fds + [zmq_fd], [], [], max(0.0, timeout))
                 for fd in r:
-                    if fd not in fds or phones is not None:
+                    if fd == zmq_fd:
                         continue
-                    while True:
-                        n = rx.recv(fd)
-                        if n == 0:
-                            break
-                        if not measuring:
-                            continue
-                        lens = rx.msg_lengths[:n]
-                        ok = lens >= 12
-                        legs = port_to_leg[rx.ports[:n]][ok]
-                        m = legs.size
-                        if nrec + m > cap:
-                            continue
-                        rec_leg[nrec : nrec + m] = legs
-                        rec_seq[nrec : nrec + m] = rx.data[:n, 2:4].view(">u2")[:, 0][ok]
-                        rec_t[nrec : nrec + m] = rx.times_ns[:n][ok]
-                        nrec += m
-                while front.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    if phones is not None:
+                        phones.recv(rec, measuring)
+                        continue
+                    while (n := rx.recv(fd)) > 0:
+                        if measuring:
+                            rec.add(rx, n, port_to_leg[rx.ports[:n]])
+                while int(front.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     msg = front.recv(0)
                     if isinstance(msg, MediaEvent) and isinstance(msg.event, DtmfDigit):
                         digits_got[index[msg.call_id]] += 1
@@ -577,12 +305,12 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
                         heartbeats.append(msg)
             if time.monotonic() - last_progress >= 1.0:
                 last_progress = time.monotonic()
-                log(f"N={n_calls}: t={tick * TICK_S:5.1f} s, {nrec} prompt packets recorded")
-        cpu1 = proc_cpu_s(worker.pid)
+                log(f"N={n_calls}: t={tick * TICK_S:5.1f} s, {rec.n} prompt packets recorded")
+        cpu1 = proc_cpu_s(pid)
         drops = udp_rcvbuf_errors() - drops0
         t_meas = time.monotonic() - t_meas0
         gen_cpu = time.process_time() - gen_cpu0
-        rss1 = proc_rss_kb(worker.pid)
+        rss1 = proc_rss_kb(pid)
 
         # ---- release, collecting the worker's per-leg statistics
         for c in call_ids:
@@ -599,23 +327,16 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
                 src = msg.event.source
                 by_source[src] = by_source.get(src, 0) + 1
     finally:
-        worker.terminate()
-        try:
-            _, err = worker.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            _, err = worker.communicate()
+        errors = worker.stop()
         for s in socks:
             s.close()
         if phones is not None:
             phones.close()
-        front.close()
-    errors = [ln for ln in err.decode(errors="replace").splitlines() if "ERROR" in ln]
 
     # ---- the callers' view
-    leg = rec_leg[:nrec]
-    sq = rec_seq[:nrec]
-    tt = rec_t[:nrec]
+    leg = rec.leg[: rec.n]
+    sq = rec.seq()
+    tt = rec.t_ns[: rec.n]
     order = np.lexsort((tt, leg))
     leg, sq, tt = leg[order], sq[order], tt[order]
     same = leg[1:] == leg[:-1]

@@ -24,7 +24,9 @@ and is both phones of every call at once:
 
 Modes: `pcmu` (PCMU<->PCMU) and `pcma` (PCMU<->PCMA: leg B's codec is PCMA, so the
 relay transcodes). Every leg sends one 20 ms G.711 frame of low-level noise every
-20 ms from the generator (`sendmmsg`), and presses a key every `--press-every`
+20 ms from the generator (`sendmmsg` from one socket per 256 legs; with
+`--gen-sockets per_leg`, the default with `--rtp-socket shared`, a socket per leg,
+`benchlib.PhoneSockets`: compiled sendto and epoll + recvmmsg loops), and presses a key every `--press-every`
 seconds as RFC 4733 events (start, updates, end x3). What comes back is drained
 with `recvmmsg` and timed by the kernel (SO_TIMESTAMPNS).
 
@@ -58,7 +60,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -76,6 +77,8 @@ from pbx.messages import (  # noqa: E402
 )
 from perf.benchlib import (  # noqa: E402
     MediaWorker,
+    PhoneSockets,
+    Received,
     allocate_legs,
     generator_socket,
     load_average,
@@ -84,6 +87,8 @@ from perf.benchlib import (  # noqa: E402
     pct,
     proc_cpu_s,
     proc_rss_kb,
+    rfc4733_events,
+    rtp_rows,
     start_media_worker,
     thread_cpu_s,
     udp_counter,
@@ -104,6 +109,7 @@ N_FRAMES = 64  # distinct noise frames (a frame's samples 16-31 come from anothe
 SIG_SAMPLES = 16  # samples compared per part of a frame's name (two parts)
 CYCLE = N_FRAMES * N_FRAMES  # a frame's name repeats every 4096 ticks (82 s)
 LEGS_PER_SOCKET = 256
+SEND_CHUNK = 128  # phones sent from in one compiled loop, timed together
 DTMF_PT = 101
 PRESS_TICKS = 5  # 100 ms per press
 DIGIT_CODES = np.arange(10)  # RFC 4733 events 0-9
@@ -379,42 +385,6 @@ def rtpengine_service_check() -> None:
 # ---------------------------------------------------------------- one step
 
 
-@dataclass
-class Recv:
-    """What the generator received, one row per datagram."""
-
-    cap: int
-    n: int = 0
-    overflow: int = 0  # datagrams not kept: more than `cap` arrived
-    leg: np.ndarray = field(init=False)
-    pt: np.ndarray = field(init=False)
-    ts: np.ndarray = field(init=False)
-    t_ns: np.ndarray = field(init=False)
-    sig: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.leg = np.empty(self.cap, dtype=np.int64)
-        self.pt = np.empty(self.cap, dtype=np.int64)
-        self.ts = np.empty(self.cap, dtype=np.int64)
-        self.t_ns = np.empty(self.cap, dtype=np.int64)
-        self.sig = np.empty((self.cap, 2 * SIG_SAMPLES), dtype=np.uint8)
-
-    def add(self, rx: RecvBatch, n: int, legs: np.ndarray) -> None:
-        ok = (rx.msg_lengths[:n] >= 12) & (legs >= 0)
-        m = int(ok.sum())
-        if self.n + m > self.cap:
-            self.overflow += m
-            return
-        s = slice(self.n, self.n + m)
-        self.leg[s] = legs[ok]
-        pt = (rx.data[:n, 1] & 0x7F).astype(np.int64)[ok]
-        self.pt[s] = pt
-        self.ts[s] = rx.data[:n, 4:8].view(">u4")[:, 0][ok]
-        self.t_ns[s] = rx.times_ns[:n][ok]
-        self.sig[s] = rx.data[:n, 12 : 12 + 2 * SIG_SAMPLES][ok]
-        self.n += m
-
-
 def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
     codecs = MODES[mode]
     n_legs = 2 * n_calls
@@ -422,6 +392,7 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
     tmp = Path(tempfile.mkdtemp(prefix=f"bench_relay-{target}-"))
     relay: Relay | None = None
     socks: list[socket.socket] = []
+    phones: PhoneSockets | None = None
     errors: list[str] = []
     try:
         if target == "worker":
@@ -432,47 +403,55 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
         log(f"{target} {mode} N={n_calls}: pid {relay.pid} ready, RSS {rss0} kB; setting up")
         t_setup = time.monotonic()
         early = relay.ports_before_connect(n_calls)
-        # One socket per 256 generator legs, told apart by the relay port they hear from;
-        # a relay that sends every leg from one port (a shared-socket design) gets a
-        # generator socket per leg instead.
-        per_sock = LEGS_PER_SOCKET
-        if early is not None and np.unique(early).size < n_legs:
-            per_sock = 1
-        n_socks = (n_legs + per_sock - 1) // per_sock
+        # A socket per phone (leg), told apart by the socket that hears it: needed when
+        # the relay sends every leg from one port (the worker's shared port) and tells
+        # legs apart by their source address; with --rtp-socket shared the peer gets the
+        # same generator. Else, by default, one socket per 256 legs (sendmmsg), a leg
+        # told by the relay port it hears from.
+        one_port = early is not None and np.unique(early).size < n_legs
+        default = "per_leg" if one_port or args.rtp_socket == "shared" else "grouped"
+        per_leg = (args.gen_sockets or default) == "per_leg"
+        if one_port and not per_leg:
+            raise SystemExit("--rtp-socket shared needs --gen-sockets per_leg (a source per leg)")
+        n_socks = 0 if per_leg else (n_legs + LEGS_PER_SOCKET - 1) // LEGS_PER_SOCKET
+        if per_leg:
+            phones = PhoneSockets(n_legs)
+            gen_ports = phones.ports
         socks.extend(generator_socket() for _ in range(n_socks))
-        leg_sock = np.arange(n_legs) // per_sock
-        gen_ports = np.array([socks[k].getsockname()[1] for k in leg_sock], dtype=np.int64)
+        leg_sock = np.arange(n_legs) // LEGS_PER_SOCKET
+        if not per_leg:
+            gen_ports = np.array([socks[k].getsockname()[1] for k in leg_sock], dtype=np.int64)
         relay_ports = relay.connect(gen_ports, codecs)
-        if per_sock > 1 and np.unique(relay_ports).size < n_legs:
+        if not per_leg and np.unique(relay_ports).size < n_legs:
             raise RuntimeError("the relay sends several legs from one port after connecting")
         setup_s = time.monotonic() - t_setup
         port_to_leg = np.full(65536, -1, dtype=np.int64)
         port_to_leg[relay_ports] = np.arange(n_legs)
-        fd_sock = {s.fileno(): k for k, s in enumerate(socks)}
 
-        # ---- per-socket send batches: audio rows fixed per leg, events separate
+        # ---- send buffers: every leg's audio packet (rows fixed per leg), events separate
         ts0 = rng.integers(0, TS_MOD, n_legs).astype(np.int64)
         seq = rng.integers(0, 65536, n_legs).astype(np.int64)
         noise = {c: np.asarray(g711.encode(rng.normal(0, 200, size=(N_FRAMES, SPF)).astype(np.int16), c))
                  for c in ("PCMU", "PCMA")}  # fmt: skip
         leg_codec = [codecs[g % 2] for g in range(n_legs)]
         leg_pt = np.array([PAYLOAD_TYPE[c] for c in leg_codec])
-        legs_of = [np.nonzero(leg_sock == k)[0] for k in range(n_socks)]
+        all_legs = np.arange(n_legs, dtype=np.int64)
+        ssrc = 0x10000 + all_legs
+        all_tx, all_lens = rtp_rows(n_legs, PKT, ssrc)
+        ev_tx, ev_lens = rtp_rows(3 * n_legs, EVENT_PKT)
+        payload_rows = np.stack([noise[c] for c in leg_codec], axis=1)  # [64 frames, legs, 160]
+        # what is sent in one go, its start time taken as each packet's send time: a
+        # grouped socket's legs (one sendmmsg), or SEND_CHUNK phones (sendto loop)
+        chunks = ([np.nonzero(leg_sock == k)[0] for k in range(n_socks)] if not per_leg else
+                  [all_legs[i : i + SEND_CHUNK] for i in range(0, n_legs, SEND_CHUNK)])  # fmt: skip
         audio_tx: list[SendBatch] = []
         event_tx: list[SendBatch] = []
-        for legs in legs_of:
+        for legs in chunks if not per_leg else []:  # grouped sockets: a sendmmsg batch each
             tx = SendBatch(vlen=legs.size, size=PKT)
             tx.set_addresses(np.full(legs.size, ip_to_u32(LOCALHOST)), relay_ports[legs])
             tx.lengths[:] = PKT
-            tx.data[:, 0] = 0x80
-            tx.data[:, 1] = leg_pt[legs]
-            tx.data[:, 8:12].view(">u4")[:, 0] = 0x10000 + legs
             audio_tx.append(tx)
-            etx = SendBatch(vlen=3 * legs.size, size=EVENT_PKT)
-            etx.data[:, 0] = 0x80
-            event_tx.append(etx)
-        payload_rows = [np.stack([noise[leg_codec[g]] for g in legs], axis=1)
-                        for legs in legs_of]  # [64 frames, legs, 160] per socket  # fmt: skip
+            event_tx.append(SendBatch(vlen=3 * legs.size, size=EVENT_PKT))
         rx = RecvBatch(vlen=512, size=12 + 2 * SIG_SAMPLES, timestamps=True)
 
         total_ticks = round((args.warmup + args.measure) / TICK_S)
@@ -488,21 +467,23 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
         events_sent = np.zeros(n_legs, dtype=np.int64)
         audio_sent_fail = 0
         send_call_ns: list[int] = []
-        recv = Recv(cap=int(n_legs * total_ticks * 1.25) + 4096)
+        recv = Received(cap=int(n_legs * total_ticks * 1.25) + 4096, head=12 + 2 * SIG_SAMPLES)
         ep = select.epoll()
         for s in socks:
             ep.register(s.fileno(), select.EPOLLIN)
+        if phones is not None:
+            ep.register(phones.fileno(), select.EPOLLIN)
 
         def drain(until: float) -> None:
             # at least one pass, even when the tick's sending ran late
             left = 0.0
             while True:
                 for fd, _ in ep.poll(max(0.0, left)):
-                    k = fd_sock[fd]
+                    if phones is not None:
+                        phones.recv(recv)
+                        continue
                     while (n := rx.recv(fd)) > 0:
-                        legs_rx = (np.full(n, legs_of[k][0]) if per_sock == 1
-                                   else port_to_leg[rx.ports[:n]])  # fmt: skip
-                        recv.add(rx, n, legs_rx)
+                        recv.add(rx, n, port_to_leg[rx.ports[:n]])
                 left = until - time.monotonic()
                 if left <= 0:
                     return
@@ -540,51 +521,47 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
                 press_count[starting] += 1
                 idx = np.nonzero(starting)[0]
                 presses.append((idx, np.full(idx.size, tick), press_digit[idx].copy()))
-            ts = (ts0 + tick * SPF) % TS_MOD
-            for k, legs in enumerate(legs_of):
-                tx = audio_tx[k]
+            all_tx[:, 1] = leg_pt | (0x80 if tick == 0 else 0)
+            all_tx[:, 2:4].view(">u2")[:, 0] = seq & 0xFFFF
+            all_tx[:, 4:8].view(">u4")[:, 0] = (ts0 + tick * SPF) % TS_MOD
+            # frame `tick % 64`, its samples 16-31 those of frame `tick // 64 % 64`:
+            # together they name the tick modulo 4096 (see analyse)
+            all_tx[:, 12:PKT] = payload_rows[tick % N_FRAMES]
+            all_tx[:, 12 + SIG_SAMPLES : 12 + 2 * SIG_SAMPLES] = payload_rows[
+                tick // N_FRAMES % N_FRAMES][:, SIG_SAMPLES : 2 * SIG_SAMPLES]
+            # RFC 4733 §2.5: one packet per tick while pressed, the end packet 3 times
+            e_legs = rfc4733_events(ev_tx, np.nonzero(pressing)[0], k_in_press, seq,
+                                    press_start_ts, DIGIT_CODES[press_digit], ssrc, DTMF_PT,
+                                    PRESS_TICKS, SPF)  # fmt: skip
+            me = e_legs.size
+            np.add.at(events_sent, e_legs, 1)
+            for k, legs in enumerate(chunks):
                 m = legs.size
-                tx.data[:m, 1] = leg_pt[legs] | (0x80 if tick == 0 else 0)
-                tx.data[:m, 2:4].view(">u2")[:, 0] = seq[legs] & 0xFFFF
-                tx.data[:m, 4:8].view(">u4")[:, 0] = ts[legs]
-                # frame `tick % 64`, its samples 16-31 those of frame `tick // 64 % 64`:
-                # together they name the tick modulo 4096 (see analyse)
-                tx.data[:m, 12:PKT] = payload_rows[k][tick % N_FRAMES]
-                tx.data[:m, 12 + SIG_SAMPLES : 12 + 2 * SIG_SAMPLES] = payload_rows[k][
-                    tick // N_FRAMES % N_FRAMES][:, SIG_SAMPLES : 2 * SIG_SAMPLES]
                 t_a = time.time_ns()
-                sent = tx.send(socks[k].fileno(), m)
+                if phones is not None:
+                    sent = phones.send(all_tx[legs], all_lens, legs, relay_ports[legs], m)
+                else:
+                    tx = audio_tx[k]
+                    tx.data[:m] = all_tx[legs]
+                    sent = tx.send(socks[k].fileno(), m)
                 t_b = time.time_ns()
                 audio_sent_fail += m - sent
-                # each packet's send time: when the sendmmsg call began (latency is an upper
+                # each packet's send time: when the send call began (latency is an upper
                 # bound, by at most the call's duration, kept in send_call_us)
                 send_t[tick, legs] = t_a
                 send_call_ns.append(t_b - t_a)
-                pl = legs[pressing[legs]]
-                if pl.size:
-                    # RFC 4733 §2.5: one packet per tick while pressed, the end packet 3 times
-                    kk = k_in_press[pl]
-                    end = kk == PRESS_TICKS - 1
-                    reps = np.where(end, 3, 1)
-                    e_legs = np.repeat(pl, reps)
-                    e_k = np.repeat(kk, reps)
-                    e_end = np.repeat(end, reps)
-                    me = e_legs.size
-                    etx = event_tx[k]
-                    etx.set_addresses(np.full(me, ip_to_u32(LOCALHOST)), relay_ports[e_legs])
-                    d = etx.data
-                    d[:me, 1] = DTMF_PT | np.where(e_k == 0, 0x80, 0)
-                    offs = np.concatenate([np.arange(r) for r in reps])
-                    d[:me, 2:4].view(">u2")[:, 0] = (seq[e_legs] + 1 + offs) & 0xFFFF
-                    d[:me, 4:8].view(">u4")[:, 0] = press_start_ts[e_legs]
-                    d[:me, 8:12].view(">u4")[:, 0] = 0x10000 + e_legs
-                    d[:me, 12] = DIGIT_CODES[press_digit[e_legs]]
-                    d[:me, 13] = np.where(e_end, 0x80, 0) | 10  # volume -10 dBm0
-                    d[:me, 14:16].view(">u2")[:, 0] = (e_k + 1) * SPF
-                    etx.lengths[:me] = EVENT_PKT
-                    np.add.at(events_sent, e_legs, 1)
-                    etx.send(socks[k].fileno(), me)
-                    seq[pl] += reps
+                if phones is None and me:
+                    rows = np.nonzero(leg_sock[e_legs] == k)[0]
+                    if rows.size:
+                        etx = event_tx[k]
+                        etx.set_addresses(np.full(rows.size, ip_to_u32(LOCALHOST)),
+                                          relay_ports[e_legs[rows]])  # fmt: skip
+                        etx.data[: rows.size] = ev_tx[rows]
+                        etx.lengths[: rows.size] = EVENT_PKT
+                        etx.send(socks[k].fileno(), rows.size)
+            if phones is not None and me:
+                phones.send(ev_tx, ev_lens, e_legs, relay_ports[e_legs], me)
+            np.add.at(seq, e_legs, 1)
             seq += 1
             relay.poll()
             drain(origin + (tick + 1) * TICK_S)
@@ -609,6 +586,8 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
             errors = relay.stop()
         for s in socks:
             s.close()
+        if phones is not None:
+            phones.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
     cpu_pct = 100.0 * (cpu1 - cpu0) / t_meas
@@ -632,7 +611,7 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
         # every other process on the machine meanwhile (busy CPU - relay - generator)
         "others_cpu_pct_core": round(
             100.0 * ((machine1 - machine0) - (cpu1 - cpu0) - gen_cpu) / t_meas, 1),
-        "generator_sockets": n_socks,
+        "generator_sockets": n_socks if phones is None else n_legs,
         # how late the generator's ticks began (a starved generator sends late and drains late)
         "generator_late_ms": {"p99": round(pct(gen_late_ms[warm_ticks:], 99), 2),
                               "max": round(pct(gen_late_ms[warm_ticks:], 100), 2)},
@@ -666,7 +645,7 @@ def frame_signatures(noise: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             for c, frames in noise.items()}  # fmt: skip
 
 
-def analyse(recv: Recv, codecs: tuple[str, str], signatures: dict[str, np.ndarray],
+def analyse(recv: Received, codecs: tuple[str, str], signatures: dict[str, np.ndarray],
             ts0: np.ndarray, send_t: np.ndarray, warm_ticks: int,
             presses: tuple[np.ndarray, np.ndarray, np.ndarray],
             events_sent: np.ndarray) -> dict[str, Any]:  # fmt: skip
@@ -681,14 +660,14 @@ def analyse(recv: Recv, codecs: tuple[str, str], signatures: dict[str, np.ndarra
     total_ticks, n_legs = send_t.shape
     n = recv.n
     leg = recv.leg[:n]
-    pt = recv.pt[:n]
+    pt = recv.pt()
     is_event = pt == DTMF_PT
     audio = ~is_event & ((pt == 0) | (pt == 8))
     a_leg = leg[audio]
     a_src = a_leg ^ 1
     a_t = recv.t_ns[:n][audio]
-    a_ts = recv.ts[:n][audio]
-    a_sig = recv.sig[:n][audio]
+    a_ts = recv.ts()[audio]
+    a_sig = recv.data[:n, 12 : 12 + 2 * SIG_SAMPLES][audio]
     a_pt = pt[audio]
     frame_idx = np.full(a_leg.size, -1, dtype=np.int64)
     rx_lin = np.zeros((a_leg.size, 2 * SIG_SAMPLES), dtype=np.int32)
@@ -841,6 +820,10 @@ def main() -> None:
     ap.add_argument("--rtp-socket", choices=["per_leg", "shared"], default=None,
                     help="the worker's [media] rtp_socket (workers that have it); shared: "
                          "every leg on the worker's shared port, a generator socket per leg")
+    ap.add_argument("--gen-sockets", choices=["grouped", "per_leg"], default=None,
+                    help="the phones' sockets: one per 256 legs, or one per leg (needed "
+                         "by the worker with --rtp-socket shared; then the default for "
+                         "both relays, so they face the same generator)")  # fmt: skip
     ap.add_argument("--peer-ports", default="16000-19999", help="rtpengine's RTP ports")
     ap.add_argument("--ng-port", type=int, default=22231, help="rtpengine's ng control port")
     ap.add_argument("--rtpengine", default="/usr/bin/rtpengine", help="the rtpengine binary")

@@ -4,8 +4,11 @@
 `perf/bench_media.py` (IVR calls) and `perf/bench_relay.py` (bridged calls) both
 start a fresh worker per step with `start_media_worker`, take the ports it
 announces as the front does (`allocate_legs`), and drive RTP from sockets made
-by `generator_socket`; they only use the ZeroMQ messages of `pbx.messages` and
-the RTP on the wire, so they keep working when the worker's insides change.
+by `generator_socket` (a few, each for many legs, `sendmmsg`) or `PhoneSockets`
+(one per simulated phone, its own source address, as a worker's shared RTP port
+needs); what comes back is kept in `Received`. They only use the ZeroMQ messages
+of `pbx.messages` and the RTP on the wire, so they keep working when the worker's
+insides change.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from numba import njit
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -36,7 +40,8 @@ from pbx.messages import (  # noqa: E402
     encode,
 )
 from pbx.planes import ensure_private_dir  # noqa: E402
-from workers.udpbatch import enable_timestamps  # noqa: E402
+from workers.rtpio import EV_DATA, EV_WORDS, RtpSockets, _epoll_wait, _recvmmsg  # noqa: E402
+from workers.udpbatch import MMSGHDR, RecvBatch, enable_timestamps  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -261,3 +266,193 @@ def generator_socket(buffer_bytes: int = 8 << 20) -> socket.socket:
     s.setblocking(False)
     enable_timestamps(s)
     return s
+
+
+# ---------------------------------------------------------------- what the phones hear
+
+
+@dataclass
+class Received:
+    """What the generator received, one row per RTP datagram kept: the leg that heard
+    it, its kernel receive time (CLOCK_REALTIME ns) and its first `head` bytes (the RTP
+    header and as much payload as the script looks at)."""
+
+    cap: int
+    head: int
+    n: int = 0
+    overflow: int = 0  # datagrams not kept: more than `cap` arrived
+
+    def __post_init__(self) -> None:
+        self.leg = np.empty(self.cap, dtype=np.int64)
+        self.t_ns = np.empty(self.cap, dtype=np.int64)
+        self.data = np.zeros((self.cap, self.head), dtype=np.uint8)
+
+    def add(self, rx: RecvBatch, n: int, legs: np.ndarray) -> None:
+        """The first n datagrams of a receive batch, each heard by legs[k] (-1: none)."""
+        ok = (rx.msg_lengths[:n] >= 12) & (legs >= 0)
+        m = int(ok.sum())
+        if self.n + m > self.cap:
+            self.overflow += m
+            return
+        s = slice(self.n, self.n + m)
+        self.leg[s] = legs[ok]
+        self.t_ns[s] = rx.times_ns[:n][ok]
+        self.data[s] = rx.data[:n, : self.head][ok]
+        self.n += m
+
+    def seq(self) -> np.ndarray:
+        return self.data[: self.n, 2:4].view(">u2")[:, 0].astype(np.int64)
+
+    def pt(self) -> np.ndarray:
+        return (self.data[: self.n, 1] & 0x7F).astype(np.int64)
+
+    def ts(self) -> np.ndarray:
+        return self.data[: self.n, 4:8].view(">u4")[:, 0].astype(np.int64)
+
+
+# ---------------------------------------------------------------- a socket per phone
+
+_MSG_DONTWAIT = 0x40
+PHONE_VLEN = 8  # datagrams one recvmmsg of a phone's socket takes
+PHONE_DATAGRAM = 256  # bytes kept of each (RTP of a 20 ms G.711 frame: 172)
+
+
+@njit(cache=False)
+def _phones_recv(epfd: int, events: np.ndarray, fds: np.ndarray, sock_rows: np.ndarray,
+                 hdrs: np.ndarray, buf: np.ndarray, ctrl: np.ndarray, out_leg: np.ndarray,
+                 out_t: np.ndarray, out_data: np.ndarray, counts: np.ndarray,
+                 record: bool) -> None:  # fmt: skip
+    """The phones' side, compiled: the sockets epoll reports ready, each drained with
+    recvmmsg (kernel receive time from SCM_TIMESTAMPNS); with `record`, each RTP
+    datagram's (leg, time ns, first bytes) appended at out_*[counts[0]] (counts[1]:
+    those that found no room)."""
+    cap = out_leg.shape[0]
+    head = out_data.shape[1]
+    maxev = events.shape[0] // EV_WORDS
+    vlen = hdrs.shape[0]
+    for _ in range(64):  # bounded: packets keep coming
+        nev = _epoll_wait(epfd, events.ctypes.data, maxev, 0)
+        if nev <= 0:
+            return
+        for e in range(nev):
+            i = events[e * EV_WORDS + EV_DATA]
+            if i >= fds.shape[0] or fds[i] < 0:
+                continue
+            for k in range(vlen):
+                hdrs[k, 1] = 16  # msg_namelen
+                hdrs[k, 5] = 64  # msg_controllen
+            got = _recvmmsg(fds[i], hdrs.ctypes.data, vlen, _MSG_DONTWAIT, 0)
+            for k in range(max(got, 0)):
+                size = hdrs[k, 7] & np.uint64(0xFFFFFFFF)
+                # RTCP (to a phone's port + 1, which may be another phone's socket): not
+                # RTP (RFC 5761 §4: second byte 192-223)
+                if not record or size < 12 or 192 <= buf[k, 1] <= 223:
+                    continue
+                n = counts[0]
+                if n >= cap:
+                    counts[1] += 1
+                    continue
+                out_leg[n] = sock_rows[i]
+                out_t[n] = ctrl[k, 2] * 1_000_000_000 + ctrl[k, 3]
+                for b in range(head):
+                    out_data[n, b] = buf[k, b]
+                counts[0] = n + 1
+
+
+class PhoneSockets:
+    """One UDP socket per simulated phone (leg), bound on loopback: its own source
+    address, as a worker's shared RTP port tells legs apart by. Sent from with one
+    compiled sendto loop (`workers.rtpio.RtpSockets`, as a worker does), read with
+    `_phones_recv` (epoll, recvmmsg, kernel timestamps), so a thousand phones cost
+    the generator about what a few shared sockets do."""
+
+    def __init__(self, n_legs: int, buffer_bytes: int = 1 << 18) -> None:
+        self.rs = RtpSockets(batch=16)
+        self.socks: list[socket.socket] = []
+        for i in range(n_legs):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+            enable_timestamps(s)
+            self.socks.append(s)
+            self.rs.add(f"phone-{i}", s, i)
+        self.ports = np.array([s.getsockname()[1] for s in self.socks], dtype=np.int64)
+        self.buf = np.zeros((PHONE_VLEN, PHONE_DATAGRAM), dtype=np.uint8)
+        self.names = np.zeros((PHONE_VLEN, 16), dtype=np.uint8)
+        self.ctrl = np.zeros((PHONE_VLEN, 8), dtype=np.int64)  # cmsghdr (16 B) + timespec
+        self.iov = np.zeros((PHONE_VLEN, 2), dtype=np.uint64)
+        self.hdrs = np.zeros((PHONE_VLEN, 8), dtype=np.uint64)
+        assert MMSGHDR.itemsize == 64
+        idx = np.arange(PHONE_VLEN, dtype=np.uint64)
+        self.iov[:, 0] = np.uint64(self.buf.ctypes.data) + idx * np.uint64(PHONE_DATAGRAM)
+        self.iov[:, 1] = PHONE_DATAGRAM
+        self.hdrs[:, 0] = np.uint64(self.names.ctypes.data) + idx * np.uint64(16)
+        self.hdrs[:, 2] = np.uint64(self.iov.ctypes.data) + idx * np.uint64(16)
+        self.hdrs[:, 3] = 1
+        self.hdrs[:, 4] = np.uint64(self.ctrl.ctypes.data) + idx * np.uint64(64)
+        self._ips = np.full(n_legs, 0x7F000001, dtype=np.int64)
+        self._counts = np.zeros(2, dtype=np.int64)
+
+    def fileno(self) -> int:
+        """The epoll fd: readable while any phone's socket has a datagram waiting."""
+        return self.rs.fileno()
+
+    def send(self, data: np.ndarray, lens: np.ndarray, legs: np.ndarray, ports: np.ndarray,
+             n: int) -> int:  # fmt: skip
+        """Packets k < n, each from legs[k]'s socket to 127.0.0.1:ports[k]; how many left."""
+        if n <= 0:
+            return 0
+        if self._ips.size < n:
+            self._ips = np.full(n, 0x7F000001, dtype=np.int64)
+        unsent = self.rs.send(data, lens, legs, self._ips, ports, n)
+        return n - int(unsent.size)
+
+    def recv(self, into: Received, record: bool = True) -> None:
+        """Drain every ready socket; with `record`, keep what arrived in `into`."""
+        rs = self.rs
+        self._counts[0], self._counts[1] = into.n, into.overflow
+        _phones_recv(rs.epfd, rs.events, rs.fds, rs.sock_rows, self.hdrs, self.buf, self.ctrl,
+                     into.leg, into.t_ns, into.data, self._counts, record)  # fmt: skip
+        into.n, into.overflow = int(self._counts[0]), int(self._counts[1])
+
+    def close(self) -> None:
+        self.rs.close()
+
+
+def rtp_rows(rows: int, size: int, ssrc: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A send buffer of `rows` RTP packets of `size` bytes (version 2, and row k's SSRC
+    ssrc[k] when given; the rest is the caller's, tick by tick) and their lengths."""
+    data = np.zeros((rows, size), dtype=np.uint8)
+    data[:, 0] = 0x80
+    if ssrc is not None:
+        data[:, 8:12].view(">u4")[:, 0] = ssrc
+    return data, np.full(rows, size, dtype=np.int64)
+
+
+def rfc4733_events(out: np.ndarray, legs: np.ndarray, k_in_press: np.ndarray,
+                   seq: np.ndarray, start_ts: np.ndarray, codes: np.ndarray,
+                   ssrc: np.ndarray, payload_type: int, press_ticks: int,
+                   samples_per_tick: int) -> np.ndarray:  # fmt: skip
+    """This tick's RFC 4733 packets of the pressing `legs` into out[:m] (16 bytes each,
+    byte 0 set by the caller): one per tick while pressed, the end packet three times
+    (§2.5), sequence numbers after the tick's audio packet (seq[leg] + 1 ...). The rest
+    is per leg: k_in_press (tick of the press), start_ts (the press's RTP timestamp),
+    codes (event code), ssrc. Returns each packet's leg (m of them); the caller then
+    advances seq[legs] by the packets each sent (np.add.at or the repeats)."""
+    kk = k_in_press[legs]
+    end = kk == press_ticks - 1
+    reps = np.where(end, 3, 1)
+    e_legs = np.repeat(legs, reps)
+    e_k = np.repeat(kk, reps)
+    e_end = np.repeat(end, reps)
+    m = e_legs.size
+    offs = np.concatenate([np.arange(r) for r in reps]) if m else np.zeros(0, np.int64)
+    out[:m, 1] = payload_type | np.where(e_k == 0, 0x80, 0)  # marker on the first
+    out[:m, 2:4].view(">u2")[:, 0] = (seq[e_legs] + 1 + offs) & 0xFFFF
+    out[:m, 4:8].view(">u4")[:, 0] = start_ts[e_legs] & 0xFFFFFFFF
+    out[:m, 8:12].view(">u4")[:, 0] = ssrc[e_legs]
+    out[:m, 12] = codes[e_legs]
+    out[:m, 13] = np.where(e_end, 0x80, 0) | 10  # E bit; volume -10 dBm0
+    out[:m, 14:16].view(">u2")[:, 0] = (e_k + 1) * samples_per_tick  # duration
+    return e_legs
