@@ -310,6 +310,11 @@ class MediaWorkerRegistry(WorkerRegistry):
         assert taken is not None  # it had a free port
         return Handout(worker, *taken)
 
+    def on_shared_port(self, identity: bytes, call_id: str) -> bool:
+        """Whether the leg `call_id` was handed the worker's shared port."""
+        pool = self._pools.get(identity)
+        return pool is not None and call_id in pool.shared_in_use
+
     def confirm(self, identity: bytes, port: int, call_id: str) -> bool:
         pool = self._pools.get(identity)
         return pool is not None and pool.confirm(port, call_id)

@@ -146,6 +146,8 @@ class InDialog:
         origin = sdp.origin_of(media.answer_sdp) or (int(self.ctx.wall()),) * 2
         negotiated, answer = sdp.answer_offer(offer, media.rtp_ip, media.rtp_port, origin[0],
                                               version=origin[1])
+        if not self.media.may_move_to(leg, negotiated.remote_ip):
+            raise SipError("RTP address not the caller's own on a shared port", 488)
         if sdp.without_origin(answer) == sdp.without_origin(media.answer_sdp):
             answer = media.answer_sdp
         else:

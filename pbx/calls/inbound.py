@@ -222,11 +222,16 @@ class Inbound:
             # The answer to the offer our 2xx made (an offerless re-INVITE).
             leg.offer_in_2xx = False
             try:
-                leg.media.negotiated = sdp.parse_answer(req.body)
+                answer = sdp.parse_answer(req.body)
             except SipError as exc:
                 log.info("call %s: no usable SDP answer in the ACK: %s",
                          leg.call.call_id, exc)
                 return
+            if not self.media.may_move_to(leg, answer.remote_ip):
+                log.info("call %s: the ACK's SDP names %s, not the caller's own address, "
+                         "on a shared RTP port: ignored", leg.call.call_id, answer.remote_ip)
+                return
+            leg.media.negotiated = answer
             self.media.send_remote(leg)
 
     def ack_timeout(self, dialog_key: tuple[str, str]) -> None:

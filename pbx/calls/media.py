@@ -23,6 +23,7 @@ from pbx import messages as m
 from pbx.calls.context import CallContext, ToMedia
 from pbx.calls.state import Leg
 from pbx.calls.timers import TimerKind
+from pbx.policy import PartyKind
 from pbx.sip import sdp
 from pbx.sip.errors import SipError
 from pbx.sip.uri import parse_uri
@@ -67,9 +68,25 @@ class MediaPlane:
         "auto" keeps a leg that looks NATed on a port of its own, since on the shared
         port only its SDP address can reach it (`workers.demux`)."""
         mode = self.ctx.settings.media.rtp_socket
-        if mode != "auto":
-            return mode == "shared"
+        if mode == "per_leg":
+            return False
+        if mode == "shared":
+            return not names_another_address(leg)
         return not looks_natted(leg)
+
+    def may_move_to(self, leg: Leg, remote_ip: str) -> bool:
+        """Whether a new offer in the dialog may point the leg's RTP at `remote_ip`: on
+        the shared port an address in SDP claims the packets that come from it
+        (`workers.demux`), so an anonymous caller may only name its own address there,
+        or it could take another call's audio."""
+        media = leg.media
+        if (leg.outbound or leg.call.party.kind is not PartyKind.ANONYMOUS
+                or media.worker is None or leg.source is None):
+            return True
+        if remote_ip in ("0.0.0.0", "::"):
+            return True  # RFC 2543 hold: it claims nothing
+        return (remote_ip == leg.source[0]
+                or not self.ctx.media_workers.on_shared_port(media.worker, leg.media_id))
 
     def allocation_timeout(self, media_id: str) -> None:
         """The worker never confirmed the leg's port: its call ends."""
@@ -215,6 +232,17 @@ class MediaPlane:
                         if lg.media.worker == identity]:
                 self.forget(leg)
                 self.on_failed(leg, "MediaWorkerLost")
+
+
+def names_another_address(leg: Leg) -> bool:
+    """An anonymous caller whose offer names another address than the one its INVITE
+    came from: on the shared port that address would claim someone else's packets
+    (`workers.demux`), so such a leg gets a port of its own even in "shared" mode.
+    Trusted sources (SBCs, trunks, whose media address is often not their signalling
+    one) and our authenticated extensions may name any address."""
+    if leg.outbound or leg.call.party.kind is not PartyKind.ANONYMOUS:
+        return False
+    return looks_natted(leg)
 
 
 def looks_natted(leg: Leg) -> bool:

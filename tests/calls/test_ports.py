@@ -11,7 +11,7 @@ import pytest
 from pbx import messages as m
 from pbx.calls.media import MEDIA_ALLOCATE_TIMEOUT_S
 from pbx.sip import sdp
-from tests.calls.rig import CALLER, CoreRig, caller_invite
+from tests.calls.rig import CALLER, PLAY, TRUSTED_CALLER, CoreRig, caller_invite, first_then
 
 EARLY_ROUTE = """
 [[routes]]
@@ -138,3 +138,54 @@ def test_shared_mode_hands_out_the_worker_s_shared_port_to_every_leg(tmp_path: P
     assert not pool.shared_unconfirmed and len(pool.shared_in_use) == 2
     rig.advance(MEDIA_ALLOCATE_TIMEOUT_S + 1)
     assert not rig.requests("BYE", CALLER)  # confirmed: nothing ends
+
+
+def test_anonymous_caller_on_the_shared_port_cannot_point_its_rtp_elsewhere(
+        tmp_path: Path) -> None:
+    """On the shared port an SDP address claims the packets that come from it
+    (workers.demux): an anonymous caller's new offer naming another address than its own
+    gets 488 and the worker is not told; the ACK's answer to our offer likewise is
+    ignored. The caller's own address (another port) and hold (c=0.0.0.0) are fine."""
+    rig = CoreRig(tmp_path, first_then(PLAY), extra='\n[media]\nrtp_socket = "shared"\n')
+    rig.auto_allocate = False
+    rig.core.media_message(b"w", m.MediaPorts(ports=list(rig.worker.pool), allocate_seq=0,
+                                              shared_port=31000), rig.now)  # fmt: skip
+    rig.call()
+    alloc = rig.of(m.MediaAllocate)[-1]
+    assert alloc.rtp_port == 31000
+    rig.core.media_message(b"w", m.MediaAllocated(call_id=alloc.call_id, rtp_ip="127.0.0.1",
+                                                  rtp_port=31000), rig.now)  # fmt: skip
+    remotes = len(rig.of(m.MediaRemote))
+    victim = sdp_offer("198.51.100.9", 7000)
+    rig.caller_request("INVITE", 2, body=victim)
+    assert rig.last(2).status == 488
+    assert len(rig.of(m.MediaRemote)) == remotes
+    rig.caller_request("INVITE", 3, body=sdp_offer("127.0.0.1", 7002))  # its own address
+    assert rig.last(3).status == 200 and rig.of(m.MediaRemote)[-1].remote_port == 7002
+    rig.caller_request("ACK", 3)
+    rig.caller_request("INVITE", 4)  # offerless: the ACK answers
+    assert rig.last(4).status == 200
+    remotes = len(rig.of(m.MediaRemote))
+    rig.caller_request("ACK", 4, body=victim)
+    assert len(rig.of(m.MediaRemote)) == remotes
+
+
+def test_trusted_source_on_the_shared_port_may_name_its_media_address(
+        tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first_then(PLAY),
+                  extra='\n[media]\nrtp_socket = "shared"\n' + TRUSTED_CALLER)
+    rig.auto_allocate = False
+    rig.core.media_message(b"w", m.MediaPorts(ports=list(rig.worker.pool), allocate_seq=0,
+                                              shared_port=31000), rig.now)  # fmt: skip
+    rig.call()
+    alloc = rig.of(m.MediaAllocate)[-1]
+    rig.core.media_message(b"w", m.MediaAllocated(call_id=alloc.call_id, rtp_ip="127.0.0.1",
+                                                  rtp_port=31000), rig.now)  # fmt: skip
+    rig.caller_request("INVITE", 2, body=sdp_offer("198.51.100.9", 7000))  # an SBC's media
+    assert rig.last(2).status == 200
+    assert rig.of(m.MediaRemote)[-1].remote_ip == "198.51.100.9"
+
+
+def sdp_offer(ip: str, port: int) -> bytes:
+    return (f"v=0\r\no=- 1 2 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n"
+            f"m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n").encode()

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from pbx.calls.media import MediaPlane, looks_natted
+from pbx.policy import PartyKind
 
 
 def sdp_offer(c_ip: str) -> bytes:
@@ -16,9 +17,10 @@ def sdp_offer(c_ip: str) -> bytes:
             "m=audio 4000 RTP/AVP 0\r\n").encode()
 
 
-def inbound(source: str, c_ip: str | None) -> Any:
+def inbound(source: str, c_ip: str | None, party: PartyKind = PartyKind.ANONYMOUS) -> Any:
     invite = SimpleNamespace(body=sdp_offer(c_ip) if c_ip else b"garbage")
-    return SimpleNamespace(outbound=False, invite=invite, source=(source, 5060))
+    call = SimpleNamespace(party=SimpleNamespace(kind=party))
+    return SimpleNamespace(outbound=False, invite=invite, source=(source, 5060), call=call)
 
 
 def outbound(ruri: str, addr: tuple[str, int]) -> Any:
@@ -40,12 +42,18 @@ def test_outbound_leg_is_natted_when_sent_elsewhere_than_its_contact() -> None:
     assert looks_natted(outbound("sip:1001@192.168.1.20:5060", ("198.51.100.4", 41234)))
 
 
-@pytest.mark.parametrize(("mode", "natted", "shared"), [
-    ("per_leg", False, False), ("shared", True, True), ("auto", False, True),
-    ("auto", True, False),
+@pytest.mark.parametrize(("mode", "natted", "party", "shared"), [
+    ("per_leg", False, PartyKind.TRUSTED, False),
+    ("shared", True, PartyKind.TRUSTED, True),  # an SBC's media address is its own affair
+    ("shared", True, PartyKind.EXTENSION, True),
+    # an anonymous caller naming another address could claim someone else's packets
+    ("shared", True, PartyKind.ANONYMOUS, False),
+    ("shared", False, PartyKind.ANONYMOUS, True),
+    ("auto", False, PartyKind.ANONYMOUS, True),
+    ("auto", True, PartyKind.TRUSTED, False),
 ])
-def test_mode_decides(mode: str, natted: bool, shared: bool) -> None:
+def test_mode_decides(mode: str, natted: bool, party: PartyKind, shared: bool) -> None:
     plane = MediaPlane.__new__(MediaPlane)
     plane.ctx = SimpleNamespace(settings=SimpleNamespace(media=SimpleNamespace(rtp_socket=mode)))  # type: ignore[assignment]
-    leg = inbound("203.0.113.7", "192.168.1.20" if natted else "203.0.113.7")
+    leg = inbound("203.0.113.7", "192.168.1.20" if natted else "203.0.113.7", party)
     assert plane.wants_shared(leg) is shared
