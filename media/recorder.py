@@ -46,6 +46,7 @@ clock except the injected `wall_clock` used for `finished_at`.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import time
 from collections.abc import Callable
@@ -56,6 +57,8 @@ import numpy as np
 import orjson
 
 from media import g711, vad
+from media import rectable as _rt
+from media.rectable import RecorderTable
 from media.rtp import ts_diff
 from media.wav import WavWriter
 from pbx.messages import MediaEvent, MediaFailure, MediaRecord, RecordingFinished
@@ -67,7 +70,7 @@ FLUSH_PHASES = 10
 MIN_FLUSH_SAMPLES = 800
 HOLD_SAMPLES = 480  # keep the newest 60 ms in memory for packets that arrive late
 PATCH_SAMPLES = 8000  # patch the header sizes about once a second
-BUF_SAMPLES = 4096  # per channel: FLUSH + HOLD + a tick, plus room for early packets
+BUF_SAMPLES = _rt.BUF_SAMPLES  # per channel: FLUSH + HOLD + a tick, room for early packets
 REANCHOR_SAMPLES = 8000  # a stream more than 1 s away from the wall clock is re-anchored
 DTMF_TRIM_SAMPLES = 800  # 100 ms
 # An RFC 4733 event seen this recently (in samples) is the one a stop digit came from.
@@ -100,15 +103,29 @@ def resolve_target(root: str | os.PathLike[str], name: str) -> Path:
     return path
 
 
+def _rec_col(col: int, doc: str) -> property:
+    def get(self: Any) -> int:
+        return int(self.rec.table.i[self.rec.row, col + self.base])
+
+    def put(self: Any, value: int) -> None:
+        self.rec.table.i[self.rec.row, col + self.base] = value
+
+    return property(get, put, doc=doc)
+
+
 class _Track:
-    """Maps one RTP timestamp stream onto recording positions."""
+    """Maps one RTP timestamp stream onto recording positions (three columns of the
+    recording's row, from `base`: `media.kernels.recplace._place` is the compiled twin)."""
 
-    __slots__ = ("ssrc", "ts", "pos")
+    __slots__ = ("rec", "base")
 
-    def __init__(self) -> None:
-        self.ssrc = -1
-        self.ts = 0
-        self.pos = 0
+    def __init__(self, rec: Recording, base: int) -> None:
+        self.rec = rec
+        self.base = base
+
+    ssrc = _rec_col(0, "the stream's SSRC, -1: none yet")
+    ts = _rec_col(1, "the anchor timestamp")
+    pos = _rec_col(2, "the anchor's recording position")
 
     def place(self, ssrc: int, ts: int, wall: int) -> int:
         """Position of a packet with timestamp `ts` that `wall` says starts at `wall`."""
@@ -121,7 +138,10 @@ class _Track:
 
 
 class Recording:
-    """One leg's recording: the buffer, the file and the end conditions."""
+    """One leg's recording: the buffer, the file and the end conditions. What placing a
+    packet needs (the code buffer, `written`, `t0`, the tracks, open or not) lives in the
+    recording's row of a `RecorderTable` (the recorder's, or one of its own), which the
+    compiled placement (`media.kernels.recplace`) writes too."""
 
     __slots__ = (
         "record_id",
@@ -133,13 +153,12 @@ class Recording:
         "codec",
         "metadata",
         "writer",
-        "t0",
-        "buf",
-        "written",
+        "table",
+        "row",
         "patched",
         "caller_track",
         "heard_track",
-        "stop_reason",
+        "_stop_reason",
         "event_pos",
         "event_wall",
         "last_wall",
@@ -159,6 +178,7 @@ class Recording:
         codec: str,
         wake: Callable[[], None] = lambda: None,
         listen: vad.ListenTuning | None = None,
+        table: RecorderTable | None = None,
     ) -> None:
         self.record_id = msg.record_id
         self.name = msg.path
@@ -180,18 +200,66 @@ class Recording:
         self.codec = codec
         self.metadata = msg.metadata
         self.writer = writer
-        self.t0: float | None = None  # None while the beep plays
-        self.buf = np.full((self.channels, BUF_SAMPLES), g711.SILENCE[codec], dtype=np.uint8)
-        self.written = 0  # samples per channel already in the file
+        self.table = table if table is not None else RecorderTable()
+        self.row = self.table.add(
+            self.channels, int(codec == "PCMA"), self.max_samples, g711.SILENCE[codec]
+        )
         self.patched = 0
-        self.caller_track = _Track()
-        self.heard_track = _Track()
-        self.stop_reason: str | None = None  # "dtmf" once a stop digit came
+        self.caller_track = _Track(self, _rt.R_CALLER)
+        self.heard_track = _Track(self, _rt.R_HEARD)
+        self._stop_reason: str | None = None  # "dtmf" once a stop digit came
+        self.table.i[self.row, _rt.R_OPEN] = 1
         self.event_pos: int | None = None
         self.event_wall = 0
         self.last_wall = 0
         self.error: OSError | None = None  # a write that failed outside the tick
         self.wake = wake  # asks the recorder to look at this recording on the next tick
+
+    # ---------------------------------------------------------------- the table row
+
+    @property
+    def t0(self) -> float | None:
+        """Wall-clock time of position 0; None while the beep plays."""
+        v = float(self.table.f[self.row, _rt.RF_T0])
+        return None if math.isnan(v) else v
+
+    @t0.setter
+    def t0(self, value: float | None) -> None:
+        self.table.f[self.row, _rt.RF_T0] = math.nan if value is None else value
+
+    @property
+    def written(self) -> int:
+        """Samples per channel already in the file (the buffer starts there)."""
+        return int(self.table.i[self.row, _rt.R_WRITTEN])
+
+    @written.setter
+    def written(self, value: int) -> None:
+        self.table.i[self.row, _rt.R_WRITTEN] = value
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    @stop_reason.setter
+    def stop_reason(self, value: str | None) -> None:
+        self._stop_reason = value
+        self.table.i[self.row, _rt.R_OPEN] = value is None
+
+    @property
+    def buf(self) -> np.ndarray:
+        """The G.711 codes from `written` on, one row per channel (a view of the table)."""
+        return self.table.buf[self.row, : self.channels]
+
+    def own_row(self) -> None:
+        """Move to a table of its own (the recorder's row goes back to it): for a
+        recording that is over but still read (its length, a failure's event)."""
+        own = RecorderTable(1)
+        row = own.add(self.channels, 0, 0, 0)
+        own.i[row], own.f[row], own.buf[row] = (
+            self.table.i[self.row], self.table.f[self.row], self.table.buf[self.row])
+        own.i[row, _rt.R_OPEN] = 0
+        self.table.remove(self.row)
+        self.table, self.row = own, row
 
     # ---------------------------------------------------------------- timeline
 
@@ -328,6 +396,9 @@ class Recorder:
         self._listening: dict[str, tuple[Any, Recording]] = {}
         self.wall_clock = wall_clock
         self.open_writer: WriterFactory = open_writer or (lambda p, ch: WavWriter(p, ch))
+        # The active recordings' placement state (`Recording.row`; legs point at it
+        # through the leg table's L_REC), written by `media.kernels.recplace` too.
+        self.table = RecorderTable()
         self.active: dict[str, tuple[Any, Recording]] = {}  # call_id -> (leg, recording)
         # Each recording sits in one group; a tick visits one group (FLUSH_PHASES ticks
         # apart) plus the urgent ones: a beep playing, a stop digit, the end near.
@@ -365,7 +436,8 @@ class Recorder:
             ]
         call_id = leg.call_id
         urgent = self._urgent
-        rec = Recording(msg, path, writer, leg.codec, lambda: urgent.add(call_id), self.listen)
+        rec = Recording(msg, path, writer, leg.codec, lambda: urgent.add(call_id), self.listen,
+                        self.table)  # fmt: skip
         group = self._started % FLUSH_PHASES
         self._started += 1
         self._groups[group][call_id] = (leg, rec)
@@ -491,6 +563,8 @@ class Recorder:
         if rec.vad_row is not None:
             self.vad.give_back(rec.vad_row)
             rec.vad_row = None
+        if rec.table is self.table:
+            rec.own_row()
 
     def _fail(self, leg: Any, rec: Recording, exc: Exception) -> list[MediaEvent]:
         self._detach(leg, rec)
