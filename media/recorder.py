@@ -256,7 +256,10 @@ class Recording:
         own = RecorderTable(1)
         row = own.add(self.channels, 0, 0, 0)
         own.i[row], own.f[row], own.buf[row] = (
-            self.table.i[self.row], self.table.f[self.row], self.table.buf[self.row])
+            self.table.i[self.row],
+            self.table.f[self.row],
+            self.table.buf[self.row],
+        )
         own.i[row, _rt.R_OPEN] = 0
         self.table.remove(self.row)
         self.table, self.row = own, row

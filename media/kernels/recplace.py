@@ -51,7 +51,8 @@ REANCHOR_SAMPLES = 8000  # media.recorder.REANCHOR_SAMPLES
 @njit(cache=True)
 def _wall(rf: np.ndarray, q: int, at: float) -> int:
     """`Recording.wall`: the position of time `at` (round half to even, as Python)."""
-    return max(0, np.int64(np.rint((at - rf[q, RF_T0]) * SAMPLE_RATE)))
+    pos = int(np.rint((at - rf[q, RF_T0]) * SAMPLE_RATE))
+    return pos if pos > 0 else 0
 
 
 @njit(cache=True)
@@ -176,4 +177,3 @@ def warm() -> None:
               tab.f, tab.buf)  # fmt: skip
     record_tx(data, one.copy(), one.copy(), one.copy(), np.zeros(1), 0, 1, 1, li, tab.i, tab.f,
               tab.buf)  # fmt: skip
-
