@@ -13,7 +13,13 @@ as the call did; a stream that jumps more than a second away from the wall
 clock (new SSRC, a sender restart) is anchored again.
 
 Buffering. Each recording holds `BUF_SAMPLES` G.711 codes per channel (the law
-of the leg when it started; packets in the other law are transcoded). Every
+of the leg when it started; packets in the other law are transcoded), in its row
+of the recorder's `RecorderTable` (`media.rectable`) with the rest of what placing
+a packet needs (`written`, `t0`, the two tracks, open or not). The worker's batch
+path places packets there in compiled code (`media.kernels.recplace`: the receive
+pass's caller packets, the relayed and pumped frames the leg hears), exactly as
+`caller`/`heard` do here for the per-packet path; those two also take the rare
+packet that needs a write first (ticks fell behind). Every
 tick the samples older than `HOLD_SAMPLES` (room for late packets) are written
 about every `FLUSH_SAMPLES` (200 ms): decoded in one call, interleaved,
 one `write(2)`; the header sizes are patched about once a second
@@ -155,6 +161,8 @@ class Recording:
         "writer",
         "table",
         "row",
+        "_t0",
+        "_written",
         "patched",
         "caller_track",
         "heard_track",
@@ -204,6 +212,8 @@ class Recording:
         self.row = self.table.add(
             self.channels, int(codec == "PCMA"), self.max_samples, g711.SILENCE[codec]
         )
+        self._t0: float | None = None
+        self._written = 0
         self.patched = 0
         self.caller_track = _Track(self, _rt.R_CALLER)
         self.heard_track = _Track(self, _rt.R_HEARD)
@@ -217,23 +227,26 @@ class Recording:
 
     # ---------------------------------------------------------------- the table row
 
+    # t0 and written change in Python only: kept here too, mirrored into the row.
+
     @property
     def t0(self) -> float | None:
         """Wall-clock time of position 0; None while the beep plays."""
-        v = float(self.table.f[self.row, _rt.RF_T0])
-        return None if math.isnan(v) else v
+        return self._t0
 
     @t0.setter
     def t0(self, value: float | None) -> None:
+        self._t0 = value
         self.table.f[self.row, _rt.RF_T0] = math.nan if value is None else value
 
     @property
     def written(self) -> int:
         """Samples per channel already in the file (the buffer starts there)."""
-        return int(self.table.i[self.row, _rt.R_WRITTEN])
+        return self._written
 
     @written.setter
     def written(self, value: int) -> None:
+        self._written = value
         self.table.i[self.row, _rt.R_WRITTEN] = value
 
     @property
