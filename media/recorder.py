@@ -135,11 +135,12 @@ class _Track:
 
     def place(self, ssrc: int, ts: int, wall: int) -> int:
         """Position of a packet with timestamp `ts` that `wall` says starts at `wall`."""
-        if ssrc == self.ssrc:
-            pos = self.pos + ts_diff(ts, self.ts)
+        track = self.rec.table.i[self.rec.row, self.base : self.base + 3]  # ssrc, ts, pos
+        if ssrc == track[0]:
+            pos = int(track[2]) + ts_diff(ts, int(track[1]))
             if abs(pos - wall) <= REANCHOR_SAMPLES:
                 return pos
-        self.ssrc, self.ts, self.pos = ssrc, ts, wall
+        track[0], track[1], track[2] = ssrc, ts, wall
         return wall
 
 
