@@ -282,17 +282,18 @@ class Recording:
 
     def wall(self, now: float) -> int:
         """The recording position of time `now` (0 before the start)."""
-        if self.t0 is None:
+        t0 = self._t0
+        if t0 is None:
             return 0
-        return max(0, round((now - self.t0) * SAMPLE_RATE))
+        return max(0, round((now - t0) * SAMPLE_RATE))
 
     def _put(self, channel: int, pos: int, payload: bytes, codec: str) -> None:
         n = len(payload)
         end = min(pos + n, self.max_samples)
-        start = max(pos, self.written)
+        start = max(pos, self._written)
         if start >= end:
             return  # too late (already written) or beyond the maximum length
-        if end > self.written + BUF_SAMPLES:
+        if end > self._written + BUF_SAMPLES:
             # Ticks fell behind (a stalled worker): write the oldest samples to make room.
             try:
                 self._flush(end - BUF_SAMPLES)
@@ -301,16 +302,16 @@ class Recording:
                 self.stop_reason = "error"
                 self.wake()
                 return
-            start = max(pos, self.written)
+            start = max(pos, self._written)
         codes = np.frombuffer(payload, dtype=np.uint8)[start - pos : end - pos]
         if codec != self.codec:
             codes = g711.transcode(codes, codec, self.codec)
-        w = self.written
-        self.buf[channel, start - w : end - w] = codes
+        w = self._written
+        self.table.buf[self.row, channel, start - w : end - w] = codes
 
     def caller(self, ssrc: int, ts: int, payload: bytes, codec: str, now: float) -> None:
         """A received audio packet (G.711 codes in `codec`) from the caller."""
-        if self.t0 is None or self.stop_reason is not None:
+        if self._t0 is None or self._stop_reason is not None:
             return
         # It arrived at `now`, so it ends about now.
         pos = self.caller_track.place(ssrc, ts, self.wall(now) - len(payload))
@@ -318,7 +319,7 @@ class Recording:
 
     def heard(self, ts: int, payload: bytes, codec: str, at: float) -> None:
         """A frame sent to the caller (its outgoing timestamp), starting to play at `at`."""
-        if self.channels == 1 or self.t0 is None or self.stop_reason is not None:
+        if self.channels == 1 or self._t0 is None or self._stop_reason is not None:
             return
         pos = self.heard_track.place(0, ts, self.wall(at))
         self._put(1, pos, payload, codec)
