@@ -21,9 +21,11 @@ of `media.legtable`): `receive_batch` takes a whole poll of datagrams through
 one compiled pass (header, RFC 3550 statistics, latching, jitter, the receive
 ring), a second one relays the packets of bridged legs into their peers'
 streams (`relay`, a buffer the shell sends right away with one compiled loop),
-and hands Python only the packets that need it (RFC 4733 digit detection,
-recorded and WebSocket legs); `tick_batch` builds every playing leg's prompt
-frames into one buffer (`tx`) that the shell sends with one compiled loop.
+a third places recorded legs' audio, received and relayed, in their recordings
+(`media.kernels.recplace`), and Python gets only the packets that need it
+(RFC 4733 digit detection, WebSocket legs); `tick_batch` builds every playing
+leg's prompt frames into one buffer (`tx`) that the shell sends with one compiled
+loop (and `record_tx` places what recorded legs hear of it).
 `receive_rtp` and `tick` are the same per packet / as a list of datagrams.
 
 Bridged legs forward audio to each other with the receiving side's SSRC,
