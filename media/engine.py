@@ -21,9 +21,11 @@ of `media.legtable`): `receive_batch` takes a whole poll of datagrams through
 one compiled pass (header, RFC 3550 statistics, latching, jitter, the receive
 ring), a second one relays the packets of bridged legs into their peers'
 streams (`relay`, a buffer the shell sends right away with one compiled loop),
-and hands Python only the packets that need it (RFC 4733 digit detection,
-recorded and WebSocket legs); `tick_batch` builds every playing leg's prompt
-frames into one buffer (`tx`) that the shell sends with one compiled loop.
+a third places recorded legs' audio, received and relayed, in their recordings
+(`media.kernels.recplace`), and Python gets only the packets that need it
+(RFC 4733 digit detection, WebSocket legs); `tick_batch` builds every playing
+leg's prompt frames into one buffer (`tx`) that the shell sends with one compiled
+loop (and `record_tx` places what recorded legs hear of it).
 `receive_rtp` and `tick` are the same per packet / as a list of datagrams.
 
 Bridged legs forward audio to each other with the receiving side's SSRC,
@@ -62,6 +64,7 @@ from media import g711
 from media.dtmf import EVENT_DIGITS, Rfc4733Detector, event_digit
 from media.dtmfpress import PressDedupe
 from media.inband import InbandDetector
+from media.kernels import recplace as _rp
 from media.kernels import rtpbatch as _k
 from media.legtable import LegTable, PromptArena, TxBatch, ipv4_int, ipv4_str
 from media.prompts import PromptCache, PromptError
@@ -160,7 +163,7 @@ class Leg:
     timer_at: float | None = None
     peer: str | None = None
     detector: Rfc4733Detector = field(default_factory=Rfc4733Detector)
-    rec: Recording | None = None  # media.recorder
+    _rec: Recording | None = None  # media.recorder (`rec`)
     ws: WsLeg | None = None  # media.wsbridge
     # Symmetric RTP (RFC 4961; "latching"): once the first valid packet arrives, send
     # to where it came from (a phone behind NAT is not where its SDP says), and take
@@ -189,6 +192,16 @@ class Leg:
     packets_received = _int_col(_k.L_RECEIVED, "valid RTP packets received")
     foreign_dropped = _int_col(_k.L_FOREIGN, "RTP packets from foreign sources, dropped")
     relatched = _int_col(_k.L_RELATCHED, "times the latch moved to another source")
+
+    @property
+    def rec(self) -> Recording | None:
+        """The leg's recording (media.recorder); its row is in L_REC for the kernels."""
+        return self._rec
+
+    @rec.setter
+    def rec(self, rec: Recording | None) -> None:
+        self._rec = rec
+        self.tab.i[self.row, _k.L_REC] = -1 if rec is None else rec.row
 
     @property
     def samples_per_frame(self) -> int:
@@ -500,9 +513,9 @@ class MediaEngine:
         leg.sync_tx()
 
     def _slow(self, leg: Leg) -> None:
-        """Every packet of the leg takes the Python path (it is recorded or on a WebSocket;
-        forwarding to a bridged peer stays in the kernel); `_rx_handle` puts it back on the
-        kernel's path when neither is left."""
+        """Every packet of the leg takes the Python path (it is on a WebSocket; forwarding
+        to a bridged peer and recording stay in the kernels); `_rx_handle` puts it back on
+        the kernel's path when the WebSocket is gone."""
         self.tab.i[leg.row, _k.L_FAST] = 0
 
     def dtmf_info(self, msg: MediaDtmfInfo, now: float) -> list[MediaEvent]:
@@ -524,8 +537,6 @@ class MediaEngine:
         if leg is None:
             return [_failure(msg.call_id, f"unknown call {msg.call_id!r}")]
         events = self.recorder.start(leg, msg, now)
-        if leg.rec is not None:
-            self._slow(leg)
         if msg.beep and leg.rec is not None:
             self._stop(leg)
             self._start(
@@ -684,6 +695,8 @@ class MediaEngine:
         if not flagged:
             return packets, events
         self._relay(buf, lens, rows, n, action, now)
+        if self.recorder.active:
+            self._record_rx(buf, lens, rows, n, action, now)
         by_row = self._by_row
         for k in np.flatnonzero(action[:n] & _FOR_PYTHON).tolist():
             leg = by_row.get(int(rows[k]))
@@ -725,14 +738,53 @@ class MediaEngine:
                 break
             relay.grow(int(lens[at]))  # the relayed packet is never longer than the received
         if p and self.recorder.active:
-            # Recorded legs are on the Python path (L_FAST 0); audio only (`at` NaN: events).
-            by_row = self._by_row
-            for k in np.flatnonzero(i[relay.rows[:p], _k.L_FAST] == 0).tolist():
-                leg = by_row[int(relay.rows[k])]
-                played = float(relay.at[k])
-                if leg.rec is not None and not math.isnan(played):
-                    leg.rec.heard(int(relay.ts[k]), relay.data[k, 12 : relay.lens[k]].tobytes(),
-                                  leg.codec, played)  # fmt: skip
+            self._record_tx(relay, p)
+
+    def _record_rx(
+        self,
+        buf: np.ndarray,
+        lens: np.ndarray,
+        rows: np.ndarray,
+        n: int,
+        action: np.ndarray,
+        now: float,
+    ) -> None:
+        """The recorded legs' audio of the pass (ACT_RECORD) into their recordings
+        (`media.kernels.recplace.record_rx`); a packet the kernel leaves (the buffer must be
+        written first) goes through `Recording.caller`."""
+        kernel = _rp.record_rx if self.kernels else _rp.record_rx.py_func
+        rt = self.recorder.table
+        at = 0
+        while True:
+            at = kernel(buf, lens, rows, n, at, action, now, self.tab.i, rt.i, rt.f, rt.buf)
+            if at >= n:
+                return
+            leg = self._by_row[int(rows[at])]
+            pkt = parse_rtp(buf[at, : lens[at]].tobytes())
+            codec = STATIC_PAYLOAD_CODECS.get(pkt.payload_type) or leg.codec
+            if leg.rec is not None:
+                leg.rec.caller(pkt.ssrc, pkt.timestamp, pkt.payload, codec, now)
+            at += 1
+
+    def _record_tx(self, tx: TxBatch, n: int, first_fill: int | None = None) -> None:
+        """What recorded legs hear of a batch they send (relayed or pumped, rows 0..n-1;
+        from `first_fill` on fill frames) into their recordings
+        (`media.kernels.recplace.record_tx`); a frame the kernel leaves goes through
+        `Recording.heard`."""
+        kernel = _rp.record_tx if self.kernels else _rp.record_tx.py_func
+        rt = self.recorder.table
+        fill = n if first_fill is None else first_fill
+        k = 0
+        while True:
+            k = kernel(tx.data, tx.lens, tx.rows, tx.ts, tx.at, k, n, fill, self.tab.i, rt.i,
+                       rt.f, rt.buf)  # fmt: skip
+            if k >= n:
+                return
+            leg = self._by_row[int(tx.rows[k])]
+            if leg.rec is not None:
+                leg.rec.heard(int(tx.ts[k]), tx.data[k, 12 : tx.lens[k]].tobytes(), leg.codec,
+                              float(tx.at[k]))  # fmt: skip
+            k += 1
 
     def relayed(self) -> list[Packet]:
         """The last receive pass's relayed packets (`self.relay`) as datagrams."""
@@ -760,7 +812,7 @@ class MediaEngine:
         forwarding to the peer (unless `forward` is False: `relay_batch` did), and the
         receive ring."""
         peer = self.legs.get(leg.peer) if forward and leg.peer is not None else None
-        if leg.rec is None and leg.ws is None:
+        if leg.ws is None:
             self.tab.i[leg.row, _k.L_FAST] = 1  # nothing left for Python: back to the kernel
         pt = pkt.payload_type
         if leg.dtmf_payload_type is not None and pt == leg.dtmf_payload_type:
@@ -1057,14 +1109,8 @@ class MediaEngine:
             if not full:
                 break
             tx.grow(_k.HEADER_SIZE + int(i[:, _k.L_SPF].max()))
-        if self.recorder.active:
-            for k in range(n):
-                leg = self._by_row[int(tx.rows[k])]
-                if leg.rec is not None and (k < prompt_n or leg.cn_payload_type is None):
-                    leg.rec.heard(
-                        int(tx.ts[k]), tx.data[k, 12 : tx.lens[k]].tobytes(), leg.codec,
-                        float(tx.at[k]),
-                    )  # fmt: skip
+        if self.recorder.active and n:
+            self._record_tx(tx, n, prompt_n)
         if ended:
             by_row = self._by_row
             for r in np.flatnonzero(i[:, _k.L_PLAY_FIN]).tolist():

@@ -24,6 +24,7 @@ from media.kernels.rtpbatch import (
     L_DTMF_PT,
     L_FWD_OFFSET,
     L_PEER,
+    L_REC,
     L_RX_SLOT,
 )
 from media.rtcp import StatsTable
@@ -66,6 +67,7 @@ class LegTable:
         self.i[row, L_RX_SLOT] = -1
         self.i[row, L_FWD_OFFSET] = -1
         self.i[row, L_PEER] = -1
+        self.i[row, L_REC] = -1
         self.f[row] = 0.0
         self.f[row, F_SENT_UNTIL] = np.nan
         self.f[row, F_PLAY_ORIGIN] = np.nan

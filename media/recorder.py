@@ -13,7 +13,13 @@ as the call did; a stream that jumps more than a second away from the wall
 clock (new SSRC, a sender restart) is anchored again.
 
 Buffering. Each recording holds `BUF_SAMPLES` G.711 codes per channel (the law
-of the leg when it started; packets in the other law are transcoded). Every
+of the leg when it started; packets in the other law are transcoded), in its row
+of the recorder's `RecorderTable` (`media.rectable`) with the rest of what placing
+a packet needs (`written`, `t0`, the two tracks, open or not). The worker's batch
+path places packets there in compiled code (`media.kernels.recplace`: the receive
+pass's caller packets, the relayed and pumped frames the leg hears), exactly as
+`caller`/`heard` do here for the per-packet path; those two also take the rare
+packet that needs a write first (ticks fell behind). Every
 tick the samples older than `HOLD_SAMPLES` (room for late packets) are written
 about every `FLUSH_SAMPLES` (200 ms): decoded in one call, interleaved,
 one `write(2)`; the header sizes are patched about once a second
@@ -46,6 +52,7 @@ clock except the injected `wall_clock` used for `finished_at`.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import time
 from collections.abc import Callable
@@ -56,6 +63,8 @@ import numpy as np
 import orjson
 
 from media import g711, vad
+from media import rectable as _rt
+from media.rectable import RecorderTable
 from media.rtp import ts_diff
 from media.wav import WavWriter
 from pbx.messages import MediaEvent, MediaFailure, MediaRecord, RecordingFinished
@@ -67,7 +76,7 @@ FLUSH_PHASES = 10
 MIN_FLUSH_SAMPLES = 800
 HOLD_SAMPLES = 480  # keep the newest 60 ms in memory for packets that arrive late
 PATCH_SAMPLES = 8000  # patch the header sizes about once a second
-BUF_SAMPLES = 4096  # per channel: FLUSH + HOLD + a tick, plus room for early packets
+BUF_SAMPLES = _rt.BUF_SAMPLES  # per channel: FLUSH + HOLD + a tick, room for early packets
 REANCHOR_SAMPLES = 8000  # a stream more than 1 s away from the wall clock is re-anchored
 DTMF_TRIM_SAMPLES = 800  # 100 ms
 # An RFC 4733 event seen this recently (in samples) is the one a stop digit came from.
@@ -100,28 +109,46 @@ def resolve_target(root: str | os.PathLike[str], name: str) -> Path:
     return path
 
 
+def _rec_col(col: int, doc: str) -> property:
+    def get(self: Any) -> int:
+        return int(self.rec.table.i[self.rec.row, col + self.base])
+
+    def put(self: Any, value: int) -> None:
+        self.rec.table.i[self.rec.row, col + self.base] = value
+
+    return property(get, put, doc=doc)
+
+
 class _Track:
-    """Maps one RTP timestamp stream onto recording positions."""
+    """Maps one RTP timestamp stream onto recording positions (three columns of the
+    recording's row, from `base`: `media.kernels.recplace._place` is the compiled twin)."""
 
-    __slots__ = ("ssrc", "ts", "pos")
+    __slots__ = ("rec", "base")
 
-    def __init__(self) -> None:
-        self.ssrc = -1
-        self.ts = 0
-        self.pos = 0
+    def __init__(self, rec: Recording, base: int) -> None:
+        self.rec = rec
+        self.base = base
+
+    ssrc = _rec_col(0, "the stream's SSRC, -1: none yet")
+    ts = _rec_col(1, "the anchor timestamp")
+    pos = _rec_col(2, "the anchor's recording position")
 
     def place(self, ssrc: int, ts: int, wall: int) -> int:
         """Position of a packet with timestamp `ts` that `wall` says starts at `wall`."""
-        if ssrc == self.ssrc:
-            pos = self.pos + ts_diff(ts, self.ts)
+        track = self.rec.table.i[self.rec.row, self.base : self.base + 3]  # ssrc, ts, pos
+        if ssrc == track[0]:
+            pos = int(track[2]) + ts_diff(ts, int(track[1]))
             if abs(pos - wall) <= REANCHOR_SAMPLES:
                 return pos
-        self.ssrc, self.ts, self.pos = ssrc, ts, wall
+        track[0], track[1], track[2] = ssrc, ts, wall
         return wall
 
 
 class Recording:
-    """One leg's recording: the buffer, the file and the end conditions."""
+    """One leg's recording: the buffer, the file and the end conditions. What placing a
+    packet needs (the code buffer, `written`, `t0`, the tracks, open or not) lives in the
+    recording's row of a `RecorderTable` (the recorder's, or one of its own), which the
+    compiled placement (`media.kernels.recplace`) writes too."""
 
     __slots__ = (
         "record_id",
@@ -133,13 +160,14 @@ class Recording:
         "codec",
         "metadata",
         "writer",
-        "t0",
-        "buf",
-        "written",
+        "table",
+        "row",
+        "_t0",
+        "_written",
         "patched",
         "caller_track",
         "heard_track",
-        "stop_reason",
+        "_stop_reason",
         "event_pos",
         "event_wall",
         "last_wall",
@@ -159,6 +187,7 @@ class Recording:
         codec: str,
         wake: Callable[[], None] = lambda: None,
         listen: vad.ListenTuning | None = None,
+        table: RecorderTable | None = None,
     ) -> None:
         self.record_id = msg.record_id
         self.name = msg.path
@@ -180,34 +209,91 @@ class Recording:
         self.codec = codec
         self.metadata = msg.metadata
         self.writer = writer
-        self.t0: float | None = None  # None while the beep plays
-        self.buf = np.full((self.channels, BUF_SAMPLES), g711.SILENCE[codec], dtype=np.uint8)
-        self.written = 0  # samples per channel already in the file
+        self.table = table if table is not None else RecorderTable()
+        self.row = self.table.add(
+            self.channels, int(codec == "PCMA"), self.max_samples, g711.SILENCE[codec]
+        )
+        self._t0: float | None = None
+        self._written = 0
         self.patched = 0
-        self.caller_track = _Track()
-        self.heard_track = _Track()
-        self.stop_reason: str | None = None  # "dtmf" once a stop digit came
+        self.caller_track = _Track(self, _rt.R_CALLER)
+        self.heard_track = _Track(self, _rt.R_HEARD)
+        self._stop_reason: str | None = None  # "dtmf" once a stop digit came
+        self.table.i[self.row, _rt.R_OPEN] = 1
         self.event_pos: int | None = None
         self.event_wall = 0
         self.last_wall = 0
         self.error: OSError | None = None  # a write that failed outside the tick
         self.wake = wake  # asks the recorder to look at this recording on the next tick
 
+    # ---------------------------------------------------------------- the table row
+
+    # t0 and written change in Python only: kept here too, mirrored into the row.
+
+    @property
+    def t0(self) -> float | None:
+        """Wall-clock time of position 0; None while the beep plays."""
+        return self._t0
+
+    @t0.setter
+    def t0(self, value: float | None) -> None:
+        self._t0 = value
+        self.table.f[self.row, _rt.RF_T0] = math.nan if value is None else value
+
+    @property
+    def written(self) -> int:
+        """Samples per channel already in the file (the buffer starts there)."""
+        return self._written
+
+    @written.setter
+    def written(self, value: int) -> None:
+        self._written = value
+        self.table.i[self.row, _rt.R_WRITTEN] = value
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    @stop_reason.setter
+    def stop_reason(self, value: str | None) -> None:
+        self._stop_reason = value
+        self.table.i[self.row, _rt.R_OPEN] = value is None
+
+    @property
+    def buf(self) -> np.ndarray:
+        """The G.711 codes from `written` on, one row per channel (a view of the table)."""
+        return self.table.buf[self.row, : self.channels]
+
+    def own_row(self) -> None:
+        """Move to a table of its own (the recorder's row goes back to it): for a
+        recording that is over but still read (its length, a failure's event)."""
+        own = RecorderTable(1)
+        row = own.add(self.channels, 0, 0, 0)
+        own.i[row], own.f[row], own.buf[row] = (
+            self.table.i[self.row],
+            self.table.f[self.row],
+            self.table.buf[self.row],
+        )
+        own.i[row, _rt.R_OPEN] = 0
+        self.table.remove(self.row)
+        self.table, self.row = own, row
+
     # ---------------------------------------------------------------- timeline
 
     def wall(self, now: float) -> int:
         """The recording position of time `now` (0 before the start)."""
-        if self.t0 is None:
+        t0 = self._t0
+        if t0 is None:
             return 0
-        return max(0, round((now - self.t0) * SAMPLE_RATE))
+        return max(0, round((now - t0) * SAMPLE_RATE))
 
     def _put(self, channel: int, pos: int, payload: bytes, codec: str) -> None:
         n = len(payload)
         end = min(pos + n, self.max_samples)
-        start = max(pos, self.written)
+        start = max(pos, self._written)
         if start >= end:
             return  # too late (already written) or beyond the maximum length
-        if end > self.written + BUF_SAMPLES:
+        if end > self._written + BUF_SAMPLES:
             # Ticks fell behind (a stalled worker): write the oldest samples to make room.
             try:
                 self._flush(end - BUF_SAMPLES)
@@ -216,16 +302,16 @@ class Recording:
                 self.stop_reason = "error"
                 self.wake()
                 return
-            start = max(pos, self.written)
+            start = max(pos, self._written)
         codes = np.frombuffer(payload, dtype=np.uint8)[start - pos : end - pos]
         if codec != self.codec:
             codes = g711.transcode(codes, codec, self.codec)
-        w = self.written
-        self.buf[channel, start - w : end - w] = codes
+        w = self._written
+        self.table.buf[self.row, channel, start - w : end - w] = codes
 
     def caller(self, ssrc: int, ts: int, payload: bytes, codec: str, now: float) -> None:
         """A received audio packet (G.711 codes in `codec`) from the caller."""
-        if self.t0 is None or self.stop_reason is not None:
+        if self._t0 is None or self._stop_reason is not None:
             return
         # It arrived at `now`, so it ends about now.
         pos = self.caller_track.place(ssrc, ts, self.wall(now) - len(payload))
@@ -233,7 +319,7 @@ class Recording:
 
     def heard(self, ts: int, payload: bytes, codec: str, at: float) -> None:
         """A frame sent to the caller (its outgoing timestamp), starting to play at `at`."""
-        if self.channels == 1 or self.t0 is None or self.stop_reason is not None:
+        if self.channels == 1 or self._t0 is None or self._stop_reason is not None:
             return
         pos = self.heard_track.place(0, ts, self.wall(at))
         self._put(1, pos, payload, codec)
@@ -328,6 +414,9 @@ class Recorder:
         self._listening: dict[str, tuple[Any, Recording]] = {}
         self.wall_clock = wall_clock
         self.open_writer: WriterFactory = open_writer or (lambda p, ch: WavWriter(p, ch))
+        # The active recordings' placement state (`Recording.row`; legs point at it
+        # through the leg table's L_REC), written by `media.kernels.recplace` too.
+        self.table = RecorderTable()
         self.active: dict[str, tuple[Any, Recording]] = {}  # call_id -> (leg, recording)
         # Each recording sits in one group; a tick visits one group (FLUSH_PHASES ticks
         # apart) plus the urgent ones: a beep playing, a stop digit, the end near.
@@ -365,7 +454,8 @@ class Recorder:
             ]
         call_id = leg.call_id
         urgent = self._urgent
-        rec = Recording(msg, path, writer, leg.codec, lambda: urgent.add(call_id), self.listen)
+        rec = Recording(msg, path, writer, leg.codec, lambda: urgent.add(call_id), self.listen,
+                        self.table)  # fmt: skip
         group = self._started % FLUSH_PHASES
         self._started += 1
         self._groups[group][call_id] = (leg, rec)
@@ -491,6 +581,8 @@ class Recorder:
         if rec.vad_row is not None:
             self.vad.give_back(rec.vad_row)
             rec.vad_row = None
+        if rec.table is self.table:
+            rec.own_row()
 
     def _fail(self, leg: Any, rec: Recording, exc: Exception) -> list[MediaEvent]:
         self._detach(leg, rec)

@@ -26,8 +26,10 @@ what `MediaEngine.receive_rtp` does in Python for the common case:
 Everything else is *flagged* for Python (`ACT_PYTHON`), after steps 1-3 have
 been done here, so the order of the statistics is the order of arrival:
 RFC 4733 events (the leg's telephone-event payload type: digit detection) and
-every packet of a leg that is recorded or WebSocket-bridged (`L_FAST` = 0:
-those paths record and queue per packet). Every valid packet of a bridged leg
+every packet of a WebSocket-bridged leg (`L_FAST` = 0: that path queues per
+packet). Audio of a recorded leg (`L_REC` ≥ 0) is marked `ACT_RECORD`:
+`media.kernels.recplace.record_rx` places it in the recording's buffer right
+after this pass (and `record_tx` what the leg hears). Every valid packet of a bridged leg
 (`L_PEER` ≥ 0) is marked `ACT_RELAY` for the relay below. A packet that latched its
 leg is marked `ACT_LATCHED` (and `ACT_RELATCHED` when the latch moved) so the
 engine can update the leg's Python-side address (and move its RTCP). Packets with an unknown payload type, or none, are counted and go no
@@ -122,7 +124,7 @@ from media.kernels import g711 as _g711
 # ------------------------------------------------------------ leg table columns (int64)
 
 L_ALIVE = 0  # 1 while the row is a leg
-L_FAST = 1  # 1: the kernel may finish this leg's audio (no recording, no WebSocket)
+L_FAST = 1  # 1: the kernel may finish this leg's audio (no WebSocket)
 L_PT = 2  # the leg's audio payload type
 L_DTMF_PT = 3  # telephone-event payload type, -1 none
 L_CODEC = 4  # 0 PCMU, 1 PCMA
@@ -157,7 +159,8 @@ L_CN_PT = 32  # RFC 3389 comfort-noise payload type when negotiated, -1 none
 L_FILL = 33  # 1: nothing else feeds the leg's stream (not bridged, no WebSocket): fill gaps
 L_FILL_DONE = 34  # fill frames sent since F_FILL_ORIGIN
 L_PEER = 35  # the bridged peer's row (`relay_batch` forwards this leg's packets there), -1 none
-L_COLS = 36
+L_REC = 36  # its recording's row in the RecorderTable (`media.kernels.recplace`), -1 none
+L_COLS = 37
 
 # float64 columns
 F_PTIME = 0  # seconds
@@ -185,6 +188,7 @@ ACT_PYTHON = 1
 ACT_LATCHED = 2  # the packet latched its leg: the engine updates the leg's address
 ACT_RELATCHED = 4  # ... onto another source than the one it was latched to
 ACT_RELAY = 8  # the leg is bridged: `relay_batch` forwards the packet into its peer's stream
+ACT_RECORD = 16  # audio of a recorded leg: `recplace.record_rx` places it in the recording
 
 HEADER_SIZE = 12
 SEQ_MOD = 1 << 16
@@ -427,6 +431,8 @@ def rx_batch(
                 if slot >= 0 and codec == leg_codec:
                     _ring_put(slot, ts, buf, i, off, end - off, now, ring, read_ts, started,
                               silence, anchor_ts, anchor_t, late_run, late, resyncs)  # fmt: skip
+                if li[r, L_REC] >= 0:
+                    act |= ACT_RECORD
         action[i] = act
         if act:
             flagged += 1
@@ -523,6 +529,8 @@ def rx_batch_py(
                 st.update_jitter(pkt.timestamp, now)
                 if li[r, L_RX_SLOT] >= 0 and codec == leg_codec:
                     rx.put(int(li[r, L_RX_SLOT]), pkt.timestamp, pkt.payload, now)
+                if li[r, L_REC] >= 0:
+                    act |= ACT_RECORD
         action[i] = act
         flagged += act != 0
     return flagged
@@ -1077,3 +1085,6 @@ def warm() -> None:
     relay_batch(data, np.full(2, data.shape[1], dtype=np.int64), np.zeros(2, dtype=np.int64),
                 2, 0, np.full(2, ACT_RELAY, dtype=np.int8), 0.0, li, lf, data.copy(),
                 i64.copy(), i64.copy(), i64.copy(), np.zeros(2), i64.copy(), i64.copy(), 0)  # fmt: skip
+    from media.kernels import recplace
+
+    recplace.warm()

@@ -132,7 +132,8 @@ def make_tables(rows: int) -> tuple[LegTable, RxAudio]:
         assert tab.add() == r
         i = tab.i[r]
         i[K.L_ALIVE] = 1
-        i[K.L_FAST] = r != 3  # row 3: bridged or recorded, everything to Python
+        i[K.L_FAST] = r != 3  # row 3: on a WebSocket, everything to Python
+        i[K.L_REC] = 0 if r == 1 else -1  # row 1 recorded: its audio marked ACT_RECORD
         i[K.L_PT] = 0 if r % 3 else 96
         i[K.L_DTMF_PT] = 101 if r != 2 else -1
         i[K.L_CODEC] = r == 4  # row 4 talks PCMA
@@ -169,7 +170,7 @@ def test_rx_kernel_equals_twin(seed: int, any_ssrc: bool) -> None:
     a_tab, a_rx = make_tables(6)
     b_tab, b_rx = make_tables(6)
     now = 100.0
-    relatched = 0
+    relatched = recorded = 0
     for k in range(40):  # batches with reads (ticks) in between
         items = random_packets(rng, rows, rng.randrange(0, 60))
         batch = Batch(items)
@@ -179,6 +180,9 @@ def test_rx_kernel_equals_twin(seed: int, any_ssrc: bool) -> None:
         fa, aa = run_rx(K.rx_batch, batch, now, a_tab, a_rx, any_ssrc)
         fb, ab = run_rx(K.rx_batch_py, batch, now, b_tab, b_rx, any_ssrc)
         assert fa == fb and (aa == ab).all()
+        marked = np.flatnonzero(aa & K.ACT_RECORD)
+        assert {items[k][0] for k in marked.tolist()} <= {1}  # the recorded row's only
+        recorded += marked.size
         for k in np.flatnonzero(aa & K.ACT_RELATCHED).tolist():
             relatched += 1
             row, _, src = items[k]
@@ -194,6 +198,7 @@ def test_rx_kernel_equals_twin(seed: int, any_ssrc: bool) -> None:
     # the latch paths were taken: strangers dropped, the latch moved
     assert a_tab.i[:, K.L_FOREIGN].sum() > 50 and a_tab.i[2, K.L_FOREIGN] > 0
     assert relatched == a_tab.i[:, K.L_RELATCHED].sum() > 10
+    assert recorded > 20  # row 1's audio went to the recording placement
 
 
 def test_rx_stats_equal_receive_stats_and_flags() -> None:
