@@ -316,6 +316,9 @@ class MediaEngine:
         self._by_row: dict[int, Leg] = {}
         self._action = np.zeros(0, dtype=np.int8)
         self.kernels = True  # False: the Python twins (tests)
+        # Whether any leg is bridged (set by a bridge, re-counted every tick): the shell
+        # reads the sockets more often then, since relayed audio waits for the read.
+        self.relaying = False
         self.fill_gaps = fill_gaps
         self.wall_offset = 0.0  # wall clock - `now`, set by the shell, for SR NTP timestamps
         self.cname = "pbx-media"
@@ -510,6 +513,8 @@ class MediaEngine:
         L_PEER); None: not bridged."""
         leg.peer = None if peer is None else peer.call_id
         self.tab.i[leg.row, _k.L_PEER] = -1 if peer is None else peer.row
+        if peer is not None:
+            self.relaying = True
         leg.sync_tx()
 
     def _slow(self, leg: Leg) -> None:
@@ -934,6 +939,8 @@ class MediaEngine:
         shell to send in one go; the other packets (WebSocket audio) come back as a list."""
         packets: list[Packet] = []
         events: list[MediaEvent] = []
+        i = self.tab.i
+        self.relaying = bool(np.any((i[:, _k.L_ALIVE] == 1) & (i[:, _k.L_PEER] >= 0)))
         self._pump_all(now, events)
         if self._timed:
             fired = [

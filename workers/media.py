@@ -16,8 +16,9 @@ runs every 20 ms from a fixed origin and hands the engine the nominal tick
 time; a late tick skips ahead instead of running the missed ones back to back.
 The legs' RTP sockets are read when data arrives: the event loop watches the
 epoll set of all of them (`workers.rtpio`), and a wake-up reads only the ready
-sockets — at once if the last read was POLL_SECONDS ago or more, otherwise when
-that interval is over, so a busy worker reads its packets in batches.
+sockets — at once if the last read was POLL_SECONDS (RELAY_POLL_SECONDS while legs
+are bridged) ago or more, otherwise when that interval is over, so a busy worker reads
+its packets in batches.
 
 With `[media] rtp_socket` "shared" or "auto" the worker also binds one shared RTP
 port (and its RTCP port + 1) and announces it with its pool: a MediaAllocate naming it
@@ -96,6 +97,11 @@ TICK_SECONDS = 0.020
 # set, and before every tick): a received RFC 4733 end packet waits at most this
 # long before its digit goes out, and a burst of packets is read in one batch.
 POLL_SECONDS = 0.002
+# ... and this often while any leg is bridged: relayed audio waits for the read, and
+# the worker adds this much mouth-to-ear delay at most (perf/bench_relay.py, 500
+# bridged calls: p99 5.1-5.4 ms at 2 ms, 2.9-4.6 ms at 0.5 ms, for the same CPU; a
+# pure IVR load reads every 2 ms, as 0.5 ms costs it 10-35 % more CPU).
+RELAY_POLL_SECONDS = 0.0005
 # Caller-audio frames waiting for a slow WebSocket; more are dropped (0.5 s at 20 ms).
 WS_SEND_QUEUE = 25
 # Port pairs bound per refill callback: a long refill yields to the loop in between.
@@ -524,9 +530,11 @@ class MediaWorker:
 
     def _rtp_ready(self) -> None:
         """A leg's socket has data: read the ready sockets now if the last read was at
-        least POLL_SECONDS ago; otherwise stop watching until that interval is over, so
-        the packets arriving meanwhile are read together."""
-        wait = self._last_poll + POLL_SECONDS - time.monotonic()
+        least POLL_SECONDS (RELAY_POLL_SECONDS while legs are bridged) ago; otherwise
+        stop watching until that interval is over, so the packets arriving meanwhile are
+        read together."""
+        interval = RELAY_POLL_SECONDS if self.engine.relaying else POLL_SECONDS
+        wait = self._last_poll + interval - time.monotonic()
         if wait <= 0:
             self._poll_safe()
             return

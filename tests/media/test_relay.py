@@ -440,3 +440,25 @@ def test_worker_sends_the_relay_batch_right_after_the_receive_pass(tmp_path: Pat
         w.rtp.close()
         for s in phones:
             s.close()
+
+
+def test_engine_says_while_it_relays(tmp_path: Path) -> None:
+    """`MediaEngine.relaying` (the worker reads its sockets more often then): set by a
+    bridge at once, re-counted every tick, so it ends with the last bridge."""
+    engine = MediaEngine(PromptCache(tmp_path), rng=random.Random(2))
+    for call_id in ("a", "b", "c"):
+        engine.add_leg(call_id, 40000)
+    engine.tick_batch(1.0)
+    assert not engine.relaying
+    engine.bridge("a", "b")
+    assert engine.relaying
+    engine.tick_batch(1.02)
+    assert engine.relaying
+    engine.remove_leg("a")
+    engine.tick_batch(1.04)
+    assert not engine.relaying  # b is alone again, c never was bridged
+    engine.bridge("b", "c")
+    engine.remove_leg("b")
+    engine.remove_leg("c")
+    engine.tick_batch(1.06)
+    assert not engine.relaying
