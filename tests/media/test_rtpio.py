@@ -108,6 +108,7 @@ class _Engine:
     def __init__(self) -> None:
         self.batches: list[tuple[float, list[bytes]]] = []
         self.relay = TxBatch()  # nothing relayed
+        self.relaying = False  # no leg bridged: reads every POLL_SECONDS
 
     def receive_batch(self, buf, lens, names, rows, n, now):  # type: ignore[no-untyped-def]
         self.batches.append((now, [buf[k, : lens[k]].tobytes() for k in range(n)]))
