@@ -31,6 +31,7 @@ from media.kernels.rtpbatch import (
     L_REC,
     TS_MOD,
     XCODE,
+    payload_span,
 )
 from media.rectable import (
     BUF_SAMPLES,
@@ -108,15 +109,7 @@ def record_rx(
         q = li[r, L_REC]
         if q < 0 or ri[q, R_OPEN] == 0 or math.isnan(rf[q, RF_T0]):
             continue
-        # The header again (rx_batch checked it: the offsets are within the datagram).
-        size = lens[i]
-        b0 = buf[i, 0]
-        off = HEADER_SIZE + 4 * (b0 & 0x0F)
-        if b0 & 0x10:
-            off += 4 + 4 * ((np.int64(buf[i, off + 2]) << 8) | buf[i, off + 3])
-        end = size
-        if b0 & 0x20:
-            end -= np.int64(buf[i, size - 1])
+        off, end = payload_span(buf, i, lens[i])
         pt = np.int64(buf[i, 1] & 0x7F)
         law = 0 if pt == 0 else 1 if pt == 8 else li[r, L_CODEC]
         ts = (

@@ -540,6 +540,40 @@ def rx_batch_py(
 
 
 @njit(cache=True, inline="always")
+def payload_span(buf: np.ndarray, i: int, size: int) -> tuple[int, int]:
+    """Where the payload of datagram `i` starts and ends (after the CSRC list and a
+    header extension, before padding; RFC 3550 §5.1, §5.3.1), from a header `rx_batch`
+    already checked: the offsets are within the datagram."""
+    b0 = buf[i, 0]
+    off = HEADER_SIZE + 4 * (b0 & 0x0F)
+    if b0 & 0x10:
+        off += 4 + 4 * ((np.int64(buf[i, off + 2]) << 8) | buf[i, off + 3])
+    end = size
+    if b0 & 0x20:
+        end -= np.int64(buf[i, size - 1])
+    return off, end
+
+
+@njit(cache=True, inline="always")
+def write_header(data: np.ndarray, p: int, b1: int, seq: int, ts: int, ssrc: int) -> None:
+    """The 12-byte RTP header (RFC 3550 §5.1: version 2, no padding, extension or CSRC)
+    of packet `p` of a send buffer; `b1` is its second byte (marker bit and payload
+    type)."""
+    data[p, 0] = 0x80
+    data[p, 1] = b1
+    data[p, 2] = (seq >> 8) & 0xFF
+    data[p, 3] = seq & 0xFF
+    data[p, 4] = (ts >> 24) & 0xFF
+    data[p, 5] = (ts >> 16) & 0xFF
+    data[p, 6] = (ts >> 8) & 0xFF
+    data[p, 7] = ts & 0xFF
+    data[p, 8] = (ssrc >> 24) & 0xFF
+    data[p, 9] = (ssrc >> 16) & 0xFF
+    data[p, 10] = (ssrc >> 8) & 0xFF
+    data[p, 11] = ssrc & 0xFF
+
+
+@njit(cache=True, inline="always")
 def _spurt_ts(li: np.ndarray, lf: np.ndarray, r: int, at: float) -> int:
     until = lf[r, F_SENT_UNTIL]
     if math.isnan(until):
@@ -604,18 +638,7 @@ def pump_tick(
             seq = li[r, L_SEQ]
             ts = li[r, L_TS]
             ssrc = li[r, L_SSRC]
-            data[p, 0] = 0x80
-            data[p, 1] = (0x80 if marker else 0) | (li[r, L_PT] & 0x7F)
-            data[p, 2] = (seq >> 8) & 0xFF
-            data[p, 3] = seq & 0xFF
-            data[p, 4] = (ts >> 24) & 0xFF
-            data[p, 5] = (ts >> 16) & 0xFF
-            data[p, 6] = (ts >> 8) & 0xFF
-            data[p, 7] = ts & 0xFF
-            data[p, 8] = (ssrc >> 24) & 0xFF
-            data[p, 9] = (ssrc >> 16) & 0xFF
-            data[p, 10] = (ssrc >> 8) & 0xFF
-            data[p, 11] = ssrc & 0xFF
+            write_header(data, p, (0x80 if marker else 0) | (li[r, L_PT] & 0x7F), seq, ts, ssrc)
             base = li[r, L_PLAY_OFF] + k * spf
             have = min(spf, size - k * spf)
             for j in range(have):
@@ -689,18 +712,7 @@ def fill_tick(
             ts = li[r, L_TS] if done > 0 else _spurt_ts(li, lf, r, at)
             seq = li[r, L_SEQ]
             ssrc = li[r, L_SSRC]
-            data[p, 0] = 0x80
-            data[p, 1] = (cn if cn >= 0 else li[r, L_PT]) & 0x7F
-            data[p, 2] = (seq >> 8) & 0xFF
-            data[p, 3] = seq & 0xFF
-            data[p, 4] = (ts >> 24) & 0xFF
-            data[p, 5] = (ts >> 16) & 0xFF
-            data[p, 6] = (ts >> 8) & 0xFF
-            data[p, 7] = ts & 0xFF
-            data[p, 8] = (ssrc >> 24) & 0xFF
-            data[p, 9] = (ssrc >> 16) & 0xFF
-            data[p, 10] = (ssrc >> 8) & 0xFF
-            data[p, 11] = ssrc & 0xFF
+            write_header(data, p, (cn if cn >= 0 else li[r, L_PT]) & 0x7F, seq, ts, ssrc)
             if cn >= 0:
                 data[p, HEADER_SIZE] = CN_LEVEL_DBOV
             else:
@@ -876,15 +888,7 @@ def relay_batch(
         to = li[r, L_PEER]
         if to < 0 or li[to, L_ALIVE] == 0:
             continue
-        # The header again (rx_batch checked it: the offsets are within the datagram).
-        size = lens[i]
-        b0 = buf[i, 0]
-        off = HEADER_SIZE + 4 * (b0 & 0x0F)
-        if b0 & 0x10:
-            off += 4 + 4 * ((np.int64(buf[i, off + 2]) << 8) | buf[i, off + 3])
-        end = size
-        if b0 & 0x20:
-            end -= np.int64(buf[i, size - 1])
+        off, end = payload_span(buf, i, lens[i])
         pt = np.int64(buf[i, 1] & 0x7F)
         nbytes = end - off
         xcode = -1  # no transcoding
@@ -925,18 +929,7 @@ def relay_batch(
         ts = (src_ts + offset) % TS_MOD
         seq = li[to, L_SEQ]
         ssrc = li[to, L_SSRC]
-        data[p, 0] = 0x80
-        data[p, 1] = marker | (out_pt & 0x7F)
-        data[p, 2] = (seq >> 8) & 0xFF
-        data[p, 3] = seq & 0xFF
-        data[p, 4] = (ts >> 24) & 0xFF
-        data[p, 5] = (ts >> 16) & 0xFF
-        data[p, 6] = (ts >> 8) & 0xFF
-        data[p, 7] = ts & 0xFF
-        data[p, 8] = (ssrc >> 24) & 0xFF
-        data[p, 9] = (ssrc >> 16) & 0xFF
-        data[p, 10] = (ssrc >> 8) & 0xFF
-        data[p, 11] = ssrc & 0xFF
+        write_header(data, p, marker | (out_pt & 0x7F), seq, ts, ssrc)
         if xcode < 0:
             for j in range(nbytes):
                 data[p, HEADER_SIZE + j] = buf[i, off + j]
