@@ -548,10 +548,8 @@ def payload_span(buf: np.ndarray, i: int, size: int) -> tuple[int, int]:
     off = HEADER_SIZE + 4 * (b0 & 0x0F)
     if b0 & 0x10:
         off += 4 + 4 * ((np.int64(buf[i, off + 2]) << 8) | buf[i, off + 3])
-    end = size
-    if b0 & 0x20:
-        end -= np.int64(buf[i, size - 1])
-    return off, end
+    padding = int(buf[i, size - 1]) if b0 & 0x20 else 0
+    return off, size - padding
 
 
 @njit(cache=True, inline="always")
