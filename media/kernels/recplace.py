@@ -31,6 +31,7 @@ from media.kernels.rtpbatch import (
     L_REC,
     TS_MOD,
     XCODE,
+    be32,
     payload_span,
 )
 from media.rectable import (
@@ -112,14 +113,8 @@ def record_rx(
         off, end = payload_span(buf, i, lens[i])
         pt = np.int64(buf[i, 1] & 0x7F)
         law = 0 if pt == 0 else 1 if pt == 8 else li[r, L_CODEC]
-        ts = (
-            (np.int64(buf[i, 4]) << 24) | (np.int64(buf[i, 5]) << 16)
-            | (np.int64(buf[i, 6]) << 8) | buf[i, 7]
-        )  # fmt: skip
-        ssrc = (
-            (np.int64(buf[i, 8]) << 24) | (np.int64(buf[i, 9]) << 16)
-            | (np.int64(buf[i, 10]) << 8) | buf[i, 11]
-        )  # fmt: skip
+        ts = be32(buf[i], 4)
+        ssrc = be32(buf[i], 8)
         nbytes = end - off
         # It arrived at `now`, so it ends about now.
         wall = _wall(rf, q, now) - nbytes

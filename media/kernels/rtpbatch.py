@@ -218,6 +218,16 @@ XCODE = np.stack([
 
 
 @njit(cache=True, inline="always")
+def be32(row: np.ndarray, at: int) -> int:
+    """The big-endian 32-bit unsigned integer at byte `at` of a uint8 row (an RTP
+    timestamp or SSRC, RFC 3550 §5.1; an IPv4 address in a sockaddr_in)."""
+    return int(
+        (np.int64(row[at]) << 24) | (np.int64(row[at + 1]) << 16)
+        | (np.int64(row[at + 2]) << 8) | row[at + 3]
+    )  # fmt: skip
+
+
+@njit(cache=True, inline="always")
 def _init_seq(si: np.ndarray, r: int, seq: int) -> None:
     si[r, S_BASE] = seq
     si[r, S_MAX] = seq
@@ -377,19 +387,10 @@ def rx_batch(
         b1 = buf[i, 1]
         pt = np.int64(b1 & 0x7F)
         seq = (np.int64(buf[i, 2]) << 8) | buf[i, 3]
-        ts = (
-            (np.int64(buf[i, 4]) << 24) | (np.int64(buf[i, 5]) << 16)
-            | (np.int64(buf[i, 6]) << 8) | buf[i, 7]
-        )  # fmt: skip
-        ssrc = (
-            (np.int64(buf[i, 8]) << 24) | (np.int64(buf[i, 9]) << 16)
-            | (np.int64(buf[i, 10]) << 8) | buf[i, 11]
-        )  # fmt: skip
+        ts = be32(buf[i], 4)
+        ssrc = be32(buf[i], 8)
         port = (np.int64(names[i, 2]) << 8) | names[i, 3]
-        ip = (
-            (np.int64(names[i, 4]) << 24) | (np.int64(names[i, 5]) << 16)
-            | (np.int64(names[i, 6]) << 8) | names[i, 7]
-        )  # fmt: skip
+        ip = be32(names[i], 4)
         if li[r, L_LATCHED] != 0 and ip == li[r, L_REMOTE_IP] and port == li[r, L_REMOTE_PORT]:
             lf[r, F_LATCH_SEEN] = now  # the common case, in line
             act = 0
@@ -914,10 +915,7 @@ def relay_batch(
             continue  # nowhere to send, a prompt has the stream, or on hold
         if p >= cap or HEADER_SIZE + nbytes > width:
             return p, i
-        src_ts = (
-            (np.int64(buf[i, 4]) << 24) | (np.int64(buf[i, 5]) << 16)
-            | (np.int64(buf[i, 6]) << 8) | buf[i, 7]
-        )  # fmt: skip
+        src_ts = be32(buf[i], 4)
         marker = np.int64(buf[i, 1] & 0x80)
         offset = li[to, L_FWD_OFFSET]
         if offset < 0:  # a new talk spurt in the peer's stream: continue its timeline, mark it
