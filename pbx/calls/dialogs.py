@@ -63,6 +63,13 @@ class InDialog:
             ctx.respond(key, req, 403, "Forbidden (not the dialog's peer)")
             return
         method = req.method
+        if leg.phase is LegPhase.TERMINATED:
+            # The dialog is over and only lingers so that late requests get an answer,
+            # never an effect on the call: after a transfer the referrer's own BYE
+            # crosses ours while its call goes on between the other two. A BYE gets its
+            # 200 (RFC 3261 §15.1.2: either side may send one), anything else 481.
+            ctx.respond(key, req, 200 if method == "BYE" else 481)
+            return
         if method == "BYE":
             self._on_bye(leg, req, key)
         elif method == "INVITE":

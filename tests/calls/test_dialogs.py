@@ -213,3 +213,27 @@ def test_an_in_dialog_request_from_another_ip_is_refused(tmp_path: Path) -> None
     rig.caller_request("BYE", 6)  # the real caller still can
     assert rig.last(6).status == 200
     assert not rig.core.ctx.table.calls
+
+
+def test_the_referrers_own_bye_after_the_final_notify_leaves_the_transferred_call_up(
+        tmp_path: Path) -> None:
+    """After a transfer the referrer's BYE often crosses ours (phones hang up when the
+    final NOTIFY says 200): it ends the referrer's dialog only, not the call that now
+    joins the other two parties."""
+    rig = CoreRig(tmp_path, first_then([m.TransferCommand(target="2001")]), TRUSTED_CALLER)
+    call = rig.call()
+    invite = rig.requests("INVITE", MEMBERS["2001"])
+    rig.answer(invite[0], MEMBERS["2001"], "t1")
+    rig.caller_request("ACK", 1)
+    rig.caller_request("REFER", 2, "Refer-To: <sip:2002@127.0.0.1>\r\n")
+    second = rig.requests("INVITE", MEMBERS["2002"])
+    rig.answer(second[0], MEMBERS["2002"], "t2")
+    assert notifies(rig)[-1].body == b"SIP/2.0 200 OK\r\n"
+    assert rig.requests("BYE", CALLER)  # ours, released the referrer
+    rig.caller_request("BYE", 3)  # theirs, crossing ours
+    assert rig.last(3).status in (200, 481)
+    assert not call.ended
+    assert not rig.requests("BYE", MEMBERS["2001"])
+    assert not rig.requests("BYE", MEMBERS["2002"])
+    rig.caller_request("INVITE", 4, body=offer())  # nothing more happens in that dialog
+    assert rig.last(4).status == 481
