@@ -148,7 +148,10 @@ TransactionEvent = (RequestReceived | ResponseReceived | TransactionTimeout | Se
 class _ServerTransaction:
     key: TransactionKey
     invite: bool
-    request: SipRequest
+    # Let go of at the final response: a transaction then lingers up to 32 s (Timers J,
+    # L) with only its key, address and last response, so the collector walks a few
+    # objects per lingering transaction instead of the parsed request (perf/README.md).
+    request: SipRequest | None
     addr: Addr
     reliable: bool
     state: TxState
@@ -334,7 +337,8 @@ class TransactionLayer:
     def trying(self, key: TransactionKey) -> list[SendBytes]:
         """The 100 Trying of a new INVITE whose TU has not answered yet, else []."""
         txn = self._server.get(key)
-        if txn is None or txn.state is not TxState.PROCEEDING or txn.last_response is not None:
+        if (txn is None or txn.state is not TxState.PROCEEDING or txn.last_response is not None
+                or txn.request is None):
             return []
         txn.last_response = make_response(txn.request, 100).serialize()
         self._hold(txn, len(txn.last_response))
@@ -408,8 +412,10 @@ class TransactionLayer:
         self._hold(txn, len(data))  # a little over-counted: a response replaces the last
         if txn.invite:
             if txn.state is TxState.PROCEEDING:
-                if status >= 200 and self.on_invite_final is not None:
-                    self.on_invite_final(txn.request, status, now - txn.created_at)
+                if status >= 200:
+                    if self.on_invite_final is not None and txn.request is not None:
+                        self.on_invite_final(txn.request, status, now - txn.created_at)
+                    txn.request = None
                 if status < 200:
                     txn.last_response = data
                 elif status < 300:
@@ -435,6 +441,7 @@ class TransactionLayer:
                 txn.state = TxState.PROCEEDING
             else:
                 txn.state = TxState.COMPLETED
+                txn.request = None
                 if txn.reliable:
                     self._terminate(txn)
                 else:
