@@ -25,6 +25,7 @@ from pbx.admin import admin_app
 from pbx.broker import Broker
 from pbx.config import Settings, parse_host_port
 from pbx.front import Front
+from pbx.metrics import CollectorWatch
 from pbx.retention import AreaResult
 from pbx.startup import start_program
 from pbx.transport import SipTransport
@@ -54,6 +55,8 @@ async def run(settings: Settings) -> None:
     log.info("front listening on udp+tcp %s:%d, admin on %s:%d", host, port, admin_host,
              admin_port)
     tune_gc()
+    gc_watch = CollectorWatch(front.core.ctx.metrics)
+    gc.callbacks.append(gc_watch)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -77,6 +80,7 @@ async def run(settings: Settings) -> None:
         if sweep is not None:
             await asyncio.wait({sweep}, timeout=RETENTION_STOP_WAIT_S)
     finally:
+        gc.callbacks.remove(gc_watch)
         transport.close()
         await runner.cleanup()
         broker.close()

@@ -120,6 +120,13 @@ def live_families(ctx: CallContext, metrics: FrontMetrics) -> Iterator[Metric]:
     yield metrics.rtp_jitter.family(
         "rtp_jitter_seconds", "Per released leg, interarrival jitter (RFC 3550 A.8): "
         "received (ours) or sent (the far end's RTCP report).", ["direction"])
+    yield metrics.gc_pause.family(
+        "gc_pause_seconds", "The front's cyclic garbage collections, wall time each (the "
+        "event loop waits meanwhile), by generation (0 young, 1 middle, 2 full).",
+        ["generation"])
+    yield metrics.gc_cpu.family(
+        "gc_cpu_seconds", "The same collections, CPU time each: far below the pause, the "
+        "front was waiting for a core.", ["generation"])
 
 
 def ivr_levels(ctx: CallContext) -> dict[str, int]:

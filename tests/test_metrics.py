@@ -12,8 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pbx import messages as m
 from pbx.metrics import (
     GAUGES,
+    GC_BOUNDS,
     HELP,
     MAX_REASONS,
+    CollectorWatch,
     FrontMetrics,
     Histogram,
     setup_outcome,
@@ -189,3 +191,42 @@ def test_a_reinvite_is_not_a_call_setup(tmp_path: Path) -> None:
                        b"c=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n")
     assert rig.last(2, CALLER).status == 200
     assert rig.core.ctx.metrics.setup.count("answered") == 1
+
+
+def test_collector_pauses_are_exported_with_their_cpu_time() -> None:
+    """Each collection of the front's collector: its wall time and its CPU time, by
+    generation; a pause much longer than its CPU is the front waiting for a core."""
+    clock = {"wall": 10.0, "cpu": 1.0}
+    metrics = FrontMetrics()
+    watch = CollectorWatch(metrics, wall=lambda: clock["wall"], cpu=lambda: clock["cpu"])
+    watch("stop", {"generation": 0, "collected": 0})  # installed mid-collection: ignored
+    watch("start", {"generation": 0})
+    clock["wall"] += 0.012  # preempted: 12 ms on the wall clock ...
+    clock["cpu"] += 0.0003  # ... for 0.3 ms of collecting
+    watch("stop", {"generation": 0, "collected": 0})
+    watch("start", {"generation": 2})
+    clock["wall"] += 0.2
+    clock["cpu"] += 0.2
+    watch("stop", {"generation": 2, "collected": 5})
+    assert metrics.gc_pause.count("0") == 1 and metrics.gc_cpu.count("0") == 1
+    assert metrics.gc_pause.series[("0",)][GC_BOUNDS.index(0.025)] == 1  # 12 ms: le 25 ms
+    assert metrics.gc_cpu.series[("0",)][GC_BOUNDS.index(0.0005)] == 1
+    assert metrics.gc_pause.count("2") == 1
+    assert abs(metrics.gc_pause.series[("2",)][-1] - 0.2) < 1e-9
+
+
+def test_the_front_exports_its_collections(tmp_path: Path) -> None:
+    import gc
+
+    rig = CoreRig(tmp_path)
+    watch = CollectorWatch(rig.core.ctx.metrics)
+    gc.callbacks.append(watch)
+    try:
+        gc.collect(0)
+    finally:
+        gc.callbacks.remove(watch)
+    _, families = scrape(rig)
+    assert (sample(families, "pbx_gc_pause_seconds", "histogram",
+                   "pbx_gc_pause_seconds_count", generation="0") or 0) >= 1
+    assert (sample(families, "pbx_gc_cpu_seconds", "histogram",
+                   "pbx_gc_cpu_seconds_count", generation="0") or 0) >= 1
