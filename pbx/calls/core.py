@@ -188,7 +188,7 @@ class CallCore:
         elif kind is TimerKind.SESSION_EXPIRY:
             leg = table.dialogs.get(key)
             if leg is not None and self.session_timers.expired(leg):
-                self.teardown.hangup(leg.call, "SessionExpired", 408)
+                self.teardown.leg_over(leg, "SessionExpired", 408)
         elif kind is TimerKind.DIALOG_LINGER:
             leg = table.dialogs.pop(key, None)
             call = leg.call if leg is not None else None

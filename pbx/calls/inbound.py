@@ -238,7 +238,7 @@ class Inbound:
         leg = self.ctx.table.dialogs.get(dialog_key)
         if leg is not None:
             log.info("no ACK for 200 on %s: ending the call", dialog_key[0])
-            self.teardown.hangup(leg.call, "NoAck", None)
+            self.teardown.leg_over(leg, "NoAck", None)
 
     def on_cancel(self, req: SipRequest, key: TransactionKey) -> None:
         ctx = self.ctx

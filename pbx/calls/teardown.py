@@ -77,6 +77,16 @@ class Teardown:
         self.events.call(call, "ended")
         ctx.records.finish(call_record(call), stats_legs, ctx.now)
 
+    def leg_over(self, leg: Leg, reason: str, code: int | None) -> None:
+        """One leg's dialog is over on our side (its 2xx never ACKed, its session
+        expired): the call ends, unless the leg is a referrer detached from its bridge,
+        whose peer's transfer goes on without it; that leg alone gets its BYE."""
+        if leg in leg.call.detached:
+            self.legs.send_bye(leg, code, reason)
+            self.drop_leg(leg)
+            return
+        self.hangup(leg.call, reason, code)
+
     def release_leg(self, leg: Leg) -> None:
         """Give back what one leg holds: budgets, timers, 2xx retransmission, its port;
         its dialog lingers."""

@@ -1,0 +1,101 @@
+"""Call flows a carrier hits, on the core's virtual clock: requests and responses
+crossing each other (CANCEL and 200, BYE and ACK, a transfer and the referrer's
+dialog), late and repeated responses, and what every flow must give back at its end
+(every index of `pbx.calls.table` empty once the dialogs stopped lingering)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pbx import messages as m
+from pbx.calls.legs import LINGER_S
+from pbx.calls.state import Call
+from pbx.sip.message import SipRequest, make_response
+from tests.calls.rig import (
+    CALLER,
+    MEMBERS,
+    TRUSTED_CALLER,
+    CoreRig,
+    first_then,
+)
+
+
+def table_empty(rig: CoreRig) -> None:
+    """Nothing of any call is left: every index and budget of the call table."""
+    rig.advance(LINGER_S + 1)
+    table = rig.core.ctx.table
+    left = {name: getattr(table, name) for name in (
+        "calls", "dialogs", "pending_invites", "client_txns", "legs_by_media", "sessions",
+        "setup_by_source", "calls_by_source", "resolving", "by_sip_call_id")
+        if getattr(table, name)}
+    assert not left, left
+
+
+def bridged(tmp_path: Path, ack: bool = True, ring_s: float = 30) -> tuple[CoreRig, Call]:
+    """The caller, transferred by the IVR to 2001, bridged to it and (if `ack`) ACKed;
+    transfers ring for `ring_s` ([sip] ring_timeout_ms)."""
+    rig = CoreRig(tmp_path, first_then([m.TransferCommand(target="2001")]), TRUSTED_CALLER)
+    rig.settings.sip.ring_timeout_ms = int(ring_s * 1000)
+    call = rig.call()
+    [invite] = rig.requests("INVITE", MEMBERS["2001"])
+    rig.answer(invite, MEMBERS["2001"], "t1")
+    if ack:
+        rig.caller_request("ACK", 1)
+    assert rig.of(m.MediaBridge) and call.b is not None
+    return rig, call
+
+
+def notifies(rig: CoreRig) -> list[SipRequest]:
+    return rig.requests("NOTIFY", CALLER)
+
+
+def test_a_detached_referrers_session_expiry_leaves_the_transfer_ringing(
+        tmp_path: Path) -> None:
+    rig, call = bridged(tmp_path, ring_s=120)
+    rig.caller_request("UPDATE", 2, "Session-Expires: 90;refresher=uac\r\nSupported: timer\r\n")
+    rig.caller_request("REFER", 3, "Refer-To: <sip:2002@127.0.0.1>\r\n")
+    assert rig.last(3).status == 202
+    [second] = rig.requests("INVITE", MEMBERS["2002"])
+    rig.answer(second, MEMBERS["2002"], "t2", ring_only=True)
+    rig.advance(60)  # the referrer's session expires while 2002 rings
+    bye = rig.requests("BYE", CALLER)[0]
+    assert "cause=408" in (bye.headers.get("Reason") or "")
+    assert not call.ended
+    assert not rig.requests("BYE", MEMBERS["2001"])
+    rig.answer(second, MEMBERS["2002"], "t2")
+    assert call.b is not None and call.b.dialog.remote_tag == "t2"
+    assert not rig.requests("BYE", MEMBERS["2002"])
+    rig.core.hangup(call, "Hangup", None)
+    table_empty(rig)
+
+
+def test_a_transfer_target_busy_while_the_referrer_is_detached(tmp_path: Path) -> None:
+    rig, call = bridged(tmp_path)
+    rig.caller_request("REFER", 2, "Refer-To: <sip:2002@127.0.0.1>\r\n")
+    [second] = rig.requests("INVITE", MEMBERS["2002"])
+    rig.feed(make_response(second, 180, to_tag="t2"), MEMBERS["2002"])
+    rig.feed(make_response(second, 486, to_tag="t2"), MEMBERS["2002"])
+    assert notifies(rig)[-1].body == b"SIP/2.0 486 Busy Here\r\n"
+    print(rig.sip[-6:])
+    print(call.ended, call.end_reason)
+    table_empty(rig)
+
+
+def test_a_detached_referrers_missing_ack_leaves_the_transfer_ringing(
+        tmp_path: Path) -> None:
+    """A referrer may REFER before its ACK ever arrives: when our 200's retransmissions
+    give up (RFC 3261 §13.3.1.4) only its own dialog ends, not its peer's transfer."""
+    rig, call = bridged(tmp_path, ack=False, ring_s=120)
+    rig.caller_request("REFER", 2, "Refer-To: <sip:2002@127.0.0.1>\r\n")
+    [second] = rig.requests("INVITE", MEMBERS["2002"])
+    rig.answer(second, MEMBERS["2002"], "t2", ring_only=True)
+    rig.advance(40)  # 64*T1 after our 200
+    assert rig.requests("BYE", CALLER)
+    assert not call.ended
+    assert not rig.requests("BYE", MEMBERS["2001"])
+    rig.answer(second, MEMBERS["2002"], "t2")
+    assert call.b is not None and call.b.dialog.remote_tag == "t2"
+    assert not rig.requests("BYE", MEMBERS["2002"])
+    rig.core.hangup(call, "Hangup", None)
+    table_empty(rig)
+
