@@ -220,9 +220,11 @@ class Outbound:
         leg = ctx.table.client_txns.get(key)
         if leg is None:
             return
-        if resp.cseq[1] != "INVITE":
+        if resp.cseq[1] != "INVITE":  # our session refresh (pbx.calls.session_timer)
             if resp.status >= 200:
                 ctx.table.client_txns.pop(key, None)
+                if resp.status in (408, 481):
+                    self._refresh_failed(leg)
             return
         if resp.status < 200:
             leg.provisional_seen = True
@@ -359,8 +361,19 @@ class Outbound:
 
     def client_timeout(self, key: TransactionKey) -> None:
         leg = self.ctx.table.client_txns.pop(key, None)
-        if leg is not None and key.method == "INVITE" and leg.phase is LegPhase.EARLY:
+        if leg is None:
+            return
+        if key.method != "INVITE":
+            self._refresh_failed(leg)
+        elif leg.phase is LegPhase.EARLY:
             self.failed(leg, 408)
+
+    def _refresh_failed(self, leg: Leg) -> None:
+        """Our session refresh timed out or got 408/481: the peer has lost the session,
+        which ends with a BYE (RFC 4028 §10, RFC 3261 §12.2.1.2)."""
+        if leg.phase is LegPhase.CONFIRMED and not leg.call.ended:
+            log.info("call %s: session refresh of %s failed", leg.call.call_id, leg.media_id)
+            self.teardown.leg_over(leg, "SessionExpired", 408)
 
 
 def _dialling_direct(call: Call) -> bool:

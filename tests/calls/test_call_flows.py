@@ -14,8 +14,10 @@ from pbx.sip.message import SipRequest, make_response
 from tests.calls.rig import (
     CALLER,
     MEMBERS,
+    PLAY,
     TRUSTED_CALLER,
     CoreRig,
+    caller_invite,
     first_then,
 )
 
@@ -99,3 +101,35 @@ def test_a_detached_referrers_missing_ack_leaves_the_transfer_ringing(
     rig.core.hangup(call, "Hangup", None)
     table_empty(rig)
 
+
+def we_refresh(tmp_path: Path) -> tuple[CoreRig, Call]:
+    """An IVR call whose session we refresh (the caller does not support timer)."""
+    rig = CoreRig(tmp_path, first_then(PLAY))
+    call = rig.call(caller_invite("Session-Expires: 100\r\nAllow: INVITE, ACK, BYE, UPDATE\r\n"))
+    rig.caller_request("ACK", 1)
+    rig.advance(50)
+    assert rig.requests("UPDATE", CALLER)
+    return rig, call
+
+
+def test_our_session_refresh_answered_481_ends_the_call(tmp_path: Path) -> None:
+    rig, call = we_refresh(tmp_path)
+    [update] = {r.cseq[0]: r for r in rig.requests("UPDATE", CALLER)}.values()
+    rig.feed(make_response(update, 481), CALLER)
+    assert call.ended
+    table_empty(rig)
+
+
+def test_our_session_refresh_unanswered_ends_the_call(tmp_path: Path) -> None:
+    rig, call = we_refresh(tmp_path)
+    rig.advance(33)  # Timer F: 64*T1
+    assert call.ended
+    table_empty(rig)
+
+
+def test_our_session_refresh_answered_200_keeps_the_call(tmp_path: Path) -> None:
+    rig, call = we_refresh(tmp_path)
+    [update] = {r.cseq[0]: r for r in rig.requests("UPDATE", CALLER)}.values()
+    rig.feed(make_response(update, 200), CALLER)
+    rig.advance(40)
+    assert not call.ended

@@ -14,7 +14,7 @@ from pbx.calls.legs import LINGER_S
 from pbx.calls.media import MEDIA_ALLOCATE_TIMEOUT_S
 from pbx.calls.session_timer import SESSION_EXPIRY_MARGIN_S
 from pbx.calls.state import CallPhase, LegPhase
-from pbx.sip.message import SipRequest
+from pbx.sip.message import SipRequest, make_response
 from tests.calls.rig import (
     CALLER,
     MEMBERS,
@@ -75,8 +75,10 @@ def test_we_refresh_with_update_at_half_the_interval(tmp_path: Path) -> None:
     assert not refreshes()
     rig.advance(1)
     assert len(refreshes()) == 1
+    rig.feed(make_response(rig.requests("UPDATE", CALLER)[-1], 200), CALLER)
     rig.advance(50)
     assert len(refreshes()) == 2
+    assert rig.core.ctx.table.calls  # answered refreshes keep the call up
 
 
 def test_ring_timeout_cancels_the_callee_and_ends_the_transfer(tmp_path: Path) -> None:
