@@ -137,6 +137,7 @@ class CallCore:
         self.inbound = Inbound(ctx, self.legs, self.media, self.session_timers,
                                self.teardown, self.outbound, self.ivr, self.events)
         self.teardown.on_ended += [self.ivr.call_ended, self.queue.call_ended]
+        self.teardown.on_leg_left.append(self.queue.leg_left)
         self.media.on_allocated = self._allocated
         self.media.on_failed = self._media_failed
         ctx.timers.set(TimerKind.LIVENESS, None, now + LIVENESS_CHECK_S)

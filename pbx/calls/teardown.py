@@ -4,7 +4,8 @@
 final response where an inbound INVITE is unanswered) and then `end` releases what the
 call held: budgets, timers, ports, dialogs (after a linger), the record. Parts of the
 call layer that must hear of the end register hooks: `before_hangup` (a REFER's final
-NOTIFY) and `on_ended` (the IVR session, the queue wait).
+NOTIFY) and `on_ended` (the IVR session, the queue wait); `on_leg_left` hears of one leg
+leaving a call that goes on (a queue's agent who transferred its caller is free).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Teardown:
         self.events = events
         self.before_hangup: list[CallHook] = []
         self.on_ended: list[Callable[[Call], None]] = []
+        self.on_leg_left: list[Callable[[Leg], None]] = []
 
     def hangup(self, call: Call, reason: str, code: int | None,
                except_leg: Leg | None = None) -> None:
@@ -104,6 +106,8 @@ class Teardown:
         self.release_leg(leg)
         if leg in leg.call.detached:
             leg.call.detached.remove(leg)
+        for hook in self.on_leg_left:
+            hook(leg)
 
     def shutdown(self) -> None:
         """On SIGTERM: end every call properly so phones are not left in dead calls."""

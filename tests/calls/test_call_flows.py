@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pbx import messages as m
 from pbx.calls.legs import LINGER_S
-from pbx.calls.state import Call
+from pbx.calls.state import Call, Leg
 from pbx.sip.message import SipRequest, make_response
 from tests.calls.rig import (
     CALLER,
@@ -49,6 +49,18 @@ def bridged(tmp_path: Path, ack: bool = True, ring_s: float = 30) -> tuple[CoreR
 
 def notifies(rig: CoreRig) -> list[SipRequest]:
     return rig.requests("NOTIFY", CALLER)
+
+
+def callee_request(rig: CoreRig, leg: Leg, method: str, cseq: int, extra: str = "") -> None:
+    """A request of the callee of the outbound `leg` in its dialog, from its address."""
+    dialog, (host, port) = leg.dialog, leg.addr
+    rig.feed((
+        f"{method} sip:pbx@127.0.0.1:5060 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {host}:{port};branch=z9hG4bK-callee-{method}-{cseq}\r\n"
+        f"Max-Forwards: 70\r\nFrom: {dialog.remote_party}\r\nTo: {dialog.local_party}\r\n"
+        f"Call-ID: {dialog.call_id}\r\nCSeq: {cseq} {method}\r\n"
+        f"Contact: <sip:callee@{host}:{port}>\r\n{extra}Content-Length: 0\r\n\r\n"
+    ).encode(), leg.addr)
 
 
 def test_a_detached_referrers_session_expiry_leaves_the_transfer_ringing(
@@ -133,3 +145,35 @@ def test_our_session_refresh_answered_200_keeps_the_call(tmp_path: Path) -> None
     rig.feed(make_response(update, 200), CALLER)
     rig.advance(40)
     assert not call.ended
+
+
+def test_a_queue_agent_who_transfers_its_caller_is_free_for_the_next_one(
+        tmp_path: Path) -> None:
+    """The agent who answered a queue call blind-transfers the caller (RFC 3515, from
+    the callee's side) and leaves: it takes the queue's next caller at once, not only
+    once the transferred call ends."""
+    rig = CoreRig(tmp_path, first_then([m.QueueCommand(target="sales")]), TRUSTED_CALLER)
+    call = rig.call()
+    rig.caller_request("ACK", 1)
+    [first] = rig.requests("INVITE", MEMBERS["2001"])
+    rig.answer(first, MEMBERS["2001"], "m1")
+    agent = call.b
+    assert agent is not None and agent.member == "2001"
+    callee_request(rig, agent, "REFER", 1, "Refer-To: <sip:2003@127.0.0.1>\r\n")
+    assert rig.responses(MEMBERS["2001"])[-1].status == 202
+    [third] = rig.requests("INVITE", MEMBERS["2003"])
+    rig.answer(third, MEMBERS["2003"], "t3")
+    assert rig.requests("BYE", MEMBERS["2001"])  # the agent is released
+    assert not call.ended and call.b is not None and call.b.dialog.remote_tag == "t3"
+    book = rig.core.queue.books[("queue", "sales")]
+    assert "2001" not in book.busy
+    second = rig.call(caller_invite(branch="7").replace(b"caller-call@", b"second-call@"))
+    assert second is not call
+    invites = rig.requests("INVITE", MEMBERS["2001"])
+    assert len(invites) == 2  # rung for the next caller, who it answers
+    rig.answer(invites[1], MEMBERS["2001"], "m2")
+    assert second.b is not None and book.busy == {"2001"}
+    rig.core.hangup(call, "Hangup", None)  # the transferred call's end frees nobody
+    assert book.busy == {"2001"}
+    rig.core.hangup(second, "Hangup", None)
+    table_empty(rig)
