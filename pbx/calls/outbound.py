@@ -54,6 +54,9 @@ log = logging.getLogger("pbx.calls")
 Addr = tuple[str, int]
 # Call phases a transfer may start from (BRIDGED only once a REFER took `b` away).
 TRANSFER_FROM = frozenset({CallPhase.SETUP, CallPhase.IVR, CallPhase.BRIDGED})
+# How many other forks' answered dialogs a leg remembers having ended (a peer that
+# makes more gets a BYE for each of their 2xx retransmissions).
+MAX_STRAY_FORKS = 8
 # Among the 4xx of failed branches, the ones that say most about the callee, first
 # (busy over unavailable over not found over our own ring timeout).
 _PREFERRED_4XX = (486, 480, 404, 408)
@@ -244,10 +247,17 @@ class Outbound:
         assert leg.invite is not None
         cseq = leg.invite.cseq[0]
         if leg.dialog.remote_tag is not None and resp.to_tag != leg.dialog.remote_tag:
-            # A second fork answered (RFC 3261 §13.2.2.4): ACK and BYE its dialog.
+            # A second fork answered (RFC 3261 §13.2.2.4): ACK every 2xx of its dialog
+            # and BYE it once, both where that dialog says (§12.2.1.1), not to the
+            # winner whose address `leg.addr` is by now.
             stray = forked(leg.dialog, resp)
-            self.legs.ack(stray, leg.addr, cseq)
-            self.legs.bye(stray, leg.addr)
+            addr = leg.addr if leg.reliable else next_hop(stray, fallback=leg.addr)
+            self.legs.ack(stray, addr, cseq)
+            tag = resp.to_tag or ""
+            if tag not in leg.stray_tags:
+                if len(leg.stray_tags) < MAX_STRAY_FORKS:
+                    leg.stray_tags.add(tag)
+                self.legs.bye(stray, addr)
             return
         if leg.dialog.remote_tag is None:
             self.legs.linger_client_txn(leg)

@@ -10,11 +10,12 @@ from pathlib import Path
 from pbx import messages as m
 from pbx.calls.legs import LINGER_S
 from pbx.calls.state import Call, Leg
-from pbx.sip.message import SipRequest, make_response
+from pbx.sip.message import SipRequest, SipResponse, make_response
 from tests.calls.rig import (
     CALLER,
     MEMBERS,
     PLAY,
+    SDP,
     TRUSTED_CALLER,
     CoreRig,
     caller_invite,
@@ -176,4 +177,35 @@ def test_a_queue_agent_who_transfers_its_caller_is_free_for_the_next_one(
     rig.core.hangup(call, "Hangup", None)  # the transferred call's end frees nobody
     assert book.busy == {"2001"}
     rig.core.hangup(second, "Hangup", None)
+    table_empty(rig)
+
+
+def test_a_second_forks_2xx_gets_its_ack_and_one_bye_at_its_own_contact(
+        tmp_path: Path) -> None:
+    """Our INVITE forked downstream (a trunk or proxy) and two UAs answered: the first
+    2xx wins; the other's dialog gets its ACK and a BYE sent as its own dialog says
+    (its Contact: RFC 3261 §13.2.2.4, §12.2.1.1), not to the winner. Each retransmission
+    of that 2xx is ACKed again, but its dialog is ended once."""
+    rig = CoreRig(tmp_path, extra=TRUSTED_CALLER)
+    proxy, winner, loser = MEMBERS["2001"], ("127.0.0.1", 6011), ("127.0.0.1", 6019)
+    call = rig.call(caller_invite().replace(b"*99", b"2001"))
+    [invite] = rig.requests("INVITE", proxy)
+
+    def ok(tag: str, contact: tuple[str, int]) -> SipResponse:
+        return make_response(invite, 200, to_tag=tag, body=SDP, headers=[
+            ("Contact", f"<sip:2001@{contact[0]}:{contact[1]}>"),
+            ("Content-Type", "application/sdp")])
+
+    rig.feed(ok("w1", winner), proxy)
+    assert call.b is not None and call.b.addr == winner
+    assert len(rig.requests("ACK", winner)) == 1
+    rig.feed(ok("l1", loser), proxy)
+    rig.feed(ok("l1", loser), proxy)  # retransmitted: our ACK was lost
+    acks, byes = rig.requests("ACK", loser), rig.requests("BYE", loser)
+    assert len(acks) == 2 and all((a.headers.get("To") or "").endswith("tag=l1") for a in acks)
+    assert len(byes) == 1 and byes[0].uri == "sip:2001@127.0.0.1:6019"
+    assert not rig.requests("BYE", winner) and not rig.requests("BYE", proxy)
+    assert not call.ended
+    rig.caller_request("ACK", 1)
+    rig.caller_request("BYE", 2)
     table_empty(rig)
