@@ -94,6 +94,9 @@ class Outbound:
         self.teardown = teardown
         self.events = events
         self.members: MemberEvents | None = None
+        # A failed transfer's referrer, still in its dialog, takes the call back
+        # (pbx.calls.refer): True if it did, else the call ends.
+        self.retrieve: Callable[[Call, int], bool] | None = None
         # The call is bridged to its `b` (a REFER's final NOTIFY).
         self.on_bridged: list[Callable[[Call], None]] = []
 
@@ -116,7 +119,7 @@ class Outbound:
         places = self.targets.resolve_all(target)
         if not places:
             log.info("call %s: %s target %r not found", call.call_id, _what(call), target)
-            self.teardown.hangup(call, _failure(call, target), 404)
+            self._transfer_failed(call, _failure(call, target), 404)
             return
         call.fork_status = call.fork_reason = None
         many = len(places) > 1
@@ -358,7 +361,14 @@ class Outbound:
         elif call.forks:
             return  # other branches still ring
         best = call.fork_status
-        self.teardown.hangup(call, call.fork_reason or _failure(call, str(best)), best)
+        self._transfer_failed(call, call.fork_reason or _failure(call, str(best)), best)
+
+    def _transfer_failed(self, call: Call, reason: str, code: int) -> None:
+        """No branch of the transfer answered: a referrer detached from its bridge gets
+        its call back, else the call ends with `code`."""
+        self.ctx.timers.cancel(TimerKind.RING, call.call_id)
+        if self.retrieve is None or not self.retrieve(call, code):
+            self.teardown.hangup(call, reason, code)
 
     def _drop_branches(self, call: Call) -> None:
         """Give up every branch still ringing (CANCEL once it sent a 1xx; a 2xx that still

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pbx import messages as m
 from pbx.calls.legs import LINGER_S
-from pbx.calls.state import Call, Leg
+from pbx.calls.state import Call, CallPhase, Leg
 from pbx.sip.message import SipRequest, SipResponse, make_response
 from tests.calls.rig import (
     CALLER,
@@ -81,18 +81,6 @@ def test_a_detached_referrers_session_expiry_leaves_the_transfer_ringing(
     assert call.b is not None and call.b.dialog.remote_tag == "t2"
     assert not rig.requests("BYE", MEMBERS["2002"])
     rig.core.hangup(call, "Hangup", None)
-    table_empty(rig)
-
-
-def test_a_transfer_target_busy_while_the_referrer_is_detached(tmp_path: Path) -> None:
-    rig, call = bridged(tmp_path)
-    rig.caller_request("REFER", 2, "Refer-To: <sip:2002@127.0.0.1>\r\n")
-    [second] = rig.requests("INVITE", MEMBERS["2002"])
-    rig.feed(make_response(second, 180, to_tag="t2"), MEMBERS["2002"])
-    rig.feed(make_response(second, 486, to_tag="t2"), MEMBERS["2002"])
-    assert notifies(rig)[-1].body == b"SIP/2.0 486 Busy Here\r\n"
-    print(rig.sip[-6:])
-    print(call.ended, call.end_reason)
     table_empty(rig)
 
 
@@ -208,4 +196,55 @@ def test_a_second_forks_2xx_gets_its_ack_and_one_bye_at_its_own_contact(
     assert not call.ended
     rig.caller_request("ACK", 1)
     rig.caller_request("BYE", 2)
+    table_empty(rig)
+
+
+def test_a_failed_transfer_out_of_a_bridge_gives_the_referrer_its_call_back(
+        tmp_path: Path) -> None:
+    """The referrer hears the failure (NOTIFY 486) and keeps its call with the party it
+    tried to transfer (RFC 3515 §2.4.5, RFC 5589 §6.1: the transferor retrieves it),
+    instead of both being hung up; it may try again."""
+    rig, call = bridged(tmp_path)
+    rig.caller_request("REFER", 2, "Refer-To: <sip:2002@127.0.0.1>\r\n")
+    [second] = rig.requests("INVITE", MEMBERS["2002"])
+    rig.feed(make_response(second, 180, to_tag="t2"), MEMBERS["2002"])
+    rig.feed(make_response(second, 486, to_tag="t2"), MEMBERS["2002"])
+    final = notifies(rig)[-1]
+    assert final.body == b"SIP/2.0 486 Busy Here\r\n"
+    assert (final.headers.get("Subscription-State") or "").startswith("terminated")
+    assert not call.ended and call.phase is CallPhase.BRIDGED
+    assert not rig.requests("BYE", CALLER) and not rig.requests("BYE", MEMBERS["2001"])
+    assert call.a is not None and call.a.dialog.remote_tag == "caller"
+    assert call.b is not None and call.b.dialog.remote_tag == "t1" and not call.detached
+    # The caller tries again, 2003 answers: bridged to 2001, the caller released.
+    rig.caller_request("REFER", 3, "Refer-To: <sip:2003@127.0.0.1>\r\n")
+    assert rig.last(3).status == 202
+    [third] = rig.requests("INVITE", MEMBERS["2003"])
+    rig.answer(third, MEMBERS["2003"], "t3")
+    assert notifies(rig)[-1].body == b"SIP/2.0 200 OK\r\n"
+    assert rig.requests("BYE", CALLER) and not rig.requests("BYE", MEMBERS["2001"])
+    assert call.b is not None and call.b.dialog.remote_tag == "t3"
+    rig.core.hangup(call, "Hangup", None)
+    table_empty(rig)
+
+
+def test_a_transfer_the_callee_asked_for_rings_out_and_the_callee_gets_the_call_back(
+        tmp_path: Path) -> None:
+    """The callee refers the caller; nobody answers in ring_timeout_ms: NOTIFY 408 to
+    the callee, who keeps the caller; no BYE to anyone."""
+    rig, call = bridged(tmp_path, ring_s=5)
+    assert call.b is not None
+    callee_request(rig, call.b, "REFER", 1, "Refer-To: <sip:2002@127.0.0.1>\r\n")
+    [second] = rig.requests("INVITE", MEMBERS["2002"])
+    rig.feed(make_response(second, 180, to_tag="t2"), MEMBERS["2002"])
+    rig.advance(6)
+    assert rig.requests("CANCEL", MEMBERS["2002"])
+    final = rig.requests("NOTIFY", MEMBERS["2001"])[-1]
+    assert final.body.startswith(b"SIP/2.0 408")
+    assert not call.ended and call.phase is CallPhase.BRIDGED
+    assert not rig.requests("BYE", CALLER) and not rig.requests("BYE", MEMBERS["2001"])
+    assert call.b is not None and call.b.dialog.remote_tag == "t1"
+    rig.feed(make_response(second, 487, to_tag="t2"), MEMBERS["2002"])
+    rig.caller_request("BYE", 2)
+    assert call.ended and rig.requests("BYE", MEMBERS["2001"])
     table_empty(rig)
