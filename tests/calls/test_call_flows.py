@@ -21,6 +21,7 @@ from tests.calls.rig import (
     caller_invite,
     first_then,
 )
+from tests.calls.test_dialogs import offer
 
 
 def table_empty(rig: CoreRig) -> None:
@@ -247,4 +248,27 @@ def test_a_transfer_the_callee_asked_for_rings_out_and_the_callee_gets_the_call_
     rig.feed(make_response(second, 487, to_tag="t2"), MEMBERS["2002"])
     rig.caller_request("BYE", 2)
     assert call.ended and rig.requests("BYE", MEMBERS["2001"])
+    table_empty(rig)
+
+
+def test_an_in_dialog_request_older_than_the_last_is_refused(tmp_path: Path) -> None:
+    """UDP may deliver a re-INVITE late, after a newer one (a hold after the resume):
+    a request whose CSeq is below the dialog's last is out of order and gets 500,
+    never applied (RFC 3261 §12.2.2); the dialog's own INVITE counts too."""
+    rig = CoreRig(tmp_path, first_then(PLAY))
+    call = rig.answered()
+    rig.caller_request("INVITE", 5, body=offer("sendrecv", port=41000))
+    assert rig.last(5).status == 200
+    rig.caller_request("ACK", 5)
+    remotes = len(rig.of(m.MediaRemote))
+    rig.caller_request("INVITE", 4, body=offer("sendonly", port=42000))  # the late one
+    assert rig.last(4).status == 500
+    assert len(rig.of(m.MediaRemote)) == remotes
+    rig.caller_request("INFO", 1, "", body=b"Signal=5\r\nDuration=100\r\n",
+                       content_type="application/dtmf-relay")
+    assert rig.last(1).status == 500  # below the initial INVITE's CSeq
+    rig.caller_request("UPDATE", 6)
+    assert rig.last(6).status == 200
+    rig.caller_request("BYE", 7)
+    assert rig.last(7).status == 200 and call.ended
     table_empty(rig)
