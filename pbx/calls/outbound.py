@@ -361,6 +361,10 @@ class Outbound:
         elif call.forks:
             return  # other branches still ring
         best = call.fork_status
+        if best < 400 and call.fork_reason is None:
+            # Only redirects came: not followed nor their Contact relayed, and a 3xx
+            # without one tells the caller nothing (§21.3).
+            best = 480
         self._transfer_failed(call, call.fork_reason or _failure(call, str(best)), best)
 
     def _transfer_failed(self, call: Call, reason: str, code: int) -> None:

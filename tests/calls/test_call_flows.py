@@ -272,3 +272,19 @@ def test_an_in_dialog_request_older_than_the_last_is_refused(tmp_path: Path) -> 
     rig.caller_request("BYE", 7)
     assert rig.last(7).status == 200 and call.ended
     table_empty(rig)
+
+
+def test_a_callee_redirect_reaches_the_caller_as_480_never_as_a_3xx(tmp_path: Path) -> None:
+    """A callee (or a trunk) that answers our INVITE with 302 is not followed (a B2BUA
+    does not dial where a device redirects it: policy) and its Contact is not relayed;
+    a 3xx without a Contact would tell the caller nothing (RFC 3261 §21.3), so the
+    caller of a direct call gets 480 Temporarily Unavailable."""
+    rig = CoreRig(tmp_path, extra=TRUSTED_CALLER)
+    call = rig.call(caller_invite().replace(b"*99", b"2001"))
+    [invite] = rig.requests("INVITE", MEMBERS["2001"])
+    rig.feed(make_response(invite, 302, to_tag="t1",
+                           headers=[("Contact", "<sip:2001@198.51.100.7>")]), MEMBERS["2001"])
+    finals = [r for r in rig.responses() if r.cseq[1] == "INVITE" and r.status >= 200]
+    assert [r.status for r in finals] == [480]
+    assert call.ended and call.end_code == 480
+    table_empty(rig)
