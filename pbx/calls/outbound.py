@@ -54,6 +54,9 @@ log = logging.getLogger("pbx.calls")
 Addr = tuple[str, int]
 # Call phases a transfer may start from (BRIDGED only once a REFER took `b` away).
 TRANSFER_FROM = frozenset({CallPhase.SETUP, CallPhase.IVR, CallPhase.BRIDGED})
+# A callee's final status that would say something false to our caller, and what the
+# caller gets instead.
+CALLEE_STATUS_RELAYED_AS = {503: 500, 401: 403, 407: 403}
 # How many other forks' answered dialogs a leg remembers having ended (a peer that
 # makes more gets a BYE for each of their 2xx retransmissions).
 MAX_STRAY_FORKS = 8
@@ -349,8 +352,11 @@ class Outbound:
         if call.ended:
             return
         # A callee's 503 would tell our caller that this PBX is overloaded: 500 instead
-        # (§16.7 point 6). Our own failures (`reason` given) keep their status.
-        relayed = 500 if status == 503 and reason is None else status
+        # (§16.7 point 6); its 401/407 challenged us, not the caller, and would reach it
+        # without the challenge (§22.3): 403. Our own failures (`reason` given) keep
+        # their status.
+        relayed = status if reason is not None else CALLEE_STATUS_RELAYED_AS.get(
+            status, status)
         if call.fork_status is None or _response_rank(relayed) < _response_rank(
                 call.fork_status):
             call.fork_status, call.fork_reason = relayed, reason

@@ -288,3 +288,20 @@ def test_a_callee_redirect_reaches_the_caller_as_480_never_as_a_3xx(tmp_path: Pa
     assert [r.status for r in finals] == [480]
     assert call.ended and call.end_code == 480
     table_empty(rig)
+
+
+def test_a_callees_auth_challenge_reaches_the_caller_as_403(tmp_path: Path) -> None:
+    """A trunk or device that challenges our INVITE (407; we hold no credentials for
+    it) refuses the call; relayed as is, the caller would get a 407 without its
+    Proxy-Authenticate (RFC 3261 §22.3: it must carry one) and, worse, be asked to
+    authenticate to us for someone else's realm. It gets 403."""
+    rig = CoreRig(tmp_path, extra=TRUSTED_CALLER)
+    call = rig.call(caller_invite().replace(b"*99", b"2001"))
+    [invite] = rig.requests("INVITE", MEMBERS["2001"])
+    rig.feed(make_response(invite, 407, to_tag="t1", headers=[
+        ("Proxy-Authenticate", 'Digest realm="trunk", nonce="n"')]), MEMBERS["2001"])
+    finals = [r for r in rig.responses() if r.cseq[1] == "INVITE" and r.status >= 200]
+    assert [r.status for r in finals] == [403]
+    assert "Proxy-Authenticate" not in finals[0].headers
+    assert call.ended
+    table_empty(rig)
