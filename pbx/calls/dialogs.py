@@ -69,6 +69,10 @@ class InDialog:
             # crosses ours while its call goes on between the other two. A BYE gets its
             # 200 (RFC 3261 §15.1.2: either side may send one), anything else 481.
             ctx.respond(key, req, 200 if method == "BYE" else 481)
+            if method == "BYE" and leg.bye_waiting is not None:
+                # Our BYE waited for the ACK (§15); theirs ended the dialog already.
+                leg.bye_waiting = None
+                ctx.retransmitter.ack(leg.dialog_key)
             return
         if not in_order(leg.dialog, req):
             # Delivered late, after a newer request (UDP): applying it would undo what

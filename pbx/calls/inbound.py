@@ -216,6 +216,9 @@ class Inbound:
             return
         ctx.retransmitter.ack(leg.dialog_key)
         leg.reinvite_unacked = False
+        if leg.bye_waiting is not None:
+            self.legs.bye_after_ack(leg)
+            return
         if leg.phase is LegPhase.CONFIRMED:
             ctx.table.end_setup(leg)
         if leg.offer_in_2xx:
@@ -236,7 +239,9 @@ class Inbound:
 
     def ack_timeout(self, dialog_key: tuple[str, str]) -> None:
         leg = self.ctx.table.dialogs.get(dialog_key)
-        if leg is not None:
+        if leg is not None and leg.bye_waiting is not None:
+            self.legs.bye_after_ack(leg)  # the call is over already (§15)
+        elif leg is not None:
             log.info("no ACK for 200 on %s: ending the call", dialog_key[0])
             self.teardown.leg_over(leg, "NoAck", None)
 

@@ -95,7 +95,8 @@ class Teardown:
         ctx = self.ctx
         ctx.table.end_source_call(leg)
         self.session_timers.stop(leg)
-        ctx.retransmitter.ack(leg.dialog_key)
+        if leg.bye_waiting is None:  # else our 2xx goes on until its ACK (§15)
+            ctx.retransmitter.ack(leg.dialog_key)
         self.media.release(leg)
         self.legs.linger(leg)
 

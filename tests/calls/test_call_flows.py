@@ -33,6 +33,7 @@ def table_empty(rig: CoreRig) -> None:
         "setup_by_source", "calls_by_source", "resolving", "by_sip_call_id")
         if getattr(table, name)}
     assert not left, left
+    assert not len(rig.core.ctx.retransmitter)  # no 2xx retransmitted for ever
 
 
 def bridged(tmp_path: Path, ack: bool = True, ring_s: float = 30) -> tuple[CoreRig, Call]:
@@ -305,3 +306,47 @@ def test_a_callees_auth_challenge_reaches_the_caller_as_403(tmp_path: Path) -> N
     assert "Proxy-Authenticate" not in finals[0].headers
     assert call.ended
     table_empty(rig)
+
+
+def test_our_bye_waits_for_the_ack_of_our_200(tmp_path: Path) -> None:
+    """The IVR hangs up at once, before the caller's ACK: the BYE waits for the ACK
+    (RFC 3261 §15: the callee MUST NOT send BYE on a confirmed dialog before the ACK
+    of its 2xx, or the 2xx's retransmissions timing out), so a BYE that overtakes a
+    lost 200 cannot leave the phone in a call we ended; our 200 keeps being
+    retransmitted meanwhile."""
+    rig = CoreRig(tmp_path, first_then([m.HangupCommand(code=603, reason="Closed")]))
+    rig.feed(caller_invite(), CALLER)
+    assert not rig.core.ctx.table.calls and 200 in rig.statuses()  # ended
+    assert not rig.requests("BYE", CALLER)
+    rig.advance(1)
+    assert len([r for r in rig.responses() if r.status == 200]) > 1  # retransmitted
+    rig.caller_request("ACK", 1)
+    [bye] = rig.requests("BYE", CALLER)
+    assert "cause=603" in (bye.headers.get("Reason") or "")
+    table_empty(rig)
+
+
+def test_a_bye_of_the_caller_before_its_ack_stands_for_our_waiting_one(
+        tmp_path: Path) -> None:
+    """Both sides hang up before the ACK: the caller's BYE ends the dialog; ours, which
+    waited for the ACK, is not sent any more, nor our 200 retransmitted."""
+    rig = CoreRig(tmp_path, first_then([m.HangupCommand()]))
+    rig.feed(caller_invite(), CALLER)
+    rig.caller_request("BYE", 2)
+    assert rig.last(2).status == 200
+    rig.advance(40)
+    assert not rig.requests("BYE", CALLER)
+    assert len([r for r in rig.responses() if r.status == 200 and r.cseq[1] == "INVITE"]) == 1
+    table_empty(rig)
+
+
+def test_our_bye_goes_when_the_ack_never_comes(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first_then([m.HangupCommand()]))
+    rig.feed(caller_invite(), CALLER)
+    assert not rig.core.ctx.table.calls and not rig.requests("BYE", CALLER)
+    rig.advance(31)
+    assert not rig.requests("BYE", CALLER)
+    rig.advance(2)  # 64*T1: the 2xx's retransmissions time out
+    assert rig.requests("BYE", CALLER)
+    table_empty(rig)
+    assert len({b.cseq for b in rig.requests("BYE", CALLER)}) == 1  # (retransmitted)

@@ -104,6 +104,7 @@ def test_an_unconfirmed_port_ends_the_call_on_the_virtual_clock(tmp_path: Path) 
     rig.auto_allocate = False
     call = rig.call()
     assert rig.statuses() == [200] and call.phase is CallPhase.IVR
+    rig.caller_request("ACK", 1)  # (our BYE waits for it: RFC 3261 §15)
     rig.advance(MEDIA_ALLOCATE_TIMEOUT_S - 0.01)
     assert not rig.requests("BYE", CALLER)
     rig.advance(0.02)
@@ -131,6 +132,7 @@ def test_a_finished_dialog_lingers_then_answers_481(tmp_path: Path) -> None:
 def test_the_liveness_check_runs_on_the_core_timer(tmp_path: Path) -> None:
     rig = CoreRig(tmp_path, first_then(PLAY))
     rig.call()
+    rig.caller_request("ACK", 1)  # (our BYE waits for it: RFC 3261 §15)
     rig.advance(10)
     assert rig.core.ctx.table.calls  # heartbeats keep the worker alive
     rig.alive = False
