@@ -350,3 +350,52 @@ def test_our_bye_goes_when_the_ack_never_comes(tmp_path: Path) -> None:
     assert rig.requests("BYE", CALLER)
     table_empty(rig)
     assert len({b.cseq for b in rig.requests("BYE", CALLER)}) == 1  # (retransmitted)
+
+
+def late_offer_invite(to_user: str = "*99") -> bytes:
+    """CALLER's INVITE without SDP (a delayed offer, as trunks and gateways send)."""
+    head = caller_invite().split(b"\r\n\r\n")[0].replace(b"*99", to_user.encode())
+    lines = [ln for ln in head.split(b"\r\n")
+             if not ln.startswith((b"Content-Type", b"Content-Length"))]
+    return b"\r\n".join(lines) + b"\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_a_late_offer_invite_gets_our_offer_in_the_200_and_the_ack_answers(
+        tmp_path: Path) -> None:
+    """An INVITE without an offer (RFC 3261 §13.2.1, RFC 3264 §5: the delayed offer of
+    many trunks and gateways) is answered with our offer in the 200; the ACK's answer
+    tells the worker where to send RTP. An ACK without a usable answer ends the call."""
+    rig = CoreRig(tmp_path, first_then(PLAY))
+    call = rig.call(late_offer_invite())
+    [ok] = [r for r in rig.responses() if r.status == 200]
+    assert b"m=audio" in ok.body and not rig.of(m.MediaRemote)
+    rig.caller_request("ACK", 1, body=offer(port=41000))
+    assert rig.of(m.MediaRemote)[-1].remote_port == 41000
+    assert rig.of(m.MediaPlay) and not call.ended
+    rig.caller_request("BYE", 2)
+    table_empty(rig)
+
+
+def test_a_late_offer_whose_ack_has_no_answer_ends_the_call(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first_then(PLAY))
+    call = rig.call(late_offer_invite())
+    rig.caller_request("ACK", 1)
+    assert call.ended and rig.requests("BYE", CALLER)
+    assert "cause=488" in (rig.requests("BYE", CALLER)[0].headers.get("Reason") or "")
+    table_empty(rig)
+
+
+def test_a_late_offer_direct_call_offers_ours_to_the_caller_when_answered(
+        tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, extra=TRUSTED_CALLER)
+    call = rig.call(late_offer_invite("2001"))
+    [invite] = rig.requests("INVITE", MEMBERS["2001"])
+    rig.answer(invite, MEMBERS["2001"], "t1")
+    [ok] = [r for r in rig.responses() if r.status == 200 and r.cseq[1] == "INVITE"]
+    assert b"m=audio" in ok.body and call.phase is CallPhase.BRIDGED
+    rig.caller_request("ACK", 1, body=offer(port=41000))
+    assert call.a is not None
+    assert [r.remote_port for r in rig.of(m.MediaRemote)
+            if r.call_id == call.a.media_id] == [41000]
+    rig.caller_request("BYE", 2)
+    table_empty(rig)
