@@ -399,3 +399,20 @@ def test_a_late_offer_direct_call_offers_ours_to_the_caller_when_answered(
             if r.call_id == call.a.media_id] == [41000]
     rig.caller_request("BYE", 2)
     table_empty(rig)
+
+
+def test_a_refer_to_nobody_out_of_a_bridge_leaves_the_bridge_as_it_was(
+        tmp_path: Path) -> None:
+    """REFER to a user we do not have, from a bridge: 202, NOTIFY 100 then 404, and the
+    two parties stay bridged (no BYE, no new media command)."""
+    rig, call = bridged(tmp_path)
+    media = len(rig.media)
+    rig.caller_request("REFER", 2, "Refer-To: <sip:9999@127.0.0.1>\r\n")
+    assert rig.last(2).status == 202
+    assert [n.body for n in notifies(rig)] == [b"SIP/2.0 100 Trying\r\n",
+                                               b"SIP/2.0 404 Not Found\r\n"]
+    assert not call.ended and call.phase is CallPhase.BRIDGED and not call.detached
+    assert not rig.requests("BYE") and len(rig.media) == media
+    rig.caller_request("BYE", 3)
+    assert rig.requests("BYE", MEMBERS["2001"])
+    table_empty(rig)
