@@ -20,6 +20,7 @@ from tests.calls.rig import (
     CoreRig,
     caller_invite,
     first_then,
+    reply,
 )
 from tests.calls.test_dialogs import offer
 
@@ -415,4 +416,71 @@ def test_a_refer_to_nobody_out_of_a_bridge_leaves_the_bridge_as_it_was(
     assert not rig.requests("BYE") and len(rig.media) == media
     rig.caller_request("BYE", 3)
     assert rig.requests("BYE", MEMBERS["2001"])
+    table_empty(rig)
+
+
+# ---------------------------------------------------------------- flows already right
+# (each checked to give back every index and budget at its end)
+
+
+def test_the_callers_bye_before_its_ack_ends_the_call_and_the_late_ack_is_harmless(
+        tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first_then(PLAY))
+    call = rig.call()
+    rig.caller_request("BYE", 2)  # RFC 3261 §15.1.2: the caller may BYE before its ACK
+    assert rig.last(2).status == 200 and call.ended
+    assert not rig.core.ctx.table.setup_by_source
+    rig.caller_request("ACK", 1)
+    assert not rig.requests("BYE", CALLER)
+    table_empty(rig)
+
+
+def test_a_cancel_crossing_the_callees_200_gets_the_callee_acked_and_byed(
+        tmp_path: Path) -> None:
+    """A direct call: the caller's CANCEL, our CANCEL to the ringing callee, its 200
+    crossing it (RFC 3261 §9.1, §15): ACK and BYE; its retransmitted 200 is ACKed
+    again, no second BYE."""
+    rig = CoreRig(tmp_path, extra=TRUSTED_CALLER)
+    call = rig.call(caller_invite().replace(b"*99", b"2001"))
+    [invite] = rig.requests("INVITE", MEMBERS["2001"])
+    rig.feed(make_response(invite, 180, to_tag="t1"), MEMBERS["2001"])
+    rig.cancel_call()
+    assert call.ended and 487 in rig.statuses()
+    assert rig.requests("CANCEL", MEMBERS["2001"])
+    rig.answer(invite, MEMBERS["2001"], "t1")
+    rig.answer(invite, MEMBERS["2001"], "t1")
+    assert len(rig.requests("ACK", MEMBERS["2001"])) == 2
+    assert len({b.cseq for b in rig.requests("BYE", MEMBERS["2001"])}) == 1
+    table_empty(rig)
+
+
+def test_a_queue_member_answering_after_the_caller_left_gets_ack_and_bye(
+        tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path, first_then([m.QueueCommand(target="sales")]))
+    call = rig.call()
+    rig.caller_request("ACK", 1)
+    invites = {to: msg for msg, to in rig.sip
+               if isinstance(msg, SipRequest) and msg.method == "INVITE"}
+    for to, invite in invites.items():
+        rig.feed(make_response(invite, 180, to_tag=f"t{to[1]}"), to)
+    rig.caller_request("BYE", 2)
+    assert call.ended
+    for to, invite in invites.items():  # their 200s crossed our CANCELs
+        rig.answer(invite, to, f"t{to[1]}")
+        assert rig.requests("ACK", to) and rig.requests("BYE", to)
+    assert not rig.core.queue.books[("queue", "sales")].busy
+    table_empty(rig)
+
+
+def test_the_ivrs_reply_after_the_caller_hung_up_does_nothing(tmp_path: Path) -> None:
+    rig = CoreRig(tmp_path)
+    held: list[m.IvrEvent] = []
+    rig.executors[b"e"].answer = lambda event: held.append(event)  # keeps them
+    call = rig.call()
+    rig.caller_request("ACK", 1)
+    rig.caller_request("BYE", 2)
+    assert call.ended and held
+    for event in held:  # in flight while the caller left: a transfer, say
+        rig.reply(b"e", reply(event, m.TransferCommand(target="2001"), done=True))
+    assert not rig.requests("INVITE", MEMBERS["2001"])
     table_empty(rig)
