@@ -137,6 +137,7 @@ class CallCore:
         self.inbound = Inbound(ctx, self.legs, self.media, self.session_timers,
                                self.teardown, self.outbound, self.ivr, self.events)
         self.teardown.on_ended += [self.ivr.call_ended, self.queue.call_ended]
+        self.teardown.on_leg_left.append(self.queue.leg_left)
         self.media.on_allocated = self._allocated
         self.media.on_failed = self._media_failed
         ctx.timers.set(TimerKind.LIVENESS, None, now + LIVENESS_CHECK_S)
@@ -188,7 +189,7 @@ class CallCore:
         elif kind is TimerKind.SESSION_EXPIRY:
             leg = table.dialogs.get(key)
             if leg is not None and self.session_timers.expired(leg):
-                self.teardown.hangup(leg.call, "SessionExpired", 408)
+                self.teardown.leg_over(leg, "SessionExpired", 408)
         elif kind is TimerKind.DIALOG_LINGER:
             leg = table.dialogs.pop(key, None)
             call = leg.call if leg is not None else None

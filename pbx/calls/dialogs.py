@@ -20,7 +20,7 @@ from pbx.calls.session_timer import SessionTimers
 from pbx.calls.state import Leg, LegPhase, advance_leg
 from pbx.calls.teardown import Teardown
 from pbx.sip import sdp
-from pbx.sip.dialog import is_ip
+from pbx.sip.dialog import in_order, is_ip
 from pbx.sip.errors import SipError
 from pbx.sip.fields import DTMF_INFO_TYPES, parse_dtmf_info
 from pbx.sip.message import SipRequest
@@ -69,6 +69,15 @@ class InDialog:
             # crosses ours while its call goes on between the other two. A BYE gets its
             # 200 (RFC 3261 §15.1.2: either side may send one), anything else 481.
             ctx.respond(key, req, 200 if method == "BYE" else 481)
+            if method == "BYE" and leg.bye_waiting is not None:
+                # Our BYE waited for the ACK (§15); theirs ended the dialog already.
+                leg.bye_waiting = None
+                ctx.retransmitter.ack(leg.dialog_key)
+            return
+        if not in_order(leg.dialog, req):
+            # Delivered late, after a newer request (UDP): applying it would undo what
+            # that one did, e.g. put a resumed call back on hold (RFC 3261 §12.2.2).
+            ctx.respond(key, req, 500, "Out Of Order CSeq")
             return
         if method == "BYE":
             self._on_bye(leg, req, key)

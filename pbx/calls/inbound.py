@@ -107,7 +107,9 @@ class Inbound:
         ctx.table.add_call(call)
         ctx.table.pending_invites[key] = leg
         self.events.call(call, "started")
-        if not req.body:
+        if not req.body and route is not None and route.answer == "early_media":
+            # A late offer is ours to make in the 183, which needs it sent reliably
+            # (RFC 3262 100rel), which we do not do.
             self._fail(leg, 488, "No SDP Offer")
             return
         self.media.allocate(leg, route.inband_dtmf if route else False)
@@ -176,15 +178,22 @@ class Inbound:
             return
         assert leg.invite is not None and leg.invite_key is not None
         media = leg.media
-        try:
-            negotiated, answer = sdp.answer_offer(leg.invite.body, media.rtp_ip,
-                                                  media.rtp_port, int(self.ctx.wall()))
-        except SipError as exc:
-            self.media.release(leg)
-            self._fail(leg, exc.status, reason_phrase(str(exc), 80))
-            return
-        media.negotiated, media.answer_sdp = negotiated, answer
-        self.media.send_remote(leg)
+        if not leg.invite.body:
+            # A late offer (RFC 3261 §13.2.1, RFC 3264 §5; trunks and gateways send
+            # them): our 2xx makes the offer, the ACK answers it (`on_ack`).
+            media.answer_sdp = answer = sdp.make_offer(media.rtp_ip, media.rtp_port,
+                                                       int(self.ctx.wall()))
+            leg.offer_in_2xx = True
+        else:
+            try:
+                negotiated, answer = sdp.answer_offer(leg.invite.body, media.rtp_ip,
+                                                      media.rtp_port, int(self.ctx.wall()))
+            except SipError as exc:
+                self.media.release(leg)
+                self._fail(leg, exc.status, reason_phrase(str(exc), 80))
+                return
+            media.negotiated, media.answer_sdp = negotiated, answer
+            self.media.send_remote(leg)
         self.ctx.table.dialogs[leg.dialog_key] = leg
         route = call.route
         if route is None:
@@ -216,6 +225,9 @@ class Inbound:
             return
         ctx.retransmitter.ack(leg.dialog_key)
         leg.reinvite_unacked = False
+        if leg.bye_waiting is not None:
+            self.legs.bye_after_ack(leg)
+            return
         if leg.phase is LegPhase.CONFIRMED:
             ctx.table.end_setup(leg)
         if leg.offer_in_2xx:
@@ -226,6 +238,9 @@ class Inbound:
             except SipError as exc:
                 log.info("call %s: no usable SDP answer in the ACK: %s",
                          leg.call.call_id, exc)
+                if leg.media.negotiated is None:
+                    # A late offer's session never had media: it cannot go on.
+                    self.teardown.leg_over(leg, "NoSdpAnswer", 488)
                 return
             if not self.media.may_move_to(leg, answer.remote_ip):
                 log.info("call %s: the ACK's SDP names %s, not the caller's own address, "
@@ -236,9 +251,11 @@ class Inbound:
 
     def ack_timeout(self, dialog_key: tuple[str, str]) -> None:
         leg = self.ctx.table.dialogs.get(dialog_key)
-        if leg is not None:
+        if leg is not None and leg.bye_waiting is not None:
+            self.legs.bye_after_ack(leg)  # the call is over already (§15)
+        elif leg is not None:
             log.info("no ACK for 200 on %s: ending the call", dialog_key[0])
-            self.teardown.hangup(leg.call, "NoAck", None)
+            self.teardown.leg_over(leg, "NoAck", None)
 
     def on_cancel(self, req: SipRequest, key: TransactionKey) -> None:
         ctx = self.ctx

@@ -72,7 +72,19 @@ class LegSignaling:
             extra.append(("Reason",
                           f'SIP;cause={code};text="{reason_phrase(text) or "Call ended"}"'))
         advance_leg(leg, LegPhase.TERMINATED)
+        if self.ctx.retransmitter.pending(leg.dialog_key):
+            # Our 2xx is not ACKed yet: the BYE waits for the ACK, or for the 2xx's
+            # retransmissions to time out (RFC 3261 §15), so it cannot overtake a lost
+            # 2xx and leave the peer in a call we ended (`bye_after_ack`).
+            leg.bye_waiting = extra
+            return
         self.bye(leg.dialog, leg.addr, extra)
+
+    def bye_after_ack(self, leg: Leg) -> None:
+        """The ACK came (or our 2xx timed out): the BYE that waited for it goes now."""
+        extra, leg.bye_waiting = leg.bye_waiting, None
+        if extra is not None:
+            self.bye(leg.dialog, leg.addr, extra)
 
     def bye(self, dialog: Dialog, addr: Addr,
             extra: list[tuple[str, str]] | None = None) -> None:

@@ -54,6 +54,12 @@ log = logging.getLogger("pbx.calls")
 Addr = tuple[str, int]
 # Call phases a transfer may start from (BRIDGED only once a REFER took `b` away).
 TRANSFER_FROM = frozenset({CallPhase.SETUP, CallPhase.IVR, CallPhase.BRIDGED})
+# A callee's final status that would say something false to our caller, and what the
+# caller gets instead.
+CALLEE_STATUS_RELAYED_AS = {503: 500, 401: 403, 407: 403}
+# How many other forks' answered dialogs a leg remembers having ended (a peer that
+# makes more gets a BYE for each of their 2xx retransmissions).
+MAX_STRAY_FORKS = 8
 # Among the 4xx of failed branches, the ones that say most about the callee, first
 # (busy over unavailable over not found over our own ring timeout).
 _PREFERRED_4XX = (486, 480, 404, 408)
@@ -91,6 +97,9 @@ class Outbound:
         self.teardown = teardown
         self.events = events
         self.members: MemberEvents | None = None
+        # A failed transfer's referrer, still in its dialog, takes the call back
+        # (pbx.calls.refer): True if it did, else the call ends.
+        self.retrieve: Callable[[Call, int], bool] | None = None
         # The call is bridged to its `b` (a REFER's final NOTIFY).
         self.on_bridged: list[Callable[[Call], None]] = []
 
@@ -113,7 +122,7 @@ class Outbound:
         places = self.targets.resolve_all(target)
         if not places:
             log.info("call %s: %s target %r not found", call.call_id, _what(call), target)
-            self.teardown.hangup(call, _failure(call, target), 404)
+            self._transfer_failed(call, _failure(call, target), 404)
             return
         call.fork_status = call.fork_reason = None
         many = len(places) > 1
@@ -220,9 +229,11 @@ class Outbound:
         leg = ctx.table.client_txns.get(key)
         if leg is None:
             return
-        if resp.cseq[1] != "INVITE":
+        if resp.cseq[1] != "INVITE":  # our session refresh (pbx.calls.session_timer)
             if resp.status >= 200:
                 ctx.table.client_txns.pop(key, None)
+                if resp.status in (408, 481):
+                    self._refresh_failed(leg)
             return
         if resp.status < 200:
             leg.provisional_seen = True
@@ -242,10 +253,17 @@ class Outbound:
         assert leg.invite is not None
         cseq = leg.invite.cseq[0]
         if leg.dialog.remote_tag is not None and resp.to_tag != leg.dialog.remote_tag:
-            # A second fork answered (RFC 3261 §13.2.2.4): ACK and BYE its dialog.
+            # A second fork answered (RFC 3261 §13.2.2.4): ACK every 2xx of its dialog
+            # and BYE it once, both where that dialog says (§12.2.1.1), not to the
+            # winner whose address `leg.addr` is by now.
             stray = forked(leg.dialog, resp)
-            self.legs.ack(stray, leg.addr, cseq)
-            self.legs.bye(stray, leg.addr)
+            addr = leg.addr if leg.reliable else next_hop(stray, fallback=leg.addr)
+            self.legs.ack(stray, addr, cseq)
+            tag = resp.to_tag or ""
+            if tag not in leg.stray_tags:
+                if len(leg.stray_tags) < MAX_STRAY_FORKS:
+                    leg.stray_tags.add(tag)
+                self.legs.bye(stray, addr)
             return
         if leg.dialog.remote_tag is None:
             self.legs.linger_client_txn(leg)
@@ -334,8 +352,11 @@ class Outbound:
         if call.ended:
             return
         # A callee's 503 would tell our caller that this PBX is overloaded: 500 instead
-        # (§16.7 point 6). Our own failures (`reason` given) keep their status.
-        relayed = 500 if status == 503 and reason is None else status
+        # (§16.7 point 6); its 401/407 challenged us, not the caller, and would reach it
+        # without the challenge (§22.3): 403. Our own failures (`reason` given) keep
+        # their status.
+        relayed = status if reason is not None else CALLEE_STATUS_RELAYED_AS.get(
+            status, status)
         if call.fork_status is None or _response_rank(relayed) < _response_rank(
                 call.fork_status):
             call.fork_status, call.fork_reason = relayed, reason
@@ -346,7 +367,18 @@ class Outbound:
         elif call.forks:
             return  # other branches still ring
         best = call.fork_status
-        self.teardown.hangup(call, call.fork_reason or _failure(call, str(best)), best)
+        if best < 400 and call.fork_reason is None:
+            # Only redirects came: not followed nor their Contact relayed, and a 3xx
+            # without one tells the caller nothing (§21.3).
+            best = 480
+        self._transfer_failed(call, call.fork_reason or _failure(call, str(best)), best)
+
+    def _transfer_failed(self, call: Call, reason: str, code: int) -> None:
+        """No branch of the transfer answered: a referrer detached from its bridge gets
+        its call back, else the call ends with `code`."""
+        self.ctx.timers.cancel(TimerKind.RING, call.call_id)
+        if self.retrieve is None or not self.retrieve(call, code):
+            self.teardown.hangup(call, reason, code)
 
     def _drop_branches(self, call: Call) -> None:
         """Give up every branch still ringing (CANCEL once it sent a 1xx; a 2xx that still
@@ -359,8 +391,19 @@ class Outbound:
 
     def client_timeout(self, key: TransactionKey) -> None:
         leg = self.ctx.table.client_txns.pop(key, None)
-        if leg is not None and key.method == "INVITE" and leg.phase is LegPhase.EARLY:
+        if leg is None:
+            return
+        if key.method != "INVITE":
+            self._refresh_failed(leg)
+        elif leg.phase is LegPhase.EARLY:
             self.failed(leg, 408)
+
+    def _refresh_failed(self, leg: Leg) -> None:
+        """Our session refresh timed out or got 408/481: the peer has lost the session,
+        which ends with a BYE (RFC 4028 §10, RFC 3261 §12.2.1.2)."""
+        if leg.phase is LegPhase.CONFIRMED and not leg.call.ended:
+            log.info("call %s: session refresh of %s failed", leg.call.call_id, leg.media_id)
+            self.teardown.leg_over(leg, "SessionExpired", 408)
 
 
 def _dialling_direct(call: Call) -> bool:

@@ -260,6 +260,18 @@ class QueueCalls:
         self._do(call, run, actions)
         return True
 
+    def leg_left(self, leg: Leg) -> None:
+        """A leg left a call that goes on: when it is the member who answered (an agent
+        who transferred its caller elsewhere), the member is free for the queue's next
+        caller now, not when the transferred call ends; the wait is over."""
+        call = leg.call
+        run = call.queue_run
+        if run is None or leg.member is None or run.wait.answered_by != leg.member:
+            return
+        self.ctx.timers.cancel(TimerKind.QUEUE, call.call_id)
+        run.wait.book.released(leg.member, self.ctx.now)
+        call.queue_run = None
+
     def call_ended(self, call: Call) -> None:
         """The call is over (every leg is already ended)."""
         run = call.queue_run

@@ -2,9 +2,9 @@
 
 On an IVR call the caller is connected to the target (the IVR ends with
 `Transfer(<target>)`); in a bridge the referrer's peer is, and the referrer is released
-once told. The referrer hears how it went in NOTIFYs of its implicit subscription
-(`message/sipfrag`): 100 at once, the final status when the transfer is answered or
-fails.
+once told; when the transfer fails it has its call back. The referrer hears how it
+went in NOTIFYs of its implicit subscription (`message/sipfrag`): 100 at once, the
+final status when the transfer is answered or fails.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pbx.calls.context import CallContext, reason_phrase
 from pbx.calls.ivr import IvrBroker
 from pbx.calls.legs import LegSignaling
 from pbx.calls.outbound import Outbound
-from pbx.calls.state import Call, CallPhase, Leg, LegPhase
+from pbx.calls.state import Call, CallPhase, Leg, LegPhase, advance_call
 from pbx.calls.targets import Targets
 from pbx.calls.teardown import Teardown
 from pbx.sip.message import REASON_PHRASES, SipRequest
@@ -44,6 +44,7 @@ class Refers:
         self.ivr = ivr
         self.targets = targets
         outbound.on_bridged.append(lambda call: self.result(call, 200, "OK"))
+        outbound.retrieve = self.retrieve
         teardown.before_hangup.append(self._on_hangup)
 
     def on_refer(self, leg: Leg, req: SipRequest, key: TransactionKey) -> None:
@@ -105,6 +106,28 @@ class Refers:
         if call.referrer is not None:
             status = code if code is not None and 300 <= code <= 699 else 487
             self.result(call, status, "Request Terminated" if status == 487 else "")
+
+    def retrieve(self, call: Call, status: int) -> bool:
+        """The transfer out of a bridge failed with `status`: the referrer hears it (the
+        final NOTIFY) and, still in its dialog, has its call back with the party it
+        tried to transfer (RFC 5589 §6.1: the transferor retrieves the call; RFC 3515
+        §2.4.5: a REFER's outcome does not end the referrer's dialog). Their media
+        bridge was never undone. False when there is no such referrer: the call ends."""
+        leg, peer = call.referrer, call.a
+        if (leg is None or leg not in call.detached or leg.phase is not LegPhase.CONFIRMED
+                or peer is None or peer.phase is not LegPhase.CONFIRMED or call.ended):
+            return False
+        self.result(call, status, "")
+        call.detached.remove(leg)
+        # Back in the bridge: a callee who referred stays `b`, a caller `a`.
+        if leg.outbound:
+            call.b = leg
+        else:
+            call.a, call.b = leg, peer
+        advance_call(call, CallPhase.BRIDGED)
+        log.info("call %s: transfer failed with %d; %s has the call back", call.call_id,
+                 status, leg.media_id)
+        return True
 
     def result(self, call: Call, status: int, reason: str) -> None:
         """The transfer a REFER asked for succeeded (200) or failed: the final NOTIFY; a

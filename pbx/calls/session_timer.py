@@ -3,7 +3,8 @@
 A session-refresh request (an INVITE or UPDATE with Session-Expires) gets its 2xx
 headers from `negotiate`, which also arms the leg's timer: when we refresh, an UPDATE
 without SDP at half the interval (§7.4; a peer that does not allow UPDATE is not
-refreshed: we send no re-INVITEs); when the peer refreshes, the session expires
+refreshed: we send no re-INVITEs), whose 408, 481 or timeout ends the session with BYE
+(§10); when the peer refreshes, the session expires
 `SESSION_EXPIRY_MARGIN_S` before the interval ends (§10) and the call ends with BYE.
 """
 
@@ -93,7 +94,9 @@ class SessionTimers:
             req = new_request(leg.dialog, self.ctx.me, "UPDATE", [
                 ("Session-Expires", f"{leg.session_interval};refresher=uac"),
                 ("Supported", SUPPORTED)])
-            self.ctx.send_request(req, leg.addr, leg.reliable)
+            key = self.ctx.send_request(req, leg.addr, leg.reliable)
+            # Its failure (408, 481, no answer) ends the session: pbx.calls.outbound.
+            self.ctx.table.client_txns[key] = leg
         self._arm(leg)
 
     def expired(self, leg: Leg) -> bool:

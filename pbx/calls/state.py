@@ -158,6 +158,12 @@ class Leg:
     setup_source: str | None = None
     call_source: str | None = None
     member: str | None = None  # the queue member (or agent) this leg rings
+    # The To-tags of other forks whose 2xx we ACKed and ended with a BYE (RFC 3261
+    # §13.2.2.4): their retransmissions get the ACK only. Not kept in the dict form.
+    stray_tags: set[str] = field(default_factory=set)
+    # Our BYE's extra headers while it waits for the ACK of our 2xx (RFC 3261 §15);
+    # None when no BYE waits.
+    bye_waiting: list[tuple[str, str]] | None = None
 
     def __post_init__(self) -> None:
         # Every leg's SIP Call-ID goes into the call's records, traces and log lines,

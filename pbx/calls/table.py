@@ -9,7 +9,8 @@ Indexes (all point into `calls`):
   kept a while after the call (lingers) so retransmitted BYEs still match;
 * `pending_invites` — an inbound INVITE's server transaction → its leg until answered
   (CANCEL finds it here);
-* `client_txns` — our INVITEs' client transactions → their outbound legs;
+* `client_txns` — our INVITEs' client transactions → their outbound legs, and our
+  session refreshes' (UPDATE) → their legs;
 * `resolving` — (Call-ID, our tag) → an outbound leg whose host name is resolving;
 * `legs_by_media` — media id → Leg while it holds an RTP port;
 * `sessions` — IVR session id → Session while it runs; `waiting_sessions` those

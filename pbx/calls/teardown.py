@@ -4,7 +4,8 @@
 final response where an inbound INVITE is unanswered) and then `end` releases what the
 call held: budgets, timers, ports, dialogs (after a linger), the record. Parts of the
 call layer that must hear of the end register hooks: `before_hangup` (a REFER's final
-NOTIFY) and `on_ended` (the IVR session, the queue wait).
+NOTIFY) and `on_ended` (the IVR session, the queue wait); `on_leg_left` hears of one leg
+leaving a call that goes on (a queue's agent who transferred its caller is free).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Teardown:
         self.events = events
         self.before_hangup: list[CallHook] = []
         self.on_ended: list[Callable[[Call], None]] = []
+        self.on_leg_left: list[Callable[[Leg], None]] = []
 
     def hangup(self, call: Call, reason: str, code: int | None,
                except_leg: Leg | None = None) -> None:
@@ -77,13 +79,24 @@ class Teardown:
         self.events.call(call, "ended")
         ctx.records.finish(call_record(call), stats_legs, ctx.now)
 
+    def leg_over(self, leg: Leg, reason: str, code: int | None) -> None:
+        """One leg's dialog is over on our side (its 2xx never ACKed, its session
+        expired): the call ends, unless the leg is a referrer detached from its bridge,
+        whose peer's transfer goes on without it; that leg alone gets its BYE."""
+        if leg in leg.call.detached:
+            self.legs.send_bye(leg, code, reason)
+            self.drop_leg(leg)
+            return
+        self.hangup(leg.call, reason, code)
+
     def release_leg(self, leg: Leg) -> None:
         """Give back what one leg holds: budgets, timers, 2xx retransmission, its port;
         its dialog lingers."""
         ctx = self.ctx
         ctx.table.end_source_call(leg)
         self.session_timers.stop(leg)
-        ctx.retransmitter.ack(leg.dialog_key)
+        if leg.bye_waiting is None:  # else our 2xx goes on until its ACK (§15)
+            ctx.retransmitter.ack(leg.dialog_key)
         self.media.release(leg)
         self.legs.linger(leg)
 
@@ -94,6 +107,8 @@ class Teardown:
         self.release_leg(leg)
         if leg in leg.call.detached:
             leg.call.detached.remove(leg)
+        for hook in self.on_leg_left:
+            hook(leg)
 
     def shutdown(self) -> None:
         """On SIGTERM: end every call properly so phones are not left in dead calls."""

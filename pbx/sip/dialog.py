@@ -8,6 +8,7 @@ request sent in it. The call layer (`pbx.calls`) owns dialogs, one per leg.
 * `uas_from_invite` — the dialog an initial INVITE creates on our side (§12.1.1).
 * `uac_for_target` — the early dialog of an INVITE we send (§12.1.2 before the 2xx).
 * `learn_2xx` — what the 2xx to our INVITE establishes (§12.1.2).
+* `in_order` — whether a request of the peer comes in order (§12.2.2).
 * `new_request` — a request in the dialog (§12.2.1.1): BYE, UPDATE, NOTIFY, INVITE.
 * `ack_2xx` — the ACK for a 2xx (§13.2.2.4), which is a request of the dialog too.
 * `next_hop` — where requests in the dialog go (loose routing, §12.2.1.1).
@@ -56,6 +57,7 @@ class Dialog:
     remote_target: str = ""  # the peer's Contact URI
     remote_tag: str | None = None
     local_cseq: int = 0
+    remote_cseq: int | None = None  # the peer's last request's CSeq (§12.2.2)
     route_set: list[str] = field(default_factory=list)
     reliable: bool = False  # over TCP: no retransmissions (RFC 3261 §18)
 
@@ -67,7 +69,8 @@ class Dialog:
         return {"call_id": self.call_id, "local_tag": self.local_tag,
                 "local_party": self.local_party, "remote_party": self.remote_party,
                 "remote_target": self.remote_target, "remote_tag": self.remote_tag,
-                "local_cseq": self.local_cseq, "route_set": list(self.route_set),
+                "local_cseq": self.local_cseq, "remote_cseq": self.remote_cseq,
+                "route_set": list(self.route_set),
                 "reliable": self.reliable}
 
     @classmethod
@@ -94,7 +97,8 @@ def uas_from_invite(req: SipRequest, local_tag: str, reliable: bool) -> Dialog:
         local_party=f"{req.headers.get('To') or ''};tag={local_tag}",
         remote_party=remote_from, remote_tag=req.from_tag,
         remote_target=str(parse_name_addr(contact or remote_from).uri),
-        route_set=req.headers.get_all("Record-Route"), reliable=reliable)
+        remote_cseq=req.cseq[0], route_set=req.headers.get_all("Record-Route"),
+        reliable=reliable)
 
 
 def uac_for_target(call_id: str, local_tag: str, local_party: str, target_uri: str,
@@ -136,6 +140,16 @@ def forked(dialog: Dialog, resp: SipResponse) -> Dialog:
                   remote_target=contact_uri(resp, dialog.remote_target),
                   local_cseq=dialog.local_cseq + 100, route_set=list(dialog.route_set),
                   reliable=dialog.reliable)
+
+
+def in_order(dialog: Dialog, req: SipRequest) -> bool:
+    """RFC 3261 §12.2.2: a request of the peer whose CSeq is below its last one in the
+    dialog is out of order (to be refused with 500); else its CSeq is the last now."""
+    cseq = req.cseq[0]
+    if dialog.remote_cseq is not None and cseq < dialog.remote_cseq:
+        return False
+    dialog.remote_cseq = cseq
+    return True
 
 
 def new_request(dialog: Dialog, me: LocalAddress, method: str,

@@ -63,6 +63,10 @@ class Uas2xxRetransmitter:
         self._pending[dialog_key] = pending
         self._push(dialog_key, pending)
 
+    def pending(self, dialog_key: DialogKey) -> bool:
+        """A 2xx of this dialog is still unacknowledged (and retransmitted)."""
+        return dialog_key in self._pending
+
     def ack(self, dialog_key: DialogKey) -> bool:
         """Stop retransmitting; False if nothing was pending for this dialog."""
         return self._pending.pop(dialog_key, None) is not None

@@ -14,7 +14,7 @@ from pbx.calls.legs import LINGER_S
 from pbx.calls.media import MEDIA_ALLOCATE_TIMEOUT_S
 from pbx.calls.session_timer import SESSION_EXPIRY_MARGIN_S
 from pbx.calls.state import CallPhase, LegPhase
-from pbx.sip.message import SipRequest
+from pbx.sip.message import SipRequest, make_response
 from tests.calls.rig import (
     CALLER,
     MEMBERS,
@@ -75,8 +75,10 @@ def test_we_refresh_with_update_at_half_the_interval(tmp_path: Path) -> None:
     assert not refreshes()
     rig.advance(1)
     assert len(refreshes()) == 1
+    rig.feed(make_response(rig.requests("UPDATE", CALLER)[-1], 200), CALLER)
     rig.advance(50)
     assert len(refreshes()) == 2
+    assert rig.core.ctx.table.calls  # answered refreshes keep the call up
 
 
 def test_ring_timeout_cancels_the_callee_and_ends_the_transfer(tmp_path: Path) -> None:
@@ -102,6 +104,7 @@ def test_an_unconfirmed_port_ends_the_call_on_the_virtual_clock(tmp_path: Path) 
     rig.auto_allocate = False
     call = rig.call()
     assert rig.statuses() == [200] and call.phase is CallPhase.IVR
+    rig.caller_request("ACK", 1)  # (our BYE waits for it: RFC 3261 §15)
     rig.advance(MEDIA_ALLOCATE_TIMEOUT_S - 0.01)
     assert not rig.requests("BYE", CALLER)
     rig.advance(0.02)
@@ -129,6 +132,7 @@ def test_a_finished_dialog_lingers_then_answers_481(tmp_path: Path) -> None:
 def test_the_liveness_check_runs_on_the_core_timer(tmp_path: Path) -> None:
     rig = CoreRig(tmp_path, first_then(PLAY))
     rig.call()
+    rig.caller_request("ACK", 1)  # (our BYE waits for it: RFC 3261 §15)
     rig.advance(10)
     assert rig.core.ctx.table.calls  # heartbeats keep the worker alive
     rig.alive = False

@@ -176,9 +176,12 @@ def test_a_referrer_released_before_its_ack_gives_its_set_up_budget_back(
     second = rig.requests("INVITE", MEMBERS["2002"])
     assert second
     rig.answer(second[0], MEMBERS["2002"], "t2")
-    assert rig.requests("BYE", CALLER)  # the referrer is released
     assert not call.detached and call.a is not None and call.a.dialog.remote_tag == "t1"
     assert rig.core.ctx.table.setup_by_source == {}
+    # The referrer is released: its BYE waits for the ACK of our 200 (RFC 3261 §15).
+    assert not rig.requests("BYE", CALLER)
+    rig.caller_request("ACK", 1)
+    assert rig.requests("BYE", CALLER)
 
 
 def test_refer_to_an_unknown_target_notifies_the_failure(tmp_path: Path) -> None:

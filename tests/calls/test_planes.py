@@ -67,6 +67,7 @@ def test_allocation_at_another_address_ends_the_call(tmp_path: Path) -> None:
     rig.worker.allocated_ip = ROGUE_ADDRESS  # the worker declared 127.0.0.1
     rig.feed(caller_invite(), CALLER)
     assert final_status(rig) == 200
+    rig.caller_request("ACK", 1)  # (our BYE waits for it: RFC 3261 §15)
     bye = rig.requests("BYE", CALLER)
     assert bye and "cause=503" in (bye[0].headers.get("Reason") or "")
     assert all(ROGUE_ADDRESS.encode() not in r.body for r in rig.responses(CALLER))

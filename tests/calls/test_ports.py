@@ -91,6 +91,7 @@ def test_refused_allocation_ends_the_call(tmp_path: Path,
     rig.worker.pool.clear()  # it no longer has what it announced: it refuses
     rig.feed(caller_invite(), CALLER)
     assert finals(rig) == [200]
+    rig.caller_request("ACK", 1)  # (our BYE waits for it: RFC 3261 §15)
     bye = rig.requests("BYE", CALLER)
     assert bye and "cause=503" in (bye[0].headers.get("Reason") or "")
     assert rig.core.ctx.stats["media_allocations_failed"] == 1
@@ -102,6 +103,7 @@ def test_refused_allocation_ends_the_call(tmp_path: Path,
 def test_dead_worker_ends_its_calls_and_its_pool_is_forgotten(tmp_path: Path) -> None:
     rig = CoreRig(tmp_path)
     rig.call()
+    rig.caller_request("ACK", 1)  # (our BYE waits for it: RFC 3261 §15)
     assert rig.core.snapshot()["media_ports_free"] == len(rig.worker.pool)
     rig.alive = False
     rig.advance(rig.settings.media.expiry_ms / 1000 + 0.5)

@@ -159,6 +159,7 @@ def test_refused_media_command_ends_the_call_with_a_traced_error(tmp_path: Path)
     rig.feed(caller_invite(), CALLER)  # answered, and the IVR's reply comes at once
     assert 200 in rig.statuses()
     assert [t.timer_id for t in rig.refused] == [1]
+    rig.caller_request("ACK", 1)  # (our BYE waits for it: RFC 3261 §15)
     # At 2554a5d the refusal was ignored: a session waiting for nothing.
     byes = s.byes()
     assert byes, "the refused MediaTimer left the call up, silent"

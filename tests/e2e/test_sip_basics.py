@@ -214,6 +214,23 @@ def test_cancel_after_answer_leaves_the_call_up(system: PbxSystem, workdir: Path
     assert end[0].body["reason"] == "Hangup", end[0].body
 
 
+def test_a_late_offer_caller_hears_the_ivr(system: PbxSystem, workdir: Path) -> None:
+    """A trunk's delayed offer (INVITE without SDP): the PBX offers in its 200, the ACK
+    answers, and the IVR's prompt reaches the RTP port that answer named."""
+    def script(path: str, body: Any) -> Reply:
+        if path.endswith(("/start", "/end", "/dtmf-match")):
+            return OK
+        return 200, json.dumps({"type": "hangup", "prompt": "sounds/beep.wav"}).encode(), 0.0
+
+    system.provider.script = script
+    rtp = RtpEndpoint()
+    try:
+        run_sipp(system, workdir, "uac_late_offer.xml", "*99", "-key", "rtp_port", str(rtp.port))
+        assert len(rtp.audio(0)) >= 8, "the beep, sent where the ACK's answer said"
+    finally:
+        rtp.close()
+
+
 def test_short_form_route_reaches_its_provider_url(system: PbxSystem, workdir: Path) -> None:
     def script(path: str, body: Any) -> Reply:
         if path.endswith(("/start", "/end", "/dtmf-match")):
