@@ -15,7 +15,10 @@ executor.
 Figures, from the processes' /proc/<pid>/stat (utime + stime, every thread) over the
 measured sessions (`--warmup` sessions first are not counted):
 
-* executor CPU ms per session, provider CPU ms per session;
+* executor CPU ms per session, provider CPU ms per session, and their ratio: the
+  provider's work per session is the same whatever the executor's code, so the ratio
+  takes out much of what the shared machine does to both (steal, cache, frequency):
+  it spread ~3 % between runs where the executor's own figure spread ~20 %;
 * reply latency at the ROUTER (event sent -> reply received), p50 and p99, per event
   kind and together.
 
@@ -235,6 +238,7 @@ def run_once(children: Children, router: zmq.Socket[bytes], identity: bytes, n: 
         "elapsed_s": round(elapsed, 3),
         "executor_cpu_ms_per_session": round(exec_ms, 4),
         "provider_cpu_ms_per_session": round(prov_ms, 4),
+        "executor_to_provider_cpu": round(exec_ms / prov_ms, 3) if prov_ms > 0 else None,
         "reply_ms_p50": round(percentile(both, 0.5), 3),
         "reply_ms_p99": round(percentile(both, 0.99), 3),
         "start_reply_ms_p50": round(percentile(latency[1], 0.5), 3),
@@ -293,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                 executor.wait(15)
                 runs.append(result)
                 log(f"run {r + 1}: executor {result['executor_cpu_ms_per_session']:.3f} ms "
-                    f"CPU/session, provider {result['provider_cpu_ms_per_session']:.3f} ms; "
+                    f"CPU/session, provider {result['provider_cpu_ms_per_session']:.3f} ms "
+                    f"(ratio {result['executor_to_provider_cpu']}); "
                     f"reply p50 {result['reply_ms_p50']:.2f} ms p99 "
                     f"{result['reply_ms_p99']:.2f} ms; bad replies "
                     f"{result['bad_reply_count']}")
@@ -313,14 +318,16 @@ def main(argv: list[str] | None = None) -> int:
         "executor_cpu_ms_per_session_median": round(statistics.median(exec_ms), 4),
         "provider_cpu_ms_per_session_median": round(
             statistics.median(r["provider_cpu_ms_per_session"] for r in runs), 4),
+        "executor_to_provider_cpu_median": statistics.median(
+            r["executor_to_provider_cpu"] or 0.0 for r in runs),
         "runs": runs,
     }
     out = args.json or ROOT / "perf" / "results" / \
         f"bench_executor-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    log(f"executor CPU/session median {summary['executor_cpu_ms_per_session_median']:.3f} ms; "
-        f"wrote {out}")
+    log(f"executor CPU/session median {summary['executor_cpu_ms_per_session_median']:.3f} ms, "
+        f"executor/provider {summary['executor_to_provider_cpu_median']}; wrote {out}")
     return 1 if any(r["bad_reply_count"] for r in runs) else 0
 
 

@@ -26,3 +26,4 @@ def test_bench_executor_reports_cpu_and_latency(tmp_path: Path) -> None:
     assert summary["executor_cpu_ms_per_session_median"] == run["executor_cpu_ms_per_session"]
     assert 0 < run["reply_ms_p50"] <= run["reply_ms_p99"] < 10_000
     assert run["start_reply_ms_p50"] > 0 and run["end_reply_ms_p50"] > 0
+    assert run["executor_to_provider_cpu"] > 0
