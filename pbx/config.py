@@ -364,15 +364,16 @@ class AdminSettings(_Section):
         return self
 
 
+_DEFAULT_FALLBACK: dict[str, Any] = {"type": "hangup", "prompt": "sounds/error.wav"}
+
+
 class RetrySettings(BaseModel):
     """`app_params.retry` of a step-mode IVR route (spec §9)."""
 
     model_config = ConfigDict(extra="ignore")
     max_retries: int = Field(default=3, ge=0)
     timeout_ms: int = Field(default=1000, gt=0)
-    fallback: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "hangup", "prompt": "sounds/error.wav"}
-    )
+    fallback: dict[str, Any] = Field(default_factory=lambda: dict(_DEFAULT_FALLBACK))
 
     @field_validator("fallback")
     @classmethod
@@ -381,6 +382,10 @@ class RetrySettings(BaseModel):
         surface in the first outage. Checked as the provider's answers are."""
         from pbx.ivr.models import ActionError, parse_action  # models import this module
 
+        # A route's params travel in each IVR session's state and are validated with
+        # every event (issue 9): the default (most routes') is known good.
+        if v == _DEFAULT_FALLBACK:
+            return v
         try:
             parse_action(v)
         except ActionError as exc:

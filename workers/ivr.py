@@ -9,6 +9,14 @@ background), and one `IvrReply` with the same `seq` goes back. Messages are sent
 a single frame; on receipt the last frame is the message (an optional empty
 delimiter frame is tolerated).
 
+The DEALER is a plain socket driven from the event loop, as the front's are
+(`pbx.broker`: zmq.asyncio's Future per send and per receive was a tenth of the
+executor's CPU, issue 9): `pbx.broker._Reader` drains it on its edge-triggered FD.
+A send never waits: a message the socket refuses (its queue to the front is full:
+the front is gone or stalled) waits in the outbox, in order, and goes out when the
+socket takes messages again, or is dropped after `SEND_WAIT_S` with a warning (the
+front re-sends an unanswered event elsewhere, DESIGN §1); heartbeats are not queued.
+
 `api` actions' HTTP calls are performed here too (same aiohttp session), text to
 speech (`tts` requests: `tts_text`, `greeting_text`) is synthesised into the prompt
 cache by `pbx.tts.TtsEngine` before the reply goes out, and the
@@ -26,21 +34,23 @@ carries on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvloop
 import zmq
-import zmq.asyncio
 
 from pbx import planes
 from pbx.asr import ASR_UNAVAILABLE, SWEEP_INTERVAL_S, AsrEngine
+from pbx.broker import DRAIN_BATCH, _Reader
 from pbx.config import ConfigError, IvrAppParams, Settings, load_config
 from pbx.ivr import machine
 from pbx.ivr.provider import ProviderClient
@@ -69,6 +79,13 @@ Clock = Callable[[], float]
 # step may still wait for it: the task ends by then; this only bounds a stuck one.
 START_WAIT_SLACK_S = 0.1
 Ivrs = Mapping[str, IvrAppParams]
+# How long a reply may wait for room in the socket's queue to the front (the front gone
+# or stalled) before it is dropped: by then the front has given the event to another
+# executor or ended the call (pbx.calls.ivr, IVR_REPLY_MARGIN_S).
+SEND_WAIT_S = 15.0
+# How often the outbox retries while it waits, besides every wake-up of the socket's FD
+# (a socket's FD is edge-triggered; the retry is the safety net for a missed edge).
+SEND_RETRY_S = 0.05
 
 
 @dataclass
@@ -203,12 +220,13 @@ class Executor:
     def __init__(
         self,
         settings: Settings,
-        ctx: zmq.asyncio.Context,
+        ctx: zmq.Context[zmq.Socket[bytes]],
         client: ProviderClient,
         executor_id: str,
         clock: Clock = time.time,
         tts: TtsEngine | None = None,
         asr: AsrEngine | None = None,
+        send_wait_s: float = SEND_WAIT_S,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -218,10 +236,16 @@ class Executor:
         self.asr = asr or AsrEngine(settings.asr, http=lambda: client.session)
         self.executor_id = executor_id
         self.clock = clock
-        self.sock = ctx.socket(zmq.DEALER)
+        self.sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, executor_id.encode())
         self.sock.setsockopt(zmq.LINGER, 1000)
-        self._send_lock = asyncio.Lock()
+        self.send_wait_s = send_wait_s
+        # Messages the socket refused, oldest first: (frame, deadline on the loop's clock).
+        self._outbox: deque[tuple[bytes, float]] = deque()
+        self._outbox_task: asyncio.Task[None] | None = None
+        self._outbox_wake = asyncio.Event()
+        self.dropped = 0  # messages dropped after waiting SEND_WAIT_S
+        self._reader: _Reader | None = None
         self._sessions: set[asyncio.Task[None]] = set()
         self._working: dict[str, int] = {}
 
@@ -245,16 +269,112 @@ class Executor:
     def busy(self) -> int:
         return len(self._sessions)
 
-    async def send(self, msg: IvrReady | IvrHeartbeat | IvrReply) -> None:
-        async with self._send_lock:
-            await self.sock.send(encode(msg))
+    def send(self, msg: IvrReady | IvrHeartbeat | IvrReply) -> None:
+        """Hand `msg` to the socket now, or queue it behind those waiting (module text);
+        a heartbeat is dropped while others wait (the next one says the same)."""
+        if self._outbox:
+            if not isinstance(msg, IvrHeartbeat):
+                self._queue(encode(msg))
+            return
+        frame = encode(msg)
+        try:
+            self.sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            if not isinstance(msg, IvrHeartbeat):
+                self._queue(frame)
+        finally:
+            if self._reader is not None:
+                self._reader.sent()
 
-    async def run(self, stop: asyncio.Event) -> None:
+    def _queue(self, frame: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        if not self._outbox:
+            log.warning("the queue to the front is full (the front gone or stalled): "
+                        "replies wait up to %g s", self.send_wait_s)
+        self._outbox.append((frame, loop.time() + self.send_wait_s))
+        if self._outbox_task is None or self._outbox_task.done():
+            self._outbox_task = loop.create_task(self._flush_outbox(), name="outbox")
+
+    @property
+    def waiting(self) -> int:
+        """Messages in the outbox."""
+        return len(self._outbox)
+
+    def _flush(self) -> None:
+        """Send what the outbox holds while the socket takes it; drop the expired."""
+        now = asyncio.get_running_loop().time()
+        outbox = self._outbox
+        try:
+            while outbox:
+                frame, deadline = outbox[0]
+                if deadline <= now:
+                    outbox.popleft()
+                    self.dropped += 1
+                    log.warning("dropped a message to the front after %g s without room",
+                                self.send_wait_s)
+                    continue
+                self.sock.send(frame, zmq.NOBLOCK)
+                outbox.popleft()
+        except zmq.Again:
+            pass
+        finally:
+            if self._reader is not None:
+                self._reader.sent()
+
+    async def _flush_outbox(self) -> None:
+        """Until the outbox is empty: retry on every wake-up of the socket (room in
+        the queue signals its FD) and every SEND_RETRY_S."""
+        while self._outbox:
+            self._flush()
+            if not self._outbox:
+                break
+            self._outbox_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox_wake.wait(), SEND_RETRY_S)
+        log.info("the queue to the front takes messages again (%d dropped so far)",
+                 self.dropped)
+
+    def _read_one(self) -> None:
+        """One message from the front (zmq.Again if none): its last frame; a bad one is
+        logged and dropped, an IvrEvent starts a task."""
+        if self._outbox:
+            self._outbox_wake.set()  # the FD woke us: maybe room to send
+        sock = self.sock
+        frame = sock.recv(zmq.NOBLOCK)
+        while sock.getsockopt(zmq.RCVMORE):
+            frame = sock.recv(zmq.NOBLOCK)
+        try:
+            msg = decode(frame)
+        except MessageError as exc:
+            log.warning("dropping bad frame: %s", exc)
+            return
+        if not isinstance(msg, IvrEvent):
+            log.warning("dropping unexpected %s message", getattr(msg, "kind", "?"))
+            return
+        task = asyncio.create_task(self._session(msg))
+        self._sessions.add(task)
+        task.add_done_callback(self._sessions.discard)
+
+    def connect(self) -> None:
+        """Connect to the front and read from it in the running loop."""
         endpoint = self.settings.zmq.ivr_endpoint
         planes.configure_client(self.sock, self.settings.zmq, endpoint)
         self.sock.connect(endpoint)
+        self._reader = _Reader(self.sock, self._read_one, asyncio.get_running_loop(),
+                               DRAIN_BATCH)
         log.info("executor %s connected to %s%s", self.executor_id, endpoint,
                  " (CURVE)" if self.settings.zmq.curve else "")
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._outbox_task is not None:
+            self._outbox_task.cancel()
+        self.sock.close()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.connect()
         tts = self.tts
         log.info(
             "text to speech: %s",
@@ -266,10 +386,9 @@ class Executor:
             or "not available (no [tts] url, no espeak-ng)",
         )
         log.info("speech recognition: %s", self.asr.describe())
-        await self.send(IvrReady(executor_id=self.executor_id, capacity=self.settings.ivr.capacity))
+        self.send(IvrReady(executor_id=self.executor_id, capacity=self.settings.ivr.capacity))
         workers = [
             asyncio.create_task(self._heartbeats(), name="heartbeat"),
-            asyncio.create_task(self._receive(), name="receive"),
             asyncio.create_task(self._sweep_spool(), name="asr-spool"),
         ]
         # Not one of the loops above: it ends once the recogniser is loaded.
@@ -285,15 +404,18 @@ class Executor:
         if self._sessions:
             log.info("waiting for %d session(s) in progress", len(self._sessions))
             await asyncio.wait(set(self._sessions), timeout=5.0)
+        if self._outbox_task is not None and not self._outbox_task.done():
+            # Replies of the sessions that just ended, bounded like the sessions' wait.
+            await asyncio.wait({self._outbox_task}, timeout=1.0)
         warm.cancel()
         await self.asr.close()
-        self.sock.close()
+        self.close()
 
     async def _heartbeats(self) -> None:
         period_s = self.settings.ivr.heartbeat_ms / 1000.0
         while True:
             await asyncio.sleep(period_s)
-            await self.send(
+            self.send(
                 IvrHeartbeat(
                     executor_id=self.executor_id,
                     busy=self.busy,
@@ -310,30 +432,13 @@ class Executor:
                 log.info("asr spool: deleted %d stale utterance(s)", removed)
             await asyncio.sleep(SWEEP_INTERVAL_S)
 
-    async def _receive(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart()
-            if not frames:
-                continue
-            try:
-                msg = decode(frames[-1])
-            except MessageError as exc:
-                log.warning("dropping bad frame: %s", exc)
-                continue
-            if not isinstance(msg, IvrEvent):
-                log.warning("dropping unexpected %s message", getattr(msg, "kind", "?"))
-                continue
-            task = asyncio.create_task(self._session(msg))
-            self._sessions.add(task)
-            task.add_done_callback(self._sessions.discard)
-
     async def _session(self, event: IvrEvent) -> None:
         self._working[event.session_id] = event.seq
         try:
             reply = await handle_event(
                 event, self.client, self.clock, self.settings.ivrs, self.tts, self.asr
             )
-            await self.send(reply)
+            self.send(reply)
         except Exception:
             log.exception("session %s seq %d: cannot send reply", event.session_id, event.seq)
         finally:
@@ -350,7 +455,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    ctx = zmq.asyncio.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     client = ProviderClient()
     try:
         executor = Executor(settings, ctx, client, executor_id())

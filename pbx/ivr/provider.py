@@ -72,7 +72,11 @@ class ProviderClient:
         # Created lazily, inside the running loop.
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self._connection_limit)
-            self._session = aiohttp.ClientSession(connector=connector)
+            # No cookie jar: the executor keeps no session state, and one provider's
+            # cookie must not ride along on every other session's (and tenant's)
+            # requests; it also spares each request the jar's filtering (issue 9).
+            self._session = aiohttp.ClientSession(
+                connector=connector, cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
     @property

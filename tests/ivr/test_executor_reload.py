@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import zmq.asyncio
+import zmq
 
 from pbx.config import load_config
 from pbx.ivr.provider import ProviderClient
@@ -23,7 +23,7 @@ url = "http://127.0.0.1:9/sales"
 def test_the_executor_takes_new_ivrs_and_refuses_a_bad_file(tmp_path: Path) -> None:
     config = tmp_path / "pbx.toml"
     config.write_text(IVRS.format(logs=tmp_path))
-    ctx = zmq.asyncio.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         executor = Executor(load_config(str(config)), ctx, ProviderClient(), "ivr-test")
         assert set(executor.settings.ivrs) == {"sales"}

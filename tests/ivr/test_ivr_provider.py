@@ -215,3 +215,26 @@ def test_notify_times_out_quietly() -> None:
             await client.close()
 
     run(main())
+
+
+def test_a_providers_cookie_is_not_sent_back() -> None:
+    """The executor keeps no session state: a cookie one session's provider sets must not
+    ride along on the next requests (another session's, another tenant's)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        response = json_response({"type": "hangup"})
+        response.set_cookie("provider_session", "s1-secret")
+        return response
+
+    async def main() -> None:
+        async with Server(handler) as server, ProviderClient() as client:
+            # By name: aiohttp's jar would refuse a cookie from an IP address anyway.
+            params = server.params().model_copy(
+                update={"url": f"http://localhost:{server.port}/ivr/step"})
+            for _ in range(2):
+                assert (await client.step(params, BODY)).outcome == "ok"
+            await client.api("POST", f"http://localhost:{server.port}/api", body={})
+            assert len(server.requests) == 3
+            assert all("Cookie" not in headers for _, headers, _ in server.requests)
+
+    run(main())
