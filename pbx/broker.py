@@ -16,8 +16,12 @@ and every call into the socket (send, recv, EVENTS) may consume that signal. So:
 
 - a wake-up reads with NOBLOCK until nothing is left (EAGAIN: libzmq processed every
   pending command first, as for EVENTS, so the next arrival signals the FD again);
-- after a send outside the socket's own drain, EVENTS is checked, and a drain is
-  scheduled if a message is waiting (the send may have eaten its signal);
+- a send outside the socket's own drain marks the socket, and once per loop iteration
+  (a `call_soon` made by the first such send, so after the handler or timer that sent
+  and before the loop next waits) EVENTS is checked on each marked socket, and a drain
+  is scheduled if a message is waiting (the sends may have eaten its signal). One check
+  per socket per iteration, not per send: each EVENTS makes libzmq process its commands
+  (a poll and a getpid), and the front sends ~6 messages per call;
 - a drain handles at most `DRAIN_BATCH` messages, then continues on the next loop
   iteration (`call_soon`), so one busy plane cannot starve the other, SIP or timers.
 
@@ -55,7 +59,8 @@ _MORE = zmq.SNDMORE | zmq.NOBLOCK
 class _Reader:
     """One socket read from the event loop: wake-ups on its FD, drains after sends."""
 
-    __slots__ = ("sock", "read_one", "loop", "fd", "batch", "draining", "pending", "closed")
+    __slots__ = ("sock", "read_one", "loop", "fd", "batch", "draining", "pending", "closed",
+                 "unchecked")
 
     def __init__(self, sock: zmq.Socket[bytes], read_one: Callable[[], None],
                  loop: asyncio.AbstractEventLoop, batch: int) -> None:
@@ -67,6 +72,7 @@ class _Reader:
         self.draining = False
         self.closed = False
         self.pending: asyncio.Handle | None = None  # a drain to continue next iteration
+        self.unchecked = False  # sent on since the last EVENTS check (or drain)
         self.fd = sock.fileno()  # zmq.FD
         loop.add_reader(self.fd, self.wake)
         # Whatever arrived before the FD was watched has already spent its signal.
@@ -81,6 +87,7 @@ class _Reader:
         if self.closed:
             return
         self.draining = True
+        self.unchecked = False  # the drain's reads end on EAGAIN: commands processed
         try:
             for _ in range(self.batch):
                 try:
@@ -97,11 +104,12 @@ class _Reader:
         finally:
             self.draining = False
 
-    def sent(self) -> None:
-        """After a send on this socket: the send may have taken the FD's signal for a
-        message that is waiting; read it on the next iteration (never from inside the
-        sender's call)."""
-        if self.draining or self.pending is not None:
+    def check(self) -> None:
+        """After sends on this socket (`unchecked`): they may have taken the FD's signal
+        for a message that is waiting; read it on the next iteration (never from inside
+        the sender's call)."""
+        self.unchecked = False
+        if self.closed or self.draining or self.pending is not None:
             return  # the drain running (or the one scheduled) reads it
         if cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self.pending = self.loop.call_soon(self.drain)
@@ -141,6 +149,7 @@ class Broker:
         self._readers: list[_Reader] = []
         self._media_reader: _Reader | None = None
         self._ivr_reader: _Reader | None = None
+        self._check: asyncio.Handle | None = None  # this iteration's EVENTS checks
 
     def _router(self, plane: str) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -203,9 +212,18 @@ class Broker:
         else:
             sock.send(payload, zmq.NOBLOCK)
             sent = True
-        if reader is not None:
-            reader.sent()
+        if reader is not None and not reader.draining and not reader.unchecked:
+            reader.unchecked = True
+            if self._check is None:
+                self._check = reader.loop.call_soon(self._check_sent)
         return sent
+
+    def _check_sent(self) -> None:
+        """Once per loop iteration with sends: each plane sent on gets its EVENTS check."""
+        self._check = None
+        for reader in (self._media_reader, self._ivr_reader):
+            if reader is not None and reader.unchecked:
+                reader.check()
 
     def send_media(self, identity: bytes, msg: Any) -> bool:
         return self._send(self.media, self._media_reader, identity, msg)
@@ -220,6 +238,9 @@ class Broker:
             pass  # no subscriber room: live events are best effort
 
     def close(self) -> None:
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
         for reader in self._readers:
             reader.close()
         self._readers = []

@@ -441,3 +441,52 @@ def test_send_to_a_worker_that_does_not_read_fails_when_its_queue_is_full(
     refused_at = run_on(loop_kind, main())
     assert refused_at is not None and refused_at >= 100_000
     assert "cannot send media_timer to b'w1': Resource temporarily unavailable" in caplog.text
+
+
+class _CountingEvents:
+    """A reader's socket, counting the EVENTS checks made on it."""
+
+    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+        self.sock = sock
+        self.events_checks = 0
+
+    def getsockopt(self, option: int) -> Any:
+        if option == zmq.EVENTS:
+            self.events_checks += 1
+        return self.sock.getsockopt(option)
+
+
+@LOOPS
+def test_sends_of_one_iteration_cost_one_events_check_per_plane(loop_kind: str) -> None:
+    """Each EVENTS check makes libzmq process its commands (syscalls): 50 sends on each
+    plane from one callback are followed by one check per plane on the next iteration,
+    not one per send (the edge-triggered tests above check that nothing is missed)."""
+
+    async def main() -> tuple[int, int, int, int]:
+        broker = Broker(endpoints())
+        broker.start(lambda i, m: None, lambda i, m: None)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.sleep(0.05)  # the readers' first drains
+            media = _CountingEvents(broker.media)
+            ivr = _CountingEvents(broker.ivr)
+            assert broker._media_reader is not None and broker._ivr_reader is not None
+            broker._media_reader.sock = media  # type: ignore[assignment]
+            broker._ivr_reader.sock = ivr  # type: ignore[assignment]
+
+            def burst() -> None:
+                for n in range(50):
+                    broker.send_media(b"w1", timer_command(n))
+                    broker.send_ivr(b"e1", timer_command(n))
+
+            loop.call_soon(burst)
+            await asyncio.sleep(0.05)
+            first = media.events_checks, ivr.events_checks
+            loop.call_soon(burst)
+            await asyncio.sleep(0.05)
+        finally:
+            broker.close()
+        return (*first, media.events_checks, ivr.events_checks)
+
+    counts = run_on(loop_kind, main())
+    assert counts == (1, 1, 2, 2)
