@@ -77,6 +77,7 @@ async def run(settings: Settings) -> None:
         if sweep is not None:
             await asyncio.wait({sweep}, timeout=RETENTION_STOP_WAIT_S)
     finally:
+        front.close()
         transport.close()
         await runner.cleanup()
         broker.close()

@@ -62,8 +62,13 @@ class Front:
         self.publish = publish
         logs_dir = Path(settings.logging.dir)
         rotation = (settings.logging.jsonl_max_bytes, settings.logging.jsonl_backups)
-        self.traces_log = JsonLinesLog(logs_dir / "traces.jsonl", *rotation)
-        self.calls_log = JsonLinesLog(logs_dir / "calls.jsonl", *rotation)
+        self.logs_flush_s = settings.logging.jsonl_flush_s
+        buffered = self.logs_flush_s > 0
+        self.traces_log = JsonLinesLog(logs_dir / "traces.jsonl", *rotation,
+                                       flush_every_line=not buffered)
+        self.calls_log = JsonLinesLog(logs_dir / "calls.jsonl", *rotation,
+                                      flush_every_line=not buffered)
+        self._logs_flush: asyncio.TimerHandle | None = None
         self.traces = TraceStore(settings.traces.max_sessions, settings.traces.max_steps,
                                  self.traces_log, max_bytes=settings.traces.max_bytes,
                                  max_session_bytes=settings.traces.max_session_bytes)
@@ -126,6 +131,17 @@ class Front:
             for command in out:
                 self._execute(command)
             out = core.drain()  # a refused send may have asked for more
+        if self._logs_flush is None and (self.traces_log.unflushed
+                                         or self.calls_log.unflushed):
+            self._logs_flush = self.loop.call_later(self.logs_flush_s, self.flush_logs)
+
+    def flush_logs(self) -> None:
+        """The JSON-lines logs' buffers to their files (on a timer, `_flush`)."""
+        if self._logs_flush is not None:
+            self._logs_flush.cancel()
+            self._logs_flush = None
+        self.traces_log.flush()
+        self.calls_log.flush()
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -229,6 +245,14 @@ class Front:
         self._run()
         await asyncio.sleep(SHUTDOWN_FLUSH_S)
         self.records.flush_all()
+        self.flush_logs()
+
+    def close(self) -> None:
+        """The logs flushed and closed (after `shutdown`, or when the loop ends on an
+        error)."""
+        self.flush_logs()
+        self.traces_log.close()
+        self.calls_log.close()
 
     # ---------------------------------------------------------------- state
 

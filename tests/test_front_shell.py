@@ -223,7 +223,13 @@ def test_traces_are_stored_logged_and_given_to_listeners(tmp_path: Path) -> None
                                                  "sip_call_ids": []}]
         assert seen[0]["type"] == "ivr_step_trace" and seen[0]["step_id"] == "x"
         assert shell.events[0] == seen[0]
-        lines = (tmp_path / "logs" / "traces.jsonl").read_text().splitlines()
+        # Buffered ([logging] jsonl_flush_s), flushed by the shell's timer.
+        path = tmp_path / "logs" / "traces.jsonl"
+        assert path.read_bytes() == b""
+        loop.skip(shell.front.logs_flush_s)
+        for _ in range(10):  # a few loop iterations: the timer is due at once
+            await asyncio.sleep(0)
+        lines = path.read_text().splitlines()
         assert json.loads(lines[0])["extra"] == {"k": 1}
 
     run(main)
