@@ -133,7 +133,12 @@ class Front:
             out = core.drain()  # a refused send may have asked for more
         if self._logs_flush is None and (self.traces_log.unflushed
                                          or self.calls_log.unflushed):
-            self._logs_flush = self.loop.call_later(self.logs_flush_s, self.flush_logs)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # driven without a loop (tests): nothing would flush
+                self.flush_logs()
+                return
+            self._logs_flush = loop.call_later(self.logs_flush_s, self.flush_logs)
 
     def flush_logs(self) -> None:
         """The JSON-lines logs' buffers to their files (on a timer, `_flush`)."""
