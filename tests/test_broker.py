@@ -12,11 +12,13 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 import pytest
 import uvloop
 import zmq
 import zmq.asyncio
 
+from pbx import broker as broker_module
 from pbx.broker import DRAIN_BATCH, Broker
 from pbx.config import ZmqSettings, parse_config
 from pbx.messages import IvrReady, MediaEvent, MediaTimer, TimerFired, decode, encode
@@ -490,3 +492,62 @@ def test_sends_of_one_iteration_cost_one_events_check_per_plane(loop_kind: str) 
 
     counts = run_on(loop_kind, main())
     assert counts == (1, 1, 2, 2)
+
+
+def test_events_are_encoded_and_sent_only_while_someone_subscribes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The events socket counts its subscriptions: with none, `publish` neither encodes
+    nor sends; two subscribers get events, and when the last one goes (its
+    unsubscription sent by libzmq on the disconnect) publishing stops again."""
+    encoded: list[object] = []
+    real_dumps = broker_module.orjson.dumps
+
+    class CountingOrjson:
+        @staticmethod
+        def dumps(obj: object) -> bytes:
+            encoded.append(obj)
+            return real_dumps(obj)
+
+    monkeypatch.setattr(broker_module, "orjson", CountingOrjson)
+
+    async def main() -> tuple[int, list[int], list[int], int]:
+        settings = endpoints()
+        broker = Broker(settings)
+        broker.start(lambda i, m: None, lambda i, m: None)
+        ctx = zmq.Context()
+        subs: list[zmq.Socket[bytes]] = []
+        try:
+            await asyncio.sleep(0.05)
+            broker.publish({"n": 0})  # nobody yet
+            before = len(encoded)
+            for _ in range(2):
+                sub = ctx.socket(zmq.SUB)
+                sub.setsockopt(zmq.LINGER, 0)
+                sub.setsockopt(zmq.SUBSCRIBE, b"")
+                sub.connect(settings.events_endpoint)
+                subs.append(sub)
+            # Both subscriptions read (libzmq passes the first of the topic only).
+            assert await until(lambda: broker.subscribed_topics == 1)
+            await asyncio.sleep(0.2)  # the second subscriber's handshake too
+            broker.publish({"n": 1})
+            heard = []
+            for sub in subs:
+                heard.append(orjson.loads(sub.recv())["n"] if sub.poll(2000) else -1)
+            subs[0].close(0)
+            await asyncio.sleep(0.2)
+            broker.publish({"n": 2})
+            heard_after = [orjson.loads(subs[1].recv())["n"] if subs[1].poll(2000) else -1]
+            subs[1].close(0)
+            assert await until(lambda: broker.subscribed_topics == 0)
+            broker.publish({"n": 3})
+            return before, heard, heard_after, len(encoded)
+        finally:
+            for sub in subs:
+                sub.close(0)
+            broker.close()
+            ctx.term()
+
+    before, heard, heard_after, total = uvloop.run(main())
+    assert before == 0
+    assert heard == [1, 1] and heard_after == [2]
+    assert total == 2  # n=1 and n=2 only
