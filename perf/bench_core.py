@@ -64,7 +64,7 @@ to_user = "*99"
 app = "ivr"
 app_params = {{ mode = "step", url = "http://127.0.0.1:1/ivr" }}
 """
-PLAY = [m.PlayCommand(play_id=1, file="sounds/menu.wav")]
+PLAY: list[m.CallCommand] = [m.PlayCommand(play_id=1, file="sounds/menu.wav")]
 POOL = list(range(20_000, 24_000, 2))
 
 
