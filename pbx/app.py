@@ -81,6 +81,7 @@ async def run(settings: Settings) -> None:
             await asyncio.wait({sweep}, timeout=RETENTION_STOP_WAIT_S)
     finally:
         gc.callbacks.remove(gc_watch)
+        front.close()
         transport.close()
         await runner.cleanup()
         broker.close()

@@ -1,4 +1,4 @@
-"""The front's ZeroMQ shell: ROUTER sockets for the media and IVR planes, PUB for events.
+"""The front's ZeroMQ shell: ROUTER sockets for the media and IVR planes, XPUB for events.
 
 Thin: frames in are decoded into message models and handed to callbacks;
 messages out are encoded and sent to a worker identity. Worker liveness and
@@ -16,10 +16,20 @@ and every call into the socket (send, recv, EVENTS) may consume that signal. So:
 
 - a wake-up reads with NOBLOCK until nothing is left (EAGAIN: libzmq processed every
   pending command first, as for EVENTS, so the next arrival signals the FD again);
-- after a send outside the socket's own drain, EVENTS is checked, and a drain is
-  scheduled if a message is waiting (the send may have eaten its signal);
+- a send outside the socket's own drain marks the socket, and once per loop iteration
+  (a `call_soon` made by the first such send, so after the handler or timer that sent
+  and before the loop next waits) EVENTS is checked on each marked socket, and a drain
+  is scheduled if a message is waiting (the sends may have eaten its signal). One check
+  per socket per iteration, not per send: each EVENTS makes libzmq process its commands
+  (a poll and a getpid), and the front sends ~6 messages per call;
 - a drain handles at most `DRAIN_BATCH` messages, then continues on the next loop
   iteration (`call_soon`), so one busy plane cannot starve the other, SIP or timers.
+
+Events go out on an XPUB socket (a PUB whose subscriptions the broker reads: a
+subscribe message when a topic gets its first subscriber, an unsubscribe when it loses
+its last one, libzmq sending those of a subscriber that disconnects): while no topic
+has a subscriber, `publish` neither encodes nor sends (5 events a call, for nobody,
+in most deployments). Subscribers see no difference (same CURVE, same frames).
 
 Handlers run synchronously, one message at a time, never re-entered: a handler may
 send on either plane (its send never calls a handler; the drain in progress, or one
@@ -55,7 +65,8 @@ _MORE = zmq.SNDMORE | zmq.NOBLOCK
 class _Reader:
     """One socket read from the event loop: wake-ups on its FD, drains after sends."""
 
-    __slots__ = ("sock", "read_one", "loop", "fd", "batch", "draining", "pending", "closed")
+    __slots__ = ("sock", "read_one", "loop", "fd", "batch", "draining", "pending", "closed",
+                 "unchecked")
 
     def __init__(self, sock: zmq.Socket[bytes], read_one: Callable[[], None],
                  loop: asyncio.AbstractEventLoop, batch: int) -> None:
@@ -67,6 +78,7 @@ class _Reader:
         self.draining = False
         self.closed = False
         self.pending: asyncio.Handle | None = None  # a drain to continue next iteration
+        self.unchecked = False  # sent on since the last EVENTS check (or drain)
         self.fd = sock.fileno()  # zmq.FD
         loop.add_reader(self.fd, self.wake)
         # Whatever arrived before the FD was watched has already spent its signal.
@@ -81,6 +93,7 @@ class _Reader:
         if self.closed:
             return
         self.draining = True
+        self.unchecked = False  # the drain's reads end on EAGAIN: commands processed
         try:
             for _ in range(self.batch):
                 try:
@@ -97,11 +110,12 @@ class _Reader:
         finally:
             self.draining = False
 
-    def sent(self) -> None:
-        """After a send on this socket: the send may have taken the FD's signal for a
-        message that is waiting; read it on the next iteration (never from inside the
-        sender's call)."""
-        if self.draining or self.pending is not None:
+    def check(self) -> None:
+        """After sends on this socket (`unchecked`): they may have taken the FD's signal
+        for a message that is waiting; read it on the next iteration (never from inside
+        the sender's call)."""
+        self.unchecked = False
+        if self.closed or self.draining or self.pending is not None:
             return  # the drain running (or the one scheduled) reads it
         if cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self.pending = self.loop.call_soon(self.drain)
@@ -133,7 +147,7 @@ class Broker:
             self.zap_policy = ZapPolicy.from_settings(settings)
         self.media = self._router("media")
         self.ivr = self._router("ivr")
-        self.events = self.ctx.socket(zmq.PUB)
+        self.events = self.ctx.socket(zmq.XPUB)
         self.events.setsockopt(zmq.LINGER, 0)
         self.events.setsockopt(zmq.SNDHWM, 100_000)
         configure_server(self.events, settings, "events")
@@ -141,6 +155,11 @@ class Broker:
         self._readers: list[_Reader] = []
         self._media_reader: _Reader | None = None
         self._ivr_reader: _Reader | None = None
+        self._events_reader: _Reader | None = None
+        self._check: asyncio.Handle | None = None  # this iteration's EVENTS checks
+        # Topics with a subscriber (subscribe +1, unsubscribe -1: libzmq passes only the
+        # first and the last of each topic): events are encoded and sent while > 0.
+        self.subscribed_topics = 0
 
     def _router(self, plane: str) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -170,7 +189,21 @@ class Broker:
                                      loop, DRAIN_BATCH)
         self._ivr_reader = _Reader(self.ivr, _plane_reader(self.ivr, on_ivr, "ivr"), loop,
                                    DRAIN_BATCH)
-        self._readers += [self._media_reader, self._ivr_reader]
+        self._events_reader = _Reader(self.events, self._read_subscription, loop,
+                                      DRAIN_BATCH)
+        self._readers += [self._media_reader, self._ivr_reader, self._events_reader]
+
+    def _read_subscription(self) -> None:
+        """One (un)subscription from the events socket; zmq.Again if none waits. A
+        subscriber may send anything: what is not a subscription is ignored."""
+        sock = self.events
+        frame = sock.recv(zmq.NOBLOCK)
+        while sock.getsockopt(zmq.RCVMORE):
+            sock.recv(zmq.NOBLOCK)
+        if frame[:1] == b"\x01":
+            self.subscribed_topics += 1
+        elif frame[:1] == b"\x00" and self.subscribed_topics > 0:
+            self.subscribed_topics -= 1
 
     def _authenticate(self, zap: zmq.Socket[bytes]) -> None:
         """One ZAP request (RFC 27) answered; zmq.Again if none waits."""
@@ -204,8 +237,21 @@ class Broker:
             sock.send(payload, zmq.NOBLOCK)
             sent = True
         if reader is not None:
-            reader.sent()
+            self._sent_on(reader)
         return sent
+
+    def _sent_on(self, reader: _Reader) -> None:
+        if not reader.draining and not reader.unchecked:
+            reader.unchecked = True
+            if self._check is None:
+                self._check = reader.loop.call_soon(self._check_sent)
+
+    def _check_sent(self) -> None:
+        """Once per loop iteration with sends: each plane sent on gets its EVENTS check."""
+        self._check = None
+        for reader in (self._media_reader, self._ivr_reader, self._events_reader):
+            if reader is not None and reader.unchecked:
+                reader.check()
 
     def send_media(self, identity: bytes, msg: Any) -> bool:
         return self._send(self.media, self._media_reader, identity, msg)
@@ -214,16 +260,23 @@ class Broker:
         return self._send(self.ivr, self._ivr_reader, identity, msg)
 
     def publish(self, event: dict[str, Any]) -> None:
+        if not self.subscribed_topics:
+            return  # nobody would receive it
         try:
             self.events.send(orjson.dumps(event), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # no subscriber room: live events are best effort
+        if self._events_reader is not None:
+            self._sent_on(self._events_reader)
 
     def close(self) -> None:
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
         for reader in self._readers:
             reader.close()
         self._readers = []
-        self._media_reader = self._ivr_reader = None
+        self._media_reader = self._ivr_reader = self._events_reader = None
         # The CURVE sockets go first: the ZAP handler outlives every socket it guards.
         for sock in (self.media, self.ivr, self.events, self.zap):
             if sock is not None:

@@ -175,14 +175,22 @@ def redact(obj: Any, _depth: int = 0) -> Any:
     replaced (see the module text). The input is never modified."""
     if _depth > MAX_DEPTH:
         return REDACTED
-    if isinstance(obj, Mapping):
+    # Exact-class tests first: traces and events are dicts, lists and str, and an ABC's
+    # isinstance costs several times more (every step trace passes here, issue 9).
+    cls = obj.__class__
+    if cls is dict or (cls is not str and cls is not list and isinstance(obj, Mapping)):
         out: dict[Any, Any] = {}
         for key, value in obj.items():
-            if value is None or value.__class__ in _SCALARS:
+            value_cls = value.__class__
+            if value is None or value_cls in _SCALARS:
                 out[key] = value  # no credential is a number
                 continue
-            kind = _key_kind(key if isinstance(key, str) else str(key))
-            if kind == _SECRET:
+            kind = _key_kinds.get(key) if key.__class__ is str else None
+            if kind is None:
+                kind = _key_kind(key if isinstance(key, str) else str(key))
+            if kind == _PLAIN and value_cls is str:
+                out[key] = value
+            elif kind == _SECRET:
                 out[key] = REDACTED
             elif isinstance(value, str):
                 out[key] = (redact_url(value) if kind == _URL else
@@ -192,8 +200,12 @@ def redact(obj: Any, _depth: int = 0) -> Any:
             else:
                 out[key] = redact(value, _depth + 1)
         return out
-    if isinstance(obj, list | tuple):
-        return [redact(item, _depth + 1) for item in obj]
+    if cls is list or cls is tuple or isinstance(obj, list | tuple):
+        depth = _depth + 1
+        if depth > MAX_DEPTH:
+            return [REDACTED] * len(obj)
+        return [item if item.__class__ is str or item is None or item.__class__ in _SCALARS
+                else redact(item, depth) for item in obj]
     return obj
 
 

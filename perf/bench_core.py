@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The call core's own cost per call: no sockets, no processes, no event loop.
 
-    python perf/bench_core.py [--calls 20000] [--profile] [--json perf/results/...]
+    python perf/bench_core.py [--calls 20000] [--profile] [--shell] [--json perf/results/...]
 
 Drives `pbx.calls.CallCore` through N whole IVR calls the way the front does (SIP
 bytes in, commands out): INVITE → 100 + 200 (a port from a fake media worker's
@@ -12,11 +12,18 @@ written when the media workers' statistics come. The clock is virtual; CPU time 
 core could set up at that cost (the front also pays for sockets, the transport, ZeroMQ
 and the event loop: `perf/setup_rate.py` measures all of it); `--profile` adds the
 cProfile top 25 by own time.
+
+`--shell` runs the same calls through the front's shell (`pbx.front.Front`) on uvloop,
+as `pbx-front` does: the media worker's and executor's answers come on later loop
+iterations (`call_soon`, as ZeroMQ messages would), the loop's real clock, the shell's
+one timer and its JSON-lines flush timer; no sockets (SIP out is kept, events go
+nowhere). The difference from the default mode is the shell's own cost per call.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import cProfile
 import json
 import pstats
@@ -25,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,7 +64,7 @@ to_user = "*99"
 app = "ivr"
 app_params = {{ mode = "step", url = "http://127.0.0.1:1/ivr" }}
 """
-PLAY = [m.PlayCommand(play_id=1, file="sounds/menu.wav")]
+PLAY: list[m.CallCommand] = [m.PlayCommand(play_id=1, file="sounds/menu.wav")]
 POOL = list(range(20_000, 24_000, 2))
 
 
@@ -74,7 +83,9 @@ class Driver:
     def __init__(self, logs: Path) -> None:
         settings = parse_config(CONFIG.format(logs=logs))
         self.now = 1000.0
-        self.core = CallCore(settings, records=CallRecords(JsonLinesLog(logs / "calls.jsonl")),
+        # Buffered as the front's ([logging] jsonl_flush_s), flushed every 200 calls.
+        self.calls_log = JsonLinesLog(logs / "calls.jsonl", flush_every_line=False)
+        self.core = CallCore(settings, records=CallRecords(self.calls_log),
                              traces=TraceStore(), now=self.now, wall_offset=1.7e9)
         self.sent: list[bytes] = []
         self.core.media_message(b"w", m.MediaReady(worker_id="w", capacity=1_000_000,
@@ -112,6 +123,7 @@ class Driver:
                         commands=PLAY if start else [], done=not start), self.now)
                 elif hasattr(command, "data"):
                     self.sent.append(command.data)
+            core.get_timer()  # what the front's shell asks after each pass (Front._run)
 
     def one_call(self, n: int) -> None:
         core = self.core
@@ -137,14 +149,103 @@ class Driver:
                                                   capacity=1_000_000), self.now)
             core.handle_timer(self.now)
             self.pump()
+            self.calls_log.flush()
+
+
+class ShellDriver:
+    """The calls through `pbx.front.Front` on the running loop (`--shell`)."""
+
+    def __init__(self, logs: Path) -> None:
+        from pbx.front import Front
+
+        self.loop = asyncio.get_running_loop()
+        self.front = Front(parse_config(CONFIG.format(logs=logs)), self.send_sip,
+                           self.send_media, self.send_ivr, lambda event: None)
+        self.core = self.front.core
+        self.waiting: tuple[bytes, asyncio.Future[bytes]] | None = None
+        self.front.on_media_message(b"w", m.MediaReady(worker_id="w", capacity=1_000_000,
+                                                       rtp_ip="127.0.0.1"))
+        self.front.on_media_message(b"w", m.MediaPorts(ports=POOL, allocate_seq=0))
+        self.front.on_ivr_message(b"e", m.IvrReady(executor_id="e", capacity=1_000_000))
+
+    def send_sip(self, data: bytes, addr: Any, reliable: bool = False) -> None:
+        if self.waiting is not None and data.startswith(self.waiting[0]):
+            prefix, future = self.waiting
+            self.waiting = None
+            future.set_result(data)
+
+    def send_media(self, worker: bytes, msg: Any) -> bool:
+        if isinstance(msg, m.MediaAllocate):
+            answer: Any = m.MediaAllocated(call_id=msg.call_id, rtp_ip="127.0.0.1",
+                                           rtp_port=msg.rtp_port)
+            self.loop.call_soon(self.front.on_media_message, worker, answer)
+            if msg.seq % 100 == 0:
+                self.loop.call_soon(self.front.on_media_message, worker,
+                                    m.MediaPorts(ports=POOL, allocate_seq=msg.seq))
+        elif isinstance(msg, m.MediaRelease):
+            self.loop.call_soon(self.front.on_media_message, worker, m.MediaReleased(
+                call_id=msg.call_id, packets_sent=1, packets_received=1))
+        return True
+
+    def send_ivr(self, executor: bytes, event: Any) -> bool:
+        start = isinstance(event.input, m.SessionStartInput)
+        self.loop.call_soon(self.front.on_ivr_message, executor, m.IvrReply(
+            session_id=event.session_id, seq=event.seq, state={"s": 1},
+            commands=list(PLAY) if start else [], done=not start))
+        return True
+
+    async def until_sent(self, prefix: bytes, data: bytes) -> bytes:
+        future: asyncio.Future[bytes] = self.loop.create_future()
+        self.waiting = (prefix, future)
+        self.front.message_received(data, CALLER)
+        return await asyncio.wait_for(future, 10.0)
+
+    async def one_call(self, n: int) -> None:
+        if n % 100 == 0:  # the worker and the executor are alive
+            self.front.on_media_message(b"w", m.MediaHeartbeat(
+                worker_id="w", calls=0, capacity=1_000_000, rtp_ip="127.0.0.1",
+                ports=POOL, allocate_seq=0))
+            self.front.on_ivr_message(b"e", m.IvrHeartbeat(executor_id="e", busy=0,
+                                                           capacity=1_000_000))
+        ok = await self.until_sent(b"SIP/2.0 200", request(
+            "INVITE", n, 1, "<sip:*99@127.0.0.1:5060>", SDP))
+        to = next(line for line in ok.split(b"\r\n") if line.startswith(b"To:"))
+        to_value = to[3:].strip().decode()
+        self.front.message_received(request("ACK", n, 1, to_value), CALLER)
+        await self.until_sent(b"SIP/2.0 200", request("BYE", n, 2, to_value))
+
+
+async def run_shell(logs: Path, calls: int, profiler: cProfile.Profile | None
+                    ) -> tuple[float, int]:
+    driver = ShellDriver(logs)
+    for n in range(200):  # warm-up
+        await driver.one_call(-n - 1)
+    started = time.process_time()
+    if profiler:
+        profiler.enable()
+    for n in range(calls):
+        await driver.one_call(n)
+    await asyncio.sleep(0.01)  # the last MediaReleased
+    if profiler:
+        profiler.disable()
+    cpu = time.process_time() - started
+    getattr(driver.front, "close", lambda: None)()  # (older checkouts have none)
+    return cpu, len(driver.core.ctx.table.calls)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, default=20_000)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--shell", action="store_true",
+                    help="through pbx.front.Front on uvloop (the shell's cost included)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.shell:
+        profiler = cProfile.Profile() if args.profile else None
+        with tempfile.TemporaryDirectory() as tmp:
+            cpu, left = uvloop.run(run_shell(Path(tmp), args.calls, profiler))
+        return report(args, cpu, left, profiler)
     with tempfile.TemporaryDirectory() as tmp:
         driver = Driver(Path(tmp))
         for n in range(200):  # warm-up
@@ -159,13 +260,19 @@ def main(argv: list[str] | None = None) -> int:
             profiler.disable()
         cpu = time.process_time() - started
         left = len(driver.core.ctx.table.calls)
+    return report(args, cpu, left, profiler)
+
+
+def report(args: argparse.Namespace, cpu: float, left: int,
+           profiler: cProfile.Profile | None) -> int:
     per_call_us = cpu / args.calls * 1e6
     result: dict[str, Any] = {
         "calls": args.calls, "cpu_s": round(cpu, 3), "us_per_call": round(per_call_us, 1),
         "calls_per_core_s": round(1e6 / per_call_us), "calls_left": left,
-        "profiled": bool(profiler),
+        "profiled": bool(profiler), "shell": args.shell,
     }
-    print(f"{args.calls} calls: {per_call_us:.0f} µs core CPU per call "
+    what = "shell + core" if args.shell else "core"
+    print(f"{args.calls} calls: {per_call_us:.0f} µs {what} CPU per call "
           f"(INVITE..200, ACK, BYE..200, record) = {1e6 / per_call_us:.0f} calls/s per core"
           f"{' (under cProfile)' if profiler else ''}; calls left: {left}")
     if profiler:

@@ -12,11 +12,13 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 import pytest
 import uvloop
 import zmq
 import zmq.asyncio
 
+from pbx import broker as broker_module
 from pbx.broker import DRAIN_BATCH, Broker
 from pbx.config import ZmqSettings, parse_config
 from pbx.messages import IvrReady, MediaEvent, MediaTimer, TimerFired, decode, encode
@@ -441,3 +443,111 @@ def test_send_to_a_worker_that_does_not_read_fails_when_its_queue_is_full(
     refused_at = run_on(loop_kind, main())
     assert refused_at is not None and refused_at >= 100_000
     assert "cannot send media_timer to b'w1': Resource temporarily unavailable" in caplog.text
+
+
+class _CountingEvents:
+    """A reader's socket, counting the EVENTS checks made on it."""
+
+    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+        self.sock = sock
+        self.events_checks = 0
+
+    def getsockopt(self, option: int) -> Any:
+        if option == zmq.EVENTS:
+            self.events_checks += 1
+        return self.sock.getsockopt(option)
+
+
+@LOOPS
+def test_sends_of_one_iteration_cost_one_events_check_per_plane(loop_kind: str) -> None:
+    """Each EVENTS check makes libzmq process its commands (syscalls): 50 sends on each
+    plane from one callback are followed by one check per plane on the next iteration,
+    not one per send (the edge-triggered tests above check that nothing is missed)."""
+
+    async def main() -> tuple[int, int, int, int]:
+        broker = Broker(endpoints())
+        broker.start(lambda i, m: None, lambda i, m: None)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.sleep(0.05)  # the readers' first drains
+            media = _CountingEvents(broker.media)
+            ivr = _CountingEvents(broker.ivr)
+            assert broker._media_reader is not None and broker._ivr_reader is not None
+            broker._media_reader.sock = media  # type: ignore[assignment]
+            broker._ivr_reader.sock = ivr  # type: ignore[assignment]
+
+            def burst() -> None:
+                for n in range(50):
+                    broker.send_media(b"w1", timer_command(n))
+                    broker.send_ivr(b"e1", timer_command(n))
+
+            loop.call_soon(burst)
+            await asyncio.sleep(0.05)
+            first = media.events_checks, ivr.events_checks
+            loop.call_soon(burst)
+            await asyncio.sleep(0.05)
+        finally:
+            broker.close()
+        return (*first, media.events_checks, ivr.events_checks)
+
+    counts = run_on(loop_kind, main())
+    assert counts == (1, 1, 2, 2)
+
+
+def test_events_are_encoded_and_sent_only_while_someone_subscribes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The events socket counts its subscriptions: with none, `publish` neither encodes
+    nor sends; two subscribers get events, and when the last one goes (its
+    unsubscription sent by libzmq on the disconnect) publishing stops again."""
+    encoded: list[object] = []
+    real_dumps = broker_module.orjson.dumps
+
+    class CountingOrjson:
+        @staticmethod
+        def dumps(obj: object) -> bytes:
+            encoded.append(obj)
+            return real_dumps(obj)
+
+    monkeypatch.setattr(broker_module, "orjson", CountingOrjson)
+
+    async def main() -> tuple[int, list[int], list[int], int]:
+        settings = endpoints()
+        broker = Broker(settings)
+        broker.start(lambda i, m: None, lambda i, m: None)
+        ctx = zmq.Context()
+        subs: list[zmq.Socket[bytes]] = []
+        try:
+            await asyncio.sleep(0.05)
+            broker.publish({"n": 0})  # nobody yet
+            before = len(encoded)
+            for _ in range(2):
+                sub = ctx.socket(zmq.SUB)
+                sub.setsockopt(zmq.LINGER, 0)
+                sub.setsockopt(zmq.SUBSCRIBE, b"")
+                sub.connect(settings.events_endpoint)
+                subs.append(sub)
+            # Both subscriptions read (libzmq passes the first of the topic only).
+            assert await until(lambda: broker.subscribed_topics == 1)
+            await asyncio.sleep(0.2)  # the second subscriber's handshake too
+            broker.publish({"n": 1})
+            heard = []
+            for sub in subs:
+                heard.append(orjson.loads(sub.recv())["n"] if sub.poll(2000) else -1)
+            subs[0].close(0)
+            await asyncio.sleep(0.2)
+            broker.publish({"n": 2})
+            heard_after = [orjson.loads(subs[1].recv())["n"] if subs[1].poll(2000) else -1]
+            subs[1].close(0)
+            assert await until(lambda: broker.subscribed_topics == 0)
+            broker.publish({"n": 3})
+            return before, heard, heard_after, len(encoded)
+        finally:
+            for sub in subs:
+                sub.close(0)
+            broker.close()
+            ctx.term()
+
+    before, heard, heard_after, total = uvloop.run(main())
+    assert before == 0
+    assert heard == [1, 1] and heard_after == [2]
+    assert total == 2  # n=1 and n=2 only

@@ -223,7 +223,40 @@ def test_traces_are_stored_logged_and_given_to_listeners(tmp_path: Path) -> None
                                                  "sip_call_ids": []}]
         assert seen[0]["type"] == "ivr_step_trace" and seen[0]["step_id"] == "x"
         assert shell.events[0] == seen[0]
-        lines = (tmp_path / "logs" / "traces.jsonl").read_text().splitlines()
+        # Buffered ([logging] jsonl_flush_s), flushed by the shell's timer.
+        path = tmp_path / "logs" / "traces.jsonl"
+        assert path.read_bytes() == b""
+        loop.skip(shell.front.logs_flush_s)
+        for _ in range(10):  # a few loop iterations: the timer is due at once
+            await asyncio.sleep(0)
+        lines = path.read_text().splitlines()
         assert json.loads(lines[0])["extra"] == {"k": 1}
+
+    run(main)
+
+
+def test_the_core_deadline_is_asked_once_per_loop_iteration(tmp_path: Path) -> None:
+    """Inputs handled in one loop iteration (a drain of plane messages, several
+    datagrams) cost one `get_timer()` of the core, after them, and the one timer is
+    still armed for the earliest deadline."""
+    async def main(loop: SkippingLoop) -> None:
+        shell = Shell(tmp_path, first_then(PLAY))
+        core = shell.front.core
+        asked: list[float | None] = []
+        real_get_timer = core.get_timer
+
+        def get_timer() -> float | None:
+            asked.append(real_get_timer())
+            return asked[-1]
+
+        core.get_timer = get_timer  # type: ignore[method-assign]
+        await asyncio.sleep(0)
+        asked.clear()
+        for _ in range(3):
+            shell.front.message_received(caller_invite(), CALLER)  # then 2 retransmissions
+        assert asked == []
+        await asyncio.sleep(0)
+        assert len(asked) == 1 and asked[0] is not None
+        assert shell.front._timer_at == asked[0]
 
     run(main)

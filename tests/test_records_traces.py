@@ -119,3 +119,18 @@ def test_json_lines_log_appends_and_survives_an_unwritable_path(tmp_path: Path) 
     bad.write({"x": 1})
     bad.write({"x": 2})
     assert bad.path is None and bad.lines == 0
+
+
+def test_buffered_json_lines_reach_the_file_on_flush_and_close(tmp_path: Path) -> None:
+    """The front's logs: lines wait in the buffer (no write syscall each) until
+    `flush()`, and `close()` flushes what is left."""
+    path = tmp_path / "logs" / "calls.jsonl"
+    log = JsonLinesLog(path, flush_every_line=False)
+    log.write({"a": 1})
+    assert log.unflushed and path.read_bytes() == b""
+    log.flush()
+    assert not log.unflushed and path.read_bytes() == b'{"a":1}\n'
+    log.write({"b": 2})
+    assert path.read_bytes() == b'{"a":1}\n'
+    log.close()
+    assert path.read_bytes() == b'{"a":1}\n{"b":2}\n'

@@ -150,10 +150,13 @@ class CallCore:
 
     def get_timer(self) -> float | None:
         ctx = self.ctx
-        deadlines = [d for d in (ctx.timers.get_timer(), ctx.transactions.get_timer(),
-                                 ctx.retransmitter.get_timer(), ctx.registrar.get_timer(),
-                                 ctx.records.get_timer()) if d is not None]
-        return min(deadlines) if deadlines else None
+        # The shell asks after every input: no list, no min() call.
+        best = ctx.timers.get_timer()
+        for deadline in (ctx.transactions.get_timer(), ctx.retransmitter.get_timer(),
+                         ctx.registrar.get_timer(), ctx.records.get_timer()):
+            if deadline is not None and (best is None or deadline < best):
+                best = deadline
+        return best
 
     def handle_timer(self, now: float) -> None:
         ctx = self.ctx

@@ -52,9 +52,19 @@ _LIST_HEADERS = frozenset(
 )
 
 
+# Lower-case name -> lower-case key: compact forms become their full names' keys.
+_KEY_OF_LOWER: dict[str, str] = {k: v.lower() for k, v in _CANONICAL.items()}
+
+
 def canonical_name(name: str) -> str:
     """The canonical spelling of a header name; compact forms become full names."""
     return _CANONICAL.get(name.lower(), name)
+
+
+def _key(name: str) -> str:
+    """The lower-case key of a header name (`canonical_name(name).lower()`, one lookup)."""
+    lower = name.lower()
+    return _KEY_OF_LOWER.get(lower, lower)
 
 
 class Headers:
@@ -66,34 +76,40 @@ class Headers:
 
     Linear in the message however many distinct names it carries: `add` is O(1)
     (the spelling of a name already seen is looked up in `_spelling`, not searched
-    for), `in` and `count` are O(1), `get` and `get_all` one pass that absent names
-    skip. `_spelling` and `_count` hold exactly the keys present in `_items`.
+    for), `in` and `count` are O(1), `get` O(1) once a name's first value is known
+    (`_first`, filled by `add` and by the first `get` after a change that may have
+    moved it), `get_all` one pass that absent names skip. `_spelling` and `_count`
+    hold exactly the keys present in `_items`; `_first` a subset of them.
     """
 
-    __slots__ = ("_items", "_spelling", "_count")
+    __slots__ = ("_items", "_spelling", "_count", "_first")
 
     def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
         # (lower-case key, spelling, value), in order
         self._items: list[tuple[str, str, str]] = []
         self._spelling: dict[str, str] = {}  # lower-case key -> its spelling
         self._count: dict[str, int] = {}  # lower-case key -> number of lines
+        self._first: dict[str, str] = {}  # lower-case key -> its first value (a cache)
         if items:
             for name, value in items:
                 self.add(name, value)
 
     def get(self, name: str) -> str | None:
         """The first value of `name`, or None."""
-        key = canonical_name(name).lower()
-        if key not in self._count:
-            return None
+        lower = name.lower()
+        key = _KEY_OF_LOWER.get(lower, lower)
+        value = self._first.get(key)
+        if value is not None or key not in self._count:
+            return value
         for k, _, v in self._items:
             if k == key:
+                self._first[key] = v
                 return v
         return None
 
     def get_all(self, name: str) -> list[str]:
         """Every value of `name`; list-valued headers are also split on commas."""
-        key = canonical_name(name).lower()
+        key = _key(name)
         if key not in self._count:
             return []
         values = [v for k, _, v in self._items if k == key]
@@ -106,7 +122,7 @@ class Headers:
 
     def count(self, name: str) -> int:
         """How many header lines carry `name`."""
-        return self._count.get(canonical_name(name).lower(), 0)
+        return self._count.get(_key(name), 0)
 
     def _entry(self, name: str, value: str) -> tuple[str, str, str]:
         """Canonical spelling, or for an unknown name the spelling first seen."""
@@ -121,16 +137,30 @@ class Headers:
         return entry
 
     def add(self, name: str, value: str) -> None:
-        self._items.append(self._counted(self._entry(name, value)))
+        # `_entry` and `_counted` inlined: the parser calls this for every header line.
+        lower = name.lower()
+        cname = _CANONICAL.get(lower, name)
+        key = cname.lower()
+        count = self._count.get(key, 0)
+        if count:
+            self._items.append((key, self._spelling[key], value))
+        else:
+            self._spelling[key] = cname
+            self._first[key] = value
+            self._items.append((key, cname, value))
+        self._count[key] = count + 1
 
     def insert(self, index: int, name: str, value: str) -> None:
         """Insert a header line at position `index` (0 → before all others)."""
-        self._items.insert(index, self._counted(self._entry(name, value)))
+        entry = self._counted(self._entry(name, value))
+        self._first.pop(entry[0], None)  # it may now come first
+        self._items.insert(index, entry)
 
     def set(self, name: str, value: str) -> None:
         """Replace every value of `name` by one, at the position of the first."""
         entry = self._entry(name, value)
         key = entry[0]
+        self._first[key] = value
         if key not in self._count:
             self._items.append(self._counted(entry))
             return
@@ -142,24 +172,26 @@ class Headers:
     def set_first(self, name: str, value: str) -> None:
         """Replace the value of the first `name` line in place, keeping its spelling and
         every other line (the top Via, RFC 3261 §18.2.1); nothing if there is none."""
-        key = canonical_name(name).lower()
+        key = _key(name)
         if key not in self._count:
             return
         for i, (k, spelling, _) in enumerate(self._items):
             if k == key:
                 self._items[i] = (k, spelling, value)
+                self._first[key] = value
                 return
 
     def remove(self, name: str) -> None:
-        key = canonical_name(name).lower()
+        key = _key(name)
         if self._count.pop(key, None) is not None:
             del self._spelling[key]
+            self._first.pop(key, None)
             self._items = [it for it in self._items if it[0] != key]
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        return canonical_name(name).lower() in self._count
+        return _key(name) in self._count
 
     def __len__(self) -> int:
         return len(self._items)
@@ -180,4 +212,5 @@ class Headers:
         h._items = list(self._items)
         h._spelling = dict(self._spelling)
         h._count = dict(self._count)
+        h._first = dict(self._first)
         return h

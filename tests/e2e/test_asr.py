@@ -27,7 +27,14 @@ import pytest
 
 from media import g711
 from tests.asr_server import AsrServer, quiet, spoken
-from tests.e2e.harness import PbxSystem, Reply, ScriptedProvider, start_system, wait_idle
+from tests.e2e.harness import (
+    PbxSystem,
+    Reply,
+    ScriptedProvider,
+    start_system,
+    wait_idle,
+    wait_until,
+)
 from tests.e2e.test_dtmf_sources import caller_scenario, events_of, run_caller
 
 YES_AT_MS = 800
@@ -141,9 +148,13 @@ def test_local_pocketsphinx_hears_yes_then_two(local_system: PbxSystem, workdir:
     assert list((local_system.root / "asr").iterdir()) == []  # every utterance deleted
     assert "speech recognition: pocketsphinx (local)" in local_system.log("ivr")
     # The call record lists the two utterances: where they went, how they ended.
-    records = [json.loads(line) for line in
-               (local_system.root / "logs" / "calls.jsonl").read_text().splitlines()]
-    (record,) = [r for r in records if r.get("caller") == "7301"]
+    path = local_system.root / "logs" / "calls.jsonl"
+
+    def records() -> list[dict[str, Any]]:  # flushed within [logging] jsonl_flush_s
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [r for r in map(json.loads, lines) if r.get("caller") == "7301"]
+
+    (record,) = wait_until(records, 5, "the call record")
     assert [(r["area"], r["reason"]) for r in record["recordings"]] == [
         ("asr", "speech_end"), ("asr", "speech_end")], record["recordings"]
 

@@ -132,9 +132,14 @@ def test_live_traces_api_debug_page_and_call_record(system: PbxSystem, workdir: 
     # /api/traces lists it; the trace log has the same steps.
     recent = system.admin("/api/traces")
     assert any(r["session_id"] == session_id and r["steps"] == len(steps) for r in recent)
-    logged = [json.loads(line) for line in
-              (system.root / "logs" / "traces.jsonl").read_text().splitlines()]
-    assert [s for s in logged if s["session_id"] == session_id] == steps
+    traces_log = system.root / "logs" / "traces.jsonl"
+
+    def logged() -> list[dict[str, Any]]:  # flushed within [logging] jsonl_flush_s
+        lines = traces_log.read_text().splitlines() if traces_log.exists() else []
+        found = [s for s in map(json.loads, lines) if s["session_id"] == session_id]
+        return found if len(found) >= len(steps) else []
+
+    assert wait_until(logged, 5, "the session's steps in traces.jsonl") == steps
 
     # /debug: one self-contained page.
     with urllib.request.urlopen(f"http://127.0.0.1:{system.admin_port}/debug",

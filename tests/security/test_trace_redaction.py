@@ -327,6 +327,17 @@ def test_no_secret_in_traces_events_or_logs_of_a_real_call(system: PbxSystem,
             # what the provider was POSTed: credentials never become sip_* variables
             "provider": json.dumps([r.body for r in system.provider.for_session(session_id)]),
         }
+        # The front's JSON-lines logs are flushed within [logging] jsonl_flush_s: every
+        # line of this call is read (its record, each of its steps).
+        logs = system.root / "logs"
+
+        def flushed() -> bool:
+            if not (logs / "calls.jsonl").exists() or not (logs / "traces.jsonl").exists():
+                return False
+            steps = (logs / "traces.jsonl").read_text().count(f'"session_id":"{session_id}"')
+            return call_id in (logs / "calls.jsonl").read_text() and steps >= len(stored)
+
+        wait_until(flushed, 5, "the call's record and steps in the JSON-lines logs")
         for path in sorted((system.root / "logs").iterdir()):
             outputs[path.name] = path.read_text(errors="replace")
         assert {"traces.jsonl", "calls.jsonl", "front.log"} <= set(outputs), sorted(outputs)

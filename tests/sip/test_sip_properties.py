@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pbx.sip.digest import choose_challenge, parse_auth_params, parse_challenge
 from pbx.sip.errors import SipError
 from pbx.sip.fields import DTMF_DIGITS, parse_dtmf_info, parse_session_expires
+from pbx.sip.headers import Headers, canonical_name
 from tests.fuzz import targets
 
 PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None,
@@ -131,3 +132,38 @@ def test_session_expires_and_dtmf_info_raise_only_sip_error(
         assert info is None or (info.digit in DTMF_DIGITS and 0 <= info.duration_ms <= 10_000)
     except SipError as exc:
         assert exc.status == 400
+
+
+_header_ops = st.lists(st.tuples(
+    st.sampled_from(["add", "insert", "set", "set_first", "remove", "get", "copy"]),
+    st.sampled_from(["Via", "v", "VIA", "To", "t", "X-Odd", "x-odd", "Call-ID"]),
+    st.sampled_from(["a", "b", "c"]), st.integers(0, 6)), max_size=30)
+
+
+@PROPERTY
+@given(_header_ops)
+def test_headers_get_is_the_first_line_whatever_changed_before(ops: list[
+        tuple[str, str, str, int]]) -> None:
+    """`Headers.get` answers from a cache of first values: after any sequence of changes
+    it is still the first line's value, as a scan of the lines finds it."""
+    headers = Headers()
+    for op, name, value, index in ops:
+        if op == "add":
+            headers.add(name, value)
+        elif op == "insert":
+            headers.insert(index, name, f"{value}{index}")
+        elif op == "set":
+            headers.set(name, value)
+        elif op == "set_first":
+            headers.set_first(name, f"{value}!")
+        elif op == "remove":
+            headers.remove(name)
+        elif op == "copy":
+            headers = headers.copy()
+        else:
+            headers.get(name)  # fills the cache
+        for probe in ("Via", "To", "X-Odd", "Call-ID"):
+            scan = [v for n, v in headers.items()
+                    if canonical_name(n).lower() == canonical_name(probe).lower()]
+            assert headers.get(probe) == (scan[0] if scan else None), (op, probe)
+            assert headers.count(probe) == len(scan)
