@@ -9,7 +9,7 @@ are counted in `stats["zmq_auth_rejected"]`.
 
 Plain (blocking-API) sockets driven from the event loop, without zmq.asyncio: that
 costs a Future, a task wake-up and a loop iteration per message, about a fifth of
-the front's CPU at 200 calls/s (issue 9). Each socket that is read has a `_Reader`:
+the front's CPU at 200 calls/s (issue 9). Each socket that is read has a `ZmqReader`:
 the loop watches the socket's `zmq.FD`, which is edge-triggered (it signals that the
 socket's command mailbox went from empty to non-empty, not that a message is there),
 and every call into the socket (send, recv, EVENTS) may consume that signal. So:
@@ -62,7 +62,7 @@ DRAIN_BATCH = 64
 _MORE = zmq.SNDMORE | zmq.NOBLOCK
 
 
-class _Reader:
+class ZmqReader:
     """One socket read from the event loop: wake-ups on its FD, drains after sends."""
 
     __slots__ = ("sock", "read_one", "loop", "fd", "batch", "draining", "pending", "closed",
@@ -152,10 +152,10 @@ class Broker:
         self.events.setsockopt(zmq.SNDHWM, 100_000)
         configure_server(self.events, settings, "events")
         self.events.bind(settings.events_endpoint)
-        self._readers: list[_Reader] = []
-        self._media_reader: _Reader | None = None
-        self._ivr_reader: _Reader | None = None
-        self._events_reader: _Reader | None = None
+        self._readers: list[ZmqReader] = []
+        self._media_reader: ZmqReader | None = None
+        self._ivr_reader: ZmqReader | None = None
+        self._events_reader: ZmqReader | None = None
         self._check: asyncio.Handle | None = None  # this iteration's EVENTS checks
         # Topics with a subscriber (subscribe +1, unsubscribe -1: libzmq passes only the
         # first and the last of each topic): events are encoded and sent while > 0.
@@ -183,13 +183,13 @@ class Broker:
         loop = asyncio.get_running_loop()
         if self.zap is not None:
             zap = self.zap
-            self._readers.append(_Reader(zap, lambda: self._authenticate(zap), loop,
+            self._readers.append(ZmqReader(zap, lambda: self._authenticate(zap), loop,
                                          DRAIN_BATCH))
-        self._media_reader = _Reader(self.media, _plane_reader(self.media, on_media, "media"),
+        self._media_reader = ZmqReader(self.media, _plane_reader(self.media, on_media, "media"),
                                      loop, DRAIN_BATCH)
-        self._ivr_reader = _Reader(self.ivr, _plane_reader(self.ivr, on_ivr, "ivr"), loop,
+        self._ivr_reader = ZmqReader(self.ivr, _plane_reader(self.ivr, on_ivr, "ivr"), loop,
                                    DRAIN_BATCH)
-        self._events_reader = _Reader(self.events, self._read_subscription, loop,
+        self._events_reader = ZmqReader(self.events, self._read_subscription, loop,
                                       DRAIN_BATCH)
         self._readers += [self._media_reader, self._ivr_reader, self._events_reader]
 
@@ -221,7 +221,7 @@ class Broker:
         except zmq.ZMQError as exc:
             log.error("cannot answer a ZAP request: %s", exc)
 
-    def _send(self, sock: zmq.Socket[bytes], reader: _Reader | None, identity: bytes,
+    def _send(self, sock: zmq.Socket[bytes], reader: ZmqReader | None, identity: bytes,
               msg: Any) -> bool:
         """False when the send fails at once: EHOSTUNREACH for a worker that is not (or
         no longer) connected, under ROUTER_MANDATORY; EAGAIN for a full queue. Both are
@@ -240,7 +240,7 @@ class Broker:
             self._sent_on(reader)
         return sent
 
-    def _sent_on(self, reader: _Reader) -> None:
+    def _sent_on(self, reader: ZmqReader) -> None:
         if not reader.draining and not reader.unchecked:
             reader.unchecked = True
             if self._check is None:

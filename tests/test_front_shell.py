@@ -128,6 +128,17 @@ class Shell:
         return [msg for msg, to in self.sip if isinstance(msg, SipRequest)
                 and msg.method == method and (addr is None or to == addr)]
 
+    def ack(self) -> None:
+        """The caller's ACK of our 200 (our BYE waits for it: RFC 3261 §15)."""
+        ok = next(msg for msg, to in self.sip if isinstance(msg, SipResponse)
+                  and msg.status == 200 and msg.cseq[1] == "INVITE")
+        self.front.message_received(
+            (f"ACK sip:*99@127.0.0.1:5060 SIP/2.0\r\n"
+             f"Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK-ack\r\nMax-Forwards: 70\r\n"
+             f"From: {ok.headers.get('From')}\r\nTo: {ok.headers.get('To')}\r\n"
+             f"Call-ID: {ok.headers.get('Call-ID')}\r\nCSeq: 1 ACK\r\n"
+             f"Content-Length: 0\r\n\r\n").encode(), CALLER)
+
     def statuses(self) -> list[int]:
         return [msg.status for msg, to in self.sip
                 if isinstance(msg, SipResponse) and to == CALLER]
@@ -156,6 +167,7 @@ def test_a_refused_media_command_ends_the_call(tmp_path: Path) -> None:
         shell = Shell(tmp_path, first_then(PLAY))
         shell.refuse_media = lambda msg: isinstance(msg, m.MediaPlay)
         shell.front.message_received(caller_invite(), CALLER)
+        shell.ack()
         byes = await shell.until(lambda: shell.requests("BYE", CALLER))
         assert [type(msg) for _, msg in shell.refused] == [m.MediaPlay]
         assert "MediaCommandLost" in (byes[0].headers.get("Reason") or "")

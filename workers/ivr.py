@@ -11,7 +11,7 @@ delimiter frame is tolerated).
 
 The DEALER is a plain socket driven from the event loop, as the front's are
 (`pbx.broker`: zmq.asyncio's Future per send and per receive was a tenth of the
-executor's CPU, issue 9): `pbx.broker._Reader` drains it on its edge-triggered FD.
+executor's CPU, issue 9): `pbx.broker.ZmqReader` drains it on its edge-triggered FD.
 A send never waits: a message the socket refuses (its queue to the front is full:
 the front is gone or stalled) waits in the outbox, in order, and goes out when the
 socket takes messages again, or is dropped after `SEND_WAIT_S` with a warning (the
@@ -50,7 +50,7 @@ import zmq
 
 from pbx import planes
 from pbx.asr import ASR_UNAVAILABLE, SWEEP_INTERVAL_S, AsrEngine
-from pbx.broker import DRAIN_BATCH, _Reader
+from pbx.broker import DRAIN_BATCH, ZmqReader
 from pbx.config import ConfigError, IvrAppParams, Settings, load_config
 from pbx.ivr import machine
 from pbx.ivr.provider import ProviderClient
@@ -245,7 +245,7 @@ class Executor:
         self._outbox_task: asyncio.Task[None] | None = None
         self._outbox_wake = asyncio.Event()
         self.dropped = 0  # messages dropped after waiting SEND_WAIT_S
-        self._reader: _Reader | None = None
+        self._reader: ZmqReader | None = None
         self._sessions: set[asyncio.Task[None]] = set()
         self._working: dict[str, int] = {}
 
@@ -284,7 +284,7 @@ class Executor:
                 self._queue(frame)
         finally:
             if self._reader is not None:
-                self._reader.sent()
+                self._reader.check()
 
     def _queue(self, frame: bytes) -> None:
         loop = asyncio.get_running_loop()
@@ -319,7 +319,7 @@ class Executor:
             pass
         finally:
             if self._reader is not None:
-                self._reader.sent()
+                self._reader.check()
 
     async def _flush_outbox(self) -> None:
         """Until the outbox is empty: retry on every wake-up of the socket (room in
@@ -360,7 +360,7 @@ class Executor:
         endpoint = self.settings.zmq.ivr_endpoint
         planes.configure_client(self.sock, self.settings.zmq, endpoint)
         self.sock.connect(endpoint)
-        self._reader = _Reader(self.sock, self._read_one, asyncio.get_running_loop(),
+        self._reader = ZmqReader(self.sock, self._read_one, asyncio.get_running_loop(),
                                DRAIN_BATCH)
         log.info("executor %s connected to %s%s", self.executor_id, endpoint,
                  " (CURVE)" if self.settings.zmq.curve else "")
