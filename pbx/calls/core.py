@@ -123,6 +123,7 @@ class CallCore:
         self.session_timers = SessionTimers(ctx)
         self.legs = LegSignaling(ctx, self.session_timers, self.events)
         self.teardown = Teardown(ctx, self.legs, self.media, self.session_timers, self.events)
+        self.session_timers.end_leg = self.teardown.leg_over
         self.targets = Targets(ctx, is_connected)
         self.outbound = Outbound(ctx, self.legs, self.media, self.targets, self.teardown,
                                  self.events)

@@ -40,6 +40,19 @@ def peer_ip(leg: Leg) -> str | None:
     return leg.addr[0] if is_ip(leg.addr[0]) else None
 
 
+def _our_reinvite_pending(leg: Leg) -> bool:
+    """Our session refresh re-INVITE (an offer: our SDP) awaits its final response."""
+    return leg.refresh_key is not None and leg.refresh_key.method == "INVITE"
+
+
+def _their_offer_unanswered(leg: Leg) -> bool:
+    """The offer of the peer's initial INVITE has no answer of ours yet: an inbound leg
+    still ringing a direct call (its answer comes with the callee's 2xx; an IVR route's
+    goes in its 183 or 200 as soon as the port is there)."""
+    return (not leg.outbound and leg.phase is LegPhase.EARLY and leg.call.route is None
+            and leg.invite is not None and bool(leg.invite.body))
+
+
 class InDialog:
     def __init__(self, ctx: CallContext, legs: LegSignaling, media: MediaPlane,
                  session_timers: SessionTimers, teardown: Teardown, refers: Refers) -> None:
@@ -126,8 +139,10 @@ class InDialog:
             ctx.respond(key, req, 500, "Previous INVITE Pending",
                         headers=[("Retry-After", str(secrets.randbelow(10) + 1))])
             return
-        if leg.reinvite_unacked or leg.offer_in_2xx:
-            ctx.respond(key, req, 491)  # its 2xx awaits the ACK: overlapping (§14.2)
+        if leg.reinvite_unacked or leg.offer_in_2xx or _our_reinvite_pending(leg):
+            # Its 2xx awaits the ACK, or our refresh re-INVITE its answer: overlapping
+            # (§14.2; the peer retries after its §14.1 delay).
+            ctx.respond(key, req, 491)
             return
         if self.session_timers.refused_too_small(req, key):
             return
@@ -142,8 +157,14 @@ class InDialog:
     def _on_update(self, leg: Leg, req: SipRequest, key: TransactionKey) -> None:
         """UPDATE (RFC 3311): a new offer, or a session refresh, in any dialog state."""
         ctx = self.ctx
-        if req.body and leg.offer_in_2xx:
+        if req.body and (leg.offer_in_2xx or _our_reinvite_pending(leg)):
             ctx.respond(key, req, 491)  # our offer is still unanswered (RFC 3311 §5.2)
+            return
+        if req.body and _their_offer_unanswered(leg):
+            # RFC 3311 §5.2: their INVITE's offer is not answered yet (a direct call's
+            # answer goes with its callee's): 500 with Retry-After.
+            ctx.respond(key, req, 500, "Offer Pending",
+                        headers=[("Retry-After", str(secrets.randbelow(10) + 1))])
             return
         if self.session_timers.refused_too_small(req, key):
             return

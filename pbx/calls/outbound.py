@@ -25,6 +25,8 @@ member's leg is the same leg; what its answer or failure means is the queue's
 Responses to our INVITEs come here (`on_response`): every 2xx is ACKed (§13.2.2.4), a
 2xx from a second fork or for a leg we gave up on gets ACK + BYE; a final response for
 a leg we gave up on (the call is over, another branch answered) is absorbed quietly.
+Responses to our session refreshes (UPDATE or re-INVITE, on any leg) and their
+timeouts go on to pbx.calls.session_timer, a re-INVITE's 2xx ACKed here first.
 """
 
 from __future__ import annotations
@@ -229,11 +231,10 @@ class Outbound:
         leg = ctx.table.client_txns.get(key)
         if leg is None:
             return
-        if resp.cseq[1] != "INVITE":  # our session refresh (pbx.calls.session_timer)
-            if resp.status >= 200:
-                ctx.table.client_txns.pop(key, None)
-                if resp.status in (408, 481):
-                    self._refresh_failed(leg)
+        if key != leg.invite_key:  # our session refresh (pbx.calls.session_timer)
+            if key.method == "INVITE" and 200 <= resp.status < 300:
+                self._refresh_2xx(leg, resp, key)
+            self.legs.session_timers.answered(leg, resp, key)
             return
         if resp.status < 200:
             leg.provisional_seen = True
@@ -278,6 +279,25 @@ class Outbound:
                 self.legs.bye(leg.dialog, leg.addr)
             return
         self.legs.ack(leg.dialog, leg.addr, cseq)  # a retransmitted 2xx
+
+    def _refresh_2xx(self, leg: Leg, resp: SipResponse, key: TransactionKey) -> None:
+        """A 2xx to our refresh re-INVITE: ACKed, each one (RFC 3261 §13.2.2.4); its
+        answer to our unchanged offer is applied if it moves the peer's media (an SBC
+        relocating its relay), as any answer is (RFC 3264 §8)."""
+        self.legs.ack(leg.dialog, leg.addr, resp.cseq[0])
+        if (key != leg.refresh_key or leg.phase is not LegPhase.CONFIRMED or leg.call.ended
+                or not resp.body):
+            return  # a retransmission, or too late to matter
+        try:
+            answer = sdp.parse_answer(resp.body)
+        except SipError as exc:
+            log.info("call %s: bad SDP answer to our refresh of %s: %s; media unchanged",
+                     leg.call.call_id, leg.media_id, exc)
+            return
+        if answer == leg.media.negotiated or not self.media.may_move_to(leg, answer.remote_ip):
+            return
+        leg.media.negotiated = answer
+        self.media.send_remote(leg)
 
     def _relay_ringing(self, call: Call) -> None:
         """Tell a still-unanswered caller that the callee rings (no IVR media to relay)."""
@@ -393,17 +413,10 @@ class Outbound:
         leg = self.ctx.table.client_txns.pop(key, None)
         if leg is None:
             return
-        if key.method != "INVITE":
-            self._refresh_failed(leg)
+        if key != leg.invite_key:  # our session refresh (pbx.calls.session_timer)
+            self.legs.session_timers.timed_out(leg, key)
         elif leg.phase is LegPhase.EARLY:
             self.failed(leg, 408)
-
-    def _refresh_failed(self, leg: Leg) -> None:
-        """Our session refresh timed out or got 408/481: the peer has lost the session,
-        which ends with a BYE (RFC 4028 §10, RFC 3261 §12.2.1.2)."""
-        if leg.phase is LegPhase.CONFIRMED and not leg.call.ended:
-            log.info("call %s: session refresh of %s failed", leg.call.call_id, leg.media_id)
-            self.teardown.leg_over(leg, "SessionExpired", 408)
 
 
 def _dialling_direct(call: Call) -> bool:

@@ -150,6 +150,11 @@ class Leg:
     session_interval: int = 0
     we_refresh: bool = False
     peer_allows_update: bool = False
+    peer_supports_timer: bool = False  # its Supported/Require named `timer`
+    # Our session refresh (UPDATE or re-INVITE) awaiting its final response, and whether
+    # it is the one retry a 422 allows (pbx.calls.session_timer). Not in the dict form.
+    refresh_key: TransactionKey | None = None
+    refresh_retried: bool = False
     # Who is at the other end (pbx.policy): the caller on an inbound leg; on an outbound
     # leg the extension we rang, else an anonymous party. REFERs are theirs.
     peer: Party = field(default_factory=lambda: Party(PartyKind.ANONYMOUS))
@@ -194,6 +199,7 @@ class Leg:
             "media": self.media.to_dict(), "reinvite_unacked": self.reinvite_unacked,
             "offer_in_2xx": self.offer_in_2xx, "session_interval": self.session_interval,
             "we_refresh": self.we_refresh, "peer_allows_update": self.peer_allows_update,
+            "peer_supports_timer": self.peer_supports_timer,
             "peer": {"kind": self.peer.kind.value, "user": self.peer.user},
             "setup_source": self.setup_source, "call_source": self.call_source,
             "member": self.member,
@@ -218,6 +224,7 @@ def leg_from_dict(call: Call, data: dict[str, Any]) -> Leg:
         reinvite_unacked=data["reinvite_unacked"], offer_in_2xx=data["offer_in_2xx"],
         session_interval=data["session_interval"], we_refresh=data["we_refresh"],
         peer_allows_update=data["peer_allows_update"],
+        peer_supports_timer=data.get("peer_supports_timer", False),
         peer=Party(PartyKind(data["peer"]["kind"]), data["peer"]["user"]),
         setup_source=data["setup_source"], call_source=data["call_source"],
         member=data["member"])

@@ -4,6 +4,7 @@ timers in the 200, and a REFER from an IVR caller that sends it to extension 200
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -70,4 +71,35 @@ def test_refer_on_an_ivr_call_reaches_the_target(system: PbxSystem, workdir: Pat
     end = wait_until(lambda: [r for r in system.provider.for_session(start.body["session_id"])
                               if r.path == "/ivr/step/end"], 5, "/end")
     assert end[0].body["reason"] == "Transfer(2001)"
+    wait_idle(system)
+
+
+def test_we_refresh_a_trunk_without_update_by_reinvite(system: PbxSystem,
+                                                      workdir: Path) -> None:
+    """A trunk that makes us the refresher (Session-Expires 90;refresher=uas) and does not
+    allow UPDATE gets our refresh as a re-INVITE at half the interval (RFC 4028 §7.4),
+    with our SDP unchanged (same o= line: RFC 3264 §8), and our ACK of its 200 with the
+    re-INVITE's CSeq; the call goes on until the trunk hangs up."""
+    system.provider.script = prompt_forever
+    rtp = RtpEndpoint()
+    trunk = start_sipp("refresh", [
+        "-sf", str(SCENARIOS / "uac_session_refresh_reinvite.xml"), "-s", "*99",
+        system.sip_addr, "-i", "127.0.0.1", "-p", str(free_port()),
+        "-key", "rtp_port", str(rtp.port), "-m", "1", "-l", "1",
+    ], workdir)
+    try:
+        assert trunk.wait(75) == 0, trunk.logs()
+    finally:
+        trunk.stop()
+        rtp.close()
+    log = sipp_messages(workdir)
+    # Ours go to the trunk's Contact (sip:1001@), its own to *99.
+    ok = re.search(r"SIP/2\.0 200 OK.*?CSeq: 1 INVITE.*?\n(o=[^\r\n]*)", log, re.S)
+    reinvite = re.search(r"INVITE sip:1001@\S+ SIP/2\.0\r?\n.*?CSeq: (\d+) INVITE.*?\n"
+                         r"(o=[^\r\n]*)", log, re.S)
+    ack = re.search(r"ACK sip:1001@\S+ SIP/2\.0\r?\n.*?CSeq: (\d+) ACK", log, re.S)
+    assert ok and reinvite and ack, log
+    assert reinvite.group(2) == ok.group(1)
+    assert ack.group(1) == reinvite.group(1)
+    assert "UPDATE sip:" not in log
     wait_idle(system)
