@@ -11,7 +11,7 @@ from __future__ import annotations
 from pbx.calls.context import ALLOW, SUPPORTED, CallContext, reason_phrase
 from pbx.calls.events import CallEvents
 from pbx.calls.session_timer import SessionTimers
-from pbx.calls.state import Leg, LegPhase, advance_leg
+from pbx.calls.state import Leg, LegPhase, advance_leg, peer_ip
 from pbx.calls.timers import TimerKind
 from pbx.sip.dialog import Dialog, ack_2xx, new_request
 from pbx.sip.message import make_cancel
@@ -85,6 +85,7 @@ class LegSignaling:
         extra, leg.bye_waiting = leg.bye_waiting, None
         if extra is not None:
             self.bye(leg.dialog, leg.addr, extra)
+        self.bury(leg)
 
     def bye(self, dialog: Dialog, addr: Addr,
             extra: list[tuple[str, str]] | None = None) -> None:
@@ -129,6 +130,13 @@ class LegSignaling:
     def linger(self, leg: Leg) -> None:
         """Keep the leg's dialog a while so retransmitted BYEs still match (then 481)."""
         self.ctx.timers.set(TimerKind.DIALOG_LINGER, leg.dialog_key, self.ctx.now + LINGER_S)
+        self.bury(leg)
+
+    def bury(self, leg: Leg) -> None:
+        """A terminated leg's dialog lingers as a tombstone (`CallTable.ended_dialogs`)
+        once nothing waits on the leg itself: our BYE waiting for an ACK needs it."""
+        if leg.phase is LegPhase.TERMINATED and leg.bye_waiting is None:
+            self.ctx.table.end_dialog(leg, peer_ip(leg))
 
     def linger_client_txn(self, leg: Leg) -> None:
         if leg.invite_key is not None:

@@ -171,7 +171,10 @@ class Outbound:
 
     def host_resolved(self, dialog_key: tuple[str, str], addr: Addr | None) -> None:
         b = self.ctx.table.resolving.pop(dialog_key, None)
-        if b is None or b.phase is not LegPhase.PENDING:
+        if b is None:
+            return
+        if b.phase is not LegPhase.PENDING:  # given up while its host resolved
+            self.ctx.table.release_call(b.call)
             return
         if addr is None:
             log.info("call %s: %s not found", b.call.call_id, b.addr[0])
@@ -246,6 +249,7 @@ class Outbound:
             ctx.table.client_txns.pop(key, None)
             if leg.phase is LegPhase.EARLY:
                 self.failed(leg, resp.status)
+            ctx.table.release_call(leg.call)
             return
         self._on_2xx(leg, resp)
 
@@ -397,6 +401,7 @@ class Outbound:
             self._refresh_failed(leg)
         elif leg.phase is LegPhase.EARLY:
             self.failed(leg, 408)
+        self.ctx.table.release_call(leg.call)
 
     def _refresh_failed(self, leg: Leg) -> None:
         """Our session refresh timed out or got 408/481: the peer has lost the session,
