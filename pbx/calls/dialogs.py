@@ -71,7 +71,7 @@ class InDialog:
                 # Our BYE waited for the ACK (§15); theirs ended the dialog already.
                 leg.bye_waiting = None
                 ctx.retransmitter.ack(leg.dialog_key)
-                self.legs.bury(leg)
+                self.legs.linger(leg)
             return
         if not in_order(leg.dialog, req):
             # Delivered late, after a newer request (UDP): applying it would undo what

@@ -85,7 +85,7 @@ class LegSignaling:
         extra, leg.bye_waiting = leg.bye_waiting, None
         if extra is not None:
             self.bye(leg.dialog, leg.addr, extra)
-        self.bury(leg)
+        self.linger(leg)  # from our BYE on
 
     def bye(self, dialog: Dialog, addr: Addr,
             extra: list[tuple[str, str]] | None = None) -> None:
@@ -128,13 +128,10 @@ class LegSignaling:
         self.ctx.send_request(req, leg.addr, leg.reliable)
 
     def linger(self, leg: Leg) -> None:
-        """Keep the leg's dialog a while so retransmitted BYEs still match (then 481)."""
+        """Keep the leg's dialog a while so retransmitted BYEs still match (then 481):
+        once terminated and with no BYE of ours waiting for an ACK (which needs the
+        leg), as a tombstone (`CallTable.ended_dialogs`)."""
         self.ctx.timers.set(TimerKind.DIALOG_LINGER, leg.dialog_key, self.ctx.now + LINGER_S)
-        self.bury(leg)
-
-    def bury(self, leg: Leg) -> None:
-        """A terminated leg's dialog lingers as a tombstone (`CallTable.ended_dialogs`)
-        once nothing waits on the leg itself: our BYE waiting for an ACK needs it."""
         if leg.phase is LegPhase.TERMINATED and leg.bye_waiting is None:
             self.ctx.table.end_dialog(leg, peer_ip(leg))
 
