@@ -182,9 +182,11 @@ class CallCore:
         self._check_liveness()
 
     def _check_liveness(self) -> None:
-        """Silent media workers' calls end; no IVR session waits in silence."""
+        """Silent media workers' calls end; no IVR session waits in silence; ended
+        dialogs' tombstones past their linger go."""
         self.media.expire_workers()
         self.ivr.check()
+        self.ctx.table.expire_ended_dialogs(self.ctx.now)
 
     def _fire(self, kind: TimerKind, key: Any) -> None:
         table = self.ctx.table

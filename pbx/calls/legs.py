@@ -131,9 +131,12 @@ class LegSignaling:
         """Keep the leg's dialog a while so retransmitted BYEs still match (then 481):
         once terminated and with no BYE of ours waiting for an ACK (which needs the
         leg), as a tombstone (`CallTable.ended_dialogs`)."""
-        self.ctx.timers.set(TimerKind.DIALOG_LINGER, leg.dialog_key, self.ctx.now + LINGER_S)
+        ctx = self.ctx
         if leg.phase is LegPhase.TERMINATED and leg.bye_waiting is None:
-            self.ctx.table.end_dialog(leg, peer_ip(leg))
+            ctx.timers.cancel(TimerKind.DIALOG_LINGER, leg.dialog_key)  # an earlier one
+            ctx.table.end_dialog(leg, peer_ip(leg), ctx.now + LINGER_S)
+        else:
+            ctx.timers.set(TimerKind.DIALOG_LINGER, leg.dialog_key, ctx.now + LINGER_S)
 
     def linger_client_txn(self, leg: Leg) -> None:
         if leg.invite_key is not None:

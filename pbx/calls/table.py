@@ -10,7 +10,10 @@ Indexes (all point into `calls`):
 * `ended_dialogs` — (Call-ID, our tag) → the peer's IP (None: not known), the tombstone
   of a dialog that is over, kept for its linger (`pbx.calls.legs.LINGER_S`) so a late
   BYE still gets its 200, anything else a 481 and a stranger a 403, and an ACK is
-  absorbed, without keeping the call: a tombstone holds no object of it;
+  absorbed, without keeping the call: a tombstone holds no object of it. Every linger
+  is as long, so they end in the order they began (`ended_order`, expired by the
+  liveness check every 0.25 s) with no timer each: what a tombstone holds is strings
+  and tuples of them, which the garbage collector stops tracking;
 * `pending_invites` — an inbound INVITE's server transaction → its leg until answered
   (CANCEL finds it here);
 * `client_txns` — our INVITEs' client transactions → their outbound legs, and our
@@ -50,6 +53,7 @@ class CallTable:
         self.by_sip_call_id: dict[str, str] = {}
         self.dialogs: dict[tuple[str, str], Leg] = {}
         self.ended_dialogs: dict[tuple[str, str], str | None] = {}
+        self.ended_order: deque[tuple[float, tuple[str, str]]] = deque()
         self.pending_invites: dict[TransactionKey, Leg] = {}
         self.client_txns: dict[TransactionKey, Leg] = {}
         self.resolving: dict[tuple[str, str], Leg] = {}
@@ -81,19 +85,26 @@ class CallTable:
         call_id = self.by_sip_call_id.get(sip_call_id)
         return self.calls.get(call_id) if call_id is not None else None
 
-    def end_dialog(self, leg: Leg, peer_ip: str | None) -> None:
+    def end_dialog(self, leg: Leg, peer_ip: str | None, until: float) -> None:
         """The leg's dialog is over and nothing waits on it: a tombstone (`peer_ip`)
-        takes its place until its linger ends; its call goes once nothing reaches it."""
+        takes its place `until` then (`expire_ended_dialogs`); its call goes once
+        nothing reaches it."""
         key = leg.dialog_key
         if self.dialogs.get(key) is leg:
             del self.dialogs[key]
             self.ended_dialogs[key] = peer_ip
+            self.ended_order.append((until, key))
         self.release_call(leg.call)
 
+    def expire_ended_dialogs(self, now: float) -> None:
+        """The tombstones whose linger is over go: their dialogs no longer match."""
+        order = self.ended_order
+        while order and order[0][0] <= now:
+            self.ended_dialogs.pop(order.popleft()[1], None)
+
     def forget_dialog(self, key: tuple[str, str]) -> None:
-        """The dialog's linger is over: it no longer matches."""
+        """The linger of a dialog not made a tombstone is over: it no longer matches."""
         leg = self.dialogs.pop(key, None)
-        self.ended_dialogs.pop(key, None)
         if leg is not None:
             self.release_call(leg.call)
 

@@ -32,7 +32,7 @@ def table_empty(rig: CoreRig) -> None:
     rig.advance(2 * LINGER_S + 1)
     table = rig.core.ctx.table
     left = {name: getattr(table, name) for name in (
-        "calls", "dialogs", "ended_dialogs", "pending_invites", "client_txns",
+        "calls", "dialogs", "ended_dialogs", "ended_order", "pending_invites", "client_txns",
         "legs_by_media", "sessions", "waiting_sessions", "released", "setup_by_source",
         "calls_by_source", "resolving", "by_sip_call_id")
         if getattr(table, name)}

@@ -96,8 +96,12 @@ def test_an_ended_call_goes_at_once_and_its_dialog_lingers_as_a_tombstone(
         answers = len(rig.sip)
         callers_request(rig, "ACK", 1)  # a late ACK: absorbed, no answer
         assert len(rig.sip) == answers
-        table_empty(rig)  # the linger passes: the tombstone goes too
-        assert callers_request(rig, "BYE", 6) == [481]
+        rig.advance(LINGER_S - 1)
+        assert callers_request(rig, "BYE", 6) == [200]  # still within the linger
+        rig.advance(2)
+        assert not table.ended_dialogs and not table.ended_order
+        assert callers_request(rig, "BYE", 7) == [481]  # the tombstone went
+        table_empty(rig)
 
 
 def test_an_ivr_reply_still_in_flight_keeps_the_call_until_it_comes(
