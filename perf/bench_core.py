@@ -2,6 +2,7 @@
 """The call core's own cost per call: no sockets, no processes, no event loop.
 
     python perf/bench_core.py [--calls 20000] [--profile] [--shell] [--json perf/results/...]
+    python perf/bench_core.py --linger 6000
 
 Drives `pbx.calls.CallCore` through N whole IVR calls the way the front does (SIP
 bytes in, commands out): INVITE → 100 + 200 (a port from a fake media worker's
@@ -18,6 +19,12 @@ as `pbx-front` does: the media worker's and executor's answers come on later loo
 iterations (`call_soon`, as ZeroMQ messages would), the loop's real clock, the shell's
 one timer and its JSON-lines flush timer; no sockets (SIP out is kept, events go
 nowhere). The difference from the default mode is the shell's own cost per call.
+
+`--linger N` measures what ended calls keep alive: N calls end within one linger
+(RFC 3261 Timer J's 32 s, `pbx.calls.legs.LINGER_S`), then it prints the GC-tracked
+objects each still holds (`gc.get_objects()` against the count before them, the
+types that grew most) and how long a forced full collection takes with them in the
+heap; then the clock passes the linger and what is left is counted again (should be 0).
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import json
 import pstats
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +134,9 @@ class Driver:
                     self.sent.append(command.data)
             core.get_timer()  # what the front's shell asks after each pass (Front._run)
 
-    def one_call(self, n: int) -> None:
+    def one_call(self, n: int, expire: bool = True) -> None:
+        """One whole call; every 200 calls (unless not `expire`) the clock passes the
+        lingers."""
         core = self.core
         self.sent.clear()
         core.sip_received(request("INVITE", n, 1, "<sip:*99@127.0.0.1:5060>", SDP), CALLER,
@@ -139,17 +150,22 @@ class Driver:
         core.sip_received(request("BYE", n, 2, to_value), CALLER, self.now)
         self.pump()
         self.now += 0.001
-        if n % 200 == 0:  # let lingers, transactions and records expire as they would
-            self.now += 40.0
-            core.media_message(b"w", m.MediaHeartbeat(worker_id="w", calls=0,
-                                                      capacity=1_000_000,
-                                                      rtp_ip="127.0.0.1", ports=POOL,
-                                                      allocate_seq=0), self.now)
-            core.ivr_message(b"e", m.IvrHeartbeat(executor_id="e", busy=0,
-                                                  capacity=1_000_000), self.now)
-            core.handle_timer(self.now)
-            self.pump()
-            self.calls_log.flush()
+        if expire and n % 200 == 0:
+            self.expire()
+
+    def expire(self) -> None:
+        """Let lingers, transactions and records expire as they would."""
+        core = self.core
+        self.now += 40.0
+        core.media_message(b"w", m.MediaHeartbeat(worker_id="w", calls=0,
+                                                  capacity=1_000_000,
+                                                  rtp_ip="127.0.0.1", ports=POOL,
+                                                  allocate_seq=0), self.now)
+        core.ivr_message(b"e", m.IvrHeartbeat(executor_id="e", busy=0,
+                                              capacity=1_000_000), self.now)
+        core.handle_timer(self.now)
+        self.pump()
+        self.calls_log.flush()
 
 
 class ShellDriver:
@@ -240,7 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shell", action="store_true",
                     help="through pbx.front.Front on uvloop (the shell's cost included)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--linger", type=int, default=0, metavar="N",
+                    help="objects held by N ended calls inside the linger, and a full "
+                         "collection's time with them")
     args = ap.parse_args(argv)
+    if args.linger:
+        return linger(args)
     if args.shell:
         profiler = cProfile.Profile() if args.profile else None
         with tempfile.TemporaryDirectory() as tmp:
@@ -261,6 +282,65 @@ def main(argv: list[str] | None = None) -> int:
         cpu = time.process_time() - started
         left = len(driver.core.ctx.table.calls)
     return report(args, cpu, left, profiler)
+
+
+def tracked_by_type() -> Counter[str]:
+    return Counter(type(obj).__name__ for obj in gc.get_objects())
+
+
+def linger(args: argparse.Namespace) -> int:
+    """`--linger N`: GC-tracked objects per ended call still lingering, and a forced full
+    collection's time with N of them in the heap."""
+    n_calls = args.linger
+    with tempfile.TemporaryDirectory() as tmp:
+        driver = Driver(Path(tmp))
+        for n in range(400):  # warm-up, then everything it left expires
+            driver.one_call(-n - 1, expire=False)
+        driver.expire()
+        gc.collect()
+        before = tracked_by_type()
+        started = time.process_time()
+        core = driver.core
+        for n in range(n_calls):
+            driver.one_call(n, expire=False)  # 1 ms apart: all inside the linger
+            deadline = core.get_timer()
+            if deadline is not None and deadline <= driver.now:  # as the front's timer
+                core.handle_timer(driver.now)
+                driver.pump()
+        cpu = time.process_time() - started
+        gc.collect()
+        held = tracked_by_type()
+        full_ms = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            gc.collect()
+            full_ms.append((time.perf_counter() - t0) * 1000)
+        grew = held - before
+        per_call = (sum(held.values()) - sum(before.values())) / n_calls
+        driver.expire()
+        gc.collect()
+        after = tracked_by_type()
+        left_objects = sum(after.values()) - sum(before.values())
+        left = len(driver.core.ctx.table.calls)
+        heap = sum(held.values())
+    result: dict[str, Any] = {
+        "linger_calls": n_calls, "objects_per_ended_call": round(per_call, 1),
+        "heap_objects": heap, "full_collection_ms": round(min(full_ms), 1),
+        "top_types": dict(grew.most_common(15)),
+        "objects_left_after_linger": left_objects, "calls_left": left,
+        "us_per_call": round(cpu / n_calls * 1e6, 1),
+    }
+    print(f"{n_calls} ended calls inside the linger: {per_call:.1f} GC-tracked objects "
+          f"per call ({heap} in the heap); a forced full collection "
+          f"{min(full_ms):.1f} ms (best of 3); after the linger {left_objects:+d} objects, "
+          f"{left} calls left; {result['us_per_call']:.0f} µs CPU per call")
+    print("grew most: " + ", ".join(f"{name} {count / n_calls:.1f}"
+                                    for name, count in grew.most_common(15)))
+    out = args.json or ROOT / "perf" / "results" / f"bench_core-linger-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"results: {out}")
+    return 0 if left == 0 else 1
 
 
 def report(args: argparse.Namespace, cpu: float, left: int,

@@ -37,7 +37,7 @@ from pbx.calls.outbound import Outbound
 from pbx.calls.queue import QueueCalls
 from pbx.calls.refer import Refers
 from pbx.calls.session_timer import SessionTimers
-from pbx.calls.state import Call, Leg, LegPhase, unlink
+from pbx.calls.state import Call, Leg, LegPhase
 from pbx.calls.targets import Targets
 from pbx.calls.teardown import Teardown
 from pbx.calls.timers import TimerKind
@@ -146,7 +146,12 @@ class CallCore:
     # ---------------------------------------------------------------- outputs, timer
 
     def drain(self) -> list[Command]:
-        out, self.ctx.out = self.ctx.out, []
+        """The commands of the step; the step's ended calls that nothing reaches any
+        more are unlinked now (`CallTable.unlink_released`), every handler done."""
+        ctx = self.ctx
+        if ctx.table.released:
+            ctx.table.unlink_released()
+        out, ctx.out = ctx.out, []
         return out
 
     def get_timer(self) -> float | None:
@@ -178,9 +183,11 @@ class CallCore:
         self._check_liveness()
 
     def _check_liveness(self) -> None:
-        """Silent media workers' calls end; no IVR session waits in silence."""
+        """Silent media workers' calls end; no IVR session waits in silence; ended
+        dialogs' tombstones past their linger go."""
         self.media.expire_workers()
         self.ivr.check()
+        self.ctx.table.expire_ended_dialogs(self.ctx.now)
 
     def _fire(self, kind: TimerKind, key: Any) -> None:
         table = self.ctx.table
@@ -195,13 +202,11 @@ class CallCore:
             if leg is not None and self.session_timers.expired(leg):
                 self.teardown.leg_over(leg, "SessionExpired", 408)
         elif kind is TimerKind.DIALOG_LINGER:
-            leg = table.dialogs.pop(key, None)
-            call = leg.call if leg is not None else None
-            if (call is not None and call.ended
-                    and not any(other.dialog_key in table.dialogs for other in call.legs())):
-                unlink(call)
+            table.forget_dialog(key)
         elif kind is TimerKind.CLIENT_TXN_LINGER:
-            table.client_txns.pop(key, None)
+            leg = table.client_txns.pop(key, None)
+            if leg is not None:
+                table.release_call(leg.call)
         elif kind is TimerKind.QUEUE:
             self.queue.on_timer(key)
         elif kind is TimerKind.ALLOCATION:

@@ -17,10 +17,10 @@ from pbx.calls.legs import LegSignaling
 from pbx.calls.media import MediaPlane
 from pbx.calls.refer import Refers
 from pbx.calls.session_timer import SessionTimers
-from pbx.calls.state import Leg, LegPhase, advance_leg
+from pbx.calls.state import Leg, LegPhase, advance_leg, peer_ip
 from pbx.calls.teardown import Teardown
 from pbx.sip import sdp
-from pbx.sip.dialog import in_order, is_ip
+from pbx.sip.dialog import in_order
 from pbx.sip.errors import SipError
 from pbx.sip.fields import DTMF_INFO_TYPES, parse_dtmf_info
 from pbx.sip.message import SipRequest
@@ -29,15 +29,6 @@ from pbx.sip.transaction import TransactionKey
 log = logging.getLogger("pbx.calls")
 
 Addr = tuple[str, int]
-
-
-def peer_ip(leg: Leg) -> str | None:
-    """The IP the dialog's peer sends from: where its INVITE came from (inbound), or
-    where we send it requests (outbound: its contact, registration source or next hop,
-    resolved)."""
-    if leg.source is not None:
-        return leg.source[0]
-    return leg.addr[0] if is_ip(leg.addr[0]) else None
 
 
 def _our_reinvite_pending(leg: Leg) -> bool:
@@ -65,27 +56,35 @@ class InDialog:
 
     def on_request(self, req: SipRequest, addr: Addr, key: TransactionKey) -> None:
         ctx = self.ctx
-        leg = ctx.table.dialogs.get((req.call_id, req.to_tag or ""))
-        if leg is None:
+        table = ctx.table
+        dialog_key = (req.call_id, req.to_tag or "")
+        leg = table.dialogs.get(dialog_key)
+        if leg is not None:
+            peer = peer_ip(leg)
+        elif dialog_key in table.ended_dialogs:  # the tombstone of an ended dialog
+            peer = table.ended_dialogs[dialog_key]
+        else:
             ctx.respond(key, req, 481)
             return
-        if not ctx.policy.in_dialog_source_ok(peer_ip(leg), addr[0]):
+        if not ctx.policy.in_dialog_source_ok(peer, addr[0]):
             ctx.stats["in_dialog_foreign"] += 1
             log.info("call %s: %s from %s, not the dialog's peer %s; refused",
-                     leg.call.call_id, req.method, addr[0], peer_ip(leg))
+                     leg.call.call_id if leg is not None else req.call_id, req.method,
+                     addr[0], peer)
             ctx.respond(key, req, 403, "Forbidden (not the dialog's peer)")
             return
         method = req.method
-        if leg.phase is LegPhase.TERMINATED:
+        if leg is None or leg.phase is LegPhase.TERMINATED:
             # The dialog is over and only lingers so that late requests get an answer,
             # never an effect on the call: after a transfer the referrer's own BYE
             # crosses ours while its call goes on between the other two. A BYE gets its
             # 200 (RFC 3261 §15.1.2: either side may send one), anything else 481.
             ctx.respond(key, req, 200 if method == "BYE" else 481)
-            if method == "BYE" and leg.bye_waiting is not None:
+            if method == "BYE" and leg is not None and leg.bye_waiting is not None:
                 # Our BYE waited for the ACK (§15); theirs ended the dialog already.
                 leg.bye_waiting = None
                 ctx.retransmitter.ack(leg.dialog_key)
+                self.legs.linger(leg)
             return
         if not in_order(leg.dialog, req):
             # Delivered late, after a newer request (UDP): applying it would undo what

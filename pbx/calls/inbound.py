@@ -220,8 +220,11 @@ class Inbound:
 
     def on_ack(self, req: SipRequest) -> None:
         ctx = self.ctx
-        leg = ctx.table.dialogs.get((req.call_id, req.to_tag or ""))
+        dialog_key = (req.call_id, req.to_tag or "")
+        leg = ctx.table.dialogs.get(dialog_key)
         if leg is None:
+            if dialog_key in ctx.table.ended_dialogs:
+                ctx.retransmitter.ack(dialog_key)  # absorbed: the dialog is over
             return
         ctx.retransmitter.ack(leg.dialog_key)
         leg.reinvite_unacked = False

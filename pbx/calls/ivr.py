@@ -292,6 +292,7 @@ class IvrBroker:
         session.executor = None
         session.queue.clear()
         self.ctx.table.sessions.pop(session.session_id, None)
+        self.ctx.table.release_call(session.call)
 
     # ---------------------------------------------------------------- executors' messages
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pbx.calls.context import ALLOW, SUPPORTED, CallContext, reason_phrase
 from pbx.calls.events import CallEvents
 from pbx.calls.session_timer import SessionTimers
-from pbx.calls.state import Leg, LegPhase, advance_leg
+from pbx.calls.state import Leg, LegPhase, advance_leg, peer_ip
 from pbx.calls.timers import TimerKind
 from pbx.sip.dialog import Dialog, ack_2xx, new_request
 from pbx.sip.message import make_cancel
@@ -85,6 +85,7 @@ class LegSignaling:
         extra, leg.bye_waiting = leg.bye_waiting, None
         if extra is not None:
             self.bye(leg.dialog, leg.addr, extra)
+        self.linger(leg)  # from our BYE on
 
     def bye(self, dialog: Dialog, addr: Addr,
             extra: list[tuple[str, str]] | None = None) -> None:
@@ -127,8 +128,15 @@ class LegSignaling:
         self.ctx.send_request(req, leg.addr, leg.reliable)
 
     def linger(self, leg: Leg) -> None:
-        """Keep the leg's dialog a while so retransmitted BYEs still match (then 481)."""
-        self.ctx.timers.set(TimerKind.DIALOG_LINGER, leg.dialog_key, self.ctx.now + LINGER_S)
+        """Keep the leg's dialog a while so retransmitted BYEs still match (then 481):
+        once terminated and with no BYE of ours waiting for an ACK (which needs the
+        leg), as a tombstone (`CallTable.ended_dialogs`)."""
+        ctx = self.ctx
+        if leg.phase is LegPhase.TERMINATED and leg.bye_waiting is None:
+            ctx.timers.cancel(TimerKind.DIALOG_LINGER, leg.dialog_key)  # an earlier one
+            ctx.table.end_dialog(leg, peer_ip(leg), ctx.now + LINGER_S)
+        else:
+            ctx.timers.set(TimerKind.DIALOG_LINGER, leg.dialog_key, ctx.now + LINGER_S)
 
     def linger_client_txn(self, leg: Leg) -> None:
         if leg.invite_key is not None:

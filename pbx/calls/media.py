@@ -155,7 +155,8 @@ class MediaPlane:
             self.ctx.media_workers.release(leg.media.worker, leg.media.rtp_port, leg.media_id)
         leg.media.worker = None
         self.ctx.timers.cancel(TimerKind.ALLOCATION, leg.media_id)
-        self.ctx.table.legs_by_media.pop(leg.media_id, None)
+        if self.ctx.table.legs_by_media.pop(leg.media_id, None) is not None:
+            self.ctx.table.release_call(leg.call)
 
     def release(self, leg: Leg) -> None:
         if leg.media.worker is None:

@@ -173,7 +173,10 @@ class Outbound:
 
     def host_resolved(self, dialog_key: tuple[str, str], addr: Addr | None) -> None:
         b = self.ctx.table.resolving.pop(dialog_key, None)
-        if b is None or b.phase is not LegPhase.PENDING:
+        if b is None:
+            return
+        if b.phase is not LegPhase.PENDING:  # given up while its host resolved
+            self.ctx.table.release_call(b.call)
             return
         if addr is None:
             log.info("call %s: %s not found", b.call.call_id, b.addr[0])
@@ -247,6 +250,7 @@ class Outbound:
             ctx.table.client_txns.pop(key, None)
             if leg.phase is LegPhase.EARLY:
                 self.failed(leg, resp.status)
+            ctx.table.release_call(leg.call)
             return
         self._on_2xx(leg, resp)
 
@@ -417,6 +421,7 @@ class Outbound:
             self.legs.session_timers.timed_out(leg, key)
         elif leg.phase is LegPhase.EARLY:
             self.failed(leg, 408)
+        self.ctx.table.release_call(leg.call)
 
 
 def _dialling_direct(call: Call) -> bool:

@@ -42,7 +42,7 @@ from pbx.config import RouteSettings
 from pbx.policy import Party, PartyKind
 from pbx.queues import QueueWait
 from pbx.sip import sdp
-from pbx.sip.dialog import Dialog
+from pbx.sip.dialog import Dialog, is_ip
 from pbx.sip.message import SipRequest, parse_message
 from pbx.sip.transaction import TransactionKey
 
@@ -442,6 +442,15 @@ def call_from_dict(data: dict[str, Any], routes: dict[str, RouteSettings],
                                   queue_waits(run["kind"], run["name"], run["wait"]),
                                   run["return_to_ivr"], run["legs_made"])
     return call
+
+
+def peer_ip(leg: Leg) -> str | None:
+    """The IP the dialog's peer sends from: where its INVITE came from (inbound), or
+    where we send it requests (outbound: its contact, registration source or next hop,
+    resolved)."""
+    if leg.source is not None:
+        return leg.source[0]
+    return leg.addr[0] if is_ip(leg.addr[0]) else None
 
 
 def unlink(call: Call) -> None:

@@ -5,16 +5,28 @@ Indexes (all point into `calls`):
 * `calls` — call id → Call;
 * `by_sip_call_id` — the SIP Call-ID of each of a call's legs → its call id
   (`/api/calls?sip_call_id=`);
-* `dialogs` — (Call-ID, our tag) → Leg, for in-dialog requests and our ACK matching;
-  kept a while after the call (lingers) so retransmitted BYEs still match;
+* `dialogs` — (Call-ID, our tag) → Leg, for in-dialog requests and our ACK matching,
+  while the dialog is live or our BYE waits for the ACK of our 2xx;
+* `ended_dialogs` — (Call-ID, our tag) → the peer's IP (None: not known), the tombstone
+  of a dialog that is over, kept for its linger (`pbx.calls.legs.LINGER_S`) so a late
+  BYE still gets its 200, anything else a 481 and a stranger a 403, and an ACK is
+  absorbed, without keeping the call: a tombstone holds no object of it. Every linger
+  is as long, so they end in the order they began (`ended_order`, expired by the
+  liveness check every 0.25 s) with no timer each: what a tombstone holds is strings
+  and tuples of them, which the garbage collector stops tracking;
 * `pending_invites` — an inbound INVITE's server transaction → its leg until answered
   (CANCEL finds it here);
 * `client_txns` — our INVITEs' client transactions → their outbound legs, and our
-  session refreshes' (UPDATE) → their legs;
+  session refreshes' (UPDATE or re-INVITE) → their legs;
 * `resolving` — (Call-ID, our tag) → an outbound leg whose host name is resolving;
 * `legs_by_media` — media id → Leg while it holds an RTP port;
 * `sessions` — IVR session id → Session while it runs; `waiting_sessions` those
   waiting for an executor with room.
+
+An ended call is unlinked (`pbx.calls.state.unlink`: its legs and session let go of,
+so reference counting frees the lot at once) as soon as no index reaches it any more:
+`release_call` checks, `unlink_released` unlinks at the end of the step
+(`CallCore.drain`), after every handler of the step is done with the call.
 
 Budgets (DESIGN §6): an inbound call holds one unit of its source's set-up budget
 until its ACK and one of its calls budget until it ends; sources in
@@ -26,6 +38,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
+from pbx.calls.state import unlink
 from pbx.config import Settings
 from pbx.ratelimit import NetworkSet
 from pbx.sip.transaction import TransactionKey
@@ -39,12 +52,15 @@ class CallTable:
         self.calls: dict[str, Call] = {}
         self.by_sip_call_id: dict[str, str] = {}
         self.dialogs: dict[tuple[str, str], Leg] = {}
+        self.ended_dialogs: dict[tuple[str, str], str | None] = {}
+        self.ended_order: deque[tuple[float, tuple[str, str]]] = deque()
         self.pending_invites: dict[TransactionKey, Leg] = {}
         self.client_txns: dict[TransactionKey, Leg] = {}
         self.resolving: dict[tuple[str, str], Leg] = {}
         self.legs_by_media: dict[str, Leg] = {}
         self.sessions: dict[str, Session] = {}
         self.waiting_sessions: deque[Session] = deque()
+        self.released: list[Call] = []  # ended calls to unlink at the end of the step
         self.limits = settings.limits
         self.budget_exempt = NetworkSet(settings.sip.rate_limit_exempt)
         self.setup_by_source: dict[str, int] = {}
@@ -68,6 +84,58 @@ class CallTable:
     def find_sip_call_id(self, sip_call_id: str) -> Call | None:
         call_id = self.by_sip_call_id.get(sip_call_id)
         return self.calls.get(call_id) if call_id is not None else None
+
+    def end_dialog(self, leg: Leg, peer_ip: str | None, until: float) -> None:
+        """The leg's dialog is over and nothing waits on it: a tombstone (`peer_ip`)
+        takes its place `until` then (`expire_ended_dialogs`); its call goes once
+        nothing reaches it."""
+        key = leg.dialog_key
+        if self.dialogs.get(key) is leg:
+            del self.dialogs[key]
+            self.ended_dialogs[key] = peer_ip
+            self.ended_order.append((until, key))
+        self.release_call(leg.call)
+
+    def expire_ended_dialogs(self, now: float) -> None:
+        """The tombstones whose linger is over go: their dialogs no longer match."""
+        order = self.ended_order
+        while order and order[0][0] <= now:
+            self.ended_dialogs.pop(order.popleft()[1], None)
+
+    def forget_dialog(self, key: tuple[str, str]) -> None:
+        """The linger of a dialog not made a tombstone is over: it no longer matches."""
+        leg = self.dialogs.pop(key, None)
+        if leg is not None:
+            self.release_call(leg.call)
+
+    def release_call(self, call: Call) -> None:
+        """Called when an index lets go of one of the call's legs or its session: an
+        ended call no index reaches any more is unlinked at the end of the step."""
+        if call.ended and not self.reaches(call):
+            self.released.append(call)
+
+    def reaches(self, call: Call) -> bool:
+        """Whether an index still leads to the call: a late event (an ACK, a response to
+        our INVITE, a host resolved, an executor's reply, a media worker's answer) can
+        still need its graph."""
+        session = call.session
+        if session is not None and self.sessions.get(session.session_id) is session:
+            return True
+        for leg in call.legs():
+            key = leg.dialog_key
+            if (self.dialogs.get(key) is leg or self.resolving.get(key) is leg
+                    or self.legs_by_media.get(leg.media_id) is leg
+                    or (leg.invite_key is not None
+                        and self.client_txns.get(leg.invite_key) is leg)):
+                return True
+        return False
+
+    def unlink_released(self) -> None:
+        """Unlink the ended calls released in this step that nothing reached again."""
+        released, self.released = self.released, []
+        for call in released:
+            if not self.reaches(call):
+                unlink(call)
 
     def take_setup_budget(self, source: str) -> str | None:
         """One more inbound call from `source` if its budgets (`[limits]

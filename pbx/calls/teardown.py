@@ -78,6 +78,7 @@ class Teardown:
         ctx.table.remove_call(call)
         self.events.call(call, "ended")
         ctx.records.finish(call_record(call), stats_legs, ctx.now)
+        ctx.table.release_call(call)
 
     def leg_over(self, leg: Leg, reason: str, code: int | None) -> None:
         """One leg's dialog is over on our side (its 2xx never ACKed, its session

@@ -219,6 +219,9 @@ class TransactionLayer:
         self._server: dict[TransactionKey, _ServerTransaction] = {}
         self._client: dict[TransactionKey, _ClientTransaction] = {}
         self._heap: list[tuple[float, int, _Transaction]] = []
+        # The heap's top entry get_timer found current; forgotten whenever a
+        # transaction's timers change (`_schedule`, `_terminate`, a 1xx to our INVITE).
+        self._checked_top: tuple[float, int, _Transaction] | None = None
         self._seq = itertools.count()
         # Told of each INVITE server transaction's first final response: the request,
         # the status and the seconds since the INVITE came (the TU's set-up metrics).
@@ -355,6 +358,7 @@ class TransactionLayer:
             if state in (TxState.CALLING, TxState.PROCEEDING):
                 txn.timer_a = None
                 txn.timer_b = None
+                self._checked_top = None
                 if status < 200:
                     txn.state = TxState.PROCEEDING
                     return [ResponseReceived(response, key)]
@@ -491,11 +495,17 @@ class TransactionLayer:
     def get_timer(self) -> float | None:
         heap = self._heap
         while heap:
-            deadline, _, txn = heap[0]
+            top = heap[0]
+            if top is self._checked_top:
+                # Checked, and no transaction's timers changed since: the shell asks
+                # after every input, and most inputs change no timer.
+                return top[0]
+            deadline, _, txn = top
             current = txn.next_deadline() if self._is_live(txn) else None
             if current is None or current > deadline:
                 heapq.heappop(heap)  # stale entry
                 continue
+            self._checked_top = top
             return deadline
         return None
 
@@ -560,11 +570,13 @@ class TransactionLayer:
         return self._client.get(txn.key) is txn
 
     def _schedule(self, txn: _Transaction) -> None:
+        self._checked_top = None
         deadline = txn.next_deadline()
         if deadline is not None:
             heapq.heappush(self._heap, (deadline, next(self._seq), txn))
 
     def _terminate(self, txn: _Transaction) -> None:
+        self._checked_top = None
         txn.state = TxState.TERMINATED
         if isinstance(txn, _ServerTransaction):
             if self._server.get(txn.key) is txn:

@@ -537,3 +537,36 @@ def test_exempt_sources_are_not_counted() -> None:
         assert isinstance(layer.receive(request("OPTIONS", branch=f"z9hG4bKe{i}"), PEER,
                                         0.0)[-1], RequestReceived)
     assert layer.sources.held_by(PEER[0]) == (0, 0)
+
+
+def test_get_timer_checks_an_unchanged_top_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shell asks for the deadline after every input: while no transaction's timers
+    change, the heap's top is not checked again (issue 9: that check was half of the
+    call core's get_timer); a change is seen at once (a 1xx to our INVITE stops
+    Timers A and B, an ACK moves the server transaction from G/H to I)."""
+    import pbx.sip.transaction as transaction
+
+    checks: list[object] = []
+    for cls in (transaction._ServerTransaction, transaction._ClientTransaction):
+        original = cls.next_deadline
+
+        def counted(txn: object, original: object = original) -> float | None:
+            checks.append(txn)
+            return original(txn)  # type: ignore[operator,no-any-return]
+
+        monkeypatch.setattr(cls, "next_deadline", counted)
+    layer = TransactionLayer()
+    inv = request()
+    key = layer.receive(inv, PEER, 0.0)[-1].key
+    layer.respond(key, reply(inv, 404), 0.0)
+    checks.clear()
+    assert [layer.get_timer() for _ in range(50)] == [T1] * 50
+    assert len(checks) == 1
+    layer.receive(request("ACK", to_tag="tt"), PEER, 0.2)  # G and H stop, I starts
+    assert layer.get_timer() == 0.2 + T4
+    ours = request("INVITE", branch="z9hG4bKout", call_id="call-2")
+    client_key, _ = layer.send_request(ours, PEER, 0.3)
+    assert layer.get_timer() == 0.3 + T1  # Timer A
+    layer.receive(reply(ours, 180), PEER, 0.4)  # A and B stop; C is the TU's
+    assert layer.get_timer() == 0.2 + T4
+    assert layer.state_of(client_key) is TxState.PROCEEDING
