@@ -41,7 +41,7 @@ def reply(seq: int) -> IvrReply:
 def executor_with_tiny_queue(ctx: Ctx, config: Path, send_wait_s: float) -> Executor:
     executor = Executor(load_config(str(config)), ctx, ProviderClient(), "ivr-test",
                         send_wait_s=send_wait_s)
-    executor.sock.setsockopt(zmq.SNDHWM, 1)
+    executor.dealer.sock.setsockopt(zmq.SNDHWM, 1)
     executor.connect()
     return executor
 
@@ -76,15 +76,15 @@ def test_replies_wait_for_room_in_order_and_heartbeats_do_not(tmp_path: Path) ->
             # the loop goes on (send never waits).
             for seq in range(1, 7):
                 executor.send(reply(seq))
-            waiting = executor.waiting
+            waiting = executor.dealer.waiting
             assert waiting >= 4, waiting
             executor.send(IvrHeartbeat(executor_id="ivr-test", busy=0, capacity=1))
-            assert executor.waiting == waiting  # not queued behind replies
+            assert executor.dealer.waiting == waiting  # not queued behind replies
 
             router.bind(endpoint)  # the front comes (back)
             got = await receive(router, 6)
             assert [msg.seq for _, msg in got] == [1, 2, 3, 4, 5, 6]
-            assert executor.waiting == 0 and executor.dropped == 0
+            assert executor.dealer.waiting == 0 and executor.dealer.dropped == 0
 
             # It reads from the front too: an event (after an empty delimiter frame),
             # here one the executor cannot handle (no state), is answered.
@@ -114,14 +114,14 @@ def test_a_reply_without_room_is_dropped_after_the_bound(tmp_path: Path) -> None
         try:
             for seq in range(1, 6):
                 executor.send(reply(seq))
-            queued = executor.waiting
+            queued = executor.dealer.waiting
             taken = 5 - queued
             assert queued >= 3, queued
             started = time.monotonic()
-            while executor.waiting and time.monotonic() - started < 5.0:
+            while executor.dealer.waiting and time.monotonic() - started < 5.0:
                 await asyncio.sleep(0.02)  # the loop is not blocked meanwhile
-            assert executor.waiting == 0
-            assert executor.dropped == queued
+            assert executor.dealer.waiting == 0
+            assert executor.dealer.dropped == queued
             assert 0.25 <= time.monotonic() - started < 2.0
 
             router.bind(endpoint)  # only what the socket had taken arrives
