@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,10 @@ import zmq
 
 from pbx.config import load_config
 from pbx.ivr.provider import ProviderClient
-from pbx.messages import CallEndedInput, IvrEvent, IvrHeartbeat, IvrReply, decode, encode
+from pbx.messages import CallEndedInput, IvrEvent, IvrHeartbeat, IvrReply, encode
 from pbx.planes import ensure_private_dir
+from tests.zmq_front import receive
+from tests.zmq_front import router as front_router
 from workers.ivr import Executor
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
@@ -46,21 +48,8 @@ def executor_with_tiny_queue(ctx: Ctx, config: Path, send_wait_s: float) -> Exec
     return executor
 
 
-async def receive(router: zmq.Socket[bytes], count: int, timeout_s: float = 10.0
-                  ) -> list[tuple[bytes, Any]]:
-    """`count` messages from the ROUTER (identity, decoded last frame), polling the
-    plain socket from the loop so the executor keeps running."""
-    got: list[tuple[bytes, Any]] = []
-    deadline = time.monotonic() + timeout_s
-    while len(got) < count:
-        assert time.monotonic() < deadline, f"{len(got)} of {count} messages"
-        try:
-            identity, *frames = router.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            await asyncio.sleep(0.01)
-            continue
-        got.append((identity, decode(frames[-1])))
-    return got
+def count(n: int) -> Callable[[list[Any]], bool]:
+    return lambda got: len(got) == n
 
 
 def test_replies_wait_for_room_in_order_and_heartbeats_do_not(tmp_path: Path) -> None:
@@ -69,8 +58,7 @@ def test_replies_wait_for_room_in_order_and_heartbeats_do_not(tmp_path: Path) ->
 
     async def main() -> None:
         executor = executor_with_tiny_queue(ctx, config, send_wait_s=10.0)
-        router = ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
+        router = front_router(ctx)
         try:
             # No front yet: the socket takes a message or two, the outbox the rest, and
             # the loop goes on (send never waits).
@@ -82,7 +70,7 @@ def test_replies_wait_for_room_in_order_and_heartbeats_do_not(tmp_path: Path) ->
             assert executor.dealer.waiting == waiting  # not queued behind replies
 
             router.bind(endpoint)  # the front comes (back)
-            got = await receive(router, 6)
+            got = await receive(router, count(6))
             assert [msg.seq for _, msg in got] == [1, 2, 3, 4, 5, 6]
             assert executor.dealer.waiting == 0 and executor.dealer.dropped == 0
 
@@ -90,7 +78,7 @@ def test_replies_wait_for_room_in_order_and_heartbeats_do_not(tmp_path: Path) ->
             # here one the executor cannot handle (no state), is answered.
             event = IvrEvent(session_id="s2", seq=3, input=CallEndedInput())
             router.send_multipart([b"ivr-test", b"", encode(event)])
-            ((identity, answer),) = await receive(router, 1)
+            ((identity, answer),) = await receive(router, count(1))
             assert identity == b"ivr-test"
             assert isinstance(answer, IvrReply) and answer.seq == 3 and answer.done
         finally:
@@ -109,8 +97,7 @@ def test_a_reply_without_room_is_dropped_after_the_bound(tmp_path: Path) -> None
 
     async def main() -> None:
         executor = executor_with_tiny_queue(ctx, config, send_wait_s=0.3)
-        router = ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
+        router = front_router(ctx)
         try:
             for seq in range(1, 6):
                 executor.send(reply(seq))
@@ -125,10 +112,10 @@ def test_a_reply_without_room_is_dropped_after_the_bound(tmp_path: Path) -> None
             assert 0.25 <= time.monotonic() - started < 2.0
 
             router.bind(endpoint)  # only what the socket had taken arrives
-            got = await receive(router, taken)
+            got = await receive(router, count(taken))
             assert [msg.seq for _, msg in got] == list(range(1, taken + 1))
             executor.send(reply(9))  # and new replies go again
-            ((_, late),) = await receive(router, 1)
+            ((_, late),) = await receive(router, count(1))
             assert late.seq == 9
         finally:
             executor.close()

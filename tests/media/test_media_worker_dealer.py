@@ -10,9 +10,10 @@ the worker runs in this process (its real `run`), a plain ROUTER in the test is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +29,22 @@ from pbx.messages import (
     MediaReady,
     MediaRelease,
     MediaReleased,
-    decode,
     encode,
 )
 from pbx.planes import ensure_private_dir
+from tests.zmq_front import receive, router
 from workers.media import MediaWorker
 
-Ctx = zmq.Context[zmq.Socket[bytes]]
 # Above the kernel's ephemeral range, and not the other worker tests' (test_portpool).
 LOW = 61000 + 2 * (os.getpid() % 400)
 HIGH = LOW + 19  # 10 pairs
 HEARTBEAT_MS = 50
 
-
-def run(coro: Coroutine[Any, Any, None], timeout_s: float = 30.0) -> None:
-    uvloop.run(asyncio.wait_for(coro, timeout_s))
+Scenario = Callable[[Settings, str, zmq.Socket[bytes]], Coroutine[Any, Any, None]]
 
 
-def settings_for(tmp_path: Path) -> tuple[Settings, str]:
+def run(tmp_path: Path, scenario: Scenario) -> None:
+    """`scenario(settings, endpoint, front)`: the front's ROUTER made but not bound."""
     assert ensure_private_dir(tmp_path / "zmq") is None
     endpoint = f"ipc://{tmp_path / 'zmq' / 'media'}"
     settings = parse_config(
@@ -54,65 +53,55 @@ def settings_for(tmp_path: Path) -> tuple[Settings, str]:
         f'capacity = 8\nheartbeat_ms = {HEARTBEAT_MS}\nsounds_dir = "{tmp_path}"\n'
         f'recordings_dir = "{tmp_path}"\nvoicemail_dir = "{tmp_path}"\n'
         f'[logging]\ndir = "{tmp_path}"\n')
-    return settings, endpoint
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
 
-
-def router(ctx: Ctx) -> zmq.Socket[bytes]:
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    return sock
-
-
-async def receive(sock: zmq.Socket[bytes], until: Callable[[list[Any]], bool],
-                  timeout_s: float = 10.0) -> list[Any]:
-    """Messages from the worker (decoded) until `until(got)`, polling the plain ROUTER
-    from the loop so that the worker keeps running."""
-    got: list[Any] = []
-    deadline = time.monotonic() + timeout_s
-    while not until(got):
-        assert time.monotonic() < deadline, f"gave up after {[type(m).__name__ for m in got]}"
+    async def main() -> None:
+        front = router(ctx)
         try:
-            _, *frames = sock.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            await asyncio.sleep(0.005)
-            continue
-        got.append(decode(frames[-1]))
-    return got
+            await scenario(settings, endpoint, front)
+        finally:
+            front.close()
+
+    try:
+        uvloop.run(asyncio.wait_for(main(), 30.0))
+    finally:
+        ctx.term()
 
 
-def not_heartbeat_or_ports(msgs: list[Any]) -> list[Any]:
-    return [m for m in msgs if not isinstance(m, MediaHeartbeat | MediaPorts)]
-
-
-async def start(settings: Settings, send_wait_s: float | None = None,
-                tiny_queue: bool = False) -> tuple[MediaWorker, asyncio.Task[None]]:
+@contextlib.asynccontextmanager
+async def running(settings: Settings, send_wait_s: float | None = None,
+                  tiny_queue: bool = False) -> AsyncIterator[MediaWorker]:
+    """The worker's `run` in this loop: connected, MediaReady and MediaPorts sent (or
+    waiting) on entry; stopped as SIGTERM does on exit."""
     worker = MediaWorker(settings, "media-test")
     if tiny_queue:  # before `run` connects: the pipe to the front holds a message or two
         worker.dealer.sock.setsockopt(zmq.SNDHWM, 1)
     if send_wait_s is not None:
         worker.dealer.send_wait_s = send_wait_s
     task = asyncio.create_task(worker.run())
-    await asyncio.sleep(0.2)  # connected, MediaReady and MediaPorts sent (or waiting)
-    return worker, task
+    await asyncio.sleep(0.2)
+    try:
+        yield worker
+    finally:
+        worker._stopping.set()
+        await asyncio.wait_for(task, 5.0)
 
 
-async def stop(worker: MediaWorker, task: asyncio.Task[None]) -> None:
-    worker._stopping.set()
-    await asyncio.wait_for(task, 5.0)
+def said(got: list[tuple[bytes, Any]]) -> list[Any]:
+    """The messages but heartbeats and port announcements."""
+    return [m for _, m in got if not isinstance(m, MediaHeartbeat | MediaPorts)]
+
+
+def has(kind: type) -> Callable[[list[tuple[bytes, Any]]], bool]:
+    return lambda got: any(isinstance(m, kind) for _, m in got)
 
 
 def test_front_gone_messages_wait_in_order_and_heartbeats_do_not(tmp_path: Path) -> None:
-    settings, endpoint = settings_for(tmp_path)
-    ctx: Ctx = zmq.Context()
-
-    async def main() -> None:
-        worker, task = await start(settings, send_wait_s=10.0, tiny_queue=True)
-        front = router(ctx)
-        try:
+    async def scenario(settings: Settings, endpoint: str, front: zmq.Socket[bytes]) -> None:
+        async with running(settings, send_wait_s=10.0, tiny_queue=True) as worker:
             # No front: commands handled meanwhile (as if they had come just before it
             # went) are answered into the outbox; the loop goes on (a send never waits).
-            ports = worker.pool.ports()
-            for k, port in enumerate(ports[:3], start=1):
+            for k, port in enumerate(worker.pool.ports()[:3], start=1):
                 worker.handle(MediaAllocate(call_id=f"c{k}", rtp_port=port, seq=k))
             for k in (1, 2, 3):
                 worker.handle(MediaRelease(call_id=f"c{k}"))
@@ -124,32 +113,20 @@ def test_front_gone_messages_wait_in_order_and_heartbeats_do_not(tmp_path: Path)
             assert len(worker.engine) == 0 and worker.dealer.dropped == 0
 
             front.bind(endpoint)  # the front comes (back): everything, in order
-            got = await receive(front, lambda g: len(not_heartbeat_or_ports(g)) == 7)
-            said = not_heartbeat_or_ports(got)
-            assert isinstance(said[0], MediaReady)
-            assert [(type(m), m.call_id) for m in said[1:]] == [
+            got = said(await receive(front, lambda g: len(said(g)) == 7))
+            assert isinstance(got[0], MediaReady)
+            assert [(type(m), m.call_id) for m in got[1:]] == [
                 (MediaAllocated, "c1"), (MediaAllocated, "c2"), (MediaAllocated, "c3"),
                 (MediaReleased, "c1"), (MediaReleased, "c2"), (MediaReleased, "c3")]
             assert worker.dealer.waiting == 0 and worker.dealer.dropped == 0
-        finally:
-            front.close()
-            await stop(worker, task)
 
-    try:
-        run(main())
-    finally:
-        ctx.term()
+    run(tmp_path, scenario)
 
 
 def test_front_gone_past_the_bound_messages_are_dropped_and_the_worker_goes_on(
         tmp_path: Path) -> None:
-    settings, endpoint = settings_for(tmp_path)
-    ctx: Ctx = zmq.Context()
-
-    async def main() -> None:
-        worker, task = await start(settings, send_wait_s=0.3, tiny_queue=True)
-        front = router(ctx)
-        try:
+    async def scenario(settings: Settings, endpoint: str, front: zmq.Socket[bytes]) -> None:
+        async with running(settings, send_wait_s=0.3, tiny_queue=True) as worker:
             port = worker.pool.ports()[0]
             for seq in range(1, 5):  # asked again: the same answer, four times
                 worker.handle(MediaAllocate(call_id="c1", rtp_port=port, seq=seq))
@@ -161,22 +138,14 @@ def test_front_gone_past_the_bound_messages_are_dropped_and_the_worker_goes_on(
             assert worker.dealer.waiting == 0 and worker.dealer.dropped >= queued
 
             front.bind(endpoint)  # the front learns the pool from the next heartbeat
-            (beat,) = [m for m in await receive(
-                front, lambda g: any(isinstance(m, MediaHeartbeat) for m in g))
-                if isinstance(m, MediaHeartbeat)]
+            got = await receive(front, has(MediaHeartbeat))
+            (beat,) = [m for _, m in got if isinstance(m, MediaHeartbeat)]
             assert beat.calls == 1 and beat.allocate_seq == 4
-            identity = worker.worker_id.encode()
-            front.send_multipart([identity, encode(MediaRelease(call_id="c1"))])
-            got = await receive(front, lambda g: any(isinstance(m, MediaReleased) for m in g))
-            assert [m.call_id for m in got if isinstance(m, MediaReleased)] == ["c1"]
-        finally:
-            front.close()
-            await stop(worker, task)
+            front.send_multipart([b"media-test", encode(MediaRelease(call_id="c1"))])
+            got = await receive(front, has(MediaReleased))
+            assert [m.call_id for _, m in got if isinstance(m, MediaReleased)] == ["c1"]
 
-    try:
-        run(main())
-    finally:
-        ctx.term()
+    run(tmp_path, scenario)
 
 
 def test_a_command_arriving_while_the_worker_sends_is_read(tmp_path: Path) -> None:
@@ -184,34 +153,20 @@ def test_a_command_arriving_while_the_worker_sends_is_read(tmp_path: Path) -> No
     worker then sends (its send processes the socket's commands and takes the FD's
     signal of the arrival) before the loop looks at the FD. Nothing else arrives after:
     only the worker's check after its send can find the command."""
-    settings, endpoint = settings_for(tmp_path)
-    ctx: Ctx = zmq.Context()
-
-    async def main() -> None:
-        front = router(ctx)
+    async def scenario(settings: Settings, endpoint: str, front: zmq.Socket[bytes]) -> None:
         front.bind(endpoint)
-        worker, task = await start(settings)
-        try:
-            got = await receive(front, lambda g: any(isinstance(m, MediaPorts) for m in g))
-            assert isinstance(got[0], MediaReady)
-            identity = worker.worker_id.encode()
+        async with running(settings) as worker:
+            got = await receive(front, has(MediaPorts))
+            assert isinstance(got[0][1], MediaReady)
             for k, port in enumerate(worker.pool.ports()[:3], start=1):
                 call_id = f"c{k}"
                 # Synchronous from here to the await: the worker's loop cannot run.
-                front.send_multipart([identity, encode(
+                front.send_multipart([b"media-test", encode(
                     MediaAllocate(call_id=call_id, rtp_port=port, seq=k))])
                 time.sleep(0.1)  # in the worker's pipe, its socket's mailbox signalled
                 worker.send(worker.ports_message())  # takes the signal
-                answers = await receive(
-                    front, lambda g: any(isinstance(m, MediaAllocated) for m in g),
-                    timeout_s=3.0)
-                (allocated,) = [m for m in answers if isinstance(m, MediaAllocated)]
+                got = await receive(front, has(MediaAllocated), timeout_s=3.0)
+                (allocated,) = [m for _, m in got if isinstance(m, MediaAllocated)]
                 assert allocated.call_id == call_id and allocated.error is None
-        finally:
-            front.close()
-            await stop(worker, task)
 
-    try:
-        run(main())
-    finally:
-        ctx.term()
+    run(tmp_path, scenario)
