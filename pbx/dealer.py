@@ -166,11 +166,15 @@ class FrontDealer:
         except Exception:  # one message's failure must not stop the reader
             log.exception("error handling a message from the front")
 
-    def close(self) -> None:
-        """Stop reading, drop the outbox; the socket closes with its LINGER."""
+    def stop_reading(self) -> None:
+        """No more messages from the front are handled (shutting down); sending goes on."""
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+    def close(self) -> None:
+        """Stop reading, drop the outbox; the socket closes with its LINGER."""
+        self.stop_reading()
         if self._check is not None:
             self._check.cancel()
             self._check = None

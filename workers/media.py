@@ -763,6 +763,7 @@ class MediaWorker:
         for task in done:
             if task is not stop and task.exception() is not None:
                 log.error("worker task failed", exc_info=task.exception())
+        self.dealer.stop_reading()  # no command starts anything from here on
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
