@@ -40,6 +40,14 @@ compare modes with the same `--gen-sockets` so the generator costs the same.
 
 Prints a table next to the DESIGN §4 targets and writes JSON
 (default perf/results/bench_media-<ts>.json).
+
+`--churn RATE` measures the control plane instead: short calls, started at RATE per
+second for `--measure` seconds (after `--warmup`), each MediaAllocate (a port the worker
+announced), MediaRemote and MediaPlay of a `--churn-prompt-ms` prompt (100 ms, as a
+`*99` test call), MediaRelease at its AudioComplete, MediaReleased: about eight
+control messages a call plus the worker's MediaPorts and heartbeats. Reported: the
+worker's CPU per call (ms), calls completed, set-up (MediaAllocate to MediaAllocated)
+percentiles as seen by this script. The prompt's packets go to a socket nobody reads.
 """
 
 from __future__ import annotations
@@ -63,10 +71,14 @@ sys.path.insert(0, str(ROOT))
 
 from media import g711  # noqa: E402
 from pbx.messages import (  # noqa: E402
+    AudioComplete,
     DtmfDigit,
+    MediaAllocate,
+    MediaAllocated,
     MediaEvent,
     MediaHeartbeat,
     MediaPlay,
+    MediaPorts,
     MediaRelease,
     MediaReleased,
     MediaRemote,
@@ -416,6 +428,98 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def run_churn(rate: float, args: argparse.Namespace) -> dict[str, Any]:
+    """Short calls at `rate` per second (module text): the worker's CPU per call."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_media-churn-"))
+    sounds = tmp / "sounds"
+    sounds.mkdir()
+    write_prompt(sounds / "short.wav", args.churn_prompt_ms / 1000.0)
+    worker = start_media_worker(tmp, args.rtp_ports, 2000, sounds=sounds)
+    front = worker.front
+    pid = worker.proc.pid
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink_port = sink.getsockname()[1]
+    free: list[int] = []
+    in_use: dict[str, int] = {}  # call id -> its port, from MediaAllocate to MediaReleased
+    asked: dict[str, float] = {}  # call id -> when MediaAllocate went out
+    setup_ms: list[float] = []
+    errors: list[str] = []
+    started = completed = no_port = seq = 0
+    cpu0 = t0 = 0.0
+    measuring = False
+    try:
+        period = 1.0 / rate
+        begin = time.monotonic()
+        warm_end = begin + args.warmup
+        end = warm_end + args.measure
+        next_start = begin
+        log(f"churn {rate}/s: worker {pid}; warm-up {args.warmup} s, measuring {args.measure} s")
+        while True:
+            now = time.monotonic()
+            if not measuring and now >= warm_end:
+                measuring = True
+                cpu0, t0, completed = proc_cpu_s(pid), now, 0
+                setup_ms.clear()
+            if now >= end:
+                break
+            while next_start <= now:
+                next_start += period
+                if not free:
+                    no_port += 1
+                    continue
+                seq += 1
+                call_id = f"churn-{seq}"
+                port = free.pop()
+                in_use[call_id] = port
+                asked[call_id] = time.monotonic()
+                front.send(MediaAllocate(call_id=call_id, rtp_port=port, seq=seq,
+                                         inband_dtmf=False))
+                started += 1
+            msg = front.recv(max(0.001, min(next_start, end) - time.monotonic()))
+            while msg is not None:
+                if isinstance(msg, MediaPorts | MediaHeartbeat):
+                    used = set(in_use.values())
+                    free = [p for p in msg.ports if p not in used]
+                elif isinstance(msg, MediaAllocated):
+                    setup_ms.append((time.monotonic() - asked.pop(msg.call_id)) * 1000.0)
+                    if msg.error:
+                        errors.append(msg.error)
+                        in_use.pop(msg.call_id, None)
+                    else:
+                        front.send(MediaRemote(call_id=msg.call_id, remote_ip="127.0.0.1",
+                                               remote_port=sink_port, payload_type=0,
+                                               codec="PCMU", dtmf_payload_type=DTMF_PT,
+                                               ptime_ms=20))
+                        front.send(MediaPlay(call_id=msg.call_id, play_id=1, file="short.wav"))
+                elif isinstance(msg, MediaEvent) and isinstance(msg.event, AudioComplete):
+                    front.send(MediaRelease(call_id=msg.call_id))
+                elif isinstance(msg, MediaReleased):
+                    in_use.pop(msg.call_id, None)
+                    completed += 1
+                msg = front.recv(0.0)
+        cpu1 = proc_cpu_s(pid)
+        t_meas = time.monotonic() - t0
+    finally:
+        worker_errors = worker.stop()
+        sink.close()
+    cpu_ms = 1000.0 * (cpu1 - cpu0)
+    setup = np.array(setup_ms) if setup_ms else np.zeros(1)
+    return {
+        "churn_rate": rate,
+        "prompt_ms": args.churn_prompt_ms,
+        "measure_s": round(t_meas, 2),
+        "calls_started": started,
+        "calls_completed_measured": completed,
+        "no_free_port": no_port,
+        "allocation_errors": errors[:10],
+        "worker_cpu_pct_core": round(100.0 * (cpu1 - cpu0) / t_meas, 2),
+        "worker_cpu_ms_per_call": round(cpu_ms / max(1, completed), 4),
+        "setup_ms": {"p50": round(pct(setup, 50), 3), "p99": round(pct(setup, 99), 3)},
+        "worker_errors": worker_errors[:10],
+    }
+
+
 def print_table(results: list[dict[str, Any]]) -> None:
     hdr = (
         f"{'calls':>6} {'CPU %core':>9} {'%/call':>7} {'KB/call':>8} {'tick late p99/max':>17} "
@@ -451,11 +555,21 @@ def main() -> None:
     ap.add_argument("--gen-sockets", choices=["grouped", "per_leg"], default=None,
                     help="the phones' sockets: one per 256 legs (default with per_leg) or "
                          "one per leg (needed with shared)")
+    ap.add_argument("--churn", type=float, nargs="*", default=None, metavar="RATE",
+                    help="short calls at RATE calls/s instead of -n long ones (module text)")
+    ap.add_argument("--churn-prompt-ms", type=int, default=100)
     ap.add_argument("--label", default="", help="free text stored in the JSON")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     results = []
-    for n in args.n:
+    for rate in args.churn or []:
+        r = run_churn(rate, args)
+        results.append(r)
+        log(f"churn {rate}/s: {r['calls_completed_measured']} calls, worker "
+            f"{r['worker_cpu_pct_core']}% of a core = {r['worker_cpu_ms_per_call']} ms/call, "
+            f"set-up p50/p99 {r['setup_ms']}, no port {r['no_free_port']}, "
+            f"errors {r['allocation_errors']} {r['worker_errors']}")
+    for n in args.n if args.churn is None else []:
         r = run_one(n, args)
         results.append(r)
         log(
@@ -464,8 +578,9 @@ def main() -> None:
             f"IPD p99 {r['ipd_dev_ms']['p99']} ms, late {r['late_pct']}%, lost {r['lost']}, "
             f"digits {r['digits']}"
         )
-    print()
-    print_table(results)
+    if args.churn is None:
+        print()
+        print_table(results)
     out = Path(
         args.json or ROOT / "perf" / "results" / f"bench_media-{time.strftime('%Y%m%d-%H%M%S')}.json"
     )

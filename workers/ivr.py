@@ -9,13 +9,10 @@ background), and one `IvrReply` with the same `seq` goes back. Messages are sent
 a single frame; on receipt the last frame is the message (an optional empty
 delimiter frame is tolerated).
 
-The DEALER is a plain socket driven from the event loop, as the front's are
-(`pbx.broker`: zmq.asyncio's Future per send and per receive was a tenth of the
-executor's CPU, issue 9): `pbx.broker.ZmqReader` drains it on its edge-triggered FD.
-A send never waits: a message the socket refuses (its queue to the front is full:
-the front is gone or stalled) waits in the outbox, in order, and goes out when the
-socket takes messages again, or is dropped after `SEND_WAIT_S` with a warning (the
-front re-sends an unanswered event elsewhere, DESIGN §1); heartbeats are not queued.
+The DEALER is `pbx.dealer.FrontDealer`, a plain socket driven from the event loop
+(zmq.asyncio's Future per send and per receive was a tenth of the executor's CPU,
+issue 9): a send never waits, a reply the socket refuses (the front gone or stalled)
+waits in its outbox, in order, up to `send_wait_s`; heartbeats are not queued.
 
 `api` actions' HTTP calls are performed here too (same aiohttp session), text to
 speech (`tts` requests: `tts_text`, `greeting_text`) is synthesised into the prompt
@@ -34,13 +31,11 @@ carries on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import socket
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,10 +43,9 @@ from typing import Any
 import uvloop
 import zmq
 
-from pbx import planes
 from pbx.asr import ASR_UNAVAILABLE, SWEEP_INTERVAL_S, AsrEngine
-from pbx.broker import DRAIN_BATCH, ZmqReader
 from pbx.config import ConfigError, IvrAppParams, Settings, load_config
+from pbx.dealer import SEND_WAIT_S, FrontDealer
 from pbx.ivr import machine
 from pbx.ivr.provider import ProviderClient
 from pbx.ivr.requests import AsrResult, TtsResult
@@ -66,7 +60,6 @@ from pbx.messages import (
     SessionStartInput,
     StepTrace,
     decode,
-    encode,
 )
 from pbx.reload import plan_reload
 from pbx.startup import start_program
@@ -79,13 +72,6 @@ Clock = Callable[[], float]
 # step may still wait for it: the task ends by then; this only bounds a stuck one.
 START_WAIT_SLACK_S = 0.1
 Ivrs = Mapping[str, IvrAppParams]
-# How long a reply may wait for room in the socket's queue to the front (the front gone
-# or stalled) before it is dropped: by then the front has given the event to another
-# executor or ended the call (pbx.calls.ivr, IVR_REPLY_MARGIN_S).
-SEND_WAIT_S = 15.0
-# How often the outbox retries while it waits, besides every wake-up of the socket's FD
-# (a socket's FD is edge-triggered; the retry is the safety net for a missed edge).
-SEND_RETRY_S = 0.05
 
 
 @dataclass
@@ -236,16 +222,8 @@ class Executor:
         self.asr = asr or AsrEngine(settings.asr, http=lambda: client.session)
         self.executor_id = executor_id
         self.clock = clock
-        self.sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, executor_id.encode())
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.send_wait_s = send_wait_s
-        # Messages the socket refused, oldest first: (frame, deadline on the loop's clock).
-        self._outbox: deque[tuple[bytes, float]] = deque()
-        self._outbox_task: asyncio.Task[None] | None = None
-        self._outbox_wake = asyncio.Event()
-        self.dropped = 0  # messages dropped after waiting SEND_WAIT_S
-        self._reader: ZmqReader | None = None
+        self.dealer = FrontDealer(ctx, executor_id, self._on_frame, linger_ms=1000,
+                                  send_wait_s=send_wait_s)
         self._sessions: set[asyncio.Task[None]] = set()
         self._working: dict[str, int] = {}
 
@@ -270,79 +248,13 @@ class Executor:
         return len(self._sessions)
 
     def send(self, msg: IvrReady | IvrHeartbeat | IvrReply) -> None:
-        """Hand `msg` to the socket now, or queue it behind those waiting (module text);
-        a heartbeat is dropped while others wait (the next one says the same)."""
-        if self._outbox:
-            if not isinstance(msg, IvrHeartbeat):
-                self._queue(encode(msg))
-            return
-        frame = encode(msg)
-        try:
-            self.sock.send(frame, zmq.NOBLOCK)
-        except zmq.Again:
-            if not isinstance(msg, IvrHeartbeat):
-                self._queue(frame)
-        finally:
-            if self._reader is not None:
-                self._reader.check()
+        """To the front now or through the outbox (`FrontDealer`); a heartbeat is dropped
+        while others wait (the next one says the same)."""
+        self.dealer.send(msg, droppable=isinstance(msg, IvrHeartbeat))
 
-    def _queue(self, frame: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        if not self._outbox:
-            log.warning("the queue to the front is full (the front gone or stalled): "
-                        "replies wait up to %g s", self.send_wait_s)
-        self._outbox.append((frame, loop.time() + self.send_wait_s))
-        if self._outbox_task is None or self._outbox_task.done():
-            self._outbox_task = loop.create_task(self._flush_outbox(), name="outbox")
-
-    @property
-    def waiting(self) -> int:
-        """Messages in the outbox."""
-        return len(self._outbox)
-
-    def _flush(self) -> None:
-        """Send what the outbox holds while the socket takes it; drop the expired."""
-        now = asyncio.get_running_loop().time()
-        outbox = self._outbox
-        try:
-            while outbox:
-                frame, deadline = outbox[0]
-                if deadline <= now:
-                    outbox.popleft()
-                    self.dropped += 1
-                    log.warning("dropped a message to the front after %g s without room",
-                                self.send_wait_s)
-                    continue
-                self.sock.send(frame, zmq.NOBLOCK)
-                outbox.popleft()
-        except zmq.Again:
-            pass
-        finally:
-            if self._reader is not None:
-                self._reader.check()
-
-    async def _flush_outbox(self) -> None:
-        """Until the outbox is empty: retry on every wake-up of the socket (room in
-        the queue signals its FD) and every SEND_RETRY_S."""
-        while self._outbox:
-            self._flush()
-            if not self._outbox:
-                break
-            self._outbox_wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._outbox_wake.wait(), SEND_RETRY_S)
-        log.info("the queue to the front takes messages again (%d dropped so far)",
-                 self.dropped)
-
-    def _read_one(self) -> None:
-        """One message from the front (zmq.Again if none): its last frame; a bad one is
-        logged and dropped, an IvrEvent starts a task."""
-        if self._outbox:
-            self._outbox_wake.set()  # the FD woke us: maybe room to send
-        sock = self.sock
-        frame = sock.recv(zmq.NOBLOCK)
-        while sock.getsockopt(zmq.RCVMORE):
-            frame = sock.recv(zmq.NOBLOCK)
+    def _on_frame(self, frame: bytes) -> None:
+        """One message from the front: a bad one is logged and dropped, an IvrEvent
+        starts a task."""
         try:
             msg = decode(frame)
         except MessageError as exc:
@@ -358,20 +270,12 @@ class Executor:
     def connect(self) -> None:
         """Connect to the front and read from it in the running loop."""
         endpoint = self.settings.zmq.ivr_endpoint
-        planes.configure_client(self.sock, self.settings.zmq, endpoint)
-        self.sock.connect(endpoint)
-        self._reader = ZmqReader(self.sock, self._read_one, asyncio.get_running_loop(),
-                               DRAIN_BATCH)
+        self.dealer.connect(self.settings.zmq, endpoint)
         log.info("executor %s connected to %s%s", self.executor_id, endpoint,
                  " (CURVE)" if self.settings.zmq.curve else "")
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-        if self._outbox_task is not None:
-            self._outbox_task.cancel()
-        self.sock.close()
+        self.dealer.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         self.connect()
@@ -404,9 +308,8 @@ class Executor:
         if self._sessions:
             log.info("waiting for %d session(s) in progress", len(self._sessions))
             await asyncio.wait(set(self._sessions), timeout=5.0)
-        if self._outbox_task is not None and not self._outbox_task.done():
-            # Replies of the sessions that just ended, bounded like the sessions' wait.
-            await asyncio.wait({self._outbox_task}, timeout=1.0)
+        # Replies of the sessions that just ended, bounded like the sessions' wait.
+        await self.dealer.flushed(1.0)
         warm.cancel()
         await self.asr.close()
         self.close()

@@ -4,7 +4,10 @@
 
 Connects a DEALER socket (identity `media-<hostname>-<pid>`) to the front's
 media ROUTER, says MediaReady once its kernels are warm, heartbeats, and
-turns front commands into engine calls. Each call leg gets its own UDP socket
+turns front commands into engine calls. The socket is `pbx.dealer.FrontDealer`'s,
+driven from the loop without zmq.asyncio: each command is handled synchronously in
+the socket's drain, and a message the front cannot take (gone or stalled) waits in
+its outbox, in order, up to 15 s (heartbeats are not queued). Each call leg gets its own UDP socket
 on an even port of `[media] rtp_ports` (a random start, so several workers
 sharing the range rarely collide; a taken port is skipped), bound ahead of the
 call: the worker keeps a pool of bound RTP/RTCP pairs (`workers.portpool`,
@@ -52,7 +55,6 @@ from typing import Any
 
 import aiohttp
 import zmq
-import zmq.asyncio
 
 from media import g711, inband, vad
 from media.engine import EngineError, MediaEngine, Packet
@@ -61,8 +63,8 @@ from media.legtable import TxBatch
 from media.prompts import PromptCache
 from media.recorder import Recorder
 from media.vad import ListenTuning
-from pbx import planes
 from pbx.config import Settings
+from pbx.dealer import FrontDealer
 from pbx.messages import (
     MEDIA_TIMING_BOUNDS_MS,
     TIMING_BUCKETS,
@@ -84,7 +86,6 @@ from pbx.messages import (
     MediaWsBridge,
     MessageError,
     decode,
-    encode,
 )
 from pbx.startup import start_program
 from workers import rtpio
@@ -206,41 +207,37 @@ class MediaWorker:
         # arrival); what they waited goes in the next heartbeat (ms).
         self.plays_starting: dict[str, tuple[int, float]] = {}
         self.play_start_ms: list[float] = []
-        self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
-        self.sock.setsockopt(zmq.LINGER, 500)
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.dealer = FrontDealer(self.ctx, worker_id, self.on_frame, linger_ms=500)
         self.loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------ front plane
 
     def send(self, msg: Any) -> None:
-        fut: Any = self.sock.send(encode(msg))  # an asyncio Future on a zmq.asyncio socket
-        fut.add_done_callback(_log_send_error)
+        """To the front now, or through the outbox while its queue is full (`FrontDealer`);
+        a heartbeat is dropped meanwhile (the next one says the same)."""
+        self.dealer.send(msg, droppable=isinstance(msg, MediaHeartbeat))
 
     def send_events(self, events: list[MediaEvent]) -> None:
         for ev in events:
             self.send(ev)
 
-    async def recv_loop(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart()
-            if not frames:
-                continue
-            try:
-                msg = decode(frames[-1])
-            except MessageError as exc:
-                log.warning("ignoring malformed frame from the front: %s", exc)
-                continue
-            try:
-                await self.handle(msg)
-            except EngineError as exc:
-                log.warning("%s: %s", type(msg).__name__, exc)
-            except Exception:
-                log.exception("error handling %s", type(msg).__name__)
+    def on_frame(self, frame: bytes) -> None:
+        """One message from the front, handled in the socket's drain (`FrontDealer`)."""
+        try:
+            msg = decode(frame)
+        except MessageError as exc:
+            log.warning("ignoring malformed frame from the front: %s", exc)
+            return
+        try:
+            self.handle(msg)
+        except EngineError as exc:
+            log.warning("%s: %s", type(msg).__name__, exc)
+        except Exception:
+            log.exception("error handling %s", type(msg).__name__)
 
-    async def handle(self, msg: Any) -> None:
+    def handle(self, msg: Any) -> None:
         now = time.monotonic()
         engine = self.engine
         if isinstance(msg, MediaAllocate):
@@ -740,8 +737,7 @@ class MediaWorker:
 
     async def run(self) -> None:
         endpoint = self.settings.zmq.media_endpoint
-        planes.configure_client(self.sock, self.settings.zmq, endpoint)
-        self.sock.connect(endpoint)
+        self.dealer.connect(self.settings.zmq, endpoint)
         log.info("media worker %s connected to %s%s", self.worker_id, endpoint,
                  " (CURVE)" if self.settings.zmq.curve else "")
         media = self.settings.media
@@ -759,7 +755,6 @@ class MediaWorker:
             self.loop.add_signal_handler(sig, self._stopping.set)
         self.watch_rtp()
         tasks = [
-            asyncio.create_task(self.recv_loop()),
             asyncio.create_task(self.tick_loop()),
             asyncio.create_task(self.heartbeat_loop()),
         ]
@@ -768,6 +763,7 @@ class MediaWorker:
         for task in done:
             if task is not stop and task.exception() is not None:
                 log.error("worker task failed", exc_info=task.exception())
+        self.dealer.stop_reading()  # no command starts anything from here on
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -783,7 +779,8 @@ class MediaWorker:
             self.shared_rtcp.close()
         self.rtp.close()
         self.pool.close()
-        self.sock.close()
+        await self.dealer.flushed(0.5)  # what waits for room, bounded as LINGER is
+        self.dealer.close()
         self.ctx.term()
         log.info("media worker %s stopped", self.worker_id)
 
@@ -801,11 +798,6 @@ async def _ws_send(ws: aiohttp.ClientWebSocketResponse, queue: asyncio.Queue[byt
     while True:
         data = await queue.get()
         await ws.send_bytes(data)
-
-
-def _log_send_error(fut: Any) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("send to the front failed: %s", fut.exception())
 
 
 def _log_task_error(task: asyncio.Task[Any]) -> None:

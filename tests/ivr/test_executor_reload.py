@@ -37,6 +37,6 @@ def test_the_executor_takes_new_ivrs_and_refuses_a_bad_file(tmp_path: Path) -> N
         config.write_text(IVRS.format(logs=tmp_path) + '\n[ivrs.bad]\nurl = "ftp://x"\n')
         executor.reload()
         assert set(executor.settings.ivrs) == {"sales", "support"}
-        executor.sock.close()
+        executor.close()
     finally:
         ctx.term()

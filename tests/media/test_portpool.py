@@ -121,7 +121,7 @@ def worker() -> Iterator[tuple[MediaWorker, list[Any]]]:
             w.close_leg(call_id)
         w.pool.close()
         w.rtp.close()
-        w.sock.close()
+        w.dealer.close()
         w.ctx.term()
         loop.run_until_complete(asyncio.sleep(0))
         loop.close()
@@ -161,7 +161,7 @@ def test_many_allocations_one_announcement_per_tick(
     assert announced == MediaPorts(ports=w.pool.ports(), allocate_seq=2)
     assert len(announced.ports) == 2  # capacity 4 with 2 legs: room for 2 pairs
     sent.clear()
-    w.loop.run_until_complete(w.handle(MediaRelease(call_id="c2")))
+    w.handle(MediaRelease(call_id="c2"))
     assert isinstance(sent[0], MediaReleased)
     run_soon(w)  # room for one more pair again
     w.announce_ports()
