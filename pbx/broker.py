@@ -16,10 +16,10 @@ and every call into the socket (send, recv, EVENTS) may consume that signal. So:
 
 - a wake-up reads with NOBLOCK until nothing is left (EAGAIN: libzmq processed every
   pending command first, as for EVENTS, so the next arrival signals the FD again);
-- a send outside the socket's own drain marks the socket, and once per loop iteration
-  (a `call_soon` made by the first such send, so after the handler or timer that sent
-  and before the loop next waits) EVENTS is checked on each marked socket, and a drain
-  is scheduled if a message is waiting (the sends may have eaten its signal). One check
+- a send outside the socket's own drain marks the socket (`ZmqReader.sent`), and once
+  per loop iteration (a `call_soon` made by its first such send, so after the handler
+  or timer that sent and before the loop next waits) EVENTS is checked, and a drain is
+  scheduled if a message is waiting (the sends may have eaten its signal). One check
   per socket per iteration, not per send: each EVENTS makes libzmq process its commands
   (a poll and a getpid), and the front sends ~6 messages per call;
 - a drain handles at most `DRAIN_BATCH` messages, then continues on the next loop
@@ -110,6 +110,13 @@ class ZmqReader:
         finally:
             self.draining = False
 
+    def sent(self) -> None:
+        """After a send on this socket: one EVENTS check this loop iteration, whatever
+        the number of sends (none inside a drain, which ends on EAGAIN; module text)."""
+        if not self.draining and not self.unchecked:
+            self.unchecked = True
+            self.loop.call_soon(self.check)
+
     def check(self) -> None:
         """After sends on this socket (`unchecked`): they may have taken the FD's signal
         for a message that is waiting; read it on the next iteration (never from inside
@@ -156,7 +163,6 @@ class Broker:
         self._media_reader: ZmqReader | None = None
         self._ivr_reader: ZmqReader | None = None
         self._events_reader: ZmqReader | None = None
-        self._check: asyncio.Handle | None = None  # this iteration's EVENTS checks
         # Topics with a subscriber (subscribe +1, unsubscribe -1: libzmq passes only the
         # first and the last of each topic): events are encoded and sent while > 0.
         self.subscribed_topics = 0
@@ -237,21 +243,8 @@ class Broker:
             sock.send(payload, zmq.NOBLOCK)
             sent = True
         if reader is not None:
-            self._sent_on(reader)
+            reader.sent()
         return sent
-
-    def _sent_on(self, reader: ZmqReader) -> None:
-        if not reader.draining and not reader.unchecked:
-            reader.unchecked = True
-            if self._check is None:
-                self._check = reader.loop.call_soon(self._check_sent)
-
-    def _check_sent(self) -> None:
-        """Once per loop iteration with sends: each plane sent on gets its EVENTS check."""
-        self._check = None
-        for reader in (self._media_reader, self._ivr_reader, self._events_reader):
-            if reader is not None and reader.unchecked:
-                reader.check()
 
     def send_media(self, identity: bytes, msg: Any) -> bool:
         return self._send(self.media, self._media_reader, identity, msg)
@@ -267,12 +260,9 @@ class Broker:
         except zmq.ZMQError:
             pass  # no subscriber room: live events are best effort
         if self._events_reader is not None:
-            self._sent_on(self._events_reader)
+            self._events_reader.sent()
 
     def close(self) -> None:
-        if self._check is not None:
-            self._check.cancel()
-            self._check = None
         for reader in self._readers:
             reader.close()
         self._readers = []

@@ -63,7 +63,6 @@ class FrontDealer:
         self._outbox_wake = asyncio.Event()
         self.dropped = 0  # messages dropped after waiting send_wait_s
         self._reader: ZmqReader | None = None
-        self._check: asyncio.Handle | None = None  # this iteration's EVENTS check
 
     def connect(self, zs: ZmqSettings, endpoint: str) -> None:
         """Connect to the front (CURVE client when on) and read it in the running loop."""
@@ -90,21 +89,8 @@ class FrontDealer:
         except zmq.Again:
             if not droppable:
                 self._queue(frame)
-        self._sent()
-
-    def _sent(self) -> None:
-        """Mark the reader for this iteration's EVENTS check (none inside its drain,
-        which ends on EAGAIN)."""
-        reader = self._reader
-        if reader is not None and not reader.draining and not reader.unchecked:
-            reader.unchecked = True
-            if self._check is None:
-                self._check = reader.loop.call_soon(self._check_sent)
-
-    def _check_sent(self) -> None:
-        self._check = None
-        if self._reader is not None and self._reader.unchecked:
-            self._reader.check()
+        if self._reader is not None:
+            self._reader.sent()
 
     def _queue(self, frame: bytes) -> None:
         loop = asyncio.get_running_loop()
@@ -133,7 +119,8 @@ class FrontDealer:
         except zmq.Again:
             pass
         finally:
-            self._sent()
+            if self._reader is not None:
+                self._reader.sent()
 
     async def _flush_outbox(self) -> None:
         """Until the outbox is empty: retry on every wake-up of the socket (room in
@@ -175,9 +162,6 @@ class FrontDealer:
     def close(self) -> None:
         """Stop reading, drop the outbox; the socket closes with its LINGER."""
         self.stop_reading()
-        if self._check is not None:
-            self._check.cancel()
-            self._check = None
         if self._outbox_task is not None:
             self._outbox_task.cancel()
         self.sock.close()
