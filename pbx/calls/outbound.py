@@ -243,7 +243,7 @@ class Outbound:
             leg.provisional_seen = True
             if leg.cancel_pending:
                 self.legs.cancel(leg)
-            elif resp.status in (180, 183):
+            elif resp.status in (180, 183) and not self._early_media(leg, resp):
                 self._relay_ringing(leg.call)
             return
         if resp.status >= 300:
@@ -304,13 +304,49 @@ class Outbound:
         self.media.send_remote(leg)
 
     def _relay_ringing(self, call: Call) -> None:
-        """Tell a still-unanswered caller that the callee rings (no IVR media to relay)."""
+        """Tell a still-unanswered caller that the callee rings (no IVR media to relay;
+        not after early media: the caller keeps hearing it)."""
         a = call.a
         if (a is None or a.phase is not LegPhase.EARLY or a.invite is None
-                or a.invite_key is None or call.session is not None):
+                or a.invite_key is None or call.session is not None
+                or call.early_media is not None):
             return
         self.ctx.respond(a.invite_key, a.invite, 180, to_tag=a.dialog.local_tag,
                          headers=self.legs.dialog_headers(a))
+
+    def _early_media(self, b: Leg, resp: SipResponse) -> bool:
+        """A branch's 180/183 with an SDP answer on a direct call (RFC 3960's gateway
+        model: a trunk's ringback, an announcement such as "the number is unavailable"):
+        the branch is bridged to the caller now and the caller gets a 183 with our answer,
+        the same SDP its 200 will carry (RFC 3261 §13.2.1, RFC 6337 §3.1). The latest
+        branch to send SDP is the one heard. False (a plain 180 then) when the caller
+        sent no offer (our offer would need a reliable 183, RFC 3262, which we do not
+        do), or when an IVR has the caller (its own prompts play)."""
+        call, a = b.call, b.call.a
+        if (not resp.body or call.session is not None or b.member is not None
+                or b not in call.forks or a is None or a.phase is not LegPhase.EARLY
+                or a.invite is None or a.invite_key is None or a.offer_in_2xx
+                or not a.media.answer_sdp or a.media.worker is None):
+            return False
+        try:
+            negotiated = sdp.parse_answer(resp.body)
+        except SipError as exc:
+            log.info("call %s: bad SDP in a %d from %s: %s; ringing only", call.call_id,
+                     resp.status, b.addr[0], exc)
+            return False
+        if negotiated != b.media.negotiated:
+            b.media.negotiated = negotiated
+            self.media.send_remote(b)
+        if call.early_media != b.media_id:
+            first = call.early_media is None
+            call.early_media = b.media_id
+            self.ctx.to_media(a.media.worker, m.MediaStop(call_id=a.media_id))
+            self.ctx.to_media(a.media.worker, m.MediaBridge(call_id=a.media_id,
+                                                            peer_call_id=b.media_id))
+            if first:
+                self.ctx.respond(a.invite_key, a.invite, 183, to_tag=a.dialog.local_tag,
+                                 body=a.media.answer_sdp, headers=self.legs.dialog_headers(a))
+        return True
 
     def _answered(self, b: Leg, resp: SipResponse) -> None:
         advance_leg(b, LegPhase.CONFIRMED)
@@ -320,8 +356,13 @@ class Outbound:
             self.legs.send_bye(b)
             self.media.release(b)
             return
+        early = call.early_media == b.media_id  # already bridged on its 18x
+        call.early_media = None
+        heard = b.media.negotiated
         try:
-            b.media.negotiated = sdp.parse_answer(resp.body)
+            # A 200 without the SDP its 183 had (wrong, §13.2.1, but seen): that one.
+            b.media.negotiated = (heard if early and heard is not None and not resp.body
+                                  else sdp.parse_answer(resp.body))
         except SipError as exc:
             log.info("call %s: bad SDP answer from %s: %s", call.call_id,
                      b.dialog.remote_target, exc)
@@ -345,8 +386,9 @@ class Outbound:
             call.b = b
         if a.phase is LegPhase.EARLY:
             self.legs.answer(a)  # early-media call: answered when the transfer is
-        self.media.send_remote(b)
-        if a.media.worker is not None:
+        if not early or b.media.negotiated != heard:
+            self.media.send_remote(b)
+        if a.media.worker is not None and not early:  # bridged already: no gap in it
             self.ctx.to_media(a.media.worker, m.MediaStop(call_id=a.media_id))
             self.ctx.to_media(a.media.worker, m.MediaBridge(call_id=a.media_id,
                                                             peer_call_id=b.media_id))
@@ -363,9 +405,11 @@ class Outbound:
         the end reason this failure asks for (default `TransferFailed(<status>)`, or
         `CalleeFailed(<status>)` for a direct call)."""
         advance_leg(b, LegPhase.TERMINATED)
-        self.media.release(b)
+        self.media.release(b)  # the worker unbridges the caller if it heard this one
         self.legs.linger(b)
         call = b.call
+        if call.early_media == b.media_id:
+            call.early_media = None
         if b.member is not None:
             if self.members is not None:
                 self.members.member_failed(b, status)

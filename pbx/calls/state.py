@@ -359,6 +359,9 @@ class Call:
     referrer: Leg | None = None
     refer_event: str = "refer"
     detached: list[Leg] = field(default_factory=list)
+    # The media id of the branch whose early media (an 18x with SDP) the caller hears
+    # on a direct call, until one answers (pbx.calls.outbound).
+    early_media: str | None = None
 
     @property
     def ended(self) -> bool:
@@ -405,6 +408,7 @@ class Call:
             "referrer": self.referrer.media_id if self.referrer else None,
             "refer_event": self.refer_event,
             "detached": [leg.to_dict() for leg in self.detached],
+            "early_media": self.early_media,
         }
 
 
@@ -426,7 +430,8 @@ def call_from_dict(data: dict[str, Any], routes: dict[str, RouteSettings],
         agent_headers=[(str(n), str(v)) for n, v in data.get("agent_headers", [])],
         ended_at=data["ended_at"], recordings=[dict(r) for r in data["recordings"]],
         session_ids=list(data["session_ids"]), refer_event=data["refer_event"],
-        fork_status=data["fork_status"], fork_reason=data["fork_reason"])
+        fork_status=data["fork_status"], fork_reason=data["fork_reason"],
+        early_media=data.get("early_media"))
     call.a = leg_from_dict(call, data["a"]) if data["a"] else None
     call.b = leg_from_dict(call, data["b"]) if data["b"] else None
     call.ringing = [leg_from_dict(call, d) for d in data["ringing"]]

@@ -180,3 +180,49 @@ def test_register_with_digest_then_call_the_phone(system: PbxSystem, workdir: Pa
         wire.close()
     wait_idle(system)
 
+
+
+def test_a_callees_early_media_reaches_the_caller_before_the_answer(
+        system: PbxSystem, workdir: Path) -> None:
+    """Extension 3003 calls 2001 directly; 2001's network answers 183 with SDP and plays
+    its ringback for 3 s before the 200 (RFC 3960): the caller gets a 183 with our SDP
+    and hears that audio before the 200 (it was a bare 180 and silence)."""
+    callee_rtp, caller_rtp = RtpEndpoint(), RtpEndpoint()
+    callee = start_sipp("early-callee", [
+        "-sf", str(SCENARIOS / "uas_early_media.xml"), "-s", "2001",
+        "-i", "127.0.0.1", "-p", str(system.extension_ports["2001"]),
+        "-key", "rtp_port", str(callee_rtp.port), "-d", "3000", "-m", "1",
+    ], workdir / "callee")
+    caller = None
+    try:
+        caller = start_sipp("early-caller", [
+            "-sf", str(SCENARIOS / "uac_ext_call_early.xml"), "-s", "2001", system.sip_addr,
+            "-i", "127.0.0.1", "-p", str(free_port()), "-au", "3003",
+            "-ap", REGISTERING_USERS["3003"], "-key", "rtp_port", str(caller_rtp.port),
+            "-auth_uri", f"2001@{system.sip_addr}", "-d", "500", "-m", "1", "-l", "1",
+        ], workdir / "caller")
+        # Where the PBX wants the callee's RTP: its offer in the INVITE the callee got.
+        worker_b = wait_until(lambda: media_address_from_sipp(callee.workdir, "INVITE sip:"),
+                              10, "the INVITE to the callee")
+        wait_until(lambda: "SIP/2.0 183" in sipp_messages(caller.workdir), 5,
+                   "the caller's 183")
+        ringback = bytes([0x2A]) * 160
+        for _ in range(40):
+            callee_rtp.send(worker_b, ringback)
+            time.sleep(0.02)
+        heard = wait_until(lambda: len([p for p in caller_rtp.audio(0)
+                                        if p.payload == ringback]) >= 25 or None, 3,
+                           "the callee's ringback at the caller")
+        assert heard
+        # All of that before the answer: the callee waits 3 s to send its 200.
+        assert "SIP/2.0 200" not in sipp_messages(caller.workdir).split("CSeq: 2 INVITE")[0]
+        assert "200 OK" not in sipp_messages(caller.workdir).split("183 Session Progress")[-1]
+        assert caller.wait(20) == 0, caller.logs()
+        assert callee.wait(15) == 0, callee.logs()
+    finally:
+        if caller is not None:
+            caller.stop()
+        callee.stop()
+        callee_rtp.close()
+        caller_rtp.close()
+    wait_idle(system)
