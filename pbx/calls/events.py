@@ -22,6 +22,8 @@ log = logging.getLogger("pbx.calls")
 # The loggers of the call layer whose lines name a call by our id first.
 CALL_LOGGERS = ("pbx.calls", "pbx.queue")
 SIP_SUFFIX = " [sip-call-id %s]"
+# Longer than any call, session or media id of ours (16 hex digits, suffixes).
+MAX_ID_CHARS = 64
 
 
 class SipCallIdLogFilter(logging.Filter):
@@ -35,14 +37,24 @@ class SipCallIdLogFilter(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self.tables: weakref.WeakSet[CallTable] = weakref.WeakSet()
+        # Weak references in a list, not a WeakSet: the filter runs for every line of
+        # the call layer (an ended call's among them) and a WeakSet's iterator costs
+        # ~2 us even when empty (issue 9).
+        self._tables: list[weakref.ref[CallTable]] = []
+
+    def add_table(self, table: CallTable) -> None:
+        self._tables = [ref for ref in self._tables if ref() is not None]
+        if not any(ref() is table for ref in self._tables):
+            self._tables.append(weakref.ref(table))
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if not isinstance(args, tuple):
             return True
         for arg in args:
-            ids = self._sip_ids(arg) if isinstance(arg, str) else None
+            # Our ids are short; a long argument (an ended call's JSON) names no call.
+            ids = (self._sip_ids(arg) if isinstance(arg, str) and len(arg) <= MAX_ID_CHARS
+                   else None)
             if ids is not None:
                 record.msg = f"{record.msg}{SIP_SUFFIX}"
                 record.args = (*args, ids)
@@ -50,7 +62,10 @@ class SipCallIdLogFilter(logging.Filter):
         return True
 
     def _sip_ids(self, key: str) -> str | None:
-        for table in self.tables:
+        for ref in self._tables:
+            table = ref()
+            if table is None:
+                continue
             call = table.calls.get(key)
             if call is None:
                 session = table.sessions.get(key)
@@ -74,7 +89,7 @@ def log_sip_call_ids(table: CallTable) -> None:
         log_filter = found[0] if found else SipCallIdLogFilter()
         if not found:
             logger.addFilter(log_filter)
-        log_filter.tables.add(table)
+        log_filter.add_table(table)
 
 
 class CallEvents:
