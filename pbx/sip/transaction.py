@@ -58,6 +58,7 @@ from pbx.sip.message import (
     SipResponse,
     make_ack,
     make_response,
+    trying_bytes,
 )
 
 T1 = 0.5  # RTT estimate, seconds (RFC 3261 §17.1.1.1)
@@ -343,7 +344,7 @@ class TransactionLayer:
         if (txn is None or txn.state is not TxState.PROCEEDING or txn.last_response is not None
                 or txn.request is None):
             return []
-        txn.last_response = make_response(txn.request, 100).serialize()
+        txn.last_response = trying_bytes(txn.request)
         self._hold(txn, len(txn.last_response))
         return [SendBytes(txn.last_response, txn.addr, txn.reliable)]
 
