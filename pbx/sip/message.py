@@ -39,6 +39,12 @@ MAX_CSEQ = 2**32 - 1
 # Headers that may appear once only; a second one makes the message malformed (RFC 4475 §3.3.8).
 _SINGLE_HEADERS = ("Call-ID", "To", "From", "CSeq", "Max-Forwards", "Content-Length")
 _MANDATORY_HEADERS = ("To", "From", "Call-ID", "CSeq", "Via")
+_SINGLE_KEYS = tuple((name.lower(), name) for name in _SINGLE_HEADERS)
+_MANDATORY_KEYS = tuple((name.lower(), name) for name in _MANDATORY_HEADERS)
+# Methods whose spelling is a token already (RFC 3261 §25.1): no pattern to match.
+_KNOWN_METHODS = frozenset({"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "INFO",
+                            "UPDATE", "PRACK", "REFER", "NOTIFY", "SUBSCRIBE", "MESSAGE",
+                            "PUBLISH"})
 
 REASON_PHRASES: dict[int, str] = {
     100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
@@ -248,11 +254,11 @@ def _parse_folded_header_lines(lines: list[str]) -> Headers:
 
 def _check_headers(headers: Headers) -> None:
     counts = headers.key_counts
-    for name in _MANDATORY_HEADERS:
-        if name.lower() not in counts:
+    for key, name in _MANDATORY_KEYS:
+        if key not in counts:
             raise SipError(f"missing {name} header")
-    for name in _SINGLE_HEADERS:
-        if counts.get(name.lower(), 0) > 1:
+    for key, name in _SINGLE_KEYS:
+        if counts.get(key, 0) > 1:
             raise SipError(f"more than one {name} header")
     for value in headers.get_all("Via"):
         parse_via(value)
@@ -280,7 +286,7 @@ def _parse_message(data: bytes) -> SipRequest | SipResponse:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise SipError("message must be bytes")
     data = bytes(data).lstrip(b"\r\n")  # leading CRLFs are keep-alives (RFC 5626 §3.5.1)
-    if not data.strip():
+    if not data or data.isspace():
         raise SipError("empty message")
     head, rest = _split_head(data)
     text = head.decode("utf-8", "surrogateescape")
@@ -308,13 +314,14 @@ def _parse_message(data: bytes) -> SipRequest | SipResponse:
         if len(parts) != 3:
             raise SipError(f"bad request line {excerpt(start)}")
         method, uri, version = parts
-        if not TOKEN_RE.fullmatch(method):
+        if method not in _KNOWN_METHODS and not TOKEN_RE.fullmatch(method):
             raise SipError(f"bad method {excerpt(method)}")
-        vm = _VERSION_RE.fullmatch(version)
-        if not vm:
-            raise SipError(f"bad request line {excerpt(start)}")
-        if (vm.group(1), vm.group(2)) != ("2", "0"):
-            raise SipError(f"SIP version {excerpt(version)} not supported", 505)
+        if version != SIP_VERSION:
+            vm = _VERSION_RE.fullmatch(version)
+            if not vm:
+                raise SipError(f"bad request line {excerpt(start)}")
+            if (vm.group(1), vm.group(2)) != ("2", "0"):
+                raise SipError(f"SIP version {excerpt(version)} not supported", 505)
         parsed_uri = parse_uri(uri)
         if parsed_uri.headers:
             # RFC 3261 §19.1.1: headers are not allowed in a Request-URI (RFC 4475 §3.1.2.11).

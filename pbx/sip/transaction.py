@@ -49,6 +49,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from pbx.sip.budget import SourceBudget, SourceLedger
 from pbx.sip.errors import SipError
@@ -79,10 +80,10 @@ class TxState(Enum):
     TERMINATED = "Terminated"
 
 
-@dataclass(frozen=True)
-class TransactionKey:
+class TransactionKey(NamedTuple):
     """Identifies a transaction: top Via branch, method (INVITE for an ACK that
-    matches one), sent-by for server transactions (RFC 3261 §17.2.3, §17.1.3)."""
+    matches one), sent-by for server transactions (RFC 3261 §17.2.3, §17.1.3).
+    A named tuple: every message looks one up, and a tuple is built and hashed in C."""
 
     branch: str
     method: str
