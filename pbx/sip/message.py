@@ -252,7 +252,8 @@ def _parse_folded_header_lines(lines: list[str]) -> Headers:
     return headers
 
 
-def _check_headers(headers: Headers) -> None:
+def _check_headers(headers: Headers) -> tuple[int, str]:
+    """The checks every message passes (RFC 3261 §8.1.1, RFC 4475 §3.3.8); its CSeq."""
     counts = headers.key_counts
     for key, name in _MANDATORY_KEYS:
         if key not in counts:
@@ -266,10 +267,11 @@ def _check_headers(headers: Headers) -> None:
         parse_name_addr(headers.get(name) or "")
     if not (headers.get("Call-ID") or "").strip():
         raise SipError("empty Call-ID")
-    _cseq_of(headers)
+    cseq = _cseq_of(headers)
     max_forwards = headers.get("Max-Forwards")
     if max_forwards is not None and not DIGITS_RE.fullmatch(max_forwards):
         raise SipError(f"bad Max-Forwards {excerpt(max_forwards)}")
+    return cseq
 
 
 def parse_message(data: bytes) -> SipRequest | SipResponse:
@@ -327,9 +329,9 @@ def _parse_message(data: bytes) -> SipRequest | SipResponse:
             # RFC 3261 §19.1.1: headers are not allowed in a Request-URI (RFC 4475 §3.1.2.11).
             raise SipError(f"headers in Request-URI {excerpt(uri)}")
         message = SipRequest(method, uri, headers)
-        _check_headers(headers)
-        if message.cseq[1] != method:
-            raise SipError(f"CSeq method {excerpt(message.cseq[1])} does not match "
+        cseq_method = _check_headers(headers)[1]
+        if cseq_method != method:
+            raise SipError(f"CSeq method {excerpt(cseq_method)} does not match "
                            f"{excerpt(method)}")
 
     length_text = headers.get("Content-Length")

@@ -179,3 +179,35 @@ def test_sdp_lines_split_on_crlf_and_bare_lf_alike() -> None:
     parsed = sdp.parse_sdp(body)
     assert parsed.connection == "10.0.0.1" and parsed.media[0].port == 4000
     assert parsed.origin == "- 1 1 IN IP4 10.0.0.1"
+
+
+class _Recording:
+    """Stands for a fast path's pattern: records what it was asked to match."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+        self.asked: list[str] = []
+
+    def fullmatch(self, text: str) -> re.Match[str] | None:
+        self.asked.append(text)
+        return self.pattern.fullmatch(text)
+
+
+def test_long_values_skip_the_fast_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long value that fails the fast pattern at its end would pay for the match and
+    then for the general parser: only short ones try it (grammar.FAST_PATH_MAX_LEN)."""
+    via_re = _Recording(via._VIA_SIMPLE_RE)
+    params_re = _Recording(grammar._SIMPLE_PARAMS_RE)
+    monkeypatch.setattr(via, "_VIA_SIMPLE_RE", via_re)
+    monkeypatch.setattr(grammar, "_SIMPLE_PARAMS_RE", params_re)
+    short = "SIP/2.0/UDP h;branch=z9hG4bK1;rport"
+    long = short + ";rport=1" * (grammar.FAST_PATH_MAX_LEN // 8) + ';q="x"'
+    assert via.parse_via.__wrapped__(short).branch == "z9hG4bK1"  # type: ignore[attr-defined]
+    assert via_re.asked == [short]
+    assert via.parse_via.__wrapped__(long).params["q"] == '"x"'  # type: ignore[attr-defined]
+    assert via_re.asked == [short] and all(len(t) <= grammar.FAST_PATH_MAX_LEN
+                                           for t in params_re.asked)
+    params = ";p=1" * grammar.FAST_PATH_MAX_LEN
+    assert grammar.parse_params(params) == {"p": "1"}
+    assert grammar.parse_params(";p=1") == {"p": "1"}
+    assert params_re.asked[-1] == ";p=1" and params not in params_re.asked
