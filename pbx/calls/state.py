@@ -194,7 +194,7 @@ class Leg:
             "phase": self.phase.value, "source": list(self.source) if self.source else None,
             "invite": self.invite.serialize().decode("utf-8", "surrogateescape")
             if self.invite is not None else None,
-            "invite_key": asdict(key) if key is not None else None,
+            "invite_key": key._asdict() if key is not None else None,
             "provisional_seen": self.provisional_seen, "cancel_pending": self.cancel_pending,
             "media": self.media.to_dict(), "reinvite_unacked": self.reinvite_unacked,
             "offer_in_2xx": self.offer_in_2xx, "session_interval": self.session_interval,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pbx.sip.errors import SipError
+from pbx.sip.grammar import memoized
 from pbx.sip.headers import Headers
 from pbx.sip.message import SipRequest, SipResponse, new_branch
 from pbx.sip.uri import parse_name_addr, parse_uri
@@ -78,12 +79,19 @@ class Dialog:
         return cls(**{**data, "route_set": list(data["route_set"])})
 
 
+@memoized  # next_hop asks for every dialog; the same few hosts come again and again
 def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
         return False
     return True
+
+
+@memoized
+def _uri_text(value: str) -> str:
+    """The URI of a name-addr value (Contact, From), as text; SipError if malformed."""
+    return str(parse_name_addr(value).uri)
 
 
 def uas_from_invite(req: SipRequest, local_tag: str, reliable: bool) -> Dialog:
@@ -96,7 +104,7 @@ def uas_from_invite(req: SipRequest, local_tag: str, reliable: bool) -> Dialog:
         call_id=req.call_id, local_tag=local_tag,
         local_party=f"{req.headers.get('To') or ''};tag={local_tag}",
         remote_party=remote_from, remote_tag=req.from_tag,
-        remote_target=str(parse_name_addr(contact or remote_from).uri),
+        remote_target=_uri_text(contact or remote_from),
         remote_cseq=req.cseq[0], route_set=req.headers.get_all("Record-Route"),
         reliable=reliable)
 
@@ -124,7 +132,7 @@ def contact_uri(msg: SipRequest | SipResponse, default: str) -> str:
     contact = msg.headers.get("Contact")
     if contact:
         try:
-            return str(parse_name_addr(contact).uri)
+            return _uri_text(contact)
         except SipError:
             pass
     return default

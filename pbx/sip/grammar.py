@@ -29,6 +29,13 @@ TOKEN_RE = re.compile(TOKEN)
 # DIGIT is %x30-39), which int() then rejects or reads as another number. At most 10 of them
 # (ports, Max-Forwards, Content-Length), so int() stays cheap.
 DIGITS_RE = re.compile(r"[0-9]{1,10}")
+# The fast paths for the common forms of a value (one pattern, then a plain split) are
+# taken by short values only: a long one that fails the pattern at its end would pay
+# for the match and then for the general parser.
+FAST_PATH_MAX_LEN = 512
+# `;name=value;flag...` with tokens only: each part ends at a character the next cannot
+# hold (`;`, `=`), so the match is linear.
+_SIMPLE_PARAMS_RE = re.compile(r"(?:;" + TOKEN + r"(?:=" + TOKEN + r")?)+")
 
 
 def memoized(parse: Callable[[str], T]) -> Callable[[str], T]:
@@ -117,6 +124,12 @@ def parse_params(text: str) -> dict[str, str | None]:
     parameter (`;;`) is malformed.
     """
     params: dict[str, str | None] = {}
+    if len(text) <= FAST_PATH_MAX_LEN and _SIMPLE_PARAMS_RE.fullmatch(text):
+        # The common form (tokens only, no LWS, no quotes), checked whole by one match.
+        for part in text[1:].split(";"):
+            name, eq, value = part.partition("=")
+            params[name.lower()] = value if eq else None
+        return params
     text = text.strip()
     if not text:
         return params

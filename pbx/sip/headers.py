@@ -9,7 +9,10 @@ other value as the opaque text received. The values the message layer checks
 
 from __future__ import annotations
 
-from pbx.sip.grammar import split_header_values
+from collections.abc import Mapping
+
+from pbx.sip.errors import SipError, excerpt
+from pbx.sip.grammar import TOKEN_RE, split_header_values
 
 # RFC 3261 §7.3.3 and the extensions' compact forms.
 COMPACT_FORMS: dict[str, str] = {
@@ -55,14 +58,39 @@ _LIST_HEADERS = frozenset(
 # Lower-case name -> lower-case key: compact forms become their full names' keys.
 _KEY_OF_LOWER: dict[str, str] = {k: v.lower() for k, v in _CANONICAL.items()}
 
+# A known name as it is usually written (canonical, lower-case, Title-Case, upper-case;
+# compact forms in either case) -> (lower-case key, canonical spelling): one dict lookup
+# of the name as received, no lower() nor second lookup, for nearly every header line.
+# Only names that are tokens (RFC 3261 §25.1) are keys, so a hit needs no further check.
+NAME_INFO: dict[str, tuple[str, str]] = {}
+for _lower, _cname in _CANONICAL.items():
+    for _spelling in (_lower, _cname, _lower.title(), _lower.upper()):
+        NAME_INFO.setdefault(_spelling, (_cname.lower(), _cname))
+
 
 def canonical_name(name: str) -> str:
     """The canonical spelling of a header name; compact forms become full names."""
+    info = NAME_INFO.get(name)
+    if info is not None:
+        return info[1]
     return _CANONICAL.get(name.lower(), name)
+
+
+def name_info(name: str) -> tuple[str, str]:
+    """(lower-case key, canonical spelling) of a header name; an unknown name keeps its
+    spelling."""
+    info = NAME_INFO.get(name)
+    if info is not None:
+        return info
+    cname = _CANONICAL.get(name.lower(), name)
+    return cname.lower(), cname
 
 
 def _key(name: str) -> str:
     """The lower-case key of a header name (`canonical_name(name).lower()`, one lookup)."""
+    info = NAME_INFO.get(name)
+    if info is not None:
+        return info[0]
     lower = name.lower()
     return _KEY_OF_LOWER.get(lower, lower)
 
@@ -94,10 +122,53 @@ class Headers:
             for name, value in items:
                 self.add(name, value)
 
+    @classmethod
+    def parse_lines(cls, lines: list[str]) -> Headers:
+        """The header fields of `name: value` lines with no continuation lines among
+        them (the caller unfolds those first), in one pass; SipError on a line that is
+        empty, has no colon or whose name is not a token (RFC 3261 §7.3.1). A name as
+        usually written is resolved by one dict lookup (`NAME_INFO`, whose keys are
+        all tokens); any other is stripped, checked and resolved."""
+        h = cls()
+        items, count, spelling, first = h._items, h._count, h._spelling, h._first
+        for line in lines:
+            name, colon, value = line.partition(":")
+            info = NAME_INFO.get(name)
+            if info is None:
+                if not line:
+                    raise SipError("empty line inside the header section")
+                name = name.strip(" \t")
+                if not colon or not TOKEN_RE.fullmatch(name):
+                    raise SipError(f"bad header line {excerpt(line)}")
+                info = name_info(name)
+            elif not colon:
+                raise SipError(f"bad header line {excerpt(line)}")
+            key = info[0]
+            value = value.strip(" \t")
+            n = count.get(key, 0)
+            if n:
+                items.append((key, spelling[key], value))
+            else:
+                spelling[key] = info[1]
+                first[key] = value
+                items.append((key, info[1], value))
+            count[key] = n + 1
+        return h
+
+    @property
+    def key_counts(self) -> Mapping[str, int]:
+        """Lower-case key -> number of lines (compact forms under their full names'
+        keys); read-only use."""
+        return self._count
+
     def get(self, name: str) -> str | None:
         """The first value of `name`, or None."""
-        lower = name.lower()
-        key = _KEY_OF_LOWER.get(lower, lower)
+        info = NAME_INFO.get(name)
+        if info is not None:
+            key = info[0]
+        else:
+            lower = name.lower()
+            key = _KEY_OF_LOWER.get(lower, lower)
         value = self._first.get(key)
         if value is not None or key not in self._count:
             return value
@@ -120,6 +191,13 @@ class Headers:
             return out
         return values
 
+    def lines(self, name: str) -> list[str]:
+        """The value of each `name` line, in order, not split on commas."""
+        key = _key(name)
+        if key not in self._count:
+            return []
+        return [v for k, _, v in self._items if k == key]
+
     def count(self, name: str) -> int:
         """How many header lines carry `name`."""
         return self._count.get(_key(name), 0)
@@ -138,9 +216,12 @@ class Headers:
 
     def add(self, name: str, value: str) -> None:
         # `_entry` and `_counted` inlined: the parser calls this for every header line.
-        lower = name.lower()
-        cname = _CANONICAL.get(lower, name)
-        key = cname.lower()
+        info = NAME_INFO.get(name)
+        if info is not None:
+            key, cname = info
+        else:
+            cname = _CANONICAL.get(name.lower(), name)
+            key = cname.lower()
         count = self._count.get(key, 0)
         if count:
             self._items.append((key, self._spelling[key], value))

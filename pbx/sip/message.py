@@ -27,7 +27,7 @@ import secrets
 from dataclasses import dataclass
 
 from pbx.sip.errors import SipError, excerpt
-from pbx.sip.grammar import DIGITS_RE, TOKEN, TOKEN_RE, split_header_values
+from pbx.sip.grammar import DIGITS_RE, TOKEN, TOKEN_RE, memoized, split_header_values
 from pbx.sip.headers import Headers
 from pbx.sip.uri import parse_name_addr, parse_uri
 from pbx.sip.via import Via, parse_via
@@ -39,6 +39,12 @@ MAX_CSEQ = 2**32 - 1
 # Headers that may appear once only; a second one makes the message malformed (RFC 4475 §3.3.8).
 _SINGLE_HEADERS = ("Call-ID", "To", "From", "CSeq", "Max-Forwards", "Content-Length")
 _MANDATORY_HEADERS = ("To", "From", "Call-ID", "CSeq", "Via")
+_SINGLE_KEYS = tuple((name.lower(), name) for name in _SINGLE_HEADERS)
+_MANDATORY_KEYS = tuple((name.lower(), name) for name in _MANDATORY_HEADERS)
+# Methods whose spelling is a token already (RFC 3261 §25.1): no pattern to match.
+_KNOWN_METHODS = frozenset({"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "INFO",
+                            "UPDATE", "PRACK", "REFER", "NOTIFY", "SUBSCRIBE", "MESSAGE",
+                            "PUBLISH"})
 
 REASON_PHRASES: dict[int, str] = {
     100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
@@ -73,10 +79,8 @@ _LINE_SPLIT_RE = re.compile(r"\r?\n")
 # --------------------------------------------------------------------------- messages
 
 
-def _cseq_of(headers: Headers) -> tuple[int, str]:
-    value = headers.get("CSeq")
-    if value is None:
-        raise SipError("missing CSeq")
+@memoized
+def _parse_cseq(value: str) -> tuple[int, str]:
     m = _CSEQ_RE.fullmatch(value.strip())
     if not m:
         raise SipError(f"bad CSeq {excerpt(value)}")
@@ -86,6 +90,24 @@ def _cseq_of(headers: Headers) -> tuple[int, str]:
     return number, m.group(2)
 
 
+def _cseq_of(headers: Headers) -> tuple[int, str]:
+    value = headers.get("CSeq")
+    if value is None:
+        raise SipError("missing CSeq")
+    return _parse_cseq(value)
+
+
+def _top_via_text(headers: Headers) -> str | None:
+    """The first value of the first Via line (`get_all("Via")[0]` without splitting
+    the others), None when there is no Via."""
+    first = headers.get("Via")
+    if first is None:
+        return None
+    if "," not in first:
+        return first.strip()
+    return split_header_values(first)[0]
+
+
 def _tag_of(value: str | None) -> str | None:
     if value is None:
         return None
@@ -93,6 +115,12 @@ def _tag_of(value: str | None) -> str | None:
 
 
 def _serialize(start_line: str, headers: Headers, body: bytes) -> bytes:
+    if "content-length" not in headers.key_counts:
+        # What we build has none: one join, Content-Length last.
+        text = "".join([start_line, "\r\n",
+                        *[f"{name}: {value}\r\n" for name, value in headers.items()],
+                        f"Content-Length: {len(body)}\r\n\r\n"])
+        return text.encode("utf-8", "surrogateescape") + body
     lines = [start_line]
     have_length = False
     for name, value in headers.items():
@@ -124,17 +152,17 @@ class _MessageMixin:
     @property
     def via(self) -> Via:
         """The top Via; SipError if missing or malformed."""
-        values = self.headers.get_all("Via")
-        if not values:
+        top = _top_via_text(self.headers)
+        if top is None:
             raise SipError("missing Via")
-        return parse_via(values[0])
+        return parse_via(top)
 
     @property
     def branch(self) -> str:
-        values = self.headers.get_all("Via")
-        if not values:
+        top = _top_via_text(self.headers)
+        if top is None:
             return ""
-        return parse_via(values[0]).branch
+        return parse_via(top).branch
 
     @property
     def from_tag(self) -> str | None:
@@ -193,7 +221,15 @@ def _unfold(parts: list[str]) -> str:
     return " ".join(out)
 
 
-def _parse_header_lines(lines: list[str]) -> Headers:
+def _split_lines(text: str) -> list[str]:
+    """The lines of a header section: CRLF-terminated, or bare LF from lax senders."""
+    lines = text.split("\r\n")
+    if text.count("\n") != len(lines) - 1:  # a bare LF somewhere
+        lines = _LINE_SPLIT_RE.split(text)
+    return lines
+
+
+def _parse_folded_header_lines(lines: list[str]) -> Headers:
     """Unfold (RFC 3261 §7.3.1: CRLF + WSP is one SP) and split `name: value`."""
     folded: list[list[str]] = []
     for line in lines:
@@ -216,12 +252,14 @@ def _parse_header_lines(lines: list[str]) -> Headers:
     return headers
 
 
-def _check_headers(headers: Headers) -> None:
-    for name in _MANDATORY_HEADERS:
-        if name not in headers:
+def _check_headers(headers: Headers) -> tuple[int, str]:
+    """The checks every message passes (RFC 3261 §8.1.1, RFC 4475 §3.3.8); its CSeq."""
+    counts = headers.key_counts
+    for key, name in _MANDATORY_KEYS:
+        if key not in counts:
             raise SipError(f"missing {name} header")
-    for name in _SINGLE_HEADERS:
-        if headers.count(name) > 1:
+    for key, name in _SINGLE_KEYS:
+        if counts.get(key, 0) > 1:
             raise SipError(f"more than one {name} header")
     for value in headers.get_all("Via"):
         parse_via(value)
@@ -229,10 +267,11 @@ def _check_headers(headers: Headers) -> None:
         parse_name_addr(headers.get(name) or "")
     if not (headers.get("Call-ID") or "").strip():
         raise SipError("empty Call-ID")
-    _cseq_of(headers)
+    cseq = _cseq_of(headers)
     max_forwards = headers.get("Max-Forwards")
     if max_forwards is not None and not DIGITS_RE.fullmatch(max_forwards):
         raise SipError(f"bad Max-Forwards {excerpt(max_forwards)}")
+    return cseq
 
 
 def parse_message(data: bytes) -> SipRequest | SipResponse:
@@ -249,13 +288,16 @@ def _parse_message(data: bytes) -> SipRequest | SipResponse:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise SipError("message must be bytes")
     data = bytes(data).lstrip(b"\r\n")  # leading CRLFs are keep-alives (RFC 5626 §3.5.1)
-    if not data.strip():
+    if not data or data.isspace():
         raise SipError("empty message")
     head, rest = _split_head(data)
     text = head.decode("utf-8", "surrogateescape")
-    lines = _LINE_SPLIT_RE.split(text)
+    lines = _split_lines(text)
     start = lines[0]
-    headers = _parse_header_lines(lines[1:])
+    if "\n " in text or "\n\t" in text:  # continuation lines (rare): unfold first
+        headers = _parse_folded_header_lines(lines[1:])
+    else:
+        headers = Headers.parse_lines(lines[1:])
 
     message: SipRequest | SipResponse
     if start[:4].upper() == "SIP/":
@@ -274,21 +316,22 @@ def _parse_message(data: bytes) -> SipRequest | SipResponse:
         if len(parts) != 3:
             raise SipError(f"bad request line {excerpt(start)}")
         method, uri, version = parts
-        if not TOKEN_RE.fullmatch(method):
+        if method not in _KNOWN_METHODS and not TOKEN_RE.fullmatch(method):
             raise SipError(f"bad method {excerpt(method)}")
-        vm = _VERSION_RE.fullmatch(version)
-        if not vm:
-            raise SipError(f"bad request line {excerpt(start)}")
-        if (vm.group(1), vm.group(2)) != ("2", "0"):
-            raise SipError(f"SIP version {excerpt(version)} not supported", 505)
+        if version != SIP_VERSION:
+            vm = _VERSION_RE.fullmatch(version)
+            if not vm:
+                raise SipError(f"bad request line {excerpt(start)}")
+            if (vm.group(1), vm.group(2)) != ("2", "0"):
+                raise SipError(f"SIP version {excerpt(version)} not supported", 505)
         parsed_uri = parse_uri(uri)
         if parsed_uri.headers:
             # RFC 3261 §19.1.1: headers are not allowed in a Request-URI (RFC 4475 §3.1.2.11).
             raise SipError(f"headers in Request-URI {excerpt(uri)}")
         message = SipRequest(method, uri, headers)
-        _check_headers(headers)
-        if message.cseq[1] != method:
-            raise SipError(f"CSeq method {excerpt(message.cseq[1])} does not match "
+        cseq_method = _check_headers(headers)[1]
+        if cseq_method != method:
+            raise SipError(f"CSeq method {excerpt(cseq_method)} does not match "
                            f"{excerpt(method)}")
 
     length_text = headers.get("Content-Length")
@@ -312,15 +355,17 @@ def stamp_via(request: SipRequest, source_ip: str, source_port: int) -> None:
     RFC 3581 §4): `received=` when the sent-by host is not the source IP (or the
     client asked for rport), and `rport=` filled with the source port when asked.
     Responses then go to the source, which is what the front does anyway."""
-    top = request.headers.get("Via")
+    top = _top_via_text(request.headers)
     if top is None:
         return
-    values = split_header_values(top)
-    via = parse_via(values[0])
+    via = parse_via(top)
+    wants_rport = via.wants_rport
+    if not wants_rport and via.host.strip("[]").lower() == source_ip.lower():
+        return  # nothing to record (the common case: sent-by is the source)
+    values = split_header_values(request.headers.get("Via") or "")
     params = dict(via.params)
-    if via.host.strip("[]").lower() != source_ip.lower() or via.wants_rport:
-        params["received"] = source_ip
-    if via.wants_rport:
+    params["received"] = source_ip
+    if wants_rport:
         params["rport"] = str(source_port)
     if params != via.params:
         values[0] = str(Via(via.transport, via.host, via.port, params))
@@ -347,9 +392,8 @@ def make_response(
     """
     out = Headers()
     src = request.headers
-    for name, value in src.items():
-        if name == "Via":
-            out.add("Via", value)
+    for value in src.lines("Via"):
+        out.add("Via", value)
     from_value = src.get("From")
     if from_value is not None:
         out.add("From", from_value)
@@ -367,10 +411,28 @@ def make_response(
     for name, value in headers or []:
         out.add(name, value)
     if body or content_type:
-        out.set("Content-Type", content_type or "application/sdp")
+        if "Content-Type" in out:
+            out.set("Content-Type", content_type or "application/sdp")
+        else:
+            out.add("Content-Type", content_type or "application/sdp")
     if reason is None:
         reason = REASON_PHRASES.get(status, "Unknown")
     return SipResponse(status, reason, out, body)
+
+
+def trying_bytes(request: SipRequest) -> bytes:
+    """The 100 Trying to `request` on the wire: `make_response(request, 100).serialize()`
+    written directly (every INVITE gets one; no Headers built): Via (all, in order),
+    From, To, Call-ID, CSeq and Timestamp copied (RFC 3261 §8.2.6)."""
+    src = request.headers
+    lines = ["SIP/2.0 100 Trying"]
+    lines += [f"Via: {value}" for value in src.lines("Via")]
+    for name in ("From", "To", "Call-ID", "CSeq", "Timestamp"):
+        value = src.get(name)
+        if value is not None:
+            lines.append(f"{name}: {value}")
+    lines.append("Content-Length: 0\r\n\r\n")
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
 
 
 def make_ack(invite: SipRequest, response: SipResponse) -> SipRequest:
@@ -384,9 +446,8 @@ def make_ack(invite: SipRequest, response: SipResponse) -> SipRequest:
     vias = invite.headers.get_all("Via")
     if vias:
         h.add("Via", vias[0])
-    for name, value in invite.headers.items():
-        if name == "Route":
-            h.add("Route", value)
+    for value in invite.headers.lines("Route"):
+        h.add("Route", value)
     h.add("Max-Forwards", "70")
     h.add("From", invite.headers.get("From") or "")
     h.add("To", response.headers.get("To") or invite.headers.get("To") or "")
@@ -402,9 +463,8 @@ def make_cancel(invite: SipRequest) -> SipRequest:
     vias = invite.headers.get_all("Via")
     if vias:
         h.add("Via", vias[0])
-    for name, value in invite.headers.items():
-        if name == "Route":
-            h.add("Route", value)
+    for value in invite.headers.lines("Route"):
+        h.add("Route", value)
     h.add("Max-Forwards", "70")
     h.add("From", invite.headers.get("From") or "")
     h.add("To", invite.headers.get("To") or "")

@@ -12,6 +12,7 @@ the peer does not.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -41,8 +42,7 @@ ANSWER_DIRECTION = {
 DEFAULT_PTIME_MS = 20
 CN_PAYLOAD_TYPE = 13  # RFC 3389 §5 (static, RFC 3551 table 4)
 
-_LINE_RE = re.compile(r"([a-z])=(.*)")
-_LINE_SPLIT_RE = re.compile(r"\r?\n")
+_LINE_KINDS = frozenset("abcdefghijklmnopqrstuvwxyz")  # RFC 4566 §5: <type>=<value>
 # a=ptime (RFC 4566 §6): milliseconds; some senders write a fraction ("20.0").
 _PTIME_RE = re.compile(r"([0-9]{1,6})(?:\.[0-9]{0,6})?")
 
@@ -152,8 +152,8 @@ def parse_sdp(body: bytes) -> SessionDescription:
     if not isinstance(body, bytes | bytearray):
         raise SdpError("SDP body must be bytes")
     text = bytes(body).decode("utf-8", "replace")
-    lines = [ln.strip() for ln in _LINE_SPLIT_RE.split(text)]
-    lines = [ln for ln in lines if ln]
+    # (strip() also takes the CR of a CRLF; a lone CR inside a line stays, as before)
+    lines = [stripped for ln in text.split("\n") if (stripped := ln.strip())]
     if not lines or lines[0] != "v=0":
         raise SdpError("SDP must start with v=0")
     sd = SessionDescription()
@@ -161,10 +161,10 @@ def parse_sdp(body: bytes) -> SessionDescription:
     current: MediaDescription | None = None
     explicit: set[int] = set()  # id() of the media with their own direction attribute
     for line in lines[1:]:
-        m = _LINE_RE.fullmatch(line)
-        if not m:
+        kind = line[0]
+        if line[1:2] != "=" or kind not in _LINE_KINDS:
             raise SdpError(f"bad SDP line {excerpt(line)}")
-        kind, value = m.groups()
+        value = line[2:]
         if kind == "m":
             current = _media_line(value)
             sd.media.append(current)
@@ -250,11 +250,19 @@ def _remote_ip(sd: SessionDescription, md: MediaDescription) -> str:
         raise SdpError("no connection address for the audio stream", 488)
     # Media goes straight to this address: only an IP literal is usable (no DNS on the
     # media path, and a bad value must be refused here, not fail every packet later).
-    try:
-        ipaddress.ip_address(ip)
-    except ValueError:
-        raise SdpError(f"connection address {excerpt(ip)} is not an IP address", 488) from None
+    if not (_is_ip_literal(ip) if len(ip) <= 64 else _is_ip_literal.__wrapped__(ip)):
+        raise SdpError(f"connection address {excerpt(ip)} is not an IP address", 488)
     return ip
+
+
+# A few addresses come again and again; remembered for short texts only (bounded memory).
+@functools.lru_cache(maxsize=1024)
+def _is_ip_literal(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def answer_offer(

@@ -49,6 +49,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from pbx.sip.budget import SourceBudget, SourceLedger
 from pbx.sip.errors import SipError
@@ -58,6 +59,7 @@ from pbx.sip.message import (
     SipResponse,
     make_ack,
     make_response,
+    trying_bytes,
 )
 
 T1 = 0.5  # RTT estimate, seconds (RFC 3261 §17.1.1.1)
@@ -78,10 +80,10 @@ class TxState(Enum):
     TERMINATED = "Terminated"
 
 
-@dataclass(frozen=True)
-class TransactionKey:
+class TransactionKey(NamedTuple):
     """Identifies a transaction: top Via branch, method (INVITE for an ACK that
-    matches one), sent-by for server transactions (RFC 3261 §17.2.3, §17.1.3)."""
+    matches one), sent-by for server transactions (RFC 3261 §17.2.3, §17.1.3).
+    A named tuple: every message looks one up, and a tuple is built and hashed in C."""
 
     branch: str
     method: str
@@ -343,7 +345,7 @@ class TransactionLayer:
         if (txn is None or txn.state is not TxState.PROCEEDING or txn.last_response is not None
                 or txn.request is None):
             return []
-        txn.last_response = make_response(txn.request, 100).serialize()
+        txn.last_response = trying_bytes(txn.request)
         self._hold(txn, len(txn.last_response))
         return [SendBytes(txn.last_response, txn.addr, txn.reliable)]
 

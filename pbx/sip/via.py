@@ -12,11 +12,26 @@ import re
 from dataclasses import dataclass, field
 
 from pbx.sip.errors import SipError, excerpt
-from pbx.sip.grammar import TOKEN, format_params, is_digits, memoized, parse_params
+from pbx.sip.grammar import (
+    FAST_PATH_MAX_LEN,
+    TOKEN,
+    format_params,
+    is_digits,
+    memoized,
+    parse_params,
+)
 from pbx.sip.uri import parse_hostport
 
 _VIA_PROTO_RE = re.compile(
     r"\s*(" + TOKEN + r")\s*/\s*(" + TOKEN + r")\s*/\s*(" + TOKEN + r")\s+(.*)", re.DOTALL
+)
+
+# The common form, `SIP/2.0/UDP host[:port];name=value;flag...` with token-only params,
+# in one match: each part ends at a character the next cannot hold (no backtracking,
+# linear). Anything else (LWS, IPv6, quoted values, odd case) takes the general parser.
+_VIA_SIMPLE_RE = re.compile(
+    r"SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9_\-.]+)(?::([0-9]{1,5}))?"
+    r"((?:;" + TOKEN + r"(?:=" + TOKEN + r")?)*)"
 )
 
 
@@ -64,6 +79,18 @@ class Via:
 def parse_via(value: str) -> Via:
     if not isinstance(value, str):
         raise SipError("Via must be text")
+    simple = _VIA_SIMPLE_RE.fullmatch(value) if len(value) <= FAST_PATH_MAX_LEN else None
+    if simple is not None:
+        transport, host, port_text, param_text = simple.groups()
+        port = None if port_text is None else int(port_text)
+        if port is None or port <= 65535:
+            params: dict[str, str | None] = {}
+            if param_text:
+                # Checked by the pattern: each part is `token` or `token=token`.
+                for part in param_text[1:].split(";"):
+                    name, eq, arg = part.partition("=")
+                    params[name.lower()] = arg if eq else None
+            return Via(transport.upper(), host, port, params)
     m = _VIA_PROTO_RE.fullmatch(value)
     if not m:
         raise SipError(f"bad Via {excerpt(value)}")
@@ -78,5 +105,5 @@ def parse_via(value: str) -> Via:
     if not sent_by:
         raise SipError(f"missing sent-by in Via {excerpt(value)}")
     host, port = parse_hostport(sent_by, "Via")
-    params = parse_params(semi + param_text)
+    params = parse_params(semi + param_text)  # (the same dict as the fast path's)
     return Via(transport.upper(), host, port, params)
