@@ -92,11 +92,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+PROFILED_EXECUTOR = """
+import cProfile, runpy, time
+profile = cProfile.Profile(time.thread_time)
+profile.enable()
+try:
+    runpy.run_module("workers.ivr", run_name="__main__")
+finally:
+    profile.disable()
+    profile.dump_stats({out!r})
+"""
+
+
 class Children:
     """The provider and the executor, started and always stopped."""
 
-    def __init__(self, tmp: Path, capacity: int) -> None:
+    def __init__(self, tmp: Path, capacity: int, cprofile: Path | None = None) -> None:
         self.tmp = tmp
+        self.cprofile = cprofile
         self.procs: list[subprocess.Popen[bytes]] = []
         port = free_port()
         self.provider = self._start(
@@ -125,8 +138,12 @@ class Children:
         return proc
 
     def start_executor(self) -> subprocess.Popen[bytes]:
-        self.executor = self._start([sys.executable, "-m", "workers.ivr"], self.executor_env,
-                                    "executor.log")
+        argv = [sys.executable, "-m", "workers.ivr"]
+        if self.cprofile is not None:
+            # cProfile on the main thread's CPU clock, not the wall clock: a send that
+            # wakes another process is time off this CPU, not the executor's cost.
+            argv[1:] = ["-c", PROFILED_EXECUTOR.format(out=str(self.cprofile))]
+        self.executor = self._start(argv, self.executor_env, "executor.log")
         return self.executor
 
     def wait_provider(self) -> None:
@@ -259,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs (one executor each)")
     parser.add_argument("--capacity", type=int, default=500, help="[ivr] capacity")
     parser.add_argument("--json", type=Path, default=None, help="result file")
+    parser.add_argument("--cprofile", type=Path, default=None,
+                        help="run the executor under cProfile, its stats to this file "
+                             "(the CPU figures then measure cProfile too)")
     args = parser.parse_args(argv)
     if args.sessions < 1 or args.rate <= 0 or args.warmup < 0 or args.repeat < 1:
         parser.error("sessions, rate, repeat must be positive")
@@ -269,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     with tempfile.TemporaryDirectory(prefix="bench_executor-") as tmpdir:
-        children = Children(Path(tmpdir), args.capacity)
+        children = Children(Path(tmpdir), args.capacity, args.cprofile)
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
