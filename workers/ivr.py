@@ -84,16 +84,30 @@ class _Progress:
     done: bool = False
     # The session's /start while it is on its way: the first step waits for it.
     start: asyncio.Task[None] | None = None
-    # The last Step: its state dict is dumped only when asked for (the reply, the
-    # error path), never between one event's provider answers (`machine.Step`).
-    last: machine.Step | None = None
+    # The event's Steps so far: a Step's state dict is dumped only when asked for (the
+    # reply, the error path), never between one event's provider answers
+    # (`machine.Step`).
+    steps: list[machine.Step] = field(default_factory=list)
 
     @property
     def state(self) -> dict[str, Any] | None:
-        return self.last.state if self.last is not None else self.initial_state
+        """For the error path: the state of the last Step (`add` made the final one's;
+        an intermediate one's is made from memory here, and should that fail, the one
+        before it), else the event's own."""
+        for step in reversed(self.steps):
+            try:
+                return step.state
+            except Exception:
+                continue
+        return self.initial_state
 
     def add(self, step: machine.Step, client: ProviderClient) -> None:
-        self.last = step
+        if step.pending_request is None:
+            # The Step the reply carries: its state dict made before the Step counts, so
+            # a state that cannot be made leaves the Step out (its commands, its
+            # notifications), as when every Step made its dict at once.
+            _ = step.state
+        self.steps.append(step)
         self.commands.extend(step.commands)
         self.traces.extend(step.traces)
         self.done = step.done
