@@ -25,6 +25,14 @@ measured sessions (`--warmup` sessions first are not counted):
     .venv/bin/python perf/bench_executor.py                       # 2000 sessions, 100/s
     .venv/bin/python perf/bench_executor.py -n 3000 -r 150 --repeat 2 --json out.json
 
+`--in-process N` measures instead the executor's own work without I/O, hot, in this
+process: `workers.ivr.process_event` for both events of N sessions (decode of the
+event, the machine, encode of the reply), the provider's answers from the reference
+provider's `Sessions` called directly (no HTTP: its cost is the aiohttp client's, which
+this leaves out), best of `--repeat` rounds of us per session on the thread's CPU clock.
+Steadier than the processes' figures on a loaded machine; it runs against older
+checkouts too.
+
 Bounded: every wait has a deadline (a lost reply ends the run with an error), both
 children are killed at the end. Loopback and IPC only. Prints a line per run and
 writes JSON (default `perf/results/bench_executor-<YYYYmmdd-HHMMSS>.json`). The script
@@ -92,11 +100,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+PROFILED_EXECUTOR = """
+import cProfile, runpy, time
+profile = cProfile.Profile(time.thread_time)
+profile.enable()
+try:
+    runpy.run_module("workers.ivr", run_name="__main__")
+finally:
+    profile.disable()
+    profile.dump_stats({out!r})
+"""
+
+
 class Children:
     """The provider and the executor, started and always stopped."""
 
-    def __init__(self, tmp: Path, capacity: int) -> None:
+    def __init__(self, tmp: Path, capacity: int, cprofile: Path | None = None) -> None:
         self.tmp = tmp
+        self.cprofile = cprofile
         self.procs: list[subprocess.Popen[bytes]] = []
         port = free_port()
         self.provider = self._start(
@@ -125,8 +146,12 @@ class Children:
         return proc
 
     def start_executor(self) -> subprocess.Popen[bytes]:
-        self.executor = self._start([sys.executable, "-m", "workers.ivr"], self.executor_env,
-                                    "executor.log")
+        argv = [sys.executable, "-m", "workers.ivr"]
+        if self.cprofile is not None:
+            # cProfile on the main thread's CPU clock, not the wall clock: a send that
+            # wakes another process is time off this CPU, not the executor's cost.
+            argv[1:] = ["-c", PROFILED_EXECUTOR.format(out=str(self.cprofile))]
+        self.executor = self._start(argv, self.executor_env, "executor.log")
         return self.executor
 
     def wait_provider(self) -> None:
@@ -250,6 +275,93 @@ def run_once(children: Children, router: zmq.Socket[bytes], identity: bytes, n: 
     }
 
 
+class _DirectProvider:
+    """In place of `pbx.ivr.provider.ProviderClient` for `--in-process`: the reference
+    provider's answers without HTTP (notifications only counted)."""
+
+    notify_timeout_ms = 500
+
+    def __init__(self) -> None:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(
+            "step_ivr_provider", ROOT / "examples" / "step_ivr_provider.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        self.sessions = module.Sessions()
+        self.notified = 0
+        self.spent_s = 0.0  # CPU of the provider's own work: not the executor's
+
+    def send(self, request: Any) -> Any:
+        import asyncio
+
+        self.notified += 1
+        if request.kind == "start":
+            t0 = time.thread_time()
+            body = request.body
+            self.sessions.start(body["session_id"], body["caller"], body["callee"])
+            self.spent_s += time.thread_time() - t0
+        done: Any = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def step(self, params: Any, body: dict[str, Any]) -> Any:
+        import orjson
+
+        from pbx.ivr.requests import ProviderResult
+        t0 = time.thread_time()
+        answer = self.sessions.step(body["session_id"], body)
+        self.spent_s += time.thread_time() - t0
+        # As the client gives it: decoded from the answer's JSON (orjson.loads).
+        return ProviderResult("ok", body=orjson.loads(orjson.dumps(answer)), status=200,
+                              attempts=1)
+
+
+def in_process(n: int, rounds: int) -> list[float]:
+    """`--in-process`: us of this thread's CPU per session (module text), per round."""
+    import asyncio
+
+    from workers.ivr import process_event
+
+    direct = _DirectProvider()
+    client: Any = direct  # process_event's ProviderClient, in duck type
+    params = IvrAppParams(url="http://127.0.0.1:9/ivr/step")
+
+    async def session(sid: str) -> float:
+        call = CallInfo(call_id=sid, session_id=sid, caller="1001", callee="*99",
+                        route_name="bench", params=params,
+                        sip_headers={"User-Agent": "bench_executor"})
+        first = encode(IvrEvent(session_id=sid, seq=1, input=SessionStartInput(call=call)))
+        t0 = time.thread_time()
+        answer = encode(await process_event(decode(first), client, time.time))
+        spent = time.thread_time() - t0
+        reply = decode(answer)  # the front's work
+        assert isinstance(reply, IvrReply) and not reply.done
+        second = encode(IvrEvent.model_construct(session_id=sid, seq=2, state=reply.state,
+                                                 input=CallEndedInput(reason="Hangup")))
+        t0 = time.thread_time()
+        event = decode(second)
+        assert isinstance(event, IvrEvent)
+        end = encode(await process_event(event, client, time.time))
+        spent += time.thread_time() - t0
+        assert isinstance(decode(end), IvrReply)
+        return spent
+
+    async def rounds_of(n: int) -> list[float]:
+        for i in range(min(n, 300)):
+            await session(f"warm-{i}")
+        out = []
+        for r in range(rounds):
+            spent = 0.0
+            direct.spent_s = 0.0
+            for i in range(n):
+                spent += await session(f"r{r}-{i}")
+            out.append((spent - direct.spent_s) / n * 1e6)
+        return out
+
+    return asyncio.run(rounds_of(n))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--sessions", type=int, default=2000,
@@ -259,7 +371,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs (one executor each)")
     parser.add_argument("--capacity", type=int, default=500, help="[ivr] capacity")
     parser.add_argument("--json", type=Path, default=None, help="result file")
+    parser.add_argument("--cprofile", type=Path, default=None,
+                        help="run the executor under cProfile, its stats to this file "
+                             "(the CPU figures then measure cProfile too)")
+    parser.add_argument("--in-process", type=int, default=0, metavar="N",
+                        help="measure process_event for N sessions in this process, "
+                             "no I/O (module text), --repeat rounds")
     args = parser.parse_args(argv)
+    if args.in_process > 0:
+        per_round = in_process(args.in_process, args.repeat)
+        log(f"in process, {args.in_process} sessions per round: "
+            + ", ".join(f"{us:.0f}" for us in per_round)
+            + f" us CPU/session (best {min(per_round):.0f})")
+        return 0
     if args.sessions < 1 or args.rate <= 0 or args.warmup < 0 or args.repeat < 1:
         parser.error("sessions, rate, repeat must be positive")
 
@@ -269,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     with tempfile.TemporaryDirectory(prefix="bench_executor-") as tmpdir:
-        children = Children(Path(tmpdir), args.capacity)
+        children = Children(Path(tmpdir), args.capacity, args.cprofile)
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)

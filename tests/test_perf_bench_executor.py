@@ -27,3 +27,16 @@ def test_bench_executor_reports_cpu_and_latency(tmp_path: Path) -> None:
     assert 0 < run["reply_ms_p50"] <= run["reply_ms_p99"] < 10_000
     assert run["start_reply_ms_p50"] > 0 and run["end_reply_ms_p50"] > 0
     assert run["executor_to_provider_cpu"] > 0
+
+
+def test_bench_executor_in_process_reports_cpu_per_session() -> None:
+    # process_event for both events of each session, no I/O: a figure per round.
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "perf" / "bench_executor.py"), "--in-process", "20",
+         "--repeat", "2"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    line = (done.stdout + done.stderr).strip().splitlines()[-1]
+    assert "in process, 20 sessions per round:" in line, line
+    figures = line.split(":", 3)[-1].split("us")[0].split(",")
+    assert len(figures) == 2 and all(float(f) > 0 for f in figures), line

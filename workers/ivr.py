@@ -78,15 +78,36 @@ Ivrs = Mapping[str, IvrAppParams]
 class _Progress:
     """What one event's handling produced so far (kept for the error path)."""
 
-    state: dict[str, Any] | None
+    initial_state: dict[str, Any] | None
     commands: list[CallCommand] = field(default_factory=list)
     traces: list[StepTrace] = field(default_factory=list)
     done: bool = False
     # The session's /start while it is on its way: the first step waits for it.
     start: asyncio.Task[None] | None = None
+    # The event's Steps so far: a Step's state dict is dumped only when asked for (the
+    # reply, the error path), never between one event's provider answers
+    # (`machine.Step`).
+    steps: list[machine.Step] = field(default_factory=list)
+
+    @property
+    def state(self) -> dict[str, Any] | None:
+        """For the error path: the state of the last Step (`add` made the final one's;
+        an intermediate one's is made from memory here, and should that fail, the one
+        before it), else the event's own."""
+        for step in reversed(self.steps):
+            try:
+                return step.state
+            except Exception:
+                continue
+        return self.initial_state
 
     def add(self, step: machine.Step, client: ProviderClient) -> None:
-        self.state = step.state
+        if step.pending_request is None:
+            # The Step the reply carries: its state dict made before the Step counts, so
+            # a state that cannot be made leaves the Step out (its commands, its
+            # notifications), as when every Step made its dict at once.
+            _ = step.state
+        self.steps.append(step)
         self.commands.extend(step.commands)
         self.traces.extend(step.traces)
         self.done = step.done
@@ -122,7 +143,7 @@ async def process_event(
     """Run the machine for one event until it waits for the next call event. Without
     `tts` (`asr`), text to speech (speech recognition) is unavailable: the provider
     gets an `error` event."""
-    progress = progress if progress is not None else _Progress(state=event.state)
+    progress = progress if progress is not None else _Progress(initial_state=event.state)
     inp = event.input
     if isinstance(inp, SessionStartInput):
         step = machine.start(inp.call, clock())
@@ -134,25 +155,25 @@ async def process_event(
     while (request := step.pending_request) is not None:
         if request.kind == "api":
             api = await client.perform_api(request)
-            step = machine.api_result(step.state, api, clock(), ivrs=ivrs)
+            step = machine.api_result(step, api, clock(), ivrs=ivrs)
         elif request.kind == "tts":
             spoken = (
                 await tts.perform(request) if tts is not None else TtsResult(error=TTS_UNAVAILABLE)
             )
             if spoken.error is not None:
                 log.info("session %s: tts: %s", event.session_id, spoken.error)
-            step = machine.tts_result(step.state, spoken, clock(), ivrs=ivrs)
+            step = machine.tts_result(step, spoken, clock(), ivrs=ivrs)
         elif request.kind == "asr":
             heard = (
                 await asr.perform(request) if asr is not None else AsrResult(error=ASR_UNAVAILABLE)
             )
             if heard.error is not None and request.body.get("stage") != "check":
                 log.info("session %s: asr: %s", event.session_id, heard.error)
-            step = machine.asr_result(step.state, heard, clock(), ivrs=ivrs)
+            step = machine.asr_result(step, heard, clock(), ivrs=ivrs)
         else:
             await progress.started(client.notify_timeout_ms / 1000.0)
             result = await client.step(request.params, request.body)
-            step = machine.provider_result(step.state, result, clock(), ivrs=ivrs)
+            step = machine.provider_result(step, result, clock(), ivrs=ivrs)
         progress.add(step, client)
     return IvrReply(
         session_id=event.session_id,
@@ -174,7 +195,7 @@ async def handle_event(
     asr: AsrEngine | None = None,
 ) -> IvrReply:
     """`process_event`, but an internal error becomes error prompt + hang-up."""
-    progress = _Progress(state=event.state)
+    progress = _Progress(initial_state=event.state)
     try:
         return await process_event(event, client, clock, progress, ivrs, tts, asr)
     except Exception as exc:

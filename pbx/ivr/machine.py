@@ -26,7 +26,9 @@ set the last request is a `step`, `api`, `tts` or `asr` request: the shell perfo
 `pbx.asr`) and feeds the `ProviderResult` to `provider_result` (the `ApiResult` to
 `api_result`, the `TtsResult` to `tts_result`, the `AsrResult` to `asr_result`), and so on until the machine waits for a call event
 again; then the shell replies. The other requests
-(`start`, `end`, `dtmf_match`) are fire-and-forget notifications.
+(`start`, `end`, `dtmf_match`) are fire-and-forget notifications. The result entry
+points take the last Step itself in place of its state dict too: they go on from the
+session it holds in memory, and the dict is dumped only for the reply (issue 9).
 
 Where things are
 ----------------
@@ -101,6 +103,10 @@ from pbx.messages import (
     WsBridgeEnded,
 )
 
+# An entry point's session: a state dict, or the Step that left it (which goes on from
+# its memory without loading the dict: `Step.resume`).
+State = dict[str, Any] | Step
+
 __all__ = [
     "ERROR_PROMPT",
     "MAX_CHAINED_STEPS",
@@ -124,8 +130,8 @@ __all__ = [
 ]
 
 
-def _load(state: dict[str, Any], now: float, trigger: str, ivrs: Ivrs | None = None) -> Session:
-    envelope, data = load(state)
+def _load(state: State, now: float, trigger: str, ivrs: Ivrs | None = None) -> Session:
+    envelope, data = state.resume() if isinstance(state, Step) else load(state)
     return Session(envelope, data, now, trigger, EXECUTORS, ivrs)
 
 
@@ -184,28 +190,29 @@ def handle(
 
 
 def provider_result(
-    state: dict[str, Any], result: ProviderResult, now: float, ivrs: Ivrs | None = None
+    state: State, result: ProviderResult, now: float, ivrs: Ivrs | None = None
 ) -> Step:
-    """The answer (after the retry policy) to the step request the last Step asked for."""
+    """The answer (after the retry policy) to the step request the last Step asked for
+    (`state`: that Step, or its state dict)."""
     return _dispatch(_load(state, now, "provider", ivrs), InputKind.PROVIDER_RESULT, result)
 
 
 def api_result(
-    state: dict[str, Any], result: ApiResult, now: float, ivrs: Ivrs | None = None
+    state: State, result: ApiResult, now: float, ivrs: Ivrs | None = None
 ) -> Step:
     """The outcome of the `api` request the last Step asked for."""
     return _dispatch(_load(state, now, "api", ivrs), InputKind.API_RESULT, result)
 
 
 def tts_result(
-    state: dict[str, Any], result: TtsResult, now: float, ivrs: Ivrs | None = None
+    state: State, result: TtsResult, now: float, ivrs: Ivrs | None = None
 ) -> Step:
     """The outcome of the `tts` request the last Step asked for."""
     return _dispatch(_load(state, now, "tts", ivrs), InputKind.TTS_RESULT, result)
 
 
 def asr_result(
-    state: dict[str, Any], result: AsrResult, now: float, ivrs: Ivrs | None = None
+    state: State, result: AsrResult, now: float, ivrs: Ivrs | None = None
 ) -> Step:
     """The outcome of the `asr` request the last Step asked for."""
     return _dispatch(_load(state, now, "asr", ivrs), InputKind.ASR_RESULT, result)
@@ -225,7 +232,7 @@ def abort(state: dict[str, Any] | None, call: CallInfo | None, reason: str, now:
             raise ValueError("no state and no call")
     except Exception:
         hangup = HangupCommand(reason=f"Error({reason})")
-        return Step(state=state or {}, commands=[hangup], done=True)
+        return Step(dumped=state or {}, commands=[hangup], done=True)
     data = session.data
     if data is not None and data.phase is Phase.DONE:
         return session.finish()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pbx.config import IvrAppParams
@@ -52,7 +52,7 @@ from pbx.ivr.phases import (
     check_transition,
 )
 from pbx.ivr.requests import ProviderRequest, RequestKind
-from pbx.ivr.state import Envelope, dump
+from pbx.ivr.state import Envelope, dump, load
 from pbx.ivr.variables import initial_variables, substitute
 from pbx.messages import (
     CallCommand,
@@ -78,9 +78,14 @@ MAX_CHAINED_STEPS = 16
 class Step:
     """What one entry point produced. `requests` are in the order to send them; when
     `waiting_for_provider` is set the last one is the `step`, `api`, `tts` or `asr`
-    request to answer."""
+    request to answer.
 
-    state: dict[str, Any]
+    The state dict is `dumped` when the Step is made from one (`abort`), else dumped
+    from `memory` (the session's envelope and phase data as this entry point left
+    them) when first asked for: an entry point given this Step instead of its dict
+    goes on from `memory` (`pbx.ivr.machine`), so the executor dumps and loads once
+    per call event, not once per provider answer (issue 9)."""
+
     commands: list[CallCommand] = field(default_factory=list)
     requests: list[ProviderRequest] = field(default_factory=list)
     traces: list[StepTrace] = field(default_factory=list)
@@ -89,6 +94,27 @@ class Step:
     # The longest the session may now wait for a call event (see `pbx.ivr.machine`);
     # None while it waits for the provider, when done, or while a prompt plays.
     wait_ms: int | None = None
+    # Never changed once the Step is made: whoever goes on from it copies what it
+    # changes (`resume`), so `state` stays this entry point's.
+    memory: tuple[Envelope, PhaseData] | None = field(default=None, repr=False)
+    dumped: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The state dict (`pbx.ivr.state`) to reply with or to feed an entry point."""
+        if self.dumped is None:
+            assert self.memory is not None, "a Step has its state dict or its memory"
+            self.dumped = dump(*self.memory)
+        return self.dumped
+
+    def resume(self) -> tuple[Envelope, PhaseData]:
+        """The session in memory for the next entry point: the envelope copied where
+        handlers change it in place (`variables`; phase data is frozen), so this
+        Step's `state` is unchanged whatever the next entry point does."""
+        if self.memory is None:
+            return load(self.state)
+        envelope, data = self.memory
+        return replace(envelope, variables=dict(envelope.variables)), data
 
     @property
     def pending_request(self) -> ProviderRequest | None:
@@ -349,7 +375,7 @@ class Session:
                 )
             )
         return Step(
-            state=dump(self.env, self.data),
+            memory=(self.env, self.data),
             commands=self.commands,
             requests=self.requests,
             traces=traces,

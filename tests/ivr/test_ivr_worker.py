@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import zmq
 import zmq.asyncio
 from aiohttp import web
 
 from pbx.config import IvrAppParams
+from pbx.ivr import session as session_module
+from pbx.ivr.phases import Phase
 from pbx.ivr.provider import ProviderClient
 from pbx.messages import (
     CallInfo,
@@ -152,6 +155,44 @@ def _first_step_after_slow_start(start_s: float) -> tuple[list[str], float]:
 
     result: tuple[list[str], float] = run(main())
     return result
+
+
+def test_a_state_that_cannot_be_dumped_is_answered_from_the_step_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Step's state dict is made only for the reply (machine.Step): when that fails
+    # (here: the welcome prompt's), the error path answers from the Step before it
+    # (waiting for the provider) with the error prompt and a hang-up, the failed Step's
+    # commands left out, as when every Step dumped at once; not an exception that
+    # sends no reply at all.
+    real_dump = session_module.dump
+
+    def dump(envelope: Any, data: Any) -> dict[str, Any]:
+        if data.phase is Phase.PROMPT:
+            raise ValueError("cannot dump the prompt phase")
+        return real_dump(envelope, data)
+
+    monkeypatch.setattr(session_module, "dump", dump)
+
+    async def main() -> IvrReply:
+        provider = Provider()
+        await provider.start()
+        try:
+            call = CallInfo(call_id="c1", session_id="s1", caller="1001", callee="*99",
+                            route_name="r", params=IvrAppParams(url=provider.url))
+            event = IvrEvent(session_id="s1", seq=1, state=None,
+                             input=SessionStartInput(call=call))
+            async with ProviderClient() as client:
+                return await handle_event(event, client, lambda: 1.0)
+        finally:
+            await provider.stop()
+
+    reply = run(main())
+    assert reply.state["phase"] == "closing"
+    assert [c.file for c in reply.commands if isinstance(c, PlayCommand)] == [
+        "sounds/error.wav"]
+    assert [t.step_index for t in reply.traces] == [1]
+    assert "ValueError" in (reply.traces[0].error or "")
 
 
 def test_first_step_waits_for_the_answer_to_start() -> None:
