@@ -20,6 +20,8 @@ file played on a leg of the same law goes out byte for byte, never re-encoded.
 from __future__ import annotations
 
 import os
+import stat
+import time
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 from typing import Generic, TypeVar
@@ -32,6 +34,10 @@ from media.wav import WavAudio, WavError, parse_wav
 
 SAMPLE_RATE = 8000
 CACHE_ENTRIES = 64
+# How long a prompt name's resolved path is reused before it is resolved again (a
+# symlink changed meanwhile is then seen): resolving costs a realpath walk, which a
+# busy worker would pay for every play of the same few prompts.
+RESOLVE_TTL_S = 1.0
 # Prompt files larger than this are refused rather than read into memory (~10 min of 44.1 kHz stereo).
 MAX_FILE_BYTES = 100 * 1024 * 1024
 RAW_G711 = {".ulaw": "PCMU", ".pcmu": "PCMU", ".mulaw": "PCMU", ".alaw": "PCMA", ".pcma": "PCMA"}
@@ -157,17 +163,32 @@ class PromptCache:
         self._pcm: _Lru[tuple[Path, int, int], np.ndarray] = _Lru(size)
         self._encoded: _Lru[tuple[Path, int, int, str], np.ndarray] = _Lru(size)
         self._beeps: dict[str, np.ndarray] = {}
+        # name -> (resolved path, when it was resolved): see RESOLVE_TTL_S.
+        self._resolved: _Lru[str, tuple[Path, float]] = _Lru(size)
 
     def _key(self, name: str) -> tuple[Path, int, int]:
+        now = time.monotonic()
+        hit = self._resolved.get(name)
+        if hit is not None and now - hit[1] < RESOLVE_TTL_S:
+            # The resolved path had no symlink in it; lstat sees one put there since
+            # (then the name is resolved again, below).
+            try:
+                st = os.lstat(hit[0])
+            except OSError:
+                pass
+            else:
+                if stat.S_ISREG(st.st_mode):
+                    return hit[0], st.st_size, st.st_mtime_ns
         path = resolve(self.sounds_dir, name)
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
             raise PromptError(f"{name}: no such prompt") from None
         except OSError as exc:
             raise PromptError(f"{name}: cannot read: {exc.strerror or exc}") from None
-        if not path.is_file():
+        if not stat.S_ISREG(st.st_mode):
             raise PromptError(f"{name}: not a file")
+        self._resolved.put(name, (path, now))
         return path, st.st_size, st.st_mtime_ns
 
     def _load(self, key: tuple[Path, int, int]) -> np.ndarray:

@@ -10,8 +10,8 @@ bumps it. Models forbid unknown fields, so an older receiver refuses a newer
 sender's extra fields: the processes of one installation are upgraded together.
 
 Media plane (front ROUTER  <->  media worker DEALER):
-    worker -> front : MediaReady, MediaPorts, MediaHeartbeat, MediaAllocated, MediaEvent,
-                      MediaReleased
+    worker -> front : MediaReady, MediaPorts, MediaHeartbeat, MediaAllocated (refusals
+                      only), MediaEvent, MediaReleased
     front -> worker : MediaAllocate, MediaRemote, MediaPlay, MediaStop, MediaTimer,
                       MediaBridge, MediaDtmfInfo, MediaRecord, MediaRecordStop,
                       MediaWsBridge, MediaRelease
@@ -37,6 +37,14 @@ port (`rtp_port`) and is numbered per worker (`seq`), and every announcement say
 last `seq` the worker handled (`allocate_seq`), so the front can tell an announcement
 that predates a hand-out from one that follows it (`pbx.registry.PortPool`).
 
+Fewer messages per call (issue 9, version 4): an inbound leg's offer is known when its
+port is handed out, so its MediaAllocate carries the first MediaRemote (`remote`);
+MediaRemote alone is for what comes later (re-INVITEs, the ACK's answer to a late
+offer, an outbound leg's answer). A worker answers MediaAllocate only to refuse it
+(MediaAllocated with `error`): the announcement that follows the allocation
+(`allocate_seq` >= its `seq`) confirms it, and the front lets any number of legs'
+confirmations ride on one MediaPorts instead of one MediaAllocated each.
+
 No session waits in silence (issue 8): each IvrReply says how long the session may now
 go without a call event (`wait_ms`); a session that hears nothing for that long plus
 the front's grace gets a WaitExpiredInput, and its provider an `error` event.
@@ -48,6 +56,9 @@ MediaHeartbeat, `rtp_port` and `seq` required in MediaAllocate (a worker of vers
 bound a port per allocation and cannot take part). Still 3 (issue 10, ASR): the
 optional `listen_ms` of MediaRecord / RecordCommand, the area "asr" and the end reasons
 `speech_end`, `no_speech`, `max_speech` that only a listening recording produces.
+4 (issue 9), `MediaAllocate.remote`, and a worker's silence (then its announcement)
+confirms an allocation: a version-3 worker would refuse `remote` and a version-3 front
+would wait for a MediaAllocated that no longer comes.
 """
 
 from __future__ import annotations
@@ -55,7 +66,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from pbx.config import IvrAppParams
 
@@ -73,7 +91,7 @@ from pbx.ivr_commands import TimerCommand as TimerCommand
 from pbx.ivr_commands import TransferCommand as TransferCommand
 from pbx.ivr_commands import WsBridgeCommand as WsBridgeCommand
 
-PROTOCOL_VERSION: Literal[3] = 3
+PROTOCOL_VERSION: Literal[4] = 4
 
 
 class MessageError(Exception):
@@ -82,7 +100,7 @@ class MessageError(Exception):
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[3] = PROTOCOL_VERSION
+    v: Literal[4] = PROTOCOL_VERSION
 
 
 # ---------------------------------------------------------------- media plane
@@ -156,18 +174,32 @@ class MediaHeartbeat(_Msg):
 class MediaAllocate(_Msg):
     """Give a call leg the pre-bound port `rtp_port`, which the front took from the
     worker's last announcement (a pooled port, or the worker's shared port: the leg
-    then shares it); answered by MediaAllocated (that port, or an error: not in the
-    pool, worker at capacity). `seq` numbers the front's allocations to this
-    worker (1, 2, ...; after learning a worker, the front goes on from its `allocate_seq`)."""
+    then shares it). A refusal (not in the pool, worker at capacity) is answered with
+    MediaAllocated naming the error; success is not answered: the worker's next
+    announcement (`allocate_seq` >= `seq`) confirms it. `seq` numbers the front's
+    allocations to this worker (1, 2, ...; after learning a worker, the front goes on
+    from its `allocate_seq`). `remote`: the leg's first MediaRemote, when the offer is
+    known as the port is handed out (an inbound call), applied once the leg has its port."""
 
     kind: Literal["media_allocate"] = "media_allocate"
     call_id: str
     rtp_port: RtpPort
     seq: int = Field(gt=0)
     inband_dtmf: bool = True
+    remote: MediaRemote | None = None
+
+    @model_validator(mode="after")
+    def _remote_of_this_leg(self) -> MediaAllocate:
+        if self.remote is not None and self.remote.call_id != self.call_id:
+            raise ValueError(f"remote is for leg {self.remote.call_id!r}, "
+                             f"not {self.call_id!r}")
+        return self
 
 
 class MediaAllocated(_Msg):
+    """A MediaAllocate refused (`error`). A worker of this version sends no other; the
+    front still takes one without `error` as an explicit confirmation of that port."""
+
     kind: Literal["media_allocated"] = "media_allocated"
     call_id: str
     rtp_ip: str = ""
@@ -190,6 +222,9 @@ class MediaRemote(_Msg):
     # recvonly or inactive (the far end put us on hold) the leg sends no RTP; RTCP goes on.
     direction: Literal["sendrecv", "sendonly", "recvonly", "inactive"] = "sendrecv"
     cn_payload_type: int | None = None  # RFC 3389 CN, sent while nothing plays (else silence)
+
+
+MediaAllocate.model_rebuild()  # `remote` names MediaRemote, defined after it
 
 
 class MediaPlay(_Msg):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -170,7 +171,8 @@ class PortPool:
         # has told yet (few: an announcement follows every tick with allocations).
         self.in_use: dict[int, PortHold] = {}
         self.retiring: dict[int, PortHold] = {}
-        # Ports in use whose MediaAllocated has not come, in hand-out order (deadline).
+        # Ports in use not yet confirmed (by an announcement that covers their `seq`, or
+        # a MediaAllocated), in hand-out order.
         self.unconfirmed: dict[int, PortHold] = {}
         self.shared_port: int | None = None
         # Legs on the shared port (call id -> hold), and those not confirmed yet.
@@ -181,7 +183,11 @@ class PortPool:
         return port in self.in_use or port in self.retiring
 
     def announce(self, ports: Iterable[int], allocate_seq: int,
-                 shared_port: int | None = None) -> None:
+                 shared_port: int | None = None) -> list[str]:
+        """The worker's free list; returns the legs whose allocation it confirms: those
+        handed out up to `allocate_seq` and not refused before it (a refusal comes first,
+        and its leg lets go of the port: `release`). The worker answers a successful
+        MediaAllocate with nothing else (`pbx.messages`, version 4)."""
         self.shared_port = shared_port
         self.announced = dict.fromkeys(ports)
         self.allocate_seq = allocate_seq
@@ -189,6 +195,8 @@ class PortPool:
         told = [port for port, hold in self.retiring.items() if hold.seq <= allocate_seq]
         for port in told:
             del self.retiring[port]
+        return (_pop_through(self.unconfirmed, allocate_seq)
+                + _pop_through(self.shared_unconfirmed, allocate_seq))
 
     def free_ports(self) -> list[int]:
         return [port for port in self.announced if not self.held(port)]
@@ -220,8 +228,8 @@ class PortPool:
         return port, seq
 
     def confirm(self, port: int, call_id: str) -> bool:
-        """The worker gave the leg its port (MediaAllocated). False if the port is not in
-        use by that leg."""
+        """The worker said it gave the leg its port (a MediaAllocated without error).
+        False if the port is not in use by that leg."""
         if port == self.shared_port and call_id in self.shared_in_use:
             self.shared_unconfirmed.pop(call_id, None)
             return True
@@ -264,6 +272,19 @@ class PortPool:
         return late
 
 
+def _pop_through(pending: dict[Any, PortHold], seq: int) -> list[str]:
+    """The legs of the holds in `pending` (in hand-out order, so in `seq` order) up to
+    `seq`, taken out of it."""
+    legs: list[str] = []
+    while pending:
+        key, hold = next(iter(pending.items()))
+        if hold.seq > seq:
+            break
+        del pending[key]
+        legs.append(hold.call_id)
+    return legs
+
+
 class MediaWorkerRegistry(WorkerRegistry):
     """The media workers: liveness and load as `WorkerRegistry`, plus each worker's
     `PortPool`. A worker is chosen only with a free port; its pool is forgotten with it
@@ -274,16 +295,15 @@ class MediaWorkerRegistry(WorkerRegistry):
         self._pools: dict[bytes, PortPool] = {}
 
     def announce(self, identity: bytes, ports: Iterable[int], allocate_seq: int,
-                 shared_port: int | None = None) -> bool:
-        """A worker's free list and shared port (MediaPorts or a heartbeat). False for an
-        unknown worker."""
+                 shared_port: int | None = None) -> list[str] | None:
+        """A worker's free list and shared port (MediaPorts or a heartbeat): the legs
+        whose allocation it confirms (`PortPool.announce`); None for an unknown worker."""
         if identity not in self._workers:
-            return False
+            return None
         pool = self._pools.get(identity)
         if pool is None:
             pool = self._pools[identity] = PortPool()
-        pool.announce(ports, allocate_seq, shared_port)
-        return True
+        return pool.announce(ports, allocate_seq, shared_port)
 
     def pool(self, identity: bytes) -> PortPool | None:
         return self._pools.get(identity)

@@ -43,11 +43,12 @@ Prints a table next to the DESIGN §4 targets and writes JSON
 
 `--churn RATE` measures the control plane instead: short calls, started at RATE per
 second for `--measure` seconds (after `--warmup`), each MediaAllocate (a port the worker
-announced), MediaRemote and MediaPlay of a `--churn-prompt-ms` prompt (100 ms, as a
-`*99` test call), MediaRelease at its AudioComplete, MediaReleased: about eight
-control messages a call plus the worker's MediaPorts and heartbeats. Reported: the
-worker's CPU per call (ms), calls completed, set-up (MediaAllocate to MediaAllocated)
-percentiles as seen by this script. The prompt's packets go to a socket nobody reads.
+announced, with the caller's address: `remote`) and MediaPlay of a `--churn-prompt-ms`
+prompt (100 ms, as a `*99` test call), MediaRelease at its AudioComplete,
+MediaReleased: five control messages a call plus the worker's MediaPorts (one per
+tick, confirming that tick's allocations) and heartbeats. Reported: the worker's CPU
+per call (ms), calls completed, set-up (MediaAllocate to the announcement that
+confirms it) percentiles as seen by this script. The prompt's packets go to a socket nobody reads.
 """
 
 from __future__ import annotations
@@ -442,7 +443,7 @@ def run_churn(rate: float, args: argparse.Namespace) -> dict[str, Any]:
     sink_port = sink.getsockname()[1]
     free: list[int] = []
     in_use: dict[str, int] = {}  # call id -> its port, from MediaAllocate to MediaReleased
-    asked: dict[str, float] = {}  # call id -> when MediaAllocate went out
+    asked: dict[int, float] = {}  # MediaAllocate.seq -> when it went out (unconfirmed)
     setup_ms: list[float] = []
     errors: list[str] = []
     started = completed = no_port = seq = 0
@@ -472,26 +473,29 @@ def run_churn(rate: float, args: argparse.Namespace) -> dict[str, Any]:
                 call_id = f"churn-{seq}"
                 port = free.pop()
                 in_use[call_id] = port
-                asked[call_id] = time.monotonic()
-                front.send(MediaAllocate(call_id=call_id, rtp_port=port, seq=seq,
-                                         inband_dtmf=False))
+                asked[seq] = time.monotonic()
+                # As the front does for an inbound call: the caller's address rides in
+                # the allocation; the prompt (the IVR's first command) right behind it.
+                front.send(MediaAllocate(
+                    call_id=call_id, rtp_port=port, seq=seq, inband_dtmf=False,
+                    remote=MediaRemote(call_id=call_id, remote_ip="127.0.0.1",
+                                       remote_port=sink_port, payload_type=0, codec="PCMU",
+                                       dtmf_payload_type=DTMF_PT, ptime_ms=20)))
+                front.send(MediaPlay(call_id=call_id, play_id=1, file="short.wav"))
                 started += 1
             msg = front.recv(max(0.001, min(next_start, end) - time.monotonic()))
             while msg is not None:
                 if isinstance(msg, MediaPorts | MediaHeartbeat):
                     used = set(in_use.values())
                     free = [p for p in msg.ports if p not in used]
-                elif isinstance(msg, MediaAllocated):
-                    setup_ms.append((time.monotonic() - asked.pop(msg.call_id)) * 1000.0)
-                    if msg.error:
-                        errors.append(msg.error)
-                        in_use.pop(msg.call_id, None)
-                    else:
-                        front.send(MediaRemote(call_id=msg.call_id, remote_ip="127.0.0.1",
-                                               remote_port=sink_port, payload_type=0,
-                                               codec="PCMU", dtmf_payload_type=DTMF_PT,
-                                               ptime_ms=20))
-                        front.send(MediaPlay(call_id=msg.call_id, play_id=1, file="short.wav"))
+                    # It confirms the allocations up to its `allocate_seq`.
+                    t_now = time.monotonic()
+                    for done in [k for k in asked if k <= msg.allocate_seq]:
+                        setup_ms.append((t_now - asked.pop(done)) * 1000.0)
+                elif isinstance(msg, MediaAllocated):  # a refusal
+                    errors.append(msg.error or "?")
+                    in_use.pop(msg.call_id, None)
+                    asked.pop(int(msg.call_id.rpartition("-")[2]), None)
                 elif isinstance(msg, MediaEvent) and isinstance(msg.event, AudioComplete):
                     front.send(MediaRelease(call_id=msg.call_id))
                 elif isinstance(msg, MediaReleased):

@@ -223,7 +223,6 @@ def allocate_legs(front: Front, call_ids: list[str], inband_dtmf: bool,
     (MediaPorts after MediaReady, then as its pool refills), never one handed out before;
     with `shared`, every leg gets the worker's shared port (MediaPorts.shared_port).
     Returns the worker's RTP port of each leg."""
-    index = {c: i for i, c in enumerate(call_ids)}
     worker_port = np.zeros(len(call_ids), dtype=np.int64)
     got = sent = 0
     free: list[int] = []
@@ -233,6 +232,7 @@ def allocate_legs(front: Front, call_ids: list[str], inband_dtmf: bool,
         while (free or shared_port) and sent < len(call_ids):
             port = shared_port if shared_port else free.pop()
             handed.add(port)
+            worker_port[sent] = port
             sent += 1
             front.send(MediaAllocate(call_id=call_ids[sent - 1], rtp_port=port, seq=sent,
                                      inband_dtmf=inband_dtmf))  # fmt: skip
@@ -240,6 +240,9 @@ def allocate_legs(front: Front, call_ids: list[str], inband_dtmf: bool,
         if msg is None:
             raise RuntimeError(f"only {got} of {len(call_ids)} legs allocated")
         if isinstance(msg, MediaPorts | MediaHeartbeat):
+            # An announcement confirms the allocations up to its `allocate_seq` (a
+            # refusal would have come before it, as a MediaAllocated).
+            got = max(got, msg.allocate_seq)
             free = [p for p in msg.ports if p not in handed]
             if shared:
                 # getattr: workers from before the shared port have no such field
@@ -247,10 +250,7 @@ def allocate_legs(front: Front, call_ids: list[str], inband_dtmf: bool,
                 if shared_port is None:
                     raise RuntimeError("the worker announced no shared RTP port")
         elif isinstance(msg, MediaAllocated):
-            if msg.error:
-                raise RuntimeError(f"allocation failed: {msg.error}")
-            worker_port[index[msg.call_id]] = msg.rtp_port
-            got += 1
+            raise RuntimeError(f"allocation of {msg.call_id} failed: {msg.error}")
     return worker_port
 
 

@@ -1,8 +1,8 @@
 """A media worker's side of the media plane for front tests, without sockets.
 
-What `workers.media` does, by hand: it joins (MediaReady, then MediaPorts), answers
-MediaAllocate by taking the named port out of its pool and "binding" the next one, and
-announces the new pool after every allocation; MediaRelease gets MediaReleased. What
+What `workers.media` does, by hand: it joins (MediaReady, then MediaPorts), takes the
+port a MediaAllocate names out of its pool and "binds" the next one, and announces the
+new pool after every allocation (which confirms it; a refusal is a MediaAllocated first); MediaRelease gets MediaReleased. What
 it sends goes to `deliver(identity, message)`: the call core on the virtual clock
 (tests/calls/rig.py) or the real front shell (tests/test_front_shell.py).
 """
@@ -18,8 +18,9 @@ Deliver = Callable[[bytes, Any], None]
 
 
 class FakeMediaWorker:
-    """`allocated_ip`: the address its MediaAllocated names (default: the declared one;
-    set it to play a worker that contradicts itself)."""
+    """`allocated_ip`: set it to another address than the declared one to play a worker
+    that contradicts itself (it then confirms each allocation with a MediaAllocated
+    naming that address)."""
 
     def __init__(self, deliver: Deliver, identity: bytes = b"w", rtp_ip: str = "127.0.0.1",
                  first_port: int = 30000, pool: int = 8, capacity: int = 100) -> None:
@@ -66,8 +67,10 @@ class FakeMediaWorker:
             self.pool.remove(msg.rtp_port)
             self._bind()
             self.legs[msg.call_id] = msg.rtp_port
-            return [m.MediaAllocated(call_id=msg.call_id, rtp_ip=self.allocated_ip,
-                                     rtp_port=msg.rtp_port), self.ports()]
+            if self.allocated_ip != self.rtp_ip:  # it says so, and contradicts itself
+                return [m.MediaAllocated(call_id=msg.call_id, rtp_ip=self.allocated_ip,
+                                         rtp_port=msg.rtp_port), self.ports()]
+            return [self.ports()]  # the announcement confirms it (`allocate_seq`)
         if isinstance(msg, m.MediaRelease):
             self.legs.pop(msg.call_id, None)
             return [m.MediaReleased(call_id=msg.call_id, packets_sent=10, packets_received=9)]

@@ -135,8 +135,9 @@ def _frame(**changes: object) -> bytes:
 
 
 # 1: the version before issue 8 (`rtp_ip`, `IvrReply.wait_ms`, `WaitExpiredInput`);
-# 2: before issue 9 (port pools: MediaPorts, MediaAllocate.rtp_port).
-@pytest.mark.parametrize("version", [0, 1, 2, 4, "3", None])
+# 2: before issue 9 (port pools: MediaPorts, MediaAllocate.rtp_port); 3: before
+# MediaAllocate.remote and confirmations by announcement.
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 5, "4", None])
 def test_wrong_version(version: object) -> None:
     with pytest.raises(m.MessageError, match="protocol version"):
         m.decode(_frame(v=version))

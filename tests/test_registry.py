@@ -187,6 +187,30 @@ def test_stale_announcement_never_frees_a_port_handed_out() -> None:
     assert pool.hand_out("c3", now=0.0) is None  # never 20000 a second time
 
 
+def test_announcement_confirms_the_hand_outs_up_to_its_seq() -> None:
+    """The worker answers a successful MediaAllocate with nothing: the announcement
+    that covers its `seq` confirms it (a refusal came before, and its leg let go)."""
+    pool = PortPool()
+    pool.announce([20000, 20002, 20004, 20006], allocate_seq=0)
+    pool.hand_out("c1", now=0.0)
+    pool.hand_out("c2", now=0.0)
+    pool.hand_out("c3", now=0.0)
+    shared = PortPool()
+    assert pool.announce([20006], allocate_seq=0) == []  # sent before it saw them
+    pool.release(20002)  # c2 was refused (its MediaAllocated came first)
+    assert pool.announce([20002, 20006], allocate_seq=2) == ["c1"]
+    assert list(pool.unconfirmed) == [20004]
+    assert pool.announce([20002, 20006], allocate_seq=2) == []  # each once
+    assert pool.announce([20002, 20006], allocate_seq=3) == ["c3"]
+    assert not pool.unconfirmed and pool.overdue(handed_before=1.0) == []
+    # Legs on a shared port too.
+    shared.announce([], allocate_seq=0, shared_port=21000)
+    shared.hand_out("s1", now=0.0, shared=True)
+    shared.hand_out("s2", now=0.0, shared=True)
+    assert shared.announce([], allocate_seq=1, shared_port=21000) == ["s1"]
+    assert list(shared.shared_unconfirmed) == ["s2"]
+
+
 def test_announcement_after_the_hand_out_decides() -> None:
     pool = PortPool()
     pool.announce([20000, 20002], allocate_seq=0)
@@ -249,8 +273,8 @@ def test_registry_chooses_the_least_loaded_worker_with_a_free_port() -> None:
     reg.ready(B, capacity=10, load=0, now=0.0, address="127.0.0.1")
     reg.ready(C, capacity=10, load=5, now=0.0, address="127.0.0.1")
     assert reg.hand_out("c0", now=0.1) is None  # no pool announced
-    assert reg.announce(A, [20000], 0) and reg.announce(C, [22000, 22002], 0)
-    assert reg.announce(b"stranger", [1000], 0) is False
+    assert reg.announce(A, [20000], 0) == [] and reg.announce(C, [22000, 22002], 0) == []
+    assert reg.announce(b"stranger", [1000], 0) is None
     first = reg.hand_out("c1", now=0.1)
     assert first == Handout(A, 20000, 1)  # B is idler, but has no port
     assert reg.hand_out("c2", now=0.2) == Handout(C, 22000, 1)

@@ -13,8 +13,11 @@ sharing the range rarely collide; a taken port is skipped), bound ahead of the
 call: the worker keeps a pool of bound RTP/RTCP pairs (`workers.portpool`,
 `[media] port_pool`) and announces its free ports to the front (MediaPorts after
 MediaReady, at the end of any tick in which the pool changed or an allocation was
-handled, and in every heartbeat); MediaAllocate names the port the front handed out,
-and the pool is refilled soon after, a few binds per loop callback. One tick loop
+handled, and in every heartbeat); MediaAllocate names the port the front handed out
+(and, for an inbound leg, where to send its RTP: `remote`), and the pool is refilled
+soon after, a few binds per loop callback. Only a refused allocation is answered
+(MediaAllocated with its error): the next announcement, whose `allocate_seq` covers
+the allocation, confirms it. One tick loop
 runs every 20 ms from a fixed origin and hands the engine the nominal tick
 time; a late tick skips ahead instead of running the missed ones back to back.
 The legs' RTP sockets are read when data arrives: the event loop watches the
@@ -243,9 +246,7 @@ class MediaWorker:
         if isinstance(msg, MediaAllocate):
             self.allocate(msg)
         elif isinstance(msg, MediaRemote):
-            engine.set_remote(msg)
-            if self.rtp.on_shared(msg.call_id):
-                self.shared_leg_moved(msg.call_id)
+            self.set_remote(msg)
         elif isinstance(msg, MediaPlay):
             self.send_events(engine.play(msg, now))
             if len(self.plays_starting) < MAX_PLAYS_TIMED:
@@ -281,10 +282,7 @@ class MediaWorker:
         self._announce_due = True  # the front learns `allocate_seq` even if nothing changed
         if msg.call_id in self.engine.legs:  # asked again: the same answer
             leg = self.engine.legs[msg.call_id]
-            if leg.local_port == msg.rtp_port:
-                self.send(MediaAllocated(call_id=msg.call_id, rtp_ip=media.rtp_ip,
-                                         rtp_port=leg.local_port))
-            else:
+            if leg.local_port != msg.rtp_port:
                 self.send(MediaAllocated(call_id=msg.call_id,
                                          error=f"the leg already has port {leg.local_port}"))
             return
@@ -317,20 +315,29 @@ class MediaWorker:
         # The sockets are bound, so the endpoints are created without awaiting a bind.
         task = self.loop.create_task(self._open_endpoint(msg.call_id, rtcp_sock, _RtcpProtocol))
         task.add_done_callback(_log_task_error)
-        self.send(MediaAllocated(call_id=msg.call_id, rtp_ip=media.rtp_ip, rtp_port=port))
+        self.allocated(msg)
 
     def allocate_shared(self, msg: MediaAllocate) -> None:
         """The leg on the shared port: nothing to bind; its packets find it by source
         address once MediaRemote gives its SDP address."""
-        media = self.settings.media
         try:
             leg = self.engine.add_leg(msg.call_id, msg.rtp_port, msg.inband_dtmf)
         except EngineError as exc:
             self.send(MediaAllocated(call_id=msg.call_id, error=str(exc)))
             return
         self.rtp.add_shared(msg.call_id, leg.row)
-        self.send(MediaAllocated(call_id=msg.call_id, rtp_ip=media.rtp_ip,
-                                 rtp_port=msg.rtp_port))
+        self.allocated(msg)
+
+    def allocated(self, msg: MediaAllocate) -> None:
+        """The leg has its port: said by the next announcement (`announce_ports`, its
+        `allocate_seq`), not by a message of its own; the remote end it came with is set."""
+        if msg.remote is not None:
+            self.set_remote(msg.remote)
+
+    def set_remote(self, msg: MediaRemote) -> None:
+        self.engine.set_remote(msg)
+        if self.rtp.on_shared(msg.call_id):
+            self.shared_leg_moved(msg.call_id)
 
     def shared_leg_moved(self, call_id: str) -> None:
         """A shared leg's SDP address changed (or came): its RTP and RTCP keys follow."""

@@ -25,7 +25,9 @@ def bind_rtp_pair(
     """Non-blocking UDP sockets on a free even port in [low, high] (RTP) and the odd
     port above it (RTCP, RFC 3550 §11), or None when no pair is free."""
     first = low + (low & 1)
-    evens = list(range(first, high, 2))  # port + 1 must be in the range too
+    # A range, not a list: a pool refill binds one pair per call, and a list of the
+    # whole range (thousands of ints) cost more than the two binds.
+    evens = range(first, high, 2)  # port + 1 must be in the range too
     if not evens:
         return None
     start = (rng or random).randrange(len(evens))
@@ -52,7 +54,7 @@ def bind_rtp_socket(
 ) -> socket.socket | None:
     """A non-blocking UDP socket bound to a free even port in [low, high], or None."""
     first = low + (low & 1)
-    evens = list(range(first, high + 1, 2))
+    evens = range(first, high + 1, 2)
     if not evens:
         return None
     start = (rng or random).randrange(len(evens))

@@ -6,10 +6,12 @@ announces it (MediaPorts, and in every heartbeat); `allocate` hands one out here
 (`pbx.registry.MediaWorkerRegistry`), gives the leg the worker's declared address and
 that port at once, tells the worker (MediaAllocate) and continues the leg's set-up
 through `on_allocated(leg, ok)` in the same call (inbound: the answer; outbound: the
-INVITE). The worker confirms with MediaAllocated; a refusal, a confirmation naming
-another address or port, or none within MEDIA_ALLOCATE_TIMEOUT_S ends the call (503,
-MediaAllocationFailed). `send_remote` tells the worker where to send RTP after each
-offer/answer; `release` gives the port back. Workers declare their RTP address when
+INVITE). The worker's next announcement confirms the port (its `allocate_seq` covers
+the MediaAllocate); a refusal (MediaAllocated with an error), a MediaAllocated naming
+another address or port, or no confirmation within MEDIA_ALLOCATE_TIMEOUT_S ends the
+call (503, MediaAllocationFailed). `send_remote` tells the worker where to send RTP
+after each offer/answer (the first of an inbound leg rides in its MediaAllocate);
+`release` gives the port back. Workers declare their RTP address when
 they join; one that declares another later is refused (DESIGN §6).
 """
 
@@ -41,6 +43,9 @@ class MediaPlane:
         self.on_allocated: Callable[[Leg, bool], None] = lambda leg, ok: None
         # Ends the call of a leg whose port failed or whose worker is gone (the reason).
         self.on_failed: Callable[[Leg, str], None] = lambda leg, reason: None
+        # While `allocate` continues a leg's set-up: the leg, where its MediaAllocate is
+        # in the output, and that message.
+        self._allocating: tuple[Leg, int, m.MediaAllocate] | None = None
 
     def allocate(self, leg: Leg, inband_dtmf: bool, worker: bytes | None = None) -> None:
         """A port for the leg from a worker's announced pool: on `worker` if given (alive,
@@ -58,10 +63,17 @@ class MediaPlane:
         media.rtp_ip = ctx.media_workers.address_of(handout.worker) or ""
         ctx.table.legs_by_media[leg.media_id] = leg
         ctx.timers.set(TimerKind.ALLOCATION, leg.media_id, ctx.now + MEDIA_ALLOCATE_TIMEOUT_S)
-        ctx.out.append(ToMedia(handout.worker, m.MediaAllocate.model_construct(
+        allocate = m.MediaAllocate.model_construct(
             call_id=leg.media_id, rtp_port=handout.port, seq=handout.seq,
-            inband_dtmf=inband_dtmf)))
-        self.on_allocated(leg, True)
+            inband_dtmf=inband_dtmf)
+        # In the output now (whatever the set-up sends the worker next comes after it);
+        # a `send_remote` during the set-up below rides in it (`_fold_remote`).
+        outer, self._allocating = self._allocating, (leg, len(ctx.out), allocate)
+        ctx.out.append(ToMedia(handout.worker, allocate))
+        try:
+            self.on_allocated(leg, True)
+        finally:
+            self._allocating = outer  # a call's b leg is allocated during a's set-up
 
     def wants_shared(self, leg: Leg) -> bool:
         """Whether the leg goes on its worker's shared RTP port (`[media] rtp_socket`):
@@ -141,13 +153,31 @@ class MediaPlane:
             address, direction = media.address, "inactive"
         media.address = address
         # model_construct: values the SDP parser checked (no second validation pass).
-        self.ctx.to_media(media.worker, m.MediaRemote.model_construct(
+        remote = m.MediaRemote.model_construct(
             call_id=leg.media_id, remote_ip=address[0], remote_port=address[1],
             payload_type=n.payload_type, codec=n.codec,  # type: ignore[arg-type]
             dtmf_payload_type=n.dtmf_payload_type, ptime_ms=n.ptime_ms,
             direction=direction,  # type: ignore[arg-type]
             cn_payload_type=n.cn_payload_type,
-        ))
+        )
+        if not self._fold_remote(leg, remote):
+            self.ctx.to_media(media.worker, remote)
+
+    def _fold_remote(self, leg: Leg, remote: m.MediaRemote) -> bool:
+        """Put the leg's first MediaRemote in its MediaAllocate, not yet sent (an inbound
+        leg answered as its port is handed out): one message to the worker, not two."""
+        pending = self._allocating
+        if pending is None or pending[0] is not leg:
+            return False
+        _, index, allocate = pending
+        command = self.ctx.out[index]
+        assert isinstance(command, ToMedia) and command.msg is allocate
+        folded = m.MediaAllocate.model_construct(
+            call_id=allocate.call_id, rtp_port=allocate.rtp_port, seq=allocate.seq,
+            inband_dtmf=allocate.inband_dtmf, remote=remote)
+        self.ctx.out[index] = ToMedia(command.worker, folded)
+        self._allocating = (leg, index, folded)
+        return True
 
     def forget(self, leg: Leg) -> None:
         """Drop our record of the leg's port (and the load it counted) without a release."""
@@ -187,7 +217,7 @@ class MediaPlane:
                      identity)
             return None
         if isinstance(msg, m.MediaPorts):
-            ctx.media_workers.announce(identity, msg.ports, msg.allocate_seq, msg.shared_port)
+            self._announced(identity, msg)
         elif isinstance(msg, m.MediaAllocated):
             self._allocated(identity, msg)
         elif isinstance(msg, m.MediaEvent):
@@ -219,8 +249,16 @@ class MediaPlane:
         if isinstance(msg, m.MediaHeartbeat):  # counts since the worker's last heartbeat
             ctx.stats["rtp_foreign_dropped"] += msg.rtp_foreign_dropped
             ctx.stats["rtcp_foreign_dropped"] += msg.rtcp_foreign_dropped
-            ctx.media_workers.announce(identity, msg.ports, msg.allocate_seq, msg.shared_port)
+            self._announced(identity, msg)
             ctx.metrics.media_heartbeat(identity, msg)
+
+    def _announced(self, identity: bytes, msg: m.MediaPorts | m.MediaHeartbeat) -> None:
+        """A worker's free ports; the allocations its `allocate_seq` covers are confirmed
+        (`PortPool.announce`): their deadlines go."""
+        confirmed = self.ctx.media_workers.announce(identity, msg.ports, msg.allocate_seq,
+                                                    msg.shared_port)
+        for media_id in confirmed or ():
+            self.ctx.timers.cancel(TimerKind.ALLOCATION, media_id)
 
     def expire_workers(self) -> None:
         """Workers that stopped heartbeating: their legs' calls end (MediaWorkerLost)."""

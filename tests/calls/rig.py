@@ -230,6 +230,8 @@ class CoreRig:
             return
         self.media.append(msg)
         if isinstance(msg, m.MediaAllocate):
+            if msg.remote is not None:  # what the worker is told, as if sent on its own
+                self.media.append(msg.remote)
             if self.auto_allocate:
                 self.allocate(msg)
         elif isinstance(msg, m.MediaTimer):

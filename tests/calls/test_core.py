@@ -115,6 +115,26 @@ def test_an_unconfirmed_port_ends_the_call_on_the_virtual_clock(tmp_path: Path) 
     assert not rig.core.ctx.table.legs_by_media  # the port was released
 
 
+def test_the_port_is_confirmed_by_the_announcement_that_covers_it(tmp_path: Path) -> None:
+    """A worker answers a successful MediaAllocate with nothing: an announcement sent
+    before it handled the allocation (its `allocate_seq` below the allocation's `seq`)
+    confirms nothing, the next one does, and the call's deadline goes."""
+    rig = CoreRig(tmp_path, first_then(PLAY))
+    rig.auto_allocate = False
+    call = rig.call()
+    rig.caller_request("ACK", 1)
+    (allocate,) = rig.of(m.MediaAllocate)
+    pool = list(rig.worker.pool)
+    rig.core.media_message(b"w", m.MediaPorts(ports=pool, allocate_seq=allocate.seq - 1),
+                           rig.now)
+    assert rig.core.ctx.media_workers.pool(b"w").unconfirmed  # type: ignore[union-attr]
+    rig.core.media_message(b"w", m.MediaPorts(ports=pool[1:], allocate_seq=allocate.seq),
+                           rig.now)
+    assert not rig.core.ctx.media_workers.pool(b"w").unconfirmed  # type: ignore[union-attr]
+    rig.advance(MEDIA_ALLOCATE_TIMEOUT_S + 1)
+    assert not call.ended and not rig.requests("BYE", CALLER)
+
+
 def test_a_finished_dialog_lingers_then_answers_481(tmp_path: Path) -> None:
     rig = CoreRig(tmp_path, first_then(PLAY))
     rig.call()

@@ -40,16 +40,20 @@ def test_invite_is_answered_within_the_entry_point(tmp_path: Path) -> None:
     (ok,) = [r for r in rig.responses() if r.status == 200]
     answer = sdp.parse_answer(ok.body)
     assert (answer.remote_ip, answer.remote_port) == ("127.0.0.1", first)
-    allocate, remote = rig.media[:2]
+    # One message to the worker: the port, and where the caller's RTP goes (the offer).
+    (allocate,) = [msg for msg in rig.media if not isinstance(msg, m.MediaRemote)]
+    remote = allocate.remote
     assert allocate == m.MediaAllocate(call_id=allocate.call_id, rtp_port=first, seq=1,
-                                       inband_dtmf=allocate.inband_dtmf)
+                                       inband_dtmf=allocate.inband_dtmf, remote=remote)
     assert isinstance(remote, m.MediaRemote) and remote.call_id == allocate.call_id
+    assert (remote.remote_ip, remote.remote_port, remote.codec) == ("127.0.0.1", 40000, "PCMU")
     assert rig.ivr  # the IVR session started too
-    rig.allocate(allocate)  # the worker then confirms
     pool = rig.core.ctx.media_workers.pool(b"w")
-    assert pool is not None and not pool.unconfirmed
+    assert pool is not None and list(pool.unconfirmed) == [first]
+    rig.allocate(allocate)  # the worker then announces its pool: that confirms the port
+    assert not pool.unconfirmed
     rig.advance(MEDIA_ALLOCATE_TIMEOUT_S + 1)
-    assert not rig.requests("BYE", CALLER)
+    assert not rig.requests("BYE", CALLER)  # no allocation deadline left to fire
 
 
 def test_early_media_route_gets_its_183_within_the_entry_point(tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ class Front:
         self.ports: list[int] = []  # announced, not yet handed out
         self.handed: set[int] = set()
         self.seq = 0
+        self.rtp_ip = ""  # as the worker declares it
         # What the heartbeats' timing histograms counted, all of them.
         self.play_starts = 0
         self.ticks_timed = 0
@@ -78,6 +79,8 @@ class Front:
         identity, frame = self.sock.recv_multipart()
         self.identity = identity
         msg = decode(frame)
+        if isinstance(msg, MediaReady | MediaHeartbeat):
+            self.rtp_ip = msg.rtp_ip
         if isinstance(msg, MediaPorts | MediaHeartbeat):
             self.ports = [p for p in msg.ports if p not in self.handed]
         if isinstance(msg, MediaHeartbeat):
@@ -95,7 +98,10 @@ class Front:
                 raise AssertionError(f"expected {kind.__name__}, got {msg!r}")
 
     def allocate(self, call_id: str, inband_dtmf: bool = True) -> MediaAllocated:
-        """MediaAllocate for the first announced port; the worker's answer."""
+        """MediaAllocate for the first announced port; the worker's answer as the front
+        learns it: a refusal (MediaAllocated with its error), or the announcement that
+        covers the allocation's `seq` (a confirmation: returned as the MediaAllocated
+        the worker no longer sends, at its declared address)."""
         if not self.ports:
             self.recv_kind(MediaPorts)
         port = self.ports.pop(0)
@@ -103,9 +109,20 @@ class Front:
         self.seq += 1
         self.send(MediaAllocate(call_id=call_id, rtp_port=port, seq=self.seq,
                                 inband_dtmf=inband_dtmf))
-        allocated: MediaAllocated = self.recv_kind(MediaAllocated)
-        assert allocated.error is not None or allocated.rtp_port == port
-        return allocated
+        return self.answer(call_id, port)
+
+    def answer(self, call_id: str, port: int) -> MediaAllocated:
+        """The answer to the last MediaAllocate sent (`allocate`)."""
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            msg = self.recv(max(0.01, deadline - time.monotonic()))
+            if isinstance(msg, MediaAllocated):
+                assert msg.call_id == call_id and msg.error is not None
+                return msg
+            if isinstance(msg, MediaPorts | MediaHeartbeat) and msg.allocate_seq >= self.seq:
+                return MediaAllocated(call_id=call_id, rtp_ip=self.rtp_ip, rtp_port=port)
+            if not isinstance(msg, MediaHeartbeat | MediaPorts):
+                raise AssertionError(f"expected the allocation's answer, got {msg!r}")
 
     def send(self, msg: Any) -> None:
         self.sock.send_multipart([self.identity, encode(msg)])
@@ -444,12 +461,15 @@ def test_shared_port_legs_told_apart_by_source_and_strangers_reach_none(
     try:
         for call, phone in zip(("a", "b"), phones, strict=True):
             front.seq += 1
-            front.send(MediaAllocate(call_id=call, rtp_port=shared[1], seq=front.seq))
-            allocated = front.recv_kind(MediaAllocated)
-            assert allocated.error is None and allocated.rtp_port == shared[1], allocated
-            front.send(MediaRemote(call_id=call, remote_ip="127.0.0.1",
+            # The SDP address rides in the allocation (an inbound leg): it is what tells
+            # this leg's packets apart on the shared port.
+            front.send(MediaAllocate(
+                call_id=call, rtp_port=shared[1], seq=front.seq,
+                remote=MediaRemote(call_id=call, remote_ip="127.0.0.1",
                                    remote_port=phone.getsockname()[1], payload_type=0,
-                                   codec="PCMU", dtmf_payload_type=101))  # fmt: skip
+                                   codec="PCMU", dtmf_payload_type=101)))  # fmt: skip
+            allocated = front.answer(call, shared[1])
+            assert allocated.error is None, allocated
         front.send(MediaPlay(call_id="a", play_id=1, file="half.wav"))
         data, src = phones[0].recvfrom(2048)
         assert src == shared and parse_rtp(data).payload_type == 0

@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 
 from pbx.config import parse_config
-from pbx.messages import MediaAllocate, MediaAllocated, MediaPorts, MediaRelease, MediaReleased
+from pbx.messages import (
+    MediaAllocate,
+    MediaPorts,
+    MediaRelease,
+    MediaReleased,
+    MediaRemote,
+)
 from workers.media import MediaWorker
 from workers.portpool import Pair, RtpPortPool, bind_rtp_pair, pairs_in_range
 
@@ -139,7 +145,7 @@ def test_allocation_takes_the_named_pair_and_the_pool_refills_later(
     before = w.pool.ports()
     port = before[1]
     w.allocate(MediaAllocate(call_id="c1", rtp_port=port, seq=1))
-    assert sent == [MediaAllocated(call_id="c1", rtp_ip="127.0.0.1", rtp_port=port)]
+    assert sent == []  # success is not answered: the next announcement says it
     assert w.engine.legs["c1"].local_port == port
     assert w.rtp.get("c1") is not None and w.rtp.get("c1").getsockname()[1] == port  # type: ignore[union-attr]
     assert w.pool.ports() == [before[0], before[2]]  # not refilled inside the allocation
@@ -153,12 +159,11 @@ def test_many_allocations_one_announcement_per_tick(
     for seq, port in enumerate(w.pool.ports()[:2], start=1):
         w.allocate(MediaAllocate(call_id=f"c{seq}", rtp_port=port, seq=seq))
     run_soon(w)
-    assert [type(msg) for msg in sent] == [MediaAllocated, MediaAllocated]  # nothing else yet
-    sent.clear()
+    assert sent == []  # nothing yet
     w.announce_ports()
     w.announce_ports()
     (announced,) = sent
-    assert announced == MediaPorts(ports=w.pool.ports(), allocate_seq=2)
+    assert announced == MediaPorts(ports=w.pool.ports(), allocate_seq=2)  # confirms both
     assert len(announced.ports) == 2  # capacity 4 with 2 legs: room for 2 pairs
     sent.clear()
     w.handle(MediaRelease(call_id="c2"))
@@ -167,6 +172,19 @@ def test_many_allocations_one_announcement_per_tick(
     w.announce_ports()
     assert sent[-1] == MediaPorts(ports=w.pool.ports(), allocate_seq=2)
     assert len(sent[-1].ports) == 3
+
+
+def test_allocation_with_its_remote_end_sets_it(
+        worker: tuple[MediaWorker, list[Any]]) -> None:
+    # An inbound leg's MediaAllocate carries its first MediaRemote: one message, not two.
+    w, sent = worker
+    port = w.pool.ports()[0]
+    remote = MediaRemote(call_id="c1", remote_ip="127.0.0.1", remote_port=40000,
+                         payload_type=8, codec="PCMA", dtmf_payload_type=101)
+    w.handle(MediaAllocate(call_id="c1", rtp_port=port, seq=1, remote=remote))
+    leg = w.engine.legs["c1"]
+    assert sent == [] and leg.local_port == port
+    assert leg.sdp_remote == ("127.0.0.1", 40000) and leg.codec == "PCMA"
 
 
 def test_allocation_errors_keep_the_pool_and_still_announce_the_seq(
@@ -179,11 +197,11 @@ def test_allocation_errors_keep_the_pool_and_still_announce_the_seq(
     assert "c1" not in w.engine.legs and w.pool.ports() == ports
     w.announce_ports()
     assert sent[-1] == MediaPorts(ports=ports, allocate_seq=1)  # no change but the seq
-    # The same leg asked again: the same answer; another port for it: an error.
+    # The same leg asked again: the same answer (none); another port for it: an error.
+    answered = len(sent)
     w.allocate(MediaAllocate(call_id="c1", rtp_port=ports[0], seq=2))
     w.allocate(MediaAllocate(call_id="c1", rtp_port=ports[0], seq=3))
-    assert sent[-1] == sent[-2] == MediaAllocated(call_id="c1", rtp_ip="127.0.0.1",
-                                                  rtp_port=ports[0])
+    assert len(sent) == answered and w.engine.legs["c1"].local_port == ports[0]
     w.allocate(MediaAllocate(call_id="c1", rtp_port=ports[1], seq=4))
     assert sent[-1].error == f"the leg already has port {ports[0]}"
     run_soon(w)

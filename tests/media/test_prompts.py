@@ -73,6 +73,17 @@ def test_symlink_out_refused(sounds: Path) -> None:
         resolve(sounds, "link.wav")
 
 
+def test_symlink_put_in_place_of_a_played_prompt_refused(sounds: Path) -> None:
+    # The cache reuses a name's resolved path for a while (RESOLVE_TTL_S): a symlink
+    # out that replaces the file meanwhile must still be refused, not followed.
+    cache = PromptCache(sounds)
+    cache.encoded("hello.wav", "PCMU")
+    os.replace(sounds / "hello.wav", sounds.parent / "moved.wav")
+    os.symlink(sounds.parent / "moved.wav", sounds / "hello.wav")
+    with pytest.raises(PromptError, match="outside"):
+        cache.encoded("hello.wav", "PCMU")
+
+
 def test_load_and_cache(sounds: Path) -> None:
     cache = PromptCache(sounds, size=2)
     pcmu = cache.encoded("sounds/hello.wav", "PCMU")
