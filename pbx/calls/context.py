@@ -139,12 +139,15 @@ class CallContext:
     def respond(self, key: TransactionKey, request: SipRequest, status: int,
                 reason: str | None = None, *, to_tag: str | None = None,
                 headers: list[tuple[str, str]] | None = None,
-                body: bytes = b"") -> SipResponse:
+                body: bytes = b"") -> bytes:
+        """The response sent in the request's transaction; returns it as serialised (a
+        2xx to an INVITE is retransmitted from these bytes, RFC 3261 §13.3.1.4)."""
         hdrs = [("Server", SERVER)] + (headers or [])
         response = make_response(request, status, reason, to_tag=to_tag, headers=hdrs,
                                  body=body)
-        self.send_response(key, response)
-        return response
+        data = response.serialize()
+        self.out.extend(self.transactions.respond(key, response, self.now, data=data))
+        return data
 
     def send_response(self, key: TransactionKey, response: SipResponse) -> None:
         self.out.extend(self.transactions.respond(key, response, self.now))
