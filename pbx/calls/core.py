@@ -325,23 +325,26 @@ class CallCore:
         method = req.method
         if method not in UAS_CHECKED_METHODS:
             return False
+        # Each header is read only when its check is reached (twice a call: INVITE, BYE).
         status, reason, headers = 0, "", []
-        scheme = req.uri.partition(":")[0].lower()
-        required = [t.strip() for v in req.headers.get_all("Require") for t in v.split(",")
-                    if t.strip() and t.strip().lower() not in SUPPORTED_TAGS]
-        ctype = (req.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        accept = [a.split(";")[0].strip().lower() for v in req.headers.get_all("Accept")
-                  for a in v.split(",")]
-        if scheme not in ("sip", "sips", "tel"):
+        request_headers = req.headers
+        required = ([t.strip() for v in request_headers.get_all("Require")
+                     for t in v.split(",") if t.strip() and t.strip().lower()
+                     not in SUPPORTED_TAGS] if "Require" in request_headers else [])
+        if req.uri.partition(":")[0].lower() not in ("sip", "sips", "tel"):
             status, reason = 416, "Unsupported URI Scheme"
         elif required:
             status, reason = 420, "Bad Extension"
             headers = [("Unsupported", ", ".join(required))]
-        elif method in ("INVITE", "UPDATE") and req.body and ctype != "application/sdp":
+        elif method in ("INVITE", "UPDATE") and req.body and (
+                (request_headers.get("Content-Type") or "").split(";")[0].strip().lower()
+                != "application/sdp"):
             status, reason = 415, "Unsupported Media Type"
             headers = [("Accept", "application/sdp")]
-        elif (method == "INVITE" and "Accept" in req.headers and not
-              {"application/sdp", "application/*", "*/*"} & set(accept)):
+        elif (method == "INVITE" and "Accept" in request_headers and not
+              {"application/sdp", "application/*", "*/*"}
+              & {a.split(";")[0].strip().lower() for v in request_headers.get_all("Accept")
+                 for a in v.split(",")}):
             status, reason = 406, "Not Acceptable"
             headers = [("Warning", f'399 {self.ctx.me.host} "only application/sdp bodies"')]
         elif method == "REGISTER":

@@ -147,11 +147,11 @@ class InDialog:
             return
         body = self._renegotiate(leg, req.body) if req.body else leg.media.answer_sdp
         headers = self.legs.dialog_headers(leg) + self.session_timers.negotiate(leg, req)
-        response = ctx.respond(key, req, 200, body=body, headers=headers)
+        data = ctx.respond(key, req, 200, body=body, headers=headers)
         leg.reinvite_unacked = True
         leg.offer_in_2xx = not req.body
         if not leg.reliable:
-            ctx.retransmitter.start(leg.dialog_key, response.serialize(), addr, ctx.now)
+            ctx.retransmitter.start(leg.dialog_key, data, addr, ctx.now)
 
     def _on_update(self, leg: Leg, req: SipRequest, key: TransactionKey) -> None:
         """UPDATE (RFC 3311): a new offer, or a session refresh, in any dialog state."""

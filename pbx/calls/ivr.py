@@ -48,6 +48,19 @@ HANDOVER_FAILURES = ("TransferFailed", "UnknownQueue", "QueueNoAnswer", "AgentNo
                      "WsBridgeFailed")
 
 
+def ivr_event(session_id: str, seq: int, state: dict[str, Any] | None,
+              item: Any) -> m.IvrEvent:
+    """An event for the executor. Validated but for `state`, which goes in as it is:
+    it is the dict of the executor's last reply (validated then; each reply replaces
+    it, nothing changes it in place). Validating it again copies it (~35 keys: 5.2 us
+    an event) and `model_construct` walks every field in Python (4.7 us); this is 3.2
+    us (timeit, perf/README.md), twice a call. `state=None` is given so that the
+    field counts as set, as it did with `model_construct`."""
+    event = m.IvrEvent(session_id=session_id, seq=seq, state=None, input=item)
+    event.__dict__["state"] = state
+    return event
+
+
 class IvrBroker:
     def __init__(self, ctx: CallContext, media: MediaPlane, teardown: Teardown,
                  outbound: Outbound, queue: QueueCalls, targets: Targets,
@@ -133,13 +146,8 @@ class IvrBroker:
             session.dispatched_at = now
             session.wait_started = session.wait_deadline = None  # an event came
             session.refused = set()
-            # Built from values the front made and checked (model_construct: no second
-            # validation pass over the state on the hot path; the state is replaced, never
-            # changed in place, by each reply).
-            session.in_flight = m.IvrEvent.model_construct(
-                session_id=session.session_id, seq=session.seq, state=session.state,
-                input=session.queue.popleft(),
-            )
+            session.in_flight = ivr_event(session.session_id, session.seq, session.state,
+                                          session.queue.popleft())
         elif not resend:
             return
         executor = ctx.executors.choose(now, exclude | session.refused)
@@ -282,9 +290,9 @@ class IvrBroker:
         if executor is None:
             return
         ctx.stats["ivr_farewells"] += 1
-        ctx.out.append(ToIvr(executor, m.IvrEvent.model_construct(
-            session_id=session.session_id, seq=session.seq + 1, state=session.state,
-            input=m.CallEndedInput(reason=reason))))
+        ctx.out.append(ToIvr(executor, ivr_event(session.session_id, session.seq + 1,
+                                                 session.state,
+                                                 m.CallEndedInput(reason=reason))))
 
     def _close(self, session: Session) -> None:
         session.done = True

@@ -43,12 +43,11 @@ class LegSignaling:
         assert leg.invite is not None and leg.invite_key is not None
         ctx.table.pending_invites.pop(leg.invite_key, None)
         headers = self.dialog_headers(leg) + self.session_timers.negotiate(leg, leg.invite)
-        response = ctx.respond(leg.invite_key, leg.invite, 200, to_tag=leg.dialog.local_tag,
-                               body=leg.media.answer_sdp, headers=headers)
+        data = ctx.respond(leg.invite_key, leg.invite, 200, to_tag=leg.dialog.local_tag,
+                           body=leg.media.answer_sdp, headers=headers)
         advance_leg(leg, LegPhase.CONFIRMED)
         if not leg.reliable:  # a stream delivers the 2xx; only UDP retransmits it
-            ctx.retransmitter.start(leg.dialog_key, response.serialize(),
-                                    leg.source or leg.addr, ctx.now)
+            ctx.retransmitter.start(leg.dialog_key, data, leg.source or leg.addr, ctx.now)
         call = leg.call
         call.answered_at = ctx.wall()
         self.events.call(call, "answered")
