@@ -1,19 +1,15 @@
 """The SIP transaction layer (RFC 3261 §17), sans-IO.
 
-Theory of operation
--------------------
-The shell parses a datagram and hands the message to `receive(msg, addr,
-now)`; the TU (dialog/call layer) calls `respond()`, `send_request()` and
-`send_stateless()`. Every entry point returns events: `SendBytes` for the
-shell to put on the wire, `RequestReceived` / `ResponseReceived` /
-`TransactionTimeout` for the TU. Time comes in as `now` (seconds, any
-monotonic origin); `get_timer()` is the earliest deadline and the shell calls
-`handle_timer(now)` when it passes.
+The shell parses a datagram and hands the message to `receive(msg, addr, now)`; the
+TU (dialog/call layer) calls `respond()`, `send_request()` and `send_stateless()`.
+Every entry point returns events: `SendBytes` for the shell to put on the wire,
+`RequestReceived` / `ResponseReceived` / `TransactionTimeout` for the TU. Time comes
+in as `now` (seconds, any monotonic origin); `get_timer()` is the earliest deadline
+and the shell calls `handle_timer(now)` when it passes.
 
-Timers are deadline fields named as in the RFC (`timer_a` ... `timer_m`, the
-last two from RFC 6026). A reliable transport arms no retransmission timer
-(A, E, G) and makes the wait timers (D, I, J, K) zero, so the transaction
-ends at once.
+Timers are deadline fields named as in the RFC (`timer_a` ... `timer_m`, the last two
+from RFC 6026). A reliable transport arms no retransmission timer (A, E, G) and makes
+the wait timers (D, I, J, K) zero, so the transaction ends at once.
 
 States and transitions, server side (RFC 3261 §17.2, RFC 6026 §7.1):
 
@@ -33,9 +29,9 @@ client side (§17.1, RFC 6026 §7.2):
     non-INVITE  Trying (Timer E resend, Timer F) --1xx--> Proceeding
                 Trying/Proceeding --final--> Completed (Timer K)
 
-A transaction is removed from its table as soon as it terminates, so the
-tables hold only live transactions. The 2xx to an INVITE is retransmitted by
-the TU (RFC 3261 §13.3.1.4) with `pbx.sip.retransmit.Uas2xxRetransmitter`.
+A transaction is removed from its table as soon as it terminates, so the tables hold
+only live transactions. The TU retransmits an INVITE's 2xx (RFC 3261 §13.3.1.4,
+`pbx.sip.retransmit.Uas2xxRetransmitter`).
 
 Budgets (DESIGN §6, `pbx.sip.budget`): what one source IP holds in server
 transactions is counted (`sources`); a new request beyond its `SourceBudget`
