@@ -163,21 +163,22 @@ class PromptCache:
         self._pcm: _Lru[tuple[Path, int, int], np.ndarray] = _Lru(size)
         self._encoded: _Lru[tuple[Path, int, int, str], np.ndarray] = _Lru(size)
         self._beeps: dict[str, np.ndarray] = {}
-        # name -> (resolved path, when it was resolved): see RESOLVE_TTL_S.
-        self._resolved: _Lru[str, tuple[Path, float]] = _Lru(size)
+        # name -> (resolved path, when, its (device, inode)): see RESOLVE_TTL_S.
+        self._resolved: _Lru[str, tuple[Path, float, tuple[int, int]]] = _Lru(size)
 
     def _key(self, name: str) -> tuple[Path, int, int]:
         now = time.monotonic()
         hit = self._resolved.get(name)
         if hit is not None and now - hit[1] < RESOLVE_TTL_S:
-            # The resolved path had no symlink in it; lstat sees one put there since
-            # (then the name is resolved again, below).
+            # The same regular file as when resolved (device and inode; lstat: a
+            # symlink put in place of it or of a parent directory since names another
+            # file, and the name is resolved again, below (review of issue 9).
             try:
                 st = os.lstat(hit[0])
             except OSError:
                 pass
             else:
-                if stat.S_ISREG(st.st_mode):
+                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == hit[2]:
                     return hit[0], st.st_size, st.st_mtime_ns
         path = resolve(self.sounds_dir, name)
         try:
@@ -188,7 +189,7 @@ class PromptCache:
             raise PromptError(f"{name}: cannot read: {exc.strerror or exc}") from None
         if not stat.S_ISREG(st.st_mode):
             raise PromptError(f"{name}: not a file")
-        self._resolved.put(name, (path, now))
+        self._resolved.put(name, (path, now, (st.st_dev, st.st_ino)))
         return path, st.st_size, st.st_mtime_ns
 
     def _load(self, key: tuple[Path, int, int]) -> np.ndarray:

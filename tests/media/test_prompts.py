@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import wave
 from pathlib import Path
 
@@ -82,6 +83,20 @@ def test_symlink_put_in_place_of_a_played_prompt_refused(sounds: Path) -> None:
     os.symlink(sounds.parent / "moved.wav", sounds / "hello.wav")
     with pytest.raises(PromptError, match="outside"):
         cache.encoded("hello.wav", "PCMU")
+
+
+def test_parent_directory_swapped_for_a_symlink_after_a_play_refused(sounds: Path) -> None:
+    # Within RESOLVE_TTL_S a directory of the path replaced by a symlink out of the
+    # sounds directory names another file: resolved again, and refused (review).
+    cache = PromptCache(sounds)
+    cache.encoded("menu/main.wav", "PCMU")
+    outside = sounds.parent / "outside"
+    outside.mkdir()
+    shutil.copy(sounds / "menu" / "main.wav", outside / "main.wav")  # another file
+    os.replace(sounds / "menu", sounds.parent / "menu.old")
+    os.symlink(outside, sounds / "menu")
+    with pytest.raises(PromptError, match="outside"):
+        cache.encoded("menu/main.wav", "PCMU")
 
 
 def test_load_and_cache(sounds: Path) -> None:
