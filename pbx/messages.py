@@ -42,8 +42,9 @@ port is handed out, so its MediaAllocate carries the first MediaRemote (`remote`
 MediaRemote alone is for what comes later (re-INVITEs, the ACK's answer to a late
 offer, an outbound leg's answer). A worker answers MediaAllocate only to refuse it
 (MediaAllocated with `error`): the announcement that follows the allocation
-(`allocate_seq` >= its `seq`) confirms it, and the front lets any number of legs'
-confirmations ride on one MediaPorts instead of one MediaAllocated each.
+(`allocate_seq` >= its `seq`) confirms it unless its `refused` names that `seq`, and
+the front lets any number of legs' confirmations ride on one MediaPorts instead of one
+MediaAllocated each.
 
 No session waits in silence (issue 8): each IvrReply says how long the session may now
 go without a call event (`wait_ms`); a session that hears nothing for that long plus
@@ -58,7 +59,9 @@ optional `listen_ms` of MediaRecord / RecordCommand, the area "asr" and the end 
 `speech_end`, `no_speech`, `max_speech` that only a listening recording produces.
 4 (issue 9), `MediaAllocate.remote`, and a worker's silence (then its announcement)
 confirms an allocation: a version-3 worker would refuse `remote` and a version-3 front
-would wait for a MediaAllocated that no longer comes.
+would wait for a MediaAllocated that no longer comes. Still 4: the optional `refused`
+of MediaPorts and MediaHeartbeat (the allocations an announcement's `allocate_seq` does
+not confirm).
 """
 
 from __future__ import annotations
@@ -118,16 +121,29 @@ class MediaReady(_Msg):
 # A worker announces at most this many free ports (every even port of 1024-65535).
 MAX_ANNOUNCED_PORTS = 32_256
 RtpPort = Annotated[int, Field(gt=0, lt=65536)]
+# MediaAllocate numbers the worker refused or never received, as inclusive ranges
+# (first, last), at most this many (`workers.portpool.RefusedSeqs`).
+MAX_REFUSED_RANGES = 256
+AllocateSeq = Annotated[int, Field(gt=0)]
+SeqRange = tuple[AllocateSeq, AllocateSeq]
 
 
 class MediaPorts(_Msg):
     """The worker's free pre-bound RTP ports, all of them (RTCP is each port + 1), and
     the `seq` of the last MediaAllocate it handled (0: none yet). Sent after MediaReady
-    and whenever the pool changed or an allocation was handled, at most once per tick."""
+    and whenever the pool changed or an allocation was handled, at most once per tick.
+
+    `refused`: the MediaAllocate numbers up to `allocate_seq` that gave their leg no
+    port: those the worker refused, and those that never reached it (a gap in the
+    numbers, e.g. lost across a reconnect). Each is repeated for a while after its
+    refusal (longer than a message waits in the worker's outbox), so a front that missed
+    the MediaAllocated refusal still fails the leg instead of taking `allocate_seq` as
+    its confirmation."""
 
     kind: Literal["media_ports"] = "media_ports"
     ports: list[RtpPort] = Field(max_length=MAX_ANNOUNCED_PORTS)
     allocate_seq: int = Field(ge=0)
+    refused: list[SeqRange] = Field(default_factory=list, max_length=MAX_REFUSED_RANGES)
     # The worker's shared RTP port ([media] rtp_socket), None: it has none. The front may
     # give it to any number of legs (MediaAllocate with this port), within the worker's
     # capacity; each leg's packets are told apart by their source address.
@@ -148,6 +164,7 @@ class MediaHeartbeat(_Msg):
     # As in MediaPorts, so a front that restarted learns the pool from here too.
     ports: list[RtpPort] = Field(max_length=MAX_ANNOUNCED_PORTS)
     allocate_seq: int = Field(ge=0)
+    refused: list[SeqRange] = Field(default_factory=list, max_length=MAX_REFUSED_RANGES)
     shared_port: RtpPort | None = None  # as in MediaPorts
     # How late the worker's 20 ms tick ran, worst over the last period.
     tick_late_ms_max: float = 0.0

@@ -11,9 +11,9 @@ executors; `MediaWorkerRegistry` adds each media worker's pool of pre-bound RTP 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass
@@ -134,6 +134,13 @@ class Handout:
     seq: int  # MediaAllocate.seq
 
 
+class Verdicts(NamedTuple):
+    """What an announcement says of the allocations it covers (leg ids)."""
+
+    confirmed: list[str]
+    refused: list[str]
+
+
 class PortPool:
     """One media worker's pre-bound RTP ports, as the front knows them (pure).
 
@@ -183,10 +190,13 @@ class PortPool:
         return port in self.in_use or port in self.retiring
 
     def announce(self, ports: Iterable[int], allocate_seq: int,
-                 shared_port: int | None = None) -> list[str]:
-        """The worker's free list; returns the legs whose allocation it confirms: those
-        handed out up to `allocate_seq` and not refused before it (a refusal comes first,
-        and its leg lets go of the port: `release`). The worker answers a successful
+                 shared_port: int | None = None,
+                 refused: Sequence[tuple[int, int]] = ()) -> Verdicts:
+        """The worker's free list; returns the verdicts on the legs handed out up to
+        `allocate_seq` and still unconfirmed: refused if a range of `refused` holds their
+        `seq` (the worker refused the allocation, or never got it), else confirmed. A
+        refusal's MediaAllocated usually came first, and its leg let go of the port
+        (`release`); `refused` covers one that was lost. The worker answers a successful
         MediaAllocate with nothing else (`pbx.messages`, version 4)."""
         self.shared_port = shared_port
         self.announced = dict.fromkeys(ports)
@@ -195,8 +205,15 @@ class PortPool:
         told = [port for port, hold in self.retiring.items() if hold.seq <= allocate_seq]
         for port in told:
             del self.retiring[port]
-        return (_pop_through(self.unconfirmed, allocate_seq)
-                + _pop_through(self.shared_unconfirmed, allocate_seq))
+        judged = (_pop_through(self.unconfirmed, allocate_seq)
+                  + _pop_through(self.shared_unconfirmed, allocate_seq))
+        if not refused:
+            return Verdicts([hold.call_id for hold in judged], [])
+        verdicts = Verdicts([], [])
+        for hold in judged:
+            failed = any(first <= hold.seq <= last for first, last in refused)
+            (verdicts.refused if failed else verdicts.confirmed).append(hold.call_id)
+        return verdicts
 
     def free_ports(self) -> list[int]:
         return [port for port in self.announced if not self.held(port)]
@@ -272,17 +289,17 @@ class PortPool:
         return late
 
 
-def _pop_through(pending: dict[Any, PortHold], seq: int) -> list[str]:
-    """The legs of the holds in `pending` (in hand-out order, so in `seq` order) up to
-    `seq`, taken out of it."""
-    legs: list[str] = []
+def _pop_through(pending: dict[Any, PortHold], seq: int) -> list[PortHold]:
+    """The holds in `pending` (in hand-out order, so in `seq` order) up to `seq`, taken
+    out of it."""
+    holds: list[PortHold] = []
     while pending:
         key, hold = next(iter(pending.items()))
         if hold.seq > seq:
             break
         del pending[key]
-        legs.append(hold.call_id)
-    return legs
+        holds.append(hold)
+    return holds
 
 
 class MediaWorkerRegistry(WorkerRegistry):
@@ -295,15 +312,17 @@ class MediaWorkerRegistry(WorkerRegistry):
         self._pools: dict[bytes, PortPool] = {}
 
     def announce(self, identity: bytes, ports: Iterable[int], allocate_seq: int,
-                 shared_port: int | None = None) -> list[str] | None:
-        """A worker's free list and shared port (MediaPorts or a heartbeat): the legs
-        whose allocation it confirms (`PortPool.announce`); None for an unknown worker."""
+                 shared_port: int | None = None,
+                 refused: Sequence[tuple[int, int]] = ()) -> Verdicts | None:
+        """A worker's free list and shared port (MediaPorts or a heartbeat): the verdicts
+        on the legs whose allocation it covers (`PortPool.announce`); None for an
+        unknown worker."""
         if identity not in self._workers:
             return None
         pool = self._pools.get(identity)
         if pool is None:
             pool = self._pools[identity] = PortPool()
-        return pool.announce(ports, allocate_seq, shared_port)
+        return pool.announce(ports, allocate_seq, shared_port, refused)
 
     def pool(self, identity: bytes) -> PortPool | None:
         return self._pools.get(identity)

@@ -2,7 +2,9 @@
 
 What `workers.media` does, by hand: it joins (MediaReady, then MediaPorts), takes the
 port a MediaAllocate names out of its pool and "binds" the next one, and announces the
-new pool after every allocation (which confirms it; a refusal is a MediaAllocated first); MediaRelease gets MediaReleased. What
+new pool after every allocation (which confirms it; a refusal is a MediaAllocated first,
+and it and any number that never arrived are in the announcements' `refused`);
+MediaRelease gets MediaReleased. What
 it sends goes to `deliver(identity, message)`: the call core on the virtual clock
 (tests/calls/rig.py) or the real front shell (tests/test_front_shell.py).
 """
@@ -30,6 +32,7 @@ class FakeMediaWorker:
         self.next_port = first_port
         self.pool: list[int] = []
         self.seq = 0  # the last MediaAllocate.seq handled
+        self.refused: list[tuple[int, int]] = []  # kept for ever (the real one: a while)
         self.legs: dict[str, int] = {}
         for _ in range(pool):
             self._bind()
@@ -41,13 +44,14 @@ class FakeMediaWorker:
     # what it sends of its own --------------------------------------------------
 
     def ports(self) -> m.MediaPorts:
-        return m.MediaPorts(ports=list(self.pool), allocate_seq=self.seq)
+        return m.MediaPorts(ports=list(self.pool), allocate_seq=self.seq,
+                            refused=list(self.refused))
 
     def heartbeat(self, calls: int | None = None) -> m.MediaHeartbeat:
         return m.MediaHeartbeat(
             worker_id=self.identity.decode(), calls=len(self.legs) if calls is None else calls,
             capacity=self.capacity, rtp_ip=self.rtp_ip, ports=list(self.pool),
-            allocate_seq=self.seq)
+            allocate_seq=self.seq, refused=list(self.refused))
 
     def join(self) -> None:
         """MediaReady, then its pool: what a starting worker sends."""
@@ -60,8 +64,11 @@ class FakeMediaWorker:
     def answer(self, msg: Any) -> list[Any]:
         """Its replies to one message from the front, in order."""
         if isinstance(msg, m.MediaAllocate):
+            if msg.seq > self.seq + 1:  # some never arrived
+                self.refused.append((self.seq + 1, msg.seq - 1))
             self.seq = msg.seq
             if msg.rtp_port not in self.pool:
+                self.refused.append((msg.seq, msg.seq))
                 return [m.MediaAllocated(call_id=msg.call_id, error="not in the pool"),
                         self.ports()]
             self.pool.remove(msg.rtp_port)

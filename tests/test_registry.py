@@ -196,19 +196,41 @@ def test_announcement_confirms_the_hand_outs_up_to_its_seq() -> None:
     pool.hand_out("c2", now=0.0)
     pool.hand_out("c3", now=0.0)
     shared = PortPool()
-    assert pool.announce([20006], allocate_seq=0) == []  # sent before it saw them
+    assert pool.announce([20006], allocate_seq=0) == ([], [])  # sent before it saw them
     pool.release(20002)  # c2 was refused (its MediaAllocated came first)
-    assert pool.announce([20002, 20006], allocate_seq=2) == ["c1"]
+    assert pool.announce([20002, 20006], allocate_seq=2) == (["c1"], [])
     assert list(pool.unconfirmed) == [20004]
-    assert pool.announce([20002, 20006], allocate_seq=2) == []  # each once
-    assert pool.announce([20002, 20006], allocate_seq=3) == ["c3"]
+    assert pool.announce([20002, 20006], allocate_seq=2) == ([], [])  # each once
+    assert pool.announce([20002, 20006], allocate_seq=3) == (["c3"], [])
     assert not pool.unconfirmed and pool.overdue(handed_before=1.0) == []
     # Legs on a shared port too.
     shared.announce([], allocate_seq=0, shared_port=21000)
     shared.hand_out("s1", now=0.0, shared=True)
     shared.hand_out("s2", now=0.0, shared=True)
-    assert shared.announce([], allocate_seq=1, shared_port=21000) == ["s1"]
+    assert shared.announce([], allocate_seq=1, shared_port=21000) == (["s1"], [])
     assert list(shared.shared_unconfirmed) == ["s2"]
+
+
+def test_announcement_names_the_allocations_it_does_not_confirm() -> None:
+    """An allocation the worker refused (its MediaAllocated lost) or never received is
+    in the announcement's `refused`: the watermark alone must not confirm it."""
+    pool = PortPool()
+    pool.announce([20000, 20002, 20004, 20006, 20008], allocate_seq=0)
+    for call_id in ("c1", "c2", "c3", "c4"):
+        pool.hand_out(call_id, now=0.0)
+    pool.hand_out("s1", now=0.0, shared=True)  # no shared port: a pooled one, seq 5
+    # Seq 1 never reached the worker, 3 was refused; 2 and 4 took their ports.
+    verdicts = pool.announce([20008], allocate_seq=5, refused=[(1, 1), (3, 3)])
+    assert verdicts == (["c2", "c4", "s1"], ["c1", "c3"])
+    assert not pool.unconfirmed
+    # The same ranges again (they are repeated for a while): nothing left to judge.
+    assert pool.announce([20008], allocate_seq=5, refused=[(1, 1), (3, 3)]) == ([], [])
+    shared = PortPool()
+    shared.announce([], allocate_seq=0, shared_port=21000)
+    for call_id in ("s1", "s2", "s3"):
+        shared.hand_out(call_id, now=0.0, shared=True)
+    assert shared.announce([], allocate_seq=3, shared_port=21000,
+                           refused=[(1, 2)]) == (["s3"], ["s1", "s2"])
 
 
 def test_announcement_after_the_hand_out_decides() -> None:
@@ -273,7 +295,8 @@ def test_registry_chooses_the_least_loaded_worker_with_a_free_port() -> None:
     reg.ready(B, capacity=10, load=0, now=0.0, address="127.0.0.1")
     reg.ready(C, capacity=10, load=5, now=0.0, address="127.0.0.1")
     assert reg.hand_out("c0", now=0.1) is None  # no pool announced
-    assert reg.announce(A, [20000], 0) == [] and reg.announce(C, [22000, 22002], 0) == []
+    assert reg.announce(A, [20000], 0) == ([], [])
+    assert reg.announce(C, [22000, 22002], 0) == ([], [])
     assert reg.announce(b"stranger", [1000], 0) is None
     first = reg.hand_out("c1", now=0.1)
     assert first == Handout(A, 20000, 1)  # B is idler, but has no port

@@ -16,10 +16,11 @@ MediaReady, at the end of any tick in which the pool changed or an allocation wa
 handled, and in every heartbeat); MediaAllocate names the port the front handed out
 (and, for an inbound leg, where to send its RTP: `remote`), and the pool is refilled
 soon after, a few binds per loop callback. Only a refused allocation is answered
-(MediaAllocated with its error): the next announcement, whose `allocate_seq` covers
-the allocation, confirms it. One tick loop
-runs every 20 ms from a fixed origin and hands the engine the nominal tick
-time; a late tick skips ahead instead of running the missed ones back to back.
+(MediaAllocated with its error, and named in the announcements' `refused` for a while,
+as are numbers that never arrived): the next announcement, whose `allocate_seq` covers
+the allocation, confirms it. One tick loop runs every 20 ms from a fixed origin and
+hands the engine the nominal tick time; a late tick skips ahead instead of running the
+missed ones back to back.
 The legs' RTP sockets are read when data arrives: the event loop watches the
 epoll set of all of them (`workers.rtpio`), and a wake-up reads only the ready
 sockets — at once if the last read was POLL_SECONDS (RELAY_POLL_SECONDS while legs
@@ -92,7 +93,7 @@ from pbx.messages import (
 )
 from pbx.startup import start_program
 from workers import rtpio
-from workers.portpool import RtpPortPool, bind_rtp_pair
+from workers.portpool import RefusedSeqs, RtpPortPool, bind_rtp_pair
 
 log = logging.getLogger("pbx.media")
 
@@ -196,6 +197,7 @@ class MediaWorker:
         self.ws_queues: dict[str, asyncio.Queue[bytes]] = {}
         self.pool = RtpPortPool(media.rtp_ip, *media.port_range, media.port_pool)
         self.allocate_seq = 0  # MediaAllocate.seq of the last one handled
+        self.refused = RefusedSeqs()  # what `allocate_seq` does not confirm
         self._announce_due = False  # an allocation was handled since the last announcement
         self._refill: asyncio.Handle | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -276,26 +278,35 @@ class MediaWorker:
 
     def allocate(self, msg: MediaAllocate) -> None:
         """Give the leg the pooled pair the front chose, or say why not (the port stays
-        in the pool if it was there)."""
+        in the pool if it was there). The front takes the next announcement as the
+        confirmation of every `seq` up to its `allocate_seq` but those in its `refused`:
+        so every refusal goes there too, and so do numbers skipped (MediaAllocates that
+        never arrived) and one that arrives after a later one (too late to be judged)."""
         media = self.settings.media
-        self.allocate_seq = msg.seq
+        seq = msg.seq
         self._announce_due = True  # the front learns `allocate_seq` even if nothing changed
+        if seq <= self.allocate_seq:
+            self.refuse(msg, f"allocation {seq} came after {self.allocate_seq}")
+            return
+        if seq > self.allocate_seq + 1:
+            log.warning("MediaAllocate %d-%d never arrived: announced as refused",
+                        self.allocate_seq + 1, seq - 1)
+            self.refused.add(self.allocate_seq + 1, seq - 1, time.monotonic())
+        self.allocate_seq = seq
         if msg.call_id in self.engine.legs:  # asked again: the same answer
             leg = self.engine.legs[msg.call_id]
             if leg.local_port != msg.rtp_port:
-                self.send(MediaAllocated(call_id=msg.call_id,
-                                         error=f"the leg already has port {leg.local_port}"))
+                self.refuse(msg, f"the leg already has port {leg.local_port}")
             return
         if len(self.engine) >= media.capacity:
-            self.send(MediaAllocated(call_id=msg.call_id, error="worker at capacity"))
+            self.refuse(msg, "worker at capacity")
             return
         if self.shared_port is not None and msg.rtp_port == self.shared_port:
             self.allocate_shared(msg)
             return
         pair = self.pool.take(msg.rtp_port)
         if pair is None:
-            self.send(MediaAllocated(call_id=msg.call_id,
-                                     error=f"port {msg.rtp_port} is not in the worker's pool"))
+            self.refuse(msg, f"port {msg.rtp_port} is not in the worker's pool")
             return
         self.refill_soon()
         sock, rtcp_sock = pair
@@ -305,7 +316,7 @@ class MediaWorker:
         except EngineError as exc:
             sock.close()
             rtcp_sock.close()
-            self.send(MediaAllocated(call_id=msg.call_id, error=str(exc)))
+            self.refuse(msg, str(exc))
             return
         if sock.family == socket.AF_INET:
             self.rtp.add(msg.call_id, sock, leg.row)
@@ -323,10 +334,16 @@ class MediaWorker:
         try:
             leg = self.engine.add_leg(msg.call_id, msg.rtp_port, msg.inband_dtmf)
         except EngineError as exc:
-            self.send(MediaAllocated(call_id=msg.call_id, error=str(exc)))
+            self.refuse(msg, str(exc))
             return
         self.rtp.add_shared(msg.call_id, leg.row)
         self.allocated(msg)
+
+    def refuse(self, msg: MediaAllocate, error: str) -> None:
+        """Say so now (MediaAllocated) and in the announcements of the next while
+        (`refused`), in case the front never gets the MediaAllocated."""
+        self.refused.add(msg.seq, msg.seq, time.monotonic())
+        self.send(MediaAllocated(call_id=msg.call_id, error=error))
 
     def allocated(self, msg: MediaAllocate) -> None:
         """The leg has its port: said by the next announcement (`announce_ports`, its
@@ -400,6 +417,7 @@ class MediaWorker:
 
     def ports_message(self) -> MediaPorts:
         return MediaPorts(ports=self.pool.ports(), allocate_seq=self.allocate_seq,
+                          refused=self.refused.ranges(time.monotonic()),
                           shared_port=self.shared_port)
 
     def announce_ports(self) -> None:
@@ -701,6 +719,7 @@ class MediaWorker:
                     rtp_ip=media.rtp_ip,
                     ports=ports.ports,
                     allocate_seq=ports.allocate_seq,
+                    refused=ports.refused,
                     shared_port=ports.shared_port,
                     tick_late_ms_max=round(self.tick_late_max * 1000.0, 3),
                     rtp_foreign_dropped=rtp_foreign - last_rtp,

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import random
 import socket
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from pbx.dealer import SEND_WAIT_S
+from pbx.messages import MAX_REFUSED_RANGES
 
 Pair = tuple[socket.socket, socket.socket]
 Binder = Callable[[str, int, int], "Pair | None"]
@@ -130,3 +135,42 @@ class RtpPortPool:
             rtp.close()
             rtcp.close()
         self.pairs.clear()
+
+
+# A refused (or never received) MediaAllocate is named in every announcement for this
+# long: longer than a message waits in the worker's outbox (`pbx.dealer.SEND_WAIT_S`),
+# so a front that never got the refusal itself still learns it before anything else.
+REFUSED_KEEP_S = 2 * SEND_WAIT_S
+
+
+@dataclass(slots=True)
+class _SeqRange:
+    first: int
+    last: int
+    at: float  # when it was last extended
+
+
+class RefusedSeqs:
+    """The MediaAllocate numbers that gave their leg no port, as the worker announces
+    them (`MediaPorts.refused`): inclusive ranges, oldest first, consecutive numbers in
+    one range. At most MAX_REFUSED_RANGES (the oldest goes first), each for
+    REFUSED_KEEP_S after it was last extended (pure: the clock is passed in)."""
+
+    def __init__(self) -> None:
+        self._ranges: deque[_SeqRange] = deque()
+
+    def add(self, first: int, last: int, now: float) -> None:
+        ranges = self._ranges
+        if ranges and ranges[-1].last + 1 == first:
+            ranges[-1].last, ranges[-1].at = last, now
+            return
+        ranges.append(_SeqRange(first, last, now))
+        if len(ranges) > MAX_REFUSED_RANGES:
+            ranges.popleft()
+
+    def ranges(self, now: float) -> list[tuple[int, int]]:
+        """The ranges still announced at `now`."""
+        ranges = self._ranges
+        while ranges and ranges[0].at + REFUSED_KEEP_S <= now:
+            ranges.popleft()
+        return [(r.first, r.last) for r in ranges]

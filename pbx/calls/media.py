@@ -7,7 +7,8 @@ announces it (MediaPorts, and in every heartbeat); `allocate` hands one out here
 that port at once, tells the worker (MediaAllocate) and continues the leg's set-up
 through `on_allocated(leg, ok)` in the same call (inbound: the answer; outbound: the
 INVITE). The worker's next announcement confirms the port (its `allocate_seq` covers
-the MediaAllocate); a refusal (MediaAllocated with an error), a MediaAllocated naming
+the MediaAllocate and its `refused` does not name it); a refusal (MediaAllocated with an
+error, or named by an announcement's `refused`), a MediaAllocated naming
 another address or port, or no confirmation within MEDIA_ALLOCATE_TIMEOUT_S ends the
 call (503, MediaAllocationFailed). `send_remote` tells the worker where to send RTP
 after each offer/answer (the first of an inbound leg rides in its MediaAllocate);
@@ -254,11 +255,25 @@ class MediaPlane:
 
     def _announced(self, identity: bytes, msg: m.MediaPorts | m.MediaHeartbeat) -> None:
         """A worker's free ports; the allocations its `allocate_seq` covers are confirmed
-        (`PortPool.announce`): their deadlines go."""
-        confirmed = self.ctx.media_workers.announce(identity, msg.ports, msg.allocate_seq,
-                                                    msg.shared_port)
-        for media_id in confirmed or ():
-            self.ctx.timers.cancel(TimerKind.ALLOCATION, media_id)
+        (`PortPool.announce`): their deadlines go. Those its `refused` names (a refusal
+        whose MediaAllocated was lost, or a MediaAllocate that never reached the worker)
+        end their calls, as a refusal does."""
+        ctx = self.ctx
+        verdicts = ctx.media_workers.announce(identity, msg.ports, msg.allocate_seq,
+                                              msg.shared_port, msg.refused)
+        if verdicts is None:
+            return
+        for media_id in verdicts.confirmed:
+            ctx.timers.cancel(TimerKind.ALLOCATION, media_id)
+        for media_id in verdicts.refused:
+            leg = ctx.table.legs_by_media.get(media_id)
+            if leg is None:
+                continue
+            ctx.stats["media_allocations_failed"] += 1
+            log.warning("media worker %.64r announced port %d for %s as refused or never "
+                        "received: ending the call", identity, leg.media.rtp_port, media_id)
+            self.forget(leg)  # it holds nothing to release
+            self.on_failed(leg, "MediaAllocationFailed")
 
     def expire_workers(self) -> None:
         """Workers that stopped heartbeating: their legs' calls end (MediaWorkerLost)."""

@@ -104,6 +104,34 @@ def test_refused_allocation_ends_the_call(tmp_path: Path,
     assert "refused port 30000" in caplog.text and "ending the call" in caplog.text
 
 
+def test_allocation_that_never_reached_the_worker_ends_its_call_not_the_next(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """MediaAllocate 1 is lost on its way (a reconnect), 2 is handled: the worker's
+    announcement (allocate_seq 2) names 1 as refused, so it does not confirm it."""
+    rig = CoreRig(tmp_path)
+    rig.auto_allocate = False
+    rig.call()
+    rig.feed(another_call(2), CALLER)
+    assert finals(rig) == [200, 200]
+    first, second = rig.of(m.MediaAllocate)
+    assert (first.seq, second.seq) == (1, 2)
+    rig.caller_request("ACK", 1)  # (our BYE waits for it: RFC 3261 §15)
+    rig.allocate(second)  # the worker got only this one
+    rig.pump()
+    assert rig.worker.ports().refused == [(1, 1)]
+    bye = rig.requests("BYE", CALLER)
+    assert len({b.call_id for b in bye}) == 1 and bye[0].call_id == "caller-call@127.0.0.1"
+    assert "cause=503" in (bye[0].headers.get("Reason") or "")
+    assert rig.core.ctx.stats["media_allocations_failed"] == 1
+    assert list(rig.core.ctx.table.legs_by_media) == [second.call_id]
+    assert not [msg for msg in rig.of(m.MediaRelease) if msg.call_id == first.call_id]
+    assert "as refused or never received" in caplog.text
+    # Its deadline went with it, and the second call's was met: nothing more ends.
+    rig.advance(MEDIA_ALLOCATE_TIMEOUT_S + 1)
+    assert rig.core.ctx.stats["media_allocations_failed"] == 1
+    assert len({b.call_id for b in rig.requests("BYE", CALLER)}) == 1
+
+
 def test_dead_worker_ends_its_calls_and_its_pool_is_forgotten(tmp_path: Path) -> None:
     rig = CoreRig(tmp_path)
     rig.call()

@@ -14,14 +14,23 @@ import pytest
 
 from pbx.config import parse_config
 from pbx.messages import (
+    MAX_REFUSED_RANGES,
     MediaAllocate,
+    MediaAllocated,
     MediaPorts,
     MediaRelease,
     MediaReleased,
     MediaRemote,
 )
 from workers.media import MediaWorker
-from workers.portpool import Pair, RtpPortPool, bind_rtp_pair, pairs_in_range
+from workers.portpool import (
+    REFUSED_KEEP_S,
+    Pair,
+    RefusedSeqs,
+    RtpPortPool,
+    bind_rtp_pair,
+    pairs_in_range,
+)
 
 # Above the kernel's ephemeral range (32768-60999), and not the other worker tests'.
 LOW = 64000 + 2 * (os.getpid() % 300)
@@ -196,7 +205,8 @@ def test_allocation_errors_keep_the_pool_and_still_announce_the_seq(
     assert sent[-1].error == f"port {stranger} is not in the worker's pool"
     assert "c1" not in w.engine.legs and w.pool.ports() == ports
     w.announce_ports()
-    assert sent[-1] == MediaPorts(ports=ports, allocate_seq=1)  # no change but the seq
+    # No change but the seq, which it names as refused (in case the refusal is lost).
+    assert sent[-1] == MediaPorts(ports=ports, allocate_seq=1, refused=[(1, 1)])
     # The same leg asked again: the same answer (none); another port for it: an error.
     answered = len(sent)
     w.allocate(MediaAllocate(call_id="c1", rtp_port=ports[0], seq=2))
@@ -214,3 +224,40 @@ def test_allocation_errors_keep_the_pool_and_still_announce_the_seq(
     last = w.pool.ports()[0]
     w.allocate(MediaAllocate(call_id="c5", rtp_port=last, seq=8))
     assert sent[-1].error == "worker at capacity" and w.pool.ports() == [last]
+
+
+def test_allocations_that_never_arrived_or_came_late_are_announced_as_refused(
+        worker: tuple[MediaWorker, list[Any]]) -> None:
+    """The front takes `allocate_seq` as the confirmation of every number up to it but
+    those in `refused`: a gap (MediaAllocate 1-2 lost on the way) goes there, and so
+    does a number that arrives after a later one."""
+    w, sent = worker
+    ports = w.pool.ports()
+    w.allocate(MediaAllocate(call_id="c3", rtp_port=ports[0], seq=3))
+    assert sent == [] and w.engine.legs["c3"].local_port == ports[0]
+    w.announce_ports()
+    assert sent[-1].allocate_seq == 3 and sent[-1].refused == [(1, 2)]
+    w.allocate(MediaAllocate(call_id="c2", rtp_port=ports[1], seq=2))
+    assert sent[-1] == MediaAllocated(call_id="c2", error="allocation 2 came after 3")
+    assert "c2" not in w.engine.legs and ports[1] in w.pool.ports()
+    w.allocate(MediaAllocate(call_id="c5", rtp_port=ports[1], seq=4))
+    w.announce_ports()
+    assert sent[-1].allocate_seq == 4 and sent[-1].refused == [(1, 2), (2, 2)]
+    assert w.engine.legs["c5"].local_port == ports[1]
+
+
+def test_refused_seqs_merge_expire_and_stay_bounded() -> None:
+    refused = RefusedSeqs()
+    assert refused.ranges(now=0.0) == []
+    refused.add(1, 1, now=0.0)
+    refused.add(2, 4, now=1.0)  # consecutive: one range, kept from its last extension
+    refused.add(7, 7, now=2.0)
+    assert refused.ranges(now=2.0) == [(1, 4), (7, 7)]
+    assert refused.ranges(now=1.0 + REFUSED_KEEP_S) == [(7, 7)]
+    assert refused.ranges(now=2.0 + REFUSED_KEEP_S) == []
+    for seq in range(10, 10 + 2 * (MAX_REFUSED_RANGES + 5), 2):  # none consecutive
+        refused.add(seq, seq, now=100.0)
+    kept = refused.ranges(now=100.0)
+    assert len(kept) == MAX_REFUSED_RANGES and kept[-1] == (seq, seq)  # the newest kept
+    # The announcement's field takes them all.
+    assert MediaPorts(ports=[], allocate_seq=seq, refused=kept).refused == kept
