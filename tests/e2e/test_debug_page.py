@@ -230,8 +230,10 @@ def test_debug_page_shows_live_calls_timelines_and_errors(
         browser.type("#token", TOKEN + "\ue007")
         browser.wait_for("return document.getElementById('status').textContent === 'live'",
                          15, "the page live with the typed token")
-        assert browser.run("return document.getElementById('sessions')"
-                           f".querySelector('[data-session-id=\"{failed_id}\"]') !== null")
+        # The session list is fetched once live (its own request): wait for it.
+        browser.wait_for("return document.getElementById('sessions')"
+                         f".querySelector('[data-session-id=\"{failed_id}\"]') !== null",
+                         15, "the sessions listed again with the typed token")
         urls = browser.run(
             "return performance.getEntriesByType('resource').map((e) => e.name)")
         assert not [u for u in urls if TOKEN in u], urls
