@@ -304,6 +304,25 @@ def start_sipp(name: str, args: list[str], workdir: Path, netns: str | None = No
     return Sipp(proc, workdir, name)
 
 
+def call_with_rtp(system: PbxSystem, name: str, scenario: str, target: str, workdir: Path,
+                  extra: tuple[str, ...] = (), timeout_s: float = 20) -> RtpEndpoint:
+    """One call of the sipp UAC `scenario` to `target`, its RTP at a test socket
+    (`-key rtp_port`), run to its end (sipp must exit 0): the socket, closed, with what
+    it received."""
+    rtp = RtpEndpoint()
+    caller = start_sipp(name, [
+        "-sf", str(SCENARIOS / scenario), "-s", target, system.sip_addr,
+        "-i", "127.0.0.1", "-p", str(free_port()), "-key", "rtp_port", str(rtp.port),
+        *extra, "-m", "1", "-l", "1",
+    ], workdir)
+    try:
+        assert caller.wait(timeout_s) == 0, caller.logs()
+    finally:
+        caller.stop()
+        rtp.close()
+    return rtp
+
+
 # ---------------------------------------------------------------- the system
 
 

@@ -19,6 +19,7 @@ from tests.e2e.harness import (
     PbxSystem,
     Reply,
     RtpEndpoint,
+    call_with_rtp,
     free_port,
     media_address_from_sipp,
     sipp_messages,
@@ -43,17 +44,7 @@ def answer(action: dict[str, Any]) -> Any:
 
 def test_early_media_then_cancel(system: PbxSystem, workdir: Path) -> None:
     system.provider.script = answer({"type": "prompt", "file": "sounds/menu.wav"})
-    rtp = RtpEndpoint()
-    caller = start_sipp("early-cancel", [
-        "-sf", str(SCENARIOS / "uac_early_cancel.xml"), "-s", "*96", system.sip_addr,
-        "-i", "127.0.0.1", "-p", str(free_port()), "-key", "rtp_port", str(rtp.port),
-        "-m", "1", "-l", "1",
-    ], workdir)
-    try:
-        assert caller.wait(20) == 0, caller.logs()
-    finally:
-        caller.stop()
-        rtp.close()
+    rtp = call_with_rtp(system, "early-cancel", "uac_early_cancel.xml", "*96", workdir)
     # The prompt played during the 1.5 s of early media, before any final response.
     assert len(rtp.audio(0)) >= 40, len(rtp.audio(0))
     starts = system.provider.seen("/early/start")
@@ -69,17 +60,7 @@ def test_early_media_play_and_hangup_code_is_the_final_response(
         system: PbxSystem, workdir: Path) -> None:
     system.provider.script = answer(
         {"type": "play_and_hangup", "prompt": "sounds/beep.wav", "code": 486})
-    rtp = RtpEndpoint()
-    caller = start_sipp("early-486", [
-        "-sf", str(SCENARIOS / "uac_early_final.xml"), "-s", "*96", system.sip_addr,
-        "-i", "127.0.0.1", "-p", str(free_port()), "-key", "rtp_port", str(rtp.port),
-        "-m", "1", "-l", "1",
-    ], workdir)
-    try:
-        assert caller.wait(20) == 0, caller.logs()
-    finally:
-        caller.stop()
-        rtp.close()
+    rtp = call_with_rtp(system, "early-486", "uac_early_final.xml", "*96", workdir)
     # The caller offered PCMA first: the beep came as PCMA before the 486.
     beep = rtp.audio(8)
     assert 8 <= len(beep) <= 30, len(beep)

@@ -14,6 +14,7 @@ from tests.e2e.harness import (
     PbxSystem,
     Reply,
     RtpEndpoint,
+    call_with_rtp,
     free_port,
     sipp_messages,
     start_sipp,
@@ -32,17 +33,7 @@ def prompt_forever(path: str, body: Any) -> Reply:
 
 def test_hold_resume_update_and_session_timer(system: PbxSystem, workdir: Path) -> None:
     system.provider.script = prompt_forever
-    rtp = RtpEndpoint()
-    caller = start_sipp("reinvite", [
-        "-sf", str(SCENARIOS / "uac_reinvite_hold.xml"), "-s", "*99", system.sip_addr,
-        "-i", "127.0.0.1", "-p", str(free_port()), "-key", "rtp_port", str(rtp.port),
-        "-m", "1", "-l", "1",
-    ], workdir)
-    try:
-        assert caller.wait(20) == 0, caller.logs()
-    finally:
-        caller.stop()
-        rtp.close()
+    call_with_rtp(system, "reinvite", "uac_reinvite_hold.xml", "*99", workdir)
     wait_idle(system)
 
 
