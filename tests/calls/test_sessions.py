@@ -285,7 +285,7 @@ def test_session_ending_without_handing_the_call_over_hangs_up(tmp_path: Path) -
     assert session.in_flight is not None
     # An executor says the session is over, with no hang-up and no transfer.
     rig.reply(b"e", m.IvrReply(session_id=session.session_id, seq=session.in_flight.seq,
-                               state={}, done=True))
+                               state="{}", step_index=0, done=True))
     rig.advance(5)
     assert s.byes(), "the call was left up with no IVR and nobody else"
     assert any("nobody" in e for e in rig.trace_errors()), rig.trace_errors()

@@ -160,19 +160,19 @@ def _first_step_after_slow_start(start_s: float) -> tuple[list[str], float]:
 def test_a_state_that_cannot_be_dumped_is_answered_from_the_step_before(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A Step's state dict is made only for the reply (machine.Step): when that fails
+    # A Step's state is written only for the reply (machine.Step): when that fails
     # (here: the welcome prompt's), the error path answers from the Step before it
     # (waiting for the provider) with the error prompt and a hang-up, the failed Step's
-    # commands left out, as when every Step dumped at once; not an exception that
-    # sends no reply at all.
-    real_dump = session_module.dump
+    # commands left out, as when every Step wrote its state at once; not an exception
+    # that sends no reply at all.
+    real_session_state = session_module.session_state
 
-    def dump(envelope: Any, data: Any) -> dict[str, Any]:
+    def session_state(envelope: Any, data: Any) -> Any:
         if data.phase is Phase.PROMPT:
             raise ValueError("cannot dump the prompt phase")
-        return real_dump(envelope, data)
+        return real_session_state(envelope, data)
 
-    monkeypatch.setattr(session_module, "dump", dump)
+    monkeypatch.setattr(session_module, "session_state", session_state)
 
     async def main() -> IvrReply:
         provider = Provider()
@@ -188,7 +188,7 @@ def test_a_state_that_cannot_be_dumped_is_answered_from_the_step_before(
             await provider.stop()
 
     reply = run(main())
-    assert reply.state["phase"] == "closing"
+    assert orjson.loads(reply.state)["phase"] == "closing"
     assert [c.file for c in reply.commands if isinstance(c, PlayCommand)] == [
         "sounds/error.wav"]
     assert [t.step_index for t in reply.traces] == [1]
