@@ -206,6 +206,57 @@ def test_unknown_command_in_reply() -> None:
         m.decode(orjson.dumps(data))
 
 
+# A state as an executor might write it: not in orjson's canonical form (spaces, escapes,
+# non-ASCII), so only a copy of the very text equals it.
+ODD_STATE = r'{"v": 1, "phase":"prompt",  "variables":{"name":"Zo\u00e9 \"Z\"","x":"☃"}}'
+
+
+def _reply_frame(state: object, **fields: object) -> bytes:
+    data = orjson.loads(m.encode(m.IvrReply(session_id="s", seq=1, state="{}", step_index=0)))
+    data.update(state=state, **fields)
+    return orjson.dumps(data)
+
+
+def test_ivr_state_travels_as_text_unchanged() -> None:
+    # Protocol 5: the state is a string the front keeps and sends back as it is.
+    reply = m.decode(m.encode(m.IvrReply(session_id="s", seq=1, state=ODD_STATE,
+                                         step_index=3, end_reason="Transfer(2001)")))
+    assert (reply.state, reply.step_index, reply.end_reason) == (
+        ODD_STATE, 3, "Transfer(2001)")
+    event = m.decode(m.encode(m.IvrEvent(session_id="s", seq=2, state=reply.state,
+                                         input=m.CallEndedInput())))
+    assert event.state == ODD_STATE
+
+
+def test_ivr_reply_says_its_step_index() -> None:
+    assert m.decode(_reply_frame("{}", step_index=7)).step_index == 7
+    for bad in ({"step_index": -1}, {"step_index": "x"}):
+        with pytest.raises(m.MessageError, match="ivr_reply"):
+            m.decode(_reply_frame("{}", **bad))
+    data = orjson.loads(_reply_frame("{}"))
+    del data["step_index"]
+    with pytest.raises(m.MessageError, match="ivr_reply"):
+        m.decode(orjson.dumps(data))
+
+
+@pytest.mark.parametrize("state", [{"step_index": 1}, ["{}"], 1, None])
+def test_ivr_reply_state_that_is_not_text_refused(state: object) -> None:
+    # A version-4 peer's state object (or anything else) is refused at decode.
+    with pytest.raises(m.MessageError, match="ivr_reply"):
+        m.decode(_reply_frame(state))
+
+
+def test_ivr_state_over_the_bound_refused_at_decode() -> None:
+    longest = "x" * m.MAX_IVR_STATE_CHARS
+    assert m.decode(_reply_frame(longest)).state == longest
+    with pytest.raises(m.MessageError, match="ivr_reply"):
+        m.decode(_reply_frame(longest + "x"))
+    event = orjson.loads(m.encode(m.IvrEvent(session_id="s", seq=2, state="{}",
+                                             input=m.CallEndedInput())))
+    with pytest.raises(m.MessageError, match="ivr_event"):
+        m.decode(orjson.dumps({**event, "state": longest + "x"}))
+
+
 def test_messages_are_frozen() -> None:
     msg = m.MediaStop(call_id="c1")
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError
