@@ -21,7 +21,10 @@ IVR plane (front ROUTER  <->  executor DEALER):
     front -> executor : IvrEvent
 
 An IVR executor keeps no session state: `IvrEvent.state` carries the state the
-last reply returned (None on session start) and `IvrReply.state` the new one.
+last reply returned (None on session start) and `IvrReply.state` the new one. The
+state is JSON text (`pbx.ivr.state`) that only executors read: the front keeps the
+string it got and sends it back as it is, and reads what it needs of the session from
+the reply's own fields (`step_index`, `end_reason`).
 
 Trust (DESIGN §6, `pbx.planes`): the front accepts an `IvrReply` only from the
 executor its event was sent to, and a media worker declares its RTP address in
@@ -62,6 +65,11 @@ confirms an allocation: a version-3 worker would refuse `remote` and a version-3
 would wait for a MediaAllocated that no longer comes. Still 4: the optional `refused`
 of MediaPorts and MediaHeartbeat (the allocations an announcement's `allocate_seq` does
 not confirm).
+5 (issue 9), the session state travels as JSON text, not as an object (`state` is a
+string of at most MAX_IVR_STATE_CHARS characters), and IvrReply says the state's
+`step_index` and `end_reason` itself: the front neither parses nor copies the state
+(it was ~20 us of the front's work per reply, decoding and re-encoding the ~2 KB
+object). A version-4 peer sends an object where a string is wanted.
 """
 
 from __future__ import annotations
@@ -94,7 +102,7 @@ from pbx.ivr_commands import TimerCommand as TimerCommand
 from pbx.ivr_commands import TransferCommand as TransferCommand
 from pbx.ivr_commands import WsBridgeCommand as WsBridgeCommand
 
-PROTOCOL_VERSION: Literal[4] = 4
+PROTOCOL_VERSION: Literal[5] = 5
 
 
 class MessageError(Exception):
@@ -103,7 +111,7 @@ class MessageError(Exception):
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[4] = PROTOCOL_VERSION
+    v: Literal[5] = PROTOCOL_VERSION
 
 
 # ---------------------------------------------------------------- media plane
@@ -527,11 +535,23 @@ class IvrHeartbeat(_Msg):
     working: dict[str, int] = Field(default_factory=dict)
 
 
+# The longest session state (JSON text, `pbx.ivr.state`) an IvrEvent or IvrReply may
+# carry: the front keeps one per session. A state is ~2 KB (the call, the current
+# action, ~35 keys); only a provider action of hundreds of KB (or as many variables)
+# comes near this bound. A reply over it is refused at decode like any bad frame (the
+# executor never sends one: `workers.ivr` ends the session instead).
+MAX_IVR_STATE_CHARS = 256 * 1024
+IvrStateText = Annotated[str, Field(max_length=MAX_IVR_STATE_CHARS)]
+
+
 class IvrEvent(_Msg):
+    """A call event for the session; `state` is the text of its last reply's state
+    (None on SessionStartInput), unchanged."""
+
     kind: Literal["ivr_event"] = "ivr_event"
     session_id: str
     seq: int
-    state: dict[str, Any] | None = None
+    state: IvrStateText | None = None
     input: IvrInput
 
 
@@ -543,12 +563,19 @@ class IvrReply(_Msg):
     terms: what is left of the timer it armed (a digit or menu timeout) or of the
     recording it runs. None when the wait has no bound of its own (a prompt playing,
     whose length the executor does not know): the front then applies
-    `[sessions] max_wait_ms`. Not used with `done`."""
+    `[sessions] max_wait_ms`. Not used with `done`.
+
+    `state`: the session's new state as JSON text, opaque to the front; `step_index`
+    (of the session's last step trace) and `end_reason` (None while it runs) are the two
+    things the front needs of it, said by the executor from the state it wrote (0 and
+    None when it could not read the state it was sent)."""
 
     kind: Literal["ivr_reply"] = "ivr_reply"
     session_id: str
     seq: int
-    state: dict[str, Any]
+    state: IvrStateText
+    step_index: int = Field(ge=0)
+    end_reason: str | None = None
     commands: list[CallCommand] = Field(default_factory=list)
     traces: list[StepTrace] = Field(default_factory=list)
     done: bool = False

@@ -20,6 +20,14 @@ iterations (`call_soon`, as ZeroMQ messages would), the loop's real clock, the s
 one timer and its JSON-lines flush timer; no sockets (SIP out is kept, events go
 nowhere). The difference from the default mode is the shell's own cost per call.
 
+The fake executor answers as a real one does, as the front really gets it (issue 9):
+each event is encoded (`pbx.messages.encode`, the front's work before ZeroMQ) and each
+reply is a frame decoded with `pbx.messages.decode`, and the replies carry the state a
+real executor writes for the reference flow (`perf/bench_executor.py`
+`reference_replies`: ~2 KB, the call, the node, ~35 keys), not a token one: what the
+front pays per IVR step for the session state is counted. Figures from before this
+(a 1-key state, no plane codec) are a few µs per call lower than today's would be.
+
 `--linger N` measures what ended calls keep alive: N calls end within one linger
 (RFC 3261 Timer J's 32 s, `pbx.calls.legs.LINGER_S`), then it prints the GC-tracked
 objects each still holds (`gc.get_objects()` against the count before them, the
@@ -74,6 +82,38 @@ app = "ivr"
 app_params = {{ mode = "step", url = "http://127.0.0.1:1/ivr" }}
 """
 PLAY: list[m.CallCommand] = [m.PlayCommand(play_id=1, file="sounds/menu.wav")]
+
+
+class ExecutorStandIn:
+    """The executor's side of the IVR plane: each event encoded as the front sends it,
+    answered with a reply frame (a real executor's reference-flow state, this session's
+    id and the event's seq spliced in) decoded as the front receives it."""
+
+    SID = "@SESSION@"
+    SEQ = 987654321
+
+    def __init__(self) -> None:
+        from bench_executor import reference_replies
+
+        first, end = reference_replies()
+        self.start = self._template(first.model_copy(update={
+            "commands": PLAY, "traces": [], "done": False, "wait_ms": None}))
+        self.end = self._template(end.model_copy(update={
+            "commands": [], "traces": [], "done": True, "wait_ms": None}))
+
+    def _template(self, reply: m.IvrReply) -> tuple[bytes, bytes, bytes]:
+        frame = m.encode(reply.model_copy(update={"session_id": self.SID, "seq": self.SEQ}))
+        head, rest = frame.split(self.SID.encode())
+        middle, tail = rest.split(str(self.SEQ).encode())
+        return head, middle, tail
+
+    def answer(self, event: m.IvrEvent) -> m.IvrReply:
+        m.encode(event)  # the front's work: the frame it would send
+        head, middle, tail = self.start if isinstance(event.input, m.SessionStartInput) \
+            else self.end
+        reply: m.IvrReply = m.decode(b"".join(
+            (head, event.session_id.encode(), middle, str(event.seq).encode(), tail)))
+        return reply
 POOL = list(range(20_000, 24_000, 2))
 # Allocations per worker announcement (MediaPorts, which confirms them): the worker
 # announces once per 20 ms tick, so 10 is ~500 calls/s on one worker.
@@ -92,7 +132,8 @@ def request(method: str, n: int, cseq: int, to: str, body: bytes = b"") -> bytes
 
 
 class Driver:
-    def __init__(self, logs: Path) -> None:
+    def __init__(self, logs: Path, executor: ExecutorStandIn) -> None:
+        self.executor = executor
         settings = parse_config(CONFIG.format(logs=logs))
         self.now = 1000.0
         # Buffered as the front's ([logging] jsonl_flush_s), flushed every 200 calls.
@@ -127,11 +168,7 @@ class Driver:
                             call_id=msg.call_id, packets_sent=1, packets_received=1),
                             self.now)
                 elif isinstance(command, ToIvr):
-                    event = command.event
-                    start = isinstance(event.input, m.SessionStartInput)
-                    core.ivr_message(b"e", m.IvrReply(
-                        session_id=event.session_id, seq=event.seq, state={"s": 1},
-                        commands=PLAY if start else [], done=not start), self.now)
+                    core.ivr_message(b"e", self.executor.answer(command.event), self.now)
                 elif hasattr(command, "data"):
                     self.sent.append(command.data)
             core.get_timer()  # what the front's shell asks after each pass (Front._run)
@@ -173,9 +210,10 @@ class Driver:
 class ShellDriver:
     """The calls through `pbx.front.Front` on the running loop (`--shell`)."""
 
-    def __init__(self, logs: Path) -> None:
+    def __init__(self, logs: Path, executor: ExecutorStandIn) -> None:
         from pbx.front import Front
 
+        self.executor = executor
         self.loop = asyncio.get_running_loop()
         self.front = Front(parse_config(CONFIG.format(logs=logs)), self.send_sip,
                            self.send_media, self.send_ivr, lambda event: None)
@@ -203,10 +241,7 @@ class ShellDriver:
         return True
 
     def send_ivr(self, executor: bytes, event: Any) -> bool:
-        start = isinstance(event.input, m.SessionStartInput)
-        self.loop.call_soon(self.front.on_ivr_message, executor, m.IvrReply(
-            session_id=event.session_id, seq=event.seq, state={"s": 1},
-            commands=list(PLAY) if start else [], done=not start))
+        self.loop.call_soon(self.front.on_ivr_message, executor, self.executor.answer(event))
         return True
 
     async def until_sent(self, prefix: bytes, data: bytes) -> bytes:
@@ -230,9 +265,9 @@ class ShellDriver:
         await self.until_sent(b"SIP/2.0 200", request("BYE", n, 2, to_value))
 
 
-async def run_shell(logs: Path, calls: int, profiler: cProfile.Profile | None
-                    ) -> tuple[float, int]:
-    driver = ShellDriver(logs)
+async def run_shell(logs: Path, calls: int, profiler: cProfile.Profile | None,
+                    executor: ExecutorStandIn) -> tuple[float, int]:
+    driver = ShellDriver(logs, executor)
     for n in range(200):  # warm-up
         await driver.one_call(-n - 1)
     started = time.process_time()
@@ -264,10 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.shell:
         profiler = cProfile.Profile() if args.profile else None
         with tempfile.TemporaryDirectory() as tmp:
-            cpu, left = uvloop.run(run_shell(Path(tmp), args.calls, profiler))
+            # Made outside the loop: it runs a real executor's session on its own loop.
+            executor = ExecutorStandIn()
+            cpu, left = uvloop.run(run_shell(Path(tmp), args.calls, profiler, executor))
         return report(args, cpu, left, profiler)
     with tempfile.TemporaryDirectory() as tmp:
-        driver = Driver(Path(tmp))
+        driver = Driver(Path(tmp), ExecutorStandIn())
         for n in range(200):  # warm-up
             driver.one_call(-n - 1)
         profiler = cProfile.Profile() if args.profile else None
@@ -292,7 +329,7 @@ def linger(args: argparse.Namespace) -> int:
     collection's time with N of them in the heap."""
     n_calls = args.linger
     with tempfile.TemporaryDirectory() as tmp:
-        driver = Driver(Path(tmp))
+        driver = Driver(Path(tmp), ExecutorStandIn())
         for n in range(400):  # warm-up, then everything it left expires
             driver.one_call(-n - 1, expire=False)
         driver.expire()

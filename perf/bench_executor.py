@@ -317,6 +317,32 @@ class _DirectProvider:
                               attempts=1)
 
 
+def reference_replies() -> tuple[IvrReply, IvrReply]:
+    """A real executor's two replies of one reference-flow session (`workers.ivr`, this
+    checkout's code, in process): to the session start (the welcome prompt) and to the
+    caller's hang-up. `perf/bench_core.py` answers with their state."""
+    import asyncio
+
+    from workers.ivr import process_event
+
+    direct: Any = _DirectProvider()
+    sid = "abcdef0123456789"
+    call = CallInfo(call_id=sid, session_id=sid, caller="1001", callee="*99",
+                    route_name="bench", params=IvrAppParams(url="http://127.0.0.1:9/ivr/step"),
+                    sip_headers={"User-Agent": "bench_executor"})
+
+    async def session() -> tuple[IvrReply, IvrReply]:
+        first = await process_event(
+            IvrEvent(session_id=sid, seq=1, input=SessionStartInput(call=call)), direct,
+            time.time)
+        end = await process_event(
+            IvrEvent(session_id=sid, seq=2, state=first.state,
+                     input=CallEndedInput(reason="Hangup")), direct, time.time)
+        return first, end
+
+    return asyncio.run(session())
+
+
 def in_process(n: int, rounds: int) -> list[float]:
     """`--in-process`: us of this thread's CPU per session (module text), per round."""
     import asyncio

@@ -76,16 +76,18 @@ SAMPLES: list[m._Msg] = [
     m.IvrEvent(
         session_id="s1",
         seq=1,
-        state={"step": 1, "vars": {"a": "b"}},
+        state='{"step":1,"vars":{"a":"b"}}',
         input=m.MediaInput(event=m.DtmfDigit(digit="1")),
     ),
-    m.IvrEvent(session_id="s1", seq=2, state={}, input=m.CallEndedInput(reason="Bye")),
-    m.IvrEvent(session_id="s1", seq=3, state={}, input=m.WaitExpiredInput(waited_ms=35000)),
-    m.IvrReply(session_id="s1", seq=3, state={"step": 3}, wait_ms=30000),
+    m.IvrEvent(session_id="s1", seq=2, state="{}", input=m.CallEndedInput(reason="Bye")),
+    m.IvrEvent(session_id="s1", seq=3, state="{}", input=m.WaitExpiredInput(waited_ms=35000)),
+    m.IvrReply(session_id="s1", seq=3, state='{"step":3}', step_index=3, wait_ms=30000),
     m.IvrReply(
         session_id="s1",
         seq=1,
-        state={"step": 2},
+        state='{"step":2}',
+        step_index=2,
+        end_reason="Transfer(2001)",
         commands=[
             m.PlayCommand(play_id=1, file="sounds/a.wav", interruptible=True),
             m.StopCommand(),
@@ -136,8 +138,9 @@ def _frame(**changes: object) -> bytes:
 
 # 1: the version before issue 8 (`rtp_ip`, `IvrReply.wait_ms`, `WaitExpiredInput`);
 # 2: before issue 9 (port pools: MediaPorts, MediaAllocate.rtp_port); 3: before
-# MediaAllocate.remote and confirmations by announcement.
-@pytest.mark.parametrize("version", [0, 1, 2, 3, 5, "4", None])
+# MediaAllocate.remote and confirmations by announcement; 4: before the session state
+# travelled as text.
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 6, "5", None])
 def test_wrong_version(version: object) -> None:
     with pytest.raises(m.MessageError, match="protocol version"):
         m.decode(_frame(v=version))
@@ -197,10 +200,61 @@ def test_wrong_field_type() -> None:
 
 
 def test_unknown_command_in_reply() -> None:
-    data = orjson.loads(m.encode(m.IvrReply(session_id="s", seq=0, state={})))
+    data = orjson.loads(m.encode(m.IvrReply(session_id="s", seq=0, state="{}", step_index=0)))
     data["commands"] = [{"type": "dance"}]
     with pytest.raises(m.MessageError):
         m.decode(orjson.dumps(data))
+
+
+# A state as an executor might write it: not in orjson's canonical form (spaces, escapes,
+# non-ASCII), so only a copy of the very text equals it.
+ODD_STATE = r'{"v": 1, "phase":"prompt",  "variables":{"name":"Zo\u00e9 \"Z\"","x":"☃"}}'
+
+
+def _reply_frame(state: object, **fields: object) -> bytes:
+    data = orjson.loads(m.encode(m.IvrReply(session_id="s", seq=1, state="{}", step_index=0)))
+    data.update(state=state, **fields)
+    return orjson.dumps(data)
+
+
+def test_ivr_state_travels_as_text_unchanged() -> None:
+    # Protocol 5: the state is a string the front keeps and sends back as it is.
+    reply = m.decode(m.encode(m.IvrReply(session_id="s", seq=1, state=ODD_STATE,
+                                         step_index=3, end_reason="Transfer(2001)")))
+    assert (reply.state, reply.step_index, reply.end_reason) == (
+        ODD_STATE, 3, "Transfer(2001)")
+    event = m.decode(m.encode(m.IvrEvent(session_id="s", seq=2, state=reply.state,
+                                         input=m.CallEndedInput())))
+    assert event.state == ODD_STATE
+
+
+def test_ivr_reply_says_its_step_index() -> None:
+    assert m.decode(_reply_frame("{}", step_index=7)).step_index == 7
+    for bad in ({"step_index": -1}, {"step_index": "x"}):
+        with pytest.raises(m.MessageError, match="ivr_reply"):
+            m.decode(_reply_frame("{}", **bad))
+    data = orjson.loads(_reply_frame("{}"))
+    del data["step_index"]
+    with pytest.raises(m.MessageError, match="ivr_reply"):
+        m.decode(orjson.dumps(data))
+
+
+@pytest.mark.parametrize("state", [{"step_index": 1}, ["{}"], 1, None])
+def test_ivr_reply_state_that_is_not_text_refused(state: object) -> None:
+    # A version-4 peer's state object (or anything else) is refused at decode.
+    with pytest.raises(m.MessageError, match="ivr_reply"):
+        m.decode(_reply_frame(state))
+
+
+def test_ivr_state_over_the_bound_refused_at_decode() -> None:
+    longest = "x" * m.MAX_IVR_STATE_CHARS
+    assert m.decode(_reply_frame(longest)).state == longest
+    with pytest.raises(m.MessageError, match="ivr_reply"):
+        m.decode(_reply_frame(longest + "x"))
+    event = orjson.loads(m.encode(m.IvrEvent(session_id="s", seq=2, state="{}",
+                                             input=m.CallEndedInput())))
+    with pytest.raises(m.MessageError, match="ivr_event"):
+        m.decode(orjson.dumps({**event, "state": longest + "x"}))
 
 
 def test_messages_are_frozen() -> None:

@@ -38,7 +38,6 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import uvloop
 import zmq
@@ -50,6 +49,7 @@ from pbx.ivr import machine
 from pbx.ivr.provider import ProviderClient
 from pbx.ivr.requests import AsrResult, TtsResult
 from pbx.messages import (
+    MAX_IVR_STATE_CHARS,
     CallCommand,
     HangupCommand,
     IvrEvent,
@@ -78,35 +78,41 @@ Ivrs = Mapping[str, IvrAppParams]
 class _Progress:
     """What one event's handling produced so far (kept for the error path)."""
 
-    initial_state: dict[str, Any] | None
+    initial_state: str | None  # the event's state text
     commands: list[CallCommand] = field(default_factory=list)
     traces: list[StepTrace] = field(default_factory=list)
     done: bool = False
     # The session's /start while it is on its way: the first step waits for it.
     start: asyncio.Task[None] | None = None
-    # The event's Steps so far: a Step's state dict is dumped only when asked for (the
+    # The event's Steps so far: a Step's state is written only when asked for (the
     # reply, the error path), never between one event's provider answers
     # (`machine.Step`).
     steps: list[machine.Step] = field(default_factory=list)
 
-    @property
-    def state(self) -> dict[str, Any] | None:
-        """For the error path: the state of the last Step (`add` made the final one's;
-        an intermediate one's is made from memory here, and should that fail, the one
-        before it), else the event's own."""
+    def last_written(self) -> machine.Step | None:
+        """For the error path: the last Step whose state can be written (`add` wrote
+        the final one's; an intermediate one's is written here, and should that fail,
+        the one before it's), None when none can."""
         for step in reversed(self.steps):
             try:
-                return step.state
+                _ = step.state_text
             except Exception:
                 continue
-        return self.initial_state
+            return step
+        return None
+
+    @property
+    def state(self) -> str | None:
+        """For the error path: the state text of the last Step, else the event's own."""
+        step = self.last_written()
+        return step.state_text if step is not None else self.initial_state
 
     def add(self, step: machine.Step, client: ProviderClient) -> None:
         if step.pending_request is None:
-            # The Step the reply carries: its state dict made before the Step counts, so
-            # a state that cannot be made leaves the Step out (its commands, its
-            # notifications), as when every Step made its dict at once.
-            _ = step.state
+            # The Step the reply carries: its state written before the Step counts, so
+            # a state that cannot be written leaves the Step out (its commands, its
+            # notifications), as when every Step wrote its state at once.
+            _ = step.state_text
         self.steps.append(step)
         self.commands.extend(step.commands)
         self.traces.extend(step.traces)
@@ -175,14 +181,25 @@ async def process_event(
             result = await client.step(request.params, request.body)
             step = machine.provider_result(step, result, clock(), ivrs=ivrs)
         progress.add(step, client)
+    return _reply(event, progress, step, step.done, step.wait_ms)
+
+
+def _reply(
+    event: IvrEvent, progress: _Progress, step: machine.Step, done: bool, wait_ms: int | None
+) -> IvrReply:
+    """The reply carrying `step`'s state, with what the front reads of it. Raises
+    (ValidationError) for a state over MAX_IVR_STATE_CHARS, which the front would
+    refuse."""
     return IvrReply(
         session_id=event.session_id,
         seq=event.seq,
-        state=step.state,
+        state=step.state_text,
+        step_index=step.step_index,
+        end_reason=step.end_reason,
         commands=progress.commands,
         traces=progress.traces,
-        done=step.done,
-        wait_ms=step.wait_ms,
+        done=done,
+        wait_ms=wait_ms,
     )
 
 
@@ -205,19 +222,27 @@ async def handle_event(
         try:
             step = machine.abort(progress.state, call, reason, clock())
             progress.add(step, client)
-            state, done, wait_ms = step.state, step.done, step.wait_ms
+            return _reply(event, progress, step, step.done, step.wait_ms)
         except Exception:
             log.exception("session %s: abort failed", event.session_id)
-            progress.commands.append(HangupCommand(reason=f"Error({reason})"))
-            state, done, wait_ms = progress.state or {}, True, None
+        # The last resort: a bare hang-up, on the last state that could be written (as
+        # it was: nothing more can be read of it), or "{}" when there is none or it is
+        # too long to travel.
+        progress.commands.append(HangupCommand(reason=f"Error({reason})"))
+        last = progress.last_written()
+        state = last.state_text if last is not None else progress.initial_state
+        if state is None or len(state) > MAX_IVR_STATE_CHARS:
+            state = "{}"
         return IvrReply(
             session_id=event.session_id,
             seq=event.seq,
             state=state,
+            step_index=last.step_index if last is not None else 0,
+            end_reason=last.end_reason if last is not None else None,
             commands=progress.commands,
             traces=progress.traces,
-            done=done,
-            wait_ms=wait_ms,
+            done=True,
+            wait_ms=None,
         )
 
 

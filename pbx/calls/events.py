@@ -131,7 +131,7 @@ class CallEvents:
 
     def front_trace(self, session: Session, error: str, end_reason: str | None) -> None:
         """A step trace the front writes itself (no executor saw what went wrong)."""
-        index = int((session.state or {}).get("step_index", 0)) + 1
+        index = session.step_index + 1
         self.trace(m.StepTrace(
             call_id=session.call.call_id, session_id=session.session_id, step_index=index,
             trigger="front", error=error, end_reason=end_reason, at=self.ctx.wall()))

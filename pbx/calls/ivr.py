@@ -48,14 +48,12 @@ HANDOVER_FAILURES = ("TransferFailed", "UnknownQueue", "QueueNoAnswer", "AgentNo
                      "WsBridgeFailed")
 
 
-def ivr_event(session_id: str, seq: int, state: dict[str, Any] | None,
-              item: Any) -> m.IvrEvent:
+def ivr_event(session_id: str, seq: int, state: str | None, item: Any) -> m.IvrEvent:
     """An event for the executor. Validated but for `state`, which goes in as it is:
-    it is the dict of the executor's last reply (validated then; each reply replaces
-    it, nothing changes it in place). Validating it again copies it (~35 keys: 5.2 us
-    an event) and `model_construct` walks every field in Python (4.7 us); this is 3.2
-    us (timeit, perf/README.md), twice a call. `state=None` is given so that the
-    field counts as set, as it did with `model_construct`."""
+    it is the text of the executor's last reply (its length checked then; a str cannot
+    change). `model_construct` walks every field in Python (4.7 us); this is 3.2 us
+    (timeit, perf/README.md), twice a call. `state=None` is given so that the field
+    counts as set, as it did with `model_construct`."""
     event = m.IvrEvent(session_id=session_id, seq=seq, state=None, input=item)
     event.__dict__["state"] = state
     return event
@@ -342,7 +340,9 @@ class IvrBroker:
         ctx.executors.release(identity)
         session.in_flight = None
         session.executor = None
-        session.state = reply.state
+        session.state = reply.state  # the text as it came: only executors read it
+        session.step_index = reply.step_index
+        session.end_reason = reply.end_reason
         for trace in reply.traces:
             if ctx.metrics.step_trace(session.info.route_name, trace, session.digit_at):
                 session.digit_at = None
@@ -429,7 +429,7 @@ class IvrBroker:
         session = call.session
         if session is None or not reason.startswith(HANDOVER_FAILURES):
             return
-        ended = (session.state or {}).get("end_reason")
+        ended = session.end_reason
         self.events.front_trace(session, f"{ended or 'the hand-over'} failed: {reason}",
                                 reason)
 

@@ -238,7 +238,11 @@ class Session:
     call: Call
     info: m.CallInfo
     seq: int = 0
-    state: dict[str, Any] | None = None  # the executor's session state, opaque here
+    # The executor's session state: JSON text, kept and sent back as it came (issue 9);
+    # of it the front knows what the last reply said: `step_index`, `end_reason`.
+    state: str | None = None
+    step_index: int = 0
+    end_reason: str | None = None
     queue: deque[Any] = field(default_factory=deque)  # call events not yet sent
     in_flight: m.IvrEvent | None = None
     executor: bytes | None = None
@@ -266,7 +270,8 @@ class Session:
     def to_dict(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id, "info": self.info.model_dump(mode="json"),
-            "seq": self.seq, "state": self.state,
+            "seq": self.seq, "state": self.state, "step_index": self.step_index,
+            "end_reason": self.end_reason,
             "queue": [_INPUT.dump_python(item, mode="json") for item in self.queue],
             "in_flight": self.in_flight.model_dump(mode="json") if self.in_flight else None,
             "executor": self.executor.decode("latin-1") if self.executor else None,
@@ -285,6 +290,7 @@ def session_from_dict(call: Call, data: dict[str, Any]) -> Session:
     return Session(
         session_id=data["session_id"], call=call,
         info=m.CallInfo.model_validate(data["info"]), seq=data["seq"], state=data["state"],
+        step_index=data["step_index"], end_reason=data["end_reason"],
         queue=deque(_INPUT.validate_python(item) for item in data["queue"]),
         in_flight=m.IvrEvent.model_validate(in_flight) if in_flight else None,
         executor=executor.encode("latin-1") if executor else None, done=data["done"],

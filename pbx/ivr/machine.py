@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-One IVR session is a state dict (`pbx.ivr.state`, JSON-able) that travels with
-every `IvrEvent` and comes back in every `IvrReply`; nothing is kept between calls.
-The entry points take the dumped state, one input and the current time `now`
+One IVR session is a state (`pbx.ivr.state`, JSON text) that travels with every
+`IvrEvent` and comes back in every `IvrReply`; nothing is kept between calls.
+The entry points take the state (its text, or the same object as a dict), one input and the current time `now`
 (wall-clock seconds; tests pass a virtual clock) and return a `Step`:
 
     start(call, now)                    SessionStartInput   -> Step
@@ -27,14 +27,14 @@ set the last request is a `step`, `api`, `tts` or `asr` request: the shell perfo
 `api_result`, the `TtsResult` to `tts_result`, the `AsrResult` to `asr_result`), and so on until the machine waits for a call event
 again; then the shell replies. The other requests
 (`start`, `end`, `dtmf_match`) are fire-and-forget notifications. The result entry
-points take the last Step itself in place of its state dict too: they go on from the
-session it holds in memory, and the dict is dumped only for the reply (issue 9).
+points take the last Step itself in place of its state too: they go on from the
+session it holds in memory, and the state is written only for the reply (issue 9).
 
 Where things are
 ----------------
     pbx/ivr/machine.py      these entry points; stale events are filtered here
     pbx/ivr/phases.py       the phases, each phase's data, the transition table
-    pbx/ivr/state.py        the state dict: its format and its mapping to memory
+    pbx/ivr/state.py        the state: its format and its mapping to memory
     pbx/ivr/session.py      the session core: outputs, execute, fail, the one `enter`
     pbx/ivr/handlers.py     the tables: action type -> executor, (phase, input) ->
                             handler; the provider's answer, hang-up, lost waits
@@ -103,9 +103,9 @@ from pbx.messages import (
     WsBridgeEnded,
 )
 
-# An entry point's session: a state dict, or the Step that left it (which goes on from
-# its memory without loading the dict: `Step.resume`).
-State = dict[str, Any] | Step
+# An entry point's session: its state's JSON text (as it travels) or dict, or the Step
+# that left it (which goes on from its memory without reading a state: `Step.resume`).
+State = str | dict[str, Any] | Step
 
 __all__ = [
     "ERROR_PROMPT",
@@ -143,7 +143,7 @@ def start(call: CallInfo, now: float) -> Step:
 
 
 def handle(
-    state: dict[str, Any],
+    state: str | dict[str, Any],
     inp: SessionStartInput | MediaInput | CallEndedInput | WaitExpiredInput,
     now: float,
     ivrs: Ivrs | None = None,
@@ -218,7 +218,9 @@ def asr_result(
     return _dispatch(_load(state, now, "asr", ivrs), InputKind.ASR_RESULT, result)
 
 
-def abort(state: dict[str, Any] | None, call: CallInfo | None, reason: str, now: float) -> Step:
+def abort(
+    state: str | dict[str, Any] | None, call: CallInfo | None, reason: str, now: float
+) -> Step:
     """The shell's last resort after an unexpected error: error prompt, then hang-up.
 
     Falls back to a bare HangupCommand when the state itself is unusable.
@@ -232,7 +234,8 @@ def abort(state: dict[str, Any] | None, call: CallInfo | None, reason: str, now:
             raise ValueError("no state and no call")
     except Exception:
         hangup = HangupCommand(reason=f"Error({reason})")
-        return Step(dumped=state or {}, commands=[hangup], done=True)
+        # The state as it was given: nothing here can read it.
+        return Step(dumped=state or "{}", commands=[hangup], done=True)
     data = session.data
     if data is not None and data.phase is Phase.DONE:
         return session.finish()

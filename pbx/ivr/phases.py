@@ -13,7 +13,7 @@ end it awaits (`play_id`), the timer it armed (`Timer`), the recording it runs, 
 digits it has collected or kept as type-ahead, the request in flight. What every
 phase shares (the call, variables, the current action, id counters, trace fields) is
 the session's envelope (`pbx.ivr.state.Envelope`); both travel in the one flat
-`state` dict whose format `pbx.ivr.state` defines.
+`state` object (JSON text on the wire) whose format `pbx.ivr.state` defines.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
+
 from pbx.config import IvrAppParams
 from pbx.ivr.models import (
     ActionNode,
@@ -52,7 +54,7 @@ from pbx.ivr.phases import (
     check_transition,
 )
 from pbx.ivr.requests import ProviderRequest, RequestKind
-from pbx.ivr.state import Envelope, dump, load
+from pbx.ivr.state import Envelope, SessionState, load, session_state, state_dict, state_text
 from pbx.ivr.variables import initial_variables, substitute
 from pbx.messages import (
     CallCommand,
@@ -80,11 +82,12 @@ class Step:
     `waiting_for_provider` is set the last one is the `step`, `api`, `tts` or `asr`
     request to answer.
 
-    The state dict is `dumped` when the Step is made from one (`abort`), else dumped
-    from `memory` (the session's envelope and phase data as this entry point left
-    them) when first asked for: an entry point given this Step instead of its dict
-    goes on from `memory` (`pbx.ivr.machine`), so the executor dumps and loads once
-    per call event, not once per provider answer (issue 9)."""
+    The state is `dumped` (its text or dict) when the Step is made from one (`abort`),
+    else written from `memory` (the session's envelope and phase data as this entry
+    point left them) when first asked for (`state_text`, `state`): an entry point given
+    this Step instead of its state goes on from `memory` (`pbx.ivr.machine`), so the
+    executor writes and reads the state once per call event, not once per provider
+    answer (issue 9)."""
 
     commands: list[CallCommand] = field(default_factory=list)
     requests: list[ProviderRequest] = field(default_factory=list)
@@ -97,22 +100,60 @@ class Step:
     # Never changed once the Step is made: whoever goes on from it copies what it
     # changes (`resume`), so `state` stays this entry point's.
     memory: tuple[Envelope, PhaseData] | None = field(default=None, repr=False)
-    dumped: dict[str, Any] | None = field(default=None, repr=False)
+    dumped: str | dict[str, Any] | None = field(default=None, repr=False)
+    # `memory` as written, and its text, once asked for (`written`, `state_text`).
+    _written: SessionState | None = field(default=None, init=False, repr=False)
+    _text: str | None = field(default=None, init=False, repr=False)
+
+    def written(self) -> SessionState | None:
+        """The state made from `memory` (None for a Step made from its dumped state)."""
+        if self._written is None and self.memory is not None:
+            self._written = session_state(*self.memory)
+        return self._written
+
+    @property
+    def state_text(self) -> str:
+        """The state's JSON text (`pbx.ivr.state`), as the reply carries it."""
+        if self._text is None:
+            written = self.written()
+            if written is not None:
+                self._text = state_text(written)
+            elif isinstance(self.dumped, str):
+                self._text = self.dumped
+            else:
+                assert self.dumped is not None, "a Step has its state or its memory"
+                self._text = orjson.dumps(self.dumped).decode()
+        return self._text
 
     @property
     def state(self) -> dict[str, Any]:
-        """The state dict (`pbx.ivr.state`) to reply with or to feed an entry point."""
-        if self.dumped is None:
-            assert self.memory is not None, "a Step has its state dict or its memory"
-            self.dumped = dump(*self.memory)
-        return self.dumped
+        """The state as a dict (`pbx.ivr.state`), to look into or feed an entry point."""
+        written = self.written()
+        if written is not None:
+            return state_dict(written)
+        assert self.dumped is not None, "a Step has its state or its memory"
+        return orjson.loads(self.dumped) if isinstance(self.dumped, str) else self.dumped
+
+    @property
+    def step_index(self) -> int:
+        """The state's `step_index` (what the front's own traces go on from); 0 for a
+        state this Step could not read (`abort` given an unusable one)."""
+        written = self.written()
+        return written.step_index if written is not None else 0
+
+    @property
+    def end_reason(self) -> str | None:
+        """The state's `end_reason` (None while the session runs, or unreadable)."""
+        written = self.written()
+        return written.end_reason if written is not None else None
 
     def resume(self) -> tuple[Envelope, PhaseData]:
         """The session in memory for the next entry point: the envelope copied where
         handlers change it in place (`variables`; phase data is frozen), so this
         Step's `state` is unchanged whatever the next entry point does."""
         if self.memory is None:
-            return load(self.state)
+            assert self.dumped is not None, "a Step has its state or its memory"
+            return load(self.dumped)
         envelope, data = self.memory
         return replace(envelope, variables=dict(envelope.variables)), data
 

@@ -1,17 +1,21 @@
-"""The session state as it travels: the flat `state` dict of IvrEvent / IvrReply.
+"""The session state as it travels: the `state` text of IvrEvent / IvrReply.
 
 An IVR session keeps nothing between events: its whole state goes to the front in
-each reply and comes back with the next event (`pbx.messages`). That dict is
+each reply and comes back with the next event (`pbx.messages`). That text is
 `SessionState` dumped as JSON, format version 1 (`v`): one flat object whose keys
 old and new executors alike read and write, so a session may move between
-executors of either version mid-call.
+executors of either version mid-call. The executor parses the text straight into
+`SessionState` and writes it straight from it (`load`, `state_text`: one pydantic-core
+pass each, no intermediate dict); the dict form (`dump`, `load` of a dict) is the
+same object for the machine's tests and callers that hold one.
 
 In memory the same state is two parts: the `Envelope` (what every phase shares:
 the call, variables, the current action, id counters, trace fields) and one phase's
 data (`pbx.ivr.phases`). `load` and `dump` map between the two. Keys the current
 phase has no use for are written at their defaults and ignored when read (executors
-before the split into phase data left stale values in some). The one reader of the
-dict outside the IVR package, the front, reads `step_index` only.
+before the split into phase data left stale values in some). Nothing outside the IVR
+package reads the state: the front keeps the text as it came and learns the
+`step_index` and `end_reason` it needs from the reply's own fields.
 """
 
 from __future__ import annotations
@@ -131,12 +135,18 @@ class Envelope:
 # The envelope's fields are keys of the state dict of the same name.
 _ENVELOPE_KEYS = tuple(f.name for f in fields(Envelope))
 
-# ---------------------------------------------------------------- dict -> memory
+# ---------------------------------------------------------------- text / dict -> memory
 
 
-def load(state: dict[str, Any]) -> tuple[Envelope, PhaseData]:
-    """Read a state dict (as `dump` or any version-1 executor wrote it)."""
-    s = SessionState.model_validate(state)
+def load(state: str | dict[str, Any]) -> tuple[Envelope, PhaseData]:
+    """Read a state, its JSON text or its dict (as `state_text` / `dump` or any
+    version-1 executor wrote it). A state that is not one raises pydantic's
+    ValidationError (not JSON, a key missing or of the wrong type) or IvrStateError (a
+    phase without the data it needs)."""
+    if isinstance(state, str):
+        s = SessionState.model_validate_json(state)
+    else:
+        s = SessionState.model_validate(state)
     envelope = Envelope(**{name: getattr(s, name) for name in _ENVELOPE_KEYS})
     return envelope, _phase_data(s)
 
@@ -220,21 +230,39 @@ def _phase_data(s: SessionState) -> PhaseData:
     raise AssertionError(f"phase {s.phase!r} has no data type")  # every Phase is above
 
 
-# ---------------------------------------------------------------- memory -> dict
+# ---------------------------------------------------------------- memory -> text / dict
 
 
-def dump(envelope: Envelope, data: PhaseData) -> dict[str, Any]:
-    """The state dict of `envelope` in the phase of `data` (JSON types only)."""
-    state = SessionState(
+def session_state(envelope: Envelope, data: PhaseData) -> SessionState:
+    """The state of `envelope` in the phase of `data`, to write (`state_text`)."""
+    return SessionState(
         phase=data.phase,
         **{name: getattr(envelope, name) for name in _ENVELOPE_KEYS},
         **_phase_fields(data),
     )
+
+
+def _unset(state: SessionState) -> set[str] | None:
     # Keys older executors refuse are written only when set.
     unset = {"prompt_rest"} if not state.prompt_rest else set()
     if state.asr_stage is None:
         unset.add("asr_stage")
-    return state.model_dump(mode="json", exclude=unset or None)
+    return unset or None
+
+
+def state_text(state: SessionState) -> str:
+    """The JSON text that travels (`IvrReply.state`)."""
+    return state.model_dump_json(exclude=_unset(state))
+
+
+def state_dict(state: SessionState) -> dict[str, Any]:
+    """The same object as `state_text`, as a dict (JSON types only)."""
+    return state.model_dump(mode="json", exclude=_unset(state))
+
+
+def dump(envelope: Envelope, data: PhaseData) -> dict[str, Any]:
+    """The state dict of `envelope` in the phase of `data` (JSON types only)."""
+    return state_dict(session_state(envelope, data))
 
 
 def _timer_fields(timer: Timer | None) -> dict[str, Any]:

@@ -210,7 +210,7 @@ class SimCall:
         )
         self.epoch = time.time()  # virtual time 0: file names and traces look real
         self.t = 0.0
-        self.state: dict[str, Any] | None = None
+        self.state: str | None = None  # the session's state text, as the front keeps it
         self.seq = 0
         self.done = False
         self.over = False  # the call left the IVR (done) or the caller hung up
@@ -298,8 +298,8 @@ class SimCall:
         self.seq += 1
         event = IvrEvent(session_id=self.session_id, seq=self.seq, state=self.state, input=inp)
         reply = await handle_event(event, client, self.clock, self.ivrs, self.tts)
-        # The state travels as JSON, as it does between the front and the executors.
-        self.state = orjson.loads(orjson.dumps(reply.state))
+        # The state travels as JSON text, as it does between the front and the executors.
+        self.state = reply.state
         self._note_state()
         for trace in reply.traces:
             if trace.error:
@@ -318,12 +318,13 @@ class SimCall:
 
     def _note_state(self) -> None:
         assert self.state is not None
-        node = self.state.get("node")
+        state = orjson.loads(self.state)  # the simulator shows what the state holds
+        node = state.get("node")
         if isinstance(node, dict) and node != self._node:
             self._node = node
             if not self.outcome.actions or self.outcome.actions[-1] != node:
                 self.outcome.actions.append(node)
-        variables = dict(self.state.get("variables") or {})
+        variables = dict(state.get("variables") or {})
         changed = {k: v for k, v in variables.items() if self._last_variables.get(k) != v}
         if self._last_variables and changed:
             shown = ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items()))

@@ -133,7 +133,8 @@ def rig_settings(tmp: Path, extra: str = "", replace: dict[str, str] | None = No
 def reply(event: m.IvrEvent, *commands: Any, done: bool = False) -> m.IvrReply:
     """An executor's reply to `event` with `commands`."""
     return m.IvrReply(session_id=event.session_id, seq=event.seq,
-                      state={"step_index": event.seq}, commands=list(commands), done=done)
+                      state=f'{{"step_index":{event.seq}}}', step_index=event.seq,
+                      commands=list(commands), done=done)
 
 
 def scripted_reply(script: Script, event: m.IvrEvent) -> m.IvrReply:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from pbx import messages as m
@@ -15,14 +16,15 @@ from pbx.config import IvrAppParams
 INFO = m.CallInfo(call_id="c1", session_id="c1", caller="1001", callee="*99",
                   route_name="main", params=IvrAppParams(url="http://127.0.0.1:1/ivr"),
                   sip_headers={"From": "<sip:1001@h>"}, variables={"caller_trust": "trusted"})
-STATE = {f"key{i}": (i if i % 2 else {"nested": [i, "text"]}) for i in range(40)}
+STATE = orjson.dumps({f"key{i}": (i if i % 2 else {"nested": [i, "t\"é"]})
+                      for i in range(40)}).decode()
 
 
-@pytest.mark.parametrize("state", [None, {}, STATE])
+@pytest.mark.parametrize("state", [None, "{}", STATE])
 @pytest.mark.parametrize("item", [m.SessionStartInput(call=INFO),
                                   m.CallEndedInput(reason="Hangup"),
                                   m.MediaInput(event=m.DtmfDigit(digit="5"))])
-def test_same_event_as_the_validating_constructor(state: dict[str, Any] | None,
+def test_same_event_as_the_validating_constructor(state: str | None,
                                                   item: Any) -> None:
     built = ivr_event("c1", 7, state, item)
     validated = m.IvrEvent(session_id="c1", seq=7, state=state, input=item)

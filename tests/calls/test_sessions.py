@@ -20,15 +20,18 @@ heartbeat as the clock advances.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from pbx import messages as m
 from pbx.calls.core import LIVENESS_CHECK_S
 from pbx.calls.ivr import IVR_NO_EXECUTOR_S
+from pbx.calls.state import call_from_dict
 from pbx.ivr.requests import ProviderRequest, ProviderResult
 from pbx.sip.message import SipRequest
 from tests.calls.rig import CALLER, START, CoreRig, caller_invite
@@ -285,7 +288,66 @@ def test_session_ending_without_handing_the_call_over_hangs_up(tmp_path: Path) -
     assert session.in_flight is not None
     # An executor says the session is over, with no hang-up and no transfer.
     rig.reply(b"e", m.IvrReply(session_id=session.session_id, seq=session.in_flight.seq,
-                               state={}, done=True))
+                               state="{}", step_index=0, done=True))
     rig.advance(5)
     assert s.byes(), "the call was left up with no IVR and nobody else"
     assert any("nobody" in e for e in rig.trace_errors()), rig.trace_errors()
+
+
+# ---------------------------------------------------------------- the state as text
+
+
+def test_the_state_goes_back_to_the_executor_byte_for_byte(tmp_path: Path) -> None:
+    # Protocol 5 (issue 9): the front keeps the executor's state text as it came (no
+    # parsing, no re-serialising) and sends it back as it is; of it, it knows only what
+    # the reply says (`step_index`, `end_reason`). The call's dict form keeps all three.
+    s = Session(tmp_path)
+    replies: list[m.IvrReply] = []
+
+    def execute(event: m.IvrEvent) -> m.IvrReply:
+        reply = s.execute(event)
+        replies.append(reply)
+        return reply
+
+    s.rig.executors[b"e"].answer = execute
+    call = s.rig.answered()
+    assert len(replies) == 1 and not replies[0].done
+    written = replies[0].state
+    assert isinstance(written, str) and replies[0].step_index >= 1
+    session = call.session
+    assert session is not None
+    assert (session.state, session.step_index, session.end_reason) == (
+        written, replies[0].step_index, None)
+    # The call's dict form, through JSON and back: the same text and fields.
+    again = call_from_dict(json.loads(json.dumps(call.to_dict())),
+                           {r.name: r for r in s.rig.settings.routes},
+                           s.rig.core.queue.wait_from_dict)
+    assert again.session is not None
+    assert (again.session.state, again.session.step_index, again.session.end_reason) == (
+        written, replies[0].step_index, None)
+    assert again.to_dict() == call.to_dict()
+    # The caller hangs up: the event carries the text unchanged, the executor reads it.
+    s.rig.caller_request("BYE", 2)
+    hangup = s.rig.ivr[-1]
+    assert isinstance(hangup.input, m.CallEndedInput)
+    assert hangup.state == written
+    assert m.encode(hangup).count(orjson.dumps(written)) == 1  # as one JSON string
+    assert replies[-1].done and replies[-1].end_reason is not None
+    assert replies[-1].step_index == orjson.loads(replies[-1].state)["step_index"]
+
+
+def test_front_traces_number_on_from_the_replys_step_index(tmp_path: Path) -> None:
+    # The front's own trace (here: a session that ends without handing the call over)
+    # follows the step index the executor's reply gave, not one read from the state.
+    s = Session(tmp_path)
+    rig = s.rig
+    rig.executors[b"e"].answer = lambda event: None
+    rig.answered()
+    session = next(iter(rig.core.ctx.table.sessions.values()))
+    assert session.in_flight is not None
+    rig.reply(b"e", m.IvrReply(session_id=session.session_id, seq=session.in_flight.seq,
+                               state='{"step_index": 1}', step_index=41, done=True))
+    rig.advance(5)
+    steps = rig.core.ctx.traces.get(session.session_id) or []
+    front = [t for t in steps if t.get("trigger") == "front"]
+    assert [t["step_index"] for t in front] == [42], steps

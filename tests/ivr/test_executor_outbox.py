@@ -37,7 +37,7 @@ def endpoint_config(tmp_path: Path) -> tuple[str, Path]:
 
 
 def reply(seq: int) -> IvrReply:
-    return IvrReply(session_id="s1", seq=seq, state={"n": seq})
+    return IvrReply(session_id="s1", seq=seq, state=f'{{"n":{seq}}}', step_index=0)
 
 
 def executor_with_tiny_queue(ctx: Ctx, config: Path, send_wait_s: float) -> Executor:

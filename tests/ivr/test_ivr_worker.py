@@ -23,7 +23,9 @@ from pbx.config import IvrAppParams
 from pbx.ivr import session as session_module
 from pbx.ivr.phases import Phase
 from pbx.ivr.provider import ProviderClient
+from pbx.ivr.state import SessionState
 from pbx.messages import (
+    MAX_IVR_STATE_CHARS,
     CallInfo,
     DtmfDigit,
     HangupCommand,
@@ -160,19 +162,19 @@ def _first_step_after_slow_start(start_s: float) -> tuple[list[str], float]:
 def test_a_state_that_cannot_be_dumped_is_answered_from_the_step_before(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A Step's state dict is made only for the reply (machine.Step): when that fails
+    # A Step's state is written only for the reply (machine.Step): when that fails
     # (here: the welcome prompt's), the error path answers from the Step before it
     # (waiting for the provider) with the error prompt and a hang-up, the failed Step's
-    # commands left out, as when every Step dumped at once; not an exception that
-    # sends no reply at all.
-    real_dump = session_module.dump
+    # commands left out, as when every Step wrote its state at once; not an exception
+    # that sends no reply at all.
+    real_session_state = session_module.session_state
 
-    def dump(envelope: Any, data: Any) -> dict[str, Any]:
+    def session_state(envelope: Any, data: Any) -> Any:
         if data.phase is Phase.PROMPT:
             raise ValueError("cannot dump the prompt phase")
-        return real_dump(envelope, data)
+        return real_session_state(envelope, data)
 
-    monkeypatch.setattr(session_module, "dump", dump)
+    monkeypatch.setattr(session_module, "session_state", session_state)
 
     async def main() -> IvrReply:
         provider = Provider()
@@ -188,11 +190,106 @@ def test_a_state_that_cannot_be_dumped_is_answered_from_the_step_before(
             await provider.stop()
 
     reply = run(main())
-    assert reply.state["phase"] == "closing"
+    assert orjson.loads(reply.state)["phase"] == "closing"
     assert [c.file for c in reply.commands if isinstance(c, PlayCommand)] == [
         "sounds/error.wav"]
     assert [t.step_index for t in reply.traces] == [1]
     assert "ValueError" in (reply.traces[0].error or "")
+
+
+@pytest.mark.parametrize("state", [
+    '{"v": 1, "phase": "prompt"',  # not JSON
+    '["prompt"]',  # JSON, not an object
+    '{"v": 1, "phase": "prompt", "call": {}}',  # an object, not a session state
+])
+def test_a_state_the_executor_cannot_read_ends_the_session_on_it(state: str) -> None:
+    # As with a state object it could not read (protocol 4): a bare hang-up, the state
+    # handed back as it came; the reply's own fields say nothing was read of it.
+    event = IvrEvent(session_id="s1", seq=4, state=state,
+                     input=MediaInput(event=DtmfDigit(digit="1")))
+
+    async def main() -> IvrReply:
+        async with ProviderClient() as client:
+            return await handle_event(event, client, lambda: 1.0)
+
+    reply = run(main())
+    assert reply.done and reply.seq == 4
+    assert reply.commands == [HangupCommand(reason="Error(internal error: ValidationError)")]
+    assert (reply.state, reply.step_index, reply.end_reason) == (state, 0, None)
+
+
+def test_the_state_is_read_from_its_text_and_written_as_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The executor parses the event's text straight into SessionState and writes the
+    # reply's straight from it (no dict on the way: model_validate / model_dump would
+    # fail here), and says the state's step_index and end_reason in the reply.
+    def no_dict(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the state went through a dict")
+
+    monkeypatch.setattr(SessionState, "model_validate", no_dict)
+    monkeypatch.setattr(SessionState, "model_dump", no_dict)
+
+    async def main() -> tuple[IvrReply, IvrReply]:
+        provider = Provider()
+        await provider.start()
+        try:
+            call = CallInfo(call_id="c1", session_id="s1", caller="1001", callee="*99",
+                            route_name="r", params=IvrAppParams(url=provider.url))
+            async with ProviderClient() as client:
+                start = await handle_event(
+                    IvrEvent(session_id="s1", seq=1, input=SessionStartInput(call=call)),
+                    client, lambda: 1.0)
+                digit = await handle_event(
+                    IvrEvent(session_id="s1", seq=2, state=start.state,
+                             input=MediaInput(event=DtmfDigit(digit="1", stopped_play_id=1))),
+                    client, lambda: 2.0)
+            return start, digit
+        finally:
+            await provider.stop()
+
+    start, digit = run(main())
+    assert isinstance(start.state, str) and not start.done
+    written = orjson.loads(start.state)
+    assert written["phase"] == "prompt"
+    assert (start.step_index, start.end_reason) == (written["step_index"], None)
+    assert start.step_index == 1
+    assert digit.done and digit.commands == [TransferCommand(target="2001")]
+    assert (digit.step_index, digit.end_reason) == (2, "Transfer(2001)")
+    assert orjson.loads(digit.state)["end_reason"] == "Transfer(2001)"
+
+
+def test_a_state_too_long_to_travel_ends_the_session_with_a_hangup() -> None:
+    # A reply whose state is over MAX_IVR_STATE_CHARS would be refused by the front:
+    # the executor ends the session instead, with a state the front takes.
+    huge = {"type": "prompt", "file": "sounds/ivr/welcome.wav",
+            "extra": {"blob": "x" * MAX_IVR_STATE_CHARS}}  # kept in the state
+
+    class HugeAction(Provider):
+        async def handle(self, request: web.Request) -> web.Response:
+            await request.read()
+            answer = huge if request.path == "/ivr/step" else {"status": "ok"}
+            return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+    async def main() -> IvrReply:
+        provider = HugeAction()
+        await provider.start()
+        try:
+            call = CallInfo(call_id="c1", session_id="s1", caller="1001", callee="*99",
+                            route_name="r", params=IvrAppParams(url=provider.url))
+            async with ProviderClient() as client:
+                return await handle_event(
+                    IvrEvent(session_id="s1", seq=1, input=SessionStartInput(call=call)),
+                    client, lambda: 1.0)
+        finally:
+            await provider.stop()
+
+    reply = run(main())
+    assert reply.done and reply.state == "{}"
+    # The state it could not send still numbers the front's traces on.
+    assert reply.step_index == reply.traces[-1].step_index >= 1
+    assert isinstance(reply.commands[-1], HangupCommand)
+    assert decode(encode(reply)) == reply  # the front takes it
 
 
 def test_first_step_waits_for_the_answer_to_start() -> None:

@@ -267,7 +267,7 @@ def test_rogue_reply_for_a_live_session_is_ignored(system: PbxSystem) -> None:
         time.sleep(0.3)
         for seq in (1, 2, 3):
             rogue.send(m.encode(m.IvrReply(
-                session_id=session_id, seq=seq, state={},
+                session_id=session_id, seq=seq, state="{}", step_index=0,
                 commands=[m.TransferCommand(target=transfer_to)], done=True)))
         rogue.close(0)  # gone: the front cannot give it the session's next event
         invites = []
