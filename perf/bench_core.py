@@ -20,6 +20,13 @@ iterations (`call_soon`, as ZeroMQ messages would), the loop's real clock, the s
 one timer and its JSON-lines flush timer; no sockets (SIP out is kept, events go
 nowhere). The difference from the default mode is the shell's own cost per call.
 
+`--front-obs` adds what `pbx-front` observes per call that the modes above leave out:
+its log handler at its configured level (`pbx.logs.setup_logging`, INFO, with the
+similar-lines filter; stderr goes to a temporary file), the collector watch
+(`pbx.metrics.CollectorWatch` after `pbx.app.tune_gc`, as `pbx.app.run` installs
+them), and one step trace in each executor reply (as `workers/ivr.py` sends them), so
+`CallEvents.trace`, the trace store and `traces.jsonl` are in the figure.
+
 `--linger N` measures what ended calls keep alive: N calls end within one linger
 (RFC 3261 Timer J's 32 s, `pbx.calls.legs.LINGER_S`), then it prints the GC-tracked
 objects each still holds (`gc.get_objects()` against the count before them, the
@@ -31,10 +38,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import cProfile
 import gc
 import json
 import pstats
+import shutil
 import sys
 import tempfile
 import time
@@ -75,6 +84,8 @@ app_params = {{ mode = "step", url = "http://127.0.0.1:1/ivr" }}
 """
 PLAY: list[m.CallCommand] = [m.PlayCommand(play_id=1, file="sounds/menu.wav")]
 POOL = list(range(20_000, 24_000, 2))
+# `--front-obs`: the executor's replies carry one step trace each (workers/ivr.py).
+FRONT_OBS = False
 # Allocations per worker announcement (MediaPorts, which confirms them): the worker
 # announces once per 20 ms tick, so 10 is ~500 calls/s on one worker.
 ANNOUNCE_EVERY = 10
@@ -89,6 +100,25 @@ def request(method: str, n: int, cseq: int, to: str, body: bytes = b"") -> bytes
         f"Max-Forwards: 70\r\nFrom: <sip:1001@127.0.0.1:5999>;tag=c{n}\r\n"
         f"To: {to}\r\nCall-ID: call-{n}@127.0.0.1\r\nCSeq: {cseq} {method}\r\n{contact}"
         f"{ctype}Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def step_traces(event: Any) -> list[m.StepTrace]:
+    """The step trace an executor sends with its reply (`--front-obs`): the provider's
+    request and answer, as `pbx.ivr.handlers.provider_answer` records them."""
+    if not FRONT_OBS:
+        return []
+    start = isinstance(event.input, m.SessionStartInput)
+    return [m.StepTrace(
+        call_id=event.session_id.rsplit("-", 1)[0], session_id=event.session_id,
+        step_index=event.seq, trigger="start" if start else "hangup",
+        action_type="play" if start else None,
+        action={"type": "play", "file": "sounds/menu.wav", "next": "menu"} if start else None,
+        request={"call_id": event.session_id, "session_id": event.session_id,
+                 "trigger": "start" if start else "hangup",
+                 "variables": {"caller": "1001", "callee": "*99",
+                               "sip_User-Agent": "bench"},
+                 "url": "http://127.0.0.1:1/ivr"},
+        duration_ms=1.5, at=1.7e9)]
 
 
 class Driver:
@@ -131,7 +161,8 @@ class Driver:
                     start = isinstance(event.input, m.SessionStartInput)
                     core.ivr_message(b"e", m.IvrReply(
                         session_id=event.session_id, seq=event.seq, state={"s": 1},
-                        commands=PLAY if start else [], done=not start), self.now)
+                        commands=PLAY if start else [], done=not start,
+                        traces=step_traces(event)), self.now)
                 elif hasattr(command, "data"):
                     self.sent.append(command.data)
             core.get_timer()  # what the front's shell asks after each pass (Front._run)
@@ -206,7 +237,8 @@ class ShellDriver:
         start = isinstance(event.input, m.SessionStartInput)
         self.loop.call_soon(self.front.on_ivr_message, executor, m.IvrReply(
             session_id=event.session_id, seq=event.seq, state={"s": 1},
-            commands=list(PLAY) if start else [], done=not start))
+            commands=list(PLAY) if start else [], done=not start,
+            traces=step_traces(event)))
         return True
 
     async def until_sent(self, prefix: bytes, data: bytes) -> bytes:
@@ -258,7 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--linger", type=int, default=0, metavar="N",
                     help="objects held by N ended calls inside the linger, and a full "
                          "collection's time with them")
+    ap.add_argument("--front-obs", action="store_true",
+                    help="pbx-front's log handler, collector watch and step traces too")
     args = ap.parse_args(argv)
+    if args.front_obs:
+        global FRONT_OBS
+        FRONT_OBS = True
+        log_dir = tempfile.mkdtemp(prefix="bench-core-log-")
+        atexit.register(shutil.rmtree, log_dir, ignore_errors=True)
+        front_observability(log_dir)
     if args.linger:
         return linger(args)
     if args.shell:
@@ -281,6 +321,19 @@ def main(argv: list[str] | None = None) -> int:
         cpu = time.process_time() - started
         left = len(driver.core.ctx.table.calls)
     return report(args, cpu, left, profiler)
+
+
+def front_observability(log_dir: str) -> None:
+    """`pbx-front`'s logging (stderr to a file under `log_dir`) and its collector
+    watch, as `pbx.app.run` sets them up."""
+    from pbx.app import tune_gc
+    from pbx.logs import setup_logging
+    from pbx.metrics import CollectorWatch, FrontMetrics
+
+    sys.stderr = open(Path(log_dir) / "front.log", "w")  # noqa: SIM115 (the process's)
+    setup_logging(parse_config(CONFIG.format(logs=log_dir)), "pbx-front")
+    tune_gc()
+    gc.callbacks.append(CollectorWatch(FrontMetrics()))
 
 
 def tracked_by_type() -> Counter[str]:
@@ -348,9 +401,10 @@ def report(args: argparse.Namespace, cpu: float, left: int,
     result: dict[str, Any] = {
         "calls": args.calls, "cpu_s": round(cpu, 3), "us_per_call": round(per_call_us, 1),
         "calls_per_core_s": round(1e6 / per_call_us), "calls_left": left,
-        "profiled": bool(profiler), "shell": args.shell,
+        "profiled": bool(profiler), "shell": args.shell, "front_obs": args.front_obs,
     }
-    what = "shell + core" if args.shell else "core"
+    what = ("shell + core" if args.shell else "core") + (
+        " + front observability" if args.front_obs else "")
     print(f"{args.calls} calls: {per_call_us:.0f} µs {what} CPU per call "
           f"(INVITE..200, ACK, BYE..200, record) = {1e6 / per_call_us:.0f} calls/s per core"
           f"{' (under cProfile)' if profiler else ''}; calls left: {left}")
