@@ -17,8 +17,9 @@ cProfile top 25 by own time.
 `--shell` runs the same calls through the front's shell (`pbx.front.Front`) on uvloop,
 as `pbx-front` does: the media worker's and executor's answers come on later loop
 iterations (`call_soon`, as ZeroMQ messages would), the loop's real clock, the shell's
-one timer and its JSON-lines flush timer; no sockets (SIP out is kept, events go
-nowhere). The difference from the default mode is the shell's own cost per call.
+one timer and its JSON-lines flush timer; no sockets (SIP out is kept; events go
+nowhere: no PUB subscriber, the admin's event hub without a WebSocket client). The
+difference from the default mode is the shell's own cost per call.
 
 `--front-obs` adds what `pbx-front` observes per call that the modes above leave out:
 its log handler at its configured level (`pbx.logs.setup_logging`, INFO, with the
@@ -41,6 +42,7 @@ import asyncio
 import atexit
 import cProfile
 import gc
+import inspect
 import json
 import pstats
 import shutil
@@ -205,11 +207,21 @@ class ShellDriver:
     """The calls through `pbx.front.Front` on the running loop (`--shell`)."""
 
     def __init__(self, logs: Path) -> None:
+        from pbx.admin import EventHub
         from pbx.front import Front
 
         self.loop = asyncio.get_running_loop()
+        # As pbx-front with no PUB subscriber and no admin WebSocket client: the broker
+        # sends nothing, the admin's hub is a listener with no one behind it.
+        quiet: dict[str, Any] = ({"has_subscribers": lambda: False}
+                 if "has_subscribers" in inspect.signature(Front).parameters else {})
         self.front = Front(parse_config(CONFIG.format(logs=logs)), self.send_sip,
-                           self.send_media, self.send_ivr, lambda event: None)
+                           self.send_media, self.send_ivr, lambda event: None, **quiet)
+        hub = EventHub()
+        if hasattr(self.front, "add_listener"):
+            self.front.add_listener(hub.publish, hub.has_clients)
+        else:  # older checkouts
+            self.front.listeners.append(hub.publish)
         self.core = self.front.core
         self.waiting: tuple[bytes, asyncio.Future[bytes]] | None = None
         self.front.on_media_message(b"w", m.MediaReady(worker_id="w", capacity=1_000_000,
