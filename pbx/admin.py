@@ -93,6 +93,9 @@ class EventHub:
             except asyncio.QueueFull:
                 self.dropped += 1
 
+    def has_clients(self) -> bool:
+        return bool(self.clients)
+
     def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self.max_queue)
         self.clients.add(queue)
@@ -162,7 +165,7 @@ def _wanted(event: dict[str, Any], filters: dict[str, str]) -> bool:
 
 def admin_app(front: Front, transport: Any = None) -> web.Application:
     hub = EventHub()
-    front.listeners.append(hub.publish)
+    front.add_listener(hub.publish, hub.has_clients)
 
     def values() -> dict[str, Any]:
         values = dict(front.snapshot())

@@ -44,7 +44,8 @@ async def run(settings: Settings) -> None:
     transport = SipTransport(settings.sip, settings.limits.tcp_connections_per_source)
     await transport.start(host, port)
     front = Front(settings, transport.send, broker.send_media, broker.send_ivr, broker.publish,
-                  is_connected=transport.is_connected)
+                  is_connected=transport.is_connected,
+                  has_subscribers=broker.has_subscribers)
     transport.handler = front
     broker.start(front.on_media_message, front.on_ivr_message, front.stats)
 

@@ -252,6 +252,10 @@ class Broker:
     def send_ivr(self, identity: bytes, msg: Any) -> bool:
         return self._send(self.ivr, self._ivr_reader, identity, msg)
 
+    def has_subscribers(self) -> bool:
+        """Whether a published event reaches anyone (a topic has a subscriber)."""
+        return self.subscribed_topics > 0
+
     def publish(self, event: dict[str, Any]) -> None:
         if not self.subscribed_topics:
             return  # nobody would receive it

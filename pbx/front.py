@@ -55,6 +55,7 @@ class Front:
         send_ivr: Callable[[bytes, Any], bool],
         publish: Callable[[dict[str, Any]], None],
         is_connected: Callable[[Addr], bool] = lambda addr: False,
+        has_subscribers: Callable[[], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.send_datagram = send_datagram
@@ -94,8 +95,16 @@ class Front:
         self.media_workers = ctx.media_workers
         self.executors = ctx.executors
         self.queue_calls = self.core.queue
-        # In-process subscribers to every published event (the admin's /ws/events).
+        # In-process subscribers to every published event (the admin's /ws/events), and
+        # whether each hears anything now (`add_listener`; one without is always heard).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._listener_active: dict[Callable[[dict[str, Any]], None],
+                                    Callable[[], bool]] = {}
+        # Whether `publish` reaches anyone now (the PUB socket's subscribers); None:
+        # assume it does. With neither a subscriber nor an active listener, the core
+        # builds no events (issue 9: ~3-4 us each in the front).
+        self.has_subscribers = has_subscribers
+        self.core.ctx.listened = self._listened
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._follow: asyncio.Handle | None = None  # this iteration's _follow_deadline
@@ -190,6 +199,24 @@ class Front:
             addr = None
         self.core.host_resolved(command.dialog_key, addr, self.now())
         self._run()
+
+    def add_listener(self, listener: Callable[[dict[str, Any]], None],
+                     active: Callable[[], bool] | None = None) -> None:
+        """An in-process subscriber to every event; `active` says whether it hears
+        anything now (an admin hub with no WebSocket client does not)."""
+        self.listeners.append(listener)
+        if active is not None:
+            self._listener_active[listener] = active
+
+    def _listened(self) -> bool:
+        """Whether an event published now reaches anyone (`CallContext.listened`)."""
+        if self.has_subscribers is None or self.has_subscribers():
+            return True
+        for listener in self.listeners:
+            active = self._listener_active.get(listener)
+            if active is None or active():
+                return True
+        return False
 
     def _publish(self, event: dict[str, Any]) -> None:
         """To the ZeroMQ PUB socket and to in-process listeners (the admin WebSocket)."""

@@ -17,8 +17,16 @@ cProfile top 25 by own time.
 `--shell` runs the same calls through the front's shell (`pbx.front.Front`) on uvloop,
 as `pbx-front` does: the media worker's and executor's answers come on later loop
 iterations (`call_soon`, as ZeroMQ messages would), the loop's real clock, the shell's
-one timer and its JSON-lines flush timer; no sockets (SIP out is kept, events go
-nowhere). The difference from the default mode is the shell's own cost per call.
+one timer and its JSON-lines flush timer; no sockets (SIP out is kept; events go
+nowhere: no PUB subscriber, the admin's event hub without a WebSocket client). The
+difference from the default mode is the shell's own cost per call.
+
+`--front-obs` adds what `pbx-front` observes per call that the modes above leave out:
+its log handler at its configured level (`pbx.logs.setup_logging`, INFO, with the
+similar-lines filter; stderr goes to a temporary file), the collector watch
+(`pbx.metrics.CollectorWatch` after `pbx.app.tune_gc`, as `pbx.app.run` installs
+them), and one step trace in each executor reply (as `workers/ivr.py` sends them), so
+`CallEvents.trace`, the trace store and `traces.jsonl` are in the figure.
 
 The fake executor answers as a real one does, as the front really gets it (issue 9):
 each event is encoded (`pbx.messages.encode`, the front's work before ZeroMQ) and each
@@ -39,10 +47,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import cProfile
 import gc
+import inspect
 import json
 import pstats
+import shutil
 import sys
 import tempfile
 import time
@@ -50,6 +61,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import orjson
 import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,10 +123,17 @@ class ExecutorStandIn:
         m.encode(event)  # the front's work: the frame it would send
         head, middle, tail = self.start if isinstance(event.input, m.SessionStartInput) \
             else self.end
-        reply: m.IvrReply = m.decode(b"".join(
-            (head, event.session_id.encode(), middle, str(event.seq).encode(), tail)))
+        frame = b"".join((head, event.session_id.encode(), middle, str(event.seq).encode(),
+                          tail))
+        traces = step_traces(event)
+        if traces:  # `--front-obs`: in the frame, so the front decodes them too
+            frame = frame.replace(b'"traces":[]', b'"traces":' + orjson.dumps(
+                [trace.model_dump(mode="json") for trace in traces]), 1)
+        reply: m.IvrReply = m.decode(frame)
         return reply
 POOL = list(range(20_000, 24_000, 2))
+# `--front-obs`: the executor's replies carry one step trace each (workers/ivr.py).
+FRONT_OBS = False
 # Allocations per worker announcement (MediaPorts, which confirms them): the worker
 # announces once per 20 ms tick, so 10 is ~500 calls/s on one worker.
 ANNOUNCE_EVERY = 10
@@ -129,6 +148,25 @@ def request(method: str, n: int, cseq: int, to: str, body: bytes = b"") -> bytes
         f"Max-Forwards: 70\r\nFrom: <sip:1001@127.0.0.1:5999>;tag=c{n}\r\n"
         f"To: {to}\r\nCall-ID: call-{n}@127.0.0.1\r\nCSeq: {cseq} {method}\r\n{contact}"
         f"{ctype}Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def step_traces(event: Any) -> list[m.StepTrace]:
+    """The step trace an executor sends with its reply (`--front-obs`): the provider's
+    request and answer, as `pbx.ivr.handlers.provider_answer` records them."""
+    if not FRONT_OBS:
+        return []
+    start = isinstance(event.input, m.SessionStartInput)
+    return [m.StepTrace(
+        call_id=event.session_id.rsplit("-", 1)[0], session_id=event.session_id,
+        step_index=event.seq, trigger="start" if start else "hangup",
+        action_type="play" if start else None,
+        action={"type": "play", "file": "sounds/menu.wav", "next": "menu"} if start else None,
+        request={"call_id": event.session_id, "session_id": event.session_id,
+                 "trigger": "start" if start else "hangup",
+                 "variables": {"caller": "1001", "callee": "*99",
+                               "sip_User-Agent": "bench"},
+                 "url": "http://127.0.0.1:1/ivr"},
+        duration_ms=1.5, at=1.7e9)]
 
 
 class Driver:
@@ -211,12 +249,22 @@ class ShellDriver:
     """The calls through `pbx.front.Front` on the running loop (`--shell`)."""
 
     def __init__(self, logs: Path, executor: ExecutorStandIn) -> None:
+        from pbx.admin import EventHub
         from pbx.front import Front
 
         self.executor = executor
         self.loop = asyncio.get_running_loop()
+        # As pbx-front with no PUB subscriber and no admin WebSocket client: the broker
+        # sends nothing, the admin's hub is a listener with no one behind it.
+        quiet: dict[str, Any] = ({"has_subscribers": lambda: False}
+                 if "has_subscribers" in inspect.signature(Front).parameters else {})
         self.front = Front(parse_config(CONFIG.format(logs=logs)), self.send_sip,
-                           self.send_media, self.send_ivr, lambda event: None)
+                           self.send_media, self.send_ivr, lambda event: None, **quiet)
+        hub = EventHub()
+        if hasattr(self.front, "add_listener"):
+            self.front.add_listener(hub.publish, hub.has_clients)
+        else:  # older checkouts
+            self.front.listeners.append(hub.publish)
         self.core = self.front.core
         self.waiting: tuple[bytes, asyncio.Future[bytes]] | None = None
         self.front.on_media_message(b"w", m.MediaReady(worker_id="w", capacity=1_000_000,
@@ -293,7 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--linger", type=int, default=0, metavar="N",
                     help="objects held by N ended calls inside the linger, and a full "
                          "collection's time with them")
+    ap.add_argument("--front-obs", action="store_true",
+                    help="pbx-front's log handler, collector watch and step traces too")
     args = ap.parse_args(argv)
+    if args.front_obs:
+        global FRONT_OBS
+        FRONT_OBS = True
+        log_dir = tempfile.mkdtemp(prefix="bench-core-log-")
+        atexit.register(shutil.rmtree, log_dir, ignore_errors=True)
+        front_observability(log_dir)
     if args.linger:
         return linger(args)
     if args.shell:
@@ -318,6 +374,19 @@ def main(argv: list[str] | None = None) -> int:
         cpu = time.process_time() - started
         left = len(driver.core.ctx.table.calls)
     return report(args, cpu, left, profiler)
+
+
+def front_observability(log_dir: str) -> None:
+    """`pbx-front`'s logging (stderr to a file under `log_dir`) and its collector
+    watch, as `pbx.app.run` sets them up."""
+    from pbx.app import tune_gc
+    from pbx.logs import setup_logging
+    from pbx.metrics import CollectorWatch, FrontMetrics
+
+    sys.stderr = open(Path(log_dir) / "front.log", "w")  # noqa: SIM115 (the process's)
+    setup_logging(parse_config(CONFIG.format(logs=log_dir)), "pbx-front")
+    tune_gc()
+    gc.callbacks.append(CollectorWatch(FrontMetrics()))
 
 
 def tracked_by_type() -> Counter[str]:
@@ -385,9 +454,10 @@ def report(args: argparse.Namespace, cpu: float, left: int,
     result: dict[str, Any] = {
         "calls": args.calls, "cpu_s": round(cpu, 3), "us_per_call": round(per_call_us, 1),
         "calls_per_core_s": round(1e6 / per_call_us), "calls_left": left,
-        "profiled": bool(profiler), "shell": args.shell,
+        "profiled": bool(profiler), "shell": args.shell, "front_obs": args.front_obs,
     }
-    what = "shell + core" if args.shell else "core"
+    what = ("shell + core" if args.shell else "core") + (
+        " + front observability" if args.front_obs else "")
     print(f"{args.calls} calls: {per_call_us:.0f} µs {what} CPU per call "
           f"(INVITE..200, ACK, BYE..200, record) = {1e6 / per_call_us:.0f} calls/s per core"
           f"{' (under cProfile)' if profiler else ''}; calls left: {left}")

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import socket
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pbx import messages as m
+from pbx.admin import EventHub
 from pbx.front import Front
 from pbx.sip.message import SipRequest, SipResponse, parse_message
 from tests.calls.rig import (
@@ -70,7 +75,8 @@ class Shell:
     """The real Front with fakes around it; executors `executors`, in that order."""
 
     def __init__(self, tmp: Path, script: Script, extra: str = "",
-                 executors: tuple[bytes, ...] = (b"e",)) -> None:
+                 executors: tuple[bytes, ...] = (b"e",),
+                 has_subscribers: Callable[[], bool] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.script = script
         self.sip: list[tuple[SipRequest | SipResponse, tuple[str, int]]] = []
@@ -82,7 +88,8 @@ class Shell:
         self.refused: list[tuple[bytes, Any]] = []  # (worker or executor, message)
         self.changed = asyncio.Event()
         self.front = Front(rig_settings(tmp, NO_EXPIRY + extra), self._send_sip,
-                           self._send_media, self._send_ivr, self.events.append)
+                           self._send_media, self._send_ivr, self.events.append,
+                           has_subscribers=has_subscribers)
         self.worker = FakeMediaWorker(self.front.on_media_message)
         self.worker.join()
         for identity in executors:
@@ -221,6 +228,58 @@ def test_the_one_timer_follows_the_core_deadlines(tmp_path: Path) -> None:
             await shell.until(lambda: len(invites()) > sent)  # noqa: B023 (awaited here)
 
     run(main)
+
+
+ENDED_LINE = re.compile(r"call ([0-9a-f]{16}) ended: (\{.*\}) \[sip-call-id a=\S+\]$")
+
+
+def test_events_are_built_only_while_someone_listens(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """No PUB subscriber and no admin WebSocket client: the core builds no event (issue
+    9), but the ended call's log line and record are the same; a WebSocket client or a
+    subscriber hears every event of the next call."""
+    heard: dict[str, list[dict[str, Any]]] = {}
+    ended: dict[str, str] = {}
+
+    def one_call(name: str, subscribers: bool, ws_client: bool) -> None:
+        async def main(loop: SkippingLoop) -> None:
+            shell = Shell(tmp_path / name, first_then([m.HangupCommand()]),
+                          has_subscribers=lambda: subscribers)
+            hub = EventHub()
+            shell.front.add_listener(hub.publish, hub.has_clients)
+            queue = hub.subscribe() if ws_client else None
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="pbx.calls"):
+                shell.front.message_received(caller_invite(), CALLER)
+                shell.ack()
+                await shell.until(lambda: shell.requests("BYE", CALLER))
+            heard[name] = list(shell.events)
+            if queue is not None:
+                assert [queue.get_nowait() for _ in range(queue.qsize())] == shell.events
+            (line,) = [r.getMessage() for r in caplog.records if " ended: " in r.getMessage()]
+            ended[name] = line
+            shell.front.records.flush_all()
+            shell.front.calls_log.flush()
+            (record,) = (tmp_path / name / "logs" / "calls.jsonl").read_text().splitlines()
+            assert json.loads(record)["end_reason"] == "Normal"
+
+        run(main)
+
+    one_call("nobody", subscribers=False, ws_client=False)
+    one_call("ws", subscribers=False, ws_client=True)
+    one_call("pub", subscribers=True, ws_client=False)
+    assert heard["nobody"] == []
+    for name in ("ws", "pub"):
+        assert [e["event"] for e in heard[name] if e["type"] == "call"] == [
+            "started", "answered", "ended"], name
+    # The log line does not depend on who listens (its JSON is the ended event's).
+    fields = {}
+    for name, line in ended.items():
+        match = ENDED_LINE.match(line)
+        assert match is not None, line
+        fields[name] = json.loads(match[2])
+    assert set(fields["nobody"]) == set(fields["ws"]) == set(fields["pub"])
+    assert fields["ws"] == next(e for e in heard["ws"] if e.get("event") == "ended")
 
 
 def test_traces_are_stored_logged_and_given_to_listeners(tmp_path: Path) -> None:

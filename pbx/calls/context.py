@@ -17,6 +17,7 @@ clock) before anything runs; `wall()` is the same instant on the wall clock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,10 @@ def reason_phrase(text: str, limit: int = 100) -> str:
     return " ".join(text.replace('"', "'").split())[:limit]
 
 
+def _someone_listens() -> bool:
+    return True
+
+
 class CallContext:
     def __init__(self, settings: Settings, *, transactions: TransactionLayer,
                  registrar: Registrar, media_workers: MediaWorkerRegistry,
@@ -101,6 +106,10 @@ class CallContext:
         self.records = records
         self.traces = traces
         self.out: list[Command] = []
+        # Whether an event published now reaches anyone (the shell's answer: a PUB
+        # subscriber, an admin WebSocket client): events no one would receive are not
+        # built (issue 9). Until the shell says otherwise, someone does.
+        self.listened: Callable[[], bool] = _someone_listens
         self.now = 0.0
         self.wall_offset = wall_offset
         self.stats: dict[str, int] = {

@@ -97,7 +97,11 @@ class CallEvents:
         self.ctx = ctx
 
     def call(self, call: Call, event: str) -> None:
-        """A `call` event: started, answered, bridged, queued, ws_bridged, ended ..."""
+        """A `call` event: started, answered, bridged, queued, ws_bridged, ended ...
+        (built only if someone listens, but for the ended call's log line)."""
+        listened = self.ctx.listened()
+        if not listened and event != "ended":
+            return
         record: dict[str, Any] = {
             "type": "call", "event": event, "call_id": call.call_id,
             "sip_call_ids": list(call.sip_call_ids), "kind": call.kind,
@@ -114,7 +118,8 @@ class CallEvents:
                           transfer_target=call.transfer_target)
             record = redact(record)  # a transfer target URI may carry a password or token
             log.info("call %s ended: %s", call.call_id, orjson.dumps(record).decode())
-        self.ctx.publish(record)
+        if listened:
+            self.ctx.publish(record)
 
     def trace(self, trace: m.StepTrace) -> None:
         # Redacted by the executor already; again here, in case one did not (DESIGN §6).
@@ -127,7 +132,8 @@ class CallEvents:
             record = self.ctx.records.recent.get(trace.call_id) or {}
             data["sip_call_ids"] = list(record.get("sip_call_ids") or ())
         self.ctx.traces.add(data)  # bounded store + logs/traces.jsonl
-        self.ctx.publish({"type": "ivr_step_trace", **data})
+        if self.ctx.listened():
+            self.ctx.publish({"type": "ivr_step_trace", **data})
 
     def front_trace(self, session: Session, error: str, end_reason: str | None) -> None:
         """A step trace the front writes itself (no executor saw what went wrong)."""

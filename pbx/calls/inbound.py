@@ -12,7 +12,6 @@ transferred to that user and answered when the user answers.
 from __future__ import annotations
 
 import logging
-import secrets
 
 from pbx.calls.context import CallContext, reason_phrase
 from pbx.calls.events import CallEvents
@@ -31,6 +30,7 @@ from pbx.sip.errors import SipError
 from pbx.sip.message import SipRequest, new_tag
 from pbx.sip.transaction import TransactionKey
 from pbx.sip.uri import parse_name_addr, parse_uri
+from pbx.tokens import token_hex
 
 log = logging.getLogger("pbx.calls")
 
@@ -93,7 +93,7 @@ class Inbound:
             return
         route = destination.route
         call = Call(
-            call_id=secrets.token_hex(8), route=route, caller=address.from_user,
+            call_id=token_hex(8), route=route, caller=address.from_user,
             callee=address.to_user, started_at=ctx.wall(), party=party,
             extension=destination.name if destination.kind is DestinationKind.USER else None)
         dialog = uas_from_invite(req, new_tag(), reliable)

@@ -23,7 +23,6 @@ The pieces live beside it, each with its own parser: the header container
 from __future__ import annotations
 
 import re
-import secrets
 from dataclasses import dataclass
 
 from pbx.sip.errors import SipError, excerpt
@@ -31,6 +30,7 @@ from pbx.sip.grammar import DIGITS_RE, TOKEN, TOKEN_RE, memoized, split_header_v
 from pbx.sip.headers import Headers
 from pbx.sip.uri import parse_name_addr, parse_uri
 from pbx.sip.via import Via, parse_via
+from pbx.tokens import token_hex
 
 SIP_VERSION = "SIP/2.0"
 MAGIC_COOKIE = "z9hG4bK"
@@ -475,12 +475,12 @@ def make_cancel(invite: SipRequest) -> SipRequest:
 
 def new_branch() -> str:
     """A fresh Via branch with the RFC 3261 magic cookie (§8.1.1.7)."""
-    return MAGIC_COOKIE + secrets.token_hex(10)
+    return MAGIC_COOKIE + token_hex(10)
 
 
 def new_tag() -> str:
-    return secrets.token_hex(6)
+    return token_hex(6)
 
 
 def new_call_id(host: str) -> str:
-    return f"{secrets.token_hex(12)}@{host}"
+    return f"{token_hex(12)}@{host}"

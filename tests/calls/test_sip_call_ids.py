@@ -147,7 +147,8 @@ def test_api_calls_finds_a_call_by_either_legs_call_id(tmp_path: Path) -> None:
     ctx = rig.core.ctx
     # The admin shell over the rig's core (what it reads of a Front).
     front = SimpleNamespace(listeners=[], settings=rig.settings, calls=ctx.table.calls,
-                            core=rig.core, records=ctx.records)
+                            core=rig.core, records=ctx.records,
+                            add_listener=lambda listener, active=None: None)
 
     async def get(server: TestServer, query: str) -> Any:
         async with ClientSession() as http, http.get(

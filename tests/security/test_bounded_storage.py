@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -342,7 +343,7 @@ def test_recordings_in_progress_are_the_live_calls_unfinished_ones() -> None:
 
 
 LOGGING_SCRIPT = r"""
-import logging, sys
+import logging, os, sys
 from pbx.config import parse_config
 from pbx.logs import setup_logging
 setup_logging(parse_config(sys.argv[1]), "front")
@@ -358,6 +359,9 @@ except ValueError:
 for i in range(500):
     log.info("flood from %s", i)
 log.error("after the flood")
+# What the process's lines never show is not collected (pbx.logs.setup_logging).
+record = log.makeRecord("pbx.front", logging.INFO, "script", 1, "x", (), None)
+print(os.getpid(), record.process, record.thread, record.processName)
 """
 
 
@@ -372,6 +376,13 @@ def test_log_lines_are_bounded_escaped_and_scrubbed_in_a_real_process() -> None:
     lines = lines[:-1]
     records = [ln for ln in lines if not ln.startswith("| ")]
     traceback = [ln for ln in lines if ln.startswith("| ")]
+    # Every record: time, process name and pid, level, logger, message; a record's
+    # thread and process fields are not collected (no line shows them).
+    pid, process, thread, process_name = out.stdout.decode().split()
+    assert (process, thread, process_name) == ("None", "None", "None")
+    line_re = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} front\[" + pid
+                         + r"\] (INFO|WARNING|ERROR) pbx\.front: \S")
+    assert all(line_re.match(ln) for ln in records), records[:5]
     # One record, one line: the forged CR/LF lines never start a line of their own.
     assert not [ln for ln in lines if "FORGED" in ln and ln.startswith("2026-01-01")]
     assert all(" front[" in ln for ln in records), records[:5]
