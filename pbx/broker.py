@@ -48,7 +48,7 @@ import zmq
 
 from pbx import messages
 from pbx.config import ZmqSettings
-from pbx.planes import ZAP_ENDPOINT, ZapPolicy, configure_server
+from pbx.planes import ZAP_ENDPOINT, ZapPolicy, configure_server, plane_context
 
 log = logging.getLogger("pbx.broker")
 
@@ -142,7 +142,7 @@ class Broker:
         (private IPC directories, keys present)."""
         self.settings = settings
         # A context of its own: the ZAP handler's endpoint is one per context.
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.ctx = plane_context(settings)
         self.stats: dict[str, int] = {"zmq_auth_rejected": 0}
         self.zap: zmq.Socket[bytes] | None = None
         self.zap_policy: ZapPolicy | None = None

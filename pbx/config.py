@@ -258,6 +258,9 @@ class ZmqSettings(_Section):
     media_endpoint: str = "ipc://run/zmq/media"
     ivr_endpoint: str = "ipc://run/zmq/ivr"
     events_endpoint: str = "ipc://run/zmq/events"
+    # Each process's ZeroMQ I/O thread under SCHED_BATCH (Linux): waking for a message, it
+    # never preempts its process's own thread (pbx.planes.plane_context, perf/README.md).
+    io_thread_batch: bool = True
     # The front's CURVE key pair. Every program needs the public key (it turns CURVE
     # on); only the front's config holds the secret one.
     server_public_key: str | None = Field(default=None, validate_default=True)

@@ -300,3 +300,33 @@ def test_secret_key_in_a_readable_file_is_noticed(tmp_path: Path) -> None:
     path.write_text('[zmq]\nmedia_endpoint = "tcp://127.0.0.1:5570"\n')
     path.chmod(0o644)
     assert not planes.secret_readable_by_others(load_config(str(path)))
+
+
+def _io_threads() -> set[int]:
+    return {int(task.name) for task in Path("/proc/self/task").iterdir()
+            if (task / "comm").read_text().strip().startswith("ZMQbg/IO")}
+
+
+def _io_thread_policies(ctx: zmq.Context[zmq.Socket[bytes]]) -> list[int]:
+    """The scheduling policy of the ZeroMQ I/O thread (named ZMQbg/IO/<n>) that `ctx`'s
+    first socket starts (other tests' contexts may have theirs running too)."""
+    before = _io_threads()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        return [os.sched_getscheduler(tid) for tid in _io_threads() - before]
+    finally:
+        sock.close(linger=0)
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_plane_context_runs_its_io_thread_as_a_batch_thread(batch: bool) -> None:
+    """[zmq] io_thread_batch (default on): the I/O thread never preempts its process's own
+    thread when a message wakes it (SCHED_BATCH); off, it is an ordinary thread."""
+    zs = parse_config(f"[zmq]\nio_thread_batch = {str(batch).lower()}\n").zmq
+    assert parse_config("").zmq.io_thread_batch is True
+    ctx = planes.plane_context(zs)
+    try:
+        policies = _io_thread_policies(ctx)
+    finally:
+        ctx.term()
+    assert policies == [os.SCHED_BATCH if batch else os.SCHED_OTHER]

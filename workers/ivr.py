@@ -61,6 +61,7 @@ from pbx.messages import (
     StepTrace,
     decode,
 )
+from pbx.planes import plane_context
 from pbx.reload import plan_reload
 from pbx.startup import start_program
 from pbx.tts import TTS_UNAVAILABLE, TtsEngine
@@ -404,7 +405,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx = plane_context(settings.zmq)
     client = ProviderClient()
     try:
         executor = Executor(settings, ctx, client, executor_id())

@@ -58,7 +58,6 @@ from bisect import bisect_left
 from typing import Any
 
 import aiohttp
-import zmq
 
 from media import g711, inband, vad
 from media.engine import EngineError, MediaEngine, Packet
@@ -91,6 +90,7 @@ from pbx.messages import (
     MessageError,
     decode,
 )
+from pbx.planes import plane_context
 from pbx.startup import start_program
 from workers import rtpio
 from workers.portpool import RefusedSeqs, RtpPortPool, bind_rtp_pair
@@ -212,7 +212,7 @@ class MediaWorker:
         # arrival); what they waited goes in the next heartbeat (ms).
         self.plays_starting: dict[str, tuple[int, float]] = {}
         self.play_start_ms: list[float] = []
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.ctx = plane_context(settings.zmq)
         self.dealer = FrontDealer(self.ctx, worker_id, self.on_frame, linger_ms=500)
         self.loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
