@@ -87,8 +87,6 @@ from pydantic import (
 )
 
 from pbx.config import IvrAppParams
-
-# Re-exported: every plane message model is reached through this module.
 from pbx.ivr_commands import AgentCommand as AgentCommand
 from pbx.ivr_commands import CallCommand as CallCommand
 from pbx.ivr_commands import HangupCommand as HangupCommand
@@ -101,6 +99,16 @@ from pbx.ivr_commands import StopRecordCommand as StopRecordCommand
 from pbx.ivr_commands import TimerCommand as TimerCommand
 from pbx.ivr_commands import TransferCommand as TransferCommand
 from pbx.ivr_commands import WsBridgeCommand as WsBridgeCommand
+
+# Re-exported: every plane message model is reached through this module.
+from pbx.media_events import AudioComplete as AudioComplete
+from pbx.media_events import DtmfDigit as DtmfDigit
+from pbx.media_events import MediaEventBody as MediaEventBody
+from pbx.media_events import MediaFailure as MediaFailure
+from pbx.media_events import RecordEnd as RecordEnd
+from pbx.media_events import RecordingFinished as RecordingFinished
+from pbx.media_events import TimerFired as TimerFired
+from pbx.media_events import WsBridgeEnded as WsBridgeEnded
 
 PROTOCOL_VERSION: Literal[5] = 5
 
@@ -301,9 +309,6 @@ class MediaDtmfInfo(_Msg):
     duration_ms: int = 100
 
 
-RecordEnd = Literal[
-    "dtmf", "max_duration", "stopped", "error", "speech_end", "no_speech", "max_speech"
-]
 
 
 class MediaRecord(_Msg):
@@ -359,59 +364,6 @@ class MediaRelease(_Msg):
 
     kind: Literal["media_release"] = "media_release"
     call_id: str
-
-
-class AudioComplete(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Literal["audio_complete"] = "audio_complete"
-    play_id: int
-
-
-class DtmfDigit(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Literal["dtmf"] = "dtmf"
-    digit: str
-    source: Literal["rfc4733", "info", "inband"] = "rfc4733"
-    # Set when this digit stopped an interruptible prompt.
-    stopped_play_id: int | None = None
-
-
-class TimerFired(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Literal["timer"] = "timer"
-    timer_id: int
-
-
-class MediaFailure(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Literal["media_error"] = "media_error"
-    reason: str
-    play_id: int | None = None
-
-
-class RecordingFinished(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Literal["recording_finished"] = "recording_finished"
-    record_id: int
-    path: str  # as given in MediaRecord
-    duration_ms: int
-    reason: RecordEnd  # the last three only when listening (MediaRecord.listen_ms)
-    # Listening: where in the file the speech began (None: nobody spoke, or a plain
-    # recording), so the recogniser is not sent the wait before it.
-    speech_start_ms: int | None = Field(default=None, ge=0)
-
-
-class WsBridgeEnded(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Literal["ws_bridge_ended"] = "ws_bridge_ended"
-    reason: str  # "closed by peer", "connect failed: ...", "timeout"
-
-
-MediaEventBody = Annotated[
-    AudioComplete | DtmfDigit | TimerFired | MediaFailure | RecordingFinished
-    | WsBridgeEnded,
-    Field(discriminator="type"),
-]
 
 
 class MediaEvent(_Msg):

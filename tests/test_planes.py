@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def test_defaults_are_private_ipc() -> None:
     assert {planes.ipc_directory(e) for e in zs.endpoints().values()} == {Path("run/zmq")}
     assert not zs.curve
     shipped = tomllib.loads((ROOT / "config" / "pbx.toml").read_text())["zmq"]
-    assert all(v.startswith("ipc://run/zmq/") for v in shipped.values())
+    endpoints = {k: v for k, v in shipped.items() if k.endswith("_endpoint")}
+    assert len(endpoints) == 3
+    assert all(v.startswith("ipc://run/zmq/") for v in endpoints.values())
 
 
 @pytest.mark.parametrize("plane", ["media", "ivr", "events"])
@@ -313,7 +316,12 @@ def _io_thread_policies(ctx: zmq.Context[zmq.Socket[bytes]]) -> list[int]:
     before = _io_threads()
     sock = ctx.socket(zmq.DEALER)
     try:
-        return [os.sched_getscheduler(tid) for tid in _io_threads() - before]
+        # The thread names itself once running, after it set its policy (libzmq's
+        # thread_routine): wait for the name, bounded.
+        deadline = time.monotonic() + 5.0
+        while not (new := _io_threads() - before) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return [os.sched_getscheduler(tid) for tid in new]
     finally:
         sock.close(linger=0)
 
