@@ -42,6 +42,7 @@ executor that died or a session that ended before recognition.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib.util
 import io
 import logging
@@ -49,6 +50,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import time
 import wave
 from collections.abc import Callable, Sequence
@@ -72,6 +74,7 @@ MAX_TEXT_CHARS = 4000
 MAX_UTTERANCE_BYTES = 8 << 20
 SWEEP_INTERVAL_S = 60.0
 LOCAL_NICE = 10
+PR_SET_PDEATHSIG = 1  # prctl(2)
 MODEL_RATE = 16_000
 # What is kept before the speech the VAD found (its onset needs a few frames).
 LEAD_MS = 300
@@ -133,12 +136,23 @@ MAX_SEARCHES = 64
 FREE_TEXT_SEARCH = "_default"  # pocketsphinx's own: its language model
 
 
-def _child_init() -> None:
-    """A recogniser child: below the media workers and the executor in CPU priority."""
+def _child_init(parent_pid: int) -> None:
+    """A recogniser child: below the media workers and the executor in CPU priority, and
+    gone with its executor. A pool's children outlive a killed parent (they were left
+    behind, ~170 MB each, whenever supervisord restarted an executor): the kernel kills
+    this one when its parent dies (Linux PR_SET_PDEATHSIG), and one whose parent is
+    already gone leaves at once."""
     try:
         os.nice(LOCAL_NICE)
     except OSError:
         pass
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the pool's own shutdown is all there is
+    if os.getppid() != parent_pid:
+        os._exit(0)
 
 
 def grammar(phrases: Sequence[str]) -> str:
@@ -376,6 +390,7 @@ class AsrEngine:
                 max_workers=self.settings.max_concurrent,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_child_init,
+                initargs=(os.getpid(),),
             )
         return self._pool
 

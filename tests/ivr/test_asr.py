@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -422,3 +424,48 @@ def test_the_startup_log_line_names_the_recogniser_without_credentials(tmp_path:
     assert engine(tmp_path, local=True).describe() == "pocketsphinx (local)"
     assert engine(tmp_path, local=False).describe() == (
         "not available (no [asr] url, no pocketsphinx)")
+
+
+_POOL_HOLDER = """
+import os, sys, time
+from pbx.asr import AsrEngine
+from pbx.settings.speech import AsrSettings
+engine = AsrEngine(AsrSettings(spool_dir=sys.argv[1], max_concurrent=2), local=False)
+pool = engine._local_pool()
+print(" ".join(str(pool.submit(os.getpid).result(timeout=60)) for _ in range(4)), flush=True)
+time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has already ended
+
+
+def test_recogniser_children_end_with_a_killed_executor(tmp_path: Path) -> None:
+    """The local recogniser pool's children go when their executor is SIGKILLed (by
+    supervisord, or the OOM killer): before, they stayed, re-parented to init."""
+    (tmp_path / "spool").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _POOL_HOLDER, str(tmp_path / "spool")],
+                              stdout=subprocess.PIPE, cwd=Path(__file__).parents[2])
+    children: set[int] = set()
+    try:
+        assert holder.stdout is not None
+        children = {int(pid) for pid in holder.stdout.readline().split()}
+        assert children and holder.pid not in children
+        assert all(_alive(pid) for pid in children)
+        holder.kill()
+        holder.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [pid for pid in children if _alive(pid)]
+    finally:
+        holder.kill()
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, 9)
+    assert not left, f"recogniser children outlived their executor: {left}"
