@@ -40,7 +40,7 @@ Strict latching (symmetric RTP, RFC 4961, made safe on a public address): a
 leg answers where its caller's packets come from, and once latched it takes
 packets from that source only; every other source's packets are dropped before
 statistics, DTMF, audio, recording or relay, and counted (per leg in
-MediaReleased, per worker in `foreign_dropped`). The rule, and when the latch
+ReleasedLeg, per worker in `foreign_dropped`). The rule, and when the latch
 may move, is `media.kernels.rtpbatch`'s ("Strict latching"); the per-packet
 path and RTCP (`receive_rtcp`, on its own port) follow the same rule.
 
@@ -89,9 +89,9 @@ from pbx.messages import (
     MediaFailure,
     MediaPlay,
     MediaRecord,
-    MediaReleased,
     MediaRemote,
     MediaTimer,
+    ReleasedLeg,
     TimerFired,
     WsBridgeEnded,
 )
@@ -586,10 +586,10 @@ class MediaEngine:
         """One audio frame from outside (the WebSocket) into the leg's stream, sent at `at`."""
         self._forward(leg, leg.payload_type, src_ts, False, payload, len(payload), at, out)
 
-    def remove_leg(self, call_id: str, now: float | None = None) -> MediaReleased:
+    def remove_leg(self, call_id: str, now: float | None = None) -> ReleasedLeg:
         leg = self.legs.pop(call_id, None)
         if leg is None:
-            return MediaReleased(call_id=call_id)
+            return ReleasedLeg(call_id=call_id)
         if leg.rec is not None:
             self.recorder.release(leg, now)  # the file is finished, no event
         if leg.ws is not None:
@@ -613,7 +613,7 @@ class MediaEngine:
         self._rtp_foreign_gone += foreign
         self.tab.remove(leg.row)
         del self._by_row[leg.row]
-        return MediaReleased(
+        return ReleasedLeg(
             call_id=call_id,
             packets_sent=packets_sent,
             packets_received=packets_received,

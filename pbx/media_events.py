@@ -1,6 +1,7 @@
 """The events a media worker reports on a call leg (`pbx.messages.MediaEvent.event`): a
 prompt played out, a key pressed, a timer fired, a media failure, a recording finished,
-a WebSocket bridge ended. Reached through `pbx.messages` like every plane message."""
+a WebSocket bridge ended; and a released leg's statistics (`pbx.messages.MediaReleased`).
+Reached through `pbx.messages` like every plane message."""
 
 from __future__ import annotations
 
@@ -64,3 +65,32 @@ MediaEventBody = Annotated[
     | WsBridgeEnded,
     Field(discriminator="type"),
 ]
+
+
+# The most legs one MediaReleased names: a worker releasing more in one tick (all its
+# calls at once) sends several.
+MAX_RELEASED_LEGS = 500
+
+
+class ReleasedLeg(BaseModel):
+    """A released leg's RTP statistics (one item of MediaReleased)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    call_id: str
+    packets_sent: int = 0
+    packets_received: int = 0
+    # RFC 3550 receive statistics of the leg's source (A.3 cumulative lost,
+    # A.8 interarrival jitter) and audio packets that came too late to be used.
+    packets_lost: int = 0
+    jitter_ms: float = 0.0
+    packets_late: int = 0
+    # What the far end reported about our stream in its last RTCP report block.
+    remote_packets_lost: int | None = None
+    remote_jitter_ms: float | None = None
+    rtcp_sent: int = 0
+    rtcp_received: int = 0
+    # Strict latching: packets from other sources than the latched one, dropped (RTP,
+    # RTCP), and times the RTP latch moved to another source without signalling.
+    rtp_foreign_dropped: int = 0
+    rtcp_foreign_dropped: int = 0
+    rtp_relatched: int = 0

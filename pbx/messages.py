@@ -70,6 +70,9 @@ string of at most MAX_IVR_STATE_CHARS characters), and IvrReply says the state's
 `step_index` and `end_reason` itself: the front neither parses nor copies the state
 (it was ~20 us of the front's work per reply, decoding and re-encoding the ~2 KB
 object). A version-4 peer sends an object where a string is wanted.
+6 (issue 9), MediaReleased carries the statistics of every leg released in one tick
+(`legs`, a list of ReleasedLeg) instead of one leg's: one message a tick instead of
+one a call. A version-5 peer sends one leg's fields at the top level.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ from pbx.ivr_commands import StopRecordCommand as StopRecordCommand
 from pbx.ivr_commands import TimerCommand as TimerCommand
 from pbx.ivr_commands import TransferCommand as TransferCommand
 from pbx.ivr_commands import WsBridgeCommand as WsBridgeCommand
+from pbx.media_events import MAX_RELEASED_LEGS as MAX_RELEASED_LEGS
 
 # Re-exported: every plane message model is reached through this module.
 from pbx.media_events import AudioComplete as AudioComplete
@@ -107,10 +111,11 @@ from pbx.media_events import MediaEventBody as MediaEventBody
 from pbx.media_events import MediaFailure as MediaFailure
 from pbx.media_events import RecordEnd as RecordEnd
 from pbx.media_events import RecordingFinished as RecordingFinished
+from pbx.media_events import ReleasedLeg as ReleasedLeg
 from pbx.media_events import TimerFired as TimerFired
 from pbx.media_events import WsBridgeEnded as WsBridgeEnded
 
-PROTOCOL_VERSION: Literal[5] = 5
+PROTOCOL_VERSION: Literal[6] = 6
 
 
 class MessageError(Exception):
@@ -119,7 +124,7 @@ class MessageError(Exception):
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[5] = PROTOCOL_VERSION
+    v: Literal[6] = PROTOCOL_VERSION
 
 
 # ---------------------------------------------------------------- media plane
@@ -360,7 +365,8 @@ class MediaWsBridge(_Msg):
 
 
 class MediaRelease(_Msg):
-    """Stop everything for the leg and free its port; answered by MediaReleased."""
+    """Stop everything for the leg and free its port; its statistics come in the
+    worker's next MediaReleased (within a tick)."""
 
     kind: Literal["media_release"] = "media_release"
     call_id: str
@@ -373,25 +379,11 @@ class MediaEvent(_Msg):
 
 
 class MediaReleased(_Msg):
+    """The legs the worker released since its last MediaReleased (sent once per tick:
+    one message for every MediaRelease of the tick, not one each)."""
+
     kind: Literal["media_released"] = "media_released"
-    call_id: str
-    packets_sent: int = 0
-    packets_received: int = 0
-    # RFC 3550 receive statistics of the leg's source (A.3 cumulative lost,
-    # A.8 interarrival jitter) and audio packets that came too late to be used.
-    packets_lost: int = 0
-    jitter_ms: float = 0.0
-    packets_late: int = 0
-    # What the far end reported about our stream in its last RTCP report block.
-    remote_packets_lost: int | None = None
-    remote_jitter_ms: float | None = None
-    rtcp_sent: int = 0
-    rtcp_received: int = 0
-    # Strict latching: packets from other sources than the latched one, dropped (RTP,
-    # RTCP), and times the RTP latch moved to another source without signalling.
-    rtp_foreign_dropped: int = 0
-    rtcp_foreign_dropped: int = 0
-    rtp_relatched: int = 0
+    legs: list[ReleasedLeg] = Field(min_length=1, max_length=MAX_RELEASED_LEGS)
 
 
 # ---------------------------------------------------------------- IVR plane

@@ -310,7 +310,7 @@ class FrontMetrics:
         self.tick_late.series.pop(worker, None)
         self.play_to_rtp.series.pop(worker, None)
 
-    def media_released(self, stats: dict[str, int], msg: m.MediaReleased) -> None:
+    def media_released(self, stats: dict[str, int], msg: m.ReleasedLeg) -> None:
         """A leg's RTP statistics at its end (RFC 3550 receive statistics, RTCP)."""
         stats["rtp_packets_sent"] += msg.packets_sent
         stats["rtp_packets_received"] += msg.packets_received

@@ -166,7 +166,7 @@ class CallRecords:
             self.by_media[media_id] = call_id
 
     def media_released(self, media_id: str, stats: dict[str, Any]) -> None:
-        """A leg's MediaReleased (its fields but kind, v and call_id)."""
+        """A leg's statistics from MediaReleased (its ReleasedLeg's fields but call_id)."""
         call_id = self.by_media.pop(media_id, None)
         if call_id is None:
             return

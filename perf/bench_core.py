@@ -202,8 +202,8 @@ class Driver:
                         if msg.seq % ANNOUNCE_EVERY == 0:
                             self.announce(msg.seq)
                     elif isinstance(msg, m.MediaRelease):
-                        core.media_message(b"w", m.MediaReleased(
-                            call_id=msg.call_id, packets_sent=1, packets_received=1),
+                        core.media_message(b"w", m.MediaReleased(legs=[m.ReleasedLeg(
+                            call_id=msg.call_id, packets_sent=1, packets_received=1)]),
                             self.now)
                 elif isinstance(command, ToIvr):
                     core.ivr_message(b"e", self.executor.answer(command.event), self.now)
@@ -285,7 +285,7 @@ class ShellDriver:
                                     m.MediaPorts(ports=POOL, allocate_seq=msg.seq))
         elif isinstance(msg, m.MediaRelease):
             self.loop.call_soon(self.front.on_media_message, worker, m.MediaReleased(
-                call_id=msg.call_id, packets_sent=1, packets_received=1))
+                legs=[m.ReleasedLeg(call_id=msg.call_id, packets_sent=1, packets_received=1)]))
         return True
 
     def send_ivr(self, executor: bytes, event: Any) -> bool:

@@ -44,9 +44,9 @@ Prints a table next to the DESIGN §4 targets and writes JSON
 `--churn RATE` measures the control plane instead: short calls, started at RATE per
 second for `--measure` seconds (after `--warmup`), each MediaAllocate (a port the worker
 announced, with the caller's address: `remote`) and MediaPlay of a `--churn-prompt-ms`
-prompt (100 ms, as a `*99` test call), MediaRelease at its AudioComplete,
-MediaReleased: five control messages a call plus the worker's MediaPorts (one per
-tick, confirming that tick's allocations) and heartbeats. Reported: the worker's CPU
+prompt (100 ms, as a `*99` test call), MediaRelease at its AudioComplete: four control
+messages a call plus the worker's MediaPorts (one per tick, confirming that tick's
+allocations), its MediaReleased (one per tick, for that tick's releases) and heartbeats. Reported: the worker's CPU
 per call (ms), calls completed, set-up (MediaAllocate to the announcement that
 confirms it) percentiles as seen by this script. The prompt's packets go to a socket nobody reads.
 """
@@ -83,6 +83,7 @@ from pbx.messages import (  # noqa: E402
     MediaRelease,
     MediaReleased,
     MediaRemote,
+    ReleasedLeg,
 )
 from perf.benchlib import (  # noqa: E402
     PhoneSockets,
@@ -328,12 +329,12 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         # ---- release, collecting the worker's per-leg statistics
         for c in call_ids:
             front.send(MediaRelease(call_id=c))
-        released: list[MediaReleased] = []
+        released: list[ReleasedLeg] = []
         deadline_r = time.monotonic() + 20.0
         while len(released) < n_calls and time.monotonic() < deadline_r:
             msg = front.recv(1.0)
             if isinstance(msg, MediaReleased):
-                released.append(msg)
+                released.extend(msg.legs)
             elif isinstance(msg, MediaEvent) and isinstance(msg.event, DtmfDigit):
                 # reports of the last presses of the window arrive just after it
                 digits_got[index[msg.call_id]] += 1
@@ -499,8 +500,9 @@ def run_churn(rate: float, args: argparse.Namespace) -> dict[str, Any]:
                 elif isinstance(msg, MediaEvent) and isinstance(msg.event, AudioComplete):
                     front.send(MediaRelease(call_id=msg.call_id))
                 elif isinstance(msg, MediaReleased):
-                    in_use.pop(msg.call_id, None)
-                    completed += 1
+                    for leg in msg.legs:
+                        in_use.pop(leg.call_id, None)
+                        completed += 1
                 msg = front.recv(0.0)
         cpu1 = proc_cpu_s(pid)
         t_meas = time.monotonic() - t0

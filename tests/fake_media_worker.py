@@ -80,5 +80,6 @@ class FakeMediaWorker:
             return [self.ports()]  # the announcement confirms it (`allocate_seq`)
         if isinstance(msg, m.MediaRelease):
             self.legs.pop(msg.call_id, None)
-            return [m.MediaReleased(call_id=msg.call_id, packets_sent=10, packets_received=9)]
+            return [m.MediaReleased(legs=[m.ReleasedLeg(call_id=msg.call_id, packets_sent=10,
+                                                        packets_received=9)])]
         return []

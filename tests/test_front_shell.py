@@ -11,6 +11,7 @@ waits for time to pass: each step waits for the shell's next send.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import re
@@ -23,6 +24,7 @@ import pytest
 
 from pbx import messages as m
 from pbx.admin import EventHub
+from pbx.app import GC_FULL_EVERY, GC_YOUNG, tune_gc
 from pbx.front import Front
 from pbx.sip.message import SipRequest, SipResponse, parse_message
 from tests.calls.rig import (
@@ -332,3 +334,17 @@ def test_the_core_deadline_is_asked_once_per_loop_iteration(tmp_path: Path) -> N
         assert shell.front._timer_at == asked[0]
 
     run(main)
+
+
+def test_tune_gc_sets_the_front_collector_thresholds() -> None:
+    """Young collections every GC_YOUNG allocations (not CPython 3.11's 700), full
+    ones after GC_FULL_EVERY middle ones; what exists at start-up is frozen."""
+    saved = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == (GC_YOUNG, saved[1], GC_FULL_EVERY)
+        assert GC_YOUNG > saved[0]
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)

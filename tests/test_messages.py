@@ -69,7 +69,8 @@ SAMPLES: list[m._Msg] = [
     m.MediaEvent(call_id="c1", event=m.DtmfDigit(digit="#", source="inband", stopped_play_id=7)),
     m.MediaEvent(call_id="c1", event=m.TimerFired(timer_id=3)),
     m.MediaEvent(call_id="c1", event=m.MediaFailure(reason="file not found", play_id=7)),
-    m.MediaReleased(call_id="c1", packets_sent=10, packets_received=9),
+    m.MediaReleased(legs=[m.ReleasedLeg(call_id="c1", packets_sent=10, packets_received=9),
+                          m.ReleasedLeg(call_id="c2", remote_jitter_ms=1.5)]),
     m.IvrReady(executor_id="e1", capacity=50),
     m.IvrHeartbeat(executor_id="e1", busy=1, capacity=50),
     m.IvrEvent(session_id="s1", seq=0, input=m.SessionStartInput(call=CALL)),
@@ -139,8 +140,8 @@ def _frame(**changes: object) -> bytes:
 # 1: the version before issue 8 (`rtp_ip`, `IvrReply.wait_ms`, `WaitExpiredInput`);
 # 2: before issue 9 (port pools: MediaPorts, MediaAllocate.rtp_port); 3: before
 # MediaAllocate.remote and confirmations by announcement; 4: before the session state
-# travelled as text.
-@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 6, "5", None])
+# travelled as text; 5: before MediaReleased named a tick's legs.
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 7, "6", None])
 def test_wrong_version(version: object) -> None:
     with pytest.raises(m.MessageError, match="protocol version"):
         m.decode(_frame(v=version))
@@ -283,4 +284,17 @@ def test_allocate_names_its_port_and_seq(fields: dict[str, object]) -> None:
     frame = orjson.dumps({"v": m.PROTOCOL_VERSION, "kind": "media_allocate", "call_id": "c1",
                           **fields})
     with pytest.raises(m.MessageError, match="media_allocate"):
+        m.decode(frame)
+
+
+@pytest.mark.parametrize("fields", [
+    {"legs": []},
+    {"legs": [{"call_id": f"c{n}"} for n in range(m.MAX_RELEASED_LEGS + 1)]},
+    {"call_id": "c1", "packets_sent": 1},  # a version-5 worker's one leg
+    {"legs": [{"call_id": "c1", "secret": 1}]},
+])
+def test_released_legs_bounds(fields: dict[str, object]) -> None:
+    """MediaReleased names 1 to MAX_RELEASED_LEGS legs, each a ReleasedLeg."""
+    frame = orjson.dumps({"v": m.PROTOCOL_VERSION, "kind": "media_released", **fields})
+    with pytest.raises(m.MessageError, match="media_released"):
         m.decode(frame)

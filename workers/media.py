@@ -69,6 +69,7 @@ from media.vad import ListenTuning
 from pbx.config import Settings
 from pbx.dealer import FrontDealer
 from pbx.messages import (
+    MAX_RELEASED_LEGS,
     MEDIA_TIMING_BOUNDS_MS,
     TIMING_BUCKETS,
     MediaAllocate,
@@ -83,11 +84,13 @@ from pbx.messages import (
     MediaRecord,
     MediaRecordStop,
     MediaRelease,
+    MediaReleased,
     MediaRemote,
     MediaStop,
     MediaTimer,
     MediaWsBridge,
     MessageError,
+    ReleasedLeg,
     decode,
 )
 from pbx.planes import plane_context
@@ -199,6 +202,7 @@ class MediaWorker:
         self.allocate_seq = 0  # MediaAllocate.seq of the last one handled
         self.refused = RefusedSeqs()  # what `allocate_seq` does not confirm
         self._announce_due = False  # an allocation was handled since the last announcement
+        self.released: list[ReleasedLeg] = []  # legs released since the last MediaReleased
         self._refill: asyncio.Handle | None = None
         self._http: aiohttp.ClientSession | None = None
         self._last_poll = 0.0  # time.monotonic() of the last read of the RTP sockets
@@ -269,9 +273,8 @@ class MediaWorker:
             self.start_ws(msg)
         elif isinstance(msg, MediaRelease):
             self.stop_ws(msg.call_id)
-            released = engine.remove_leg(msg.call_id, now)
+            self.released.append(engine.remove_leg(msg.call_id, now))
             self.close_leg(msg.call_id)
-            self.send(released)
             self.refill_soon()  # room for one more pooled pair
         else:
             log.warning("ignoring %s: not for a media worker", type(msg).__name__)
@@ -426,6 +429,14 @@ class MediaWorker:
         if self.pool.changed or self._announce_due:
             self.send(self.ports_message())
             self.pool.changed = self._announce_due = False
+
+    def send_released(self) -> None:
+        """The statistics of the legs released since the last call (once per tick: a
+        tick's releases are one message, not one each; issue 9)."""
+        while self.released:
+            legs, self.released = (self.released[:MAX_RELEASED_LEGS],
+                                   self.released[MAX_RELEASED_LEGS:])
+            self.send(MediaReleased(legs=legs))
 
     async def _open_endpoint(
         self,
@@ -682,6 +693,7 @@ class MediaWorker:
                     self.send_ws(self.engine.ws.drain())
                 self.send_rtcp(self.engine.rtcp_due(target))
                 self.announce_ports()
+                self.send_released()
                 if self.plays_starting:
                     self.time_play_starts()
             except Exception:
@@ -797,6 +809,7 @@ class MediaWorker:
         for call_id in list(self.engine.legs):
             self.stop_ws(call_id)
             self.engine.remove_leg(call_id, time.monotonic())  # finishes recordings
+        self.send_released()  # what the last tick did not send
         if self._http is not None:
             await self._http.close()
         for transport in [*self.transports.values(), *self.rtcp_transports.values()]:

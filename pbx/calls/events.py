@@ -123,7 +123,9 @@ class CallEvents:
 
     def trace(self, trace: m.StepTrace) -> None:
         # Redacted by the executor already; again here, in case one did not (DESIGN §6).
-        data = redact(trace.model_dump(mode="json"))
+        # The copy redact makes is the only one: the fields are JSON values already (a
+        # decoded frame), so no model_dump first (issue 9).
+        data = redact(trace.__dict__)
         # The SIP Call-IDs of the call's legs (a step may come after the call ended).
         call = self.ctx.table.calls.get(trace.call_id)
         if call is not None:

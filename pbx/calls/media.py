@@ -226,11 +226,12 @@ class MediaPlane:
             if leg is not None and leg.media.worker == identity and leg is leg.call.a:
                 return leg
         elif isinstance(msg, m.MediaReleased):
-            log.debug("leg %s released: %d packets sent, %d received", msg.call_id,
-                      msg.packets_sent, msg.packets_received)
-            ctx.metrics.media_released(ctx.stats, msg)
-            ctx.records.media_released(msg.call_id, msg.model_dump(
-                mode="json", exclude={"v", "kind", "call_id"}))
+            for released in msg.legs:
+                log.debug("leg %s released: %d packets sent, %d received", released.call_id,
+                          released.packets_sent, released.packets_received)
+                ctx.metrics.media_released(ctx.stats, released)
+                ctx.records.media_released(released.call_id, released.model_dump(
+                    mode="json", exclude={"call_id"}))
         return None
 
     def _worker_declared(self, identity: bytes, msg: m.MediaReady | m.MediaHeartbeat) -> None:
