@@ -37,6 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_PER_CORE = 500
 TARGET_P99_MS = 10.0
 TARGET_AT_RATE = 200
+# A step is clean when no call failed (the issue's definition). A saturated step can
+# pass that with a set-up p99 of seconds, so the best step whose p99 is also at most
+# this is printed next to it: what a carrier would call a step it can run at.
+CLEAN_P99_MS = 100.0
 
 
 def front_pid(port: int) -> int | None:
@@ -148,6 +152,17 @@ def run_callload(pbx: str, rate: int, step_s: float, target: str, hold_ms: int,
             "setup_ms": {"p50": lat.get("p50"), "p99": lat.get("p99"), "max": lat.get("max")}}
 
 
+def best_per_core(results: list[dict[str, Any]], max_p99_ms: float | None = None
+                  ) -> float | None:
+    """The highest calls/s per front core of a step without a failed call (and, with
+    `max_p99_ms`, with a set-up p99 at most that); None if there is none."""
+    per_core = [r["calls_per_s_per_front_core"] for r in results
+                if r.get("calls_per_s_per_front_core") and not r["failed"]
+                and (max_p99_ms is None or (r["setup_ms"]["p99"] is not None
+                                            and r["setup_ms"]["p99"] <= max_p99_ms))]
+    return max(per_core) if per_core else None
+
+
 def fmt(v: Any) -> str:
     return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
@@ -161,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hold-ms", type=int, default=100)
     ap.add_argument("--callload-rates", default="50,200")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--clean-p99-ms", type=float, default=CLEAN_P99_MS,
+                    help="the p99 bound of the second 'best step' figure")
     args = ap.parse_args(argv)
     if not shutil.which("sipp"):
         print("sipp is not installed (Debian: sip-tester)", file=sys.stderr)
@@ -206,12 +223,12 @@ def main(argv: list[str] | None = None) -> int:
               f" {fmt(r.get('front_cpu_cores')):>11} {fmt(r.get('calls_per_s_per_front_core')):>12}")
     at_target = next((r for r in results if r["tool"] == "sipp" and r["rate"] == TARGET_AT_RATE),
                      None)
-    per_core = [r["calls_per_s_per_front_core"] for r in results
-                if r.get("calls_per_s_per_front_core") and not r["failed"]]
-    best = max(per_core) if per_core else None
+    best = best_per_core(results)
+    best_bounded = best_per_core(results, args.clean_p99_ms)
     print(f"\nDESIGN §4 targets: >= {TARGET_PER_CORE} calls/s per front core "
-          f"(measured, best clean step: {fmt(best)}); p99 INVITE->200 <= {TARGET_P99_MS} ms at "
-          f"{TARGET_AT_RATE} calls/s (measured: "
+          f"(measured, best clean step: {fmt(best)}; best clean step with p99 <= "
+          f"{args.clean_p99_ms:g} ms: {fmt(best_bounded)}); p99 INVITE->200 <= "
+          f"{TARGET_P99_MS} ms at {TARGET_AT_RATE} calls/s (measured: "
           f"{fmt(at_target['setup_ms']['p99']) if at_target else '-'} ms)")
     out = Path(args.json) if args.json else (
         ROOT / "perf" / "results" / f"setup_rate-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -222,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"calls_per_s_per_front_core": TARGET_PER_CORE,
                     "p99_setup_ms_at_200": TARGET_P99_MS},
         "best_calls_per_s_per_front_core": best,
+        "best_calls_per_s_per_front_core_p99_bounded": best_bounded,
         "p99_setup_ms_at_200": at_target["setup_ms"]["p99"] if at_target else None,
         "workdir": str(work),
     }, indent=2))
