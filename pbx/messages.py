@@ -90,6 +90,8 @@ from pydantic import (
 )
 
 from pbx.config import IvrAppParams
+
+# Re-exported: every plane message model is reached through this module.
 from pbx.ivr_commands import AgentCommand as AgentCommand
 from pbx.ivr_commands import CallCommand as CallCommand
 from pbx.ivr_commands import HangupCommand as HangupCommand
@@ -103,8 +105,6 @@ from pbx.ivr_commands import TimerCommand as TimerCommand
 from pbx.ivr_commands import TransferCommand as TransferCommand
 from pbx.ivr_commands import WsBridgeCommand as WsBridgeCommand
 from pbx.media_events import MAX_RELEASED_LEGS as MAX_RELEASED_LEGS
-
-# Re-exported: every plane message model is reached through this module.
 from pbx.media_events import AudioComplete as AudioComplete
 from pbx.media_events import DtmfDigit as DtmfDigit
 from pbx.media_events import MediaEventBody as MediaEventBody
@@ -312,8 +312,6 @@ class MediaDtmfInfo(_Msg):
     call_id: str
     digit: str
     duration_ms: int = 100
-
-
 
 
 class MediaRecord(_Msg):
