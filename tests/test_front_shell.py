@@ -22,10 +22,13 @@ from typing import Any
 
 import pytest
 
+from pbx import logs
 from pbx import messages as m
 from pbx.admin import EventHub
 from pbx.app import GC_FULL_EVERY, GC_YOUNG, tune_gc
+from pbx.calls import events
 from pbx.front import Front
+from pbx.logs import SimilarLinesFilter
 from pbx.sip.message import SipRequest, SipResponse, parse_message
 from tests.calls.rig import (
     CALLER,
@@ -282,6 +285,42 @@ def test_events_are_built_only_while_someone_listens(tmp_path: Path,
         fields[name] = json.loads(match[2])
     assert set(fields["nobody"]) == set(fields["ws"]) == set(fields["pub"])
     assert fields["ws"] == next(e for e in heard["ws"] if e.get("event") == "ended")
+
+
+def test_an_ended_line_over_its_budget_is_not_built_but_counted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `[logging] max_similar_lines_per_s`, the ended call's line is counted as left
+    out before it is built (no redaction, no JSON, no record: issue 9); the call's record
+    is written all the same."""
+    similar = SimilarLinesFilter(rate=0.001, burst=1.0)
+    monkeypatch.setattr(logs, "_similar_lines", similar)
+    built: list[Any] = []
+    monkeypatch.setattr(events, "redact", lambda value: built.append(value) or value)
+
+    def one_call(name: str) -> list[str]:
+        async def main(loop: SkippingLoop) -> None:
+            shell = Shell(tmp_path / name, first_then([m.HangupCommand()]),
+                          has_subscribers=lambda: False)  # no one listens
+            shell.front.message_received(caller_invite(), CALLER)
+            shell.ack()
+            await shell.until(lambda: shell.requests("BYE", CALLER))
+            shell.front.records.flush_all()
+            shell.front.calls_log.flush()
+
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pbx.calls"):
+            run(main)
+        return [r.getMessage() for r in caplog.records if " ended: " in r.getMessage()]
+
+    (line,) = one_call("first")  # within the budget (the filter is not on caplog's
+    assert ENDED_LINE.match(line)  # handler: taking from the budget is simulated below)
+    assert len(built) == 1
+    similar.buckets[("pbx.calls", logging.INFO, events.ENDED_LINE_KEY)][0] = 0.0
+    assert one_call("second") == []
+    assert len(built) == 1 and similar.suppressed == 1
+    (record,) = (tmp_path / "second" / "logs" / "calls.jsonl").read_text().splitlines()
+    assert json.loads(record)["end_reason"] == "Normal"
 
 
 def test_traces_are_stored_logged_and_given_to_listeners(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import orjson
 from pbx import messages as m
 from pbx.calls.context import CallContext
 from pbx.calls.state import Call, Session
+from pbx.logs import admits
 from pbx.redact import redact
 
 if TYPE_CHECKING:
@@ -22,6 +23,10 @@ log = logging.getLogger("pbx.calls")
 # The loggers of the call layer whose lines name a call by our id first.
 CALL_LOGGERS = ("pbx.calls", "pbx.queue")
 SIP_SUFFIX = " [sip-call-id %s]"
+# An ended call's line, and its template as the similar-lines filter sees it (the call
+# is still in the table when it ends: the SIP Call-IDs are appended).
+ENDED_LINE = "call %s ended: %s"
+ENDED_LINE_KEY = ENDED_LINE + SIP_SUFFIX
 # Longer than any call, session or media id of ours (16 hex digits, suffixes).
 MAX_ID_CHARS = 64
 
@@ -100,7 +105,8 @@ class CallEvents:
         """A `call` event: started, answered, bridged, queued, ws_bridged, ended ...
         (built only if someone listens, but for the ended call's log line)."""
         listened = self.ctx.listened()
-        if not listened and event != "ended":
+        logged = event == "ended" and admits(log, logging.INFO, ENDED_LINE_KEY)
+        if not (listened or logged):
             return
         record: dict[str, Any] = {
             "type": "call", "event": event, "call_id": call.call_id,
@@ -117,7 +123,8 @@ class CallEvents:
                           ended_at=call.ended_at or self.ctx.wall(),
                           transfer_target=call.transfer_target)
             record = redact(record)  # a transfer target URI may carry a password or token
-            log.info("call %s ended: %s", call.call_id, orjson.dumps(record).decode())
+            if logged:
+                log.info(ENDED_LINE, call.call_id, orjson.dumps(record).decode())
         if listened:
             self.ctx.publish(record)
 
