@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -154,3 +156,73 @@ def test_bad_input_is_400_json(base_url):
     assert status == 400 and "error" in body
     # still serving afterwards
     assert _step(base_url, "t-after-bad", {"type": "session_start"})["type"] == "prompt"
+
+
+# ---------------------------------------------------------------- its HTTP/1.1 server
+
+
+def _raw(base: str, data: bytes, read_until_close: bool = True) -> bytes:
+    """`data` sent on a new connection as is; what comes back until the server closes
+    (or, else, until it has said nothing for a moment)."""
+    host, port = base.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+        sock.sendall(data)
+        sock.settimeout(TIMEOUT if read_until_close else 0.5)
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except TimeoutError:
+            assert not read_until_close, out
+        return out
+
+
+def _post_bytes(path: str, body: dict, extra: str = "") -> bytes:
+    payload = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n{extra}\r\n").encode() + payload
+
+
+def _answers(raw: bytes) -> list[tuple[int, dict, bytes]]:
+    """The HTTP answers in `raw`: status, JSON body, head."""
+    out = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+        out.append((int(head.split(b" ")[1]), json.loads(rest[:length]), head))
+        raw = rest[length:]
+    return out
+
+
+def test_requests_pipelined_on_one_connection_are_answered_in_order(base_url):
+    path = "/" + base_url.split("/", 3)[3]
+    sid = "t-pipelined"
+    data = (_post_bytes(path + "/start", {"session_id": sid, "caller": "1001"})
+            + _post_bytes(path, {"session_id": sid, "event": {"type": "session_start"}})
+            + _post_bytes(path + "/end", {"session_id": sid}, "Connection: close\r\n"))
+    answers = _answers(_raw(base_url, data))
+    assert [a[0] for a in answers] == [200, 200, 200]
+    assert answers[1][1]["type"] == "prompt" and answers[2][1] == {"status": "ok"}
+    assert b"Connection: close" in answers[2][2] and b"Connection: close" not in answers[0][2]
+    # A request split across writes, on a kept-alive connection: answered once whole.
+    one = _post_bytes(path, {"session_id": "t-split", "event": {"type": "session_start"}})
+    (answer,) = _answers(_raw(base_url, one, read_until_close=False))
+    assert answer[0] == 200 and answer[1]["type"] == "prompt"
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"POST /ivr/step HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+     411),
+    (b"POST /ivr/step HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST /ivr/step HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413),
+    (b"NONSENSE\r\n\r\n", 400),
+    (b"POST /ivr/step HTTP/2.0\r\n\r\n", 400),
+    (b"POST /ivr/step HTTP/1.1\r\nBad Header : x\r\n\r\n", 400),
+    (b"POST /ivr/step HTTP/1.1\r\nX: " + b"a" * 20000, 431),
+])
+def test_a_request_that_cannot_be_read_gets_an_error_and_the_connection_closes(
+        base_url, request_bytes, status):
+    (answer,) = _answers(_raw(base_url, request_bytes))  # read until the server closes
+    assert answer[0] == status and "error" in answer[1]
+    assert b"Connection: close" in answer[2]
+    assert _health(base_url)["status"] == "ok"  # still serving
