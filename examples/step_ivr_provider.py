@@ -256,7 +256,8 @@ def parse_head(head: bytes) -> tuple[str, str, bool, int]:
     if "transfer-encoding" in headers:
         raise HttpError(411, "send the body with a Content-Length")
     length_text = headers.get("content-length", "0")
-    if not length_text.isdigit():
+    # ASCII digits only (str.isdigit takes "²", which int() refuses), and few of them.
+    if not (length_text.isascii() and length_text.isdigit()) or len(length_text) > 12:
         raise HttpError(400, "missing or invalid Content-Length")
     length = int(length_text)
     if length > MAX_BODY:

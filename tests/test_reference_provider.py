@@ -215,6 +215,8 @@ def test_requests_pipelined_on_one_connection_are_answered_in_order(base_url):
      411),
     (b"POST /ivr/step HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
     (b"POST /ivr/step HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413),
+    (b"POST /ivr/step HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", 400),
+    (b"POST /ivr/step HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 400),
     (b"NONSENSE\r\n\r\n", 400),
     (b"POST /ivr/step HTTP/2.0\r\n\r\n", 400),
     (b"POST /ivr/step HTTP/1.1\r\nBad Header : x\r\n\r\n", 400),
