@@ -974,11 +974,11 @@ class MediaEngine:
                 {leg.inband_slot: leg for leg in legs if leg.inband_slot is not None},
             )
         rx_slots, det_slots, alaw, by_slot = batch
-        codes = self.rx.read(rx_slots)
+        codes, gaps = self.rx.read(rx_slots)
         samples = g711.decode(codes, "PCMU")
         if alaw.any():
             samples[alaw] = g711.decode(codes[alaw], "PCMA")
-        for found in self.inband.process(samples, det_slots):
+        for found in self.inband.process(samples, det_slots, gaps):
             leg = by_slot[found.slot]
             slot = leg.rx_slot
             assert slot is not None

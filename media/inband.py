@@ -90,13 +90,18 @@ class InbandDetector:
         self._hist, self._sm = hist, sm
         self._free.extend(range(old + self._grow_by - 1, old - 1, -1))
 
-    def process(self, samples: np.ndarray, slots: np.ndarray) -> list[InbandDigit]:
+    def process(
+        self, samples: np.ndarray, slots: np.ndarray, gaps: np.ndarray | None = None
+    ) -> list[InbandDigit]:
         """One tick: int16[calls, 160] decoded audio and the slot of each row -> digits confirmed.
 
         Every slot's audio must come once per tick, in order; a call with no audio
         this tick should get a frame of silence (or `reset` when it resumes).
+        `gaps` bool[calls, 4] marks the 5 ms sub-blocks that hold samples no packet
+        wrote (`media.rxaudio.RxFrames`): a lost packet is not a pause in a tone
+        (the kernel's docstring); None: all of it was heard.
         """
-        hits, reports = self.process_raw(samples, slots)
+        hits, reports = self.process_raw(samples, slots, gaps)
         if not (reports >= 0).any():
             return []
         rows, hops = np.nonzero(reports >= 0)
@@ -109,7 +114,9 @@ class InbandDetector:
             for r, h in zip(rows, hops, strict=True)
         ]
 
-    def process_raw(self, samples: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def process_raw(
+        self, samples: np.ndarray, slots: np.ndarray, gaps: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """As `process`, but return the kernel's (hits, reports) int8[calls, 4] per 5 ms hop."""
         samples = np.ascontiguousarray(samples, dtype=np.int16)
         slot_ix = np.ascontiguousarray(slots, dtype=np.int64)
@@ -117,11 +124,16 @@ class InbandDetector:
             raise ValueError(f"samples must be int16[calls, {TICK_SAMPLES}], got {samples.shape}")
         if slot_ix.shape != (samples.shape[0],):
             raise ValueError(f"slots must be [{samples.shape[0]}], got {slot_ix.shape}")
+        if gaps is None:
+            gaps = np.zeros((samples.shape[0], _k.SUBS_PER_TICK), dtype=bool)
+        gaps = np.ascontiguousarray(gaps, dtype=bool)
+        if gaps.shape != (samples.shape[0], _k.SUBS_PER_TICK):
+            raise ValueError(f"gaps must be bool[{samples.shape[0]}, {_k.SUBS_PER_TICK}]")
         if slot_ix.size and (slot_ix.min() < 0 or slot_ix.max() >= self.capacity):
             raise ValueError("slot out of range")
         hits: np.ndarray
         reports: np.ndarray
-        hits, reports = _k.detect_tick(samples, slot_ix, self._hist, self._sm)
+        hits, reports = _k.detect_tick(samples, slot_ix, self._hist, self._sm, gaps)
         return hits, reports
 
 

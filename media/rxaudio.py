@@ -11,16 +11,21 @@ samples of every leg at once, a fixed playout delay behind the first packet:
   place before it is read) — the delay is one tick plus two packets, so a
   3-packet reorder window at any ptime;
 * a lost packet leaves silence in its place (the ring is refilled with the
-  leg's silence code as it is read);
+  leg's silence code as it is read), and the read says where that happened:
+  each tick's `gaps` mark the 5 ms sub-blocks that hold a sample no packet
+  wrote, so in-band detection can tell a lost packet from a pause in a tone;
 * packets too late to be read (behind the read position) are dropped and
   counted; a run of them, or a timestamp jump beyond the ring (a new source, a
   sender whose clock ran away), re-anchors the leg's read position.
 
-All legs' rings are rows of one array, so the tick's read is a single gather
-over `calls × 160`. Codes stay G.711 here; the caller decodes the batch.
+All legs' rings are rows of one uint16 array (the G.711 code in the low byte,
+`RECEIVED` on what a packet wrote), so the tick's read is a single gather over
+`calls × 160`. Codes stay G.711 here; the caller decodes the batch.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,11 +33,22 @@ from media.kernels import rtpbatch as _k
 
 TICK_SAMPLES = _k.TICK_SAMPLES
 RING_SAMPLES = _k.RING_SAMPLES  # 256 ms at 8 kHz; a power of two dividing 2**32 (timestamp wrap)
+RECEIVED = _k.RECEIVED
+GAP_SUB_SAMPLES = _k.GAP_SUB_SAMPLES
+GAP_SUBS = _k.GAP_SUBS
 _MASK = RING_SAMPLES - 1
 _TS_MOD = 1 << 32
 _HALF = 1 << 31
 LATE_RUN_RESYNC = 3
 _COLS = np.arange(TICK_SAMPLES, dtype=np.int64)
+
+
+class RxFrames(NamedTuple):
+    """One tick's read: codes uint8[legs, 160]; gaps bool[legs, 4], True where the
+    5 ms sub-block holds a sample no packet wrote (lost, late, or not sent)."""
+
+    codes: np.ndarray
+    gaps: np.ndarray
 
 
 class RxAudio:
@@ -54,7 +70,7 @@ class RxAudio:
 
     def __init__(self, capacity: int = 64, grow_by: int = 256) -> None:
         self._grow_by = grow_by
-        self.ring = np.zeros((0, RING_SAMPLES), dtype=np.uint8)
+        self.ring = np.zeros((0, RING_SAMPLES), dtype=np.uint16)
         self.read_ts = np.zeros(0, dtype=np.int64)  # timestamp of the next sample to read
         self.started = np.zeros(0, dtype=bool)
         self.silence = np.zeros(0, dtype=np.uint8)
@@ -100,7 +116,7 @@ class RxAudio:
     def _grow(self, by: int) -> None:
         old = self.capacity
         new = old + by
-        ring = np.zeros((new, RING_SAMPLES), dtype=np.uint8)
+        ring = np.zeros((new, RING_SAMPLES), dtype=np.uint16)
         ring[:old] = self.ring
         self.ring = ring
         for name, dtype in (
@@ -160,7 +176,7 @@ class RxAudio:
         else:
             self.late_run[slot] = 0
         pos = timestamp & _MASK
-        codes = np.frombuffer(payload, dtype=np.uint8)
+        codes = np.frombuffer(payload, dtype=np.uint8).astype(np.uint16) | RECEIVED
         row = self.ring[slot]
         if pos + n <= RING_SAMPLES:
             row[pos : pos + n] = codes
@@ -183,23 +199,26 @@ class RxAudio:
         self.late_run[slot] = 0
         self.resyncs[slot] += 1
 
-    def read(self, slots: np.ndarray) -> np.ndarray:
-        """The next 160 codes of each slot, uint8[len(slots), 160]; those samples become silence."""
+    def read(self, slots: np.ndarray) -> RxFrames:
+        """The next 160 codes of each slot and their gaps; those samples become silence."""
         out = np.empty((slots.shape[0], TICK_SAMPLES), dtype=np.uint8)
+        gaps = np.empty((slots.shape[0], GAP_SUBS), dtype=bool)
         _k.ring_read(
-            np.ascontiguousarray(slots, dtype=np.int64), self.ring, self.read_ts, self.silence, out
-        )
-        return out
+            np.ascontiguousarray(slots, dtype=np.int64), self.ring, self.read_ts, self.silence,
+            out, gaps,
+        )  # fmt: skip
+        return RxFrames(out, gaps)
 
-    def read_py(self, slots: np.ndarray) -> np.ndarray:
+    def read_py(self, slots: np.ndarray) -> RxFrames:
         """`read` as one numpy gather (the kernel's twin)."""
         rts = self.read_ts[slots]
         rows = slots[:, None]
         cols = (rts[:, None] + _COLS) & _MASK
-        out = self.ring[rows, cols]
+        got = self.ring[rows, cols]
         self.ring[rows, cols] = self.silence[slots][:, None]
         self.read_ts[slots] = (rts + TICK_SAMPLES) % _TS_MOD
-        return out
+        gaps = (got < RECEIVED).reshape(-1, GAP_SUBS, GAP_SUB_SAMPLES).any(axis=2)
+        return RxFrames((got & 0xFF).astype(np.uint8), gaps)
 
     def time_of(self, slot: int, timestamp: int) -> float:
         """When the sample with this timestamp arrived (estimated from the newest packet)."""

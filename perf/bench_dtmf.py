@@ -151,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         digits += len(det.process(frame, slots))
 
     hist, sm = k.new_state(args.channels)
+    no_gaps = np.zeros((args.channels, k.SUBS_PER_TICK), dtype=bool)
 
     def kernel(frame: np.ndarray) -> None:
-        k.detect_tick(frame, slots, hist, sm)
+        k.detect_tick(frame, slots, hist, sm, no_gaps)
 
     for fn in (facade, kernel):  # one untimed pass over the ring: caches, branch history
         for f in frames:

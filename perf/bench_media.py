@@ -30,6 +30,11 @@ After `--warmup` seconds, over `--measure` seconds:
   show up there);
 * digits: presses sent, DtmfDigit events received (by source), duplicates, missed.
 
+`--loss PCT` drops that share of the phones' audio packets at random (never sent; their
+sequence numbers and timestamps go on, as after a lossy network), RFC 4733 events
+untouched: each press must still be reported exactly once, a lost packet inside a
+tone included (`media.kernels.goertzel`, "Lost audio is not a pause").
+
 `--rtp-socket shared` runs the worker with every leg on its shared RTP port
 (`[media] rtp_socket`): the legs are then told apart by their source address, so
 every simulated phone needs a socket of its own. `--gen-sockets per_leg` (the
@@ -232,6 +237,7 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         digits_got = np.zeros(n_calls, dtype=np.int64)
         by_source: dict[str, int] = {}
         sent_packets = 0
+        withheld = 0  # audio packets --loss kept from leaving
         cpu0 = cpu1 = 0.0
         drops0 = 0
         rss1 = 0
@@ -267,18 +273,32 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
             if pressing.any():
                 payload[pressing] = tones[press_digit[pressing], k_in_press[pressing]]
             all_tx[:, 12:PKT] = payload
+            # --loss: the legs whose audio packet this tick never leaves the phone
+            heard = rng.random(n_calls) >= args.loss / 100.0 if args.loss > 0 else None
+            if heard is not None:
+                withheld += n_calls - int(heard.sum())
             # RFC 4733: one packet per tick while pressed, the end packet three times
             pl_legs = np.nonzero(pressing)[0] if not args.no_rfc4733 else all_legs[:0]
             e_legs = rfc4733_events(ev_tx, pl_legs, k_in_press, seq, press_start_ts,
                                     codes[press_digit], ssrc, DTMF_PT, PRESS_TICKS, SPF)  # fmt: skip
             m = e_legs.size
             if phones is not None:
-                sent_packets += phones.send(all_tx, all_lens, all_legs, worker_port, n_calls)
+                if heard is None:
+                    sent_packets += phones.send(all_tx, all_lens, all_legs, worker_port, n_calls)
+                else:
+                    kept = all_legs[heard]
+                    sent_packets += phones.send(all_tx[kept], all_lens[kept], kept,
+                                                worker_port[kept], kept.size)  # fmt: skip
                 sent_packets += phones.send(ev_tx, ev_lens, e_legs, worker_port[e_legs], m)
             for k, legs in enumerate(legs_of):
                 tx = audio_tx[k]
-                tx.data[: legs.size] = all_tx[legs]
-                sent_packets += tx.send(fds[k], legs.size)
+                sending = legs
+                if heard is not None:  # the addresses set up front are for every leg
+                    sending = legs[heard[legs]]
+                    tx.set_addresses(np.full(sending.size, ip_to_u32("127.0.0.1")),
+                                     worker_port[sending])  # fmt: skip
+                tx.data[: sending.size] = all_tx[sending]
+                sent_packets += tx.send(fds[k], sending.size)
                 ev_rows = np.nonzero(leg_sock[e_legs] == k)[0]
                 if ev_rows.size:
                     etx = event_tx[k]
@@ -409,6 +429,7 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         "udp_rcvbuf_errors": drops,
         "generator_cpu_pct_core": round(100.0 * gen_cpu / t_meas, 1),
         "generator_packets_sent": sent_packets,
+        "audio_packets_withheld": withheld,
         "digits": {
             "presses": presses_total,
             "reported": got_total,
@@ -556,6 +577,8 @@ def main() -> None:
     ap.add_argument("--press-every", type=float, default=5.0, help="seconds between key presses")
     ap.add_argument("--rtp-ports", default="20000-29999")
     ap.add_argument("--no-rfc4733", action="store_true", help="presses in-band only")
+    ap.add_argument("--loss", type=float, default=0.0, metavar="PCT",
+                    help="%% of the phones' audio packets never sent (RFC 4733 untouched)")
     ap.add_argument("--rtp-socket", choices=["per_leg", "shared"], default="per_leg",
                     help="the worker's [media] rtp_socket")
     ap.add_argument("--gen-sockets", choices=["grouped", "per_leg"], default=None,

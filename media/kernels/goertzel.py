@@ -58,6 +58,18 @@ covered); the measured 50 % point is about 28 ms. A gap of 40 ms gives at
 least eleven missing hops (two digits); a drop-out of 10 ms at most six (one
 digit, as ITU-T Q.24 wants for short interruptions).
 
+**Lost audio is not a pause.** A lost or late packet leaves silence in the
+receive ring, and one lost 20 ms packet in the middle of a tone empties seven
+windows: by the rules above the digit would end and be reported again, twice
+for one key (with RFC 4733 alongside, a second report the press dedupe cannot
+merge: the same source never merges with itself). So the tick's read also says
+which sub-blocks hold samples no packet wrote (`gaps`), and a hop whose window
+touches one is *held*: neither a hit nor a miss, the state machine unchanged.
+At most `GAP_HOLD_HOPS` = 11 hops in a row are held (two lost 20 ms packets, or
+one of 40 ms); past that the windows are judged as they are (silence: misses),
+so a stream that stops (hold, silence suppression) still ends its digit and
+the same key pressed again after it is reported again.
+
 **Levels.** 0 dBm0 is the power of the G.711 µ-law digital milliwatt (G.711
 Table 5) decoded to 16-bit linear as `audioop` does: RMS 16,017 (sine peak
 22,651).
@@ -95,9 +107,10 @@ E_COL = N_BASIS  # sub-block energy column
 HIST_COLS = N_BASIS + 1
 DIGITS = "123A456B789C*0#D"  # index 4*row + col
 
-# state machine columns (int32 state array)
-SM_CAND, SM_RUN, SM_CUR, SM_MISS = 0, 1, 2, 3
-SM_COLS = 4
+# state machine columns (int32 state array); SM_GAPS: bit k set when history
+# sub-block k (of HIST_SUBS) had a gap; SM_HOLD: hops held in a row
+SM_CAND, SM_RUN, SM_CUR, SM_MISS, SM_GAPS, SM_HOLD = 0, 1, 2, 3, 4, 5
+SM_COLS = 6
 
 # ---------------------------------------------------------------- thresholds
 
@@ -113,6 +126,9 @@ PRESENCE_STRONG = 0.6
 PRESENCE_WEAK = 0.3
 HIT_HOPS = 3
 MISS_HOPS = 7
+GAP_HOLD_HOPS = 11
+_WIN_MASK = (1 << WIN_SUBS) - 1
+_HIST_MASK = (1 << HIST_SUBS) - 1
 
 _HALF = float(HALF_SAMPLES)
 # Level, twist, purity and presence use Q_f = |H0_f|² + |H1_f|², the energies of
@@ -154,7 +170,7 @@ _FREQS32 = FREQS_HZ.astype(np.float32)
 
 
 def new_state(capacity: int) -> tuple[np.ndarray, np.ndarray]:
-    """Zeroed per-call state: (history float32[capacity, 3, 21], machine int32[capacity, 4])."""
+    """Zeroed per-call state: (history float32[capacity, 3, 21], machine int32[capacity, 6])."""
     hist = np.zeros((capacity, HIST_SUBS, HIST_COLS), dtype=np.float32)
     sm = np.zeros((capacity, SM_COLS), dtype=np.int32)
     sm[:, SM_CAND] = -1
@@ -308,15 +324,16 @@ def _window_digit(X: np.ndarray, h: int, P: np.ndarray) -> int:
 
 @njit(cache=True, fastmath=True)
 def detect_tick(
-    samples: np.ndarray, slots: np.ndarray, hist: np.ndarray, sm: np.ndarray
+    samples: np.ndarray, slots: np.ndarray, hist: np.ndarray, sm: np.ndarray, gaps: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """One tick for every call.
 
     samples int16[calls, 160]; slots int64[calls] (row of each call in the state);
-    hist float32[capacity, 3, 21] and sm int32[capacity, 4] are updated in place.
+    gaps bool[calls, 4]: sub-blocks holding samples no packet wrote;
+    hist float32[capacity, 3, 21] and sm int32[capacity, 6] are updated in place.
     Returns (hits, reports), both int8[calls, 4] per 5 ms hop: the digit index
     (0..15, see DIGITS) the hop's window passed, and the digit reported at that
-    hop; -1 for none.
+    hop; -1 for none (and for a held hop).
     """
     n_calls = samples.shape[0]
     hits = np.full((n_calls, SUBS_PER_TICK), -1, dtype=np.int8)
@@ -340,7 +357,18 @@ def detect_tick(
         run = sm[s, SM_RUN]
         cur = sm[s, SM_CUR]
         miss = sm[s, SM_MISS]
+        hold = sm[s, SM_HOLD]
+        gap_bits = sm[s, SM_GAPS]
+        for k in range(SUBS_PER_TICK):
+            if gaps[i, k]:
+                gap_bits |= 1 << (HIST_SUBS + k)
         for h in range(SUBS_PER_TICK):
+            if (gap_bits >> h) & _WIN_MASK:
+                if hold < GAP_HOLD_HOPS:
+                    hold += 1
+                    continue
+            else:
+                hold = 0
             d = _window_digit(X, h, P)
             hits[i, h] = d
             if d >= 0 and d == cand:
@@ -367,6 +395,8 @@ def detect_tick(
         sm[s, SM_RUN] = run
         sm[s, SM_CUR] = cur
         sm[s, SM_MISS] = miss
+        sm[s, SM_HOLD] = hold
+        sm[s, SM_GAPS] = (gap_bits >> SUBS_PER_TICK) & _HIST_MASK
         for k in range(HIST_SUBS):
             for j in range(HIST_COLS):
                 hist[s, k, j] = X[SUBS_PER_TICK + k, j]
@@ -408,7 +438,7 @@ def window_digits_py(X: np.ndarray) -> np.ndarray:
 
 
 def detect_tick_py(
-    samples: np.ndarray, slots: np.ndarray, hist: np.ndarray, sm: np.ndarray
+    samples: np.ndarray, slots: np.ndarray, hist: np.ndarray, sm: np.ndarray, gaps: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """numpy twin of `detect_tick` (same arguments, same in-place state updates)."""
     n_calls = samples.shape[0]
@@ -425,25 +455,37 @@ def detect_tick_py(
     old[:, :, N_FREQS:N_BASIS] = old_c.imag
     X = np.concatenate([old, new], axis=1)  # [calls, 7, 21]
 
-    cand, run, cur, miss = (sm[slots, col].astype(np.int64) for col in range(SM_COLS))
+    cand, run, cur, miss, old_gaps, hold = (
+        sm[slots, col].astype(np.int64) for col in range(SM_COLS)
+    )
+    # gap flags of the 7 sub-blocks: 3 of history (bits of SM_GAPS), then this tick's 4
+    hist_gaps = (old_gaps[:, None] >> np.arange(HIST_SUBS)[None, :]) & 1
+    g = np.concatenate([hist_gaps.astype(bool), np.asarray(gaps, dtype=bool)], axis=1)
     hits = np.full((n_calls, SUBS_PER_TICK), -1, dtype=np.int8)
     reports = np.full((n_calls, SUBS_PER_TICK), -1, dtype=np.int8)
     for h in range(SUBS_PER_TICK):
-        d = window_digits_py(X[:, h : h + WIN_SUBS])
+        in_gap = g[:, h : h + WIN_SUBS].any(axis=1)
+        held = in_gap & (hold < GAP_HOLD_HOPS)
+        hold = np.where(held, hold + 1, np.where(in_gap, hold, 0))
+        d = np.where(held, -1, window_digits_py(X[:, h : h + WIN_SUBS]))
         hits[:, h] = d
         cont = (d >= 0) & (d == cand)
-        run = np.where(cont, run + 1, np.where(d >= 0, 1, 0))
-        cand = np.where(d >= 0, d, -1)
+        new_run = np.where(cont, run + 1, np.where(d >= 0, 1, 0))
+        new_cand = np.where(d >= 0, d, -1)
         live = cur >= 0
-        miss = np.where(live, np.where(d == cur, 0, miss + 1), miss)
-        ended = live & (miss >= MISS_HOPS)
-        cur = np.where(ended, -1, cur)
-        miss = np.where(ended, 0, miss)
-        fire = (cur < 0) & (cand >= 0) & (run >= HIT_HOPS)
-        reports[:, h] = np.where(fire, cand, -1)
-        cur = np.where(fire, cand, cur)
-        miss = np.where(fire, 0, miss)
-    for col, v in enumerate((cand, run, cur, miss)):
+        new_miss = np.where(live, np.where(d == cur, 0, miss + 1), miss)
+        ended = live & (new_miss >= MISS_HOPS)
+        new_cur = np.where(ended, -1, cur)
+        new_miss = np.where(ended, 0, new_miss)
+        fire = (new_cur < 0) & (new_cand >= 0) & (new_run >= HIT_HOPS)
+        reports[:, h] = np.where(fire & ~held, new_cand, -1)
+        new_cur = np.where(fire, new_cand, new_cur)
+        new_miss = np.where(fire, 0, new_miss)
+        # a held hop leaves the machine as it was
+        run, cand = np.where(held, run, new_run), np.where(held, cand, new_cand)
+        cur, miss = np.where(held, cur, new_cur), np.where(held, miss, new_miss)
+    new_gaps = (g[:, SUBS_PER_TICK:] * (1 << np.arange(HIST_SUBS))[None, :]).sum(axis=1)
+    for col, v in enumerate((cand, run, cur, miss, new_gaps, hold)):
         sm[slots, col] = v
     hist[slots] = X[:, SUBS_PER_TICK:].astype(np.float32)
     return hits, reports

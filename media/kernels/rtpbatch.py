@@ -200,6 +200,12 @@ CLOCK_RATE = 8000
 RING_SAMPLES = 2048
 RING_MASK = RING_SAMPLES - 1
 TICK_SAMPLES = 160
+# A receive ring holds uint16: the G.711 code in the low byte, and RECEIVED set on what a
+# packet wrote (silence filled in for a lost or late packet has it clear), so the tick's
+# read can tell the in-band detector which 5 ms sub-blocks were not heard at all.
+RECEIVED = 0x100
+GAP_SUB_SAMPLES = 40  # the in-band detector's sub-block (media.kernels.goertzel.SUB_SAMPLES)
+GAP_SUBS = TICK_SAMPLES // GAP_SUB_SAMPLES
 LATE_RUN_RESYNC = 3
 MAX_BURST_FRAMES = 5
 EPS = 1e-7
@@ -306,7 +312,7 @@ def _ring_put(
         late_run[slot] = 0
     pos = ts & RING_MASK
     for j in range(n):
-        ring[slot, (pos + j) & RING_MASK] = buf[i, start + j]
+        ring[slot, (pos + j) & RING_MASK] = np.uint16(buf[i, start + j]) | RECEIVED
     end = (ts + n) % TS_MOD
     if (end - anchor_ts[slot] + HALF) % TS_MOD - HALF > 0:
         anchor_ts[slot] = end
@@ -1024,18 +1030,24 @@ def relay_batch_py(
 @njit(cache=True)
 def ring_read(
     slots: np.ndarray, ring: np.ndarray, read_ts: np.ndarray, silence: np.ndarray,
-    out: np.ndarray,
+    out: np.ndarray, gaps: np.ndarray,
 ) -> None:  # fmt: skip
-    """The next TICK_SAMPLES codes of each slot into out[k]; they become silence in the ring
-    and the slot's read position moves on (`media.rxaudio.RxAudio.read`, whose numpy
+    """The next TICK_SAMPLES codes of each slot into out[k], and into gaps[k, q] whether
+    any sample of the tick's sub-block q came from no packet; they become silence in the
+    ring and the slot's read position moves on (`media.rxaudio.RxAudio.read`, whose numpy
     gather is the twin)."""
     for k in range(slots.shape[0]):
         s = slots[k]
         rts = read_ts[s]
         fill = silence[s]
+        for q in range(GAP_SUBS):
+            gaps[k, q] = False
         for j in range(TICK_SAMPLES):
             pos = (rts + j) & RING_MASK
-            out[k, j] = ring[s, pos]
+            v = ring[s, pos]
+            out[k, j] = v & 0xFF
+            if v < RECEIVED:
+                gaps[k, j // GAP_SUB_SAMPLES] = True
             ring[s, pos] = fill
         read_ts[s] = (rts + TICK_SAMPLES) % TS_MOD
 
@@ -1062,14 +1074,15 @@ def warm() -> None:
               i64.copy(), i64.copy())  # fmt: skip
     si = np.zeros((1, S_COLS), dtype=np.int64)
     sf = np.zeros((1, SF_COLS), dtype=np.float64)
-    ring = np.zeros((1, RING_SAMPLES), dtype=np.uint8)
+    ring = np.zeros((1, RING_SAMPLES), dtype=np.uint16)
     one = np.zeros(1, dtype=np.int64)
     rx_batch(data, np.full(2, data.shape[1], dtype=np.int64), np.zeros((2, 16), dtype=np.uint8),
              np.zeros(2, dtype=np.int64), 2, 0.0, 5.0, False, li, lf, si, sf, ring, one.copy(),
              np.zeros(1, dtype=np.bool_), np.zeros(1, dtype=np.uint8), one.copy(), np.zeros(1),
              one.copy(), one.copy(), one.copy(), np.zeros(2, dtype=np.int8))  # fmt: skip
     ring_read(one.copy(), ring, one.copy(), np.zeros(1, dtype=np.uint8),
-              np.zeros((1, TICK_SAMPLES), dtype=np.uint8))  # fmt: skip
+              np.zeros((1, TICK_SAMPLES), dtype=np.uint8),
+              np.zeros((1, GAP_SUBS), dtype=np.bool_))  # fmt: skip
     li[0, L_PEER] = 0  # bridged to itself, as far as compiling goes
     relay_batch(data, np.full(2, data.shape[1], dtype=np.int64), np.zeros(2, dtype=np.int64),
                 2, 0, np.full(2, ACT_RELAY, dtype=np.int8), 0.0, li, lf, data.copy(),

@@ -261,6 +261,54 @@ def test_engine_inband_with_lost_and_reordered_packets(phone: Phone) -> None:
     assert [(e.digit, e.source) for _, e in phone.events] == [("9", "inband")]
 
 
+def lossy_press(phone: Phone, frames: int, lost: set[int], rfc4733: bool) -> None:
+    """A '9' held for `frames` packets, the packets in `lost` never arriving; the
+    RFC 4733 events of the press too when `rfc4733`."""
+    tone = tone_frames((852, 1477), frames)
+    start = phone.ts
+    for i in range(frames):
+        if i not in lost:
+            data = build_rtp(RtpPacket(0, phone.seq, phone.ts, 0x1234, tone[i]))
+            phone._collect(phone.engine.receive_rtp("a", data, PHONE, phone.now + 0.003)[1])
+        phone.seq = (phone.seq + 1) & 0xFFFF  # a lost packet took its sequence number
+        if rfc4733:
+            end = i == frames - 1
+            for _ in range(3 if end else 1):
+                event = build_event(9, end, 10, phone.ts + 160 - start)
+                phone._send(101, start, event, marker=i == 0)
+        phone.ts += 160
+        phone.k += 1
+        phone._collect(phone.engine.tick(phone.now)[1])
+
+
+@pytest.mark.parametrize("lost", [{2}, {3}, {4}, {5}, {3, 4}, {2, 3, 4}])
+@pytest.mark.parametrize("rfc4733", [False, True])
+def test_engine_lost_packets_inside_a_tone_are_one_press(
+    phone: Phone, lost: set[int], rfc4733: bool
+) -> None:
+    """A lost packet is not a pause: the tone around it is one digit, heard once (before
+    the hold over gaps, each of these gave two in-band reports; with RFC 4733 alongside,
+    a duplicate the press dedupe cannot merge)."""
+    lossy_press(phone, 8, lost, rfc4733)
+    phone.quiet(15)
+    # held 160 ms: in-band reports before RFC 4733's end packet comes
+    assert [(e.digit, e.source) for _, e in phone.events] == [("9", "inband")]
+
+
+def test_engine_same_key_after_a_silent_gap_is_two_presses(phone: Phone) -> None:
+    """The hold over gaps is bounded: a stream that stops between two presses of one key
+    (silence suppression) still ends the first, so the second is reported."""
+    phone.press(*FIVE, 5, False, True)
+    for _ in range(6):  # 120 ms with no packet at all
+        phone.ts += 160
+        phone.seq = (phone.seq + 1) & 0xFFFF
+        phone.k += 1
+        phone._collect(phone.engine.tick(phone.now)[1])
+    phone.press(*FIVE, 5, False, True)
+    phone.quiet(15)
+    assert [(e.digit, e.source) for _, e in phone.events] == [("5", "inband"), ("5", "inband")]
+
+
 def test_engine_inband_at_ptime_30(tmp_path: Path) -> None:
     """30 ms packets (sipp's g711a.pcap), PCMA: the ring re-times them onto the 20 ms tick."""
     engine = MediaEngine(PromptCache(tmp_path), rng=random.Random(3))

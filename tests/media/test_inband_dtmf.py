@@ -258,10 +258,14 @@ def test_kernel_matches_numpy_twin() -> None:
     slots = np.random.default_rng(1).permutation(24)[:calls]
     hist_a, sm_a = k.new_state(24)
     hist_b, sm_b = k.new_state(24)
+    # gaps (sub-blocks no packet wrote): single lost packets, and one call with a run
+    # of them long enough to outlast the hold
+    gaps = np.random.default_rng(2).random((ticks, calls, k.SUBS_PER_TICK)) < 0.04
+    gaps[30:36, 0] = True
     hits_a, hits_b, rep_a, rep_b = [], [], [], []
     for t in range(ticks):
-        ha, ra = k.detect_tick(frames[t], slots, hist_a, sm_a)
-        hb, rb = k.detect_tick_py(frames[t], slots, hist_b, sm_b)
+        ha, ra = k.detect_tick(frames[t], slots, hist_a, sm_a, gaps[t])
+        hb, rb = k.detect_tick_py(frames[t], slots, hist_b, sm_b, gaps[t])
         hits_a.append(ha)
         hits_b.append(hb)
         rep_a.append(ra)

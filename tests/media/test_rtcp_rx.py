@@ -123,13 +123,41 @@ def test_ring_reorders_and_fills_losses_with_silence() -> None:
     # packets 0..5 of 160 samples, arriving 0,2,1,3,5 (4 lost)
     for k in (0, 2, 1, 3, 5):
         rx.put(slot, base + 160 * k, frame(k), 0.0)
-    out = np.concatenate([rx.read(np.array([slot]))[0] for _ in range(9)])
+    out = np.concatenate([rx.read(np.array([slot])).codes[0] for _ in range(9)])
     # the read begins one tick plus two packets before the first packet
     lead = TICK_SAMPLES + 2 * 160
     assert (out[:lead] == 0xFF).all()
     got = out[lead:].reshape(-1, 160)[:, 0].tolist()
     assert got == [0, 1, 2, 3, 0xFF, 5]
     assert rx.late[slot] == 0
+
+
+def test_ring_read_marks_the_sub_blocks_no_packet_wrote() -> None:
+    """A lost packet is silence *and* a gap (in-band detection holds over it); a packet
+    that covers part of a tick leaves the rest of the tick a gap."""
+    rx = RxAudio(capacity=1)
+    slot = rx.add(0xFF)
+    for k in (0, 1, 3):  # packet 2 lost
+        rx.put(slot, 1000 + 160 * k, frame(k), 0.0)
+    rx.put(slot, 1000 + 160 * 4, frame(4, 80), 0.0)  # half a tick
+    ticks = [rx.read(np.array([slot])) for _ in range(9)]
+    gaps = np.concatenate([t.gaps for t in ticks]).tolist()
+    codes = np.concatenate([t.codes for t in ticks])
+    lead = 3  # one tick plus two packets before the first packet
+    assert gaps[:lead] == [[True] * 4] * lead
+    assert gaps[lead:] == [[False] * 4, [False] * 4, [True] * 4, [False] * 4,
+                           [False, False, True, True], [True] * 4]  # fmt: skip
+    assert codes[lead + 2].tolist() == [0xFF] * 160 and codes.dtype == np.uint8
+    # read_py is the same read
+    twin = RxAudio(capacity=1)
+    s2 = twin.add(0xFF)
+    for k in (0, 1, 3):
+        twin.put(s2, 1000 + 160 * k, frame(k), 0.0)
+    twin.put(s2, 1000 + 160 * 4, frame(4, 80), 0.0)
+    for t in ticks:
+        got = twin.read_py(np.array([s2]))
+        np.testing.assert_array_equal(got.codes, t.codes)
+        np.testing.assert_array_equal(got.gaps, t.gaps)
 
 
 def test_ring_drops_late_packets_then_resyncs() -> None:
@@ -155,7 +183,7 @@ def test_ring_timestamp_wrap_and_growth() -> None:
     ts = (1 << 32) - 200
     for k in range(4):
         rx.put(s, (ts + 160 * k) % (1 << 32), frame(10 + k), 0.0)
-    out = np.concatenate([rx.read(np.array([s]))[0] for _ in range(7)])
+    out = np.concatenate([rx.read(np.array([s])).codes[0] for _ in range(7)])
     vals = [v for v in out.tolist() if v != 0xFF]
     assert vals == [10] * 160 + [11] * 160 + [12] * 160 + [13] * 160
 
