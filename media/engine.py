@@ -297,6 +297,8 @@ class MediaEngine:
         self.legs: dict[str, Leg] = {}
         self._playing: dict[str, Leg] = {}
         self._timed: dict[str, Leg] = {}
+        # Legs with an RFC 4733 event started and not reported (media.dtmf: `expire`).
+        self._events_open: dict[str, Leg] = {}
         # In-band DTMF: the received audio of every leg with detection on, read once per
         # tick into one calls x 160 batch (media.rxaudio) for one detector call.
         self.rx = RxAudio()
@@ -596,6 +598,7 @@ class MediaEngine:
             self.ws.end(leg)
         self._stop(leg)
         self._timed.pop(call_id, None)
+        self._events_open.pop(call_id, None)
         if leg.peer is not None and leg.peer in self.legs:
             self._set_peer(self.legs[leg.peer], None)  # alone again: filled until its call ends
         late = 0
@@ -827,7 +830,7 @@ class MediaEngine:
                 return
             if leg.rec is not None:
                 leg.rec.event(pkt.ssrc, pkt.timestamp, now)
-            for digit in leg.detector.feed(pkt.timestamp, ev):
+            for digit in leg.detector.feed(pkt.timestamp, ev, now):
                 # This event's interval from its duration; an older one whose end packets
                 # were lost (reported because a newer one started) ended a while ago.
                 if ev.end and digit == event_digit(ev.event):
@@ -837,6 +840,10 @@ class MediaEngine:
                 press = self._press(leg, digit, "rfc4733", start, end)
                 if press is not None:
                     events.append(press)
+            if leg.detector.pending:
+                self._events_open[leg.call_id] = leg  # the tick reports it if its end is lost
+            else:
+                self._events_open.pop(leg.call_id, None)
             if peer is not None and peer.dtmf_payload_type is not None:
                 self._forward(
                     peer,
@@ -954,6 +961,8 @@ class MediaEngine:
                 events.append(
                     MediaEvent(call_id=leg.call_id, event=TimerFired(timer_id=leg.timer_id))
                 )
+        if self._events_open:
+            self._expire_events(now, events)
         if self.ws.legs:
             self.ws.tick(self, now, packets)
         if self.recorder.active:
@@ -961,6 +970,19 @@ class MediaEngine:
         if self._inband_legs:
             self._detect_inband(now, events)
         return packets, events
+
+    def _expire_events(self, now: float, events: list[MediaEvent]) -> None:
+        """RFC 4733 events whose end packets were all lost, and nothing came after: the
+        press is reported once nothing of it has come for a while (media.dtmf)."""
+        for leg in list(self._events_open.values()):
+            expired = leg.detector.expire(now)
+            if not leg.detector.pending:
+                del self._events_open[leg.call_id]
+            if expired is not None:
+                start = expired.seen - expired.duration / SAMPLE_RATE
+                press = self._press(leg, expired.digit, "rfc4733", start, expired.seen)
+                if press is not None:
+                    events.append(press)
 
     def _detect_inband(self, now: float, events: list[MediaEvent]) -> None:
         """One detector call for every leg with in-band DTMF on (this tick's 160 samples each)."""

@@ -253,7 +253,11 @@ def rfc4733(data: bytes) -> None:
             _short(exc)
             continue
         packets += 1
-        out = detector.feed(timestamp, event)
+        now = packets * 0.1  # packets 100 ms apart: a pending event may expire between two
+        expired = detector.expire(now)
+        out = detector.feed(timestamp, event, now)
+        if expired is not None:
+            out.append(expired.digit)
         assert all(d in EVENT_DIGITS for d in out)
         digits += len(out)
     # a packet can end at most itself and one event left pending before it

@@ -309,6 +309,36 @@ def test_engine_same_key_after_a_silent_gap_is_two_presses(phone: Phone) -> None
     assert [(e.digit, e.source) for _, e in phone.events] == [("5", "inband"), ("5", "inband")]
 
 
+@pytest.mark.parametrize("inband", [False, True])
+def test_engine_rfc4733_press_with_every_end_packet_lost(phone: Phone, inband: bool) -> None:
+    """The last key of an entry, its three end packets lost and nothing after it: the
+    tick reports it once its refreshes stop (media.dtmf.EVENT_TIMEOUT_S), and once only
+    when the tone was in the audio too."""
+    tone = tone_frames((770, 1336), 5)
+    start = phone.ts
+    for i in range(5):
+        phone.step(tone[i] if inband else bytes([0xFF]) * 160, None)
+        event = build_event(5, False, 10, phone.ts - start)
+        phone._send(101, start, event, marker=i == 0)  # refreshes only, no end
+    ended_at = phone.now
+    phone.quiet(30)
+    assert [(e.digit, e.source) for _, e in phone.events] == [
+        ("5", "inband" if inband else "rfc4733")
+    ]
+    reported_at = phone.events[0][0]
+    if not inband:  # by the clock: 250 ms after the last refresh, to the next tick
+        assert 0.25 <= reported_at - ended_at <= 0.25 + TICK + 1e-9
+    assert not phone.engine._events_open
+
+
+def test_engine_open_event_forgotten_with_its_leg(phone: Phone) -> None:
+    phone._send(101, phone.ts, build_event(1, False, 10, 160), marker=True)
+    assert "a" in phone.engine._events_open
+    phone.engine.remove_leg("a")
+    assert not phone.engine._events_open
+    phone.engine.tick(phone.now + 1.0)  # nothing left to expire, nothing raised
+
+
 def test_engine_inband_at_ptime_30(tmp_path: Path) -> None:
     """30 ms packets (sipp's g711a.pcap), PCMA: the ring re-times them onto the 20 ms tick."""
     engine = MediaEngine(PromptCache(tmp_path), rng=random.Random(3))
