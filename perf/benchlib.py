@@ -14,6 +14,7 @@ insides change.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -393,6 +394,25 @@ class PhoneSockets:
         self.hdrs[:, 4] = np.uint64(self.ctrl.ctypes.data) + idx * np.uint64(64)
         self._ips = np.full(n_legs, 0x7F000001, dtype=np.int64)
         self._counts = np.zeros(2, dtype=np.int64)
+        self._warm()
+
+    def _warm(self) -> None:
+        """Load (or compile) the send and read loops now: the first call of each took
+        0.3-0.6 s, so a generator that met them on its first tick started ~0.9 s late
+        and caught up by sending that much audio at once, more than a worker's receive
+        ring holds (the tones in it were lost, and with them the first press of half
+        the legs in an in-band-only run)."""
+        if not self.socks:
+            return
+        probe = np.zeros((1, 12), dtype=np.uint8)
+        probe[0, 0] = 0x80
+        self.send(probe, np.array([12]), np.zeros(1, dtype=np.int64), self.ports[:1], 1)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:  # the probe is RTP-shaped: read, not recorded
+            r, _, _ = select.select([self.fileno()], [], [], 0.1)
+            if r:
+                break
+        self.recv(Received(cap=1, head=4), record=False)
 
     def fileno(self) -> int:
         """The epoll fd: readable while any phone's socket has a datagram waiting."""
