@@ -65,10 +65,18 @@ for one key (with RFC 4733 alongside, a second report the press dedupe cannot
 merge: the same source never merges with itself). So the tick's read also says
 which sub-blocks hold samples no packet wrote (`gaps`), and a hop whose window
 touches one is *held*: neither a hit nor a miss, the state machine unchanged.
-At most `GAP_HOLD_HOPS` = 11 hops in a row are held (two lost 20 ms packets, or
-one of 40 ms); past that the windows are judged as they are (silence: misses),
-so a stream that stops (hold, silence suppression) still ends its digit and
-the same key pressed again after it is reported again.
+At most `GAP_HOLD_HOPS` = 11 hops in a row are held; past that the windows are
+judged as they are (silence: misses), so a stream that stops (hold, silence
+suppression) still ends its digit and the same key pressed again after it is
+reported again. With the seven misses that end a digit, up to 60 ms of missing
+audio (three 20 ms packets) is bridged, and from 80 ms on the digit ends. The
+price: two presses of one key with 20-60 ms of *unsent* audio between them are
+one press here (the ring cannot tell an unsent pause from loss; a phone's
+silence suppression keeps sending for 100 ms or more after speech, so it does
+not make such pauses; the sequence numbers, which skip only on loss, would). And when the first
+digit heard after held hops is another one, the current digit ended in the
+gap: the held hops count as its misses, so a short key pressed right after
+lost audio is not swallowed by the digit before it.
 
 **Levels.** 0 dBm0 is the power of the G.711 µ-law digital milliwatt (G.711
 Table 5) decoded to 16-bit linear as `audioop` does: RMS 16,017 (sine peak
@@ -108,9 +116,10 @@ HIST_COLS = N_BASIS + 1
 DIGITS = "123A456B789C*0#D"  # index 4*row + col
 
 # state machine columns (int32 state array); SM_GAPS: bit k set when history
-# sub-block k (of HIST_SUBS) had a gap; SM_HOLD: hops held in a row
-SM_CAND, SM_RUN, SM_CUR, SM_MISS, SM_GAPS, SM_HOLD = 0, 1, 2, 3, 4, 5
-SM_COLS = 6
+# sub-block k (of HIST_SUBS) had a gap; SM_HOLD: hops held in a row; SM_HELD: hops
+# held since the current digit was last heard
+SM_CAND, SM_RUN, SM_CUR, SM_MISS, SM_GAPS, SM_HOLD, SM_HELD = 0, 1, 2, 3, 4, 5, 6
+SM_COLS = 7
 
 # ---------------------------------------------------------------- thresholds
 
@@ -170,7 +179,7 @@ _FREQS32 = FREQS_HZ.astype(np.float32)
 
 
 def new_state(capacity: int) -> tuple[np.ndarray, np.ndarray]:
-    """Zeroed per-call state: (history float32[capacity, 3, 21], machine int32[capacity, 6])."""
+    """Zeroed per-call state: (history float32[capacity, 3, 21], machine int32[capacity, 7])."""
     hist = np.zeros((capacity, HIST_SUBS, HIST_COLS), dtype=np.float32)
     sm = np.zeros((capacity, SM_COLS), dtype=np.int32)
     sm[:, SM_CAND] = -1
@@ -330,7 +339,7 @@ def detect_tick(
 
     samples int16[calls, 160]; slots int64[calls] (row of each call in the state);
     gaps bool[calls, 4]: sub-blocks holding samples no packet wrote;
-    hist float32[capacity, 3, 21] and sm int32[capacity, 6] are updated in place.
+    hist float32[capacity, 3, 21] and sm int32[capacity, 7] are updated in place.
     Returns (hits, reports), both int8[calls, 4] per 5 ms hop: the digit index
     (0..15, see DIGITS) the hop's window passed, and the digit reported at that
     hop; -1 for none (and for a held hop).
@@ -358,6 +367,7 @@ def detect_tick(
         cur = sm[s, SM_CUR]
         miss = sm[s, SM_MISS]
         hold = sm[s, SM_HOLD]
+        held = sm[s, SM_HELD]
         gap_bits = sm[s, SM_GAPS]
         for k in range(SUBS_PER_TICK):
             if gaps[i, k]:
@@ -366,6 +376,8 @@ def detect_tick(
             if (gap_bits >> h) & _WIN_MASK:
                 if hold < GAP_HOLD_HOPS:
                     hold += 1
+                    if cur >= 0:
+                        held += 1
                     continue
             else:
                 hold = 0
@@ -382,20 +394,27 @@ def detect_tick(
             if cur >= 0:
                 if d == cur:
                     miss = 0
+                    held = 0
                 else:
                     miss += 1
+                    if d >= 0:  # another digit: the current one ended in the held hops
+                        miss += held
+                        held = 0
                     if miss >= MISS_HOPS:
                         cur = -1
                         miss = 0
+                        held = 0
             if cur < 0 and cand >= 0 and run >= HIT_HOPS:
                 reports[i, h] = cand
                 cur = cand
                 miss = 0
+                held = 0
         sm[s, SM_CAND] = cand
         sm[s, SM_RUN] = run
         sm[s, SM_CUR] = cur
         sm[s, SM_MISS] = miss
         sm[s, SM_HOLD] = hold
+        sm[s, SM_HELD] = held
         sm[s, SM_GAPS] = (gap_bits >> SUBS_PER_TICK) & _HIST_MASK
         for k in range(HIST_SUBS):
             for j in range(HIST_COLS):
@@ -455,7 +474,7 @@ def detect_tick_py(
     old[:, :, N_FREQS:N_BASIS] = old_c.imag
     X = np.concatenate([old, new], axis=1)  # [calls, 7, 21]
 
-    cand, run, cur, miss, old_gaps, hold = (
+    cand, run, cur, miss, old_gaps, hold, held = (
         sm[slots, col].astype(np.int64) for col in range(SM_COLS)
     )
     # gap flags of the 7 sub-blocks: 3 of history (bits of SM_GAPS), then this tick's 4
@@ -465,27 +484,32 @@ def detect_tick_py(
     reports = np.full((n_calls, SUBS_PER_TICK), -1, dtype=np.int8)
     for h in range(SUBS_PER_TICK):
         in_gap = g[:, h : h + WIN_SUBS].any(axis=1)
-        held = in_gap & (hold < GAP_HOLD_HOPS)
-        hold = np.where(held, hold + 1, np.where(in_gap, hold, 0))
-        d = np.where(held, -1, window_digits_py(X[:, h : h + WIN_SUBS]))
+        on_hold = in_gap & (hold < GAP_HOLD_HOPS)
+        hold = np.where(on_hold, hold + 1, np.where(in_gap, hold, 0))
+        d = np.where(on_hold, -1, window_digits_py(X[:, h : h + WIN_SUBS]))
         hits[:, h] = d
         cont = (d >= 0) & (d == cand)
         new_run = np.where(cont, run + 1, np.where(d >= 0, 1, 0))
         new_cand = np.where(d >= 0, d, -1)
         live = cur >= 0
-        new_miss = np.where(live, np.where(d == cur, 0, miss + 1), miss)
+        other = live & (d != cur) & (d >= 0)  # another digit: the current one ended in the gap
+        new_miss = np.where(live, np.where(d == cur, 0, miss + 1 + np.where(other, held, 0)), miss)
+        new_held = np.where(live & ((d == cur) | other), 0, held)
         ended = live & (new_miss >= MISS_HOPS)
         new_cur = np.where(ended, -1, cur)
         new_miss = np.where(ended, 0, new_miss)
+        new_held = np.where(ended, 0, new_held)
         fire = (new_cur < 0) & (new_cand >= 0) & (new_run >= HIT_HOPS)
-        reports[:, h] = np.where(fire & ~held, new_cand, -1)
+        reports[:, h] = np.where(fire & ~on_hold, new_cand, -1)
         new_cur = np.where(fire, new_cand, new_cur)
         new_miss = np.where(fire, 0, new_miss)
-        # a held hop leaves the machine as it was
-        run, cand = np.where(held, run, new_run), np.where(held, cand, new_cand)
-        cur, miss = np.where(held, cur, new_cur), np.where(held, miss, new_miss)
+        new_held = np.where(fire, 0, new_held)
+        # a held hop leaves the machine as it was, but for counting itself
+        run, cand = np.where(on_hold, run, new_run), np.where(on_hold, cand, new_cand)
+        cur, miss = np.where(on_hold, cur, new_cur), np.where(on_hold, miss, new_miss)
+        held = np.where(on_hold, np.where(cur >= 0, held + 1, held), new_held)
     new_gaps = (g[:, SUBS_PER_TICK:] * (1 << np.arange(HIST_SUBS))[None, :]).sum(axis=1)
-    for col, v in enumerate((cand, run, cur, miss, new_gaps, hold)):
+    for col, v in enumerate((cand, run, cur, miss, new_gaps, hold, held)):
         sm[slots, col] = v
     hist[slots] = X[:, SUBS_PER_TICK:].astype(np.float32)
     return hits, reports

@@ -295,15 +295,31 @@ def test_engine_lost_packets_inside_a_tone_are_one_press(
     assert [(e.digit, e.source) for _, e in phone.events] == [("9", "inband")]
 
 
-def test_engine_same_key_after_a_silent_gap_is_two_presses(phone: Phone) -> None:
-    """The hold over gaps is bounded: a stream that stops between two presses of one key
-    (silence suppression) still ends the first, so the second is reported."""
-    phone.press(*FIVE, 5, False, True)
-    for _ in range(6):  # 120 ms with no packet at all
+def silent(phone: Phone, ticks: int) -> None:
+    """`ticks` periods in which no packet comes (lost, or not sent)."""
+    for _ in range(ticks):
         phone.ts += 160
         phone.seq = (phone.seq + 1) & 0xFFFF
         phone.k += 1
         phone._collect(phone.engine.tick(phone.now)[1])
+
+
+@pytest.mark.parametrize("lost_ticks", [1, 2])
+def test_engine_short_key_right_after_lost_audio_is_heard(phone: Phone, lost_ticks: int) -> None:
+    """'5', 20-40 ms of lost packets, then a 40 ms '9': the hold over the gap must not let
+    the '5' swallow the '9' (another digit after held hops ends the current one)."""
+    phone.press(*FIVE, 5, False, True)
+    silent(phone, lost_ticks)
+    phone.press(9, (852, 1477), 2, False, True)
+    phone.quiet(15)
+    assert [e.digit for _, e in phone.events] == ["5", "9"]
+
+
+def test_engine_same_key_after_a_silent_gap_is_two_presses(phone: Phone) -> None:
+    """The hold over gaps is bounded: a stream that stops between two presses of one key
+    (silence suppression) still ends the first, so the second is reported."""
+    phone.press(*FIVE, 5, False, True)
+    silent(phone, 6)  # 120 ms with no packet at all
     phone.press(*FIVE, 5, False, True)
     phone.quiet(15)
     assert [(e.digit, e.source) for _, e in phone.events] == [("5", "inband"), ("5", "inband")]
