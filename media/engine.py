@@ -861,7 +861,7 @@ class MediaEngine:
             return
         leg.rx_stats.update_jitter(pkt.timestamp, now)
         if leg.rx_slot is not None and codec == leg.codec:
-            self.rx.put(leg.rx_slot, pkt.timestamp, pkt.payload, now)
+            self.rx.put(leg.rx_slot, pkt.timestamp, pkt.payload, now, pkt.sequence)
         if leg.rec is not None:
             leg.rec.caller(pkt.ssrc, pkt.timestamp, pkt.payload, codec, now)
         if leg.ws is not None:

@@ -16,7 +16,12 @@ samples of every leg at once, a fixed playout delay behind the first packet:
   wrote, so in-band detection can tell a lost packet from a pause in a tone;
 * packets too late to be read (behind the read position) are dropped and
   counted; a run of them, or a timestamp jump beyond the ring (a new source, a
-  sender whose clock ran away), re-anchors the leg's read position.
+  sender whose clock ran away), re-anchors the leg's read position;
+* unsent pauses are not gaps: a packet whose sequence number follows the
+  newest one's directly but whose timestamp jumps ahead comes after a pause
+  the sender made (silence suppression, RFC 3550 §5.1: only loss skips
+  sequence numbers), so the samples of that pause still to be read are marked
+  heard, as silence.
 
 All legs' rings are rows of one uint16 array (the G.711 code in the low byte,
 `RECEIVED` on what a packet wrote), so the tick's read is a single gather over
@@ -64,6 +69,8 @@ class RxAudio:
         "late_run",
         "late",
         "resyncs",
+        "last_seq",
+        "last_end",
         "_free",
         "_grow_by",
     )
@@ -80,6 +87,10 @@ class RxAudio:
         self.late_run = np.zeros(0, dtype=np.int64)  # late packets in a row
         self.late = np.zeros(0, dtype=np.int64)  # packets dropped as too late
         self.resyncs = np.zeros(0, dtype=np.int64)
+        # The newest packet in sequence order (-1: none since the last re-anchor) and the
+        # timestamp just after it: tells an unsent pause from loss.
+        self.last_seq = np.zeros(0, dtype=np.int64)
+        self.last_end = np.zeros(0, dtype=np.int64)
         self._free: list[int] = []
         self._grow(capacity)
 
@@ -87,13 +98,14 @@ class RxAudio:
     def over(
         cls, ring: np.ndarray, read_ts: np.ndarray, started: np.ndarray, silence: np.ndarray,
         anchor_ts: np.ndarray, anchor_t: np.ndarray, late_run: np.ndarray, late: np.ndarray,
-        resyncs: np.ndarray,
+        resyncs: np.ndarray, last_seq: np.ndarray, last_end: np.ndarray,
     ) -> RxAudio:  # fmt: skip
         """An RxAudio working on these arrays (the receive kernel's twin uses it)."""
         rx = cls.__new__(cls)
         rx.ring, rx.read_ts, rx.started, rx.silence = ring, read_ts, started, silence
         rx.anchor_ts, rx.anchor_t = anchor_ts, anchor_t
         rx.late_run, rx.late, rx.resyncs = late_run, late, resyncs
+        rx.last_seq, rx.last_end = last_seq, last_end
         rx._free, rx._grow_by = [], 0
         return rx
 
@@ -101,12 +113,12 @@ class RxAudio:
         self,
     ) -> tuple[
         np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-        np.ndarray, np.ndarray,
+        np.ndarray, np.ndarray, np.ndarray, np.ndarray,
     ]:  # fmt: skip
         """The arrays `over` takes, in its order (for the receive kernel)."""
         return (
             self.ring, self.read_ts, self.started, self.silence, self.anchor_ts, self.anchor_t,
-            self.late_run, self.late, self.resyncs,
+            self.late_run, self.late, self.resyncs, self.last_seq, self.last_end,
         )  # fmt: skip
 
     @property
@@ -128,6 +140,8 @@ class RxAudio:
             ("late_run", np.int64),
             ("late", np.int64),
             ("resyncs", np.int64),
+            ("last_seq", np.int64),
+            ("last_end", np.int64),
         ):
             arr = np.zeros(new, dtype=dtype)
             arr[:old] = getattr(self, name)
@@ -145,6 +159,7 @@ class RxAudio:
         self.late_run[slot] = 0
         self.late[slot] = 0
         self.resyncs[slot] = 0
+        self.last_seq[slot] = -1
         return slot
 
     def remove(self, slot: int) -> None:
@@ -157,8 +172,9 @@ class RxAudio:
         self.ring[slot] = silence_code
         self.started[slot] = False
 
-    def put(self, slot: int, timestamp: int, payload: bytes, now: float) -> None:
-        """One received packet's G.711 codes at its RTP timestamp."""
+    def put(self, slot: int, timestamp: int, payload: bytes, now: float, seq: int = -1) -> None:
+        """One received packet's G.711 codes at its RTP timestamp (`seq`: its sequence
+        number, which tells an unsent pause before it from loss; -1: not known)."""
         n = len(payload)
         if n == 0 or n > RING_SAMPLES // 4:
             return
@@ -175,9 +191,19 @@ class RxAudio:
             self._resync(slot, timestamp, n)
         else:
             self.late_run[slot] = 0
+        row = self.ring[slot]
+        last = int(self.last_seq[slot])
+        if seq >= 0 and last >= 0 and seq == (last + 1) & 0xFFFF:
+            # after an unsent pause: what is still to be read of it is heard silence
+            gap_from = int(self.last_end[slot])
+            read_ts = int(self.read_ts[slot])
+            if (gap_from - read_ts + _HALF) % _TS_MOD - _HALF < 0:
+                gap_from = read_ts
+            span = (timestamp - gap_from + _HALF) % _TS_MOD - _HALF
+            if 0 < span <= RING_SAMPLES - TICK_SAMPLES:
+                row[(gap_from + np.arange(span)) & _MASK] = int(self.silence[slot]) | RECEIVED
         pos = timestamp & _MASK
         codes = np.frombuffer(payload, dtype=np.uint8).astype(np.uint16) | RECEIVED
-        row = self.ring[slot]
         if pos + n <= RING_SAMPLES:
             row[pos : pos + n] = codes
         else:
@@ -185,6 +211,9 @@ class RxAudio:
             row[pos:] = codes[:k]
             row[: n - k] = codes[k:]
         end = (timestamp + n) % _TS_MOD
+        if seq >= 0 and (last < 0 or ((seq - last) & 0xFFFF) < 0x8000):
+            self.last_seq[slot] = seq
+            self.last_end[slot] = end
         if (end - int(self.anchor_ts[slot]) + _HALF) % _TS_MOD - _HALF > 0:
             self.anchor_ts[slot] = end
             self.anchor_t[slot] = now
@@ -198,6 +227,7 @@ class RxAudio:
         self.started[slot] = True
         self.late_run[slot] = 0
         self.resyncs[slot] += 1
+        self.last_seq[slot] = -1
 
     def read(self, slots: np.ndarray) -> RxFrames:
         """The next 160 codes of each slot and their gaps; those samples become silence."""

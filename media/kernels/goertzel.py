@@ -69,11 +69,10 @@ At most `GAP_HOLD_HOPS` = 11 hops in a row are held; past that the windows are
 judged as they are (silence: misses), so a stream that stops (hold, silence
 suppression) still ends its digit and the same key pressed again after it is
 reported again. With the seven misses that end a digit, up to 60 ms of missing
-audio (three 20 ms packets) is bridged, and from 80 ms on the digit ends. The
-price: two presses of one key with 20-60 ms of *unsent* audio between them are
-one press here (the ring cannot tell an unsent pause from loss; a phone's
-silence suppression keeps sending for 100 ms or more after speech, so it does
-not make such pauses; the sequence numbers, which skip only on loss, would). And when the first
+audio (three 20 ms packets) is bridged, and from 80 ms on the digit ends. Only
+loss is bridged: a pause the sender made (silence suppression: the timestamp
+jumps, the sequence number does not) reads as heard silence, not as a gap
+(`media.rxaudio`), so two presses of one key 20 ms apart stay two. And when the first
 digit heard after held hops is another one, the current digit ended in the
 gap: the held hops count as its misses, so a short key pressed right after
 lost audio is not swallowed by the digit before it.

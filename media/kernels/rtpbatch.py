@@ -287,16 +287,17 @@ def _ring_resync(
 
 @njit(cache=True)
 def _ring_put(
-    slot: int, ts: int, buf: np.ndarray, i: int, start: int, n: int, now: float,
+    slot: int, ts: int, seq: int, buf: np.ndarray, i: int, start: int, n: int, now: float,
     ring: np.ndarray, read_ts: np.ndarray, started: np.ndarray, silence: np.ndarray,
     anchor_ts: np.ndarray, anchor_t: np.ndarray, late_run: np.ndarray, late: np.ndarray,
-    resyncs: np.ndarray,
+    resyncs: np.ndarray, last_seq: np.ndarray, last_end: np.ndarray,
 ) -> None:  # fmt: skip
     if n == 0 or n > RING_SAMPLES // 4:
         return
     if not started[slot]:
         _ring_resync(slot, ts, n, ring, read_ts, started, silence, anchor_ts, anchor_t,
                      late_run, resyncs)  # fmt: skip
+        last_seq[slot] = -1
     d = (ts - read_ts[slot] + HALF) % TS_MOD - HALF
     if d < 0:
         late_run[slot] += 1
@@ -305,15 +306,34 @@ def _ring_put(
             return
         _ring_resync(slot, ts, n, ring, read_ts, started, silence, anchor_ts, anchor_t,
                      late_run, resyncs)  # fmt: skip
+        last_seq[slot] = -1
     elif d + n > RING_SAMPLES - TICK_SAMPLES:
         _ring_resync(slot, ts, n, ring, read_ts, started, silence, anchor_ts, anchor_t,
                      late_run, resyncs)  # fmt: skip
+        last_seq[slot] = -1
     else:
         late_run[slot] = 0
+    last = last_seq[slot]
+    if last >= 0 and seq == (last + 1) & 0xFFFF:
+        # The next sequence number after a timestamp jump: the sender paused (silence
+        # suppression, RFC 3550 §5.1) and lost nothing, so what it did not send is heard
+        # silence, not a gap (`media.rxaudio`, "unsent pauses"); only what is still to
+        # be read.
+        gap_from = last_end[slot]
+        if (gap_from - read_ts[slot] + HALF) % TS_MOD - HALF < 0:
+            gap_from = read_ts[slot]
+        span = (ts - gap_from + HALF) % TS_MOD - HALF
+        if 0 < span <= RING_SAMPLES - TICK_SAMPLES:
+            heard = np.uint16(silence[slot]) | RECEIVED
+            for j in range(span):
+                ring[slot, (gap_from + j) & RING_MASK] = heard
     pos = ts & RING_MASK
     for j in range(n):
         ring[slot, (pos + j) & RING_MASK] = np.uint16(buf[i, start + j]) | RECEIVED
     end = (ts + n) % TS_MOD
+    if last < 0 or ((seq - last) & 0xFFFF) < 0x8000:  # the newest in sequence so far
+        last_seq[slot] = seq
+        last_end[slot] = end
     if (end - anchor_ts[slot] + HALF) % TS_MOD - HALF > 0:
         anchor_ts[slot] = end
         anchor_t[slot] = now
@@ -356,7 +376,7 @@ def rx_batch(
     sf: np.ndarray,
     ring: np.ndarray, read_ts: np.ndarray, started: np.ndarray, silence: np.ndarray,
     anchor_ts: np.ndarray, anchor_t: np.ndarray, late_run: np.ndarray, late: np.ndarray,
-    resyncs: np.ndarray, action: np.ndarray,
+    resyncs: np.ndarray, last_seq: np.ndarray, last_end: np.ndarray, action: np.ndarray,
 ) -> int:  # fmt: skip
     """Receive `n` datagrams (see the module docstring); action[i] gets ACT_* bits.
     Returns how many packets have a non-zero action."""
@@ -436,8 +456,9 @@ def rx_batch(
                 sf[r, SF_TRANSIT] = transit
                 slot = li[r, L_RX_SLOT]
                 if slot >= 0 and codec == leg_codec:
-                    _ring_put(slot, ts, buf, i, off, end - off, now, ring, read_ts, started,
-                              silence, anchor_ts, anchor_t, late_run, late, resyncs)  # fmt: skip
+                    _ring_put(slot, ts, seq, buf, i, off, end - off, now, ring, read_ts,
+                              started, silence, anchor_ts, anchor_t, late_run, late, resyncs,
+                              last_seq, last_end)  # fmt: skip
                 if li[r, L_REC] >= 0:
                     act |= ACT_RECORD
         action[i] = act
@@ -489,7 +510,7 @@ def rx_batch_py(
     sf: np.ndarray,
     ring: np.ndarray, read_ts: np.ndarray, started: np.ndarray, silence: np.ndarray,
     anchor_ts: np.ndarray, anchor_t: np.ndarray, late_run: np.ndarray, late: np.ndarray,
-    resyncs: np.ndarray, action: np.ndarray,
+    resyncs: np.ndarray, last_seq: np.ndarray, last_end: np.ndarray, action: np.ndarray,
 ) -> int:  # fmt: skip
     """`rx_batch` from the reference code: parse_rtp, ReceiveStats, RxAudio.put."""
     from media.rtcp import ReceiveStats, StatsTable
@@ -498,7 +519,7 @@ def rx_batch_py(
 
     stats = StatsTable.over(si, sf)
     rx = RxAudio.over(ring, read_ts, started, silence, anchor_ts, anchor_t, late_run, late,
-                      resyncs)  # fmt: skip
+                      resyncs, last_seq, last_end)  # fmt: skip
     flagged = 0
     for i in range(n):
         action[i] = 0
@@ -535,7 +556,8 @@ def rx_batch_py(
             if codec >= 0 and pkt.payload:
                 st.update_jitter(pkt.timestamp, now)
                 if li[r, L_RX_SLOT] >= 0 and codec == leg_codec:
-                    rx.put(int(li[r, L_RX_SLOT]), pkt.timestamp, pkt.payload, now)
+                    rx.put(int(li[r, L_RX_SLOT]), pkt.timestamp, pkt.payload, now,
+                           pkt.sequence)  # fmt: skip
                 if li[r, L_REC] >= 0:
                     act |= ACT_RECORD
         action[i] = act
@@ -1079,7 +1101,8 @@ def warm() -> None:
     rx_batch(data, np.full(2, data.shape[1], dtype=np.int64), np.zeros((2, 16), dtype=np.uint8),
              np.zeros(2, dtype=np.int64), 2, 0.0, 5.0, False, li, lf, si, sf, ring, one.copy(),
              np.zeros(1, dtype=np.bool_), np.zeros(1, dtype=np.uint8), one.copy(), np.zeros(1),
-             one.copy(), one.copy(), one.copy(), np.zeros(2, dtype=np.int8))  # fmt: skip
+             one.copy(), one.copy(), one.copy(), one.copy(), one.copy(),
+             np.zeros(2, dtype=np.int8))  # fmt: skip
     ring_read(one.copy(), ring, one.copy(), np.zeros(1, dtype=np.uint8),
               np.zeros((1, TICK_SAMPLES), dtype=np.uint8),
               np.zeros((1, GAP_SUBS), dtype=np.bool_))  # fmt: skip

@@ -315,6 +315,23 @@ def test_engine_short_key_right_after_lost_audio_is_heard(phone: Phone, lost_tic
     assert [e.digit for _, e in phone.events] == ["5", "9"]
 
 
+@pytest.mark.parametrize("paused_ticks", [1, 2, 3])
+def test_engine_same_key_after_an_unsent_pause_is_two_presses(
+    phone: Phone, paused_ticks: int
+) -> None:
+    """The phone sends nothing for 20-60 ms between two presses of one key (silence
+    suppression): its sequence numbers go on without a skip, so the pause is heard
+    silence, not loss to hold over, and the two presses stay two."""
+    phone.press(*FIVE, 5, False, True)
+    for _ in range(paused_ticks):  # the timestamp moves on, the sequence number does not
+        phone.ts += 160
+        phone.k += 1
+        phone._collect(phone.engine.tick(phone.now)[1])
+    phone.press(*FIVE, 5, False, True)
+    phone.quiet(15)
+    assert [e.digit for _, e in phone.events] == ["5", "5"]
+
+
 def test_engine_same_key_after_a_silent_gap_is_two_presses(phone: Phone) -> None:
     """The hold over gaps is bounded: a stream that stops between two presses of one key
     (silence suppression) still ends the first, so the second is reported."""

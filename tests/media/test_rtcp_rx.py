@@ -160,6 +160,22 @@ def test_ring_read_marks_the_sub_blocks_no_packet_wrote() -> None:
         np.testing.assert_array_equal(got.gaps, t.gaps)
 
 
+def test_ring_tells_an_unsent_pause_from_loss() -> None:
+    """The sequence number after a timestamp jump: directly the next one, the sender
+    paused and the pause reads as heard silence; skipped, packets were lost (gaps)."""
+    for skipped, want_gaps in ((0, False), (1, True)):
+        rx = RxAudio(capacity=1)
+        slot = rx.add(0xFF)
+        rx.put(slot, 1000, frame(1), 0.0, seq=10)
+        rx.put(slot, 1160, frame(2), 0.0, seq=11)
+        rx.put(slot, 1160 + 160 * 3, frame(3), 0.0, seq=12 + skipped)  # 40 ms of nothing
+        ticks = [rx.read(np.array([slot])) for _ in range(7)]
+        codes = [int(t.codes[0, 0]) for t in ticks[3:]]
+        assert codes == [1, 2, 0xFF, 0xFF]
+        assert [bool(t.gaps.any()) for t in ticks[5:7]] == [want_gaps, want_gaps]
+        assert not ticks[3].gaps.any() and not ticks[4].gaps.any()
+
+
 def test_ring_drops_late_packets_then_resyncs() -> None:
     rx = RxAudio(capacity=1)
     slot = rx.add(0xD5)

@@ -67,7 +67,8 @@ def random_packets(rng: random.Random, rows: list[int], count: int, spray: bool 
                    ) -> list[tuple[int, bytes, tuple[str, int]]]:  # fmt: skip
     """Phones' streams with everything A.1 and the parser must survive: 16-bit wraps, loss,
     reordering, duplicates, large jumps, new SSRCs, CSRCs, header extensions, padding,
-    RFC 4733 events, PCMA, unknown and empty payloads, port-0 sources and garbage; with
+    RFC 4733 events, PCMA, unknown and empty payloads, unsent pauses (the timestamp jumps,
+    the sequence number does not), port-0 sources and garbage; with
     `spray`, strangers' packets too (their own SSRCs or the phone's) and some from the
     SDP address."""
     state = {r: [rng.randrange(65536) if r % 2 else 65500, rng.getrandbits(32), 7 + r]
@@ -86,6 +87,8 @@ def random_packets(rng: random.Random, rows: list[int], count: int, spray: bool 
             st[2] = rng.getrandbits(32)  # a new source
         elif roll < 0.15:
             st[0] = (st[0] + rng.randrange(1, 4)) % 65536  # loss
+        elif roll < 0.19:
+            st[1] = (st[1] + rng.randrange(160, 1200)) % (1 << 32)  # a pause, nothing lost
         seq = st[0]
         if rng.random() < 0.1:
             seq = (seq - rng.randrange(1, 5)) % 65536  # late / duplicate
