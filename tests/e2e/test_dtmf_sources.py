@@ -9,7 +9,9 @@ order, and nothing is left over to be reported twice.
 * SIP INFO: `application/dtmf-relay` (`Signal=5`, `Duration=160`) in the dialog;
 * in-band: the tones inside the caller's PCMU audio (`rtp_stream` of a raw µ-law file
   the test writes: sipp 3.6 plays the file's bytes as they are, a WAV header too);
-* both at once: each key as RFC 4733 and as a tone at the same moment, reported once.
+* both at once: each key as RFC 4733 and as a tone at the same moment, reported once;
+* in-band through loss: sipp replays a capture the test writes (`play_pcap_audio`), each
+  tone missing one packet in its middle: still one report per key.
 
 A PCMU caller transferred to a PCMA callee that answers telephone-event: a key the
 caller presses after the bridge reaches the callee as RFC 4733 with the payload type
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -282,6 +285,47 @@ def test_inband_digits_collected_once(system: PbxSystem, workdir: Path) -> None:
              '  <pause milliseconds="1500"/>\n')
     run_caller(system, workdir, "7103", caller_scenario("7103", media, telephone_event=False))
     assert_collected_once(system, "7103")
+
+
+def write_rtp_pcap(path: Path, samples: list[float], lost: set[int]) -> Path:
+    """`samples` as a PCMU RTP stream (20 ms packets, 20 ms apart) in a pcap that sipp's
+    `play_pcap_audio` replays as it is, RTP header included; the packets whose index is
+    in `lost` are left out (their sequence numbers and timestamps skipped, as after loss
+    on the way). Ethernet, IPv4 and UDP headers carry placeholder addresses: sipp sends
+    each payload from its media port to the PBX's."""
+    pcm = np.array([round(x) for x in samples], dtype=np.int16)
+    codes = bytes(g711.encode(pcm, "PCMU"))
+    out = bytearray(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+    for k in range(len(codes) // 160):
+        if k in lost:
+            continue
+        rtp = struct.pack("!BBHII", 0x80, 0, (1000 + k) & 0xFFFF, 160 * k, 0x5EED)
+        udp = struct.pack("!HHHH", 40000, 6000, 8 + len(rtp) + 160, 0) + rtp
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp) + 160, 0, 0, 64, 17, 0,
+                         bytes([127, 0, 0, 1]), bytes([127, 0, 0, 1]))  # fmt: skip
+        frame = b"\0" * 12 + b"\x08\x00" + ip + udp + codes[160 * k : 160 * (k + 1)]
+        usec = 20_000 * k
+        out += struct.pack("<IIII", usec // 1_000_000, usec % 1_000_000, len(frame), len(frame))
+        out += frame
+    path.write_bytes(bytes(out))
+    return path
+
+
+def test_inband_digits_through_lost_packets_collected_once(
+    system: PbxSystem, workdir: Path
+) -> None:
+    """sipp replays a capture of the three keys in-band, 160 ms each, with one packet lost
+    in the middle of every tone: each key still reaches the provider once (a lost packet
+    is not a pause in the tone; before, each key came twice)."""
+    system.provider.script = CollectScript()
+    lead_ms, period_ms, on_ms = 400, 400, 160
+    samples = inband_stream(lead_ms, period_ms, on_ms)
+    lost = {(lead_ms + i * period_ms) // 20 + 3 for i in range(len(DIGITS))}  # 4th of 8
+    capture = write_rtp_pcap(workdir / "lossy-tones.pcap", samples, lost)
+    media = (f'  <nop><action><exec play_pcap_audio="{capture}"/></action></nop>\n'
+             '  <pause milliseconds="600"/>\n')
+    run_caller(system, workdir, "7105", caller_scenario("7105", media, telephone_event=False))
+    assert_collected_once(system, "7105")
 
 
 def test_same_key_rfc4733_and_inband_reported_once(system: PbxSystem, workdir: Path) -> None:
