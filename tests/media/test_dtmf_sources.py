@@ -295,11 +295,13 @@ def test_engine_lost_packets_inside_a_tone_are_one_press(
     assert [(e.digit, e.source) for _, e in phone.events] == [("9", "inband")]
 
 
-def silent(phone: Phone, ticks: int) -> None:
-    """`ticks` periods in which no packet comes (lost, or not sent)."""
+def silent(phone: Phone, ticks: int, paused: bool = False) -> None:
+    """`ticks` periods in which no packet comes: lost (their sequence numbers skipped),
+    or, `paused`, not sent (the timestamp moves on, the sequence number does not)."""
     for _ in range(ticks):
         phone.ts += 160
-        phone.seq = (phone.seq + 1) & 0xFFFF
+        if not paused:
+            phone.seq = (phone.seq + 1) & 0xFFFF
         phone.k += 1
         phone._collect(phone.engine.tick(phone.now)[1])
 
@@ -323,10 +325,7 @@ def test_engine_same_key_after_an_unsent_pause_is_two_presses(
     suppression): its sequence numbers go on without a skip, so the pause is heard
     silence, not loss to hold over, and the two presses stay two."""
     phone.press(*FIVE, 5, False, True)
-    for _ in range(paused_ticks):  # the timestamp moves on, the sequence number does not
-        phone.ts += 160
-        phone.k += 1
-        phone._collect(phone.engine.tick(phone.now)[1])
+    silent(phone, paused_ticks, paused=True)
     phone.press(*FIVE, 5, False, True)
     phone.quiet(15)
     assert [e.digit for _, e in phone.events] == ["5", "5"]
