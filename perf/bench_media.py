@@ -30,6 +30,13 @@ After `--warmup` seconds, over `--measure` seconds:
   show up there);
 * digits: presses sent, DtmfDigit events received (by source), duplicates, missed.
 
+`--phases P` (default 20) spreads the phones over P evenly spaced instants of each 20 ms
+tick, every leg at a fixed random one, as unsynchronised phones send: the worker reads
+a trickle, not one burst a tick. `--phases 1` sends every leg at the tick's start
+(before 2026-12-07 the only way): a burst the worker reads in one batch, cheaper per
+packet than real traffic, which flattered its CPU figure (perf/README.md, "Phones not
+in step").
+
 `--loss PCT` drops that share of the phones' audio packets at random (never sent; their
 sequence numbers and timestamps go on, as after a lossy network), RFC 4733 events
 untouched: each press must still be reported exactly once, a lost packet inside a
@@ -210,10 +217,16 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         ssrc = 0x10000 + all_legs
         all_tx, all_lens = rtp_rows(n_calls, PKT, ssrc)
         ev_tx, ev_lens = rtp_rows(4 * n_calls, 16)
-        legs_of = [np.nonzero(leg_sock == k)[0] for k in range(n_socks)]
+        # Each leg's send instant inside the tick (see --phases): phones' 20 ms clocks
+        # are not in step, so with P phases the legs send at P evenly spaced instants.
+        leg_phase = rng.permutation(n_calls) % args.phases
+        phase_legs = [np.nonzero(leg_phase == p)[0] for p in range(args.phases)]
+        # grouped sockets: a sendmmsg batch for each socket's legs of each phase
+        chunks = [(p, k, legs) for p in range(args.phases) for k in range(n_socks)
+                  for legs in [np.nonzero((leg_sock == k) & (leg_phase == p))[0]] if legs.size]
         audio_tx: list[SendBatch] = []
         event_tx: list[SendBatch] = []
-        for legs in legs_of:  # grouped sockets: a sendmmsg batch each
+        for _, _, legs in chunks:
             tx = SendBatch(vlen=legs.size, size=PKT)
             tx.set_addresses(np.full(legs.size, ip_to_u32("127.0.0.1")), worker_port[legs])
             tx.lengths[:] = PKT
@@ -246,6 +259,34 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         measuring = False
         fds = [s.fileno() for s in socks] if phones is None else [phones.fileno()]
         zmq_fd = int(front.sock.getsockopt(zmq.FD))
+
+        def drain(deadline: float) -> None:
+            """Read prompt packets and the worker's messages until `deadline`."""
+            drained = False  # a generator behind schedule still reads once per tick
+            while True:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0 and drained:
+                    break
+                drained = True
+                r, _, _ = select.select(fds + [zmq_fd], [], [], max(0.0, timeout))
+                for fd in r:
+                    if fd == zmq_fd:
+                        continue
+                    if phones is not None:
+                        phones.recv(rec, measuring)
+                        continue
+                    while (n := rx.recv(fd)) > 0:
+                        if measuring:
+                            rec.add(rx, n, port_to_leg[rx.ports[:n]])
+                while int(front.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                    msg = front.recv(0)
+                    if isinstance(msg, MediaEvent) and isinstance(msg.event, DtmfDigit):
+                        digits_got[index[msg.call_id]] += 1
+                        src = msg.event.source
+                        by_source[src] = by_source.get(src, 0) + 1
+                    elif isinstance(msg, MediaHeartbeat):
+                        heartbeats.append(msg)
+
         origin = time.monotonic() + 0.05
         last_progress = time.monotonic()
         log(f"N={n_calls}: legs playing; warm-up {args.warmup} s, measuring {args.measure} s")
@@ -281,62 +322,43 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
             pl_legs = np.nonzero(pressing)[0] if not args.no_rfc4733 else all_legs[:0]
             e_legs = rfc4733_events(ev_tx, pl_legs, k_in_press, seq, press_start_ts,
                                     codes[press_digit], ssrc, DTMF_PT, PRESS_TICKS, SPF)  # fmt: skip
-            m = e_legs.size
-            if phones is not None:
-                if heard is None:
-                    sent_packets += phones.send(all_tx, all_lens, all_legs, worker_port, n_calls)
-                else:
-                    kept = all_legs[heard]
-                    sent_packets += phones.send(all_tx[kept], all_lens[kept], kept,
-                                                worker_port[kept], kept.size)  # fmt: skip
-                sent_packets += phones.send(ev_tx, ev_lens, e_legs, worker_port[e_legs], m)
-            for k, legs in enumerate(legs_of):
-                tx = audio_tx[k]
-                sending = legs
-                if heard is not None:  # the addresses set up front are for every leg
-                    sending = legs[heard[legs]]
-                    tx.set_addresses(np.full(sending.size, ip_to_u32("127.0.0.1")),
-                                     worker_port[sending])  # fmt: skip
-                tx.data[: sending.size] = all_tx[sending]
-                sent_packets += tx.send(fds[k], sending.size)
-                ev_rows = np.nonzero(leg_sock[e_legs] == k)[0]
-                if ev_rows.size:
-                    etx = event_tx[k]
-                    etx.set_addresses(np.full(ev_rows.size, ip_to_u32("127.0.0.1")),
-                                      worker_port[e_legs[ev_rows]])  # fmt: skip
-                    etx.data[: ev_rows.size] = ev_tx[ev_rows]
-                    etx.lengths[: ev_rows.size] = 16
-                    sent_packets += etx.send(fds[k], ev_rows.size)
+            for p in range(args.phases):
+                if p:
+                    drain(origin + (tick + p / args.phases) * TICK_S)
+                if phones is not None:
+                    sending = phase_legs[p] if args.phases > 1 else all_legs
+                    if heard is not None:
+                        sending = sending[heard[sending]]
+                    sent_packets += phones.send(all_tx[sending], all_lens[sending], sending,
+                                                worker_port[sending], sending.size)  # fmt: skip
+                    ev_rows = np.nonzero(leg_phase[e_legs] == p)[0]
+                    sent_packets += phones.send(ev_tx[ev_rows], ev_lens[ev_rows], e_legs[ev_rows],
+                                                worker_port[e_legs[ev_rows]], ev_rows.size)  # fmt: skip
+                    continue
+                for ci, (cp, k, legs) in enumerate(chunks):
+                    if cp != p:
+                        continue
+                    tx = audio_tx[ci]
+                    sending = legs
+                    if heard is not None:  # the addresses set up front are for every leg
+                        sending = legs[heard[legs]]
+                        tx.set_addresses(np.full(sending.size, ip_to_u32("127.0.0.1")),
+                                         worker_port[sending])  # fmt: skip
+                    tx.data[: sending.size] = all_tx[sending]
+                    sent_packets += tx.send(fds[k], sending.size)
+                    ev_rows = np.nonzero((leg_sock[e_legs] == k) & (leg_phase[e_legs] == p))[0]
+                    if ev_rows.size:
+                        etx = event_tx[ci]
+                        etx.set_addresses(np.full(ev_rows.size, ip_to_u32("127.0.0.1")),
+                                          worker_port[e_legs[ev_rows]])  # fmt: skip
+                        etx.data[: ev_rows.size] = ev_tx[ev_rows]
+                        etx.lengths[: ev_rows.size] = 16
+                        sent_packets += etx.send(fds[k], ev_rows.size)
             np.add.at(seq, e_legs, 1)
             seq += 1
             seq &= 0xFFFF
             ts += SPF
-            # ---- drain until the next tick
-            deadline = origin + (tick + 1) * TICK_S
-            drained = False  # a generator behind schedule still reads once per tick
-            while True:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0 and drained:
-                    break
-                drained = True
-                r, _, _ = select.select(fds + [zmq_fd], [], [], max(0.0, timeout))
-                for fd in r:
-                    if fd == zmq_fd:
-                        continue
-                    if phones is not None:
-                        phones.recv(rec, measuring)
-                        continue
-                    while (n := rx.recv(fd)) > 0:
-                        if measuring:
-                            rec.add(rx, n, port_to_leg[rx.ports[:n]])
-                while int(front.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                    msg = front.recv(0)
-                    if isinstance(msg, MediaEvent) and isinstance(msg.event, DtmfDigit):
-                        digits_got[index[msg.call_id]] += 1
-                        src = msg.event.source
-                        by_source[src] = by_source.get(src, 0) + 1
-                    elif isinstance(msg, MediaHeartbeat):
-                        heartbeats.append(msg)
+            drain(origin + (tick + 1) * TICK_S)
             if time.monotonic() - last_progress >= 1.0:
                 last_progress = time.monotonic()
                 log(f"N={n_calls}: t={tick * TICK_S:5.1f} s, {rec.n} prompt packets recorded")
@@ -403,6 +425,7 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         "calls": n_calls,
         "rtp_socket": args.rtp_socket,
         "gen_sockets": "per_leg" if gen_per_leg else "grouped",
+        "phases": args.phases,
         "measure_s": round(t_meas, 2),
         "worker_cpu_pct_core": round(cpu_pct, 2),
         "cpu_pct_per_call": round(cpu_pct / n_calls, 4),
@@ -574,6 +597,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, nargs="*", default=[100, 250, 500, 1000], help="call counts")
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--measure", type=float, default=20.0)
+    ap.add_argument("--phases", type=int, default=20,
+                    help="send instants per 20 ms the phones are spread over (1: all at once)")
     ap.add_argument("--press-every", type=float, default=5.0, help="seconds between key presses")
     ap.add_argument("--rtp-ports", default="20000-29999")
     ap.add_argument("--no-rfc4733", action="store_true", help="presses in-band only")

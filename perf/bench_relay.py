@@ -28,7 +28,11 @@ relay transcodes). Every leg sends one 20 ms G.711 frame of low-level noise ever
 `--gen-sockets per_leg`, the default with `--rtp-socket shared`, a socket per leg,
 `benchlib.PhoneSockets`: compiled sendto and epoll + recvmmsg loops), and presses a key every `--press-every`
 seconds as RFC 4733 events (start, updates, end x3). What comes back is drained
-with `recvmmsg` and timed by the kernel (SO_TIMESTAMPNS).
+with `recvmmsg` and timed by the kernel (SO_TIMESTAMPNS). `--phases P` (default 20)
+spreads the legs over P evenly spaced send instants of each 20 ms, as unsynchronised
+phones send; `--phases 1` sends all 2N packets at the tick's start, a burst that
+favours a relay reading in batches (less CPU) and counts the time to work through the
+burst as latency (perf/README.md, "Phones not in step").
 
 Relay latency: a relayed packet's kernel receive time at the far leg minus the time
 the generator sent the same frame. Frames are named by their payload, which works
@@ -440,10 +444,25 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
         all_tx, all_lens = rtp_rows(n_legs, PKT, ssrc)
         ev_tx, ev_lens = rtp_rows(3 * n_legs, EVENT_PKT)
         payload_rows = np.stack([noise[c] for c in leg_codec], axis=1)  # [64 frames, legs, 160]
+        # Each leg's send phase inside the tick: with --phases 1 every leg sends at the
+        # tick's start (one burst of 2N packets); real phones' 20 ms clocks are not in
+        # step, so --phases P spreads the legs over P evenly spaced instants.
+        leg_phase = rng.permutation(n_legs) % args.phases
         # what is sent in one go, its start time taken as each packet's send time: a
-        # grouped socket's legs (one sendmmsg), or SEND_CHUNK phones (sendto loop)
-        chunks = ([np.nonzero(leg_sock == k)[0] for k in range(n_socks)] if not per_leg else
-                  [all_legs[i : i + SEND_CHUNK] for i in range(0, n_legs, SEND_CHUNK)])  # fmt: skip
+        # grouped socket's legs of one phase (one sendmmsg), or up to SEND_CHUNK phones
+        # of one phase (sendto loop); in phase order
+        if per_leg:
+            chunks = [part for p in range(args.phases)
+                      for legs in [np.nonzero(leg_phase == p)[0]]
+                      for part in np.split(legs, range(SEND_CHUNK, legs.size, SEND_CHUNK))]
+        else:
+            chunks = [legs for p in range(args.phases) for k in range(n_socks)
+                      for legs in [np.nonzero((leg_sock == k) & (leg_phase == p))[0]]]
+        chunks = [legs for legs in chunks if legs.size]
+        chunk_phase = [int(leg_phase[legs[0]]) for legs in chunks]
+        leg_chunk = np.zeros(n_legs, dtype=np.int64)
+        for k, legs in enumerate(chunks):
+            leg_chunk[legs] = k
         audio_tx: list[SendBatch] = []
         event_tx: list[SendBatch] = []
         for legs in chunks if not per_leg else []:  # grouped sockets: a sendmmsg batch each
@@ -487,6 +506,14 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
                 left = until - time.monotonic()
                 if left <= 0:
                     return
+
+        def send_events(phase: int, e_legs: np.ndarray, me: int) -> None:
+            # the phones' event packets of one phase, after that phase's audio
+            rows = np.nonzero(leg_phase[e_legs] == phase)[0] if args.phases > 1 else slice(0, me)
+            legs = e_legs[rows]
+            if legs.size:
+                assert phones is not None
+                phones.send(ev_tx[rows], ev_lens[rows], legs, relay_ports[legs], legs.size)
 
         cpu0 = 0.0
         threads0: dict[str, float] = {}
@@ -536,6 +563,11 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
             me = e_legs.size
             np.add.at(events_sent, e_legs, 1)
             for k, legs in enumerate(chunks):
+                prev = chunk_phase[k - 1] if k else 0
+                if chunk_phase[k] != prev:  # the next instant of the tick
+                    if phones is not None and me and k:
+                        send_events(prev, e_legs, me)
+                    drain(origin + (tick + chunk_phase[k] / args.phases) * TICK_S)
                 m = legs.size
                 t_a = time.time_ns()
                 if phones is not None:
@@ -543,7 +575,7 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
                 else:
                     tx = audio_tx[k]
                     tx.data[:m] = all_tx[legs]
-                    sent = tx.send(socks[k].fileno(), m)
+                    sent = tx.send(socks[leg_sock[legs[0]]].fileno(), m)
                 t_b = time.time_ns()
                 audio_sent_fail += m - sent
                 # each packet's send time: when the send call began (latency is an upper
@@ -551,16 +583,16 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
                 send_t[tick, legs] = t_a
                 send_call_ns.append(t_b - t_a)
                 if phones is None and me:
-                    rows = np.nonzero(leg_sock[e_legs] == k)[0]
+                    rows = np.nonzero(leg_chunk[e_legs] == k)[0]
                     if rows.size:
                         etx = event_tx[k]
                         etx.set_addresses(np.full(rows.size, ip_to_u32(LOCALHOST)),
                                           relay_ports[e_legs[rows]])  # fmt: skip
                         etx.data[: rows.size] = ev_tx[rows]
                         etx.lengths[: rows.size] = EVENT_PKT
-                        etx.send(socks[k].fileno(), rows.size)
+                        etx.send(socks[leg_sock[legs[0]]].fileno(), rows.size)
             if phones is not None and me:
-                phones.send(ev_tx, ev_lens, e_legs, relay_ports[e_legs], me)
+                send_events(chunk_phase[-1], e_legs, me)
             np.add.at(seq, e_legs, 1)
             seq += 1
             relay.poll()
@@ -597,6 +629,7 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
     result: dict[str, Any] = {
         "target": target,
         "mode": mode,
+        "phases": args.phases,
         "codecs": list(codecs),
         "calls": n_calls,
         "setup_s": round(setup_s, 2),
@@ -814,6 +847,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1, help="repeat every step this many times")
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--measure", type=float, default=20.0)
+    ap.add_argument("--phases", type=int, default=20,
+                    help="send instants per 20 ms the legs are spread over (1: all at once)")
     ap.add_argument("--press-every", type=float, default=5.0, help="seconds between key presses")
     ap.add_argument("--inband", action="store_true", help="worker legs with in-band detection on")
     ap.add_argument("--rtp-ports", default="12000-15999", help="the worker's RTP ports")
