@@ -25,7 +25,8 @@ The legs' RTP sockets are read when data arrives: the event loop watches the
 epoll set of all of them (`workers.rtpio`), and a wake-up reads only the ready
 sockets — at once if the last read was POLL_SECONDS (RELAY_POLL_SECONDS while legs
 are bridged) ago or more, otherwise when that interval is over, so a busy worker reads
-its packets in batches.
+its packets in batches. While those timed reads keep finding packets the worker stays
+on the timer (the fd unwatched); a read that finds nothing goes back to readiness.
 
 With `[media] rtp_socket` "shared" or "auto" the worker also binds one shared RTP
 port (and its RTCP port + 1) and announces it with its pool: a MediaAllocate naming it
@@ -106,10 +107,12 @@ TICK_SECONDS = 0.020
 # long before its digit goes out, and a burst of packets is read in one batch.
 POLL_SECONDS = 0.002
 # ... and this often while any leg is bridged: relayed audio waits for the read, and
-# the worker adds this much mouth-to-ear delay at most (perf/bench_relay.py, 500
-# bridged calls: p99 5.1-5.4 ms at 2 ms, 2.9-4.6 ms at 0.5 ms, for the same CPU; a
-# pure IVR load reads every 2 ms, as 0.5 ms costs it 10-35 % more CPU).
-RELAY_POLL_SECONDS = 0.0005
+# the worker adds this much mouth-to-ear delay at most. perf/bench_relay.py, 500 bridged
+# calls, the phones' packets spread over the tick (--phases 20): 0.5 ms cost 0.128 %
+# of a core per call (p99 1.1-1.2 ms), 1 ms 0.086-0.100 (p99 2.5-2.9 ms), 2 ms
+# 0.085-0.091 (p99 4.2-4.6 ms, too near the 5 ms budget). A pure IVR load reads every
+# 2 ms (0.5 ms cost it 10-35 % more CPU).
+RELAY_POLL_SECONDS = 0.001
 # Caller-audio frames waiting for a slow WebSocket; more are dropped (0.5 s at 20 ms).
 WS_SEND_QUEUE = 25
 # Port pairs bound per refill callback: a long refill yields to the loop in between.
@@ -575,29 +578,42 @@ class MediaWorker:
         self._poll_timer = self.loop.call_later(wait, self._poll_due)
 
     def _poll_due(self) -> None:
+        """The interval's read. While it finds packets the next read stays on the
+        timer: a steady stream (phones' 20 ms clocks are not in step, so packets arrive
+        all through a tick) costs one timer a read, not also a wake-up on readiness,
+        the reader removed and added again (two `epoll_ctl`) and a timer; at 500 bridged
+        calls that churn was a third of the worker. A read that finds nothing goes back
+        to waiting on readiness."""
         self._poll_timer = None
-        self._poll_safe()
-        self.watch_rtp()
+        if self._poll_safe():
+            interval = RELAY_POLL_SECONDS if self.engine.relaying else POLL_SECONDS
+            self._poll_timer = self.loop.call_later(interval, self._poll_due)
+        else:
+            self.watch_rtp()
 
-    def _poll_safe(self) -> None:
+    def _poll_safe(self) -> int:
+        """`poll_rtp`, its failure logged: how many datagrams it read."""
         try:
-            self.poll_rtp()
+            return self.poll_rtp()
         except Exception:
             log.exception("RTP poll failed")
+            return 0
 
-    def poll_rtp(self) -> None:
+    def poll_rtp(self) -> int:
         """Every datagram waiting on the legs' RTP sockets (only those the epoll set
         reports ready), through the engine a buffer at a time
         (`MediaEngine.receive_batch`: one kernel pass, Python only for the packets that
-        need it). What bridged legs relay leaves right after each pass, in one compiled
-        send loop: relayed audio waits for no tick."""
+        need it); returns how many. What bridged legs relay leaves right after each
+        pass, in one compiled send loop: relayed audio waits for no tick."""
         rtp = self.rtp
         engine = self.engine
         self._last_poll = time.monotonic()
+        total = 0
         while True:
             n = rtp.recv()
             if n == 0:
-                return
+                return total
+            total += n
             packets, events = engine.receive_batch(
                 rtp.buf, rtp.lens, rtp.names, rtp.rows, n, time.monotonic()
             )
@@ -608,7 +624,7 @@ class MediaWorker:
             if events:
                 self.send_events(events)
             if n < rtp.buf.shape[0]:
-                return
+                return total
 
     def send_tx(self) -> None:
         """The tick's prompt packets (`engine.tx`): `send_batch`."""

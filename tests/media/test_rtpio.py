@@ -168,6 +168,57 @@ def test_worker_reads_on_readiness_and_coalesces(socks: list[socket.socket]) -> 
     asyncio.run(scenario())
 
 
+def test_worker_stays_on_its_timer_while_packets_keep_coming(socks: list[socket.socket]) -> None:
+    """A read on the timer that found packets schedules the next read on the timer, without
+    watching the epoll fd again in between (the phones of a busy worker send all through
+    the tick: watching again would cost a wake-up and two epoll_ctl per read); a read
+    that finds nothing goes back to waiting on readiness."""
+    from workers import media
+
+    async def scenario() -> None:
+        w = media.MediaWorker.__new__(media.MediaWorker)
+        w.loop = asyncio.get_running_loop()
+        w.rtp = RtpSockets(batch=16)
+        w.engine = _Engine()  # type: ignore[assignment]
+        w._last_poll, w._poll_timer, w._watching = 0.0, None, False
+        phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        batches = w.engine.batches  # type: ignore[attr-defined]
+
+        async def until(count: int, timeout: float = 2.0) -> None:
+            deadline = time.monotonic() + timeout
+            while len(batches) < count and time.monotonic() < deadline:
+                await asyncio.sleep(0.0002)
+
+        try:
+            w.rtp.add("c0", socks[0], 0)
+            w.watch_rtp()
+            phone.sendto(b"one", socks[0].getsockname())
+            await until(1)
+            phone.sendto(b"two", socks[0].getsockname())  # too early: read on the timer
+            await until(2)
+            assert [p for _, p in batches] == [[b"one"], [b"two"]]
+            # that read found a packet: the next one is on the timer too, fd unwatched
+            assert not w._watching and w._poll_timer is not None
+            phone.sendto(b"three", socks[0].getsockname())
+            await until(3)
+            assert batches[2][1] == [b"three"]
+            assert batches[2][0] >= batches[1][0] + media.POLL_SECONDS - 1e-4
+            assert not w._watching and w._poll_timer is not None
+            # nothing more: the next timer's read finds nothing and watches again
+            await asyncio.sleep(3 * media.POLL_SECONDS + 0.01)
+            assert len(batches) == 3
+            assert w._watching and w._poll_timer is None
+            phone.sendto(b"four", socks[0].getsockname())
+            await until(4)
+            assert batches[3][1] == [b"four"]
+        finally:
+            w.unwatch_rtp()
+            phone.close()
+            w.rtp._epoll.close()
+
+    asyncio.run(scenario())
+
+
 # ------------------------------------------------------------ the shared socket
 
 
