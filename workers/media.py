@@ -106,13 +106,15 @@ TICK_SECONDS = 0.020
 # set, and before every tick): a received RFC 4733 end packet waits at most this
 # long before its digit goes out, and a burst of packets is read in one batch.
 POLL_SECONDS = 0.002
-# ... and this often while any leg is bridged: relayed audio waits for the read, and
-# the worker adds this much mouth-to-ear delay at most. perf/bench_relay.py, 500 bridged
-# calls, the phones' packets spread over the tick (--phases 20): 0.5 ms cost 0.128 %
-# of a core per call (p99 1.1-1.2 ms), 1 ms 0.086-0.100 (p99 2.5-2.9 ms), 2 ms
-# 0.085-0.091 (p99 4.2-4.6 ms, too near the 5 ms budget). A pure IVR load reads every
-# 2 ms (0.5 ms cost it 10-35 % more CPU).
+# ... and this often while any leg is bridged: relayed audio waits for the read (about
+# this long, plus the pass). perf/bench_relay.py, 500 bridged calls, the phones' packets
+# spread over the tick (--phases 20): 1 ms cost 0.086-0.100 % of a core per call (relay
+# p99 2.5-2.9 ms), 2 ms the same CPU with p99 4.2-4.6 ms, too near the 5 ms budget.
 RELAY_POLL_SECONDS = 0.001
+# uvloop's timers count whole milliseconds: call_later(d) with d under 0.5 ms runs on the
+# next loop turn. The chained read (`_poll_due`) never waits less than this, or a
+# shorter interval would read in a busy loop while packets keep coming.
+LOOP_TIMER_SECONDS = 0.001
 # Caller-audio frames waiting for a slow WebSocket; more are dropped (0.5 s at 20 ms).
 WS_SEND_QUEUE = 25
 # Port pairs bound per refill callback: a long refill yields to the loop in between.
@@ -580,14 +582,14 @@ class MediaWorker:
     def _poll_due(self) -> None:
         """The interval's read. While it finds packets the next read stays on the
         timer: a steady stream (phones' 20 ms clocks are not in step, so packets arrive
-        all through a tick) costs one timer a read, not also a wake-up on readiness,
-        the reader removed and added again (two `epoll_ctl`) and a timer; at 500 bridged
-        calls that churn was a third of the worker. A read that finds nothing goes back
-        to waiting on readiness."""
+        all through a tick) costs one timer a read, not also a wake-up on readiness and
+        the reader removed and added again (two `epoll_ctl`). A read that finds nothing
+        goes back to waiting on readiness."""
         self._poll_timer = None
         if self._poll_safe():
             interval = RELAY_POLL_SECONDS if self.engine.relaying else POLL_SECONDS
-            self._poll_timer = self.loop.call_later(interval, self._poll_due)
+            self._poll_timer = self.loop.call_later(max(interval, LOOP_TIMER_SECONDS),
+                                                    self._poll_due)  # fmt: skip
         else:
             self.watch_rtp()
 

@@ -168,12 +168,18 @@ def test_worker_reads_on_readiness_and_coalesces(socks: list[socket.socket]) -> 
     asyncio.run(scenario())
 
 
-def test_worker_stays_on_its_timer_while_packets_keep_coming(socks: list[socket.socket]) -> None:
+def test_worker_stays_on_its_timer_while_packets_keep_coming(
+    socks: list[socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A read on the timer that found packets schedules the next read on the timer, without
     watching the epoll fd again in between (the phones of a busy worker send all through
     the tick: watching again would cost a wake-up and two epoll_ctl per read); a read
     that finds nothing goes back to waiting on readiness."""
     from workers import media
+
+    # long enough that each packet below is sent well inside the interval, on a slow
+    # machine too
+    monkeypatch.setattr(media, "POLL_SECONDS", 0.05)
 
     async def scenario() -> None:
         w = media.MediaWorker.__new__(media.MediaWorker)
@@ -219,6 +225,45 @@ def test_worker_stays_on_its_timer_while_packets_keep_coming(socks: list[socket.
     asyncio.run(scenario())
 
 
+def test_worker_timed_reads_are_never_a_busy_loop_under_uvloop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvloop's call_later(d) with d under 0.5 ms runs on the next loop turn: a chained read
+    at such an interval would spin while every read finds packets. The chain waits at
+    least LOOP_TIMER_SECONDS."""
+    import uvloop
+
+    from workers import media
+
+    monkeypatch.setattr(media, "POLL_SECONDS", 0.0002)
+    reads: list[float] = []
+
+    async def scenario() -> None:
+        w = media.MediaWorker.__new__(media.MediaWorker)
+        w.loop = asyncio.get_running_loop()
+        w.rtp = RtpSockets(batch=16)
+        w.engine = _Engine()  # type: ignore[assignment]
+        w._last_poll, w._poll_timer, w._watching = 0.0, None, False
+
+        def poll() -> int:  # every read finds a packet: a stream that never pauses
+            reads.append(time.monotonic())
+            return 1
+
+        w.poll_rtp = poll  # type: ignore[method-assign]
+        try:
+            w._poll_due()
+            await asyncio.sleep(0.05)
+        finally:
+            w.unwatch_rtp()
+            w.rtp._epoll.close()
+
+    runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    with runner:
+        runner.run(scenario())
+    assert 10 <= len(reads) <= 60  # one read a millisecond, not tens of thousands
+
+
+# ------------------------------------------------------------ the shared socket
 # ------------------------------------------------------------ the shared socket
 
 
