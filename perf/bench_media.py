@@ -104,6 +104,7 @@ from perf.benchlib import (  # noqa: E402
     generator_socket,
     log,
     pct,
+    positive_int,
     proc_cpu_s,
     proc_rss_kb,
     rfc4733_events,
@@ -597,7 +598,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, nargs="*", default=[100, 250, 500, 1000], help="call counts")
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--measure", type=float, default=20.0)
-    ap.add_argument("--phases", type=int, default=20,
+    ap.add_argument("--phases", type=positive_int, default=20,
                     help="send instants per 20 ms the phones are spread over (1: all at once)")
     ap.add_argument("--press-every", type=float, default=5.0, help="seconds between key presses")
     ap.add_argument("--rtp-ports", default="20000-29999")

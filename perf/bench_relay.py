@@ -89,6 +89,7 @@ from perf.benchlib import (  # noqa: E402
     log,
     machine_cpu_s,
     pct,
+    positive_int,
     proc_cpu_s,
     proc_rss_kb,
     rfc4733_events,
@@ -497,7 +498,10 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
             # at least one pass, even when the tick's sending ran late
             left = 0.0
             while True:
-                for fd, _ in ep.poll(max(0.0, left)):
+                # select waits to the microsecond; epoll.poll would round the wait up to
+                # a whole millisecond and bunch the --phases instants together
+                ready = ep.poll(0) if select.select([ep], [], [], max(0.0, left))[0] else []
+                for fd, _ in ready:
                     if phones is not None:
                         phones.recv(recv)
                         continue
@@ -847,7 +851,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1, help="repeat every step this many times")
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--measure", type=float, default=20.0)
-    ap.add_argument("--phases", type=int, default=20,
+    ap.add_argument("--phases", type=positive_int, default=20,
                     help="send instants per 20 ms the legs are spread over (1: all at once)")
     ap.add_argument("--press-every", type=float, default=5.0, help="seconds between key presses")
     ap.add_argument("--inband", action="store_true", help="worker legs with in-band detection on")

@@ -13,6 +13,7 @@ insides change.
 
 from __future__ import annotations
 
+import argparse
 import os
 import select
 import socket
@@ -130,6 +131,14 @@ def wait_until_quiet(max_busy_cores: float, max_wait_s: float, sample_s: float =
 
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (--phases, counts)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def pct(x: np.ndarray, q: float) -> float:
@@ -420,7 +429,8 @@ class PhoneSockets:
 
     def send(self, data: np.ndarray, lens: np.ndarray, legs: np.ndarray, ports: np.ndarray,
              n: int) -> int:  # fmt: skip
-        """Packets k < n, each from legs[k]'s socket to 127.0.0.1:ports[k]; how many left."""
+        """Packets k < n, each from legs[k]'s socket to 127.0.0.1:ports[k]; how many were
+        sent."""
         if n <= 0:
             return 0
         if self._ips.size < n:
