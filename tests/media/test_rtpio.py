@@ -7,6 +7,7 @@ import select
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -115,36 +116,47 @@ class _Engine:
         return [], []
 
 
+def _reading_worker() -> Any:
+    """A MediaWorker shell with only what reading needs: the running loop, an empty set of
+    RTP sockets and `_Engine`; nothing watched, no read yet."""
+    from workers import media
+
+    w = media.MediaWorker.__new__(media.MediaWorker)
+    w.loop = asyncio.get_running_loop()
+    w.rtp = RtpSockets(batch=16)
+    w.engine = _Engine()  # type: ignore[assignment]
+    w._last_poll, w._poll_timer, w._watching = 0.0, None, False
+    return w
+
+
+async def _until(batches: list[Any], count: int, step: float = 0.0005) -> None:
+    """Until `count` reads have happened (2 s at most)."""
+    deadline = time.monotonic() + 2.0
+    while len(batches) < count and time.monotonic() < deadline:
+        await asyncio.sleep(step)
+
+
 def test_worker_reads_on_readiness_and_coalesces(socks: list[socket.socket]) -> None:
     """No tick loop runs here: every read comes from the epoll fd waking the loop."""
     from workers import media
 
     async def scenario() -> None:
-        w = media.MediaWorker.__new__(media.MediaWorker)
-        w.loop = asyncio.get_running_loop()
-        w.rtp = RtpSockets(batch=16)
-        w.engine = _Engine()  # type: ignore[assignment]
-        w._last_poll, w._poll_timer, w._watching = 0.0, None, False
+        w = _reading_worker()
         phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         batches = w.engine.batches  # type: ignore[attr-defined]
-
-        async def until(count: int, timeout: float = 2.0) -> None:
-            deadline = time.monotonic() + timeout
-            while len(batches) < count and time.monotonic() < deadline:
-                await asyncio.sleep(0.0005)
 
         try:
             for k, s in enumerate(socks[:2]):
                 w.rtp.add(f"c{k}", s, k)
             w.watch_rtp()
             phone.sendto(b"one", socks[0].getsockname())
-            await until(1)
+            await _until(batches, 1)
             assert [p for _, p in batches] == [[b"one"]]
             # right after a read: the next wake waits out POLL_SECONDS, then reads all
             first = batches[0][0]
             for p in (b"a", b"b", b"c"):
                 phone.sendto(p, socks[1].getsockname())
-            await until(2)
+            await _until(batches, 2)
             assert sorted(batches[1][1]) == [b"a", b"b", b"c"]
             assert batches[1][0] >= first + media.POLL_SECONDS - 1e-4
             # a removed leg is never read; an unwatched set is not read at all
@@ -157,7 +169,7 @@ def test_worker_reads_on_readiness_and_coalesces(socks: list[socket.socket]) -> 
             await asyncio.sleep(0.02)
             assert len(batches) == 2
             w.watch_rtp()
-            await until(3)
+            await _until(batches, 3)
             assert batches[2][1] == [b"later"]
             assert socks[0].recv(100) == b"gone"
         finally:
@@ -182,31 +194,22 @@ def test_worker_stays_on_its_timer_while_packets_keep_coming(
     monkeypatch.setattr(media, "POLL_SECONDS", 0.05)
 
     async def scenario() -> None:
-        w = media.MediaWorker.__new__(media.MediaWorker)
-        w.loop = asyncio.get_running_loop()
-        w.rtp = RtpSockets(batch=16)
-        w.engine = _Engine()  # type: ignore[assignment]
-        w._last_poll, w._poll_timer, w._watching = 0.0, None, False
+        w = _reading_worker()
         phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         batches = w.engine.batches  # type: ignore[attr-defined]
-
-        async def until(count: int, timeout: float = 2.0) -> None:
-            deadline = time.monotonic() + timeout
-            while len(batches) < count and time.monotonic() < deadline:
-                await asyncio.sleep(0.0002)
 
         try:
             w.rtp.add("c0", socks[0], 0)
             w.watch_rtp()
             phone.sendto(b"one", socks[0].getsockname())
-            await until(1)
+            await _until(batches, 1, step=0.0002)
             phone.sendto(b"two", socks[0].getsockname())  # too early: read on the timer
-            await until(2)
+            await _until(batches, 2, step=0.0002)
             assert [p for _, p in batches] == [[b"one"], [b"two"]]
             # that read found a packet: the next one is on the timer too, fd unwatched
             assert not w._watching and w._poll_timer is not None
             phone.sendto(b"three", socks[0].getsockname())
-            await until(3)
+            await _until(batches, 3, step=0.0002)
             assert batches[2][1] == [b"three"]
             assert batches[2][0] >= batches[1][0] + media.POLL_SECONDS - 1e-4
             assert not w._watching and w._poll_timer is not None
@@ -215,7 +218,7 @@ def test_worker_stays_on_its_timer_while_packets_keep_coming(
             assert len(batches) == 3
             assert w._watching and w._poll_timer is None
             phone.sendto(b"four", socks[0].getsockname())
-            await until(4)
+            await _until(batches, 4, step=0.0002)
             assert batches[3][1] == [b"four"]
         finally:
             w.unwatch_rtp()
@@ -239,11 +242,7 @@ def test_worker_timed_reads_are_never_a_busy_loop_under_uvloop(
     reads: list[float] = []
 
     async def scenario() -> None:
-        w = media.MediaWorker.__new__(media.MediaWorker)
-        w.loop = asyncio.get_running_loop()
-        w.rtp = RtpSockets(batch=16)
-        w.engine = _Engine()  # type: ignore[assignment]
-        w._last_poll, w._poll_timer, w._watching = 0.0, None, False
+        w = _reading_worker()
 
         def poll() -> int:  # every read finds a packet: a stream that never pauses
             reads.append(time.monotonic())
