@@ -327,7 +327,7 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
                 if p:
                     drain(origin + (tick + p / args.phases) * TICK_S)
                 if phones is not None:
-                    sending = phase_legs[p] if args.phases > 1 else all_legs
+                    sending = phase_legs[p]
                     if heard is not None:
                         sending = sending[heard[sending]]
                     sent_packets += phones.send(all_tx[sending], all_lens[sending], sending,

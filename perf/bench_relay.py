@@ -511,9 +511,9 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
                 if left <= 0:
                     return
 
-        def send_events(phase: int, e_legs: np.ndarray, me: int) -> None:
+        def send_events(phase: int, e_legs: np.ndarray) -> None:
             # the phones' event packets of one phase, after that phase's audio
-            rows = np.nonzero(leg_phase[e_legs] == phase)[0] if args.phases > 1 else slice(0, me)
+            rows = np.nonzero(leg_phase[e_legs] == phase)[0]
             legs = e_legs[rows]
             if legs.size:
                 assert phones is not None
@@ -570,7 +570,7 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
                 prev = chunk_phase[k - 1] if k else 0
                 if chunk_phase[k] != prev:  # the next instant of the tick
                     if phones is not None and me and k:
-                        send_events(prev, e_legs, me)
+                        send_events(prev, e_legs)
                     drain(origin + (tick + chunk_phase[k] / args.phases) * TICK_S)
                 m = legs.size
                 t_a = time.time_ns()
@@ -596,7 +596,7 @@ def run_one(target: str, mode: str, n_calls: int, args: argparse.Namespace) -> d
                         etx.lengths[: rows.size] = EVENT_PKT
                         etx.send(socks[leg_sock[legs[0]]].fileno(), rows.size)
             if phones is not None and me:
-                send_events(chunk_phase[-1], e_legs, me)
+                send_events(chunk_phase[-1], e_legs)
             np.add.at(seq, e_legs, 1)
             seq += 1
             relay.poll()

@@ -566,13 +566,16 @@ class MediaWorker:
             self._poll_timer.cancel()
             self._poll_timer = None
 
+    def _read_interval(self) -> float:
+        """How often the sockets are read: RELAY_POLL_SECONDS while a leg is bridged."""
+        return RELAY_POLL_SECONDS if self.engine.relaying else POLL_SECONDS
+
     def _rtp_ready(self) -> None:
         """A leg's socket has data: read the ready sockets now if the last read was at
         least POLL_SECONDS (RELAY_POLL_SECONDS while legs are bridged) ago; otherwise
         stop watching until that interval is over, so the packets arriving meanwhile are
         read together."""
-        interval = RELAY_POLL_SECONDS if self.engine.relaying else POLL_SECONDS
-        wait = self._last_poll + interval - time.monotonic()
+        wait = self._last_poll + self._read_interval() - time.monotonic()
         if wait <= 0:
             self._poll_safe()
             return
@@ -587,9 +590,8 @@ class MediaWorker:
         goes back to waiting on readiness."""
         self._poll_timer = None
         if self._poll_safe():
-            interval = RELAY_POLL_SECONDS if self.engine.relaying else POLL_SECONDS
-            self._poll_timer = self.loop.call_later(max(interval, LOOP_TIMER_SECONDS),
-                                                    self._poll_due)  # fmt: skip
+            self._poll_timer = self.loop.call_later(
+                max(self._read_interval(), LOOP_TIMER_SECONDS), self._poll_due)  # fmt: skip
         else:
             self.watch_rtp()
 

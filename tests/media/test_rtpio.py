@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 import socket
 import time
@@ -116,9 +117,10 @@ class _Engine:
         return [], []
 
 
-def _reading_worker() -> Any:
+@contextlib.contextmanager
+def _reading_worker() -> Iterator[Any]:
     """A MediaWorker shell with only what reading needs: the running loop, an empty set of
-    RTP sockets and `_Engine`; nothing watched, no read yet."""
+    RTP sockets and `_Engine`; nothing watched, no read yet. Unwatched and closed after."""
     from workers import media
 
     w = media.MediaWorker.__new__(media.MediaWorker)
@@ -126,7 +128,11 @@ def _reading_worker() -> Any:
     w.rtp = RtpSockets(batch=16)
     w.engine = _Engine()  # type: ignore[assignment]
     w._last_poll, w._poll_timer, w._watching = 0.0, None, False
-    return w
+    try:
+        yield w
+    finally:
+        w.unwatch_rtp()
+        w.rtp._epoll.close()
 
 
 async def _until(batches: list[Any], count: int, step: float = 0.0005) -> None:
@@ -141,11 +147,8 @@ def test_worker_reads_on_readiness_and_coalesces(socks: list[socket.socket]) -> 
     from workers import media
 
     async def scenario() -> None:
-        w = _reading_worker()
-        phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        batches = w.engine.batches  # type: ignore[attr-defined]
-
-        try:
+        with _reading_worker() as w, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
+            batches = w.engine.batches
             for k, s in enumerate(socks[:2]):
                 w.rtp.add(f"c{k}", s, k)
             w.watch_rtp()
@@ -172,10 +175,6 @@ def test_worker_reads_on_readiness_and_coalesces(socks: list[socket.socket]) -> 
             await _until(batches, 3)
             assert batches[2][1] == [b"later"]
             assert socks[0].recv(100) == b"gone"
-        finally:
-            w.unwatch_rtp()
-            phone.close()
-            w.rtp._epoll.close()
 
     asyncio.run(scenario())
 
@@ -194,11 +193,8 @@ def test_worker_stays_on_its_timer_while_packets_keep_coming(
     monkeypatch.setattr(media, "POLL_SECONDS", 0.05)
 
     async def scenario() -> None:
-        w = _reading_worker()
-        phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        batches = w.engine.batches  # type: ignore[attr-defined]
-
-        try:
+        with _reading_worker() as w, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
+            batches = w.engine.batches
             w.rtp.add("c0", socks[0], 0)
             w.watch_rtp()
             phone.sendto(b"one", socks[0].getsockname())
@@ -220,10 +216,6 @@ def test_worker_stays_on_its_timer_while_packets_keep_coming(
             phone.sendto(b"four", socks[0].getsockname())
             await _until(batches, 4, step=0.0002)
             assert batches[3][1] == [b"four"]
-        finally:
-            w.unwatch_rtp()
-            phone.close()
-            w.rtp._epoll.close()
 
     asyncio.run(scenario())
 
@@ -242,19 +234,14 @@ def test_worker_timed_reads_are_never_a_busy_loop_under_uvloop(
     reads: list[float] = []
 
     async def scenario() -> None:
-        w = _reading_worker()
-
         def poll() -> int:  # every read finds a packet: a stream that never pauses
             reads.append(time.monotonic())
             return 1
 
-        w.poll_rtp = poll  # type: ignore[method-assign]
-        try:
+        with _reading_worker() as w:
+            w.poll_rtp = poll
             w._poll_due()
             await asyncio.sleep(0.05)
-        finally:
-            w.unwatch_rtp()
-            w.rtp._epoll.close()
 
     runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     with runner:
