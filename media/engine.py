@@ -696,15 +696,16 @@ class MediaEngine:
         action = self._action
         kernel = _k.rx_batch if self.kernels else _k.rx_batch_py
         t = self.tab
-        flagged = kernel(
+        seen = kernel(
             buf, lens, names, rows, n, now, self.relatch_s, self.relatch_any_ssrc, t.i, t.f,
             t.stats.i, t.stats.f, *self.rx.arrays(), action,
         )  # fmt: skip
-        if not flagged:
-            return packets, events
-        self._relay(buf, lens, rows, n, action, now)
-        if self.recorder.active:
+        if seen & _k.ACT_RELAY:
+            self._relay(buf, lens, rows, n, action, now)
+        if seen & _k.ACT_RECORD and self.recorder.active:
             self._record_rx(buf, lens, rows, n, action, now)
+        if not seen & _FOR_PYTHON:
+            return packets, events
         by_row = self._by_row
         for k in np.flatnonzero(action[:n] & _FOR_PYTHON).tolist():
             leg = by_row.get(int(rows[k]))

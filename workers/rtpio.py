@@ -147,6 +147,12 @@ def _recv_ready(
     owner: np.ndarray,
     shared_fd: int,
     rx_hdrs: np.ndarray,
+    keys: np.ndarray,
+    vals: np.ndarray,
+    salt: int,
+    sock_rows: np.ndarray,
+    rows: np.ndarray,
+    foreign: np.ndarray,
 ) -> int:
     """Read the sockets epoll reports ready (index into fds as the event data) into
     buf, one datagram per ready socket per round, rounds until epoll reports none:
@@ -155,7 +161,9 @@ def _recv_ready(
     is full (epoll is level-triggered: the next call finds the rest). Indexes whose
     fd is -1 (removed legs) are never read. The shared socket (event data SHARED_EV)
     is read with one recvmmsg into the rest of buf (owner -1; rx_hdrs point at buf and
-    names, row by row)."""
+    names, row by row). Then each packet's engine row into `rows` (`demux`, in the same
+    call: a pass is one dispatch from Python), the shared socket's strangers counted
+    in foreign[0]."""
     n = 0
     cap = buf.shape[0]
     size = buf.shape[1]
@@ -163,7 +171,7 @@ def _recv_ready(
     while n < cap:
         nev = _epoll_wait(epfd, events.ctypes.data, maxev, 0)
         if nev <= 0:
-            return n
+            break
         before = n
         for e in range(nev):
             i = events[e * EV_WORDS + EV_DATA]
@@ -194,7 +202,9 @@ def _recv_ready(
                 owner[n] = i
                 n += 1
         if n == before:  # ready but nothing read (a pending socket error, now cleared)
-            return n
+            break
+    if n:
+        foreign[0] += _demux(keys, vals, salt, names, owner, sock_rows, rows, n)
     return n
 
 
@@ -308,7 +318,7 @@ class RtpSockets:
         self.shared_calls: dict[str, int] = {}
         self._shared_by_row: dict[int, str] = {}
         self.demux = DemuxTable()
-        self.foreign = 0  # datagrams on the shared socket from no leg's address, dropped
+        self._foreign = np.zeros(1, dtype=np.int64)  # written by the receive loop
         self._synced = 0  # rows[:_synced] came from the last recv: latches to take in
         self._rx_hdrs = np.zeros((batch, MMSG_WORDS), dtype=np.uint64)
         self._rx_iov = np.zeros((batch, 2), dtype=np.uint64)
@@ -456,20 +466,20 @@ class RtpSockets:
             # the last pass may have latched legs: the table follows before this one
             self.demux.sync(self.legs.i, self.rows, self._synced)
         self._synced = 0
+        demux = self.demux
         n = int(
             _recv_ready(self.epfd, self.events, self.fds, self.buf, self.lens, self.names,
-                        self.namelens, self.owner, self.shared_fd, self._rx_hdrs)
+                        self.namelens, self.owner, self.shared_fd, self._rx_hdrs, demux.keys,
+                        demux.vals, demux.salt, self.sock_rows, self.rows, self._foreign)
         )  # fmt: skip
-        if n:
-            self._rows(n)
-        return n
-
-    def _rows(self, n: int) -> None:
-        """rows[:n]: a leg socket's packet from its socket's leg, a shared one by address."""
-        self.foreign += int(_demux(self.demux.keys, self.demux.vals, self.demux.salt,
-                                   self.names, self.owner, self.sock_rows, self.rows, n))  # fmt: skip
         if self.shared_fd >= 0:
             self._synced = n
+        return n
+
+    @property
+    def foreign(self) -> int:
+        """Datagrams on the shared socket from no leg's address, dropped."""
+        return int(self._foreign[0])
 
     def send(self, data: np.ndarray, lens: np.ndarray, rows: np.ndarray, ips: np.ndarray,
              ports: np.ndarray, n: int) -> np.ndarray:  # fmt: skip

@@ -379,8 +379,9 @@ def rx_batch(
     resyncs: np.ndarray, last_seq: np.ndarray, last_end: np.ndarray, action: np.ndarray,
 ) -> int:  # fmt: skip
     """Receive `n` datagrams (see the module docstring); action[i] gets ACT_* bits.
-    Returns how many packets have a non-zero action."""
-    flagged = 0
+    Returns the union of the packets' bits, so the caller runs only the steps some
+    packet needs (no scan of `action` for a pass with nothing for Python)."""
+    seen = 0
     for i in range(n):
         action[i] = 0
         r = rows[i]
@@ -462,9 +463,8 @@ def rx_batch(
                 if li[r, L_REC] >= 0:
                     act |= ACT_RECORD
         action[i] = act
-        if act:
-            flagged += 1
-    return flagged
+        seen |= act
+    return seen
 
 
 # ------------------------------------------------------------ receive: the Python twin
@@ -520,7 +520,7 @@ def rx_batch_py(
     stats = StatsTable.over(si, sf)
     rx = RxAudio.over(ring, read_ts, started, silence, anchor_ts, anchor_t, late_run, late,
                       resyncs, last_seq, last_end)  # fmt: skip
-    flagged = 0
+    seen = 0
     for i in range(n):
         action[i] = 0
         r = int(rows[i])
@@ -561,8 +561,8 @@ def rx_batch_py(
                 if li[r, L_REC] >= 0:
                     act |= ACT_RECORD
         action[i] = act
-        flagged += act != 0
-    return flagged
+        seen |= act
+    return seen
 
 
 # ------------------------------------------------------------ pump: numba
