@@ -4,7 +4,8 @@ The worker shell feeds it front commands (`add_leg`, `set_remote`, `play`, ...),
 received datagrams (`receive_rtp`) and a 20 ms `tick`, always passing `now`
 (seconds on a monotonic clock); the engine returns the datagrams to send, as
 `(call_id of the sending leg, bytes, (ip, port))`, and the `MediaEvent`s for
-the front. No socket, no clock, no asyncio here.
+the front. No socket, no clock, no asyncio here. A leg is a `media.leg.Leg` (its
+Python-side state, and properties over its row of the kernels' `LegTable`).
 
 Playback is paced from a fixed origin per prompt (frame k is due at
 `origin + k * ptime`), so it never drifts whatever the tick jitter. The origin
@@ -55,24 +56,22 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
 from media import g711
-from media.dtmf import EVENT_DIGITS, Rfc4733Detector, event_digit
-from media.dtmfpress import PressDedupe
+from media.dtmf import EVENT_DIGITS, event_digit
 from media.inband import InbandDetector
 from media.kernels import recplace as _rp
 from media.kernels import rtpbatch as _k
+from media.leg import SAMPLE_RATE, Leg, Playback
 from media.legtable import LegTable, PromptArena, TxBatch, ipv4_int, ipv4_str
 from media.prompts import PromptCache, PromptError
-from media.recorder import BEEP_PLAY_ID, Recorder, Recording
+from media.recorder import BEEP_PLAY_ID, Recorder
 from media.rtcp import (
     REPORT_INTERVAL_S,
     ReceiveStats,
-    ReportBlock,
     RtcpError,
     RtcpReport,
     build_report,
@@ -80,7 +79,7 @@ from media.rtcp import (
 from media.rtcp import parse_compound as parse_rtcp
 from media.rtp import RtpError, RtpPacket, build_header, parse_event, parse_rtp, ts_add
 from media.rxaudio import RxAudio
-from media.wsbridge import WsBridges, WsLeg
+from media.wsbridge import WsBridges
 from pbx.messages import (
     AudioComplete,
     DtmfDigit,
@@ -96,8 +95,6 @@ from pbx.messages import (
     WsBridgeEnded,
 )
 
-SAMPLE_RATE = 8000
-DEFAULT_PTIME_MS = 20
 # At most this many frames of one prompt go out in one tick; a tick later than
 # that slides the prompt's origin instead of bursting (the prompt ends later).
 MAX_BURST_FRAMES = _k.MAX_BURST_FRAMES
@@ -118,154 +115,6 @@ DigitSource = Literal["rfc4733", "info", "inband"]
 
 class EngineError(Exception):
     """A command for a leg this engine does not have, or otherwise unusable."""
-
-
-@dataclass(slots=True)
-class _Playback:
-    play_id: int
-    file: str
-    codes: np.ndarray
-    interruptible: bool
-    loop: bool
-    origin: float | None = None  # set by the first tick after play
-    frames_done: int = 0
-    marked: bool = False
-
-
-def _int_col(col: int, doc: str) -> property:
-    def get(self: Leg) -> int:
-        return int(self.tab.i[self.row, col])
-
-    def put(self: Leg, value: int) -> None:
-        self.tab.i[self.row, col] = value
-
-    return property(get, put, doc=doc)
-
-
-@dataclass(slots=True, eq=False)
-class Leg:
-    """One call leg. The state the batch kernels share (what it sends, what it received,
-    the latch, its prompt's progress) lives in its row of the engine's `LegTable`."""
-
-    call_id: str
-    local_port: int
-    inband_dtmf: bool
-    tab: LegTable
-    row: int
-    _remote: tuple[str, int] | None = None
-    payload_type: int = 0
-    codec: str = "PCMU"
-    dtmf_payload_type: int | None = None
-    cn_payload_type: int | None = None  # RFC 3389, when negotiated
-    ptime_ms: int = DEFAULT_PTIME_MS
-    play: _Playback | None = None
-    timer_id: int = 0
-    timer_at: float | None = None
-    peer: str | None = None
-    detector: Rfc4733Detector = field(default_factory=Rfc4733Detector)
-    _rec: Recording | None = None  # media.recorder (`rec`)
-    ws: WsLeg | None = None  # media.wsbridge
-    # Symmetric RTP (RFC 4961; "latching"): once the first valid packet arrives, send
-    # to where it came from (a phone behind NAT is not where its SDP says), and take
-    # packets from there only (the module docstring).
-    sdp_remote: tuple[str, int] | None = None
-    rtcp_remote: tuple[str, int] | None = None  # RFC 3550 §11: RTP port + 1 unless latched
-    rtcp_latched: bool = False
-    rtcp_seen: float | None = None  # last RTCP from the latched source (None: from now on)
-    rtcp_ssrc: int | None = None  # the latched RTCP source's SSRC
-    rtcp_foreign: int = 0  # RTCP datagrams from other sources, dropped
-    rx_stats: ReceiveStats = field(default_factory=ReceiveStats)
-    rx_slot: int | None = None  # row in the engine's RxAudio (in-band detection)
-    inband_slot: int | None = None  # row in the engine's InbandDetector
-    presses: PressDedupe = field(default_factory=PressDedupe)
-    sr_packets: int = -1  # packets_sent at the last RTCP report (SR only if more since)
-    rtcp_sent: int = 0
-    rtcp_received: int = 0
-    remote_report: ReportBlock | None = None
-    direction: str = "sendrecv"  # ours (RFC 3264): recvonly / inactive send no RTP
-
-    seq = _int_col(_k.L_SEQ, "next sequence number to send")
-    ts = _int_col(_k.L_TS, "next timestamp to send")
-    ssrc = _int_col(_k.L_SSRC, "our SSRC")
-    packets_sent = _int_col(_k.L_SENT, "RTP packets sent")
-    octets_sent = _int_col(_k.L_OCTETS, "RTP payload octets sent")
-    packets_received = _int_col(_k.L_RECEIVED, "valid RTP packets received")
-    foreign_dropped = _int_col(_k.L_FOREIGN, "RTP packets from foreign sources, dropped")
-    relatched = _int_col(_k.L_RELATCHED, "times the latch moved to another source")
-
-    @property
-    def rec(self) -> Recording | None:
-        """The leg's recording (media.recorder); its row is in L_REC for the kernels."""
-        return self._rec
-
-    @rec.setter
-    def rec(self, rec: Recording | None) -> None:
-        self._rec = rec
-        self.tab.i[self.row, _k.L_REC] = -1 if rec is None else rec.row
-
-    @property
-    def samples_per_frame(self) -> int:
-        return SAMPLE_RATE * self.ptime_ms // 1000
-
-    @property
-    def remote(self) -> tuple[str, int] | None:
-        """Where RTP goes: the SDP address, or the latched source."""
-        return self._remote
-
-    @remote.setter
-    def remote(self, addr: tuple[str, int] | None) -> None:
-        self._remote = addr
-        i = self.tab.i
-        i[self.row, _k.L_HAS_REMOTE] = addr is not None
-        i[self.row, _k.L_REMOTE_IP] = 0 if addr is None else ipv4_int(addr[0])
-        i[self.row, _k.L_REMOTE_PORT] = 0 if addr is None else addr[1]
-
-    @property
-    def sending(self) -> bool:
-        """False while on hold (our direction recvonly or inactive): no RTP goes out."""
-        return not self.tab.i[self.row, _k.L_NOSEND]
-
-    @property
-    def latched(self) -> bool:
-        return bool(self.tab.i[self.row, _k.L_LATCHED])
-
-    @latched.setter
-    def latched(self, value: bool) -> None:
-        self.tab.i[self.row, _k.L_LATCHED] = value
-
-    @property
-    def sent_until(self) -> float | None:
-        """Nominal time at which the last packet sent ends (its start + its duration)."""
-        v = float(self.tab.f[self.row, _k.F_SENT_UNTIL])
-        return None if math.isnan(v) else v
-
-    @sent_until.setter
-    def sent_until(self, value: float | None) -> None:
-        self.tab.f[self.row, _k.F_SENT_UNTIL] = math.nan if value is None else value
-
-    @property
-    def fwd_offset(self) -> int | None:
-        """Forwarded-audio timestamp offset into this leg's timeline (None: resync)."""
-        v = int(self.tab.i[self.row, _k.L_FWD_OFFSET])
-        return None if v < 0 else v
-
-    @fwd_offset.setter
-    def fwd_offset(self, value: int | None) -> None:
-        self.tab.i[self.row, _k.L_FWD_OFFSET] = -1 if value is None else value
-
-    def sync_tx(self) -> None:
-        """Mirror the Python-side send settings into the leg's row."""
-        i = self.tab.i
-        r = self.row
-        i[r, _k.L_PT] = self.payload_type
-        i[r, _k.L_DTMF_PT] = -1 if self.dtmf_payload_type is None else self.dtmf_payload_type
-        i[r, _k.L_CN_PT] = -1 if self.cn_payload_type is None else self.cn_payload_type
-        # Nothing else feeds the stream: the fill kernel keeps it going between prompts.
-        i[r, _k.L_FILL] = self.peer is None and self.ws is None
-        i[r, _k.L_CODEC] = 1 if self.codec == "PCMA" else 0
-        i[r, _k.L_SILENCE] = g711.SILENCE[self.codec]
-        i[r, _k.L_SPF] = self.samples_per_frame
-        self.tab.f[r, _k.F_PTIME] = self.ptime_ms / 1000.0
 
 
 class MediaEngine:
@@ -422,7 +271,7 @@ class MediaEngine:
             self.tab.i[leg.row, _k.L_PLAY_MARKED] = 0
             leg.fwd_offset = None
 
-    def _set_codes(self, leg: Leg, play: _Playback, codes: np.ndarray) -> None:
+    def _set_codes(self, leg: Leg, play: Playback, codes: np.ndarray) -> None:
         """The prompt's codes (new, or in another codec), where the pump reads them."""
         i = self.tab.i
         r = leg.row
@@ -444,7 +293,7 @@ class MediaEngine:
             return [_failure(msg.call_id, str(exc), msg.play_id)]
         self._start(
             leg,
-            _Playback(
+            Playback(
                 play_id=msg.play_id,
                 file=msg.file,
                 codes=codes,
@@ -454,7 +303,7 @@ class MediaEngine:
         )
         return []
 
-    def _start(self, leg: Leg, play: _Playback) -> None:
+    def _start(self, leg: Leg, play: Playback) -> None:
         leg.play = play
         self._playing[leg.call_id] = leg
         i = self.tab.i
@@ -478,7 +327,7 @@ class MediaEngine:
     def stop(self, call_id: str) -> None:
         self._stop(self._leg(call_id))
 
-    def _stop(self, leg: Leg) -> _Playback | None:
+    def _stop(self, leg: Leg) -> Playback | None:
         play, leg.play = leg.play, None
         self._playing.pop(leg.call_id, None)
         i = self.tab.i
@@ -547,7 +396,7 @@ class MediaEngine:
         if msg.beep and leg.rec is not None:
             self._stop(leg)
             self._start(
-                leg, _Playback(BEEP_PLAY_ID, "", self.prompts.beep(leg.codec), False, False)
+                leg, Playback(BEEP_PLAY_ID, "", self.prompts.beep(leg.codec), False, False)
             )
         return events
 
