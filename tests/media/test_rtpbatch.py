@@ -467,3 +467,16 @@ def test_send_loop_puts_the_python_paths_bytes_on_the_wire(tmp_path: Path) -> No
         phone.close()
         for s in socks:
             s.close()
+
+
+def test_every_action_bit_fits_the_engines_int8_action_array() -> None:
+    """`MediaEngine` keeps each packet's ACT_* bits in an int8 array and `rx_batch`
+    returns their union: a flag of 128 or more would come out negative there."""
+    flags = {name: getattr(K, name) for name in dir(K) if name.startswith("ACT_")}
+    assert len(flags) >= 5
+    union = 0
+    for name, value in flags.items():
+        assert value > 0 and value & (value - 1) == 0, f"{name} is not one bit"
+        assert union & value == 0, f"{name} shares a bit with another flag"
+        union |= value
+    assert np.int8(union) == union  # the union of all of them still fits
