@@ -36,21 +36,26 @@ SIPP_PCAPS = Path("/usr/share/sip-tester")
 # (start_system) and the kernel's ephemeral range, so no socket bound to port 0 and no
 # worker can take one between the pick and its use.
 MEDIA_PORTS = range(10000, 19996, 2)
+# SIP ports of user agents that listen on the next port too (baresip: TLS on port + 1),
+# below MEDIA_PORTS and out of the ephemeral range for the same reason.
+UA_PORTS = range(7000, 7998, 2)
 
 
-def _udp_ports_free(ports: range) -> bool:
+def ports_free(ports: range, kinds: tuple[int, ...] = (socket.SOCK_DGRAM,)) -> bool:
+    """Whether every port can be bound on 127.0.0.1 for each socket type in `kinds`."""
     socks = []
     try:
         for port in ports:
-            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            socks.append(u)
-            u.bind(("127.0.0.1", port))
+            for kind in kinds:
+                s = socket.socket(socket.AF_INET, kind)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
         return True
     except OSError:
         return False
     finally:
-        for u in socks:
-            u.close()
+        for s in socks:
+            s.close()
 
 
 def free_port(kind: int = socket.SOCK_DGRAM, even: bool = False) -> int:
@@ -62,7 +67,7 @@ def free_port(kind: int = socket.SOCK_DGRAM, even: bool = False) -> int:
     if even:
         for _ in range(200):
             port = random.choice(MEDIA_PORTS)
-            if _udp_ports_free(range(port, port + 4)):
+            if ports_free(range(port, port + 4)):
                 return port
         raise RuntimeError("no free media port")
     for _ in range(200):

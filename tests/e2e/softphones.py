@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.e2e.harness import free_port, wait_until
+from tests.e2e.harness import UA_PORTS, free_port, ports_free, wait_until
 from tests.provider_process import stop_process
 
 AGENT = Path(__file__).resolve().parent / "pjsua_agent.py"
@@ -172,16 +173,14 @@ class PjsuaPhone:
 
 
 def sip_port() -> int:
-    """A port for baresip's sip_listen: free for UDP and TCP, and the next one free for
-    TCP too (baresip listens for TLS there)."""
-    for _ in range(100):
-        port = free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tls:
-            try:
-                tls.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
+    """A port for baresip's sip_listen: it and the next one (baresip listens for TLS
+    there) free for UDP and TCP, from `UA_PORTS`, out of the ephemeral range: a port
+    picked by binding port 0 could be taken by an outgoing connection before baresip
+    binds it (a CI run saw "SIP/TLS transport failed: Address already in use")."""
+    for _ in range(200):
+        port = random.choice(UA_PORTS)
+        if ports_free(range(port, port + 2), (socket.SOCK_DGRAM, socket.SOCK_STREAM)):
+            return port
     raise RuntimeError("no free port pair for baresip")
 
 

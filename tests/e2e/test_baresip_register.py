@@ -16,10 +16,10 @@ from tests.e2e.harness import (
     REGISTERING_USERS,
     PbxSystem,
     ScriptedProvider,
-    free_port,
     start_system,
     wait_until,
 )
+from tests.e2e.softphones import sip_port
 
 MODULES = Path("/usr/lib/baresip/modules")
 
@@ -42,7 +42,7 @@ def run_baresip(system: PbxSystem, workdir: Path, user: str, password: str) -> s
     assert baresip, "baresip is not installed (make test installs Debian's baresip-core)"
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config").write_text(
-        f"sip_listen 127.0.0.1:{free_port()}\nmodule_path {MODULES}\nmodule g711.so\n"
+        f"sip_listen 127.0.0.1:{sip_port()}\nmodule_path {MODULES}\nmodule g711.so\n"
         "module ausine.so\nmodule_app account.so\naudio_player ausine,nil\n"
         "audio_source ausine,440\n")
     (workdir / "accounts").write_text(
