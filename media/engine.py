@@ -535,20 +535,35 @@ class MediaEngine:
         for Python go through `_rx_handle`, which does not forward them again. The packet
         list returned is for anything else to send at once (empty today: every forward is
         in `relay`)."""
-        packets: list[Packet] = []
-        events: list[MediaEvent] = []
         self.relay.n = 0
         if n <= 0:
-            return packets, events
-        if self._action.shape[0] < n:
-            self._action = np.zeros(max(n, 2 * self._action.shape[0]), dtype=np.int8)
-        action = self._action
+            return [], []
+        action = self.action_buffer(n)
         kernel = _k.rx_batch if self.kernels else _k.rx_batch_py
         t = self.tab
         seen = kernel(
             buf, lens, names, rows, n, now, self.relatch_s, self.relatch_any_ssrc, t.i, t.f,
             t.stats.i, t.stats.f, *self.rx.arrays(), action,
         )  # fmt: skip
+        return self.finish_batch(buf, lens, rows, n, now, int(seen))
+
+    def action_buffer(self, n: int) -> np.ndarray:
+        """The receive kernel's per-packet ACT_* array, for at least `n` packets."""
+        if self._action.shape[0] < n:
+            self._action = np.zeros(max(n, 2 * self._action.shape[0]), dtype=np.int8)
+        return self._action
+
+    def finish_batch(
+        self, buf: np.ndarray, lens: np.ndarray, rows: np.ndarray, n: int, now: float, seen: int
+    ) -> tuple[list[Packet], list[MediaEvent]]:
+        """The rest of a receive pass after `rx_batch` (which left each packet's bits in
+        `action_buffer` and returned their union, `seen`): the relay into `self.relay`,
+        the recorded legs' audio, the packets that need Python. `receive_batch` runs it,
+        and `workers.rtploop` for a pass of its own that needs Python."""
+        packets: list[Packet] = []
+        events: list[MediaEvent] = []
+        self.relay.n = 0
+        action = self._action
         if seen & _k.ACT_RELAY:
             self._relay(buf, lens, rows, n, action, now)
         if seen & _k.ACT_RECORD and self.recorder.active:
@@ -569,6 +584,29 @@ class MediaEngine:
                 pkt = parse_rtp(buf[k, : lens[k]].tobytes())  # the kernel parsed it: valid
                 self._rx_handle(leg, pkt, now, packets, events, forward=False)
         return packets, events
+
+    def finish_deferred(
+        self, buf: np.ndarray, lens: np.ndarray, rows: np.ndarray, at: np.ndarray, n: int
+    ) -> tuple[list[Packet], list[MediaEvent]]:
+        """Packets `rx_batch` flagged ACT_PYTHON (and nothing else Python must do at once)
+        whose relay is done (`workers.rtploop`): `buf[k, :lens[k]]` for the leg in row
+        `rows[k]`, received at `at[k]`, each through `_rx_handle` as `finish_batch` would
+        have."""
+        packets: list[Packet] = []
+        events: list[MediaEvent] = []
+        by_row = self._by_row
+        for k in range(n):
+            leg = by_row.get(int(rows[k]))
+            if leg is not None:
+                pkt = parse_rtp(buf[k, : lens[k]].tobytes())  # the kernel parsed it: valid
+                self._rx_handle(leg, pkt, float(at[k]), packets, events, forward=False)
+        return packets, events
+
+    def record_relayed(self) -> None:
+        """What recorded legs hear of `self.relay` (filled and sent by `workers.rtploop`)
+        into their recordings."""
+        if self.relay.n and self.recorder.active:
+            self._record_tx(self.relay, self.relay.n)
 
     def _relay(
         self,

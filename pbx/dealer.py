@@ -71,6 +71,12 @@ class FrontDealer:
         self._reader = ZmqReader(self.sock, self._read_one, asyncio.get_running_loop(),
                                  DRAIN_BATCH)
 
+    def fileno(self) -> int:
+        """The socket's `zmq.FD`: readable when something may have arrived (edge-like:
+        only the reader's drain or its EVENTS check rearms it; `workers.rtploop` waits on
+        it to give the event loop its turn)."""
+        return int(self.sock.getsockopt(zmq.FD))
+
     @property
     def waiting(self) -> int:
         """Messages in the outbox."""

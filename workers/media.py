@@ -27,6 +27,11 @@ sockets — at once if the last read was POLL_SECONDS (RELAY_POLL_SECONDS while 
 are bridged) ago or more, otherwise when that interval is over, so a busy worker reads
 its packets in batches. While those timed reads keep finding packets the worker stays
 on the timer (the fd unwatched); a read that finds nothing goes back to readiness.
+While any leg is bridged (and no leg's media is on the event loop: IPv6, WebSocket)
+the time between ticks goes to one compiled call instead (`workers.rtploop`,
+`relay_until`): it waits on the RTP sockets and the DEALER's fd, relays each packet in
+the pass that reads it, and comes back to Python only for what needs it, for the
+front's messages and at the tick, so the event loop gets its turn at least every tick.
 
 With `[media] rtp_socket` "shared" or "auto" the worker also binds one shared RTP
 port (and its RTCP port + 1) and announces it with its pool: a MediaAllocate naming it
@@ -59,6 +64,7 @@ from bisect import bisect_left
 from typing import Any
 
 import aiohttp
+import numpy as np
 
 from media import g711, inband, vad
 from media.engine import EngineError, MediaEngine, Packet
@@ -96,7 +102,7 @@ from pbx.messages import (
 )
 from pbx.planes import plane_context
 from pbx.startup import start_program
-from workers import rtpio
+from workers import rtpio, rtploop
 from workers.portpool import RefusedSeqs, RtpPortPool, bind_rtp_pair
 
 log = logging.getLogger("pbx.media")
@@ -213,6 +219,8 @@ class MediaWorker:
         self._last_poll = 0.0  # time.monotonic() of the last read of the RTP sockets
         self._poll_timer: asyncio.TimerHandle | None = None
         self._watching = False  # the loop watches the RTP sockets' epoll fd
+        # The compiled wait between ticks while legs are bridged (`relay_until`); from `run`.
+        self.relay_loop: rtploop.RelayLoop | None = None
         self.tick_late_max = 0.0
         self.tick_late: list[float] = []  # seconds, each tick since the last heartbeat
         self.tick_busy: list[float] = []
@@ -641,7 +649,11 @@ class MediaWorker:
         per-packet way."""
         if tx.n == 0:
             return
-        unsent = self.rtp.send(tx.data, tx.lens, tx.rows, tx.ips, tx.ports, tx.n)
+        self.send_unsent(tx, self.rtp.send(tx.data, tx.lens, tx.rows, tx.ips, tx.ports, tx.n))
+
+    def send_unsent(self, tx: TxBatch, unsent: np.ndarray) -> None:
+        """The packets of `tx` the compiled send loop left (a leg on an asyncio endpoint,
+        or a failed sendto): the per-packet way."""
         if unsent.size == 0:
             return
         by_row = self.engine.legs_by_row
@@ -690,9 +702,13 @@ class MediaWorker:
         while True:
             k += 1
             target = origin + k * TICK_SECONDS
-            delay = target - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            if self.relay_loop_ok():
+                await self.relay_until(target)
+            else:
+                self.leave_relay_loop()
+                delay = target - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             self._poll_safe()
             now = time.monotonic()
             late = now - target
@@ -719,6 +735,73 @@ class MediaWorker:
             except Exception:
                 log.exception("tick failed")
             self.tick_busy.append(time.monotonic() - now)
+
+    def relay_loop_ok(self) -> bool:
+        """Whether the time to the next tick goes to the compiled loop (`workers.rtploop`):
+        while legs are bridged, unless a leg's media is on the event loop (an IPv6 leg's
+        asyncio endpoint, a WebSocket bridge), which would wait for the loop's turn."""
+        return (self.relay_loop is not None and self.engine.relaying and self.engine.kernels
+                and not self.transports and not self.ws_tasks)  # fmt: skip
+
+    def leave_relay_loop(self) -> None:
+        """Back from the compiled loop (if it ran): the event loop watches the RTP sockets
+        again, and their epoll set no longer holds the DEALER's fd."""
+        if self.relay_loop is not None and self.relay_loop.active:
+            self.relay_loop.stop()
+            self.watch_rtp()
+
+    async def relay_until(self, target: float) -> None:
+        """Until the tick at `target`: the RTP sockets read, and bridged legs relayed, by
+        the compiled loop; back here for what needs Python, and to give the event loop a
+        turn whenever the front sent something (or a signal came). The loop does not watch
+        the RTP sockets meanwhile."""
+        loop = self.relay_loop
+        assert loop is not None
+        self.unwatch_rtp()
+        engine = self.engine
+        rtp = self.rtp
+        while True:
+            reason = rtploop.CONTROL
+            try:
+                reason = loop.wait(target, engine)
+                if loop.deferred():
+                    packets, events = engine.finish_deferred(
+                        loop.dbuf, loop.dlens, loop.drows, loop.dat, loop.deferred())
+                    loop.clear_deferred()
+                    self.send_packets(packets)
+                    self.send_events(events)
+                if reason == rtploop.PASS:
+                    n = int(loop.last[rtploop.LAST_N])
+                    rtp.passed(n)
+                    packets, events = engine.finish_batch(
+                        rtp.buf, rtp.lens, rtp.rows, n, float(loop.at[0]),
+                        int(loop.last[rtploop.LAST_SEEN]),
+                    )  # fmt: skip
+                    if engine.relay.n:
+                        self.send_batch(engine.relay)
+                    self.send_packets(packets)
+                    self.send_events(events)
+                elif reason == rtploop.SENT:
+                    engine.relay.n = int(loop.last[rtploop.LAST_N])
+                    engine.record_relayed()
+                    self.send_unsent(engine.relay,
+                                     rtp.unsent(int(loop.last[rtploop.LAST_UNSENT])))
+            except Exception:
+                loop.clear_deferred()
+                log.exception("RTP relay loop failed: the event loop reads until the tick")
+                reason = -1
+            # The event loop's turn: the DEALER's reader, RTCP, timers (the heartbeat); and
+            # after a send, the reader's EVENTS check (pbx.broker), before the next wait.
+            # At least once a tick: the tick loop itself never waits in this mode.
+            await asyncio.sleep(0)
+            if reason == rtploop.DEADLINE:
+                return
+            if reason < 0 or not self.relay_loop_ok():
+                self.leave_relay_loop()
+                delay = target - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                return
 
     def time_play_starts(self) -> None:
         """After a tick: the prompts whose first frame it sent (a few per tick, not per
@@ -796,6 +879,7 @@ class MediaWorker:
     async def run(self) -> None:
         endpoint = self.settings.zmq.media_endpoint
         self.dealer.connect(self.settings.zmq, endpoint)
+        self.relay_loop = rtploop.RelayLoop(self.rtp, self.dealer.fileno())
         log.info("media worker %s connected to %s%s", self.worker_id, endpoint,
                  " (CURVE)" if self.settings.zmq.curve else "")
         media = self.settings.media
@@ -836,6 +920,8 @@ class MediaWorker:
             transport.close()
         if self.shared_rtcp is not None:
             self.shared_rtcp.close()
+        if self.relay_loop is not None:
+            self.relay_loop.stop()
         self.rtp.close()
         self.pool.close()
         await self.dealer.flushed(0.5)  # what waits for room, bounded as LINGER is
@@ -875,6 +961,7 @@ def main() -> None:
     inband.warm()
     rtpbatch.warm()
     rtpio.warm()
+    rtploop.warm()
     vad.warm()
     import uvloop
 

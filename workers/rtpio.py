@@ -30,8 +30,8 @@ source address (`workers.demux`), and a packet from no leg's address gets row -1
 is counted in `foreign`. A leg's latch moved by a receive pass is taken into the table
 at the start of the next `recv`; a new SDP address through `refresh`.
 
-The loops call libc through ctypes function pointers, which numba cannot
-cache on disk; they compile (≈ 1 s) in `warm()`, before the worker says ready.
+The loops call libc by symbol (numba `ExternalFunction`s), so they are cached on disk
+like the kernels; `warm()` loads (or compiles) them before the worker says ready.
 IPv4 only (`sockaddr_in`); the worker falls back to asyncio endpoints for IPv6.
 """
 
@@ -43,47 +43,30 @@ import os
 import platform
 import select
 import socket
+from typing import Any
 
 import numpy as np
-from numba import njit
+from numba import njit, types
 
 from media.legtable import LegTable
 from workers.demux import DemuxTable
 from workers.demux import demux as _demux
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_recvfrom = _libc.recvfrom
-_recvfrom.argtypes = [
-    ctypes.c_int,
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-]
-_recvfrom.restype = ctypes.c_ssize_t
-_sendto = _libc.sendto
-_sendto.argtypes = [
-    ctypes.c_int,
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_void_p,
-    ctypes.c_uint32,
-]
-_sendto.restype = ctypes.c_ssize_t
-_recvmmsg = _libc.recvmmsg
-_recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
-_recvmmsg.restype = ctypes.c_int
-_sendmmsg = _libc.sendmmsg
-_sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
-_sendmmsg.restype = ctypes.c_int
+# libc as the compiled loops call it: by symbol (resolved when a loop is loaded, as
+# numba's math functions are), so the loops are cached on disk like every kernel.
+_fd, _ptr, _int, _uint = types.intc, types.voidptr, types.intc, types.uintc
+_recvfrom: Any = types.ExternalFunction(
+    "recvfrom", types.intp(_fd, _ptr, types.uintp, _int, _ptr, _ptr))
+_sendto: Any = types.ExternalFunction(
+    "sendto", types.intp(_fd, _ptr, types.uintp, _int, _ptr, types.uint32))
+_recvmmsg: Any = types.ExternalFunction("recvmmsg", _int(_fd, _ptr, _uint, _int, _ptr))
+_sendmmsg: Any = types.ExternalFunction("sendmmsg", _int(_fd, _ptr, _uint, _int))
+_epoll_wait: Any = types.ExternalFunction("epoll_wait", _int(_fd, _ptr, _int, _int))
+# epoll_ctl is called from Python (legs come and go), through ctypes.
 _epoll_ctl = _libc.epoll_ctl
 _epoll_ctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
 _epoll_ctl.restype = ctypes.c_int
-_epoll_wait = _libc.epoll_wait
-_epoll_wait.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-_epoll_wait.restype = ctypes.c_int
 _EPOLL_CTL_ADD = 1
 _EPOLL_CTL_DEL = 2
 _EPOLLIN = 0x001
@@ -112,6 +95,8 @@ MAX_DATAGRAM = 2048
 SOCKADDR_IN = 16
 # The shared socket's epoll event data (a leg socket's is its index in `fds`).
 SHARED_EV = 0x7FFFFFFF
+# A non-RTP fd's event data (`RtpSockets.watch_control`): never read here.
+CONTROL_EV = 0x7FFFFFFE
 # row_fd of a leg on the shared socket.
 SHARED_FD = -2
 # struct mmsghdr (64 bytes on LP64) as 8 uint64 words: msg_name, msg_namelen (low half),
@@ -135,7 +120,7 @@ def _mmsg_headers(data: np.ndarray, names: np.ndarray, iov: np.ndarray, hdrs: np
     hdrs[:, 3] = 1
 
 
-@njit(cache=False)
+@njit(cache=True)
 def _recv_ready(
     epfd: int,
     events: np.ndarray,
@@ -153,6 +138,7 @@ def _recv_ready(
     sock_rows: np.ndarray,
     rows: np.ndarray,
     foreign: np.ndarray,
+    nev0: int,
 ) -> int:
     """Read the sockets epoll reports ready (index into fds as the event data) into
     buf, one datagram per ready socket per round, rounds until epoll reports none:
@@ -163,15 +149,18 @@ def _recv_ready(
     is read with one recvmmsg into the rest of buf (owner -1; rx_hdrs point at buf and
     names, row by row). Then each packet's engine row into `rows` (`demux`, in the same
     call: a pass is one dispatch from Python), the shared socket's strangers counted
-    in foreign[0]."""
+    in foreign[0]. `nev0` > 0: the caller's own `epoll_wait` left that many events in
+    `events`, the first round's. Event data outside `fds` (CONTROL_EV) are not read."""
     n = 0
     cap = buf.shape[0]
     size = buf.shape[1]
     maxev = events.shape[0] // EV_WORDS
+    nev = nev0
     while n < cap:
-        nev = _epoll_wait(epfd, events.ctypes.data, maxev, 0)
         if nev <= 0:
-            break
+            nev = _epoll_wait(epfd, events.ctypes.data, maxev, 0)
+            if nev <= 0:
+                break
         before = n
         for e in range(nev):
             i = events[e * EV_WORDS + EV_DATA]
@@ -201,6 +190,7 @@ def _recv_ready(
                 lens[n] = r
                 owner[n] = i
                 n += 1
+        nev = 0
         if n == before:  # ready but nothing read (a pending socket error, now cleared)
             break
     if n:
@@ -208,7 +198,7 @@ def _recv_ready(
     return n
 
 
-@njit(cache=False)
+@njit(cache=True)
 def _send_all(
     data: np.ndarray,
     lens: np.ndarray,
@@ -320,6 +310,7 @@ class RtpSockets:
         self.demux = DemuxTable()
         self._foreign = np.zeros(1, dtype=np.int64)  # written by the receive loop
         self._synced = 0  # rows[:_synced] came from the last recv: latches to take in
+        self.control_fd = -1  # watch_control's
         self._rx_hdrs = np.zeros((batch, MMSG_WORDS), dtype=np.uint64)
         self._rx_iov = np.zeros((batch, 2), dtype=np.uint64)
         _mmsg_headers(self.buf, self.names, self._rx_iov, self._rx_hdrs)
@@ -384,6 +375,22 @@ class RtpSockets:
         """The socket indexes the epoll set reports readable now (for tests and checks;
         `recv` asks the kernel itself, from compiled code)."""
         return sorted(i for i, _ in self._epoll.poll(0))  # Python reports data as "fd"
+
+    def watch_control(self, fd: int) -> None:
+        """Add a non-RTP fd to the epoll set with event data CONTROL_EV (the worker's
+        DEALER, while `workers.rtploop` waits on the set); `unwatch_control` removes it."""
+        if self.control_fd != fd:
+            self.unwatch_control()
+            self._ctl(_EPOLL_CTL_ADD, fd, CONTROL_EV)
+            self.control_fd = fd
+
+    def unwatch_control(self) -> None:
+        if self.control_fd >= 0:
+            try:
+                self._ctl(_EPOLL_CTL_DEL, self.control_fd, CONTROL_EV)
+            except OSError:
+                pass  # closed already: the kernel dropped it
+            self.control_fd = -1
 
     def _ctl(self, op: int, fd: int, i: int) -> None:
         ev = _EpollEvent(_EPOLLIN, i)
@@ -456,24 +463,35 @@ class RtpSockets:
         self._free.append(i)
         return sock
 
+    def sync_latches(self) -> None:
+        """Take the latches the last receive pass moved into the shared socket's table
+        (before the next pass reads)."""
+        if self._synced and self.legs is not None:
+            self.demux.sync(self.legs.i, self.rows, self._synced)
+        self._synced = 0
+
+    def passed(self, n: int) -> None:
+        """A receive pass of `n` packets is done outside `recv` (`workers.rtploop`): its
+        latches are taken in before the next one, as after `recv`."""
+        if self.shared_fd >= 0:
+            self._synced = n
+
+    def recv_args(self) -> tuple[Any, ...]:
+        """The receive loop's arguments (`_recv_ready`), in its order."""
+        demux = self.demux
+        return (self.epfd, self.events, self.fds, self.buf, self.lens, self.names,
+                self.namelens, self.owner, self.shared_fd, self._rx_hdrs, demux.keys,
+                demux.vals, demux.salt, self.sock_rows, self.rows, self._foreign)  # fmt: skip
+
     def recv(self) -> int:
         """One fill of the buffer from the ready sockets: returns n, with `buf[:n]`,
         `lens[:n]`, `names[:n]` and each packet's engine row in `rows[:n]`. When
         n == len(buf) there may be more: call again. Datagrams on the shared socket
         get their leg's row from their source address (-1: none, counted in
         `foreign`)."""
-        if self._synced and self.legs is not None:
-            # the last pass may have latched legs: the table follows before this one
-            self.demux.sync(self.legs.i, self.rows, self._synced)
-        self._synced = 0
-        demux = self.demux
-        n = int(
-            _recv_ready(self.epfd, self.events, self.fds, self.buf, self.lens, self.names,
-                        self.namelens, self.owner, self.shared_fd, self._rx_hdrs, demux.keys,
-                        demux.vals, demux.salt, self.sock_rows, self.rows, self._foreign)
-        )  # fmt: skip
-        if self.shared_fd >= 0:
-            self._synced = n
+        self.sync_latches()
+        n = int(_recv_ready(*self.recv_args(), 0))  # type: ignore[call-arg]
+        self.passed(n)
         return n
 
     @property
@@ -488,6 +506,11 @@ class RtpSockets:
         the row, or sendto failed)."""
         if n <= 0:
             return self._unsent[:0]
+        m = _send_all(data, lens, rows, ips, ports, n, *self.send_args(n))
+        return self._unsent[:m]
+
+    def send_args(self, n: int) -> tuple[Any, ...]:
+        """The send loop's arguments after the packets' (`_send_all`), for `n` packets."""
         if self._unsent.size < n:
             self._unsent = np.zeros(max(n, 2 * self._unsent.size), dtype=np.int64)
         if self.shared_fd >= 0 and self._tx_k.size < n:
@@ -498,9 +521,11 @@ class RtpSockets:
             self._tx_k = np.zeros(size, dtype=np.int64)
             # the payload pointers (iov) are the send loop's: the packets' own rows
             _mmsg_headers(self._tx_names, self._tx_names, self._tx_iov, self._tx_hdrs)
-        m = _send_all(data, lens, rows, ips, ports, n, self.row_fd, self._name, self._unsent,
-                      self.shared_fd, self._tx_hdrs, self._tx_iov, self._tx_names,
-                      self._tx_k)  # fmt: skip
+        return (self.row_fd, self._name, self._unsent, self.shared_fd, self._tx_hdrs,
+                self._tx_iov, self._tx_names, self._tx_k)  # fmt: skip
+
+    def unsent(self, m: int) -> np.ndarray:
+        """The indexes of the packets the last send loop left (its first `m`)."""
         return self._unsent[:m]
 
     def poll(self) -> list[tuple[str, bytes, tuple[str, int]]]:
@@ -549,7 +574,7 @@ class RtpSockets:
 
 
 def warm() -> None:
-    """Compile the receive and send loops (no cache: they call libc through pointers)."""
+    """Load (or compile) the receive and send loops, through every path they take."""
     a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         a.bind(("127.0.0.1", 0))
