@@ -27,7 +27,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -76,6 +76,22 @@ class FrontDealer:
         only the reader's drain or its EVENTS check rearms it; `workers.rtploop` waits on
         it to give the event loop its turn)."""
         return int(self.sock.getsockopt(zmq.FD))
+
+    def quiet(self) -> bool:
+        """Whether nothing from the front waits for the event loop, before a wait on
+        `fileno()` outside it (`workers.rtploop`): no drain scheduled or cut short, no
+        EVENTS check owed after a send (which may have taken the FD's signal), and no
+        message waiting. That last check is an EVENTS, which re-arms the FD; a message
+        found waiting gets its drain scheduled."""
+        reader = self._reader
+        if reader is None or reader.closed:
+            return True
+        if reader.pending is not None or reader.unchecked or reader.draining:
+            return False
+        if cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            reader.pending = reader.loop.call_soon(reader.drain)
+            return False
+        return True
 
     @property
     def waiting(self) -> int:

@@ -748,7 +748,8 @@ class MediaWorker:
         again, and their epoll set no longer holds the DEALER's fd."""
         if self.relay_loop is not None and self.relay_loop.active:
             self.relay_loop.stop()
-            self.watch_rtp()
+        if not self._watching and self._poll_timer is None:
+            self.watch_rtp()  # neither on readiness nor on the timer: back to readiness
 
     async def relay_until(self, target: float) -> None:
         """Until the tick at `target`: the RTP sockets read, and bridged legs relayed, by
@@ -761,6 +762,13 @@ class MediaWorker:
         engine = self.engine
         rtp = self.rtp
         while True:
+            if not self.dealer.quiet():
+                # A message from the front waits for the event loop (its signal on the
+                # fd spent already, or a drain scheduled): its turn before any wait.
+                await asyncio.sleep(0)
+                if time.monotonic() >= target:
+                    return
+                continue
             reason = rtploop.CONTROL
             try:
                 reason = loop.wait(target, engine)
@@ -789,14 +797,14 @@ class MediaWorker:
             except Exception:
                 loop.clear_deferred()
                 log.exception("RTP relay loop failed: the event loop reads until the tick")
-                reason = -1
+                reason = rtploop.FAILED
             # The event loop's turn: the DEALER's reader, RTCP, timers (the heartbeat); and
             # after a send, the reader's EVENTS check (pbx.broker), before the next wait.
             # At least once a tick: the tick loop itself never waits in this mode.
             await asyncio.sleep(0)
             if reason == rtploop.DEADLINE:
                 return
-            if reason < 0 or not self.relay_loop_ok():
+            if reason == rtploop.FAILED or not self.relay_loop_ok():
                 self.leave_relay_loop()
                 delay = target - time.monotonic()
                 if delay > 0:

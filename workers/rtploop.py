@@ -28,7 +28,8 @@ Python must see at once (`PASS`: a latch, whose address the shared socket's tabl
 the leg follow before the next pass; a recorded leg's audio; more or wider packets to
 relay than the relay batch holds: the engine finishes that pass,
 `MediaEngine.finish_batch`, relay included, growing the batch); relayed packets that the send loop
-could not send or that a recorded leg hears (`SENT`). RFC 4733 events are relayed in
+could not send or that a recorded leg hears (`SENT`); `epoll_wait` failed, as a signal makes it (`FAILED`: the event loop
+reads until the tick). RFC 4733 events are relayed in
 the loop and wait, whole, in a small queue (`DEFER_PACKETS`) for the next return,
 where the engine detects their digits (`MediaEngine.finish_deferred`): a digit is
 reported up to a tick later, and a press costs no return of its own; a full queue
@@ -77,6 +78,7 @@ DEADLINE = 0
 CONTROL = 1
 PASS = 2
 SENT = 3
+FAILED = 4  # epoll_wait failed: the event loop reads until the tick
 # A pass's actions that Python finishes at once (`MediaEngine.finish_batch`): a latch
 # (the shared socket's table and the leg's address follow before the next pass), a
 # recorded leg's audio.
@@ -131,7 +133,7 @@ def _wait(
         timeout_ms = (deadline_ns - t + 999_999) // 1_000_000
         nev = _epoll_wait(epfd, events.ctypes.data, maxev, timeout_ms)
         if nev < 0:
-            return CONTROL  # EINTR: a signal, for the event loop's handler
+            return FAILED  # EINTR (a signal, for the event loop's handler) or worse
         if nev == 0:
             continue
         for e in range(nev):
@@ -155,12 +157,16 @@ def _wait(
                     later += 1
         # A pass the relay batch cannot hold whole (more packets, or a wider one, than it
         # has room for) is Python's too: `MediaEngine._relay` grows the batch.
-        wide = n > rdata.shape[0]
-        if seen & _k.ACT_RELAY and not wide:
+        wide = False
+        if seen & _k.ACT_RELAY:
+            relayed = 0
             for i in range(n):
-                if action[i] & _k.ACT_RELAY and lens[i] > rdata.shape[1]:
-                    wide = True
-                    break
+                if action[i] & _k.ACT_RELAY:
+                    relayed += 1
+                    off, end = _k.payload_span(buf, i, lens[i])
+                    if _k.HEADER_SIZE + end - off > rdata.shape[1]:  # relay_batch's test
+                        wide = True
+            wide = wide or relayed > rdata.shape[0]
         if seen & _NOW or wide or last[LAST_DEFERRED] + later > dbuf.shape[0]:
             last[LAST_N] = n
             last[LAST_SEEN] = seen

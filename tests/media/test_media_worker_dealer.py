@@ -175,3 +175,37 @@ def test_a_command_arriving_while_the_worker_sends_is_read(tmp_path: Path) -> No
                 assert allocated.call_id == call_id and allocated.error is not None
 
     run(tmp_path, scenario)
+
+
+def test_quiet_owns_up_to_a_send_and_to_a_message_waiting(tmp_path: Path) -> None:
+    """Before the compiled relay loop (`workers.rtploop`) waits on the DEALER's fd outside
+    the event loop, `quiet` says whether the loop owes the front's plane a turn: after a
+    send (the EVENTS check the send may need), and for a message that arrived while the
+    worker was busy (found by EVENTS, which re-arms the fd: its drain is scheduled)."""
+    async def scenario(settings: Settings, endpoint: str, front: zmq.Socket[bytes]) -> None:
+        front.bind(endpoint)
+        async with running(settings) as worker:
+            await receive(front, has(MediaPorts))
+            dealer = worker.dealer
+
+            async def settled() -> bool:  # heartbeats send too: quiet between them
+                for _ in range(100):
+                    if dealer.quiet():
+                        return True
+                    await asyncio.sleep(0.002)
+                return False
+
+            assert await settled()
+            worker.send(worker.ports_message())
+            assert not dealer.quiet()  # the check owed after the send
+            assert await settled()
+            stranger = next(p for p in range(LOW, HIGH, 2) if p not in worker.pool.ports())
+            front.send_multipart([b"media-test", encode(
+                MediaAllocate(call_id="q1", rtp_port=stranger, seq=1))])
+            time.sleep(0.1)  # in the worker's socket; the loop has not run since
+            assert not dealer.quiet()  # found waiting: its drain is scheduled
+            got = await receive(front, has(MediaAllocated), timeout_s=3.0)
+            (allocated,) = [m for _, m in got if isinstance(m, MediaAllocated)]
+            assert allocated.call_id == "q1"
+
+    run(tmp_path, scenario)

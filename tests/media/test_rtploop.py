@@ -98,6 +98,9 @@ class _Dealer:
     def send(self, msg: Any, droppable: bool = False) -> None:
         self.sent.append(msg)
 
+    def quiet(self) -> bool:
+        return True
+
 
 @contextlib.contextmanager
 def worker_shell(engine: MediaEngine) -> Iterator[Any]:
