@@ -68,7 +68,7 @@ import numpy as np
 
 from media import g711, inband, vad
 from media.engine import EngineError, MediaEngine, Packet
-from media.kernels import rtpbatch
+from media.kernels import cachestamp, rtpbatch
 from media.legtable import TxBatch
 from media.prompts import PromptCache
 from media.recorder import Recorder
@@ -965,6 +965,9 @@ async def _amain(settings: Settings) -> None:
 
 def main() -> None:
     settings = start_program("pbx-media", "client")
+    flushed = cachestamp.refresh()
+    if flushed:
+        log.info("kernel sources changed: compiling %s afresh", ", ".join(flushed))
     g711.warm()
     inband.warm()
     rtpbatch.warm()
