@@ -54,25 +54,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from perf.benchlib import PhoneSockets, Received, log, positive_int  # noqa: E402
 from workers.rtpio import EV_DATA, EV_WORDS, _epoll_wait, _recvfrom, _sendto  # noqa: E402
+from workers.rtploop import now_ns  # noqa: E402
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _nanosleep = _libc.nanosleep
 _nanosleep.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 _nanosleep.restype = ctypes.c_int
-_clock_gettime = _libc.clock_gettime
-_clock_gettime.argtypes = [ctypes.c_int, ctypes.c_void_p]
-_clock_gettime.restype = ctypes.c_int
-_CLOCK_MONOTONIC = 1
 _MSG_DONTWAIT = 0x40
 PKT = 172
 PHASES = 20
 IDLE_WAIT_MS = 20  # the idle loop's epoll_wait timeout: it looks at the end time this often
-
-
-@njit(nogil=True, cache=False)
-def _now_ns(ts: np.ndarray) -> int:
-    _clock_gettime(_CLOCK_MONOTONIC, ts.ctypes.data)
-    return ts[0] * 1_000_000_000 + ts[1]
 
 
 @njit(nogil=True, cache=False)
@@ -85,10 +76,10 @@ def relay_loop(epfd: int, events: np.ndarray, fds: np.ndarray, peer: np.ndarray,
     (`sockaddr_in`). stats: passes, packets relayed, the sequence counter."""
     maxev = events.shape[0] // EV_WORDS
     idle = True
-    while _now_ns(ts) < end_ns:
+    while now_ns(ts) < end_ns:
         if idle and _epoll_wait(epfd, events.ctypes.data, maxev, IDLE_WAIT_MS) <= 0:
             continue
-        began = _now_ns(ts)
+        began = now_ns(ts)
         got = 0
         while True:
             nev = _epoll_wait(epfd, events.ctypes.data, maxev, 0)
@@ -115,7 +106,7 @@ def relay_loop(epfd: int, events: np.ndarray, fds: np.ndarray, peer: np.ndarray,
         stats[1] += got
         idle = got == 0
         if not idle and interval_ns > 0:
-            wait = began + interval_ns - _now_ns(ts)
+            wait = began + interval_ns - now_ns(ts)
             if wait > 0:
                 sleep_ts[0] = 0
                 sleep_ts[1] = wait

@@ -626,17 +626,21 @@ class MediaWorker:
             if n == 0:
                 return total
             total += n
-            packets, events = engine.receive_batch(
+            self.send_pass(*engine.receive_batch(
                 rtp.buf, rtp.lens, rtp.names, rtp.rows, n, time.monotonic()
-            )
-            if engine.relay.n:
-                self.send_batch(engine.relay)
-            if packets:
-                self.send_packets(packets)
-            if events:
-                self.send_events(events)
+            ))  # fmt: skip
             if n < rtp.buf.shape[0]:
                 return total
+
+    def send_pass(self, packets: list[Packet], events: list[MediaEvent]) -> None:
+        """What a receive pass leaves: its relayed packets (`engine.relay`, at once), any
+        other packets, its events."""
+        if self.engine.relay.n:
+            self.send_batch(self.engine.relay)
+        if packets:
+            self.send_packets(packets)
+        if events:
+            self.send_events(events)
 
     def send_tx(self) -> None:
         """The tick's prompt packets (`engine.tx`): `send_batch`."""
@@ -773,22 +777,16 @@ class MediaWorker:
             try:
                 reason = loop.wait(target, engine)
                 if loop.deferred():
-                    packets, events = engine.finish_deferred(
-                        loop.dbuf, loop.dlens, loop.drows, loop.dat, loop.deferred())
+                    self.send_pass(*engine.finish_deferred(
+                        loop.dbuf, loop.dlens, loop.drows, loop.dat, loop.deferred()))
                     loop.clear_deferred()
-                    self.send_packets(packets)
-                    self.send_events(events)
                 if reason == rtploop.PASS:
                     n = int(loop.last[rtploop.LAST_N])
                     rtp.passed(n)
-                    packets, events = engine.finish_batch(
+                    self.send_pass(*engine.finish_batch(
                         rtp.buf, rtp.lens, rtp.rows, n, float(loop.at[0]),
                         int(loop.last[rtploop.LAST_SEEN]),
-                    )  # fmt: skip
-                    if engine.relay.n:
-                        self.send_batch(engine.relay)
-                    self.send_packets(packets)
-                    self.send_events(events)
+                    ))  # fmt: skip
                 elif reason == rtploop.SENT:
                     engine.relay.n = int(loop.last[rtploop.LAST_N])
                     engine.record_relayed()
