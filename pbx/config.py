@@ -152,6 +152,8 @@ class MediaSettings(_Section):
     # The shared port (even; RTCP on port + 1) when rtp_socket is not per_leg; 0: each
     # worker picks a free pair from rtp_ports (a fixed port suits one worker per host).
     shared_port: int = Field(default=0, ge=0, le=65534)
+    # Workers run as SCHED_BATCH threads: a packet's wake-up never preempts (README).
+    sched_batch: bool = True
     heartbeat_ms: int = Field(default=500, gt=0)
     # A worker not heard from for this long is dropped (DESIGN: within 2 s).
     expiry_ms: int = Field(default=1500, gt=0)

@@ -35,6 +35,7 @@ from pbx.messages import (
     decode,
     encode,
 )
+from workers import media as media_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 60.0  # a cold numba cache compiles the kernels first
@@ -255,6 +256,32 @@ def test_worker_plays_reports_dtmf_and_releases(
         assert front.play_starts == 1 and front.ticks_timed > 0
     finally:
         phone.close()
+
+
+@pytest.mark.parametrize("worker", ["", "sched_batch = false"], indirect=True)
+def test_worker_runs_as_a_batch_thread_unless_told_not_to(
+    worker: tuple[Front, subprocess.Popen[bytes]], request: pytest.FixtureRequest
+) -> None:
+    """[media] sched_batch (default on): a packet that wakes the worker never preempts the
+    thread running on its core; off, the worker is an ordinary thread."""
+    front, proc = worker
+    assert isinstance(front.recv(READY_TIMEOUT_S), MediaReady)
+    batch = "false" not in request.node.callspec.params["worker"]
+    assert os.sched_getscheduler(proc.pid) == (os.SCHED_BATCH if batch else os.SCHED_OTHER)
+
+
+def test_batch_scheduling_refused_leaves_an_ordinary_thread(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host that refuses the policy (a seccomp profile) gets a warning, not a worker
+    that fails to start."""
+    def refuse(*_: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    assert media_worker.batch_scheduling(True) is False
+    assert "SCHED_BATCH refused" in caplog.text
+    assert media_worker.batch_scheduling(False) is False
 
 
 def test_bad_config_exits_2(tmp_path: Path) -> None:
