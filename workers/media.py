@@ -960,13 +960,13 @@ def batch_scheduling(on: bool) -> bool:
     """`[media] sched_batch`: the calling thread (and the threads it starts later: the
     ZeroMQ I/O thread, the event loop's executor) runs under SCHED_BATCH, which a
     wake-up never lets preempt the thread running on its core (sched(7)). A worker that
-    did took the core
-    from whoever sent its packets (on loopback, the phones; on a host, the other
-    processes) for the first one or two of a burst, slept, and was woken for the next:
-    at 100 bridged calls on this 2-core machine ~4,500 wake-ups a second for 1,000
-    sending instants, against ~1,000 as a batch thread (perf/README.md). An idle core
-    still runs it at once. Returns whether the policy is set; a refusal (a seccomp
-    profile, say) is logged and the worker runs on as an ordinary thread."""
+    did took the core from whoever sent its packets (on loopback, the phones; on a host,
+    the other processes) for the first one or two of a burst, slept, and was woken for
+    the next: at 100 bridged calls on this 2-core machine ~4,500 wake-ups a second for
+    1,000 sending instants, against ~1,000 as a batch thread (perf/README.md, "Batch
+    scheduling"). An idle core still runs it at once. Returns whether the policy is set;
+    a refusal (a seccomp profile, say) is logged and the worker runs on as an ordinary
+    thread."""
     if not on or not hasattr(os, "SCHED_BATCH"):
         return False
     try:
