@@ -133,6 +133,7 @@ DTMF_FREQS = {
     "9": (852, 1477), "0": (941, 1336),
 }  # fmt: skip
 DIGITS = "1234567890"
+FAULTS_KEPT = 50  # legs whose presses and reports differ, described in the JSON
 EVENT_CODE = {d: (10 if d == "*" else 11 if d == "#" else int(d)) for d in DIGITS}
 
 
@@ -144,6 +145,27 @@ def write_prompt(path: Path, seconds: float) -> None:
         w.setsampwidth(2)
         w.setframerate(8000)
         w.writeframes(x.astype("<i2").tobytes())
+
+
+def press_faults(presses: np.ndarray, heard: list[list[str]], phase: np.ndarray,
+                 press_period: int) -> list[dict[str, Any]]:
+    """The legs whose reports differ from their presses: the first press that went wrong
+    (missing, reported twice, or another digit) and when it began (seconds from the
+    run's first tick, warm-up included: press k of leg l at tick phase[l] + k *
+    press_period), with what was pressed and heard, so a missed press can be placed."""
+    faults: list[dict[str, Any]] = []
+    for leg in range(presses.size):
+        expected = [DIGITS[k % len(DIGITS)] for k in range(int(presses[leg]))]
+        got = [h.split("/")[0] for h in heard[leg]]
+        if got == expected:
+            continue
+        k = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
+                 min(len(expected), len(got)))  # fmt: skip
+        faults.append({
+            "leg": leg, "press": k, "at_s": round((int(phase[leg]) + k * press_period) * TICK_S, 2),
+            "pressed": "".join(expected), "heard": heard[leg],
+        })  # fmt: skip
+    return faults
 
 
 def tone_frames() -> np.ndarray:
@@ -250,6 +272,13 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         rec = Received(cap=int(n_calls * (args.measure / TICK_S) * 1.2) + 1024, head=4)
         digits_got = np.zeros(n_calls, dtype=np.int64)
         by_source: dict[str, int] = {}
+        reports: list[list[str]] = [[] for _ in range(n_calls)]  # per leg: "digit/source"
+
+        def note_digit(call_id: str, event: DtmfDigit) -> None:
+            leg = index[call_id]
+            digits_got[leg] += 1
+            by_source[event.source] = by_source.get(event.source, 0) + 1
+            reports[leg].append(f"{event.digit}/{event.source}")
         sent_packets = 0
         withheld = 0  # audio packets --loss kept from leaving
         cpu0 = cpu1 = 0.0
@@ -282,9 +311,7 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
                 while int(front.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     msg = front.recv(0)
                     if isinstance(msg, MediaEvent) and isinstance(msg.event, DtmfDigit):
-                        digits_got[index[msg.call_id]] += 1
-                        src = msg.event.source
-                        by_source[src] = by_source.get(src, 0) + 1
+                        note_digit(msg.call_id, msg.event)
                     elif isinstance(msg, MediaHeartbeat):
                         heartbeats.append(msg)
 
@@ -380,9 +407,7 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
                 released.extend(msg.legs)
             elif isinstance(msg, MediaEvent) and isinstance(msg.event, DtmfDigit):
                 # reports of the last presses of the window arrive just after it
-                digits_got[index[msg.call_id]] += 1
-                src = msg.event.source
-                by_source[src] = by_source.get(src, 0) + 1
+                note_digit(msg.call_id, msg.event)
     finally:
         errors = worker.stop()
         for s in socks:
@@ -460,6 +485,7 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
             "by_source": by_source,
             "legs_with_duplicates": int((digits_got > presses).sum()),
             "legs_with_missing": int((digits_got < presses).sum()),
+            "faults": press_faults(presses, reports, phase, press_period)[:FAULTS_KEPT],
         },
         "released": {
             "legs": len(released),
@@ -472,6 +498,9 @@ def run_one(n_calls: int, args: argparse.Namespace) -> dict[str, Any]:
         },
         "worker_errors": errors[:10],
     }
+    for fault in result["digits"]["faults"][:5]:
+        log(f"N={n_calls}: leg {fault['leg']} press {fault['press']} (at {fault['at_s']} s): "
+            f"pressed {fault['pressed']}, heard {' '.join(fault['heard'])}")
     return result
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,3 +47,20 @@ def test_per_leg_phones_send_from_the_first_tick(tmp_path: Path) -> None:
     assert digits["presses"] >= 40 * 5
     assert digits["reported"] == digits["presses"] == digits["by_source"]["inband"]
     assert digits["legs_with_missing"] == 0
+
+
+def test_press_faults_place_the_first_press_that_went_wrong() -> None:
+    """A leg that missed its second press, one that reported its first twice, and a
+    clean one: the JSON says which press and when it began."""
+    sys.path.insert(0, str(ROOT / "perf"))
+    try:
+        import bench_media
+    finally:
+        sys.path.pop(0)
+    presses = np.array([3, 2, 2])
+    heard = [["1/rfc4733", "3/inband"], ["1/rfc4733", "1/inband", "2/rfc4733"],
+             ["1/rfc4733", "2/inband"]]
+    faults = bench_media.press_faults(presses, heard, np.array([10, 0, 5]), 250)
+    assert [(f["leg"], f["press"], f["pressed"]) for f in faults] == [(0, 1, "123"), (1, 1, "12")]
+    assert faults[0]["at_s"] == (10 + 250) * 0.02 and faults[1]["at_s"] == 250 * 0.02
+    assert faults[1]["heard"] == heard[1]
