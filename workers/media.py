@@ -709,10 +709,7 @@ class MediaWorker:
             if self.relay_loop_ok():
                 await self.relay_until(target)
             else:
-                self.leave_relay_loop()
-                delay = target - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                await self.sleep_until(target)
             self._poll_safe()
             now = time.monotonic()
             late = now - target
@@ -754,6 +751,14 @@ class MediaWorker:
             self.relay_loop.stop()
         if not self._watching and self._poll_timer is None:
             self.watch_rtp()  # neither on readiness nor on the timer: back to readiness
+
+    async def sleep_until(self, target: float) -> None:
+        """Until the tick at `target` on the event loop, which reads the RTP sockets
+        meanwhile (out of the compiled loop, if it ran)."""
+        self.leave_relay_loop()
+        delay = target - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     async def relay_until(self, target: float) -> None:
         """Until the tick at `target`: the RTP sockets read, and bridged legs relayed, by
@@ -803,10 +808,7 @@ class MediaWorker:
             if reason == rtploop.DEADLINE:
                 return
             if reason == rtploop.FAILED or not self.relay_loop_ok():
-                self.leave_relay_loop()
-                delay = target - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                await self.sleep_until(target)
                 return
 
     def time_play_starts(self) -> None:

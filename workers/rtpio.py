@@ -506,8 +506,7 @@ class RtpSockets:
         the row, or sendto failed)."""
         if n <= 0:
             return self._unsent[:0]
-        m = _send_all(data, lens, rows, ips, ports, n, *self.send_args(n))
-        return self._unsent[:m]
+        return self.unsent(_send_all(data, lens, rows, ips, ports, n, *self.send_args(n)))
 
     def send_args(self, n: int) -> tuple[Any, ...]:
         """The send loop's arguments after the packets' (`_send_all`), for `n` packets."""
