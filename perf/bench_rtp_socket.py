@@ -12,9 +12,13 @@ alternate, `--rounds` times each, CPU as `time.thread_time` (user + system of th
 worker's thread; on loopback a send also pays the receiving socket's queueing).
 Writes JSON to perf/results/ (`--json`).
 
+Each line also gives what the two costs come to for an IVR call, 50 packets each way a
+second: (receive + send) × 50 as % of a core, the floor under `bench_media.py`'s figure.
+
 `--sink IP` sends the worker's packets to IP instead of the phones: an address on a
-veth whose far end has no address drops them there, about as a NIC sends them (the
-send cost without the receiving sockets'). As root, in network namespaces of its own:
+veth whose far end has no address drops them there (the send cost without the
+receiving sockets', but with the far end's IP input). As root, in network namespaces of
+its own:
 
     ip netns add rtpb && ip netns add rtpb2 && ip -n rtpb link set lo up
     ip -n rtpb link add v0 type veth peer name v1 && ip -n rtpb link set v1 netns rtpb2
@@ -23,6 +27,11 @@ send cost without the receiving sockets'). As root, in network namespaces of its
     ip -n rtpb neigh add 10.99.0.2 lladdr <v1's MAC> dev v0 nud permanent
     ip netns exec rtpb .venv/bin/python perf/bench_rtp_socket.py --local 10.99.0.1 \
         --sink 10.99.0.2
+
+To stop the packets where a NIC's driver would take them (UDP/IP send path and the
+device queue only, nothing received anywhere), give v0 a queue that holds none:
+
+    ip netns exec rtpb tc qdisc add dev v0 root pfifo limit 0
 """
 
 from __future__ import annotations
@@ -119,6 +128,12 @@ def run(mode: str, n: int, periods: int, local: str, sink: str | None) -> dict[s
             "received": got, "expected": sent, "foreign": foreign}
 
 
+def ivr_call_pct(res: dict[str, float]) -> float:
+    """% of a core an IVR call's packets cost at these per-packet figures: 50 a second
+    each way (20 ms ptime)."""
+    return round((res["recv_us_per_packet"] + res["send_us_per_packet"]) * 50 / 1e6 * 100, 5)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
@@ -134,10 +149,12 @@ def main() -> None:
     for r in range(args.rounds):
         for mode in ("per_leg", "shared"):
             res = {"mode": mode, "round": r + 1, **run(mode, args.n, args.periods, args.local, args.sink)}
+            res["ivr_call_pct"] = ivr_call_pct(res)
             results.append(res)
             print(f"{mode:8s} round {r + 1}: receive {res['recv_us_per_packet']:5.2f} µs, "
                   f"send {res['send_us_per_packet']:5.2f} µs per packet "
-                  f"({res['received']}/{res['expected']} read, {res['foreign']} foreign)",
+                  f"({res['received']}/{res['expected']} read, {res['foreign']} foreign); "
+                  f"{res['ivr_call_pct']:.4f} % of a core per IVR call",
                   flush=True)  # fmt: skip
     out = Path(args.json or ROOT / "perf" / "results"
                / f"bench_rtp_socket-{time.strftime('%Y%m%d-%H%M%S')}.json")
