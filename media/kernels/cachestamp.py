@@ -34,6 +34,17 @@ KERNEL_MODULES = (
     "workers.rtpio",
     "workers.rtploop",
 )
+# First-party modules a module above imports for its Python side only (classes it builds
+# or calls, no compiled code and no constant a kernel reads): a change there cannot leave
+# a stale kernel. tests/media/test_cachestamp.py fails on any other first-party import
+# of a module above, and on a module with cached kernels that is not above.
+PYTHON_SIDE_IMPORTS = {
+    # The pure-Python reference passes (`*_py`) the tests hold the kernels to.
+    "media.kernels.rtpbatch": ("media.g711", "media.rtcp", "media.rtp", "media.rxaudio"),
+    "workers.rtpio": ("media.legtable",),  # LegTable: the tables it reads, built in Python
+    # MediaEngine finishes passes in Python; PromptCache only for `warm`.
+    "workers.rtploop": ("media.engine", "media.prompts"),
+}
 STAMP_SUFFIX = ".sources"
 
 
