@@ -56,7 +56,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -117,6 +117,16 @@ class EngineError(Exception):
     """A command for a leg this engine does not have, or otherwise unusable."""
 
 
+class EngineTotals(NamedTuple):
+    """What `MediaEngine.totals` counts."""
+
+    # Dropped because they came from another source than their leg's latched one.
+    rtp_foreign_dropped: int
+    rtcp_foreign_dropped: int
+    rtp_received: int  # valid RTP packets read on legs
+    rtp_sent: int  # RTP packets sent on legs (prompts, relayed audio, events)
+
+
 class MediaEngine:
     """All legs of one worker. Every method is synchronous and takes `now` where time matters."""
 
@@ -139,6 +149,7 @@ class MediaEngine:
         self.relatch_s = relatch_silence_ms / 1000.0
         self.relatch_any_ssrc = latching == "loose"
         self._rtp_foreign_gone = 0  # foreign RTP packets of released legs
+        self._received_gone = self._sent_gone = 0  # RTP packets of released legs
         self._rtcp_foreign = 0
         self.recorder = recorder if recorder is not None else Recorder()
         self.ws = WsBridges()
@@ -463,6 +474,8 @@ class MediaEngine:
         lost, jitter = leg.rx_stats.lost, leg.rx_stats.jitter
         foreign, relatched = leg.foreign_dropped, leg.relatched
         self._rtp_foreign_gone += foreign
+        self._received_gone += packets_received
+        self._sent_gone += packets_sent
         self.tab.remove(leg.row)
         del self._by_row[leg.row]
         return ReleasedLeg(
@@ -483,11 +496,16 @@ class MediaEngine:
             rtp_relatched=relatched,
         )
 
-    def foreign_dropped(self) -> tuple[int, int]:
-        """RTP and RTCP packets dropped because they came from another source than their
-        leg's latched one, since the engine started (released legs included)."""
-        live = int(self.tab.i[:, _k.L_FOREIGN].sum())
-        return self._rtp_foreign_gone + live, self._rtcp_foreign
+    def totals(self) -> EngineTotals:
+        """Packet counts since the engine started, released legs included (a released
+        leg's row is zeroed, so the live sums are the live legs')."""
+        live = self.tab.i[:, [_k.L_FOREIGN, _k.L_RECEIVED, _k.L_SENT]].sum(axis=0)
+        return EngineTotals(
+            rtp_foreign_dropped=self._rtp_foreign_gone + int(live[0]),
+            rtcp_foreign_dropped=self._rtcp_foreign,
+            rtp_received=self._received_gone + int(live[1]),
+            rtp_sent=self._sent_gone + int(live[2]),
+        )
 
     # ------------------------------------------------------------ RTP in
 

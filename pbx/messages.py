@@ -200,6 +200,10 @@ class MediaHeartbeat(_Msg):
     # their leg's latched one (strict latching, media.engine), on RTP and RTCP ports.
     rtp_foreign_dropped: int = 0
     rtcp_foreign_dropped: int = 0
+    # Over the same period: valid RTP packets read on legs and sent on them (prompts,
+    # relayed audio, events), live legs included: the rates while calls go on.
+    rtp_packets_received: int = Field(default=0, ge=0)
+    rtp_packets_sent: int = Field(default=0, ge=0)
     # Over the same period, histograms for /metrics (pbx.metrics): counts per bucket of
     # MEDIA_TIMING_BOUNDS_MS (one more for beyond the last) and their sum: how late each
     # tick ran, and how long from a MediaPlay to the prompt's first RTP packet.

@@ -263,9 +263,10 @@ class FrontMetrics:
         self.gc_pause = Histogram(GC_BOUNDS)  # generation: wall time (CollectorWatch)
         self.gc_cpu = Histogram(GC_BOUNDS)  # generation: the thread's CPU time
         self.calls_ended: dict[str, int] = {}
-        # Per live media worker (identity): its last heartbeat and its tick counters.
+        # Per live media worker (identity): its last heartbeat and the sums of its
+        # counters, [ticks, skipped, RTP packets received, RTP packets sent].
         self.heartbeats: dict[bytes, m.MediaHeartbeat] = {}
-        self.worker_ticks: dict[bytes, list[int]] = {}  # [ticks, skipped]
+        self.worker_counts: dict[bytes, list[int]] = {}
 
     def call_ended(self, reason: str) -> None:
         name = reason.split("(", 1)[0]
@@ -295,9 +296,11 @@ class FrontMetrics:
 
     def media_heartbeat(self, identity: bytes, msg: m.MediaHeartbeat) -> None:
         self.heartbeats[identity] = msg
-        ticks = self.worker_ticks.setdefault(identity, [0, 0])
-        ticks[0] += msg.ticks
-        ticks[1] += msg.ticks_skipped
+        counts = self.worker_counts.setdefault(identity, [0, 0, 0, 0])
+        counts[0] += msg.ticks
+        counts[1] += msg.ticks_skipped
+        counts[2] += msg.rtp_packets_received
+        counts[3] += msg.rtp_packets_sent
         worker = worker_label(identity)
         self.tick_late.add(msg.tick_late_buckets, msg.tick_late_sum_ms / 1000.0, worker)
         self.play_to_rtp.add(msg.play_start_buckets, msg.play_start_sum_ms / 1000.0, worker)
@@ -305,7 +308,7 @@ class FrontMetrics:
     def forget_worker(self, identity: bytes) -> None:
         """A worker left: its series go (a restarted one has a new identity)."""
         self.heartbeats.pop(identity, None)
-        self.worker_ticks.pop(identity, None)
+        self.worker_counts.pop(identity, None)
         worker = (worker_label(identity),)
         self.tick_late.series.pop(worker, None)
         self.play_to_rtp.series.pop(worker, None)

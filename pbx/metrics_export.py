@@ -61,6 +61,10 @@ def live_families(ctx: CallContext, metrics: FrontMetrics) -> Iterator[Metric]:
     skipped = CounterMetricFamily(PREFIX + "media_worker_ticks_skipped", "Ticks the media "
                                   "worker skipped because one ran over a tick late.",
                                   labels=["worker"])
+    packets = CounterMetricFamily(PREFIX + "media_worker_rtp_packets", "RTP packets the "
+                                  "media worker received (valid, on a leg) or sent, live "
+                                  "calls included (as of its last heartbeat).",
+                                  labels=["worker", "direction"])
     for info in workers:
         worker = [worker_label(info.identity)]
         calls.add_metric(worker, info.load)
@@ -73,11 +77,14 @@ def live_families(ctx: CallContext, metrics: FrontMetrics) -> Iterator[Metric]:
             late_p99.add_metric(worker, beat.tick_late_ms_p99 / 1000.0)
             late_max.add_metric(worker, beat.tick_late_ms_max / 1000.0)
             busy_p99.add_metric(worker, beat.tick_busy_ms_p99 / 1000.0)
-        counts = metrics.worker_ticks.get(info.identity)
+        counts = metrics.worker_counts.get(info.identity)
         if counts is not None:
             ticks.add_metric(worker, counts[0])
             skipped.add_metric(worker, counts[1])
-    yield from (calls, capacity, load, ports, late_p99, late_max, busy_p99, ticks, skipped)
+            packets.add_metric([*worker, "received"], counts[2])
+            packets.add_metric([*worker, "sent"], counts[3])
+    yield from (calls, capacity, load, ports, late_p99, late_max, busy_p99, ticks, skipped,
+                packets)
     busy = GaugeMetricFamily(PREFIX + "ivr_executor_busy", "Events the IVR executor works "
                              "on (its last heartbeat plus events sent since).",
                              labels=["executor"])

@@ -123,11 +123,15 @@ def test_a_call_shows_in_the_histograms_and_counters(tmp_path: Path) -> None:
                         duration_ms=40.0, at=sent_wall + 0.040, action_type="prompt")
     answer = reply(event, m.PlayCommand(play_id=2, file="sounds/menu.wav"))
     rig.reply(b"e", answer.model_copy(update={"traces": [trace]}))
-    # The worker's heartbeat: three ticks and one prompt start.
+    # A heartbeat with packets only, then one with three ticks and one prompt start
+    # (each counts its own period; the gauges are the last one's).
+    rig.core.media_message(b"w", rig.worker.heartbeat().model_copy(update={
+        "rtp_packets_received": 49, "rtp_packets_sent": 50}), rig.now)
     beat = rig.worker.heartbeat().model_copy(update={
         "ticks": 3, "ticks_skipped": 1, "tick_late_buckets": timing_buckets([0.5, 0.7, 30]),
         "tick_late_sum_ms": 31.2, "play_start_buckets": timing_buckets([12.0]),
-        "play_start_sum_ms": 12.0, "tick_late_ms_p99": 30.0})
+        "play_start_sum_ms": 12.0, "tick_late_ms_p99": 30.0,
+        "rtp_packets_received": 50, "rtp_packets_sent": 48})
     rig.core.media_message(b"w", beat, rig.now)
     rig.pump()
     rig.caller_request("BYE", 2)
@@ -154,6 +158,10 @@ def test_a_call_shows_in_the_histograms_and_counters(tmp_path: Path) -> None:
                   "pbx_media_tick_late_seconds_bucket", worker="w", le="0.001") == 2
     assert sample(families, "pbx_media_worker_ticks", "counter",
                   "pbx_media_worker_ticks_total", worker="w") == 3
+    assert sample(families, "pbx_media_worker_rtp_packets", "counter",
+                  "pbx_media_worker_rtp_packets_total", worker="w", direction="received") == 99
+    assert sample(families, "pbx_media_worker_rtp_packets", "counter",
+                  "pbx_media_worker_rtp_packets_total", worker="w", direction="sent") == 98
     assert sample(families, "pbx_media_worker_tick_late_p99_seconds", "gauge",
                   "pbx_media_worker_tick_late_p99_seconds", worker="w") == 0.03
     assert sample(families, "pbx_media_worker_capacity", "gauge",

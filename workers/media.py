@@ -67,7 +67,7 @@ import aiohttp
 import numpy as np
 
 from media import g711, inband, vad
-from media.engine import EngineError, MediaEngine, Packet
+from media.engine import EngineError, EngineTotals, MediaEngine, Packet
 from media.kernels import cachestamp, rtpbatch
 from media.legtable import TxBatch
 from media.prompts import PromptCache
@@ -195,7 +195,7 @@ class MediaWorker:
             PromptCache(media.sounds_dir), recorder=recorder, latching=rtp.latching,
             relatch_silence_ms=rtp.relatch_silence_ms,
         )  # fmt: skip
-        self._foreign_reported = (0, 0)  # engine.foreign_dropped() at the last heartbeat
+        self._reported = EngineTotals(0, 0, 0, 0)  # `counts()` at the last heartbeat
         # RTP: IPv4 sockets polled in batches (workers.rtpio); IPv6 on asyncio endpoints.
         self.rtp = rtpio.RtpSockets(legs=self.engine.tab)
         # The shared RTP port ([media] rtp_socket; bound in `run`), None: none. Its RTCP
@@ -827,11 +827,8 @@ class MediaWorker:
         media = self.settings.media
         while True:
             await asyncio.sleep(media.heartbeat_ms / 1000.0)
-            rtp_foreign, rtcp_foreign = self.engine.foreign_dropped()
-            rtp_foreign += self.rtp.foreign  # the shared port's strangers: no leg's
-            rtcp_foreign += self.shared_rtcp_foreign
-            last_rtp, last_rtcp = self._foreign_reported
-            self._foreign_reported = (rtp_foreign, rtcp_foreign)
+            counts, last = self.counts(), self._reported
+            self._reported = counts
             ports = self.ports_message()
             self.pool.changed = self._announce_due = False  # the heartbeat announces them
             self.send(
@@ -845,8 +842,10 @@ class MediaWorker:
                     refused=ports.refused,
                     shared_port=ports.shared_port,
                     tick_late_ms_max=round(self.tick_late_max * 1000.0, 3),
-                    rtp_foreign_dropped=rtp_foreign - last_rtp,
-                    rtcp_foreign_dropped=rtcp_foreign - last_rtcp,
+                    rtp_foreign_dropped=counts.rtp_foreign_dropped - last.rtp_foreign_dropped,
+                    rtcp_foreign_dropped=counts.rtcp_foreign_dropped - last.rtcp_foreign_dropped,
+                    rtp_packets_received=counts.rtp_received - last.rtp_received,
+                    rtp_packets_sent=counts.rtp_sent - last.rtp_sent,
                     **self.timing_histograms(),
                     **self.tick_stats(),
                 )
@@ -854,6 +853,13 @@ class MediaWorker:
             self.tick_late_max = 0.0
             if self.pool.exhausted:
                 self.refill_soon()  # the range may have room again
+
+    def counts(self) -> EngineTotals:
+        """The engine's totals, with the strangers on the shared ports (no leg's)."""
+        totals = self.engine.totals()
+        return totals._replace(
+            rtp_foreign_dropped=totals.rtp_foreign_dropped + self.rtp.foreign,
+            rtcp_foreign_dropped=totals.rtcp_foreign_dropped + self.shared_rtcp_foreign)
 
     def timing_histograms(self) -> dict[str, Any]:
         """Tick lateness and play-to-first-RTP since the last heartbeat, as bucket counts

@@ -190,6 +190,13 @@ def test_prometheus_scrapes_the_system_under_calls(
     assert len(prometheus.query("pbx_media_tick_late_seconds_count > 0")) == 2
     assert prometheus.value('pbx_rtp_loss_ratio_count{direction="received"}') == calls
     assert (prometheus.value("pbx_rtp_packets_sent_total") or 0) > calls * 50
+    # The workers' live packet counters: every leg is gone, so they come to what the legs
+    # reported at their release.
+    for direction in ("sent", "received"):
+        wait_until(lambda d=direction: prometheus.value(
+            f'sum(pbx_media_worker_rtp_packets_total{{direction="{d}"}})')
+            == prometheus.value(f"pbx_rtp_packets_{d}_total"), 20,
+            f"the workers' {direction} packets as the legs'", interval=0.5)
     assert len(prometheus.query("pbx_ivr_executor_capacity")) == 2
     # The shipped alert rules load and evaluate against the real series; nothing is down
     # and no set-up or provider step failed. (Tick lateness on this shared machine is

@@ -74,6 +74,7 @@ class Front:
         # What the heartbeats' timing histograms counted, all of them.
         self.play_starts = 0
         self.ticks_timed = 0
+        self.rtp_received = self.rtp_sent = 0  # the heartbeats' packet counts, summed
 
     def recv(self, timeout_s: float = TIMEOUT_S) -> Any:
         if not self.sock.poll(int(timeout_s * 1000)):
@@ -88,6 +89,8 @@ class Front:
         if isinstance(msg, MediaHeartbeat):
             self.play_starts += sum(msg.play_start_buckets)
             self.ticks_timed += sum(msg.tick_late_buckets)
+            self.rtp_received += msg.rtp_packets_received
+            self.rtp_sent += msg.rtp_packets_sent
         return msg
 
     def recv_kind(self, kind: type, timeout_s: float = TIMEOUT_S) -> Any:
@@ -237,6 +240,8 @@ def test_worker_plays_reports_dtmf_and_releases(
         assert 0.015 < gaps[len(gaps) // 2] < 0.025, gaps
         done = front.recv_kind(MediaEvent)
         assert done == MediaEvent(call_id="call-1", event=AudioComplete(play_id=7))
+        # The heartbeats during the prompt (every 200 ms) counted the live leg's packets.
+        assert 0 < front.rtp_sent <= 25 and front.rtp_received == 0
 
         for end in (False, True, True, True):
             phone.sendto(
@@ -254,6 +259,7 @@ def test_worker_plays_reports_dtmf_and_releases(
         # The heartbeats timed the one prompt's start (MediaPlay -> first RTP) and the ticks.
         front.recv_kind(MediaHeartbeat, 2.0)
         assert front.play_starts == 1 and front.ticks_timed > 0
+        assert (front.rtp_sent, front.rtp_received) == (25, 4)  # none twice, none missed
     finally:
         phone.close()
 
