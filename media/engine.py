@@ -110,6 +110,11 @@ RTCP_SILENCE_S = 5 * REPORT_INTERVAL_S
 Packet = tuple[str, bytes, tuple[str, int]]
 # A received packet's actions that need Python (`receive_batch`).
 _FOR_PYTHON = _k.ACT_PYTHON | _k.ACT_LATCHED
+# An RFC 4733 end dated by its timestamp (`_event_interval`) is believed when it falls
+# from this long before its end packet was read to a little after (the packet may lead the
+# newest audio); outside, the map is not this stream's.
+EVENT_MAP_WINDOW_S = 1.0
+EVENT_MAP_LEAD_S = 0.1
 DigitSource = Literal["rfc4733", "info", "inband"]
 
 
@@ -740,7 +745,7 @@ class MediaEngine:
                 # This event's interval from its duration; an older one whose end packets
                 # were lost (reported because a newer one started) ended a while ago.
                 if ev.end and digit == event_digit(ev.event):
-                    start, end = now - ev.duration / SAMPLE_RATE, now
+                    start, end = self._event_interval(leg, pkt.timestamp, ev.duration, now)
                 else:
                     start, end = now - 0.25, now - 0.05
                 press = self._press(leg, digit, "rfc4733", start, end)
@@ -810,6 +815,22 @@ class MediaEngine:
         if samples:
             to.ts = ts_add(ts, samples)
             to.sent_until = now + samples / SAMPLE_RATE
+
+    def _event_interval(self, leg: Leg, timestamp: int, duration: int, now: float
+                        ) -> tuple[float, float]:  # fmt: skip
+        """An ended RFC 4733 event's interval on the engine's clock, as in-band detection
+        dates the same tone: its RTP timestamp through the receive ring's map of media time
+        to arrival (`RxAudio.time_of`, from the newest audio packet). Dated by when its end
+        packet was read, a worker that stalled between the in-band report and that read
+        would place the event after the tone and report the press twice. The end packet's
+        arrival is the fallback: no ring, or a map that disagrees (another timestamp base
+        for events, or no audio for a long time)."""
+        end = now
+        if leg.rx_slot is not None:
+            mapped = self.rx.time_of(leg.rx_slot, ts_add(timestamp, duration))
+            if now - EVENT_MAP_WINDOW_S <= mapped <= now + EVENT_MAP_LEAD_S:
+                end = mapped
+        return end - duration / SAMPLE_RATE, end
 
     def _spurt_ts(self, leg: Leg, at: float) -> int:
         """Timestamp for a packet starting at `at` after a pause (RFC 3550 §5.1: the

@@ -18,6 +18,7 @@ from media.engine import MediaEngine
 from media.prompts import PromptCache
 from media.rtp import RtpPacket, build_event, build_rtp
 from pbx.messages import DtmfDigit, MediaDtmfInfo, MediaEvent, MediaRemote
+from tests.media.test_rtpbatch import Batch
 
 PHONE = ("127.0.0.1", 40000)
 
@@ -107,6 +108,7 @@ class Phone:
         self.seq = 1000
         self.ts = 50_000
         self.events: list[tuple[float, DtmfDigit]] = []
+        self.held: list[bytes] | None = None  # while the worker stalls: sent, not yet read
 
     @property
     def now(self) -> float:
@@ -115,8 +117,33 @@ class Phone:
     def _send(self, pt: int, ts: int, payload: bytes, marker: bool = False) -> None:
         data = build_rtp(RtpPacket(pt, self.seq, ts, 0x1234, payload, marker=marker))
         self.seq = (self.seq + 1) & 0xFFFF
+        if self.held is not None:
+            self.held.append(data)
+            return
         _, events = self.engine.receive_rtp(self.call_id, data, PHONE, self.now + 0.003)
         self._collect(events)
+
+    def stall(self, periods: int, audio: list[bytes], event: tuple[int, int, int]) -> None:
+        """The worker stalls for `periods` (no read, no tick) while the phone sends
+        `audio[i]` and, for the first `event[2]` periods, the RFC 4733 event (code, start
+        ts) ending in the last of them; then it reads them all in one batch and ticks."""
+        self.held = []
+        code, start_ts, event_periods = event
+        for i in range(periods):
+            self._send(0, self.ts, audio[i])
+            if i < event_periods:
+                end = i == event_periods - 1
+                for _ in range(3 if end else 1):
+                    self._send(101, start_ts, build_event(code, end, 10, self.ts + 160 - start_ts))
+            self.ts += 160
+            self.k += 1
+        row = self.engine.legs[self.call_id].row
+        batch = Batch([(row, data, PHONE) for data in self.held])
+        self.held = None
+        _, events = self.engine.receive_batch(batch.buf, batch.lens, batch.names, batch.rows,
+                                              batch.n, self.now + 0.003)  # fmt: skip
+        self._collect(events)
+        self._collect(self.engine.tick(self.now)[1])
 
     def _collect(self, events: list[MediaEvent]) -> None:
         for ev in events:
@@ -206,6 +233,25 @@ def test_engine_one_report_per_press(
     phone.press(*FIVE, frames, rfc4733, inband)
     phone.quiet(20)
     assert [(e.digit, e.source) for _, e in phone.events] == [("5", source)]
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_engine_end_packet_read_late_after_inband_is_one_press(
+    phone: Phone, kernels: bool
+) -> None:
+    """In-band hears a 200 ms press first; then the worker stalls for 200 ms and reads the
+    rest of the tone, the RFC 4733 end packets and what came after in one batch. The
+    event's interval comes from its RTP timestamp, as in-band's does, not from when the
+    end packet was read (that made it a second press: bench_media under load)."""
+    phone.engine.kernels = kernels
+    tone = tone_frames(FIVE[1], 10)
+    start = phone.ts
+    for i in range(8):
+        phone.step(tone[i], (FIVE[0], start, False))
+    assert [(e.digit, e.source) for _, e in phone.events] == [("5", "inband")]
+    phone.stall(10, tone[8:] + [bytes([0xFF]) * 160] * 8, (FIVE[0], start, 2))
+    phone.quiet(20)
+    assert [(e.digit, e.source) for _, e in phone.events] == [("5", "inband")]
 
 
 def test_engine_info_with_rfc4733_and_inband(phone: Phone) -> None:
@@ -417,3 +463,16 @@ def test_engine_releases_slots(phone: Phone) -> None:
     assert len(engine.inband) == 0 and released.packets_received > 0
     engine.add_leg("b", 30002, inband_dtmf=True)  # the slots are reused
     assert len(engine.inband) == 1
+
+
+def test_event_interval_from_the_timestamp_or_else_the_arrival(phone: Phone) -> None:
+    """`_event_interval`: mapped through the newest audio packet when that agrees with the
+    end packet's arrival, else (another timestamp base) the arrival itself."""
+    engine, leg = phone.engine, phone.engine.legs["a"]
+    newest_end, read_at = phone.ts, phone.now + 0.003 - TICK  # the last frame ended here
+    # An event that ended with that frame, its end packet read 150 ms late:
+    start, end = engine._event_interval(leg, newest_end - 800, 800, read_at + 0.15)
+    assert (round(start, 6), round(end, 6)) == (round(read_at - 0.1, 6), round(read_at, 6))
+    # Events on a timestamp base of their own: dated by the end packet's arrival.
+    start, end = engine._event_interval(leg, newest_end + 10_000_000, 800, read_at + 0.15)
+    assert (round(start, 6), round(end, 6)) == (round(read_at + 0.05, 6), round(read_at + 0.15, 6))
