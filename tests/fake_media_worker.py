@@ -67,6 +67,12 @@ class FakeMediaWorker:
             if msg.seq > self.seq + 1:  # some never arrived
                 self.refused.append((self.seq + 1, msg.seq - 1))
             self.seq = msg.seq
+            held = self.legs.get(msg.call_id)
+            if held is not None:  # as workers.media: asked again, the same answer
+                if held == msg.rtp_port:
+                    return [self.ports()]
+                return [m.MediaAllocated(call_id=msg.call_id,
+                                         error=f"the leg already has port {held}")]
             if msg.rtp_port not in self.pool:
                 self.refused.append((msg.seq, msg.seq))
                 return [m.MediaAllocated(call_id=msg.call_id, error="not in the pool"),

@@ -127,9 +127,15 @@ class Outbound:
             self._transfer_failed(call, _failure(call, target), 404)
             return
         call.fork_status = call.fork_reason = None
+        # Media ids: "<call>-b" (or -b1, -b2 ... for forks) the first time; a later
+        # transfer (a REFER out of a bridge) while those legs may still be there, or
+        # their statistics still on the way, names its own: "<call>-t2", -t2.1 ...
+        call.transfers_made += 1
+        made = call.transfers_made
+        base = f"{call.call_id}-b" if made == 1 else f"{call.call_id}-t{made}"
         many = len(places) > 1
-        call.forks = [self.new_leg(call, target, place,
-                                   f"{call.call_id}-b{i}" if many else f"{call.call_id}-b")
+        sep = "" if made == 1 else "."
+        call.forks = [self.new_leg(call, target, place, f"{base}{sep}{i}" if many else base)
                       for i, place in enumerate(places, 1)]
         ctx = self.ctx
         ctx.timers.set(TimerKind.RING, call.call_id,

@@ -346,6 +346,7 @@ class Call:
     forks: list[Leg] = field(default_factory=list)
     fork_status: int | None = None
     fork_reason: str | None = None
+    transfers_made: int = 0  # transfers that made legs: each names its own (media ids)
     queue_run: QueueRun | None = None
     queue_name: str | None = None
     queue_member: str | None = None
@@ -405,6 +406,7 @@ class Call:
             "ringing": [leg.to_dict() for leg in self.ringing],
             "forks": [leg.to_dict() for leg in self.forks],
             "fork_status": self.fork_status, "fork_reason": self.fork_reason,
+            "transfers_made": self.transfers_made,
             "queue_run": self.queue_run.to_dict() if self.queue_run else None,
             "queue_name": self.queue_name, "queue_member": self.queue_member,
             "agent": self.agent, "agent_headers": [list(h) for h in self.agent_headers],
@@ -437,7 +439,7 @@ def call_from_dict(data: dict[str, Any], routes: dict[str, RouteSettings],
         ended_at=data["ended_at"], recordings=[dict(r) for r in data["recordings"]],
         session_ids=list(data["session_ids"]), refer_event=data["refer_event"],
         fork_status=data["fork_status"], fork_reason=data["fork_reason"],
-        early_media=data.get("early_media"))
+        transfers_made=data.get("transfers_made", 0), early_media=data.get("early_media"))
     call.a = leg_from_dict(call, data["a"]) if data["a"] else None
     call.b = leg_from_dict(call, data["b"]) if data["b"] else None
     call.ringing = [leg_from_dict(call, d) for d in data["ringing"]]

@@ -487,3 +487,29 @@ def test_the_ivrs_reply_after_the_caller_hung_up_does_nothing(tmp_path: Path) ->
         rig.reply(b"e", reply(event, m.TransferCommand(target="2001"), done=True))
     assert not rig.requests("INVITE", MEMBERS["2001"])
     table_empty(rig)
+
+
+def test_a_transfer_out_of_a_bridge_gets_a_media_leg_of_its_own(tmp_path: Path) -> None:
+    """The target of a REFER out of a bridge is a new leg on the worker: it must not take
+    the media id of the bridged party still there (the worker refuses an id it holds: the
+    call ended with 503), nor of the referrer whose release would take it along."""
+    rig, call = bridged(tmp_path)
+
+    def transferred(target: str, tag: str) -> None:
+        invites = rig.requests("INVITE", MEMBERS[target])
+        rig.answer(invites[-1], MEMBERS[target], tag)
+        assert not call.ended, call.end_reason
+        assert call.a is not None and call.b is not None and call.b.dialog.remote_tag == tag
+        ids = [leg.media_id for leg in call.legs()]
+        assert len(ids) == len(set(ids)), ids
+        bridge = rig.of(m.MediaBridge)[-1]
+        assert {bridge.call_id, bridge.peer_call_id} == {call.a.media_id, call.b.media_id}
+
+    rig.caller_request("REFER", 2, "Refer-To: <sip:2002@127.0.0.1>\r\n")  # the caller
+    assert rig.last(2).status == 202
+    transferred("2002", "t2")
+    assert rig.requests("BYE", CALLER) and not rig.requests("BYE", MEMBERS["2001"])
+    assert call.b is not None
+    callee_request(rig, call.b, "REFER", 1, "Refer-To: <sip:2001@127.0.0.1>\r\n")  # 2002
+    transferred("2001", "t3")
+    assert rig.requests("BYE", MEMBERS["2002"])  # the referrer, released once told
