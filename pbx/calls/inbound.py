@@ -82,6 +82,9 @@ class Inbound:
             ctx.stats["calls_forbidden"] += 1
             ctx.respond(key, req, decision.status, decision.reason, to_tag=new_tag())
             return
+        # The dialog first: an INVITE it cannot be made from (a bad Contact: SipError,
+        # answered 400) must not have spent a unit of its source's budget first.
+        dialog = uas_from_invite(req, new_tag(), reliable)
         spent = ctx.table.take_setup_budget(addr[0])
         if spent is not None:
             ctx.stats["calls_failed"] += 1
@@ -96,7 +99,6 @@ class Inbound:
             call_id=token_hex(8), route=route, caller=address.from_user,
             callee=address.to_user, started_at=ctx.wall(), party=party,
             extension=destination.name if destination.kind is DestinationKind.USER else None)
-        dialog = uas_from_invite(req, new_tag(), reliable)
         # Over TCP, in-dialog requests reuse the caller's connection (RFC 3261 §18.1.1;
         # a phone behind NAT cannot take a new one); over UDP they follow the route set.
         leg = Leg(call=call, media_id=f"{call.call_id}-a", outbound=False, dialog=dialog,

@@ -56,3 +56,18 @@ def test_an_acknowledged_call_gives_its_budget_back(tmp_path: Path) -> None:
     assert rig.core.ctx.table.setup_by_source == {"127.0.0.1": 1}
     rig.caller_request("ACK", 1)
     assert rig.core.ctx.table.setup_by_source == {}
+
+
+def test_an_invite_refused_for_its_contact_spends_no_budget(tmp_path: Path) -> None:
+    """An INVITE whose Contact cannot make a dialog is answered 400 and makes no call: it
+    must not keep a unit of its source's budget (30 of them locked the source out for
+    good, and over UDP the source can be anyone's address)."""
+    rig = CoreRig(tmp_path, first_then(PLAY), "\n[limits]\nsetup_calls_per_source = 5\n")
+    for n in range(12):
+        bad = invite(FLOODER, n).replace(f"Contact: <sip:{n}@".encode(), b"Contact: <sip:@x>;")
+        rig.feed(bad, FLOODER)
+    assert [r.status for r in finals(rig, FLOODER)] == [400] * 12
+    table = rig.core.ctx.table
+    assert table.setup_by_source == {} and not table.calls
+    rig.feed(invite(FLOODER, 100), FLOODER)  # the source's own next call is answered
+    assert finals(rig, FLOODER)[-1].status == 200
