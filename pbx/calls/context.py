@@ -17,6 +17,7 @@ clock) before anything runs; `wall()` is the same instant on the wall clock.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,8 @@ SUPPORTED = "timer"
 
 # The commands are never changed once made; slotted, not frozen (a frozen dataclass's
 # __init__ costs 3-5 times as much: pbx.sip.transaction's events).
+
+log = logging.getLogger("pbx.calls")
 
 
 @dataclass(slots=True)
@@ -160,6 +163,19 @@ class CallContext:
         data = response.serialize()
         self.out.extend(self.transactions.respond(key, response, self.now, data=data))
         return data
+
+    def from_dialog_peer(self, request: SipRequest, peer: str | None, source: str,
+                         call_id: str) -> bool:
+        """`request` (inside a dialog, or a CANCEL) comes from the address of the dialog's
+        peer (`[policy] in_dialog_source`, pbx.policy): a stranger who learned the tags
+        or the branch cannot end the call, move its media or press its keys. If it does
+        not, it is counted and logged, and the caller refuses (or drops) it."""
+        if self.policy.in_dialog_source_ok(peer, source):
+            return True
+        self.stats["in_dialog_foreign"] += 1
+        log.info("call %s: %s from %s, not the dialog's peer %s; refused", call_id,
+                 request.method, source, peer)
+        return False
 
     def send_response(self, key: TransactionKey, response: SipResponse) -> None:
         self.out.extend(self.transactions.respond(key, response, self.now))

@@ -292,13 +292,13 @@ class CallCore:
         method = req.method
         try:
             if method == "ACK":
-                self.inbound.on_ack(req)
+                self.inbound.on_ack(req, ev.addr)
             elif self._refused_by_uas_checks(req, key):
                 pass
             elif method == "INVITE" and req.to_tag is None:
                 self.inbound.on_invite(req, ev.addr, key, ev.reliable)
             elif method == "CANCEL":
-                self.inbound.on_cancel(req, key)
+                self.inbound.on_cancel(req, ev.addr, key)
             elif method == "OPTIONS" and req.to_tag is None:
                 ctx.respond(key, req, 200, headers=[("Allow", ALLOW),
                                                     ("Accept", "application/sdp")])

@@ -66,11 +66,8 @@ class InDialog:
         else:
             ctx.respond(key, req, 481)
             return
-        if not ctx.policy.in_dialog_source_ok(peer, addr[0]):
-            ctx.stats["in_dialog_foreign"] += 1
-            log.info("call %s: %s from %s, not the dialog's peer %s; refused",
-                     leg.call.call_id if leg is not None else req.call_id, req.method,
-                     addr[0], peer)
+        if not ctx.from_dialog_peer(req, peer, addr[0],
+                                    leg.call.call_id if leg is not None else req.call_id):
             ctx.respond(key, req, 403, "Forbidden (not the dialog's peer)")
             return
         method = req.method

@@ -20,7 +20,7 @@ from pbx.calls.legs import LegSignaling
 from pbx.calls.media import MediaPlane
 from pbx.calls.outbound import Outbound
 from pbx.calls.session_timer import SessionTimers
-from pbx.calls.state import Call, Leg, LegPhase
+from pbx.calls.state import Call, Leg, LegPhase, peer_ip
 from pbx.calls.teardown import Teardown
 from pbx.policy import Destination, DestinationKind, Party, PartyKind, Verdict
 from pbx.routing import CallAddress, Router
@@ -220,13 +220,17 @@ class Inbound:
 
     # ---------------------------------------------------------------- ACK, CANCEL
 
-    def on_ack(self, req: SipRequest) -> None:
+    def on_ack(self, req: SipRequest, addr: Addr) -> None:
         ctx = self.ctx
         dialog_key = (req.call_id, req.to_tag or "")
         leg = ctx.table.dialogs.get(dialog_key)
         if leg is None:
             if dialog_key in ctx.table.ended_dialogs:
                 ctx.retransmitter.ack(dialog_key)  # absorbed: the dialog is over
+            return
+        # As any in-dialog request (pbx.calls.dialogs): an ACK carries an answer that moves
+        # media, or ends a late-offer call; a stranger's is dropped (an ACK has no answer).
+        if not ctx.from_dialog_peer(req, peer_ip(leg), addr[0], leg.call.call_id):
             return
         ctx.retransmitter.ack(leg.dialog_key)
         leg.reinvite_unacked = False
@@ -262,7 +266,7 @@ class Inbound:
             log.info("no ACK for 200 on %s: ending the call", dialog_key[0])
             self.teardown.leg_over(leg, "NoAck", None)
 
-    def on_cancel(self, req: SipRequest, key: TransactionKey) -> None:
+    def on_cancel(self, req: SipRequest, addr: Addr, key: TransactionKey) -> None:
         ctx = self.ctx
         invite_key = ctx.transactions.find_invite_server(req)
         if invite_key is None:
@@ -272,6 +276,10 @@ class Inbound:
         if leg is None:
             # RFC 3261 §9.2: the INVITE was already answered; the CANCEL itself succeeds.
             ctx.respond(key, req, 200)
+            return
+        # A CANCEL takes the INVITE's path (§9.1): from elsewhere, it is not the caller's.
+        if not ctx.from_dialog_peer(req, peer_ip(leg), addr[0], leg.call.call_id):
+            ctx.respond(key, req, 403, "Forbidden (not the dialog's peer)")
             return
         ctx.respond(key, req, 200, to_tag=leg.dialog.local_tag)
         self.legs.reject(leg, 487)

@@ -384,28 +384,30 @@ class CoreRig:
 
     def caller_request(self, method: str, cseq: int, extra: str = "",
                        branch: str | None = None, body: bytes = b"",
-                       content_type: str = "application/sdp") -> None:
+                       content_type: str = "application/sdp",
+                       source: tuple[str, int] = CALLER) -> None:
         """A request of the caller in its dialog (after our 200), with `extra` header
-        lines and a `body` of `content_type`."""
+        lines and a `body` of `content_type`; from `source` (a stranger's, to test)."""
         ok = [r for r in self.responses() if r.status == 200 and r.cseq[1] == "INVITE"][0]
         ctype = f"Content-Type: {content_type}\r\n" if body else ""
         msg = (
             f"{method} sip:pbx@127.0.0.1:5060 SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK-{branch or method}-{cseq}\r\n"
+            f"Via: SIP/2.0/UDP {source[0]}:{source[1]};branch=z9hG4bK-{branch or method}-{cseq}\r\n"
             f"Max-Forwards: 70\r\nFrom: <sip:1001@127.0.0.1:5999>;tag=caller\r\n"
             f"To: {ok.headers.get('To')}\r\nCall-ID: caller-call@127.0.0.1\r\n"
             f"CSeq: {cseq} {method}\r\nContact: <sip:1001@127.0.0.1:5999>\r\n{extra}"
             f"{ctype}Content-Length: {len(body)}\r\n\r\n").encode() + body
-        self.feed(msg, CALLER)
+        self.feed(msg, source)
 
-    def cancel_call(self) -> None:
+    def cancel_call(self, source: tuple[str, int] = CALLER) -> None:
+        """The caller's CANCEL of its INVITE; from `source` (a stranger who copied it)."""
         msg = (
             b"CANCEL sip:*99@127.0.0.1:5060 SIP/2.0\r\n"
             b"Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK-caller-1\r\n"
             b"Max-Forwards: 70\r\nFrom: <sip:1001@127.0.0.1:5999>;tag=caller\r\n"
             b"To: <sip:*99@127.0.0.1:5060>\r\nCall-ID: caller-call@127.0.0.1\r\n"
             b"CSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n")
-        self.feed(msg, CALLER)
+        self.feed(msg, source)
 
     # ---------------------------------------------------------------- what is left
 

@@ -218,6 +218,39 @@ def test_an_in_dialog_request_from_another_ip_is_refused(tmp_path: Path) -> None
     assert not rig.core.ctx.table.calls
 
 
+def test_an_ack_from_another_ip_moves_no_media(tmp_path: Path) -> None:
+    """An ACK carries the answer to an offerless re-INVITE: from a stranger who learned
+    the tags it must not move the call's media (nor end a late-offer call)."""
+    rig = CoreRig(tmp_path, first_then(PLAY))
+    rig.answered()
+    rig.caller_request("ACK", 1)
+    rig.caller_request("INVITE", 2)  # offerless: our 200 offers, the ACK answers
+    assert rig.last(2).status == 200
+    remotes = len(rig.of(m.MediaRemote))
+    elsewhere = ("198.51.100.66", 5999)
+    rig.caller_request("ACK", 2, body=offer(ip="203.0.113.9", port=4444), source=elsewhere)
+    assert len(rig.of(m.MediaRemote)) == remotes
+    assert rig.core.ctx.stats["in_dialog_foreign"] == 1
+    rig.caller_request("ACK", 2, body=offer(port=42000))  # the caller's own
+    assert rig.of(m.MediaRemote)[-1].remote_port == 42000
+
+
+def test_a_cancel_from_another_ip_is_refused(tmp_path: Path) -> None:
+    """A CANCEL comes from where its INVITE came (RFC 3261 §9.1): a copy of the caller's
+    (its Via and branch) sent from elsewhere does not end the ringing call."""
+    rig = CoreRig(tmp_path, extra=TRUSTED_CALLER)
+    call = rig.call(caller_invite("").replace(b"*99", b"2001"))
+    invite = rig.requests("INVITE", MEMBERS["2001"])[0]
+    rig.answer(invite, MEMBERS["2001"], "t1", ring_only=True)
+    elsewhere = ("198.51.100.66", 5999)
+    rig.cancel_call(source=elsewhere)
+    assert [r.status for r in rig.responses(elsewhere)] == [403]
+    assert not call.ended and not rig.requests("CANCEL", MEMBERS["2001"])
+    assert rig.core.ctx.stats["in_dialog_foreign"] == 1
+    rig.answer(invite, MEMBERS["2001"], "t1")  # 2001 answers: the two are bridged
+    assert rig.of(m.MediaBridge) and not call.ended and 487 not in rig.statuses()
+
+
 def test_the_referrers_own_bye_after_the_final_notify_leaves_the_transferred_call_up(
         tmp_path: Path) -> None:
     """After a transfer the referrer's BYE often crosses ours (phones hang up when the
