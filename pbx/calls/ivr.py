@@ -268,12 +268,15 @@ class IvrBroker:
         self.input(session, m.WaitExpiredInput(waited_ms=waited_ms))
 
     def _abandon(self, session: Session, reason: str, detail: str = "") -> None:
-        """Give up on the session: the call ends with `reason`, and the trace says why."""
+        """Give up on the session: the call ends with `reason`, and the trace says why;
+        unless the call has left the IVR already (`closing`: a REFER took it, and only
+        the session's goodbye was left to deliver), which it is not the session's to end."""
         self.events.front_trace(session, f"{reason}: {detail}" if detail else reason, reason)
         stuck = session.executor
         self._close(session)
         self._farewell(session, reason, stuck)
-        self.teardown.hangup(session.call, reason, 500)
+        if not session.closing:
+            self.teardown.hangup(session.call, reason, 500)
 
     def _farewell(self, session: Session, reason: str, stuck: bytes | None) -> None:
         """Best effort, so the provider hears `/end` (`reason`) for a session the front

@@ -137,6 +137,27 @@ def test_refer_on_an_ivr_call_transfers_the_caller(tmp_path: Path) -> None:
     assert not rig.requests("BYE", CALLER)  # the caller stays, bridged
 
 
+def test_a_refer_out_of_the_ivr_survives_the_sessions_lost_goodbye(tmp_path: Path) -> None:
+    """After a REFER the IVR session only has its goodbye (CallEndedInput) to deliver; if
+    no executor takes it, the session is given up, but the call is no longer the IVR's
+    to end: the caller stays bridged to the target."""
+    rig = CoreRig(tmp_path, first_then(PLAY), TRUSTED_CALLER)
+    call = rig.answered()
+    rig.executors[b"e"].full = True  # from now on no executor has room
+    rig.heartbeat()
+    rig.caller_request("REFER", 2, "Refer-To: <sip:2001@127.0.0.1:5060>\r\n")
+    assert rig.last(2).status == 202
+    [invite] = rig.requests("INVITE", MEMBERS["2001"])
+    rig.answer(invite, MEMBERS["2001"], "t1")
+    assert rig.of(m.MediaBridge)
+    for _ in range(30):  # 15 s: past IVR_NO_EXECUTOR_S
+        rig.advance(0.5)
+        rig.heartbeat()
+    assert not call.ended, call.end_reason
+    assert not rig.requests("BYE", CALLER) and not rig.requests("BYE", MEMBERS["2001"])
+    assert not rig.core.ctx.table.sessions  # the session itself is given up
+
+
 def test_refer_in_a_bridge_connects_the_peer_and_releases_the_referrer(
         tmp_path: Path) -> None:
     rig = CoreRig(tmp_path, first_then([m.TransferCommand(target="2001")]), TRUSTED_CALLER)
