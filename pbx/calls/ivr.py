@@ -386,6 +386,12 @@ class IvrBroker:
         a = call.a
         if call.ended or a is None:
             return  # the call is over: nothing left to command
+        if call.phase not in IVR_PHASES:
+            # An earlier command of the reply handed the call over (transfer, queue,
+            # agent, WebSocket): the rest is not the IVR's to do.
+            log.warning("call %s: %s after the call left the IVR (%s): ignored",
+                        call.call_id, command.type, call.phase.value)
+            return
         if isinstance(command, m.PlayCommand):
             self._to_media(call, a, command, m.MediaPlay(
                 call_id=a.media_id, play_id=command.play_id, file=command.file,

@@ -513,3 +513,19 @@ def test_a_transfer_out_of_a_bridge_gets_a_media_leg_of_its_own(tmp_path: Path) 
     callee_request(rig, call.b, "REFER", 1, "Refer-To: <sip:2001@127.0.0.1>\r\n")  # 2002
     transferred("2001", "t3")
     assert rig.requests("BYE", MEMBERS["2002"])  # the referrer, released once told
+
+
+def test_a_reply_with_two_hand_overs_keeps_the_first(tmp_path: Path) -> None:
+    """A buggy (or hostile) executor's reply queues the caller and then bridges it to a
+    WebSocket: the first hand-over takes the call; what follows is ignored, not raised
+    out of the core half-applied."""
+    rig = CoreRig(tmp_path, first_then([
+        m.QueueCommand(target="sales"), m.WsBridgeCommand(uri="ws://127.0.0.1:1/ws"),
+        m.PlayCommand(play_id=9, file="sounds/menu.wav")]), TRUSTED_CALLER)
+    call = rig.call()
+    assert call.phase is CallPhase.QUEUED and call.ws_bridge is None
+    assert not rig.of(m.MediaWsBridge)
+    assert [p.file for p in rig.of(m.MediaPlay)] == ["sounds/hold.wav"]  # the queue's
+    [invite] = rig.requests("INVITE", MEMBERS["2001"])  # the queue rings its members
+    rig.answer(invite, MEMBERS["2001"], "m1")
+    assert call.phase is CallPhase.BRIDGED
