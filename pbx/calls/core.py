@@ -204,6 +204,7 @@ class CallCore:
         elif kind is TimerKind.DIALOG_LINGER:
             table.forget_dialog(key)
         elif kind is TimerKind.CLIENT_TXN_LINGER:
+            self.ctx.transactions.abandon(key)
             leg = table.client_txns.pop(key, None)
             if leg is not None:
                 table.release_call(leg.call)

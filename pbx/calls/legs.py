@@ -15,6 +15,7 @@ from pbx.calls.state import Leg, LegPhase, advance_leg, peer_ip
 from pbx.calls.timers import TimerKind
 from pbx.sip.dialog import Dialog, ack_2xx, new_request
 from pbx.sip.message import make_cancel
+from pbx.sip.transaction import TransactionKey
 
 Addr = tuple[str, int]
 # RFC 3261 §17.1.1.2 Timer B/F: how long a finished dialog or client transaction's owner
@@ -107,7 +108,7 @@ class LegSignaling:
         leg.cancel_pending = False
         self.ctx.send_request(make_cancel(leg.invite), leg.addr, leg.reliable)
         # Timer C's role: if no final response ever comes, forget the INVITE's owner.
-        self.linger_client_txn(leg)
+        self.linger_client_txn(leg.invite_key)
 
     def give_up(self, leg: Leg) -> None:
         """An outbound leg we no longer want: CANCEL while it rings; over either way
@@ -137,7 +138,9 @@ class LegSignaling:
         else:
             ctx.timers.set(TimerKind.DIALOG_LINGER, leg.dialog_key, ctx.now + LINGER_S)
 
-    def linger_client_txn(self, leg: Leg) -> None:
-        if leg.invite_key is not None:
-            self.ctx.timers.set(TimerKind.CLIENT_TXN_LINGER, leg.invite_key,
-                                self.ctx.now + LINGER_S)
+    def linger_client_txn(self, key: TransactionKey | None) -> None:
+        """A client transaction whose final response may never come (after our CANCEL,
+        or a refresh pending when its dialog ended): late answers still find its leg for
+        64*T1 (§9.1), then the front forgets it and the transaction ends."""
+        if key is not None:
+            self.ctx.timers.set(TimerKind.CLIENT_TXN_LINGER, key, self.ctx.now + LINGER_S)

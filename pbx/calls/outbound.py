@@ -277,7 +277,7 @@ class Outbound:
                 self.legs.bye(stray, addr)
             return
         if leg.dialog.remote_tag is None:
-            self.legs.linger_client_txn(leg)
+            self.legs.linger_client_txn(leg.invite_key)
             learn_2xx(leg.dialog, resp)
             if not leg.reliable:  # over TCP the connection we opened carries the dialog
                 leg.addr = next_hop(leg.dialog, fallback=leg.addr)

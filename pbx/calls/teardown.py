@@ -96,6 +96,7 @@ class Teardown:
         ctx = self.ctx
         ctx.table.end_source_call(leg)
         self.session_timers.stop(leg)
+        self.legs.linger_client_txn(leg.refresh_key)  # a refresh that may never be answered
         if leg.bye_waiting is None:  # else our 2xx goes on until its ACK (§15)
             ctx.retransmitter.ack(leg.dialog_key)
         self.media.release(leg)

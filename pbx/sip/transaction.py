@@ -497,6 +497,16 @@ class TransactionLayer:
         self._schedule(txn)
         return key, [SendBytes(data, addr, reliable)]
 
+    def abandon(self, key: TransactionKey) -> None:
+        """The TU no longer waits for this client transaction's final response (RFC 3261
+        §9.1: 64*T1 after its CANCEL; or the re-INVITE of a dialog that ended). An INVITE
+        still Calling or Proceeding, which has no timer of its own once a 1xx came, ends
+        now; anything later is left to its own timers."""
+        txn = self._client.get(key)
+        if txn is not None and txn.invite and txn.state in (TxState.CALLING,
+                                                            TxState.PROCEEDING):
+            self._terminate(txn)
+
     @staticmethod
     def send_stateless(msg: SipRequest | SipResponse, addr: Addr, *,
                        reliable: bool = False) -> list[SendBytes]:

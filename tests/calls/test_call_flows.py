@@ -38,6 +38,7 @@ def table_empty(rig: CoreRig) -> None:
         if getattr(table, name)}
     assert not left, left
     assert not len(rig.core.ctx.retransmitter)  # no 2xx retransmitted for ever
+    assert not len(rig.core.ctx.transactions)  # no transaction waits for ever
 
 
 def bridged(tmp_path: Path, ack: bool = True, ring_s: float = 30) -> tuple[CoreRig, Call]:

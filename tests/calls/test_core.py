@@ -24,6 +24,7 @@ from tests.calls.rig import (
     caller_invite,
     first_then,
 )
+from tests.calls.test_call_flows import table_empty
 
 
 def test_an_ivr_call_is_answered_within_the_invite(tmp_path: Path) -> None:
@@ -226,3 +227,16 @@ def test_an_ended_call_is_freed_by_refcounting_once_its_dialogs_stop_lingering(
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_a_callee_silent_after_its_180_leaves_no_transaction(tmp_path: Path) -> None:
+    """2001 rings (180) and drops off the network: the caller's CANCEL is passed on and
+    never answered, nor is the INVITE. RFC 3261 §9.1: 64*T1 after our CANCEL the INVITE's
+    client transaction is given up; nothing of the call stays."""
+    rig = CoreRig(tmp_path, extra=TRUSTED_CALLER)
+    call = rig.call(caller_invite("").replace(b"*99", b"2001"))
+    invite = rig.requests("INVITE", MEMBERS["2001"])[0]
+    rig.answer(invite, MEMBERS["2001"], "t1", ring_only=True)
+    rig.cancel_call()
+    assert call.ended and rig.requests("CANCEL", MEMBERS["2001"])
+    table_empty(rig)

@@ -257,3 +257,17 @@ def test_an_update_offer_before_our_answer_on_a_direct_call_gets_500_retry_after
     response = rig.last(2)
     assert response.status == 500 and response.headers.get("Retry-After")
     assert len(rig.of(m.MediaRemote)) == remotes and not call.ended
+
+
+def test_a_refresh_answered_100_and_never_again_leaves_nothing_behind(
+        tmp_path: Path) -> None:
+    """Our refresh re-INVITE gets a 100 and then nothing: its transaction has no timer in
+    Proceeding; the call ends when the session expires, and neither the transaction nor
+    the front's index of it may stay."""
+    rig, call = no_update_call(tmp_path)
+    rig.advance(45.1)
+    [reinvite] = reinvites(rig)
+    rig.feed(make_response(reinvite, 100), CALLER)
+    rig.advance(60)
+    assert call.ended
+    table_empty(rig)

@@ -267,6 +267,22 @@ def test_invite_client_provisional_stops_a_and_b() -> None:
     assert len(layer.receive(reply(inv, 180), PEER, 0.3)) == 1  # 1xx all go up (§17.1.1.2)
 
 
+def test_invite_client_abandoned_in_proceeding_ends_an_accepted_one_does_not() -> None:
+    """`abandon`: the TU gave up on a final response (64*T1 after its CANCEL, §9.1);
+    Proceeding has no timer of its own, so the transaction ends there; after a 2xx
+    (Accepted) Timer M still absorbs the retransmissions."""
+    layer = TransactionLayer()
+    ringing, answered = request(branch="z9hG4bKab1"), request(branch="z9hG4bKab2")
+    ringing_key, _ = layer.send_request(ringing, PEER, 0.0)
+    answered_key, _ = layer.send_request(answered, PEER, 0.0)
+    layer.receive(reply(ringing, 180), PEER, 0.1)
+    layer.receive(reply(answered, 200), PEER, 0.1)
+    layer.abandon(ringing_key)
+    layer.abandon(answered_key)
+    assert layer.state_of(ringing_key) is None and len(layer) == 1
+    assert layer.state_of(answered_key) is TxState.ACCEPTED
+
+
 def test_invite_client_non2xx_acks_and_absorbs() -> None:
     layer = TransactionLayer()
     inv = request(branch="z9hG4bKc3")
