@@ -26,6 +26,7 @@ client side (§17.1, RFC 6026 §7.2):
     INVITE      Calling (Timer A resend, Timer B) --1xx--> Proceeding
                 Calling/Proceeding --2xx--> Accepted (Timer M; every 2xx to the TU)
                 Calling/Proceeding --3xx-6xx--> Completed (ACK sent, Timer D)
+                Calling/Proceeding --abandon() by the TU--> Terminated
     non-INVITE  Trying (Timer E resend, Timer F) --1xx--> Proceeding
                 Trying/Proceeding --final--> Completed (Timer K)
 
@@ -240,14 +241,6 @@ class TransactionLayer:
 
     def __len__(self) -> int:
         return len(self._server) + len(self._client)
-
-    @property
-    def server_count(self) -> int:
-        return len(self._server)
-
-    @property
-    def client_count(self) -> int:
-        return len(self._client)
 
     def state_of(self, key: TransactionKey) -> TxState | None:
         """The state of a live transaction, None once it is gone."""
@@ -498,13 +491,10 @@ class TransactionLayer:
         return key, [SendBytes(data, addr, reliable)]
 
     def abandon(self, key: TransactionKey) -> None:
-        """The TU no longer waits for this client transaction's final response (RFC 3261
-        §9.1: 64*T1 after its CANCEL; or the re-INVITE of a dialog that ended). An INVITE
-        still Calling or Proceeding, which has no timer of its own once a 1xx came, ends
-        now; anything later is left to its own timers."""
+        """The TU gave up on a final response (64*T1 after its CANCEL, §9.1): an INVITE
+        still Calling or Proceeding (no timer there after a 1xx) ends; later, its timers."""
         txn = self._client.get(key)
-        if txn is not None and txn.invite and txn.state in (TxState.CALLING,
-                                                            TxState.PROCEEDING):
+        if txn is not None and txn.invite and txn.state in (TxState.CALLING, TxState.PROCEEDING):
             self._terminate(txn)
 
     @staticmethod
