@@ -25,7 +25,9 @@ front sends comes back through `send(data, addr, reliable)`:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 from typing import Any, Protocol, cast
 
 from pbx.config import SipSettings
@@ -42,6 +44,17 @@ MAX_TCP_WRITE_BUFFER = 1 << 20
 TCP_CONNECT_TIMEOUT_S = 5.0
 
 
+def unmapped(host: str) -> str:
+    """An IPv4 peer of a dual-stack listener (`listen = "[::]:5060"`) as the IPv4 address
+    it is: the kernel gives it as ::ffff:a.b.c.d, and as that every IPv4 peer would share
+    one IPv6 /64 in the budgets and lockouts and match no IPv4 `trusted_networks`."""
+    if host.startswith("::ffff:"):
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+    return host
+
+
 class SipHandler(Protocol):
     def message_received(self, data: bytes, addr: Addr, *, reliable: bool = False) -> None: ...
 
@@ -53,7 +66,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.owner = owner
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
-        self.owner._datagram_received(data, (addr[0], addr[1]))
+        self.owner._datagram_received(data, (unmapped(addr[0]), addr[1]))
 
     def error_received(self, exc: Exception) -> None:
         log.debug("UDP error: %s", exc)
@@ -73,7 +86,7 @@ class _TcpConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if peer is not None:
-            self.peer = (str(peer[0]), int(peer[1]))
+            self.peer = (unmapped(str(peer[0])), int(peer[1]))
         self.last_activity = self.owner.now()
         self.owner._connection_made(self)
 
@@ -128,6 +141,7 @@ class SipTransport:
         self._per_source: dict[str, int] = {}
         self._connecting: dict[Addr, list[bytes]] = {}
         self._udp: asyncio.DatagramTransport | None = None
+        self._udp_v6 = False  # an IPv6 (dual-stack) socket: IPv4 peers are sent to mapped
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stats = {"sip_rate_limited": 0, "sip_oversize": 0, "sip_unframed": 0,
@@ -142,8 +156,13 @@ class SipTransport:
         loop = asyncio.get_running_loop()
         self._udp, _ = await loop.create_datagram_endpoint(
             lambda: _UdpProtocol(self), local_addr=(host, port))
+        sock = self._udp.get_extra_info("socket")
+        self._udp_v6 = sock is not None and sock.family == socket.AF_INET6
+        # asyncio makes an IPv6 listener IPv6-only; "::" (all addresses, as for UDP) is
+        # then every address of both families: a listener each.
         self._server = await loop.create_server(
-            lambda: _TcpConnection(self), host, port, reuse_address=True)
+            lambda: _TcpConnection(self), None if host == "::" else host, port,
+            reuse_address=True)
 
     def close(self) -> None:
         if self._udp is not None:
@@ -247,6 +266,8 @@ class SipTransport:
         if not reliable:
             if self._udp is None:
                 return
+            if self._udp_v6 and ":" not in addr[0]:
+                addr = (f"::ffff:{addr[0]}", addr[1])  # the peer as the socket knows it
             try:
                 self._udp.sendto(data, addr)
             except (OSError, ValueError) as exc:

@@ -51,15 +51,17 @@ async def until(pred: Callable[[], Any], timeout: float = 2.0) -> None:
     raise AssertionError("condition not met")
 
 
-def run(test: Callable[[SipTransport, Recorder, int], Awaitable[None]], **settings: Any) -> None:
+def run(test: Callable[[SipTransport, Recorder, int], Awaitable[None]], host: str = "127.0.0.1",
+        **settings: Any) -> None:
     """On uvloop, as in the front (its transports are not asyncio.Transport subclasses)."""
     async def main() -> None:
         port = free_port()
-        transport = SipTransport(SipSettings(listen=f"127.0.0.1:{port}", **settings))
+        listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        transport = SipTransport(SipSettings(listen=listen, **settings))
         rec = Recorder()
         rec.transport = transport
         transport.handler = rec
-        await transport.start("127.0.0.1", port)
+        await transport.start(host, port)
         try:
             await test(transport, rec, port)
         finally:
@@ -148,3 +150,29 @@ def test_udp_rate_limit_and_size_limit() -> None:
         assert transport.stats["sip_rate_limited"] == 20
         assert transport.stats["sip_oversize"] == 1
     run(body, rate_limit_per_s=1, rate_limit_burst=10, max_message_bytes=1024)
+
+
+def test_ipv4_peers_of_a_dual_stack_listener_are_ipv4_addresses() -> None:
+    """`listen = "[::]:5060"` takes IPv4 too, as IPv4-mapped IPv6 (::ffff:a.b.c.d). The
+    core sees the IPv4 address (budgets, lockouts, trusted_networks key on it: as
+    ::ffff:... every IPv4 peer fell into one IPv6 /64), and answers reach it."""
+    async def body(transport: SipTransport, rec: Recorder, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        peer.setblocking(False)
+        try:
+            peer.sendto(MSG, ("127.0.0.1", port))
+            await until(lambda: len(rec.messages) == 1)
+            assert rec.messages[0][1] == peer.getsockname()
+            transport.send(b"SIP/2.0 200 OK\r\n\r\n", peer.getsockname())
+            data = await asyncio.wait_for(loop.sock_recv(peer, 100), 2)
+            assert data == b"SIP/2.0 200 OK\r\n\r\n"
+        finally:
+            peer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(MSG)
+        await until(lambda: len(rec.messages) == 2)
+        assert rec.messages[1][1] == writer.get_extra_info("sockname")
+        writer.close()
+    run(body, host="::")
