@@ -16,6 +16,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from pbx.sip.authguard import source_key
+
 
 class NetworkSet:
     """Membership of source IPs in a list of networks (config: exemptions, trusted
@@ -71,6 +73,8 @@ class RateLimiter:
         """Take one token from `source`'s bucket; False when it is empty."""
         if not self.enabled or source in self.exempt:
             return True
+        if ":" in source:  # IPv6: its /64 (an IPv4 address is its own key, no call)
+            source = source_key(source)
         bucket = self._buckets.get(source)
         if bucket is None:
             if len(self._buckets) >= self.max_sources:

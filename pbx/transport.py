@@ -32,6 +32,7 @@ from typing import Any, Protocol, cast
 
 from pbx.config import SipSettings
 from pbx.ratelimit import RateLimiter
+from pbx.sip.authguard import source_key
 from pbx.sip.framing import FramingError, Message, Ping, StreamFramer
 
 log = logging.getLogger("pbx.transport")
@@ -218,7 +219,8 @@ class SipTransport:
             conn.close()
             return
         ip = conn.peer[0]
-        held = self._per_source.get(ip, 0)
+        source = source_key(ip)
+        held = self._per_source.get(source, 0)
         if held >= self.tcp_per_source and ip not in self.limiter.exempt:
             self.stats["tcp_refused_per_source"] += 1
             log.info("%s holds %d TCP connections already; refusing another", ip, held)
@@ -229,7 +231,7 @@ class SipTransport:
             old.close()
             self._forget(old)
         self.connections[conn.peer] = conn
-        self._per_source[ip] = self._per_source.get(ip, 0) + 1
+        self._per_source[source] = held + 1
         self.stats["tcp_connections_total"] += 1
         self.stats["tcp_connections"] = len(self.connections)
 
@@ -241,12 +243,12 @@ class SipTransport:
 
     def _forget(self, conn: _TcpConnection) -> None:
         """`conn` no longer counts against its source's connections."""
-        ip = conn.peer[0]
-        held = self._per_source.get(ip, 0) - 1
+        source = source_key(conn.peer[0])
+        held = self._per_source.get(source, 0) - 1
         if held > 0:
-            self._per_source[ip] = held
+            self._per_source[source] = held
         else:
-            self._per_source.pop(ip, None)
+            self._per_source.pop(source, None)
 
     def sweep_idle(self) -> None:
         """Close connections that carried nothing for `tcp_idle_s`."""

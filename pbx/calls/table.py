@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 from pbx.calls.state import unlink
 from pbx.config import Settings
 from pbx.ratelimit import NetworkSet
+from pbx.sip.authguard import source_key
 from pbx.sip.transaction import TransactionKey
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ class CallTable:
         spent ("setup" or "calls")."""
         if source in self.budget_exempt:
             return None
+        source = source_key(source)
         held = self.setup_by_source.get(source, 0)
         if held >= self.limits.setup_calls_per_source:
             return "setup"
@@ -159,14 +161,14 @@ class CallTable:
         """The leg's call is answered and acknowledged, or over: its set-up unit is back."""
         source, leg.setup_source = leg.setup_source, None
         if source is not None and source not in self.budget_exempt:
-            _count_down(self.setup_by_source, source)
+            _count_down(self.setup_by_source, source_key(source))
 
     def end_source_call(self, leg: Leg) -> None:
         """The leg is over: its set-up and calls units are back."""
         self.end_setup(leg)
         source, leg.call_source = leg.call_source, None
         if source is not None and source not in self.budget_exempt:
-            _count_down(self.calls_by_source, source)
+            _count_down(self.calls_by_source, source_key(source))
 
 
 def _count_down(held: dict[str, int], source: str) -> None:

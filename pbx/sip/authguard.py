@@ -44,6 +44,7 @@ can make us hold is `table_size` entries per table. No clock: `now` comes in.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections import OrderedDict
@@ -56,9 +57,15 @@ K = TypeVar("K")
 
 
 def source_key(ip: str) -> str:
-    """The address a source is counted under: the IP, or its /64 for IPv6."""
+    """The address a source is counted under, by every per-source budget and lockout:
+    the IP, or its /64 for IPv6 (one host holds a /64 and sends from any address in it)."""
     if ":" not in ip:
         return ip
+    return _ipv6_key(ip)
+
+
+@functools.lru_cache(maxsize=65536)
+def _ipv6_key(ip: str) -> str:
     try:
         return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
     except ValueError:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Container
 from dataclasses import dataclass, field
 
+from pbx.sip.authguard import source_key
+
 
 @dataclass
 class SourceBudget:
@@ -47,7 +49,7 @@ class SourceLedger:
 
     def held_by(self, source_ip: str) -> tuple[int, int]:
         """(server transactions, bytes) `source_ip` holds against its budget."""
-        held = self._held.get(source_ip)
+        held = self._held.get(source_key(source_ip))
         return (held.transactions, held.bytes) if held is not None else (0, 0)
 
     def admits(self, source_ip: str, size: int) -> bool:
@@ -56,7 +58,7 @@ class SourceLedger:
         budget = self.budget
         if source_ip in budget.exempt:
             return True
-        held = self._held.get(source_ip)
+        held = self._held.get(source_key(source_ip))
         if held is None or (held.transactions < budget.max_transactions
                             and held.bytes + size <= budget.max_bytes):
             return True
@@ -69,9 +71,10 @@ class SourceLedger:
         (0 for an exempt source)."""
         if source_ip in self.budget.exempt:
             return 0
-        held = self._held.get(source_ip)
+        key = source_key(source_ip)
+        held = self._held.get(key)
         if held is None:
-            held = self._held[source_ip] = _Held()
+            held = self._held[key] = _Held()
         if holding == 0:
             held.transactions += 1
         held.bytes += size
@@ -81,9 +84,10 @@ class SourceLedger:
         """A transaction that held `holding` bytes from `source_ip` has ended."""
         if holding == 0:
             return
-        held = self._held.get(source_ip)
+        key = source_key(source_ip)
+        held = self._held.get(key)
         if held is not None:
             held.transactions -= 1
             held.bytes -= holding
             if held.transactions <= 0:
-                del self._held[source_ip]
+                del self._held[key]
