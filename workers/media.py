@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import logging
 import os
 import signal
@@ -368,6 +369,9 @@ class MediaWorker:
             self.set_remote(msg.remote)
 
     def set_remote(self, msg: MediaRemote) -> None:
+        refused = destination_refused(msg.remote_ip, self.settings.media.rtp_ip)
+        if refused is not None:
+            raise EngineError(f"call {msg.call_id!r}: no RTP to {msg.remote_ip}: {refused}")
         self.engine.set_remote(msg)
         if self.rtp.on_shared(msg.call_id):
             self.shared_leg_moved(msg.call_id)
@@ -962,6 +966,26 @@ async def _ws_send(ws: aiohttp.ClientWebSocketResponse, queue: asyncio.Queue[byt
 def _log_task_error(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("task failed", exc_info=task.exception())
+
+
+def destination_refused(remote_ip: str, local_ip: str) -> str | None:
+    """Why this worker (on `local_ip`) must not send a leg's RTP to `remote_ip`, or None.
+    The address comes from a stranger's SDP: one of the other family would be sent to
+    as 0.0.0.0 (this host), a loopback one reaches this host's own UDP services, a
+    multicast or broadcast one everybody's. Loopback is a peer's own address only on a
+    worker that is on loopback itself (a test, a one-host setup)."""
+    try:
+        remote = ipaddress.ip_address(remote_ip)
+        local = ipaddress.ip_address(local_ip)
+    except ValueError:
+        return "not an IP address"
+    if remote.version != local.version:
+        return f"not an IPv{local.version} address, as the worker's"
+    if remote.is_multicast or remote.is_unspecified or remote_ip == "255.255.255.255":
+        return "not a unicast address"
+    if remote.is_loopback and not local.is_loopback:
+        return "a loopback address, and the worker is not on loopback"
+    return None
 
 
 def batch_scheduling(on: bool) -> bool:

@@ -252,7 +252,15 @@ def _remote_ip(sd: SessionDescription, md: MediaDescription) -> str:
     # media path, and a bad value must be refused here, not fail every packet later).
     if not (_is_ip_literal(ip) if len(ip) <= 64 else _is_ip_literal.__wrapped__(ip)):
         raise SdpError(f"connection address {excerpt(ip)} is not an IP address", 488)
+    if _not_unicast(ip):  # RTP there reaches everybody on it, not the caller
+        raise SdpError(f"connection address {excerpt(ip)} is not a unicast address", 488)
     return ip
+
+
+@functools.lru_cache(maxsize=1024)
+def _not_unicast(ip: str) -> bool:
+    """Multicast or the broadcast address (0.0.0.0 and :: stay: RFC 2543 hold)."""
+    return ipaddress.ip_address(ip).is_multicast or ip == "255.255.255.255"
 
 
 # A few addresses come again and again; remembered for short texts only (bounded memory).

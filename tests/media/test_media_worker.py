@@ -579,3 +579,48 @@ def test_shared_port_legs_told_apart_by_source_and_strangers_reach_none(
     finally:
         for s in [*phones, stranger]:
             s.close()
+
+
+@pytest.mark.parametrize(("remote", "local", "refused"), [
+    ("198.51.100.7", "203.0.113.1", None),
+    ("127.0.0.1", "127.0.0.1", None),  # a one-host setup: its phones are on loopback too
+    ("2001:db8::7", "2001:db8::1", None),
+    ("2001:db8::7", "203.0.113.1", "not an IPv4 address"),  # was sent to 0.0.0.0: this host
+    ("198.51.100.7", "2001:db8::1", "not an IPv6 address"),
+    ("127.0.0.1", "203.0.113.1", "a loopback address"),  # this host's own UDP services
+    ("::1", "2001:db8::1", "a loopback address"),
+    ("224.0.0.1", "203.0.113.1", "not a unicast address"),
+    ("255.255.255.255", "203.0.113.1", "not a unicast address"),
+    ("0.0.0.0", "203.0.113.1", "not a unicast address"),
+])
+def test_rtp_destinations_a_worker_refuses(remote: str, local: str, refused: str | None) -> None:
+    verdict = media_worker.destination_refused(remote, local)
+    assert verdict == refused if refused is None else (verdict or "").startswith(refused)
+
+
+def test_an_sdp_address_of_another_family_gets_no_rtp(
+    worker: tuple[Front, subprocess.Popen[bytes]],
+) -> None:
+    """An IPv6 c= for a leg of an IPv4 worker: its address column was 0, and the prompt
+    went to 0.0.0.0:port, which is this host. Refused now: nothing is sent until a usable
+    address comes."""
+    front, _ = worker
+    assert isinstance(front.recv(READY_TIMEOUT_S), MediaReady)
+    assert front.allocate("call-1").error is None
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.settimeout(0.6)
+    port = listener.getsockname()[1]
+    try:
+        front.send(MediaRemote(call_id="call-1", remote_ip="2001:db8::1", remote_port=port,
+                               payload_type=0, codec="PCMU"))
+        front.send(MediaPlay(call_id="call-1", play_id=1, file="sounds/half.wav"))
+        with pytest.raises(TimeoutError):
+            listener.recvfrom(2048)
+        front.send(MediaRemote(call_id="call-1", remote_ip="127.0.0.1", remote_port=port,
+                               payload_type=0, codec="PCMU"))
+        listener.settimeout(TIMEOUT_S)
+        data, _ = listener.recvfrom(2048)  # the same worker sends to a usable address
+        assert parse_rtp(data).payload_type == 0
+    finally:
+        listener.close()

@@ -133,6 +133,21 @@ def test_no_common_codec_is_488(body: bytes) -> None:
     assert exc.value.status == 488
 
 
+@pytest.mark.parametrize("conn", ["c=IN IP4 224.0.0.1", "c=IN IP4 239.1.2.3/16",
+                                  "c=IN IP4 255.255.255.255", "c=IN IP6 ff02::1"])
+def test_a_media_address_that_is_not_unicast_is_488(conn: str) -> None:
+    """RTP to a multicast or broadcast address reaches everybody on it, not the caller."""
+    with pytest.raises(SdpError) as exc:
+        answer_offer(offer("m=audio 4000 RTP/AVP 0", conn=conn), "10.0.0.5", 20000, 1)
+    assert exc.value.status == 488
+
+
+def test_hold_by_the_unspecified_address_is_still_answered() -> None:
+    answered = answer_offer(offer("m=audio 4000 RTP/AVP 0", conn="c=IN IP4 0.0.0.0"),
+                            "10.0.0.5", 20000, 1)
+    assert answered is not None  # RFC 2543 hold (RFC 3264 §8.4)
+
+
 def test_answer_supported_restricts() -> None:
     with pytest.raises(SdpError):
         answer_offer(offer("m=audio 4000 RTP/AVP 0"), "10.0.0.5", 2, 1, supported=("PCMA",))
