@@ -972,8 +972,17 @@ class MediaEngine:
         datagram from the signalled RTCP address (SDP port + 1) takes the latch back, a
         new source with another SSRC (any SSRC when loose) takes it after the latched one
         has been silent for the re-latch time, or RTCP_SILENCE_S if longer (reports come
-        every ~5 s). Others are counted and dropped (False)."""
+        every ~5 s). Only the RTP peer's own IP (where RTP comes from, else its SDP
+        address) may take the latch, first or again: a stranger's reports would become
+        the call's statistics, and ours would go to it. Others are counted and dropped
+        (False)."""
         ssrc = reports[0].ssrc if reports else None
+        peer_ips = (leg.remote[0] if leg.remote else None,
+                    leg.sdp_remote[0] if leg.sdp_remote else None)
+        if src != leg.rtcp_remote and src[0] not in peer_ips:
+            leg.rtcp_foreign += 1
+            self._rtcp_foreign += 1
+            return False
         if not leg.rtcp_latched:
             if src[1] != 0:
                 leg.rtcp_latched, leg.rtcp_remote = True, src

@@ -332,28 +332,36 @@ def test_rtcp_follows_the_same_rule() -> None:
     engine = make_engine("packet")
     leg = engine.legs["a"]
     phone_rtcp = (PHONE[0], PHONE[1] + 1)
+    # Before any RTP, a NATed phone's RTCP (not from its SDP address) latches nothing...
+    engine.receive_rtcp("a", rtcp(PHONE_SSRC, leg.ssrc, lost=0), phone_rtcp, 99.0)
+    assert not leg.rtcp_latched and leg.rtcp_foreign == 1
+    # ...and once its RTP has latched, its RTCP (the same IP) does.
+    engine.receive_rtp("a", Stream(PHONE_SSRC).audio(), PHONE, 99.5)
+    assert leg.remote == PHONE
     engine.receive_rtcp("a", rtcp(PHONE_SSRC, leg.ssrc, lost=0), phone_rtcp, 100.0)
     assert leg.rtcp_latched and leg.rtcp_remote == phone_rtcp and leg.rtcp_received == 1
     # a stranger's report (it would say we lose everything): dropped, counted
     engine.receive_rtcp("a", rtcp(STRANGER_SSRC, leg.ssrc, lost=500), STRANGER, 101.0)
-    assert leg.rtcp_received == 1 and leg.rtcp_foreign == 1
+    assert leg.rtcp_received == 1 and leg.rtcp_foreign == 2
     assert leg.remote_report is not None and leg.remote_report.cumulative_lost == 0
-    # silence: reports come every ~5 s, so the RTCP latch waits RTCP_SILENCE_S (25 s)
-    engine.receive_rtcp("a", rtcp(STRANGER_SSRC), STRANGER, 110.0)
-    assert leg.rtcp_remote == phone_rtcp and leg.rtcp_foreign == 2
-    engine.receive_rtcp("a", rtcp(PHONE_SSRC), STRANGER, 130.0)  # the latched SSRC: no
-    assert leg.rtcp_remote == phone_rtcp and leg.rtcp_foreign == 3
+    # nor after any silence: only the RTP peer's IP may latch RTCP
     engine.receive_rtcp("a", rtcp(STRANGER_SSRC), STRANGER, 130.0)
-    assert leg.rtcp_remote == STRANGER and leg.rtcp_received == 2
+    assert leg.rtcp_remote == phone_rtcp and leg.rtcp_foreign == 3
+    # another port of the phone's IP, with a new SSRC, after RTCP_SILENCE_S (25 s): yes
+    phone_other = (PHONE[0], PHONE[1] + 7)
+    engine.receive_rtcp("a", rtcp(PHONE_SSRC), phone_other, 131.0)  # the latched SSRC: no
+    assert leg.rtcp_remote == phone_rtcp and leg.rtcp_foreign == 4
+    engine.receive_rtcp("a", rtcp(STRANGER_SSRC), phone_other, 131.0)
+    assert leg.rtcp_remote == phone_other and leg.rtcp_received == 2
     # the signalled RTCP address (SDP port + 1) takes it back at once
     sdp_rtcp = (SDP_ADDR[0], SDP_ADDR[1] + 1)
-    engine.receive_rtcp("a", rtcp(PHONE_SSRC), sdp_rtcp, 130.5)
-    engine.receive_rtcp("a", rtcp(STRANGER_SSRC), STRANGER, 131.0)
-    assert leg.rtcp_remote == sdp_rtcp and leg.rtcp_foreign == 4
+    engine.receive_rtcp("a", rtcp(PHONE_SSRC), sdp_rtcp, 131.5)
+    engine.receive_rtcp("a", rtcp(STRANGER_SSRC), STRANGER, 132.0)
+    assert leg.rtcp_remote == sdp_rtcp and leg.rtcp_foreign == 5
     released = engine.remove_leg("a", 140.0)
-    assert released.rtcp_foreign_dropped == 4 and released.rtcp_received == 3
+    assert released.rtcp_foreign_dropped == 5 and released.rtcp_received == 3
     totals = engine.totals()
-    assert (totals.rtp_foreign_dropped, totals.rtcp_foreign_dropped) == (0, 4)
+    assert (totals.rtp_foreign_dropped, totals.rtcp_foreign_dropped) == (0, 5)
 
 
 def test_engine_takes_the_config() -> None:
