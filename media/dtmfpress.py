@@ -30,6 +30,10 @@ SLACK_S = 0.06  # timing error of the audio-based estimates (jitter, 5 ms hops, 
 INFO_SLACK_S = 0.15  # SIP INFO against either of the others
 KEEP_S = 2.0  # presses older than this (by their end) cannot match anything
 MAX_PRESSES = 8
+# New presses a leg may report in any second: a keypad or an autodialler does at most
+# ~12 (ITU-T Q.24: 40 ms tone, 40 ms pause); more is a flood of forged events, each a
+# message to the front and a provider request, and is dropped (`flood_dropped`).
+MAX_PRESSES_PER_S = 20
 
 
 @dataclass(slots=True)
@@ -43,13 +47,17 @@ class _Press:
 class PressDedupe:
     """Per-leg memory of recent presses."""
 
-    __slots__ = ("_presses",)
+    __slots__ = ("_presses", "_second", "_in_second", "flood_dropped")
 
     def __init__(self) -> None:
         self._presses: list[_Press] = []
+        self._second = float("-inf")  # start of the second new presses are counted in
+        self._in_second = 0
+        self.flood_dropped = 0
 
     def report(self, digit: str, source: str, start: float, end: float) -> bool:
-        """A source reports `digit` over [start, end]: True if it is a new press (report it)."""
+        """A source reports `digit` over [start, end]: True if it is a new press (report
+        it); False for the same press from another source, or past MAX_PRESSES_PER_S."""
         if end < start:
             start, end = end, start
         presses = self._presses
@@ -65,6 +73,12 @@ class PressDedupe:
                 p.start = min(p.start, start)
                 p.end = max(p.end, end)
                 return False
+        if end - self._second >= 1.0:
+            self._second, self._in_second = end, 0
+        if self._in_second >= MAX_PRESSES_PER_S:
+            self.flood_dropped += 1
+            return False
+        self._in_second += 1
         presses.append(_Press(digit, start, end, {source}))
         if len(presses) > MAX_PRESSES:
             del presses[0]

@@ -476,3 +476,24 @@ def test_event_interval_from_the_timestamp_or_else_the_arrival(phone: Phone) -> 
     # Events on a timestamp base of their own: dated by the end packet's arrival.
     start, end = engine._event_interval(leg, newest_end + 10_000_000, 800, read_at + 0.15)
     assert (round(start, 6), round(end, 6)) == (round(read_at + 0.05, 6), round(read_at + 0.15, 6))
+
+
+def test_a_flood_of_forged_presses_is_cut_at_the_rate_of_a_keypad() -> None:
+    """1,000 RFC 4733 'presses' a second (each end packet with a new timestamp) would be
+    1,000 messages to the front and provider requests: at most MAX_PRESSES_PER_S a second
+    are reported, the rest counted; real presses go on after the flood."""
+    from media.dtmfpress import MAX_PRESSES_PER_S
+
+    d = PressDedupe()
+    reported = sum(d.report(str(k % 10), "rfc4733", k / 1000, k / 1000 + 0.001)
+                   for k in range(1000))
+    assert reported == MAX_PRESSES_PER_S and d.flood_dropped == 1000 - MAX_PRESSES_PER_S
+    assert d.report("5", "rfc4733", 1.5, 1.6)  # a press after that second: reported
+
+
+def test_an_engine_leg_reports_a_digit_flood_at_a_keypads_rate(phone: Phone) -> None:
+    from media.dtmfpress import MAX_PRESSES_PER_S
+
+    for k in range(200):  # 200 ended events within one 20 ms period, each its own press
+        phone._send(101, phone.ts + k, build_event(k % 10, True, 10, 160))
+    assert len(phone.events) == MAX_PRESSES_PER_S
