@@ -77,7 +77,6 @@ MIN_FLUSH_SAMPLES = 800
 HOLD_SAMPLES = 480  # keep the newest 60 ms in memory for packets that arrive late
 PATCH_SAMPLES = 8000  # patch the header sizes about once a second
 BUF_SAMPLES = _rt.BUF_SAMPLES  # per channel: FLUSH + HOLD + a tick, room for early packets
-REANCHOR_SAMPLES = 8000  # a stream more than 1 s away from the wall clock is re-anchored
 DTMF_TRIM_SAMPLES = 800  # 100 ms
 # An RFC 4733 event seen this recently (in samples) is the one a stop digit came from.
 _EVENT_FRESH_SAMPLES = 640
@@ -138,7 +137,7 @@ class _Track:
         track = self.rec.table.i[self.rec.row, self.base : self.base + 3]  # ssrc, ts, pos
         if ssrc == track[0]:
             pos = int(track[2]) + ts_diff(ts, int(track[1]))
-            if abs(pos - wall) <= REANCHOR_SAMPLES:
+            if -_rt.REANCHOR_SAMPLES <= pos - wall <= _rt.LEAD_SAMPLES:
                 return pos
         track[0], track[1], track[2] = ssrc, ts, wall
         return wall

@@ -22,6 +22,13 @@ RF_T0 = 0  # wall-clock start (position 0); NaN while the beep plays
 RF_COLS = 1
 
 BUF_SAMPLES = 4096  # per channel (media.recorder documents the sizing)
+# A stream's packet lands at its anchor + its timestamp's advance, unless that is more
+# than REANCHOR_SAMPLES (1 s) behind the wall clock or LEAD_SAMPLES (200 ms) ahead of it:
+# then it is anchored again at the wall clock. Ahead is bounded tighter: a packet placed
+# far ahead fills the buffer, which is written up to there, and every packet of the other
+# channel that is on time would then be too late (media.recorder.Recording._put).
+REANCHOR_SAMPLES = 8000
+LEAD_SAMPLES = 1600
 
 
 class RecorderTable:

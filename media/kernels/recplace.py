@@ -4,9 +4,9 @@ relayed / pumped frames a recorded leg hears go into its recording's code buffer
 `heard` place them one call at a time (the per-packet path keeps those as the
 reference): a stream is anchored at its first packet to the wall-clock position and
 later packets land at `anchor + (timestamp − anchor timestamp)` (RFC 3550 §5.1), a
-new SSRC or a jump of more than `REANCHOR_SAMPLES` anchors it again; codes before
-what is written or beyond the maximum length are dropped; the other law is
-transcoded through `rtpbatch.XCODE`.
+new SSRC or a jump of more than `REANCHOR_SAMPLES` behind the wall clock or
+`LEAD_SAMPLES` ahead of it anchors it again; codes before what is written or beyond
+the maximum length are dropped; the other law is transcoded through `rtpbatch.XCODE`.
 
 A packet that does not fit in the buffer (ticks fell behind: the recorder must write
 to make room, which is file I/O) is left for Python: the kernels stop there and
@@ -36,6 +36,7 @@ from media.kernels.rtpbatch import (
 )
 from media.rectable import (
     BUF_SAMPLES,
+    LEAD_SAMPLES,
     R_CALLER,
     R_CHANNELS,
     R_CODEC,
@@ -43,11 +44,11 @@ from media.rectable import (
     R_MAX,
     R_OPEN,
     R_WRITTEN,
+    REANCHOR_SAMPLES,
     RF_T0,
 )
 
 SAMPLE_RATE = 8000
-REANCHOR_SAMPLES = 8000  # media.recorder.REANCHOR_SAMPLES
 
 
 @njit(cache=True)
@@ -71,7 +72,7 @@ def _place(
         if d > HALF:
             d -= TS_MOD
         pos = ri[q, track + 2] + d
-        anchored = abs(pos - wall) <= REANCHOR_SAMPLES
+        anchored = -REANCHOR_SAMPLES <= pos - wall <= LEAD_SAMPLES
         if not anchored:
             pos = wall
     written = ri[q, R_WRITTEN]

@@ -498,3 +498,37 @@ def test_many_recordings_spread_their_writes_and_end_on_time(
     assert len(ends) == 25
     assert all(t == pytest.approx(1.0) and ev.duration_ms == 1000 for t, ev in ends)
     assert all(read(sim.rec_dir / "m" / f"{cid}.wav")[0].nframes == 8000 for cid in calls)
+
+
+@pytest.mark.parametrize("path", ["packet", "kernel"])
+@pytest.mark.parametrize("jump", [0, 7000])
+def test_a_peer_jumping_ahead_does_not_erase_the_other_channel(
+        tmp_path: Path, path: str, jump: int) -> None:
+    """The bridged peer jumps its timestamps ~0.9 s ahead once (a clock that ran away, or
+    on purpose). Taken as is (under the 1 s re-anchor), what the caller hears was placed
+    in the future, the buffer flushed up to there, and every later packet of the caller's
+    own voice was 'too late': its channel went silent for the rest of the call. A stream
+    ahead of the wall clock by more than LEAD_SAMPLES is anchored again."""
+    from tests.media.test_rtpbatch import Batch
+
+    sim = Sim(tmp_path)
+    sim.leg("b", PEER_PHONE)
+    sim.engine.bridge("a", "b")
+    sim.record(stereo=True)
+    peer = tone(160 * 150, 600.0)
+    for i in range(150):
+        frame = g711.encode(peer[160 * i : 160 * (i + 1)], "PCMU").tobytes()
+        ts = 1000 + 160 * i + (jump if i >= 20 else 0)
+        data = build_rtp(RtpPacket(0, 500 + i, ts, 0x99, frame))
+        if path == "packet":
+            sim.engine.receive_rtp("b", data, PEER_PHONE, sim.now + 0.01)
+        else:
+            b = Batch([(sim.engine.legs["b"].row, data, PEER_PHONE)])
+            sim.engine.receive_batch(b.buf, b.lens, b.names, b.rows, b.n, sim.now + 0.01)
+        sim.tick(1, tone(160, 1000.0))  # the caller's own voice, every tick
+    sim.stop()
+    _, recorded = read(sim.rec_dir / "r.wav")
+    after = recorded[8000:20000].astype(float)  # 1 s to 2.5 s, well after the jump
+    own, heard = np.sqrt((after ** 2).mean(axis=0))
+    assert own > 3000, "the caller's own voice is gone from its channel"
+    assert heard > 3000  # and the peer is heard
