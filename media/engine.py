@@ -130,6 +130,7 @@ class EngineTotals(NamedTuple):
     rtcp_foreign_dropped: int
     rtp_received: int  # valid RTP packets read on legs
     rtp_sent: int  # RTP packets sent on legs (prompts, relayed audio, events)
+    presses_dropped: int  # key presses past a leg's MAX_PRESSES_PER_S (media.dtmfpress)
 
 
 class MediaEngine:
@@ -155,6 +156,7 @@ class MediaEngine:
         self.relatch_any_ssrc = latching == "loose"
         self._rtp_foreign_gone = 0  # foreign RTP packets of released legs
         self._received_gone = self._sent_gone = 0  # RTP packets of released legs
+        self._presses_dropped = 0
         self._rtcp_foreign = 0
         self.recorder = recorder if recorder is not None else Recorder()
         self.ws = WsBridges()
@@ -510,6 +512,7 @@ class MediaEngine:
             rtcp_foreign_dropped=self._rtcp_foreign,
             rtp_received=self._received_gone + int(live[1]),
             rtp_sent=self._sent_gone + int(live[2]),
+            presses_dropped=self._presses_dropped,
         )
 
     # ------------------------------------------------------------ RTP in
@@ -845,7 +848,10 @@ class MediaEngine:
     ) -> MediaEvent | None:
         """A source reports a press over [start, end]: its event, or None when another
         source already reported the same press (`media.dtmfpress`)."""
-        if not leg.presses.report(digit, source, start, end):
+        presses = leg.presses
+        flooded = presses.flood_dropped
+        if not presses.report(digit, source, start, end):
+            self._presses_dropped += presses.flood_dropped - flooded
             return None
         return self._digit(leg, digit, source)
 

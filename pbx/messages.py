@@ -204,6 +204,8 @@ class MediaHeartbeat(_Msg):
     # relayed audio, events), live legs included: the rates while calls go on.
     rtp_packets_received: int = Field(default=0, ge=0)
     rtp_packets_sent: int = Field(default=0, ge=0)
+    # Over the same period: key presses dropped past a leg's 20 a second (a flood).
+    dtmf_flood_dropped: int = Field(default=0, ge=0)
     # Over the same period, histograms for /metrics (pbx.metrics): counts per bucket of
     # MEDIA_TIMING_BOUNDS_MS (one more for beyond the last) and their sum: how late each
     # tick ran, and how long from a MediaPlay to the prompt's first RTP packet.

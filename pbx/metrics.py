@@ -112,6 +112,8 @@ HELP = {
                            "dropped (strict latching).",
     "rtcp_foreign_dropped": "RTCP packets from another source than the leg's latched one, "
                             "dropped.",
+    "dtmf_flood_dropped": "Key presses dropped past a leg's 20 a second (forged RFC 4733 "
+                          "or INFO floods).",
     "media_workers_lost": "Media workers that stopped heartbeating (their calls ended).",
     "ivr_executors_lost": "IVR executors that stopped heartbeating (their events were "
                           "re-sent).",

@@ -196,7 +196,7 @@ class MediaWorker:
             PromptCache(media.sounds_dir), recorder=recorder, latching=rtp.latching,
             relatch_silence_ms=rtp.relatch_silence_ms,
         )  # fmt: skip
-        self._reported = EngineTotals(0, 0, 0, 0)  # `counts()` at the last heartbeat
+        self._reported = EngineTotals(0, 0, 0, 0, 0)  # `counts()` at the last heartbeat
         # RTP: IPv4 sockets polled in batches (workers.rtpio); IPv6 on asyncio endpoints.
         self.rtp = rtpio.RtpSockets(legs=self.engine.tab)
         # The shared RTP port ([media] rtp_socket; bound in `run`), None: none. Its RTCP
@@ -850,6 +850,7 @@ class MediaWorker:
                     rtcp_foreign_dropped=counts.rtcp_foreign_dropped - last.rtcp_foreign_dropped,
                     rtp_packets_received=counts.rtp_received - last.rtp_received,
                     rtp_packets_sent=counts.rtp_sent - last.rtp_sent,
+                    dtmf_flood_dropped=counts.presses_dropped - last.presses_dropped,
                     **self.timing_histograms(),
                     **self.tick_stats(),
                 )

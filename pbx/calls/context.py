@@ -131,7 +131,7 @@ class CallContext:
             # Sessions given up on whose /end went to another executor (pbx.calls.ivr).
             "ivr_farewells": 0,
             # Strict RTP latching: packets from strangers, dropped by the workers.
-            "rtp_foreign_dropped": 0, "rtcp_foreign_dropped": 0,
+            "rtp_foreign_dropped": 0, "rtcp_foreign_dropped": 0, "dtmf_flood_dropped": 0,
             # Workers that stopped heartbeating; released legs' RTP statistics.
             "media_workers_lost": 0, "ivr_executors_lost": 0,
             "rtp_packets_sent": 0, "rtp_packets_received": 0, "rtp_packets_lost": 0,

@@ -251,6 +251,7 @@ class MediaPlane:
         if isinstance(msg, m.MediaHeartbeat):  # counts since the worker's last heartbeat
             ctx.stats["rtp_foreign_dropped"] += msg.rtp_foreign_dropped
             ctx.stats["rtcp_foreign_dropped"] += msg.rtcp_foreign_dropped
+            ctx.stats["dtmf_flood_dropped"] += msg.dtmf_flood_dropped
             self._announced(identity, msg)
             ctx.metrics.media_heartbeat(identity, msg)
 

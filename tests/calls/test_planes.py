@@ -157,11 +157,12 @@ def test_heartbeat_foreign_counts_add_up_in_the_snapshot(tmp_path: Path) -> None
     heartbeat, added up over workers and heartbeats."""
     rig = CoreRig(tmp_path)  # its worker `w` said ready
     assert rig.core.snapshot()["rtp_foreign_dropped"] == 0
-    for worker, rtp, rtcp in ((b"w", 5, 0), (b"w2", 7, 2), (b"w", 0, 1)):
+    for worker, rtp, rtcp, presses in ((b"w", 5, 0, 0), (b"w2", 7, 2, 30), (b"w", 0, 1, 4)):
         rig.core.media_message(worker, m.MediaHeartbeat(
             worker_id=worker.decode(), calls=1, capacity=10, rtp_ip="127.0.0.1",
             ports=[], allocate_seq=0, rtp_foreign_dropped=rtp,
-            rtcp_foreign_dropped=rtcp), rig.now)  # fmt: skip
+            rtcp_foreign_dropped=rtcp, dtmf_flood_dropped=presses), rig.now)  # fmt: skip
     snap = rig.core.snapshot()
     assert snap["rtp_foreign_dropped"] == 12 and snap["rtcp_foreign_dropped"] == 3
+    assert snap["dtmf_flood_dropped"] == 34  # key presses past a leg's 20 a second
     assert snap["media_workers"] == 2

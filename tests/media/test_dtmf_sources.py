@@ -497,3 +497,4 @@ def test_an_engine_leg_reports_a_digit_flood_at_a_keypads_rate(phone: Phone) -> 
     for k in range(200):  # 200 ended events within one 20 ms period, each its own press
         phone._send(101, phone.ts + k, build_event(k % 10, True, 10, 160))
     assert len(phone.events) == MAX_PRESSES_PER_S
+    assert phone.engine.totals().presses_dropped == 200 - MAX_PRESSES_PER_S  # heartbeats
