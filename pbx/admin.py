@@ -141,7 +141,7 @@ def access_guard(settings: AdminSettings) -> Callable[..., Awaitable[web.StreamR
         if _host_name(request.headers.get("Host", "")) not in allowed:
             return web.Response(status=421, text="unknown host\n")
         origin = request.headers.get("Origin")
-        if origin is not None and _host_name(urlsplit(origin).netloc) not in allowed:
+        if origin is not None and _origin_host(origin) not in allowed:
             return web.Response(status=403, text="cross-origin request refused\n")
         if token is not None and not (request.path == "/debug" and request.method == "GET"):
             given = request.query.get("token", "") or _protocol_token(
@@ -149,12 +149,21 @@ def access_guard(settings: AdminSettings) -> Callable[..., Awaitable[web.StreamR
             auth = request.headers.get("Authorization", "")
             if auth[:7].lower() == "bearer ":
                 given = auth[7:].strip()
-            if not hmac.compare_digest(given.encode(), token):
+            # Header bytes that are not UTF-8 come surrogate-escaped: not the token either.
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token):
                 return web.Response(status=401, text="token required\n",
                                     headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
     return guard
+
+
+def _origin_host(origin: str) -> str:
+    """The host an Origin header names; "" for one that is not a URL (refused)."""
+    try:
+        return _host_name(urlsplit(origin).netloc)
+    except ValueError:
+        return ""
 
 
 def _wanted(event: dict[str, Any], filters: dict[str, str]) -> bool:

@@ -158,3 +158,41 @@ dir = "{tmp_path}"
             await server.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("header", "status"), [
+    (b"Authorization: Bearer \xff\xfe\r\n", 401),  # not UTF-8: not the token
+    (b"Origin: http://[::1\r\n", 403),  # not a URL: not one of ours
+])
+def test_a_malformed_header_is_refused_not_a_500(header: bytes, status: int) -> None:
+    """Before the token check, anyone could send these: a traceback in the log at ERROR
+    and a 500 each."""
+    from aiohttp import web
+
+    from pbx.admin import access_guard
+    from pbx.config import AdminSettings
+
+    async def scenario() -> bytes:
+        app = web.Application(middlewares=[access_guard(AdminSettings(
+            listen="127.0.0.1:8088", token="s3cret-token-0123456789"))])
+
+        async def ok(_: web.Request) -> web.Response:
+            return web.Response(text="ok")
+        app.router.add_get("/api/calls", ok)
+        server = TestServer(app, host="127.0.0.1", port=0)
+        await server.start_server()
+
+        def raw() -> bytes:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+                s.sendall(b"GET /api/calls HTTP/1.1\r\nHost: 127.0.0.1\r\n" + header
+                          + b"Connection: close\r\n\r\n")
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            return data.split(b"\r\n", 1)[0]
+        try:
+            return await asyncio.to_thread(raw)
+        finally:
+            await server.close()
+
+    assert asyncio.run(scenario()).split()[1] == str(status).encode()
