@@ -61,6 +61,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from pbx.httpbody import BodyTooLarge, read_capped
 from pbx.ivr.requests import AsrResult, ProviderRequest
 from pbx.redact import redact_url
 from pbx.settings.speech import AsrSettings
@@ -348,13 +349,10 @@ class AsrEngine:
             async with session.post(
                 url, data=form, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
             ) as resp:
-                body = bytearray()
-                async for chunk in resp.content.iter_chunked(65536):
-                    body += chunk
-                    if len(body) > MAX_RESPONSE_BYTES:
-                        raise AsrError(
-                            f"ASR service answer larger than {MAX_RESPONSE_BYTES} bytes")
-                return parse_transcription(resp.status, bytes(body))
+                body = await read_capped(resp, MAX_RESPONSE_BYTES, "ASR service answer")
+                return parse_transcription(resp.status, body)
+        except BodyTooLarge as exc:
+            raise AsrError(str(exc)) from None
         except TimeoutError:
             raise AsrError(f"ASR service timed out after {timeout_s * 1000:.0f} ms") from None
         except aiohttp.ClientError as exc:

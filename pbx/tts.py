@@ -39,6 +39,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
+from pbx.httpbody import BodyTooLarge, read_capped
 from pbx.ivr.requests import ProviderRequest, TtsResult
 from pbx.settings.speech import TtsSettings
 
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 TTS_UNAVAILABLE = "TTS service not available"
 SAMPLE_RATE = 8000
 MAX_TEXT_CHARS = 4000  # about four minutes of speech
+# A service's WAV for that much text: four minutes of 16-bit mono at up to 24 kHz, with
+# room to spare (pbx.httpbody).
+MAX_SPEECH_BYTES = 16 << 20
 PEAK_DBFS = -3.0
 # A voice name espeak-ng is given (`en-us`, `en+f3`, `mb-en1`): no option injection.
 _ESPEAK_VOICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+.\-]{0,63}$")
@@ -305,9 +309,11 @@ class TtsEngine:
             async with self._session().post(
                 self.settings.url, json={"text": text, "voice": voice}, timeout=timeout
             ) as resp:
-                body = await resp.read()
                 if not 200 <= resp.status < 300:
                     raise TtsError(f"HTTP {resp.status}")
+                body = await read_capped(resp, MAX_SPEECH_BYTES, "TTS service answer")
+        except BodyTooLarge as exc:
+            raise TtsError(str(exc)) from None
         except TimeoutError:
             raise TtsError(f"timeout after {self.settings.timeout_ms} ms") from None
         except aiohttp.ClientError as exc:

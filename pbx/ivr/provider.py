@@ -28,6 +28,7 @@ import aiohttp
 import orjson
 
 from pbx.config import IvrAppParams
+from pbx.httpbody import BodyTooLarge, read_capped
 from pbx.ivr.requests import ApiResult, ProviderRequest, ProviderResult
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 RETRY_DELAY_MS = 100
 NOTIFY_TIMEOUT_MS = 500
 API_TIMEOUT_S = 10.0
+# What one answer may take in memory (pbx.httpbody): a step's ActionNode, an `api`
+# call's body (it goes back to the provider as `api_response`), a notification's.
+MAX_STEP_BYTES = 1 << 20
+MAX_API_BYTES = 1 << 20
+MAX_NOTIFY_BYTES = 1 << 16
 
 
 def step_attempts(params: IvrAppParams) -> int:
@@ -105,7 +111,10 @@ class ProviderClient:
                     params.url, data=data, headers=headers, timeout=timeout
                 ) as resp:
                     status = resp.status
-                    payload = await resp.read()
+                    payload = await read_capped(resp, MAX_STEP_BYTES, "provider answer")
+            except BodyTooLarge as exc:
+                return ProviderResult("invalid", reason=str(exc), status=status,
+                                      attempts=attempt)
             except TimeoutError:
                 reason = f"timeout after {params.retry.timeout_ms} ms"
                 status = None
@@ -167,9 +176,11 @@ class ProviderClient:
                 method, url, params=query, data=data, headers=send_headers, timeout=timeout
             ) as resp:
                 status = resp.status
-                payload = await resp.read()
+                payload = await read_capped(resp, MAX_API_BYTES, "answer")
         except asyncio.CancelledError:
             raise
+        except BodyTooLarge as exc:
+            return ApiResult(0, {"error": str(exc)})
         except TimeoutError:
             return ApiResult(0, {"error": f"timeout after {timeout_s:g} s"})
         except Exception as exc:  # connection refused, DNS, bad URL, ...
@@ -205,7 +216,7 @@ class ProviderClient:
             async with self.session.post(
                 url, data=orjson.dumps(body), headers=self._headers(params), timeout=timeout
             ) as resp:
-                await resp.read()
+                await read_capped(resp, MAX_NOTIFY_BYTES, "notification answer")
                 log.debug("notify %s: HTTP %d", url, resp.status)
         except asyncio.CancelledError:
             raise
