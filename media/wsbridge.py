@@ -31,6 +31,11 @@ from media import g711
 SAMPLE_RATE = 8000
 PREFILL_SAMPLES = 480  # 60 ms
 MAX_BUFFER_SAMPLES = 8000  # 1 s; above this the shell stops reading the socket
+# One frame may still bring more (a whole utterance at once): up to 30 s is kept, the
+# rest dropped, and the shell refuses frames over MAX_FRAME_BYTES (a server we do not
+# control must not fill memory with one message).
+HARD_BUFFER_SAMPLES = 30 * SAMPLE_RATE
+MAX_FRAME_BYTES = 2 * HARD_BUFFER_SAMPLES  # PCM16
 MAX_PENDING_PAYLOADS = 25  # caller packets kept between two ticks (more: dropped)
 MAX_BURST_FRAMES = 5
 _EPS = 1e-7
@@ -60,6 +65,9 @@ class WsLeg:
             data, self.odd = self.odd + data, b""
         if len(data) & 1:
             data, self.odd = data[:-1], data[-1:]
+        room = HARD_BUFFER_SAMPLES - len(self.buf)
+        if len(data) > 2 * room:
+            data = data[: 2 * max(room, 0)]  # past 30 s buffered: dropped
         if data:
             pcm = np.frombuffer(data, dtype="<i2")
             self.buf += g711.encode(pcm, self.buf_codec).tobytes()

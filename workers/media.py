@@ -67,7 +67,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from media import g711, inband, vad
+from media import g711, inband, vad, wsbridge
 from media.engine import EngineError, EngineTotals, MediaEngine, Packet
 from media.kernels import cachestamp, rtpbatch
 from media.legtable import TxBatch
@@ -513,7 +513,8 @@ class MediaWorker:
         try:
             try:
                 async with asyncio.timeout(msg.timeout_ms / 1000.0):
-                    ws = await self.http().ws_connect(msg.uri, headers=msg.headers)
+                    ws = await self.http().ws_connect(msg.uri, headers=msg.headers,
+                                                      max_msg_size=wsbridge.MAX_FRAME_BYTES)
             except TimeoutError:
                 reason = "timeout"
                 return

@@ -131,3 +131,19 @@ def test_held_leg_drops_socket_audio_and_resumes_marked(engine: MediaEngine) -> 
     assert len(more) == 20 - 3 - 5 and more[0].marker
     assert seq_diff(more[0].sequence, pkts[-1].sequence) == 1
     assert ts_diff(more[0].timestamp, pkts[-1].timestamp) == 160 * 6
+
+
+def test_one_huge_frame_buffers_at_most_30_s() -> None:
+    """A server we do not control sends one 4 MB frame (aiohttp's default largest): it was
+    all encoded and kept (about 260 s a leg). Now 30 s is kept and the rest dropped; the
+    shell also refuses frames over MAX_FRAME_BYTES (ws_connect's max_msg_size)."""
+    from media.wsbridge import HARD_BUFFER_SAMPLES, MAX_FRAME_BYTES, WsLeg
+
+    leg = WsLeg("PCMU")
+    leg.feed(b"\0" * (4 * 1024 * 1024 - 2))
+    assert leg.buffered == HARD_BUFFER_SAMPLES
+    leg.feed(b"\0" * 320)  # full: nothing more is kept
+    assert leg.buffered == HARD_BUFFER_SAMPLES and not leg.room()
+    short = WsLeg("PCMU")
+    short.feed(b"\0" * 3 * 16000)  # a 3 s utterance in one frame: kept whole
+    assert short.buffered == 3 * 8000 and MAX_FRAME_BYTES == 2 * HARD_BUFFER_SAMPLES
