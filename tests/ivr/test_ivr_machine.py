@@ -272,6 +272,22 @@ def test_menu_timeout_action_retries_then_outcome() -> None:
     assert sim.events[-1] == {"type": "audio_complete", "interrupted": False}
 
 
+def test_a_menu_that_plays_nothing_on_timeout_does_not_spin() -> None:
+    """No greeting, a 0 ms timeout and a timeout notice with nothing to play: each retry
+    re-armed a 1 ms timer without asking the provider (a round trip front -> worker ->
+    executor a millisecond, for max_retries: up to 4e9). A notice with nothing to play
+    is the menu's outcome now, as any action that is not a notice: here a prompt with
+    nothing in it, an invalid action (the error prompt, then the call ends)."""
+    sim = Sim([menu(greeting=None, timeout_ms=0, max_retries=4_000_000_000,
+                    timeout_action={"type": "prompt"}), {"type": "hangup"}])
+    assert sim.start() == [TimerCommand(timer_id=1, delay_ms=1)]
+    assert sim.timer(1) == [play(1, "sounds/error.wav")]
+    assert sim.timer(2) == []  # no timer re-armed
+    [hangup] = sim.audio_done(1)
+    assert isinstance(hangup, HangupCommand) and hangup.reason.startswith("Error(prompt")
+    assert sim.done and len(sim.sent) == 1
+
+
 # ---------------------------------------------------------------- hang-up and transfer
 
 

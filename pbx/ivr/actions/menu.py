@@ -130,13 +130,16 @@ def _retry(s: Session, action: ActionNode, progress: MenuProgress) -> PhaseData:
         return s.execute(action, [])
     notice = s.prepare(action)
     assert isinstance(notice, PromptAction)
+    if not (notice.file or notice.tts_text):
+        # Nothing to play: re-greeting at once would spin (a menu without a greeting and
+        # a 0 ms timeout re-armed a 1 ms timer, up to max_retries times, never asking the
+        # provider). It is the outcome, as an action that is not a notice.
+        return s.execute(action, [])
     if notice.file:
         play_id = s.play(notice.file, notice.interruptible)
         return MenuNotice(play_id=play_id, interruptible=notice.interruptible, menu=progress)
-    if notice.tts_text:
-        speech = s.synthesize(notice.tts_text, notice.tts_voice, "notice")
-        return replace(speech, menu=progress, notice_interruptible=notice.interruptible)
-    return _greet(s, progress)
+    speech = s.synthesize(notice.tts_text or "", notice.tts_voice, "notice")
+    return replace(speech, menu=progress, notice_interruptible=notice.interruptible)
 
 
 def notice_digit(s: Session, data: MenuNotice, ev: DtmfDigit) -> PhaseData:
