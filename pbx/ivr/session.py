@@ -74,6 +74,13 @@ ERROR_PROMPT = "sounds/error.wav"
 # provider that answers every `error` with another failing action, or an `api` whose
 # dynamic tree is another `api`, would otherwise loop forever.
 MAX_CHAINED_STEPS = 16
+# The session's variables, names and values: its state travels in every event and reply,
+# at most pbx.messages.MAX_IVR_STATE_CHARS (256 K) with everything else in it.
+MAX_VARIABLES_CHARS = 64 * 1024
+
+
+def variables_chars(values: Mapping[str, str]) -> int:
+    return sum(len(k) + len(v) for k, v in values.items())
 
 
 @dataclass
@@ -214,6 +221,7 @@ class Session:
         self.provider_trace: dict[str, Any] | None = None
         self.ended = False
         self.end_reason: str | None = None  # for the trace; survives a jump_ivr restart
+        self.oversized = False  # an action's variables were refused (`prepare`)
 
     @classmethod
     def new(
@@ -359,15 +367,34 @@ class Session:
     # ------------------------------------------------------------ executing actions
 
     def prepare(self, action: ActionNode) -> ActionNode:
-        """Apply the action's `variables`, then substitute `$name$` in its fields."""
-        if isinstance(action.variables, dict):
-            self.env.variables.update(action.variables)
+        """Apply the action's `variables`, then substitute `$name$` in its fields.
+        Variables that would take the session's past MAX_VARIABLES_CHARS are not taken
+        (the state travels in every event): `execute` then fails the session."""
+        if isinstance(action.variables, dict) and not self.take_variables(action.variables):
+            self.oversized = True
         return substitute(action, self.env.variables)
+
+    def take_variables(self, values: Mapping[str, str]) -> bool:
+        """Add `values` to the session's variables, unless that takes them past
+        MAX_VARIABLES_CHARS (then nothing is added: False)."""
+        if not values:
+            return True
+        merged = {**self.env.variables, **values}
+        if variables_chars(merged) > MAX_VARIABLES_CHARS:
+            return False
+        self.env.variables = merged
+        return True
+
+    def fail_oversized(self) -> PhaseData:
+        return self.fail(f"variables over {MAX_VARIABLES_CHARS} characters")
 
     def execute(self, action: ActionNode, typeahead: Sequence[str]) -> PhaseData:
         """Run an action; `typeahead` goes to it if it takes digits, else is dropped.
         No timer is armed here: whoever leaves a timed phase cancels its timer first."""
         action = self.prepare(action)
+        if self.oversized:
+            self.oversized = False
+            return self.fail_oversized()
         self.env.node = action
         digits = tuple(typeahead) if action.takes_digits else ()
         return self.executors[action.type](self, action, digits)

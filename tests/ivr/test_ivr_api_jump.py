@@ -259,3 +259,15 @@ def test_jump_ivr_loop_is_bounded() -> None:
     assert len(sim.sent) == machine.MAX_CHAINED_STEPS
     assert commands == [play(1, machine.ERROR_PROMPT)]
     assert "provider steps without a call event" in (sim.traces[-1].error or "")
+
+
+def test_jump_ivr_with_params_past_the_variables_bound_fails_before_jumping() -> None:
+    """Params become the new session's variables: past MAX_VARIABLES_CHARS the state
+    could not travel; the session fails where it is, the other IVR is never asked."""
+    first: list[Answer] = [
+        {"type": "jump_ivr", "route_point": "sales", "params": {"v": "x" * 70_000}}]
+    sim = Sim(first, ivrs=IVRS, urls={SALES_URL: [HANGUP]})
+    assert [c.file for c in sim.start() if hasattr(c, "file")] == ["sounds/error.wav"]
+    assert len(sim.sent) == 1  # the session start of the first IVR only
+    sim.audio_done(1)
+    assert sim.done and "variables over" in sim.notified_body("end")["reason"]

@@ -154,3 +154,44 @@ def test_record_name_list_keeps_type_ahead_across_parts() -> None:
     assert [c.file for c in sim.audio_done(1)] == ["b.wav"]
     sim.audio_done(2)
     assert sim.events[-1] == {"type": "audio_complete", "interrupted": True}
+
+
+# ---------------------------------------------------------------- the state's size
+
+
+def test_variables_past_the_bound_fail_the_session_cleanly() -> None:
+    """A reply setting 300,000 characters of variables: the state (which travels in every
+    event, at most MAX_IVR_STATE_CHARS) could not be written, the reply was refused, and
+    the call ended without /end with the failed step's commands. The variables are not
+    taken now: the session fails (the error prompt, /end with the reason)."""
+    from pbx.ivr.session import MAX_VARIABLES_CHARS
+
+    sim = Sim([{"type": "prompt", "file": "a.wav", "variables": {"v": "x" * 300_000}}, HANGUP])
+    commands = sim.start()
+    assert [c.file for c in commands if hasattr(c, "file")] == ["sounds/error.wav"]
+    assert "v" not in sim.variables
+    sim.audio_done(1)
+    assert sim.done and sim.notified_body("end")["reason"].startswith("Error(")
+    assert str(MAX_VARIABLES_CHARS) in sim.notified_body("end")["reason"]
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    ({"a": "x" * 100_000}, "larger than"),  # 100,000 characters: over the bound
+    (None, "too deep"),  # 300 levels, built below
+])
+def test_an_api_body_too_large_or_deep_for_the_state_is_an_error_result(
+        body: Any, error: str) -> None:
+    """api_result goes into the variables: a body too large for them, or nested deeper
+    than JSON text can be written (orjson: 255 levels; TypeError was an internal error),
+    gives the provider api_response with an error body instead."""
+    if body is None:
+        body = node = {}
+        for _ in range(300):
+            node["x"] = {}
+            node = node["x"]
+    sim = Sim([{"type": "api", "url": "http://api.test/x"}, HANGUP],
+              api_answers=[ApiResult(200, body)])
+    sim.start()
+    assert sim.events[-1]["type"] == "api_response"
+    assert error in sim.sent[-1]["variables"]["api_result"]
+    assert sim.sent[-1]["variables"]["api_status"] == "0"

@@ -57,6 +57,10 @@ def run(s: Session, action: ApiAction, typeahead: Digits) -> PhaseData:
     return AwaitingApi(pending=PendingRequest(trigger="api", request=described, sent_at=s.now))
 
 
+# An api answer kept in the variables (api_result): well under the session's own bound.
+MAX_API_RESULT_CHARS = 32 * 1024
+
+
 def result_text(body: Any) -> str:
     """`api_result`: a text body as it came, JSON as JSON text, nothing as "" (a text
     body used to arrive JSON-encoded, `"\"plain text\""`; rustpbx does the same)."""
@@ -67,11 +71,28 @@ def result_text(body: Any) -> str:
     return orjson.dumps(body).decode()
 
 
+def storable(outcome: ApiResult) -> tuple[ApiResult, str]:
+    """The outcome and its `api_result` text, or an error outcome in their place when the
+    body cannot be kept in the session's variables: nested deeper than JSON text can be
+    written (255 levels), or longer than MAX_API_RESULT_CHARS."""
+    try:
+        text = result_text(outcome.body)
+    except TypeError:  # orjson's recursion limit
+        error = "answer nested too deep (over 255 levels)"
+    else:
+        if len(text) <= MAX_API_RESULT_CHARS:
+            return outcome, text
+        error = f"answer larger than {MAX_API_RESULT_CHARS} characters"
+    failed = ApiResult(0, {"error": error})
+    return failed, result_text(failed.body)
+
+
 def result(s: Session, data: AwaitingApi, outcome: ApiResult) -> PhaseData:
     node = s.env.node
     assert isinstance(node, ApiAction)
+    outcome, text = storable(outcome)
     s.env.variables["api_status"] = str(outcome.status)
-    s.env.variables["api_result"] = result_text(outcome.body)
+    s.env.variables["api_result"] = text
     trace: dict[str, Any] = {
         "trigger": "api_response",
         "request": data.pending.request,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pbx.ivr.models import JumpIvrAction, QueueAction, RouteToAgentAction, TransferAction
 from pbx.ivr.phases import Digits, PhaseData
-from pbx.ivr.session import Session
+from pbx.ivr.session import MAX_VARIABLES_CHARS, Session, variables_chars
 from pbx.ivr.variables import initial_variables
 from pbx.messages import AgentCommand, QueueCommand, TransferCommand
 
@@ -52,14 +52,15 @@ def jump(s: Session, action: JumpIvrAction, typeahead: Digits) -> PhaseData:
     params = s.ivrs.get(action.route_point)
     if params is None:
         return s.fail(f"jump_ivr: unknown route point {action.route_point!r}")
+    if variables_chars(action.params) > MAX_VARIABLES_CHARS:
+        return s.fail_oversized()  # before the jump: the session it would leave fails
     s.end(f"Jump({action.route_point})")
     env = s.env
     facts = {k: v for k, v in env.call.variables.items() if k in CALL_FACTS}
     env.call = env.call.model_copy(
         update={"params": params, "route_name": action.route_point, "variables": facts}
     )
-    env.variables = initial_variables(env.call)
-    env.variables.update(action.params)
+    env.variables = {**initial_variables(env.call), **action.params}
     env.record_id = 0
     env.last_record_path = None
     return s.begin()
