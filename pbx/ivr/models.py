@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -159,6 +160,9 @@ VariableValues = Annotated[dict[str, str], WithJsonSchema({
 })]
 
 
+MAX_EXTRA_CHARS = 32 * 1024  # an action's `extra` as JSON text (pbx.ivr.session bounds)
+
+
 class _Action(BaseModel):
     """Fields every ActionNode may carry (docs/actions.md "Fields every action may carry")."""
 
@@ -171,6 +175,21 @@ class _Action(BaseModel):
     # Chained action run after this one completes, without a provider call; ignored on
     # terminal actions (docs/decisions.md "next").
     next: ActionNode | None = None
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_fits(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        """`extra` is kept in the session's state until replaced, and sent back with every
+        step: bounded as the state must be (a deep one could not even be written)."""
+        if v is None:
+            return v
+        try:
+            size = len(orjson.dumps(v))
+        except TypeError:  # orjson's recursion limit: 255 levels
+            raise ValueError("nested too deep") from None
+        if size > MAX_EXTRA_CHARS:
+            raise ValueError(f"larger than {MAX_EXTRA_CHARS} characters as JSON")
+        return v
 
     @field_validator("variables", mode="before")
     @classmethod

@@ -11,7 +11,7 @@ import pytest
 from pbx.config import ConfigError, parse_config
 from pbx.ivr.actions.api import NEXT_WITH_TREE
 from pbx.ivr.actions.menu import NEXT_ON_MENU
-from pbx.ivr.models import parse_action
+from pbx.ivr.models import ActionError, parse_action
 from pbx.ivr.requests import ApiResult
 from tests.ivr.sim import Sim
 
@@ -195,3 +195,23 @@ def test_an_api_body_too_large_or_deep_for_the_state_is_an_error_result(
     assert sim.events[-1]["type"] == "api_response"
     assert error in sim.sent[-1]["variables"]["api_result"]
     assert sim.sent[-1]["variables"]["api_status"] == "0"
+
+
+@pytest.mark.parametrize(("extra", "reason"), [
+    ("deep", "nested too deep"),
+    ({"blob": "x" * 40_000}, "larger than"),
+])
+def test_an_extra_the_state_cannot_keep_is_an_invalid_reply(extra: Any, reason: str) -> None:
+    """`extra` stays in the session's state and goes back with every step: one nested
+    300 levels deep raised when the state was written (an 'internal error'), and a large
+    one could make the state too big to travel. Both are now an invalid reply."""
+    if extra == "deep":
+        extra = node = {}
+        for _ in range(300):
+            node["x"] = {}
+            node = node["x"]
+    with pytest.raises(ActionError, match=reason):
+        parse_action({"type": "hangup", "extra": extra})
+    sim = Sim([{"type": "prompt", "file": "a.wav", "extra": extra}, HANGUP])
+    assert [c.file for c in sim.start() if hasattr(c, "file")] == ["sounds/error.wav"]
+    assert any(reason in e for t in sim.traces for e in ([t.error] if t.error else []))
