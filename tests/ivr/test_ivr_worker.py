@@ -259,11 +259,11 @@ def test_the_state_is_read_from_its_text_and_written_as_text(
     assert orjson.loads(digit.state)["end_reason"] == "Transfer(2001)"
 
 
-def test_a_state_too_long_to_travel_ends_the_session_with_a_hangup() -> None:
-    # A reply whose state is over MAX_IVR_STATE_CHARS would be refused by the front:
-    # the executor ends the session instead, with a state the front takes.
+def test_an_extra_too_long_for_the_state_is_an_invalid_reply_that_travels() -> None:
+    # Kept in the state, it would make it over MAX_IVR_STATE_CHARS, which the front
+    # refuses: the action is refused first (the error prompt), and the reply travels.
     huge = {"type": "prompt", "file": "sounds/ivr/welcome.wav",
-            "extra": {"blob": "x" * MAX_IVR_STATE_CHARS}}  # kept in the state
+            "extra": {"blob": "x" * MAX_IVR_STATE_CHARS}}
 
     class HugeAction(Provider):
         async def handle(self, request: web.Request) -> web.Response:
@@ -285,10 +285,10 @@ def test_a_state_too_long_to_travel_ends_the_session_with_a_hangup() -> None:
             await provider.stop()
 
     reply = run(main())
-    assert reply.done and reply.state == "{}"
-    # The state it could not send still numbers the front's traces on.
-    assert reply.step_index == reply.traces[-1].step_index >= 1
-    assert isinstance(reply.commands[-1], HangupCommand)
+    assert [c.file for c in reply.commands if isinstance(c, PlayCommand)] == [
+        "sounds/error.wav"]
+    assert "larger than" in (reply.traces[-1].error or "")
+    assert len(reply.state) < MAX_IVR_STATE_CHARS and "x" * 100 not in reply.state
     assert decode(encode(reply)) == reply  # the front takes it
 
 
@@ -421,3 +421,34 @@ def test_executor_bad_config_exits_2(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert b"missing.toml" in proc.stderr and b"cannot read" in proc.stderr
+
+
+def test_when_even_the_abort_fails_the_last_resort_hangs_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An internal error, then an abort that fails too: the reply is a bare hang-up on a
+    state the front takes ("{}": none was ever written), done."""
+    from pbx.ivr import machine
+    from workers import ivr as ivr_worker
+
+    async def broken(*_: object, **__: object) -> IvrReply:
+        raise RuntimeError("boom")
+
+    def abort_fails(*_: object, **__: object) -> None:
+        raise RuntimeError("abort boom")
+
+    monkeypatch.setattr(ivr_worker, "process_event", broken)
+    monkeypatch.setattr(machine, "abort", abort_fails)
+    call = CallInfo(call_id="c1", session_id="s1", caller="1001", callee="*99",
+                    route_name="r", params=IvrAppParams(url="http://127.0.0.1:1/ivr"))
+
+    async def main() -> IvrReply:
+        async with ProviderClient() as client:
+            return await handle_event(
+                IvrEvent(session_id="s1", seq=1, input=SessionStartInput(call=call)),
+                client, lambda: 1.0)
+
+    reply = run(main())
+    assert reply.done and reply.state == "{}"
+    assert [type(c) for c in reply.commands] == [HangupCommand]
+    assert reply.commands[0].reason == "Error(internal error: RuntimeError)"
+    assert decode(encode(reply)) == reply
