@@ -32,6 +32,7 @@ the agent's turn plus the group's `timeout_ms`.
 from __future__ import annotations
 
 import math
+from collections.abc import KeysView
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -78,7 +79,9 @@ class QueueBook:
         self.members = list(members)
         self.next_index = 0  # round robin: where the next round starts
         self.idle_since: dict[str, float] = {m: -math.inf for m in self.members}
-        self.busy: set[str] = set()
+        # Queue calls each member is on: most phones take one, some answer a second
+        # line, and the member is free only when all have ended.
+        self.calls_of: dict[str, int] = {}
 
     def set_members(self, members: list[str]) -> None:
         """New members (a reload): round robin goes on after the member it last tried if
@@ -106,12 +109,22 @@ class QueueBook:
         if member in self.members:
             self.next_index = (self.members.index(member) + 1) % len(self.members)
 
+    @property
+    def busy(self) -> KeysView[str]:
+        """The members on a queue call."""
+        return self.calls_of.keys()
+
     def connected(self, member: str) -> None:
-        self.busy.add(member)
+        self.calls_of[member] = self.calls_of.get(member, 0) + 1
 
     def released(self, member: str, now: float) -> None:
-        """The member's queue call ended: free again, idle from now."""
-        self.busy.discard(member)
+        """One of the member's queue calls ended: free again when it was the last, idle
+        from now."""
+        left = self.calls_of.get(member, 0) - 1
+        if left > 0:
+            self.calls_of[member] = left
+            return
+        self.calls_of.pop(member, None)
         if member in self.idle_since:
             self.idle_since[member] = now
 

@@ -287,3 +287,29 @@ def test_agent_routing_hint_with_a_line_break_is_not_sent(tmp_path: Path) -> Non
     assert invite.headers.get("X-Key-Id") is None
     assert invite.headers.get("X-Evil") is None
     assert invite.headers.get("X-Channel-Code") == "ok"
+
+
+def test_a_member_on_two_queue_calls_stays_busy_until_both_end(tmp_path: Path) -> None:
+    """2001 (a phone with two lines) answers two callers of `sales`: the first caller's
+    end freed it while it was still on the second call, and the next caller rang it."""
+    def nth_caller(n: int) -> bytes:
+        return (caller_invite(branch="1").replace(b"caller-call@", f"caller{n}-call@".encode())
+                .replace(b"tag=caller", f"tag=caller{n}".encode())
+                .replace(b"z9hG4bK-caller-1", f"z9hG4bK-caller{n}-1".encode()))
+
+    rig = CoreRig(tmp_path, first_then([m.QueueCommand(target="sales")]))
+    first, second = rig.call(), rig.call(nth_caller(2))
+    book = rig.core.queue.books[("queue", "sales")]
+    ringing = rig.requests("INVITE", MEMBERS["2001"])
+    assert len(ringing) == 2  # rung for both callers
+    rig.answer(ringing[0], MEMBERS["2001"], "x1")
+    rig.answer(ringing[1], MEMBERS["2001"], "x2")
+    assert first.b is not None and second.b is not None
+    rig.core.teardown.hangup(first, "Hangup", None)
+    rig.pump()
+    assert not second.ended and set(book.busy) == {"2001"}
+    rig.call(nth_caller(3))
+    assert len(rig.requests("INVITE", MEMBERS["2001"])) == 2  # not rung for the third
+    rig.core.teardown.hangup(second, "Hangup", None)
+    rig.pump()
+    assert set(book.busy) == set()
