@@ -116,6 +116,9 @@ LOCKED_REASON = "Forbidden (too many failed attempts)"
 _REPLAY_REASONS = frozenset({AuthFailure.NONCE_REUSED, AuthFailure.NONCE_BOUND_ELSEWHERE})
 
 MAX_DELTA_SECONDS = 2**32 - 1  # RFC 3261 §20.19: larger values are taken as this
+# Bindings one address-of-record keeps: every call to it forks a leg per binding (a media
+# port each). A REGISTER over it replaces the oldest; one naming more is refused.
+MAX_BINDINGS_PER_AOR = 10
 # ASCII digits only: `\d` also matches "٣", and int() of thousands of digits raises.
 _DIGITS_RE = re.compile(r"[0-9]+")
 _Q_RE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
@@ -461,6 +464,8 @@ class Registrar:
                 self._check_order(b, call_id, cseq)
             staged.clear()
         else:
+            if len(contacts) > MAX_BINDINGS_PER_AOR:
+                raise _Abort(403, f"Forbidden (at most {MAX_BINDINGS_PER_AOR} contacts)")
             updates = [self._parse_contact(c, header_expires) for c in contacts]
             if any(0 < u.expires_s < self.min_expires for u in updates):
                 raise _Abort(423, headers=[("Min-Expires", str(self.min_expires))])
@@ -479,6 +484,9 @@ class Registrar:
                     q=u.q, params=u.params, registered_at=now,
                 )
 
+        if len(staged) > MAX_BINDINGS_PER_AOR:  # the oldest go (the phone moved, say)
+            keep = sorted(staged, key=lambda k: staged[k].registered_at)[-MAX_BINDINGS_PER_AOR:]
+            staged = {k: staged[k] for k in keep}
         # Apply.
         if staged:
             self._bindings[aor] = staged

@@ -217,6 +217,23 @@ def test_several_contacts_per_aor_and_per_contact_expires() -> None:
         "sip:1001@10.1.1.1", "sip:1001@10.1.1.2", "sip:1001@10.1.1.3"]
 
 
+def test_an_aor_keeps_at_most_max_bindings_the_newest() -> None:
+    """Every call to an AOR forks a leg (a media port) per binding: one user registering
+    600 contacts made each call to it take every port of a worker. The newest
+    MAX_BINDINGS_PER_AOR stay; a REGISTER naming more than that is refused."""
+    from pbx.registrar import MAX_BINDINGS_PER_AOR
+
+    reg = make_registrar()
+    phone = Phone("1001", "secret1")
+    for k in range(MAX_BINDINGS_PER_AOR + 5):
+        assert phone.register(reg, float(k), [f"<sip:1001@10.1.2.{k}>"], 600).status == 200
+    kept = {b.uri for b in reg.lookup("1001", 20.0)}
+    assert kept == {f"sip:1001@10.1.2.{k}" for k in range(5, MAX_BINDINGS_PER_AOR + 5)}
+    too_many = [f"<sip:1001@10.1.3.{k}>" for k in range(MAX_BINDINGS_PER_AOR + 1)]
+    resp = phone.register(reg, 21.0, too_many, 600)
+    assert resp.status == 403 and len(reg.lookup("1001", 21.0)) == MAX_BINDINGS_PER_AOR
+
+
 def test_expires_capped_at_max_and_default_when_absent() -> None:
     reg = make_registrar(max_expires=1800, default_expires=1200)
     phone = Phone("1001", "secret1")
