@@ -101,7 +101,35 @@ BAD = {
                        "less than or equal to 4096"),
     "bad_rtp_socket": ('[media]\nrtp_socket = "both"\n', "media.rtp_socket", "per_leg"),
     "odd_shared_port": ("[media]\nshared_port = 30001\n", "media.shared_port", "even port"),
+    # Passed validation, then failed at start-up with a traceback (a name lookup), or
+    # left every media worker without a port (review of config and start-up):
+    "listen_not_an_ip": ('[sip]\nlisten = "999.1.1.1:5060"\n', "sip.listen", "IP address"),
+    "listen_a_name": ('[sip]\nlisten = "no.such.host.invalid:5060"\n', "sip.listen",
+                      "IP address"),
+    "advertised_garbage": ('[sip]\nadvertised = "bad host:5060"\n', "sip.advertised",
+                           "host name"),
+    "rtp_ip_typo": ('[media]\nrtp_ip = "10.0.0.l"\n', "media.rtp_ip", "IP address"),
+    # Dropped between two of its own heartbeats: every worker would flap.
+    "media_expiry_short": ("[media]\nheartbeat_ms = 2000\nexpiry_ms = 1500\n", "media",
+                           "at least twice heartbeat_ms"),
+    "ivr_expiry_short": ("[ivr]\nheartbeat_ms = 2000\nexpiry_ms = 3000\n", "ivr",
+                         "at least twice heartbeat_ms"),
 }
+
+
+def test_an_advertised_host_name_is_accepted() -> None:
+    settings = parse_config('[sip]\nadvertised = "pbx.example.net:5060"\n', "f.toml")
+    assert settings.sip.advertised_host_port == ("pbx.example.net", 5060)
+
+
+def test_a_config_file_not_in_utf8_names_the_file(tmp_path: Path) -> None:
+    """A Latin-1 byte (an old editor's '# café') raised UnicodeDecodeError: a traceback at
+    start-up, a 500 from /api/reload."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[policy]\nanonymous_caller_id = "anonymous" # café\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8") as info:
+        load_config(str(path))
+    assert str(path) in str(info.value)
 
 
 @pytest.mark.parametrize("name", sorted(BAD))
