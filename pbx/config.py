@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from pbx.settings.base import NetworkList
 from pbx.settings.base import Section as _Section  # the base of every section class here
 from pbx.settings.security import (
     AuthSettings,
@@ -91,14 +92,7 @@ class SipSettings(_Section):
     rate_limit_per_s: float = Field(default=200.0, ge=0)
     rate_limit_burst: float = Field(default=400.0, ge=1)
     # Sources (IP networks) the limit does not apply to: trunks, load generators.
-    rate_limit_exempt: list[str] = Field(default_factory=list)
-
-    @field_validator("rate_limit_exempt")
-    @classmethod
-    def _check_networks(cls, v: list[str]) -> list[str]:
-        for net in v:
-            ipaddress.ip_network(net, strict=False)
-        return v
+    rate_limit_exempt: NetworkList = Field(default_factory=list)
 
     @field_validator("listen", "advertised")
     @classmethod

@@ -108,6 +108,13 @@ BAD = {
                       "IP address"),
     "advertised_garbage": ('[sip]\nadvertised = "bad host:5060"\n', "sip.advertised",
                            "host name"),
+    # One validator (pbx.settings.base.NetworkList) for every list of networks:
+    "bad_rate_limit_exempt": ('[sip]\nrate_limit_exempt = ["10.0.0.0/8", "nope"]\n',
+                              "sip.rate_limit_exempt", "'nope' does not appear"),
+    "bad_trusted_network": ('[policy]\ntrusted_networks = ["x"]\n', "policy.trusted_networks",
+                            "'x' does not appear"),
+    "bad_worker_rtp_ips": ('[media]\nworker_rtp_ips = ["1.2.3.4/40"]\n',
+                           "media.worker_rtp_ips", "does not appear"),
     "rtp_ip_typo": ('[media]\nrtp_ip = "10.0.0.l"\n', "media.rtp_ip", "IP address"),
     # Dropped between two of its own heartbeats: every worker would flap.
     "media_expiry_short": ("[media]\nheartbeat_ms = 2000\nexpiry_ms = 1500\n", "media",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import ipaddress
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 
 class Section(BaseModel):
@@ -10,3 +13,13 @@ class Section(BaseModel):
     leave a setting at its default silently), reported with the file and the key."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def _networks(value: list[str]) -> list[str]:
+    for net in value:
+        ipaddress.ip_network(net, strict=False)  # ValueError names the bad entry
+    return value
+
+
+# A list of IP addresses or networks ("10.0.0.0/8", "192.0.2.7", "2001:db8::/32").
+NetworkList = Annotated[list[str], AfterValidator(_networks)]

@@ -5,14 +5,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from pbx.redact import DEFAULT_SECRET_HEADERS
-from pbx.settings.base import Section
+from pbx.settings.base import NetworkList, Section
 
 
 class OutboundRule(Section):
@@ -38,7 +37,7 @@ class PolicySettings(Section):
     """`[policy]`: who may create a leg or reach a user (pbx.policy, DESIGN §6)."""
 
     # Sources (IP networks) whose calls count as authenticated (trunks, an SBC).
-    trusted_networks: list[str] = Field(default_factory=list)
+    trusted_networks: NetworkList = Field(default_factory=list)
     # Host names that are this PBX besides the realm and the listen/advertised host:
     # an INVITE whose From claims one of them must authenticate.
     domains: list[str] = Field(default_factory=list)
@@ -49,13 +48,6 @@ class PolicySettings(Section):
     # In-dialog requests only from the IP the dialog's peer uses ("any": no check).
     in_dialog_source: Literal["same_ip", "any"] = "same_ip"
     outbound: list[OutboundRule] = Field(default_factory=list)
-
-    @field_validator("trusted_networks")
-    @classmethod
-    def _check_networks(cls, v: list[str]) -> list[str]:
-        for net in v:
-            ipaddress.ip_network(net, strict=False)
-        return v
 
 
 class LimitSettings(Section):

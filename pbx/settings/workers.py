@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pbx.settings.base import Section
+from pbx.settings.base import NetworkList, Section
 
 
 def _is_network(value: str) -> bool:
@@ -27,7 +27,7 @@ class MediaSettings(Section):
     # Front: RTP addresses (or networks) media workers on other hosts may declare, in
     # addition to `rtp_ip`. A worker declaring anything else is refused, and an
     # allocation whose address differs from its worker's declared one fails the leg.
-    worker_rtp_ips: list[str] = Field(default_factory=list)
+    worker_rtp_ips: NetworkList = Field(default_factory=list)
     rtp_ports: str = "20000-29999"
     sounds_dir: str = "sounds"
     recordings_dir: str = "recordings"
@@ -93,13 +93,6 @@ class MediaSettings(Section):
         if v and (v < 1024 or v % 2):
             raise ValueError(f"must be 0 or an even port >= 1024 (RTCP takes the one above), "
                              f"got {v}")
-        return v
-
-    @field_validator("worker_rtp_ips")
-    @classmethod
-    def _check_worker_ips(cls, v: list[str]) -> list[str]:
-        for net in v:
-            ipaddress.ip_network(net, strict=False)
         return v
 
     def rtp_ip_allowed(self, address: str) -> bool:
